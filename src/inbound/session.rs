@@ -1,0 +1,598 @@
+//! One MTA session: the ESMTP server state machine, with cut-through relaying of each
+//! transaction to the remote chosen for its first recipient.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+use tokio::net::TcpStream;
+
+use crate::inbound::relayable;
+use crate::outbound::delivery::{OpenError, Upstream};
+use crate::outbound::mx::MxHost;
+use crate::outcome::{TlsOutcome, Verification};
+use crate::proxy::Proxy;
+use crate::router::Plan;
+use crate::smtp::data::{BodyError, BodyFilter};
+use crate::smtp::line::{LineRead, read_line};
+use crate::smtp::{Command, MailParams, Mailbox, Reply, parse_command};
+
+/// Body bytes gathered before they are written to the remote.
+const BODY_BLOCK: usize = 64 * 1024;
+
+pub struct Session {
+    proxy: Arc<Proxy>,
+    io: BufReader<TcpStream>,
+    client: SocketAddr,
+    line: Vec<u8>,
+    stage: Stage,
+}
+
+enum Stage {
+    /// Connected, no EHLO/HELO yet.
+    Greeted,
+    /// Between transactions.
+    Ready,
+    Mail(Box<Transaction>),
+}
+
+/// One MAIL FROM and what followed it.
+struct Transaction {
+    sender: Option<Mailbox>,
+    params: MailParams,
+    /// Set by the first recipient that reached a remote.
+    route: Option<Route>,
+    accepted: Vec<Mailbox>,
+    rcpt_count: usize,
+    /// Recipient domains that could not be routed in this transaction, and why.
+    failed_domains: HashMap<String, Reply>,
+    /// The remote was lost after recipients were accepted: the transaction cannot go on.
+    lost: Option<Reply>,
+}
+
+struct Route {
+    domain: String,
+    key: RouteKey,
+    plan: Plan,
+    upstream: Upstream,
+}
+
+/// Two recipients share a transaction only when they share the rule and the MX set.
+#[derive(PartialEq, Eq)]
+struct RouteKey {
+    rule: String,
+    hosts: Vec<String>,
+}
+
+impl RouteKey {
+    fn new(plan: &Plan, hosts: &[MxHost]) -> RouteKey {
+        let mut hosts: Vec<String> = hosts.iter().map(|h| h.name.clone()).collect();
+        hosts.sort();
+        RouteKey {
+            rule: plan.rule.clone(),
+            hosts,
+        }
+    }
+}
+
+/// How the body transfer ended.
+enum BodyEnd {
+    Complete,
+    Refused(BodyError),
+    /// The remote failed while we were still reading the body.
+    UpstreamFailed(String),
+    ClientGone(String),
+}
+
+/// What to do after a command.
+enum Next {
+    Continue,
+    Close,
+}
+
+impl Session {
+    pub fn new(proxy: Arc<Proxy>, stream: TcpStream, client: SocketAddr) -> Session {
+        let _ = stream.set_nodelay(true);
+        Session {
+            proxy,
+            io: BufReader::with_capacity(BODY_BLOCK, stream),
+            client,
+            line: Vec::with_capacity(512),
+            stage: Stage::Greeted,
+        }
+    }
+
+    pub async fn run(mut self) {
+        tracing::debug!(client = %self.client, "session opened");
+        let greeting = format!("{} ESMTP tlsrouter", self.proxy.config.hostname.0);
+        if self
+            .reply(&Reply::multiline(220, vec![greeting]))
+            .await
+            .is_err()
+        {
+            return;
+        }
+        loop {
+            let limit = self.proxy.config.limits.command_line;
+            let idle = self.proxy.config.timeouts.client_idle;
+            let read =
+                tokio::time::timeout(idle, read_line(&mut self.io, limit, &mut self.line)).await;
+            let next = match read {
+                Err(_) => {
+                    let bye = Reply::new(421, "4.4.2", "idle too long, closing the connection");
+                    let _ = self.reply(&bye).await;
+                    Next::Close
+                }
+                Ok(Err(_)) | Ok(Ok(LineRead::Eof)) => Next::Close,
+                Ok(Ok(LineRead::TooLong)) => {
+                    let reply =
+                        Reply::new(500, "5.5.2", format!("line longer than {limit} octets"));
+                    self.reply_or_close(&reply).await
+                }
+                Ok(Ok(LineRead::Line)) => {
+                    tracing::debug!(client = %self.client, "<- {}", String::from_utf8_lossy(&self.line));
+                    match parse_command(&self.line) {
+                        Ok(command) => self.handle(command).await,
+                        Err(error) => self.reply_or_close(&error.reply()).await,
+                    }
+                }
+            };
+            if let Next::Close = next {
+                break;
+            }
+        }
+        self.end_transaction("session closed").await;
+        tracing::debug!(client = %self.client, "session closed");
+    }
+
+    async fn handle(&mut self, command: Command) -> Next {
+        let reply = match command {
+            Command::Ehlo(_) => {
+                self.end_transaction("EHLO").await;
+                self.stage = Stage::Ready;
+                self.ehlo_reply()
+            }
+            Command::Helo(_) => {
+                self.end_transaction("HELO").await;
+                self.stage = Stage::Ready;
+                Reply::multiline(250, vec![self.proxy.config.hostname.0.clone()])
+            }
+            Command::Mail(sender, params) => self.mail(sender, params),
+            Command::Rcpt(recipient) => self.rcpt(recipient).await,
+            Command::Data => return self.data().await,
+            Command::Rset => {
+                self.end_transaction("RSET").await;
+                if let Stage::Mail(_) = self.stage {
+                    self.stage = Stage::Ready;
+                }
+                Reply::new(250, "2.0.0", "reset")
+            }
+            Command::Noop => Reply::new(250, "2.0.0", "OK"),
+            Command::Vrfy => Reply::new(252, "2.5.0", "cannot verify, but will try to deliver"),
+            Command::Help => Reply::new(214, "2.0.0", "tlsrouter relays mail; see RFC 5321"),
+            Command::StartTls => Reply::new(502, "5.5.1", "STARTTLS not offered here"),
+            Command::Quit => {
+                let _ = self.reply(&Reply::new(221, "2.0.0", "bye")).await;
+                return Next::Close;
+            }
+        };
+        self.reply_or_close(&reply).await
+    }
+
+    fn ehlo_reply(&self) -> Reply {
+        let config = &self.proxy.config;
+        Reply::multiline(
+            250,
+            vec![
+                config.hostname.0.clone(),
+                "PIPELINING".into(),
+                format!("SIZE {}", config.limits.max_message_size),
+                "8BITMIME".into(),
+                "ENHANCEDSTATUSCODES".into(),
+                "SMTPUTF8".into(),
+            ],
+        )
+    }
+
+    fn mail(&mut self, sender: Option<Mailbox>, params: MailParams) -> Reply {
+        match self.stage {
+            Stage::Greeted => return Reply::new(503, "5.5.1", "say EHLO first"),
+            Stage::Mail(_) => return Reply::new(503, "5.5.1", "nested MAIL command"),
+            Stage::Ready => {}
+        }
+        let max = self.proxy.config.limits.max_message_size;
+        if params.size.is_some_and(|size| size > max) {
+            return Reply::new(
+                552,
+                "5.3.4",
+                format!("message larger than the limit of {max} octets"),
+            );
+        }
+        self.stage = Stage::Mail(Box::new(Transaction {
+            sender,
+            params,
+            route: None,
+            accepted: Vec::new(),
+            rcpt_count: 0,
+            failed_domains: HashMap::new(),
+            lost: None,
+        }));
+        Reply::new(250, "2.1.0", "sender OK")
+    }
+
+    async fn rcpt(&mut self, recipient: Mailbox) -> Reply {
+        let proxy = self.proxy.clone();
+        let Stage::Mail(tx) = &mut self.stage else {
+            return Reply::new(503, "5.5.1", "MAIL first");
+        };
+        if tx.rcpt_count >= proxy.config.limits.max_recipients {
+            return Reply::new(452, "4.5.3", "too many recipients");
+        }
+        tx.rcpt_count += 1;
+        if let Some(lost) = &tx.lost {
+            return lost.clone();
+        }
+        let domain = recipient.routing_domain();
+        if let Some(reply) = tx.failed_domains.get(&domain) {
+            return reply.clone();
+        }
+        let sender_domain = tx.sender.as_ref().map(Mailbox::routing_domain);
+        let plan = proxy.router.plan(&domain, sender_domain.as_deref());
+        if let Err(reply) = self.ensure_route(&domain, plan).await {
+            if let Stage::Mail(tx) = &mut self.stage {
+                tx.failed_domains.insert(domain, reply.clone());
+            }
+            return reply;
+        }
+        let Stage::Mail(tx) = &mut self.stage else {
+            return Reply::new(503, "5.5.1", "MAIL first");
+        };
+        let Some(route) = &mut tx.route else {
+            return Reply::new(451, "4.3.0", "internal error: no route");
+        };
+        let line = format!("RCPT TO:<{recipient}>");
+        match route
+            .upstream
+            .conn
+            .command(&line, proxy.config.timeouts.command, "the reply to RCPT TO")
+            .await
+        {
+            Ok(reply) if reply.closes_connection() => tx.lose(relayable(&reply)),
+            Ok(reply) => {
+                if reply.is_positive() {
+                    tx.accepted.push(recipient);
+                }
+                reply
+            }
+            Err(e) => {
+                let why = format!("lost the connection to {}: {e}", route.upstream.conn.host);
+                tx.lose(Reply::new(451, "4.4.2", why))
+            }
+        }
+    }
+
+    /// Makes sure the transaction has a remote for this recipient's domain: opens one for the
+    /// first recipient, and checks that later ones share it.
+    async fn ensure_route(&mut self, domain: &str, plan: Plan) -> Result<(), Reply> {
+        let proxy = self.proxy.clone();
+        let Stage::Mail(tx) = &mut self.stage else {
+            return Err(Reply::new(503, "5.5.1", "MAIL first"));
+        };
+        if let Some(route) = &tx.route {
+            if route.domain == domain && route.plan == plan {
+                return Ok(());
+            }
+            let hosts = proxy
+                .outbound
+                .next_hop(domain)
+                .await
+                .map_err(|e| e.reply())?;
+            if RouteKey::new(&plan, &hosts) == route.key {
+                return Ok(());
+            }
+            return Err(Reply::new(
+                452,
+                "4.5.3",
+                format!(
+                    "{domain} has another next hop than {}: send it in another transaction",
+                    route.domain
+                ),
+            ));
+        }
+        let hosts = proxy
+            .outbound
+            .next_hop(domain)
+            .await
+            .map_err(|e| e.reply())?;
+        let mail_from = format!(
+            "MAIL FROM:<{}>",
+            tx.sender
+                .as_ref()
+                .map(ToString::to_string)
+                .unwrap_or_default()
+        );
+        let params = tx.params.clone();
+        let opened = proxy
+            .outbound
+            .open(&plan, domain, &hosts, |caps| {
+                format!("{mail_from}{}", params.to_wire(caps))
+            })
+            .await;
+        match opened {
+            Ok(upstream) => {
+                tx.route = Some(Route {
+                    domain: domain.to_string(),
+                    key: RouteKey::new(&plan, &hosts),
+                    plan,
+                    upstream,
+                });
+                Ok(())
+            }
+            Err(error) => {
+                if let OpenError::TlsNotAchieved { .. } | OpenError::Unreachable { .. } = error {
+                    tracing::warn!(client = %self.client, domain, rule = %plan.rule, "not delivered: {}", error.reply());
+                }
+                Err(error.reply())
+            }
+        }
+    }
+
+    async fn data(&mut self) -> Next {
+        let stage = std::mem::replace(&mut self.stage, Stage::Ready);
+        let mut tx = match stage {
+            Stage::Mail(tx) => tx,
+            other => {
+                self.stage = other;
+                return self
+                    .reply_or_close(&Reply::new(503, "5.5.1", "MAIL and RCPT first"))
+                    .await;
+            }
+        };
+        if !self.io.buffer().is_empty() {
+            // RFC 2920: DATA ends a pipelined group; the client must wait for our 354.
+            let reply = Reply::new(
+                554,
+                "5.5.0",
+                "synchronization error: data sent before the 354",
+            );
+            self.finish(&mut tx, &reply, "pipelining violation").await;
+            let _ = self.reply(&reply).await;
+            return Next::Close;
+        }
+        let reply = match (&tx.lost, tx.accepted.is_empty()) {
+            (Some(lost), _) => Some(lost.clone()),
+            (None, true) => Some(Reply::new(554, "5.5.1", "no valid recipients")),
+            (None, false) => None,
+        };
+        if let Some(reply) = reply {
+            self.finish(&mut tx, &reply, "no data").await;
+            return self.reply_or_close(&reply).await;
+        }
+        let timeouts = self.proxy.config.timeouts.clone();
+        let Some(route) = &mut tx.route else {
+            return self
+                .reply_or_close(&Reply::new(451, "4.3.0", "internal error: no route"))
+                .await;
+        };
+        let start = route
+            .upstream
+            .conn
+            .command("DATA", timeouts.data_start, "the reply to DATA")
+            .await;
+        let start = match start {
+            Ok(reply) if reply.code == 354 => reply,
+            Ok(reply) => {
+                let reply = relayable(&reply);
+                self.finish(&mut tx, &reply, "remote refused DATA").await;
+                return self.reply_or_close(&reply).await;
+            }
+            Err(e) => {
+                let reply = Reply::new(451, "4.4.2", format!("lost the remote at DATA: {e}"));
+                self.finish(&mut tx, &reply, "remote lost").await;
+                return self.reply_or_close(&reply).await;
+            }
+        };
+        if self.reply(&start).await.is_err() {
+            self.finish(
+                &mut tx,
+                &Reply::new(451, "4.4.2", "client gone"),
+                "client gone",
+            )
+            .await;
+            return Next::Close;
+        }
+        let reply = match self.relay_body(&mut tx).await {
+            BodyEnd::Complete => self.end_of_data(&mut tx).await,
+            BodyEnd::Refused(error) => error.reply(),
+            BodyEnd::UpstreamFailed(why) => {
+                Reply::new(451, "4.4.2", format!("lost the remote during DATA: {why}"))
+            }
+            BodyEnd::ClientGone(why) => {
+                // The final dot is never sent, so the remote discards the message.
+                let reply = Reply::new(451, "4.4.2", format!("client gone during DATA: {why}"));
+                self.finish(&mut tx, &reply, "client gone").await;
+                return Next::Close;
+            }
+        };
+        self.finish(&mut tx, &reply, "delivered").await;
+        self.reply_or_close(&reply).await
+    }
+
+    /// Streams the body from the MTA to the remote in bounded blocks.
+    async fn relay_body(&mut self, tx: &mut Transaction) -> BodyEnd {
+        let config = &self.proxy.config;
+        let timeouts = config.timeouts.clone();
+        let mut filter = BodyFilter::new(
+            config.delivery.bare_line_endings,
+            config.limits.text_line,
+            config.limits.max_message_size,
+        );
+        let Some(route) = &mut tx.route else {
+            return BodyEnd::UpstreamFailed("no remote".into());
+        };
+        let mut out = Vec::with_capacity(BODY_BLOCK + 1024);
+        let mut upstream_error = None;
+        loop {
+            let input = match tokio::time::timeout(timeouts.client_idle, self.io.fill_buf()).await {
+                Err(_) => {
+                    return BodyEnd::ClientGone("timed out waiting for the message text".into());
+                }
+                Ok(Err(e)) => return BodyEnd::ClientGone(e.to_string()),
+                Ok(Ok([])) => return BodyEnd::ClientGone("connection closed".into()),
+                Ok(Ok(input)) => input,
+            };
+            let fed = filter.feed(input, &mut out);
+            self.io.consume(fed.consumed);
+            let flush = out.len() >= BODY_BLOCK || fed.end.is_some();
+            if flush && !out.is_empty() && upstream_error.is_none() {
+                let written = route
+                    .upstream
+                    .conn
+                    .write(&out, timeouts.data_block, "sending the message")
+                    .await;
+                upstream_error = written.err().map(|e| e.to_string());
+            }
+            if flush {
+                out.clear();
+            }
+            match fed.end {
+                None => continue,
+                Some(Err(error)) => return BodyEnd::Refused(error),
+                Some(Ok(())) => {
+                    return match upstream_error {
+                        Some(why) => BodyEnd::UpstreamFailed(why),
+                        None => BodyEnd::Complete,
+                    };
+                }
+            }
+        }
+    }
+
+    async fn end_of_data(&mut self, tx: &mut Transaction) -> Reply {
+        let timeouts = &self.proxy.config.timeouts;
+        let Some(route) = &mut tx.route else {
+            return Reply::new(451, "4.3.0", "internal error: no route");
+        };
+        let conn = &mut route.upstream.conn;
+        let sent = conn
+            .write(b".\r\n", timeouts.data_block, "sending the final dot")
+            .await;
+        let reply = match sent {
+            Ok(()) => {
+                conn.read_reply(timeouts.data_end, "the reply to the message")
+                    .await
+            }
+            Err(e) => Err(e),
+        };
+        match reply {
+            Ok(reply) => relayable(&reply),
+            Err(e) => Reply::new(
+                451,
+                "4.4.2",
+                format!("no reply from {} after the message: {e}", conn.host),
+            ),
+        }
+    }
+
+    /// Ends whatever transaction is open, with a log line, and closes its remote connection.
+    async fn end_transaction(&mut self, why: &str) {
+        if let Stage::Mail(_) = self.stage {
+            let Stage::Mail(mut tx) = std::mem::replace(&mut self.stage, Stage::Ready) else {
+                return;
+            };
+            let reply = Reply::new(250, "2.0.0", format!("abandoned ({why})"));
+            self.finish(&mut tx, &reply, why).await;
+        }
+    }
+
+    /// The one log line of a transaction; then the remote connection is closed.
+    async fn finish(&self, tx: &mut Transaction, reply: &Reply, end: &str) {
+        log_transaction(self.client, tx, reply, end);
+        if let Some(route) = tx.route.take() {
+            tokio::spawn(route.upstream.conn.quit());
+        }
+    }
+
+    async fn reply(&mut self, reply: &Reply) -> std::io::Result<()> {
+        tracing::debug!(client = %self.client, "-> {reply}");
+        self.io.get_mut().write_all(&reply.to_wire()).await
+    }
+
+    async fn reply_or_close(&mut self, reply: &Reply) -> Next {
+        match self.reply(reply).await {
+            Ok(()) => Next::Continue,
+            Err(_) => Next::Close,
+        }
+    }
+}
+
+impl Transaction {
+    /// The remote is gone: every later recipient and the DATA get this reply.
+    fn lose(&mut self, reply: Reply) -> Reply {
+        self.route = None;
+        self.lost = Some(reply.clone());
+        reply
+    }
+}
+
+fn log_transaction(client: SocketAddr, tx: &Transaction, reply: &Reply, end: &str) {
+    let sender = tx
+        .sender
+        .as_ref()
+        .map(ToString::to_string)
+        .unwrap_or_default();
+    let recipients: Vec<String> = tx.accepted.iter().map(ToString::to_string).collect();
+    let recipients = recipients.join(",");
+    let Some(route) = &tx.route else {
+        tracing::info!(
+            target: "tlsrouter::transaction",
+            client = %client,
+            from = %sender,
+            to = %recipients,
+            route = "none",
+            end,
+            reply = %reply,
+            "transaction"
+        );
+        return;
+    };
+    let upstream = &route.upstream;
+    let (route_kind, version, cipher, verify, fallback) = match &upstream.tls {
+        TlsOutcome::Encrypted(session) => {
+            let verify = match &session.verification {
+                Verification::Verified => "verified".to_string(),
+                Verification::Failed(problem) => format!("{}: {problem}", problem.class()),
+            };
+            (
+                "tls",
+                session.version.as_str(),
+                session.cipher.as_str(),
+                verify,
+                String::new(),
+            )
+        }
+        TlsOutcome::Plain(reason) => {
+            let class = reason.class().map(|c| c.name()).unwrap_or("tls-never");
+            ("plain", "", "", String::new(), format!("{class}: {reason}"))
+        }
+    };
+    tracing::info!(
+        target: "tlsrouter::transaction",
+        client = %client,
+        from = %sender,
+        to = %recipients,
+        mx = %upstream.conn.host,
+        addr = %upstream.conn.peer.ip(),
+        route = route_kind,
+        tls_version = version,
+        cipher,
+        verify = %verify,
+        fallback = %fallback,
+        rule = %route.plan.rule,
+        end,
+        reply = %reply,
+        earlier_failures = %upstream.earlier_failures.join("; "),
+        "transaction"
+    );
+}

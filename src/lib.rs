@@ -1,0 +1,26 @@
+//! tlsrouter: an opportunistic-TLS routing proxy for outbound SMTP.
+//!
+//! It stands between an MTA and the Internet. For each message it reads the remote MX's
+//! EHLO, tries STARTTLS, classifies what went wrong when TLS fails, and delivers encrypted or
+//! in plain as the rules say, relaying the remote's own replies (cut-through, no queue).
+//!
+//! The modules, in the order a message passes them:
+//! - [`inbound`]: the listener and the ESMTP server session toward the MTA.
+//! - [`smtp`]: the wire protocol both sides share: commands, replies, lines, the DATA filter.
+//! - [`router`]: turns a recipient into a [`router::Plan`]: which rule, which TLS policy.
+//! - [`outbound`]: MX resolution, client connections, TLS, and carrying out a plan.
+//! - [`outcome`]: the TLS outcome taxonomy that logs and decisions speak.
+//! - [`config`]: the daemon's configuration, with defaults embedded.
+//! - [`proxy`]: the assembled parts shared by every session.
+
+#![forbid(unsafe_code)]
+
+pub mod config;
+pub mod inbound;
+pub mod outbound;
+pub mod outcome;
+pub mod proxy;
+pub mod router;
+pub mod smtp;
+
+pub use proxy::Proxy;

@@ -1,0 +1,265 @@
+//! One SMTP client connection to a remote server, plain or upgraded with STARTTLS.
+
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, BufReader, ReadBuf};
+use tokio::net::TcpStream;
+use tokio_rustls::client::TlsStream;
+
+use crate::outbound::tls::{MinTls, TlsClient};
+use crate::outcome::{NoTls, TlsSession};
+use crate::smtp::Reply;
+use crate::smtp::line::{LineRead, read_line};
+use crate::smtp::reply::{ReplyBuilder, ReplyError};
+
+/// Reply lines longer than this are not SMTP (RFC 5321 allows 512).
+const REPLY_LINE_LIMIT: usize = 4096;
+
+/// Why a remote exchange did not produce a reply.
+#[derive(Debug, thiserror::Error)]
+pub enum ExchangeError {
+    #[error("timed out after {0}s waiting for {1}")]
+    Timeout(u64, &'static str),
+    #[error("connection closed by the remote while waiting for {0}")]
+    Closed(&'static str),
+    #[error("{0}")]
+    Io(#[from] std::io::Error),
+    #[error("{0}")]
+    Protocol(#[from] ReplyError),
+}
+
+impl ExchangeError {
+    pub fn is_timeout(&self) -> bool {
+        matches!(self, ExchangeError::Timeout(..))
+    }
+}
+
+enum Transport {
+    Plain(TcpStream),
+    Tls(Box<TlsStream<TcpStream>>),
+}
+
+pub struct Connection {
+    io: BufReader<Transport>,
+    pub peer: SocketAddr,
+    /// The server's name, for logs.
+    pub host: String,
+    line: Vec<u8>,
+}
+
+impl Connection {
+    pub async fn connect(
+        host: &str,
+        peer: SocketAddr,
+        timeout: Duration,
+    ) -> Result<Connection, ExchangeError> {
+        let tcp = match tokio::time::timeout(timeout, TcpStream::connect(peer)).await {
+            Ok(result) => result?,
+            Err(_) => {
+                return Err(ExchangeError::Timeout(
+                    timeout.as_secs(),
+                    "the TCP connection",
+                ));
+            }
+        };
+        let _ = tcp.set_nodelay(true);
+        Ok(Connection {
+            io: BufReader::with_capacity(16 * 1024, Transport::Plain(tcp)),
+            peer,
+            host: host.to_string(),
+            line: Vec::with_capacity(512),
+        })
+    }
+
+    pub fn is_tls(&self) -> bool {
+        matches!(self.io.get_ref(), Transport::Tls(_))
+    }
+
+    /// Reads one whole reply; `what` names the step for error texts.
+    pub async fn read_reply(
+        &mut self,
+        timeout: Duration,
+        what: &'static str,
+    ) -> Result<Reply, ExchangeError> {
+        match tokio::time::timeout(timeout, self.read_reply_inner(what)).await {
+            Ok(result) => result,
+            Err(_) => Err(ExchangeError::Timeout(timeout.as_secs(), what)),
+        }
+    }
+
+    async fn read_reply_inner(&mut self, what: &'static str) -> Result<Reply, ExchangeError> {
+        let mut builder = ReplyBuilder::default();
+        loop {
+            match read_line(&mut self.io, REPLY_LINE_LIMIT, &mut self.line).await? {
+                LineRead::Line => {}
+                LineRead::TooLong => {
+                    return Err(ReplyError::Malformed("over-long reply line".into()).into());
+                }
+                LineRead::Eof => return Err(ExchangeError::Closed(what)),
+            }
+            tracing::debug!(remote = %self.host, "<- {}", String::from_utf8_lossy(&self.line));
+            if let Some(reply) = builder.push(&self.line)? {
+                return Ok(reply);
+            }
+        }
+    }
+
+    /// Sends one command line and reads its reply.
+    pub async fn command(
+        &mut self,
+        line: &str,
+        timeout: Duration,
+        what: &'static str,
+    ) -> Result<Reply, ExchangeError> {
+        self.send_line(line, timeout, what).await?;
+        self.read_reply(timeout, what).await
+    }
+
+    async fn send_line(
+        &mut self,
+        line: &str,
+        timeout: Duration,
+        what: &'static str,
+    ) -> Result<(), ExchangeError> {
+        tracing::debug!(remote = %self.host, "-> {line}");
+        let mut bytes = Vec::with_capacity(line.len() + 2);
+        bytes.extend_from_slice(line.as_bytes());
+        bytes.extend_from_slice(b"\r\n");
+        self.write(&bytes, timeout, what).await
+    }
+
+    /// Writes raw bytes (a block of the message body).
+    pub async fn write(
+        &mut self,
+        bytes: &[u8],
+        timeout: Duration,
+        what: &'static str,
+    ) -> Result<(), ExchangeError> {
+        let io = self.io.get_mut();
+        let write = async {
+            io.write_all(bytes).await?;
+            io.flush().await
+        };
+        match tokio::time::timeout(timeout, write).await {
+            Ok(result) => Ok(result?),
+            Err(_) => Err(ExchangeError::Timeout(timeout.as_secs(), what)),
+        }
+    }
+
+    /// Sends STARTTLS and, on 220, runs the handshake. A refusal leaves the connection
+    /// usable in plain; any other failure consumes it.
+    pub async fn starttls(
+        self,
+        tls: &TlsClient,
+        min_tls: MinTls,
+        command_timeout: Duration,
+        handshake_timeout: Duration,
+    ) -> StartTlsResult {
+        let mut conn = self;
+        let reply = match conn
+            .command("STARTTLS", command_timeout, "the reply to STARTTLS")
+            .await
+        {
+            Ok(reply) => reply,
+            Err(e) => return StartTlsResult::Lost(NoTls::HandshakeFailed(e.to_string())),
+        };
+        if reply.code != 220 {
+            let reason = NoTls::StarttlsRefused(reply.one_line());
+            return if reply.closes_connection() {
+                StartTlsResult::Lost(reason)
+            } else {
+                StartTlsResult::Refused(conn, reason)
+            };
+        }
+        // Anything after the 220 came before the handshake: an injection attempt or a broken
+        // server. It must never be read as if it came over TLS.
+        if !conn.io.buffer().is_empty() {
+            let extra = String::from_utf8_lossy(conn.io.buffer())
+                .chars()
+                .take(60)
+                .collect::<String>();
+            return StartTlsResult::Lost(NoTls::ProtocolViolation(format!(
+                "data after the STARTTLS 220 and before the handshake: {extra:?}"
+            )));
+        }
+        let Connection {
+            io,
+            peer,
+            host,
+            line,
+        } = conn;
+        let Transport::Plain(tcp) = io.into_inner() else {
+            return StartTlsResult::Lost(NoTls::ProtocolViolation("STARTTLS inside TLS".into()));
+        };
+        match tls.handshake(tcp, &host, min_tls, handshake_timeout).await {
+            Ok((stream, session)) => StartTlsResult::Encrypted(
+                Connection {
+                    io: BufReader::with_capacity(16 * 1024, Transport::Tls(Box::new(stream))),
+                    peer,
+                    host,
+                    line,
+                },
+                session,
+            ),
+            Err(reason) => StartTlsResult::Lost(reason),
+        }
+    }
+
+    /// Says goodbye politely, without waiting long for the answer.
+    pub async fn quit(mut self) {
+        let _ = self
+            .command("QUIT", Duration::from_secs(5), "the reply to QUIT")
+            .await;
+    }
+}
+
+pub enum StartTlsResult {
+    Encrypted(Connection, TlsSession),
+    /// STARTTLS was refused; the connection goes on in plain.
+    Refused(Connection, NoTls),
+    /// The connection is unusable; a plain fallback needs a new one.
+    Lost(NoTls),
+}
+
+impl AsyncRead for Transport {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        match self.get_mut() {
+            Transport::Plain(s) => Pin::new(s).poll_read(cx, buf),
+            Transport::Tls(s) => Pin::new(s.as_mut()).poll_read(cx, buf),
+        }
+    }
+}
+
+impl AsyncWrite for Transport {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        match self.get_mut() {
+            Transport::Plain(s) => Pin::new(s).poll_write(cx, buf),
+            Transport::Tls(s) => Pin::new(s.as_mut()).poll_write(cx, buf),
+        }
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        match self.get_mut() {
+            Transport::Plain(s) => Pin::new(s).poll_flush(cx),
+            Transport::Tls(s) => Pin::new(s.as_mut()).poll_flush(cx),
+        }
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        match self.get_mut() {
+            Transport::Plain(s) => Pin::new(s).poll_shutdown(cx),
+            Transport::Tls(s) => Pin::new(s.as_mut()).poll_shutdown(cx),
+        }
+    }
+}

@@ -1,0 +1,178 @@
+//! Finding the next hop for a recipient domain: MX records (RFC 5321 5.1), null MX
+//! (RFC 7505), implicit MX, and the addresses of each host.
+
+use std::net::{IpAddr, SocketAddr};
+use std::time::Duration;
+
+use hickory_resolver::TokioResolver;
+use hickory_resolver::config::{ConnectionConfig, NameServerConfig, ResolverConfig};
+use hickory_resolver::net::NetError;
+use hickory_resolver::net::runtime::TokioRuntimeProvider;
+use hickory_resolver::proto::rr::RData;
+use rand::seq::SliceRandom;
+
+use crate::smtp::Reply;
+
+/// One mail exchanger of a domain.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct MxHost {
+    /// Lower case, without the trailing dot.
+    pub name: String,
+    pub preference: u16,
+}
+
+/// Why a domain has no next hop; each maps to the reply in DESIGN.md's table.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum RouteError {
+    #[error("domain {0} does not exist")]
+    DomainNotFound(String),
+    #[error("domain {0} accepts no mail (null MX)")]
+    NullMx(String),
+    #[error("DNS lookup for {domain} failed temporarily: {detail}")]
+    DnsTemporary { domain: String, detail: String },
+}
+
+impl RouteError {
+    pub fn reply(&self) -> Reply {
+        match self {
+            RouteError::DomainNotFound(_) => Reply::new(550, "5.1.2", self),
+            RouteError::NullMx(_) => Reply::new(556, "5.1.10", self),
+            RouteError::DnsTemporary { .. } => Reply::new(451, "4.4.3", self),
+        }
+    }
+}
+
+pub struct MxResolver {
+    resolver: TokioResolver,
+    timeout: Duration,
+}
+
+impl MxResolver {
+    /// Asks `nameservers` (UDP, then TCP), or the system's resolvers when the list is empty.
+    pub fn new(nameservers: &[SocketAddr], timeout: Duration) -> anyhow::Result<MxResolver> {
+        let provider = TokioRuntimeProvider::default();
+        let mut builder = if nameservers.is_empty() {
+            TokioResolver::builder(provider)?
+        } else {
+            let servers = nameservers.iter().map(|addr| name_server(*addr)).collect();
+            TokioResolver::builder_with_config(ResolverConfig::from_name_servers(servers), provider)
+        };
+        let options = builder.options_mut();
+        options.timeout = timeout;
+        options.attempts = 2;
+        // Mail domains are absolute: never try them below a local search domain.
+        options.ndots = 0;
+        Ok(MxResolver {
+            resolver: builder.build()?,
+            timeout,
+        })
+    }
+
+    /// The domain's mail exchangers, best first, equal preferences in random order.
+    pub async fn mail_exchangers(&self, domain: &str) -> Result<Vec<MxHost>, RouteError> {
+        let fqdn = format!("{}.", domain.trim_end_matches('.'));
+        let lookup = match self.bounded(self.resolver.mx_lookup(fqdn.as_str())).await {
+            Ok(lookup) => lookup,
+            Err(e) if e.is_nx_domain() => return Err(RouteError::DomainNotFound(domain.into())),
+            // No MX records: the domain itself is the implicit MX (RFC 5321 5.1).
+            Err(e) if e.is_no_records_found() => return self.implicit_mx(domain).await,
+            Err(e) => return Err(temporary(domain, &e)),
+        };
+        let mut hosts: Vec<MxHost> = lookup
+            .answers()
+            .iter()
+            .filter_map(|record| match &record.data {
+                RData::MX(mx) => Some(MxHost {
+                    name: mx
+                        .exchange
+                        .to_ascii()
+                        .trim_end_matches('.')
+                        .to_ascii_lowercase(),
+                    preference: mx.preference,
+                }),
+                _ => None,
+            })
+            .collect();
+        if hosts.iter().any(|h| h.name.is_empty()) {
+            return Err(RouteError::NullMx(domain.into()));
+        }
+        if hosts.is_empty() {
+            return self.implicit_mx(domain).await;
+        }
+        hosts.shuffle(&mut rand::rng());
+        hosts.sort_by_key(|h| h.preference);
+        Ok(hosts)
+    }
+
+    async fn implicit_mx(&self, domain: &str) -> Result<Vec<MxHost>, RouteError> {
+        match self.addresses(domain).await {
+            Ok(addrs) if !addrs.is_empty() => Ok(vec![MxHost {
+                name: domain.to_ascii_lowercase(),
+                preference: 0,
+            }]),
+            Ok(_) => Err(RouteError::DomainNotFound(domain.into())),
+            Err(AddressError::NotFound) => Err(RouteError::DomainNotFound(domain.into())),
+            Err(AddressError::Temporary(detail)) => Err(RouteError::DnsTemporary {
+                domain: domain.into(),
+                detail,
+            }),
+        }
+    }
+
+    /// The host's IPv6 and IPv4 addresses.
+    pub async fn addresses(&self, host: &str) -> Result<Vec<IpAddr>, AddressError> {
+        let fqdn = format!("{}.", host.trim_end_matches('.'));
+        match self.bounded(self.resolver.lookup_ip(fqdn.as_str())).await {
+            Ok(lookup) => Ok(lookup.iter().collect()),
+            Err(e) if e.is_no_records_found() => Err(AddressError::NotFound),
+            Err(e) => Err(AddressError::Temporary(e.to_string())),
+        }
+    }
+
+    async fn bounded<T>(
+        &self,
+        lookup: impl Future<Output = Result<T, NetError>>,
+    ) -> Result<T, NetError> {
+        match tokio::time::timeout(self.timeout * 3, lookup).await {
+            Ok(result) => result,
+            Err(_) => Err(NetError::Timeout),
+        }
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum AddressError {
+    NotFound,
+    Temporary(String),
+}
+
+impl std::fmt::Display for AddressError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            AddressError::NotFound => f.write_str("host has no address"),
+            AddressError::Temporary(detail) => write!(f, "address lookup failed: {detail}"),
+        }
+    }
+}
+
+fn name_server(addr: SocketAddr) -> NameServerConfig {
+    let with_port = |mut c: ConnectionConfig| {
+        c.port = addr.port();
+        c
+    };
+    NameServerConfig::new(
+        addr.ip(),
+        true,
+        vec![
+            with_port(ConnectionConfig::udp()),
+            with_port(ConnectionConfig::tcp()),
+        ],
+    )
+}
+
+fn temporary(domain: &str, error: &NetError) -> RouteError {
+    RouteError::DnsTemporary {
+        domain: domain.into(),
+        detail: error.to_string(),
+    }
+}

@@ -1,0 +1,273 @@
+//! TLS toward remote MX servers: rustls with a verifier that always verifies, records the
+//! result for the connection, and lets the policy decide what a bad certificate means.
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use rustls::client::WebPkiServerVerifier;
+use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
+use rustls::crypto::CryptoProvider;
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
+use rustls::{
+    AlertDescription, CertificateError, DigitallySignedStruct, PeerIncompatible, RootCertStore,
+    SignatureScheme, SupportedProtocolVersion,
+};
+use tokio::net::TcpStream;
+use tokio_rustls::client::TlsStream;
+
+use crate::config::TlsConfig;
+use crate::outcome::{CertProblem, NoTls, TlsSession, Verification, format_date};
+
+/// The oldest TLS version a policy accepts; rustls speaks nothing below 1.2.
+#[derive(
+    Clone,
+    Copy,
+    Debug,
+    Default,
+    PartialEq,
+    Eq,
+    PartialOrd,
+    Ord,
+    serde::Deserialize,
+    serde::Serialize,
+)]
+pub enum MinTls {
+    #[default]
+    #[serde(rename = "1.2")]
+    Tls12,
+    #[serde(rename = "1.3")]
+    Tls13,
+}
+
+pub struct TlsClient {
+    provider: Arc<CryptoProvider>,
+    webpki: Arc<WebPkiServerVerifier>,
+}
+
+impl TlsClient {
+    /// Trusts the system's roots (unless turned off) and those in `ca_file`.
+    pub fn new(config: &TlsConfig) -> anyhow::Result<TlsClient> {
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let mut roots = RootCertStore::empty();
+        if config.system_roots {
+            let found = rustls_native_certs::load_native_certs();
+            for error in &found.errors {
+                tracing::warn!("system root certificates: {error}");
+            }
+            let (added, ignored) = roots.add_parsable_certificates(found.certs);
+            tracing::debug!(added, ignored, "system root certificates loaded");
+        }
+        if let Some(path) = &config.ca_file {
+            let certs = CertificateDer::pem_file_iter(path)
+                .and_then(|iter| iter.collect::<Result<Vec<_>, _>>())
+                .map_err(|e| anyhow::anyhow!("tls.ca_file {}: {e}", path.display()))?;
+            if certs.is_empty() {
+                anyhow::bail!("tls.ca_file {}: no certificates in it", path.display());
+            }
+            for cert in certs {
+                roots
+                    .add(cert)
+                    .map_err(|e| anyhow::anyhow!("tls.ca_file {}: {e}", path.display()))?;
+            }
+        }
+        if roots.is_empty() {
+            tracing::warn!("no trusted root certificates: every certificate will be unverified");
+        }
+        let webpki = WebPkiServerVerifier::builder_with_provider(Arc::new(roots), provider.clone())
+            .build()
+            .or_else(|_| {
+                // An empty store is refused by the builder; verify against nothing instead.
+                WebPkiServerVerifier::builder_with_provider(
+                    Arc::new(RootCertStore::empty()),
+                    provider.clone(),
+                )
+                .build()
+            })?;
+        Ok(TlsClient { provider, webpki })
+    }
+
+    /// Runs the handshake on a connection where STARTTLS was just accepted.
+    pub async fn handshake(
+        &self,
+        tcp: TcpStream,
+        host: &str,
+        min_tls: MinTls,
+        timeout: Duration,
+    ) -> Result<(TlsStream<TcpStream>, TlsSession), NoTls> {
+        let verifier = Arc::new(RecordingVerifier {
+            inner: self.webpki.clone(),
+            result: Mutex::new(None),
+        });
+        let versions: &[&SupportedProtocolVersion] = match min_tls {
+            MinTls::Tls12 => &[&rustls::version::TLS13, &rustls::version::TLS12],
+            MinTls::Tls13 => &[&rustls::version::TLS13],
+        };
+        let config = rustls::ClientConfig::builder_with_provider(self.provider.clone())
+            .with_protocol_versions(versions)
+            .map_err(|e| NoTls::HandshakeFailed(e.to_string()))?
+            .dangerous()
+            .with_custom_certificate_verifier(verifier.clone())
+            .with_no_client_auth();
+        let name = ServerName::try_from(host.to_string())
+            .map_err(|_| NoTls::HandshakeFailed(format!("{host:?} is not a valid TLS name")))?;
+        let connector = tokio_rustls::TlsConnector::from(Arc::new(config));
+        let stream = match tokio::time::timeout(timeout, connector.connect(name, tcp)).await {
+            Ok(Ok(stream)) => stream,
+            Ok(Err(error)) => return Err(classify_handshake_error(&error)),
+            Err(_) => {
+                return Err(NoTls::HandshakeFailed(format!(
+                    "no TLS handshake within {}s",
+                    timeout.as_secs()
+                )));
+            }
+        };
+        let (_, conn) = stream.get_ref();
+        let version = conn
+            .protocol_version()
+            .and_then(|v| v.as_str())
+            .unwrap_or("TLS")
+            .replace('_', ".");
+        let cipher = conn
+            .negotiated_cipher_suite()
+            .and_then(|s| s.suite().as_str())
+            .unwrap_or("unknown")
+            .to_string();
+        let verification = verifier
+            .result
+            .lock()
+            .map(|r| r.clone())
+            .ok()
+            .flatten()
+            .unwrap_or(Verification::Failed(CertProblem::Other(
+                "not verified".into(),
+            )));
+        Ok((
+            stream,
+            TlsSession {
+                version,
+                cipher,
+                verification,
+            },
+        ))
+    }
+}
+
+/// Verifies for real and keeps the result, but lets the handshake go on; signatures are
+/// always checked, so the session is encrypted to whoever holds the certificate's key.
+#[derive(Debug)]
+struct RecordingVerifier {
+    inner: Arc<WebPkiServerVerifier>,
+    result: Mutex<Option<Verification>>,
+}
+
+impl ServerCertVerifier for RecordingVerifier {
+    fn verify_server_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        server_name: &ServerName<'_>,
+        ocsp_response: &[u8],
+        now: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        let verification = match self.inner.verify_server_cert(
+            end_entity,
+            intermediates,
+            server_name,
+            ocsp_response,
+            now,
+        ) {
+            Ok(_) => Verification::Verified,
+            Err(error) => Verification::Failed(cert_problem(&error, end_entity, server_name)),
+        };
+        if let Ok(mut slot) = self.result.lock() {
+            *slot = Some(verification);
+        }
+        Ok(ServerCertVerified::assertion())
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.inner.verify_tls12_signature(message, cert, dss)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.inner.verify_tls13_signature(message, cert, dss)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.inner.supported_verify_schemes()
+    }
+}
+
+fn cert_problem(
+    error: &rustls::Error,
+    end_entity: &CertificateDer<'_>,
+    name: &ServerName<'_>,
+) -> CertProblem {
+    let rustls::Error::InvalidCertificate(cert_error) = error else {
+        return CertProblem::Other(error.to_string());
+    };
+    match cert_error {
+        CertificateError::Expired => CertProblem::Expired {
+            not_after: "(date unknown)".into(),
+        },
+        CertificateError::ExpiredContext { not_after, .. } => CertProblem::Expired {
+            not_after: format_date(not_after.as_secs()),
+        },
+        CertificateError::NotValidYet => CertProblem::NotYetValid {
+            not_before: "(date unknown)".into(),
+        },
+        CertificateError::NotValidYetContext { not_before, .. } => CertProblem::NotYetValid {
+            not_before: format_date(not_before.as_secs()),
+        },
+        CertificateError::NotValidForName => CertProblem::NameMismatch { presented: vec![] },
+        CertificateError::NotValidForNameContext { presented, .. } => CertProblem::NameMismatch {
+            presented: presented.clone(),
+        },
+        // webpki checks the chain before the name: check the name on its own as well.
+        CertificateError::UnknownIssuer => CertProblem::Untrusted {
+            detail: "unknown issuer or self-signed".into(),
+            name_ok: name_matches(end_entity, name),
+        },
+        other => CertProblem::Untrusted {
+            detail: format!("{other:?}"),
+            name_ok: name_matches(end_entity, name),
+        },
+    }
+}
+
+fn name_matches(end_entity: &CertificateDer<'_>, name: &ServerName<'_>) -> bool {
+    rustls::server::ParsedCertificate::try_from(end_entity)
+        .and_then(|cert| rustls::client::verify_server_name(&cert, name))
+        .is_ok()
+}
+
+/// Names what went wrong in a handshake, from the rustls error inside the io error.
+fn classify_handshake_error(error: &std::io::Error) -> NoTls {
+    let rustls_error = error
+        .get_ref()
+        .and_then(|inner| inner.downcast_ref::<rustls::Error>());
+    match rustls_error {
+        Some(rustls::Error::AlertReceived(AlertDescription::ProtocolVersion))
+        | Some(rustls::Error::PeerIncompatible(
+            PeerIncompatible::ServerTlsVersionIsDisabledByOurConfig,
+        )) => NoTls::LegacyTls(rustls_error.map(|e| e.to_string()).unwrap_or_default()),
+        Some(other) => NoTls::HandshakeFailed(other.to_string()),
+        None => match error.kind() {
+            std::io::ErrorKind::UnexpectedEof => {
+                NoTls::HandshakeFailed("connection closed during the handshake".into())
+            }
+            _ => NoTls::HandshakeFailed(error.to_string()),
+        },
+    }
+}

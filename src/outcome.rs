@@ -1,0 +1,274 @@
+//! The TLS outcome taxonomy: what happened when we tried to encrypt a connection to an MX.
+//!
+//! One type answers "encrypted, and how" or "not encrypted, and why" (the why is never
+//! lost). The cache, the rules, the logs, the admin socket and `probe` all speak it.
+
+use std::fmt;
+
+/// The class of an outcome, as named in logs, rules and the cache.
+#[derive(
+    Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize, serde::Deserialize,
+)]
+#[serde(rename_all = "kebab-case")]
+pub enum OutcomeClass {
+    TlsVerified,
+    TlsUnverified,
+    NoStarttls,
+    StarttlsRefused,
+    HandshakeFailed,
+    LegacyTls,
+    CertExpired,
+    CertNotYetValid,
+    CertUntrusted,
+    CertNameMismatch,
+    ProtocolViolation,
+    ConnectFailed,
+    Timeout,
+}
+
+impl OutcomeClass {
+    pub const ALL: [OutcomeClass; 13] = [
+        OutcomeClass::TlsVerified,
+        OutcomeClass::TlsUnverified,
+        OutcomeClass::NoStarttls,
+        OutcomeClass::StarttlsRefused,
+        OutcomeClass::HandshakeFailed,
+        OutcomeClass::LegacyTls,
+        OutcomeClass::CertExpired,
+        OutcomeClass::CertNotYetValid,
+        OutcomeClass::CertUntrusted,
+        OutcomeClass::CertNameMismatch,
+        OutcomeClass::ProtocolViolation,
+        OutcomeClass::ConnectFailed,
+        OutcomeClass::Timeout,
+    ];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            OutcomeClass::TlsVerified => "tls-verified",
+            OutcomeClass::TlsUnverified => "tls-unverified",
+            OutcomeClass::NoStarttls => "no-starttls",
+            OutcomeClass::StarttlsRefused => "starttls-refused",
+            OutcomeClass::HandshakeFailed => "handshake-failed",
+            OutcomeClass::LegacyTls => "legacy-tls",
+            OutcomeClass::CertExpired => "cert-expired",
+            OutcomeClass::CertNotYetValid => "cert-not-yet-valid",
+            OutcomeClass::CertUntrusted => "cert-untrusted",
+            OutcomeClass::CertNameMismatch => "cert-name-mismatch",
+            OutcomeClass::ProtocolViolation => "protocol-violation",
+            OutcomeClass::ConnectFailed => "connect-failed",
+            OutcomeClass::Timeout => "timeout",
+        }
+    }
+}
+
+impl fmt::Display for OutcomeClass {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+impl std::str::FromStr for OutcomeClass {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        OutcomeClass::ALL
+            .into_iter()
+            .find(|c| c.name() == s)
+            .ok_or_else(|| {
+                let names: Vec<_> = OutcomeClass::ALL.iter().map(|c| c.name()).collect();
+                format!("unknown outcome class {s:?} (known: {})", names.join(", "))
+            })
+    }
+}
+
+/// Why a certificate did not verify for the MX name.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum CertProblem {
+    /// `not_after` as a date, `YYYY-MM-DD`.
+    Expired {
+        not_after: String,
+    },
+    NotYetValid {
+        not_before: String,
+    },
+    /// Unknown issuer or self-signed; `name_ok` says whether the name would have matched.
+    Untrusted {
+        detail: String,
+        name_ok: bool,
+    },
+    NameMismatch {
+        presented: Vec<String>,
+    },
+    Other(String),
+}
+
+impl CertProblem {
+    pub fn class(&self) -> OutcomeClass {
+        match self {
+            CertProblem::Expired { .. } => OutcomeClass::CertExpired,
+            CertProblem::NotYetValid { .. } => OutcomeClass::CertNotYetValid,
+            CertProblem::Untrusted { .. } | CertProblem::Other(_) => OutcomeClass::CertUntrusted,
+            CertProblem::NameMismatch { .. } => OutcomeClass::CertNameMismatch,
+        }
+    }
+}
+
+impl fmt::Display for CertProblem {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            CertProblem::Expired { not_after } => write!(f, "certificate expired {not_after}"),
+            CertProblem::NotYetValid { not_before } => {
+                write!(f, "certificate not valid before {not_before}")
+            }
+            CertProblem::Untrusted { detail, name_ok } => {
+                let name = if *name_ok {
+                    ""
+                } else {
+                    ", and not valid for the name"
+                };
+                write!(f, "certificate untrusted ({detail}){name}")
+            }
+            CertProblem::NameMismatch { presented } if presented.is_empty() => {
+                write!(f, "certificate not valid for the MX name")
+            }
+            CertProblem::NameMismatch { presented } => write!(
+                f,
+                "certificate not valid for the MX name (it names {})",
+                presented.join(", ")
+            ),
+            CertProblem::Other(detail) => write!(f, "certificate rejected ({detail})"),
+        }
+    }
+}
+
+/// The result of certificate verification, which runs in every TLS attempt.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Verification {
+    Verified,
+    Failed(CertProblem),
+}
+
+/// An encrypted session's parameters.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct TlsSession {
+    pub version: String,
+    pub cipher: String,
+    pub verification: Verification,
+}
+
+/// Why a connection carries no TLS. Every plain delivery carries one of these.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum NoTls {
+    /// The EHLO reply has no STARTTLS.
+    NoStarttls,
+    /// STARTTLS was answered with this reply.
+    StarttlsRefused(String),
+    HandshakeFailed(String),
+    LegacyTls(String),
+    /// The certificate did not verify and the policy requires that it does.
+    CertRejected(CertProblem),
+    ProtocolViolation(String),
+    /// A rule says `tls: never`.
+    NotWanted,
+}
+
+impl NoTls {
+    pub fn class(&self) -> Option<OutcomeClass> {
+        Some(match self {
+            NoTls::NoStarttls => OutcomeClass::NoStarttls,
+            NoTls::StarttlsRefused(_) => OutcomeClass::StarttlsRefused,
+            NoTls::HandshakeFailed(_) => OutcomeClass::HandshakeFailed,
+            NoTls::LegacyTls(_) => OutcomeClass::LegacyTls,
+            NoTls::CertRejected(problem) => problem.class(),
+            NoTls::ProtocolViolation(_) => OutcomeClass::ProtocolViolation,
+            NoTls::NotWanted => return None,
+        })
+    }
+}
+
+impl fmt::Display for NoTls {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            NoTls::NoStarttls => f.write_str("no STARTTLS offered"),
+            NoTls::StarttlsRefused(reply) => write!(f, "STARTTLS refused: {reply}"),
+            NoTls::HandshakeFailed(detail) => write!(f, "TLS handshake failed: {detail}"),
+            NoTls::LegacyTls(detail) => write!(f, "server speaks only TLS 1.0/1.1: {detail}"),
+            NoTls::CertRejected(problem) => problem.fmt(f),
+            NoTls::ProtocolViolation(detail) => write!(f, "protocol violation: {detail}"),
+            NoTls::NotWanted => f.write_str("TLS not wanted by rule"),
+        }
+    }
+}
+
+/// Encrypted, and how; or not, and why.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum TlsOutcome {
+    Encrypted(TlsSession),
+    Plain(NoTls),
+}
+
+impl TlsOutcome {
+    /// The class to log and cache. `None` only for a plain session no one asked to encrypt.
+    pub fn class(&self) -> Option<OutcomeClass> {
+        match self {
+            TlsOutcome::Encrypted(TlsSession {
+                verification: Verification::Verified,
+                ..
+            }) => Some(OutcomeClass::TlsVerified),
+            TlsOutcome::Encrypted(_) => Some(OutcomeClass::TlsUnverified),
+            TlsOutcome::Plain(reason) => reason.class(),
+        }
+    }
+
+    pub fn is_encrypted(&self) -> bool {
+        matches!(self, TlsOutcome::Encrypted(_))
+    }
+}
+
+/// A date `YYYY-MM-DD` (UTC) from seconds since the epoch.
+pub fn format_date(unix_seconds: u64) -> String {
+    // Civil-from-days, Howard Hinnant's algorithm.
+    let days = (unix_seconds / 86_400) as i64;
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    format!("{year:04}-{month:02}-{day:02}")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn class_names_round_trip() {
+        for class in OutcomeClass::ALL {
+            assert_eq!(class.name().parse::<OutcomeClass>(), Ok(class));
+        }
+        assert!("tls-maybe".parse::<OutcomeClass>().is_err());
+    }
+
+    #[test]
+    fn dates_are_formatted_in_utc() {
+        assert_eq!(format_date(0), "1970-01-01");
+        assert_eq!(format_date(1_772_323_200), "2026-03-01");
+        assert_eq!(format_date(951_782_400), "2000-02-29");
+    }
+
+    #[test]
+    fn an_encrypted_session_with_a_bad_certificate_is_unverified() {
+        let outcome = TlsOutcome::Encrypted(TlsSession {
+            version: "TLSv1.3".into(),
+            cipher: "TLS13_AES_128_GCM_SHA256".into(),
+            verification: Verification::Failed(CertProblem::Expired {
+                not_after: "2026-03-01".into(),
+            }),
+        });
+        assert_eq!(outcome.class(), Some(OutcomeClass::TlsUnverified));
+    }
+}

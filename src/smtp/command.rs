@@ -1,0 +1,313 @@
+//! SMTP commands as the MTA sends them to us (RFC 5321 section 4.1).
+
+use std::fmt;
+
+/// A mailbox `local@domain`, kept as sent (the local part is the remote's business).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Mailbox {
+    pub local: String,
+    pub domain: String,
+}
+
+impl Mailbox {
+    /// The domain in lower case, for routing.
+    pub fn routing_domain(&self) -> String {
+        self.domain.to_ascii_lowercase()
+    }
+}
+
+impl fmt::Display for Mailbox {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}@{}", self.local, self.domain)
+    }
+}
+
+/// The BODY= parameter of MAIL FROM (RFC 6152).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Body {
+    SevenBit,
+    EightBitMime,
+}
+
+/// The MAIL FROM parameters we understand and pass on.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct MailParams {
+    pub size: Option<u64>,
+    pub body: Option<Body>,
+    pub smtputf8: bool,
+}
+
+impl MailParams {
+    /// The parameters as they go to the remote, each only if the remote supports it.
+    pub fn to_wire(&self, remote: &crate::smtp::Capabilities) -> String {
+        let mut out = String::new();
+        if let Some(size) = self.size.filter(|_| remote.size.is_some()) {
+            out.push_str(&format!(" SIZE={size}"));
+        }
+        if remote.eight_bit_mime {
+            match self.body {
+                Some(Body::EightBitMime) => out.push_str(" BODY=8BITMIME"),
+                Some(Body::SevenBit) => out.push_str(" BODY=7BIT"),
+                None => {}
+            }
+        }
+        if self.smtputf8 && remote.smtputf8 {
+            out.push_str(" SMTPUTF8");
+        }
+        out
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Command {
+    Ehlo(String),
+    Helo(String),
+    /// `None` is the null reverse path `<>` of bounces.
+    Mail(Option<Mailbox>, MailParams),
+    Rcpt(Mailbox),
+    Data,
+    Rset,
+    Noop,
+    Quit,
+    Vrfy,
+    Help,
+    StartTls,
+}
+
+/// Why a command line was not accepted; each maps to one reply.
+#[derive(Debug, PartialEq, Eq, thiserror::Error)]
+pub enum CommandError {
+    #[error("command not recognized")]
+    Unknown,
+    #[error("syntax error: {0}")]
+    Syntax(&'static str),
+    #[error("parameter not recognized: {0}")]
+    UnknownParameter(String),
+}
+
+impl CommandError {
+    /// The reply this error gets (RFC 5321 4.2.3, RFC 3463).
+    pub fn reply(&self) -> crate::smtp::Reply {
+        use crate::smtp::Reply;
+        match self {
+            CommandError::Unknown => Reply::new(500, "5.5.1", "command not recognized"),
+            CommandError::Syntax(why) => Reply::new(501, "5.5.4", format!("syntax error: {why}")),
+            CommandError::UnknownParameter(p) => {
+                Reply::new(555, "5.5.4", format!("parameter not recognized: {p}"))
+            }
+        }
+    }
+}
+
+/// Parses one command line (without CRLF).
+pub fn parse_command(line: &[u8]) -> Result<Command, CommandError> {
+    let line = std::str::from_utf8(line).map_err(|_| CommandError::Syntax("not UTF-8"))?;
+    let (verb, rest) = match line.find(' ') {
+        Some(i) => (&line[..i], &line[i + 1..]),
+        None => (line, ""),
+    };
+    let no_args = |cmd: Command| {
+        if rest.trim().is_empty() {
+            Ok(cmd)
+        } else {
+            Err(CommandError::Syntax("this command takes no arguments"))
+        }
+    };
+    match verb.to_ascii_uppercase().as_str() {
+        "EHLO" => Ok(Command::Ehlo(parse_domain_arg(rest)?)),
+        "HELO" => Ok(Command::Helo(parse_domain_arg(rest)?)),
+        "MAIL" => parse_mail(rest),
+        "RCPT" => parse_rcpt(rest),
+        "DATA" => no_args(Command::Data),
+        "RSET" => no_args(Command::Rset),
+        "QUIT" => no_args(Command::Quit),
+        "STARTTLS" => no_args(Command::StartTls),
+        // NOOP and HELP may carry a string that is ignored; VRFY's argument is not checked.
+        "NOOP" => Ok(Command::Noop),
+        "HELP" => Ok(Command::Help),
+        "VRFY" => Ok(Command::Vrfy),
+        _ => Err(CommandError::Unknown),
+    }
+}
+
+fn parse_domain_arg(rest: &str) -> Result<String, CommandError> {
+    let name = rest.trim();
+    if name.is_empty() || name.contains(char::is_whitespace) {
+        return Err(CommandError::Syntax(
+            "expected one domain or address literal",
+        ));
+    }
+    Ok(name.to_string())
+}
+
+/// Splits `PREFIX:<path> params` into the path and the parameters.
+fn split_path<'a>(rest: &'a str, prefix: &str) -> Result<(&'a str, &'a str), CommandError> {
+    let head = rest
+        .get(..prefix.len())
+        .filter(|h| h.eq_ignore_ascii_case(prefix))
+        .ok_or(CommandError::Syntax(
+            "expected FROM:<address> or TO:<address>",
+        ))?;
+    let after = rest[head.len()..].trim_start();
+    let after = after
+        .strip_prefix('<')
+        .ok_or(CommandError::Syntax("address must be in angle brackets"))?;
+    let end = after
+        .find('>')
+        .ok_or(CommandError::Syntax("missing closing angle bracket"))?;
+    let params = &after[end + 1..];
+    if !params.is_empty() && !params.starts_with(' ') {
+        return Err(CommandError::Syntax("text after the address"));
+    }
+    Ok((&after[..end], params.trim()))
+}
+
+fn parse_mail(rest: &str) -> Result<Command, CommandError> {
+    let (path, params) = split_path(rest, "FROM:")?;
+    let sender = if path.is_empty() {
+        None
+    } else {
+        Some(parse_mailbox(path)?)
+    };
+    let mut parsed = MailParams::default();
+    for param in params.split_ascii_whitespace() {
+        let (key, value) = match param.split_once('=') {
+            Some((k, v)) => (k, Some(v)),
+            None => (param, None),
+        };
+        match (key.to_ascii_uppercase().as_str(), value) {
+            ("SIZE", Some(v)) => {
+                parsed.size = Some(v.parse().map_err(|_| CommandError::Syntax("bad SIZE"))?)
+            }
+            ("BODY", Some(v)) if v.eq_ignore_ascii_case("8BITMIME") => {
+                parsed.body = Some(Body::EightBitMime)
+            }
+            ("BODY", Some(v)) if v.eq_ignore_ascii_case("7BIT") => {
+                parsed.body = Some(Body::SevenBit)
+            }
+            ("SMTPUTF8", None) => parsed.smtputf8 = true,
+            _ => return Err(CommandError::UnknownParameter(param.to_string())),
+        }
+    }
+    Ok(Command::Mail(sender, parsed))
+}
+
+fn parse_rcpt(rest: &str) -> Result<Command, CommandError> {
+    let (path, params) = split_path(rest, "TO:")?;
+    if let Some(param) = params.split_ascii_whitespace().next() {
+        return Err(CommandError::UnknownParameter(param.to_string()));
+    }
+    // A source route (`@a,@b:user@c`) is obsolete; RFC 5321 says to ignore it.
+    let path = match path.rfind(':') {
+        Some(i) if path.starts_with('@') => &path[i + 1..],
+        _ => path,
+    };
+    Ok(Command::Rcpt(parse_mailbox(path)?))
+}
+
+fn parse_mailbox(path: &str) -> Result<Mailbox, CommandError> {
+    let at = path
+        .rfind('@')
+        .ok_or(CommandError::Syntax("address has no domain"))?;
+    let (local, domain) = (&path[..at], &path[at + 1..]);
+    if local.is_empty() {
+        return Err(CommandError::Syntax("address has an empty local part"));
+    }
+    if !is_domain_or_literal(domain) {
+        return Err(CommandError::Syntax("address has an invalid domain"));
+    }
+    Ok(Mailbox {
+        local: local.to_string(),
+        domain: domain.to_string(),
+    })
+}
+
+fn is_domain_or_literal(domain: &str) -> bool {
+    if let Some(literal) = domain.strip_prefix('[').and_then(|d| d.strip_suffix(']')) {
+        let ip = literal.strip_prefix("IPv6:").unwrap_or(literal);
+        return ip.parse::<std::net::IpAddr>().is_ok();
+    }
+    !domain.is_empty()
+        && domain.len() <= 255
+        && domain.split('.').all(|label| {
+            !label.is_empty()
+                && label.len() <= 63
+                && !label.starts_with('-')
+                && !label.ends_with('-')
+                && label
+                    .chars()
+                    .all(|c| c.is_alphanumeric() || c == '-' || !c.is_ascii())
+        })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn mailbox(s: &str) -> Mailbox {
+        parse_mailbox(s).unwrap()
+    }
+
+    #[test]
+    fn mail_from_with_parameters_is_parsed() {
+        let cmd = parse_command(b"MAIL FROM:<a@b.example> SIZE=1234 BODY=8BITMIME SMTPUTF8");
+        let params = MailParams {
+            size: Some(1234),
+            body: Some(Body::EightBitMime),
+            smtputf8: true,
+        };
+        assert_eq!(cmd, Ok(Command::Mail(Some(mailbox("a@b.example")), params)));
+        assert_eq!(
+            parse_command(b"mail from:<>"),
+            Ok(Command::Mail(None, MailParams::default()))
+        );
+    }
+
+    #[test]
+    fn rcpt_accepts_address_literals_and_drops_source_routes() {
+        assert_eq!(
+            parse_command(b"RCPT TO:<@relay.example:u@d.example>"),
+            Ok(Command::Rcpt(mailbox("u@d.example")))
+        );
+        assert!(parse_command(b"RCPT TO:<u@[127.0.0.1]>").is_ok());
+        assert!(parse_command(b"RCPT TO:<u@[IPv6:::1]>").is_ok());
+    }
+
+    #[test]
+    fn bad_syntax_gets_the_right_error() {
+        assert_eq!(parse_command(b"FOO"), Err(CommandError::Unknown));
+        assert!(matches!(
+            parse_command(b"MAIL FROM:a@b"),
+            Err(CommandError::Syntax(_))
+        ));
+        assert!(matches!(
+            parse_command(b"RCPT TO:<nodomain>"),
+            Err(CommandError::Syntax(_))
+        ));
+        assert!(matches!(
+            parse_command(b"RCPT TO:<u@bad..domain>"),
+            Err(CommandError::Syntax(_))
+        ));
+        assert!(matches!(
+            parse_command(b"MAIL FROM:<a@b.example> FOO=1"),
+            Err(CommandError::UnknownParameter(_))
+        ));
+        assert!(matches!(
+            parse_command(b"DATA now"),
+            Err(CommandError::Syntax(_))
+        ));
+        assert!(matches!(
+            parse_command(b"EHLO"),
+            Err(CommandError::Syntax(_))
+        ));
+        assert_eq!(CommandError::Unknown.reply().code, 500);
+    }
+
+    #[test]
+    fn every_prefix_of_a_command_parses_or_errs_without_panicking() {
+        let line = b"MAIL FROM:<a@b.example> SIZE=12 BODY=8BITMIME SMTPUTF8";
+        for end in 0..=line.len() {
+            let _ = parse_command(&line[..end]);
+        }
+    }
+}

@@ -1,0 +1,342 @@
+//! The message body between DATA's 354 and the final dot, as a streaming filter.
+//!
+//! The filter reads what the MTA sends and writes what the remote gets. It ends the body only
+//! at `<CRLF>.<CRLF>`, undoes the MTA's dot-stuffing and redoes its own, and never passes a
+//! bare CR or LF on as it came: those are the raw material of SMTP smuggling, where a remote
+//! that reads line endings differently would see a second message inside the first.
+
+/// What to do with a bare CR or LF inside the body.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Deserialize, serde::Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum BareLineEndings {
+    /// A bare LF becomes CRLF, a bare CR a space.
+    Normalize,
+    /// The message is refused.
+    Reject,
+}
+
+/// Why a body was refused; known only once its end has been read.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum BodyError {
+    LineTooLong { limit: usize },
+    TooLarge { limit: u64 },
+    BareLineEnding,
+}
+
+impl BodyError {
+    pub fn reply(&self) -> crate::smtp::Reply {
+        use crate::smtp::Reply;
+        match self {
+            BodyError::LineTooLong { limit } => Reply::new(
+                500,
+                "5.5.2",
+                format!("message has a line longer than {limit} octets"),
+            ),
+            BodyError::TooLarge { limit } => Reply::new(
+                552,
+                "5.3.4",
+                format!("message larger than the limit of {limit} octets"),
+            ),
+            BodyError::BareLineEnding => Reply::new(
+                550,
+                "5.5.2",
+                "message has a bare CR or LF (not allowed by RFC 5321 2.3.8)",
+            ),
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum State {
+    /// Just after a CRLF (or at the start): a dot here is special.
+    LineStart,
+    /// A dot at the start of a line.
+    Dot,
+    /// A dot at the start of a line and then CR.
+    DotCr,
+    /// Inside a line.
+    Text,
+    /// A CR inside a line, not yet known to be followed by LF.
+    Cr,
+    Done,
+}
+
+/// Result of one [`BodyFilter::feed`] call.
+#[derive(Debug, PartialEq, Eq)]
+pub struct Fed {
+    /// Bytes of the input used; the rest belongs to whatever follows the body.
+    pub consumed: usize,
+    /// Set once `<CRLF>.<CRLF>` has been read.
+    pub end: Option<Result<(), BodyError>>,
+}
+
+pub struct BodyFilter {
+    state: State,
+    bare: BareLineEndings,
+    line_limit: usize,
+    size_limit: u64,
+    /// Length of the output line so far (without CRLF).
+    out_line: usize,
+    out_size: u64,
+    error: Option<BodyError>,
+}
+
+impl BodyFilter {
+    /// `line_limit` counts the CRLF, as RFC 5321 does (1000).
+    pub fn new(bare: BareLineEndings, line_limit: usize, size_limit: u64) -> BodyFilter {
+        BodyFilter {
+            state: State::LineStart,
+            bare,
+            line_limit,
+            size_limit,
+            out_line: 0,
+            out_size: 0,
+            error: None,
+        }
+    }
+
+    /// Octets of the body written so far, dot-stuffing included.
+    pub fn size(&self) -> u64 {
+        self.out_size
+    }
+
+    /// Filters `input` into `out`. After an error nothing more is written, but the input is
+    /// still read up to the end of the body, so that the session stays in step.
+    pub fn feed(&mut self, input: &[u8], out: &mut Vec<u8>) -> Fed {
+        for (i, &byte) in input.iter().enumerate() {
+            self.step(byte, out);
+            if self.state == State::Done {
+                let end = match self.error {
+                    Some(e) => Err(e),
+                    None => Ok(()),
+                };
+                return Fed {
+                    consumed: i + 1,
+                    end: Some(end),
+                };
+            }
+        }
+        Fed {
+            consumed: input.len(),
+            end: None,
+        }
+    }
+
+    fn step(&mut self, byte: u8, out: &mut Vec<u8>) {
+        self.state = match (self.state, byte) {
+            (State::LineStart, b'.') => State::Dot,
+            (State::Dot, b'\r') => State::DotCr,
+            (State::DotCr, b'\n') => State::Done,
+            // A dot followed by anything else was the MTA's stuffing: drop it.
+            (State::Dot, _) => self.text(byte, out),
+            (State::DotCr, _) => {
+                self.stray_cr(out);
+                self.text(byte, out)
+            }
+            (State::LineStart | State::Text, _) => self.text(byte, out),
+            (State::Cr, b'\n') => {
+                self.end_line(out);
+                State::LineStart
+            }
+            (State::Cr, _) => {
+                self.stray_cr(out);
+                self.text(byte, out)
+            }
+            (State::Done, _) => State::Done,
+        };
+    }
+
+    /// One byte inside a line (CR and LF included, as they come).
+    fn text(&mut self, byte: u8, out: &mut Vec<u8>) -> State {
+        match byte {
+            b'\r' => State::Cr,
+            b'\n' => {
+                // A bare LF: a line break for the remote, but not the start of a line
+                // where a dot could end the message.
+                if self.normalises_bare() {
+                    self.end_line(out);
+                }
+                State::Text
+            }
+            _ => {
+                if self.out_line == 0 && byte == b'.' {
+                    self.emit(b".", out);
+                }
+                self.emit(&[byte], out);
+                State::Text
+            }
+        }
+    }
+
+    fn stray_cr(&mut self, out: &mut Vec<u8>) {
+        if self.normalises_bare() {
+            self.emit(b" ", out);
+        }
+    }
+
+    /// Records a bare line ending; true when it is normalised, false when it fails the body.
+    fn normalises_bare(&mut self) -> bool {
+        if self.bare == BareLineEndings::Reject {
+            self.fail(BodyError::BareLineEnding);
+            return false;
+        }
+        true
+    }
+
+    fn end_line(&mut self, out: &mut Vec<u8>) {
+        self.write(b"\r\n", out);
+        self.out_line = 0;
+    }
+
+    fn emit(&mut self, bytes: &[u8], out: &mut Vec<u8>) {
+        self.out_line += bytes.len();
+        if self.out_line + 2 > self.line_limit {
+            self.fail(BodyError::LineTooLong {
+                limit: self.line_limit,
+            });
+        }
+        self.write(bytes, out);
+    }
+
+    fn write(&mut self, bytes: &[u8], out: &mut Vec<u8>) {
+        self.out_size += bytes.len() as u64;
+        if self.out_size > self.size_limit {
+            self.fail(BodyError::TooLarge {
+                limit: self.size_limit,
+            });
+        }
+        if self.error.is_none() {
+            out.extend_from_slice(bytes);
+        }
+    }
+
+    fn fail(&mut self, error: BodyError) {
+        self.error.get_or_insert(error);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Runs the filter over `input` cut into pieces of `chunk` bytes.
+    fn filter(
+        input: &[u8],
+        chunk: usize,
+        bare: BareLineEndings,
+    ) -> (Vec<u8>, Option<Result<(), BodyError>>, usize) {
+        let mut f = BodyFilter::new(bare, 1000, 1 << 20);
+        let mut out = Vec::new();
+        let mut used = 0;
+        for piece in input.chunks(chunk) {
+            let fed = f.feed(piece, &mut out);
+            used += fed.consumed;
+            if fed.end.is_some() {
+                return (out, fed.end, used);
+            }
+        }
+        (out, None, used)
+    }
+
+    fn normalize(input: &[u8]) -> (Vec<u8>, Option<Result<(), BodyError>>, usize) {
+        filter(input, 7, BareLineEndings::Normalize)
+    }
+
+    #[test]
+    fn a_stuffed_body_passes_through_unchanged_and_ends_at_the_dot() {
+        let body = b"Subject: x\r\n\r\n..leading dot\r\nend\r\n.\r\nMAIL FROM:<next>\r\n";
+        let (out, end, used) = normalize(body);
+        assert_eq!(out, b"Subject: x\r\n\r\n..leading dot\r\nend\r\n");
+        assert_eq!(end, Some(Ok(())));
+        assert_eq!(&body[used..], b"MAIL FROM:<next>\r\n");
+    }
+
+    #[test]
+    fn an_empty_body_ends_at_once() {
+        let (out, end, used) = normalize(b".\r\n");
+        assert!(out.is_empty());
+        assert_eq!((end, used), (Some(Ok(())), 3));
+    }
+
+    #[test]
+    fn bare_line_endings_never_end_the_message_and_are_normalised() {
+        for seq in [
+            &b"\n.\n"[..],
+            b"\n.\r",
+            b"\r.\n",
+            b"\r.\r",
+            b"\n.\r\n",
+            b"\r.\r\n",
+            b"\r\n\x00.\r\n",
+            b"\r\n.\n",
+            b"\r\n.\r",
+            b"\r\n.\r\r\n",
+            b"\r\r\n.\r\r\n",
+        ] {
+            let mut body = b"a".to_vec();
+            body.extend_from_slice(seq);
+            body.extend_from_slice(b"MAIL FROM:<x@y>\r\n.\r\n");
+            let (out, end, used) = normalize(&body);
+            assert_eq!(end, Some(Ok(())), "{seq:?}");
+            assert_eq!(used, body.len(), "{seq:?} ended early");
+            assert_crlf_only_and_stuffed(&out);
+        }
+    }
+
+    #[test]
+    fn reject_mode_refuses_bare_line_endings_but_reads_to_the_end() {
+        let body = b"a\nb\r\n.\r\n";
+        let (out, end, used) = filter(body, 3, BareLineEndings::Reject);
+        assert_eq!(end, Some(Err(BodyError::BareLineEnding)));
+        assert_eq!(used, body.len());
+        assert!(
+            !out.windows(2).any(|w| w == b"b\r"),
+            "nothing after the error"
+        );
+    }
+
+    #[test]
+    fn long_lines_and_large_bodies_are_refused_at_the_end() {
+        let mut f = BodyFilter::new(BareLineEndings::Normalize, 10, 1 << 20);
+        let mut out = Vec::new();
+        let fed = f.feed(b"0123456789\r\n.\r\n", &mut out);
+        assert_eq!(fed.end, Some(Err(BodyError::LineTooLong { limit: 10 })));
+
+        let mut f = BodyFilter::new(BareLineEndings::Normalize, 1000, 5);
+        let fed = f.feed(b"012\r\n345\r\n.\r\n", &mut out);
+        assert_eq!(fed.end, Some(Err(BodyError::TooLarge { limit: 5 })));
+    }
+
+    fn assert_crlf_only_and_stuffed(out: &[u8]) {
+        for (i, &b) in out.iter().enumerate() {
+            if b == b'\n' {
+                assert!(i > 0 && out[i - 1] == b'\r', "bare LF in {out:?}");
+            }
+            if b == b'\r' {
+                assert_eq!(out.get(i + 1), Some(&b'\n'), "bare CR in {out:?}");
+            }
+        }
+        for line in out.split(|&b| b == b'\n') {
+            assert_ne!(line, b".\r", "unstuffed dot line in {out:?}");
+        }
+    }
+
+    #[test]
+    fn any_input_gives_crlf_only_stuffed_output_in_any_chunking() {
+        // A small exhaustive check over an alphabet that holds every special byte.
+        let alphabet = [b'.', b'\r', b'\n', b'a'];
+        let mut input = Vec::new();
+        for n in 0..4usize.pow(7) {
+            input.clear();
+            let mut k = n;
+            for _ in 0..7 {
+                input.push(alphabet[k % 4]);
+                k /= 4;
+            }
+            input.extend_from_slice(b"\r\n.\r\n");
+            let whole = normalize(&input);
+            assert_crlf_only_and_stuffed(&whole.0);
+            assert_eq!(whole, filter(&input, 1, BareLineEndings::Normalize));
+        }
+    }
+}

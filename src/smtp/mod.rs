@@ -1,0 +1,12 @@
+//! The SMTP wire protocol, shared by both sides of the proxy: command and reply syntax,
+//! line reading with limits, EHLO capabilities and the DATA body filter.
+
+pub mod command;
+pub mod data;
+pub mod ehlo;
+pub mod line;
+pub mod reply;
+
+pub use command::{Command, CommandError, MailParams, Mailbox, parse_command};
+pub use ehlo::Capabilities;
+pub use reply::Reply;
