@@ -17,6 +17,8 @@ pub struct Config {
     pub hostname: Hostname,
     pub listen: SocketAddr,
     pub allow_clients: Vec<ClientNet>,
+    /// The rule list; none means the shipped rules/default.yaml, embedded.
+    pub rules_file: Option<PathBuf>,
     pub resolver: ResolverConfig,
     pub tls: TlsConfig,
     pub delivery: DeliveryConfig,
@@ -34,6 +36,7 @@ impl Default for Config {
                 ClientNet("127.0.0.0/8".parse().expect("literal")),
                 ClientNet("::1/128".parse().expect("literal")),
             ],
+            rules_file: None,
             resolver: ResolverConfig::default(),
             tls: TlsConfig::default(),
             delivery: DeliveryConfig::default(),

@@ -8,6 +8,7 @@
 //! - [`inbound`]: the listener and the ESMTP server session toward the MTA.
 //! - [`smtp`]: the wire protocol both sides share: commands, replies, lines, the DATA filter.
 //! - [`router`]: turns a recipient into a [`router::Plan`]: which rule, which TLS policy.
+//! - [`rules`]: the YAML rule list, validated and indexed.
 //! - [`outbound`]: MX resolution, client connections, TLS, and carrying out a plan.
 //! - [`outcome`]: the TLS outcome taxonomy that logs and decisions speak.
 //! - [`config`]: the daemon's configuration, with defaults embedded.
@@ -21,6 +22,7 @@ pub mod outbound;
 pub mod outcome;
 pub mod proxy;
 pub mod router;
+pub mod rules;
 pub mod smtp;
 
 pub use proxy::Proxy;

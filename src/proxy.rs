@@ -7,6 +7,7 @@ use crate::outbound::delivery::Outbound;
 use crate::outbound::mx::MxResolver;
 use crate::outbound::tls::TlsClient;
 use crate::router::Router;
+use crate::rules::RuleSet;
 
 pub struct Proxy {
     pub config: Config,
@@ -19,6 +20,11 @@ impl Proxy {
     pub fn new(config: Config) -> anyhow::Result<Arc<Proxy>> {
         let resolver = MxResolver::new(&config.resolver.nameservers, config.timeouts.dns)?;
         let tls = TlsClient::new(&config.tls)?;
+        let rules = match &config.rules_file {
+            Some(path) => RuleSet::load(path)?,
+            None => RuleSet::embedded_default(),
+        };
+        let router = Router::new(rules, config.rules_file.clone());
         let outbound = Outbound {
             resolver,
             tls,
@@ -29,7 +35,7 @@ impl Proxy {
         Ok(Arc::new(Proxy {
             config,
             outbound,
-            router: Router::default(),
+            router,
         }))
     }
 }

@@ -1,10 +1,16 @@
-//! The routing decision: what a message to a recipient domain may and must do.
+//! The routing decision: which rule decides a message, and what it allows.
 //!
-//! A [`Plan`] names the rule that decided and the TLS policy to follow. The outbound side
-//! carries it out against the domain's mail exchangers.
+//! A [`Plan`] holds the rules that were in force when the transaction began (a reload does
+//! not change a transaction in flight), the rules that can apply to its recipient, and so
+//! the next hop. The outbound side asks it, host by host, which rule applies there.
 
+use std::path::PathBuf;
+use std::sync::{Arc, RwLock};
+
+use crate::config::ConfigError;
 use crate::outbound::tls::MinTls;
 use crate::outcome::{NoTls, OutcomeClass};
+use crate::rules::{Route, Rule, RuleSet, Selection};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Deserialize, serde::Serialize)]
 #[serde(rename_all = "lowercase")]
@@ -55,7 +61,12 @@ impl TlsPolicy {
 
     /// Whether a message may go in plain for this reason.
     pub fn allows_plain(&self, reason: &NoTls) -> bool {
-        match reason.class() {
+        self.allows_plain_after(reason.class())
+    }
+
+    /// The same, by class (`None`: no TLS was wanted).
+    pub fn allows_plain_after(&self, class: Option<OutcomeClass>) -> bool {
+        match class {
             None => true,
             Some(_) if self.tls == TlsMode::Require => false,
             Some(class) => self.fallback_on.contains(&class),
@@ -63,29 +74,111 @@ impl TlsPolicy {
     }
 }
 
-#[derive(Clone, Debug, PartialEq, Eq)]
+/// What the rules say about one transaction.
+#[derive(Clone, Debug)]
 pub struct Plan {
-    /// The rule that decided, named in logs and in replies.
-    pub rule: String,
-    pub policy: TlsPolicy,
+    rules: Arc<RuleSet>,
+    selection: Selection,
 }
 
-/// Turns a recipient into a plan.
-#[derive(Default)]
-pub struct Router {}
+impl PartialEq for Plan {
+    fn eq(&self, other: &Plan) -> bool {
+        Arc::ptr_eq(&self.rules, &other.rules) && self.selection == other.selection
+    }
+}
+
+impl Plan {
+    /// The rule that decides the next hop (and the policy where no host-specific rule applies).
+    pub fn base_rule(&self) -> &Rule {
+        self.rules.rule(self.selection.base)
+    }
+
+    /// The rule for a delivery attempt to `host`, whose cached outcome class is `cached`.
+    pub fn rule_for_host(&self, host: &str, cached: Option<OutcomeClass>) -> &Rule {
+        self.selection
+            .conditional
+            .iter()
+            .map(|&i| self.rules.rule(Some(i)))
+            .find(|rule| rule.conditions.host_matches(host, cached))
+            .unwrap_or_else(|| self.base_rule())
+    }
+
+    pub fn route(&self) -> &Route {
+        &self.base_rule().route
+    }
+
+    /// Names of every rule that may decide, for logs and `explain`.
+    pub fn rule_names(&self) -> Vec<&str> {
+        let mut names: Vec<&str> = self
+            .selection
+            .conditional
+            .iter()
+            .map(|&i| self.rules.rule(Some(i)).name.as_str())
+            .collect();
+        names.push(&self.base_rule().name);
+        names
+    }
+}
+
+/// Turns a recipient into a plan, with the rules currently in force.
+pub struct Router {
+    rules: RwLock<Arc<RuleSet>>,
+    /// The rule file to reload, if any.
+    pub file: Option<PathBuf>,
+}
 
 impl Router {
-    pub fn plan(&self, _recipient_domain: &str, _sender_domain: Option<&str>) -> Plan {
-        Plan {
-            rule: "default".into(),
-            policy: TlsPolicy::opportunistic(),
+    pub fn new(rules: RuleSet, file: Option<PathBuf>) -> Router {
+        Router {
+            rules: RwLock::new(Arc::new(rules)),
+            file,
         }
+    }
+
+    /// The rules in force now.
+    pub fn rules(&self) -> Arc<RuleSet> {
+        match self.rules.read() {
+            Ok(rules) => rules.clone(),
+            Err(poisoned) => poisoned.into_inner().clone(),
+        }
+    }
+
+    pub fn plan(&self, recipient_domain: &str, sender_domain: Option<&str>) -> Plan {
+        let rules = self.rules();
+        let selection = rules.select(recipient_domain, sender_domain);
+        Plan { rules, selection }
+    }
+
+    /// Loads the rule file again; on any error the rules in force stay.
+    pub fn reload(&self) -> Result<usize, ConfigError> {
+        let Some(file) = &self.file else {
+            return Ok(self.rules().rules().len());
+        };
+        let rules = RuleSet::load(file)?;
+        for shadowed in rules.shadowed() {
+            let (rule, by) = (&rules.rules()[shadowed.rule], &rules.rules()[shadowed.by]);
+            tracing::warn!(
+                "{}:{}: rule {:?} can never match: rule {:?} (line {}) takes all its messages",
+                file.display(),
+                rule.line,
+                rule.name,
+                by.name,
+                by.line
+            );
+        }
+        let count = rules.rules().len();
+        match self.rules.write() {
+            Ok(mut slot) => *slot = Arc::new(rules),
+            Err(poisoned) => *poisoned.into_inner() = Arc::new(rules),
+        }
+        Ok(count)
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::path::Path;
 
     #[test]
     fn opportunistic_policy_falls_back_on_tls_failures_but_not_on_bad_certificates() {
@@ -106,5 +199,15 @@ mod tests {
         };
         assert!(!policy.allows_plain(&NoTls::NoStarttls));
         assert!(policy.allows_plain(&NoTls::NotWanted));
+    }
+
+    #[test]
+    fn a_host_specific_rule_applies_only_to_its_hosts() {
+        let text = "rules:\n  - name: old\n    match: { mx: [\"*.old.example\"] }\n    tls: never\n  - name: all\n";
+        let router = Router::new(RuleSet::parse(text, Path::new("r.yaml")).unwrap(), None);
+        let plan = router.plan("example.com", None);
+        assert_eq!(plan.base_rule().name, "all");
+        assert_eq!(plan.rule_for_host("mx.old.example", None).name, "old");
+        assert_eq!(plan.rule_for_host("mx.new.example", None).name, "all");
     }
 }

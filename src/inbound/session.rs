@@ -9,8 +9,7 @@ use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::net::TcpStream;
 
 use crate::inbound::relayable;
-use crate::outbound::delivery::{OpenError, Upstream};
-use crate::outbound::mx::MxHost;
+use crate::outbound::delivery::{NextHop, OpenError, Upstream};
 use crate::outcome::{TlsOutcome, Verification};
 use crate::proxy::Proxy;
 use crate::router::Plan;
@@ -58,20 +57,18 @@ struct Route {
     upstream: Upstream,
 }
 
-/// Two recipients share a transaction only when they share the rule and the MX set.
+/// Two recipients share a transaction only when they share the rules and the next hop.
 #[derive(PartialEq, Eq)]
 struct RouteKey {
-    rule: String,
-    hosts: Vec<String>,
+    rules: Vec<String>,
+    hop: Vec<String>,
 }
 
 impl RouteKey {
-    fn new(plan: &Plan, hosts: &[MxHost]) -> RouteKey {
-        let mut hosts: Vec<String> = hosts.iter().map(|h| h.name.clone()).collect();
-        hosts.sort();
+    fn new(plan: &Plan, hop: &NextHop) -> RouteKey {
         RouteKey {
-            rule: plan.rule.clone(),
-            hosts,
+            rules: plan.rule_names().into_iter().map(String::from).collect(),
+            hop: hop.key(),
         }
     }
 }
@@ -283,12 +280,12 @@ impl Session {
             if route.domain == domain && route.plan == plan {
                 return Ok(());
             }
-            let hosts = proxy
+            let hop = proxy
                 .outbound
-                .next_hop(domain)
+                .next_hop(&plan, domain)
                 .await
                 .map_err(|e| e.reply())?;
-            if RouteKey::new(&plan, &hosts) == route.key {
+            if RouteKey::new(&plan, &hop) == route.key {
                 return Ok(());
             }
             return Err(Reply::new(
@@ -300,9 +297,9 @@ impl Session {
                 ),
             ));
         }
-        let hosts = proxy
+        let hop = proxy
             .outbound
-            .next_hop(domain)
+            .next_hop(&plan, domain)
             .await
             .map_err(|e| e.reply())?;
         let mail_from = format!(
@@ -315,7 +312,7 @@ impl Session {
         let params = tx.params.clone();
         let opened = proxy
             .outbound
-            .open(&plan, domain, &hosts, |caps| {
+            .open(&plan, domain, &hop, |caps| {
                 format!("{mail_from}{}", params.to_wire(caps))
             })
             .await;
@@ -323,7 +320,7 @@ impl Session {
             Ok(upstream) => {
                 tx.route = Some(Route {
                     domain: domain.to_string(),
-                    key: RouteKey::new(&plan, &hosts),
+                    key: RouteKey::new(&plan, &hop),
                     plan,
                     upstream,
                 });
@@ -331,7 +328,7 @@ impl Session {
             }
             Err(error) => {
                 if let OpenError::TlsNotAchieved { .. } | OpenError::Unreachable { .. } = error {
-                    tracing::warn!(client = %self.client, domain, rule = %plan.rule, "not delivered: {}", error.reply());
+                    tracing::warn!(client = %self.client, domain, rule = %plan.base_rule().name, "not delivered: {}", error.reply());
                 }
                 Err(error.reply())
             }
@@ -589,7 +586,7 @@ fn log_transaction(client: SocketAddr, tx: &Transaction, reply: &Reply, end: &st
         cipher,
         verify = %verify,
         fallback = %fallback,
-        rule = %route.plan.rule,
+        rule = %upstream.rule,
         end,
         reply = %reply,
         earlier_failures = %upstream.earlier_failures.join("; "),

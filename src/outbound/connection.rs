@@ -118,6 +118,19 @@ impl Connection {
         self.read_reply(timeout, what).await
     }
 
+    /// Sends a line that holds a secret; the debug log shows `shown` instead.
+    pub async fn command_secret(
+        &mut self,
+        line: &str,
+        shown: &str,
+        timeout: Duration,
+        what: &'static str,
+    ) -> Result<Reply, ExchangeError> {
+        tracing::debug!(remote = %self.host, "-> {shown}");
+        self.send_raw_line(line, timeout, what).await?;
+        self.read_reply(timeout, what).await
+    }
+
     async fn send_line(
         &mut self,
         line: &str,
@@ -125,6 +138,15 @@ impl Connection {
         what: &'static str,
     ) -> Result<(), ExchangeError> {
         tracing::debug!(remote = %self.host, "-> {line}");
+        self.send_raw_line(line, timeout, what).await
+    }
+
+    async fn send_raw_line(
+        &mut self,
+        line: &str,
+        timeout: Duration,
+        what: &'static str,
+    ) -> Result<(), ExchangeError> {
         let mut bytes = Vec::with_capacity(line.len() + 2);
         bytes.extend_from_slice(line.as_bytes());
         bytes.extend_from_slice(b"\r\n");
@@ -185,27 +207,39 @@ impl Connection {
                 "data after the STARTTLS 220 and before the handshake: {extra:?}"
             )));
         }
+        match conn.upgrade(tls, min_tls, handshake_timeout).await {
+            Ok((conn, session)) => StartTlsResult::Encrypted(conn, session),
+            Err(reason) => StartTlsResult::Lost(reason),
+        }
+    }
+
+    /// Runs the TLS handshake on the connection as it stands: after a STARTTLS 220, or at
+    /// once for implicit TLS (port 465).
+    pub async fn upgrade(
+        self,
+        tls: &TlsClient,
+        min_tls: MinTls,
+        handshake_timeout: Duration,
+    ) -> Result<(Connection, TlsSession), NoTls> {
         let Connection {
             io,
             peer,
             host,
             line,
-        } = conn;
+        } = self;
         let Transport::Plain(tcp) = io.into_inner() else {
-            return StartTlsResult::Lost(NoTls::ProtocolViolation("STARTTLS inside TLS".into()));
+            return Err(NoTls::ProtocolViolation("TLS inside TLS".into()));
         };
-        match tls.handshake(tcp, &host, min_tls, handshake_timeout).await {
-            Ok((stream, session)) => StartTlsResult::Encrypted(
-                Connection {
-                    io: BufReader::with_capacity(16 * 1024, Transport::Tls(Box::new(stream))),
-                    peer,
-                    host,
-                    line,
-                },
-                session,
-            ),
-            Err(reason) => StartTlsResult::Lost(reason),
-        }
+        let (stream, session) = tls
+            .handshake(tcp, &host, min_tls, handshake_timeout)
+            .await?;
+        let conn = Connection {
+            io: BufReader::with_capacity(16 * 1024, Transport::Tls(Box::new(stream))),
+            peer,
+            host,
+            line,
+        };
+        Ok((conn, session))
     }
 
     /// Says goodbye politely, without waiting long for the answer.

@@ -1,7 +1,11 @@
-//! Carrying out a plan: try each MX and address in turn until one accepts MAIL FROM, with
-//! STARTTLS, classification of what went wrong, and a plain fallback where the policy allows.
+//! Carrying out a plan: try each next-hop host and address in turn until one accepts MAIL
+//! FROM, with STARTTLS, classification of what went wrong, and the plain fallback path the
+//! host's rule allows (the same server, or a relay).
 
 use std::net::{IpAddr, SocketAddr};
+
+use base64::Engine;
+use base64::engine::general_purpose::STANDARD as BASE64;
 
 use crate::config::Timeouts;
 use crate::outbound::connection::{Connection, ExchangeError, StartTlsResult};
@@ -9,6 +13,8 @@ use crate::outbound::mx::{AddressError, MxHost, MxResolver, RouteError};
 use crate::outbound::tls::TlsClient;
 use crate::outcome::{NoTls, TlsOutcome, TlsSession, Verification};
 use crate::router::{Plan, TlsMode, VerifyMode};
+use crate::rules::model::{AuthSpec, HostPort, SmarthostTls};
+use crate::rules::{Fallback, Route, Rule};
 use crate::smtp::{Capabilities, Reply};
 
 /// Everything the outbound side needs, shared by all sessions.
@@ -17,9 +23,31 @@ pub struct Outbound {
     pub tls: TlsClient,
     /// Our EHLO name.
     pub hostname: String,
-    /// Remote SMTP port.
+    /// Remote SMTP port of MX hosts.
     pub port: u16,
     pub timeouts: Timeouts,
+}
+
+/// Where a transaction goes.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum NextHop {
+    /// The recipient domain's mail exchangers, best first.
+    Mx(Vec<MxHost>),
+    Smarthost(HostPort),
+}
+
+impl NextHop {
+    /// Identifies the hop, to tell whether two recipients can share a transaction.
+    pub fn key(&self) -> Vec<String> {
+        match self {
+            NextHop::Mx(hosts) => {
+                let mut names: Vec<String> = hosts.iter().map(|h| h.name.clone()).collect();
+                names.sort();
+                names
+            }
+            NextHop::Smarthost(server) => vec![server.to_string()],
+        }
+    }
 }
 
 /// A remote transaction that has accepted MAIL FROM.
@@ -27,6 +55,8 @@ pub struct Upstream {
     pub conn: Connection,
     pub caps: Capabilities,
     pub tls: TlsOutcome,
+    /// The rule that applied to this host.
+    pub rule: String,
     /// Attempts that failed before this one, for the log.
     pub earlier_failures: Vec<String>,
 }
@@ -40,6 +70,8 @@ pub enum OpenError {
         reply: Reply,
         server: String,
     },
+    /// Something on our side (credentials, configuration) stops delivery for now.
+    Deferred(Reply),
     Unreachable {
         domain: String,
         failures: Vec<String>,
@@ -55,6 +87,7 @@ impl OpenError {
         match self {
             OpenError::Route(e) => e.reply(),
             OpenError::Rejected { reply, .. } => crate::inbound::relayable(reply),
+            OpenError::Deferred(reply) => reply.clone(),
             OpenError::Unreachable { domain, failures } => Reply::new(
                 451,
                 "4.4.1",
@@ -86,10 +119,12 @@ fn summary(failures: &[String]) -> String {
 enum Failure {
     /// Try the next address.
     Next(String),
-    /// The policy wanted TLS and did not get it here; try the next address.
+    /// The rule wanted TLS and did not get it here; try the next address.
     TlsNotAchieved(String),
     /// The remote answered, and the MTA should hear it.
     Final(Reply),
+    /// Stop trying: nothing another address could change.
+    Deferred(Reply),
 }
 
 enum Secured {
@@ -99,64 +134,89 @@ enum Secured {
     Lost(NoTls),
 }
 
+/// One server to try: the name it is known by (for TLS and logs) and where it listens.
+#[derive(Clone)]
+struct Target {
+    name: String,
+    addr: SocketAddr,
+}
+
 impl Outbound {
-    /// The mail exchangers for a domain, or the address of an address literal.
-    pub async fn next_hop(&self, domain: &str) -> Result<Vec<MxHost>, RouteError> {
-        if domain.starts_with('[') {
-            return Ok(vec![MxHost {
-                name: domain.to_string(),
-                preference: 0,
-            }]);
+    /// Where a transaction for `domain` goes under `plan`.
+    pub async fn next_hop(&self, plan: &Plan, domain: &str) -> Result<NextHop, RouteError> {
+        if let Route::Smarthost { server, .. } = plan.route() {
+            return Ok(NextHop::Smarthost(server.clone()));
         }
-        self.resolver.mail_exchangers(domain).await
+        if domain.starts_with('[') {
+            let name = domain.to_string();
+            return Ok(NextHop::Mx(vec![MxHost {
+                name,
+                preference: 0,
+            }]));
+        }
+        self.resolver.mail_exchangers(domain).await.map(NextHop::Mx)
     }
 
-    /// Opens a remote transaction: the first MX and address that accepts MAIL FROM wins.
+    /// Opens a remote transaction: the first host and address that accepts MAIL FROM wins.
     /// `mail_from` writes the command for the capabilities the remote announced.
     pub async fn open(
         &self,
         plan: &Plan,
         domain: &str,
-        hosts: &[MxHost],
+        hop: &NextHop,
         mail_from: impl Fn(&Capabilities) -> String + Sync,
     ) -> Result<Upstream, OpenError> {
+        let servers: Vec<(String, u16)> = match hop {
+            NextHop::Mx(hosts) => hosts.iter().map(|h| (h.name.clone(), self.port)).collect(),
+            NextHop::Smarthost(server) => vec![(server.host.clone(), server.port)],
+        };
         let mut failures = Vec::new();
         let mut tls_failures = Vec::new();
-        for host in hosts {
-            let addrs = match self.addresses(&host.name).await {
+        let mut tls_rule = plan.base_rule().name.clone();
+        for (host, port) in servers {
+            let addrs = match self.addresses(&host).await {
                 Ok(addrs) => addrs,
                 Err(e) => {
-                    failures.push(format!("{}: {e}", host.name));
+                    failures.push(format!("{host}: {e}"));
                     continue;
                 }
             };
             for ip in addrs {
-                let addr = SocketAddr::new(ip, self.port);
-                let server = format!("{}[{}]", host.name, ip);
-                match self.attempt(plan, &host.name, addr, &mail_from).await {
+                let target = Target {
+                    name: host
+                        .trim_start_matches('[')
+                        .trim_end_matches(']')
+                        .to_string(),
+                    addr: SocketAddr::new(ip, port),
+                };
+                let server = format!("{host}[{ip}]");
+                let rule = plan.rule_for_host(&host, None);
+                match self.attempt(rule, plan.route(), &target, &mail_from).await {
                     Ok(mut upstream) => {
+                        failures.extend(tls_failures);
                         upstream.earlier_failures = failures;
-                        upstream.earlier_failures.extend(tls_failures);
                         return Ok(upstream);
                     }
                     Err(Failure::Next(why)) => {
-                        tracing::info!(server = %server, "MX attempt failed: {why}");
+                        tracing::info!(server = %server, "delivery attempt failed: {why}");
                         failures.push(format!("{server}: {why}"));
                     }
                     Err(Failure::TlsNotAchieved(why)) => {
-                        tracing::warn!(server = %server, rule = %plan.rule, "TLS required but not achieved: {why}");
+                        tracing::warn!(server = %server, rule = %rule.name, "TLS required but not achieved: {why}");
                         tls_failures.push(format!("{server} {why}"));
+                        tls_rule = rule.name.clone();
                     }
                     Err(Failure::Final(reply)) => {
                         return Err(OpenError::Rejected { reply, server });
                     }
+                    Err(Failure::Deferred(reply)) => return Err(OpenError::Deferred(reply)),
                 }
             }
         }
         if !tls_failures.is_empty() {
             tls_failures.extend(failures);
             return Err(OpenError::TlsNotAchieved {
-                rule: plan.rule.clone(),
+                rule: tls_rule,
                 failures: tls_failures,
             });
         }
@@ -167,38 +227,30 @@ impl Outbound {
     }
 
     async fn addresses(&self, host: &str) -> Result<Vec<IpAddr>, AddressError> {
-        if let Some(literal) = host.strip_prefix('[').and_then(|h| h.strip_suffix(']')) {
-            let ip = literal.strip_prefix("IPv6:").unwrap_or(literal);
-            return ip
-                .parse()
-                .map(|ip| vec![ip])
-                .map_err(|_| AddressError::NotFound);
+        let literal = host.strip_prefix('[').and_then(|h| h.strip_suffix(']'));
+        let literal = literal
+            .map(|l| l.strip_prefix("IPv6:").unwrap_or(l))
+            .unwrap_or(host);
+        if let Ok(ip) = literal.parse::<IpAddr>() {
+            return Ok(vec![ip]);
         }
         self.resolver.addresses(host).await
     }
 
     async fn attempt(
         &self,
-        plan: &Plan,
-        host: &str,
-        addr: SocketAddr,
+        rule: &Rule,
+        route: &Route,
+        target: &Target,
         mail_from: &(dyn Fn(&Capabilities) -> String + Sync),
     ) -> Result<Upstream, Failure> {
-        let tls_name = host.trim_start_matches('[').trim_end_matches(']');
-        let (conn, caps) = self.greet(tls_name, addr).await?;
-        let (mut conn, caps, tls) = match self.secure(plan, conn, caps).await {
-            Secured::Tls(conn, caps, session) => (conn, caps, TlsOutcome::Encrypted(session)),
-            Secured::Plain(conn, caps, reason) => {
-                allow_plain(plan, &reason)?;
-                (conn, caps, TlsOutcome::Plain(reason))
-            }
-            Secured::Lost(reason) => {
-                allow_plain(plan, &reason)?;
-                tracing::info!(server = %addr, "TLS failed ({reason}); reconnecting in plain");
-                let (conn, caps) = self.greet(tls_name, addr).await?;
-                (conn, caps, TlsOutcome::Plain(reason))
-            }
-        };
+        let (mut conn, caps, tls) = self.session(rule, route, target).await?;
+        if let Route::Smarthost {
+            auth: Some(auth), ..
+        } = route
+        {
+            self.authenticate(&mut conn, &caps, auth).await?;
+        }
         let reply = conn
             .command(
                 &mail_from(&caps),
@@ -218,29 +270,121 @@ impl Outbound {
             conn,
             caps,
             tls,
+            rule: rule.name.clone(),
             earlier_failures: Vec::new(),
         })
     }
 
-    /// Connects, reads the greeting and says EHLO (HELO when EHLO is refused).
-    async fn greet(
+    /// A greeted connection, encrypted or on the plain path the rule allows, and why.
+    async fn session(
         &self,
-        host: &str,
-        addr: SocketAddr,
+        rule: &Rule,
+        route: &Route,
+        target: &Target,
+    ) -> Result<(Connection, Capabilities, TlsOutcome), Failure> {
+        if let Route::Smarthost {
+            tls: SmarthostTls::Wrapper,
+            ..
+        } = route
+        {
+            return self.implicit_tls(rule, target).await;
+        }
+        if rule.policy.tls == TlsMode::Never {
+            let (conn, caps) = self.plain_path(rule, None, target).await?;
+            return Ok((conn, caps, TlsOutcome::Plain(NoTls::NotWanted)));
+        }
+        let (conn, caps) = self.greet(target).await?;
+        match self.secure(rule, conn, caps).await {
+            Secured::Tls(conn, caps, session) => Ok((conn, caps, TlsOutcome::Encrypted(session))),
+            Secured::Plain(conn, caps, reason) => {
+                allow_plain(rule, &reason)?;
+                let (conn, caps) = self.plain_path(rule, Some((conn, caps)), target).await?;
+                Ok((conn, caps, TlsOutcome::Plain(reason)))
+            }
+            Secured::Lost(reason) => {
+                allow_plain(rule, &reason)?;
+                tracing::info!(server = %target.addr, "TLS failed ({reason}); taking the plain path");
+                let (conn, caps) = self.plain_path(rule, None, target).await?;
+                Ok((conn, caps, TlsOutcome::Plain(reason)))
+            }
+        }
+    }
+
+    /// The plain path of a rule: the same server (reusing `open` when there is one), or the
+    /// fallback relay.
+    async fn plain_path(
+        &self,
+        rule: &Rule,
+        open: Option<(Connection, Capabilities)>,
+        target: &Target,
     ) -> Result<(Connection, Capabilities), Failure> {
+        match &rule.fallback {
+            Fallback::Direct => match open {
+                Some(pair) => Ok(pair),
+                None => self.greet(target).await,
+            },
+            Fallback::Relay(relay) => {
+                if let Some((conn, _)) = open {
+                    tokio::spawn(conn.quit());
+                }
+                let ip = self
+                    .addresses(&relay.host)
+                    .await
+                    .ok()
+                    .and_then(|addrs| addrs.into_iter().next())
+                    .ok_or_else(|| Failure::Next(format!("fallback relay {relay}: no address")))?;
+                let relay_target = Target {
+                    name: relay.host.clone(),
+                    addr: SocketAddr::new(ip, relay.port),
+                };
+                self.greet(&relay_target)
+                    .await
+                    .map_err(|f| prefix(f, &format!("fallback relay {relay}")))
+            }
+        }
+    }
+
+    /// Connects, reads the greeting and says EHLO (HELO when EHLO is refused).
+    async fn greet(&self, target: &Target) -> Result<(Connection, Capabilities), Failure> {
         let t = &self.timeouts;
-        let mut conn = Connection::connect(host, addr, t.connect)
+        let mut conn = Connection::connect(&target.name, target.addr, t.connect)
             .await
             .map_err(|e| Failure::Next(connect_failure(&e)))?;
+        let caps = self.greeting_and_ehlo(&mut conn).await?;
+        Ok((conn, caps))
+    }
+
+    async fn greeting_and_ehlo(&self, conn: &mut Connection) -> Result<Capabilities, Failure> {
         let greeting = conn
-            .read_reply(t.greeting, "the greeting")
+            .read_reply(self.timeouts.greeting, "the greeting")
             .await
             .map_err(|e| Failure::Next(e.to_string()))?;
         if greeting.code != 220 {
             return Err(Failure::Next(format!("greeting: {greeting}")));
         }
-        let caps = self.ehlo(&mut conn).await.map_err(Failure::Next)?;
-        Ok((conn, caps))
+        self.ehlo(conn).await.map_err(Failure::Next)
+    }
+
+    /// Implicit TLS (port 465): the handshake comes before the greeting.
+    async fn implicit_tls(
+        &self,
+        rule: &Rule,
+        target: &Target,
+    ) -> Result<(Connection, Capabilities, TlsOutcome), Failure> {
+        let t = &self.timeouts;
+        let conn = Connection::connect(&target.name, target.addr, t.connect)
+            .await
+            .map_err(|e| Failure::Next(connect_failure(&e)))?;
+        let (mut conn, session) = conn
+            .upgrade(&self.tls, rule.policy.min_tls, t.tls_handshake)
+            .await
+            .map_err(|reason| Failure::TlsNotAchieved(reason.to_string()))?;
+        if let Some(reason) = rejected_certificate(rule, &session) {
+            tokio::spawn(conn.quit());
+            return Err(Failure::TlsNotAchieved(reason.to_string()));
+        }
+        let caps = self.greeting_and_ehlo(&mut conn).await?;
+        Ok((conn, caps, TlsOutcome::Encrypted(session)))
     }
 
     async fn ehlo(&self, conn: &mut Connection) -> Result<Capabilities, String> {
@@ -268,29 +412,23 @@ impl Outbound {
         }
     }
 
-    /// Brings the connection to TLS if the policy wants it and the remote offers it.
-    async fn secure(&self, plan: &Plan, conn: Connection, caps: Capabilities) -> Secured {
-        let policy = &plan.policy;
-        if policy.tls == TlsMode::Never {
-            return Secured::Plain(conn, caps, NoTls::NotWanted);
-        }
+    /// Brings the connection to TLS if the remote offers it.
+    async fn secure(&self, rule: &Rule, conn: Connection, caps: Capabilities) -> Secured {
         if !caps.starttls {
             return Secured::Plain(conn, caps, NoTls::NoStarttls);
         }
         let t = &self.timeouts;
-        let (mut conn, session) = match conn
-            .starttls(&self.tls, policy.min_tls, t.command, t.tls_handshake)
-            .await
-        {
+        let started = conn
+            .starttls(&self.tls, rule.policy.min_tls, t.command, t.tls_handshake)
+            .await;
+        let (mut conn, session) = match started {
             StartTlsResult::Encrypted(conn, session) => (conn, session),
             StartTlsResult::Refused(conn, reason) => return Secured::Plain(conn, caps, reason),
             StartTlsResult::Lost(reason) => return Secured::Lost(reason),
         };
-        if let Verification::Failed(problem) = &session.verification
-            && policy.verify == VerifyMode::Require
-        {
+        if let Some(reason) = rejected_certificate(rule, &session) {
             tokio::spawn(conn.quit());
-            return Secured::Lost(NoTls::CertRejected(problem.clone()));
+            return Secured::Lost(reason);
         }
         // Nothing said before TLS counts after it: a fresh EHLO, fresh capabilities.
         match self.ehlo(&mut conn).await {
@@ -298,13 +436,90 @@ impl Outbound {
             Err(why) => Secured::Lost(NoTls::HandshakeFailed(format!("after TLS: {why}"))),
         }
     }
+
+    /// AUTH PLAIN or LOGIN, over TLS only, with credentials read now (so they can rotate).
+    async fn authenticate(
+        &self,
+        conn: &mut Connection,
+        caps: &Capabilities,
+        auth: &AuthSpec,
+    ) -> Result<(), Failure> {
+        let defer = |code: &str, text: String| Failure::Deferred(Reply::new(451, code, text));
+        if !conn.is_tls() {
+            return Err(defer("4.7.5", format!("{}: AUTH only over TLS", conn.host)));
+        }
+        let (user, password) = crate::outbound::credentials::read(auth)
+            .map_err(|e| defer("4.3.5", format!("smarthost credentials: {e}")))?;
+        let timeout = self.timeouts.command;
+        let what = "the reply to AUTH";
+        let exchange = if caps.auth.iter().any(|m| m == "PLAIN") {
+            let token = BASE64.encode(format!("\0{user}\0{password}"));
+            let line = format!("AUTH PLAIN {token}");
+            conn.command_secret(&line, "AUTH PLAIN ****", timeout, what)
+                .await
+        } else if caps.auth.iter().any(|m| m == "LOGIN") {
+            self.auth_login(conn, &user, &password).await
+        } else {
+            return Err(defer(
+                "4.7.0",
+                format!("{} offers neither AUTH PLAIN nor LOGIN", conn.host),
+            ));
+        };
+        match exchange {
+            Ok(reply) if reply.code == 235 => Ok(()),
+            Ok(reply) => Err(defer(
+                "4.7.0",
+                format!("{} refused AUTH: {reply}", conn.host),
+            )),
+            Err(e) => Err(Failure::Next(format!("during AUTH: {e}"))),
+        }
+    }
+
+    async fn auth_login(
+        &self,
+        conn: &mut Connection,
+        user: &str,
+        password: &str,
+    ) -> Result<Reply, ExchangeError> {
+        let timeout = self.timeouts.command;
+        let what = "the reply to AUTH LOGIN";
+        let reply = conn.command("AUTH LOGIN", timeout, what).await?;
+        if reply.code != 334 {
+            return Ok(reply);
+        }
+        let reply = conn
+            .command_secret(&BASE64.encode(user), "(username)", timeout, what)
+            .await?;
+        if reply.code != 334 {
+            return Ok(reply);
+        }
+        conn.command_secret(&BASE64.encode(password), "(password)", timeout, what)
+            .await
+    }
 }
 
-fn allow_plain(plan: &Plan, reason: &NoTls) -> Result<(), Failure> {
-    if plan.policy.allows_plain(reason) {
+/// The certificate's failure, when the rule requires a verified certificate.
+fn rejected_certificate(rule: &Rule, session: &TlsSession) -> Option<NoTls> {
+    match &session.verification {
+        Verification::Failed(problem) if rule.policy.verify == VerifyMode::Require => {
+            Some(NoTls::CertRejected(problem.clone()))
+        }
+        _ => None,
+    }
+}
+
+fn allow_plain(rule: &Rule, reason: &NoTls) -> Result<(), Failure> {
+    if rule.policy.allows_plain(reason) {
         Ok(())
     } else {
         Err(Failure::TlsNotAchieved(reason.to_string()))
+    }
+}
+
+fn prefix(failure: Failure, what: &str) -> Failure {
+    match failure {
+        Failure::Next(why) => Failure::Next(format!("{what}: {why}")),
+        other => other,
     }
 }
 

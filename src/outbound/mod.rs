@@ -2,6 +2,7 @@
 //! classifying verifier, and the delivery attempts a plan asks for.
 
 pub mod connection;
+pub mod credentials;
 pub mod delivery;
 pub mod mx;
 pub mod tls;

@@ -1,0 +1,268 @@
+//! The rule list: an ordered YAML list where the first matching rule decides what happens to
+//! a message. Rules are validated when loaded (errors name file, line and column) and
+//! compiled into an index over recipient domains.
+
+pub mod index;
+pub mod model;
+pub mod pattern;
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+use crate::config::{ConfigError, yaml_error};
+use index::DomainIndex;
+use model::RuleFile;
+pub use model::{Fallback, OnDowngrade, Route, Rule};
+use pattern::DomainPattern;
+
+/// The rules shipped as the default, used when the configuration names no rule file.
+pub const DEFAULT_RULES: &str = include_str!("../../rules/default.yaml");
+
+#[derive(Debug)]
+pub struct RuleSet {
+    /// Where the rules came from, for messages.
+    pub source: PathBuf,
+    rules: Vec<Rule>,
+    index: DomainIndex,
+    fallback_rule: Rule,
+}
+
+/// The rules that may decide a message, before its MX host is known.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Selection {
+    /// Matching rules that also depend on the MX host, in order, before `base`.
+    pub conditional: Vec<usize>,
+    /// The first matching rule that does not depend on the host; `None`: the built-in default.
+    pub base: Option<usize>,
+}
+
+/// A rule that can never match because an earlier one takes everything it would.
+#[derive(Debug, PartialEq, Eq)]
+pub struct Shadowed {
+    pub rule: usize,
+    pub by: usize,
+}
+
+impl RuleSet {
+    pub fn load(path: &Path) -> Result<RuleSet, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        RuleSet::parse(&text, path)
+    }
+
+    /// The shipped default rules.
+    pub fn embedded_default() -> RuleSet {
+        RuleSet::parse(DEFAULT_RULES, Path::new("(embedded rules/default.yaml)"))
+            .unwrap_or_else(|_| RuleSet::from_rules(PathBuf::from("(built-in)"), Vec::new()))
+    }
+
+    pub fn parse(text: &str, path: &Path) -> Result<RuleSet, ConfigError> {
+        let file: RuleFile = serde_saphyr::from_str(text).map_err(|e| yaml_error(path, &e))?;
+        let mut rules = Vec::with_capacity(file.rules.len());
+        let mut names: HashMap<String, u64> = HashMap::new();
+        for spanned in file.rules {
+            let (line, column) = (spanned.referenced.line(), spanned.referenced.column());
+            let invalid = |message: String| ConfigError::Invalid {
+                path: path.to_path_buf(),
+                line,
+                column,
+                message,
+            };
+            let name = spanned.value.name.clone();
+            if let Some(first) = names.insert(name.clone(), line) {
+                return Err(invalid(format!(
+                    "rule {name:?} is already defined at line {first}"
+                )));
+            }
+            rules.push(Rule::from_spec(spanned.value, line).map_err(invalid)?);
+        }
+        Ok(RuleSet::from_rules(path.to_path_buf(), rules))
+    }
+
+    fn from_rules(source: PathBuf, rules: Vec<Rule>) -> RuleSet {
+        let mut index = DomainIndex::default();
+        for (i, rule) in rules.iter().enumerate() {
+            if rule.conditions.domains.is_empty() {
+                index.insert(&DomainPattern::Any, i);
+            }
+            for pattern in &rule.conditions.domains {
+                index.insert(pattern, i);
+            }
+        }
+        RuleSet {
+            source,
+            rules,
+            index,
+            fallback_rule: Rule::builtin_default(),
+        }
+    }
+
+    pub fn rules(&self) -> &[Rule] {
+        &self.rules
+    }
+
+    /// The rule at `index`, or the built-in default for `None`.
+    pub fn rule(&self, index: Option<usize>) -> &Rule {
+        index
+            .and_then(|i| self.rules.get(i))
+            .unwrap_or(&self.fallback_rule)
+    }
+
+    /// The rules that can decide a message from `sender_domain` to `recipient_domain`.
+    pub fn select(&self, recipient_domain: &str, sender_domain: Option<&str>) -> Selection {
+        let mut conditional = Vec::new();
+        for i in self.index.candidates(recipient_domain) {
+            let conditions = &self.rules[i].conditions;
+            if !conditions.sender_matches(sender_domain) {
+                continue;
+            }
+            if !conditions.depends_on_host() {
+                return Selection {
+                    conditional,
+                    base: Some(i),
+                };
+            }
+            conditional.push(i);
+        }
+        Selection {
+            conditional,
+            base: None,
+        }
+    }
+
+    /// Rules that no message can reach.
+    pub fn shadowed(&self) -> Vec<Shadowed> {
+        let mut found = Vec::new();
+        for (later, rule) in self.rules.iter().enumerate() {
+            let by = (0..later)
+                .find(|&earlier| rule.conditions.covered_by(&self.rules[earlier].conditions));
+            if let Some(by) = by {
+                found.push(Shadowed { rule: later, by });
+            }
+        }
+        found
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::outcome::OutcomeClass;
+    use crate::router::TlsMode;
+
+    fn parse(text: &str) -> Result<RuleSet, ConfigError> {
+        RuleSet::parse(text, Path::new("r.yaml"))
+    }
+
+    const EXAMPLE: &str = r#"
+rules:
+  - name: partner-without-tls
+    match: { domains: [fabrikam.example] }
+    tls: never
+  - name: banks
+    match: { domains: ["*.bank.example"] }
+    tls: require
+    verify: require
+    min_tls: "1.3"
+  - name: legacy-mx
+    match: { mx: ["*.oldhost.example"], outcome: [legacy-tls] }
+    fallback: { relay: "127.0.0.1:2526" }
+  - name: o365
+    match: { senders: [crm.example] }
+    route: { smarthost: "smtp.office365.com:587", tls: require, auth: { username_env: U, password_file: /etc/p } }
+  - name: default
+    match: { domains: ["*"] }
+    fallback_on: [no-starttls, handshake-failed]
+    on_downgrade: defer
+"#;
+
+    #[test]
+    fn the_first_matching_rule_decides() {
+        let rules = parse(EXAMPLE).unwrap();
+        let name = |s: &Selection| rules.rule(s.base).name.clone();
+        assert_eq!(
+            name(&rules.select("fabrikam.example", None)),
+            "partner-without-tls"
+        );
+        assert_eq!(
+            rules
+                .rule(rules.select("fabrikam.example", None).base)
+                .policy
+                .tls,
+            TlsMode::Never
+        );
+        assert_eq!(name(&rules.select("mx.bank.example", None)), "banks");
+        assert_eq!(
+            name(&rules.select("other.example", Some("crm.example"))),
+            "o365"
+        );
+        let selection = rules.select("other.example", Some("x.example"));
+        assert_eq!(name(&selection), "default");
+        assert_eq!(
+            selection.conditional,
+            vec![2],
+            "the host-dependent rule is kept for later"
+        );
+        let legacy = rules.rule(Some(2));
+        assert!(
+            legacy
+                .conditions
+                .host_matches("mx1.oldhost.example", Some(OutcomeClass::LegacyTls))
+        );
+        assert!(!legacy.conditions.host_matches("mx1.oldhost.example", None));
+        assert_eq!(rules.rule(selection.base).on_downgrade, OnDowngrade::Defer);
+    }
+
+    #[test]
+    fn no_matching_rule_means_the_built_in_default() {
+        let rules = parse("rules:\n  - name: only\n    match: { domains: [a.example] }\n").unwrap();
+        let selection = rules.select("b.example", None);
+        assert_eq!(selection.base, None);
+        assert_eq!(rules.rule(None).name, "built-in default");
+    }
+
+    #[test]
+    fn errors_name_line_and_column() {
+        let cases = [
+            ("rules:\n  - name: a\n    tls: maybe\n", 3, "maybe"),
+            (
+                "rules:\n  - name: a\n    match: { domains: [\"a..b\"] }\n",
+                3,
+                "not a domain pattern",
+            ),
+            (
+                "rules:\n  - name: a\n    fallback_on: [no-such-class]\n",
+                3,
+                "no-such-class",
+            ),
+            ("rules:\n  - name: a\n    colour: blue\n", 3, "colour"),
+            ("rules:\n  - name: a\n  - name: a\n", 3, "already defined"),
+            (
+                "rules:\n  - name: a\n    tls: require\n    fallback_on: [no-starttls]\n",
+                2,
+                "never falls back",
+            ),
+            (
+                "rules:\n  - name: a\n    route: { smarthost: \"h:587\", tls: opportunistic, auth: { username_env: U, password_env: P } }\n",
+                2,
+                "TLS only",
+            ),
+        ];
+        for (text, line, says) in cases {
+            let err = parse(text).unwrap_err().to_string();
+            assert!(err.starts_with(&format!("r.yaml:{line}:")), "{err}");
+            assert!(err.contains(says), "{err} should say {says}");
+        }
+    }
+
+    #[test]
+    fn a_rule_behind_a_broader_one_is_found_shadowed() {
+        let rules = parse(
+            "rules:\n  - name: all-banks\n    match: { domains: [\"*.bank.example\"] }\n  - name: one-bank\n    match: { domains: [a.bank.example] }\n  - name: other\n    match: { domains: [bank.example] }\n",
+        )
+        .unwrap();
+        assert_eq!(rules.shadowed(), vec![Shadowed { rule: 1, by: 0 }]);
+    }
+}

@@ -1,0 +1,311 @@
+//! The rule file as written (YAML) and the rules as the router uses them.
+
+use std::fmt;
+use std::path::PathBuf;
+
+use serde::Deserialize;
+use serde_saphyr::Spanned;
+
+use crate::outbound::tls::MinTls;
+use crate::outcome::OutcomeClass;
+use crate::router::{TlsMode, TlsPolicy, VerifyMode};
+use crate::rules::pattern::DomainPattern;
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RuleFile {
+    pub rules: Vec<Spanned<RuleSpec>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RuleSpec {
+    pub name: String,
+    #[serde(rename = "match", default)]
+    pub matches: Conditions,
+    #[serde(default)]
+    pub tls: Option<TlsMode>,
+    #[serde(default)]
+    pub verify: Option<VerifyMode>,
+    #[serde(default)]
+    pub min_tls: Option<MinTls>,
+    #[serde(default)]
+    pub fallback_on: Option<Vec<OutcomeClass>>,
+    #[serde(default)]
+    pub fallback: Option<Fallback>,
+    #[serde(default)]
+    pub on_downgrade: Option<OnDowngrade>,
+    #[serde(default)]
+    pub route: Option<Spanned<RouteSpec>>,
+}
+
+/// What a rule applies to. Every condition given must hold; within one list, any entry.
+/// A condition left out holds for everything.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Conditions {
+    /// Recipient domains.
+    #[serde(default)]
+    pub domains: Vec<DomainPattern>,
+    /// Sender domains.
+    #[serde(default)]
+    pub senders: Vec<DomainPattern>,
+    /// MX host names.
+    #[serde(default)]
+    pub mx: Vec<DomainPattern>,
+    /// The MX host's cached outcome class.
+    #[serde(default)]
+    pub outcome: Vec<OutcomeClass>,
+}
+
+impl Conditions {
+    /// Conditions that can only be decided once an MX host is chosen.
+    pub fn depends_on_host(&self) -> bool {
+        !self.mx.is_empty() || !self.outcome.is_empty()
+    }
+
+    pub fn sender_matches(&self, sender_domain: Option<&str>) -> bool {
+        any_or_empty(&self.senders, |p| {
+            sender_domain.is_some_and(|d| p.matches(d))
+        })
+    }
+
+    pub fn host_matches(&self, host: &str, cached: Option<OutcomeClass>) -> bool {
+        any_or_empty(&self.mx, |p| p.matches(host))
+            && (self.outcome.is_empty() || cached.is_some_and(|c| self.outcome.contains(&c)))
+    }
+
+    /// Whether every message these conditions match is matched by `earlier` too.
+    pub fn covered_by(&self, earlier: &Conditions) -> bool {
+        fn list_covered(later: &[DomainPattern], earlier: &[DomainPattern]) -> bool {
+            earlier.is_empty()
+                || (!later.is_empty() && later.iter().all(|l| earlier.iter().any(|e| e.covers(l))))
+        }
+        list_covered(&self.domains, &earlier.domains)
+            && list_covered(&self.senders, &earlier.senders)
+            && list_covered(&self.mx, &earlier.mx)
+            && (earlier.outcome.is_empty()
+                || (!self.outcome.is_empty()
+                    && self.outcome.iter().all(|o| earlier.outcome.contains(o))))
+    }
+}
+
+fn any_or_empty(patterns: &[DomainPattern], test: impl Fn(&DomainPattern) -> bool) -> bool {
+    patterns.is_empty() || patterns.iter().any(test)
+}
+
+/// Where a message goes when it may not, or cannot, go encrypted to the MX.
+#[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Fallback {
+    /// In plain to the same MX.
+    Direct,
+    /// In plain to this server (a plain-TCP relay, as with the IIS TLS router plug-in).
+    Relay(HostPort),
+}
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum OnDowngrade {
+    /// Deliver as the fallback rules allow, with a warning.
+    #[default]
+    Fallback,
+    /// Defer the message (451 4.7.5) until the host offers TLS again or the cache entry ends.
+    Defer,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RouteSpec {
+    pub smarthost: HostPort,
+    #[serde(default)]
+    pub tls: Option<SmarthostTls>,
+    #[serde(default)]
+    pub auth: Option<AuthSpec>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum SmarthostTls {
+    /// STARTTLS, and no delivery without it.
+    Require,
+    /// STARTTLS when offered.
+    Opportunistic,
+    /// Implicit TLS from the first byte (port 465).
+    Wrapper,
+}
+
+/// Credentials for AUTH, never written in the rule file itself.
+#[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AuthSpec {
+    #[serde(default)]
+    pub username_file: Option<PathBuf>,
+    #[serde(default)]
+    pub username_env: Option<String>,
+    #[serde(default)]
+    pub password_file: Option<PathBuf>,
+    #[serde(default)]
+    pub password_env: Option<String>,
+}
+
+/// `host:port`, with `[v6]:port` for IPv6.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, Deserialize)]
+#[serde(try_from = "String")]
+pub struct HostPort {
+    pub host: String,
+    pub port: u16,
+}
+
+impl TryFrom<String> for HostPort {
+    type Error = String;
+    fn try_from(text: String) -> Result<Self, String> {
+        let bad = || format!("{text:?} is not host:port");
+        let (host, port) = text.rsplit_once(':').ok_or_else(bad)?;
+        let host = host.trim_start_matches('[').trim_end_matches(']');
+        let port: u16 = port.parse().map_err(|_| bad())?;
+        if host.is_empty() || port == 0 {
+            return Err(bad());
+        }
+        Ok(HostPort {
+            host: host.to_ascii_lowercase(),
+            port,
+        })
+    }
+}
+
+impl fmt::Display for HostPort {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.host.contains(':') {
+            write!(f, "[{}]:{}", self.host, self.port)
+        } else {
+            write!(f, "{}:{}", self.host, self.port)
+        }
+    }
+}
+
+/// Where a rule sends mail.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Route {
+    /// The recipient domain's MX hosts.
+    Mx,
+    Smarthost {
+        server: HostPort,
+        tls: SmarthostTls,
+        auth: Option<AuthSpec>,
+    },
+}
+
+/// One rule, validated.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Rule {
+    pub name: String,
+    /// Where the rule stands in its file, 1-based (0 for the built-in default).
+    pub line: u64,
+    pub conditions: Conditions,
+    pub policy: TlsPolicy,
+    pub fallback: Fallback,
+    pub on_downgrade: OnDowngrade,
+    pub route: Route,
+}
+
+impl Rule {
+    /// What applies when no rule matches: opportunistic TLS, plain fallback.
+    pub fn builtin_default() -> Rule {
+        Rule {
+            name: "built-in default".into(),
+            line: 0,
+            conditions: Conditions::default(),
+            policy: TlsPolicy::opportunistic(),
+            fallback: Fallback::Direct,
+            on_downgrade: OnDowngrade::Fallback,
+            route: Route::Mx,
+        }
+    }
+
+    /// Validates one rule as written; errors say what to change.
+    pub fn from_spec(spec: RuleSpec, line: u64) -> Result<Rule, String> {
+        if spec.name.trim().is_empty() {
+            return Err("a rule needs a name".into());
+        }
+        let defaults = TlsPolicy::opportunistic();
+        let tls = spec.tls.unwrap_or(TlsMode::Opportunistic);
+        if tls == TlsMode::Require && spec.fallback_on.as_ref().is_some_and(|f| !f.is_empty()) {
+            return Err(format!(
+                "rule {:?}: tls: require never falls back to plain; remove fallback_on",
+                spec.name
+            ));
+        }
+        let route = match spec.route {
+            None => Route::Mx,
+            Some(route) => {
+                if spec.matches.depends_on_host() {
+                    return Err(format!(
+                        "rule {:?}: a smarthost route cannot also match on mx or outcome",
+                        spec.name
+                    ));
+                }
+                let route = route.value;
+                let tls = route.tls.unwrap_or(SmarthostTls::Require);
+                if let Some(auth) = &route.auth {
+                    validate_auth(&spec.name, auth, tls)?;
+                }
+                Route::Smarthost {
+                    server: route.smarthost,
+                    tls,
+                    auth: route.auth,
+                }
+            }
+        };
+        // A smarthost that must have TLS (STARTTLS required, or implicit TLS) is a required-TLS
+        // policy whatever the rule's own `tls` says.
+        let tls = match route {
+            Route::Smarthost {
+                tls: SmarthostTls::Require | SmarthostTls::Wrapper,
+                ..
+            } => TlsMode::Require,
+            _ => tls,
+        };
+        Ok(Rule {
+            name: spec.name,
+            line,
+            conditions: spec.matches,
+            policy: TlsPolicy {
+                tls,
+                verify: spec.verify.unwrap_or(VerifyMode::Try),
+                min_tls: spec.min_tls.unwrap_or_default(),
+                fallback_on: spec.fallback_on.unwrap_or(defaults.fallback_on),
+            },
+            fallback: spec.fallback.unwrap_or(Fallback::Direct),
+            on_downgrade: spec.on_downgrade.unwrap_or_default(),
+            route,
+        })
+    }
+}
+
+fn validate_auth(rule: &str, auth: &AuthSpec, tls: SmarthostTls) -> Result<(), String> {
+    if tls == SmarthostTls::Opportunistic {
+        return Err(format!(
+            "rule {rule:?}: AUTH is sent over TLS only: set route.tls to require or wrapper"
+        ));
+    }
+    let one_of = |file: bool, env: bool, what: &str| {
+        if file == env {
+            Err(format!(
+                "rule {rule:?}: give exactly one of {what}_file and {what}_env"
+            ))
+        } else {
+            Ok(())
+        }
+    };
+    one_of(
+        auth.username_file.is_some(),
+        auth.username_env.is_some(),
+        "username",
+    )?;
+    one_of(
+        auth.password_file.is_some(),
+        auth.password_env.is_some(),
+        "password",
+    )
+}

@@ -1,0 +1,121 @@
+//! Domain and host patterns: `example.com` (exactly), `*.example.com` (any name below it,
+//! not the name itself) and `*` (anything).
+
+use std::fmt;
+
+#[derive(Clone, Debug, PartialEq, Eq, Hash, serde::Deserialize)]
+#[serde(try_from = "String")]
+pub enum DomainPattern {
+    Exact(String),
+    /// The suffix without `*.`.
+    Below(String),
+    Any,
+}
+
+impl DomainPattern {
+    pub fn matches(&self, name: &str) -> bool {
+        match self {
+            DomainPattern::Any => true,
+            DomainPattern::Exact(exact) => exact.eq_ignore_ascii_case(name),
+            DomainPattern::Below(suffix) => {
+                name.len() > suffix.len() + 1
+                    && name.as_bytes()[name.len() - suffix.len() - 1] == b'.'
+                    && name[name.len() - suffix.len()..].eq_ignore_ascii_case(suffix)
+            }
+        }
+    }
+
+    /// Whether `self` matches every name that `other` matches (for finding shadowed rules).
+    pub fn covers(&self, other: &DomainPattern) -> bool {
+        match (self, other) {
+            (DomainPattern::Any, _) => true,
+            (_, DomainPattern::Any) => false,
+            (DomainPattern::Exact(a), DomainPattern::Exact(b)) => a == b,
+            (DomainPattern::Exact(_), DomainPattern::Below(_)) => false,
+            (DomainPattern::Below(_), DomainPattern::Exact(name)) => self.matches(name),
+            (DomainPattern::Below(a), DomainPattern::Below(b)) => {
+                a == b || DomainPattern::Below(a.clone()).matches(b)
+            }
+        }
+    }
+}
+
+impl TryFrom<String> for DomainPattern {
+    type Error = String;
+    fn try_from(text: String) -> Result<Self, String> {
+        let lower = text.trim().to_ascii_lowercase();
+        if lower == "*" {
+            return Ok(DomainPattern::Any);
+        }
+        let (pattern, name): (fn(String) -> DomainPattern, &str) = match lower.strip_prefix("*.") {
+            Some(suffix) => (DomainPattern::Below, suffix),
+            None => (DomainPattern::Exact, lower.as_str()),
+        };
+        // A trailing dot (an absolute name) means the same name.
+        let name = name.strip_suffix('.').unwrap_or(name);
+        if !is_domain(name) {
+            return Err(format!(
+                "{text:?} is not a domain pattern (use example.com, *.example.com or *)"
+            ));
+        }
+        Ok(pattern(name.to_string()))
+    }
+}
+
+impl fmt::Display for DomainPattern {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            DomainPattern::Exact(name) => f.write_str(name),
+            DomainPattern::Below(suffix) => write!(f, "*.{suffix}"),
+            DomainPattern::Any => f.write_str("*"),
+        }
+    }
+}
+
+fn is_domain(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 253
+        && name.split('.').all(|label| {
+            !label.is_empty()
+                && label.len() <= 63
+                && label
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_' || b >= 0x80)
+        })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn p(text: &str) -> DomainPattern {
+        DomainPattern::try_from(text.to_string()).unwrap()
+    }
+
+    #[test]
+    fn patterns_match_as_documented() {
+        assert!(p("example.com").matches("EXAMPLE.com"));
+        assert!(!p("example.com").matches("a.example.com"));
+        assert!(p("*.example.com").matches("a.b.example.com"));
+        assert!(!p("*.example.com").matches("example.com"));
+        assert!(!p("*.example.com").matches("badexample.com"));
+        assert!(p("*").matches("anything.test"));
+    }
+
+    #[test]
+    fn bad_patterns_are_refused_with_the_reason() {
+        for bad in ["", "a..b", "*.", "ex ample.com", "**.x", "a.*.com"] {
+            assert!(DomainPattern::try_from(bad.to_string()).is_err(), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn coverage_is_what_shadowing_needs() {
+        assert!(p("*").covers(&p("*.a.com")));
+        assert!(p("*.a.com").covers(&p("*.b.a.com")));
+        assert!(p("*.a.com").covers(&p("x.a.com")));
+        assert!(!p("*.a.com").covers(&p("a.com")));
+        assert!(!p("x.a.com").covers(&p("*.a.com")));
+        assert!(!p("*.b.a.com").covers(&p("*.a.com")));
+    }
+}
