@@ -24,6 +24,7 @@ pub struct Config {
     pub delivery: DeliveryConfig,
     pub timeouts: Timeouts,
     pub limits: Limits,
+    pub cache: crate::cache::CacheConfig,
     pub log: LogConfig,
 }
 
@@ -42,6 +43,7 @@ impl Default for Config {
             delivery: DeliveryConfig::default(),
             timeouts: Timeouts::default(),
             limits: Limits::default(),
+            cache: crate::cache::CacheConfig::default(),
             log: LogConfig::default(),
         }
     }

@@ -11,11 +11,13 @@
 //! - [`rules`]: the YAML rule list, validated and indexed.
 //! - [`outbound`]: MX resolution, client connections, TLS, and carrying out a plan.
 //! - [`outcome`]: the TLS outcome taxonomy that logs and decisions speak.
+//! - [`cache`]: what the last attempts to each MX found, with expiry and persistence.
 //! - [`config`]: the daemon's configuration, with defaults embedded.
 //! - [`proxy`]: the assembled parts shared by every session.
 
 #![forbid(unsafe_code)]
 
+pub mod cache;
 pub mod config;
 pub mod inbound;
 pub mod outbound;

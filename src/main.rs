@@ -6,6 +6,9 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 use tlsrouter::Proxy;
 use tlsrouter::config::{Config, LogFormat};
+use tlsrouter::outcome::OutcomeClass;
+use tlsrouter::rules::RuleSet;
+use tlsrouter::rules::explain::{Question, explain};
 
 /// EX_USAGE from sysexits.h: the configuration is wrong.
 const EXIT_CONFIG: u8 = 64;
@@ -33,6 +36,29 @@ enum Commands {
         /// YAML configuration file.
         file: PathBuf,
     },
+    /// Check a rule file: syntax, values, and rules that can never match.
+    Check {
+        /// YAML rule file.
+        file: PathBuf,
+    },
+    /// Show which rule a message would hit and what would happen, without sending anything.
+    Explain {
+        /// YAML rule file (default: the shipped default rules).
+        #[arg(long)]
+        rules: Option<PathBuf>,
+        /// The recipient, user@domain.
+        #[arg(long)]
+        rcpt: String,
+        /// The sender, user@domain.
+        #[arg(long)]
+        sender: Option<String>,
+        /// An MX host name, for rules that match on it.
+        #[arg(long)]
+        mx: Option<String>,
+        /// The MX host's cached outcome class, e.g. legacy-tls.
+        #[arg(long)]
+        outcome: Option<OutcomeClass>,
+    },
 }
 
 fn main() -> ExitCode {
@@ -49,7 +75,77 @@ fn main() -> ExitCode {
                 ExitCode::from(EXIT_CONFIG)
             }
         },
+        Commands::Check { file } => check_rules(&file),
+        Commands::Explain {
+            rules,
+            rcpt,
+            sender,
+            mx,
+            outcome,
+        } => explain_rcpt(rules, &rcpt, sender.as_deref(), mx.as_deref(), outcome),
     }
+}
+
+fn check_rules(file: &std::path::Path) -> ExitCode {
+    let rules = match RuleSet::load(file) {
+        Ok(rules) => rules,
+        Err(e) => {
+            eprintln!("{e}");
+            return ExitCode::from(EXIT_CONFIG);
+        }
+    };
+    let shadowed = rules.shadowed();
+    for s in &shadowed {
+        let (rule, by) = (&rules.rules()[s.rule], &rules.rules()[s.by]);
+        eprintln!(
+            "{}:{}:5: rule {:?} can never match: rule {:?} (line {}) takes all its messages",
+            file.display(),
+            rule.line,
+            rule.name,
+            by.name,
+            by.line
+        );
+    }
+    if !shadowed.is_empty() {
+        return ExitCode::FAILURE;
+    }
+    println!("{}: OK, {} rules", file.display(), rules.rules().len());
+    ExitCode::SUCCESS
+}
+
+fn explain_rcpt(
+    rules: Option<PathBuf>,
+    rcpt: &str,
+    sender: Option<&str>,
+    mx: Option<&str>,
+    outcome: Option<OutcomeClass>,
+) -> ExitCode {
+    let rules = match rules.as_deref().map(RuleSet::load) {
+        Some(Ok(rules)) => rules,
+        Some(Err(e)) => {
+            eprintln!("{e}");
+            return ExitCode::from(EXIT_CONFIG);
+        }
+        None => RuleSet::embedded_default(),
+    };
+    let domain_of = |address: &str| {
+        address
+            .rsplit_once('@')
+            .map(|(_, d)| d.to_ascii_lowercase())
+    };
+    let Some(domain) = domain_of(rcpt) else {
+        eprintln!("--rcpt {rcpt:?}: expected user@domain");
+        return ExitCode::from(EXIT_CONFIG);
+    };
+    let sender_domain = sender.and_then(domain_of);
+    let question = Question {
+        recipient_domain: &domain,
+        sender_domain: sender_domain.as_deref(),
+        mx,
+        outcome,
+    };
+    print!("{}", explain(&rules, &question).1);
+    ExitCode::SUCCESS
 }
 
 fn run(path: Option<PathBuf>, log_format: Option<LogFormat>) -> ExitCode {
@@ -95,9 +191,34 @@ async fn serve(config: Config) -> ExitCode {
         }
     };
     tracing::info!(%listen, "tlsrouter listening");
-    tlsrouter::inbound::listener::run(listener, proxy, shutdown_signal()).await;
+    tokio::spawn(
+        proxy
+            .clone()
+            .watch_rule_file(std::time::Duration::from_secs(2)),
+    );
+    spawn_reload_on_sighup(proxy.clone());
+    tokio::spawn(proxy.clone().save_cache_periodically());
+    tlsrouter::inbound::listener::run(listener, proxy.clone(), shutdown_signal()).await;
+    proxy.save_cache();
     tracing::info!("tlsrouter stopped");
     ExitCode::SUCCESS
+}
+
+/// SIGHUP reloads the rules (on Windows the admin socket's `rules reload` does).
+fn spawn_reload_on_sighup(proxy: std::sync::Arc<Proxy>) {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{SignalKind, signal};
+        if let Ok(mut hup) = signal(SignalKind::hangup()) {
+            tokio::spawn(async move {
+                while hup.recv().await.is_some() {
+                    let _ = proxy.reload_rules("SIGHUP");
+                }
+            });
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = proxy;
 }
 
 async fn shutdown_signal() {

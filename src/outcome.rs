@@ -170,6 +170,11 @@ pub enum NoTls {
     ProtocolViolation(String),
     /// A rule says `tls: never`.
     NotWanted,
+    /// The cache says this host failed TLS recently: no new attempt until the entry ends.
+    Cached {
+        class: OutcomeClass,
+        detail: String,
+    },
 }
 
 impl NoTls {
@@ -181,6 +186,7 @@ impl NoTls {
             NoTls::LegacyTls(_) => OutcomeClass::LegacyTls,
             NoTls::CertRejected(problem) => problem.class(),
             NoTls::ProtocolViolation(_) => OutcomeClass::ProtocolViolation,
+            NoTls::Cached { class, .. } => *class,
             NoTls::NotWanted => return None,
         })
     }
@@ -196,6 +202,10 @@ impl fmt::Display for NoTls {
             NoTls::CertRejected(problem) => problem.fmt(f),
             NoTls::ProtocolViolation(detail) => write!(f, "protocol violation: {detail}"),
             NoTls::NotWanted => f.write_str("TLS not wanted by rule"),
+            NoTls::Cached { detail, .. } => write!(
+                f,
+                "{detail} (cached: not tried again until the entry expires or is flushed)"
+            ),
         }
     }
 }

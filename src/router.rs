@@ -93,8 +93,8 @@ impl Plan {
         self.rules.rule(self.selection.base)
     }
 
-    /// The rule for a delivery attempt to `host`, whose cached outcome class is `cached`.
-    pub fn rule_for_host(&self, host: &str, cached: Option<OutcomeClass>) -> &Rule {
+    /// The rule for a delivery attempt to `host`, whose cached classes are `cached`.
+    pub fn rule_for_host(&self, host: &str, cached: &[OutcomeClass]) -> &Rule {
         self.selection
             .conditional
             .iter()
@@ -207,7 +207,7 @@ mod tests {
         let router = Router::new(RuleSet::parse(text, Path::new("r.yaml")).unwrap(), None);
         let plan = router.plan("example.com", None);
         assert_eq!(plan.base_rule().name, "all");
-        assert_eq!(plan.rule_for_host("mx.old.example", None).name, "old");
-        assert_eq!(plan.rule_for_host("mx.new.example", None).name, "all");
+        assert_eq!(plan.rule_for_host("mx.old.example", &[]).name, "old");
+        assert_eq!(plan.rule_for_host("mx.new.example", &[]).name, "all");
     }
 }

@@ -7,14 +7,17 @@ use std::net::{IpAddr, SocketAddr};
 use base64::Engine;
 use base64::engine::general_purpose::STANDARD as BASE64;
 
+use std::sync::Arc;
+
+use crate::cache::{CacheEntry, Observation, OutcomeCache, is_unreachable};
 use crate::config::Timeouts;
 use crate::outbound::connection::{Connection, ExchangeError, StartTlsResult};
 use crate::outbound::mx::{AddressError, MxHost, MxResolver, RouteError};
 use crate::outbound::tls::TlsClient;
-use crate::outcome::{NoTls, TlsOutcome, TlsSession, Verification};
+use crate::outcome::{NoTls, OutcomeClass, TlsOutcome, TlsSession, Verification};
 use crate::router::{Plan, TlsMode, VerifyMode};
 use crate::rules::model::{AuthSpec, HostPort, SmarthostTls};
-use crate::rules::{Fallback, Route, Rule};
+use crate::rules::{Fallback, OnDowngrade, Route, Rule};
 use crate::smtp::{Capabilities, Reply};
 
 /// Everything the outbound side needs, shared by all sessions.
@@ -26,6 +29,7 @@ pub struct Outbound {
     /// Remote SMTP port of MX hosts.
     pub port: u16,
     pub timeouts: Timeouts,
+    pub cache: Arc<OutcomeCache>,
 }
 
 /// Where a transaction goes.
@@ -119,6 +123,8 @@ fn summary(failures: &[String]) -> String {
 enum Failure {
     /// Try the next address.
     Next(String),
+    /// The server could not be reached (remembered briefly); try the next address.
+    Unreachable(OutcomeClass, String),
     /// The rule wanted TLS and did not get it here; try the next address.
     TlsNotAchieved(String),
     /// The remote answered, and the MTA should hear it.
@@ -132,6 +138,17 @@ enum Secured {
     Plain(Connection, Capabilities, NoTls),
     /// The connection is gone; a plain fallback needs a new one.
     Lost(NoTls),
+}
+
+/// One delivery attempt: the rule for this host, the route, the server, and what the cache
+/// knew of it beforehand.
+#[derive(Clone, Copy)]
+struct Attempt<'a> {
+    rule: &'a Rule,
+    route: &'a Route,
+    target: &'a Target,
+    domain: &'a str,
+    cached: Option<&'a CacheEntry>,
 }
 
 /// One server to try: the name it is known by (for TLS and logs) and where it listens.
@@ -190,8 +207,24 @@ impl Outbound {
                     addr: SocketAddr::new(ip, port),
                 };
                 let server = format!("{host}[{ip}]");
-                let rule = plan.rule_for_host(&host, None);
-                match self.attempt(rule, plan.route(), &target, &mail_from).await {
+                let cached = self.cache.get(&host, ip);
+                if let Some(entry) = cached.as_ref().filter(|e| is_unreachable(e.class)) {
+                    failures.push(format!(
+                        "{server}: {} (cached, retried after it expires)",
+                        entry.detail
+                    ));
+                    continue;
+                }
+                let classes = cached.as_ref().map(CacheEntry::classes).unwrap_or_default();
+                let rule = plan.rule_for_host(&host, &classes);
+                let attempt = Attempt {
+                    rule,
+                    route: plan.route(),
+                    target: &target,
+                    domain,
+                    cached: cached.as_ref(),
+                };
+                match self.attempt(&attempt, &mail_from).await {
                     Ok(mut upstream) => {
                         failures.extend(tls_failures);
                         upstream.earlier_failures = failures;
@@ -199,6 +232,12 @@ impl Outbound {
                     }
                     Err(Failure::Next(why)) => {
                         tracing::info!(server = %server, "delivery attempt failed: {why}");
+                        failures.push(format!("{server}: {why}"));
+                    }
+                    Err(Failure::Unreachable(class, why)) => {
+                        tracing::info!(server = %server, "delivery attempt failed: {why}");
+                        self.cache
+                            .record(&host, ip, domain, Observation::unreachable(class, &why));
                         failures.push(format!("{server}: {why}"));
                     }
                     Err(Failure::TlsNotAchieved(why)) => {
@@ -239,12 +278,11 @@ impl Outbound {
 
     async fn attempt(
         &self,
-        rule: &Rule,
-        route: &Route,
-        target: &Target,
+        attempt: &Attempt<'_>,
         mail_from: &(dyn Fn(&Capabilities) -> String + Sync),
     ) -> Result<Upstream, Failure> {
-        let (mut conn, caps, tls) = self.session(rule, route, target).await?;
+        let (rule, route) = (attempt.rule, attempt.route);
+        let (mut conn, caps, tls) = self.session(attempt).await?;
         if let Route::Smarthost {
             auth: Some(auth), ..
         } = route
@@ -278,14 +316,13 @@ impl Outbound {
     /// A greeted connection, encrypted or on the plain path the rule allows, and why.
     async fn session(
         &self,
-        rule: &Rule,
-        route: &Route,
-        target: &Target,
+        attempt: &Attempt<'_>,
     ) -> Result<(Connection, Capabilities, TlsOutcome), Failure> {
+        let Attempt { rule, target, .. } = *attempt;
         if let Route::Smarthost {
             tls: SmarthostTls::Wrapper,
             ..
-        } = route
+        } = attempt.route
         {
             return self.implicit_tls(rule, target).await;
         }
@@ -293,8 +330,16 @@ impl Outbound {
             let (conn, caps) = self.plain_path(rule, None, target).await?;
             return Ok((conn, caps, TlsOutcome::Plain(NoTls::NotWanted)));
         }
+        if let Some(reason) = attempt.cached.and_then(|entry| skip_tls(rule, entry)) {
+            allow_plain(rule, &reason)?;
+            let (conn, caps) = self.plain_path(rule, None, target).await?;
+            return Ok((conn, caps, TlsOutcome::Plain(reason)));
+        }
         let (conn, caps) = self.greet(target).await?;
-        match self.secure(rule, conn, caps).await {
+        let secured = self.secure(rule, conn, caps).await;
+        self.check_downgrade(attempt, &secured)?;
+        self.remember(attempt, &secured);
+        match secured {
             Secured::Tls(conn, caps, session) => Ok((conn, caps, TlsOutcome::Encrypted(session))),
             Secured::Plain(conn, caps, reason) => {
                 allow_plain(rule, &reason)?;
@@ -307,6 +352,45 @@ impl Outbound {
                 let (conn, caps) = self.plain_path(rule, None, target).await?;
                 Ok((conn, caps, TlsOutcome::Plain(reason)))
             }
+        }
+    }
+
+    /// A host that did TLS before and offers no STARTTLS now may have it stripped on the
+    /// way: always a warning, and a deferral when the rule says so.
+    fn check_downgrade(&self, attempt: &Attempt<'_>, secured: &Secured) -> Result<(), Failure> {
+        let Secured::Plain(_, _, NoTls::NoStarttls) = secured else {
+            return Ok(());
+        };
+        let (host, ip) = (&attempt.target.name, attempt.target.addr.ip());
+        if !self.cache.is_downgrade(host, ip, OutcomeClass::NoStarttls) {
+            return Ok(());
+        }
+        let rule = attempt.rule;
+        tracing::warn!(
+            server = %format!("{host}[{ip}]"),
+            rule = %rule.name,
+            "downgrade: this host did TLS before and offers no STARTTLS now"
+        );
+        if rule.on_downgrade == OnDowngrade::Defer {
+            return Err(Failure::TlsNotAchieved(
+                "downgrade: did TLS before, offers no STARTTLS now".into(),
+            ));
+        }
+        Ok(())
+    }
+
+    /// Writes what the TLS attempt found to the cache.
+    fn remember(&self, attempt: &Attempt<'_>, secured: &Secured) {
+        let outcome = match secured {
+            Secured::Tls(_, _, session) => TlsOutcome::Encrypted(session.clone()),
+            Secured::Plain(_, _, reason) | Secured::Lost(reason) => {
+                TlsOutcome::Plain(reason.clone())
+            }
+        };
+        if let Some(observation) = Observation::from_outcome(&outcome) {
+            let target = attempt.target;
+            self.cache
+                .record(&target.name, target.addr.ip(), attempt.domain, observation);
         }
     }
 
@@ -349,7 +433,7 @@ impl Outbound {
         let t = &self.timeouts;
         let mut conn = Connection::connect(&target.name, target.addr, t.connect)
             .await
-            .map_err(|e| Failure::Next(connect_failure(&e)))?;
+            .map_err(|e| unreachable(&e))?;
         let caps = self.greeting_and_ehlo(&mut conn).await?;
         Ok((conn, caps))
     }
@@ -374,7 +458,7 @@ impl Outbound {
         let t = &self.timeouts;
         let conn = Connection::connect(&target.name, target.addr, t.connect)
             .await
-            .map_err(|e| Failure::Next(connect_failure(&e)))?;
+            .map_err(|e| unreachable(&e))?;
         let (mut conn, session) = conn
             .upgrade(&self.tls, rule.policy.min_tls, t.tls_handshake)
             .await
@@ -516,16 +600,45 @@ fn allow_plain(rule: &Rule, reason: &NoTls) -> Result<(), Failure> {
     }
 }
 
+/// A failure of the fallback relay is not a fact about the MX host: never cached under it.
 fn prefix(failure: Failure, what: &str) -> Failure {
     match failure {
-        Failure::Next(why) => Failure::Next(format!("{what}: {why}")),
+        Failure::Next(why) | Failure::Unreachable(_, why) => {
+            Failure::Next(format!("{what}: {why}"))
+        }
         other => other,
     }
 }
 
-fn connect_failure(error: &ExchangeError) -> String {
+fn unreachable(error: &ExchangeError) -> Failure {
     match error {
-        ExchangeError::Io(e) => format!("connect failed: {e}"),
-        other => format!("connect failed: {other}"),
+        ExchangeError::Timeout(..) => {
+            Failure::Unreachable(OutcomeClass::Timeout, error.to_string())
+        }
+        ExchangeError::Io(e) => {
+            Failure::Unreachable(OutcomeClass::ConnectFailed, format!("connect failed: {e}"))
+        }
+        other => Failure::Unreachable(OutcomeClass::ConnectFailed, other.to_string()),
     }
+}
+
+/// The reason to skip TLS with a host the cache says failed it, under this rule.
+fn skip_tls(rule: &Rule, entry: &CacheEntry) -> Option<NoTls> {
+    use OutcomeClass::*;
+    let class = match entry.class {
+        StarttlsRefused | HandshakeFailed | LegacyTls | ProtocolViolation => entry.class,
+        CertExpired | CertNotYetValid | CertUntrusted | CertNameMismatch
+            if rule.policy.verify == VerifyMode::Require =>
+        {
+            entry.class
+        }
+        TlsUnverified if rule.policy.verify == VerifyMode::Require => {
+            entry.cert_problem.unwrap_or(CertUntrusted)
+        }
+        _ => return None,
+    };
+    Some(NoTls::Cached {
+        class,
+        detail: entry.detail.clone(),
+    })
 }

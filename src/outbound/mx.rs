@@ -6,8 +6,9 @@ use std::time::Duration;
 
 use hickory_resolver::TokioResolver;
 use hickory_resolver::config::{ConnectionConfig, NameServerConfig, ResolverConfig};
-use hickory_resolver::net::NetError;
 use hickory_resolver::net::runtime::TokioRuntimeProvider;
+use hickory_resolver::net::{DnsError, NetError};
+use hickory_resolver::proto::op::ResponseCode;
 use hickory_resolver::proto::rr::RData;
 use rand::seq::SliceRandom;
 
@@ -73,10 +74,14 @@ impl MxResolver {
         let fqdn = format!("{}.", domain.trim_end_matches('.'));
         let lookup = match self.bounded(self.resolver.mx_lookup(fqdn.as_str())).await {
             Ok(lookup) => lookup,
-            Err(e) if e.is_nx_domain() => return Err(RouteError::DomainNotFound(domain.into())),
-            // No MX records: the domain itself is the implicit MX (RFC 5321 5.1).
-            Err(e) if e.is_no_records_found() => return self.implicit_mx(domain).await,
-            Err(e) => return Err(temporary(domain, &e)),
+            Err(e) => {
+                return match answer(&e) {
+                    Answer::NoSuchName => Err(RouteError::DomainNotFound(domain.into())),
+                    // No MX records: the domain itself is the implicit MX (RFC 5321 5.1).
+                    Answer::NoData => self.implicit_mx(domain).await,
+                    Answer::Failed => Err(temporary(domain, &e)),
+                };
+            }
         };
         let mut hosts: Vec<MxHost> = lookup
             .answers()
@@ -124,8 +129,10 @@ impl MxResolver {
         let fqdn = format!("{}.", host.trim_end_matches('.'));
         match self.bounded(self.resolver.lookup_ip(fqdn.as_str())).await {
             Ok(lookup) => Ok(lookup.iter().collect()),
-            Err(e) if e.is_no_records_found() => Err(AddressError::NotFound),
-            Err(e) => Err(AddressError::Temporary(e.to_string())),
+            Err(e) => match answer(&e) {
+                Answer::NoSuchName | Answer::NoData => Err(AddressError::NotFound),
+                Answer::Failed => Err(AddressError::Temporary(e.to_string())),
+            },
         }
     }
 
@@ -168,6 +175,27 @@ fn name_server(addr: SocketAddr) -> NameServerConfig {
             with_port(ConnectionConfig::tcp()),
         ],
     )
+}
+
+/// What a failed lookup says about the name.
+enum Answer {
+    /// NXDOMAIN: the name does not exist.
+    NoSuchName,
+    /// NOERROR without records of the type asked.
+    NoData,
+    /// SERVFAIL, REFUSED, a timeout: nothing is known; try again later.
+    Failed,
+}
+
+fn answer(error: &NetError) -> Answer {
+    match error {
+        NetError::Dns(DnsError::NoRecordsFound(no)) => match no.response_code {
+            ResponseCode::NXDomain => Answer::NoSuchName,
+            ResponseCode::NoError => Answer::NoData,
+            _ => Answer::Failed,
+        },
+        _ => Answer::Failed,
+    }
 }
 
 fn temporary(domain: &str, error: &NetError) -> RouteError {

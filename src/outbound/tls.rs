@@ -40,6 +40,15 @@ pub enum MinTls {
     Tls13,
 }
 
+impl MinTls {
+    pub fn name(self) -> &'static str {
+        match self {
+            MinTls::Tls12 => "TLS 1.2",
+            MinTls::Tls13 => "TLS 1.3",
+        }
+    }
+}
+
 pub struct TlsClient {
     provider: Arc<CryptoProvider>,
     webpki: Arc<WebPkiServerVerifier>,

@@ -2,6 +2,7 @@
 //! a message. Rules are validated when loaded (errors name file, line and column) and
 //! compiled into an index over recipient domains.
 
+pub mod explain;
 pub mod index;
 pub mod model;
 pub mod pattern;
@@ -209,9 +210,9 @@ rules:
         assert!(
             legacy
                 .conditions
-                .host_matches("mx1.oldhost.example", Some(OutcomeClass::LegacyTls))
+                .host_matches("mx1.oldhost.example", &[OutcomeClass::LegacyTls])
         );
-        assert!(!legacy.conditions.host_matches("mx1.oldhost.example", None));
+        assert!(!legacy.conditions.host_matches("mx1.oldhost.example", &[]));
         assert_eq!(rules.rule(selection.base).on_downgrade, OnDowngrade::Defer);
     }
 
@@ -255,6 +256,17 @@ rules:
             assert!(err.starts_with(&format!("r.yaml:{line}:")), "{err}");
             assert!(err.contains(says), "{err} should say {says}");
         }
+    }
+
+    #[test]
+    fn the_shipped_rule_lists_load_without_unreachable_rules() {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("rules");
+        for name in ["default.yaml", "iis-tls-router.yaml", "strict.yaml"] {
+            let rules = RuleSet::load(&dir.join(name)).unwrap_or_else(|e| panic!("{e}"));
+            assert!(!rules.rules().is_empty(), "{name}");
+            assert_eq!(rules.shadowed(), vec![], "{name}");
+        }
+        assert_eq!(RuleSet::embedded_default().rules()[0].name, "default");
     }
 
     #[test]

@@ -70,9 +70,10 @@ impl Conditions {
         })
     }
 
-    pub fn host_matches(&self, host: &str, cached: Option<OutcomeClass>) -> bool {
+    /// `cached`: the host's cached classes (its outcome, and its certificate's problem).
+    pub fn host_matches(&self, host: &str, cached: &[OutcomeClass]) -> bool {
         any_or_empty(&self.mx, |p| p.matches(host))
-            && (self.outcome.is_empty() || cached.is_some_and(|c| self.outcome.contains(&c)))
+            && (self.outcome.is_empty() || cached.iter().any(|c| self.outcome.contains(c)))
     }
 
     /// Whether every message these conditions match is matched by `earlier` too.

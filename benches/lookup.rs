@@ -1,0 +1,94 @@
+//! Lookup speed on the paths every message takes: the outcome cache (and, later, the rules).
+//!
+//! `cargo bench --bench lookup` measures; `cargo bench --bench lookup -- --test` runs each
+//! benchmark once as a smoke test.
+
+use std::hint::black_box;
+use std::net::{IpAddr, Ipv4Addr};
+use std::sync::Arc;
+use std::time::Instant;
+
+use criterion::{Criterion, criterion_group, criterion_main};
+use tlsrouter::cache::{CacheConfig, Observation, OutcomeCache, SystemClock};
+use tlsrouter::outcome::{NoTls, OutcomeClass, TlsOutcome, TlsSession, Verification};
+
+const CACHE_ENTRIES: u32 = 1_000_000;
+
+fn cache_benches(c: &mut Criterion) {
+    let cache = filled_cache(CACHE_ENTRIES);
+    let present = host(CACHE_ENTRIES / 2);
+    let present_addr = addr(CACHE_ENTRIES / 2);
+    assert!(cache.get(&present, present_addr).is_some());
+
+    let mut group = c.benchmark_group("cache_lookup_1m");
+    group.bench_function("get_present", |b| {
+        b.iter(|| cache.get(black_box(&present), black_box(present_addr)))
+    });
+    group.bench_function("get_absent", |b| {
+        b.iter(|| cache.get(black_box("mx.absent.example"), black_box(present_addr)))
+    });
+    group.finish();
+}
+
+/// A cache of `n` hosts, as many as a large relay might meet; reports fill time and RSS.
+fn filled_cache(n: u32) -> OutcomeCache {
+    let config = CacheConfig {
+        max_entries: 2_000_000,
+        ..CacheConfig::default()
+    };
+    let cache = OutcomeCache::new(&config, Arc::new(SystemClock));
+    let rss_before = rss_kib();
+    let started = Instant::now();
+    for i in 0..n {
+        let domain = format!("example{}.net", i % 50_000);
+        cache.record(&host(i), addr(i), &domain, observation(i));
+    }
+    let held = cache.len();
+    let elapsed = started.elapsed();
+    println!(
+        "cache fill: {held} entries in {:.2?} ({:.0} ns per record); \
+         VmRSS {} MiB (+{} MiB for the cache)",
+        elapsed,
+        elapsed.as_nanos() as f64 / f64::from(n),
+        rss_kib() / 1024,
+        rss_kib().saturating_sub(rss_before) / 1024,
+    );
+    cache
+}
+
+fn host(i: u32) -> String {
+    format!("mx{}.example{}.net", i % 4, i / 4)
+}
+
+fn addr(i: u32) -> IpAddr {
+    IpAddr::V4(Ipv4Addr::from(0x0a00_0000 | i))
+}
+
+/// Mostly successes, some of each failure, as a real cache would hold.
+fn observation(i: u32) -> Observation {
+    let outcome = match i % 10 {
+        0 => TlsOutcome::Plain(NoTls::NoStarttls),
+        1 => {
+            return Observation::unreachable(OutcomeClass::ConnectFailed, "connection refused");
+        }
+        _ => TlsOutcome::Encrypted(TlsSession {
+            version: "TLSv1.3".into(),
+            cipher: "TLS13_AES_256_GCM_SHA384".into(),
+            verification: Verification::Verified,
+        }),
+    };
+    Observation::from_outcome(&outcome).expect("TLS outcomes are observations")
+}
+
+/// The resident set size from /proc (Linux); 0 where there is none.
+fn rss_kib() -> u64 {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    status
+        .lines()
+        .find_map(|line| line.strip_prefix("VmRSS:"))
+        .and_then(|rest| rest.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap_or(0)
+}
+
+criterion_group!(benches, cache_benches);
+criterion_main!(benches);
