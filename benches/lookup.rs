@@ -1,4 +1,4 @@
-//! Lookup speed on the paths every message takes: the outcome cache (and, later, the rules).
+//! Lookup speed on the paths every message takes: the rule list and the outcome cache.
 //!
 //! `cargo bench --bench lookup` measures; `cargo bench --bench lookup -- --test` runs each
 //! benchmark once as a smoke test.
@@ -11,6 +11,7 @@ use std::time::Instant;
 use criterion::{Criterion, criterion_group, criterion_main};
 use tlsrouter::cache::{CacheConfig, Observation, OutcomeCache, SystemClock};
 use tlsrouter::outcome::{NoTls, OutcomeClass, TlsOutcome, TlsSession, Verification};
+use tlsrouter::rules::RuleSet;
 
 const CACHE_ENTRIES: u32 = 1_000_000;
 
@@ -90,5 +91,49 @@ fn rss_kib() -> u64 {
         .unwrap_or(0)
 }
 
-criterion_group!(benches, cache_benches);
+const RULES: usize = 10_000;
+
+/// 10,000 rules: exact domains, `*.suffix` patterns, and a catch-all at the end.
+fn rule_file(n: usize) -> String {
+    let mut text = String::from("rules:\n");
+    for i in 0..n - 1 {
+        let pattern = if i % 3 == 0 {
+            format!("\"*.corp{i}.example\"")
+        } else {
+            format!("partner{i}.example")
+        };
+        let tls = ["opportunistic", "require", "never"][i % 3];
+        text.push_str(&format!(
+            "  - name: r{i}\n    match: {{ domains: [{pattern}] }}\n    tls: {tls}\n"
+        ));
+    }
+    text.push_str("  - name: default\n    match: { domains: [\"*\"] }\n");
+    text
+}
+
+fn rule_benches(c: &mut Criterion) {
+    let text = rule_file(RULES);
+    let started = Instant::now();
+    let rules = RuleSet::parse(&text, std::path::Path::new("bench.yaml")).expect("rules");
+    println!("rules: {} parsed and indexed in {:.2?}", rules.rules().len(), started.elapsed());
+    let mut group = c.benchmark_group("rule_lookup_10k");
+    for (name, domain) in [
+        ("exact", "partner4999.example"),
+        ("suffix", "mx.eu.corp6000.example"),
+        ("catch_all", "nobody.example"),
+    ] {
+        group.bench_function(name, |b| b.iter(|| rules.select(black_box(domain), None)));
+    }
+    // What the index saves: testing every rule's patterns in order.
+    group.bench_function("linear_scan_catch_all", |b| {
+        b.iter(|| {
+            rules.rules().iter().position(|rule| {
+                rule.conditions.domains.iter().any(|p| p.matches(black_box("nobody.example")))
+            })
+        })
+    });
+    group.finish();
+}
+
+criterion_group!(benches, rule_benches, cache_benches);
 criterion_main!(benches);
