@@ -73,6 +73,7 @@ fn observation(i: u32) -> Observation {
             return Observation::unreachable(OutcomeClass::ConnectFailed, "connection refused");
         }
         _ => TlsOutcome::Encrypted(TlsSession {
+            chain: Vec::new(),
             version: "TLSv1.3".into(),
             cipher: "TLS13_AES_256_GCM_SHA384".into(),
             verification: Verification::Verified,
@@ -115,7 +116,11 @@ fn rule_benches(c: &mut Criterion) {
     let text = rule_file(RULES);
     let started = Instant::now();
     let rules = RuleSet::parse(&text, std::path::Path::new("bench.yaml")).expect("rules");
-    println!("rules: {} parsed and indexed in {:.2?}", rules.rules().len(), started.elapsed());
+    println!(
+        "rules: {} parsed and indexed in {:.2?}",
+        rules.rules().len(),
+        started.elapsed()
+    );
     let mut group = c.benchmark_group("rule_lookup_10k");
     for (name, domain) in [
         ("exact", "partner4999.example"),
@@ -128,7 +133,10 @@ fn rule_benches(c: &mut Criterion) {
     group.bench_function("linear_scan_catch_all", |b| {
         b.iter(|| {
             rules.rules().iter().position(|rule| {
-                rule.conditions.domains.iter().any(|p| p.matches(black_box("nobody.example")))
+                rule.conditions
+                    .domains
+                    .iter()
+                    .any(|p| p.matches(black_box("nobody.example")))
             })
         })
     });

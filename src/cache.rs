@@ -832,6 +832,7 @@ mod tests {
 
     fn verified() -> Observation {
         Observation::from_outcome(&TlsOutcome::Encrypted(TlsSession {
+            chain: Vec::new(),
             version: "TLSv1.3".into(),
             cipher: "TLS13_AES_128_GCM_SHA256".into(),
             verification: Verification::Verified,
@@ -1169,6 +1170,7 @@ mod tests {
     #[test]
     fn observations_carry_the_why() {
         let unverified = Observation::from_outcome(&TlsOutcome::Encrypted(TlsSession {
+            chain: Vec::new(),
             version: "TLSv1.2".into(),
             cipher: "ECDHE".into(),
             verification: Verification::Failed(CertProblem::Expired {

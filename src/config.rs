@@ -25,6 +25,8 @@ pub struct Config {
     pub timeouts: Timeouts,
     pub limits: Limits,
     pub cache: crate::cache::CacheConfig,
+    pub admin: AdminConfig,
+    pub metrics: MetricsConfig,
     pub log: LogConfig,
 }
 
@@ -44,6 +46,8 @@ impl Default for Config {
             timeouts: Timeouts::default(),
             limits: Limits::default(),
             cache: crate::cache::CacheConfig::default(),
+            admin: AdminConfig::default(),
+            metrics: MetricsConfig::default(),
             log: LogConfig::default(),
         }
     }
@@ -166,6 +170,56 @@ impl Default for Limits {
             text_line: 1000,
         }
     }
+}
+
+/// Where `tlsrouter ctl` finds the daemon unless told otherwise.
+pub const DEFAULT_ADMIN_SOCKET: &str = "/run/tlsrouter/admin.sock";
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AdminConfig {
+    /// The admin socket; `null` turns it off.
+    pub socket: Option<PathBuf>,
+    /// The socket's permissions, octal.
+    pub mode: FileMode,
+    /// The socket's group (name or number), for admins who are not root.
+    pub group: Option<String>,
+}
+
+impl Default for AdminConfig {
+    fn default() -> Self {
+        AdminConfig {
+            socket: Some(PathBuf::from(DEFAULT_ADMIN_SOCKET)),
+            mode: FileMode(0o660),
+            group: None,
+        }
+    }
+}
+
+/// Unix permissions written in octal, like `0660`. Never writable by others.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize)]
+#[serde(try_from = "String")]
+pub struct FileMode(pub u32);
+
+impl TryFrom<String> for FileMode {
+    type Error = String;
+    fn try_from(text: String) -> Result<Self, String> {
+        let mode = u32::from_str_radix(text.trim_start_matches("0o"), 8)
+            .ok()
+            .filter(|m| *m <= 0o777)
+            .ok_or_else(|| format!("{text:?} is not an octal mode like 0660"))?;
+        if mode & 0o002 != 0 {
+            return Err(format!("{text:?} lets anyone write to the admin socket"));
+        }
+        Ok(FileMode(mode))
+    }
+}
+
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct MetricsConfig {
+    /// `ip:port` of the Prometheus endpoint (`GET /metrics`); `null` (the default) is off.
+    pub listen: Option<SocketAddr>,
 }
 
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize, clap::ValueEnum)]

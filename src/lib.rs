@@ -13,18 +13,24 @@
 //! - [`outcome`]: the TLS outcome taxonomy that logs and decisions speak.
 //! - [`cache`]: what the last attempts to each MX found, with expiry and persistence.
 //! - [`config`]: the daemon's configuration, with defaults embedded.
+//! - [`probe`]: step-by-step diagnosis of a remote MX.
+//! - [`stats`]: counters for `ctl stats` and Prometheus.
 //! - [`proxy`]: the assembled parts shared by every session.
+//! - [`admin`]: the admin socket and `tlsrouter ctl`.
 
 #![forbid(unsafe_code)]
 
+pub mod admin;
 pub mod cache;
 pub mod config;
 pub mod inbound;
 pub mod outbound;
 pub mod outcome;
+pub mod probe;
 pub mod proxy;
 pub mod router;
 pub mod rules;
 pub mod smtp;
+pub mod stats;
 
 pub use proxy::Proxy;

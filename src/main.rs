@@ -5,8 +5,11 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 use tlsrouter::Proxy;
+use tlsrouter::admin::client;
+use tlsrouter::admin::protocol::Request;
 use tlsrouter::config::{Config, LogFormat};
 use tlsrouter::outcome::OutcomeClass;
+use tlsrouter::probe::ProbeTarget;
 use tlsrouter::rules::RuleSet;
 use tlsrouter::rules::explain::{Question, explain};
 
@@ -41,6 +44,37 @@ enum Commands {
         /// YAML rule file.
         file: PathBuf,
     },
+    /// Ask the running daemon: cache, rules, stats, sessions, probe.
+    Ctl {
+        /// The admin socket.
+        #[arg(long, default_value = tlsrouter::config::DEFAULT_ADMIN_SOCKET)]
+        socket: PathBuf,
+        /// Print the daemon's JSON answer instead of a table.
+        #[arg(long)]
+        json: bool,
+        #[command(subcommand)]
+        command: CtlCommand,
+    },
+    /// Diagnose a remote domain or server: MX, banner, EHLO, STARTTLS, certificate, timings.
+    Probe {
+        /// The recipient domain to probe (its MX hosts).
+        domain: Option<String>,
+        /// Probe this server instead of the domain's MX hosts.
+        #[arg(long)]
+        mx: Option<String>,
+        /// The port (default: delivery.port from the configuration, 25).
+        #[arg(long)]
+        port: Option<u16>,
+        /// Stop after EHLO.
+        #[arg(long)]
+        no_tls: bool,
+        /// JSON for scripts.
+        #[arg(long)]
+        json: bool,
+        /// Configuration file (resolver, CA file, timeouts, rules).
+        #[arg(long)]
+        config: Option<PathBuf>,
+    },
     /// Show which rule a message would hit and what would happen, without sending anything.
     Explain {
         /// YAML rule file (default: the shipped default rules).
@@ -61,6 +95,77 @@ enum Commands {
     },
 }
 
+#[derive(Subcommand)]
+enum CtlCommand {
+    /// The outcome cache.
+    Cache {
+        #[command(subcommand)]
+        command: CacheCommand,
+    },
+    /// The rules in force.
+    Rules {
+        #[command(subcommand)]
+        command: RulesCommand,
+    },
+    /// Counters since start.
+    Stats,
+    /// Sessions open now.
+    Sessions,
+    /// Probe from the daemon's position; the result goes into its cache.
+    Probe {
+        domain: Option<String>,
+        #[arg(long)]
+        mx: Option<String>,
+        #[arg(long)]
+        port: Option<u16>,
+        #[arg(long)]
+        no_tls: bool,
+    },
+}
+
+#[derive(Subcommand)]
+enum CacheCommand {
+    /// Every cached host.
+    List {
+        #[arg(long)]
+        class: Option<OutcomeClass>,
+        #[arg(long)]
+        domain: Option<String>,
+    },
+    /// One host, or the hosts of a domain.
+    Show { target: String },
+    /// Forget a host, a domain's hosts, or everything.
+    Flush {
+        target: Option<String>,
+        #[arg(long)]
+        all: bool,
+    },
+    /// An operator's override: treat HOST as CLASS for a while.
+    Pin {
+        host: String,
+        class: OutcomeClass,
+        #[arg(long, default_value = "1d")]
+        ttl: String,
+    },
+}
+
+#[derive(Subcommand)]
+enum RulesCommand {
+    Show,
+    /// Load the rule file again; a bad file is reported and the rules in force stay.
+    Reload,
+    Explain {
+        #[arg(long)]
+        rcpt: String,
+        #[arg(long)]
+        sender: Option<String>,
+        #[arg(long)]
+        mx: Option<String>,
+        #[arg(long)]
+        outcome: Option<OutcomeClass>,
+    },
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
@@ -76,6 +181,27 @@ fn main() -> ExitCode {
             }
         },
         Commands::Check { file } => check_rules(&file),
+        Commands::Ctl {
+            socket,
+            json,
+            command,
+        } => ctl(&socket, json, command),
+        Commands::Probe {
+            domain,
+            mx,
+            port,
+            no_tls,
+            json,
+            config,
+        } => {
+            let target = ProbeTarget {
+                domain,
+                mx,
+                port,
+                no_tls,
+            };
+            probe_standalone(config, target, json)
+        }
         Commands::Explain {
             rules,
             rcpt,
@@ -84,6 +210,118 @@ fn main() -> ExitCode {
             outcome,
         } => explain_rcpt(rules, &rcpt, sender.as_deref(), mx.as_deref(), outcome),
     }
+}
+
+fn ctl(socket: &std::path::Path, json: bool, command: CtlCommand) -> ExitCode {
+    let request = match command {
+        CtlCommand::Cache { command } => match command {
+            CacheCommand::List { class, domain } => Request::CacheList { class, domain },
+            CacheCommand::Show { target } => Request::CacheShow { target },
+            CacheCommand::Flush { target, all } => Request::CacheFlush { target, all },
+            CacheCommand::Pin { host, class, ttl } => Request::CachePin { host, class, ttl },
+        },
+        CtlCommand::Rules { command } => match command {
+            RulesCommand::Show => Request::RulesShow {},
+            RulesCommand::Reload => Request::RulesReload {},
+            RulesCommand::Explain {
+                rcpt,
+                sender,
+                mx,
+                outcome,
+            } => Request::RulesExplain {
+                rcpt,
+                sender,
+                mx,
+                outcome,
+            },
+        },
+        CtlCommand::Stats => Request::Stats {},
+        CtlCommand::Sessions => Request::Sessions {},
+        CtlCommand::Probe {
+            domain,
+            mx,
+            port,
+            no_tls,
+        } => Request::Probe(ProbeTarget {
+            domain,
+            mx,
+            port,
+            no_tls,
+        }),
+    };
+    let Ok(runtime) = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    else {
+        eprintln!("tlsrouter ctl: cannot start");
+        return ExitCode::from(2);
+    };
+    let response = match runtime.block_on(client::ask(socket, &request)) {
+        Ok(response) => response,
+        Err(e) => {
+            eprintln!("tlsrouter ctl: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    if json {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&response).unwrap_or_default()
+        );
+    }
+    match (&response.result, &response.error) {
+        (Some(result), _) if response.ok => {
+            if !json {
+                print!("{}", client::render(&request, result));
+            }
+            ExitCode::SUCCESS
+        }
+        (_, Some(error)) => {
+            if !json {
+                eprintln!("tlsrouter ctl: {}", error.message);
+            }
+            ExitCode::FAILURE
+        }
+        _ => ExitCode::FAILURE,
+    }
+}
+
+fn probe_standalone(path: Option<PathBuf>, target: ProbeTarget, json: bool) -> ExitCode {
+    let config = match path
+        .as_deref()
+        .map(Config::load)
+        .unwrap_or_else(|| Ok(Config::default()))
+    {
+        Ok(config) => config,
+        Err(e) => {
+            eprintln!("tlsrouter: {e}");
+            return ExitCode::from(EXIT_CONFIG);
+        }
+    };
+    let Ok(runtime) = tokio::runtime::Runtime::new() else {
+        eprintln!("tlsrouter probe: cannot start");
+        return ExitCode::FAILURE;
+    };
+    runtime.block_on(async {
+        let proxy = match Proxy::new(config) {
+            Ok(proxy) => proxy,
+            Err(e) => {
+                eprintln!("tlsrouter: {e:#}");
+                return ExitCode::from(EXIT_CONFIG);
+            }
+        };
+        let report =
+            tlsrouter::probe::probe(&proxy.outbound, &proxy.router.rules(), &target, false).await;
+        if json {
+            println!(
+                "{}",
+                serde_json::to_string_pretty(&report).unwrap_or_default()
+            );
+        } else {
+            print!("{}", tlsrouter::probe::render(&report));
+        }
+        ExitCode::SUCCESS
+    })
 }
 
 fn check_rules(file: &std::path::Path) -> ExitCode {
@@ -190,6 +428,10 @@ async fn serve(config: Config) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
+    if let Err(e) = proxy.start_admin().await {
+        eprintln!("tlsrouter: {e:#}");
+        return ExitCode::from(EXIT_CONFIG);
+    }
     tracing::info!(%listen, "tlsrouter listening");
     tokio::spawn(
         proxy

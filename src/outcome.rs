@@ -154,6 +154,8 @@ pub struct TlsSession {
     pub version: String,
     pub cipher: String,
     pub verification: Verification,
+    /// The certificates the server sent, end entity first (for `probe` and the cache).
+    pub chain: Vec<rustls::pki_types::CertificateDer<'static>>,
 }
 
 /// Why a connection carries no TLS. Every plain delivery carries one of these.
@@ -273,6 +275,7 @@ mod tests {
     #[test]
     fn an_encrypted_session_with_a_bad_certificate_is_unverified() {
         let outcome = TlsOutcome::Encrypted(TlsSession {
+            chain: Vec::new(),
             version: "TLSv1.3".into(),
             cipher: "TLS13_AES_128_GCM_SHA256".into(),
             verification: Verification::Failed(CertProblem::Expired {

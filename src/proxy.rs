@@ -4,16 +4,20 @@ use std::sync::Arc;
 
 use crate::cache::{OutcomeCache, SystemClock};
 use crate::config::Config;
+use crate::inbound::registry::Registry;
 use crate::outbound::delivery::Outbound;
 use crate::outbound::mx::MxResolver;
 use crate::outbound::tls::TlsClient;
 use crate::router::Router;
 use crate::rules::RuleSet;
+use crate::stats::Stats;
 
 pub struct Proxy {
     pub config: Config,
     pub outbound: Outbound,
     pub router: Router,
+    pub stats: Arc<Stats>,
+    pub sessions: Arc<Registry>,
 }
 
 impl Proxy {
@@ -26,6 +30,7 @@ impl Proxy {
             None => RuleSet::embedded_default(),
         };
         let router = Router::new(rules, config.rules_file.clone());
+        let stats = Arc::new(Stats::default());
         let cache = Arc::new(OutcomeCache::new(&config.cache, Arc::new(SystemClock)));
         if let Some(path) = &config.cache.file {
             // A cache that cannot be read costs a few handshakes, never the start.
@@ -43,11 +48,14 @@ impl Proxy {
             port: config.delivery.port,
             timeouts: config.timeouts.clone(),
             cache,
+            stats: stats.clone(),
         };
         Ok(Arc::new(Proxy {
             config,
             outbound,
             router,
+            stats,
+            sessions: Arc::new(Registry::default()),
         }))
     }
 }
@@ -108,4 +116,59 @@ impl Proxy {
             }
         }
     }
+}
+
+impl Proxy {
+    /// Opens the admin socket and the metrics endpoint the configuration asks for, and
+    /// serves them in the background. A file in the way of the socket is an error; a socket
+    /// directory that cannot be created only turns the admin socket off, with a warning.
+    pub async fn start_admin(self: &Arc<Self>) -> anyhow::Result<()> {
+        #[cfg(unix)]
+        if let Some(path) = &self.config.admin.socket {
+            let group = match &self.config.admin.group {
+                Some(name) => Some(group_id(name)?),
+                None => None,
+            };
+            match crate::admin::server::bind(path, self.config.admin.mode.0, group) {
+                Ok(listener) => {
+                    tracing::info!("admin socket {}", path.display());
+                    tokio::spawn(crate::admin::server::serve(self.clone(), listener));
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+                    anyhow::bail!("admin.socket: {e}")
+                }
+                Err(e) => tracing::warn!("admin socket {} not opened: {e}", path.display()),
+            }
+        }
+        if let Some(listen) = self.config.metrics.listen {
+            if !listen.ip().is_loopback() {
+                tracing::warn!("metrics endpoint on {listen} is reachable from other hosts");
+            }
+            let listener = tokio::net::TcpListener::bind(listen)
+                .await
+                .map_err(|e| anyhow::anyhow!("metrics.listen {listen}: {e}"))?;
+            tracing::info!("metrics on http://{listen}/metrics");
+            tokio::spawn(crate::admin::metrics::serve(self.clone(), listener));
+        }
+        Ok(())
+    }
+}
+
+/// A group given by number, or by name from /etc/group.
+#[cfg(unix)]
+fn group_id(group: &str) -> anyhow::Result<u32> {
+    if let Ok(gid) = group.parse() {
+        return Ok(gid);
+    }
+    let groups = std::fs::read_to_string("/etc/group")?;
+    groups
+        .lines()
+        .filter_map(|line| {
+            let mut fields = line.split(':');
+            let name = fields.next()?;
+            let gid = fields.nth(1)?.parse().ok()?;
+            Some((name, gid))
+        })
+        .find_map(|(name, gid)| (name == group).then_some(gid))
+        .ok_or_else(|| anyhow::anyhow!("admin.group: no group {group:?}"))
 }

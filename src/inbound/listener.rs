@@ -54,8 +54,11 @@ pub async fn run(listener: TcpListener, proxy: Arc<Proxy>, shutdown: impl Future
             continue;
         };
         let proxy = proxy.clone();
+        proxy.stats.sessions.inc();
+        proxy.stats.active_sessions.inc();
         tokio::spawn(async move {
-            Session::new(proxy, stream, client).run().await;
+            Session::new(proxy.clone(), stream, client).run().await;
+            proxy.stats.active_sessions.dec();
             drop(permit);
         });
     }

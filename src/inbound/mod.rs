@@ -1,6 +1,7 @@
 //! The side toward the MTA: accepting connections and running each SMTP session.
 
 pub mod listener;
+pub mod registry;
 pub mod session;
 
 use crate::smtp::Reply;

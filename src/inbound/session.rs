@@ -8,6 +8,7 @@ use std::sync::Arc;
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::net::TcpStream;
 
+use crate::inbound::registry::Entry;
 use crate::inbound::relayable;
 use crate::outbound::delivery::{NextHop, OpenError, Upstream};
 use crate::outcome::{TlsOutcome, Verification};
@@ -22,6 +23,8 @@ const BODY_BLOCK: usize = 64 * 1024;
 
 pub struct Session {
     proxy: Arc<Proxy>,
+    /// This session in `ctl sessions`; removed when the session ends.
+    registered: Entry,
     io: BufReader<TcpStream>,
     client: SocketAddr,
     line: Vec<u8>,
@@ -48,6 +51,7 @@ struct Transaction {
     failed_domains: HashMap<String, Reply>,
     /// The remote was lost after recipients were accepted: the transaction cannot go on.
     lost: Option<Reply>,
+    started: std::time::Instant,
 }
 
 struct Route {
@@ -92,6 +96,7 @@ impl Session {
     pub fn new(proxy: Arc<Proxy>, stream: TcpStream, client: SocketAddr) -> Session {
         let _ = stream.set_nodelay(true);
         Session {
+            registered: proxy.sessions.open(client),
             proxy,
             io: BufReader::with_capacity(BODY_BLOCK, stream),
             client,
@@ -148,6 +153,7 @@ impl Session {
             Command::Ehlo(_) => {
                 self.end_transaction("EHLO").await;
                 self.stage = Stage::Ready;
+                self.registered.update("ready", None);
                 self.ehlo_reply()
             }
             Command::Helo(_) => {
@@ -214,7 +220,9 @@ impl Session {
             rcpt_count: 0,
             failed_domains: HashMap::new(),
             lost: None,
+            started: std::time::Instant::now(),
         }));
+        self.registered.update("mail", None);
         Reply::new(250, "2.1.0", "sender OK")
     }
 
@@ -318,6 +326,8 @@ impl Session {
             .await;
         match opened {
             Ok(upstream) => {
+                let server = format!("{}[{}]", upstream.conn.host, upstream.conn.peer.ip());
+                self.registered.update("mail", Some(server));
                 tx.route = Some(Route {
                     domain: domain.to_string(),
                     key: RouteKey::new(&plan, &hop),
@@ -390,6 +400,7 @@ impl Session {
                 return self.reply_or_close(&reply).await;
             }
         };
+        self.registered.update("data", Some(route_name(&tx)));
         if self.reply(&start).await.is_err() {
             self.finish(
                 &mut tx,
@@ -503,11 +514,45 @@ impl Session {
         }
     }
 
-    /// The one log line of a transaction; then the remote connection is closed.
+    /// The one log line of a transaction, its counters; then the remote connection is closed.
     async fn finish(&self, tx: &mut Transaction, reply: &Reply, end: &str) {
         log_transaction(self.client, tx, reply, end);
+        self.count(tx, reply, end);
+        self.registered.update("ready", None);
         if let Some(route) = tx.route.take() {
             tokio::spawn(route.upstream.conn.quit());
+        }
+    }
+
+    fn count(&self, tx: &Transaction, reply: &Reply, end: &str) {
+        let stats = &self.proxy.stats;
+        stats.transactions.inc();
+        stats.transaction_time(tx.started.elapsed().as_secs_f64());
+        if reply.is_transient() {
+            stats.deferrals.inc();
+        }
+        let Some(route) = tx
+            .route
+            .as_ref()
+            .filter(|_| end == "delivered" && reply.is_positive())
+        else {
+            return;
+        };
+        match &route.upstream.tls {
+            TlsOutcome::Encrypted(_) => {
+                let class = route
+                    .upstream
+                    .tls
+                    .class()
+                    .map_or("tls-verified", |c| c.name());
+                stats.delivered(class);
+            }
+            TlsOutcome::Plain(reason) => {
+                stats.delivered("plain");
+                if let Some(class) = reason.class() {
+                    stats.fallback(class);
+                }
+            }
         }
     }
 
@@ -522,6 +567,13 @@ impl Session {
             Err(_) => Next::Close,
         }
     }
+}
+
+fn route_name(tx: &Transaction) -> String {
+    tx.route
+        .as_ref()
+        .map(|r| format!("{}[{}]", r.upstream.conn.host, r.upstream.conn.peer.ip()))
+        .unwrap_or_default()
 }
 
 impl Transaction {

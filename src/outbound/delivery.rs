@@ -19,6 +19,7 @@ use crate::router::{Plan, TlsMode, VerifyMode};
 use crate::rules::model::{AuthSpec, HostPort, SmarthostTls};
 use crate::rules::{Fallback, OnDowngrade, Route, Rule};
 use crate::smtp::{Capabilities, Reply};
+use crate::stats::Stats;
 
 /// Everything the outbound side needs, shared by all sessions.
 pub struct Outbound {
@@ -30,6 +31,7 @@ pub struct Outbound {
     pub port: u16,
     pub timeouts: Timeouts,
     pub cache: Arc<OutcomeCache>,
+    pub stats: Arc<Stats>,
 }
 
 /// Where a transaction goes.
@@ -209,6 +211,7 @@ impl Outbound {
                 let server = format!("{host}[{ip}]");
                 let cached = self.cache.get(&host, ip);
                 if let Some(entry) = cached.as_ref().filter(|e| is_unreachable(e.class)) {
+                    self.stats.cache_hits.inc();
                     failures.push(format!(
                         "{server}: {} (cached, retried after it expires)",
                         entry.detail
@@ -331,6 +334,7 @@ impl Outbound {
             return Ok((conn, caps, TlsOutcome::Plain(NoTls::NotWanted)));
         }
         if let Some(reason) = attempt.cached.and_then(|entry| skip_tls(rule, entry)) {
+            self.stats.cache_hits.inc();
             allow_plain(rule, &reason)?;
             let (conn, caps) = self.plain_path(rule, None, target).await?;
             return Ok((conn, caps, TlsOutcome::Plain(reason)));
@@ -366,6 +370,7 @@ impl Outbound {
             return Ok(());
         }
         let rule = attempt.rule;
+        self.stats.downgrades.inc();
         tracing::warn!(
             server = %format!("{host}[{ip}]"),
             rule = %rule.name,
@@ -471,7 +476,7 @@ impl Outbound {
         Ok((conn, caps, TlsOutcome::Encrypted(session)))
     }
 
-    async fn ehlo(&self, conn: &mut Connection) -> Result<Capabilities, String> {
+    pub async fn ehlo(&self, conn: &mut Connection) -> Result<Capabilities, String> {
         let timeout = self.timeouts.command;
         let ehlo = format!("EHLO {}", self.hostname);
         let reply = conn
@@ -502,9 +507,11 @@ impl Outbound {
             return Secured::Plain(conn, caps, NoTls::NoStarttls);
         }
         let t = &self.timeouts;
+        let clock = std::time::Instant::now();
         let started = conn
             .starttls(&self.tls, rule.policy.min_tls, t.command, t.tls_handshake)
             .await;
+        self.stats.handshake_time(clock.elapsed().as_secs_f64());
         let (mut conn, session) = match started {
             StartTlsResult::Encrypted(conn, session) => (conn, session),
             StartTlsResult::Refused(conn, reason) => return Secured::Plain(conn, caps, reason),

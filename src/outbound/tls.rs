@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use rustls::client::WebPkiServerVerifier;
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
-use rustls::crypto::CryptoProvider;
+use rustls::crypto::{CryptoProvider, WebPkiSupportedAlgorithms};
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
 use rustls::{
@@ -51,7 +51,8 @@ impl MinTls {
 
 pub struct TlsClient {
     provider: Arc<CryptoProvider>,
-    webpki: Arc<WebPkiServerVerifier>,
+    /// `None` when no root is trusted: every certificate is then unverified.
+    webpki: Option<Arc<WebPkiServerVerifier>>,
 }
 
 impl TlsClient {
@@ -83,16 +84,14 @@ impl TlsClient {
         if roots.is_empty() {
             tracing::warn!("no trusted root certificates: every certificate will be unverified");
         }
-        let webpki = WebPkiServerVerifier::builder_with_provider(Arc::new(roots), provider.clone())
-            .build()
-            .or_else(|_| {
-                // An empty store is refused by the builder; verify against nothing instead.
-                WebPkiServerVerifier::builder_with_provider(
-                    Arc::new(RootCertStore::empty()),
-                    provider.clone(),
-                )
-                .build()
-            })?;
+        let webpki = if roots.is_empty() {
+            None
+        } else {
+            Some(
+                WebPkiServerVerifier::builder_with_provider(Arc::new(roots), provider.clone())
+                    .build()?,
+            )
+        };
         Ok(TlsClient { provider, webpki })
     }
 
@@ -106,6 +105,7 @@ impl TlsClient {
     ) -> Result<(TlsStream<TcpStream>, TlsSession), NoTls> {
         let verifier = Arc::new(RecordingVerifier {
             inner: self.webpki.clone(),
+            algorithms: self.provider.signature_verification_algorithms,
             result: Mutex::new(None),
         });
         let versions: &[&SupportedProtocolVersion] = match min_tls {
@@ -151,12 +151,17 @@ impl TlsClient {
             .unwrap_or(Verification::Failed(CertProblem::Other(
                 "not verified".into(),
             )));
+        let chain = conn
+            .peer_certificates()
+            .map(|certs| certs.iter().map(|c| c.clone().into_owned()).collect())
+            .unwrap_or_default();
         Ok((
             stream,
             TlsSession {
                 version,
                 cipher,
                 verification,
+                chain,
             },
         ))
     }
@@ -166,7 +171,8 @@ impl TlsClient {
 /// always checked, so the session is encrypted to whoever holds the certificate's key.
 #[derive(Debug)]
 struct RecordingVerifier {
-    inner: Arc<WebPkiServerVerifier>,
+    inner: Option<Arc<WebPkiServerVerifier>>,
+    algorithms: WebPkiSupportedAlgorithms,
     result: Mutex<Option<Verification>>,
 }
 
@@ -179,15 +185,25 @@ impl ServerCertVerifier for RecordingVerifier {
         ocsp_response: &[u8],
         now: UnixTime,
     ) -> Result<ServerCertVerified, rustls::Error> {
-        let verification = match self.inner.verify_server_cert(
-            end_entity,
-            intermediates,
-            server_name,
-            ocsp_response,
-            now,
-        ) {
-            Ok(_) => Verification::Verified,
-            Err(error) => Verification::Failed(cert_problem(&error, end_entity, server_name)),
+        let verification = match &self.inner {
+            None => Verification::Failed(CertProblem::Untrusted {
+                detail: "no trusted root certificates are configured".into(),
+                name_ok: name_matches(end_entity, server_name),
+            }),
+            Some(inner) => {
+                match inner.verify_server_cert(
+                    end_entity,
+                    intermediates,
+                    server_name,
+                    ocsp_response,
+                    now,
+                ) {
+                    Ok(_) => Verification::Verified,
+                    Err(error) => {
+                        Verification::Failed(cert_problem(&error, end_entity, server_name))
+                    }
+                }
+            }
         };
         if let Ok(mut slot) = self.result.lock() {
             *slot = Some(verification);
@@ -201,7 +217,7 @@ impl ServerCertVerifier for RecordingVerifier {
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        self.inner.verify_tls12_signature(message, cert, dss)
+        rustls::crypto::verify_tls12_signature(message, cert, dss, &self.algorithms)
     }
 
     fn verify_tls13_signature(
@@ -210,11 +226,11 @@ impl ServerCertVerifier for RecordingVerifier {
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        self.inner.verify_tls13_signature(message, cert, dss)
+        rustls::crypto::verify_tls13_signature(message, cert, dss, &self.algorithms)
     }
 
     fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.inner.supported_verify_schemes()
+        self.algorithms.supported_schemes()
     }
 }
 

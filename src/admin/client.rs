@@ -1,0 +1,266 @@
+//! `tlsrouter ctl`: sends one request to the admin socket and shows the answer, as a table
+//! for people or as JSON for scripts.
+
+use std::path::Path;
+
+use serde_json::Value;
+
+use crate::admin::protocol::{Request, Response};
+
+/// Why the daemon could not be asked.
+#[derive(Debug, thiserror::Error)]
+pub enum CtlError {
+    #[error("tlsrouter is not running (no admin socket at {0})")]
+    NotRunning(String),
+    #[error("permission denied on the admin socket {0} (are you in its group?)")]
+    Permission(String),
+    #[error("admin socket {path}: {source}")]
+    Io {
+        path: String,
+        source: std::io::Error,
+    },
+    #[error("admin socket {0}: the daemon sent no valid answer")]
+    BadAnswer(String),
+}
+
+#[cfg(unix)]
+pub async fn ask(socket: &Path, request: &Request) -> Result<Response, CtlError> {
+    use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+    let path = socket.display().to_string();
+    let stream = tokio::net::UnixStream::connect(socket)
+        .await
+        .map_err(|e| match e.kind() {
+            std::io::ErrorKind::NotFound | std::io::ErrorKind::ConnectionRefused => {
+                CtlError::NotRunning(path.clone())
+            }
+            std::io::ErrorKind::PermissionDenied => CtlError::Permission(path.clone()),
+            _ => CtlError::Io {
+                path: path.clone(),
+                source: e,
+            },
+        })?;
+    let (read, mut write) = stream.into_split();
+    let mut line = serde_json::to_string(request).map_err(|_| CtlError::BadAnswer(path.clone()))?;
+    line.push('\n');
+    let io = |source| CtlError::Io {
+        path: path.clone(),
+        source,
+    };
+    write.write_all(line.as_bytes()).await.map_err(io)?;
+    let mut answer = String::new();
+    BufReader::new(read)
+        .read_line(&mut answer)
+        .await
+        .map_err(io)?;
+    serde_json::from_str(&answer).map_err(|_| CtlError::BadAnswer(path))
+}
+
+#[cfg(not(unix))]
+pub async fn ask(socket: &Path, _request: &Request) -> Result<Response, CtlError> {
+    Err(CtlError::NotRunning(format!(
+        "{} (admin sockets need Unix; see docs/ADMIN.md)",
+        socket.display()
+    )))
+}
+
+/// The human form of a successful answer.
+pub fn render(request: &Request, result: &Value) -> String {
+    let now = result.get("now").and_then(Value::as_u64).unwrap_or(0);
+    match request {
+        Request::CacheList { .. } | Request::CacheShow { .. } => cache_table(result, now),
+        Request::CacheFlush { .. } => format!("flushed {} entries\n", result["flushed"]),
+        Request::CachePin { .. } => format!("pinned {} entries\n", result["pinned"]),
+        Request::RulesShow {} => rules_table(result),
+        Request::RulesReload {} => format!("rules reloaded: {} rules in force\n", result["rules"]),
+        Request::RulesExplain { .. } => result["explanation"].as_str().unwrap_or("").to_string(),
+        Request::Stats {} => stats_lines(result),
+        Request::Sessions {} => sessions_table(result),
+        Request::Probe(_) => {
+            match serde_json::from_value::<crate::probe::ProbeReport>(result.clone()) {
+                Ok(report) => crate::probe::render(&report),
+                Err(_) => format!("{result:#}\n"),
+            }
+        }
+    }
+}
+
+fn cache_table(result: &Value, now: u64) -> String {
+    let mut rows = vec![row(&[
+        "HOST",
+        "ADDRESS",
+        "DOMAINS",
+        "CLASS",
+        "TLS",
+        "CERT EXPIRES",
+        "LAST SEEN",
+        "EXPIRES",
+    ])];
+    for e in result["entries"].as_array().into_iter().flatten() {
+        let domains: Vec<&str> = e["domains"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(Value::as_str)
+            .collect();
+        let mut class = e["class"].as_str().unwrap_or("").to_string();
+        if let Some(cert) = e["cert_problem"].as_str() {
+            class = format!("{class} ({cert})");
+        }
+        if e["pinned"].as_bool() == Some(true) {
+            class.push_str(" [pinned]");
+        }
+        rows.push(vec![
+            text(&e["host"]),
+            text(&e["addr"]),
+            domains.join(","),
+            class,
+            text(&e["tls_version"]),
+            text(&e["cert_not_after"]),
+            relative(now, e["last_seen"].as_u64().unwrap_or(0)),
+            relative(now, e["expires_at"].as_u64().unwrap_or(0)),
+        ]);
+    }
+    table(&rows)
+}
+
+fn rules_table(result: &Value) -> String {
+    let mut rows = vec![row(&["#", "NAME", "LINE", "WHAT"])];
+    for (i, r) in result["rules"].as_array().into_iter().flatten().enumerate() {
+        rows.push(vec![
+            (i + 1).to_string(),
+            text(&r["name"]),
+            text(&r["line"]),
+            text(&r["summary"]),
+        ]);
+    }
+    format!("rules from {}\n{}", text(&result["source"]), table(&rows))
+}
+
+fn stats_lines(result: &Value) -> String {
+    let mut out = String::new();
+    for key in [
+        "sessions",
+        "active_sessions",
+        "transactions",
+        "delivered_tls_verified",
+        "delivered_tls_unverified",
+        "delivered_plain",
+        "deferrals",
+        "downgrades",
+        "cache_hits",
+        "cache_entries",
+    ] {
+        out.push_str(&format!("{:<26}{}\n", key.replace('_', " "), result[key]));
+    }
+    for pair in result["fallbacks"].as_array().into_iter().flatten() {
+        out.push_str(&format!(
+            "{:<26}{}\n",
+            format!("fallback {}", text(&pair[0])),
+            pair[1]
+        ));
+    }
+    out
+}
+
+fn sessions_table(result: &Value) -> String {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    let mut rows = vec![row(&["ID", "CLIENT", "STATE", "NEXT HOP", "AGE"])];
+    for s in result["sessions"].as_array().into_iter().flatten() {
+        rows.push(vec![
+            text(&s["id"]),
+            text(&s["client"]),
+            text(&s["state"]),
+            text(&s["next_hop"]),
+            relative(now, s["started"].as_u64().unwrap_or(0)).replace(" ago", ""),
+        ]);
+    }
+    table(&rows)
+}
+
+fn row(cells: &[&str]) -> Vec<String> {
+    cells.iter().map(|c| c.to_string()).collect()
+}
+
+fn text(value: &Value) -> String {
+    match value {
+        Value::Null => "-".into(),
+        Value::String(s) => s.clone(),
+        other => other.to_string(),
+    }
+}
+
+/// Aligned columns, two spaces apart.
+pub fn table(rows: &[Vec<String>]) -> String {
+    let columns = rows.iter().map(Vec::len).max().unwrap_or(0);
+    let widths: Vec<usize> = (0..columns)
+        .map(|c| {
+            rows.iter()
+                .filter_map(|r| r.get(c))
+                .map(|s| s.chars().count())
+                .max()
+                .unwrap_or(0)
+        })
+        .collect();
+    let mut out = String::new();
+    for r in rows {
+        let cells: Vec<String> = r
+            .iter()
+            .enumerate()
+            .map(|(c, cell)| format!("{cell:<width$}", width = widths[c]))
+            .collect();
+        out.push_str(cells.join("  ").trim_end());
+        out.push('\n');
+    }
+    out
+}
+
+/// "in 42m", "3h ago", "now".
+pub fn relative(now: u64, then: u64) -> String {
+    let (delta, future) = if then >= now {
+        (then - now, true)
+    } else {
+        (now - then, false)
+    };
+    let amount = match delta {
+        0..=59 => {
+            return if delta < 5 {
+                "now".into()
+            } else {
+                with(future, format!("{delta}s"))
+            };
+        }
+        60..=3599 => format!("{}m", delta / 60),
+        3600..=86_399 => format!("{}h", delta / 3600),
+        _ => format!("{}d", delta / 86_400),
+    };
+    with(future, amount)
+}
+
+fn with(future: bool, amount: String) -> String {
+    if future {
+        format!("in {amount}")
+    } else {
+        format!("{amount} ago")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn relative_times_read_naturally() {
+        assert_eq!(relative(1000, 1000 + 42 * 60), "in 42m");
+        assert_eq!(relative(100_000, 100_000 - 3 * 3600), "3h ago");
+        assert_eq!(relative(10, 12), "now");
+        assert_eq!(relative(0, 7 * 86_400), "in 7d");
+    }
+
+    #[test]
+    fn tables_align_columns() {
+        let t = table(&[row(&["A", "BB"]), row(&["CCC", "D"])]);
+        assert_eq!(t, "A    BB\nCCC  D\n");
+    }
+}

@@ -1,0 +1,204 @@
+//! The admin socket: a Unix socket speaking the JSON-lines protocol, served by the daemon.
+
+use std::path::Path;
+use std::sync::Arc;
+
+use serde_json::json;
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+
+use crate::admin::protocol::{ErrorKind, Request, Response, parse_request};
+use crate::config::duration;
+use crate::probe::probe;
+use crate::proxy::Proxy;
+use crate::rules::explain::{Question, explain};
+
+/// Requests longer than this are not from `tlsrouter ctl`.
+const MAX_REQUEST: u64 = 64 * 1024;
+
+/// Answers one request.
+pub async fn handle(proxy: &Proxy, request: Request) -> Response {
+    let cache = &proxy.outbound.cache;
+    match request {
+        Request::CacheList { class, domain } => {
+            let entries: Vec<_> = cache
+                .entries()
+                .into_iter()
+                .filter(|e| class.is_none_or(|c| e.classes().contains(&c)))
+                .filter(|e| {
+                    domain
+                        .as_ref()
+                        .is_none_or(|d| e.domains.iter().any(|x| x.eq_ignore_ascii_case(d)))
+                })
+                .collect();
+            Response::ok(json!({ "now": cache.now(), "entries": entries }))
+        }
+        Request::CacheShow { target } => {
+            let entries = cache.find(&target);
+            if entries.is_empty() {
+                return Response::error(ErrorKind::Failed, format!("nothing cached for {target}"));
+            }
+            Response::ok(json!({ "now": cache.now(), "entries": entries }))
+        }
+        Request::CacheFlush { target, all } => match (target, all) {
+            (None, true) => Response::ok(json!({ "flushed": cache.flush_all() })),
+            (Some(target), false) => Response::ok(json!({ "flushed": cache.flush(&target) })),
+            _ => Response::error(ErrorKind::BadArguments, "give either a target or all"),
+        },
+        Request::CachePin { host, class, ttl } => {
+            let ttl = match duration::parse(&ttl) {
+                Ok(ttl) => ttl,
+                Err(e) => return Response::error(ErrorKind::BadArguments, e),
+            };
+            match cache.pin(&host, None, class, ttl) {
+                Ok(pinned) => Response::ok(json!({ "pinned": pinned })),
+                Err(e) => Response::error(ErrorKind::Failed, e.to_string()),
+            }
+        }
+        Request::RulesShow {} => {
+            let rules = proxy.router.rules();
+            let list: Vec<_> = rules
+                .rules()
+                .iter()
+                .map(|r| json!({ "name": r.name, "line": r.line, "summary": summary(r) }))
+                .collect();
+            Response::ok(json!({ "source": rules.source.display().to_string(), "rules": list }))
+        }
+        Request::RulesReload {} => match proxy.reload_rules("admin request") {
+            Ok(count) => Response::ok(json!({ "rules": count })),
+            Err(e) => Response::error(ErrorKind::Failed, e.to_string()),
+        },
+        Request::RulesExplain {
+            rcpt,
+            sender,
+            mx,
+            outcome,
+        } => {
+            let domain_of = |a: &str| a.rsplit_once('@').map(|(_, d)| d.to_ascii_lowercase());
+            let Some(domain) = domain_of(&rcpt) else {
+                return Response::error(ErrorKind::BadArguments, "rcpt must be user@domain");
+            };
+            let sender_domain = sender.as_deref().and_then(domain_of);
+            let question = Question {
+                recipient_domain: &domain,
+                sender_domain: sender_domain.as_deref(),
+                mx: mx.as_deref(),
+                outcome,
+            };
+            let (rule, text) = explain(&proxy.router.rules(), &question);
+            Response::ok(json!({ "rule": rule, "explanation": text }))
+        }
+        Request::Stats {} => {
+            proxy.stats.cache_entries.set(cache.len() as i64);
+            Response::ok(json!(proxy.stats.snapshot()))
+        }
+        Request::Sessions {} => Response::ok(json!({ "sessions": proxy.sessions.list() })),
+        Request::Probe(target) => {
+            let report = probe(&proxy.outbound, &proxy.router.rules(), &target, true).await;
+            Response::ok(json!(report))
+        }
+    }
+}
+
+fn summary(rule: &crate::rules::Rule) -> String {
+    let c = &rule.conditions;
+    let list = |v: &[crate::rules::pattern::DomainPattern]| {
+        v.iter()
+            .map(ToString::to_string)
+            .collect::<Vec<_>>()
+            .join(",")
+    };
+    let mut parts = Vec::new();
+    if !c.domains.is_empty() {
+        parts.push(format!("domains={}", list(&c.domains)));
+    }
+    if !c.senders.is_empty() {
+        parts.push(format!("senders={}", list(&c.senders)));
+    }
+    if !c.mx.is_empty() {
+        parts.push(format!("mx={}", list(&c.mx)));
+    }
+    if !c.outcome.is_empty() {
+        let classes: Vec<&str> = c.outcome.iter().map(|o| o.name()).collect();
+        parts.push(format!("outcome={}", classes.join(",")));
+    }
+    parts.push(format!("tls={:?} verify={:?}", rule.policy.tls, rule.policy.verify).to_lowercase());
+    parts.join(" ")
+}
+
+/// Serves the admin socket at `path` until the task is dropped.
+#[cfg(unix)]
+pub async fn serve(proxy: Arc<Proxy>, listener: tokio::net::UnixListener) {
+    loop {
+        let Ok((stream, _)) = listener.accept().await else {
+            continue;
+        };
+        let proxy = proxy.clone();
+        tokio::spawn(async move {
+            let (read, mut write) = stream.into_split();
+            let mut lines = BufReader::new(read);
+            let mut line = String::new();
+            loop {
+                line.clear();
+                let limited = (&mut lines).take(MAX_REQUEST).read_line(&mut line).await;
+                let response = match limited {
+                    Ok(0) | Err(_) => return,
+                    Ok(_) if !line.ends_with('\n') => {
+                        let r = Response::error(ErrorKind::BadArguments, "request line too long");
+                        let _ = send(&mut write, &r).await;
+                        return;
+                    }
+                    Ok(_) => match parse_request(line.trim()) {
+                        Ok(request) => handle(&proxy, request).await,
+                        Err(response) => response,
+                    },
+                };
+                if send(&mut write, &response).await.is_err() {
+                    return;
+                }
+            }
+        });
+    }
+}
+
+#[cfg(unix)]
+async fn send(
+    write: &mut tokio::net::unix::OwnedWriteHalf,
+    response: &Response,
+) -> std::io::Result<()> {
+    let mut text = serde_json::to_string(response).unwrap_or_else(|_| "{\"ok\":false}".into());
+    text.push('\n');
+    write.write_all(text.as_bytes()).await
+}
+
+/// Creates the socket: a stale socket from a crashed run is replaced, any other file at the
+/// path is refused; the mode is set (0660 by default) and the group, if one is configured.
+#[cfg(unix)]
+pub fn bind(
+    path: &Path,
+    mode: u32,
+    group: Option<u32>,
+) -> std::io::Result<tokio::net::UnixListener> {
+    use std::os::unix::fs::{FileTypeExt, PermissionsExt};
+    match std::fs::symlink_metadata(path) {
+        Ok(meta) if meta.file_type().is_socket() => std::fs::remove_file(path)?,
+        Ok(_) => {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::AlreadyExists,
+                format!(
+                    "{} exists and is not a socket; not replacing it",
+                    path.display()
+                ),
+            ));
+        }
+        Err(_) => {}
+    }
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::create_dir_all(dir)?;
+    }
+    let listener = tokio::net::UnixListener::bind(path)?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))?;
+    if let Some(gid) = group {
+        std::os::unix::fs::chown(path, None, Some(gid))?;
+    }
+    Ok(listener)
+}

@@ -1,0 +1,435 @@
+//! `tlsrouter probe`: what an MX says and does, step by step, for an admin whose mail to
+//! one partner is stuck. It uses the same client code as deliveries.
+
+use std::fmt::Write;
+use std::net::{IpAddr, SocketAddr};
+use std::time::{Instant, SystemTime, UNIX_EPOCH};
+
+use serde::Serialize;
+
+use crate::cache::Observation;
+use crate::outbound::connection::{Connection, StartTlsResult};
+use crate::outbound::delivery::Outbound;
+use crate::outbound::mx::MxHost;
+use crate::outbound::tls::MinTls;
+use crate::outcome::{NoTls, OutcomeClass, TlsOutcome, TlsSession, Verification, format_date};
+use crate::rules::RuleSet;
+use crate::rules::explain::{Question, explain};
+
+/// What to probe.
+#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct ProbeTarget {
+    /// A recipient domain (its MX hosts are probed).
+    pub domain: Option<String>,
+    /// One server instead of the domain's MX hosts.
+    pub mx: Option<String>,
+    /// The port to use instead of the configured delivery port.
+    pub port: Option<u16>,
+    /// Stop after EHLO.
+    #[serde(default)]
+    pub no_tls: bool,
+}
+
+#[derive(Debug, Serialize, serde::Deserialize)]
+pub struct ProbeReport {
+    pub domain: Option<String>,
+    /// Why the domain has no MX to probe, when it has none.
+    pub dns_error: Option<String>,
+    pub mx: Vec<MxReport>,
+    /// What the rules in force would do with a message to the domain.
+    pub rule: Option<String>,
+    pub plan: Option<String>,
+}
+
+#[derive(Debug, Serialize, serde::Deserialize)]
+pub struct MxReport {
+    pub host: String,
+    pub preference: u16,
+    pub addresses: Vec<IpAddr>,
+    pub error: Option<String>,
+    pub servers: Vec<ServerReport>,
+}
+
+#[derive(Debug, Default, Serialize, serde::Deserialize)]
+pub struct ServerReport {
+    pub addr: Option<SocketAddr>,
+    /// Milliseconds per step: connect, greeting, ehlo, starttls, ehlo-after-tls.
+    pub timings_ms: Vec<(String, u64)>,
+    pub banner: Option<String>,
+    pub ehlo: Vec<String>,
+    pub starttls_offered: bool,
+    /// The outcome class of the attempt.
+    pub class: Option<OutcomeClass>,
+    /// The alert, io error or reply behind the class.
+    pub detail: Option<String>,
+    pub tls: Option<TlsReport>,
+    pub error: Option<String>,
+}
+
+#[derive(Debug, Serialize, serde::Deserialize)]
+pub struct TlsReport {
+    pub version: String,
+    pub cipher: String,
+    pub verified: bool,
+    /// Why the certificate did not verify for the MX name.
+    pub problem: Option<String>,
+    pub ehlo_after_tls: Vec<String>,
+    pub certificates: Vec<CertReport>,
+}
+
+#[derive(Debug, Serialize, serde::Deserialize)]
+pub struct CertReport {
+    pub subject: String,
+    pub sans: Vec<String>,
+    pub issuer: String,
+    pub not_before: String,
+    pub not_after: String,
+    pub days_left: i64,
+}
+
+/// Probes the target. With `record`, what is found goes into the cache (as a delivery's
+/// attempt would).
+pub async fn probe(
+    outbound: &Outbound,
+    rules: &RuleSet,
+    target: &ProbeTarget,
+    record: bool,
+) -> ProbeReport {
+    let port = target.port.unwrap_or(outbound.port);
+    let (hosts, dns_error) = match (&target.mx, &target.domain) {
+        (Some(mx), _) => (
+            vec![MxHost {
+                name: mx.clone(),
+                preference: 0,
+            }],
+            None,
+        ),
+        (None, Some(domain)) => match outbound.resolver.mail_exchangers(domain).await {
+            Ok(hosts) => (hosts, None),
+            Err(e) => (Vec::new(), Some(e.to_string())),
+        },
+        (None, None) => (
+            Vec::new(),
+            Some("nothing to probe: give a domain or --mx".into()),
+        ),
+    };
+    let mut mx = Vec::new();
+    for host in hosts {
+        mx.push(probe_host(outbound, host, port, target, record).await);
+    }
+    let (rule, plan) = match &target.domain {
+        Some(domain) => {
+            let question = Question {
+                recipient_domain: domain,
+                sender_domain: None,
+                mx: target.mx.as_deref(),
+                outcome: None,
+            };
+            let (rule, plan) = explain(rules, &question);
+            (Some(rule), Some(plan))
+        }
+        None => (None, None),
+    };
+    ProbeReport {
+        domain: target.domain.clone(),
+        dns_error,
+        mx,
+        rule,
+        plan,
+    }
+}
+
+async fn probe_host(
+    outbound: &Outbound,
+    host: MxHost,
+    port: u16,
+    target: &ProbeTarget,
+    record: bool,
+) -> MxReport {
+    let addresses = match host.name.parse::<IpAddr>() {
+        Ok(ip) => Ok(vec![ip]),
+        Err(_) => outbound.resolver.addresses(&host.name).await,
+    };
+    let mut report = MxReport {
+        host: host.name.clone(),
+        preference: host.preference,
+        addresses: addresses.clone().unwrap_or_default(),
+        error: addresses.as_ref().err().map(ToString::to_string),
+        servers: Vec::new(),
+    };
+    for ip in report.addresses.clone() {
+        let server = probe_server(
+            outbound,
+            &host.name,
+            SocketAddr::new(ip, port),
+            target.no_tls,
+        )
+        .await;
+        if record && let Some(class) = server.class {
+            let observation = match (&server.tls, class) {
+                (_, OutcomeClass::ConnectFailed | OutcomeClass::Timeout) => Some(
+                    Observation::unreachable(class, server.detail.clone().unwrap_or_default()),
+                ),
+                _ => server.outcome.as_ref().and_then(Observation::from_outcome),
+            };
+            let domain = target.domain.as_deref().unwrap_or("");
+            if let Some(observation) = observation {
+                outbound.cache.record(&host.name, ip, domain, observation);
+            }
+        }
+        report.servers.push(server.report);
+    }
+    report
+}
+
+/// A server's report, and the outcome to cache.
+struct Probed {
+    report: ServerReport,
+    outcome: Option<TlsOutcome>,
+}
+
+impl std::ops::Deref for Probed {
+    type Target = ServerReport;
+    fn deref(&self) -> &ServerReport {
+        &self.report
+    }
+}
+
+async fn probe_server(outbound: &Outbound, host: &str, addr: SocketAddr, no_tls: bool) -> Probed {
+    let mut report = ServerReport {
+        addr: Some(addr),
+        ..ServerReport::default()
+    };
+    let t = &outbound.timeouts;
+    let mut clock = Instant::now();
+    let mut lap = |report: &mut ServerReport, step: &str| {
+        report
+            .timings_ms
+            .push((step.to_string(), clock.elapsed().as_millis() as u64));
+        clock = Instant::now();
+    };
+    let mut conn = match Connection::connect(host, addr, t.connect).await {
+        Ok(conn) => conn,
+        Err(e) => {
+            report.class = Some(if e.is_timeout() {
+                OutcomeClass::Timeout
+            } else {
+                OutcomeClass::ConnectFailed
+            });
+            report.detail = Some(e.to_string());
+            return Probed {
+                report,
+                outcome: None,
+            };
+        }
+    };
+    lap(&mut report, "connect");
+    match conn.read_reply(t.greeting, "the greeting").await {
+        Ok(reply) => report.banner = Some(reply.one_line()),
+        Err(e) => {
+            report.error = Some(format!("greeting: {e}"));
+            return Probed {
+                report,
+                outcome: None,
+            };
+        }
+    }
+    lap(&mut report, "greeting");
+    let caps = match outbound.ehlo(&mut conn).await {
+        Ok(caps) => caps,
+        Err(e) => {
+            report.error = Some(e);
+            return Probed {
+                report,
+                outcome: None,
+            };
+        }
+    };
+    lap(&mut report, "ehlo");
+    report.ehlo = caps.keywords.clone();
+    report.starttls_offered = caps.starttls;
+    if no_tls {
+        tokio::spawn(conn.quit());
+        return Probed {
+            report,
+            outcome: None,
+        };
+    }
+    if !caps.starttls {
+        return finish(report, TlsOutcome::Plain(NoTls::NoStarttls), Some(conn));
+    }
+    let started = conn
+        .starttls(&outbound.tls, MinTls::Tls12, t.command, t.tls_handshake)
+        .await;
+    lap(&mut report, "starttls");
+    match started {
+        StartTlsResult::Encrypted(mut conn, session) => {
+            let after = outbound
+                .ehlo(&mut conn)
+                .await
+                .map(|c| c.keywords)
+                .unwrap_or_default();
+            lap(&mut report, "ehlo-after-tls");
+            report.tls = Some(tls_report(&session, after));
+            finish(report, TlsOutcome::Encrypted(session), Some(conn))
+        }
+        StartTlsResult::Refused(conn, reason) => {
+            finish(report, TlsOutcome::Plain(reason), Some(conn))
+        }
+        StartTlsResult::Lost(reason) => finish(report, TlsOutcome::Plain(reason), None),
+    }
+}
+
+fn finish(mut report: ServerReport, outcome: TlsOutcome, conn: Option<Connection>) -> Probed {
+    if let Some(conn) = conn {
+        tokio::spawn(conn.quit());
+    }
+    report.class = outcome.class();
+    report.detail = match &outcome {
+        TlsOutcome::Plain(reason) => Some(reason.to_string()),
+        TlsOutcome::Encrypted(session) => match &session.verification {
+            Verification::Verified => Some("certificate verified".into()),
+            Verification::Failed(problem) => Some(format!("{}: {problem}", problem.class())),
+        },
+    };
+    Probed {
+        report,
+        outcome: Some(outcome),
+    }
+}
+
+fn tls_report(session: &TlsSession, ehlo_after_tls: Vec<String>) -> TlsReport {
+    let problem = match &session.verification {
+        Verification::Verified => None,
+        Verification::Failed(problem) => Some(format!("{}: {problem}", problem.class())),
+    };
+    TlsReport {
+        version: session.version.clone(),
+        cipher: session.cipher.clone(),
+        verified: problem.is_none(),
+        problem,
+        ehlo_after_tls,
+        certificates: session
+            .chain
+            .iter()
+            .filter_map(|der| cert_report(der))
+            .collect(),
+    }
+}
+
+fn cert_report(der: &[u8]) -> Option<CertReport> {
+    let (_, cert) = x509_parser::parse_x509_certificate(der).ok()?;
+    let sans = cert
+        .subject_alternative_name()
+        .ok()
+        .flatten()
+        .map(|ext| {
+            ext.value
+                .general_names
+                .iter()
+                .filter_map(|name| match name {
+                    x509_parser::extensions::GeneralName::DNSName(dns) => Some(dns.to_string()),
+                    x509_parser::extensions::GeneralName::IPAddress(ip) => Some(format!("{ip:?}")),
+                    _ => None,
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    let validity = cert.validity();
+    let date = |t: &x509_parser::time::ASN1Time| format_date(t.timestamp().max(0) as u64);
+    let now = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs() as i64);
+    Some(CertReport {
+        subject: cert.subject().to_string(),
+        sans,
+        issuer: cert.issuer().to_string(),
+        not_before: date(&validity.not_before),
+        not_after: date(&validity.not_after),
+        days_left: (validity.not_after.timestamp() - now).div_euclid(86_400),
+    })
+}
+
+/// The report for people.
+pub fn render(report: &ProbeReport) -> String {
+    let mut out = String::new();
+    if let Some(domain) = &report.domain {
+        let _ = writeln!(out, "domain {domain}");
+    }
+    if let Some(error) = &report.dns_error {
+        let _ = writeln!(out, "  DNS: {error}");
+    }
+    for mx in &report.mx {
+        let addrs: Vec<String> = mx.addresses.iter().map(ToString::to_string).collect();
+        let _ = writeln!(
+            out,
+            "MX {} (preference {}): {}",
+            mx.host,
+            mx.preference,
+            addrs.join(", ")
+        );
+        if let Some(error) = &mx.error {
+            let _ = writeln!(out, "  address lookup: {error}");
+        }
+        for server in &mx.servers {
+            render_server(&mut out, server);
+        }
+    }
+    if let (Some(rule), Some(plan)) = (&report.rule, &report.plan) {
+        let _ = writeln!(out, "rules: a message to this domain gets rule {rule:?}");
+        for line in plan.lines() {
+            let _ = writeln!(out, "  {line}");
+        }
+    }
+    out
+}
+
+fn render_server(out: &mut String, s: &ServerReport) {
+    let addr = s.addr.map(|a| a.to_string()).unwrap_or_default();
+    let _ = writeln!(out, "  server {addr}");
+    let timings: Vec<String> = s
+        .timings_ms
+        .iter()
+        .map(|(step, ms)| format!("{step} {ms}ms"))
+        .collect();
+    if !timings.is_empty() {
+        let _ = writeln!(out, "    timings:  {}", timings.join(", "));
+    }
+    if let Some(banner) = &s.banner {
+        let _ = writeln!(out, "    banner:   {banner}");
+    }
+    if !s.ehlo.is_empty() {
+        let starttls = if s.starttls_offered {
+            "STARTTLS offered"
+        } else {
+            "no STARTTLS"
+        };
+        let _ = writeln!(out, "    ehlo:     {} ({starttls})", s.ehlo.join(" "));
+    }
+    if let Some(tls) = &s.tls {
+        let _ = writeln!(out, "    tls:      {} {}", tls.version, tls.cipher);
+        let verdict = tls
+            .problem
+            .as_deref()
+            .unwrap_or("certificate verified for the MX name");
+        let _ = writeln!(out, "    verify:   {verdict}");
+        for (i, cert) in tls.certificates.iter().enumerate() {
+            let _ = writeln!(out, "    cert {i}:   subject {}", cert.subject);
+            let _ = writeln!(out, "              SANs {}", cert.sans.join(", "));
+            let _ = writeln!(out, "              issuer {}", cert.issuer);
+            let _ = writeln!(
+                out,
+                "              valid {} to {} ({} days left)",
+                cert.not_before, cert.not_after, cert.days_left
+            );
+        }
+    }
+    if let Some(class) = s.class {
+        let detail = s.detail.as_deref().unwrap_or("");
+        let _ = writeln!(out, "    outcome:  {class} ({detail})");
+    }
+    if let Some(error) = &s.error {
+        let _ = writeln!(out, "    error:    {error}");
+    }
+}

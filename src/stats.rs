@@ -1,0 +1,180 @@
+//! Counters since start, shared by `tlsrouter ctl stats` and the Prometheus endpoint (one set
+//! of numbers, two ways to read them).
+
+use prometheus_client::encoding::text::encode;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::registry::Registry;
+use serde::Serialize;
+
+use crate::outcome::OutcomeClass;
+
+type Labels = Vec<(&'static str, &'static str)>;
+
+pub struct Stats {
+    registry: Registry,
+    pub sessions: Counter,
+    pub active_sessions: Gauge,
+    pub transactions: Counter,
+    /// Messages the remote accepted, by `route` (tls-verified, tls-unverified, plain).
+    delivered: Family<Labels, Counter>,
+    /// Plain deliveries, by the class that allowed them.
+    fallbacks: Family<Labels, Counter>,
+    /// Messages answered with a 4xx.
+    pub deferrals: Counter,
+    pub downgrades: Counter,
+    pub cache_hits: Counter,
+    pub cache_entries: Gauge,
+    transaction_seconds: Histogram,
+    handshake_seconds: Histogram,
+}
+
+impl Default for Stats {
+    fn default() -> Stats {
+        let mut stats = Stats {
+            registry: Registry::with_prefix("tlsrouter"),
+            sessions: Counter::default(),
+            active_sessions: Gauge::default(),
+            transactions: Counter::default(),
+            delivered: Family::default(),
+            fallbacks: Family::default(),
+            deferrals: Counter::default(),
+            downgrades: Counter::default(),
+            cache_hits: Counter::default(),
+            cache_entries: Gauge::default(),
+            transaction_seconds: Histogram::new(exponential_buckets(0.05, 2.0, 12)),
+            handshake_seconds: Histogram::new(exponential_buckets(0.005, 2.0, 12)),
+        };
+        stats.register();
+        stats
+    }
+}
+
+/// A snapshot for `ctl stats`.
+#[derive(Debug, Serialize, serde::Deserialize, PartialEq, Eq)]
+pub struct Snapshot {
+    pub sessions: u64,
+    pub active_sessions: i64,
+    pub transactions: u64,
+    pub delivered_tls_verified: u64,
+    pub delivered_tls_unverified: u64,
+    pub delivered_plain: u64,
+    pub fallbacks: Vec<(String, u64)>,
+    pub deferrals: u64,
+    pub downgrades: u64,
+    pub cache_hits: u64,
+    pub cache_entries: i64,
+}
+
+impl Stats {
+    fn register(&mut self) {
+        let r = &mut self.registry;
+        r.register("sessions", "MTA sessions accepted", self.sessions.clone());
+        r.register(
+            "active_sessions",
+            "MTA sessions open now",
+            self.active_sessions.clone(),
+        );
+        r.register(
+            "transactions",
+            "transactions ended",
+            self.transactions.clone(),
+        );
+        r.register(
+            "delivered",
+            "messages the remote accepted, by route",
+            self.delivered.clone(),
+        );
+        r.register(
+            "fallbacks",
+            "plain deliveries, by the class that allowed them",
+            self.fallbacks.clone(),
+        );
+        r.register(
+            "deferrals",
+            "messages answered with a 4xx",
+            self.deferrals.clone(),
+        );
+        r.register(
+            "downgrades",
+            "hosts that did TLS before and offered no STARTTLS",
+            self.downgrades.clone(),
+        );
+        r.register(
+            "cache_hits",
+            "delivery decisions taken from the cache",
+            self.cache_hits.clone(),
+        );
+        r.register(
+            "cache_entries",
+            "entries in the outcome cache",
+            self.cache_entries.clone(),
+        );
+        r.register(
+            "transaction_seconds",
+            "time from MAIL FROM to the final reply",
+            self.transaction_seconds.clone(),
+        );
+        r.register(
+            "handshake_seconds",
+            "TLS handshake time",
+            self.handshake_seconds.clone(),
+        );
+    }
+
+    /// A message the remote accepted; `route` is its class (or "plain").
+    pub fn delivered(&self, route: &'static str) {
+        self.delivered.get_or_create(&vec![("route", route)]).inc();
+    }
+
+    pub fn fallback(&self, class: OutcomeClass) {
+        self.fallbacks
+            .get_or_create(&vec![("class", class.name())])
+            .inc();
+    }
+
+    pub fn transaction_time(&self, seconds: f64) {
+        self.transaction_seconds.observe(seconds);
+    }
+
+    pub fn handshake_time(&self, seconds: f64) {
+        self.handshake_seconds.observe(seconds);
+    }
+
+    pub fn snapshot(&self) -> Snapshot {
+        let delivered = |route| {
+            self.delivered
+                .get(&vec![("route", route)])
+                .map_or(0, |c| c.get())
+        };
+        let fallbacks = OutcomeClass::ALL
+            .iter()
+            .filter_map(|class| {
+                let count = self.fallbacks.get(&vec![("class", class.name())])?.get();
+                Some((class.name().to_string(), count))
+            })
+            .collect();
+        Snapshot {
+            sessions: self.sessions.get(),
+            active_sessions: self.active_sessions.get(),
+            transactions: self.transactions.get(),
+            delivered_tls_verified: delivered("tls-verified"),
+            delivered_tls_unverified: delivered("tls-unverified"),
+            delivered_plain: delivered("plain"),
+            fallbacks,
+            deferrals: self.deferrals.get(),
+            downgrades: self.downgrades.get(),
+            cache_hits: self.cache_hits.get(),
+            cache_entries: self.cache_entries.get(),
+        }
+    }
+
+    /// The Prometheus text format.
+    pub fn prometheus_text(&self) -> String {
+        let mut text = String::new();
+        let _ = encode(&mut text, &self.registry);
+        text
+    }
+}

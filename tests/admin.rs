@@ -1,0 +1,604 @@
+//! The admin socket, `tlsrouter ctl` and `tlsrouter probe`, end to end: a running proxy, the
+//! real binary as the client, and real servers to probe.
+
+mod support;
+
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use serde_json::Value;
+use support::dns::{DnsServer, TestZone};
+use support::pki::{CertKey, TestCa, Validity, self_signed};
+use support::proxy::test_config;
+use support::smtp_client::SmtpClient;
+use support::smtp_server::{ServerBehaviour, SmtpServer, StartTls};
+use tlsrouter::Proxy;
+use tlsrouter::config::Config;
+use tlsrouter::outcome::OutcomeClass;
+use tlsrouter::probe::{ProbeTarget, probe};
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+
+const LOCALHOST: IpAddr = IpAddr::V4(Ipv4Addr::LOCALHOST);
+const BODY: &[u8] = b"Subject: admin test\r\n\r\nhello\r\n";
+
+/// A proxy with its admin socket in a temporary directory, example.test's MX served by
+/// `behaviour`.
+struct Daemon {
+    proxy: Arc<Proxy>,
+    smtp: SocketAddr,
+    socket: PathBuf,
+    server: SmtpServer,
+    dir: tempfile::TempDir,
+    _dns: DnsServer,
+}
+
+async fn daemon(
+    ca: &TestCa,
+    behaviour: ServerBehaviour,
+    adjust: impl FnOnce(&mut Config),
+) -> Daemon {
+    let server = SmtpServer::start(LOCALHOST, 0, behaviour)
+        .await
+        .expect("smtp");
+    let zone = TestZone::new()
+        .mx("example.test", 10, "mx.example.test")
+        .a("mx.example.test", Ipv4Addr::LOCALHOST);
+    let dns = DnsServer::start(zone).await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let ca_file = ca.write_ca_file(dir.path());
+    let mut config = test_config(dns.addr, &ca_file, server.addr().port());
+    let socket = dir.path().join("admin.sock");
+    config.admin.socket = Some(socket.clone());
+    adjust(&mut config);
+    let proxy = Proxy::new(config).expect("proxy");
+    proxy.start_admin().await.expect("admin socket");
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let smtp = listener.local_addr().expect("addr");
+    tokio::spawn(tlsrouter::inbound::listener::run(
+        listener,
+        proxy.clone(),
+        std::future::pending(),
+    ));
+    Daemon {
+        proxy,
+        smtp,
+        socket,
+        server,
+        dir,
+        _dns: dns,
+    }
+}
+
+/// Runs `tlsrouter ARGS` on a blocking thread (the daemon runs on this test's thread).
+async fn tlsrouter(args: Vec<String>) -> (i32, String, String) {
+    let out = tokio::task::spawn_blocking(move || {
+        std::process::Command::new(env!("CARGO_BIN_EXE_tlsrouter"))
+            .args(&args)
+            .output()
+    })
+    .await
+    .expect("join")
+    .expect("run tlsrouter");
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+async fn ctl(socket: &Path, args: &[&str]) -> (i32, String, String) {
+    let mut all = vec![
+        "ctl".to_string(),
+        "--socket".into(),
+        socket.display().to_string(),
+    ];
+    all.extend(args.iter().map(|a| a.to_string()));
+    tlsrouter(all).await
+}
+
+async fn ctl_json(socket: &Path, args: &[&str]) -> Value {
+    let mut all = vec!["--json"];
+    all.extend_from_slice(args);
+    let (code, out, err) = ctl(socket, &all).await;
+    assert_eq!(code, 0, "ctl {args:?}: {err}");
+    serde_json::from_str::<Value>(&out).expect("json")["result"].clone()
+}
+
+async fn send(smtp: SocketAddr) {
+    let (mut client, _) = SmtpClient::connect(smtp).await;
+    client.cmd("EHLO mta").await;
+    client.cmd("MAIL FROM:<a@sender.test>").await;
+    assert_eq!(client.cmd("RCPT TO:<b@example.test>").await.code, 250);
+    assert_eq!(client.data(BODY).await.code, 250);
+    client.cmd("QUIT").await;
+}
+
+fn tls10(ca: &TestCa) -> ServerBehaviour {
+    ServerBehaviour {
+        starttls: StartTls::Tls10Only(ca.leaf(&["mx.example.test"], Validity::Current)),
+        ..ServerBehaviour::default()
+    }
+}
+
+#[tokio::test]
+async fn an_admin_lists_shows_pins_and_flushes_the_cache_with_ctl() {
+    let ca = TestCa::new();
+    let d = daemon(&ca, tls10(&ca), |_| {}).await;
+    send(d.smtp).await;
+
+    let (code, table, _) = ctl(&d.socket, &["cache", "list"]).await;
+    assert_eq!(code, 0);
+    let header = table.lines().next().expect("header");
+    for column in [
+        "HOST",
+        "ADDRESS",
+        "DOMAINS",
+        "CLASS",
+        "TLS",
+        "CERT EXPIRES",
+        "LAST SEEN",
+        "EXPIRES",
+    ] {
+        assert!(header.contains(column), "{column} in {header}");
+    }
+    let row = table.lines().nth(1).expect("one host");
+    for cell in [
+        "mx.example.test",
+        "127.0.0.1",
+        "example.test",
+        "legacy-tls",
+        "now",
+    ] {
+        assert!(row.contains(cell), "{cell} in {row}");
+    }
+    assert!(
+        row.ends_with("in 1h") || row.ends_with("in 59m"),
+        "expires in an hour: {row}"
+    );
+
+    let listed = ctl_json(&d.socket, &["cache", "list", "--class", "legacy-tls"]).await;
+    assert_eq!(listed["entries"].as_array().map(Vec::len), Some(1));
+    let none = ctl_json(&d.socket, &["cache", "list", "--class", "tls-verified"]).await;
+    assert_eq!(none["entries"].as_array().map(Vec::len), Some(0));
+    let shown = ctl_json(&d.socket, &["cache", "show", "example.test"]).await;
+    assert_eq!(shown["entries"][0]["host"], "mx.example.test");
+
+    let pinned = ctl_json(
+        &d.socket,
+        &[
+            "cache",
+            "pin",
+            "mx.example.test",
+            "no-starttls",
+            "--ttl",
+            "7d",
+        ],
+    )
+    .await;
+    assert_eq!(pinned["pinned"], 1);
+    let shown = ctl_json(&d.socket, &["cache", "show", "mx.example.test"]).await;
+    assert_eq!(shown["entries"][0]["class"], "no-starttls");
+    assert_eq!(shown["entries"][0]["pinned"], true);
+    let (_, table, _) = ctl(&d.socket, &["cache", "list"]).await;
+    assert!(table.contains("[pinned]"), "{table}");
+
+    let flushed = ctl_json(&d.socket, &["cache", "flush", "example.test"]).await;
+    assert_eq!(flushed["flushed"], 1);
+    let (code, _, err) = ctl(&d.socket, &["cache", "show", "mx.example.test"]).await;
+    assert_eq!(code, 1);
+    assert!(err.contains("nothing cached"), "{err}");
+    send(d.smtp).await;
+    assert_eq!(
+        ctl_json(&d.socket, &["cache", "flush", "--all"]).await["flushed"],
+        1
+    );
+}
+
+#[tokio::test]
+async fn an_admin_reads_reloads_and_explains_the_rules_with_ctl() {
+    let ca = TestCa::new();
+    let rules_dir = tempfile::tempdir().expect("dir");
+    let rules_file = rules_dir.path().join("rules.yaml");
+    std::fs::write(
+        &rules_file,
+        "rules:\n  - name: everyone\n    match: { domains: [\"*\"] }\n",
+    )
+    .expect("write");
+    let file = rules_file.clone();
+    let d = daemon(&ca, ServerBehaviour::default(), move |c| {
+        c.rules_file = Some(file)
+    })
+    .await;
+
+    let (code, table, _) = ctl(&d.socket, &["rules", "show"]).await;
+    assert_eq!(code, 0);
+    assert!(
+        table.contains("everyone") && table.contains("domains=*"),
+        "{table}"
+    );
+
+    std::fs::write(
+        &rules_file,
+        "rules:\n  - name: broken\n    tls: sometimes\n",
+    )
+    .expect("write");
+    let (code, _, err) = ctl(&d.socket, &["rules", "reload"]).await;
+    assert_eq!(code, 1, "a bad file is refused");
+    assert!(
+        err.contains("rules.yaml:3:10"),
+        "names file, line, column: {err}"
+    );
+    assert_eq!(
+        d.proxy.router.rules().rules()[0].name,
+        "everyone",
+        "old rules stay"
+    );
+
+    std::fs::write(
+        &rules_file,
+        "rules:\n  - name: nobank\n    match: { domains: [\"*.bank.test\"] }\n    tls: require\n",
+    )
+    .expect("write");
+    let (code, out, _) = ctl(&d.socket, &["rules", "reload"]).await;
+    assert_eq!((code, out.trim()), (0, "rules reloaded: 1 rules in force"));
+    let (code, out, _) = ctl(&d.socket, &["rules", "explain", "--rcpt", "u@mx.bank.test"]).await;
+    assert_eq!(code, 0);
+    assert!(
+        out.contains("\"nobank\"") && out.contains("required"),
+        "{out}"
+    );
+}
+
+#[tokio::test]
+async fn stats_and_sessions_count_what_happened() {
+    let ca = TestCa::new();
+    let d = daemon(&ca, tls10(&ca), |_| {}).await;
+    send(d.smtp).await;
+    // A session left open shows in `sessions`.
+    let (mut open, _) = SmtpClient::connect(d.smtp).await;
+    open.cmd("EHLO mta").await;
+
+    let stats = ctl_json(&d.socket, &["stats"]).await;
+    assert_eq!(stats["transactions"], 1);
+    assert_eq!(stats["delivered_plain"], 1);
+    assert_eq!(stats["fallbacks"], serde_json::json!([["legacy-tls", 1]]));
+    assert_eq!(stats["cache_entries"], 1);
+    let (_, text, _) = ctl(&d.socket, &["stats"]).await;
+    let line = text
+        .lines()
+        .find(|l| l.starts_with("fallback legacy-tls"))
+        .expect("fallback line");
+    assert!(line.ends_with(" 1"), "{text}");
+
+    let sessions = ctl_json(&d.socket, &["sessions"]).await;
+    let list = sessions["sessions"].as_array().expect("list");
+    assert_eq!(list.len(), 1, "{sessions}");
+    assert_eq!(list[0]["state"], "ready");
+    let (_, table, _) = ctl(&d.socket, &["sessions"]).await;
+    assert!(
+        table.starts_with("ID") && table.contains("ready"),
+        "{table}"
+    );
+}
+
+#[tokio::test]
+async fn bad_requests_get_structured_errors_and_the_socket_stays_up() {
+    let ca = TestCa::new();
+    let d = daemon(&ca, ServerBehaviour::default(), |_| {}).await;
+    let stream = tokio::net::UnixStream::connect(&d.socket)
+        .await
+        .expect("connect");
+    let (read, mut write) = stream.into_split();
+    let mut lines = BufReader::new(read).lines();
+    for (request, kind) in [
+        ("this is not json", "bad-json"),
+        (r#"{"command":"reboot"}"#, "unknown-command"),
+        (r#"{"command":"cache-pin","host":"x"}"#, "bad-arguments"),
+        (
+            r#"{"command":"cache-pin","host":"x","class":"no-starttls","ttl":"soon"}"#,
+            "bad-arguments",
+        ),
+        (r#"{"command":"cache-flush"}"#, "bad-arguments"),
+    ] {
+        write
+            .write_all(format!("{request}\n").as_bytes())
+            .await
+            .expect("write");
+        let answer: Value =
+            serde_json::from_str(&lines.next_line().await.expect("read").expect("line"))
+                .expect("json");
+        assert_eq!(answer["ok"], false);
+        assert_eq!(answer["error"]["kind"], kind, "{request}: {answer}");
+    }
+    write
+        .write_all(b"{\"command\":\"stats\"}\n")
+        .await
+        .expect("write");
+    let answer: Value =
+        serde_json::from_str(&lines.next_line().await.expect("read").expect("line")).expect("json");
+    assert_eq!(answer["ok"], true, "same connection still served");
+}
+
+#[cfg(unix)]
+#[tokio::test]
+async fn the_socket_is_0660_a_stale_one_is_replaced_and_a_plain_file_is_refused() {
+    use std::os::unix::fs::PermissionsExt;
+    let ca = TestCa::new();
+    let d = daemon(&ca, ServerBehaviour::default(), |_| {}).await;
+    let mode = std::fs::metadata(&d.socket)
+        .expect("socket")
+        .permissions()
+        .mode()
+        & 0o777;
+    assert_eq!(mode, 0o660);
+    // A second daemon on the same path replaces the stale socket (as after a crash).
+    let stale = d.socket.clone();
+    let _again = daemon(&ca, ServerBehaviour::default(), move |c| {
+        c.admin.socket = Some(stale)
+    })
+    .await;
+    assert_eq!(ctl_json(&d.socket, &["stats"]).await["transactions"], 0);
+
+    let file = d.dir.path().join("not-a-socket");
+    std::fs::write(&file, "data").expect("write");
+    let mut config = Config::default();
+    config.admin.socket = Some(file.clone());
+    config.tls.system_roots = false;
+    let proxy = Proxy::new(config).expect("proxy");
+    let err = proxy.start_admin().await.expect_err("refused");
+    assert!(err.to_string().contains("is not a socket"), "{err}");
+    assert_eq!(std::fs::read_to_string(&file).expect("kept"), "data");
+}
+
+#[tokio::test]
+async fn ctl_says_clearly_when_the_daemon_is_not_running() {
+    let dir = tempfile::tempdir().expect("dir");
+    let socket = dir.path().join("nothing.sock");
+    let (code, _, err) = ctl(&socket, &["stats"]).await;
+    assert_eq!(code, 2);
+    assert!(
+        err.contains("not running") && err.contains("nothing.sock"),
+        "{err}"
+    );
+}
+
+#[tokio::test]
+async fn the_metrics_endpoint_serves_the_same_counters_in_prometheus_format() {
+    let ca = TestCa::new();
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .expect("port")
+        .local_addr()
+        .expect("addr")
+        .port();
+    let d = daemon(&ca, ServerBehaviour::default(), move |c| {
+        c.metrics.listen = Some(SocketAddr::from(([127, 0, 0, 1], port)));
+    })
+    .await;
+    send(d.smtp).await;
+    let mut stream = tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .expect("metrics");
+    stream
+        .write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
+        .await
+        .expect("write");
+    let mut text = String::new();
+    tokio::io::AsyncReadExt::read_to_string(&mut stream, &mut text)
+        .await
+        .expect("read");
+    assert!(text.starts_with("HTTP/1.1 200 OK"), "{text}");
+    assert!(
+        text.contains("tlsrouter_delivered_total{route=\"plain\"} 1"),
+        "{text}"
+    );
+    assert!(text.contains("tlsrouter_transactions_total 1"), "{text}");
+    assert!(
+        text.contains("tlsrouter_handshake_seconds_bucket")
+            || text.contains("tlsrouter_transaction_seconds_bucket"),
+        "{text}"
+    );
+}
+
+// --- probe -------------------------------------------------------------------------------
+
+/// Probes example.test with `behaviour` serving its MX, as `tlsrouter probe` does.
+async fn probe_one(ca: &TestCa, behaviour: ServerBehaviour) -> tlsrouter::probe::ServerReport {
+    let d = daemon(ca, behaviour, |_| {}).await;
+    let target = ProbeTarget {
+        domain: Some("example.test".into()),
+        ..ProbeTarget::default()
+    };
+    let report = probe(&d.proxy.outbound, &d.proxy.router.rules(), &target, false).await;
+    assert_eq!(report.mx[0].host, "mx.example.test");
+    assert_eq!(report.mx[0].preference, 10);
+    assert_eq!(report.rule.as_deref(), Some("default"));
+    let mut server = report.mx.into_iter().next().expect("mx").servers;
+    let server = server.remove(0);
+    assert!(
+        server
+            .banner
+            .as_deref()
+            .unwrap_or("")
+            .contains("220 mx.test"),
+        "{server:?}"
+    );
+    assert!(server.timings_ms.iter().any(|(step, _)| step == "ehlo"));
+    server
+}
+
+fn tls(cert: CertKey) -> ServerBehaviour {
+    ServerBehaviour {
+        starttls: StartTls::Rustls(cert),
+        ..ServerBehaviour::default()
+    }
+}
+
+#[tokio::test]
+async fn probe_shows_a_valid_certificate_its_chain_and_days_left() {
+    let ca = TestCa::new();
+    let s = probe_one(&ca, tls(ca.leaf(&["mx.example.test"], Validity::Current))).await;
+    assert_eq!(s.class, Some(OutcomeClass::TlsVerified));
+    assert!(s.starttls_offered && s.ehlo.contains(&"STARTTLS".to_string()));
+    let t = s.tls.expect("tls");
+    assert_eq!(t.version, "TLSv1.3");
+    assert!(t.verified && t.problem.is_none());
+    assert_eq!(t.certificates[0].sans, vec!["mx.example.test"]);
+    assert!(t.certificates[0].issuer.contains("tlsrouter test CA"));
+    assert!(
+        (363..=365).contains(&t.certificates[0].days_left),
+        "{}",
+        t.certificates[0].days_left
+    );
+    assert!(
+        !t.ehlo_after_tls.contains(&"STARTTLS".to_string()),
+        "EHLO after TLS"
+    );
+}
+
+#[tokio::test]
+async fn probe_names_each_certificate_problem() {
+    let ca = TestCa::new();
+    let cases = [
+        (
+            ca.leaf(&["mx.example.test"], Validity::Expired),
+            OutcomeClass::CertExpired,
+            "certificate expired",
+        ),
+        (
+            ca.leaf(&["mx.example.test"], Validity::NotYetValid),
+            OutcomeClass::CertNotYetValid,
+            "not valid before",
+        ),
+        (
+            self_signed(&["mx.example.test"]),
+            OutcomeClass::CertUntrusted,
+            "untrusted",
+        ),
+        (
+            ca.leaf(&["other.example.test"], Validity::Current),
+            OutcomeClass::CertNameMismatch,
+            "other.example.test",
+        ),
+    ];
+    for (cert, class, says) in cases {
+        let s = probe_one(&ca, tls(cert)).await;
+        assert_eq!(s.class, Some(OutcomeClass::TlsUnverified));
+        let t = s.tls.expect("tls");
+        let problem = t.problem.expect("a problem");
+        assert!(
+            problem.starts_with(class.name()) && problem.contains(says),
+            "{problem}"
+        );
+        if class == OutcomeClass::CertExpired {
+            assert!(t.certificates[0].days_left < 0);
+            assert!(problem.contains(&t.certificates[0].not_after), "the same date: {problem}");
+        }
+    }
+}
+
+#[tokio::test]
+async fn probe_classifies_servers_that_give_no_tls() {
+    let ca = TestCa::new();
+    let cases = [
+        (
+            StartTls::NotOffered,
+            OutcomeClass::NoStarttls,
+            "no STARTTLS",
+        ),
+        (
+            StartTls::Tls10Only(ca.leaf(&["mx.example.test"], Validity::Current)),
+            OutcomeClass::LegacyTls,
+            "ProtocolVersion",
+        ),
+        (
+            StartTls::AbortAfter220,
+            OutcomeClass::HandshakeFailed,
+            "handshake",
+        ),
+        (
+            StartTls::InjectAfter220,
+            OutcomeClass::ProtocolViolation,
+            "after the STARTTLS 220",
+        ),
+    ];
+    for (starttls, class, says) in cases {
+        let behaviour = ServerBehaviour {
+            starttls,
+            ..ServerBehaviour::default()
+        };
+        let s = probe_one(&ca, behaviour).await;
+        assert_eq!(s.class, Some(class));
+        let detail = s.detail.expect("detail");
+        assert!(detail.contains(says), "{class}: {detail}");
+        assert!(s.tls.is_none());
+    }
+}
+
+#[tokio::test]
+async fn probe_from_the_command_line_prints_every_step_and_json_for_scripts() {
+    let ca = TestCa::new();
+    let d = daemon(
+        &ca,
+        tls(ca.leaf(&["mx.example.test"], Validity::Expired)),
+        |_| {},
+    )
+    .await;
+    let config = d.dir.path().join("probe.yaml");
+    let dns = d.proxy.config.resolver.nameservers[0];
+    let yaml = format!(
+        "resolver: {{ nameservers: [\"{dns}\"] }}\ntls: {{ ca_file: \"{}\", system_roots: false }}\ndelivery: {{ port: {} }}\nadmin: {{ socket: null }}\n",
+        d.dir.path().join("ca.pem").display(),
+        d.server.addr().port()
+    );
+    std::fs::write(&config, yaml).expect("config");
+    let args = |extra: &[&str]| {
+        let mut a = vec![
+            "probe".to_string(),
+            "example.test".into(),
+            "--config".into(),
+            config.display().to_string(),
+        ];
+        a.extend(extra.iter().map(|s| s.to_string()));
+        a
+    };
+    let (code, out, err) = tlsrouter(args(&[])).await;
+    assert_eq!(code, 0, "{err}");
+    for line in [
+        "MX mx.example.test (preference 10): 127.0.0.1",
+        "banner:   220 mx.test",
+        "STARTTLS offered",
+        "tls:      TLSv1.3",
+        "verify:   cert-expired: certificate expired",
+        "days left",
+        "outcome:  tls-unverified",
+        "rule \"default\"",
+    ] {
+        assert!(out.contains(line), "{line:?} missing in\n{out}");
+    }
+    let (code, out, _) = tlsrouter(args(&["--json"])).await;
+    assert_eq!(code, 0);
+    let json: Value = serde_json::from_str(&out).expect("json");
+    assert_eq!(json["mx"][0]["servers"][0]["class"], "tls-unverified");
+
+    let (code, out, _) = tlsrouter(args(&["--no-tls"])).await;
+    assert_eq!(code, 0);
+    assert!(
+        out.contains("STARTTLS offered") && !out.contains("tls:      TLS"),
+        "{out}"
+    );
+}
+
+#[tokio::test]
+async fn ctl_probe_runs_from_the_daemon_and_fills_its_cache() {
+    let ca = TestCa::new();
+    let d = daemon(&ca, tls10(&ca), |_| {}).await;
+    let (code, out, err) = ctl(&d.socket, &["probe", "example.test"]).await;
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("outcome:  legacy-tls"), "{out}");
+    let shown = ctl_json(&d.socket, &["cache", "show", "mx.example.test"]).await;
+    assert_eq!(shown["entries"][0]["class"], "legacy-tls");
+    assert_eq!(d.server.messages().len(), 0, "a probe sends no message");
+}
