@@ -127,6 +127,9 @@ pub struct Timeouts {
     /// DNS lookups.
     #[serde(with = "duration")]
     pub dns: Duration,
+    /// At shutdown, how long transactions in flight may take to finish.
+    #[serde(with = "duration")]
+    pub shutdown_drain: Duration,
 }
 
 impl Default for Timeouts {
@@ -142,6 +145,7 @@ impl Default for Timeouts {
             data_end: min(10),
             client_idle: min(5),
             dns: Duration::from_secs(10),
+            shutdown_drain: Duration::from_secs(30),
         }
     }
 }
@@ -154,6 +158,8 @@ pub struct Limits {
     pub max_recipients: usize,
     /// Concurrent MTA sessions; more get 421 4.3.2.
     pub max_sessions: usize,
+    /// Concurrent sessions from one client address; more get 421 4.3.2.
+    pub max_sessions_per_client: usize,
     /// Longest command line, CRLF included.
     pub command_line: usize,
     /// Longest body line, CRLF included.
@@ -166,6 +172,7 @@ impl Default for Limits {
             max_message_size: 50 * 1024 * 1024,
             max_recipients: 1000,
             max_sessions: 200,
+            max_sessions_per_client: 100,
             command_line: 512,
             text_line: 1000,
         }

@@ -432,7 +432,8 @@ async fn serve(config: Config) -> ExitCode {
         eprintln!("tlsrouter: {e:#}");
         return ExitCode::from(EXIT_CONFIG);
     }
-    tracing::info!(%listen, "tlsrouter listening");
+    let bound = listener.local_addr().map_or(listen, |a| a);
+    tracing::info!(listen = %bound, "tlsrouter listening");
     tokio::spawn(
         proxy
             .clone()
@@ -463,7 +464,18 @@ fn spawn_reload_on_sighup(proxy: std::sync::Arc<Proxy>) {
     let _ = proxy;
 }
 
+/// Resolves at the first SIGTERM or SIGINT; a second one exits at once.
 async fn shutdown_signal() {
+    termination().await;
+    tracing::info!("shutting down: draining sessions (signal again to exit at once)");
+    tokio::spawn(async {
+        termination().await;
+        tracing::warn!("second signal: exiting at once");
+        std::process::exit(1);
+    });
+}
+
+async fn termination() {
     #[cfg(unix)]
     {
         use tokio::signal::unix::{SignalKind, signal};

@@ -4,6 +4,7 @@ use std::sync::Arc;
 
 use crate::cache::{OutcomeCache, SystemClock};
 use crate::config::Config;
+use crate::inbound::listener::Drain;
 use crate::inbound::registry::Registry;
 use crate::outbound::delivery::Outbound;
 use crate::outbound::mx::MxResolver;
@@ -18,6 +19,8 @@ pub struct Proxy {
     pub router: Router,
     pub stats: Arc<Stats>,
     pub sessions: Arc<Registry>,
+    /// Tells sessions that a shutdown is draining them.
+    pub drain: tokio::sync::watch::Sender<Drain>,
 }
 
 impl Proxy {
@@ -56,6 +59,7 @@ impl Proxy {
             router,
             stats,
             sessions: Arc::new(Registry::default()),
+            drain: tokio::sync::watch::Sender::new(Drain::Running),
         }))
     }
 }

@@ -494,7 +494,10 @@ async fn probe_names_each_certificate_problem() {
         );
         if class == OutcomeClass::CertExpired {
             assert!(t.certificates[0].days_left < 0);
-            assert!(problem.contains(&t.certificates[0].not_after), "the same date: {problem}");
+            assert!(
+                problem.contains(&t.certificates[0].not_after),
+                "the same date: {problem}"
+            );
         }
     }
 }

@@ -1,7 +1,9 @@
 //! Accepting MTA connections: access control and the session limit.
 
+use std::collections::HashMap;
 use std::future::Future;
-use std::sync::Arc;
+use std::net::IpAddr;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use tokio::io::AsyncWriteExt;
@@ -12,14 +14,27 @@ use crate::inbound::session::Session;
 use crate::proxy::Proxy;
 use crate::smtp::Reply;
 
-/// Serves SMTP on an already-bound listener until `shutdown` completes.
+/// Where a shutdown stands; sessions watch it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Drain {
+    Running,
+    /// No new connections; sessions finish their transaction, then get 421 4.3.2.
+    Draining,
+    /// The drain time is over: every session gets 421 4.3.2 now.
+    Forced,
+}
+
+/// Serves SMTP on an already-bound listener until `shutdown` completes, then drains: the
+/// transactions in flight may finish within `timeouts.shutdown_drain`, the rest get 421.
 pub async fn run(listener: TcpListener, proxy: Arc<Proxy>, shutdown: impl Future<Output = ()>) {
-    let sessions = Arc::new(Semaphore::new(proxy.config.limits.max_sessions));
+    let max = proxy.config.limits.max_sessions;
+    let sessions = Arc::new(Semaphore::new(max));
+    let per_client: Arc<Mutex<HashMap<IpAddr, usize>>> = Arc::default();
     tokio::pin!(shutdown);
     loop {
         let accepted = tokio::select! {
             accepted = listener.accept() => accepted,
-            () = &mut shutdown => return,
+            () = &mut shutdown => break,
         };
         let (stream, client) = match accepted {
             Ok(pair) => pair,
@@ -53,14 +68,86 @@ pub async fn run(listener: TcpListener, proxy: Arc<Proxy>, shutdown: impl Future
             ));
             continue;
         };
+        let limit = proxy.config.limits.max_sessions_per_client;
+        let Some(slot) = ClientSlot::take(&per_client, client.ip(), limit) else {
+            tracing::warn!(client = %client, "connection refused: too many sessions from this address");
+            let reply = Reply::new(
+                421,
+                "4.3.2",
+                "too many sessions from your address, try again later",
+            );
+            tokio::spawn(refuse(stream, reply));
+            continue;
+        };
         let proxy = proxy.clone();
         proxy.stats.sessions.inc();
         proxy.stats.active_sessions.inc();
         tokio::spawn(async move {
             Session::new(proxy.clone(), stream, client).run().await;
             proxy.stats.active_sessions.dec();
-            drop(permit);
+            drop((permit, slot));
         });
+    }
+    drop(listener);
+    drain(&proxy, &sessions, max).await;
+}
+
+/// Lets sessions finish: all permits back means all sessions ended.
+async fn drain(proxy: &Proxy, sessions: &Semaphore, max: usize) {
+    let all = u32::try_from(max).unwrap_or(u32::MAX);
+    let _ = proxy.drain.send(Drain::Draining);
+    let grace = proxy.config.timeouts.shutdown_drain;
+    tracing::info!(
+        "stopped accepting; draining sessions for up to {}s",
+        grace.as_secs()
+    );
+    if tokio::time::timeout(grace, sessions.acquire_many(all))
+        .await
+        .is_ok()
+    {
+        return;
+    }
+    tracing::warn!("drain time over: closing the remaining sessions with 421");
+    let _ = proxy.drain.send(Drain::Forced);
+    // A session deep in a body relay notices at its next read; don't wait for ever.
+    let _ = tokio::time::timeout(Duration::from_secs(10), sessions.acquire_many(all)).await;
+}
+
+/// One session counted against its client address; the count drops with it.
+struct ClientSlot {
+    ip: IpAddr,
+    counts: Arc<Mutex<HashMap<IpAddr, usize>>>,
+}
+
+impl ClientSlot {
+    fn take(
+        counts: &Arc<Mutex<HashMap<IpAddr, usize>>>,
+        ip: IpAddr,
+        max: usize,
+    ) -> Option<ClientSlot> {
+        let mut map = counts.lock().ok()?;
+        let count = map.entry(ip).or_insert(0);
+        if *count >= max {
+            return None;
+        }
+        *count += 1;
+        Some(ClientSlot {
+            ip,
+            counts: counts.clone(),
+        })
+    }
+}
+
+impl Drop for ClientSlot {
+    fn drop(&mut self) {
+        if let Ok(mut map) = self.counts.lock()
+            && let Some(count) = map.get_mut(&self.ip)
+        {
+            *count -= 1;
+            if *count == 0 {
+                map.remove(&self.ip);
+            }
+        }
     }
 }
 

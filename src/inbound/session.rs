@@ -8,6 +8,7 @@ use std::sync::Arc;
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::net::TcpStream;
 
+use crate::inbound::listener::Drain;
 use crate::inbound::registry::Entry;
 use crate::inbound::relayable;
 use crate::outbound::delivery::{NextHop, OpenError, Upstream};
@@ -115,11 +116,20 @@ impl Session {
         {
             return;
         }
+        let mut drain = self.proxy.drain.subscribe();
         loop {
+            if self.should_leave(*drain.borrow()) {
+                let bye = Reply::new(421, "4.3.2", "shutting down, try again later");
+                let _ = self.reply(&bye).await;
+                break;
+            }
             let limit = self.proxy.config.limits.command_line;
             let idle = self.proxy.config.timeouts.client_idle;
-            let read =
-                tokio::time::timeout(idle, read_line(&mut self.io, limit, &mut self.line)).await;
+            let read = tokio::select! {
+                read = tokio::time::timeout(idle, read_line(&mut self.io, limit, &mut self.line)) => read,
+                // Re-checked at the top of the loop.
+                _ = drain.changed() => continue,
+            };
             let next = match read {
                 Err(_) => {
                     let bye = Reply::new(421, "4.4.2", "idle too long, closing the connection");
@@ -146,6 +156,15 @@ impl Session {
         }
         self.end_transaction("session closed").await;
         tracing::debug!(client = %self.client, "session closed");
+    }
+
+    /// While draining, a session leaves between transactions; when forced, at once.
+    fn should_leave(&self, drain: Drain) -> bool {
+        match drain {
+            Drain::Running => false,
+            Drain::Draining => !matches!(self.stage, Stage::Mail(_)),
+            Drain::Forced => true,
+        }
     }
 
     async fn handle(&mut self, command: Command) -> Next {

@@ -29,6 +29,9 @@ pub enum ExchangeError {
     Io(#[from] std::io::Error),
     #[error("{0}")]
     Protocol(#[from] ReplyError),
+    /// More came than the one reply the command is due: the reply stream is out of step.
+    #[error("protocol violation: more than one reply to {0}: {1:?}")]
+    ExtraReply(&'static str, String),
 }
 
 impl ExchangeError {
@@ -48,6 +51,8 @@ pub struct Connection {
     /// The server's name, for logs.
     pub host: String,
     line: Vec<u8>,
+    /// The server said 421 or 221: no further command goes on this connection.
+    closed_by_remote: bool,
 }
 
 impl Connection {
@@ -71,6 +76,7 @@ impl Connection {
             peer,
             host: host.to_string(),
             line: Vec::with_capacity(512),
+            closed_by_remote: false,
         })
     }
 
@@ -84,10 +90,14 @@ impl Connection {
         timeout: Duration,
         what: &'static str,
     ) -> Result<Reply, ExchangeError> {
-        match tokio::time::timeout(timeout, self.read_reply_inner(what)).await {
-            Ok(result) => result,
-            Err(_) => Err(ExchangeError::Timeout(timeout.as_secs(), what)),
+        let reply = match tokio::time::timeout(timeout, self.read_reply_inner(what)).await {
+            Ok(result) => result?,
+            Err(_) => return Err(ExchangeError::Timeout(timeout.as_secs(), what)),
+        };
+        if reply.closes_connection() {
+            self.closed_by_remote = true;
         }
+        Ok(reply)
     }
 
     async fn read_reply_inner(&mut self, what: &'static str) -> Result<Reply, ExchangeError> {
@@ -115,7 +125,20 @@ impl Connection {
         what: &'static str,
     ) -> Result<Reply, ExchangeError> {
         self.send_line(line, timeout, what).await?;
-        self.read_reply(timeout, what).await
+        let reply = self.read_reply(timeout, what).await?;
+        self.expect_nothing_more(what)?;
+        Ok(reply)
+    }
+
+    /// We never pipeline toward a remote, so after a reply nothing may be waiting: if
+    /// something is, every later reply would be matched to the wrong command.
+    fn expect_nothing_more(&self, what: &'static str) -> Result<(), ExchangeError> {
+        let extra = self.io.buffer();
+        if extra.is_empty() {
+            return Ok(());
+        }
+        let shown: String = String::from_utf8_lossy(extra).chars().take(60).collect();
+        Err(ExchangeError::ExtraReply(what, shown))
     }
 
     /// Sends a line that holds a secret; the debug log shows `shown` instead.
@@ -181,10 +204,13 @@ impl Connection {
         handshake_timeout: Duration,
     ) -> StartTlsResult {
         let mut conn = self;
-        let reply = match conn
-            .command("STARTTLS", command_timeout, "the reply to STARTTLS")
-            .await
-        {
+        // Not `command`: data after the 220 is checked below and has its own class.
+        let what = "the reply to STARTTLS";
+        let reply = match conn.send_line("STARTTLS", command_timeout, what).await {
+            Ok(()) => conn.read_reply(command_timeout, what).await,
+            Err(e) => Err(e),
+        };
+        let reply = match reply {
             Ok(reply) => reply,
             Err(e) => return StartTlsResult::Lost(NoTls::HandshakeFailed(e.to_string())),
         };
@@ -226,6 +252,7 @@ impl Connection {
             peer,
             host,
             line,
+            ..
         } = self;
         let Transport::Plain(tcp) = io.into_inner() else {
             return Err(NoTls::ProtocolViolation("TLS inside TLS".into()));
@@ -238,12 +265,16 @@ impl Connection {
             peer,
             host,
             line,
+            closed_by_remote: false,
         };
         Ok((conn, session))
     }
 
     /// Says goodbye politely, without waiting long for the answer.
     pub async fn quit(mut self) {
+        if self.closed_by_remote {
+            return;
+        }
         let _ = self
             .command("QUIT", Duration::from_secs(5), "the reply to QUIT")
             .await;
