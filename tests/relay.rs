@@ -291,6 +291,7 @@ async fn dns_answers_map_to_the_replies_of_the_design_table() {
     let ca = TestCa::new();
     let zone = TestZone::new()
         .null_mx("nullmx.test")
+        .servfail("broken.lab")
         .mx("dead.test", 10, "mx.dead.test")
         .a("mx.dead.test", Ipv4Addr::new(127, 0, 0, 9));
     // Nothing listens on 127.0.0.9 at this port: the MX is unreachable.
@@ -316,7 +317,7 @@ async fn dns_answers_map_to_the_replies_of_the_design_table() {
         "5.1.10",
         "null MX",
     );
-    // The test DNS server refuses names outside its zone: a temporary failure.
+    // SERVFAIL: a temporary failure.
     assert_reply(
         &client.cmd("RCPT TO:<u@broken.lab>").await,
         451,

@@ -1,0 +1,1392 @@
+//! The rule list, end to end: a real SMTP client talks to the real proxy, which reads a rule
+//! file written by the test, resolves MX records from a real DNS server on loopback and
+//! delivers to real SMTP servers (STARTTLS, TLS 1.0 only, implicit TLS, AUTH), relays and
+//! smart hosts. Each test is one thing an administrator writes in a rule file, and checks what
+//! the MTA was told, what arrived where, and what was logged.
+
+mod support;
+
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use base64::Engine;
+use base64::engine::general_purpose::STANDARD as BASE64;
+use support::dns::{DnsServer, TestZone};
+use support::logs::Logs;
+use support::pki::{CertKey, TestCa, Validity};
+use support::proxy::test_config;
+use support::smtp_client::{Reply, SmtpClient};
+use support::smtp_server::{ServerBehaviour, SmtpServer, StartTls};
+use tlsrouter::Proxy;
+use tlsrouter::config::Config;
+use tlsrouter::outcome::OutcomeClass;
+
+/// Dot-stuffed and CRLF-terminated, as an MTA sends it; the servers must see exactly this.
+const BODY: &[u8] = b"From: a@sender.test\r\nTo: b@example.test\r\nSubject: rules\r\n\r\n\
+..a line that starts with a dot\r\nbye\r\n";
+
+const LOCALHOST: IpAddr = IpAddr::V4(Ipv4Addr::LOCALHOST);
+
+fn loopback(last: u8) -> Ipv4Addr {
+    Ipv4Addr::new(127, 0, 0, last)
+}
+
+// ---------------------------------------------------------------------------------------
+// The lab: DNS, CA, rule file, proxy
+
+/// A DNS server, a CA the proxy trusts, a rule file in a temporary directory, and the real
+/// proxy serving the MTA side on a loopback port.
+struct Lab {
+    _dns: DnsServer,
+    dir: tempfile::TempDir,
+    rules: PathBuf,
+    config: Config,
+    proxy: Arc<Proxy>,
+    smtp: SocketAddr,
+}
+
+impl Lab {
+    /// MX hosts listen on `mx_port`; `rules` is the rule file's text.
+    async fn start(zone: TestZone, ca: &TestCa, mx_port: u16, rules: &str) -> Lab {
+        Lab::start_with(zone, ca, mx_port, rules, |_, _| {}).await
+    }
+
+    /// `adjust` may change the configuration; it gets the lab's directory too.
+    async fn start_with(
+        zone: TestZone,
+        ca: &TestCa,
+        mx_port: u16,
+        rules: &str,
+        adjust: impl FnOnce(&mut Config, &Path),
+    ) -> Lab {
+        let dns = DnsServer::start(zone).await;
+        let dir = tempfile::tempdir().expect("tempdir");
+        let ca_file = ca.write_ca_file(dir.path());
+        let rules_path = dir.path().join("rules.yaml");
+        std::fs::write(&rules_path, rules).expect("write rules");
+        let mut config = test_config(dns.addr, &ca_file, mx_port);
+        config.rules_file = Some(rules_path.clone());
+        adjust(&mut config, dir.path());
+        let (proxy, smtp) = serve(config.clone()).await;
+        Lab {
+            _dns: dns,
+            dir,
+            rules: rules_path,
+            config,
+            proxy,
+            smtp,
+        }
+    }
+
+    /// Replaces the rule file's text (the proxy notices only when told to reload).
+    fn write_rules(&self, text: &str) {
+        std::fs::write(&self.rules, text).expect("rewrite rules");
+    }
+}
+
+/// Builds the proxy as `tlsrouter run` does and serves the MTA side on a fresh port.
+async fn serve(config: Config) -> (Arc<Proxy>, SocketAddr) {
+    let proxy = Proxy::new(config).expect("proxy config");
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind proxy");
+    let addr = listener.local_addr().expect("proxy addr");
+    tokio::spawn(tlsrouter::inbound::listener::run(
+        listener,
+        proxy.clone(),
+        std::future::pending(),
+    ));
+    (proxy, addr)
+}
+
+/// A server on `ip`; port 0 picks one (the first server of a lab), later ones share it.
+async fn server(ip: Ipv4Addr, port: u16, behaviour: ServerBehaviour) -> SmtpServer {
+    SmtpServer::start(IpAddr::V4(ip), port, behaviour)
+        .await
+        .expect("smtp server")
+}
+
+/// Servers on different loopback addresses and one port (MX hosts share the proxy's
+/// `delivery.port`); a port free on the first address but taken on another is tried again.
+async fn servers_on_one_port<const N: usize>(
+    servers: [(Ipv4Addr, &dyn Fn() -> ServerBehaviour); N],
+) -> [SmtpServer; N] {
+    for _ in 0..20 {
+        let (first_ip, first) = servers[0];
+        let first = server(first_ip, 0, first()).await;
+        let port = first.addr().port();
+        let mut started = vec![first];
+        for (ip, behaviour) in &servers[1..] {
+            match SmtpServer::start(IpAddr::V4(*ip), port, behaviour()).await {
+                Ok(server) => started.push(server),
+                Err(_) => break,
+            }
+        }
+        if let Ok(all) = started.try_into() {
+            return all;
+        }
+    }
+    panic!("no port free on every address");
+}
+
+fn starttls(cert: CertKey) -> ServerBehaviour {
+    ServerBehaviour {
+        starttls: StartTls::Rustls(cert),
+        ..ServerBehaviour::default()
+    }
+}
+
+fn tls10_only(cert: CertKey) -> ServerBehaviour {
+    ServerBehaviour {
+        starttls: StartTls::Tls10Only(cert),
+        ..ServerBehaviour::default()
+    }
+}
+
+/// example.test has one MX, mx.example.test on 127.0.0.1, served with `behaviour`.
+async fn one_mx(ca: &TestCa, behaviour: ServerBehaviour, rules: &str) -> (Lab, SmtpServer) {
+    let mx = server(loopback(1), 0, behaviour).await;
+    let zone = TestZone::new()
+        .mx("example.test", 10, "mx.example.test")
+        .a("mx.example.test", loopback(1));
+    let lab = Lab::start(zone, ca, mx.addr().port(), rules).await;
+    (lab, mx)
+}
+
+// ---------------------------------------------------------------------------------------
+// The MTA side
+
+/// What the MTA was told for one message.
+struct Sent {
+    mail: Reply,
+    rcpts: Vec<Reply>,
+    data: Reply,
+}
+
+async fn send(proxy: SocketAddr, rcpts: &[&str]) -> Sent {
+    send_from(proxy, "a@sender.test", rcpts).await
+}
+
+/// One message in its own session: MAIL, each RCPT, DATA (the final reply, or DATA's own
+/// when there was nothing to send), QUIT.
+async fn send_from(proxy: SocketAddr, sender: &str, rcpts: &[&str]) -> Sent {
+    let (mut client, greeting) = SmtpClient::connect(proxy).await;
+    assert_eq!(greeting.code, 220, "{greeting:?}");
+    assert_eq!(client.cmd("EHLO mta.sender.test").await.code, 250);
+    let sent = transaction(&mut client, sender, rcpts).await;
+    let _ = client.cmd("QUIT").await;
+    sent
+}
+
+async fn transaction(client: &mut SmtpClient, sender: &str, rcpts: &[&str]) -> Sent {
+    let mail = client.cmd(&format!("MAIL FROM:<{sender}>")).await;
+    let mut replies = Vec::new();
+    for rcpt in rcpts {
+        replies.push(client.cmd(&format!("RCPT TO:<{rcpt}>")).await);
+    }
+    let data = client.data(BODY).await;
+    Sent {
+        mail,
+        rcpts: replies,
+        data,
+    }
+}
+
+fn assert_reply(reply: &Reply, code: u16, enhanced: &str, says: &[&str]) {
+    assert_eq!(reply.code, code, "{reply:?}");
+    assert_eq!(reply.enhanced().as_deref(), Some(enhanced), "{reply:?}");
+    for text in says {
+        assert!(reply.text().contains(text), "{reply:?} lacks {text:?}");
+    }
+}
+
+/// The message went through, and the MTA heard the remote's own 250.
+fn assert_delivered(sent: &Sent) {
+    assert_eq!(sent.mail.code, 250, "{:?}", sent.mail);
+    for rcpt in &sent.rcpts {
+        assert_eq!(rcpt.code, 250, "{rcpt:?}");
+    }
+    assert_reply(&sent.data, 250, "2.0.0", &["queued as X"]);
+}
+
+/// The RCPT was deferred for TLS (451 4.7.5, naming the rule and what happened) and so
+/// nothing was sent.
+fn assert_deferred_for_tls(sent: &Sent, says: &[&str]) {
+    assert_reply(&sent.rcpts[0], 451, "4.7.5", says);
+    assert_ne!(sent.data.code, 250, "{:?}", sent.data);
+}
+
+fn assert_logged(line: &str, fields: &[&str]) {
+    for field in fields {
+        assert!(line.contains(field), "{field} missing in {line}");
+    }
+}
+
+/// Lines of the captured log that contain `text`.
+fn lines_with(logs: &Logs, text: &str) -> Vec<String> {
+    logs.text()
+        .lines()
+        .filter(|l| l.contains(text))
+        .map(String::from)
+        .collect()
+}
+
+/// Like [`Logs::capture`], at debug level: the SMTP dialogue both ways.
+fn capture_debug() -> (Logs, tracing::subscriber::DefaultGuard) {
+    let logs = Logs::default();
+    let writer = logs.clone();
+    let subscriber = tracing_subscriber::fmt()
+        .with_env_filter("tlsrouter=debug")
+        .with_ansi(false)
+        .with_writer(move || writer.clone())
+        .finish();
+    (logs, tracing::subscriber::set_default(subscriber))
+}
+
+// ---------------------------------------------------------------------------------------
+// tls: never / require, verify, min_tls
+
+#[tokio::test]
+async fn a_partner_listed_with_tls_never_gets_its_mail_in_plain_although_its_server_offers_starttls()
+ {
+    let (logs, _guard) = Logs::capture();
+    let ca = TestCa::new();
+    let rules = "rules:\n\
+                 \x20 - name: partner-without-tls\n\
+                 \x20   match: { domains: [example.test] }\n\
+                 \x20   tls: never\n";
+    let (lab, mx) = one_mx(
+        &ca,
+        starttls(ca.leaf(&["mx.example.test"], Validity::Current)),
+        rules,
+    )
+    .await;
+
+    let sent = send(lab.smtp, &["b@example.test"]).await;
+
+    assert_delivered(&sent);
+    let got = mx.messages();
+    assert_eq!(got.len(), 1);
+    assert_eq!(got[0].data, BODY);
+    assert_eq!(got[0].rcpt_to, vec!["b@example.test"]);
+    assert!(got[0].tls.is_none(), "delivered in plain");
+    assert_eq!(mx.tls_handshakes_attempted(), 0, "STARTTLS never sent");
+    assert_eq!(mx.connections(), 1);
+    assert_logged(
+        &logs.transactions()[0],
+        &[
+            "mx=mx.example.test",
+            "route=\"plain\"",
+            "fallback=tls-never: TLS not wanted by rule",
+            "rule=partner-without-tls",
+            "end=\"delivered\"",
+        ],
+    );
+}
+
+#[tokio::test]
+async fn tls_require_toward_a_server_without_starttls_defers_with_451_4_7_5_and_sends_nothing() {
+    let (logs, _guard) = Logs::capture();
+    let ca = TestCa::new();
+    let rules = "rules:\n\
+                 \x20 - name: banks\n\
+                 \x20   match: { domains: [example.test] }\n\
+                 \x20   tls: require\n";
+    let (lab, mx) = one_mx(&ca, ServerBehaviour::default(), rules).await;
+
+    let sent = send(lab.smtp, &["b@example.test"]).await;
+
+    assert_eq!(sent.mail.code, 250);
+    assert_deferred_for_tls(
+        &sent,
+        &[
+            "rule \"banks\"",
+            "mx.example.test[127.0.0.1]",
+            "no STARTTLS",
+        ],
+    );
+    assert!(mx.messages().is_empty(), "nothing delivered");
+    let warned = lines_with(&logs, "not delivered");
+    assert_eq!(warned.len(), 1, "{}", logs.text());
+    assert_logged(&warned[0], &["WARN", "rule=banks", "4.7.5", "no STARTTLS"]);
+    assert_logged(&logs.transactions()[0], &["route=\"none\""]);
+}
+
+const VERIFY_REQUIRE: &str = "rules:\n\
+     \x20 - name: verified-only\n\
+     \x20   match: { domains: [example.test] }\n\
+     \x20   verify: require\n";
+
+#[tokio::test]
+async fn verify_require_defers_a_server_with_an_expired_certificate_and_names_the_expiry() {
+    let (logs, _guard) = Logs::capture();
+    let ca = TestCa::new();
+    let cert = ca.leaf(&["mx.example.test"], Validity::Expired);
+    let not_after = cert.not_after.to_string();
+    let (lab, mx) = one_mx(&ca, starttls(cert), VERIFY_REQUIRE).await;
+
+    let sent = send(lab.smtp, &["b@example.test"]).await;
+
+    assert_deferred_for_tls(
+        &sent,
+        &[
+            "rule \"verified-only\"",
+            &format!("certificate expired {not_after}"),
+        ],
+    );
+    assert!(mx.messages().is_empty());
+    assert_eq!(mx.tls_handshakes_attempted(), 1);
+    assert_eq!(
+        mx.connections(),
+        1,
+        "no plain fallback: cert-expired is not in the default fallback_on"
+    );
+    let warned = lines_with(&logs, "not delivered");
+    assert_logged(&warned[0], &["WARN", "certificate expired"]);
+}
+
+#[tokio::test]
+async fn verify_require_with_fallback_on_cert_expired_delivers_in_plain_to_the_same_server() {
+    let (logs, _guard) = Logs::capture();
+    let ca = TestCa::new();
+    let rules = format!("{VERIFY_REQUIRE}\x20   fallback_on: [cert-expired]\n");
+    let (lab, mx) = one_mx(
+        &ca,
+        starttls(ca.leaf(&["mx.example.test"], Validity::Expired)),
+        &rules,
+    )
+    .await;
+
+    let sent = send(lab.smtp, &["b@example.test"]).await;
+
+    assert_delivered(&sent);
+    let got = mx.messages();
+    assert_eq!(got.len(), 1);
+    assert_eq!(got[0].data, BODY);
+    assert!(got[0].tls.is_none(), "in plain, not over the rejected TLS");
+    assert_eq!(mx.tls_handshakes_attempted(), 1);
+    assert_eq!(mx.connections(), 2, "the TLS connection, then a plain one");
+    assert_logged(
+        &logs.transactions()[0],
+        &[
+            "route=\"plain\"",
+            "fallback=cert-expired: certificate expired",
+            "rule=verified-only",
+        ],
+    );
+}
+
+const MIN_TLS_13: &str = "rules:\n\
+     \x20 - name: modern\n\
+     \x20   match: { domains: [example.test] }\n\
+     \x20   min_tls: \"1.3\"\n";
+
+#[tokio::test]
+async fn min_tls_1_3_gets_tls_1_3_from_a_modern_server() {
+    let (logs, _guard) = Logs::capture();
+    let ca = TestCa::new();
+    let (lab, mx) = one_mx(
+        &ca,
+        starttls(ca.leaf(&["mx.example.test"], Validity::Current)),
+        MIN_TLS_13,
+    )
+    .await;
+
+    let sent = send(lab.smtp, &["b@example.test"]).await;
+
+    assert_delivered(&sent);
+    let got = mx.messages();
+    assert_eq!(got[0].data, BODY);
+    assert_eq!(got[0].tls.as_ref().expect("over TLS").version, "TLSv1.3");
+    assert_logged(
+        &logs.transactions()[0],
+        &[
+            "route=\"tls\"",
+            "tls_version=\"TLSv1.3\"",
+            "verify=verified",
+            "rule=modern",
+        ],
+    );
+}
+
+fn tls12_only(ca: &TestCa) -> ServerBehaviour {
+    ServerBehaviour {
+        starttls: StartTls::Tls12Only(ca.leaf(&["mx.example.test"], Validity::Current)),
+        ..ServerBehaviour::default()
+    }
+}
+
+#[tokio::test]
+async fn min_tls_1_3_toward_a_tls_1_2_only_server_falls_back_to_plain_when_the_rule_allows_it() {
+    let (logs, _guard) = Logs::capture();
+    let ca = TestCa::new();
+    let (lab, mx) = one_mx(&ca, tls12_only(&ca), MIN_TLS_13).await;
+
+    let sent = send(lab.smtp, &["b@example.test"]).await;
+
+    assert_delivered(&sent);
+    let got = mx.messages();
+    assert_eq!(got[0].data, BODY);
+    assert!(got[0].tls.is_none());
+    assert_eq!(mx.tls_handshakes_attempted(), 1);
+    assert_eq!(mx.connections(), 2, "the failed handshake, then plain");
+    assert_logged(
+        &logs.transactions()[0],
+        &["route=\"plain\"", "fallback=", "rule=modern"],
+    );
+}
+
+#[tokio::test]
+async fn min_tls_1_3_with_tls_require_defers_a_tls_1_2_only_server() {
+    let ca = TestCa::new();
+    let rules = format!("{MIN_TLS_13}\x20   tls: require\n");
+    let (lab, mx) = one_mx(&ca, tls12_only(&ca), &rules).await;
+
+    let sent = send(lab.smtp, &["b@example.test"]).await;
+
+    assert_deferred_for_tls(&sent, &["rule \"modern\"", "mx.example.test[127.0.0.1]"]);
+    assert!(mx.messages().is_empty());
+    assert_eq!(mx.connections(), 1, "no plain connection");
+}
+
+#[tokio::test]
+#[ignore = "bug: a TLS 1.2 server's protocol_version alert under min_tls 1.3 is told to the MTA as 'speaks only TLS 1.0/1.1'"]
+async fn a_tls_1_2_only_server_deferred_under_min_tls_1_3_is_told_as_below_the_minimum_not_as_tls_1_0()
+ {
+    let ca = TestCa::new();
+    let rules = format!("{MIN_TLS_13}\x20   tls: require\n");
+    let (lab, _mx) = one_mx(&ca, tls12_only(&ca), &rules).await;
+
+    let sent = send(lab.smtp, &["b@example.test"]).await;
+
+    assert_deferred_for_tls(&sent, &["rule \"modern\"", "TLS 1.3"]);
+    let text = sent.rcpts[0].text();
+    assert!(
+        !text.contains("1.0/1.1"),
+        "the server speaks TLS 1.2: {text}"
+    );
+}
+
+#[tokio::test]
+#[ignore = "bug: a handshake refused for a rule's own min_tls is cached as legacy-tls for the host, so every other rule then skips TLS 1.2 with it"]
+async fn a_tls_1_2_server_refused_under_min_tls_1_3_still_gets_tls_1_2_for_a_domain_whose_rule_allows_it()
+ {
+    let (logs, _guard) = Logs::capture();
+    let ca = TestCa::new();
+    let mx = server(loopback(1), 0, tls12_only(&ca)).await;
+    // Two domains share one MX host; only modern.test asks for TLS 1.3.
+    let zone = TestZone::new()
+        .mx("modern.test", 10, "mx.example.test")
+        .mx("example.test", 10, "mx.example.test")
+        .a("mx.example.test", loopback(1));
+    let rules = "rules:\n\
+                 \x20 - name: modern\n\
+                 \x20   match: { domains: [modern.test] }\n\
+                 \x20   min_tls: \"1.3\"\n\
+                 \x20 - name: default\n\
+                 \x20   match: { domains: [\"*\"] }\n";
+    let lab = Lab::start(zone, &ca, mx.addr().port(), rules).await;
+
+    assert_delivered(&send(lab.smtp, &["u@modern.test"]).await);
+    assert_delivered(&send(lab.smtp, &["u@example.test"]).await);
+
+    let got = mx.messages();
+    assert!(got[0].tls.is_none(), "TLS 1.2 is below modern's minimum");
+    assert_eq!(
+        got[1].tls.as_ref().map(|t| t.version.as_str()),
+        Some("TLSv1.2"),
+        "the default rule accepts TLS 1.2; the host does it: {}",
+        logs.transactions()[1]
+    );
+}
+
+// ---------------------------------------------------------------------------------------
+// The fallback relay (the IIS "plain-TCP server")
+
+/// Three partners with one MX each on the same port: a TLS 1.0-only one, one without
+/// STARTTLS, and a modern one listed to "always redirect"; a relay for the plain path.
+struct RelayLab {
+    lab: Lab,
+    legacy: SmtpServer,
+    no_tls: SmtpServer,
+    modern: SmtpServer,
+    relay: SmtpServer,
+    _logs_guard: tracing::subscriber::DefaultGuard,
+    logs: Logs,
+}
+
+async fn relay_lab() -> RelayLab {
+    let (logs, guard) = Logs::capture();
+    let ca = TestCa::new();
+    let [legacy, no_tls, modern] = servers_on_one_port([
+        (loopback(2), &|| {
+            tls10_only(ca.leaf(&["mx.legacy.test"], Validity::Current))
+        }),
+        (loopback(3), &ServerBehaviour::default),
+        (loopback(4), &|| {
+            starttls(ca.leaf(&["mx.modern.test"], Validity::Current))
+        }),
+    ])
+    .await;
+    let port = legacy.addr().port();
+    let relay = server(
+        loopback(1),
+        0,
+        ServerBehaviour {
+            greeting: "220 relay.test plain-TCP relay".into(),
+            ..ServerBehaviour::default()
+        },
+    )
+    .await;
+    let zone = TestZone::new()
+        .mx("legacy.test", 10, "mx.legacy.test")
+        .a("mx.legacy.test", loopback(2))
+        .mx("notls.test", 10, "mx.notls.test")
+        .a("mx.notls.test", loopback(3))
+        .mx("modern.test", 10, "mx.modern.test")
+        .a("mx.modern.test", loopback(4));
+    let relay_at = relay.addr();
+    let rules = format!(
+        "rules:\n\
+         \x20 - name: always-redirect\n\
+         \x20   match: {{ domains: [modern.test] }}\n\
+         \x20   tls: never\n\
+         \x20   fallback: {{ relay: \"{relay_at}\" }}\n\
+         \x20 - name: redirect-without-tls\n\
+         \x20   match: {{ domains: [\"*\"] }}\n\
+         \x20   fallback: {{ relay: \"{relay_at}\" }}\n"
+    );
+    let lab = Lab::start(zone, &ca, port, &rules).await;
+    RelayLab {
+        lab,
+        legacy,
+        no_tls,
+        modern,
+        relay,
+        _logs_guard: guard,
+        logs,
+    }
+}
+
+/// The message arrived at the relay, byte for byte, in plain; the MX got none.
+fn assert_relayed(relay: &SmtpServer, mx: &SmtpServer, rcpt: &str) {
+    let got = relay.messages();
+    assert_eq!(got.len(), 1);
+    assert_eq!(got[0].data, BODY);
+    assert_eq!(got[0].mail_from, "a@sender.test");
+    assert_eq!(got[0].rcpt_to, vec![rcpt]);
+    assert!(got[0].tls.is_none());
+    assert!(mx.messages().is_empty(), "nothing at the MX");
+}
+
+#[tokio::test]
+async fn a_tls_1_0_only_mx_has_its_mail_redirected_to_the_fallback_relay() {
+    let l = relay_lab().await;
+
+    let sent = send(l.lab.smtp, &["u@legacy.test"]).await;
+
+    assert_delivered(&sent);
+    assert_relayed(&l.relay, &l.legacy, "u@legacy.test");
+    assert_eq!(
+        l.legacy.tls_handshakes_attempted(),
+        1,
+        "TLS was tried first"
+    );
+    assert_logged(
+        &l.logs.transactions()[0],
+        &[
+            "route=\"plain\"",
+            "fallback=legacy-tls",
+            "rule=redirect-without-tls",
+            &format!("mx={}", l.relay.addr().ip()),
+        ],
+    );
+}
+
+#[tokio::test]
+async fn an_mx_without_starttls_has_its_mail_redirected_to_the_fallback_relay() {
+    let l = relay_lab().await;
+
+    let sent = send(l.lab.smtp, &["u@notls.test"]).await;
+
+    assert_delivered(&sent);
+    assert_relayed(&l.relay, &l.no_tls, "u@notls.test");
+    assert_logged(
+        &l.logs.transactions()[0],
+        &[
+            "route=\"plain\"",
+            "fallback=no-starttls",
+            "rule=redirect-without-tls",
+        ],
+    );
+}
+
+#[tokio::test]
+async fn tls_never_with_a_relay_always_redirects_without_touching_the_mx() {
+    let l = relay_lab().await;
+
+    let sent = send(l.lab.smtp, &["u@modern.test"]).await;
+
+    assert_delivered(&sent);
+    assert_relayed(&l.relay, &l.modern, "u@modern.test");
+    assert_eq!(l.modern.connections(), 0, "the MX is never contacted");
+    assert_logged(
+        &l.logs.transactions()[0],
+        &[
+            "route=\"plain\"",
+            "fallback=tls-never",
+            "rule=always-redirect",
+        ],
+    );
+}
+
+#[tokio::test]
+async fn an_mx_host_cached_as_legacy_tls_is_sent_through_the_relay_by_an_outcome_rule() {
+    let (logs, _guard) = Logs::capture();
+    let ca = TestCa::new();
+    let mx = server(
+        loopback(2),
+        0,
+        tls10_only(ca.leaf(&["mx1.oldhost.test"], Validity::Current)),
+    )
+    .await;
+    let relay = server(loopback(1), 0, ServerBehaviour::default()).await;
+    let zone = TestZone::new()
+        .mx("partner.test", 10, "mx1.oldhost.test")
+        .a("mx1.oldhost.test", loopback(2));
+    let rules = format!(
+        "rules:\n\
+         \x20 - name: old-exchange\n\
+         \x20   match: {{ mx: [\"*.oldhost.test\"], outcome: [legacy-tls] }}\n\
+         \x20   fallback: {{ relay: \"{}\" }}\n\
+         \x20 - name: default\n\
+         \x20   match: {{ domains: [\"*\"] }}\n",
+        relay.addr()
+    );
+    let lab = Lab::start(zone, &ca, mx.addr().port(), &rules).await;
+
+    // Nothing is known of the host yet: the default rule, plain to the MX itself.
+    assert_delivered(&send(lab.smtp, &["u@partner.test"]).await);
+    assert_eq!(mx.messages().len(), 1);
+    assert!(relay.messages().is_empty());
+    // Now the cache says legacy-tls: the outcome rule decides, through the relay.
+    assert_delivered(&send(lab.smtp, &["u@partner.test"]).await);
+
+    assert_eq!(
+        mx.messages().len(),
+        1,
+        "the second message is not at the MX"
+    );
+    let got = relay.messages();
+    assert_eq!(got.len(), 1);
+    assert_eq!(got[0].data, BODY);
+    assert_eq!(got[0].rcpt_to, vec!["u@partner.test"]);
+    assert_eq!(mx.tls_handshakes_attempted(), 1);
+    let lines = logs.transactions();
+    assert_logged(&lines[0], &["rule=default", "fallback=legacy-tls"]);
+    assert_logged(
+        &lines[1],
+        &["rule=old-exchange", "fallback=legacy-tls", "cached"],
+    );
+}
+
+// ---------------------------------------------------------------------------------------
+// Smart hosts
+
+const USER: &str = "crm-mailer";
+const PASSWORD: &str = "Tr0ub4dor&3-never-in-a-log";
+
+/// A smart host that wants AUTH with [`USER`] and [`PASSWORD`].
+fn smarthost(tls: StartTls, implicit: Option<CertKey>) -> ServerBehaviour {
+    ServerBehaviour {
+        starttls: tls,
+        implicit_tls: implicit,
+        greeting: "220 smarthost.test ESMTP".into(),
+        ehlo_extra: vec!["AUTH PLAIN LOGIN".into()],
+        auth_credentials: Some((USER.into(), PASSWORD.into())),
+        ..ServerBehaviour::default()
+    }
+}
+
+/// example.test's MX (never to be contacted), a smart host on its own port, and a rule that
+/// sends crm.test's mail through the smart host with credentials from files.
+async fn smarthost_lab(
+    ca: &TestCa,
+    behaviour: ServerBehaviour,
+    route_tls: &str,
+    password: &str,
+) -> (Lab, SmtpServer, SmtpServer) {
+    smarthost_lab_with_mode(ca, behaviour, route_tls, password, 0o600).await
+}
+
+/// The same, with the password file's permissions `mode`.
+async fn smarthost_lab_with_mode(
+    ca: &TestCa,
+    behaviour: ServerBehaviour,
+    route_tls: &str,
+    password: &str,
+    mode: u32,
+) -> (Lab, SmtpServer, SmtpServer) {
+    let mx = server(
+        loopback(2),
+        0,
+        starttls(ca.leaf(&["mx.example.test"], Validity::Current)),
+    )
+    .await;
+    let host = server(loopback(1), 0, behaviour).await;
+    let zone = TestZone::new()
+        .mx("example.test", 10, "mx.example.test")
+        .a("mx.example.test", loopback(2))
+        .a("smarthost.test", loopback(1));
+    let port = host.addr().port();
+    let password = password.to_string();
+    let route_tls = route_tls.to_string();
+    // The rule file names credentials files in the lab's own directory.
+    let lab = Lab::start_with(zone, ca, mx.addr().port(), "", |config, dir| {
+        let user_file = credential(dir, "crm.user", USER, 0o600);
+        let password_file = credential(dir, "crm.pass", &password, mode);
+        let rules = format!(
+            "rules:\n\
+             \x20 - name: crm-via-smarthost\n\
+             \x20   match: {{ senders: [crm.test] }}\n\
+             \x20   route: {{ smarthost: \"smarthost.test:{port}\", tls: {route_tls},\n\
+             \x20             auth: {{ username_file: \"{}\", password_file: \"{}\" }} }}\n\
+             \x20 - name: default\n\
+             \x20   match: {{ domains: [\"*\"] }}\n",
+            user_file.display(),
+            password_file.display()
+        );
+        let path = config.rules_file.as_ref().expect("rules file");
+        std::fs::write(path, rules).expect("write rules");
+    })
+    .await;
+    (lab, mx, host)
+}
+
+/// A credentials file with permissions `mode` (0o600: its owner only).
+fn credential(dir: &Path, name: &str, value: &str, mode: u32) -> PathBuf {
+    let path = dir.join(name);
+    std::fs::write(&path, format!("{value}\n")).expect("write credential");
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(mode)).expect("chmod");
+    }
+    #[cfg(not(unix))]
+    let _ = mode;
+    path
+}
+
+/// Nothing in the log gives the password away, in clear or in base64.
+fn assert_no_secret(log: &str) {
+    let plain_token = BASE64.encode(format!("\0{USER}\0{PASSWORD}"));
+    for secret in [PASSWORD.to_string(), plain_token, BASE64.encode(PASSWORD)] {
+        assert!(!log.contains(&secret), "{secret:?} in the log:\n{log}");
+    }
+}
+
+#[tokio::test]
+async fn a_sender_domain_routed_to_a_smarthost_authenticates_over_starttls_and_skips_the_mx() {
+    let (logs, _guard) = capture_debug();
+    let ca = TestCa::new();
+    let behaviour = smarthost(
+        StartTls::Rustls(ca.leaf(&["smarthost.test"], Validity::Current)),
+        None,
+    );
+    let (lab, mx, host) = smarthost_lab(&ca, behaviour, "require", PASSWORD).await;
+
+    let sent = send_from(lab.smtp, "report@crm.test", &["b@example.test"]).await;
+
+    assert_delivered(&sent);
+    let got = host.messages();
+    assert_eq!(got.len(), 1);
+    assert_eq!(got[0].data, BODY);
+    assert_eq!(got[0].mail_from, "report@crm.test");
+    assert_eq!(got[0].rcpt_to, vec!["b@example.test"]);
+    assert!(got[0].tls.is_some(), "AUTH and message inside STARTTLS");
+    let token = BASE64.encode(format!("\0{USER}\0{PASSWORD}"));
+    assert_eq!(got[0].auth, vec![format!("AUTH PLAIN {token}")]);
+    assert_eq!(mx.connections(), 0, "the recipient's MX is not contacted");
+    let log = logs.text();
+    assert!(
+        log.contains("AUTH PLAIN ****"),
+        "the dialogue is logged at debug level, the secret masked:\n{log}"
+    );
+    assert_no_secret(&log);
+    assert_logged(
+        &logs.transactions()[0],
+        &[
+            "mx=smarthost.test",
+            "route=\"tls\"",
+            "verify=verified",
+            "rule=crm-via-smarthost",
+        ],
+    );
+}
+
+#[cfg(unix)]
+#[tokio::test]
+async fn a_password_file_others_can_read_is_warned_about_by_name_and_still_used() {
+    let (logs, _guard) = Logs::capture();
+    let ca = TestCa::new();
+    let behaviour = smarthost(
+        StartTls::Rustls(ca.leaf(&["smarthost.test"], Validity::Current)),
+        None,
+    );
+    let (lab, _mx, host) =
+        smarthost_lab_with_mode(&ca, behaviour, "require", PASSWORD, 0o644).await;
+
+    assert_delivered(&send_from(lab.smtp, "report@crm.test", &["b@example.test"]).await);
+
+    assert_eq!(host.messages().len(), 1);
+    let warned = lines_with(&logs, "readable by group or others");
+    assert!(!warned.is_empty(), "{}", logs.text());
+    assert_logged(&warned[0], &["WARN", "crm.pass", "644"]);
+    assert!(
+        warned.iter().all(|l| !l.contains("crm.user")),
+        "the username file is 0600: {warned:?}"
+    );
+    assert_no_secret(&logs.text());
+}
+
+#[tokio::test]
+async fn mail_from_other_senders_still_goes_to_the_recipients_mx() {
+    let ca = TestCa::new();
+    let behaviour = smarthost(
+        StartTls::Rustls(ca.leaf(&["smarthost.test"], Validity::Current)),
+        None,
+    );
+    let (lab, mx, host) = smarthost_lab(&ca, behaviour, "require", PASSWORD).await;
+
+    assert_delivered(&send_from(lab.smtp, "a@sender.test", &["b@example.test"]).await);
+
+    assert_eq!(mx.messages().len(), 1);
+    assert_eq!(host.connections(), 0);
+}
+
+#[tokio::test]
+async fn a_smarthost_with_implicit_tls_gets_auth_and_the_message_inside_tls() {
+    let (logs, _guard) = capture_debug();
+    let ca = TestCa::new();
+    let behaviour = smarthost(
+        StartTls::NotOffered,
+        Some(ca.leaf(&["smarthost.test"], Validity::Current)),
+    );
+    let (lab, mx, host) = smarthost_lab(&ca, behaviour, "wrapper", PASSWORD).await;
+
+    let sent = send_from(lab.smtp, "report@crm.test", &["b@example.test"]).await;
+
+    assert_delivered(&sent);
+    let got = host.messages();
+    assert_eq!(got[0].data, BODY);
+    assert!(got[0].tls.is_some(), "implicit TLS from the first byte");
+    let token = BASE64.encode(format!("\0{USER}\0{PASSWORD}"));
+    assert_eq!(got[0].auth, vec![format!("AUTH PLAIN {token}")]);
+    assert_eq!(
+        host.tls_handshakes_attempted(),
+        0,
+        "no STARTTLS: TLS already"
+    );
+    assert_eq!(mx.connections(), 0);
+    assert_no_secret(&logs.text());
+    assert_logged(
+        &logs.transactions()[0],
+        &[
+            "mx=smarthost.test",
+            "route=\"tls\"",
+            "rule=crm-via-smarthost",
+        ],
+    );
+}
+
+#[tokio::test]
+async fn a_smarthost_without_starttls_under_tls_require_defers_and_never_sees_the_password() {
+    let (logs, _guard) = capture_debug();
+    let ca = TestCa::new();
+    let (lab, mx, host) = smarthost_lab(
+        &ca,
+        smarthost(StartTls::NotOffered, None),
+        "require",
+        PASSWORD,
+    )
+    .await;
+
+    let sent = send_from(lab.smtp, "report@crm.test", &["b@example.test"]).await;
+
+    assert_deferred_for_tls(
+        &sent,
+        &[
+            "rule \"crm-via-smarthost\"",
+            "smarthost.test",
+            "no STARTTLS",
+        ],
+    );
+    assert!(host.messages().is_empty());
+    assert!(host.auth_lines().is_empty(), "no AUTH in plain");
+    assert_eq!(mx.connections(), 0);
+    assert_no_secret(&logs.text());
+}
+
+#[tokio::test]
+async fn a_smarthost_refusing_the_credentials_defers_the_message_without_leaking_them() {
+    let (logs, _guard) = capture_debug();
+    let ca = TestCa::new();
+    let behaviour = smarthost(
+        StartTls::Rustls(ca.leaf(&["smarthost.test"], Validity::Current)),
+        None,
+    );
+    let wrong = "an-old-password";
+    let (lab, _mx, host) = smarthost_lab(&ca, behaviour, "require", wrong).await;
+
+    let sent = send_from(lab.smtp, "report@crm.test", &["b@example.test"]).await;
+
+    assert_reply(&sent.rcpts[0], 451, "4.7.0", &["refused AUTH", "535"]);
+    assert!(host.messages().is_empty());
+    assert_eq!(host.auth_lines().len(), 1, "one AUTH attempt");
+    let log = logs.text();
+    assert!(!log.contains(wrong), "the password in the log:\n{log}");
+}
+
+// ---------------------------------------------------------------------------------------
+// The outcome cache
+
+#[tokio::test]
+async fn a_second_message_to_a_tls_1_0_only_mx_skips_the_doomed_handshake_and_says_cached() {
+    let (logs, _guard) = Logs::capture();
+    let ca = TestCa::new();
+    let rules = "rules:\n  - name: default\n    match: { domains: [\"*\"] }\n";
+    let (lab, mx) = one_mx(
+        &ca,
+        tls10_only(ca.leaf(&["mx.example.test"], Validity::Current)),
+        rules,
+    )
+    .await;
+
+    assert_delivered(&send(lab.smtp, &["b@example.test"]).await);
+    assert_delivered(&send(lab.smtp, &["b@example.test"]).await);
+
+    let got = mx.messages();
+    assert_eq!(got.len(), 2);
+    assert!(got.iter().all(|m| m.data == BODY && m.tls.is_none()));
+    assert_eq!(mx.tls_handshakes_attempted(), 1, "TLS tried once only");
+    assert_eq!(
+        mx.connections(),
+        3,
+        "handshake + plain for the first message, plain at once for the second"
+    );
+    let lines = logs.transactions();
+    assert!(!lines[0].contains("cached"), "{}", lines[0]);
+    assert_logged(
+        &lines[1],
+        &["route=\"plain\"", "fallback=legacy-tls", "cached"],
+    );
+    let entry = lab
+        .proxy
+        .outbound
+        .cache
+        .get("mx.example.test", LOCALHOST)
+        .expect("cached");
+    assert_eq!(entry.class, OutcomeClass::LegacyTls);
+}
+
+#[tokio::test]
+async fn under_tls_require_a_cached_legacy_tls_defers_the_next_message_without_a_new_handshake() {
+    let ca = TestCa::new();
+    let rules = "rules:\n  - name: strict\n    match: { domains: [\"*\"] }\n    tls: require\n";
+    let (lab, mx) = one_mx(
+        &ca,
+        tls10_only(ca.leaf(&["mx.example.test"], Validity::Current)),
+        rules,
+    )
+    .await;
+
+    let first = send(lab.smtp, &["b@example.test"]).await;
+    assert_deferred_for_tls(&first, &["rule \"strict\"", "TLS 1.0/1.1"]);
+    assert_eq!(mx.tls_handshakes_attempted(), 1);
+
+    let second = send(lab.smtp, &["b@example.test"]).await;
+    assert_deferred_for_tls(&second, &["rule \"strict\"", "TLS 1.0/1.1", "cached"]);
+    assert_eq!(mx.tls_handshakes_attempted(), 1, "no new handshake");
+    assert_eq!(mx.connections(), 1, "not even a connection");
+    assert!(mx.messages().is_empty());
+}
+
+// ---------------------------------------------------------------------------------------
+// Downgrades
+
+/// The first message goes over TLS; then the same host (name, address, port) stops
+/// offering STARTTLS and a second message is sent.
+async fn downgrade(on_downgrade: &str) -> (SmtpServer, Sent) {
+    let ca = TestCa::new();
+    let rules = format!(
+        "rules:\n\
+         \x20 - name: watchful\n\
+         \x20   match: {{ domains: [\"*\"] }}\n\
+         \x20   on_downgrade: {on_downgrade}\n"
+    );
+    let (lab, mx) = one_mx(
+        &ca,
+        starttls(ca.leaf(&["mx.example.test"], Validity::Current)),
+        &rules,
+    )
+    .await;
+
+    let first = send(lab.smtp, &["b@example.test"]).await;
+    assert_delivered(&first);
+    assert!(mx.messages()[0].tls.is_some(), "TLS the first time");
+
+    mx.stop_offering_starttls();
+    let second = send(lab.smtp, &["b@example.test"]).await;
+    (mx, second)
+}
+
+/// The WARN lines that call the second attempt a downgrade; at least one.
+fn warnings_of_downgrade(logs: &Logs) -> Vec<String> {
+    let warned: Vec<String> = lines_with(logs, "downgrade")
+        .into_iter()
+        .filter(|l| l.contains(" WARN "))
+        .collect();
+    assert!(
+        !warned.is_empty(),
+        "no downgrade warning in:\n{}",
+        logs.text()
+    );
+    warned
+}
+
+#[tokio::test]
+async fn a_host_that_stops_offering_starttls_is_a_downgrade_deferred_under_on_downgrade_defer() {
+    let (logs, _guard) = Logs::capture();
+    let (mx, second) = downgrade("defer").await;
+
+    assert_deferred_for_tls(
+        &second,
+        &[
+            "rule \"watchful\"",
+            "mx.example.test[127.0.0.1]",
+            "downgrade",
+        ],
+    );
+    assert_eq!(mx.messages().len(), 1, "the second message is not sent");
+    let warned = warnings_of_downgrade(&logs);
+    assert_logged(&warned[0], &["mx.example.test[127.0.0.1]", "rule=watchful"]);
+}
+
+#[tokio::test]
+async fn a_host_that_stops_offering_starttls_gets_mail_in_plain_with_a_warning_under_on_downgrade_fallback()
+ {
+    let (logs, _guard) = Logs::capture();
+    let (mx, second) = downgrade("fallback").await;
+
+    assert_delivered(&second);
+    let got = mx.messages();
+    assert_eq!(got.len(), 2);
+    assert_eq!(got[1].data, BODY);
+    assert!(got[1].tls.is_none(), "in plain the second time");
+    let warned = warnings_of_downgrade(&logs);
+    assert_logged(&warned[0], &["mx.example.test[127.0.0.1]", "rule=watchful"]);
+    assert_logged(
+        &logs.transactions()[1],
+        &["route=\"plain\"", "fallback=no-starttls", "rule=watchful"],
+    );
+}
+
+// ---------------------------------------------------------------------------------------
+// The cache file
+
+#[tokio::test]
+async fn a_legacy_tls_host_learned_before_a_restart_is_not_tried_again_after_it() {
+    let (logs, _guard) = Logs::capture();
+    let ca = TestCa::new();
+    let mx = server(
+        loopback(1),
+        0,
+        tls10_only(ca.leaf(&["mx.example.test"], Validity::Current)),
+    )
+    .await;
+    let zone = TestZone::new()
+        .mx("example.test", 10, "mx.example.test")
+        .a("mx.example.test", loopback(1));
+    let rules = "rules:\n  - name: default\n    match: { domains: [\"*\"] }\n";
+    let a = Lab::start_with(zone, &ca, mx.addr().port(), rules, |config, dir| {
+        config.cache.file = Some(dir.join("cache.json"));
+    })
+    .await;
+    assert_delivered(&send(a.smtp, &["b@example.test"]).await);
+    assert_eq!(mx.tls_handshakes_attempted(), 1);
+    a.proxy.save_cache();
+    let cache_file = a.config.cache.file.clone().expect("cache file");
+    assert!(cache_file.exists(), "saved");
+
+    // Proxy B: a new process, in effect, with the same configuration and cache file.
+    let (b, b_smtp) = serve(a.config.clone()).await;
+    assert_eq!(
+        b.outbound
+            .cache
+            .get("mx.example.test", LOCALHOST)
+            .map(|e| e.class),
+        Some(OutcomeClass::LegacyTls)
+    );
+    assert_delivered(&send(b_smtp, &["b@example.test"]).await);
+
+    assert_eq!(mx.tls_handshakes_attempted(), 1, "B skipped the handshake");
+    assert_eq!(mx.messages().len(), 2);
+    assert_logged(
+        &logs.transactions()[1],
+        &["route=\"plain\"", "fallback=legacy-tls", "cached"],
+    );
+}
+
+#[tokio::test]
+async fn a_corrupt_cache_file_is_reported_and_the_proxy_starts_with_an_empty_cache() {
+    let (logs, _guard) = Logs::capture();
+    let ca = TestCa::new();
+    let (lab, mx) = one_mx(
+        &ca,
+        starttls(ca.leaf(&["mx.example.test"], Validity::Current)),
+        "rules:\n  - name: default\n",
+    )
+    .await;
+    let cache_file = lab.dir.path().join("cache.json");
+    std::fs::write(
+        &cache_file,
+        b"{\"version\": 1, \"entries\": [ {\"host\": tru",
+    )
+    .expect("write");
+    let mut config = lab.config.clone();
+    config.cache.file = Some(cache_file);
+
+    let (proxy, smtp) = serve(config).await;
+
+    assert!(proxy.outbound.cache.is_empty());
+    assert_eq!(
+        lines_with(&logs, "cache not loaded").len(),
+        1,
+        "{}",
+        logs.text()
+    );
+    assert_delivered(&send(smtp, &["b@example.test"]).await);
+    assert!(mx.messages()[0].tls.is_some());
+}
+
+// ---------------------------------------------------------------------------------------
+// Reloading the rules
+
+fn one_rule(name: &str, domain: &str, tls: &str) -> String {
+    format!(
+        "rules:\n\
+         \x20 - name: {name}\n\
+         \x20   match: {{ domains: [{domain}] }}\n\
+         \x20   tls: {tls}\n"
+    )
+}
+
+#[tokio::test]
+async fn a_reload_changes_new_transactions_but_not_the_one_in_flight() {
+    let (logs, _guard) = Logs::capture();
+    let ca = TestCa::new();
+    let (lab, mx) = one_mx(
+        &ca,
+        starttls(ca.leaf(&["mx.example.test"], Validity::Current)),
+        &one_rule("before", "example.test", "never"),
+    )
+    .await;
+    let (mut client, _) = SmtpClient::connect(lab.smtp).await;
+    client.cmd("EHLO mta.sender.test").await;
+    assert_eq!(client.cmd("MAIL FROM:<a@sender.test>").await.code, 250);
+    assert_eq!(client.cmd("RCPT TO:<b@example.test>").await.code, 250);
+    assert_eq!(mx.connections(), 1, "the remote transaction is open");
+
+    lab.write_rules(&one_rule("after", "example.test", "require"));
+    assert_eq!(lab.proxy.reload_rules("test").expect("reload"), 1);
+
+    assert_reply(&client.data(BODY).await, 250, "2.0.0", &[]);
+    let in_flight = transaction(&mut client, "a@sender.test", &["b@example.test"]).await;
+    assert_delivered(&in_flight);
+
+    let got = mx.messages();
+    assert_eq!(got.len(), 2);
+    assert!(got[0].tls.is_none(), "in flight: the old rule, tls: never");
+    assert!(got[1].tls.is_some(), "next: the new rule, tls: require");
+    let lines = logs.transactions();
+    assert_logged(&lines[0], &["rule=before", "route=\"plain\""]);
+    assert_logged(&lines[1], &["rule=after", "route=\"tls\""]);
+    assert_eq!(lines_with(&logs, "rules reloaded (test)").len(), 1);
+}
+
+#[tokio::test]
+#[ignore = "bug: after a reload, a further RCPT of the transaction in flight is planned with the new rules and refused 452 4.5.3 'example.test has another next hop than example.test'"]
+async fn a_recipient_added_after_a_reload_joins_the_transaction_in_flight_under_its_rules() {
+    let (logs, _guard) = Logs::capture();
+    let ca = TestCa::new();
+    let (lab, mx) = one_mx(
+        &ca,
+        starttls(ca.leaf(&["mx.example.test"], Validity::Current)),
+        &one_rule("before", "example.test", "never"),
+    )
+    .await;
+    let (mut client, _) = SmtpClient::connect(lab.smtp).await;
+    client.cmd("EHLO mta.sender.test").await;
+    client.cmd("MAIL FROM:<a@sender.test>").await;
+    assert_eq!(client.cmd("RCPT TO:<b@example.test>").await.code, 250);
+
+    lab.write_rules(&one_rule("after", "example.test", "require"));
+    lab.proxy.reload_rules("test").expect("reload");
+    let second = client.cmd("RCPT TO:<c@example.test>").await;
+
+    assert_eq!(second.code, 250, "{second:?}");
+    assert_reply(&client.data(BODY).await, 250, "2.0.0", &[]);
+    let got = mx.messages();
+    assert_eq!(got[0].rcpt_to, vec!["b@example.test", "c@example.test"]);
+    assert!(got[0].tls.is_none());
+    assert_logged(&logs.transactions()[0], &["rule=before"]);
+}
+
+#[tokio::test]
+async fn an_invalid_rule_file_is_refused_on_reload_with_its_position_and_the_old_rules_stay() {
+    let (logs, _guard) = Logs::capture();
+    let ca = TestCa::new();
+    let (lab, mx) = one_mx(
+        &ca,
+        starttls(ca.leaf(&["mx.example.test"], Validity::Current)),
+        &one_rule("partner-without-tls", "example.test", "never"),
+    )
+    .await;
+
+    lab.write_rules("rules:\n  - name: partner-without-tls\n    tls: sometimes\n");
+    let error = lab
+        .proxy
+        .reload_rules("test")
+        .expect_err("an invalid file")
+        .to_string();
+
+    let prefix = format!("{}:3:", lab.rules.display());
+    assert!(
+        error.starts_with(&prefix),
+        "{error} should start with {prefix}"
+    );
+    let column = error[prefix.len()..].split(':').next().unwrap_or("");
+    assert!(
+        column.parse::<u32>().is_ok_and(|c| c > 0),
+        "a column in {error}"
+    );
+    assert!(error.contains("sometimes"), "{error}");
+    let refused = lines_with(&logs, "rules not reloaded (test)");
+    assert_eq!(refused.len(), 1, "{}", logs.text());
+    assert_logged(&refused[0], &["ERROR", &prefix]);
+
+    assert_delivered(&send(lab.smtp, &["b@example.test"]).await);
+    assert!(
+        mx.messages()[0].tls.is_none(),
+        "tls: never is still in force"
+    );
+    assert_eq!(mx.tls_handshakes_attempted(), 0);
+    assert_logged(&logs.transactions()[0], &["rule=partner-without-tls"]);
+}
+
+// ---------------------------------------------------------------------------------------
+// The tlsrouter command: check and explain
+
+/// Runs `tlsrouter ARGS`; returns the exit status, stdout and stderr.
+fn tlsrouter(args: &[&str]) -> (i32, String, String) {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_tlsrouter"))
+        .args(args)
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .output()
+        .expect("run tlsrouter");
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[test]
+fn tlsrouter_check_accepts_every_shipped_rule_file() {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("rules");
+    let mut files: Vec<PathBuf> = std::fs::read_dir(&dir)
+        .expect("rules/")
+        .map(|e| e.expect("entry").path())
+        .filter(|p| p.extension().is_some_and(|x| x == "yaml"))
+        .collect();
+    files.sort();
+    assert!(files.len() >= 3, "{files:?}");
+    for file in files {
+        let (code, out, err) = tlsrouter(&["check", &file.display().to_string()]);
+        assert_eq!(code, 0, "{}: {err}", file.display());
+        assert!(out.contains("OK"), "{out}");
+    }
+}
+
+#[test]
+fn tlsrouter_check_reports_a_broken_file_with_file_line_column_and_exits_64() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let file = dir.path().join("broken.yaml");
+    std::fs::write(
+        &file,
+        "rules:\n  - name: ok\n    tls: never\n  - name: bad\n    match: { domains: [\"a..b\"] }\n",
+    )
+    .expect("write");
+
+    let (code, _, err) = tlsrouter(&["check", &file.display().to_string()]);
+
+    assert_eq!(code, 64, "{err}");
+    let prefix = format!("{}:5:", file.display());
+    assert!(err.starts_with(&prefix), "{err} should start with {prefix}");
+    let column = err[prefix.len()..].split(':').next().unwrap_or("");
+    assert!(column.parse::<u32>().is_ok(), "a column in {err}");
+}
+
+#[test]
+fn tlsrouter_check_names_a_shadowed_rule_and_the_rule_that_shadows_it_and_exits_1() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let file = dir.path().join("shadowed.yaml");
+    std::fs::write(
+        &file,
+        "rules:\n\
+         \x20 - name: all-banks\n\
+         \x20   match: { domains: [\"*.bank.example\"] }\n\
+         \x20   tls: require\n\
+         \x20 - name: one-bank\n\
+         \x20   match: { domains: [a.bank.example] }\n\
+         \x20   tls: never\n",
+    )
+    .expect("write");
+
+    let (code, _, err) = tlsrouter(&["check", &file.display().to_string()]);
+
+    assert_eq!(code, 1, "{err}");
+    assert!(err.contains("\"one-bank\""), "{err}");
+    assert!(err.contains("\"all-banks\""), "{err}");
+    assert!(err.contains(&format!("{}:5:", file.display())), "{err}");
+}
+
+#[test]
+fn tlsrouter_explain_names_the_exceptions_rule_for_a_listed_partner_of_the_strict_rules() {
+    let (code, out, err) = tlsrouter(&[
+        "explain",
+        "--rules",
+        "rules/strict.yaml",
+        "--rcpt",
+        "u@legacy-partner.example",
+    ]);
+
+    assert_eq!(code, 0, "{err}");
+    let rule_line = out
+        .lines()
+        .find(|l| l.starts_with("rule:"))
+        .unwrap_or_else(|| panic!("no rule line in {out}"));
+    assert!(rule_line.contains("\"exceptions\""), "{out}");
+    assert!(rule_line.contains("rules/strict.yaml:"), "{out}");
+
+    let (_, other, _) = tlsrouter(&[
+        "explain",
+        "--rules",
+        "rules/strict.yaml",
+        "--rcpt",
+        "u@anyone.example",
+    ]);
+    assert!(other.contains("\"strict\""), "{other}");
+    assert!(other.contains("451 4.7.5"), "{other}");
+}
