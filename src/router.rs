@@ -88,6 +88,12 @@ impl PartialEq for Plan {
 }
 
 impl Plan {
+    /// The plan under a given rule set (a transaction keeps the set it started with).
+    pub fn new(rules: Arc<RuleSet>, recipient_domain: &str, sender_domain: Option<&str>) -> Plan {
+        let selection = rules.select(recipient_domain, sender_domain);
+        Plan { rules, selection }
+    }
+
     /// The rule that decides the next hop (and the policy where no host-specific rule applies).
     pub fn base_rule(&self) -> &Rule {
         self.rules.rule(self.selection.base)
@@ -144,9 +150,7 @@ impl Router {
     }
 
     pub fn plan(&self, recipient_domain: &str, sender_domain: Option<&str>) -> Plan {
-        let rules = self.rules();
-        let selection = rules.select(recipient_domain, sender_domain);
-        Plan { rules, selection }
+        Plan::new(self.rules(), recipient_domain, sender_domain)
     }
 
     /// Loads the rule file again; on any error the rules in force stay.

@@ -15,6 +15,7 @@ use crate::outbound::delivery::{NextHop, OpenError, Upstream};
 use crate::outcome::{TlsOutcome, Verification};
 use crate::proxy::Proxy;
 use crate::router::Plan;
+use crate::rules::RuleSet;
 use crate::smtp::data::{BodyError, BodyFilter};
 use crate::smtp::line::{LineRead, read_line};
 use crate::smtp::{Command, MailParams, Mailbox, Reply, parse_command};
@@ -53,6 +54,8 @@ struct Transaction {
     /// The remote was lost after recipients were accepted: the transaction cannot go on.
     lost: Option<Reply>,
     started: std::time::Instant,
+    /// The rules in force at MAIL FROM; a reload does not change this transaction.
+    rules: Arc<RuleSet>,
 }
 
 struct Route {
@@ -240,6 +243,7 @@ impl Session {
             failed_domains: HashMap::new(),
             lost: None,
             started: std::time::Instant::now(),
+            rules: self.proxy.router.rules(),
         }));
         self.registered.update("mail", None);
         Reply::new(250, "2.1.0", "sender OK")
@@ -262,7 +266,7 @@ impl Session {
             return reply.clone();
         }
         let sender_domain = tx.sender.as_ref().map(Mailbox::routing_domain);
-        let plan = proxy.router.plan(&domain, sender_domain.as_deref());
+        let plan = Plan::new(tx.rules.clone(), &domain, sender_domain.as_deref());
         if let Err(reply) = self.ensure_route(&domain, plan).await {
             if let Stage::Mail(tx) = &mut self.stage {
                 tx.failed_domains.insert(domain, reply.clone());
@@ -650,6 +654,7 @@ fn log_transaction(client: SocketAddr, tx: &Transaction, reply: &Reply, end: &st
         client = %client,
         from = %sender,
         to = %recipients,
+        next_hop = %upstream.next_hop,
         mx = %upstream.conn.host,
         addr = %upstream.conn.peer.ip(),
         route = route_kind,

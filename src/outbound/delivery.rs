@@ -13,7 +13,7 @@ use crate::cache::{CacheEntry, Observation, OutcomeCache, is_unreachable};
 use crate::config::Timeouts;
 use crate::outbound::connection::{Connection, ExchangeError, StartTlsResult};
 use crate::outbound::mx::{AddressError, MxHost, MxResolver, RouteError};
-use crate::outbound::tls::TlsClient;
+use crate::outbound::tls::{MinTls, TlsClient};
 use crate::outcome::{NoTls, OutcomeClass, TlsOutcome, TlsSession, Verification};
 use crate::router::{Plan, TlsMode, VerifyMode};
 use crate::rules::model::{AuthSpec, HostPort, SmarthostTls};
@@ -63,6 +63,9 @@ pub struct Upstream {
     pub tls: TlsOutcome,
     /// The rule that applied to this host.
     pub rule: String,
+    /// The next-hop server the attempt was for, `name[ip]` (the connection may be to a
+    /// fallback relay instead).
+    pub next_hop: String,
     /// Attempts that failed before this one, for the log.
     pub earlier_failures: Vec<String>,
 }
@@ -229,6 +232,7 @@ impl Outbound {
                 };
                 match self.attempt(&attempt, &mail_from).await {
                     Ok(mut upstream) => {
+                        upstream.next_hop = server;
                         failures.extend(tls_failures);
                         upstream.earlier_failures = failures;
                         return Ok(upstream);
@@ -312,6 +316,7 @@ impl Outbound {
             caps,
             tls,
             rule: rule.name.clone(),
+            next_hop: String::new(),
             earlier_failures: Vec::new(),
         })
     }
@@ -384,8 +389,14 @@ impl Outbound {
         Ok(())
     }
 
-    /// Writes what the TLS attempt found to the cache.
+    /// Writes what the TLS attempt found to the cache. A handshake that failed because a
+    /// rule asked for more than TLS 1.2 says nothing about the host for other rules.
     fn remember(&self, attempt: &Attempt<'_>, secured: &Secured) {
+        if attempt.rule.policy.min_tls != MinTls::Tls12
+            && let Secured::Lost(NoTls::HandshakeFailed(_) | NoTls::LegacyTls(_)) = secured
+        {
+            return;
+        }
         let outcome = match secured {
             Secured::Tls(_, _, session) => TlsOutcome::Encrypted(session.clone()),
             Secured::Plain(_, _, reason) | Secured::Lost(reason) => {

@@ -123,7 +123,7 @@ impl TlsClient {
         let connector = tokio_rustls::TlsConnector::from(Arc::new(config));
         let stream = match tokio::time::timeout(timeout, connector.connect(name, tcp)).await {
             Ok(Ok(stream)) => stream,
-            Ok(Err(error)) => return Err(classify_handshake_error(&error)),
+            Ok(Err(error)) => return Err(classify_handshake_error(&error, min_tls)),
             Err(_) => {
                 return Err(NoTls::HandshakeFailed(format!(
                     "no TLS handshake within {}s",
@@ -278,11 +278,18 @@ fn name_matches(end_entity: &CertificateDer<'_>, name: &ServerName<'_>) -> bool 
 }
 
 /// Names what went wrong in a handshake, from the rustls error inside the io error.
-fn classify_handshake_error(error: &std::io::Error) -> NoTls {
+/// A version alert means "only TLS 1.0/1.1" when we offered 1.2; when a rule made us offer
+/// only 1.3 it means only that the server lacks 1.3.
+fn classify_handshake_error(error: &std::io::Error, min_tls: MinTls) -> NoTls {
     let rustls_error = error
         .get_ref()
         .and_then(|inner| inner.downcast_ref::<rustls::Error>());
     match rustls_error {
+        Some(rustls::Error::AlertReceived(AlertDescription::ProtocolVersion)) if min_tls == MinTls::Tls13 => {
+            NoTls::HandshakeFailed(
+                "the server does not offer TLS 1.3, the rule's minimum (protocol_version alert)".into(),
+            )
+        }
         Some(rustls::Error::AlertReceived(AlertDescription::ProtocolVersion))
         | Some(rustls::Error::PeerIncompatible(
             PeerIncompatible::ServerTlsVersionIsDisabledByOurConfig,
