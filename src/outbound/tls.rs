@@ -285,9 +285,12 @@ fn classify_handshake_error(error: &std::io::Error, min_tls: MinTls) -> NoTls {
         .get_ref()
         .and_then(|inner| inner.downcast_ref::<rustls::Error>());
     match rustls_error {
-        Some(rustls::Error::AlertReceived(AlertDescription::ProtocolVersion)) if min_tls == MinTls::Tls13 => {
+        Some(rustls::Error::AlertReceived(AlertDescription::ProtocolVersion))
+            if min_tls == MinTls::Tls13 =>
+        {
             NoTls::HandshakeFailed(
-                "the server does not offer TLS 1.3, the rule's minimum (protocol_version alert)".into(),
+                "the server does not offer TLS 1.3, the rule's minimum (protocol_version alert)"
+                    .into(),
             )
         }
         Some(rustls::Error::AlertReceived(AlertDescription::ProtocolVersion))
