@@ -278,6 +278,15 @@ async fn probe_server(outbound: &Outbound, host: &str, addr: SocketAddr, no_tls:
             finish(report, TlsOutcome::Plain(reason), Some(conn))
         }
         StartTlsResult::Lost(reason) => finish(report, TlsOutcome::Plain(reason), None),
+        StartTlsResult::Closed(reply) => {
+            report.error = Some(format!(
+                "STARTTLS: {reply} (the server closed the connection)"
+            ));
+            Probed {
+                report,
+                outcome: None,
+            }
+        }
     }
 }
 

@@ -161,6 +161,12 @@ impl Session {
         tracing::debug!(client = %self.client, "session closed");
     }
 
+    /// Whether the MTA has sent anything it should have waited for: in our buffer, or
+    /// waiting on the socket.
+    fn client_sent_early(&mut self) -> bool {
+        !self.io.buffer().is_empty() || crate::smtp::peek::bytes_waiting(self.io.get_ref())
+    }
+
     /// While draining, a session leaves between transactions; when forced, at once.
     fn should_leave(&self, drain: Drain) -> bool {
         match drain {
@@ -379,7 +385,7 @@ impl Session {
                     .await;
             }
         };
-        if !self.io.buffer().is_empty() {
+        if self.client_sent_early() {
             // RFC 2920: DATA ends a pipelined group; the client must wait for our 354.
             let reply = Reply::new(
                 554,
@@ -424,6 +430,17 @@ impl Session {
             }
         };
         self.registered.update("data", Some(route_name(&tx)));
+        if self.client_sent_early() {
+            // Text that came while the remote was asked: the same violation, found later.
+            let reply = Reply::new(
+                554,
+                "5.5.0",
+                "synchronization error: data sent before the 354",
+            );
+            self.finish(&mut tx, &reply, "pipelining violation").await;
+            let _ = self.reply(&reply).await;
+            return Next::Close;
+        }
         if self.reply(&start).await.is_err() {
             self.finish(
                 &mut tx,
@@ -506,9 +523,15 @@ impl Session {
             return Reply::new(451, "4.3.0", "internal error: no route");
         };
         let conn = &mut route.upstream.conn;
-        let sent = conn
-            .write(b".\r\n", timeouts.data_block, "sending the final dot")
-            .await;
+        // A reply that came during the body is out of sequence: it must not be read as the
+        // answer to the final dot.
+        let sent = match conn.expect_nothing_more("the message text") {
+            Ok(()) => {
+                conn.write(b".\r\n", timeouts.data_block, "sending the final dot")
+                    .await
+            }
+            Err(e) => Err(e),
+        };
         let reply = match sent {
             Ok(()) => {
                 conn.read_reply(timeouts.data_end, "the reply to the message")

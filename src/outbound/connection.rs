@@ -130,15 +130,30 @@ impl Connection {
         Ok(reply)
     }
 
-    /// We never pipeline toward a remote, so after a reply nothing may be waiting: if
-    /// something is, every later reply would be matched to the wrong command.
-    fn expect_nothing_more(&self, what: &'static str) -> Result<(), ExchangeError> {
-        let extra = self.io.buffer();
-        if extra.is_empty() {
-            return Ok(());
+    /// We never pipeline toward a remote, so outside a reply nothing may arrive: if
+    /// something does, every later reply would be matched to the wrong command. Checked
+    /// after each reply and before each command and the final dot.
+    pub fn expect_nothing_more(&mut self, what: &'static str) -> Result<(), ExchangeError> {
+        match self.unsolicited() {
+            None => Ok(()),
+            Some(extra) => Err(ExchangeError::ExtraReply(what, extra)),
         }
-        let shown: String = String::from_utf8_lossy(extra).chars().take(60).collect();
-        Err(ExchangeError::ExtraReply(what, shown))
+    }
+
+    /// Bytes that have arrived but were not asked for: in our buffer, or (plain TCP)
+    /// waiting on the socket. Under TLS the socket also carries records that are not
+    /// replies (session tickets), so there only the buffer counts.
+    fn unsolicited(&mut self) -> Option<String> {
+        let shown = |bytes: &[u8]| String::from_utf8_lossy(bytes).chars().take(60).collect();
+        if !self.io.buffer().is_empty() {
+            return Some(shown(self.io.buffer()));
+        }
+        match self.io.get_ref() {
+            Transport::Plain(tcp) if crate::smtp::peek::bytes_waiting(tcp) => {
+                Some("(a reply nobody asked for)".into())
+            }
+            _ => None,
+        }
     }
 
     /// Sends a line that holds a secret; the debug log shows `shown` instead.
@@ -161,6 +176,7 @@ impl Connection {
         what: &'static str,
     ) -> Result<(), ExchangeError> {
         tracing::debug!(remote = %self.host, "-> {line}");
+        self.expect_nothing_more(what)?;
         self.send_raw_line(line, timeout, what).await
     }
 
@@ -217,7 +233,7 @@ impl Connection {
         if reply.code != 220 {
             let reason = NoTls::StarttlsRefused(reply.one_line());
             return if reply.closes_connection() {
-                StartTlsResult::Lost(reason)
+                StartTlsResult::Closed(reply.one_line())
             } else {
                 StartTlsResult::Refused(conn, reason)
             };
@@ -287,6 +303,8 @@ pub enum StartTlsResult {
     Refused(Connection, NoTls),
     /// The connection is unusable; a plain fallback needs a new one.
     Lost(NoTls),
+    /// The server closed (421/221): a temporary failure of this server, not a TLS fact.
+    Closed(String),
 }
 
 impl AsyncRead for Transport {

@@ -143,6 +143,8 @@ enum Secured {
     Plain(Connection, Capabilities, NoTls),
     /// The connection is gone; a plain fallback needs a new one.
     Lost(NoTls),
+    /// The server closed the connection (421/221 to STARTTLS): try the next server.
+    Closed(String),
 }
 
 /// One delivery attempt: the rule for this host, the route, the server, and what the cache
@@ -355,6 +357,7 @@ impl Outbound {
                 let (conn, caps) = self.plain_path(rule, Some((conn, caps)), target).await?;
                 Ok((conn, caps, TlsOutcome::Plain(reason)))
             }
+            Secured::Closed(reply) => Err(Failure::Next(format!("STARTTLS: {reply}"))),
             Secured::Lost(reason) => {
                 allow_plain(rule, &reason)?;
                 tracing::info!(server = %target.addr, "TLS failed ({reason}); taking the plain path");
@@ -402,6 +405,7 @@ impl Outbound {
             Secured::Plain(_, _, reason) | Secured::Lost(reason) => {
                 TlsOutcome::Plain(reason.clone())
             }
+            Secured::Closed(_) => return,
         };
         if let Some(observation) = Observation::from_outcome(&outcome) {
             let target = attempt.target;
@@ -494,18 +498,18 @@ impl Outbound {
             .command(&ehlo, timeout, "the reply to EHLO")
             .await
             .map_err(|e| e.to_string())?;
-        if reply.is_positive() {
-            return Ok(Capabilities::from_ehlo(&reply));
-        }
         if reply.closes_connection() {
             return Err(format!("EHLO: {reply}"));
+        }
+        if reply.is_positive() {
+            return Ok(Capabilities::from_ehlo(&reply));
         }
         let helo = format!("HELO {}", self.hostname);
         let reply = conn
             .command(&helo, timeout, "the reply to HELO")
             .await
             .map_err(|e| e.to_string())?;
-        if reply.is_positive() {
+        if reply.is_positive() && !reply.closes_connection() {
             Ok(Capabilities::default())
         } else {
             Err(format!("EHLO and HELO refused: {reply}"))
@@ -527,6 +531,7 @@ impl Outbound {
             StartTlsResult::Encrypted(conn, session) => (conn, session),
             StartTlsResult::Refused(conn, reason) => return Secured::Plain(conn, caps, reason),
             StartTlsResult::Lost(reason) => return Secured::Lost(reason),
+            StartTlsResult::Closed(reply) => return Secured::Closed(reply),
         };
         if let Some(reason) = rejected_certificate(rule, &session) {
             tokio::spawn(conn.quit());

@@ -101,6 +101,10 @@ impl CommandError {
 
 /// Parses one command line (without CRLF).
 pub fn parse_command(line: &[u8]) -> Result<Command, CommandError> {
+    // A CR or NUL inside a command could become a second command at a lenient remote.
+    if line.iter().any(|&b| b < 0x20 || b == 0x7f) {
+        return Err(CommandError::Syntax("control characters are not allowed"));
+    }
     let line = std::str::from_utf8(line).map_err(|_| CommandError::Syntax("not UTF-8"))?;
     let (verb, rest) = match line.find(' ') {
         Some(i) => (&line[..i], &line[i + 1..]),

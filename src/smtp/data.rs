@@ -5,11 +5,11 @@
 //! bare CR or LF on as it came: those are the raw material of SMTP smuggling, where a remote
 //! that reads line endings differently would see a second message inside the first.
 
-/// What to do with a bare CR or LF inside the body.
+/// What to do with a bare CR or LF (or a NUL) inside the body.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Deserialize, serde::Serialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum BareLineEndings {
-    /// A bare LF becomes CRLF, a bare CR a space.
+    /// A bare LF becomes CRLF, a bare CR a space, a NUL is dropped.
     Normalize,
     /// The message is refused.
     Reject,
@@ -40,7 +40,7 @@ impl BodyError {
             BodyError::BareLineEnding => Reply::new(
                 550,
                 "5.5.2",
-                "message has a bare CR or LF (not allowed by RFC 5321 2.3.8)",
+                "message has a bare CR or LF, or a NUL (not allowed by RFC 5321 2.3.8)",
             ),
         }
     }
@@ -156,6 +156,11 @@ impl BodyFilter {
                 if self.normalises_bare() {
                     self.end_line(out);
                 }
+                State::Text
+            }
+            // A remote that drops NULs would see `<CRLF>.<CRLF>` in `<CRLF>NUL.<CRLF>`.
+            0 => {
+                self.normalises_bare();
                 State::Text
             }
             _ => {
@@ -319,19 +324,20 @@ mod tests {
         for line in out.split(|&b| b == b'\n') {
             assert_ne!(line, b".\r", "unstuffed dot line in {out:?}");
         }
+        assert!(!out.contains(&0), "NUL in {out:?}");
     }
 
     #[test]
     fn any_input_gives_crlf_only_stuffed_output_in_any_chunking() {
         // A small exhaustive check over an alphabet that holds every special byte.
-        let alphabet = [b'.', b'\r', b'\n', b'a'];
+        let alphabet = [b'.', b'\r', b'\n', b'a', 0];
         let mut input = Vec::new();
-        for n in 0..4usize.pow(7) {
+        for n in 0..5usize.pow(7) {
             input.clear();
             let mut k = n;
             for _ in 0..7 {
-                input.push(alphabet[k % 4]);
-                k /= 4;
+                input.push(alphabet[k % 5]);
+                k /= 5;
             }
             input.extend_from_slice(b"\r\n.\r\n");
             let whole = normalize(&input);

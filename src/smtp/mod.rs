@@ -5,6 +5,7 @@ pub mod command;
 pub mod data;
 pub mod ehlo;
 pub mod line;
+pub mod peek;
 pub mod reply;
 
 pub use command::{Command, CommandError, MailParams, Mailbox, parse_command};
