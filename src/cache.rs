@@ -326,10 +326,16 @@ pub fn is_downgrade(
     now: u64,
     success_ttl: Duration,
 ) -> bool {
-    now_class == OutcomeClass::NoStarttls
-        && entry
-            .last_tls_at
-            .is_some_and(|at| now.saturating_sub(at) < success_ttl.as_secs())
+    matches!(
+        now_class,
+        OutcomeClass::NoStarttls
+            | OutcomeClass::StarttlsRefused
+            | OutcomeClass::HandshakeFailed
+            | OutcomeClass::LegacyTls
+            | OutcomeClass::ProtocolViolation
+    ) && entry
+        .last_tls_at
+        .is_some_and(|at| now.saturating_sub(at) < success_ttl.as_secs())
 }
 
 // ---------------------------------------------------------------------------------------
@@ -943,7 +949,8 @@ mod tests {
         assert_eq!(entry.last_tls_at, Some(T0), "kept across the failure");
         let (now, success) = (cache.now(), cache.ttl().success);
         assert!(is_downgrade(&entry, OutcomeClass::NoStarttls, now, success));
-        assert!(!is_downgrade(
+        // Any TLS failure after a success is a downgrade (STARTTLS refused, handshake broken).
+        assert!(is_downgrade(
             &entry,
             OutcomeClass::HandshakeFailed,
             now,

@@ -450,7 +450,14 @@ impl Session {
             .await;
             return Next::Close;
         }
-        let reply = match self.relay_body(&mut tx).await {
+        let ended = self.relay_body(&mut tx).await;
+        if !matches!(ended, BodyEnd::Complete)
+            && let Some(route) = &mut tx.route
+        {
+            // The remote is inside the message text: QUIT would become part of it.
+            route.upstream.conn.give_up();
+        }
+        let reply = match ended {
             BodyEnd::Complete => self.end_of_data(&mut tx).await,
             BodyEnd::Refused(error) => error.reply(),
             BodyEnd::UpstreamFailed(why) => {

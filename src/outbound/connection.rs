@@ -51,7 +51,8 @@ pub struct Connection {
     /// The server's name, for logs.
     pub host: String,
     line: Vec<u8>,
-    /// The server said 421 or 221: no further command goes on this connection.
+    /// The server said 421 or 221, or we are stuck inside the message text: no further
+    /// command goes on this connection.
     closed_by_remote: bool,
 }
 
@@ -284,6 +285,11 @@ impl Connection {
             closed_by_remote: false,
         };
         Ok((conn, session))
+    }
+
+    /// No further command goes on this connection: `quit` only closes it.
+    pub fn give_up(&mut self) {
+        self.closed_by_remote = true;
     }
 
     /// Says goodbye politely, without waiting long for the answer.

@@ -370,11 +370,15 @@ impl Outbound {
     /// A host that did TLS before and offers no STARTTLS now may have it stripped on the
     /// way: always a warning, and a deferral when the rule says so.
     fn check_downgrade(&self, attempt: &Attempt<'_>, secured: &Secured) -> Result<(), Failure> {
-        let Secured::Plain(_, _, NoTls::NoStarttls) = secured else {
+        let reason = match secured {
+            Secured::Plain(_, _, reason) | Secured::Lost(reason) => reason,
+            Secured::Tls(..) | Secured::Closed(_) => return Ok(()),
+        };
+        let Some(class) = reason.class() else {
             return Ok(());
         };
         let (host, ip) = (&attempt.target.name, attempt.target.addr.ip());
-        if !self.cache.is_downgrade(host, ip, OutcomeClass::NoStarttls) {
+        if !self.cache.is_downgrade(host, ip, class) {
             return Ok(());
         }
         let rule = attempt.rule;
@@ -382,12 +386,12 @@ impl Outbound {
         tracing::warn!(
             server = %format!("{host}[{ip}]"),
             rule = %rule.name,
-            "downgrade: this host did TLS before and offers no STARTTLS now"
+            "downgrade: this host did TLS before and now fails it ({class}: {reason})"
         );
         if rule.on_downgrade == OnDowngrade::Defer {
-            return Err(Failure::TlsNotAchieved(
-                "downgrade: did TLS before, offers no STARTTLS now".into(),
-            ));
+            return Err(Failure::TlsNotAchieved(format!(
+                "downgrade: did TLS before, now {class}"
+            )));
         }
         Ok(())
     }

@@ -237,6 +237,7 @@ impl Rule {
                 spec.name
             ));
         }
+        let has_auth = spec.route.as_ref().is_some_and(|r| r.value.auth.is_some());
         let route = match spec.route {
             None => Route::Mx,
             Some(route) => {
@@ -250,6 +251,13 @@ impl Rule {
                 let tls = route.tls.unwrap_or(SmarthostTls::Require);
                 if let Some(auth) = &route.auth {
                     validate_auth(&spec.name, auth, tls)?;
+                    // Credentials go only to a server whose certificate verifies.
+                    if spec.verify == Some(VerifyMode::Try) {
+                        return Err(format!(
+                            "rule {:?}: AUTH credentials go only to a verified server: remove verify: try",
+                            spec.name
+                        ));
+                    }
                 }
                 Route::Smarthost {
                     server: route.smarthost,
@@ -273,7 +281,11 @@ impl Rule {
             conditions: spec.matches,
             policy: TlsPolicy {
                 tls,
-                verify: spec.verify.unwrap_or(VerifyMode::Try),
+                verify: spec.verify.unwrap_or(if has_auth {
+                    VerifyMode::Require
+                } else {
+                    VerifyMode::Try
+                }),
                 min_tls: spec.min_tls.unwrap_or_default(),
                 fallback_on: spec.fallback_on.unwrap_or(defaults.fallback_on),
             },
