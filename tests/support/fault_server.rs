@@ -9,6 +9,9 @@
 //! or LF ends a line, NUL bytes are ignored, and any line that is only "." ends the message.
 //! That is the receiver SMTP smuggling aims at: if the proxy lets such a sequence through,
 //! this server sees two messages.
+//!
+//! Otherwise it is a plain ESMTP server: EHLO/HELO, STARTTLS when given a certificate,
+//! AUTH (any, answered 235), MAIL, RCPT, DATA, RSET, NOOP, QUIT.
 
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
@@ -66,7 +69,8 @@ pub enum Action {
     /// The normal reply.
     Normal,
     /// This reply instead (one line, without CRLF; "250-a\r\n250 b" for several). After a
-    /// 421 or 221 the server never answers again but keeps reading and recording.
+    /// 421 or 221 the server never answers again but keeps reading and recording. At `Body`
+    /// it is sent mid-body and stands for the reply to the final dot.
     Reply(String),
     /// This reply, then the server closes the connection.
     ReplyAndClose(String),
@@ -88,6 +92,8 @@ pub enum Action {
 #[derive(Clone, Default)]
 pub struct Script {
     actions: HashMap<Step, Action>,
+    /// Overrides for the connections from the given index on: (first connection, step).
+    later: HashMap<(usize, Step), Action>,
     starttls: Option<CertKey>,
     lenient: bool,
     ehlo_extra: Vec<String>,
@@ -100,6 +106,13 @@ impl Script {
 
     pub fn on(mut self, step: Step, action: Action) -> Script {
         self.actions.insert(step, action);
+        self
+    }
+
+    /// Like `on`, for the connections from the `first`th on (0-based): a server that changes
+    /// its behaviour between one message and the next.
+    pub fn on_connections_from(mut self, first: usize, step: Step, action: Action) -> Script {
+        self.later.insert((first, step), action);
         self
     }
 
@@ -122,12 +135,24 @@ impl Script {
         self
     }
 
-    fn action(&self, step: Step) -> Action {
-        self.actions.get(&step).cloned().unwrap_or(Action::Normal)
+    fn action(&self, step: Step, connection: usize) -> Action {
+        let later = self
+            .later
+            .iter()
+            .filter(|((first, s), _)| *s == step && *first <= connection)
+            .max_by_key(|((first, _), _)| *first)
+            .map(|(_, action)| action);
+        later
+            .or_else(|| self.actions.get(&step))
+            .cloned()
+            .unwrap_or(Action::Normal)
     }
 
     fn freezes(&self) -> bool {
-        self.actions.values().any(|a| *a == Action::Freeze)
+        self.actions
+            .values()
+            .chain(self.later.values())
+            .any(|a| *a == Action::Freeze)
     }
 }
 
@@ -407,7 +432,7 @@ impl Session {
     /// Does what the script says at `step`; `normal` is the normal reply. Returns the code
     /// of the reply sent, `None` when nothing was sent.
     async fn act(&mut self, step: Step, normal: &str) -> Result<Option<u16>, End> {
-        match self.script.action(step) {
+        match self.script.action(step, self.id) {
             Action::Normal => self.reply(normal).await,
             Action::Reply(reply) => self.reply(&reply).await,
             Action::ReplyAndClose(reply) => {
@@ -459,7 +484,7 @@ impl Session {
         if sent != Some(220) {
             return Ok(());
         }
-        match self.script.action(Step::Handshake) {
+        match self.script.action(Step::Handshake, self.id) {
             Action::Drop => return Err(End),
             Action::Stall => {
                 // Never speaks TLS: reads whatever comes until the peer gives up.
@@ -516,7 +541,7 @@ impl Session {
             self.io.consume(used);
             if !body_action_done && !body.is_empty() {
                 body_action_done = true;
-                match self.script.action(Step::Body) {
+                match self.script.action(Step::Body, self.id) {
                     Action::Normal => {}
                     Action::Reply(reply) => {
                         self.reply(&reply).await?;
