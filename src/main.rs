@@ -464,30 +464,43 @@ fn spawn_reload_on_sighup(proxy: std::sync::Arc<Proxy>) {
     let _ = proxy;
 }
 
-/// Resolves at the first SIGTERM or SIGINT; a second one exits at once.
+/// Resolves at the first SIGTERM or SIGINT; a second one exits at once. The same signal
+/// streams serve both, so a second signal cannot fall between two registrations.
 async fn shutdown_signal() {
-    termination().await;
+    let mut signals = Termination::new();
+    signals.recv().await;
     tracing::info!("shutting down: draining sessions (signal again to exit at once)");
-    tokio::spawn(async {
-        termination().await;
+    tokio::spawn(async move {
+        signals.recv().await;
         tracing::warn!("second signal: exiting at once");
         std::process::exit(1);
     });
 }
 
-async fn termination() {
+struct Termination {
     #[cfg(unix)]
-    {
-        use tokio::signal::unix::{SignalKind, signal};
-        if let Ok(mut term) = signal(SignalKind::terminate()) {
+    term: Option<tokio::signal::unix::Signal>,
+}
+
+impl Termination {
+    fn new() -> Termination {
+        Termination {
+            #[cfg(unix)]
+            term: tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok(),
+        }
+    }
+
+    async fn recv(&mut self) {
+        #[cfg(unix)]
+        if let Some(term) = &mut self.term {
             tokio::select! {
                 _ = term.recv() => {}
                 _ = tokio::signal::ctrl_c() => {}
             }
             return;
         }
+        let _ = tokio::signal::ctrl_c().await;
     }
-    let _ = tokio::signal::ctrl_c().await;
 }
 
 fn init_logging(format: LogFormat, level: &str) -> Result<(), String> {

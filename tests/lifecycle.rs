@@ -248,3 +248,84 @@ fn sigterm_stops_the_daemon_cleanly_and_saves_the_cache() {
         serde_json::from_str(&std::fs::read_to_string(&cache).expect("cache saved")).expect("json");
     assert_eq!(saved["version"], 1);
 }
+
+#[cfg(unix)]
+#[test]
+fn a_second_sigterm_exits_at_once_while_a_transaction_holds_the_drain() {
+    use std::io::{BufRead, BufReader, Read, Write};
+    let dir = tempfile::tempdir().expect("dir");
+    let config = dir.path().join("tlsrouter.yaml");
+    // A long drain: only the second signal can end the daemon within the test.
+    let yaml = "listen: 127.0.0.1:0\nhostname: relay.test\ntls: { system_roots: false }\n\
+                resolver: { nameservers: [\"127.0.0.1:9\"] }\nadmin: { socket: null }\n\
+                timeouts: { shutdown_drain: 10m }\nlog: { format: json }\n";
+    std::fs::write(&config, yaml).expect("write");
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_tlsrouter"))
+        .args(["run", "--config", config.to_str().expect("path")])
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("start");
+    let mut stderr = BufReader::new(child.stderr.take().expect("stderr"));
+    let mut line = String::new();
+    let listen: SocketAddr = loop {
+        line.clear();
+        assert!(
+            stderr.read_line(&mut line).expect("read") > 0,
+            "daemon ended early"
+        );
+        if line.contains("tlsrouter listening") {
+            let event: serde_json::Value = serde_json::from_str(&line).expect("json");
+            break event["listen"]
+                .as_str()
+                .expect("listen")
+                .parse()
+                .expect("addr");
+        }
+    };
+    // A session inside a transaction keeps the drain waiting.
+    let mut smtp = std::net::TcpStream::connect(listen).expect("connect");
+    let mut reader = BufReader::new(smtp.try_clone().expect("clone"));
+    let mut reply = String::new();
+    let mut ask = |smtp: &mut std::net::TcpStream, command: &str| {
+        smtp.write_all(command.as_bytes()).expect("send");
+        loop {
+            reply.clear();
+            reader.read_line(&mut reply).expect("reply");
+            if reply.as_bytes().get(3) != Some(&b'-') {
+                return reply.clone();
+            }
+        }
+    };
+    ask(&mut smtp, "");
+    assert!(ask(&mut smtp, "EHLO mta\r\n").starts_with("250"));
+    assert!(ask(&mut smtp, "MAIL FROM:<a@b.test>\r\n").starts_with("250"));
+
+    let pid = child.id().to_string();
+    let term = || {
+        let status = std::process::Command::new("kill")
+            .args(["-TERM", &pid])
+            .status();
+        assert!(status.expect("kill").success());
+    };
+    term();
+    // Wait until the daemon says it is draining, then signal again.
+    loop {
+        line.clear();
+        assert!(
+            stderr.read_line(&mut line).expect("read") > 0,
+            "daemon ended on the first signal"
+        );
+        if line.contains("draining") {
+            break;
+        }
+    }
+    term();
+    let status = child.wait().expect("wait");
+    assert_eq!(
+        status.code(),
+        Some(1),
+        "exited at once, not after the 10 minute drain"
+    );
+    let mut rest = Vec::new();
+    let _ = smtp.read_to_end(&mut rest);
+}
