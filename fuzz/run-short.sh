@@ -8,13 +8,12 @@
 # artifacts/<target>/ (which the failure message names).
 #
 # FUZZ_SANITIZER: none (default: the crate forbids unsafe code, and it builds faster) or
-# address. FUZZ_FEATURES=open-findings also checks properties not yet held (SECURITY.md).
+# address.
 set -euo pipefail
 cd "$(dirname "$0")"
 
 seconds="${FUZZ_SECONDS:-15}"
 sanitizer="${FUZZ_SANITIZER:-none}"
-features="${FUZZ_FEATURES:-}"
 targets=(command reply data rules)
 
 if ! command -v cargo-fuzz >/dev/null 2>&1; then
@@ -23,9 +22,6 @@ fi
 export RUSTC_BOOTSTRAP=1
 
 flags=(--release --debug-assertions --sanitizer "$sanitizer")
-if [ -n "$features" ]; then
-  flags+=(--features "$features")
-fi
 
 work="$(mktemp -d)"
 trap 'rm -rf "$work"' EXIT

@@ -356,19 +356,30 @@ async fn with_bare_line_endings_rejected_a_smuggling_attempt_gets_550_5_5_2_and_
 }
 
 #[tokio::test]
-async fn a_bare_cr_inside_an_address_cannot_inject_a_command_at_a_lenient_remote() {
+async fn a_line_break_inside_an_address_cannot_inject_a_command_at_a_lenient_remote() {
     let ca = TestCa::new();
     let (lab, server) = one_mx(&ca, Script::new().lenient(), |_, _| {}).await;
     let (mut client, _) = SmtpClient::connect(lab.proxy).await;
     client.cmd("EHLO mta.sender.test").await;
-    let mail = client
-        .cmd("MAIL FROM:<x\rRCPT TO:<victim@example.test>")
-        .await;
-    if mail.code == 250 {
-        let rcpt = client.cmd("RCPT TO:<b@example.test>").await;
-        if rcpt.code == 250 {
-            client.data(BODY).await;
+    // A bare CR, NEL, and the Unicode line and paragraph separators: each ends a line
+    // somewhere. The lenient test remote splits at the CR.
+    for separator in ["\r", "\u{85}", "\u{2028}", "\u{2029}"] {
+        let mail = client
+            .cmd(&format!(
+                "MAIL FROM:<x{separator}RCPT TO:<victim@example.test>"
+            ))
+            .await;
+        if mail.code == 250 {
+            let rcpt = client.cmd("RCPT TO:<b@example.test>").await;
+            if rcpt.code == 250 {
+                client.data(BODY).await;
+            }
         }
+        assert_eq!(
+            (mail.code, mail.enhanced().as_deref()),
+            (501, Some("5.5.4")),
+            "{separator:?} in an address is a syntax error: {mail:?}"
+        );
     }
     let _ = client.cmd("QUIT").await;
     drop(client);
@@ -377,26 +388,12 @@ async fn a_bare_cr_inside_an_address_cannot_inject_a_command_at_a_lenient_remote
     }
     for log in server.connections() {
         assert!(
-            !log.commands
-                .iter()
-                .any(|c| c.starts_with("RCPT TO:<victim")),
+            !log.commands.iter().any(|c| c.contains("victim")),
             "a command was injected through the address: {:?}",
             log.commands
         );
     }
-    assert!(
-        server
-            .messages()
-            .iter()
-            .all(|m| !m.rcpt_to.iter().any(|r| r.contains("victim"))),
-        "{:?}",
-        server.messages()
-    );
-    assert_eq!(
-        mail.code / 100,
-        5,
-        "an address with a CR is a syntax error: {mail:?}"
-    );
+    assert!(server.messages().is_empty(), "{:?}", server.messages());
 }
 
 // ---------------------------------------------------------------------------------------

@@ -101,11 +101,15 @@ impl CommandError {
 
 /// Parses one command line (without CRLF).
 pub fn parse_command(line: &[u8]) -> Result<Command, CommandError> {
-    // A CR or NUL inside a command could become a second command at a lenient remote.
-    if line.iter().any(|&b| b < 0x20 || b == 0x7f) {
+    let line = std::str::from_utf8(line).map_err(|_| CommandError::Syntax("not UTF-8"))?;
+    // A CR or NUL inside a command could become a second command at a lenient remote, and
+    // so could NEL or a Unicode line separator at one that splits lines on them.
+    if line
+        .chars()
+        .any(|c| c.is_control() || c == '\u{2028}' || c == '\u{2029}')
+    {
         return Err(CommandError::Syntax("control characters are not allowed"));
     }
-    let line = std::str::from_utf8(line).map_err(|_| CommandError::Syntax("not UTF-8"))?;
     let (verb, rest) = match line.find(' ') {
         Some(i) => (&line[..i], &line[i + 1..]),
         None => (line, ""),
@@ -305,6 +309,30 @@ mod tests {
             Err(CommandError::Syntax(_))
         ));
         assert_eq!(CommandError::Unknown.reply().code, 500);
+    }
+
+    #[test]
+    fn control_characters_and_line_separators_are_refused_anywhere_in_a_command() {
+        for bad in [
+            "\r", "\n", "\0", "\t", "\x7f", "\u{85}", "\u{2028}", "\u{2029}",
+        ] {
+            for line in [
+                format!("MAIL FROM:<a{bad}b@c.example>"),
+                format!("RCPT TO:<u@d.example{bad}>"),
+                format!("EHLO x{bad}y"),
+                format!("NOOP {bad}"),
+            ] {
+                assert_eq!(
+                    parse_command(line.as_bytes()),
+                    Err(CommandError::Syntax("control characters are not allowed")),
+                    "{line:?}"
+                );
+            }
+        }
+        assert_eq!(
+            parse_command("RCPT TO:<jürgen@bücher.example>".as_bytes()),
+            Ok(Command::Rcpt(mailbox("jürgen@bücher.example")))
+        );
     }
 
     #[test]

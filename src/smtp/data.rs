@@ -163,10 +163,13 @@ impl BodyFilter {
                 self.normalises_bare();
                 State::Text
             }
+            // The stuffing dot and the dot go out in one piece, so that a limit can never
+            // cut the line between them and leave a lone `.` behind.
+            b'.' if self.out_line == 0 => {
+                self.emit(b"..", out);
+                State::Text
+            }
             _ => {
-                if self.out_line == 0 && byte == b'.' {
-                    self.emit(b".", out);
-                }
                 self.emit(&[byte], out);
                 State::Text
             }
@@ -310,6 +313,18 @@ mod tests {
         let mut f = BodyFilter::new(BareLineEndings::Normalize, 1000, 5);
         let fed = f.feed(b"012\r\n345\r\n.\r\n", &mut out);
         assert_eq!(fed.end, Some(Err(BodyError::TooLarge { limit: 5 })));
+    }
+
+    #[test]
+    fn a_limit_never_cuts_a_stuffed_line_after_its_stuffing_dot() {
+        // (line limit, size limit): each allows "a\r\n" and one more byte, not two.
+        for (line_limit, size_limit) in [(3, 1 << 20), (1000, 4)] {
+            let mut f = BodyFilter::new(BareLineEndings::Normalize, line_limit, size_limit);
+            let mut out = Vec::new();
+            let fed = f.feed(b"a\r\n..x\r\n.\r\n", &mut out);
+            assert!(matches!(fed.end, Some(Err(_))), "{line_limit} {size_limit}");
+            assert_eq!(out, b"a\r\n", "no lone stuffing dot is written");
+        }
     }
 
     fn assert_crlf_only_and_stuffed(out: &[u8]) {
