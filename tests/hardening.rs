@@ -826,6 +826,49 @@ async fn a_host_that_did_tls_and_now_refuses_starttls_is_a_downgrade_and_the_mes
     assert!(logs.text().contains("downgrade"), "{}", logs.text());
 }
 
+#[tokio::test]
+async fn a_handshake_that_fails_only_because_a_rule_asks_for_tls_13_is_no_downgrade() {
+    let (logs, _guard) = capture_logs();
+    let ca = TestCa::new();
+    let cert = ca.leaf(&["mx.example.test"], Validity::Current);
+    let behaviour = ServerBehaviour {
+        starttls: StartTls::Tls12Only(cert),
+        ..ServerBehaviour::default()
+    };
+    let server = SmtpServer::start(LOCALHOST, 0, behaviour)
+        .await
+        .expect("smtp server");
+    let lab = Lab::start(one_mx_zone(), &ca, server.addr().port(), |config, dir| {
+        let rules = dir.join("rules.yaml");
+        let text = "rules:
+  - name: modern
+    match: { senders: [modern.test] }
+    min_tls: \"1.3\"
+    on_downgrade: defer
+  - name: default
+    match: { domains: [\"*\"] }
+    on_downgrade: defer
+";
+        std::fs::write(&rules, text).expect("rules file");
+        config.rules_file = Some(rules);
+    })
+    .await;
+    let first = send(lab.proxy, BODY).await;
+    assert_eq!(
+        first.data.code, 250,
+        "TLS 1.2 under the default rule: {first:?}"
+    );
+
+    let second = send_from(lab.proxy, "a@modern.test", BODY).await;
+
+    assert_eq!(second.data.code, 250, "{second:?}");
+    assert!(
+        server.messages()[1].tls.is_none(),
+        "TLS 1.3 was not to be had"
+    );
+    assert!(!logs.text().contains("downgrade"), "{}", logs.text());
+}
+
 // ---------------------------------------------------------------------------------------
 // d. 421 and 221 from the remote
 // ---------------------------------------------------------------------------------------
@@ -1040,16 +1083,47 @@ async fn a_remote_that_answers_5xx_at_any_step_never_gets_the_mta_a_250() {
     }
 }
 
-/// A remote that says 250 where no reply is due, then refuses the message after the dot.
-async fn out_of_sequence_250_then_refusal(ca: &TestCa, step: Step) -> Option<String> {
+/// Sends a message whose final dot goes only once `server` has said what it says mid-body:
+/// by then that is on its way to the proxy, whatever the machine's load.
+async fn send_dot_after_mid_body_reply(proxy: SocketAddr, server: &FaultServer) -> Heard {
+    let (mut client, _) = SmtpClient::connect(proxy).await;
+    client.cmd("EHLO mta.sender.test").await;
+    client.cmd("MAIL FROM:<a@sender.test>").await;
+    let rcpt = client.cmd("RCPT TO:<b@example.test>").await;
+    let start = client.cmd("DATA").await;
+    if start.code != 354 {
+        return Heard { rcpt, data: start };
+    }
+    // Big enough that the proxy passes blocks of it on before the dot.
+    client.send_raw(&big_body(2 << 20)).await;
+    server
+        .wait_until("the reply mid-body", |c| c.iter().any(|c| c.spoke_mid_body))
+        .await;
+    client.send_raw(b".\r\n").await;
+    let data = client.read_reply().await;
+    Heard { rcpt, data }
+}
+
+/// A remote (`base`) that says 250 where no reply is due, then refuses the message after
+/// the dot.
+async fn out_of_sequence_250_then_refusal(ca: &TestCa, step: Step, base: Script) -> Option<String> {
     let case = format!("an extra 250 at {step:?}, 554 after the dot");
-    let script = Script::new()
+    let script = base
         .on(step, Action::Extra("250 2.0.0 out of sequence".into()))
         .on(
             Step::EndOfData,
             Action::Reply("554 5.6.0 message refused".into()),
         );
-    let (heard, server, _lab) = through(ca, step, script).await;
+    let (heard, server, _lab) = if step == Step::Body {
+        let (lab, server) = one_mx(ca, script, |c, _| short_timeouts(c)).await;
+        (
+            send_dot_after_mid_body_reply(lab.proxy, &server).await,
+            server,
+            lab,
+        )
+    } else {
+        through(ca, step, script).await
+    };
     assert!(server.messages().is_empty());
     let positive = |r: &Reply| (200..300).contains(&r.code);
     (positive(heard.outcome()) || positive(&heard.data))
@@ -1067,7 +1141,7 @@ async fn a_reply_out_of_sequence_at_any_command_never_gets_the_mta_a_250_for_a_r
         Step::Rcpt,
         Step::Data,
     ] {
-        failures.extend(out_of_sequence_250_then_refusal(&ca, step).await);
+        failures.extend(out_of_sequence_250_then_refusal(&ca, step, Script::new()).await);
     }
     assert!(failures.is_empty(), "{}", failures.join("\n"));
 }
@@ -1075,8 +1149,148 @@ async fn a_reply_out_of_sequence_at_any_command_never_gets_the_mta_a_250_for_a_r
 #[tokio::test]
 async fn a_reply_out_of_sequence_during_the_body_never_gets_the_mta_a_250_for_a_refused_message() {
     let ca = TestCa::new();
-    let failure = out_of_sequence_250_then_refusal(&ca, Step::Body).await;
+    let failure = out_of_sequence_250_then_refusal(&ca, Step::Body, Script::new()).await;
     assert!(failure.is_none(), "{failure:?}");
+}
+
+#[tokio::test]
+async fn over_tls_a_reply_out_of_sequence_during_the_body_never_gets_the_mta_a_250() {
+    let ca = TestCa::new();
+    let cert = ca.leaf(&["mx.example.test"], Validity::Current);
+    let tls = Script::new().starttls(cert);
+    let failure = out_of_sequence_250_then_refusal(&ca, Step::Body, tls).await;
+    assert!(failure.is_none(), "{failure:?}");
+}
+
+#[tokio::test]
+async fn a_positive_reply_that_answers_another_command_is_a_protocol_violation_never_a_250() {
+    let ca = TestCa::new();
+    for (step, reply) in [
+        (Step::Mail, "354 go ahead"),
+        (Step::Rcpt, "354 go ahead"),
+        (Step::Data, "250 2.0.0 ok"),
+        (Step::EndOfData, "354 go ahead"),
+    ] {
+        let case = format!("{reply:?} at {step:?}");
+        let script = Script::new().on(step, Action::Reply(reply.into()));
+        let (heard, server, _lab) = through(&ca, step, script).await;
+        assert!(server.messages().is_empty(), "{case}");
+        let outcome = heard.outcome();
+        assert_eq!(outcome.code, 451, "{case}: {heard:?}");
+        assert!(
+            outcome.text().contains("protocol violation"),
+            "{case}: {heard:?}"
+        );
+        server.wait_all_closed().await;
+        for log in server.connections() {
+            let last = log.commands.last().map(String::as_str).unwrap_or_default();
+            assert_ne!(last, "QUIT", "{case}: an out-of-step remote gets no QUIT");
+        }
+    }
+}
+
+#[tokio::test]
+async fn a_421_or_a_drop_at_the_ehlo_after_tls_sends_the_message_to_the_next_mx_never_in_plain() {
+    let ca = TestCa::new();
+    let tls = |name: &str| Script::new().starttls(ca.leaf(&[name], Validity::Current));
+    for action in [Action::Reply("421 4.3.2 too busy".into()), Action::Drop] {
+        let case = format!("{action:?} at the EHLO after TLS");
+        let first = tls("mx1.example.test").on(Step::EhloAfterTls, action);
+        let (lab, mx1, mx2) = two_mx(&ca, first, tls("mx2.example.test")).await;
+
+        let heard = send(lab.proxy, BODY).await;
+
+        assert_eq!(heard.data.code, 250, "{case}: {heard:?}");
+        assert!(mx1.messages().is_empty(), "{case}: mx1 got it in plain");
+        assert!(mx2.messages()[0].tls, "{case}");
+        mx1.wait_all_closed().await;
+        assert_eq!(mx1.connections().len(), 1, "{case}: no plain retry");
+        assert_nothing_after_the_closing_reply(&case, &mx1);
+
+        // A server's trouble after TLS is not a TLS fact about it: the next message tries
+        // STARTTLS there again.
+        send(lab.proxy, BODY).await;
+        let starttls = mx1
+            .connections()
+            .iter()
+            .filter(|c| c.commands.iter().any(|line| line == "STARTTLS"))
+            .count();
+        assert_eq!(starttls, 2, "{case}: {:?}", mx1.connections());
+    }
+}
+
+/// The MTA's MAIL FROM with parameters, then one recipient: what RCPT got.
+async fn rcpt_after_mail(proxy: SocketAddr, mail: &str) -> (SmtpClient, Reply) {
+    let (mut client, _) = SmtpClient::connect(proxy).await;
+    client.cmd("EHLO mta.sender.test").await;
+    assert_eq!(client.cmd(mail).await.code, 250);
+    let rcpt = client.cmd("RCPT TO:<b@example.test>").await;
+    (client, rcpt)
+}
+
+#[tokio::test]
+async fn mail_parameters_reach_a_remote_that_supports_them() {
+    let ca = TestCa::new();
+    let script = Script::new().ehlo_keyword("SMTPUTF8");
+    let (lab, server) = one_mx(&ca, script, |_, _| {}).await;
+    let mail = "MAIL FROM:<jürgen@sender.test> SIZE=1234 BODY=8BITMIME SMTPUTF8";
+
+    let (mut client, rcpt) = rcpt_after_mail(lab.proxy, mail).await;
+    assert_eq!(rcpt.code, 250, "{rcpt:?}");
+    assert_eq!(client.data(BODY).await.code, 250);
+
+    assert_eq!(server.connections()[0].commands[1], mail);
+}
+
+#[tokio::test]
+async fn a_message_that_needs_smtputf8_is_refused_when_the_remote_offers_it_only_before_tls() {
+    let ca = TestCa::new();
+    let before_tls = "250-mx.fault.test\r\n250-STARTTLS\r\n250 SMTPUTF8";
+    let script = Script::new()
+        .starttls(ca.leaf(&["mx.example.test"], Validity::Current))
+        .on(Step::Ehlo, Action::Reply(before_tls.into()))
+        .on(Step::EhloAfterTls, Action::Normal);
+    let (lab, server) = one_mx(&ca, script, |_, _| {}).await;
+
+    let mail = "MAIL FROM:<jürgen@sender.test> SMTPUTF8";
+    let (_client, rcpt) = rcpt_after_mail(lab.proxy, mail).await;
+
+    assert_reply(&rcpt, 554, "5.6.9");
+    assert!(rcpt.text().contains("SMTPUTF8"), "{rcpt:?}");
+    let log = &server.connections()[0];
+    assert!(
+        log.tls,
+        "the refusal came after TLS, from the capabilities said under it"
+    );
+    assert!(
+        !log.commands.iter().any(|c| c.starts_with("MAIL")),
+        "{:?}",
+        log.commands
+    );
+}
+
+#[tokio::test]
+async fn a_remote_that_refuses_ehlo_gets_helo_and_the_message() {
+    let ca = TestCa::new();
+    let script = Script::new()
+        .on(
+            Step::Ehlo,
+            Action::Reply("502 5.5.1 EHLO not implemented".into()),
+        )
+        .on(Step::Helo, Action::Normal);
+    let (lab, server) = one_mx(&ca, script, |_, _| {}).await;
+
+    let heard = send(lab.proxy, BODY).await;
+
+    assert_eq!(heard.data.code, 250, "{heard:?}");
+    assert_eq!(server.messages()[0].body, BODY);
+    let verbs: Vec<String> = server.connections()[0]
+        .commands
+        .iter()
+        .map(|c| c.split([' ', ':']).next().unwrap_or_default().to_string())
+        .take(3)
+        .collect();
+    assert_eq!(verbs, ["EHLO", "HELO", "MAIL"]);
 }
 
 #[tokio::test]

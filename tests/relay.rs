@@ -267,6 +267,34 @@ async fn recipient_rejections_reach_the_mta_verbatim_and_nothing_is_delivered() 
 }
 
 #[tokio::test]
+async fn the_log_line_says_why_each_recipient_was_refused_when_no_message_follows() {
+    let (logs, _guard) = Logs::capture();
+    let ca = TestCa::new();
+    let behaviour = ServerBehaviour {
+        rcpt_reply: Some("550 5.1.1 no such user here".to_string()),
+        ..ServerBehaviour::default()
+    };
+    let (lab, server) = one_mx(&ca, behaviour).await;
+    let (mut client, _) = SmtpClient::connect(lab.proxy).await;
+    client.cmd("EHLO mta.sender.test").await;
+    client.cmd("MAIL FROM:<a@sender.test>").await;
+    assert_eq!(client.cmd("RCPT TO:<b@example.test>").await.code, 550);
+    assert_eq!(client.cmd("RCPT TO:<c@nowhere.test>").await.code, 550);
+    // What an MTA does when every recipient was refused: no DATA.
+    assert_eq!(client.cmd("RSET").await.code, 250);
+
+    let line = &logs.transactions()[0];
+    for field in [
+        "refused=b@example.test (550 5.1.1 no such user here); c@nowhere.test (550 5.1.2",
+        "end=\"RSET\"",
+        "reply=none",
+    ] {
+        assert!(line.contains(field), "{field} missing in {line}");
+    }
+    assert!(server.messages().is_empty());
+}
+
+#[tokio::test]
 async fn a_remote_that_drops_mid_data_gets_the_mta_a_451_and_never_a_250() {
     let ca = TestCa::new();
     let behaviour = ServerBehaviour {

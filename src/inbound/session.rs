@@ -48,6 +48,8 @@ struct Transaction {
     /// Set by the first recipient that reached a remote.
     route: Option<Route>,
     accepted: Vec<Mailbox>,
+    /// Recipients that got a 4xx or 5xx, with it: the log line says why they were not taken.
+    refused: Vec<(Mailbox, Reply)>,
     rcpt_count: usize,
     /// Recipient domains that could not be routed in this transaction, and why.
     failed_domains: HashMap<String, Reply>,
@@ -245,6 +247,7 @@ impl Session {
             params,
             route: None,
             accepted: Vec::new(),
+            refused: Vec::new(),
             rcpt_count: 0,
             failed_domains: HashMap::new(),
             lost: None,
@@ -256,6 +259,16 @@ impl Session {
     }
 
     async fn rcpt(&mut self, recipient: Mailbox) -> Reply {
+        let reply = self.rcpt_reply(recipient.clone()).await;
+        if !reply.is_positive()
+            && let Stage::Mail(tx) = &mut self.stage
+        {
+            tx.refused.push((recipient, reply.clone()));
+        }
+        reply
+    }
+
+    async fn rcpt_reply(&mut self, recipient: Mailbox) -> Reply {
         let proxy = self.proxy.clone();
         let Stage::Mail(tx) = &mut self.stage else {
             return Reply::new(503, "5.5.1", "MAIL first");
@@ -289,7 +302,12 @@ impl Session {
         match route
             .upstream
             .conn
-            .command(&line, proxy.config.timeouts.command, "the reply to RCPT TO")
+            .exchange(
+                &line,
+                &[250, 251],
+                proxy.config.timeouts.command,
+                "the reply to RCPT TO",
+            )
             .await
         {
             Ok(reply) if reply.closes_connection() => tx.lose(relayable(&reply)),
@@ -350,7 +368,7 @@ impl Session {
         let opened = proxy
             .outbound
             .open(&plan, domain, &hop, |caps| {
-                format!("{mail_from}{}", params.to_wire(caps))
+                Ok(format!("{mail_from}{}", params.to_wire(caps)?))
             })
             .await;
         match opened {
@@ -392,7 +410,8 @@ impl Session {
                 "5.5.0",
                 "synchronization error: data sent before the 354",
             );
-            self.finish(&mut tx, &reply, "pipelining violation").await;
+            self.finish(&mut tx, Some(&reply), "pipelining violation")
+                .await;
             let _ = self.reply(&reply).await;
             return Next::Close;
         }
@@ -402,7 +421,7 @@ impl Session {
             (None, false) => None,
         };
         if let Some(reply) = reply {
-            self.finish(&mut tx, &reply, "no data").await;
+            self.finish(&mut tx, Some(&reply), "no data").await;
             return self.reply_or_close(&reply).await;
         }
         let timeouts = self.proxy.config.timeouts.clone();
@@ -414,18 +433,19 @@ impl Session {
         let start = route
             .upstream
             .conn
-            .command("DATA", timeouts.data_start, "the reply to DATA")
+            .exchange("DATA", &[354], timeouts.data_start, "the reply to DATA")
             .await;
         let start = match start {
             Ok(reply) if reply.code == 354 => reply,
             Ok(reply) => {
                 let reply = relayable(&reply);
-                self.finish(&mut tx, &reply, "remote refused DATA").await;
+                self.finish(&mut tx, Some(&reply), "remote refused DATA")
+                    .await;
                 return self.reply_or_close(&reply).await;
             }
             Err(e) => {
                 let reply = Reply::new(451, "4.4.2", format!("lost the remote at DATA: {e}"));
-                self.finish(&mut tx, &reply, "remote lost").await;
+                self.finish(&mut tx, Some(&reply), "remote lost").await;
                 return self.reply_or_close(&reply).await;
             }
         };
@@ -437,17 +457,14 @@ impl Session {
                 "5.5.0",
                 "synchronization error: data sent before the 354",
             );
-            self.finish(&mut tx, &reply, "pipelining violation").await;
+            self.finish(&mut tx, Some(&reply), "pipelining violation")
+                .await;
             let _ = self.reply(&reply).await;
             return Next::Close;
         }
         if self.reply(&start).await.is_err() {
-            self.finish(
-                &mut tx,
-                &Reply::new(451, "4.4.2", "client gone"),
-                "client gone",
-            )
-            .await;
+            let reply = Reply::new(451, "4.4.2", "client gone");
+            self.finish(&mut tx, Some(&reply), "client gone").await;
             return Next::Close;
         }
         let ended = self.relay_body(&mut tx).await;
@@ -466,11 +483,11 @@ impl Session {
             BodyEnd::ClientGone(why) => {
                 // The final dot is never sent, so the remote discards the message.
                 let reply = Reply::new(451, "4.4.2", format!("client gone during DATA: {why}"));
-                self.finish(&mut tx, &reply, "client gone").await;
+                self.finish(&mut tx, Some(&reply), "client gone").await;
                 return Next::Close;
             }
         };
-        self.finish(&mut tx, &reply, "delivered").await;
+        self.finish(&mut tx, Some(&reply), "delivered").await;
         self.reply_or_close(&reply).await
     }
 
@@ -497,7 +514,10 @@ impl Session {
                 Ok(Ok([])) => return BodyEnd::ClientGone("connection closed".into()),
                 Ok(Ok(input)) => input,
             };
-            let fed = filter.feed(input, &mut out);
+            // One input byte makes at most three output bytes (a stray CR, then a stuffed
+            // dot): take no more than keeps a block within BODY_BLOCK.
+            let room = (BODY_BLOCK.saturating_sub(out.len()) / 3).max(1);
+            let fed = filter.feed(&input[..input.len().min(room)], &mut out);
             self.io.consume(fed.consumed);
             let flush = out.len() >= BODY_BLOCK || fed.end.is_some();
             if flush && !out.is_empty() && upstream_error.is_none() {
@@ -532,18 +552,19 @@ impl Session {
         let conn = &mut route.upstream.conn;
         // A reply that came during the body is out of sequence: it must not be read as the
         // answer to the final dot.
-        let sent = match conn.expect_nothing_more("the message text") {
+        let sent = match conn.expect_nothing_more("the message text").await {
             Ok(()) => {
                 conn.write(b".\r\n", timeouts.data_block, "sending the final dot")
                     .await
             }
             Err(e) => Err(e),
         };
+        let what = "the reply to the message";
         let reply = match sent {
-            Ok(()) => {
-                conn.read_reply(timeouts.data_end, "the reply to the message")
-                    .await
-            }
+            Ok(()) => match conn.read_reply(timeouts.data_end, what).await {
+                Ok(reply) => conn.expect_due(&reply, &[250], what).map(|()| reply),
+                Err(e) => Err(e),
+            },
             Err(e) => Err(e),
         };
         match reply {
@@ -551,7 +572,7 @@ impl Session {
             Err(e) => Reply::new(
                 451,
                 "4.4.2",
-                format!("no reply from {} after the message: {e}", conn.host),
+                format!("no 250 from {} for the message: {e}", conn.host),
             ),
         }
     }
@@ -562,13 +583,13 @@ impl Session {
             let Stage::Mail(mut tx) = std::mem::replace(&mut self.stage, Stage::Ready) else {
                 return;
             };
-            let reply = Reply::new(250, "2.0.0", format!("abandoned ({why})"));
-            self.finish(&mut tx, &reply, why).await;
+            self.finish(&mut tx, None, why).await;
         }
     }
 
     /// The one log line of a transaction, its counters; then the remote connection is closed.
-    async fn finish(&self, tx: &mut Transaction, reply: &Reply, end: &str) {
+    /// `reply` is the MTA's answer for the message, `None` when it never sent one (RSET, QUIT).
+    async fn finish(&self, tx: &mut Transaction, reply: Option<&Reply>, end: &str) {
         log_transaction(self.client, tx, reply, end);
         self.count(tx, reply, end);
         self.registered.update("ready", None);
@@ -577,17 +598,18 @@ impl Session {
         }
     }
 
-    fn count(&self, tx: &Transaction, reply: &Reply, end: &str) {
+    fn count(&self, tx: &Transaction, reply: Option<&Reply>, end: &str) {
         let stats = &self.proxy.stats;
         stats.transactions.inc();
         stats.transaction_time(tx.started.elapsed().as_secs_f64());
-        if reply.is_transient() {
+        let deferred = |reply: &Reply| reply.is_transient();
+        if reply.is_some_and(deferred) || tx.refused.iter().any(|(_, r)| deferred(r)) {
             stats.deferrals.inc();
         }
         let Some(route) = tx
             .route
             .as_ref()
-            .filter(|_| end == "delivered" && reply.is_positive())
+            .filter(|_| end == "delivered" && reply.is_some_and(Reply::is_positive))
         else {
             return;
         };
@@ -638,7 +660,10 @@ impl Transaction {
     }
 }
 
-fn log_transaction(client: SocketAddr, tx: &Transaction, reply: &Reply, end: &str) {
+/// Refused recipients named in a log line; the rest are counted.
+const REFUSED_SHOWN: usize = 20;
+
+fn log_transaction(client: SocketAddr, tx: &Transaction, reply: Option<&Reply>, end: &str) {
     let sender = tx
         .sender
         .as_ref()
@@ -646,12 +671,21 @@ fn log_transaction(client: SocketAddr, tx: &Transaction, reply: &Reply, end: &st
         .unwrap_or_default();
     let recipients: Vec<String> = tx.accepted.iter().map(ToString::to_string).collect();
     let recipients = recipients.join(",");
+    let mut refused: Vec<String> = (tx.refused.iter().take(REFUSED_SHOWN))
+        .map(|(rcpt, reply)| format!("{rcpt} ({reply})"))
+        .collect();
+    if tx.refused.len() > REFUSED_SHOWN {
+        refused.push(format!("and {} more", tx.refused.len() - REFUSED_SHOWN));
+    }
+    let refused = refused.join("; ");
+    let reply = reply.map_or_else(|| "none".to_string(), ToString::to_string);
     let Some(route) = &tx.route else {
         tracing::info!(
             target: "tlsrouter::transaction",
             client = %client,
             from = %sender,
             to = %recipients,
+            refused = %refused,
             route = "none",
             end,
             reply = %reply,
@@ -684,6 +718,7 @@ fn log_transaction(client: SocketAddr, tx: &Transaction, reply: &Reply, end: &st
         client = %client,
         from = %sender,
         to = %recipients,
+        refused = %refused,
         next_hop = %upstream.next_hop,
         mx = %upstream.conn.host,
         addr = %upstream.conn.peer.ip(),

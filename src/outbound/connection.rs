@@ -5,7 +5,7 @@ use std::pin::Pin;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
-use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, BufReader, ReadBuf};
+use tokio::io::{AsyncBufReadExt, AsyncRead, AsyncWrite, AsyncWriteExt, BufReader, ReadBuf};
 use tokio::net::TcpStream;
 use tokio_rustls::client::TlsStream;
 
@@ -17,6 +17,9 @@ use crate::smtp::reply::{ReplyBuilder, ReplyError};
 
 /// Reply lines longer than this are not SMTP (RFC 5321 allows 512).
 const REPLY_LINE_LIMIT: usize = 4096;
+
+/// How long bytes the kernel already holds may take to be read (and under TLS, decrypted).
+const WAITING_RECORD: Duration = Duration::from_secs(1);
 
 /// Why a remote exchange did not produce a reply.
 #[derive(Debug, thiserror::Error)]
@@ -32,6 +35,9 @@ pub enum ExchangeError {
     /// More came than the one reply the command is due: the reply stream is out of step.
     #[error("protocol violation: more than one reply to {0}: {1:?}")]
     ExtraReply(&'static str, String),
+    /// A positive reply the command cannot get: the remote is answering something else.
+    #[error("protocol violation: {1:?} cannot be {0}")]
+    OutOfStep(&'static str, String),
 }
 
 impl ExchangeError {
@@ -127,34 +133,62 @@ impl Connection {
     ) -> Result<Reply, ExchangeError> {
         self.send_line(line, timeout, what).await?;
         let reply = self.read_reply(timeout, what).await?;
-        self.expect_nothing_more(what)?;
+        self.expect_nothing_more(what).await?;
         Ok(reply)
+    }
+
+    /// Like `command`, for a command whose positive replies are `due` (RFC 5321 4.3.2).
+    pub async fn exchange(
+        &mut self,
+        line: &str,
+        due: &[u16],
+        timeout: Duration,
+        what: &'static str,
+    ) -> Result<Reply, ExchangeError> {
+        let reply = self.command(line, timeout, what).await?;
+        self.expect_due(&reply, due, what)?;
+        Ok(reply)
+    }
+
+    /// A 2xx or 3xx reply other than `due` (a 250 to DATA, a 354 to RCPT) answers some
+    /// other command: the remote is out of step, and nothing more goes on this connection.
+    pub fn expect_due(
+        &mut self,
+        reply: &Reply,
+        due: &[u16],
+        what: &'static str,
+    ) -> Result<(), ExchangeError> {
+        if (reply.is_positive() || reply.is_intermediate()) && !due.contains(&reply.code) {
+            self.give_up();
+            return Err(ExchangeError::OutOfStep(what, reply.one_line()));
+        }
+        Ok(())
     }
 
     /// We never pipeline toward a remote, so outside a reply nothing may arrive: if
     /// something does, every later reply would be matched to the wrong command. Checked
     /// after each reply and before each command and the final dot.
-    pub fn expect_nothing_more(&mut self, what: &'static str) -> Result<(), ExchangeError> {
-        match self.unsolicited() {
+    pub async fn expect_nothing_more(&mut self, what: &'static str) -> Result<(), ExchangeError> {
+        match self.unsolicited().await {
             None => Ok(()),
             Some(extra) => Err(ExchangeError::ExtraReply(what, extra)),
         }
     }
 
-    /// Bytes that have arrived but were not asked for: in our buffer, or (plain TCP)
-    /// waiting on the socket. Under TLS the socket also carries records that are not
-    /// replies (session tickets), so there only the buffer counts.
-    fn unsolicited(&mut self) -> Option<String> {
-        let shown = |bytes: &[u8]| String::from_utf8_lossy(bytes).chars().take(60).collect();
-        if !self.io.buffer().is_empty() {
-            return Some(shown(self.io.buffer()));
+    /// Bytes that have arrived but were not asked for: in our buffer, or waiting on the
+    /// socket. What waits is read at once (the kernel says it is there); under TLS it is
+    /// decrypted first, since a record that is no reply (a session ticket) does not count.
+    async fn unsolicited(&mut self) -> Option<String> {
+        let tcp = match self.io.get_ref() {
+            Transport::Plain(tcp) => tcp,
+            Transport::Tls(tls) => tls.get_ref().0,
+        };
+        if self.io.buffer().is_empty() && crate::smtp::peek::bytes_waiting(tcp) {
+            // Bounded: a TLS record that holds no data leaves nothing to read.
+            let _ = tokio::time::timeout(WAITING_RECORD, self.io.fill_buf()).await;
         }
-        match self.io.get_ref() {
-            Transport::Plain(tcp) if crate::smtp::peek::bytes_waiting(tcp) => {
-                Some("(a reply nobody asked for)".into())
-            }
-            _ => None,
-        }
+        let bytes = self.io.buffer();
+        (!bytes.is_empty()).then(|| String::from_utf8_lossy(bytes).chars().take(60).collect())
     }
 
     /// Sends a line that holds a secret; the debug log shows `shown` instead.
@@ -177,7 +211,7 @@ impl Connection {
         what: &'static str,
     ) -> Result<(), ExchangeError> {
         tracing::debug!(remote = %self.host, "-> {line}");
-        self.expect_nothing_more(what)?;
+        self.expect_nothing_more(what).await?;
         self.send_raw_line(line, timeout, what).await
     }
 
@@ -241,11 +275,7 @@ impl Connection {
         }
         // Anything after the 220 came before the handshake: an injection attempt or a broken
         // server. It must never be read as if it came over TLS.
-        if !conn.io.buffer().is_empty() {
-            let extra = String::from_utf8_lossy(conn.io.buffer())
-                .chars()
-                .take(60)
-                .collect::<String>();
+        if let Some(extra) = conn.unsolicited().await {
             return StartTlsResult::Lost(NoTls::ProtocolViolation(format!(
                 "data after the STARTTLS 220 and before the handshake: {extra:?}"
             )));

@@ -18,7 +18,7 @@ use crate::outcome::{NoTls, OutcomeClass, TlsOutcome, TlsSession, Verification};
 use crate::router::{Plan, TlsMode, VerifyMode};
 use crate::rules::model::{AuthSpec, HostPort, SmarthostTls};
 use crate::rules::{Fallback, OnDowngrade, Route, Rule};
-use crate::smtp::{Capabilities, Reply};
+use crate::smtp::{Capabilities, MissingExtension, Reply};
 use crate::stats::Stats;
 
 /// Everything the outbound side needs, shared by all sessions.
@@ -143,7 +143,8 @@ enum Secured {
     Plain(Connection, Capabilities, NoTls),
     /// The connection is gone; a plain fallback needs a new one.
     Lost(NoTls),
-    /// The server closed the connection (421/221 to STARTTLS): try the next server.
+    /// The server ended the session at STARTTLS (421/221), or failed the EHLO after TLS: a
+    /// temporary failure of this server, not a TLS fact about it. Try the next server.
     Closed(String),
 }
 
@@ -182,13 +183,14 @@ impl Outbound {
     }
 
     /// Opens a remote transaction: the first host and address that accepts MAIL FROM wins.
-    /// `mail_from` writes the command for the capabilities the remote announced.
+    /// `mail_from` writes the command for the capabilities the remote announced, or says
+    /// which one the message needs and the remote lacks.
     pub async fn open(
         &self,
         plan: &Plan,
         domain: &str,
         hop: &NextHop,
-        mail_from: impl Fn(&Capabilities) -> String + Sync,
+        mail_from: impl Fn(&Capabilities) -> Result<String, MissingExtension> + Sync,
     ) -> Result<Upstream, OpenError> {
         let servers: Vec<(String, u16)> = match hop {
             NextHop::Mx(hosts) => hosts.iter().map(|h| (h.name.clone(), self.port)).collect(),
@@ -288,7 +290,7 @@ impl Outbound {
     async fn attempt(
         &self,
         attempt: &Attempt<'_>,
-        mail_from: &(dyn Fn(&Capabilities) -> String + Sync),
+        mail_from: &(dyn Fn(&Capabilities) -> Result<String, MissingExtension> + Sync),
     ) -> Result<Upstream, Failure> {
         let (rule, route) = (attempt.rule, attempt.route);
         let (mut conn, caps, tls) = self.session(attempt).await?;
@@ -298,9 +300,18 @@ impl Outbound {
         {
             self.authenticate(&mut conn, &caps, auth).await?;
         }
+        let command = match mail_from(&caps) {
+            Ok(command) => command,
+            Err(missing) => {
+                let why = Reply::new(554, "5.6.9", format!("{} {missing}", conn.host));
+                tokio::spawn(conn.quit());
+                return Err(Failure::Final(why));
+            }
+        };
         let reply = conn
-            .command(
-                &mail_from(&caps),
+            .exchange(
+                &command,
+                &[250],
                 self.timeouts.command,
                 "the reply to MAIL FROM",
             )
@@ -357,7 +368,7 @@ impl Outbound {
                 let (conn, caps) = self.plain_path(rule, Some((conn, caps)), target).await?;
                 Ok((conn, caps, TlsOutcome::Plain(reason)))
             }
-            Secured::Closed(reply) => Err(Failure::Next(format!("STARTTLS: {reply}"))),
+            Secured::Closed(why) => Err(Failure::Next(why)),
             Secured::Lost(reason) => {
                 allow_plain(rule, &reason)?;
                 tracing::info!(server = %target.addr, "TLS failed ({reason}); taking the plain path");
@@ -371,6 +382,7 @@ impl Outbound {
     /// way: always a warning, and a deferral when the rule says so.
     fn check_downgrade(&self, attempt: &Attempt<'_>, secured: &Secured) -> Result<(), Failure> {
         let reason = match secured {
+            _ if failed_only_by_rule(attempt, secured) => return Ok(()),
             Secured::Plain(_, _, reason) | Secured::Lost(reason) => reason,
             Secured::Tls(..) | Secured::Closed(_) => return Ok(()),
         };
@@ -396,12 +408,9 @@ impl Outbound {
         Ok(())
     }
 
-    /// Writes what the TLS attempt found to the cache. A handshake that failed because a
-    /// rule asked for more than TLS 1.2 says nothing about the host for other rules.
+    /// Writes what the TLS attempt found to the cache.
     fn remember(&self, attempt: &Attempt<'_>, secured: &Secured) {
-        if attempt.rule.policy.min_tls != MinTls::Tls12
-            && let Secured::Lost(NoTls::HandshakeFailed(_) | NoTls::LegacyTls(_)) = secured
-        {
+        if failed_only_by_rule(attempt, secured) {
             return;
         }
         let outcome = match secured {
@@ -535,7 +544,7 @@ impl Outbound {
             StartTlsResult::Encrypted(conn, session) => (conn, session),
             StartTlsResult::Refused(conn, reason) => return Secured::Plain(conn, caps, reason),
             StartTlsResult::Lost(reason) => return Secured::Lost(reason),
-            StartTlsResult::Closed(reply) => return Secured::Closed(reply),
+            StartTlsResult::Closed(reply) => return Secured::Closed(format!("STARTTLS: {reply}")),
         };
         if let Some(reason) = rejected_certificate(rule, &session) {
             tokio::spawn(conn.quit());
@@ -544,7 +553,7 @@ impl Outbound {
         // Nothing said before TLS counts after it: a fresh EHLO, fresh capabilities.
         match self.ehlo(&mut conn).await {
             Ok(caps) => Secured::Tls(conn, caps, session),
-            Err(why) => Secured::Lost(NoTls::HandshakeFailed(format!("after TLS: {why}"))),
+            Err(why) => Secured::Closed(format!("after TLS: {why}")),
         }
     }
 
@@ -649,11 +658,23 @@ fn unreachable(error: &ExchangeError) -> Failure {
     }
 }
 
-/// The reason to skip TLS with a host the cache says failed it, under this rule.
+/// A handshake that failed under a rule asking for more than TLS 1.2 may say nothing about
+/// the host: it is neither cached nor a downgrade.
+fn failed_only_by_rule(attempt: &Attempt<'_>, secured: &Secured) -> bool {
+    attempt.rule.policy.min_tls != MinTls::Tls12
+        && matches!(
+            secured,
+            Secured::Lost(NoTls::HandshakeFailed(_) | NoTls::LegacyTls(_))
+        )
+}
+
+/// The reason to skip TLS with a host the cache says failed it, under this rule. A host
+/// the operator pinned as lacking STARTTLS is not asked for it either.
 fn skip_tls(rule: &Rule, entry: &CacheEntry) -> Option<NoTls> {
     use OutcomeClass::*;
     let class = match entry.class {
         StarttlsRefused | HandshakeFailed | LegacyTls | ProtocolViolation => entry.class,
+        NoStarttls if entry.pinned => entry.class,
         CertExpired | CertNotYetValid | CertUntrusted | CertNameMismatch
             if rule.policy.verify == VerifyMode::Require =>
         {

@@ -37,9 +37,20 @@ pub struct MailParams {
     pub smtputf8: bool,
 }
 
+/// The remote lacks an extension without which the message cannot be passed on.
+#[derive(Debug, PartialEq, Eq, thiserror::Error)]
+#[error("does not support {0}, which this message needs")]
+pub struct MissingExtension(pub &'static str);
+
 impl MailParams {
-    /// The parameters as they go to the remote, each only if the remote supports it.
-    pub fn to_wire(&self, remote: &crate::smtp::Capabilities) -> String {
+    /// The parameters as they go to the remote. SIZE and BODY go only where the remote
+    /// knows them; 8-bit text still goes as it is, since a cut-through relay cannot convert
+    /// it (as most MTAs do). SMTPUTF8 addresses and headers cannot go to a remote without
+    /// SMTPUTF8 at all (RFC 6531 3.2).
+    pub fn to_wire(&self, remote: &crate::smtp::Capabilities) -> Result<String, MissingExtension> {
+        if self.smtputf8 && !remote.smtputf8 {
+            return Err(MissingExtension("SMTPUTF8"));
+        }
         let mut out = String::new();
         if let Some(size) = self.size.filter(|_| remote.size.is_some()) {
             out.push_str(&format!(" SIZE={size}"));
@@ -51,10 +62,10 @@ impl MailParams {
                 None => {}
             }
         }
-        if self.smtputf8 && remote.smtputf8 {
+        if self.smtputf8 {
             out.push_str(" SMTPUTF8");
         }
-        out
+        Ok(out)
     }
 }
 

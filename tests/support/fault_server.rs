@@ -34,8 +34,12 @@ use super::pki::CertKey;
 pub enum Step {
     /// The 220 banner, on connect.
     Greeting,
-    /// The reply to EHLO (and to HELO).
+    /// The reply to EHLO (and to HELO, and to the EHLO after TLS, unless they are set).
     Ehlo,
+    /// The reply to HELO.
+    Helo,
+    /// The reply to the EHLO once TLS is up.
+    EhloAfterTls,
     /// The reply to STARTTLS.
     StartTls,
     /// The TLS handshake after a 220 to STARTTLS (only `Normal`, `Drop`, `Stall` apply).
@@ -136,16 +140,22 @@ impl Script {
     }
 
     fn action(&self, step: Step, connection: usize) -> Action {
+        self.set_action(step, connection)
+            .or_else(|| match step {
+                Step::Helo | Step::EhloAfterTls => self.set_action(Step::Ehlo, connection),
+                _ => None,
+            })
+            .unwrap_or(Action::Normal)
+    }
+
+    fn set_action(&self, step: Step, connection: usize) -> Option<Action> {
         let later = self
             .later
             .iter()
             .filter(|((first, s), _)| *s == step && *first <= connection)
             .max_by_key(|((first, _), _)| *first)
             .map(|(_, action)| action);
-        later
-            .or_else(|| self.actions.get(&step))
-            .cloned()
-            .unwrap_or(Action::Normal)
+        later.or_else(|| self.actions.get(&step)).cloned()
     }
 
     fn freezes(&self) -> bool {
@@ -167,6 +177,8 @@ pub struct ConnectionLog {
     pub body: Vec<u8>,
     /// Whether a final dot arrived.
     pub final_dot: bool,
+    /// Whether the server has written what its script says in the middle of the body.
+    pub spoke_mid_body: bool,
     /// Whether the session was upgraded to TLS.
     pub tls: bool,
     /// The connection has ended (either side closed it).
@@ -374,9 +386,14 @@ impl Session {
         let upper = line.to_ascii_uppercase();
         if upper.starts_with("EHLO") {
             let reply = self.ehlo_reply();
-            self.act(Step::Ehlo, &reply).await?;
+            let step = if self.tls {
+                Step::EhloAfterTls
+            } else {
+                Step::Ehlo
+            };
+            self.act(step, &reply).await?;
         } else if upper.starts_with("HELO") {
-            self.act(Step::Ehlo, "250 mx.fault.test").await?;
+            self.act(Step::Helo, "250 mx.fault.test").await?;
         } else if upper == "STARTTLS" && self.script.starttls.is_some() && !self.tls {
             self.starttls().await?;
         } else if upper.starts_with("MAIL FROM:") {
@@ -545,6 +562,7 @@ impl Session {
                     Action::Normal => {}
                     Action::Reply(reply) => {
                         self.reply(&reply).await?;
+                        self.state.update(self.id, |log| log.spoke_mid_body = true);
                         answered_mid_body = true;
                     }
                     Action::ReplyAndClose(reply) => {
@@ -553,7 +571,10 @@ impl Session {
                     }
                     Action::Drop => return Err(End),
                     Action::Stall => self.silent = true,
-                    Action::Extra(extra) => self.write(&extra).await?,
+                    Action::Extra(extra) => {
+                        self.write(&extra).await?;
+                        self.state.update(self.id, |log| log.spoke_mid_body = true);
+                    }
                     Action::Hold => self.state.wait_released().await,
                     Action::Freeze => {
                         self.state.wait_released().await;
