@@ -316,6 +316,9 @@ pub mod duration {
     use serde::Deserialize;
     use std::time::Duration;
 
+    /// Longer is a typo, and would overflow the clock arithmetic it goes into.
+    const LONGEST: Duration = Duration::from_secs(10 * 365 * 86_400);
+
     pub fn parse(s: &str) -> Result<Duration, String> {
         let s = s.trim();
         let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
@@ -323,15 +326,18 @@ pub mod duration {
         let n: u64 = number
             .parse()
             .map_err(|_| format!("{s:?} is not a duration like 30s, 5m, 1h or 7d"))?;
-        let seconds = match unit {
-            "ms" => return Ok(Duration::from_millis(n)),
-            "s" => 1,
-            "m" => 60,
-            "h" => 3600,
-            "d" => 86_400,
+        let duration = match unit {
+            "ms" => Duration::from_millis(n),
+            "s" => Duration::from_secs(n),
+            "m" => Duration::from_secs(n.saturating_mul(60)),
+            "h" => Duration::from_secs(n.saturating_mul(3600)),
+            "d" => Duration::from_secs(n.saturating_mul(86_400)),
             _ => return Err(format!("{s:?} has an unknown unit (use ms, s, m, h or d)")),
         };
-        Ok(Duration::from_secs(n.saturating_mul(seconds)))
+        if duration > LONGEST {
+            return Err(format!("{s:?} is longer than ten years"));
+        }
+        Ok(duration)
     }
 
     pub fn deserialize<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
@@ -440,5 +446,13 @@ mod tests {
         assert_eq!(duration::parse("7d"), Ok(Duration::from_secs(7 * 86_400)));
         assert!(duration::parse("5").is_err());
         assert!(duration::parse("m").is_err());
+        assert_eq!(
+            duration::parse("3650d"),
+            Ok(Duration::from_secs(3650 * 86_400))
+        );
+        assert!(duration::parse("3651d").is_err());
+        assert!(duration::parse("18446744073709551615d").is_err());
+        let err = parse("timeouts:\n  dns: 99999999999d\n").unwrap_err();
+        assert!(err.to_string().starts_with("t.yaml:2:"), "{err}");
     }
 }

@@ -170,13 +170,17 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
         Commands::Run { config, log_format } => run(config, log_format),
-        Commands::CheckConfig { file } => match Config::load(&file) {
+        // Everything `run` builds before it binds a socket, so what passes here starts.
+        Commands::CheckConfig { file } => match Config::load(&file)
+            .map_err(anyhow::Error::from)
+            .and_then(Proxy::new)
+        {
             Ok(_) => {
                 println!("{}: OK", file.display());
                 ExitCode::SUCCESS
             }
             Err(e) => {
-                eprintln!("{e}");
+                eprintln!("{e:#}");
                 ExitCode::from(EXIT_CONFIG)
             }
         },
@@ -421,6 +425,11 @@ async fn serve(config: Config) -> ExitCode {
             return ExitCode::from(EXIT_CONFIG);
         }
     };
+    // The admin side first: a daemon that cannot be managed does not take mail.
+    if let Err(e) = proxy.start_admin().await {
+        eprintln!("tlsrouter: {e:#}");
+        return ExitCode::from(EXIT_CONFIG);
+    }
     let listener = match tokio::net::TcpListener::bind(listen).await {
         Ok(listener) => listener,
         Err(e) => {
@@ -428,10 +437,6 @@ async fn serve(config: Config) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    if let Err(e) = proxy.start_admin().await {
-        eprintln!("tlsrouter: {e:#}");
-        return ExitCode::from(EXIT_CONFIG);
-    }
     let bound = listener.local_addr().map_or(listen, |a| a);
     tracing::info!(listen = %bound, "tlsrouter listening");
     tokio::spawn(

@@ -26,6 +26,10 @@ pub struct Proxy {
 impl Proxy {
     /// Builds everything the configuration names; fails before any socket is bound.
     pub fn new(config: Config) -> anyhow::Result<Arc<Proxy>> {
+        #[cfg(unix)]
+        if let Some(group) = &config.admin.group {
+            group_id(group)?;
+        }
         let resolver = MxResolver::new(&config.resolver.nameservers, config.timeouts.dns)?;
         let tls = TlsClient::new(&config.tls)?;
         let rules = match &config.rules_file {
@@ -77,8 +81,12 @@ impl Proxy {
         }
     }
 
-    /// Saves the cache every `cache.save_interval`, so a crash loses little.
+    /// Saves the cache every `cache.save_interval`, so a crash loses little; `0s` saves
+    /// only at shutdown.
     pub async fn save_cache_periodically(self: Arc<Self>) {
+        if self.config.cache.save_interval.is_zero() {
+            return;
+        }
         let mut ticker = tokio::time::interval(self.config.cache.save_interval);
         ticker.tick().await;
         loop {

@@ -192,6 +192,41 @@ fn a_bad_configuration_stops_the_start_with_file_line_column_and_status_64() {
 
 #[cfg(unix)]
 #[test]
+fn check_config_refuses_what_run_refuses_and_run_refuses_it_before_binding_anything() {
+    let dir = tempfile::tempdir().expect("dir");
+    // The listen port is taken: a start that bound before checking would fail on it.
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").expect("port");
+    let listen = taken.local_addr().expect("addr");
+    let missing = dir.path().join("missing-ca.pem");
+    let socket = dir.path().join("admin.sock");
+    let cases = [
+        (
+            format!("tls: {{ ca_file: \"{}\" }}", missing.display()),
+            "missing-ca.pem",
+        ),
+        (
+            format!(
+                "admin: {{ socket: \"{}\", group: no-such-group-here }}",
+                socket.display()
+            ),
+            "no-such-group-here",
+        ),
+    ];
+    for (yaml, named) in cases {
+        let config = dir.path().join("tlsrouter.yaml");
+        std::fs::write(&config, format!("listen: {listen}\n{yaml}\n")).expect("write");
+        let path = config.to_str().expect("path");
+        for args in [vec!["check-config", path], vec!["run", "--config", path]] {
+            let (code, err) = tlsrouter(&args);
+            assert_eq!(code, 64, "{args:?}: {err}");
+            assert!(err.contains(named), "{args:?}: {err}");
+        }
+        assert!(!socket.exists(), "no admin socket was made");
+    }
+}
+
+#[cfg(unix)]
+#[test]
 fn sigterm_stops_the_daemon_cleanly_and_saves_the_cache() {
     use std::io::{BufRead, BufReader};
     let dir = tempfile::tempdir().expect("dir");
@@ -255,13 +290,15 @@ fn a_second_sigterm_exits_at_once_while_a_transaction_holds_the_drain() {
     use std::io::{BufRead, BufReader, Read, Write};
     let dir = tempfile::tempdir().expect("dir");
     let config = dir.path().join("tlsrouter.yaml");
-    // A long drain: only the second signal can end the daemon within the test.
+    // A long drain: only the second signal can end the daemon within the test. The log
+    // format on the command line wins over the file's.
     let yaml = "listen: 127.0.0.1:0\nhostname: relay.test\ntls: { system_roots: false }\n\
                 resolver: { nameservers: [\"127.0.0.1:9\"] }\nadmin: { socket: null }\n\
-                timeouts: { shutdown_drain: 10m }\nlog: { format: json }\n";
+                timeouts: { shutdown_drain: 10m }\nlog: { format: text }\n";
     std::fs::write(&config, yaml).expect("write");
+    let path = config.to_str().expect("path");
     let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_tlsrouter"))
-        .args(["run", "--config", config.to_str().expect("path")])
+        .args(["run", "--config", path, "--log-format", "json"])
         .stderr(std::process::Stdio::piped())
         .spawn()
         .expect("start");

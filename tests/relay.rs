@@ -4,6 +4,7 @@
 mod support;
 
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::time::Duration;
 
 use support::dns::{DnsServer, TestZone};
 use support::logs::Logs;
@@ -361,6 +362,31 @@ async fn dns_answers_map_to_the_replies_of_the_design_table() {
 }
 
 #[tokio::test]
+async fn mx_hosts_come_in_preference_order_and_equal_preferences_in_random_order() {
+    let zone = TestZone::new()
+        .mx("example.test", 20, "backup.example.test")
+        .mx("example.test", 10, "a.example.test")
+        .mx("example.test", 10, "b.example.test");
+    let dns = DnsServer::start(zone).await;
+    let resolver = tlsrouter::outbound::mx::MxResolver::new(&[dns.addr], Duration::from_secs(5))
+        .expect("resolver");
+    let mut firsts = std::collections::BTreeSet::new();
+    // Both orders of the two equal hosts turn up; 40 lookups all alike would happen by
+    // chance once in 2^39.
+    for _ in 0..40 {
+        let hosts = resolver.mail_exchangers("example.test").await.expect("mx");
+        let names: Vec<&str> = hosts.iter().map(|h| h.name.as_str()).collect();
+        assert_eq!(names.len(), 3);
+        assert_eq!(names[2], "backup.example.test", "{names:?}");
+        firsts.insert(names[0].to_string());
+    }
+    assert_eq!(
+        firsts.into_iter().collect::<Vec<_>>(),
+        ["a.example.test", "b.example.test"]
+    );
+}
+
+#[tokio::test]
 async fn an_unreachable_primary_mx_is_skipped_for_the_next_one() {
     let ca = TestCa::new();
     let server = SmtpServer::start(
@@ -541,6 +567,26 @@ async fn a_client_outside_allow_clients_is_refused_with_554_and_disconnected() {
     let (mut client, greeting) = SmtpClient::connect(lab.proxy).await;
     assert_reply(&greeting, 554, "5.7.1", "not allowed");
     assert!(client.try_read_reply().await.is_none(), "connection closed");
+}
+
+#[tokio::test]
+async fn an_allowed_ipv4_client_of_a_dual_stack_listener_is_let_in() {
+    // On a `[::]` listener IPv4 clients arrive as ::ffff:a.b.c.d.
+    let Ok(listener) = tokio::net::TcpListener::bind("[::]:0").await else {
+        eprintln!("no IPv6 on this machine: nothing to test");
+        return;
+    };
+    let port = listener.local_addr().expect("addr").port();
+    let mut config = Config::default();
+    allow_only(&mut config, "127.0.0.0/8");
+    let proxy = tlsrouter::Proxy::new(config).expect("proxy");
+    tokio::spawn(tlsrouter::inbound::listener::run(
+        listener,
+        proxy,
+        std::future::pending(),
+    ));
+    let (_client, greeting) = SmtpClient::connect(SocketAddr::from(([127, 0, 0, 1], port))).await;
+    assert_eq!(greeting.code, 220, "{greeting:?}");
 }
 
 #[tokio::test]

@@ -27,7 +27,10 @@ pub enum Drain {
 /// Serves SMTP on an already-bound listener until `shutdown` completes, then drains: the
 /// transactions in flight may finish within `timeouts.shutdown_drain`, the rest get 421.
 pub async fn run(listener: TcpListener, proxy: Arc<Proxy>, shutdown: impl Future<Output = ()>) {
-    let max = proxy.config.limits.max_sessions;
+    // The semaphore's own bound, and one drain can take back at once.
+    let max = (proxy.config.limits.max_sessions)
+        .min(Semaphore::MAX_PERMITS)
+        .min(u32::MAX as usize);
     let sessions = Arc::new(Semaphore::new(max));
     let per_client: Arc<Mutex<HashMap<IpAddr, usize>>> = Arc::default();
     tokio::pin!(shutdown);
@@ -49,7 +52,7 @@ pub async fn run(listener: TcpListener, proxy: Arc<Proxy>, shutdown: impl Future
             .config
             .allow_clients
             .iter()
-            .any(|net| net.contains(client.ip()))
+            .any(|net| net.contains(client.ip().to_canonical()))
         {
             tracing::warn!(client = %client, "connection refused: client not in allow_clients");
             let reply = Reply::new(

@@ -140,7 +140,7 @@ impl MxResolver {
         &self,
         lookup: impl Future<Output = Result<T, NetError>>,
     ) -> Result<T, NetError> {
-        match tokio::time::timeout(self.timeout * 3, lookup).await {
+        match tokio::time::timeout(self.timeout.saturating_mul(3), lookup).await {
             Ok(result) => result,
             Err(_) => Err(NetError::Timeout),
         }
