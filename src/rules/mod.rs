@@ -277,4 +277,39 @@ rules:
         .unwrap();
         assert_eq!(rules.shadowed(), vec![Shadowed { rule: 1, by: 0 }]);
     }
+
+    #[test]
+    fn a_rule_without_recipient_domains_behind_a_catch_all_is_found_shadowed() {
+        let rules = parse(
+            "rules:\n  - name: default\n    match: { domains: [\"*\"] }\n  - name: crm\n    match: { senders: [crm.example] }\n",
+        )
+        .unwrap();
+        assert_eq!(rules.shadowed(), vec![Shadowed { rule: 1, by: 0 }]);
+    }
+
+    #[test]
+    fn a_rule_without_senders_behind_one_for_every_sender_domain_still_gets_bounces() {
+        let rules = parse(
+            "rules:\n  - name: any-sender\n    match: { senders: [\"*\"] }\n  - name: rest\n    match: { domains: [\"*\"] }\n",
+        )
+        .unwrap();
+        assert_eq!(rules.shadowed(), vec![]);
+        assert_eq!(
+            rules.rule(rules.select("a.example", None).base).name,
+            "rest"
+        );
+    }
+
+    #[test]
+    fn a_rule_without_host_conditions_behind_one_for_every_mx_host_still_fixes_the_next_hop() {
+        let rules = parse(
+            "rules:\n  - name: every-mx\n    match: { mx: [\"*\"] }\n  - name: rest\n    match: { domains: [\"*\"] }\n",
+        )
+        .unwrap();
+        assert_eq!(rules.shadowed(), vec![]);
+        assert_eq!(
+            rules.rule(rules.select("a.example", None).base).name,
+            "rest"
+        );
+    }
 }

@@ -78,17 +78,31 @@ impl Conditions {
 
     /// Whether every message these conditions match is matched by `earlier` too.
     pub fn covered_by(&self, earlier: &Conditions) -> bool {
-        fn list_covered(later: &[DomainPattern], earlier: &[DomainPattern]) -> bool {
-            earlier.is_empty()
-                || (!later.is_empty() && later.iter().all(|l| earlier.iter().any(|e| e.covers(l))))
-        }
-        list_covered(&self.domains, &earlier.domains)
-            && list_covered(&self.senders, &earlier.senders)
-            && list_covered(&self.mx, &earlier.mx)
+        // An empty list takes more than `*` for senders (bounces have no sender domain) and
+        // for mx (a rule without host conditions fixes the next hop, which no host rule does).
+        names_covered(&self.domains, &earlier.domains)
+            && listed_names_covered(&self.senders, &earlier.senders)
+            && listed_names_covered(&self.mx, &earlier.mx)
             && (earlier.outcome.is_empty()
                 || (!self.outcome.is_empty()
                     && self.outcome.iter().all(|o| earlier.outcome.contains(o))))
     }
+}
+
+/// Whether `earlier` takes every name `later` takes; an empty list takes every name.
+fn names_covered(later: &[DomainPattern], earlier: &[DomainPattern]) -> bool {
+    if earlier.is_empty() {
+        return true;
+    }
+    if later.is_empty() {
+        return earlier.contains(&DomainPattern::Any);
+    }
+    later.iter().all(|l| earlier.iter().any(|e| e.covers(l)))
+}
+
+/// Like [`names_covered`], where only an empty list covers an empty list.
+fn listed_names_covered(later: &[DomainPattern], earlier: &[DomainPattern]) -> bool {
+    earlier.is_empty() || (!later.is_empty() && names_covered(later, earlier))
 }
 
 fn any_or_empty(patterns: &[DomainPattern], test: impl Fn(&DomainPattern) -> bool) -> bool {
