@@ -334,15 +334,7 @@ fn check_rules(file: &std::path::Path) -> ExitCode {
     };
     let shadowed = rules.shadowed();
     for s in &shadowed {
-        let (rule, by) = (&rules.rules()[s.rule], &rules.rules()[s.by]);
-        eprintln!(
-            "{}:{}:5: rule {:?} can never match: rule {:?} (line {}) takes all its messages",
-            file.display(),
-            rule.line,
-            rule.name,
-            by.name,
-            by.line
-        );
+        eprintln!("{}", rules.describe_shadowed(s));
     }
     if !shadowed.is_empty() {
         return ExitCode::FAILURE;

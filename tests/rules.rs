@@ -1361,6 +1361,35 @@ fn tlsrouter_check_names_a_shadowed_rule_and_the_rule_that_shadows_it_and_exits_
 }
 
 #[test]
+fn tlsrouter_check_reports_a_rule_behind_a_catch_all_at_its_own_line_and_column() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let file = dir.path().join("indented.yaml");
+    // Indented by four spaces: the rule's name starts at column 7.
+    std::fs::write(
+        &file,
+        "rules:\n\
+         \x20   - name: default\n\
+         \x20     match: { domains: [\"*\"] }\n\
+         \x20   - name: crm\n\
+         \x20     match: { senders: [crm.example] }\n\
+         \x20     tls: require\n",
+    )
+    .expect("write");
+
+    let (code, _, err) = tlsrouter(&["check", &file.display().to_string()]);
+
+    assert_eq!(code, 1, "{err}");
+    let expected = format!(
+        "{}:4:7: rule \"crm\" can never match: rule \"default\" (line 2)",
+        file.display()
+    );
+    assert!(
+        err.starts_with(&expected),
+        "{err} should start with {expected}"
+    );
+}
+
+#[test]
 fn tlsrouter_explain_names_the_exceptions_rule_for_a_listed_partner_of_the_strict_rules() {
     let (code, out, err) = tlsrouter(&[
         "explain",

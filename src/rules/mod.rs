@@ -77,7 +77,7 @@ impl RuleSet {
                     "rule {name:?} is already defined at line {first}"
                 )));
             }
-            rules.push(Rule::from_spec(spanned.value, line).map_err(invalid)?);
+            rules.push(Rule::from_spec(spanned.value, line, column).map_err(invalid)?);
         }
         Ok(RuleSet::from_rules(path.to_path_buf(), rules))
     }
@@ -131,6 +131,20 @@ impl RuleSet {
             conditional,
             base: None,
         }
+    }
+
+    /// `file:line:column: ...`: which rule cannot be reached, at its own place, and why.
+    pub fn describe_shadowed(&self, shadowed: &Shadowed) -> String {
+        let (rule, by) = (&self.rules[shadowed.rule], &self.rules[shadowed.by]);
+        format!(
+            "{}:{}:{}: rule {:?} can never match: rule {:?} (line {}) takes all its messages",
+            self.source.display(),
+            rule.line,
+            rule.column,
+            rule.name,
+            by.name,
+            by.line
+        )
     }
 
     /// Rules that no message can reach.

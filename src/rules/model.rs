@@ -217,6 +217,7 @@ pub struct Rule {
     pub name: String,
     /// Where the rule stands in its file, 1-based (0 for the built-in default).
     pub line: u64,
+    pub column: u64,
     pub conditions: Conditions,
     pub policy: TlsPolicy,
     pub fallback: Fallback,
@@ -230,6 +231,7 @@ impl Rule {
         Rule {
             name: "built-in default".into(),
             line: 0,
+            column: 0,
             conditions: Conditions::default(),
             policy: TlsPolicy::opportunistic(),
             fallback: Fallback::Direct,
@@ -238,8 +240,8 @@ impl Rule {
         }
     }
 
-    /// Validates one rule as written; errors say what to change.
-    pub fn from_spec(spec: RuleSpec, line: u64) -> Result<Rule, String> {
+    /// Validates one rule as written, found at `line` and `column`; errors say what to change.
+    pub fn from_spec(spec: RuleSpec, line: u64, column: u64) -> Result<Rule, String> {
         if spec.name.trim().is_empty() {
             return Err("a rule needs a name".into());
         }
@@ -292,6 +294,7 @@ impl Rule {
         Ok(Rule {
             name: spec.name,
             line,
+            column,
             conditions: spec.matches,
             policy: TlsPolicy {
                 tls,
