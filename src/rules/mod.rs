@@ -273,6 +273,37 @@ rules:
     }
 
     #[test]
+    fn fallback_on_takes_only_tls_failures_and_says_which_at_the_class_itself() {
+        for class in [
+            "tls-verified",
+            "tls-unverified",
+            "connect-failed",
+            "timeout",
+        ] {
+            let text = format!(
+                "rules:\n  - name: a\n    fallback_on:\n      - no-starttls\n      - {class}\n"
+            );
+            let err = parse(&text).unwrap_err().to_string();
+            assert!(err.starts_with("r.yaml:5:9: "), "{err}");
+            assert!(
+                err.contains(&format!("{class} is not a TLS failure")),
+                "{err}"
+            );
+            assert!(
+                err.contains(
+                    "no-starttls, starttls-refused, handshake-failed, legacy-tls, cert-expired"
+                ),
+                "{err} should list the allowed classes"
+            );
+        }
+        let allowed = "rules:\n  - name: a\n    fallback_on: [cert-expired, protocol-violation]\n";
+        assert_eq!(
+            parse(allowed).unwrap().rules()[0].policy.fallback_on,
+            vec![OutcomeClass::CertExpired, OutcomeClass::ProtocolViolation]
+        );
+    }
+
+    #[test]
     fn the_shipped_rule_lists_load_without_unreachable_rules() {
         let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("rules");
         for name in ["default.yaml", "iis-tls-router.yaml", "strict.yaml"] {

@@ -30,13 +30,37 @@ pub struct RuleSpec {
     #[serde(default)]
     pub min_tls: Option<MinTls>,
     #[serde(default)]
-    pub fallback_on: Option<Vec<OutcomeClass>>,
+    pub fallback_on: Option<Vec<TlsFailure>>,
     #[serde(default)]
     pub fallback: Option<Fallback>,
     #[serde(default)]
     pub on_downgrade: Option<OnDowngrade>,
     #[serde(default)]
     pub route: Option<Spanned<RouteSpec>>,
+}
+
+/// A class `fallback_on` takes: a TLS attempt that failed. Checked as the file is read, so
+/// a wrong class is reported at its own line and column.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize)]
+#[serde(try_from = "OutcomeClass")]
+pub struct TlsFailure(pub OutcomeClass);
+
+impl TryFrom<OutcomeClass> for TlsFailure {
+    type Error = String;
+    fn try_from(class: OutcomeClass) -> Result<Self, String> {
+        if class.is_tls_failure() {
+            return Ok(TlsFailure(class));
+        }
+        let allowed: Vec<&str> = OutcomeClass::ALL
+            .into_iter()
+            .filter(|c| c.is_tls_failure())
+            .map(OutcomeClass::name)
+            .collect();
+        Err(format!(
+            "fallback_on: {class} is not a TLS failure (allowed: {})",
+            allowed.join(", ")
+        ))
+    }
 }
 
 /// What a rule applies to. Every condition given must hold; within one list, any entry.
@@ -304,7 +328,9 @@ impl Rule {
                     VerifyMode::Try
                 }),
                 min_tls: spec.min_tls.unwrap_or_default(),
-                fallback_on: spec.fallback_on.unwrap_or(defaults.fallback_on),
+                fallback_on: spec.fallback_on.map_or(defaults.fallback_on, |classes| {
+                    classes.into_iter().map(|TlsFailure(class)| class).collect()
+                }),
             },
             fallback: spec.fallback.unwrap_or(Fallback::Direct),
             on_downgrade: spec.on_downgrade.unwrap_or_default(),
