@@ -424,14 +424,16 @@ async fn serve(config: Config) -> ExitCode {
         eprintln!("tlsrouter: {e:#}");
         return ExitCode::from(EXIT_CONFIG);
     }
-    let bound = listener.local_addr().map_or(listen, |a| a);
-    tracing::info!(listen = %bound, "tlsrouter listening");
+    // Reloading is ready before the daemon says it listens: a SIGHUP or an edit made
+    // after that line is not lost.
     tokio::spawn(
         proxy
             .clone()
             .watch_rule_file(std::time::Duration::from_secs(2)),
     );
     spawn_reload_on_sighup(proxy.clone());
+    let bound = listener.local_addr().map_or(listen, |a| a);
+    tracing::info!(listen = %bound, "tlsrouter listening");
     tokio::spawn(proxy.clone().save_cache_periodically());
     tlsrouter::inbound::listener::run(listener, proxy.clone(), shutdown_signal()).await;
     proxy.save_cache();
