@@ -947,6 +947,43 @@ async fn a_smarthost_refusing_the_credentials_defers_the_message_without_leaking
     assert!(!log.contains(wrong), "the password in the log:\n{log}");
 }
 
+#[tokio::test]
+async fn a_smarthost_offering_only_auth_login_gets_username_and_password_in_base64_inside_tls() {
+    let (logs, _guard) = capture_debug();
+    let ca = TestCa::new();
+    let behaviour = ServerBehaviour {
+        ehlo_extra: vec!["AUTH LOGIN".into()],
+        ..smarthost(
+            StartTls::Rustls(ca.leaf(&["smarthost.test"], Validity::Current)),
+            None,
+        )
+    };
+    let (lab, mx, host) = smarthost_lab(&ca, behaviour, "require", PASSWORD).await;
+
+    let sent = send_from(lab.smtp, "report@crm.test", &["b@example.test"]).await;
+
+    assert_delivered(&sent);
+    let got = host.messages();
+    assert!(got[0].tls.is_some(), "AUTH and message inside STARTTLS");
+    assert_eq!(
+        got[0].auth,
+        vec![
+            "AUTH LOGIN".to_string(),
+            BASE64.encode(USER),
+            BASE64.encode(PASSWORD)
+        ],
+        "the answers to the server's Username: and Password: prompts"
+    );
+    assert_eq!(got[0].data, BODY);
+    assert_eq!(mx.connections(), 0);
+    let log = logs.text();
+    assert!(
+        log.contains("(username)") && log.contains("(password)"),
+        "the dialogue is logged, the answers masked:\n{log}"
+    );
+    assert_no_secret(&log);
+}
+
 // ---------------------------------------------------------------------------------------
 // The outcome cache
 
