@@ -12,6 +12,7 @@ use std::sync::Arc;
 
 use base64::Engine;
 use base64::engine::general_purpose::STANDARD as BASE64;
+use support::daemon::{Daemon, lab_config, replace_file};
 use support::dns::{DnsServer, TestZone};
 use support::logs::Logs;
 use support::pki::{CertKey, TestCa, Validity};
@@ -98,6 +99,39 @@ async fn serve(config: Config) -> (Arc<Proxy>, SocketAddr) {
         std::future::pending(),
     ));
     (proxy, addr)
+}
+
+/// The same lab around the daemon binary instead of an in-process proxy: DNS, CA, rule
+/// file, and `tlsrouter run` with `env` in its environment.
+struct DaemonLab {
+    daemon: Daemon,
+    rules: PathBuf,
+    _dns: DnsServer,
+    _dir: tempfile::TempDir,
+}
+
+impl DaemonLab {
+    async fn start(
+        zone: TestZone,
+        ca: &TestCa,
+        mx_port: u16,
+        rules: &str,
+        env: &[(&str, &str)],
+    ) -> DaemonLab {
+        let dns = DnsServer::start(zone).await;
+        let dir = tempfile::tempdir().expect("tempdir");
+        let ca_file = ca.write_ca_file(dir.path());
+        let rules_path = dir.path().join("rules.yaml");
+        std::fs::write(&rules_path, rules).expect("write rules");
+        let config = lab_config(dns.addr, &ca_file, mx_port, &rules_path);
+        let daemon = Daemon::start(dir.path(), &config, env).await;
+        DaemonLab {
+            daemon,
+            rules: rules_path,
+            _dns: dns,
+            _dir: dir,
+        }
+    }
 }
 
 /// A server on `ip`; port 0 picks one (the first server of a lab), later ones share it.
@@ -1318,6 +1352,91 @@ async fn an_invalid_rule_file_is_refused_on_reload_with_its_position_and_the_old
     );
     assert_eq!(mx.tls_handshakes_attempted(), 0);
     assert_logged(&logs.transactions()[0], &["rule=partner-without-tls"]);
+}
+
+#[cfg(unix)]
+#[tokio::test(flavor = "multi_thread")]
+async fn sighup_makes_the_running_daemon_take_the_rewritten_rule_file() {
+    let ca = TestCa::new();
+    let before = one_rule("before", "example.test", "never");
+    let mut lab = DaemonLab::start(TestZone::new(), &ca, 9, &before, &[]).await;
+    assert_eq!(lab.daemon.rule_names().await, ["before"]);
+
+    replace_file(&lab.rules, &one_rule("after", "example.test", "require"));
+    lab.daemon.signal("HUP");
+
+    lab.daemon.wait_for_log("rules reloaded (SIGHUP)").await;
+    assert_eq!(lab.daemon.rule_names().await, ["after"]);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_running_daemon_takes_a_rule_file_changed_on_disk_without_being_told() {
+    let ca = TestCa::new();
+    let before = one_rule("before", "example.test", "never");
+    let mut lab = DaemonLab::start(TestZone::new(), &ca, 9, &before, &[]).await;
+
+    replace_file(&lab.rules, &one_rule("after", "example.test", "require"));
+
+    lab.daemon
+        .wait_for_log("rules reloaded (file changed)")
+        .await;
+    assert_eq!(lab.daemon.rule_names().await, ["after"]);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_invalid_rule_file_written_mid_transaction_is_logged_with_its_position_and_the_old_rules_stay()
+ {
+    let ca = TestCa::new();
+    let mx = server(
+        loopback(1),
+        0,
+        starttls(ca.leaf(&["mx.example.test"], Validity::Current)),
+    )
+    .await;
+    let zone = TestZone::new()
+        .mx("example.test", 10, "mx.example.test")
+        .a("mx.example.test", loopback(1));
+    let before = one_rule("partner-without-tls", "example.test", "never");
+    let mut lab = DaemonLab::start(zone, &ca, mx.addr().port(), &before, &[]).await;
+    let (mut client, _) = SmtpClient::connect(lab.daemon.smtp).await;
+    client.cmd("EHLO mta.sender.test").await;
+    assert_eq!(client.cmd("MAIL FROM:<a@sender.test>").await.code, 250);
+    assert_eq!(client.cmd("RCPT TO:<b@example.test>").await.code, 250);
+    assert_eq!(mx.connections(), 1, "the remote transaction is open");
+
+    replace_file(
+        &lab.rules,
+        "rules:\n  - name: after\n    match: { domains: [example.test] }\n    tls: sometimes\n",
+    );
+
+    let refused = lab
+        .daemon
+        .wait_for_log("rules not reloaded (file changed)")
+        .await;
+    assert_eq!(refused["level"], "ERROR", "{refused}");
+    let message = refused["message"].as_str().unwrap_or_default();
+    let prefix = format!("{}:4:", lab.rules.display());
+    let (_, after_line) = message
+        .split_once(&prefix)
+        .unwrap_or_else(|| panic!("{message} should name {prefix}"));
+    let column = after_line.split(':').next().unwrap_or_default();
+    assert!(
+        column.parse::<u32>().is_ok_and(|c| c > 0),
+        "a column in {message}"
+    );
+    assert!(message.contains("sometimes"), "{message}");
+
+    assert_reply(&client.data(BODY).await, 250, "2.0.0", &[]);
+    let next = transaction(&mut client, "a@sender.test", &["b@example.test"]).await;
+    assert_delivered(&next);
+    let got = mx.messages();
+    assert_eq!(got.len(), 2);
+    assert!(
+        got.iter().all(|m| m.tls.is_none()),
+        "tls: never still in force, in flight and after"
+    );
+    assert_eq!(mx.tls_handshakes_attempted(), 0);
+    assert_eq!(lab.daemon.rule_names().await, ["partner-without-tls"]);
 }
 
 // ---------------------------------------------------------------------------------------
