@@ -1018,6 +1018,46 @@ async fn a_smarthost_offering_only_auth_login_gets_username_and_password_in_base
     assert_no_secret(&log);
 }
 
+#[tokio::test(flavor = "multi_thread")]
+async fn smarthost_credentials_from_the_daemons_environment_are_sent_inside_tls() {
+    let ca = TestCa::new();
+    let host = server(
+        loopback(1),
+        0,
+        smarthost(
+            StartTls::Rustls(ca.leaf(&["smarthost.test"], Validity::Current)),
+            None,
+        ),
+    )
+    .await;
+    let zone = TestZone::new().a("smarthost.test", loopback(1));
+    let rules = format!(
+        "rules:\n\
+         \x20 - name: crm-via-smarthost\n\
+         \x20   match: {{ senders: [crm.test] }}\n\
+         \x20   route: {{ smarthost: \"smarthost.test:{}\", tls: require,\n\
+         \x20             auth: {{ username_env: CRM_SMARTHOST_USER, password_env: CRM_SMARTHOST_PASSWORD }} }}\n",
+        host.addr().port()
+    );
+    let env = [
+        ("CRM_SMARTHOST_USER", USER),
+        ("CRM_SMARTHOST_PASSWORD", PASSWORD),
+    ];
+    let mut lab = DaemonLab::start(zone, &ca, 9, &rules, &env).await;
+
+    let sent = send_from(lab.daemon.smtp, "report@crm.test", &["b@example.test"]).await;
+
+    assert_delivered(&sent);
+    let got = host.messages();
+    assert!(got[0].tls.is_some(), "AUTH and message inside STARTTLS");
+    let token = BASE64.encode(format!("\0{USER}\0{PASSWORD}"));
+    assert_eq!(got[0].auth, vec![format!("AUTH PLAIN {token}")]);
+    let logged = lab.daemon.wait_for_log("transaction").await;
+    assert_eq!(logged["rule"], "crm-via-smarthost", "{logged}");
+    assert_eq!(logged["verify"], "verified", "{logged}");
+    assert_no_secret(&lab.daemon.log_text());
+}
+
 // ---------------------------------------------------------------------------------------
 // The outcome cache
 
