@@ -121,6 +121,11 @@ impl Daemon {
         assert!(status.success(), "kill -{name}: {status:?}");
     }
 
+    /// Waits for the daemon to exit (after a signal) and gives its status.
+    pub fn exit_status(&mut self) -> std::process::ExitStatus {
+        tokio::task::block_in_place(|| self.child.wait()).expect("wait for tlsrouter")
+    }
+
     /// `tlsrouter ctl --json ARGS` against this daemon's admin socket: the JSON answer.
     pub async fn ctl(&self, args: &[&str]) -> Value {
         let mut command = Command::new(env!("CARGO_BIN_EXE_tlsrouter"));
