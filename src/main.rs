@@ -338,15 +338,7 @@ fn check_rules(file: &std::path::Path) -> ExitCode {
     };
     let shadowed = rules.shadowed();
     for s in &shadowed {
-        let (rule, by) = (&rules.rules()[s.rule], &rules.rules()[s.by]);
-        eprintln!(
-            "{}:{}:5: rule {:?} can never match: rule {:?} (line {}) takes all its messages",
-            file.display(),
-            rule.line,
-            rule.name,
-            by.name,
-            by.line
-        );
+        eprintln!("{}", rules.describe_shadowed(s));
     }
     if !shadowed.is_empty() {
         return ExitCode::FAILURE;
@@ -437,14 +429,16 @@ async fn serve(config: Config) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    let bound = listener.local_addr().map_or(listen, |a| a);
-    tracing::info!(listen = %bound, "tlsrouter listening");
+    // Reloading is ready before the daemon says it listens: a SIGHUP or an edit made
+    // after that line is not lost.
     tokio::spawn(
         proxy
             .clone()
             .watch_rule_file(std::time::Duration::from_secs(2)),
     );
     spawn_reload_on_sighup(proxy.clone());
+    let bound = listener.local_addr().map_or(listen, |a| a);
+    tracing::info!(listen = %bound, "tlsrouter listening");
     tokio::spawn(proxy.clone().save_cache_periodically());
     tlsrouter::inbound::listener::run(listener, proxy.clone(), shutdown_signal()).await;
     proxy.save_cache();

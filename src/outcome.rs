@@ -43,6 +43,18 @@ impl OutcomeClass {
         OutcomeClass::Timeout,
     ];
 
+    /// Whether this is how a TLS attempt failed (after which a rule may allow plain), rather
+    /// than a success or a host that could not be reached at all.
+    pub fn is_tls_failure(self) -> bool {
+        !matches!(
+            self,
+            OutcomeClass::TlsVerified
+                | OutcomeClass::TlsUnverified
+                | OutcomeClass::ConnectFailed
+                | OutcomeClass::Timeout
+        )
+    }
+
     pub fn name(self) -> &'static str {
         match self {
             OutcomeClass::TlsVerified => "tls-verified",

@@ -111,20 +111,28 @@ impl Proxy {
         }
     }
 
-    /// Reloads the rule file whenever it changes on disk (checked every `every`).
-    pub async fn watch_rule_file(self: Arc<Self>, every: std::time::Duration) {
-        let Some(path) = self.router.file.clone() else {
-            return;
-        };
+    /// Reloads the rule file whenever it changes on disk (checked every `every`). The file's
+    /// state is read at once, not when the future first runs, so no change made after this
+    /// call is missed.
+    pub fn watch_rule_file(
+        self: Arc<Self>,
+        every: std::time::Duration,
+    ) -> impl Future<Output = ()> + Send + 'static {
         let stamp = |p: &std::path::Path| std::fs::metadata(p).and_then(|m| m.modified()).ok();
-        let mut last = stamp(&path);
-        let mut ticker = tokio::time::interval(every);
-        loop {
-            ticker.tick().await;
-            let now = stamp(&path);
-            if now != last {
-                last = now;
-                let _ = self.reload_rules("file changed");
+        let path = self.router.file.clone();
+        let mut last = path.as_deref().and_then(stamp);
+        async move {
+            let Some(path) = path else {
+                return;
+            };
+            let mut ticker = tokio::time::interval(every);
+            loop {
+                ticker.tick().await;
+                let now = stamp(&path);
+                if now != last {
+                    last = now;
+                    let _ = self.reload_rules("file changed");
+                }
             }
         }
     }

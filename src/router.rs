@@ -160,15 +160,7 @@ impl Router {
         };
         let rules = RuleSet::load(file)?;
         for shadowed in rules.shadowed() {
-            let (rule, by) = (&rules.rules()[shadowed.rule], &rules.rules()[shadowed.by]);
-            tracing::warn!(
-                "{}:{}: rule {:?} can never match: rule {:?} (line {}) takes all its messages",
-                file.display(),
-                rule.line,
-                rule.name,
-                by.name,
-                by.line
-            );
+            tracing::warn!("{}", rules.describe_shadowed(&shadowed));
         }
         let count = rules.rules().len();
         match self.rules.write() {

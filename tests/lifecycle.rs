@@ -6,6 +6,7 @@ mod support;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::time::Duration;
 
+use support::daemon::Daemon;
 use support::dns::{DnsServer, TestZone};
 use support::pki::TestCa;
 use support::proxy::test_config;
@@ -190,6 +191,9 @@ fn a_bad_configuration_stops_the_start_with_file_line_column_and_status_64() {
     assert_eq!(code, 64, "{err}");
 }
 
+/// Settings for a daemon that never needs to reach a remote.
+const NO_REMOTES: &str = "hostname: relay.test\ntls: { system_roots: false }\nresolver: { nameservers: [\"127.0.0.1:9\"] }\n";
+
 #[cfg(unix)]
 #[test]
 fn check_config_refuses_what_run_refuses_and_run_refuses_it_before_binding_anything() {
@@ -226,58 +230,19 @@ fn check_config_refuses_what_run_refuses_and_run_refuses_it_before_binding_anyth
 }
 
 #[cfg(unix)]
-#[test]
-fn sigterm_stops_the_daemon_cleanly_and_saves_the_cache() {
-    use std::io::{BufRead, BufReader};
+#[tokio::test(flavor = "multi_thread")]
+async fn sigterm_stops_the_daemon_cleanly_and_saves_the_cache() {
     let dir = tempfile::tempdir().expect("dir");
     let cache = dir.path().join("cache.json");
-    let config = dir.path().join("tlsrouter.yaml");
-    let yaml = format!(
-        "listen: 127.0.0.1:0\nhostname: relay.test\ntls: {{ system_roots: false }}\nresolver: {{ nameservers: [\"127.0.0.1:9\"] }}\n\
-         admin: {{ socket: \"{}\" }}\ncache: {{ file: \"{}\" }}\nlog: {{ format: json }}\n",
-        dir.path().join("admin.sock").display(),
-        cache.display()
-    );
-    std::fs::write(&config, yaml).expect("write");
-    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_tlsrouter"))
-        .args(["run", "--config", config.to_str().expect("path")])
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .expect("start");
-    let mut stderr = BufReader::new(child.stderr.take().expect("stderr"));
-    let mut line = String::new();
-    // The daemon says where it listens once it is ready.
-    loop {
-        line.clear();
-        assert!(
-            stderr.read_line(&mut line).expect("read") > 0,
-            "daemon ended early"
-        );
-        if line.contains("tlsrouter listening") {
-            break;
-        }
-    }
-    let event: serde_json::Value = serde_json::from_str(&line).expect("json log");
-    let listen: SocketAddr = event["listen"]
-        .as_str()
-        .expect("listen")
-        .parse()
-        .expect("addr");
-    let mut smtp = std::net::TcpStream::connect(listen).expect("connect");
-    let mut greeting = [0u8; 3];
-    std::io::Read::read_exact(&mut smtp, &mut greeting).expect("greeting");
-    assert_eq!(&greeting, b"220");
-    drop(smtp);
+    let config = format!("{NO_REMOTES}cache: {{ file: \"{}\" }}\n", cache.display());
+    let mut daemon = Daemon::start(dir.path(), &config, &[]).await;
+    let (client, greeting) = SmtpClient::connect(daemon.smtp).await;
+    assert_eq!(greeting.code, 220);
+    drop(client);
 
-    let pid = child.id().to_string();
-    assert!(
-        std::process::Command::new("kill")
-            .args(["-TERM", &pid])
-            .status()
-            .expect("kill")
-            .success()
-    );
-    let status = child.wait().expect("wait");
+    daemon.signal("TERM");
+
+    let status = daemon.exit_status();
     assert!(status.success(), "{status:?}");
     let saved: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(&cache).expect("cache saved")).expect("json");
@@ -285,84 +250,24 @@ fn sigterm_stops_the_daemon_cleanly_and_saves_the_cache() {
 }
 
 #[cfg(unix)]
-#[test]
-fn a_second_sigterm_exits_at_once_while_a_transaction_holds_the_drain() {
-    use std::io::{BufRead, BufReader, Read, Write};
+#[tokio::test(flavor = "multi_thread")]
+async fn a_second_sigterm_exits_at_once_while_a_transaction_holds_the_drain() {
     let dir = tempfile::tempdir().expect("dir");
-    let config = dir.path().join("tlsrouter.yaml");
-    // A long drain: only the second signal can end the daemon within the test. The log
-    // format on the command line wins over the file's.
-    let yaml = "listen: 127.0.0.1:0\nhostname: relay.test\ntls: { system_roots: false }\n\
-                resolver: { nameservers: [\"127.0.0.1:9\"] }\nadmin: { socket: null }\n\
-                timeouts: { shutdown_drain: 10m }\nlog: { format: text }\n";
-    std::fs::write(&config, yaml).expect("write");
-    let path = config.to_str().expect("path");
-    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_tlsrouter"))
-        .args(["run", "--config", path, "--log-format", "json"])
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .expect("start");
-    let mut stderr = BufReader::new(child.stderr.take().expect("stderr"));
-    let mut line = String::new();
-    let listen: SocketAddr = loop {
-        line.clear();
-        assert!(
-            stderr.read_line(&mut line).expect("read") > 0,
-            "daemon ended early"
-        );
-        if line.contains("tlsrouter listening") {
-            let event: serde_json::Value = serde_json::from_str(&line).expect("json");
-            break event["listen"]
-                .as_str()
-                .expect("listen")
-                .parse()
-                .expect("addr");
-        }
-    };
+    // A long drain: only the second signal can end the daemon within the test.
+    let config = format!("{NO_REMOTES}timeouts: {{ shutdown_drain: 10m }}\n");
+    let mut daemon = Daemon::start(dir.path(), &config, &[]).await;
     // A session inside a transaction keeps the drain waiting.
-    let mut smtp = std::net::TcpStream::connect(listen).expect("connect");
-    let mut reader = BufReader::new(smtp.try_clone().expect("clone"));
-    let mut reply = String::new();
-    let mut ask = |smtp: &mut std::net::TcpStream, command: &str| {
-        smtp.write_all(command.as_bytes()).expect("send");
-        loop {
-            reply.clear();
-            reader.read_line(&mut reply).expect("reply");
-            if reply.as_bytes().get(3) != Some(&b'-') {
-                return reply.clone();
-            }
-        }
-    };
-    ask(&mut smtp, "");
-    assert!(ask(&mut smtp, "EHLO mta\r\n").starts_with("250"));
-    assert!(ask(&mut smtp, "MAIL FROM:<a@b.test>\r\n").starts_with("250"));
+    let (mut client, _) = SmtpClient::connect(daemon.smtp).await;
+    assert_eq!(client.cmd("EHLO mta").await.code, 250);
+    assert_eq!(client.cmd("MAIL FROM:<a@b.test>").await.code, 250);
 
-    let pid = child.id().to_string();
-    let term = || {
-        let status = std::process::Command::new("kill")
-            .args(["-TERM", &pid])
-            .status();
-        assert!(status.expect("kill").success());
-    };
-    term();
-    // Wait until the daemon says it is draining, then signal again.
-    loop {
-        line.clear();
-        assert!(
-            stderr.read_line(&mut line).expect("read") > 0,
-            "daemon ended on the first signal"
-        );
-        if line.contains("draining") {
-            break;
-        }
-    }
-    term();
-    let status = child.wait().expect("wait");
+    daemon.signal("TERM");
+    daemon.wait_for_log("draining").await;
+    daemon.signal("TERM");
+
     assert_eq!(
-        status.code(),
+        daemon.exit_status().code(),
         Some(1),
         "exited at once, not after the 10 minute drain"
     );
-    let mut rest = Vec::new();
-    let _ = smtp.read_to_end(&mut rest);
 }

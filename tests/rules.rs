@@ -12,6 +12,7 @@ use std::sync::Arc;
 
 use base64::Engine;
 use base64::engine::general_purpose::STANDARD as BASE64;
+use support::daemon::{Daemon, lab_config, replace_file};
 use support::dns::{DnsServer, TestZone};
 use support::logs::Logs;
 use support::pki::{CertKey, TestCa, Validity};
@@ -98,6 +99,39 @@ async fn serve(config: Config) -> (Arc<Proxy>, SocketAddr) {
         std::future::pending(),
     ));
     (proxy, addr)
+}
+
+/// The same lab around the daemon binary instead of an in-process proxy: DNS, CA, rule
+/// file, and `tlsrouter run` with `env` in its environment.
+struct DaemonLab {
+    daemon: Daemon,
+    rules: PathBuf,
+    _dns: DnsServer,
+    _dir: tempfile::TempDir,
+}
+
+impl DaemonLab {
+    async fn start(
+        zone: TestZone,
+        ca: &TestCa,
+        mx_port: u16,
+        rules: &str,
+        env: &[(&str, &str)],
+    ) -> DaemonLab {
+        let dns = DnsServer::start(zone).await;
+        let dir = tempfile::tempdir().expect("tempdir");
+        let ca_file = ca.write_ca_file(dir.path());
+        let rules_path = dir.path().join("rules.yaml");
+        std::fs::write(&rules_path, rules).expect("write rules");
+        let config = lab_config(dns.addr, &ca_file, mx_port, &rules_path);
+        let daemon = Daemon::start(dir.path(), &config, env).await;
+        DaemonLab {
+            daemon,
+            rules: rules_path,
+            _dns: dns,
+            _dir: dir,
+        }
+    }
 }
 
 /// A server on `ip`; port 0 picks one (the first server of a lab), later ones share it.
@@ -947,6 +981,83 @@ async fn a_smarthost_refusing_the_credentials_defers_the_message_without_leaking
     assert!(!log.contains(wrong), "the password in the log:\n{log}");
 }
 
+#[tokio::test]
+async fn a_smarthost_offering_only_auth_login_gets_username_and_password_in_base64_inside_tls() {
+    let (logs, _guard) = capture_debug();
+    let ca = TestCa::new();
+    let behaviour = ServerBehaviour {
+        ehlo_extra: vec!["AUTH LOGIN".into()],
+        ..smarthost(
+            StartTls::Rustls(ca.leaf(&["smarthost.test"], Validity::Current)),
+            None,
+        )
+    };
+    let (lab, mx, host) = smarthost_lab(&ca, behaviour, "require", PASSWORD).await;
+
+    let sent = send_from(lab.smtp, "report@crm.test", &["b@example.test"]).await;
+
+    assert_delivered(&sent);
+    let got = host.messages();
+    assert!(got[0].tls.is_some(), "AUTH and message inside STARTTLS");
+    assert_eq!(
+        got[0].auth,
+        vec![
+            "AUTH LOGIN".to_string(),
+            BASE64.encode(USER),
+            BASE64.encode(PASSWORD)
+        ],
+        "the answers to the server's Username: and Password: prompts"
+    );
+    assert_eq!(got[0].data, BODY);
+    assert_eq!(mx.connections(), 0);
+    let log = logs.text();
+    assert!(
+        log.contains("(username)") && log.contains("(password)"),
+        "the dialogue is logged, the answers masked:\n{log}"
+    );
+    assert_no_secret(&log);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn smarthost_credentials_from_the_daemons_environment_are_sent_inside_tls() {
+    let ca = TestCa::new();
+    let host = server(
+        loopback(1),
+        0,
+        smarthost(
+            StartTls::Rustls(ca.leaf(&["smarthost.test"], Validity::Current)),
+            None,
+        ),
+    )
+    .await;
+    let zone = TestZone::new().a("smarthost.test", loopback(1));
+    let rules = format!(
+        "rules:\n\
+         \x20 - name: crm-via-smarthost\n\
+         \x20   match: {{ senders: [crm.test] }}\n\
+         \x20   route: {{ smarthost: \"smarthost.test:{}\", tls: require,\n\
+         \x20             auth: {{ username_env: CRM_SMARTHOST_USER, password_env: CRM_SMARTHOST_PASSWORD }} }}\n",
+        host.addr().port()
+    );
+    let env = [
+        ("CRM_SMARTHOST_USER", USER),
+        ("CRM_SMARTHOST_PASSWORD", PASSWORD),
+    ];
+    let mut lab = DaemonLab::start(zone, &ca, 9, &rules, &env).await;
+
+    let sent = send_from(lab.daemon.smtp, "report@crm.test", &["b@example.test"]).await;
+
+    assert_delivered(&sent);
+    let got = host.messages();
+    assert!(got[0].tls.is_some(), "AUTH and message inside STARTTLS");
+    let token = BASE64.encode(format!("\0{USER}\0{PASSWORD}"));
+    assert_eq!(got[0].auth, vec![format!("AUTH PLAIN {token}")]);
+    let logged = lab.daemon.wait_for_log("transaction").await;
+    assert_eq!(logged["rule"], "crm-via-smarthost", "{logged}");
+    assert_eq!(logged["verify"], "verified", "{logged}");
+    assert_no_secret(&lab.daemon.log_text());
+}
+
 // ---------------------------------------------------------------------------------------
 // The outcome cache
 
@@ -1283,6 +1394,91 @@ async fn an_invalid_rule_file_is_refused_on_reload_with_its_position_and_the_old
     assert_logged(&logs.transactions()[0], &["rule=partner-without-tls"]);
 }
 
+#[cfg(unix)]
+#[tokio::test(flavor = "multi_thread")]
+async fn sighup_makes_the_running_daemon_take_the_rewritten_rule_file() {
+    let ca = TestCa::new();
+    let before = one_rule("before", "example.test", "never");
+    let mut lab = DaemonLab::start(TestZone::new(), &ca, 9, &before, &[]).await;
+    assert_eq!(lab.daemon.rule_names().await, ["before"]);
+
+    replace_file(&lab.rules, &one_rule("after", "example.test", "require"));
+    lab.daemon.signal("HUP");
+
+    lab.daemon.wait_for_log("rules reloaded (SIGHUP)").await;
+    assert_eq!(lab.daemon.rule_names().await, ["after"]);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_running_daemon_takes_a_rule_file_changed_on_disk_without_being_told() {
+    let ca = TestCa::new();
+    let before = one_rule("before", "example.test", "never");
+    let mut lab = DaemonLab::start(TestZone::new(), &ca, 9, &before, &[]).await;
+
+    replace_file(&lab.rules, &one_rule("after", "example.test", "require"));
+
+    lab.daemon
+        .wait_for_log("rules reloaded (file changed)")
+        .await;
+    assert_eq!(lab.daemon.rule_names().await, ["after"]);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_invalid_rule_file_written_mid_transaction_is_logged_with_its_position_and_the_old_rules_stay()
+ {
+    let ca = TestCa::new();
+    let mx = server(
+        loopback(1),
+        0,
+        starttls(ca.leaf(&["mx.example.test"], Validity::Current)),
+    )
+    .await;
+    let zone = TestZone::new()
+        .mx("example.test", 10, "mx.example.test")
+        .a("mx.example.test", loopback(1));
+    let before = one_rule("partner-without-tls", "example.test", "never");
+    let mut lab = DaemonLab::start(zone, &ca, mx.addr().port(), &before, &[]).await;
+    let (mut client, _) = SmtpClient::connect(lab.daemon.smtp).await;
+    client.cmd("EHLO mta.sender.test").await;
+    assert_eq!(client.cmd("MAIL FROM:<a@sender.test>").await.code, 250);
+    assert_eq!(client.cmd("RCPT TO:<b@example.test>").await.code, 250);
+    assert_eq!(mx.connections(), 1, "the remote transaction is open");
+
+    replace_file(
+        &lab.rules,
+        "rules:\n  - name: after\n    match: { domains: [example.test] }\n    tls: sometimes\n",
+    );
+
+    let refused = lab
+        .daemon
+        .wait_for_log("rules not reloaded (file changed)")
+        .await;
+    assert_eq!(refused["level"], "ERROR", "{refused}");
+    let message = refused["message"].as_str().unwrap_or_default();
+    let prefix = format!("{}:4:", lab.rules.display());
+    let (_, after_line) = message
+        .split_once(&prefix)
+        .unwrap_or_else(|| panic!("{message} should name {prefix}"));
+    let column = after_line.split(':').next().unwrap_or_default();
+    assert!(
+        column.parse::<u32>().is_ok_and(|c| c > 0),
+        "a column in {message}"
+    );
+    assert!(message.contains("sometimes"), "{message}");
+
+    assert_reply(&client.data(BODY).await, 250, "2.0.0", &[]);
+    let next = transaction(&mut client, "a@sender.test", &["b@example.test"]).await;
+    assert_delivered(&next);
+    let got = mx.messages();
+    assert_eq!(got.len(), 2);
+    assert!(
+        got.iter().all(|m| m.tls.is_none()),
+        "tls: never still in force, in flight and after"
+    );
+    assert_eq!(mx.tls_handshakes_attempted(), 0);
+    assert_eq!(lab.daemon.rule_names().await, ["partner-without-tls"]);
+}
+
 // ---------------------------------------------------------------------------------------
 // The tlsrouter command: check and explain
 
@@ -1358,6 +1554,35 @@ fn tlsrouter_check_names_a_shadowed_rule_and_the_rule_that_shadows_it_and_exits_
     assert!(err.contains("\"one-bank\""), "{err}");
     assert!(err.contains("\"all-banks\""), "{err}");
     assert!(err.contains(&format!("{}:5:", file.display())), "{err}");
+}
+
+#[test]
+fn tlsrouter_check_reports_a_rule_behind_a_catch_all_at_its_own_line_and_column() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let file = dir.path().join("indented.yaml");
+    // Indented by four spaces: the rule's name starts at column 7.
+    std::fs::write(
+        &file,
+        "rules:\n\
+         \x20   - name: default\n\
+         \x20     match: { domains: [\"*\"] }\n\
+         \x20   - name: crm\n\
+         \x20     match: { senders: [crm.example] }\n\
+         \x20     tls: require\n",
+    )
+    .expect("write");
+
+    let (code, _, err) = tlsrouter(&["check", &file.display().to_string()]);
+
+    assert_eq!(code, 1, "{err}");
+    let expected = format!(
+        "{}:4:7: rule \"crm\" can never match: rule \"default\" (line 2)",
+        file.display()
+    );
+    assert!(
+        err.starts_with(&expected),
+        "{err} should start with {expected}"
+    );
 }
 
 #[test]

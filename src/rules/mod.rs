@@ -77,7 +77,7 @@ impl RuleSet {
                     "rule {name:?} is already defined at line {first}"
                 )));
             }
-            rules.push(Rule::from_spec(spanned.value, line).map_err(invalid)?);
+            rules.push(Rule::from_spec(spanned.value, line, column).map_err(invalid)?);
         }
         Ok(RuleSet::from_rules(path.to_path_buf(), rules))
     }
@@ -131,6 +131,20 @@ impl RuleSet {
             conditional,
             base: None,
         }
+    }
+
+    /// `file:line:column: ...`: which rule cannot be reached, at its own place, and why.
+    pub fn describe_shadowed(&self, shadowed: &Shadowed) -> String {
+        let (rule, by) = (&self.rules[shadowed.rule], &self.rules[shadowed.by]);
+        format!(
+            "{}:{}:{}: rule {:?} can never match: rule {:?} (line {}) takes all its messages",
+            self.source.display(),
+            rule.line,
+            rule.column,
+            rule.name,
+            by.name,
+            by.line
+        )
     }
 
     /// Rules that no message can reach.
@@ -259,6 +273,37 @@ rules:
     }
 
     #[test]
+    fn fallback_on_takes_only_tls_failures_and_says_which_at_the_class_itself() {
+        for class in [
+            "tls-verified",
+            "tls-unverified",
+            "connect-failed",
+            "timeout",
+        ] {
+            let text = format!(
+                "rules:\n  - name: a\n    fallback_on:\n      - no-starttls\n      - {class}\n"
+            );
+            let err = parse(&text).unwrap_err().to_string();
+            assert!(err.starts_with("r.yaml:5:9: "), "{err}");
+            assert!(
+                err.contains(&format!("{class} is not a TLS failure")),
+                "{err}"
+            );
+            assert!(
+                err.contains(
+                    "no-starttls, starttls-refused, handshake-failed, legacy-tls, cert-expired"
+                ),
+                "{err} should list the allowed classes"
+            );
+        }
+        let allowed = "rules:\n  - name: a\n    fallback_on: [cert-expired, protocol-violation]\n";
+        assert_eq!(
+            parse(allowed).unwrap().rules()[0].policy.fallback_on,
+            vec![OutcomeClass::CertExpired, OutcomeClass::ProtocolViolation]
+        );
+    }
+
+    #[test]
     fn the_shipped_rule_lists_load_without_unreachable_rules() {
         let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("rules");
         for name in ["default.yaml", "iis-tls-router.yaml", "strict.yaml"] {
@@ -276,5 +321,40 @@ rules:
         )
         .unwrap();
         assert_eq!(rules.shadowed(), vec![Shadowed { rule: 1, by: 0 }]);
+    }
+
+    #[test]
+    fn a_rule_without_recipient_domains_behind_a_catch_all_is_found_shadowed() {
+        let rules = parse(
+            "rules:\n  - name: default\n    match: { domains: [\"*\"] }\n  - name: crm\n    match: { senders: [crm.example] }\n",
+        )
+        .unwrap();
+        assert_eq!(rules.shadowed(), vec![Shadowed { rule: 1, by: 0 }]);
+    }
+
+    #[test]
+    fn a_rule_without_senders_behind_one_for_every_sender_domain_still_gets_bounces() {
+        let rules = parse(
+            "rules:\n  - name: any-sender\n    match: { senders: [\"*\"] }\n  - name: rest\n    match: { domains: [\"*\"] }\n",
+        )
+        .unwrap();
+        assert_eq!(rules.shadowed(), vec![]);
+        assert_eq!(
+            rules.rule(rules.select("a.example", None).base).name,
+            "rest"
+        );
+    }
+
+    #[test]
+    fn a_rule_without_host_conditions_behind_one_for_every_mx_host_still_fixes_the_next_hop() {
+        let rules = parse(
+            "rules:\n  - name: every-mx\n    match: { mx: [\"*\"] }\n  - name: rest\n    match: { domains: [\"*\"] }\n",
+        )
+        .unwrap();
+        assert_eq!(rules.shadowed(), vec![]);
+        assert_eq!(
+            rules.rule(rules.select("a.example", None).base).name,
+            "rest"
+        );
     }
 }

@@ -30,13 +30,37 @@ pub struct RuleSpec {
     #[serde(default)]
     pub min_tls: Option<MinTls>,
     #[serde(default)]
-    pub fallback_on: Option<Vec<OutcomeClass>>,
+    pub fallback_on: Option<Vec<TlsFailure>>,
     #[serde(default)]
     pub fallback: Option<Fallback>,
     #[serde(default)]
     pub on_downgrade: Option<OnDowngrade>,
     #[serde(default)]
     pub route: Option<Spanned<RouteSpec>>,
+}
+
+/// A class `fallback_on` takes: a TLS attempt that failed. Checked as the file is read, so
+/// a wrong class is reported at its own line and column.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize)]
+#[serde(try_from = "OutcomeClass")]
+pub struct TlsFailure(pub OutcomeClass);
+
+impl TryFrom<OutcomeClass> for TlsFailure {
+    type Error = String;
+    fn try_from(class: OutcomeClass) -> Result<Self, String> {
+        if class.is_tls_failure() {
+            return Ok(TlsFailure(class));
+        }
+        let allowed: Vec<&str> = OutcomeClass::ALL
+            .into_iter()
+            .filter(|c| c.is_tls_failure())
+            .map(OutcomeClass::name)
+            .collect();
+        Err(format!(
+            "fallback_on: {class} is not a TLS failure (allowed: {})",
+            allowed.join(", ")
+        ))
+    }
 }
 
 /// What a rule applies to. Every condition given must hold; within one list, any entry.
@@ -78,17 +102,31 @@ impl Conditions {
 
     /// Whether every message these conditions match is matched by `earlier` too.
     pub fn covered_by(&self, earlier: &Conditions) -> bool {
-        fn list_covered(later: &[DomainPattern], earlier: &[DomainPattern]) -> bool {
-            earlier.is_empty()
-                || (!later.is_empty() && later.iter().all(|l| earlier.iter().any(|e| e.covers(l))))
-        }
-        list_covered(&self.domains, &earlier.domains)
-            && list_covered(&self.senders, &earlier.senders)
-            && list_covered(&self.mx, &earlier.mx)
+        // An empty list takes more than `*` for senders (bounces have no sender domain) and
+        // for mx (a rule without host conditions fixes the next hop, which no host rule does).
+        names_covered(&self.domains, &earlier.domains)
+            && listed_names_covered(&self.senders, &earlier.senders)
+            && listed_names_covered(&self.mx, &earlier.mx)
             && (earlier.outcome.is_empty()
                 || (!self.outcome.is_empty()
                     && self.outcome.iter().all(|o| earlier.outcome.contains(o))))
     }
+}
+
+/// Whether `earlier` takes every name `later` takes; an empty list takes every name.
+fn names_covered(later: &[DomainPattern], earlier: &[DomainPattern]) -> bool {
+    if earlier.is_empty() {
+        return true;
+    }
+    if later.is_empty() {
+        return earlier.contains(&DomainPattern::Any);
+    }
+    later.iter().all(|l| earlier.iter().any(|e| e.covers(l)))
+}
+
+/// Like [`names_covered`], where only an empty list covers an empty list.
+fn listed_names_covered(later: &[DomainPattern], earlier: &[DomainPattern]) -> bool {
+    earlier.is_empty() || (!later.is_empty() && names_covered(later, earlier))
 }
 
 fn any_or_empty(patterns: &[DomainPattern], test: impl Fn(&DomainPattern) -> bool) -> bool {
@@ -203,6 +241,7 @@ pub struct Rule {
     pub name: String,
     /// Where the rule stands in its file, 1-based (0 for the built-in default).
     pub line: u64,
+    pub column: u64,
     pub conditions: Conditions,
     pub policy: TlsPolicy,
     pub fallback: Fallback,
@@ -216,6 +255,7 @@ impl Rule {
         Rule {
             name: "built-in default".into(),
             line: 0,
+            column: 0,
             conditions: Conditions::default(),
             policy: TlsPolicy::opportunistic(),
             fallback: Fallback::Direct,
@@ -224,8 +264,8 @@ impl Rule {
         }
     }
 
-    /// Validates one rule as written; errors say what to change.
-    pub fn from_spec(spec: RuleSpec, line: u64) -> Result<Rule, String> {
+    /// Validates one rule as written, found at `line` and `column`; errors say what to change.
+    pub fn from_spec(spec: RuleSpec, line: u64, column: u64) -> Result<Rule, String> {
         if spec.name.trim().is_empty() {
             return Err("a rule needs a name".into());
         }
@@ -278,6 +318,7 @@ impl Rule {
         Ok(Rule {
             name: spec.name,
             line,
+            column,
             conditions: spec.matches,
             policy: TlsPolicy {
                 tls,
@@ -287,7 +328,9 @@ impl Rule {
                     VerifyMode::Try
                 }),
                 min_tls: spec.min_tls.unwrap_or_default(),
-                fallback_on: spec.fallback_on.unwrap_or(defaults.fallback_on),
+                fallback_on: spec.fallback_on.map_or(defaults.fallback_on, |classes| {
+                    classes.into_iter().map(|TlsFailure(class)| class).collect()
+                }),
             },
             fallback: spec.fallback.unwrap_or(Fallback::Direct),
             on_downgrade: spec.on_downgrade.unwrap_or_default(),

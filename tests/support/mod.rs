@@ -1,10 +1,12 @@
 //! Test support: real servers on loopback (DNS, SMTP with TLS), certificates made at test
-//! time, an SMTP client, the proxy itself, and log capture. Everything binds 127.0.0.0/8 on
-//! port 0 unless a test asks for a port, and waits on events, never on sleeps.
+//! time, an SMTP client, the proxy itself (in-process or as the daemon binary), and log
+//! capture. Everything binds 127.0.0.0/8 on port 0 unless a test asks for a port, and waits
+//! on events, never on sleeps.
 //!
 //! Each integration test includes it with `mod support;` and uses only some of it.
 #![allow(dead_code)]
 
+pub mod daemon;
 pub mod dns;
 pub mod fault_server;
 pub mod logs;

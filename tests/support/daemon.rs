@@ -1,0 +1,168 @@
+//! Runs the real `tlsrouter` binary as the daemon it is in production: configuration from a
+//! file, environment from its parent, JSON log lines on stderr, signals, and the admin socket
+//! asked through `tlsrouter ctl`. Killed when dropped.
+
+use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use serde_json::Value;
+use tokio::sync::mpsc;
+
+/// How long a log line may take to come: a guard against a hung test, not a sleep.
+const LOG_WAIT: Duration = Duration::from_secs(60);
+
+pub struct Daemon {
+    child: Child,
+    log: mpsc::UnboundedReceiver<String>,
+    /// Every log line read so far, in order.
+    seen: Vec<String>,
+    /// Where the MTA side listens.
+    pub smtp: SocketAddr,
+    pub admin_socket: PathBuf,
+}
+
+/// The settings a test lab needs: our DNS server, our CA only, remote port `mx_port`.
+pub fn lab_config(dns: SocketAddr, ca_file: &Path, mx_port: u16, rules_file: &Path) -> String {
+    format!(
+        "hostname: relay.test\n\
+         tls: {{ ca_file: \"{}\", system_roots: false }}\n\
+         resolver: {{ nameservers: [\"{dns}\"] }}\n\
+         delivery: {{ port: {mx_port} }}\n\
+         rules_file: \"{}\"\n",
+        ca_file.display(),
+        rules_file.display()
+    )
+}
+
+/// Replaces a file's text in one step (write aside, then rename), as careful editors and
+/// deployment tools do, so a reader never sees half of it.
+pub fn replace_file(path: &Path, text: &str) {
+    let aside = path.with_extension("new");
+    std::fs::write(&aside, text).expect("write file aside");
+    std::fs::rename(&aside, path).expect("rename into place");
+}
+
+impl Daemon {
+    /// Starts `tlsrouter run` in `dir` with `config` (YAML; listening address, admin socket
+    /// and log format are added here) and `env` added to its environment. Returns once the
+    /// daemon says it listens.
+    pub async fn start(dir: &Path, config: &str, env: &[(&str, &str)]) -> Daemon {
+        let admin_socket = dir.join("admin.sock");
+        let path = dir.join("tlsrouter.yaml");
+        // The file says text and the command line json: the command line wins, and every
+        // daemon test reads JSON.
+        let full = format!(
+            "{config}listen: 127.0.0.1:0\nadmin: {{ socket: \"{}\" }}\nlog: {{ format: text }}\n",
+            admin_socket.display()
+        );
+        std::fs::write(&path, full).expect("write config");
+        let mut child = Command::new(env!("CARGO_BIN_EXE_tlsrouter"))
+            .args(["run", "--config", path.to_str().expect("path")])
+            .args(["--log-format", "json"])
+            .envs(env.iter().copied())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("start tlsrouter");
+        let stderr = child.stderr.take().expect("stderr");
+        let (lines, log) = mpsc::unbounded_channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                if lines.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        let mut daemon = Daemon {
+            child,
+            log,
+            seen: Vec::new(),
+            smtp: SocketAddr::from(([127, 0, 0, 1], 0)),
+            admin_socket,
+        };
+        let ready = daemon.wait_for_log("tlsrouter listening").await;
+        daemon.smtp = ready["listen"]
+            .as_str()
+            .and_then(|a| a.parse().ok())
+            .unwrap_or_else(|| panic!("no address in {ready}"));
+        daemon
+    }
+
+    /// The next log event whose message contains `text` (earlier ones are kept in
+    /// [`Daemon::log_text`]).
+    pub async fn wait_for_log(&mut self, text: &str) -> Value {
+        loop {
+            let line = match tokio::time::timeout(LOG_WAIT, self.log.recv()).await {
+                Ok(Some(line)) => line,
+                Ok(None) => panic!(
+                    "tlsrouter ended before logging {text:?}:\n{}",
+                    self.log_text()
+                ),
+                Err(_) => panic!("no {text:?} logged in {LOG_WAIT:?}:\n{}", self.log_text()),
+            };
+            self.seen.push(line.clone());
+            let event: Value = serde_json::from_str(&line).unwrap_or(Value::String(line));
+            if event["message"].as_str().is_some_and(|m| m.contains(text)) {
+                return event;
+            }
+        }
+    }
+
+    /// Everything logged so far that a test has read.
+    pub fn log_text(&self) -> String {
+        self.seen.join("\n")
+    }
+
+    /// Sends a signal by name, e.g. "HUP".
+    pub fn signal(&self, name: &str) {
+        let status = Command::new("kill")
+            .args([&format!("-{name}"), &self.child.id().to_string()])
+            .status()
+            .expect("run kill");
+        assert!(status.success(), "kill -{name}: {status:?}");
+    }
+
+    /// Waits for the daemon to exit (after a signal) and gives its status.
+    pub fn exit_status(&mut self) -> std::process::ExitStatus {
+        tokio::task::block_in_place(|| self.child.wait()).expect("wait for tlsrouter")
+    }
+
+    /// `tlsrouter ctl --json ARGS` against this daemon's admin socket: the JSON answer.
+    pub async fn ctl(&self, args: &[&str]) -> Value {
+        let mut command = Command::new(env!("CARGO_BIN_EXE_tlsrouter"));
+        command
+            .args(["ctl", "--json", "--socket"])
+            .arg(&self.admin_socket)
+            .args(args);
+        let out = tokio::task::spawn_blocking(move || command.output())
+            .await
+            .expect("ctl task")
+            .expect("run tlsrouter ctl");
+        assert!(
+            out.status.success(),
+            "tlsrouter ctl {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        serde_json::from_slice(&out.stdout).expect("ctl prints JSON")
+    }
+
+    /// The names of the rules in force, as `tlsrouter ctl rules show` gives them.
+    pub async fn rule_names(&self) -> Vec<String> {
+        let shown = self.ctl(&["rules", "show"]).await;
+        shown["result"]["rules"]
+            .as_array()
+            .unwrap_or_else(|| panic!("no rules in {shown}"))
+            .iter()
+            .map(|r| r["name"].as_str().unwrap_or_default().to_string())
+            .collect()
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
