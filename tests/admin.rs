@@ -334,13 +334,16 @@ async fn the_socket_is_0660_a_stale_one_is_replaced_and_a_plain_file_is_refused(
         .mode()
         & 0o777;
     assert_eq!(mode, 0o660);
-    // A second daemon on the same path replaces the stale socket (as after a crash).
-    let stale = d.socket.clone();
+    // A socket nobody listens on any more (as after a crash) is replaced.
+    let stale = d.dir.path().join("stale.sock");
+    drop(std::os::unix::net::UnixListener::bind(&stale).expect("bind"));
+    assert!(stale.exists(), "a closed listener leaves its file behind");
+    let path = stale.clone();
     let _again = daemon(&ca, ServerBehaviour::default(), move |c| {
-        c.admin.socket = Some(stale)
+        c.admin.socket = Some(path)
     })
     .await;
-    assert_eq!(ctl_json(&d.socket, &["stats"]).await["transactions"], 0);
+    assert_eq!(ctl_json(&stale, &["stats"]).await["transactions"], 0);
 
     let file = d.dir.path().join("not-a-socket");
     std::fs::write(&file, "data").expect("write");
@@ -351,6 +354,31 @@ async fn the_socket_is_0660_a_stale_one_is_replaced_and_a_plain_file_is_refused(
     let err = proxy.start_admin().await.expect_err("refused");
     assert!(err.to_string().contains("is not a socket"), "{err}");
     assert_eq!(std::fs::read_to_string(&file).expect("kept"), "data");
+}
+
+#[cfg(unix)]
+#[tokio::test]
+async fn a_second_daemon_does_not_take_the_socket_of_a_running_one() {
+    let ca = TestCa::new();
+    let first = daemon(&ca, ServerBehaviour::default(), |_| {}).await;
+    send(first.smtp).await;
+
+    let mut config = Config::default();
+    config.admin.socket = Some(first.socket.clone());
+    config.tls.system_roots = false;
+    let second = Proxy::new(config).expect("proxy");
+    let err = second.start_admin().await.expect_err("refused");
+    let message = err.to_string();
+    assert!(
+        message.contains(&first.socket.display().to_string())
+            && message.contains("another running tlsrouter"),
+        "{message}"
+    );
+    assert_eq!(
+        ctl_json(&first.socket, &["stats"]).await["transactions"],
+        1,
+        "the socket still reaches the first daemon"
+    );
 }
 
 #[tokio::test]
