@@ -31,6 +31,14 @@ pub struct ProbeTarget {
     pub no_tls: bool,
 }
 
+impl ProbeTarget {
+    /// Why there is nothing to probe, when neither a domain nor a server is given.
+    pub fn missing(&self) -> Option<&'static str> {
+        (self.domain.is_none() && self.mx.is_none())
+            .then_some("nothing to probe: give a domain or an MX host")
+    }
+}
+
 #[derive(Debug, Serialize, serde::Deserialize)]
 pub struct ProbeReport {
     pub domain: Option<String>,
@@ -109,10 +117,7 @@ pub async fn probe(
             Ok(hosts) => (hosts, None),
             Err(e) => (Vec::new(), Some(e.to_string())),
         },
-        (None, None) => (
-            Vec::new(),
-            Some("nothing to probe: give a domain or --mx".into()),
-        ),
+        (None, None) => (Vec::new(), target.missing().map(String::from)),
     };
     let mut mx = Vec::new();
     for host in hosts {

@@ -302,6 +302,8 @@ async fn bad_requests_get_structured_errors_and_the_socket_stays_up() {
             "bad-arguments",
         ),
         (r#"{"command":"cache-flush"}"#, "bad-arguments"),
+        (r#"{"command":"probe"}"#, "bad-arguments"),
+        (r#"{"command":"probe","no_tls":true}"#, "bad-arguments"),
     ] {
         write
             .write_all(format!("{request}\n").as_bytes())
@@ -632,4 +634,13 @@ async fn ctl_probe_runs_from_the_daemon_and_fills_its_cache() {
     let shown = ctl_json(&d.socket, &["cache", "show", "mx.example.test"]).await;
     assert_eq!(shown["entries"][0]["class"], "legacy-tls");
     assert_eq!(d.server.messages().len(), 0, "a probe sends no message");
+
+    let (code, out, _) = ctl(&d.socket, &["--json", "probe"]).await;
+    assert_eq!(code, 1, "nothing to probe is refused: {out}");
+    let answer: Value = serde_json::from_str(&out).expect("json");
+    assert_eq!(answer["ok"], false);
+    assert_eq!(answer["error"]["kind"], "bad-arguments");
+    let (code, _, err) = ctl(&d.socket, &["probe"]).await;
+    assert_eq!(code, 1);
+    assert!(err.contains("nothing to probe"), "{err}");
 }

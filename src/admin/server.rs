@@ -93,6 +93,9 @@ pub async fn handle(proxy: &Proxy, request: Request) -> Response {
         }
         Request::Sessions {} => Response::ok(json!({ "sessions": proxy.sessions.list() })),
         Request::Probe(target) => {
+            if let Some(missing) = target.missing() {
+                return Response::error(ErrorKind::BadArguments, missing);
+            }
             let report = probe(&proxy.outbound, &proxy.router.rules(), &target, true).await;
             Response::ok(json!(report))
         }
