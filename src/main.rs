@@ -49,8 +49,8 @@ enum Commands {
         /// The admin socket.
         #[arg(long, default_value = tlsrouter::config::DEFAULT_ADMIN_SOCKET)]
         socket: PathBuf,
-        /// Print the daemon's JSON answer instead of a table.
-        #[arg(long)]
+        /// Print the daemon's JSON answer instead of a table (before or after the command).
+        #[arg(long, global = true)]
         json: bool,
         #[command(subcommand)]
         command: CtlCommand,

@@ -198,6 +198,26 @@ async fn an_admin_lists_shows_pins_and_flushes_the_cache_with_ctl() {
 }
 
 #[tokio::test]
+async fn json_may_follow_the_command() {
+    let ca = TestCa::new();
+    let d = daemon(&ca, tls10(&ca), |_| {}).await;
+    send(d.smtp).await;
+    for args in [
+        &["cache", "list", "--json"][..],
+        &["cache", "--json", "show", "example.test"],
+        &["--json", "cache", "list"],
+    ] {
+        let (code, out, err) = ctl(&d.socket, args).await;
+        assert_eq!(code, 0, "{args:?}: {err}");
+        let answer: Value = serde_json::from_str(&out).expect("json");
+        assert_eq!(
+            answer["result"]["entries"][0]["class"], "legacy-tls",
+            "{args:?}"
+        );
+    }
+}
+
+#[tokio::test]
 async fn an_admin_reads_reloads_and_explains_the_rules_with_ctl() {
     let ca = TestCa::new();
     let rules_dir = tempfile::tempdir().expect("dir");
