@@ -107,13 +107,18 @@ async fn ctl_json(socket: &Path, args: &[&str]) -> Value {
     serde_json::from_str::<Value>(&out).expect("json")["result"].clone()
 }
 
-async fn send(smtp: SocketAddr) {
+/// Delivers one message to b@example.test and leaves the session open.
+async fn deliver_in_open_session(smtp: SocketAddr) -> SmtpClient {
     let (mut client, _) = SmtpClient::connect(smtp).await;
     client.cmd("EHLO mta").await;
     client.cmd("MAIL FROM:<a@sender.test>").await;
     assert_eq!(client.cmd("RCPT TO:<b@example.test>").await.code, 250);
     assert_eq!(client.data(BODY).await.code, 250);
-    client.cmd("QUIT").await;
+    client
+}
+
+async fn send(smtp: SocketAddr) {
+    deliver_in_open_session(smtp).await.cmd("QUIT").await;
 }
 
 fn tls10(ca: &TestCa) -> ServerBehaviour {
@@ -423,11 +428,23 @@ async fn the_metrics_endpoint_serves_the_same_counters_in_prometheus_format() {
         .local_addr()
         .expect("addr")
         .port();
-    let d = daemon(&ca, ServerBehaviour::default(), move |c| {
+    let cert = ca.leaf(&["mx.example.test"], Validity::Current);
+    let d = daemon(&ca, tls(cert), move |c| {
         c.metrics.listen = Some(SocketAddr::from(([127, 0, 0, 1], port)));
     })
     .await;
-    send(d.smtp).await;
+    // One message over verified TLS; then the operator pins the host as legacy-tls, so the
+    // next message is decided from the cache and goes in plain. Both sessions stay open.
+    let _verified = deliver_in_open_session(d.smtp).await;
+    let pinned = d.proxy.outbound.cache.pin(
+        "mx.example.test",
+        None,
+        OutcomeClass::LegacyTls,
+        std::time::Duration::from_secs(3600),
+    );
+    assert_eq!(pinned.ok(), Some(1));
+    let _plain = deliver_in_open_session(d.smtp).await;
+
     let mut stream = tokio::net::TcpStream::connect(("127.0.0.1", port))
         .await
         .expect("metrics");
@@ -440,15 +457,30 @@ async fn the_metrics_endpoint_serves_the_same_counters_in_prometheus_format() {
         .await
         .expect("read");
     assert!(text.starts_with("HTTP/1.1 200 OK"), "{text}");
+    let value = |name: &str| -> f64 {
+        text.lines()
+            .find_map(|line| line.strip_prefix(name)?.strip_prefix(' '))
+            .unwrap_or_else(|| panic!("no {name} in\n{text}"))
+            .parse()
+            .expect("a number")
+    };
+    for (name, expected) in [
+        ("tlsrouter_sessions_total", 2.0),
+        ("tlsrouter_active_sessions", 2.0),
+        ("tlsrouter_transactions_total", 2.0),
+        ("tlsrouter_delivered_total{route=\"tls-verified\"}", 1.0),
+        ("tlsrouter_delivered_total{route=\"plain\"}", 1.0),
+        ("tlsrouter_fallbacks_total{class=\"legacy-tls\"}", 1.0),
+        ("tlsrouter_cache_hits_total", 1.0),
+        ("tlsrouter_cache_entries", 1.0),
+        ("tlsrouter_transaction_seconds_count", 2.0),
+        ("tlsrouter_handshake_seconds_count", 1.0),
+    ] {
+        assert_eq!(value(name), expected, "{name}");
+    }
     assert!(
-        text.contains("tlsrouter_delivered_total{route=\"plain\"} 1"),
-        "{text}"
-    );
-    assert!(text.contains("tlsrouter_transactions_total 1"), "{text}");
-    assert!(
-        text.contains("tlsrouter_handshake_seconds_bucket")
-            || text.contains("tlsrouter_transaction_seconds_bucket"),
-        "{text}"
+        !text.contains("route=\"tls-unverified\""),
+        "no unverified delivery: {text}"
     );
 }
 
