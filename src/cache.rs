@@ -259,9 +259,7 @@ impl CacheEntry {
 
     /// The classes a rule's `outcome` condition can match: the class, and the certificate's.
     pub fn classes(&self) -> Vec<OutcomeClass> {
-        let mut classes = vec![self.class];
-        classes.extend(self.cert_problem);
-        classes
+        classes(self.class, self.cert_problem)
     }
 
     pub fn key(&self) -> CacheKey {
@@ -316,6 +314,12 @@ impl CacheEntry {
         }
         self
     }
+}
+
+fn classes(class: OutcomeClass, cert_problem: Option<OutcomeClass>) -> Vec<OutcomeClass> {
+    let mut classes = vec![class];
+    classes.extend(cert_problem);
+    classes
 }
 
 /// True when `now_class` says a host that did TLS within the success TTL now offers no
@@ -394,6 +398,11 @@ impl Observation {
             cert_not_after,
             cert_problem,
         }
+    }
+
+    /// The classes a rule's `outcome` condition will match once this is cached.
+    pub fn classes(&self) -> Vec<OutcomeClass> {
+        classes(self.class, self.cert_problem)
     }
 
     /// The host was not reached: `class` is `ConnectFailed` or `Timeout`.

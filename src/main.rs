@@ -380,7 +380,7 @@ fn explain_rcpt(
         recipient_domain: &domain,
         sender_domain: sender_domain.as_deref(),
         mx,
-        outcome,
+        outcome: outcome.as_slice(),
     };
     print!("{}", explain(&rules, &question).1);
     ExitCode::SUCCESS

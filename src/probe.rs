@@ -45,7 +45,8 @@ pub struct ProbeReport {
     /// Why the domain has no MX to probe, when it has none.
     pub dns_error: Option<String>,
     pub mx: Vec<MxReport>,
-    /// What the rules in force would do with a message to the domain.
+    /// What the rules in force would do with a message to the domain before anything is
+    /// known about its servers (each server's report says what they do after the probe).
     pub rule: Option<String>,
     pub plan: Option<String>,
 }
@@ -73,6 +74,10 @@ pub struct ServerReport {
     pub detail: Option<String>,
     pub tls: Option<TlsReport>,
     pub error: Option<String>,
+    /// The rule a message to the domain gets through this server, given what was found
+    /// here (its class, and its certificate's): rules may match on `mx` and `outcome`.
+    pub rule: Option<String>,
+    pub plan: Option<String>,
 }
 
 #[derive(Debug, Serialize, serde::Deserialize)]
@@ -121,21 +126,9 @@ pub async fn probe(
     };
     let mut mx = Vec::new();
     for host in hosts {
-        mx.push(probe_host(outbound, host, port, target, record).await);
+        mx.push(probe_host(outbound, rules, host, port, target, record).await);
     }
-    let (rule, plan) = match &target.domain {
-        Some(domain) => {
-            let question = Question {
-                recipient_domain: domain,
-                sender_domain: None,
-                mx: target.mx.as_deref(),
-                outcome: None,
-            };
-            let (rule, plan) = explain(rules, &question);
-            (Some(rule), Some(plan))
-        }
-        None => (None, None),
-    };
+    let (rule, plan) = explain_for(rules, target, target.mx.as_deref(), &[]).unzip();
     ProbeReport {
         domain: target.domain.clone(),
         dns_error,
@@ -145,8 +138,26 @@ pub async fn probe(
     }
 }
 
+/// The rule a message to the target's domain gets, through `mx` when known, given the
+/// outcome `classes` found there; `None` without a domain.
+fn explain_for(
+    rules: &RuleSet,
+    target: &ProbeTarget,
+    mx: Option<&str>,
+    classes: &[OutcomeClass],
+) -> Option<(String, String)> {
+    let question = Question {
+        recipient_domain: target.domain.as_deref()?,
+        sender_domain: None,
+        mx,
+        outcome: classes,
+    };
+    Some(explain(rules, &question))
+}
+
 async fn probe_host(
     outbound: &Outbound,
+    rules: &RuleSet,
     host: MxHost,
     port: u16,
     target: &ProbeTarget,
@@ -171,19 +182,24 @@ async fn probe_host(
             target.no_tls,
         )
         .await;
-        if record && let Some(class) = server.class {
-            let observation = match (&server.tls, class) {
-                (_, OutcomeClass::ConnectFailed | OutcomeClass::Timeout) => Some(
-                    Observation::unreachable(class, server.detail.clone().unwrap_or_default()),
-                ),
-                _ => server.outcome.as_ref().and_then(Observation::from_outcome),
-            };
+        let observation = server.class.and_then(|class| match class {
+            OutcomeClass::ConnectFailed | OutcomeClass::Timeout => Some(Observation::unreachable(
+                class,
+                server.detail.clone().unwrap_or_default(),
+            )),
+            _ => server.outcome.as_ref().and_then(Observation::from_outcome),
+        });
+        let classes = observation
+            .as_ref()
+            .map(Observation::classes)
+            .unwrap_or_default();
+        let mut server = server.report;
+        (server.rule, server.plan) = explain_for(rules, target, Some(&host.name), &classes).unzip();
+        if record && let Some(observation) = observation {
             let domain = target.domain.as_deref().unwrap_or("");
-            if let Some(observation) = observation {
-                outbound.cache.record(&host.name, ip, domain, observation);
-            }
+            outbound.cache.record(&host.name, ip, domain, observation);
         }
-        report.servers.push(server.report);
+        report.servers.push(server);
     }
     report
 }
@@ -445,5 +461,11 @@ fn render_server(out: &mut String, s: &ServerReport) {
     }
     if let Some(error) = &s.error {
         let _ = writeln!(out, "    error:    {error}");
+    }
+    if let Some(rule) = &s.rule {
+        let _ = writeln!(
+            out,
+            "    rule:     {rule:?} for a message through this server"
+        );
     }
 }

@@ -623,6 +623,61 @@ async fn probe_classifies_servers_that_give_no_tls() {
 }
 
 #[tokio::test]
+async fn probe_names_the_rule_each_server_gets_for_what_was_found_there() {
+    let ca = TestCa::new();
+    let rules = "rules:\n\
+        \x20 - name: old-servers\n\
+        \x20   match: { domains: [\"*\"], outcome: [legacy-tls] }\n\
+        \x20 - name: expired-certificates\n\
+        \x20   match: { domains: [\"*\"], outcome: [cert-expired] }\n\
+        \x20 - name: this-mx\n\
+        \x20   match: { domains: [\"*\"], mx: [mx.example.test] }\n\
+        \x20   verify: require\n\
+        \x20 - name: everyone\n\
+        \x20   match: { domains: [\"*\"] }\n";
+    let cases = [
+        (tls10(&ca), "old-servers"),
+        (
+            tls(ca.leaf(&["mx.example.test"], Validity::Expired)),
+            "expired-certificates",
+        ),
+        (
+            tls(ca.leaf(&["mx.example.test"], Validity::Current)),
+            "this-mx",
+        ),
+    ];
+    for (behaviour, expected) in cases {
+        let rules_dir = tempfile::tempdir().expect("dir");
+        let rules_file = rules_dir.path().join("rules.yaml");
+        std::fs::write(&rules_file, rules).expect("write");
+        let d = daemon(&ca, behaviour, move |c| c.rules_file = Some(rules_file)).await;
+        let target = ProbeTarget {
+            domain: Some("example.test".into()),
+            ..ProbeTarget::default()
+        };
+        let report = probe(&d.proxy.outbound, &d.proxy.router.rules(), &target, false).await;
+        assert_eq!(
+            report.rule.as_deref(),
+            Some("everyone"),
+            "before any server is known"
+        );
+        let server = &report.mx[0].servers[0];
+        assert_eq!(server.rule.as_deref(), Some(expected), "{server:?}");
+        let plan = server.plan.as_deref().unwrap_or("");
+        assert!(plan.contains(&format!("{expected:?}")), "{plan}");
+
+        let (code, out, err) = ctl(&d.socket, &["probe", "example.test"]).await;
+        assert_eq!(code, 0, "{err}");
+        assert!(
+            out.contains(&format!(
+                "rule:     {expected:?} for a message through this server"
+            )),
+            "{out}"
+        );
+    }
+}
+
+#[tokio::test]
 async fn probe_from_the_command_line_prints_every_step_and_json_for_scripts() {
     let ca = TestCa::new();
     let d = daemon(

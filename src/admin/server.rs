@@ -82,7 +82,7 @@ pub async fn handle(proxy: &Proxy, request: Request) -> Response {
                 recipient_domain: &domain,
                 sender_domain: sender_domain.as_deref(),
                 mx: mx.as_deref(),
-                outcome,
+                outcome: outcome.as_slice(),
             };
             let (rule, text) = explain(&proxy.router.rules(), &question);
             Response::ok(json!({ "rule": rule, "explanation": text }))
