@@ -2,7 +2,7 @@
 //! one partner is stuck. It uses the same client code as deliveries.
 
 use std::fmt::Write;
-use std::net::{IpAddr, SocketAddr};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 use serde::Serialize;
@@ -360,7 +360,9 @@ fn cert_report(der: &[u8]) -> Option<CertReport> {
                 .iter()
                 .filter_map(|name| match name {
                     x509_parser::extensions::GeneralName::DNSName(dns) => Some(dns.to_string()),
-                    x509_parser::extensions::GeneralName::IPAddress(ip) => Some(format!("{ip:?}")),
+                    x509_parser::extensions::GeneralName::IPAddress(bytes) => {
+                        ip_address(bytes).map(|ip| ip.to_string())
+                    }
                     _ => None,
                 })
                 .collect()
@@ -379,6 +381,16 @@ fn cert_report(der: &[u8]) -> Option<CertReport> {
         not_after: date(&validity.not_after),
         days_left: (validity.not_after.timestamp() - now).div_euclid(86_400),
     })
+}
+
+/// The 4 or 16 octets of an iPAddress name (RFC 5280, 4.2.1.6).
+fn ip_address(bytes: &[u8]) -> Option<IpAddr> {
+    if let Ok(v4) = <[u8; 4]>::try_from(bytes) {
+        return Some(IpAddr::V4(Ipv4Addr::from(v4)));
+    }
+    <[u8; 16]>::try_from(bytes)
+        .ok()
+        .map(|v6| IpAddr::V6(Ipv6Addr::from(v6)))
 }
 
 /// The report for people.

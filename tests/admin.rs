@@ -521,13 +521,20 @@ fn tls(cert: CertKey) -> ServerBehaviour {
 #[tokio::test]
 async fn probe_shows_a_valid_certificate_its_chain_and_days_left() {
     let ca = TestCa::new();
-    let s = probe_one(&ca, tls(ca.leaf(&["mx.example.test"], Validity::Current))).await;
+    let cert = ca.leaf(
+        &["mx.example.test", "192.0.2.7", "2001:db8::25"],
+        Validity::Current,
+    );
+    let s = probe_one(&ca, tls(cert)).await;
     assert_eq!(s.class, Some(OutcomeClass::TlsVerified));
     assert!(s.starttls_offered && s.ehlo.contains(&"STARTTLS".to_string()));
     let t = s.tls.expect("tls");
     assert_eq!(t.version, "TLSv1.3");
     assert!(t.verified && t.problem.is_none());
-    assert_eq!(t.certificates[0].sans, vec!["mx.example.test"]);
+    assert_eq!(
+        t.certificates[0].sans,
+        ["mx.example.test", "192.0.2.7", "2001:db8::25"]
+    );
     assert!(t.certificates[0].issuer.contains("tlsrouter test CA"));
     assert!(
         (363..=365).contains(&t.certificates[0].days_left),
