@@ -2,17 +2,18 @@
 //! one partner is stuck. It uses the same client code as deliveries.
 
 use std::fmt::Write;
-use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
-use std::time::{Instant, SystemTime, UNIX_EPOCH};
+use std::net::{IpAddr, SocketAddr};
+use std::time::Instant;
 
 use serde::Serialize;
 
 use crate::cache::Observation;
+use crate::certificate::Certificate;
 use crate::outbound::connection::{Connection, StartTlsResult};
 use crate::outbound::delivery::Outbound;
 use crate::outbound::mx::MxHost;
 use crate::outbound::tls::MinTls;
-use crate::outcome::{NoTls, OutcomeClass, TlsOutcome, TlsSession, Verification, format_date};
+use crate::outcome::{NoTls, OutcomeClass, TlsOutcome, TlsSession, Verification};
 use crate::rules::RuleSet;
 use crate::rules::explain::{Question, explain};
 
@@ -88,17 +89,7 @@ pub struct TlsReport {
     /// Why the certificate did not verify for the MX name.
     pub problem: Option<String>,
     pub ehlo_after_tls: Vec<String>,
-    pub certificates: Vec<CertReport>,
-}
-
-#[derive(Debug, Serialize, serde::Deserialize)]
-pub struct CertReport {
-    pub subject: String,
-    pub sans: Vec<String>,
-    pub issuer: String,
-    pub not_before: String,
-    pub not_after: String,
-    pub days_left: i64,
+    pub certificates: Vec<Certificate>,
 }
 
 /// Probes the target. With `record`, what is found goes into the cache (as a delivery's
@@ -343,54 +334,9 @@ fn tls_report(session: &TlsSession, ehlo_after_tls: Vec<String>) -> TlsReport {
         certificates: session
             .chain
             .iter()
-            .filter_map(|der| cert_report(der))
+            .filter_map(|der| Certificate::parse(der))
             .collect(),
     }
-}
-
-fn cert_report(der: &[u8]) -> Option<CertReport> {
-    let (_, cert) = x509_parser::parse_x509_certificate(der).ok()?;
-    let sans = cert
-        .subject_alternative_name()
-        .ok()
-        .flatten()
-        .map(|ext| {
-            ext.value
-                .general_names
-                .iter()
-                .filter_map(|name| match name {
-                    x509_parser::extensions::GeneralName::DNSName(dns) => Some(dns.to_string()),
-                    x509_parser::extensions::GeneralName::IPAddress(bytes) => {
-                        ip_address(bytes).map(|ip| ip.to_string())
-                    }
-                    _ => None,
-                })
-                .collect()
-        })
-        .unwrap_or_default();
-    let validity = cert.validity();
-    let date = |t: &x509_parser::time::ASN1Time| format_date(t.timestamp().max(0) as u64);
-    let now = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs() as i64);
-    Some(CertReport {
-        subject: cert.subject().to_string(),
-        sans,
-        issuer: cert.issuer().to_string(),
-        not_before: date(&validity.not_before),
-        not_after: date(&validity.not_after),
-        days_left: (validity.not_after.timestamp() - now).div_euclid(86_400),
-    })
-}
-
-/// The 4 or 16 octets of an iPAddress name (RFC 5280, 4.2.1.6).
-fn ip_address(bytes: &[u8]) -> Option<IpAddr> {
-    if let Ok(v4) = <[u8; 4]>::try_from(bytes) {
-        return Some(IpAddr::V4(Ipv4Addr::from(v4)));
-    }
-    <[u8; 16]>::try_from(bytes)
-        .ok()
-        .map(|v6| IpAddr::V6(Ipv6Addr::from(v6)))
 }
 
 /// The report for people.

@@ -203,6 +203,29 @@ async fn an_admin_lists_shows_pins_and_flushes_the_cache_with_ctl() {
 }
 
 #[tokio::test]
+async fn a_delivery_over_tls_caches_the_certificate_subject_and_expiry() {
+    let ca = TestCa::new();
+    let cert = ca.leaf(&["mx.example.test"], Validity::Current);
+    let expires = cert.not_after.to_string();
+    let d = daemon(&ca, tls(cert), |_| {}).await;
+    send(d.smtp).await;
+
+    let (code, table, err) = ctl(&d.socket, &["cache", "list"]).await;
+    assert_eq!(code, 0, "{err}");
+    let header = table.lines().next().expect("header");
+    assert!(header.contains("CERT SUBJECT"), "{header}");
+    let row = table.lines().nth(1).expect("one host");
+    for cell in ["tls-verified", "CN=mx.example.test", expires.as_str()] {
+        assert!(row.contains(cell), "{cell} in {row}");
+    }
+
+    let shown = ctl_json(&d.socket, &["cache", "show", "mx.example.test"]).await;
+    let entry = &shown["entries"][0];
+    assert_eq!(entry["cert_subject"], "CN=mx.example.test");
+    assert_eq!(entry["cert_not_after"], expires.as_str());
+}
+
+#[tokio::test]
 async fn json_may_follow_the_command() {
     let ca = TestCa::new();
     let d = daemon(&ca, tls10(&ca), |_| {}).await;
