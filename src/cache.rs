@@ -29,6 +29,7 @@ use moka::policy::EvictionPolicy;
 use moka::sync::Cache;
 use serde::{Deserialize, Serialize};
 
+use crate::certificate::Certificate;
 use crate::outcome::{CertProblem, NoTls, OutcomeClass, TlsOutcome, TlsSession, Verification};
 
 /// At most this many recipient domains are kept per entry; an MX shared by thousands of
@@ -219,7 +220,11 @@ pub struct CacheEntry {
     pub detail: String,
     pub tls_version: Option<String>,
     pub cipher: Option<String>,
-    /// `YYYY-MM-DD`, when an expired certificate was seen.
+    /// The server certificate's subject, when TLS was up.
+    #[serde(default)]
+    pub cert_subject: Option<String>,
+    /// `YYYY-MM-DD`: the server certificate's expiry, when TLS was up or it was refused as
+    /// expired.
     pub cert_not_after: Option<String>,
     /// The certificate's class (`cert-expired`, ...) when it did not verify.
     #[serde(default)]
@@ -246,6 +251,7 @@ impl CacheEntry {
             detail: String::new(),
             tls_version: None,
             cipher: None,
+            cert_subject: None,
             cert_not_after: None,
             cert_problem: None,
             first_seen: now,
@@ -259,9 +265,7 @@ impl CacheEntry {
 
     /// The classes a rule's `outcome` condition can match: the class, and the certificate's.
     pub fn classes(&self) -> Vec<OutcomeClass> {
-        let mut classes = vec![self.class];
-        classes.extend(self.cert_problem);
-        classes
+        classes(self.class, self.cert_problem)
     }
 
     pub fn key(&self) -> CacheKey {
@@ -318,6 +322,12 @@ impl CacheEntry {
     }
 }
 
+fn classes(class: OutcomeClass, cert_problem: Option<OutcomeClass>) -> Vec<OutcomeClass> {
+    let mut classes = vec![class];
+    classes.extend(cert_problem);
+    classes
+}
+
 /// True when `now_class` says a host that did TLS within the success TTL now offers no
 /// STARTTLS: a middlebox stripping it, or a misconfiguration worth treating with suspicion.
 pub fn is_downgrade(
@@ -348,6 +358,7 @@ pub struct Observation {
     pub detail: String,
     pub tls_version: Option<String>,
     pub cipher: Option<String>,
+    pub cert_subject: Option<String>,
     pub cert_not_after: Option<String>,
     pub cert_problem: Option<OutcomeClass>,
 }
@@ -367,6 +378,7 @@ impl Observation {
                 detail: reason.to_string(),
                 tls_version: None,
                 cipher: None,
+                cert_subject: None,
                 cert_not_after: match reason {
                     NoTls::CertRejected(problem) => expiry(problem),
                     _ => None,
@@ -380,20 +392,34 @@ impl Observation {
     }
 
     fn encrypted(class: OutcomeClass, session: &TlsSession) -> Observation {
-        let (detail, cert_not_after, cert_problem) = match &session.verification {
+        let (detail, problem_expiry, cert_problem) = match &session.verification {
             Verification::Verified => ("certificate verified".to_string(), None, None),
             Verification::Failed(problem) => {
                 (problem.to_string(), expiry(problem), Some(problem.class()))
             }
+        };
+        let leaf = session
+            .chain
+            .first()
+            .and_then(|der| Certificate::parse(der));
+        let (cert_subject, cert_not_after) = match leaf {
+            Some(leaf) => (Some(leaf.subject), Some(leaf.not_after)),
+            None => (None, problem_expiry),
         };
         Observation {
             class,
             detail,
             tls_version: Some(session.version.clone()),
             cipher: Some(session.cipher.clone()),
+            cert_subject,
             cert_not_after,
             cert_problem,
         }
+    }
+
+    /// The classes a rule's `outcome` condition will match once this is cached.
+    pub fn classes(&self) -> Vec<OutcomeClass> {
+        classes(self.class, self.cert_problem)
     }
 
     /// The host was not reached: `class` is `ConnectFailed` or `Timeout`.
@@ -404,6 +430,7 @@ impl Observation {
             detail: detail.into(),
             tls_version: None,
             cipher: None,
+            cert_subject: None,
             cert_not_after: None,
             cert_problem: None,
         }
@@ -526,6 +553,7 @@ impl OutcomeCache {
         entry.detail = obs.detail;
         entry.tls_version = obs.tls_version;
         entry.cipher = obs.cipher;
+        entry.cert_subject = obs.cert_subject;
         entry.cert_not_after = obs.cert_not_after;
         entry.cert_problem = obs.cert_problem;
         entry
@@ -1196,6 +1224,64 @@ mod tests {
         assert_eq!(
             Observation::from_outcome(&TlsOutcome::Plain(NoTls::NotWanted)),
             None
+        );
+    }
+
+    /// A certificate for `mx.example.net` valid until 2031-06-30.
+    fn certificate() -> rustls::pki_types::CertificateDer<'static> {
+        let mut params =
+            rcgen::CertificateParams::new(vec!["mx.example.net".to_string()]).expect("params");
+        params
+            .distinguished_name
+            .push(rcgen::DnType::CommonName, "mx.example.net");
+        params.not_after = rcgen::date_time_ymd(2031, 6, 30);
+        let key = rcgen::KeyPair::generate().expect("key");
+        params.self_signed(&key).expect("certificate").der().clone()
+    }
+
+    #[test]
+    fn every_encrypted_observation_keeps_the_certificate_subject_and_expiry() {
+        let (cache, _) = new_cache();
+        for (host, verification) in [
+            ("mx1.example.net", Verification::Verified),
+            (
+                "mx2.example.net",
+                Verification::Failed(CertProblem::NameMismatch { presented: vec![] }),
+            ),
+        ] {
+            let session = TlsSession {
+                chain: vec![certificate()],
+                version: "TLSv1.3".into(),
+                cipher: "TLS13_AES_128_GCM_SHA256".into(),
+                verification,
+            };
+            let obs = Observation::from_outcome(&TlsOutcome::Encrypted(session)).expect("obs");
+            cache.record(host, ip(1), "example.net", obs);
+            let entry = cache.get(host, ip(1)).expect("cached");
+            assert_eq!(entry.cert_subject.as_deref(), Some("CN=mx.example.net"));
+            assert_eq!(entry.cert_not_after.as_deref(), Some("2031-06-30"));
+        }
+    }
+
+    #[test]
+    fn a_file_from_before_the_certificate_subject_was_kept_still_loads() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let path = dir.path().join("cache.json");
+        let old = format!(
+            r#"{{"version":1,"entries":[{{"host":"mx.example.net","addr":"192.0.2.1",
+            "domains":["example.net"],"class":"tls-verified","detail":"certificate verified",
+            "tls_version":"TLSv1.3","cipher":"TLS13_AES_128_GCM_SHA256",
+            "cert_not_after":null,"first_seen":{T0},"last_seen":{T0},"count":1,
+            "expires_at":{},"pinned":false,"last_tls_at":{T0}}}]}}"#,
+            T0 + 86_400
+        );
+        fs::write(&path, old).expect("written");
+        let (cache, _) = new_cache();
+        assert_eq!(cache.load(&path).expect("loaded"), 1);
+        let entry = cache.get("mx.example.net", ip(1)).expect("restored");
+        assert_eq!(
+            (entry.class, entry.cert_subject),
+            (OutcomeClass::TlsVerified, None)
         );
     }
 

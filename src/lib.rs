@@ -11,6 +11,7 @@
 //! - [`rules`]: the YAML rule list, validated and indexed.
 //! - [`outbound`]: MX resolution, client connections, TLS, and carrying out a plan.
 //! - [`outcome`]: the TLS outcome taxonomy that logs and decisions speak.
+//! - [`certificate`]: what a server's certificate says (subject, names, validity).
 //! - [`cache`]: what the last attempts to each MX found, with expiry and persistence.
 //! - [`config`]: the daemon's configuration, with defaults embedded.
 //! - [`probe`]: step-by-step diagnosis of a remote MX.
@@ -22,6 +23,7 @@
 
 pub mod admin;
 pub mod cache;
+pub mod certificate;
 pub mod config;
 pub mod inbound;
 pub mod outbound;

@@ -49,8 +49,8 @@ enum Commands {
         /// The admin socket.
         #[arg(long, default_value = tlsrouter::config::DEFAULT_ADMIN_SOCKET)]
         socket: PathBuf,
-        /// Print the daemon's JSON answer instead of a table.
-        #[arg(long)]
+        /// Print the daemon's JSON answer instead of a table (before or after the command).
+        #[arg(long, global = true)]
         json: bool,
         #[command(subcommand)]
         command: CtlCommand,
@@ -376,7 +376,7 @@ fn explain_rcpt(
         recipient_domain: &domain,
         sender_domain: sender_domain.as_deref(),
         mx,
-        outcome,
+        outcome: outcome.as_slice(),
     };
     print!("{}", explain(&rules, &question).1);
     ExitCode::SUCCESS

@@ -3,16 +3,17 @@
 
 use std::fmt::Write;
 use std::net::{IpAddr, SocketAddr};
-use std::time::{Instant, SystemTime, UNIX_EPOCH};
+use std::time::Instant;
 
 use serde::Serialize;
 
 use crate::cache::Observation;
+use crate::certificate::Certificate;
 use crate::outbound::connection::{Connection, StartTlsResult};
 use crate::outbound::delivery::Outbound;
 use crate::outbound::mx::MxHost;
 use crate::outbound::tls::MinTls;
-use crate::outcome::{NoTls, OutcomeClass, TlsOutcome, TlsSession, Verification, format_date};
+use crate::outcome::{NoTls, OutcomeClass, TlsOutcome, TlsSession, Verification};
 use crate::rules::RuleSet;
 use crate::rules::explain::{Question, explain};
 
@@ -31,13 +32,22 @@ pub struct ProbeTarget {
     pub no_tls: bool,
 }
 
+impl ProbeTarget {
+    /// Why there is nothing to probe, when neither a domain nor a server is given.
+    pub fn missing(&self) -> Option<&'static str> {
+        (self.domain.is_none() && self.mx.is_none())
+            .then_some("nothing to probe: give a domain or an MX host")
+    }
+}
+
 #[derive(Debug, Serialize, serde::Deserialize)]
 pub struct ProbeReport {
     pub domain: Option<String>,
     /// Why the domain has no MX to probe, when it has none.
     pub dns_error: Option<String>,
     pub mx: Vec<MxReport>,
-    /// What the rules in force would do with a message to the domain.
+    /// What the rules in force would do with a message to the domain before anything is
+    /// known about its servers (each server's report says what they do after the probe).
     pub rule: Option<String>,
     pub plan: Option<String>,
 }
@@ -65,6 +75,10 @@ pub struct ServerReport {
     pub detail: Option<String>,
     pub tls: Option<TlsReport>,
     pub error: Option<String>,
+    /// The rule a message to the domain gets through this server, given what was found
+    /// here (its class, and its certificate's): rules may match on `mx` and `outcome`.
+    pub rule: Option<String>,
+    pub plan: Option<String>,
 }
 
 #[derive(Debug, Serialize, serde::Deserialize)]
@@ -75,17 +89,7 @@ pub struct TlsReport {
     /// Why the certificate did not verify for the MX name.
     pub problem: Option<String>,
     pub ehlo_after_tls: Vec<String>,
-    pub certificates: Vec<CertReport>,
-}
-
-#[derive(Debug, Serialize, serde::Deserialize)]
-pub struct CertReport {
-    pub subject: String,
-    pub sans: Vec<String>,
-    pub issuer: String,
-    pub not_before: String,
-    pub not_after: String,
-    pub days_left: i64,
+    pub certificates: Vec<Certificate>,
 }
 
 /// Probes the target. With `record`, what is found goes into the cache (as a delivery's
@@ -109,28 +113,13 @@ pub async fn probe(
             Ok(hosts) => (hosts, None),
             Err(e) => (Vec::new(), Some(e.to_string())),
         },
-        (None, None) => (
-            Vec::new(),
-            Some("nothing to probe: give a domain or --mx".into()),
-        ),
+        (None, None) => (Vec::new(), target.missing().map(String::from)),
     };
     let mut mx = Vec::new();
     for host in hosts {
-        mx.push(probe_host(outbound, host, port, target, record).await);
+        mx.push(probe_host(outbound, rules, host, port, target, record).await);
     }
-    let (rule, plan) = match &target.domain {
-        Some(domain) => {
-            let question = Question {
-                recipient_domain: domain,
-                sender_domain: None,
-                mx: target.mx.as_deref(),
-                outcome: None,
-            };
-            let (rule, plan) = explain(rules, &question);
-            (Some(rule), Some(plan))
-        }
-        None => (None, None),
-    };
+    let (rule, plan) = explain_for(rules, target, target.mx.as_deref(), &[]).unzip();
     ProbeReport {
         domain: target.domain.clone(),
         dns_error,
@@ -140,8 +129,26 @@ pub async fn probe(
     }
 }
 
+/// The rule a message to the target's domain gets, through `mx` when known, given the
+/// outcome `classes` found there; `None` without a domain.
+fn explain_for(
+    rules: &RuleSet,
+    target: &ProbeTarget,
+    mx: Option<&str>,
+    classes: &[OutcomeClass],
+) -> Option<(String, String)> {
+    let question = Question {
+        recipient_domain: target.domain.as_deref()?,
+        sender_domain: None,
+        mx,
+        outcome: classes,
+    };
+    Some(explain(rules, &question))
+}
+
 async fn probe_host(
     outbound: &Outbound,
+    rules: &RuleSet,
     host: MxHost,
     port: u16,
     target: &ProbeTarget,
@@ -166,19 +173,24 @@ async fn probe_host(
             target.no_tls,
         )
         .await;
-        if record && let Some(class) = server.class {
-            let observation = match (&server.tls, class) {
-                (_, OutcomeClass::ConnectFailed | OutcomeClass::Timeout) => Some(
-                    Observation::unreachable(class, server.detail.clone().unwrap_or_default()),
-                ),
-                _ => server.outcome.as_ref().and_then(Observation::from_outcome),
-            };
+        let observation = server.class.and_then(|class| match class {
+            OutcomeClass::ConnectFailed | OutcomeClass::Timeout => Some(Observation::unreachable(
+                class,
+                server.detail.clone().unwrap_or_default(),
+            )),
+            _ => server.outcome.as_ref().and_then(Observation::from_outcome),
+        });
+        let classes = observation
+            .as_ref()
+            .map(Observation::classes)
+            .unwrap_or_default();
+        let mut server = server.report;
+        (server.rule, server.plan) = explain_for(rules, target, Some(&host.name), &classes).unzip();
+        if record && let Some(observation) = observation {
             let domain = target.domain.as_deref().unwrap_or("");
-            if let Some(observation) = observation {
-                outbound.cache.record(&host.name, ip, domain, observation);
-            }
+            outbound.cache.record(&host.name, ip, domain, observation);
         }
-        report.servers.push(server.report);
+        report.servers.push(server);
     }
     report
 }
@@ -322,42 +334,9 @@ fn tls_report(session: &TlsSession, ehlo_after_tls: Vec<String>) -> TlsReport {
         certificates: session
             .chain
             .iter()
-            .filter_map(|der| cert_report(der))
+            .filter_map(|der| Certificate::parse(der))
             .collect(),
     }
-}
-
-fn cert_report(der: &[u8]) -> Option<CertReport> {
-    let (_, cert) = x509_parser::parse_x509_certificate(der).ok()?;
-    let sans = cert
-        .subject_alternative_name()
-        .ok()
-        .flatten()
-        .map(|ext| {
-            ext.value
-                .general_names
-                .iter()
-                .filter_map(|name| match name {
-                    x509_parser::extensions::GeneralName::DNSName(dns) => Some(dns.to_string()),
-                    x509_parser::extensions::GeneralName::IPAddress(ip) => Some(format!("{ip:?}")),
-                    _ => None,
-                })
-                .collect()
-        })
-        .unwrap_or_default();
-    let validity = cert.validity();
-    let date = |t: &x509_parser::time::ASN1Time| format_date(t.timestamp().max(0) as u64);
-    let now = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs() as i64);
-    Some(CertReport {
-        subject: cert.subject().to_string(),
-        sans,
-        issuer: cert.issuer().to_string(),
-        not_before: date(&validity.not_before),
-        not_after: date(&validity.not_after),
-        days_left: (validity.not_after.timestamp() - now).div_euclid(86_400),
-    })
 }
 
 /// The report for people.
@@ -440,5 +419,11 @@ fn render_server(out: &mut String, s: &ServerReport) {
     }
     if let Some(error) = &s.error {
         let _ = writeln!(out, "    error:    {error}");
+    }
+    if let Some(rule) = &s.rule {
+        let _ = writeln!(
+            out,
+            "    rule:     {rule:?} for a message through this server"
+        );
     }
 }

@@ -107,13 +107,18 @@ async fn ctl_json(socket: &Path, args: &[&str]) -> Value {
     serde_json::from_str::<Value>(&out).expect("json")["result"].clone()
 }
 
-async fn send(smtp: SocketAddr) {
+/// Delivers one message to b@example.test and leaves the session open.
+async fn deliver_in_open_session(smtp: SocketAddr) -> SmtpClient {
     let (mut client, _) = SmtpClient::connect(smtp).await;
     client.cmd("EHLO mta").await;
     client.cmd("MAIL FROM:<a@sender.test>").await;
     assert_eq!(client.cmd("RCPT TO:<b@example.test>").await.code, 250);
     assert_eq!(client.data(BODY).await.code, 250);
-    client.cmd("QUIT").await;
+    client
+}
+
+async fn send(smtp: SocketAddr) {
+    deliver_in_open_session(smtp).await.cmd("QUIT").await;
 }
 
 fn tls10(ca: &TestCa) -> ServerBehaviour {
@@ -195,6 +200,49 @@ async fn an_admin_lists_shows_pins_and_flushes_the_cache_with_ctl() {
         ctl_json(&d.socket, &["cache", "flush", "--all"]).await["flushed"],
         1
     );
+}
+
+#[tokio::test]
+async fn a_delivery_over_tls_caches_the_certificate_subject_and_expiry() {
+    let ca = TestCa::new();
+    let cert = ca.leaf(&["mx.example.test"], Validity::Current);
+    let expires = cert.not_after.to_string();
+    let d = daemon(&ca, tls(cert), |_| {}).await;
+    send(d.smtp).await;
+
+    let (code, table, err) = ctl(&d.socket, &["cache", "list"]).await;
+    assert_eq!(code, 0, "{err}");
+    let header = table.lines().next().expect("header");
+    assert!(header.contains("CERT SUBJECT"), "{header}");
+    let row = table.lines().nth(1).expect("one host");
+    for cell in ["tls-verified", "CN=mx.example.test", expires.as_str()] {
+        assert!(row.contains(cell), "{cell} in {row}");
+    }
+
+    let shown = ctl_json(&d.socket, &["cache", "show", "mx.example.test"]).await;
+    let entry = &shown["entries"][0];
+    assert_eq!(entry["cert_subject"], "CN=mx.example.test");
+    assert_eq!(entry["cert_not_after"], expires.as_str());
+}
+
+#[tokio::test]
+async fn json_may_follow_the_command() {
+    let ca = TestCa::new();
+    let d = daemon(&ca, tls10(&ca), |_| {}).await;
+    send(d.smtp).await;
+    for args in [
+        &["cache", "list", "--json"][..],
+        &["cache", "--json", "show", "example.test"],
+        &["--json", "cache", "list"],
+    ] {
+        let (code, out, err) = ctl(&d.socket, args).await;
+        assert_eq!(code, 0, "{args:?}: {err}");
+        let answer: Value = serde_json::from_str(&out).expect("json");
+        assert_eq!(
+            answer["result"]["entries"][0]["class"], "legacy-tls",
+            "{args:?}"
+        );
+    }
 }
 
 #[tokio::test]
@@ -302,6 +350,8 @@ async fn bad_requests_get_structured_errors_and_the_socket_stays_up() {
             "bad-arguments",
         ),
         (r#"{"command":"cache-flush"}"#, "bad-arguments"),
+        (r#"{"command":"probe"}"#, "bad-arguments"),
+        (r#"{"command":"probe","no_tls":true}"#, "bad-arguments"),
     ] {
         write
             .write_all(format!("{request}\n").as_bytes())
@@ -334,13 +384,16 @@ async fn the_socket_is_0660_a_stale_one_is_replaced_and_a_plain_file_is_refused(
         .mode()
         & 0o777;
     assert_eq!(mode, 0o660);
-    // A second daemon on the same path replaces the stale socket (as after a crash).
-    let stale = d.socket.clone();
+    // A socket nobody listens on any more (as after a crash) is replaced.
+    let stale = d.dir.path().join("stale.sock");
+    drop(std::os::unix::net::UnixListener::bind(&stale).expect("bind"));
+    assert!(stale.exists(), "a closed listener leaves its file behind");
+    let path = stale.clone();
     let _again = daemon(&ca, ServerBehaviour::default(), move |c| {
-        c.admin.socket = Some(stale)
+        c.admin.socket = Some(path)
     })
     .await;
-    assert_eq!(ctl_json(&d.socket, &["stats"]).await["transactions"], 0);
+    assert_eq!(ctl_json(&stale, &["stats"]).await["transactions"], 0);
 
     let file = d.dir.path().join("not-a-socket");
     std::fs::write(&file, "data").expect("write");
@@ -351,6 +404,31 @@ async fn the_socket_is_0660_a_stale_one_is_replaced_and_a_plain_file_is_refused(
     let err = proxy.start_admin().await.expect_err("refused");
     assert!(err.to_string().contains("is not a socket"), "{err}");
     assert_eq!(std::fs::read_to_string(&file).expect("kept"), "data");
+}
+
+#[cfg(unix)]
+#[tokio::test]
+async fn a_second_daemon_does_not_take_the_socket_of_a_running_one() {
+    let ca = TestCa::new();
+    let first = daemon(&ca, ServerBehaviour::default(), |_| {}).await;
+    send(first.smtp).await;
+
+    let mut config = Config::default();
+    config.admin.socket = Some(first.socket.clone());
+    config.tls.system_roots = false;
+    let second = Proxy::new(config).expect("proxy");
+    let err = second.start_admin().await.expect_err("refused");
+    let message = err.to_string();
+    assert!(
+        message.contains(&first.socket.display().to_string())
+            && message.contains("another running tlsrouter"),
+        "{message}"
+    );
+    assert_eq!(
+        ctl_json(&first.socket, &["stats"]).await["transactions"],
+        1,
+        "the socket still reaches the first daemon"
+    );
 }
 
 #[tokio::test]
@@ -373,11 +451,23 @@ async fn the_metrics_endpoint_serves_the_same_counters_in_prometheus_format() {
         .local_addr()
         .expect("addr")
         .port();
-    let d = daemon(&ca, ServerBehaviour::default(), move |c| {
+    let cert = ca.leaf(&["mx.example.test"], Validity::Current);
+    let d = daemon(&ca, tls(cert), move |c| {
         c.metrics.listen = Some(SocketAddr::from(([127, 0, 0, 1], port)));
     })
     .await;
-    send(d.smtp).await;
+    // One message over verified TLS; then the operator pins the host as legacy-tls, so the
+    // next message is decided from the cache and goes in plain. Both sessions stay open.
+    let _verified = deliver_in_open_session(d.smtp).await;
+    let pinned = d.proxy.outbound.cache.pin(
+        "mx.example.test",
+        None,
+        OutcomeClass::LegacyTls,
+        std::time::Duration::from_secs(3600),
+    );
+    assert_eq!(pinned.ok(), Some(1));
+    let _plain = deliver_in_open_session(d.smtp).await;
+
     let mut stream = tokio::net::TcpStream::connect(("127.0.0.1", port))
         .await
         .expect("metrics");
@@ -390,15 +480,30 @@ async fn the_metrics_endpoint_serves_the_same_counters_in_prometheus_format() {
         .await
         .expect("read");
     assert!(text.starts_with("HTTP/1.1 200 OK"), "{text}");
+    let value = |name: &str| -> f64 {
+        text.lines()
+            .find_map(|line| line.strip_prefix(name)?.strip_prefix(' '))
+            .unwrap_or_else(|| panic!("no {name} in\n{text}"))
+            .parse()
+            .expect("a number")
+    };
+    for (name, expected) in [
+        ("tlsrouter_sessions_total", 2.0),
+        ("tlsrouter_active_sessions", 2.0),
+        ("tlsrouter_transactions_total", 2.0),
+        ("tlsrouter_delivered_total{route=\"tls-verified\"}", 1.0),
+        ("tlsrouter_delivered_total{route=\"plain\"}", 1.0),
+        ("tlsrouter_fallbacks_total{class=\"legacy-tls\"}", 1.0),
+        ("tlsrouter_cache_hits_total", 1.0),
+        ("tlsrouter_cache_entries", 1.0),
+        ("tlsrouter_transaction_seconds_count", 2.0),
+        ("tlsrouter_handshake_seconds_count", 1.0),
+    ] {
+        assert_eq!(value(name), expected, "{name}");
+    }
     assert!(
-        text.contains("tlsrouter_delivered_total{route=\"plain\"} 1"),
-        "{text}"
-    );
-    assert!(text.contains("tlsrouter_transactions_total 1"), "{text}");
-    assert!(
-        text.contains("tlsrouter_handshake_seconds_bucket")
-            || text.contains("tlsrouter_transaction_seconds_bucket"),
-        "{text}"
+        !text.contains("route=\"tls-unverified\""),
+        "no unverified delivery: {text}"
     );
 }
 
@@ -439,13 +544,20 @@ fn tls(cert: CertKey) -> ServerBehaviour {
 #[tokio::test]
 async fn probe_shows_a_valid_certificate_its_chain_and_days_left() {
     let ca = TestCa::new();
-    let s = probe_one(&ca, tls(ca.leaf(&["mx.example.test"], Validity::Current))).await;
+    let cert = ca.leaf(
+        &["mx.example.test", "192.0.2.7", "2001:db8::25"],
+        Validity::Current,
+    );
+    let s = probe_one(&ca, tls(cert)).await;
     assert_eq!(s.class, Some(OutcomeClass::TlsVerified));
     assert!(s.starttls_offered && s.ehlo.contains(&"STARTTLS".to_string()));
     let t = s.tls.expect("tls");
     assert_eq!(t.version, "TLSv1.3");
     assert!(t.verified && t.problem.is_none());
-    assert_eq!(t.certificates[0].sans, vec!["mx.example.test"]);
+    assert_eq!(
+        t.certificates[0].sans,
+        ["mx.example.test", "192.0.2.7", "2001:db8::25"]
+    );
     assert!(t.certificates[0].issuer.contains("tlsrouter test CA"));
     assert!(
         (363..=365).contains(&t.certificates[0].days_left),
@@ -541,6 +653,61 @@ async fn probe_classifies_servers_that_give_no_tls() {
 }
 
 #[tokio::test]
+async fn probe_names_the_rule_each_server_gets_for_what_was_found_there() {
+    let ca = TestCa::new();
+    let rules = "rules:\n\
+        \x20 - name: old-servers\n\
+        \x20   match: { domains: [\"*\"], outcome: [legacy-tls] }\n\
+        \x20 - name: expired-certificates\n\
+        \x20   match: { domains: [\"*\"], outcome: [cert-expired] }\n\
+        \x20 - name: this-mx\n\
+        \x20   match: { domains: [\"*\"], mx: [mx.example.test] }\n\
+        \x20   verify: require\n\
+        \x20 - name: everyone\n\
+        \x20   match: { domains: [\"*\"] }\n";
+    let cases = [
+        (tls10(&ca), "old-servers"),
+        (
+            tls(ca.leaf(&["mx.example.test"], Validity::Expired)),
+            "expired-certificates",
+        ),
+        (
+            tls(ca.leaf(&["mx.example.test"], Validity::Current)),
+            "this-mx",
+        ),
+    ];
+    for (behaviour, expected) in cases {
+        let rules_dir = tempfile::tempdir().expect("dir");
+        let rules_file = rules_dir.path().join("rules.yaml");
+        std::fs::write(&rules_file, rules).expect("write");
+        let d = daemon(&ca, behaviour, move |c| c.rules_file = Some(rules_file)).await;
+        let target = ProbeTarget {
+            domain: Some("example.test".into()),
+            ..ProbeTarget::default()
+        };
+        let report = probe(&d.proxy.outbound, &d.proxy.router.rules(), &target, false).await;
+        assert_eq!(
+            report.rule.as_deref(),
+            Some("everyone"),
+            "before any server is known"
+        );
+        let server = &report.mx[0].servers[0];
+        assert_eq!(server.rule.as_deref(), Some(expected), "{server:?}");
+        let plan = server.plan.as_deref().unwrap_or("");
+        assert!(plan.contains(&format!("{expected:?}")), "{plan}");
+
+        let (code, out, err) = ctl(&d.socket, &["probe", "example.test"]).await;
+        assert_eq!(code, 0, "{err}");
+        assert!(
+            out.contains(&format!(
+                "rule:     {expected:?} for a message through this server"
+            )),
+            "{out}"
+        );
+    }
+}
+
+#[tokio::test]
 async fn probe_from_the_command_line_prints_every_step_and_json_for_scripts() {
     let ca = TestCa::new();
     let d = daemon(
@@ -604,4 +771,13 @@ async fn ctl_probe_runs_from_the_daemon_and_fills_its_cache() {
     let shown = ctl_json(&d.socket, &["cache", "show", "mx.example.test"]).await;
     assert_eq!(shown["entries"][0]["class"], "legacy-tls");
     assert_eq!(d.server.messages().len(), 0, "a probe sends no message");
+
+    let (code, out, _) = ctl(&d.socket, &["--json", "probe"]).await;
+    assert_eq!(code, 1, "nothing to probe is refused: {out}");
+    let answer: Value = serde_json::from_str(&out).expect("json");
+    assert_eq!(answer["ok"], false);
+    assert_eq!(answer["error"]["kind"], "bad-arguments");
+    let (code, _, err) = ctl(&d.socket, &["probe"]).await;
+    assert_eq!(code, 1);
+    assert!(err.contains("nothing to probe"), "{err}");
 }

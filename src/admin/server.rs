@@ -82,7 +82,7 @@ pub async fn handle(proxy: &Proxy, request: Request) -> Response {
                 recipient_domain: &domain,
                 sender_domain: sender_domain.as_deref(),
                 mx: mx.as_deref(),
-                outcome,
+                outcome: outcome.as_slice(),
             };
             let (rule, text) = explain(&proxy.router.rules(), &question);
             Response::ok(json!({ "rule": rule, "explanation": text }))
@@ -93,6 +93,9 @@ pub async fn handle(proxy: &Proxy, request: Request) -> Response {
         }
         Request::Sessions {} => Response::ok(json!({ "sessions": proxy.sessions.list() })),
         Request::Probe(target) => {
+            if let Some(missing) = target.missing() {
+                return Response::error(ErrorKind::BadArguments, missing);
+            }
             let report = probe(&proxy.outbound, &proxy.router.rules(), &target, true).await;
             Response::ok(json!(report))
         }
@@ -170,8 +173,9 @@ async fn send(
     write.write_all(text.as_bytes()).await
 }
 
-/// Creates the socket: a stale socket from a crashed run is replaced, any other file at the
-/// path is refused; the mode is set (0660 by default) and the group, if one is configured.
+/// Creates the socket: a stale socket from a crashed run is replaced, a socket a running
+/// daemon answers on and any other file at the path are refused; the mode is set (0660 by
+/// default) and the group, if one is configured.
 #[cfg(unix)]
 pub fn bind(
     path: &Path,
@@ -179,17 +183,31 @@ pub fn bind(
     group: Option<u32>,
 ) -> std::io::Result<tokio::net::UnixListener> {
     use std::os::unix::fs::{FileTypeExt, PermissionsExt};
+    let in_the_way = |why: &str| {
+        std::io::Error::new(
+            std::io::ErrorKind::AlreadyExists,
+            format!("{} {why}; not replacing it", path.display()),
+        )
+    };
     match std::fs::symlink_metadata(path) {
-        Ok(meta) if meta.file_type().is_socket() => std::fs::remove_file(path)?,
-        Ok(_) => {
-            return Err(std::io::Error::new(
-                std::io::ErrorKind::AlreadyExists,
-                format!(
-                    "{} exists and is not a socket; not replacing it",
-                    path.display()
-                ),
-            ));
+        Ok(meta) if meta.file_type().is_socket() => {
+            // Only a socket nobody listens on is stale; anything else (a live daemon, a
+            // socket we may not even connect to) is left to whoever owns it.
+            match std::os::unix::net::UnixStream::connect(path) {
+                Ok(_) => {
+                    return Err(in_the_way("is answered by another running tlsrouter"));
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused => {
+                    std::fs::remove_file(path)?;
+                }
+                Err(e) => {
+                    return Err(in_the_way(&format!(
+                        "is a socket that cannot be checked ({e})"
+                    )));
+                }
+            }
         }
+        Ok(_) => return Err(in_the_way("exists and is not a socket")),
         Err(_) => {}
     }
     if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {

@@ -12,7 +12,9 @@ pub struct Question<'a> {
     pub recipient_domain: &'a str,
     pub sender_domain: Option<&'a str>,
     pub mx: Option<&'a str>,
-    pub outcome: Option<OutcomeClass>,
+    /// The host's outcome class, then its certificate's class when it did not verify
+    /// (as [`crate::cache::CacheEntry::classes`]); empty when nothing is known.
+    pub outcome: &'a [OutcomeClass],
 }
 
 /// The rule that decides, and a description of the plan.
@@ -23,10 +25,7 @@ pub fn explain(rules: &RuleSet, q: &Question<'_>) -> (String, String) {
         .conditional
         .iter()
         .map(|&i| rules.rule(Some(i)))
-        .find(|r| {
-            r.conditions
-                .host_matches(q.mx.unwrap_or(""), q.outcome.as_slice())
-        })
+        .find(|r| r.conditions.host_matches(q.mx.unwrap_or(""), q.outcome))
         .unwrap_or(base);
     let mut out = String::new();
     let at = if rule.line > 0 {
@@ -37,8 +36,14 @@ pub fn explain(rules: &RuleSet, q: &Question<'_>) -> (String, String) {
     let _ = writeln!(out, "rule:        {:?} ({at})", rule.name);
     let _ = writeln!(out, "next hop:    {}", next_hop(base, q.recipient_domain));
     describe_policy(&mut out, rule);
-    if let Some(class) = q.outcome {
-        let _ = writeln!(out, "with cached: {class}: {}", with_cached(rule, class));
+    if let Some(&class) = q.outcome.first() {
+        let names: Vec<&str> = q.outcome.iter().map(|c| c.name()).collect();
+        let _ = writeln!(
+            out,
+            "with cached: {}: {}",
+            names.join(" + "),
+            with_cached(rule, class)
+        );
     }
     let hosted: Vec<&str> = selection
         .conditional
