@@ -333,6 +333,49 @@ async fn stats_and_sessions_count_what_happened() {
 }
 
 #[tokio::test]
+async fn a_host_pinned_as_lacking_starttls_gets_no_starttls_and_a_tls_rule_defers_its_mail() {
+    let ca = TestCa::new();
+    let rules = tempfile::tempdir().expect("dir");
+    let rules_file = rules.path().join("rules.yaml");
+    let text = "rules:
+  - name: secure
+    match: { senders: [secure.test] }
+    tls: require
+  - name: default
+    match: { domains: [\"*\"] }
+";
+    std::fs::write(&rules_file, text).expect("rules");
+    let cert = ca.leaf(&["mx.example.test"], Validity::Current);
+    let d = daemon(&ca, tls(cert), |c| c.rules_file = Some(rules_file)).await;
+    send(d.smtp).await;
+    assert!(d.server.messages()[0].tls.is_some(), "over TLS at first");
+
+    ctl_json(
+        &d.socket,
+        &["cache", "pin", "mx.example.test", "no-starttls", "--ttl", "1h"],
+    )
+    .await;
+    send(d.smtp).await;
+    assert!(
+        d.server.messages()[1].tls.is_none(),
+        "the operator's pin decides: no STARTTLS"
+    );
+
+    let (mut client, _) = SmtpClient::connect(d.smtp).await;
+    client.cmd("EHLO mta").await;
+    client.cmd("MAIL FROM:<a@secure.test>").await;
+    let rcpt = client.cmd("RCPT TO:<b@example.test>").await;
+    assert_eq!(rcpt.code, 451, "{rcpt:?}");
+    assert_eq!(rcpt.enhanced().as_deref(), Some("4.7.5"), "{rcpt:?}");
+    client.cmd("RSET").await;
+
+    assert_eq!(d.server.messages().len(), 2, "nothing went in plain");
+    let stats = ctl_json(&d.socket, &["stats"]).await;
+    assert_eq!(stats["deferrals"], 1, "{stats}");
+    assert_eq!(stats["cache_hits"], 2, "{stats}");
+}
+
+#[tokio::test]
 async fn bad_requests_get_structured_errors_and_the_socket_stays_up() {
     let ca = TestCa::new();
     let d = daemon(&ca, ServerBehaviour::default(), |_| {}).await;
