@@ -291,6 +291,10 @@ fn ctl(socket: &std::path::Path, json: bool, command: CtlCommand) -> ExitCode {
 }
 
 fn probe_standalone(path: Option<PathBuf>, target: ProbeTarget, json: bool) -> ExitCode {
+    if let Some(missing) = target.missing() {
+        eprintln!("tlsrouter probe: {missing}");
+        return ExitCode::from(2);
+    }
     let config = match path
         .as_deref()
         .map(Config::load)
@@ -442,6 +446,7 @@ async fn serve(config: Config) -> ExitCode {
     tokio::spawn(proxy.clone().save_cache_periodically());
     tlsrouter::inbound::listener::run(listener, proxy.clone(), shutdown_signal()).await;
     proxy.save_cache();
+    proxy.remove_admin_socket();
     tracing::info!("tlsrouter stopped");
     ExitCode::SUCCESS
 }

@@ -174,6 +174,16 @@ impl Proxy {
     }
 }
 
+impl Proxy {
+    /// At a clean stop: a socket left behind would look like a crashed daemon's.
+    pub fn remove_admin_socket(&self) {
+        #[cfg(unix)]
+        if let Some(path) = &self.config.admin.socket {
+            let _ = std::fs::remove_file(path);
+        }
+    }
+}
+
 /// A group given by number, or by name from /etc/group.
 #[cfg(unix)]
 fn group_id(group: &str) -> anyhow::Result<u32> {

@@ -352,7 +352,14 @@ async fn a_host_pinned_as_lacking_starttls_gets_no_starttls_and_a_tls_rule_defer
 
     ctl_json(
         &d.socket,
-        &["cache", "pin", "mx.example.test", "no-starttls", "--ttl", "1h"],
+        &[
+            "cache",
+            "pin",
+            "mx.example.test",
+            "no-starttls",
+            "--ttl",
+            "1h",
+        ],
     )
     .await;
     send(d.smtp).await;
@@ -777,6 +784,9 @@ async fn probe_from_the_command_line_prints_every_step_and_json_for_scripts() {
         a.extend(extra.iter().map(|s| s.to_string()));
         a
     };
+    let (code, _, err) = tlsrouter(vec!["probe".into()]).await;
+    assert_eq!(code, 2, "nothing to probe is a usage error: {err}");
+    assert!(err.contains("nothing to probe"), "{err}");
     let (code, out, err) = tlsrouter(args(&[])).await;
     assert_eq!(code, 0, "{err}");
     for line in [

@@ -244,6 +244,10 @@ async fn sigterm_stops_the_daemon_cleanly_and_saves_the_cache() {
 
     let status = daemon.exit_status();
     assert!(status.success(), "{status:?}");
+    assert!(
+        !daemon.admin_socket.exists(),
+        "a clean stop removes the admin socket"
+    );
     let saved: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(&cache).expect("cache saved")).expect("json");
     assert_eq!(saved["version"], 1);
