@@ -212,8 +212,8 @@ fn normalize_name(name: &str) -> Cow<'_, str> {
 pub struct CacheEntry {
     pub host: String,
     pub addr: IpAddr,
-    /// Recipient domains seen for this host: sorted, deduplicated, at most [`MAX_DOMAINS`]
-    /// (the first ones seen; later ones are not recorded once full).
+    /// Recipient domains seen for this host, the latest last, at most [`MAX_DOMAINS`]: on
+    /// an MX shared by many domains the one an admin looks up after a failure is there.
     pub domains: Vec<String>,
     pub class: OutcomeClass,
     /// Human text: the alert, io error or certificate problem.
@@ -282,11 +282,7 @@ impl CacheEntry {
 
     /// Whether `name` (normalised) is this entry's host or one of its recipient domains.
     fn matches(&self, name: &str) -> bool {
-        self.host == name
-            || self
-                .domains
-                .binary_search_by(|d| d.as_str().cmp(name))
-                .is_ok()
+        self.host == name || self.domains.iter().any(|d| d == name)
     }
 
     fn add_domain(&mut self, domain: &str) {
@@ -294,12 +290,12 @@ impl CacheEntry {
         if domain.is_empty() {
             return;
         }
-        if self.domains.len() >= MAX_DOMAINS {
-            return;
+        if let Some(seen) = self.domains.iter().position(|d| *d == domain) {
+            self.domains.remove(seen);
+        } else if self.domains.len() >= MAX_DOMAINS {
+            self.domains.remove(0);
         }
-        if let Err(at) = self.domains.binary_search_by(|d| d.as_str().cmp(&domain)) {
-            self.domains.insert(at, domain.into_owned());
-        }
+        self.domains.push(domain.into_owned());
     }
 
     /// Until when the entry is worth keeping: its own expiry, or longer while it still
@@ -935,7 +931,7 @@ mod tests {
     }
 
     #[test]
-    fn domains_are_merged_sorted_and_bounded() {
+    fn domains_are_kept_latest_last_and_bounded() {
         let (cache, _) = new_cache();
         for domain in ["b.example", "A.example.", "b.example", ""] {
             cache.record("mx.example.net", ip(1), domain, verified());
@@ -951,13 +947,16 @@ mod tests {
                 verified(),
             );
         }
+        cache.record("mx.example.net", ip(1), "d30.example", verified());
         let entry = cache.get("mx.example.net", ip(1)).expect("cached");
         assert_eq!(entry.domains.len(), MAX_DOMAINS);
-        assert!(entry.domains.is_sorted());
-        assert!(
-            entry.domains.contains(&"a.example".to_string()),
-            "first seen kept"
+        assert_eq!(entry.domains[0], "d24.example", "the oldest went first");
+        assert_eq!(
+            entry.domains[MAX_DOMAINS - 1],
+            "d30.example",
+            "seen again: latest"
         );
+        assert!(entry.matches("d39.example") && !entry.matches("a.example"));
     }
 
     #[test]
