@@ -18,8 +18,10 @@ use crate::smtp::reply::{ReplyBuilder, ReplyError};
 /// Reply lines longer than this are not SMTP (RFC 5321 allows 512).
 const REPLY_LINE_LIMIT: usize = 4096;
 
-/// How long bytes the kernel already holds may take to be read (and under TLS, decrypted).
-const WAITING_RECORD: Duration = Duration::from_secs(1);
+/// How long bytes the kernel already holds may take to be read (and under TLS, decrypted):
+/// a moment, since they are there. Only a record with no data in it (a session ticket that
+/// came between two commands) makes this wait run out.
+const WAITING_RECORD: Duration = Duration::from_millis(250);
 
 /// Why a remote exchange did not produce a reply.
 #[derive(Debug, thiserror::Error)]
