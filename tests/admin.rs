@@ -458,6 +458,26 @@ async fn the_socket_is_0660_a_stale_one_is_replaced_and_a_plain_file_is_refused(
 
 #[cfg(unix)]
 #[tokio::test]
+async fn the_socket_gets_the_configured_group_for_admins_who_are_not_root() {
+    use std::os::unix::fs::MetadataExt;
+    let me = std::fs::metadata("/proc/self").expect("/proc/self");
+    if me.uid() != 0 {
+        eprintln!("skipped: only root may give the socket to another group");
+        return;
+    }
+    // A group the test process is not in, so the socket can only have it from the setting.
+    let group = if me.gid() == 4242 { 4243 } else { 4242 };
+    let ca = TestCa::new();
+    let d = daemon(&ca, ServerBehaviour::default(), |c| {
+        c.admin.group = Some(group.to_string())
+    })
+    .await;
+    assert_eq!(std::fs::metadata(&d.socket).expect("socket").gid(), group);
+    assert_eq!(ctl_json(&d.socket, &["stats"]).await["transactions"], 0);
+}
+
+#[cfg(unix)]
+#[tokio::test]
 async fn a_second_daemon_does_not_take_the_socket_of_a_running_one() {
     let ca = TestCa::new();
     let first = daemon(&ca, ServerBehaviour::default(), |_| {}).await;
