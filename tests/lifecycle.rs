@@ -1,5 +1,5 @@
-//! Starting and stopping: a bad configuration stops the start, SIGTERM drains the sessions
-//! and saves the cache, limits on sessions hold.
+//! Starting and stopping: a bad configuration stops the start, SIGTERM and SIGINT drain the
+//! sessions and save the cache, limits on sessions hold.
 
 mod support;
 
@@ -274,4 +274,25 @@ async fn a_second_sigterm_exits_at_once_while_a_transaction_holds_the_drain() {
         Some(1),
         "exited at once, not after the 10 minute drain"
     );
+}
+
+#[cfg(unix)]
+#[tokio::test(flavor = "multi_thread")]
+async fn sigint_stops_the_daemon_cleanly_like_sigterm() {
+    let dir = tempfile::tempdir().expect("dir");
+    let cache = dir.path().join("cache.json");
+    let config = format!("{NO_REMOTES}cache: {{ file: \"{}\" }}\n", cache.display());
+    let mut daemon = Daemon::start(dir.path(), &config, &[]).await;
+
+    daemon.signal("INT");
+
+    // Without a handler SIGINT would kill the daemon (or, ignored, leave it running).
+    daemon.wait_for_log("tlsrouter stopped").await;
+    let status = daemon.exit_status();
+    assert!(status.success(), "{status:?}");
+    assert!(
+        !daemon.admin_socket.exists(),
+        "a clean stop removes the admin socket"
+    );
+    assert!(cache.exists(), "the cache is saved");
 }
