@@ -835,6 +835,80 @@ async fn probe_from_the_command_line_prints_every_step_and_json_for_scripts() {
 }
 
 #[tokio::test]
+async fn probe_mx_checks_one_server_on_the_given_port_without_a_domain_and_no_tls_stops_after_ehlo()
+{
+    let ca = TestCa::new();
+    let server = SmtpServer::start(
+        LOCALHOST,
+        0,
+        tls(ca.leaf(&["mail.partner.test"], Validity::Current)),
+    )
+    .await
+    .expect("smtp");
+    // The server's name resolves, but no domain has it as MX.
+    let dns = DnsServer::start(TestZone::new().a("mail.partner.test", Ipv4Addr::LOCALHOST)).await;
+    let dir = tempfile::tempdir().expect("dir");
+    let config = dir.path().join("probe.yaml");
+    // No delivery port: only --port leads to the server.
+    let yaml = format!(
+        "resolver: {{ nameservers: [\"{}\"] }}\ntls: {{ ca_file: \"{}\", system_roots: false }}\nadmin: {{ socket: null }}\n",
+        dns.addr,
+        ca.write_ca_file(dir.path()).display()
+    );
+    std::fs::write(&config, yaml).expect("config");
+    let port = server.addr().port().to_string();
+    let probe_json = |extra: &[&str]| {
+        let mut args: Vec<String> = [
+            "probe",
+            "--mx",
+            "mail.partner.test",
+            "--port",
+            &port,
+            "--json",
+            "--config",
+        ]
+        .iter()
+        .map(|a| a.to_string())
+        .collect();
+        args.push(config.display().to_string());
+        args.extend(extra.iter().map(|a| a.to_string()));
+        args
+    };
+
+    let (code, out, err) = tlsrouter(probe_json(&[])).await;
+    assert_eq!(code, 0, "{err}");
+    let report: Value = serde_json::from_str(&out).expect("json");
+    assert_eq!(report["domain"], Value::Null, "{report}");
+    assert_eq!(report["mx"].as_array().map(Vec::len), Some(1), "{report}");
+    assert_eq!(report["mx"][0]["host"], "mail.partner.test");
+    let s = &report["mx"][0]["servers"][0];
+    assert_eq!(s["addr"], format!("127.0.0.1:{port}"), "{s}");
+    assert_eq!(s["class"], "tls-verified", "{s}");
+    assert_eq!(s["tls"]["version"], "TLSv1.3", "{s}");
+    assert_eq!(server.tls_handshakes_attempted(), 1);
+
+    let (code, out, err) = tlsrouter(probe_json(&["--no-tls"])).await;
+    assert_eq!(code, 0, "{err}");
+    let report: Value = serde_json::from_str(&out).expect("json");
+    let s = &report["mx"][0]["servers"][0];
+    assert!(
+        s["banner"].as_str().is_some_and(|b| b.contains("220")),
+        "{s}"
+    );
+    assert_eq!(s["starttls_offered"], true, "EHLO was read: {s}");
+    assert_eq!(s["tls"], Value::Null, "{s}");
+    assert_eq!(s["class"], Value::Null, "{s}");
+    let steps: Vec<&str> = s["timings_ms"]
+        .as_array()
+        .expect("timings")
+        .iter()
+        .filter_map(|t| t[0].as_str())
+        .collect();
+    assert_eq!(steps.last(), Some(&"ehlo"), "{s}");
+    assert_eq!(server.tls_handshakes_attempted(), 1, "no second handshake");
+}
+
+#[tokio::test]
 async fn ctl_probe_runs_from_the_daemon_and_fills_its_cache() {
     let ca = TestCa::new();
     let d = daemon(&ca, tls10(&ca), |_| {}).await;
