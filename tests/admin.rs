@@ -203,6 +203,48 @@ async fn an_admin_lists_shows_pins_and_flushes_the_cache_with_ctl() {
 }
 
 #[tokio::test]
+async fn cache_list_for_a_domain_shows_only_the_hosts_that_served_it() {
+    let ca = TestCa::new();
+    // Two recipient domains, each with its own MX host on the same test server.
+    let zone = TestZone::new()
+        .mx("example.test", 10, "mx.example.test")
+        .a("mx.example.test", Ipv4Addr::LOCALHOST)
+        .mx("other.test", 10, "mx.other.test")
+        .a("mx.other.test", Ipv4Addr::LOCALHOST);
+    let dns = DnsServer::start(zone).await;
+    let d = daemon(&ca, tls10(&ca), |c| c.resolver.nameservers = vec![dns.addr]).await;
+    for rcpt in ["b@example.test", "b@other.test"] {
+        let (mut client, _) = SmtpClient::connect(d.smtp).await;
+        client.cmd("EHLO mta").await;
+        client.cmd("MAIL FROM:<a@sender.test>").await;
+        assert_eq!(client.cmd(&format!("RCPT TO:<{rcpt}>")).await.code, 250);
+        assert_eq!(client.data(BODY).await.code, 250);
+        client.cmd("QUIT").await;
+    }
+    let hosts = |listed: &Value| -> Vec<String> {
+        listed["entries"]
+            .as_array()
+            .unwrap_or_else(|| panic!("no entries in {listed}"))
+            .iter()
+            .map(|e| e["host"].as_str().unwrap_or_default().to_string())
+            .collect()
+    };
+    let all = ctl_json(&d.socket, &["cache", "list"]).await;
+    assert_eq!(hosts(&all), ["mx.example.test", "mx.other.test"]);
+
+    let other = ctl_json(&d.socket, &["cache", "list", "--domain", "other.test"]).await;
+    assert_eq!(hosts(&other), ["mx.other.test"]);
+    let example = ctl_json(&d.socket, &["cache", "list", "--domain", "Example.Test"]).await;
+    assert_eq!(hosts(&example), ["mx.example.test"]);
+    let (code, table, err) = ctl(&d.socket, &["cache", "list", "--domain", "other.test"]).await;
+    assert_eq!(code, 0, "{err}");
+    assert!(
+        table.contains("mx.other.test") && !table.contains("mx.example.test"),
+        "{table}"
+    );
+}
+
+#[tokio::test]
 async fn a_delivery_over_tls_caches_the_certificate_subject_and_expiry() {
     let ca = TestCa::new();
     let cert = ca.leaf(&["mx.example.test"], Validity::Current);
