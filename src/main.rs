@@ -441,10 +441,13 @@ async fn serve(config: Config) -> ExitCode {
             .watch_rule_file(std::time::Duration::from_secs(2)),
     );
     spawn_reload_on_sighup(proxy.clone());
+    // Caught from here on: a SIGTERM or SIGINT right after the line below stops the daemon
+    // cleanly instead of killing it.
+    let signals = Termination::new();
     let bound = listener.local_addr().map_or(listen, |a| a);
     tracing::info!(listen = %bound, "tlsrouter listening");
     tokio::spawn(proxy.clone().save_cache_periodically());
-    tlsrouter::inbound::listener::run(listener, proxy.clone(), shutdown_signal()).await;
+    tlsrouter::inbound::listener::run(listener, proxy.clone(), shutdown_signal(signals)).await;
     proxy.save_cache();
     proxy.remove_admin_socket();
     tracing::info!("tlsrouter stopped");
@@ -470,8 +473,7 @@ fn spawn_reload_on_sighup(proxy: std::sync::Arc<Proxy>) {
 
 /// Resolves at the first SIGTERM or SIGINT; a second one exits at once. The same signal
 /// streams serve both, so a second signal cannot fall between two registrations.
-async fn shutdown_signal() {
-    let mut signals = Termination::new();
+async fn shutdown_signal(mut signals: Termination) {
     signals.recv().await;
     tracing::info!("shutting down: draining sessions (signal again to exit at once)");
     tokio::spawn(async move {
@@ -481,25 +483,32 @@ async fn shutdown_signal() {
     });
 }
 
+/// SIGTERM and SIGINT, registered when made (Ctrl-C elsewhere).
 struct Termination {
     #[cfg(unix)]
-    term: Option<tokio::signal::unix::Signal>,
+    streams: Option<(tokio::signal::unix::Signal, tokio::signal::unix::Signal)>,
 }
 
 impl Termination {
     fn new() -> Termination {
-        Termination {
-            #[cfg(unix)]
-            term: tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok(),
+        #[cfg(unix)]
+        {
+            use tokio::signal::unix::{SignalKind, signal};
+            let streams = signal(SignalKind::terminate())
+                .and_then(|term| Ok((term, signal(SignalKind::interrupt())?)))
+                .ok();
+            Termination { streams }
         }
+        #[cfg(not(unix))]
+        Termination {}
     }
 
     async fn recv(&mut self) {
         #[cfg(unix)]
-        if let Some(term) = &mut self.term {
+        if let Some((term, interrupt)) = &mut self.streams {
             tokio::select! {
                 _ = term.recv() => {}
-                _ = tokio::signal::ctrl_c() => {}
+                _ = interrupt.recv() => {}
             }
             return;
         }

@@ -203,6 +203,48 @@ async fn an_admin_lists_shows_pins_and_flushes_the_cache_with_ctl() {
 }
 
 #[tokio::test]
+async fn cache_list_for_a_domain_shows_only_the_hosts_that_served_it() {
+    let ca = TestCa::new();
+    // Two recipient domains, each with its own MX host on the same test server.
+    let zone = TestZone::new()
+        .mx("example.test", 10, "mx.example.test")
+        .a("mx.example.test", Ipv4Addr::LOCALHOST)
+        .mx("other.test", 10, "mx.other.test")
+        .a("mx.other.test", Ipv4Addr::LOCALHOST);
+    let dns = DnsServer::start(zone).await;
+    let d = daemon(&ca, tls10(&ca), |c| c.resolver.nameservers = vec![dns.addr]).await;
+    for rcpt in ["b@example.test", "b@other.test"] {
+        let (mut client, _) = SmtpClient::connect(d.smtp).await;
+        client.cmd("EHLO mta").await;
+        client.cmd("MAIL FROM:<a@sender.test>").await;
+        assert_eq!(client.cmd(&format!("RCPT TO:<{rcpt}>")).await.code, 250);
+        assert_eq!(client.data(BODY).await.code, 250);
+        client.cmd("QUIT").await;
+    }
+    let hosts = |listed: &Value| -> Vec<String> {
+        listed["entries"]
+            .as_array()
+            .unwrap_or_else(|| panic!("no entries in {listed}"))
+            .iter()
+            .map(|e| e["host"].as_str().unwrap_or_default().to_string())
+            .collect()
+    };
+    let all = ctl_json(&d.socket, &["cache", "list"]).await;
+    assert_eq!(hosts(&all), ["mx.example.test", "mx.other.test"]);
+
+    let other = ctl_json(&d.socket, &["cache", "list", "--domain", "other.test"]).await;
+    assert_eq!(hosts(&other), ["mx.other.test"]);
+    let example = ctl_json(&d.socket, &["cache", "list", "--domain", "Example.Test"]).await;
+    assert_eq!(hosts(&example), ["mx.example.test"]);
+    let (code, table, err) = ctl(&d.socket, &["cache", "list", "--domain", "other.test"]).await;
+    assert_eq!(code, 0, "{err}");
+    assert!(
+        table.contains("mx.other.test") && !table.contains("mx.example.test"),
+        "{table}"
+    );
+}
+
+#[tokio::test]
 async fn a_delivery_over_tls_caches_the_certificate_subject_and_expiry() {
     let ca = TestCa::new();
     let cert = ca.leaf(&["mx.example.test"], Validity::Current);
@@ -454,6 +496,26 @@ async fn the_socket_is_0660_a_stale_one_is_replaced_and_a_plain_file_is_refused(
     let err = proxy.start_admin().await.expect_err("refused");
     assert!(err.to_string().contains("is not a socket"), "{err}");
     assert_eq!(std::fs::read_to_string(&file).expect("kept"), "data");
+}
+
+#[cfg(unix)]
+#[tokio::test]
+async fn the_socket_gets_the_configured_group_for_admins_who_are_not_root() {
+    use std::os::unix::fs::MetadataExt;
+    let me = std::fs::metadata("/proc/self").expect("/proc/self");
+    if me.uid() != 0 {
+        eprintln!("skipped: only root may give the socket to another group");
+        return;
+    }
+    // A group the test process is not in, so the socket can only have it from the setting.
+    let group = if me.gid() == 4242 { 4243 } else { 4242 };
+    let ca = TestCa::new();
+    let d = daemon(&ca, ServerBehaviour::default(), |c| {
+        c.admin.group = Some(group.to_string())
+    })
+    .await;
+    assert_eq!(std::fs::metadata(&d.socket).expect("socket").gid(), group);
+    assert_eq!(ctl_json(&d.socket, &["stats"]).await["transactions"], 0);
 }
 
 #[cfg(unix)]
@@ -812,6 +874,80 @@ async fn probe_from_the_command_line_prints_every_step_and_json_for_scripts() {
         out.contains("STARTTLS offered") && !out.contains("tls:      TLS"),
         "{out}"
     );
+}
+
+#[tokio::test]
+async fn probe_mx_checks_one_server_on_the_given_port_without_a_domain_and_no_tls_stops_after_ehlo()
+{
+    let ca = TestCa::new();
+    let server = SmtpServer::start(
+        LOCALHOST,
+        0,
+        tls(ca.leaf(&["mail.partner.test"], Validity::Current)),
+    )
+    .await
+    .expect("smtp");
+    // The server's name resolves, but no domain has it as MX.
+    let dns = DnsServer::start(TestZone::new().a("mail.partner.test", Ipv4Addr::LOCALHOST)).await;
+    let dir = tempfile::tempdir().expect("dir");
+    let config = dir.path().join("probe.yaml");
+    // No delivery port: only --port leads to the server.
+    let yaml = format!(
+        "resolver: {{ nameservers: [\"{}\"] }}\ntls: {{ ca_file: \"{}\", system_roots: false }}\nadmin: {{ socket: null }}\n",
+        dns.addr,
+        ca.write_ca_file(dir.path()).display()
+    );
+    std::fs::write(&config, yaml).expect("config");
+    let port = server.addr().port().to_string();
+    let probe_json = |extra: &[&str]| {
+        let mut args: Vec<String> = [
+            "probe",
+            "--mx",
+            "mail.partner.test",
+            "--port",
+            &port,
+            "--json",
+            "--config",
+        ]
+        .iter()
+        .map(|a| a.to_string())
+        .collect();
+        args.push(config.display().to_string());
+        args.extend(extra.iter().map(|a| a.to_string()));
+        args
+    };
+
+    let (code, out, err) = tlsrouter(probe_json(&[])).await;
+    assert_eq!(code, 0, "{err}");
+    let report: Value = serde_json::from_str(&out).expect("json");
+    assert_eq!(report["domain"], Value::Null, "{report}");
+    assert_eq!(report["mx"].as_array().map(Vec::len), Some(1), "{report}");
+    assert_eq!(report["mx"][0]["host"], "mail.partner.test");
+    let s = &report["mx"][0]["servers"][0];
+    assert_eq!(s["addr"], format!("127.0.0.1:{port}"), "{s}");
+    assert_eq!(s["class"], "tls-verified", "{s}");
+    assert_eq!(s["tls"]["version"], "TLSv1.3", "{s}");
+    assert_eq!(server.tls_handshakes_attempted(), 1);
+
+    let (code, out, err) = tlsrouter(probe_json(&["--no-tls"])).await;
+    assert_eq!(code, 0, "{err}");
+    let report: Value = serde_json::from_str(&out).expect("json");
+    let s = &report["mx"][0]["servers"][0];
+    assert!(
+        s["banner"].as_str().is_some_and(|b| b.contains("220")),
+        "{s}"
+    );
+    assert_eq!(s["starttls_offered"], true, "EHLO was read: {s}");
+    assert_eq!(s["tls"], Value::Null, "{s}");
+    assert_eq!(s["class"], Value::Null, "{s}");
+    let steps: Vec<&str> = s["timings_ms"]
+        .as_array()
+        .expect("timings")
+        .iter()
+        .filter_map(|t| t[0].as_str())
+        .collect();
+    assert_eq!(steps.last(), Some(&"ehlo"), "{s}");
+    assert_eq!(server.tls_handshakes_attempted(), 1, "no second handshake");
 }
 
 #[tokio::test]

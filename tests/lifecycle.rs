@@ -1,17 +1,17 @@
-//! Starting and stopping: a bad configuration stops the start, SIGTERM drains the sessions
-//! and saves the cache, limits on sessions hold.
+//! Starting and stopping: a bad configuration stops the start, SIGTERM and SIGINT drain the
+//! sessions and save the cache (which is saved periodically too), limits on sessions hold.
 
 mod support;
 
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::time::Duration;
 
-use support::daemon::Daemon;
+use support::daemon::{Daemon, lab_config};
 use support::dns::{DnsServer, TestZone};
-use support::pki::TestCa;
+use support::pki::{TestCa, Validity};
 use support::proxy::test_config;
 use support::smtp_client::SmtpClient;
-use support::smtp_server::{ServerBehaviour, SmtpServer};
+use support::smtp_server::{ServerBehaviour, SmtpServer, StartTls};
 use tlsrouter::Proxy;
 use tlsrouter::config::Config;
 use tokio::sync::oneshot;
@@ -274,4 +274,132 @@ async fn a_second_sigterm_exits_at_once_while_a_transaction_holds_the_drain() {
         Some(1),
         "exited at once, not after the 10 minute drain"
     );
+}
+
+#[cfg(unix)]
+#[tokio::test(flavor = "multi_thread")]
+async fn sigint_stops_the_daemon_cleanly_like_sigterm() {
+    let dir = tempfile::tempdir().expect("dir");
+    let cache = dir.path().join("cache.json");
+    let config = format!("{NO_REMOTES}cache: {{ file: \"{}\" }}\n", cache.display());
+    let mut daemon = Daemon::start(dir.path(), &config, &[]).await;
+
+    daemon.signal("INT");
+
+    // Without a handler SIGINT would kill the daemon (or, ignored, leave it running).
+    daemon.wait_for_log("tlsrouter stopped").await;
+    let status = daemon.exit_status();
+    assert!(status.success(), "{status:?}");
+    assert!(
+        !daemon.admin_socket.exists(),
+        "a clean stop removes the admin socket"
+    );
+    assert!(cache.exists(), "the cache is saved");
+}
+
+/// A DNS server giving example.test an MX on loopback, and that MX, offering STARTTLS with
+/// a certificate from `ca`.
+async fn one_remote(ca: &TestCa) -> (DnsServer, SmtpServer) {
+    let cert = ca.leaf(&["mx.example.test"], Validity::Current);
+    let behaviour = ServerBehaviour {
+        starttls: StartTls::Rustls(cert),
+        ..ServerBehaviour::default()
+    };
+    let server = SmtpServer::start(IpAddr::V4(Ipv4Addr::LOCALHOST), 0, behaviour)
+        .await
+        .expect("smtp");
+    let zone = TestZone::new()
+        .mx("example.test", 10, "mx.example.test")
+        .a("mx.example.test", Ipv4Addr::LOCALHOST);
+    (DnsServer::start(zone).await, server)
+}
+
+/// The daemon's settings toward `dns` and `server`, with its cache in `cache.json` under
+/// `dir`, saved every `save_interval`, and debug logging (which tells of each save).
+fn cache_lab_config(
+    dir: &std::path::Path,
+    ca: &TestCa,
+    dns: &DnsServer,
+    server: &SmtpServer,
+    save_interval: &str,
+) -> String {
+    let rules = dir.join("rules.yaml");
+    std::fs::write(&rules, "rules:\n  - name: default\n").expect("rules");
+    let ca_file = ca.write_ca_file(dir);
+    format!(
+        "{}cache: {{ file: \"{}\", save_interval: {save_interval} }}\nlog: {{ level: debug }}\n",
+        lab_config(dns.addr, &ca_file, server.addr().port(), &rules),
+        dir.join("cache.json").display()
+    )
+}
+
+async fn deliver(smtp: SocketAddr) {
+    let mut client = in_transaction(smtp).await;
+    assert_eq!(client.data(BODY).await.code, 250);
+    client.cmd("QUIT").await;
+}
+
+/// The cache entry for mx.example.test as `ctl cache show` gives it.
+async fn cached_mx(daemon: &Daemon) -> serde_json::Value {
+    let shown = daemon.ctl(&["cache", "show", "mx.example.test"]).await;
+    shown["result"]["entries"][0].clone()
+}
+
+#[cfg(unix)]
+#[tokio::test(flavor = "multi_thread")]
+async fn a_running_daemon_saves_its_cache_every_save_interval_and_the_next_start_loads_it() {
+    let ca = TestCa::new();
+    let (dns, server) = one_remote(&ca).await;
+    let dir = tempfile::tempdir().expect("dir");
+    let cache = dir.path().join("cache.json");
+    let config = cache_lab_config(dir.path(), &ca, &dns, &server, "1s");
+    let mut daemon = Daemon::start(dir.path(), &config, &[]).await;
+    deliver(daemon.smtp).await;
+    assert_eq!(server.messages().len(), 1);
+
+    // Saves before the delivery had nothing to save; wait for one that has the host.
+    loop {
+        let saved = daemon.wait_for_log("entries saved to").await;
+        if saved["message"]
+            .as_str()
+            .is_some_and(|m| !m.starts_with("cache: 0 "))
+        {
+            break;
+        }
+    }
+    let text = std::fs::read_to_string(&cache).expect("cache file");
+    assert!(text.contains("mx.example.test"), "{text}");
+    // Still running: the file was written by the periodic save, not by a shutdown.
+    assert_eq!(cached_mx(&daemon).await["class"], "tls-verified");
+    // Killed, not stopped: nothing is saved on the way out.
+    drop(daemon);
+
+    let restarted = Daemon::start(dir.path(), &config, &[]).await;
+    let entry = cached_mx(&restarted).await;
+    assert_eq!(entry["class"], "tls-verified", "{entry}");
+    assert_eq!(entry["domains"][0], "example.test", "{entry}");
+}
+
+#[cfg(unix)]
+#[tokio::test(flavor = "multi_thread")]
+async fn what_the_daemon_learned_since_the_last_save_is_saved_at_sigterm_and_known_after_a_restart()
+{
+    let ca = TestCa::new();
+    let (dns, server) = one_remote(&ca).await;
+    let dir = tempfile::tempdir().expect("dir");
+    let cache = dir.path().join("cache.json");
+    // 0s: no periodic saves, so only the shutdown can write the file.
+    let config = cache_lab_config(dir.path(), &ca, &dns, &server, "0s");
+    let mut daemon = Daemon::start(dir.path(), &config, &[]).await;
+    deliver(daemon.smtp).await;
+    assert_eq!(cached_mx(&daemon).await["class"], "tls-verified");
+    assert!(!cache.exists(), "nothing saved while running");
+
+    daemon.signal("TERM");
+    assert!(daemon.exit_status().success());
+
+    let restarted = Daemon::start(dir.path(), &config, &[]).await;
+    let entry = cached_mx(&restarted).await;
+    assert_eq!(entry["class"], "tls-verified", "{entry}");
+    assert_eq!(entry["domains"][0], "example.test", "{entry}");
 }

@@ -1613,3 +1613,55 @@ fn tlsrouter_explain_names_the_exceptions_rule_for_a_listed_partner_of_the_stric
     assert!(other.contains("\"strict\""), "{other}");
     assert!(other.contains("451 4.7.5"), "{other}");
 }
+
+#[test]
+fn tlsrouter_explain_picks_the_rule_for_the_given_sender_mx_host_and_cached_outcome() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let file = dir.path().join("rules.yaml");
+    std::fs::write(
+        &file,
+        "rules:\n\
+         \x20 - name: crm-mail\n\
+         \x20   match: { senders: [crm.example] }\n\
+         \x20   tls: require\n\
+         \x20 - name: this-mx\n\
+         \x20   match: { domains: [\"*\"], mx: [mx.partner.example] }\n\
+         \x20   verify: require\n\
+         \x20 - name: old-servers\n\
+         \x20   match: { domains: [\"*\"], outcome: [legacy-tls] }\n\
+         \x20   tls: never\n\
+         \x20 - name: default\n\
+         \x20   match: { domains: [\"*\"] }\n",
+    )
+    .expect("write");
+    let rules = file.display().to_string();
+    let rule_for = |extra: &[&str]| -> String {
+        let mut args = vec!["explain", "--rules", &rules, "--rcpt", "u@partner.example"];
+        args.extend_from_slice(extra);
+        let (code, out, err) = tlsrouter(&args);
+        assert_eq!(code, 0, "{extra:?}: {err}");
+        let line = out
+            .lines()
+            .find(|l| l.starts_with("rule:"))
+            .unwrap_or_else(|| panic!("no rule line in {out}"));
+        line.split('"').nth(1).unwrap_or_default().to_string()
+    };
+
+    assert_eq!(rule_for(&[]), "default");
+    assert_eq!(rule_for(&["--sender", "news@crm.example"]), "crm-mail");
+    assert_eq!(rule_for(&["--sender", "news@other.example"]), "default");
+    assert_eq!(rule_for(&["--mx", "mx.partner.example"]), "this-mx");
+    assert_eq!(
+        rule_for(&["--mx", "MX.Partner.Example."]),
+        "this-mx",
+        "an absolute name in any case is the same host"
+    );
+    assert_eq!(rule_for(&["--mx", "mx2.partner.example"]), "default");
+    assert_eq!(rule_for(&["--outcome", "legacy-tls"]), "old-servers");
+    assert_eq!(rule_for(&["--outcome", "no-starttls"]), "default");
+    assert_eq!(
+        rule_for(&["--mx", "mx.partner.example", "--outcome", "legacy-tls"]),
+        "this-mx",
+        "the first rule that holds wins"
+    );
+}

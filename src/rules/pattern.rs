@@ -14,6 +14,8 @@ pub enum DomainPattern {
 
 impl DomainPattern {
     pub fn matches(&self, name: &str) -> bool {
+        // An absolute name (with its trailing dot) is the same name, as in patterns.
+        let name = name.strip_suffix('.').unwrap_or(name);
         match self {
             DomainPattern::Any => true,
             DomainPattern::Exact(exact) => exact.eq_ignore_ascii_case(name),
@@ -117,5 +119,68 @@ mod tests {
         assert!(!p("*.a.com").covers(&p("a.com")));
         assert!(!p("x.a.com").covers(&p("*.a.com")));
         assert!(!p("*.b.a.com").covers(&p("*.a.com")));
+    }
+
+    mod reference {
+        use super::*;
+        use proptest::prelude::*;
+
+        /// What the patterns are documented to mean, label by label: a name and a pattern
+        /// are the same without regard to ASCII case or one trailing dot; `*.suffix` takes
+        /// names with at least one label before the suffix's labels; `*` takes anything.
+        fn documented_match(pattern: &str, name: &str) -> bool {
+            fn labels(name: &str) -> Vec<String> {
+                let name = name.strip_suffix('.').unwrap_or(name);
+                name.split('.').map(|l| l.to_ascii_lowercase()).collect()
+            }
+            let name = labels(name);
+            if pattern == "*" {
+                return true;
+            }
+            match pattern.strip_prefix("*.") {
+                Some(suffix) => {
+                    let suffix = labels(suffix);
+                    name.len() > suffix.len() && name[name.len() - suffix.len()..] == suffix[..]
+                }
+                None => name == labels(pattern),
+            }
+        }
+
+        /// A name from few labels (so patterns and names often meet), in mixed case, with
+        /// or without the trailing dot of an absolute name.
+        fn name() -> impl Strategy<Value = String> {
+            let label =
+                prop::sample::select(vec!["a", "A", "b", "com", "COM", "Com", "x-y", "X-y"]);
+            (prop::collection::vec(label, 1..5), any::<bool>()).prop_map(|(labels, absolute)| {
+                let mut name = labels.join(".");
+                if absolute {
+                    name.push('.');
+                }
+                name
+            })
+        }
+
+        fn pattern_text() -> impl Strategy<Value = String> {
+            prop_oneof![
+                1 => Just("*".to_string()),
+                3 => name(),
+                3 => name().prop_map(|n| format!("*.{n}")),
+            ]
+        }
+
+        proptest! {
+            #[test]
+            fn a_pattern_matches_exactly_the_names_its_documentation_says(
+                text in pattern_text(),
+                name in name(),
+            ) {
+                let pattern = DomainPattern::try_from(text.clone()).expect("a valid pattern");
+                prop_assert_eq!(
+                    pattern.matches(&name),
+                    documented_match(&text, &name),
+                    "{:?} against {:?}", text, name
+                );
+            }
+        }
     }
 }

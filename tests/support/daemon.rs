@@ -47,15 +47,21 @@ pub fn replace_file(path: &Path, text: &str) {
 
 impl Daemon {
     /// Starts `tlsrouter run` in `dir` with `config` (YAML; listening address, admin socket
-    /// and log format are added here) and `env` added to its environment. Returns once the
-    /// daemon says it listens.
+    /// and log format are added here; a `log:` line of its own, for a level, replaces the
+    /// added one) and `env` added to its environment. Returns once the daemon says it
+    /// listens.
     pub async fn start(dir: &Path, config: &str, env: &[(&str, &str)]) -> Daemon {
         let admin_socket = dir.join("admin.sock");
         let path = dir.join("tlsrouter.yaml");
         // The file says text and the command line json: the command line wins, and every
         // daemon test reads JSON.
+        let log = if config.lines().any(|l| l.starts_with("log:")) {
+            ""
+        } else {
+            "log: { format: text }\n"
+        };
         let full = format!(
-            "{config}listen: 127.0.0.1:0\nadmin: {{ socket: \"{}\" }}\nlog: {{ format: text }}\n",
+            "{config}listen: 127.0.0.1:0\nadmin: {{ socket: \"{}\" }}\n{log}",
             admin_socket.display()
         );
         std::fs::write(&path, full).expect("write config");
