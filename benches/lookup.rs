@@ -94,18 +94,21 @@ fn rss_kib() -> u64 {
 
 const RULES: usize = 10_000;
 
-/// 10,000 rules: exact domains, `*.suffix` patterns, and a catch-all at the end.
+/// 10,000 rules: exact recipient domains, `*.suffix` patterns, sender domains (every fifth
+/// rule), and a catch-all at the end.
 fn rule_file(n: usize) -> String {
     let mut text = String::from("rules:\n");
     for i in 0..n - 1 {
-        let pattern = if i % 3 == 0 {
-            format!("\"*.corp{i}.example\"")
+        let condition = if i % 5 == 0 {
+            format!("senders: [sender{i}.example]")
+        } else if i % 3 == 0 {
+            format!("domains: [\"*.corp{i}.example\"]")
         } else {
-            format!("partner{i}.example")
+            format!("domains: [partner{i}.example]")
         };
         let tls = ["opportunistic", "require", "never"][i % 3];
         text.push_str(&format!(
-            "  - name: r{i}\n    match: {{ domains: [{pattern}] }}\n    tls: {tls}\n"
+            "  - name: r{i}\n    match: {{ {condition} }}\n    tls: {tls}\n"
         ));
     }
     text.push_str("  - name: default\n    match: { domains: [\"*\"] }\n");
@@ -122,12 +125,16 @@ fn rule_benches(c: &mut Criterion) {
         started.elapsed()
     );
     let mut group = c.benchmark_group("rule_lookup_10k");
-    for (name, domain) in [
-        ("exact", "partner4999.example"),
-        ("suffix", "mx.eu.corp6000.example"),
-        ("catch_all", "nobody.example"),
+    for (name, domain, sender) in [
+        ("exact", "partner4999.example", None),
+        ("suffix", "mx.eu.corp6003.example", None),
+        ("sender", "nobody.example", Some("sender5000.example")),
+        ("catch_all", "nobody.example", Some("nobody.example")),
     ] {
-        group.bench_function(name, |b| b.iter(|| rules.select(black_box(domain), None)));
+        assert_ne!(rules.select(domain, sender).base, None);
+        group.bench_function(name, |b| {
+            b.iter(|| rules.select(black_box(domain), black_box(sender)))
+        });
     }
     // What the index saves: testing every rule's patterns in order.
     group.bench_function("linear_scan_catch_all", |b| {

@@ -24,7 +24,10 @@ pub struct RuleSet {
     /// Where the rules came from, for messages.
     pub source: PathBuf,
     rules: Vec<Rule>,
-    index: DomainIndex,
+    /// Rules by recipient domain; a rule without recipient or sender domains is under `*`.
+    by_recipient: DomainIndex,
+    /// Rules without recipient domains, by sender domain.
+    by_sender: DomainIndex,
     fallback_rule: Rule,
 }
 
@@ -83,19 +86,26 @@ impl RuleSet {
     }
 
     fn from_rules(source: PathBuf, rules: Vec<Rule>) -> RuleSet {
-        let mut index = DomainIndex::default();
+        let (mut by_recipient, mut by_sender) = (DomainIndex::default(), DomainIndex::default());
         for (i, rule) in rules.iter().enumerate() {
-            if rule.conditions.domains.is_empty() {
-                index.insert(&DomainPattern::Any, i);
-            }
-            for pattern in &rule.conditions.domains {
-                index.insert(pattern, i);
+            let conditions = &rule.conditions;
+            match (conditions.domains.is_empty(), conditions.senders.is_empty()) {
+                (false, _) => conditions
+                    .domains
+                    .iter()
+                    .for_each(|p| by_recipient.insert(p, i)),
+                (true, false) => conditions
+                    .senders
+                    .iter()
+                    .for_each(|p| by_sender.insert(p, i)),
+                (true, true) => by_recipient.insert(&DomainPattern::Any, i),
             }
         }
         RuleSet {
             source,
             rules,
-            index,
+            by_recipient,
+            by_sender,
             fallback_rule: Rule::builtin_default(),
         }
     }
@@ -113,8 +123,15 @@ impl RuleSet {
 
     /// The rules that can decide a message from `sender_domain` to `recipient_domain`.
     pub fn select(&self, recipient_domain: &str, sender_domain: Option<&str>) -> Selection {
+        let mut candidates = self.by_recipient.candidates(recipient_domain);
+        // A bounce has no sender domain, so no rule found by sender domain takes it.
+        if let Some(sender) = sender_domain {
+            candidates.extend(self.by_sender.candidates(sender));
+            candidates.sort_unstable();
+            candidates.dedup();
+        }
         let mut conditional = Vec::new();
-        for i in self.index.candidates(recipient_domain) {
+        for i in candidates {
             let conditions = &self.rules[i].conditions;
             if !conditions.sender_matches(sender_domain) {
                 continue;
@@ -356,5 +373,68 @@ rules:
             rules.rule(rules.select("a.example", None).base).name,
             "rest"
         );
+    }
+
+    mod against_a_scan {
+        use super::*;
+        use proptest::prelude::*;
+
+        const PATTERNS: [&str; 6] = [
+            "a.example",
+            "b.example",
+            "*.example",
+            "*.a.example",
+            "x.a.example",
+            "*",
+        ];
+        const NAMES: [&str; 5] = [
+            "a.example",
+            "b.example",
+            "x.a.example",
+            "y.b.example",
+            "other.test",
+        ];
+
+        /// Rules of recipient and sender patterns (indexes into PATTERNS; empty: no condition).
+        fn rule_file(rules: &[(Vec<usize>, Vec<usize>)]) -> String {
+            let list = |ps: &[usize]| {
+                let quoted: Vec<String> =
+                    ps.iter().map(|&p| format!("\"{}\"", PATTERNS[p])).collect();
+                quoted.join(", ")
+            };
+            let mut text = "rules:\n".to_string();
+            for (i, (domains, senders)) in rules.iter().enumerate() {
+                text += &format!(
+                    "  - name: r{i}\n    match: {{ domains: [{}], senders: [{}] }}\n",
+                    list(domains),
+                    list(senders)
+                );
+            }
+            text
+        }
+
+        proptest! {
+            #[test]
+            fn the_indexes_choose_the_rule_a_scan_in_order_would(
+                rules in prop::collection::vec(
+                    (
+                        prop::collection::vec(0..PATTERNS.len(), 0..3),
+                        prop::collection::vec(0..PATTERNS.len(), 0..3),
+                    ),
+                    1..8,
+                ),
+                recipient in 0..NAMES.len(),
+                sender in prop::option::of(0..NAMES.len()),
+            ) {
+                let set = parse(&rule_file(&rules)).unwrap();
+                let (recipient, sender) = (NAMES[recipient], sender.map(|s| NAMES[s]));
+                let scan = set.rules().iter().position(|rule| {
+                    let c = &rule.conditions;
+                    (c.domains.is_empty() || c.domains.iter().any(|p| p.matches(recipient)))
+                        && c.sender_matches(sender)
+                });
+                prop_assert_eq!(set.select(recipient, sender).base, scan);
+            }
+        }
     }
 }
