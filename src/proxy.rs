@@ -21,6 +21,8 @@ pub struct Proxy {
     pub sessions: Arc<Registry>,
     /// Tells sessions that a shutdown is draining them.
     pub drain: tokio::sync::watch::Sender<Drain>,
+    /// The admin socket this daemon bound, the only one it may remove.
+    admin_socket: std::sync::OnceLock<std::path::PathBuf>,
 }
 
 impl Proxy {
@@ -64,6 +66,7 @@ impl Proxy {
             stats,
             sessions: Arc::new(Registry::default()),
             drain: tokio::sync::watch::Sender::new(Drain::Running),
+            admin_socket: std::sync::OnceLock::new(),
         }))
     }
 }
@@ -152,6 +155,7 @@ impl Proxy {
             match crate::admin::server::bind(path, self.config.admin.mode.0, group) {
                 Ok(listener) => {
                     tracing::info!("admin socket {}", path.display());
+                    let _ = self.admin_socket.set(path.clone());
                     tokio::spawn(crate::admin::server::serve(self.clone(), listener));
                 }
                 Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
@@ -175,10 +179,10 @@ impl Proxy {
 }
 
 impl Proxy {
-    /// At a clean stop: a socket left behind would look like a crashed daemon's.
+    /// At a clean stop: a socket left behind would look like a crashed daemon's. Only the
+    /// socket this daemon bound: when it could not bind one, the path may be another's.
     pub fn remove_admin_socket(&self) {
-        #[cfg(unix)]
-        if let Some(path) = &self.config.admin.socket {
+        if let Some(path) = self.admin_socket.get() {
             let _ = std::fs::remove_file(path);
         }
     }

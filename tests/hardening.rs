@@ -1270,6 +1270,21 @@ async fn a_message_that_needs_smtputf8_is_refused_when_the_remote_offers_it_only
 }
 
 #[tokio::test]
+async fn a_message_that_needs_smtputf8_skips_an_mx_without_it_for_one_with_it() {
+    let ca = TestCa::new();
+    let second = Script::new().ehlo_keyword("SMTPUTF8");
+    let (lab, mx1, mx2) = two_mx(&ca, Script::new(), second).await;
+
+    let (mut client, rcpt) =
+        rcpt_after_mail(lab.proxy, "MAIL FROM:<jürgen@sender.test> SMTPUTF8").await;
+    assert_eq!(rcpt.code, 250, "{rcpt:?}");
+    assert_eq!(client.data(BODY).await.code, 250);
+
+    assert!(mx1.messages().is_empty());
+    assert_eq!(mx2.messages().len(), 1);
+}
+
+#[tokio::test]
 async fn a_remote_that_refuses_ehlo_gets_helo_and_the_message() {
     let ca = TestCa::new();
     let script = Script::new()

@@ -293,6 +293,17 @@ async fn the_log_line_says_why_each_recipient_was_refused_when_no_message_follow
         assert!(line.contains(field), "{field} missing in {line}");
     }
     assert!(server.messages().is_empty());
+
+    // However many recipients are refused, the line (and what is kept for it) is bounded.
+    client.cmd("MAIL FROM:<a@sender.test>").await;
+    for i in 0..25 {
+        client.cmd(&format!("RCPT TO:<u{i}@nowhere.test>")).await;
+    }
+    client.cmd("RSET").await;
+    let line = &logs.transactions()[1];
+    assert!(line.contains("u19@nowhere.test"), "{line}");
+    assert!(!line.contains("u20@nowhere.test"), "{line}");
+    assert!(line.contains("and 5 more"), "{line}");
 }
 
 #[tokio::test]

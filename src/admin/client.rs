@@ -185,10 +185,22 @@ fn row(cells: &[&str]) -> Vec<String> {
     cells.iter().map(|c| c.to_string()).collect()
 }
 
+/// A cell; control characters (a remote's certificate or banner can hold any) are shown
+/// escaped, never sent to the terminal.
 fn text(value: &Value) -> String {
     match value {
         Value::Null => "-".into(),
-        Value::String(s) => s.clone(),
+        Value::String(s) => {
+            let mut shown = String::with_capacity(s.len());
+            for c in s.chars() {
+                if c.is_control() {
+                    shown.extend(c.escape_default());
+                } else {
+                    shown.push(c);
+                }
+            }
+            shown
+        }
         other => other.to_string(),
     }
 }
@@ -251,6 +263,13 @@ fn with(future: bool, amount: String) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn control_characters_from_a_remote_are_shown_escaped() {
+        let subject = Value::String("CN=mx\u{1b}[2J\nevil".into());
+        assert_eq!(text(&subject), "CN=mx\\u{1b}[2J\\nevil");
+        assert_eq!(text(&Value::Null), "-");
+    }
 
     #[test]
     fn relative_times_read_naturally() {

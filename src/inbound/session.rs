@@ -48,8 +48,12 @@ struct Transaction {
     /// Set by the first recipient that reached a remote.
     route: Option<Route>,
     accepted: Vec<Mailbox>,
-    /// Recipients that got a 4xx or 5xx, with it: the log line says why they were not taken.
+    /// The first recipients that got a 4xx or 5xx, with it: the log line says why they were
+    /// not taken. At most REFUSED_SHOWN; `refused_more` counts the rest.
     refused: Vec<(Mailbox, Reply)>,
+    refused_more: usize,
+    /// Some recipient got a 4xx: the transaction counts as a deferral.
+    deferred_any: bool,
     rcpt_count: usize,
     /// Recipient domains that could not be routed in this transaction, and why.
     failed_domains: HashMap<String, Reply>,
@@ -248,6 +252,8 @@ impl Session {
             route: None,
             accepted: Vec::new(),
             refused: Vec::new(),
+            refused_more: 0,
+            deferred_any: false,
             rcpt_count: 0,
             failed_domains: HashMap::new(),
             lost: None,
@@ -263,7 +269,12 @@ impl Session {
         if !reply.is_positive()
             && let Stage::Mail(tx) = &mut self.stage
         {
-            tx.refused.push((recipient, reply.clone()));
+            tx.deferred_any |= reply.is_transient();
+            if tx.refused.len() < REFUSED_SHOWN {
+                tx.refused.push((recipient, reply.clone()));
+            } else {
+                tx.refused_more += 1;
+            }
         }
         reply
     }
@@ -602,8 +613,7 @@ impl Session {
         let stats = &self.proxy.stats;
         stats.transactions.inc();
         stats.transaction_time(tx.started.elapsed().as_secs_f64());
-        let deferred = |reply: &Reply| reply.is_transient();
-        if reply.is_some_and(deferred) || tx.refused.iter().any(|(_, r)| deferred(r)) {
+        if reply.is_some_and(Reply::is_transient) || tx.deferred_any {
             stats.deferrals.inc();
         }
         let Some(route) = tx
@@ -671,11 +681,11 @@ fn log_transaction(client: SocketAddr, tx: &Transaction, reply: Option<&Reply>, 
         .unwrap_or_default();
     let recipients: Vec<String> = tx.accepted.iter().map(ToString::to_string).collect();
     let recipients = recipients.join(",");
-    let mut refused: Vec<String> = (tx.refused.iter().take(REFUSED_SHOWN))
+    let mut refused: Vec<String> = (tx.refused.iter())
         .map(|(rcpt, reply)| format!("{rcpt} ({reply})"))
         .collect();
-    if tx.refused.len() > REFUSED_SHOWN {
-        refused.push(format!("and {} more", tx.refused.len() - REFUSED_SHOWN));
+    if tx.refused_more > 0 {
+        refused.push(format!("and {} more", tx.refused_more));
     }
     let refused = refused.join("; ");
     let reply = reply.map_or_else(|| "none".to_string(), ToString::to_string);

@@ -5,7 +5,7 @@ use std::pin::Pin;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
-use tokio::io::{AsyncBufReadExt, AsyncRead, AsyncWrite, AsyncWriteExt, BufReader, ReadBuf};
+use tokio::io::{AsyncBufRead, AsyncRead, AsyncWrite, AsyncWriteExt, BufReader, ReadBuf};
 use tokio::net::TcpStream;
 use tokio_rustls::client::TlsStream;
 
@@ -19,8 +19,8 @@ use crate::smtp::reply::{ReplyBuilder, ReplyError};
 const REPLY_LINE_LIMIT: usize = 4096;
 
 /// How long bytes the kernel already holds may take to be read (and under TLS, decrypted):
-/// a moment, since they are there. Only a record with no data in it (a session ticket that
-/// came between two commands) makes this wait run out.
+/// a moment, since they are there; a remote that keeps sending records without data could
+/// otherwise hold us.
 const WAITING_RECORD: Duration = Duration::from_millis(250);
 
 /// Why a remote exchange did not produce a reply.
@@ -178,19 +178,36 @@ impl Connection {
     }
 
     /// Bytes that have arrived but were not asked for: in our buffer, or waiting on the
-    /// socket. What waits is read at once (the kernel says it is there); under TLS it is
-    /// decrypted first, since a record that is no reply (a session ticket) does not count.
+    /// socket. What waits is read (under TLS, decrypted) until the socket holds nothing
+    /// more: a record that is no reply (a session ticket) is taken up and does not count.
     async fn unsolicited(&mut self) -> Option<String> {
+        if self.io.buffer().is_empty() && self.bytes_waiting() {
+            let read = std::future::poll_fn(|cx| {
+                if Pin::new(&mut self.io).poll_fill_buf(cx).is_ready() {
+                    return Poll::Ready(());
+                }
+                // Pending with bytes still on the socket: the runtime has not seen them yet
+                // and will wake us. Pending with none: what came held no data.
+                if self.bytes_waiting() {
+                    Poll::Pending
+                } else {
+                    Poll::Ready(())
+                }
+            });
+            // A guard only: bytes that are there are read at once.
+            let _ = tokio::time::timeout(WAITING_RECORD, read).await;
+        }
+        let bytes = self.io.buffer();
+        (!bytes.is_empty()).then(|| String::from_utf8_lossy(bytes).chars().take(60).collect())
+    }
+
+    /// Whether bytes wait on the socket, not yet read into any buffer of ours.
+    fn bytes_waiting(&self) -> bool {
         let tcp = match self.io.get_ref() {
             Transport::Plain(tcp) => tcp,
             Transport::Tls(tls) => tls.get_ref().0,
         };
-        if self.io.buffer().is_empty() && crate::smtp::peek::bytes_waiting(tcp) {
-            // Bounded: a TLS record that holds no data leaves nothing to read.
-            let _ = tokio::time::timeout(WAITING_RECORD, self.io.fill_buf()).await;
-        }
-        let bytes = self.io.buffer();
-        (!bytes.is_empty()).then(|| String::from_utf8_lossy(bytes).chars().take(60).collect())
+        crate::smtp::peek::bytes_waiting(tcp)
     }
 
     /// Sends a line that holds a secret; the debug log shows `shown` instead.

@@ -134,6 +134,8 @@ enum Failure {
     TlsNotAchieved(String),
     /// The remote answered, and the MTA should hear it.
     Final(Reply),
+    /// The server lacks an extension the message needs; another address may have it.
+    Unsupported(Reply),
     /// Stop trying: nothing another address could change.
     Deferred(Reply),
 }
@@ -198,6 +200,8 @@ impl Outbound {
         };
         let mut failures = Vec::new();
         let mut tls_failures = Vec::new();
+        // The last refusal for a missing extension, and how many servers gave one.
+        let (mut unsupported, mut unsupported_count) = (None, 0);
         let mut tls_rule = plan.base_rule().name.clone();
         for (host, port) in servers {
             let addrs = match self.addresses(&host).await {
@@ -259,9 +263,22 @@ impl Outbound {
                     Err(Failure::Final(reply)) => {
                         return Err(OpenError::Rejected { reply, server });
                     }
+                    Err(Failure::Unsupported(reply)) => {
+                        tracing::info!(server = %server, "delivery attempt failed: {reply}");
+                        failures.push(format!("{server}: {reply}"));
+                        unsupported = Some((reply, server));
+                        unsupported_count += 1;
+                    }
                     Err(Failure::Deferred(reply)) => return Err(OpenError::Deferred(reply)),
                 }
             }
+        }
+        // Refused for good only when every server said it lacks what the message needs.
+        if let Some((reply, server)) = unsupported
+            && unsupported_count == failures.len()
+            && tls_failures.is_empty()
+        {
+            return Err(OpenError::Rejected { reply, server });
         }
         if !tls_failures.is_empty() {
             tls_failures.extend(failures);
@@ -305,7 +322,7 @@ impl Outbound {
             Err(missing) => {
                 let why = Reply::new(554, "5.6.9", format!("{} {missing}", conn.host));
                 tokio::spawn(conn.quit());
-                return Err(Failure::Final(why));
+                return Err(Failure::Unsupported(why));
             }
         };
         let reply = conn
