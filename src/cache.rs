@@ -30,7 +30,7 @@ use moka::sync::Cache;
 use serde::{Deserialize, Serialize};
 
 use crate::certificate::Certificate;
-use crate::outcome::{CertProblem, NoTls, OutcomeClass, TlsOutcome, TlsSession, Verification};
+use crate::outcome::{CertProblem, NoTls, OutcomeClass, TlsOutcome, TlsSession, Ttl, Verification};
 
 /// At most this many recipient domains are kept per entry; an MX shared by thousands of
 /// domains (a hosting provider) must not grow without bound.
@@ -140,27 +140,12 @@ impl Default for TtlConfig {
 
 impl TtlConfig {
     pub fn for_class(&self, class: OutcomeClass) -> Duration {
-        if is_success(class) {
-            self.success
-        } else if is_unreachable(class) {
-            self.unreachable
-        } else {
-            self.tls_failure
+        match class.meaning().ttl {
+            Ttl::Success => self.success,
+            Ttl::TlsFailure => self.tls_failure,
+            Ttl::Unreachable => self.unreachable,
         }
     }
-}
-
-/// TLS was achieved (whether or not the certificate verified).
-pub fn is_success(class: OutcomeClass) -> bool {
-    matches!(
-        class,
-        OutcomeClass::TlsVerified | OutcomeClass::TlsUnverified
-    )
-}
-
-/// The host was not reached at all: not a fact about its TLS.
-pub fn is_unreachable(class: OutcomeClass) -> bool {
-    matches!(class, OutcomeClass::ConnectFailed | OutcomeClass::Timeout)
 }
 
 // ---------------------------------------------------------------------------------------
@@ -263,6 +248,20 @@ impl CacheEntry {
         }
     }
 
+    /// An entry as an attempt that found `class` would leave it, for questions about what
+    /// would happen (`explain`).
+    pub fn assumed(
+        host: &str,
+        addr: IpAddr,
+        class: OutcomeClass,
+        cert_problem: Option<OutcomeClass>,
+    ) -> CacheEntry {
+        let mut entry = CacheEntry::new(&CacheKey::new(host, addr), class, 0);
+        entry.detail = format!("{class} (assumed)");
+        entry.cert_problem = cert_problem;
+        entry
+    }
+
     /// The classes a rule's `outcome` condition can match: the class, and the certificate's.
     pub fn classes(&self) -> Vec<OutcomeClass> {
         classes(self.class, self.cert_problem)
@@ -332,16 +331,10 @@ pub fn is_downgrade(
     now: u64,
     success_ttl: Duration,
 ) -> bool {
-    matches!(
-        now_class,
-        OutcomeClass::NoStarttls
-            | OutcomeClass::StarttlsRefused
-            | OutcomeClass::HandshakeFailed
-            | OutcomeClass::LegacyTls
-            | OutcomeClass::ProtocolViolation
-    ) && entry
-        .last_tls_at
-        .is_some_and(|at| now.saturating_sub(at) < success_ttl.as_secs())
+    now_class.meaning().downgrade
+        && entry
+            .last_tls_at
+            .is_some_and(|at| now.saturating_sub(at) < success_ttl.as_secs())
 }
 
 // ---------------------------------------------------------------------------------------
@@ -420,7 +413,7 @@ impl Observation {
 
     /// The host was not reached: `class` is `ConnectFailed` or `Timeout`.
     pub fn unreachable(class: OutcomeClass, detail: impl Into<String>) -> Observation {
-        debug_assert!(is_unreachable(class), "{class} is a TLS outcome");
+        debug_assert!(class.is_unreachable(), "{class} is a TLS outcome");
         Observation {
             class,
             detail: detail.into(),
@@ -537,7 +530,7 @@ impl OutcomeCache {
         entry.count += 1;
         entry.add_domain(domain);
         // A fact even under a pin: the pin overrides the decision, not the history.
-        if is_success(obs.class) {
+        if obs.class.is_encrypted() {
             entry.last_tls_at = Some(now);
         }
         if entry.pinned && !entry.is_expired(now) {

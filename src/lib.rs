@@ -32,6 +32,7 @@ pub mod probe;
 pub mod proxy;
 pub mod router;
 pub mod rules;
+pub mod sessions;
 pub mod smtp;
 pub mod stats;
 

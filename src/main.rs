@@ -2,6 +2,7 @@
 
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::sync::Arc;
 
 use clap::{Parser, Subcommand};
 use tlsrouter::Proxy;
@@ -10,8 +11,8 @@ use tlsrouter::admin::protocol::Request;
 use tlsrouter::config::{Config, LogFormat};
 use tlsrouter::outcome::OutcomeClass;
 use tlsrouter::probe::ProbeTarget;
+use tlsrouter::router::explain::{Question, assumed_entry, explain};
 use tlsrouter::rules::RuleSet;
-use tlsrouter::rules::explain::{Question, explain};
 
 /// EX_USAGE from sysexits.h: the configuration is wrong.
 const EXIT_CONFIG: u8 = 64;
@@ -92,6 +93,9 @@ enum Commands {
         /// The MX host's cached outcome class, e.g. legacy-tls.
         #[arg(long)]
         outcome: Option<OutcomeClass>,
+        /// The outcome was pinned by an operator (`ctl cache pin`), not observed.
+        #[arg(long, requires = "outcome")]
+        pinned: bool,
     },
 }
 
@@ -159,10 +163,15 @@ enum RulesCommand {
         rcpt: String,
         #[arg(long)]
         sender: Option<String>,
+        /// An MX host name; without --outcome, the daemon's cache entry for it is used.
         #[arg(long)]
         mx: Option<String>,
+        /// The MX host's cached outcome class, e.g. legacy-tls.
         #[arg(long)]
         outcome: Option<OutcomeClass>,
+        /// The outcome was pinned by an operator, not observed.
+        #[arg(long, requires = "outcome")]
+        pinned: bool,
     },
 }
 
@@ -212,7 +221,15 @@ fn main() -> ExitCode {
             sender,
             mx,
             outcome,
-        } => explain_rcpt(rules, &rcpt, sender.as_deref(), mx.as_deref(), outcome),
+            pinned,
+        } => explain_rcpt(
+            rules,
+            &rcpt,
+            sender.as_deref(),
+            mx.as_deref(),
+            outcome,
+            pinned,
+        ),
     }
 }
 
@@ -232,11 +249,13 @@ fn ctl(socket: &std::path::Path, json: bool, command: CtlCommand) -> ExitCode {
                 sender,
                 mx,
                 outcome,
+                pinned,
             } => Request::RulesExplain {
                 rcpt,
                 sender,
                 mx,
                 outcome,
+                pinned,
             },
         },
         CtlCommand::Stats => Request::Stats {},
@@ -357,6 +376,7 @@ fn explain_rcpt(
     sender: Option<&str>,
     mx: Option<&str>,
     outcome: Option<OutcomeClass>,
+    pinned: bool,
 ) -> ExitCode {
     let rules = match rules.as_deref().map(RuleSet::load) {
         Some(Ok(rules)) => rules,
@@ -380,9 +400,9 @@ fn explain_rcpt(
         recipient_domain: &domain,
         sender_domain: sender_domain.as_deref(),
         mx,
-        outcome: outcome.as_slice(),
+        cached: assumed_entry(mx.unwrap_or(""), outcome.as_slice(), pinned),
     };
-    print!("{}", explain(&rules, &question).1);
+    print!("{}", explain(Arc::new(rules), &question).text);
     ExitCode::SUCCESS
 }
 

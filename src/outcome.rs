@@ -43,16 +43,25 @@ impl OutcomeClass {
         OutcomeClass::Timeout,
     ];
 
+    /// What this class means for delivery, the cache and the rules: its row of [`MEANINGS`].
+    pub fn meaning(self) -> &'static Meaning {
+        &MEANINGS[self as usize]
+    }
+
     /// Whether this is how a TLS attempt failed (after which a rule may allow plain), rather
     /// than a success or a host that could not be reached at all.
     pub fn is_tls_failure(self) -> bool {
-        !matches!(
-            self,
-            OutcomeClass::TlsVerified
-                | OutcomeClass::TlsUnverified
-                | OutcomeClass::ConnectFailed
-                | OutcomeClass::Timeout
-        )
+        matches!(self.meaning().kind, Kind::TlsFailure | Kind::CertFailure)
+    }
+
+    /// TLS was achieved (whether or not the certificate verified).
+    pub fn is_encrypted(self) -> bool {
+        self.meaning().kind == Kind::Encrypted
+    }
+
+    /// The host was not reached at all: not a fact about its TLS.
+    pub fn is_unreachable(self) -> bool {
+        self.meaning().kind == Kind::Unreachable
     }
 
     pub fn name(self) -> &'static str {
@@ -73,6 +82,109 @@ impl OutcomeClass {
         }
     }
 }
+
+/// What kind of fact a class is.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Kind {
+    /// TLS is up.
+    Encrypted,
+    /// The server would not, or could not, do TLS with us.
+    TlsFailure,
+    /// TLS came up but the certificate did not verify, and the policy required that it did.
+    CertFailure,
+    /// The server was not reached: not a fact about its TLS.
+    Unreachable,
+}
+
+/// What a cached entry of a class does to the next message's attempt.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum WhenCached {
+    /// TLS is tried as usual.
+    TryTls,
+    /// EHLO is read again (it costs nothing); STARTTLS is skipped only when an operator
+    /// pinned the class.
+    TryTlsUnlessPinned,
+    /// No new handshake: the doomed one is skipped.
+    SkipTls,
+    /// No new handshake when the rule requires a verified certificate (the certificate
+    /// is known to fail that); otherwise TLS is tried, and encrypts.
+    SkipTlsIfVerifyRequired,
+    /// The address is skipped until the entry expires.
+    SkipAddress,
+}
+
+/// How long an observation of a class is believed: which `cache.ttl` applies.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Ttl {
+    Success,
+    TlsFailure,
+    Unreachable,
+}
+
+/// One row of the decision table: everything the code decides from a class alone.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Meaning {
+    pub class: OutcomeClass,
+    pub kind: Kind,
+    pub when_cached: WhenCached,
+    /// Seen from a host that did TLS within the success TTL, this class is a downgrade
+    /// (STARTTLS stripped, or TLS broken on the way).
+    pub downgrade: bool,
+    pub ttl: Ttl,
+}
+
+const fn row(class: OutcomeClass, kind: Kind, when_cached: WhenCached, downgrade: bool) -> Meaning {
+    let ttl = match kind {
+        Kind::Encrypted => Ttl::Success,
+        Kind::TlsFailure | Kind::CertFailure => Ttl::TlsFailure,
+        Kind::Unreachable => Ttl::Unreachable,
+    };
+    Meaning {
+        class,
+        kind,
+        when_cached,
+        downgrade,
+        ttl,
+    }
+}
+
+/// The decision table, in the order of [`OutcomeClass::ALL`]. A certificate failure is
+/// no downgrade: TLS still came up.
+pub const MEANINGS: [Meaning; 13] = {
+    use Kind::*;
+    use OutcomeClass as C;
+    use WhenCached::*;
+    [
+        row(C::TlsVerified, Encrypted, TryTls, false),
+        row(C::TlsUnverified, Encrypted, SkipTlsIfVerifyRequired, false),
+        row(C::NoStarttls, TlsFailure, TryTlsUnlessPinned, true),
+        row(C::StarttlsRefused, TlsFailure, SkipTls, true),
+        row(C::HandshakeFailed, TlsFailure, SkipTls, true),
+        row(C::LegacyTls, TlsFailure, SkipTls, true),
+        row(C::CertExpired, CertFailure, SkipTlsIfVerifyRequired, false),
+        row(
+            C::CertNotYetValid,
+            CertFailure,
+            SkipTlsIfVerifyRequired,
+            false,
+        ),
+        row(
+            C::CertUntrusted,
+            CertFailure,
+            SkipTlsIfVerifyRequired,
+            false,
+        ),
+        row(
+            C::CertNameMismatch,
+            CertFailure,
+            SkipTlsIfVerifyRequired,
+            false,
+        ),
+        row(C::ProtocolViolation, TlsFailure, SkipTls, true),
+        row(C::ConnectFailed, Unreachable, SkipAddress, false),
+        row(C::Timeout, Unreachable, SkipAddress, false),
+    ]
+};
 
 impl fmt::Display for OutcomeClass {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -275,6 +387,36 @@ mod tests {
             assert_eq!(class.name().parse::<OutcomeClass>(), Ok(class));
         }
         assert!("tls-maybe".parse::<OutcomeClass>().is_err());
+    }
+
+    #[test]
+    fn the_decision_table_has_one_row_per_class_in_order() {
+        for (i, class) in OutcomeClass::ALL.into_iter().enumerate() {
+            assert_eq!(MEANINGS[i].class, class, "row {i}");
+            assert_eq!(class.meaning().class, class);
+        }
+    }
+
+    #[test]
+    fn every_row_is_consistent() {
+        for class in OutcomeClass::ALL {
+            let m = class.meaning();
+            // Only a failed TLS attempt can be a downgrade, and only one where TLS did
+            // not come up at all.
+            if m.downgrade {
+                assert_eq!(m.kind, Kind::TlsFailure, "{class}");
+            }
+            // An unreachable host is skipped, never sent in plain.
+            assert_eq!(
+                m.when_cached == WhenCached::SkipAddress,
+                m.kind == Kind::Unreachable,
+                "{class}"
+            );
+            assert_eq!(
+                class.is_tls_failure(),
+                !class.is_encrypted() && !class.is_unreachable()
+            );
+        }
     }
 
     #[test]

@@ -1,5 +1,6 @@
 //! `tlsrouter probe`: what an MX says and does, step by step, for an admin whose mail to
-//! one partner is stuck. It uses the same client code as deliveries.
+//! one partner is stuck. It uses the same connect and secure steps as deliveries, and says
+//! what the host decision makes of what it found.
 
 use std::fmt::Write;
 use std::net::{IpAddr, SocketAddr};
@@ -7,15 +8,18 @@ use std::time::Instant;
 
 use serde::Serialize;
 
+use std::sync::Arc;
+
 use crate::cache::Observation;
 use crate::certificate::Certificate;
 use crate::outbound::connection::{Connection, StartTlsResult};
 use crate::outbound::delivery::Outbound;
-use crate::outbound::mx::MxHost;
-use crate::outbound::tls::MinTls;
+use crate::outbound::mx::{MxHost, ServerId, literal_address};
 use crate::outcome::{NoTls, OutcomeClass, TlsOutcome, TlsSession, Verification};
-use crate::rules::RuleSet;
-use crate::rules::explain::{Question, explain};
+use crate::router::Plan;
+use crate::router::decision::{Known, Published, TlsTerms, decide};
+use crate::router::explain::{Question, assumed_entry, explain};
+use crate::rules::{MinTls, RuleSet, VerifyMode};
 
 /// What to probe.
 #[derive(Clone, Debug, Default, PartialEq, Eq, serde::Deserialize, Serialize)]
@@ -79,6 +83,9 @@ pub struct ServerReport {
     /// here (its class, and its certificate's): rules may match on `mx` and `outcome`.
     pub rule: Option<String>,
     pub plan: Option<String>,
+    /// What a delivery through this server does now, given what was found here.
+    #[serde(default)]
+    pub decision: Option<String>,
 }
 
 #[derive(Debug, Serialize, serde::Deserialize)]
@@ -96,7 +103,7 @@ pub struct TlsReport {
 /// attempt would).
 pub async fn probe(
     outbound: &Outbound,
-    rules: &RuleSet,
+    rules: &Arc<RuleSet>,
     target: &ProbeTarget,
     record: bool,
 ) -> ProbeReport {
@@ -132,7 +139,7 @@ pub async fn probe(
 /// The rule a message to the target's domain gets, through `mx` when known, given the
 /// outcome `classes` found there; `None` without a domain.
 fn explain_for(
-    rules: &RuleSet,
+    rules: &Arc<RuleSet>,
     target: &ProbeTarget,
     mx: Option<&str>,
     classes: &[OutcomeClass],
@@ -141,22 +148,41 @@ fn explain_for(
         recipient_domain: target.domain.as_deref()?,
         sender_domain: None,
         mx,
-        outcome: classes,
+        cached: assumed_entry(mx.unwrap_or(""), classes, false),
     };
-    Some(explain(rules, &question))
+    let answer = explain(rules.clone(), &question);
+    Some((answer.rule, answer.text))
+}
+
+/// What a delivery to the target's domain does through `host` now that `outcome` was
+/// found there: the host decision's answer.
+fn decision_for(
+    rules: &Arc<RuleSet>,
+    target: &ProbeTarget,
+    host: &str,
+    classes: &[OutcomeClass],
+    outcome: Option<&TlsOutcome>,
+) -> Option<String> {
+    let plan = Plan::new(rules.clone(), target.domain.as_deref()?, None);
+    let rule = plan.rule_for_host(host, classes);
+    let found = Known::Found {
+        outcome: outcome?,
+        downgrade: false,
+    };
+    Some(decide(rule, found, Published::Nothing).to_string())
 }
 
 async fn probe_host(
     outbound: &Outbound,
-    rules: &RuleSet,
+    rules: &Arc<RuleSet>,
     host: MxHost,
     port: u16,
     target: &ProbeTarget,
     record: bool,
 ) -> MxReport {
-    let addresses = match host.name.parse::<IpAddr>() {
-        Ok(ip) => Ok(vec![ip]),
-        Err(_) => outbound.resolver.addresses(&host.name).await,
+    let addresses = match literal_address(&host.name) {
+        Some(ip) => Ok(vec![ip]),
+        None => outbound.resolver.addresses(&host.name).await,
     };
     let mut report = MxReport {
         host: host.name.clone(),
@@ -166,13 +192,8 @@ async fn probe_host(
         servers: Vec::new(),
     };
     for ip in report.addresses.clone() {
-        let server = probe_server(
-            outbound,
-            &host.name,
-            SocketAddr::new(ip, port),
-            target.no_tls,
-        )
-        .await;
+        let id = ServerId::new(&host.name, ip);
+        let server = probe_server(outbound, &id, port, target.no_tls).await;
         let observation = server.class.and_then(|class| match class {
             OutcomeClass::ConnectFailed | OutcomeClass::Timeout => Some(Observation::unreachable(
                 class,
@@ -184,11 +205,13 @@ async fn probe_host(
             .as_ref()
             .map(Observation::classes)
             .unwrap_or_default();
+        let outcome = server.outcome.clone();
         let mut server = server.report;
-        (server.rule, server.plan) = explain_for(rules, target, Some(&host.name), &classes).unzip();
+        (server.rule, server.plan) = explain_for(rules, target, Some(&id.name), &classes).unzip();
+        server.decision = decision_for(rules, target, &id.name, &classes, outcome.as_ref());
         if record && let Some(observation) = observation {
             let domain = target.domain.as_deref().unwrap_or("");
-            outbound.cache.record(&host.name, ip, domain, observation);
+            outbound.cache.record(&id.name, ip, domain, observation);
         }
         report.servers.push(server);
     }
@@ -208,7 +231,15 @@ impl std::ops::Deref for Probed {
     }
 }
 
-async fn probe_server(outbound: &Outbound, host: &str, addr: SocketAddr, no_tls: bool) -> Probed {
+/// How probe runs TLS: whatever the rules say, the fullest diagnosis.
+const PROBE_TERMS: TlsTerms = TlsTerms {
+    verify: VerifyMode::Try,
+    min_tls: MinTls::Tls12,
+    implicit: false,
+};
+
+async fn probe_server(outbound: &Outbound, server: &ServerId, port: u16, no_tls: bool) -> Probed {
+    let addr = SocketAddr::new(server.addr, port);
     let mut report = ServerReport {
         addr: Some(addr),
         ..ServerReport::default()
@@ -221,7 +252,7 @@ async fn probe_server(outbound: &Outbound, host: &str, addr: SocketAddr, no_tls:
             .push((step.to_string(), clock.elapsed().as_millis() as u64));
         clock = Instant::now();
     };
-    let mut conn = match Connection::connect(host, addr, t.connect).await {
+    let mut conn = match Connection::connect(&server.name, addr, t.connect).await {
         Ok(conn) => conn,
         Err(e) => {
             report.class = Some(if e.is_timeout() {
@@ -237,10 +268,10 @@ async fn probe_server(outbound: &Outbound, host: &str, addr: SocketAddr, no_tls:
         }
     };
     lap(&mut report, "connect");
-    match conn.read_reply(t.greeting, "the greeting").await {
+    match outbound.read_greeting(&mut conn).await {
         Ok(reply) => report.banner = Some(reply.one_line()),
         Err(e) => {
-            report.error = Some(format!("greeting: {e}"));
+            report.error = Some(e);
             return Probed {
                 report,
                 outcome: None,
@@ -271,9 +302,7 @@ async fn probe_server(outbound: &Outbound, host: &str, addr: SocketAddr, no_tls:
     if !caps.starttls {
         return finish(report, TlsOutcome::Plain(NoTls::NoStarttls), Some(conn));
     }
-    let started = conn
-        .starttls(&outbound.tls, MinTls::Tls12, t.command, t.tls_handshake)
-        .await;
+    let started = outbound.start_tls(PROBE_TERMS, conn).await;
     lap(&mut report, "starttls");
     match started {
         StartTlsResult::Encrypted(mut conn, session) => {

@@ -4,13 +4,12 @@ use std::sync::Arc;
 
 use crate::cache::{OutcomeCache, SystemClock};
 use crate::config::Config;
-use crate::inbound::listener::Drain;
-use crate::inbound::registry::Registry;
 use crate::outbound::delivery::Outbound;
 use crate::outbound::mx::MxResolver;
 use crate::outbound::tls::TlsClient;
 use crate::router::Router;
 use crate::rules::RuleSet;
+use crate::sessions::{Drain, Registry};
 use crate::stats::Stats;
 
 pub struct Proxy {

@@ -631,7 +631,9 @@ async fn a_tls_1_0_only_mx_has_its_mail_redirected_to_the_fallback_relay() {
             "route=\"plain\"",
             "fallback=legacy-tls",
             "rule=redirect-without-tls",
-            &format!("mx={}", l.relay.addr().ip()),
+            // The MX it was meant for, and the relay it went through instead.
+            "mx=mx.legacy.test ",
+            &format!("relay={}", l.relay.addr()),
             "next_hop=mx.legacy.test[",
         ],
     );

@@ -41,6 +41,9 @@ pub enum Request {
         mx: Option<String>,
         #[serde(default)]
         outcome: Option<OutcomeClass>,
+        /// With `outcome`: it was pinned by an operator, not observed.
+        #[serde(default)]
+        pinned: bool,
     },
     Stats {},
     Sessions {},

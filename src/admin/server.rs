@@ -10,7 +10,7 @@ use crate::admin::protocol::{ErrorKind, Request, Response, parse_request};
 use crate::config::duration;
 use crate::probe::probe;
 use crate::proxy::Proxy;
-use crate::rules::explain::{Question, explain};
+use crate::router::explain::{Question, assumed_entry, explain};
 
 /// Requests longer than this are not from `tlsrouter ctl`.
 const MAX_REQUEST: u64 = 64 * 1024;
@@ -72,20 +72,38 @@ pub async fn handle(proxy: &Proxy, request: Request) -> Response {
             sender,
             mx,
             outcome,
+            pinned,
         } => {
             let domain_of = |a: &str| a.rsplit_once('@').map(|(_, d)| d.to_ascii_lowercase());
             let Some(domain) = domain_of(&rcpt) else {
                 return Response::error(ErrorKind::BadArguments, "rcpt must be user@domain");
             };
             let sender_domain = sender.as_deref().and_then(domain_of);
+            // Without an outcome, what this daemon knows of the host now.
+            let cached = match (&mx, outcome) {
+                (Some(mx), None) => {
+                    let host = crate::outbound::mx::bare_name(mx);
+                    cache.find(&host).into_iter().find(|e| e.host == host)
+                }
+                (mx, outcome) => {
+                    assumed_entry(mx.as_deref().unwrap_or(""), outcome.as_slice(), pinned)
+                }
+            };
             let question = Question {
                 recipient_domain: &domain,
                 sender_domain: sender_domain.as_deref(),
                 mx: mx.as_deref(),
-                outcome: outcome.as_slice(),
+                cached,
             };
-            let (rule, text) = explain(&proxy.router.rules(), &question);
-            Response::ok(json!({ "rule": rule, "explanation": text }))
+            let answer = explain(proxy.router.rules(), &question);
+            Response::ok(json!({
+                "rule": answer.rule,
+                "decision": {
+                    "action": answer.decision.action(),
+                    "text": answer.decision.to_string(),
+                },
+                "explanation": answer.text,
+            }))
         }
         Request::Stats {} => {
             proxy.stats.cache_entries.set(cache.len() as i64);

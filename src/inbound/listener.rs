@@ -12,17 +12,8 @@ use tokio::sync::Semaphore;
 
 use crate::inbound::session::Session;
 use crate::proxy::Proxy;
+use crate::sessions::Drain;
 use crate::smtp::Reply;
-
-/// Where a shutdown stands; sessions watch it.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Drain {
-    Running,
-    /// No new connections; sessions finish their transaction, then get 421 4.3.2.
-    Draining,
-    /// The drain time is over: every session gets 421 4.3.2 now.
-    Forced,
-}
 
 /// Serves SMTP on an already-bound listener until `shutdown` completes, then drains: the
 /// transactions in flight may finish within `timeouts.shutdown_drain`, the rest get 421.

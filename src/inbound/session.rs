@@ -1,5 +1,6 @@
 //! One MTA session: the ESMTP server state machine, with cut-through relaying of each
-//! transaction to the remote chosen for its first recipient.
+//! transaction to the remote chosen for its first recipient. It speaks SMTP to the MTA
+//! only: the remote is driven through the verbs of [`Upstream`].
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -8,14 +9,13 @@ use std::sync::Arc;
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::net::TcpStream;
 
-use crate::inbound::listener::Drain;
-use crate::inbound::registry::Entry;
-use crate::inbound::relayable;
-use crate::outbound::delivery::{NextHop, OpenError, Upstream};
+use crate::outbound::delivery::{NextHop, OpenError};
+use crate::outbound::upstream::{Answer, RemoteFacts, Upstream};
 use crate::outcome::{TlsOutcome, Verification};
 use crate::proxy::Proxy;
 use crate::router::Plan;
 use crate::rules::RuleSet;
+use crate::sessions::{Drain, Entry, SessionState};
 use crate::smtp::data::{BodyError, BodyFilter};
 use crate::smtp::line::{LineRead, read_line};
 use crate::smtp::{Command, MailParams, Mailbox, Reply, parse_command};
@@ -45,8 +45,7 @@ enum Stage {
 struct Transaction {
     sender: Option<Mailbox>,
     params: MailParams,
-    /// Set by the first recipient that reached a remote.
-    route: Option<Route>,
+    remote: Remote,
     accepted: Vec<Mailbox>,
     /// The first recipients that got a 4xx or 5xx, with it: the log line says why they were
     /// not taken. At most REFUSED_SHOWN; `refused_more` counts the rest.
@@ -57,11 +56,33 @@ struct Transaction {
     rcpt_count: usize,
     /// Recipient domains that could not be routed in this transaction, and why.
     failed_domains: HashMap<String, Reply>,
-    /// The remote was lost after recipients were accepted: the transaction cannot go on.
-    lost: Option<Reply>,
     started: std::time::Instant,
     /// The rules in force at MAIL FROM; a reload does not change this transaction.
     rules: Arc<RuleSet>,
+}
+
+/// Where the transaction stands with its remote.
+enum Remote {
+    /// No recipient has reached a remote yet.
+    None,
+    /// Set by the first recipient that reached a remote.
+    Open(Box<Route>),
+    /// The remote was lost, or ended the transaction: every later recipient and the DATA
+    /// get `reply`. `facts` says where it had gone, for the log line.
+    Lost {
+        facts: Box<RemoteFacts>,
+        reply: Reply,
+    },
+}
+
+impl Remote {
+    fn facts(&self) -> Option<&RemoteFacts> {
+        match self {
+            Remote::None => None,
+            Remote::Open(route) => Some(route.upstream.facts()),
+            Remote::Lost { facts, .. } => Some(facts),
+        }
+    }
 }
 
 struct Route {
@@ -100,6 +121,43 @@ enum BodyEnd {
 enum Next {
     Continue,
     Close,
+}
+
+/// How a transaction ended, for its log line and the counters.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum End {
+    /// The remote answered the message (see the reply for its verdict).
+    Answered,
+    /// The message text broke one of our limits, or the remote was lost during it.
+    MessageFailed,
+    /// The remote refused DATA or was lost before it.
+    DataRefused,
+    /// DATA with no recipient taken, or after the remote was lost.
+    NoData,
+    PipeliningViolation,
+    ClientGone,
+    /// The MTA ended it without a message: RSET, a new EHLO or HELO, or the session's end.
+    Rset,
+    Ehlo,
+    Helo,
+    SessionClosed,
+}
+
+impl End {
+    fn label(self) -> &'static str {
+        match self {
+            End::Answered => "delivered",
+            End::MessageFailed => "message failed",
+            End::DataRefused => "remote refused DATA",
+            End::NoData => "no data",
+            End::PipeliningViolation => "pipelining violation",
+            End::ClientGone => "client gone",
+            End::Rset => "RSET",
+            End::Ehlo => "EHLO",
+            End::Helo => "HELO",
+            End::SessionClosed => "session closed",
+        }
+    }
 }
 
 impl Session {
@@ -163,7 +221,7 @@ impl Session {
                 break;
             }
         }
-        self.end_transaction("session closed").await;
+        self.end_transaction(End::SessionClosed).await;
         tracing::debug!(client = %self.client, "session closed");
     }
 
@@ -185,13 +243,13 @@ impl Session {
     async fn handle(&mut self, command: Command) -> Next {
         let reply = match command {
             Command::Ehlo(_) => {
-                self.end_transaction("EHLO").await;
+                self.end_transaction(End::Ehlo).await;
                 self.stage = Stage::Ready;
-                self.registered.update("ready", None);
+                self.registered.update(SessionState::Ready, None);
                 self.ehlo_reply()
             }
             Command::Helo(_) => {
-                self.end_transaction("HELO").await;
+                self.end_transaction(End::Helo).await;
                 self.stage = Stage::Ready;
                 Reply::multiline(250, vec![self.proxy.config.hostname.0.clone()])
             }
@@ -199,7 +257,7 @@ impl Session {
             Command::Rcpt(recipient) => self.rcpt(recipient).await,
             Command::Data => return self.data().await,
             Command::Rset => {
-                self.end_transaction("RSET").await;
+                self.end_transaction(End::Rset).await;
                 if let Stage::Mail(_) = self.stage {
                     self.stage = Stage::Ready;
                 }
@@ -249,18 +307,17 @@ impl Session {
         self.stage = Stage::Mail(Box::new(Transaction {
             sender,
             params,
-            route: None,
+            remote: Remote::None,
             accepted: Vec::new(),
             refused: Vec::new(),
             refused_more: 0,
             deferred_any: false,
             rcpt_count: 0,
             failed_domains: HashMap::new(),
-            lost: None,
             started: std::time::Instant::now(),
             rules: self.proxy.router.rules(),
         }));
-        self.registered.update("mail", None);
+        self.registered.update(SessionState::Mail, None);
         Reply::new(250, "2.1.0", "sender OK")
     }
 
@@ -288,8 +345,8 @@ impl Session {
             return Reply::new(452, "4.5.3", "too many recipients");
         }
         tx.rcpt_count += 1;
-        if let Some(lost) = &tx.lost {
-            return lost.clone();
+        if let Remote::Lost { reply, .. } = &tx.remote {
+            return reply.clone();
         }
         let domain = recipient.routing_domain();
         if let Some(reply) = tx.failed_domains.get(&domain) {
@@ -306,32 +363,17 @@ impl Session {
         let Stage::Mail(tx) = &mut self.stage else {
             return Reply::new(503, "5.5.1", "MAIL first");
         };
-        let Some(route) = &mut tx.route else {
+        let Remote::Open(route) = &mut tx.remote else {
             return Reply::new(451, "4.3.0", "internal error: no route");
         };
-        let line = format!("RCPT TO:<{recipient}>");
-        match route
-            .upstream
-            .conn
-            .exchange(
-                &line,
-                &[250, 251],
-                proxy.config.timeouts.command,
-                "the reply to RCPT TO",
-            )
-            .await
-        {
-            Ok(reply) if reply.closes_connection() => tx.lose(relayable(&reply)),
-            Ok(reply) => {
+        match route.upstream.recipient(&recipient).await {
+            Answer::Reply(reply) => {
                 if reply.is_positive() {
                     tx.accepted.push(recipient);
                 }
                 reply
             }
-            Err(e) => {
-                let why = format!("lost the connection to {}: {e}", route.upstream.conn.host);
-                tx.lose(Reply::new(451, "4.4.2", why))
-            }
+            Answer::Lost(reply) => tx.lose(reply),
         }
     }
 
@@ -342,7 +384,7 @@ impl Session {
         let Stage::Mail(tx) = &mut self.stage else {
             return Err(Reply::new(503, "5.5.1", "MAIL first"));
         };
-        if let Some(route) = &tx.route {
+        if let Remote::Open(route) = &tx.remote {
             if route.domain == domain && route.plan == plan {
                 return Ok(());
             }
@@ -384,14 +426,14 @@ impl Session {
             .await;
         match opened {
             Ok(upstream) => {
-                let server = format!("{}[{}]", upstream.conn.host, upstream.conn.peer.ip());
-                self.registered.update("mail", Some(server));
-                tx.route = Some(Route {
+                let remote = upstream.facts().to_string();
+                self.registered.update(SessionState::Mail, Some(remote));
+                tx.remote = Remote::Open(Box::new(Route {
                     domain: domain.to_string(),
                     key: RouteKey::new(&plan, &hop),
                     plan,
                     upstream,
-                });
+                }));
                 Ok(())
             }
             Err(error) => {
@@ -415,109 +457,95 @@ impl Session {
             }
         };
         if self.client_sent_early() {
-            // RFC 2920: DATA ends a pipelined group; the client must wait for our 354.
-            let reply = Reply::new(
-                554,
-                "5.5.0",
-                "synchronization error: data sent before the 354",
-            );
-            self.finish(&mut tx, Some(&reply), "pipelining violation")
-                .await;
-            let _ = self.reply(&reply).await;
-            return Next::Close;
+            return self.pipelining_violation(&mut tx).await;
         }
-        let reply = match (&tx.lost, tx.accepted.is_empty()) {
-            (Some(lost), _) => Some(lost.clone()),
-            (None, true) => Some(Reply::new(554, "5.5.1", "no valid recipients")),
-            (None, false) => None,
-        };
-        if let Some(reply) = reply {
-            self.finish(&mut tx, Some(&reply), "no data").await;
-            return self.reply_or_close(&reply).await;
-        }
-        let timeouts = self.proxy.config.timeouts.clone();
-        let Some(route) = &mut tx.route else {
-            return self
-                .reply_or_close(&Reply::new(451, "4.3.0", "internal error: no route"))
-                .await;
-        };
-        let start = route
-            .upstream
-            .conn
-            .exchange("DATA", &[354], timeouts.data_start, "the reply to DATA")
-            .await;
-        let start = match start {
-            Ok(reply) if reply.code == 354 => reply,
-            Ok(reply) => {
-                let reply = relayable(&reply);
-                self.finish(&mut tx, Some(&reply), "remote refused DATA")
-                    .await;
+        let route = match &mut tx.remote {
+            Remote::Open(route) if !tx.accepted.is_empty() => route,
+            Remote::Lost { reply, .. } => {
+                let reply = reply.clone();
+                self.finish(&mut tx, Some(&reply), End::NoData).await;
                 return self.reply_or_close(&reply).await;
             }
-            Err(e) => {
-                let reply = Reply::new(451, "4.4.2", format!("lost the remote at DATA: {e}"));
-                self.finish(&mut tx, Some(&reply), "remote lost").await;
+            _ => {
+                let reply = Reply::new(554, "5.5.1", "no valid recipients");
+                self.finish(&mut tx, Some(&reply), End::NoData).await;
                 return self.reply_or_close(&reply).await;
             }
         };
-        self.registered.update("data", Some(route_name(&tx)));
+        let start = match route.upstream.start_data().await {
+            Answer::Reply(start) => start,
+            Answer::Lost(reply) => {
+                tx.lose(reply.clone());
+                self.finish(&mut tx, Some(&reply), End::DataRefused).await;
+                return self.reply_or_close(&reply).await;
+            }
+        };
+        let remote = route.upstream.facts().to_string();
+        self.registered.update(SessionState::Data, Some(remote));
         if self.client_sent_early() {
             // Text that came while the remote was asked: the same violation, found later.
-            let reply = Reply::new(
-                554,
-                "5.5.0",
-                "synchronization error: data sent before the 354",
-            );
-            self.finish(&mut tx, Some(&reply), "pipelining violation")
-                .await;
-            let _ = self.reply(&reply).await;
-            return Next::Close;
+            return self.pipelining_violation(&mut tx).await;
         }
         if self.reply(&start).await.is_err() {
             let reply = Reply::new(451, "4.4.2", "client gone");
-            self.finish(&mut tx, Some(&reply), "client gone").await;
+            self.finish(&mut tx, Some(&reply), End::ClientGone).await;
             return Next::Close;
         }
         let ended = self.relay_body(&mut tx).await;
-        if !matches!(ended, BodyEnd::Complete)
-            && let Some(route) = &mut tx.route
-        {
-            // The remote is inside the message text: QUIT would become part of it.
-            route.upstream.conn.give_up();
+        let Remote::Open(route) = &mut tx.remote else {
+            let reply = Reply::new(451, "4.3.0", "internal error: no route");
+            return self.reply_or_close(&reply).await;
+        };
+        if !matches!(ended, BodyEnd::Complete) {
+            route.upstream.abandon();
         }
-        let reply = match ended {
-            BodyEnd::Complete => self.end_of_data(&mut tx).await,
-            BodyEnd::Refused(error) => error.reply(),
-            BodyEnd::UpstreamFailed(why) => {
-                Reply::new(451, "4.4.2", format!("lost the remote during DATA: {why}"))
-            }
+        let (reply, end) = match ended {
+            BodyEnd::Complete => (route.upstream.finish().await, End::Answered),
+            BodyEnd::Refused(error) => (error.reply(), End::MessageFailed),
+            BodyEnd::UpstreamFailed(why) => (
+                Reply::new(451, "4.4.2", format!("lost the remote during DATA: {why}")),
+                End::MessageFailed,
+            ),
             BodyEnd::ClientGone(why) => {
                 // The final dot is never sent, so the remote discards the message.
                 let reply = Reply::new(451, "4.4.2", format!("client gone during DATA: {why}"));
-                self.finish(&mut tx, Some(&reply), "client gone").await;
+                self.finish(&mut tx, Some(&reply), End::ClientGone).await;
                 return Next::Close;
             }
         };
-        self.finish(&mut tx, Some(&reply), "delivered").await;
+        self.finish(&mut tx, Some(&reply), end).await;
         self.reply_or_close(&reply).await
+    }
+
+    /// RFC 2920: DATA ends a pipelined group; the client must wait for our 354.
+    async fn pipelining_violation(&mut self, tx: &mut Transaction) -> Next {
+        let reply = Reply::new(
+            554,
+            "5.5.0",
+            "synchronization error: data sent before the 354",
+        );
+        self.finish(tx, Some(&reply), End::PipeliningViolation)
+            .await;
+        let _ = self.reply(&reply).await;
+        Next::Close
     }
 
     /// Streams the body from the MTA to the remote in bounded blocks.
     async fn relay_body(&mut self, tx: &mut Transaction) -> BodyEnd {
         let config = &self.proxy.config;
-        let timeouts = config.timeouts.clone();
+        let client_idle = config.timeouts.client_idle;
         let mut filter = BodyFilter::new(
             config.delivery.bare_line_endings,
             config.limits.text_line,
             config.limits.max_message_size,
         );
-        let Some(route) = &mut tx.route else {
+        let Remote::Open(route) = &mut tx.remote else {
             return BodyEnd::UpstreamFailed("no remote".into());
         };
         let mut out = Vec::with_capacity(BODY_BLOCK + 1024);
         let mut upstream_error = None;
         loop {
-            let input = match tokio::time::timeout(timeouts.client_idle, self.io.fill_buf()).await {
+            let input = match tokio::time::timeout(client_idle, self.io.fill_buf()).await {
                 Err(_) => {
                     return BodyEnd::ClientGone("timed out waiting for the message text".into());
                 }
@@ -532,12 +560,7 @@ impl Session {
             self.io.consume(fed.consumed);
             let flush = out.len() >= BODY_BLOCK || fed.end.is_some();
             if flush && !out.is_empty() && upstream_error.is_none() {
-                let written = route
-                    .upstream
-                    .conn
-                    .write(&out, timeouts.data_block, "sending the message")
-                    .await;
-                upstream_error = written.err().map(|e| e.to_string());
+                upstream_error = route.upstream.body_block(&out).await.err();
             }
             if flush {
                 out.clear();
@@ -555,81 +578,41 @@ impl Session {
         }
     }
 
-    async fn end_of_data(&mut self, tx: &mut Transaction) -> Reply {
-        let timeouts = &self.proxy.config.timeouts;
-        let Some(route) = &mut tx.route else {
-            return Reply::new(451, "4.3.0", "internal error: no route");
-        };
-        let conn = &mut route.upstream.conn;
-        // A reply that came during the body is out of sequence: it must not be read as the
-        // answer to the final dot.
-        let sent = match conn.expect_nothing_more("the message text").await {
-            Ok(()) => {
-                conn.write(b".\r\n", timeouts.data_block, "sending the final dot")
-                    .await
-            }
-            Err(e) => Err(e),
-        };
-        let what = "the reply to the message";
-        let reply = match sent {
-            Ok(()) => match conn.read_reply(timeouts.data_end, what).await {
-                Ok(reply) => conn.expect_due(&reply, &[250], what).map(|()| reply),
-                Err(e) => Err(e),
-            },
-            Err(e) => Err(e),
-        };
-        match reply {
-            Ok(reply) => relayable(&reply),
-            Err(e) => Reply::new(
-                451,
-                "4.4.2",
-                format!("no 250 from {} for the message: {e}", conn.host),
-            ),
-        }
-    }
-
     /// Ends whatever transaction is open, with a log line, and closes its remote connection.
-    async fn end_transaction(&mut self, why: &str) {
+    async fn end_transaction(&mut self, end: End) {
         if let Stage::Mail(_) = self.stage {
             let Stage::Mail(mut tx) = std::mem::replace(&mut self.stage, Stage::Ready) else {
                 return;
             };
-            self.finish(&mut tx, None, why).await;
+            self.finish(&mut tx, None, end).await;
         }
     }
 
     /// The one log line of a transaction, its counters; then the remote connection is closed.
     /// `reply` is the MTA's answer for the message, `None` when it never sent one (RSET, QUIT).
-    async fn finish(&self, tx: &mut Transaction, reply: Option<&Reply>, end: &str) {
+    async fn finish(&self, tx: &mut Transaction, reply: Option<&Reply>, end: End) {
         log_transaction(self.client, tx, reply, end);
         self.count(tx, reply, end);
-        self.registered.update("ready", None);
-        if let Some(route) = tx.route.take() {
-            tokio::spawn(route.upstream.conn.quit());
+        self.registered.update(SessionState::Ready, None);
+        if let Remote::Open(route) = std::mem::replace(&mut tx.remote, Remote::None) {
+            tokio::spawn(route.upstream.quit());
         }
     }
 
-    fn count(&self, tx: &Transaction, reply: Option<&Reply>, end: &str) {
+    fn count(&self, tx: &Transaction, reply: Option<&Reply>, end: End) {
         let stats = &self.proxy.stats;
         stats.transactions.inc();
         stats.transaction_time(tx.started.elapsed().as_secs_f64());
         if reply.is_some_and(Reply::is_transient) || tx.deferred_any {
             stats.deferrals.inc();
         }
-        let Some(route) = tx
-            .route
-            .as_ref()
-            .filter(|_| end == "delivered" && reply.is_some_and(Reply::is_positive))
-        else {
+        let delivered = end == End::Answered && reply.is_some_and(Reply::is_positive);
+        let Some(facts) = tx.remote.facts().filter(|_| delivered) else {
             return;
         };
-        match &route.upstream.tls {
+        match &facts.tls {
             TlsOutcome::Encrypted(_) => {
-                let class = route
-                    .upstream
-                    .tls
-                    .class()
-                    .map_or("tls-verified", |c| c.name());
+                let class = facts.tls.class().map_or("tls-verified", |c| c.name());
                 stats.delivered(class);
             }
             TlsOutcome::Plain(reason) => {
@@ -654,18 +637,18 @@ impl Session {
     }
 }
 
-fn route_name(tx: &Transaction) -> String {
-    tx.route
-        .as_ref()
-        .map(|r| format!("{}[{}]", r.upstream.conn.host, r.upstream.conn.peer.ip()))
-        .unwrap_or_default()
-}
-
 impl Transaction {
     /// The remote is gone: every later recipient and the DATA get this reply.
     fn lose(&mut self, reply: Reply) -> Reply {
-        self.route = None;
-        self.lost = Some(reply.clone());
+        let remote = std::mem::replace(&mut self.remote, Remote::None);
+        if let Remote::Open(route) = remote {
+            let facts = Box::new(route.upstream.facts().clone());
+            tokio::spawn(route.upstream.quit());
+            self.remote = Remote::Lost {
+                facts,
+                reply: reply.clone(),
+            };
+        }
         reply
     }
 }
@@ -673,38 +656,39 @@ impl Transaction {
 /// Refused recipients named in a log line; the rest are counted.
 const REFUSED_SHOWN: usize = 20;
 
-fn log_transaction(client: SocketAddr, tx: &Transaction, reply: Option<&Reply>, end: &str) {
+fn log_transaction(client: SocketAddr, tx: &Transaction, reply: Option<&Reply>, end: End) {
+    use tracing::field::display;
     let sender = tx
         .sender
         .as_ref()
-        .map(ToString::to_string)
-        .unwrap_or_default();
+        .map_or_else(|| "<>".to_string(), ToString::to_string);
     let recipients: Vec<String> = tx.accepted.iter().map(ToString::to_string).collect();
-    let recipients = recipients.join(",");
     let mut refused: Vec<String> = (tx.refused.iter())
         .map(|(rcpt, reply)| format!("{rcpt} ({reply})"))
         .collect();
     if tx.refused_more > 0 {
         refused.push(format!("and {} more", tx.refused_more));
     }
-    let refused = refused.join("; ");
+    // A field with nothing to say is left out of the line, not written as `key=`.
+    let listed = |items: &[String], separator: &str| {
+        (!items.is_empty()).then(|| display(items.join(separator)))
+    };
     let reply = reply.map_or_else(|| "none".to_string(), ToString::to_string);
-    let Some(route) = &tx.route else {
+    let Some(facts) = tx.remote.facts() else {
         tracing::info!(
             target: "tlsrouter::transaction",
             client = %client,
             from = %sender,
-            to = %recipients,
-            refused = %refused,
+            to = listed(&recipients, ","),
+            refused = listed(&refused, "; "),
             route = "none",
-            end,
+            end = end.label(),
             reply = %reply,
             "transaction"
         );
         return;
     };
-    let upstream = &route.upstream;
-    let (route_kind, version, cipher, verify, fallback) = match &upstream.tls {
+    let (route, version, cipher, verify, fallback) = match &facts.tls {
         TlsOutcome::Encrypted(session) => {
             let verify = match &session.verification {
                 Verification::Verified => "verified".to_string(),
@@ -712,35 +696,42 @@ fn log_transaction(client: SocketAddr, tx: &Transaction, reply: Option<&Reply>, 
             };
             (
                 "tls",
-                session.version.as_str(),
-                session.cipher.as_str(),
-                verify,
-                String::new(),
+                Some(session.version.as_str()),
+                Some(session.cipher.as_str()),
+                Some(verify),
+                None,
             )
         }
         TlsOutcome::Plain(reason) => {
             let class = reason.class().map(|c| c.name()).unwrap_or("tls-never");
-            ("plain", "", "", String::new(), format!("{class}: {reason}"))
+            (
+                "plain",
+                None,
+                None,
+                None,
+                Some(format!("{class}: {reason}")),
+            )
         }
     };
     tracing::info!(
         target: "tlsrouter::transaction",
         client = %client,
         from = %sender,
-        to = %recipients,
-        refused = %refused,
-        next_hop = %upstream.next_hop,
-        mx = %upstream.conn.host,
-        addr = %upstream.conn.peer.ip(),
-        route = route_kind,
+        to = listed(&recipients, ","),
+        refused = listed(&refused, "; "),
+        next_hop = %facts.server,
+        mx = %facts.server.name,
+        addr = %facts.server.addr,
+        relay = facts.relay.as_ref().map(display),
+        route,
         tls_version = version,
         cipher,
-        verify = %verify,
-        fallback = %fallback,
-        rule = %upstream.rule,
-        end,
+        verify = verify.map(display),
+        fallback = fallback.map(display),
+        rule = %facts.rule,
+        end = end.label(),
         reply = %reply,
-        earlier_failures = %upstream.earlier_failures.join("; "),
+        earlier_failures = listed(&facts.earlier_failures, "; "),
         "transaction"
     );
 }

@@ -9,8 +9,9 @@ use tokio::io::{AsyncBufRead, AsyncRead, AsyncWrite, AsyncWriteExt, BufReader, R
 use tokio::net::TcpStream;
 use tokio_rustls::client::TlsStream;
 
-use crate::outbound::tls::{MinTls, TlsClient};
+use crate::outbound::tls::TlsClient;
 use crate::outcome::{NoTls, TlsSession};
+use crate::rules::MinTls;
 use crate::smtp::Reply;
 use crate::smtp::line::{LineRead, read_line};
 use crate::smtp::reply::{ReplyBuilder, ReplyError};

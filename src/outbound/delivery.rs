@@ -1,23 +1,29 @@
-//! Carrying out a plan: try each next-hop host and address in turn until one accepts MAIL
-//! FROM, with STARTTLS, classification of what went wrong, and the plain fallback path the
-//! host's rule allows (the same server, or a relay).
+//! Carrying out a plan: try each next-hop server and address in turn until one accepts
+//! MAIL FROM. For each, [`decide`] says what to do (TLS, plain and on which path, refuse,
+//! skip) from what the cache knows, and again from what the TLS attempt found; this module
+//! only does it, classifies what happened, and records it.
 
-use std::net::{IpAddr, SocketAddr};
+use std::net::SocketAddr;
+use std::sync::Arc;
 
 use base64::Engine;
 use base64::engine::general_purpose::STANDARD as BASE64;
 
-use std::sync::Arc;
-
-use crate::cache::{CacheEntry, Observation, OutcomeCache, is_unreachable};
+use crate::cache::{Observation, OutcomeCache};
 use crate::config::Timeouts;
 use crate::outbound::connection::{Connection, ExchangeError, StartTlsResult};
-use crate::outbound::mx::{AddressError, MxHost, MxResolver, RouteError};
-use crate::outbound::tls::{MinTls, TlsClient};
+use crate::outbound::mx::{
+    AddressError, MxHost, MxResolver, RouteError, ServerId, literal_address,
+};
+use crate::outbound::tls::TlsClient;
+use crate::outbound::upstream::{RemoteFacts, Upstream, relayable};
 use crate::outcome::{NoTls, OutcomeClass, TlsOutcome, TlsSession, Verification};
-use crate::router::{Plan, TlsMode, VerifyMode};
-use crate::rules::model::{AuthSpec, HostPort, SmarthostTls};
-use crate::rules::{Fallback, OnDowngrade, Route, Rule};
+use crate::router::Plan;
+use crate::router::decision::{
+    HostDecision, Known, Published, TlsTerms, decide, is_fact_about_server,
+};
+use crate::rules::model::{AuthSpec, HostPort};
+use crate::rules::{Fallback, Route, Rule};
 use crate::smtp::{Capabilities, MissingExtension, Reply};
 use crate::stats::Stats;
 
@@ -56,20 +62,6 @@ impl NextHop {
     }
 }
 
-/// A remote transaction that has accepted MAIL FROM.
-pub struct Upstream {
-    pub conn: Connection,
-    pub caps: Capabilities,
-    pub tls: TlsOutcome,
-    /// The rule that applied to this host.
-    pub rule: String,
-    /// The next-hop server the attempt was for, `name[ip]` (the connection may be to a
-    /// fallback relay instead).
-    pub next_hop: String,
-    /// Attempts that failed before this one, for the log.
-    pub earlier_failures: Vec<String>,
-}
-
 /// Why no remote transaction could be opened.
 #[derive(Debug)]
 pub enum OpenError {
@@ -95,7 +87,7 @@ impl OpenError {
     pub fn reply(&self) -> Reply {
         match self {
             OpenError::Route(e) => e.reply(),
-            OpenError::Rejected { reply, .. } => crate::inbound::relayable(reply),
+            OpenError::Rejected { reply, .. } => relayable(reply),
             OpenError::Deferred(reply) => reply.clone(),
             OpenError::Unreachable { domain, failures } => Reply::new(
                 451,
@@ -140,8 +132,10 @@ enum Failure {
     Deferred(Reply),
 }
 
+/// What a STARTTLS attempt left.
 enum Secured {
     Tls(Connection, Capabilities, TlsSession),
+    /// No TLS, and the connection is still usable in plain (no STARTTLS, or refused).
     Plain(Connection, Capabilities, NoTls),
     /// The connection is gone; a plain fallback needs a new one.
     Lost(NoTls),
@@ -150,22 +144,42 @@ enum Secured {
     Closed(String),
 }
 
-/// One delivery attempt: the rule for this host, the route, the server, and what the cache
-/// knew of it beforehand.
-#[derive(Clone, Copy)]
+impl Secured {
+    fn outcome(&self) -> Option<TlsOutcome> {
+        Some(match self {
+            Secured::Tls(_, _, session) => TlsOutcome::Encrypted(session.clone()),
+            Secured::Plain(_, _, reason) | Secured::Lost(reason) => {
+                TlsOutcome::Plain(reason.clone())
+            }
+            Secured::Closed(_) => return None,
+        })
+    }
+}
+
+/// A greeted connection on the path a decision chose.
+struct Session {
+    conn: Connection,
+    caps: Capabilities,
+    tls: TlsOutcome,
+    /// The fallback relay the connection goes to instead of the server, if any.
+    relay: Option<HostPort>,
+}
+
+/// One delivery attempt: the rule for this server, the route, the server, and what the
+/// decision said before connecting.
 struct Attempt<'a> {
     rule: &'a Rule,
     route: &'a Route,
-    target: &'a Target,
+    server: &'a ServerId,
+    port: u16,
     domain: &'a str,
-    cached: Option<&'a CacheEntry>,
+    decision: HostDecision,
 }
 
-/// One server to try: the name it is known by (for TLS and logs) and where it listens.
-#[derive(Clone)]
-struct Target {
-    name: String,
-    addr: SocketAddr,
+impl Attempt<'_> {
+    fn addr(&self) -> SocketAddr {
+        SocketAddr::new(self.server.addr, self.port)
+    }
 }
 
 impl Outbound {
@@ -175,18 +189,17 @@ impl Outbound {
             return Ok(NextHop::Smarthost(server.clone()));
         }
         if domain.starts_with('[') {
-            let name = domain.to_string();
             return Ok(NextHop::Mx(vec![MxHost {
-                name,
+                name: domain.to_string(),
                 preference: 0,
             }]));
         }
         self.resolver.mail_exchangers(domain).await.map(NextHop::Mx)
     }
 
-    /// Opens a remote transaction: the first host and address that accepts MAIL FROM wins.
-    /// `mail_from` writes the command for the capabilities the remote announced, or says
-    /// which one the message needs and the remote lacks.
+    /// Opens a remote transaction: the first server and address that accepts MAIL FROM
+    /// wins. `mail_from` writes the command for the capabilities the remote announced, or
+    /// says which one the message needs and the remote lacks.
     pub async fn open(
         &self,
         plan: &Plan,
@@ -212,38 +225,39 @@ impl Outbound {
                 }
             };
             for ip in addrs {
-                let target = Target {
-                    name: host
-                        .trim_start_matches('[')
-                        .trim_end_matches(']')
-                        .to_string(),
-                    addr: SocketAddr::new(ip, port),
-                };
-                let server = format!("{host}[{ip}]");
-                let cached = self.cache.get(&host, ip);
-                if let Some(entry) = cached.as_ref().filter(|e| is_unreachable(e.class)) {
+                let server = ServerId::new(&host, ip);
+                let cached = self.cache.get(&server.name, ip);
+                let classes = cached.as_ref().map(|e| e.classes()).unwrap_or_default();
+                let rule = plan.rule_for_host(&server.name, &classes);
+                let known = cached.as_ref().map_or(Known::Nothing, Known::Cached);
+                let decision = decide(rule, known, Published::Nothing);
+                if decision != decide(rule, Known::Nothing, Published::Nothing) {
                     self.stats.cache_hits.inc();
-                    failures.push(format!(
-                        "{server}: {} (cached, retried after it expires)",
-                        entry.detail
-                    ));
+                }
+                if let HostDecision::Skip(why) = &decision {
+                    failures.push(format!("{server}: {why}"));
                     continue;
                 }
-                let classes = cached.as_ref().map(CacheEntry::classes).unwrap_or_default();
-                let rule = plan.rule_for_host(&host, &classes);
                 let attempt = Attempt {
                     rule,
                     route: plan.route(),
-                    target: &target,
+                    server: &server,
+                    port,
                     domain,
-                    cached: cached.as_ref(),
+                    decision,
                 };
                 match self.attempt(&attempt, &mail_from).await {
-                    Ok(mut upstream) => {
-                        upstream.next_hop = server;
+                    Ok(session) => {
                         failures.extend(tls_failures);
-                        upstream.earlier_failures = failures;
-                        return Ok(upstream);
+                        let facts = RemoteFacts {
+                            server,
+                            relay: session.relay,
+                            tls: session.tls,
+                            rule: rule.name.clone(),
+                            earlier_failures: failures,
+                        };
+                        let timeouts = self.timeouts.clone();
+                        return Ok(Upstream::new(session.conn, session.caps, facts, timeouts));
                     }
                     Err(Failure::Next(why)) => {
                         tracing::info!(server = %server, "delivery attempt failed: {why}");
@@ -251,8 +265,12 @@ impl Outbound {
                     }
                     Err(Failure::Unreachable(class, why)) => {
                         tracing::info!(server = %server, "delivery attempt failed: {why}");
-                        self.cache
-                            .record(&host, ip, domain, Observation::unreachable(class, &why));
+                        self.cache.record(
+                            &server.name,
+                            ip,
+                            domain,
+                            Observation::unreachable(class, &why),
+                        );
                         failures.push(format!("{server}: {why}"));
                     }
                     Err(Failure::TlsNotAchieved(why)) => {
@@ -261,12 +279,15 @@ impl Outbound {
                         tls_rule = rule.name.clone();
                     }
                     Err(Failure::Final(reply)) => {
-                        return Err(OpenError::Rejected { reply, server });
+                        return Err(OpenError::Rejected {
+                            reply,
+                            server: server.to_string(),
+                        });
                     }
                     Err(Failure::Unsupported(reply)) => {
                         tracing::info!(server = %server, "delivery attempt failed: {reply}");
                         failures.push(format!("{server}: {reply}"));
-                        unsupported = Some((reply, server));
+                        unsupported = Some((reply, server.to_string()));
                         unsupported_count += 1;
                     }
                     Err(Failure::Deferred(reply)) => return Err(OpenError::Deferred(reply)),
@@ -293,35 +314,32 @@ impl Outbound {
         })
     }
 
-    async fn addresses(&self, host: &str) -> Result<Vec<IpAddr>, AddressError> {
-        let literal = host.strip_prefix('[').and_then(|h| h.strip_suffix(']'));
-        let literal = literal
-            .map(|l| l.strip_prefix("IPv6:").unwrap_or(l))
-            .unwrap_or(host);
-        if let Ok(ip) = literal.parse::<IpAddr>() {
-            return Ok(vec![ip]);
+    async fn addresses(&self, host: &str) -> Result<Vec<std::net::IpAddr>, AddressError> {
+        match literal_address(host) {
+            Some(ip) => Ok(vec![ip]),
+            None => self.resolver.addresses(host).await,
         }
-        self.resolver.addresses(host).await
     }
 
+    /// Runs one attempt up to the remote's acceptance of MAIL FROM.
     async fn attempt(
         &self,
         attempt: &Attempt<'_>,
         mail_from: &(dyn Fn(&Capabilities) -> Result<String, MissingExtension> + Sync),
-    ) -> Result<Upstream, Failure> {
-        let (rule, route) = (attempt.rule, attempt.route);
-        let (mut conn, caps, tls) = self.session(attempt).await?;
+    ) -> Result<Session, Failure> {
+        let mut session = self.session(attempt).await?;
+        let (conn, caps) = (&mut session.conn, &session.caps);
         if let Route::Smarthost {
             auth: Some(auth), ..
-        } = route
+        } = attempt.route
         {
-            self.authenticate(&mut conn, &caps, auth).await?;
+            self.authenticate(conn, caps, auth).await?;
         }
-        let command = match mail_from(&caps) {
+        let command = match mail_from(caps) {
             Ok(command) => command,
             Err(missing) => {
-                let why = Reply::new(554, "5.6.9", format!("{} {missing}", conn.host));
-                tokio::spawn(conn.quit());
+                let why = Reply::new(554, "5.6.9", format!("{} {missing}", attempt.server));
+                tokio::spawn(session.conn.quit());
                 return Err(Failure::Unsupported(why));
             }
         };
@@ -338,187 +356,240 @@ impl Outbound {
             return Err(Failure::Next(format!("MAIL FROM: {reply}")));
         }
         if !reply.is_positive() {
-            tokio::spawn(conn.quit());
+            tokio::spawn(session.conn.quit());
             return Err(Failure::Final(reply));
         }
-        Ok(Upstream {
-            conn,
-            caps,
-            tls,
-            rule: rule.name.clone(),
-            next_hop: String::new(),
-            earlier_failures: Vec::new(),
-        })
+        Ok(session)
     }
 
-    /// A greeted connection, encrypted or on the plain path the rule allows, and why.
-    async fn session(
-        &self,
-        attempt: &Attempt<'_>,
-    ) -> Result<(Connection, Capabilities, TlsOutcome), Failure> {
-        let Attempt { rule, target, .. } = *attempt;
-        if let Route::Smarthost {
-            tls: SmarthostTls::Wrapper,
-            ..
-        } = attempt.route
-        {
-            return self.implicit_tls(rule, target).await;
-        }
-        if rule.policy.tls == TlsMode::Never {
-            let (conn, caps) = self.plain_path(rule, None, target).await?;
-            return Ok((conn, caps, TlsOutcome::Plain(NoTls::NotWanted)));
-        }
-        if let Some(reason) = attempt.cached.and_then(|entry| skip_tls(rule, entry)) {
-            self.stats.cache_hits.inc();
-            allow_plain(rule, &reason)?;
-            let (conn, caps) = self.plain_path(rule, None, target).await?;
-            return Ok((conn, caps, TlsOutcome::Plain(reason)));
-        }
-        let (conn, caps) = self.greet(target).await?;
-        let secured = self.secure(rule, conn, caps).await;
-        self.check_downgrade(attempt, &secured)?;
-        self.remember(attempt, &secured);
-        match secured {
-            Secured::Tls(conn, caps, session) => Ok((conn, caps, TlsOutcome::Encrypted(session))),
-            Secured::Plain(conn, caps, reason) => {
-                allow_plain(rule, &reason)?;
-                let (conn, caps) = self.plain_path(rule, Some((conn, caps)), target).await?;
-                Ok((conn, caps, TlsOutcome::Plain(reason)))
+    /// A greeted connection on the path the decisions choose: encrypted, or plain for a
+    /// reason, to the server or through the rule's relay.
+    async fn session(&self, attempt: &Attempt<'_>) -> Result<Session, Failure> {
+        let terms = match &attempt.decision {
+            HostDecision::Tls(terms) => *terms,
+            HostDecision::Plain { reason, path } => {
+                return self.plain_path(path, None, attempt, reason.clone()).await;
             }
-            Secured::Closed(why) => Err(Failure::Next(why)),
-            Secured::Lost(reason) => {
-                allow_plain(rule, &reason)?;
-                tracing::info!(server = %target.addr, "TLS failed ({reason}); taking the plain path");
-                let (conn, caps) = self.plain_path(rule, None, target).await?;
-                Ok((conn, caps, TlsOutcome::Plain(reason)))
+            HostDecision::Refuse(why) => return Err(Failure::TlsNotAchieved(why.clone())),
+            HostDecision::Skip(why) => return Err(Failure::Next(why.clone())),
+        };
+        if terms.implicit {
+            return self.implicit_tls(attempt, terms).await;
+        }
+        let (conn, caps) = self.greet(attempt.server, attempt.addr()).await?;
+        let secured = self.secure(terms, conn, caps).await;
+        let Some(outcome) = secured.outcome() else {
+            let Secured::Closed(why) = secured else {
+                return Err(Failure::Next("TLS attempt ended without an outcome".into()));
+            };
+            return Err(Failure::Next(why));
+        };
+        let fact = is_fact_about_server(attempt.rule, &outcome);
+        let downgrade = fact && self.is_downgrade(attempt, &outcome);
+        let found = Known::Found {
+            outcome: &outcome,
+            downgrade,
+        };
+        let decision = decide(attempt.rule, found, Published::Nothing);
+        if fact {
+            self.remember(attempt, &outcome, &decision);
+        }
+        match (decision, secured) {
+            (HostDecision::Tls(_), Secured::Tls(conn, caps, session)) => Ok(Session {
+                conn,
+                caps,
+                tls: TlsOutcome::Encrypted(session),
+                relay: None,
+            }),
+            (HostDecision::Plain { reason, path }, secured) => {
+                let open = match secured {
+                    Secured::Plain(conn, caps, _) => Some((conn, caps)),
+                    Secured::Tls(conn, ..) => {
+                        // The certificate failed a rule that allows plain after that.
+                        tokio::spawn(conn.quit());
+                        None
+                    }
+                    Secured::Lost(_) | Secured::Closed(_) => None,
+                };
+                if open.is_none() {
+                    tracing::info!(server = %attempt.server, "TLS failed ({reason}); taking the plain path");
+                }
+                self.plain_path(&path, open, attempt, reason).await
+            }
+            (decision, secured) => {
+                if let Secured::Tls(conn, ..) | Secured::Plain(conn, ..) = secured {
+                    tokio::spawn(conn.quit());
+                }
+                Err(Failure::TlsNotAchieved(match decision {
+                    HostDecision::Refuse(why) | HostDecision::Skip(why) => why,
+                    other => other.to_string(),
+                }))
             }
         }
     }
 
-    /// A host that did TLS before and offers no STARTTLS now may have it stripped on the
-    /// way: always a warning, and a deferral when the rule says so.
-    fn check_downgrade(&self, attempt: &Attempt<'_>, secured: &Secured) -> Result<(), Failure> {
-        let reason = match secured {
-            _ if failed_only_by_rule(attempt, secured) => return Ok(()),
-            Secured::Plain(_, _, reason) | Secured::Lost(reason) => reason,
-            Secured::Tls(..) | Secured::Closed(_) => return Ok(()),
+    /// A server that did TLS before and now does not may have it stripped on the way:
+    /// always a warning (the decision says whether it defers).
+    fn is_downgrade(&self, attempt: &Attempt<'_>, outcome: &TlsOutcome) -> bool {
+        let (TlsOutcome::Plain(reason), Some(class)) = (outcome, outcome.class()) else {
+            return false;
         };
-        let Some(class) = reason.class() else {
-            return Ok(());
-        };
-        let (host, ip) = (&attempt.target.name, attempt.target.addr.ip());
-        if !self.cache.is_downgrade(host, ip, class) {
-            return Ok(());
+        let server = attempt.server;
+        if !self.cache.is_downgrade(&server.name, server.addr, class) {
+            return false;
         }
-        let rule = attempt.rule;
         self.stats.downgrades.inc();
         tracing::warn!(
-            server = %format!("{host}[{ip}]"),
-            rule = %rule.name,
+            server = %server,
+            rule = %attempt.rule.name,
             "downgrade: this host did TLS before and now fails it ({class}: {reason})"
         );
-        if rule.on_downgrade == OnDowngrade::Defer {
-            return Err(Failure::TlsNotAchieved(format!(
-                "downgrade: did TLS before, now {class}"
-            )));
-        }
-        Ok(())
+        true
     }
 
-    /// Writes what the TLS attempt found to the cache.
-    fn remember(&self, attempt: &Attempt<'_>, secured: &Secured) {
-        if failed_only_by_rule(attempt, secured) {
-            return;
-        }
-        let outcome = match secured {
-            Secured::Tls(_, _, session) => TlsOutcome::Encrypted(session.clone()),
-            Secured::Plain(_, _, reason) | Secured::Lost(reason) => {
-                TlsOutcome::Plain(reason.clone())
+    /// Writes what the TLS attempt found to the cache. A session whose certificate failed
+    /// a rule that requires it is remembered as that failure, as the rule saw it.
+    fn remember(&self, attempt: &Attempt<'_>, outcome: &TlsOutcome, decision: &HostDecision) {
+        let refused_certificate = match (outcome, decision) {
+            (TlsOutcome::Encrypted(session), decision)
+                if !matches!(decision, HostDecision::Tls(_)) =>
+            {
+                match &session.verification {
+                    Verification::Failed(problem) => {
+                        Some(TlsOutcome::Plain(NoTls::CertRejected(problem.clone())))
+                    }
+                    Verification::Verified => None,
+                }
             }
-            Secured::Closed(_) => return,
+            _ => None,
         };
-        if let Some(observation) = Observation::from_outcome(&outcome) {
-            let target = attempt.target;
+        let outcome = refused_certificate.as_ref().unwrap_or(outcome);
+        if let Some(observation) = Observation::from_outcome(outcome) {
+            let server = attempt.server;
             self.cache
-                .record(&target.name, target.addr.ip(), attempt.domain, observation);
+                .record(&server.name, server.addr, attempt.domain, observation);
         }
     }
 
-    /// The plain path of a rule: the same server (reusing `open` when there is one), or the
-    /// fallback relay.
+    /// The plain path: the same server (reusing `open` when there is one), or the relay.
     async fn plain_path(
         &self,
-        rule: &Rule,
+        path: &Fallback,
         open: Option<(Connection, Capabilities)>,
-        target: &Target,
-    ) -> Result<(Connection, Capabilities), Failure> {
-        match &rule.fallback {
+        attempt: &Attempt<'_>,
+        reason: NoTls,
+    ) -> Result<Session, Failure> {
+        let plain = |(conn, caps), relay| Session {
+            conn,
+            caps,
+            tls: TlsOutcome::Plain(reason.clone()),
+            relay,
+        };
+        match path {
             Fallback::Direct => match open {
-                Some(pair) => Ok(pair),
-                None => self.greet(target).await,
+                Some(pair) => Ok(plain(pair, None)),
+                None => Ok(plain(
+                    self.greet(attempt.server, attempt.addr()).await?,
+                    None,
+                )),
             },
             Fallback::Relay(relay) => {
                 if let Some((conn, _)) = open {
                     tokio::spawn(conn.quit());
                 }
+                let what = format!("fallback relay {relay}");
                 let ip = self
                     .addresses(&relay.host)
                     .await
                     .ok()
                     .and_then(|addrs| addrs.into_iter().next())
-                    .ok_or_else(|| Failure::Next(format!("fallback relay {relay}: no address")))?;
-                let relay_target = Target {
-                    name: relay.host.clone(),
-                    addr: SocketAddr::new(ip, relay.port),
-                };
-                self.greet(&relay_target)
+                    .ok_or_else(|| Failure::Next(format!("{what}: no address")))?;
+                let relay_server = ServerId::new(&relay.host, ip);
+                // A failure of the relay is not a fact about the MX: never cached under it.
+                let pair = self
+                    .greet(&relay_server, SocketAddr::new(ip, relay.port))
                     .await
-                    .map_err(|f| prefix(f, &format!("fallback relay {relay}")))
+                    .map_err(|failure| match failure {
+                        Failure::Next(why) | Failure::Unreachable(_, why) => {
+                            Failure::Next(format!("{what}: {why}"))
+                        }
+                        other => other,
+                    })?;
+                Ok(plain(pair, Some(relay.clone())))
             }
         }
     }
 
     /// Connects, reads the greeting and says EHLO (HELO when EHLO is refused).
-    async fn greet(&self, target: &Target) -> Result<(Connection, Capabilities), Failure> {
-        let t = &self.timeouts;
-        let mut conn = Connection::connect(&target.name, target.addr, t.connect)
-            .await
-            .map_err(|e| unreachable(&e))?;
-        let caps = self.greeting_and_ehlo(&mut conn).await?;
+    async fn greet(
+        &self,
+        server: &ServerId,
+        addr: SocketAddr,
+    ) -> Result<(Connection, Capabilities), Failure> {
+        let mut conn = self.connect(server, addr).await?;
+        self.read_greeting(&mut conn).await.map_err(Failure::Next)?;
+        let caps = self.ehlo(&mut conn).await.map_err(Failure::Next)?;
         Ok((conn, caps))
     }
 
-    async fn greeting_and_ehlo(&self, conn: &mut Connection) -> Result<Capabilities, Failure> {
+    async fn connect(&self, server: &ServerId, addr: SocketAddr) -> Result<Connection, Failure> {
+        Connection::connect(&server.name, addr, self.timeouts.connect)
+            .await
+            .map_err(|e| unreachable(&e))
+    }
+
+    /// The server's greeting, which must be a 220.
+    pub async fn read_greeting(&self, conn: &mut Connection) -> Result<Reply, String> {
         let greeting = conn
             .read_reply(self.timeouts.greeting, "the greeting")
             .await
-            .map_err(|e| Failure::Next(e.to_string()))?;
+            .map_err(|e| e.to_string())?;
         if greeting.code != 220 {
-            return Err(Failure::Next(format!("greeting: {greeting}")));
+            return Err(format!("greeting: {greeting}"));
         }
-        self.ehlo(conn).await.map_err(Failure::Next)
+        Ok(greeting)
     }
 
     /// Implicit TLS (port 465): the handshake comes before the greeting.
     async fn implicit_tls(
         &self,
-        rule: &Rule,
-        target: &Target,
-    ) -> Result<(Connection, Capabilities, TlsOutcome), Failure> {
+        attempt: &Attempt<'_>,
+        terms: TlsTerms,
+    ) -> Result<Session, Failure> {
+        let conn = self.connect(attempt.server, attempt.addr()).await?;
         let t = &self.timeouts;
-        let conn = Connection::connect(&target.name, target.addr, t.connect)
-            .await
-            .map_err(|e| unreachable(&e))?;
-        let (mut conn, session) = conn
-            .upgrade(&self.tls, rule.policy.min_tls, t.tls_handshake)
-            .await
-            .map_err(|reason| Failure::TlsNotAchieved(reason.to_string()))?;
-        if let Some(reason) = rejected_certificate(rule, &session) {
-            tokio::spawn(conn.quit());
-            return Err(Failure::TlsNotAchieved(reason.to_string()));
+        let upgraded = conn
+            .upgrade(&self.tls, terms.min_tls, t.tls_handshake)
+            .await;
+        let (outcome, conn) = match upgraded {
+            Ok((conn, session)) => (TlsOutcome::Encrypted(session), Some(conn)),
+            Err(reason) => (TlsOutcome::Plain(reason), None),
+        };
+        let found = Known::Found {
+            outcome: &outcome,
+            downgrade: false,
+        };
+        match (decide(attempt.rule, found, Published::Nothing), conn) {
+            (HostDecision::Tls(_), Some(mut conn)) => {
+                self.read_greeting(&mut conn).await.map_err(Failure::Next)?;
+                let caps = self.ehlo(&mut conn).await.map_err(Failure::Next)?;
+                Ok(Session {
+                    conn,
+                    caps,
+                    tls: outcome,
+                    relay: None,
+                })
+            }
+            (decision, conn) => {
+                if let Some(conn) = conn {
+                    tokio::spawn(conn.quit());
+                }
+                Err(Failure::TlsNotAchieved(match decision {
+                    HostDecision::Refuse(why) => why,
+                    other => other.to_string(),
+                }))
+            }
         }
-        let caps = self.greeting_and_ehlo(&mut conn).await?;
-        Ok((conn, caps, TlsOutcome::Encrypted(session)))
     }
 
     pub async fn ehlo(&self, conn: &mut Connection) -> Result<Capabilities, String> {
@@ -546,27 +617,28 @@ impl Outbound {
         }
     }
 
-    /// Brings the connection to TLS if the remote offers it.
-    async fn secure(&self, rule: &Rule, conn: Connection, caps: Capabilities) -> Secured {
-        if !caps.starttls {
-            return Secured::Plain(conn, caps, NoTls::NoStarttls);
-        }
+    /// STARTTLS and the handshake, on a connection whose EHLO offered it.
+    pub async fn start_tls(&self, terms: TlsTerms, conn: Connection) -> StartTlsResult {
         let t = &self.timeouts;
         let clock = std::time::Instant::now();
         let started = conn
-            .starttls(&self.tls, rule.policy.min_tls, t.command, t.tls_handshake)
+            .starttls(&self.tls, terms.min_tls, t.command, t.tls_handshake)
             .await;
         self.stats.handshake_time(clock.elapsed().as_secs_f64());
-        let (mut conn, session) = match started {
+        started
+    }
+
+    /// Brings the connection to TLS if the remote offers it, with a fresh EHLO after.
+    async fn secure(&self, terms: TlsTerms, conn: Connection, caps: Capabilities) -> Secured {
+        if !caps.starttls {
+            return Secured::Plain(conn, caps, NoTls::NoStarttls);
+        }
+        let (mut conn, session) = match self.start_tls(terms, conn).await {
             StartTlsResult::Encrypted(conn, session) => (conn, session),
             StartTlsResult::Refused(conn, reason) => return Secured::Plain(conn, caps, reason),
             StartTlsResult::Lost(reason) => return Secured::Lost(reason),
             StartTlsResult::Closed(reply) => return Secured::Closed(format!("STARTTLS: {reply}")),
         };
-        if let Some(reason) = rejected_certificate(rule, &session) {
-            tokio::spawn(conn.quit());
-            return Secured::Lost(reason);
-        }
         // Nothing said before TLS counts after it: a fresh EHLO, fresh capabilities.
         match self.ehlo(&mut conn).await {
             Ok(caps) => Secured::Tls(conn, caps, session),
@@ -635,34 +707,6 @@ impl Outbound {
     }
 }
 
-/// The certificate's failure, when the rule requires a verified certificate.
-fn rejected_certificate(rule: &Rule, session: &TlsSession) -> Option<NoTls> {
-    match &session.verification {
-        Verification::Failed(problem) if rule.policy.verify == VerifyMode::Require => {
-            Some(NoTls::CertRejected(problem.clone()))
-        }
-        _ => None,
-    }
-}
-
-fn allow_plain(rule: &Rule, reason: &NoTls) -> Result<(), Failure> {
-    if rule.policy.allows_plain(reason) {
-        Ok(())
-    } else {
-        Err(Failure::TlsNotAchieved(reason.to_string()))
-    }
-}
-
-/// A failure of the fallback relay is not a fact about the MX host: never cached under it.
-fn prefix(failure: Failure, what: &str) -> Failure {
-    match failure {
-        Failure::Next(why) | Failure::Unreachable(_, why) => {
-            Failure::Next(format!("{what}: {why}"))
-        }
-        other => other,
-    }
-}
-
 fn unreachable(error: &ExchangeError) -> Failure {
     match error {
         ExchangeError::Timeout(..) => {
@@ -673,37 +717,4 @@ fn unreachable(error: &ExchangeError) -> Failure {
         }
         other => Failure::Unreachable(OutcomeClass::ConnectFailed, other.to_string()),
     }
-}
-
-/// A handshake that failed under a rule asking for more than TLS 1.2 may say nothing about
-/// the host: it is neither cached nor a downgrade.
-fn failed_only_by_rule(attempt: &Attempt<'_>, secured: &Secured) -> bool {
-    attempt.rule.policy.min_tls != MinTls::Tls12
-        && matches!(
-            secured,
-            Secured::Lost(NoTls::HandshakeFailed(_) | NoTls::LegacyTls(_))
-        )
-}
-
-/// The reason to skip TLS with a host the cache says failed it, under this rule. A host
-/// the operator pinned as lacking STARTTLS is not asked for it either.
-fn skip_tls(rule: &Rule, entry: &CacheEntry) -> Option<NoTls> {
-    use OutcomeClass::*;
-    let class = match entry.class {
-        StarttlsRefused | HandshakeFailed | LegacyTls | ProtocolViolation => entry.class,
-        NoStarttls if entry.pinned => entry.class,
-        CertExpired | CertNotYetValid | CertUntrusted | CertNameMismatch
-            if rule.policy.verify == VerifyMode::Require =>
-        {
-            entry.class
-        }
-        TlsUnverified if rule.policy.verify == VerifyMode::Require => {
-            entry.cert_problem.unwrap_or(CertUntrusted)
-        }
-        _ => return None,
-    };
-    Some(NoTls::Cached {
-        class,
-        detail: entry.detail.clone(),
-    })
 }

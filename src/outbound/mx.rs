@@ -22,6 +22,62 @@ pub struct MxHost {
     pub preference: u16,
 }
 
+/// One server as every part of tlsrouter names it: the name it is known by (for TLS, the
+/// cache and the log) and the address it was reached at. An address literal
+/// (`[192.0.2.1]`, `[IPv6:2001:db8::1]`) is named by its bare address, so that what the
+/// cache learns of it is found again.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct ServerId {
+    /// Lower case, no trailing dot, no brackets.
+    pub name: String,
+    pub addr: IpAddr,
+}
+
+impl ServerId {
+    pub fn new(name: &str, addr: IpAddr) -> ServerId {
+        ServerId {
+            name: bare_name(name),
+            addr,
+        }
+    }
+
+    /// Whether the name is the address itself (an address literal).
+    pub fn is_literal(&self) -> bool {
+        self.name.parse::<IpAddr>().is_ok()
+    }
+}
+
+impl std::fmt::Display for ServerId {
+    /// `name[address]`, or `[address]` for an address literal.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        if self.is_literal() {
+            write!(f, "[{}]", self.addr)
+        } else {
+            write!(f, "{}[{}]", self.name, self.addr)
+        }
+    }
+}
+
+/// A host name or address literal as a server name: lower case, no trailing dot, and the
+/// address alone for `[192.0.2.1]` or `[IPv6:2001:db8::1]`.
+pub fn bare_name(host: &str) -> String {
+    let host = host.strip_suffix('.').unwrap_or(host);
+    let literal = host.strip_prefix('[').and_then(|h| h.strip_suffix(']'));
+    let host = match literal {
+        Some(inner) => inner
+            .get(..5)
+            .filter(|p| p.eq_ignore_ascii_case("IPv6:"))
+            .map_or(inner, |_| &inner[5..]),
+        None => host,
+    };
+    host.to_ascii_lowercase()
+}
+
+/// The address of an address literal or a bare address, if `host` is one.
+pub fn literal_address(host: &str) -> Option<IpAddr> {
+    bare_name(host).parse().ok()
+}
+
 /// Why a domain has no next hop; each maps to the reply in DESIGN.md's table.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
 pub enum RouteError {

@@ -18,36 +18,7 @@ use tokio_rustls::client::TlsStream;
 
 use crate::config::TlsConfig;
 use crate::outcome::{CertProblem, NoTls, TlsSession, Verification, format_date};
-
-/// The oldest TLS version a policy accepts; rustls speaks nothing below 1.2.
-#[derive(
-    Clone,
-    Copy,
-    Debug,
-    Default,
-    PartialEq,
-    Eq,
-    PartialOrd,
-    Ord,
-    serde::Deserialize,
-    serde::Serialize,
-)]
-pub enum MinTls {
-    #[default]
-    #[serde(rename = "1.2")]
-    Tls12,
-    #[serde(rename = "1.3")]
-    Tls13,
-}
-
-impl MinTls {
-    pub fn name(self) -> &'static str {
-        match self {
-            MinTls::Tls12 => "TLS 1.2",
-            MinTls::Tls13 => "TLS 1.3",
-        }
-    }
-}
+use crate::rules::MinTls;
 
 pub struct TlsClient {
     provider: Arc<CryptoProvider>,

@@ -2,10 +2,10 @@
 //! a message. Rules are validated when loaded (errors name file, line and column) and
 //! compiled into an index over recipient domains.
 
-pub mod explain;
 pub mod index;
 pub mod model;
 pub mod pattern;
+pub mod policy;
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -15,6 +15,7 @@ use index::DomainIndex;
 use model::RuleFile;
 pub use model::{Fallback, OnDowngrade, Route, Rule};
 use pattern::DomainPattern;
+pub use policy::{MinTls, TlsMode, TlsPolicy, VerifyMode};
 
 /// The rules shipped as the default, used when the configuration names no rule file.
 pub const DEFAULT_RULES: &str = include_str!("../../rules/default.yaml");
@@ -182,7 +183,7 @@ impl RuleSet {
 mod tests {
     use super::*;
     use crate::outcome::OutcomeClass;
-    use crate::router::TlsMode;
+    use crate::rules::TlsMode;
 
     fn parse(text: &str) -> Result<RuleSet, ConfigError> {
         RuleSet::parse(text, Path::new("r.yaml"))

@@ -6,10 +6,9 @@ use std::path::PathBuf;
 use serde::Deserialize;
 use serde_saphyr::Spanned;
 
-use crate::outbound::tls::MinTls;
 use crate::outcome::OutcomeClass;
-use crate::router::{TlsMode, TlsPolicy, VerifyMode};
 use crate::rules::pattern::DomainPattern;
+use crate::rules::policy::{MinTls, TlsMode, TlsPolicy, VerifyMode};
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]

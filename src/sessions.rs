@@ -1,4 +1,5 @@
-//! The sessions open now, for `tlsrouter ctl sessions`.
+//! The MTA sessions open now (for `tlsrouter ctl sessions`), and the shutdown signal that
+//! drains them. Shared by the listener, the sessions and the admin socket.
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -12,12 +13,46 @@ use serde::{Deserialize, Serialize};
 pub struct SessionInfo {
     pub id: u64,
     pub client: SocketAddr,
-    /// `greeted`, `ready`, `mail`, `data`.
-    pub state: String,
+    pub state: SessionState,
     /// The remote of the transaction in progress, if any.
     pub next_hop: Option<String>,
     /// Unix seconds.
     pub started: u64,
+}
+
+/// Where a session stands, as `ctl sessions` shows it.
+#[derive(Clone, Copy, Debug, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum SessionState {
+    /// Connected, no EHLO yet.
+    Greeted,
+    /// Between transactions.
+    Ready,
+    /// In a transaction, before DATA.
+    Mail,
+    /// Relaying the message text.
+    Data,
+}
+
+impl SessionState {
+    pub fn name(self) -> &'static str {
+        match self {
+            SessionState::Greeted => "greeted",
+            SessionState::Ready => "ready",
+            SessionState::Mail => "mail",
+            SessionState::Data => "data",
+        }
+    }
+}
+
+/// Where a shutdown stands; sessions watch it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Drain {
+    Running,
+    /// No new connections; sessions finish their transaction, then get 421 4.3.2.
+    Draining,
+    /// The drain time is over: every session gets 421 4.3.2 now.
+    Forced,
 }
 
 #[derive(Default)]
@@ -41,7 +76,7 @@ impl Registry {
         let info = SessionInfo {
             id,
             client,
-            state: "greeted".into(),
+            state: SessionState::Greeted,
             next_hop: None,
             started,
         };
@@ -63,11 +98,11 @@ impl Registry {
 }
 
 impl Entry {
-    pub fn update(&self, state: &str, next_hop: Option<String>) {
+    pub fn update(&self, state: SessionState, next_hop: Option<String>) {
         if let Ok(mut open) = self.registry.open.lock()
             && let Some(info) = open.get_mut(&self.id)
         {
-            info.state = state.to_string();
+            info.state = state;
             info.next_hop = next_hop;
         }
     }

@@ -1,32 +1,59 @@
-//! What the rules would do with a message, in words, without sending anything.
+//! What the rules would do with a message, in words, without sending anything. The
+//! statement about a cached host is the host decision's own answer ([`decide`]), so it is
+//! what delivery does.
 
 use std::fmt::Write;
+use std::sync::Arc;
 
-use crate::outcome::OutcomeClass;
-use crate::router::{TlsMode, VerifyMode};
+use crate::cache::CacheEntry;
+use crate::outcome::{OutcomeClass, WhenCached};
+use crate::router::Plan;
+use crate::router::decision::{HostDecision, Known, Published, decide};
 use crate::rules::model::SmarthostTls;
-use crate::rules::{Fallback, OnDowngrade, Route, Rule, RuleSet};
+use crate::rules::{Fallback, OnDowngrade, Route, Rule, RuleSet, TlsMode, VerifyMode};
 
-/// The question: a recipient, and optionally the sender, the MX host and its cached outcome.
+/// The question: a recipient, and optionally the sender, the MX host and what is known of
+/// it.
 pub struct Question<'a> {
     pub recipient_domain: &'a str,
     pub sender_domain: Option<&'a str>,
     pub mx: Option<&'a str>,
-    /// The host's outcome class, then its certificate's class when it did not verify
-    /// (as [`crate::cache::CacheEntry::classes`]); empty when nothing is known.
-    pub outcome: &'a [OutcomeClass],
+    /// What the cache holds, or would hold, for the MX host (see [`assumed_entry`]).
+    pub cached: Option<CacheEntry>,
+}
+
+/// The answer: the rule that decides, what the decision is with what is known, and the
+/// whole plan in words.
+#[derive(Clone, Debug)]
+pub struct Explanation {
+    pub rule: String,
+    /// What delivery does with the host, given `Question::cached` (nothing known: none).
+    pub decision: HostDecision,
+    pub text: String,
+}
+
+/// A cache entry as it would be after an attempt found `classes` (the class, then the
+/// certificate's class when it did not verify), or after an operator pinned the first.
+pub fn assumed_entry(host: &str, classes: &[OutcomeClass], pinned: bool) -> Option<CacheEntry> {
+    let &class = classes.first()?;
+    let addr = std::net::IpAddr::from([0, 0, 0, 0]);
+    let mut entry = CacheEntry::assumed(host, addr, class, classes.get(1).copied());
+    entry.pinned = pinned;
+    Some(entry)
 }
 
 /// The rule that decides, and a description of the plan.
-pub fn explain(rules: &RuleSet, q: &Question<'_>) -> (String, String) {
-    let selection = rules.select(q.recipient_domain, q.sender_domain);
-    let base = rules.rule(selection.base);
-    let rule = selection
-        .conditional
-        .iter()
-        .map(|&i| rules.rule(Some(i)))
-        .find(|r| r.conditions.host_matches(q.mx.unwrap_or(""), q.outcome))
-        .unwrap_or(base);
+pub fn explain(rules: Arc<RuleSet>, q: &Question<'_>) -> Explanation {
+    let plan = Plan::new(rules.clone(), q.recipient_domain, q.sender_domain);
+    let base = plan.base_rule();
+    let classes = q
+        .cached
+        .as_ref()
+        .map(CacheEntry::classes)
+        .unwrap_or_default();
+    let rule = plan.rule_for_host(q.mx.unwrap_or(""), &classes);
+    let known = q.cached.as_ref().map_or(Known::Nothing, Known::Cached);
+    let decision = decide(rule, known, Published::Nothing);
     let mut out = String::new();
     let at = if rule.line > 0 {
         format!("{}:{}", rules.source.display(), rule.line)
@@ -36,20 +63,27 @@ pub fn explain(rules: &RuleSet, q: &Question<'_>) -> (String, String) {
     let _ = writeln!(out, "rule:        {:?} ({at})", rule.name);
     let _ = writeln!(out, "next hop:    {}", next_hop(base, q.recipient_domain));
     describe_policy(&mut out, rule);
-    if let Some(&class) = q.outcome.first() {
-        let names: Vec<&str> = q.outcome.iter().map(|c| c.name()).collect();
+    let first = decide(rule, Known::Nothing, Published::Nothing);
+    let _ = writeln!(out, "first try:   {first}");
+    if let Some(entry) = &q.cached {
+        let names: Vec<&str> = classes.iter().map(|c| c.name()).collect();
+        let pinned = if entry.pinned { " (pinned)" } else { "" };
+        let again = match entry.class.meaning().when_cached {
+            WhenCached::TryTlsUnlessPinned if !entry.pinned => {
+                " (EHLO is read again; STARTTLS is tried when offered)"
+            }
+            _ => "",
+        };
         let _ = writeln!(
             out,
-            "with cached: {}: {}",
-            names.join(" + "),
-            with_cached(rule, class)
+            "with cached: {}{pinned}: {decision}{again}",
+            names.join(" + ")
         );
     }
-    let hosted: Vec<&str> = selection
-        .conditional
-        .iter()
-        .map(|&i| rules.rule(Some(i)).name.as_str())
-        .filter(|name| *name != rule.name)
+    let hosted: Vec<&str> = plan
+        .rule_names()
+        .into_iter()
+        .filter(|name| *name != rule.name && *name != base.name)
         .collect();
     if !hosted.is_empty() {
         let _ = writeln!(
@@ -58,7 +92,11 @@ pub fn explain(rules: &RuleSet, q: &Question<'_>) -> (String, String) {
             hosted.join(", ")
         );
     }
-    (rule.name.clone(), out)
+    Explanation {
+        rule: rule.name.clone(),
+        decision,
+        text: out,
+    }
 }
 
 fn next_hop(rule: &Rule, domain: &str) -> String {
@@ -114,19 +152,4 @@ fn describe_policy(out: &mut String, rule: &Rule) {
         OnDowngrade::Defer => "deferred with 451 4.7.5",
     };
     let _ = writeln!(out, "downgrade:   {downgrade}");
-}
-
-fn with_cached(rule: &Rule, class: OutcomeClass) -> String {
-    use OutcomeClass::*;
-    match class {
-        TlsVerified | TlsUnverified => "TLS is tried as usual".into(),
-        ConnectFailed | Timeout => "that address is skipped until the entry expires".into(),
-        NoStarttls => "EHLO is checked again (it costs nothing)".into(),
-        _ if rule.policy.allows_plain_after(Some(class)) => {
-            "no new handshake: the message goes on the plain path".into()
-        }
-        _ => {
-            "no new handshake: deferred with 451 4.7.5 until the entry expires or is flushed".into()
-        }
-    }
 }

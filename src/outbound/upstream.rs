@@ -1,0 +1,198 @@
+//! The remote side of one cut-through transaction, after the remote accepted MAIL FROM.
+//!
+//! [`Upstream`] owns the connection and offers the verbs the inbound session needs:
+//! recipient, start data, body block, finish, reset, quit. The remote-reply discipline
+//! lives here only: a `421` ends the connection and reaches the MTA as `451 4.4.2`; a reply
+//! that the command cannot get, or one that nobody asked for, means the remote is out of
+//! step, and the connection is dropped rather than trusted.
+
+use std::fmt;
+
+use crate::config::Timeouts;
+use crate::outbound::connection::Connection;
+use crate::outbound::mx::ServerId;
+use crate::outcome::TlsOutcome;
+use crate::rules::model::HostPort;
+use crate::smtp::{Capabilities, Mailbox, Reply};
+
+/// What the log line, `ctl sessions` and the counters say about where a transaction went.
+#[derive(Clone, Debug)]
+pub struct RemoteFacts {
+    /// The server the attempt was for: an MX host, or the smarthost.
+    pub server: ServerId,
+    /// The plain-path relay the message went through instead, when a rule's
+    /// `fallback: { relay: ... }` was taken.
+    pub relay: Option<HostPort>,
+    pub tls: TlsOutcome,
+    /// The rule that applied to this server.
+    pub rule: String,
+    /// Attempts that failed before this one.
+    pub earlier_failures: Vec<String>,
+}
+
+impl fmt::Display for RemoteFacts {
+    /// `mx[addr]`, or `mx[addr] via relay host:port`.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match &self.relay {
+            None => write!(f, "{}", self.server),
+            Some(relay) => write!(f, "{} via relay {relay}", self.server),
+        }
+    }
+}
+
+/// The remote's answer to a verb, as the MTA should hear it.
+#[derive(Debug)]
+pub enum Answer {
+    /// The remote replied; the connection goes on.
+    Reply(Reply),
+    /// The connection is gone (a `421`, a drop, a timeout, a reply out of step): the MTA
+    /// gets this, and nothing more can happen in this transaction.
+    Lost(Reply),
+}
+
+impl Answer {
+    pub fn reply(&self) -> &Reply {
+        match self {
+            Answer::Reply(reply) | Answer::Lost(reply) => reply,
+        }
+    }
+}
+
+pub struct Upstream {
+    conn: Connection,
+    caps: Capabilities,
+    facts: RemoteFacts,
+    timeouts: Timeouts,
+}
+
+impl Upstream {
+    pub(crate) fn new(
+        conn: Connection,
+        caps: Capabilities,
+        facts: RemoteFacts,
+        timeouts: Timeouts,
+    ) -> Upstream {
+        Upstream {
+            conn,
+            caps,
+            facts,
+            timeouts,
+        }
+    }
+
+    pub fn facts(&self) -> &RemoteFacts {
+        &self.facts
+    }
+
+    /// What the remote announced in its (last) EHLO.
+    pub fn capabilities(&self) -> &Capabilities {
+        &self.caps
+    }
+
+    /// `RCPT TO`: the remote's reply to it.
+    pub async fn recipient(&mut self, recipient: &Mailbox) -> Answer {
+        let line = format!("RCPT TO:<{recipient}>");
+        let sent = (self.conn)
+            .exchange(
+                &line,
+                &[250, 251],
+                self.timeouts.command,
+                "the reply to RCPT TO",
+            )
+            .await;
+        self.answer(sent)
+    }
+
+    /// `DATA`: `Reply` with the remote's 354 means the body may follow; any other reply
+    /// ends the transaction.
+    pub async fn start_data(&mut self) -> Answer {
+        let sent = (self.conn)
+            .exchange(
+                "DATA",
+                &[354],
+                self.timeouts.data_start,
+                "the reply to DATA",
+            )
+            .await;
+        match self.answer(sent) {
+            Answer::Lost(reply) => Answer::Lost(reply),
+            Answer::Reply(reply) if reply.code == 354 => Answer::Reply(reply),
+            // Not going into the message text: the transaction is over at the remote.
+            Answer::Reply(reply) => Answer::Lost(reply),
+        }
+    }
+
+    /// One block of the (already stuffed, CRLF-only) message text.
+    pub async fn body_block(&mut self, block: &[u8]) -> Result<(), String> {
+        (self.conn)
+            .write(block, self.timeouts.data_block, "sending the message")
+            .await
+            .map_err(|e| e.to_string())
+    }
+
+    /// The final dot, and the remote's verdict on the message. A reply that came during
+    /// the body is out of sequence: it must not be taken for the answer to the dot.
+    pub async fn finish(&mut self) -> Reply {
+        let t = &self.timeouts;
+        let what = "the reply to the message";
+        let conn = &mut self.conn;
+        let verdict = async {
+            conn.expect_nothing_more("the message text").await?;
+            conn.write(b".\r\n", t.data_block, "sending the final dot")
+                .await?;
+            let reply = conn.read_reply(t.data_end, what).await?;
+            conn.expect_due(&reply, &[250], what)?;
+            Ok::<_, crate::outbound::connection::ExchangeError>(reply)
+        };
+        match verdict.await {
+            Ok(reply) => relayable(&reply),
+            Err(e) => {
+                self.conn.give_up();
+                Reply::new(
+                    451,
+                    "4.4.2",
+                    format!("no 250 from {} for the message: {e}", self.facts.server),
+                )
+            }
+        }
+    }
+
+    /// The MTA left the message text unfinished: the remote is inside it, so no command
+    /// may follow (QUIT would become part of the message). The connection is only closed.
+    pub fn abandon(&mut self) {
+        self.conn.give_up();
+    }
+
+    /// Says goodbye politely, without waiting long for the answer.
+    pub async fn quit(self) {
+        self.conn.quit().await;
+    }
+
+    fn answer(
+        &mut self,
+        sent: Result<Reply, crate::outbound::connection::ExchangeError>,
+    ) -> Answer {
+        match sent {
+            Ok(reply) if reply.closes_connection() => Answer::Lost(relayable(&reply)),
+            Ok(reply) => Answer::Reply(reply),
+            Err(e) => {
+                self.conn.give_up();
+                let why = format!("lost the connection to {}: {e}", self.facts.server);
+                Answer::Lost(Reply::new(451, "4.4.2", why))
+            }
+        }
+    }
+}
+
+/// A remote's reply as the MTA should hear it. A 421 or 221 from the remote closes the remote
+/// connection, not the MTA's session, so the MTA gets a 451 4.4.2 that quotes it instead.
+pub fn relayable(reply: &Reply) -> Reply {
+    if reply.closes_connection() {
+        return Reply::new(
+            451,
+            "4.4.2",
+            format!("remote closed the connection: {reply}"),
+        );
+    }
+    reply.clone()
+}

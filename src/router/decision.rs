@@ -1,0 +1,402 @@
+//! The host decision: what delivery does with one server, from its rule, what is known of
+//! it, and what its domain publishes. Delivery, `explain` and `probe` all ask [`decide`], so
+//! what the tools say is what the daemon does.
+//!
+//! It is asked twice for a server: before connecting (with what the cache knows), and after
+//! the TLS attempt (with what the attempt found). What a class means on its own is the
+//! table beside [`OutcomeClass`] ([`crate::outcome::MEANINGS`]); this function adds the rule.
+
+use std::fmt;
+
+use crate::cache::CacheEntry;
+use crate::outcome::{Kind, NoTls, OutcomeClass, TlsOutcome, Verification, WhenCached};
+use crate::rules::model::SmarthostTls;
+use crate::rules::{Fallback, MinTls, OnDowngrade, Route, Rule, TlsMode, VerifyMode};
+
+/// What is known of a server when its fate is decided.
+#[derive(Clone, Copy, Debug)]
+pub enum Known<'a> {
+    /// Nothing believed: no cache entry, or an expired one.
+    Nothing,
+    /// What the cache believes: an earlier observation, or an operator's pin.
+    Cached(&'a CacheEntry),
+    /// What the attempt just made found. `downgrade`: the server did TLS within the
+    /// success TTL, and this is not TLS.
+    Found {
+        outcome: &'a TlsOutcome,
+        downgrade: bool,
+    },
+}
+
+/// What the recipient domain publishes about how its servers must be reached (MTA-STS,
+/// DANE). Nothing is read yet: every domain publishes [`Published::Nothing`].
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Published {
+    #[default]
+    Nothing,
+}
+
+/// How to run TLS with a server.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct TlsTerms {
+    pub verify: VerifyMode,
+    pub min_tls: MinTls,
+    /// Implicit TLS from the first byte (port 465), not STARTTLS.
+    pub implicit: bool,
+}
+
+/// What delivery does with one server.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum HostDecision {
+    /// Connect and encrypt with these terms (STARTTLS when offered); after a successful
+    /// attempt, deliver on that session.
+    Tls(TlsTerms),
+    /// Deliver in plain, for this reason, on this path.
+    Plain { reason: NoTls, path: Fallback },
+    /// Not this server: TLS is required here and cannot be had. When no server takes the
+    /// message, the MTA gets `451 4.7.5` with this text.
+    Refuse(String),
+    /// Not this address for now: it could not be reached moments ago.
+    Skip(String),
+}
+
+impl HostDecision {
+    /// The decision's name, for scripts: `tls`, `plain`, `refuse` or `skip`.
+    pub fn action(&self) -> &'static str {
+        match self {
+            HostDecision::Tls(_) => "tls",
+            HostDecision::Plain { .. } => "plain",
+            HostDecision::Refuse(_) => "refuse",
+            HostDecision::Skip(_) => "skip",
+        }
+    }
+}
+
+/// The one decision. Pure: it reads nothing but its arguments.
+pub fn decide(rule: &Rule, known: Known<'_>, published: Published) -> HostDecision {
+    let Published::Nothing = published;
+    let terms = terms(rule);
+    match known {
+        Known::Nothing => initial(rule, terms),
+        Known::Cached(entry) => cached(rule, terms, entry),
+        Known::Found { outcome, downgrade } => found(rule, terms, outcome, downgrade),
+    }
+}
+
+fn terms(rule: &Rule) -> TlsTerms {
+    TlsTerms {
+        verify: rule.policy.verify,
+        min_tls: rule.policy.min_tls,
+        implicit: matches!(
+            rule.route,
+            Route::Smarthost {
+                tls: SmarthostTls::Wrapper,
+                ..
+            }
+        ),
+    }
+}
+
+fn initial(rule: &Rule, terms: TlsTerms) -> HostDecision {
+    if rule.policy.tls == TlsMode::Never && !terms.implicit {
+        return HostDecision::Plain {
+            reason: NoTls::NotWanted,
+            path: rule.fallback.clone(),
+        };
+    }
+    HostDecision::Tls(terms)
+}
+
+fn cached(rule: &Rule, terms: TlsTerms, entry: &CacheEntry) -> HostDecision {
+    let skip = match entry.class.meaning().when_cached {
+        WhenCached::SkipAddress => {
+            return HostDecision::Skip(format!(
+                "{} (cached, retried after it expires)",
+                entry.detail
+            ));
+        }
+        WhenCached::TryTls => None,
+        WhenCached::TryTlsUnlessPinned => entry.pinned.then_some(entry.class),
+        WhenCached::SkipTls => Some(entry.class),
+        WhenCached::SkipTlsIfVerifyRequired if terms.verify == VerifyMode::Require => {
+            // An encrypted entry keeps its certificate's class apart.
+            Some(match entry.class.meaning().kind {
+                Kind::Encrypted => entry.cert_problem.unwrap_or(OutcomeClass::CertUntrusted),
+                _ => entry.class,
+            })
+        }
+        WhenCached::SkipTlsIfVerifyRequired => None,
+    };
+    let first = initial(rule, terms);
+    match (skip, &first) {
+        (Some(class), HostDecision::Tls(_)) => without_tls(
+            rule,
+            NoTls::Cached {
+                class,
+                detail: entry.detail.clone(),
+            },
+        ),
+        _ => first,
+    }
+}
+
+fn found(rule: &Rule, terms: TlsTerms, outcome: &TlsOutcome, downgrade: bool) -> HostDecision {
+    match outcome {
+        TlsOutcome::Encrypted(session) => match &session.verification {
+            Verification::Failed(problem) if terms.verify == VerifyMode::Require => {
+                without_tls(rule, NoTls::CertRejected(problem.clone()))
+            }
+            _ => HostDecision::Tls(terms),
+        },
+        TlsOutcome::Plain(reason) => {
+            if downgrade && rule.on_downgrade == OnDowngrade::Defer {
+                let class = reason.class().map_or("no TLS", OutcomeClass::name);
+                return HostDecision::Refuse(format!("downgrade: did TLS before, now {class}"));
+            }
+            without_tls(rule, reason.clone())
+        }
+    }
+}
+
+/// TLS will not be had with this server, for `reason`: plain where the rule allows it.
+fn without_tls(rule: &Rule, reason: NoTls) -> HostDecision {
+    if rule.policy.allows_plain(&reason) {
+        HostDecision::Plain {
+            reason,
+            path: rule.fallback.clone(),
+        }
+    } else {
+        HostDecision::Refuse(reason.to_string())
+    }
+}
+
+/// Whether what an attempt found is a fact about the server, to cache and to count as a
+/// downgrade. A handshake that failed only under a rule asking for more than TLS 1.2 may
+/// say nothing about the server.
+pub fn is_fact_about_server(rule: &Rule, outcome: &TlsOutcome) -> bool {
+    !(rule.policy.min_tls != MinTls::Tls12
+        && matches!(
+            outcome,
+            TlsOutcome::Plain(NoTls::HandshakeFailed(_) | NoTls::LegacyTls(_))
+        ))
+}
+
+impl fmt::Display for HostDecision {
+    /// In words, for `explain` and `probe`.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            HostDecision::Tls(terms) => {
+                let how = if terms.implicit {
+                    "implicit TLS"
+                } else {
+                    "STARTTLS when offered"
+                };
+                let verify = match terms.verify {
+                    VerifyMode::Require => "the certificate must verify",
+                    VerifyMode::Try => "encrypted even if the certificate does not verify",
+                };
+                write!(f, "TLS ({how}, {}+, {verify})", terms.min_tls.name())
+            }
+            HostDecision::Plain { reason, path } => {
+                let path = match path {
+                    Fallback::Direct => "to the same server".to_string(),
+                    Fallback::Relay(relay) => format!("through relay {relay}"),
+                };
+                write!(f, "plain {path} ({reason})")
+            }
+            HostDecision::Refuse(why) => write!(
+                f,
+                "not to this server: {why}; with no other server, deferred with 451 4.7.5"
+            ),
+            HostDecision::Skip(why) => write!(f, "address skipped: {why}"),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::net::{IpAddr, Ipv4Addr};
+    use std::path::Path;
+
+    use super::*;
+    use crate::cache::{ManualClock, Observation, OutcomeCache};
+    use crate::outcome::{CertProblem, TlsSession};
+    use crate::rules::RuleSet;
+
+    fn rule(yaml: &str) -> Rule {
+        let rules = RuleSet::parse(yaml, Path::new("r.yaml")).expect("rules");
+        rules.rules()[0].clone()
+    }
+
+    const ADDR: IpAddr = IpAddr::V4(Ipv4Addr::new(192, 0, 2, 7));
+
+    fn entry(class: OutcomeClass, pinned: bool) -> CacheEntry {
+        let cache = OutcomeCache::new(
+            &Default::default(),
+            std::sync::Arc::new(ManualClock::new(1)),
+        );
+        if pinned {
+            cache.record(
+                "mx.example",
+                ADDR,
+                "example",
+                Observation::unreachable(OutcomeClass::Timeout, "x"),
+            );
+            cache
+                .pin(
+                    "mx.example",
+                    None,
+                    class,
+                    std::time::Duration::from_secs(60),
+                )
+                .expect("pin");
+        } else {
+            let obs = Observation {
+                class,
+                detail: format!("{class} seen"),
+                tls_version: None,
+                cipher: None,
+                cert_subject: None,
+                cert_not_after: None,
+                cert_problem: class.is_encrypted().then_some(OutcomeClass::CertExpired),
+            };
+            cache.record("mx.example", ADDR, "example", obs);
+        }
+        cache.get("mx.example", ADDR).expect("entry")
+    }
+
+    fn expired_session() -> TlsOutcome {
+        TlsOutcome::Encrypted(TlsSession {
+            version: "TLSv1.3".into(),
+            cipher: "TLS13_AES_128_GCM_SHA256".into(),
+            verification: Verification::Failed(CertProblem::Expired {
+                not_after: "2026-03-01".into(),
+            }),
+            chain: Vec::new(),
+        })
+    }
+
+    #[test]
+    fn a_cached_expired_certificate_under_verify_try_is_tried_again_and_encrypts() {
+        let rule = rule("rules:\n  - name: r\n    verify: try\n");
+        let cached = entry(OutcomeClass::CertExpired, false);
+        assert!(matches!(
+            decide(&rule, Known::Cached(&cached), Published::Nothing),
+            HostDecision::Tls(_)
+        ));
+        let found = expired_session();
+        let after = Known::Found {
+            outcome: &found,
+            downgrade: false,
+        };
+        assert!(matches!(
+            decide(&rule, after, Published::Nothing),
+            HostDecision::Tls(_)
+        ));
+    }
+
+    #[test]
+    fn a_cached_expired_certificate_under_verify_require_is_refused_without_a_handshake() {
+        let rule = rule("rules:\n  - name: r\n    verify: require\n");
+        let cached = entry(OutcomeClass::CertExpired, false);
+        assert_eq!(
+            decide(&rule, Known::Cached(&cached), Published::Nothing),
+            HostDecision::Refuse(
+                "cert-expired seen (cached: not tried again until the entry expires or is flushed)"
+                    .into()
+            )
+        );
+    }
+
+    #[test]
+    fn no_starttls_is_checked_again_unless_pinned() {
+        let rule = rule("rules:\n  - name: r\n");
+        let seen = entry(OutcomeClass::NoStarttls, false);
+        assert!(matches!(
+            decide(&rule, Known::Cached(&seen), Published::Nothing),
+            HostDecision::Tls(_)
+        ));
+        let pinned = entry(OutcomeClass::NoStarttls, true);
+        assert!(matches!(
+            decide(&rule, Known::Cached(&pinned), Published::Nothing),
+            HostDecision::Plain {
+                reason: NoTls::Cached {
+                    class: OutcomeClass::NoStarttls,
+                    ..
+                },
+                path: Fallback::Direct
+            }
+        ));
+    }
+
+    #[test]
+    fn a_downgrade_defers_only_when_the_rule_says_so() {
+        let found = TlsOutcome::Plain(NoTls::NoStarttls);
+        let known = Known::Found {
+            outcome: &found,
+            downgrade: true,
+        };
+        let lenient = rule("rules:\n  - name: r\n");
+        assert!(matches!(
+            decide(&lenient, known, Published::Nothing),
+            HostDecision::Plain { .. }
+        ));
+        let strict = rule("rules:\n  - name: r\n    on_downgrade: defer\n");
+        assert_eq!(
+            decide(&strict, known, Published::Nothing),
+            HostDecision::Refuse("downgrade: did TLS before, now no-starttls".into())
+        );
+    }
+
+    #[test]
+    fn unreachable_addresses_are_skipped_whatever_the_rule() {
+        for yaml in [
+            "rules:\n  - name: r\n",
+            "rules:\n  - name: r\n    tls: never\n",
+        ] {
+            let cached = entry(OutcomeClass::Timeout, false);
+            assert!(matches!(
+                decide(&rule(yaml), Known::Cached(&cached), Published::Nothing),
+                HostDecision::Skip(_)
+            ));
+        }
+    }
+
+    #[test]
+    fn tls_never_goes_plain_whatever_is_cached() {
+        let rule = rule("rules:\n  - name: r\n    tls: never\n");
+        for class in OutcomeClass::ALL
+            .into_iter()
+            .filter(|c| !c.is_unreachable())
+        {
+            assert_eq!(
+                decide(
+                    &rule,
+                    Known::Cached(&entry(class, false)),
+                    Published::Nothing
+                ),
+                HostDecision::Plain {
+                    reason: NoTls::NotWanted,
+                    path: Fallback::Direct
+                },
+                "{class}"
+            );
+        }
+    }
+
+    #[test]
+    fn required_tls_never_goes_plain() {
+        let rule = rule("rules:\n  - name: r\n    tls: require\n");
+        for class in OutcomeClass::ALL {
+            let decision = decide(
+                &rule,
+                Known::Cached(&entry(class, true)),
+                Published::Nothing,
+            );
+            assert!(
+                !matches!(decision, HostDecision::Plain { .. }),
+                "{class}: {decision}"
+            );
+        }
+    }
+}
