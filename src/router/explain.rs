@@ -66,7 +66,8 @@ pub fn explain(rules: Arc<RuleSet>, q: &Question<'_>) -> Explanation {
     let first = decide(rule, Known::Nothing, Published::Nothing);
     let _ = writeln!(out, "first try:   {first}");
     if let Some(entry) = &q.cached {
-        let names: Vec<&str> = classes.iter().map(|c| c.name()).collect();
+        let mut names: Vec<&str> = classes.iter().map(|c| c.name()).collect();
+        names.dedup();
         let pinned = if entry.pinned { " (pinned)" } else { "" };
         let again = match entry.class.meaning().when_cached {
             WhenCached::TryTlsUnlessPinned if !entry.pinned => {
@@ -152,4 +153,88 @@ fn describe_policy(out: &mut String, rule: &Rule) {
         OnDowngrade::Defer => "deferred with 451 4.7.5",
     };
     let _ = writeln!(out, "downgrade:   {downgrade}");
+}
+
+#[cfg(test)]
+mod tests {
+    use std::path::Path;
+
+    use super::*;
+    use crate::rules::pattern::DomainPattern;
+
+    const SHIPPED: [(&str, &str); 3] = [
+        ("default", include_str!("../../rules/default.yaml")),
+        (
+            "iis-tls-router",
+            include_str!("../../rules/iis-tls-router.yaml"),
+        ),
+        ("strict", include_str!("../../rules/strict.yaml")),
+    ];
+
+    /// A name that `pattern` matches.
+    fn example(pattern: Option<&DomainPattern>, fallback: &str) -> String {
+        match pattern.map(ToString::to_string) {
+            None => fallback.to_string(),
+            Some(text) if text == "*" => fallback.to_string(),
+            Some(text) => match text.strip_prefix("*.") {
+                Some(suffix) => format!("a.{suffix}"),
+                None => text,
+            },
+        }
+    }
+
+    /// Every class, observed and pinned, against every rule of the shipped lists:
+    /// explain names the rule delivery would take for the host, and states the host
+    /// decision's own answer for it.
+    #[test]
+    fn explain_states_what_delivery_decides_for_every_class_and_shipped_rule() {
+        let mut checked = 0;
+        for (list, text) in SHIPPED {
+            let rules = Arc::new(RuleSet::parse(text, Path::new(list)).expect(list));
+            for rule in rules.rules() {
+                let c = &rule.conditions;
+                let domain = example(c.domains.first(), "anything.example");
+                let sender = c
+                    .senders
+                    .first()
+                    .map(|p| example(Some(p), "sender.example"));
+                let mx = example(c.mx.first(), "mx.anything.example");
+                for class in OutcomeClass::ALL {
+                    for pinned in [false, true] {
+                        let question = Question {
+                            recipient_domain: &domain,
+                            sender_domain: sender.as_deref(),
+                            mx: Some(&mx),
+                            cached: assumed_entry(&mx, &[class], pinned),
+                        };
+                        let answer = explain(rules.clone(), &question);
+                        // What delivery does: the same plan, the same host decision.
+                        let plan = Plan::new(rules.clone(), &domain, sender.as_deref());
+                        let entry = question.cached.as_ref().expect("entry");
+                        let delivery_rule = plan.rule_for_host(&mx, &entry.classes());
+                        let delivery =
+                            decide(delivery_rule, Known::Cached(entry), Published::Nothing);
+                        let case = format!("{list}: {} with {class} (pinned: {pinned})", rule.name);
+                        assert_eq!(answer.rule, delivery_rule.name, "{case}");
+                        assert_eq!(answer.decision, delivery, "{case}");
+                        let stated = answer
+                            .text
+                            .lines()
+                            .find(|l| l.starts_with("with cached:"))
+                            .unwrap_or_else(|| panic!("{case}: no statement in {}", answer.text));
+                        assert!(stated.contains(&delivery.to_string()), "{case}: {stated}");
+                        // What the words promise holds for the user.
+                        if delivery_rule.policy.tls == TlsMode::Require {
+                            assert!(!stated.contains(": plain"), "{case}: {stated}");
+                        }
+                        if class.is_unreachable() {
+                            assert!(stated.contains("address skipped"), "{case}: {stated}");
+                        }
+                        checked += 1;
+                    }
+                }
+            }
+        }
+        assert_eq!(checked, (1 + 3 + 2) * OutcomeClass::ALL.len() * 2);
+    }
 }

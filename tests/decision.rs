@@ -1,0 +1,398 @@
+//! What `explain` says is what the daemon then does: for a representative set of cached
+//! outcomes, the daemon's own `ctl rules explain` is asked first, then a message is sent
+//! through real servers, and what the server received must match the decision explained.
+//! Also: an address-literal recipient finds what the cache learned of it, and the
+//! transaction line has no empty fields.
+
+mod support;
+
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use serde_json::Value;
+use support::dns::{DnsServer, TestZone};
+use support::logs::Logs;
+use support::pki::{TestCa, Validity};
+use support::proxy::test_config;
+use support::smtp_client::{Reply, SmtpClient};
+use support::smtp_server::{ServerBehaviour, SmtpServer, StartTls};
+use tlsrouter::Proxy;
+use tlsrouter::outcome::OutcomeClass;
+
+const LOCALHOST: IpAddr = IpAddr::V4(Ipv4Addr::LOCALHOST);
+const MX: &str = "mx.example.test";
+
+struct Lab {
+    _proxy: Arc<Proxy>,
+    smtp: SocketAddr,
+    socket: PathBuf,
+    rules: PathBuf,
+    server: SmtpServer,
+    _dir: tempfile::TempDir,
+    _dns: DnsServer,
+}
+
+async fn lab(behaviour: ServerBehaviour, rules: &str) -> Lab {
+    let server = SmtpServer::start(LOCALHOST, 0, behaviour)
+        .await
+        .expect("smtp server");
+    let zone = TestZone::new()
+        .mx("example.test", 10, MX)
+        .a(MX, Ipv4Addr::LOCALHOST);
+    let dns = DnsServer::start(zone).await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let ca_file = CA.with(|ca| ca.write_ca_file(dir.path()));
+    let mut config = test_config(dns.addr, &ca_file, server.addr().port());
+    let socket = dir.path().join("admin.sock");
+    let rules_file = dir.path().join("rules.yaml");
+    std::fs::write(&rules_file, rules).expect("rules file");
+    config.admin.socket = Some(socket.clone());
+    config.rules_file = Some(rules_file.clone());
+    let proxy = Proxy::new(config).expect("proxy");
+    proxy.start_admin().await.expect("admin socket");
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let smtp = listener.local_addr().expect("addr");
+    tokio::spawn(tlsrouter::inbound::listener::run(
+        listener,
+        proxy.clone(),
+        std::future::pending(),
+    ));
+    Lab {
+        _proxy: proxy,
+        smtp,
+        socket,
+        rules: rules_file,
+        server,
+        _dir: dir,
+        _dns: dns,
+    }
+}
+
+thread_local! {
+    static CA: TestCa = TestCa::new();
+}
+
+fn leaf(validity: Validity) -> support::pki::CertKey {
+    CA.with(|ca| ca.leaf(&[MX], validity))
+}
+
+/// Runs the real binary on a blocking thread (the daemon runs on this test's thread).
+async fn tlsrouter(args: Vec<String>) -> (i32, String, String) {
+    let out = tokio::task::spawn_blocking(move || {
+        std::process::Command::new(env!("CARGO_BIN_EXE_tlsrouter"))
+            .args(&args)
+            .output()
+    })
+    .await
+    .expect("join")
+    .expect("run tlsrouter");
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+async fn ctl_json(socket: &Path, args: &[&str]) -> Value {
+    let mut all = vec![
+        "ctl".to_string(),
+        "--socket".into(),
+        socket.display().to_string(),
+        "--json".into(),
+    ];
+    all.extend(args.iter().map(|a| a.to_string()));
+    let (code, out, err) = tlsrouter(all).await;
+    assert_eq!(code, 0, "ctl {args:?}: {err}");
+    serde_json::from_str::<Value>(&out).expect("json")["result"].clone()
+}
+
+/// What the daemon's `ctl rules explain` says it does with the MX host now: the action
+/// (`tls`, `plain`, `refuse`, `skip`) and its words.
+async fn daemon_explains(lab: &Lab) -> (String, String) {
+    let answer = ctl_json(
+        &lab.socket,
+        &["rules", "explain", "--rcpt", "b@example.test", "--mx", MX],
+    )
+    .await;
+    let action = answer["decision"]["action"].as_str().expect("action");
+    let text = answer["explanation"].as_str().expect("explanation");
+    (action.to_string(), text.to_string())
+}
+
+/// One message to b@example.test; the reply to RCPT, then to the message.
+async fn send(smtp: SocketAddr) -> (Reply, Option<Reply>) {
+    let (mut client, _) = SmtpClient::connect(smtp).await;
+    client.cmd("EHLO mta.test").await;
+    client.cmd("MAIL FROM:<a@sender.test>").await;
+    let rcpt = client.cmd("RCPT TO:<b@example.test>").await;
+    let data = if rcpt.code == 250 {
+        Some(client.data(b"Subject: t\r\n\r\nhello\r\n").await)
+    } else {
+        None
+    };
+    client.cmd("QUIT").await;
+    (rcpt, data)
+}
+
+/// The first message to the host: the daemon learns what it is like.
+async fn learn(lab: &Lab, expect: u16) {
+    let (rcpt, data) = send(lab.smtp).await;
+    let code = data.map_or(rcpt.code, |d| d.code);
+    assert_eq!(code, expect, "{rcpt:?}");
+}
+
+/// Sends a message and checks that what happened is what `action` said.
+async fn assert_daemon_does(lab: &Lab, action: &str) {
+    let before = lab.server.messages().len();
+    let handshakes = lab.server.tls_handshakes_attempted();
+    let (rcpt, data) = send(lab.smtp).await;
+    let received = lab.server.messages();
+    match action {
+        "tls" => {
+            assert_eq!(data.map(|d| d.code), Some(250), "{rcpt:?}");
+            let message = received.get(before).expect("message received");
+            assert!(message.tls.is_some(), "explained TLS, sent in plain");
+        }
+        "plain" => {
+            assert_eq!(data.map(|d| d.code), Some(250), "{rcpt:?}");
+            let message = received.get(before).expect("message received");
+            assert!(message.tls.is_none(), "explained plain, sent encrypted");
+            assert_eq!(
+                lab.server.tls_handshakes_attempted(),
+                handshakes,
+                "explained plain without a new handshake, and one was tried"
+            );
+        }
+        "refuse" => {
+            assert_eq!(
+                (rcpt.code, rcpt.enhanced().as_deref()),
+                (451, Some("4.7.5"))
+            );
+            assert_eq!(
+                received.len(),
+                before,
+                "explained a deferral, and it was sent"
+            );
+        }
+        other => panic!("unexpected action {other}"),
+    }
+}
+
+const VERIFY_TRY: &str = r#"
+rules:
+  - name: lenient
+    match: { domains: [example.test] }
+    verify: try
+"#;
+
+const VERIFY_REQUIRE: &str = r#"
+rules:
+  - name: banks
+    match: { domains: [example.test] }
+    verify: require
+"#;
+
+#[tokio::test]
+async fn a_cached_expired_certificate_under_verify_try_is_explained_and_sent_encrypted() {
+    let lab = lab(ServerBehaviour::tls(leaf(Validity::Expired)), VERIFY_TRY).await;
+    // The daemon learns the host, then an operator says its certificate is expired.
+    learn(&lab, 250).await;
+    let pin = ["cache", "pin", MX, "cert-expired", "--ttl", "1h"];
+    ctl_json(&lab.socket, &pin).await;
+    let (action, text) = daemon_explains(&lab).await;
+    assert_eq!(action, "tls", "{text}");
+    assert!(
+        text.contains("with cached: cert-expired (pinned): TLS"),
+        "{text}"
+    );
+    assert_daemon_does(&lab, &action).await;
+
+    // The offline explain says the same for the same rule file.
+    let (code, out, err) = tlsrouter(vec![
+        "explain".into(),
+        "--rules".into(),
+        lab.rules.display().to_string(),
+        "--rcpt".into(),
+        "b@example.test".into(),
+        "--outcome".into(),
+        "cert-expired".into(),
+    ])
+    .await;
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("with cached: cert-expired: TLS"), "{out}");
+    assert!(!out.contains("451"), "{out}");
+}
+
+#[tokio::test]
+async fn a_cached_expired_certificate_under_verify_require_is_explained_and_deferred() {
+    let lab = lab(
+        ServerBehaviour::tls(leaf(Validity::Expired)),
+        VERIFY_REQUIRE,
+    )
+    .await;
+    learn(&lab, 451).await;
+    let (action, text) = daemon_explains(&lab).await;
+    assert_eq!(action, "refuse", "{text}");
+    assert!(text.contains("with cached: cert-expired:"), "{text}");
+    let connections = lab.server.connections();
+    assert_daemon_does(&lab, &action).await;
+    assert_eq!(
+        lab.server.connections(),
+        connections,
+        "the doomed attempt was made again"
+    );
+}
+
+#[tokio::test]
+async fn a_host_pinned_without_starttls_is_explained_and_sent_plain() {
+    let lab = lab(ServerBehaviour::tls(leaf(Validity::Current)), VERIFY_TRY).await;
+    learn(&lab, 250).await;
+    let pin = ["cache", "pin", MX, "no-starttls", "--ttl", "1h"];
+    ctl_json(&lab.socket, &pin).await;
+    let (action, text) = daemon_explains(&lab).await;
+    assert_eq!(action, "plain", "{text}");
+    assert!(!text.contains("EHLO is read again"), "{text}");
+    assert_daemon_does(&lab, &action).await;
+}
+
+#[tokio::test]
+async fn a_host_whose_handshake_failed_is_explained_and_sent_plain_without_a_handshake() {
+    let behaviour = ServerBehaviour::with_starttls(StartTls::AbortAfter220);
+    let lab = lab(behaviour, VERIFY_TRY).await;
+    learn(&lab, 250).await;
+    let (action, text) = daemon_explains(&lab).await;
+    assert!(
+        text.contains("with cached: handshake-failed: plain"),
+        "{text}"
+    );
+    assert_eq!(action, "plain");
+    assert_daemon_does(&lab, &action).await;
+}
+
+#[tokio::test]
+async fn a_tls_1_0_only_host_is_explained_and_sent_plain_without_a_handshake() {
+    let behaviour = ServerBehaviour::with_starttls(StartTls::Tls10Only(leaf(Validity::Current)));
+    let lab = lab(behaviour, VERIFY_TRY).await;
+    learn(&lab, 250).await;
+    let (action, text) = daemon_explains(&lab).await;
+    assert!(text.contains("with cached: legacy-tls: plain"), "{text}");
+    assert_eq!(action, "plain");
+    assert_daemon_does(&lab, &action).await;
+}
+
+#[tokio::test]
+async fn a_host_with_nothing_cached_is_explained_as_a_tls_attempt() {
+    let lab = lab(
+        ServerBehaviour::tls(leaf(Validity::Current)),
+        VERIFY_REQUIRE,
+    )
+    .await;
+    let (action, text) = daemon_explains(&lab).await;
+    assert_eq!(action, "tls", "{text}");
+    assert!(text.contains("first try:   TLS"), "{text}");
+    assert_daemon_does(&lab, &action).await;
+}
+
+#[tokio::test]
+async fn an_address_literal_recipient_finds_what_the_cache_learned_of_it() {
+    let behaviour = ServerBehaviour::with_starttls(StartTls::AbortAfter220);
+    let lab = lab(behaviour, VERIFY_TRY).await;
+    for _ in 0..2 {
+        let (mut client, _) = SmtpClient::connect(lab.smtp).await;
+        client.cmd("EHLO mta.test").await;
+        client.cmd("MAIL FROM:<a@sender.test>").await;
+        assert_eq!(client.cmd("RCPT TO:<b@[127.0.0.1]>").await.code, 250);
+        assert_eq!(client.data(b"Subject: t\r\n\r\nhi\r\n").await.code, 250);
+        client.cmd("QUIT").await;
+    }
+    assert_eq!(lab.server.messages().len(), 2);
+    assert_eq!(
+        lab.server.tls_handshakes_attempted(),
+        1,
+        "the second message tried the handshake the cache knew would fail"
+    );
+    let shown = ctl_json(&lab.socket, &["cache", "show", "127.0.0.1"]).await;
+    let entries = shown["entries"].as_array().expect("entries");
+    assert_eq!(entries.len(), 1, "{shown:#}");
+    assert_eq!(entries[0]["host"], "127.0.0.1");
+    assert_eq!(
+        entries[0]["class"],
+        OutcomeClass::HandshakeFailed.name(),
+        "{shown:#}"
+    );
+}
+
+#[tokio::test]
+async fn the_transaction_line_has_no_empty_fields() {
+    let (logs, _guard) = Logs::capture();
+    let lab = lab(ServerBehaviour::plain(), VERIFY_TRY).await;
+    assert_daemon_does(&lab, "plain").await;
+    let lines = logs.transactions();
+    assert_eq!(lines.len(), 1, "{lines:?}");
+    let line = &lines[0];
+    assert!(line.contains("fallback=no-starttls"), "{line}");
+    for field in [
+        "verify=",
+        "cipher=",
+        "tls_version=",
+        "refused=",
+        "relay=",
+        "earlier_failures=",
+    ] {
+        assert!(
+            !line.contains(field),
+            "{field} in a plain delivery's line: {line}"
+        );
+    }
+    let empty = line
+        .split(' ')
+        .find(|word| word.ends_with('=') && !word.contains('"'));
+    assert_eq!(empty, None, "an empty field in {line}");
+}
+
+#[tokio::test]
+async fn a_message_through_the_fallback_relay_names_the_mx_and_the_relay() {
+    let (logs, _guard) = Logs::capture();
+    let relay = SmtpServer::start(LOCALHOST, 0, ServerBehaviour::plain())
+        .await
+        .expect("relay");
+    let rules = format!(
+        r#"
+rules:
+  - name: redirect-without-tls
+    match: {{ domains: [example.test] }}
+    fallback_on: [no-starttls]
+    fallback: {{ relay: "{}" }}
+"#,
+        relay.addr()
+    );
+    let lab = lab(ServerBehaviour::plain(), &rules).await;
+    let (mut client, _) = SmtpClient::connect(lab.smtp).await;
+    client.cmd("EHLO mta.test").await;
+    client.cmd("MAIL FROM:<a@sender.test>").await;
+    assert_eq!(client.cmd("RCPT TO:<b@example.test>").await.code, 250);
+    // While the transaction is open, ctl sessions says where it goes.
+    let sessions = ctl_json(&lab.socket, &["sessions"]).await;
+    let next_hop = sessions["sessions"][0]["next_hop"]
+        .as_str()
+        .expect("next_hop");
+    assert_eq!(
+        next_hop,
+        format!("{MX}[127.0.0.1] via relay {}", relay.addr())
+    );
+    assert_eq!(client.data(b"Subject: t\r\n\r\nhi\r\n").await.code, 250);
+    client.cmd("QUIT").await;
+    assert_eq!(relay.messages().len(), 1);
+    assert!(lab.server.messages().is_empty());
+    let line = &logs.transactions()[0];
+    assert!(
+        line.contains(&format!(
+            "next_hop={MX}[127.0.0.1] mx={MX} addr=127.0.0.1 relay={}",
+            relay.addr()
+        )),
+        "{line}"
+    );
+}
