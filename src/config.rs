@@ -203,6 +203,30 @@ impl Default for AdminConfig {
     }
 }
 
+impl AdminConfig {
+    /// The socket's group as a number, from a number or a name in /etc/group.
+    #[cfg(unix)]
+    pub fn group_id(&self) -> anyhow::Result<Option<u32>> {
+        let Some(group) = &self.group else {
+            return Ok(None);
+        };
+        if let Ok(gid) = group.parse() {
+            return Ok(Some(gid));
+        }
+        let groups = std::fs::read_to_string("/etc/group")?;
+        groups
+            .lines()
+            .filter_map(|line| {
+                let mut fields = line.split(':');
+                let name = fields.next()?;
+                let gid = fields.nth(1)?.parse().ok()?;
+                Some((name, gid))
+            })
+            .find_map(|(name, gid)| (name == group).then_some(Some(gid)))
+            .ok_or_else(|| anyhow::anyhow!("admin.group: no group {group:?}"))
+    }
+}
+
 /// Unix permissions written in octal, like `0660`. Never writable by others.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize)]
 #[serde(try_from = "String")]

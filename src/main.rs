@@ -442,7 +442,7 @@ async fn serve(config: Config) -> ExitCode {
         }
     };
     // The admin side first: a daemon that cannot be managed does not take mail.
-    if let Err(e) = proxy.start_admin().await {
+    if let Err(e) = tlsrouter::admin::start(&proxy).await {
         eprintln!("tlsrouter: {e:#}");
         return ExitCode::from(EXIT_CONFIG);
     }

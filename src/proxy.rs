@@ -21,16 +21,14 @@ pub struct Proxy {
     /// Tells sessions that a shutdown is draining them.
     pub drain: tokio::sync::watch::Sender<Drain>,
     /// The admin socket this daemon bound, the only one it may remove.
-    admin_socket: std::sync::OnceLock<std::path::PathBuf>,
+    pub(crate) admin_socket: std::sync::OnceLock<std::path::PathBuf>,
 }
 
 impl Proxy {
     /// Builds everything the configuration names; fails before any socket is bound.
     pub fn new(config: Config) -> anyhow::Result<Arc<Proxy>> {
         #[cfg(unix)]
-        if let Some(group) = &config.admin.group {
-            group_id(group)?;
-        }
+        config.admin.group_id()?;
         let resolver = MxResolver::new(&config.resolver.nameservers, config.timeouts.dns)?;
         let tls = TlsClient::new(&config.tls)?;
         let rules = match &config.rules_file {
@@ -141,43 +139,6 @@ impl Proxy {
 }
 
 impl Proxy {
-    /// Opens the admin socket and the metrics endpoint the configuration asks for, and
-    /// serves them in the background. A file in the way of the socket is an error; a socket
-    /// directory that cannot be created only turns the admin socket off, with a warning.
-    pub async fn start_admin(self: &Arc<Self>) -> anyhow::Result<()> {
-        #[cfg(unix)]
-        if let Some(path) = &self.config.admin.socket {
-            let group = match &self.config.admin.group {
-                Some(name) => Some(group_id(name)?),
-                None => None,
-            };
-            match crate::admin::server::bind(path, self.config.admin.mode.0, group) {
-                Ok(listener) => {
-                    tracing::info!("admin socket {}", path.display());
-                    let _ = self.admin_socket.set(path.clone());
-                    tokio::spawn(crate::admin::server::serve(self.clone(), listener));
-                }
-                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
-                    anyhow::bail!("admin.socket: {e}")
-                }
-                Err(e) => tracing::warn!("admin socket {} not opened: {e}", path.display()),
-            }
-        }
-        if let Some(listen) = self.config.metrics.listen {
-            if !listen.ip().is_loopback() {
-                tracing::warn!("metrics endpoint on {listen} is reachable from other hosts");
-            }
-            let listener = tokio::net::TcpListener::bind(listen)
-                .await
-                .map_err(|e| anyhow::anyhow!("metrics.listen {listen}: {e}"))?;
-            tracing::info!("metrics on http://{listen}/metrics");
-            tokio::spawn(crate::admin::metrics::serve(self.clone(), listener));
-        }
-        Ok(())
-    }
-}
-
-impl Proxy {
     /// At a clean stop: a socket left behind would look like a crashed daemon's. Only the
     /// socket this daemon bound: when it could not bind one, the path may be another's.
     pub fn remove_admin_socket(&self) {
@@ -185,23 +146,4 @@ impl Proxy {
             let _ = std::fs::remove_file(path);
         }
     }
-}
-
-/// A group given by number, or by name from /etc/group.
-#[cfg(unix)]
-fn group_id(group: &str) -> anyhow::Result<u32> {
-    if let Ok(gid) = group.parse() {
-        return Ok(gid);
-    }
-    let groups = std::fs::read_to_string("/etc/group")?;
-    groups
-        .lines()
-        .filter_map(|line| {
-            let mut fields = line.split(':');
-            let name = fields.next()?;
-            let gid = fields.nth(1)?.parse().ok()?;
-            Some((name, gid))
-        })
-        .find_map(|(name, gid)| (name == group).then_some(gid))
-        .ok_or_else(|| anyhow::anyhow!("admin.group: no group {group:?}"))
 }

@@ -52,7 +52,7 @@ async fn daemon(
     config.admin.socket = Some(socket.clone());
     adjust(&mut config);
     let proxy = Proxy::new(config).expect("proxy");
-    proxy.start_admin().await.expect("admin socket");
+    tlsrouter::admin::start(&proxy).await.expect("admin socket");
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
         .await
         .expect("bind");
@@ -493,7 +493,7 @@ async fn the_socket_is_0660_a_stale_one_is_replaced_and_a_plain_file_is_refused(
     config.admin.socket = Some(file.clone());
     config.tls.system_roots = false;
     let proxy = Proxy::new(config).expect("proxy");
-    let err = proxy.start_admin().await.expect_err("refused");
+    let err = tlsrouter::admin::start(&proxy).await.expect_err("refused");
     assert!(err.to_string().contains("is not a socket"), "{err}");
     assert_eq!(std::fs::read_to_string(&file).expect("kept"), "data");
 }
@@ -529,7 +529,7 @@ async fn a_second_daemon_does_not_take_the_socket_of_a_running_one() {
     config.admin.socket = Some(first.socket.clone());
     config.tls.system_roots = false;
     let second = Proxy::new(config).expect("proxy");
-    let err = second.start_admin().await.expect_err("refused");
+    let err = tlsrouter::admin::start(&second).await.expect_err("refused");
     let message = err.to_string();
     assert!(
         message.contains(&first.socket.display().to_string())

@@ -50,7 +50,7 @@ async fn lab(behaviour: ServerBehaviour, rules: &str) -> Lab {
     config.admin.socket = Some(socket.clone());
     config.rules_file = Some(rules_file.clone());
     let proxy = Proxy::new(config).expect("proxy");
-    proxy.start_admin().await.expect("admin socket");
+    tlsrouter::admin::start(&proxy).await.expect("admin socket");
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
         .await
         .expect("bind");

@@ -5,3 +5,39 @@ pub mod client;
 pub mod metrics;
 pub mod protocol;
 pub mod server;
+
+use std::sync::Arc;
+
+use crate::proxy::Proxy;
+
+/// Opens the admin socket and the metrics endpoint the configuration asks for, and
+/// serves them in the background. A file in the way of the socket is an error; a socket
+/// directory that cannot be created only turns the admin socket off, with a warning.
+pub async fn start(proxy: &Arc<Proxy>) -> anyhow::Result<()> {
+    #[cfg(unix)]
+    if let Some(path) = &proxy.config.admin.socket {
+        let group = proxy.config.admin.group_id()?;
+        match server::bind(path, proxy.config.admin.mode.0, group) {
+            Ok(listener) => {
+                tracing::info!("admin socket {}", path.display());
+                let _ = proxy.admin_socket.set(path.clone());
+                tokio::spawn(server::serve(proxy.clone(), listener));
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+                anyhow::bail!("admin.socket: {e}")
+            }
+            Err(e) => tracing::warn!("admin socket {} not opened: {e}", path.display()),
+        }
+    }
+    if let Some(listen) = proxy.config.metrics.listen {
+        if !listen.ip().is_loopback() {
+            tracing::warn!("metrics endpoint on {listen} is reachable from other hosts");
+        }
+        let listener = tokio::net::TcpListener::bind(listen)
+            .await
+            .map_err(|e| anyhow::anyhow!("metrics.listen {listen}: {e}"))?;
+        tracing::info!("metrics on http://{listen}/metrics");
+        tokio::spawn(metrics::serve(proxy.clone(), listener));
+    }
+    Ok(())
+}
