@@ -7,17 +7,20 @@
 //! The modules, in the order a message passes them:
 //! - [`inbound`]: the listener and the ESMTP server session toward the MTA.
 //! - [`smtp`]: the wire protocol both sides share: commands, replies, lines, the DATA filter.
-//! - [`router`]: turns a recipient into a [`router::Plan`]: which rule, which TLS policy.
-//! - [`rules`]: the YAML rule list, validated and indexed.
-//! - [`outbound`]: MX resolution, client connections, TLS, and carrying out a plan.
-//! - [`outcome`]: the TLS outcome taxonomy that logs and decisions speak.
+//! - [`router`]: turns a recipient into a [`router::Plan`] (the rules that may decide), and
+//!   holds the one host decision ([`router::decision::decide`]) and `explain`.
+//! - [`rules`]: the YAML rule list and its TLS vocabulary, validated and indexed.
+//! - [`outbound`]: MX resolution, client connections, TLS, delivery attempts, and the
+//!   remote dialogue of an open transaction ([`outbound::upstream::Upstream`]).
+//! - [`outcome`]: the TLS outcome taxonomy that logs and decisions speak, with its table.
 //! - [`certificate`]: what a server's certificate says (subject, names, validity).
 //! - [`cache`]: what the last attempts to each MX found, with expiry and persistence.
 //! - [`config`]: the daemon's configuration, with defaults embedded.
 //! - [`probe`]: step-by-step diagnosis of a remote MX.
 //! - [`stats`]: counters for `ctl stats` and Prometheus.
+//! - [`sessions`]: the sessions open now, and the shutdown signal that drains them.
 //! - [`proxy`]: the assembled parts shared by every session.
-//! - [`admin`]: the admin socket and `tlsrouter ctl`.
+//! - [`admin`]: the admin socket, the metrics endpoint and `tlsrouter ctl`.
 
 #![forbid(unsafe_code)]
 
