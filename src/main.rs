@@ -366,6 +366,10 @@ fn check_rules(file: &std::path::Path) -> ExitCode {
     if !shadowed.is_empty() {
         return ExitCode::FAILURE;
     }
+    // Allowed, but an operator reviewing the file must see them.
+    for warning in rules.policy_overrides() {
+        eprintln!("{warning}");
+    }
     println!("{}: OK, {} rules", file.display(), rules.rules().len());
     ExitCode::SUCCESS
 }

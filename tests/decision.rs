@@ -396,3 +396,24 @@ rules:
         "{line}"
     );
 }
+
+#[tokio::test]
+async fn check_points_out_a_rule_that_overrides_a_published_policy() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let file = dir.path().join("rules.yaml");
+    let rules = r#"
+rules:
+  - name: partner-exception
+    match: { domains: [partner.example] }
+    tls: never
+    override_published_policy: true
+"#;
+    std::fs::write(&file, rules).expect("rules");
+    let (code, out, err) = tlsrouter(vec!["check".into(), file.display().to_string()]).await;
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("OK, 1 rules"), "{out}");
+    assert!(
+        err.contains(":3:5: warning: rule \"partner-exception\" overrides the published MTA-STS policy of partner.example"),
+        "{err}"
+    );
+}

@@ -28,12 +28,59 @@ pub enum Known<'a> {
     },
 }
 
-/// What the recipient domain publishes about how its servers must be reached (MTA-STS,
-/// DANE). Nothing is read yet: every domain publishes [`Published::Nothing`].
+/// What the recipient domain publishes about how its servers must be reached, as it
+/// bears on one server. It comes before the rules: a rule can make delivery stricter,
+/// never weaker, unless it sets `override_published_policy` (see [`overridden`]).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub enum Published {
     #[default]
     Nothing,
+    /// An MTA-STS policy (RFC 8461). `mx_listed`: the server's name matches one of the
+    /// policy's `mx` patterns.
+    MtaSts { mode: StsMode, mx_listed: bool },
+}
+
+/// The MTA-STS modes that bear on delivery (`none` is as no policy).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum StsMode {
+    /// Only the listed MX hosts, only over TLS with a certificate verified for the name.
+    Enforce,
+    /// Deliver as the rules say; failures are only reported.
+    Testing,
+}
+
+impl Published {
+    /// The policy as the log line names it: `mta-sts:enforce`, `mta-sts:testing`.
+    pub fn name(self) -> Option<&'static str> {
+        match self {
+            Published::Nothing => None,
+            Published::MtaSts {
+                mode: StsMode::Enforce,
+                ..
+            } => Some("mta-sts:enforce"),
+            Published::MtaSts {
+                mode: StsMode::Testing,
+                ..
+            } => Some("mta-sts:testing"),
+        }
+    }
+}
+
+/// Whether `rule` is applied as it is although `published` asks for more: it says so
+/// explicitly. Delivery logs every such use at warn.
+pub fn overridden(rule: &Rule, published: Published) -> bool {
+    rule.override_published_policy && binding(published)
+}
+
+/// A published policy that delivery must follow (not one that only asks for reports).
+fn binding(published: Published) -> bool {
+    matches!(
+        published,
+        Published::MtaSts {
+            mode: StsMode::Enforce,
+            ..
+        }
+    )
 }
 
 /// How to run TLS with a server.
@@ -74,13 +121,40 @@ impl HostDecision {
 
 /// The one decision. Pure: it reads nothing but its arguments.
 pub fn decide(rule: &Rule, known: Known<'_>, published: Published) -> HostDecision {
-    let Published::Nothing = published;
+    if binding(published) && !overridden(rule, published) {
+        let Published::MtaSts { mx_listed, .. } = published else {
+            return HostDecision::Refuse("published policy not understood".into());
+        };
+        if !mx_listed {
+            return HostDecision::Refuse("MTA-STS enforce: not an MX host of the policy".into());
+        }
+        return match under_rule(&enforced(rule), known) {
+            HostDecision::Refuse(why) => HostDecision::Refuse(format!("MTA-STS enforce: {why}")),
+            decision => decision,
+        };
+    }
+    under_rule(rule, known)
+}
+
+fn under_rule(rule: &Rule, known: Known<'_>) -> HostDecision {
     let terms = terms(rule);
     match known {
         Known::Nothing => initial(rule, terms),
         Known::Cached(entry) => cached(rule, terms, entry),
         Known::Found { outcome, downgrade } => found(rule, terms, outcome, downgrade),
     }
+}
+
+/// The rule made as strict as an enforced policy: TLS required, the certificate verified
+/// for the MX name, no plain path of any kind. What the rule asks beyond that (TLS 1.3)
+/// stays.
+fn enforced(rule: &Rule) -> Rule {
+    let mut strict = rule.clone();
+    strict.policy.tls = TlsMode::Require;
+    strict.policy.verify = VerifyMode::Require;
+    strict.policy.fallback_on.clear();
+    strict.on_downgrade = OnDowngrade::Defer;
+    strict
 }
 
 fn terms(rule: &Rule) -> TlsTerms {
@@ -382,6 +456,106 @@ mod tests {
                 "{class}"
             );
         }
+    }
+
+    const ENFORCE: Published = Published::MtaSts {
+        mode: StsMode::Enforce,
+        mx_listed: true,
+    };
+
+    #[test]
+    fn an_enforced_policy_never_allows_plain_or_an_unverified_certificate() {
+        let weak = [
+            "rules:\n  - name: r\n    tls: never\n",
+            "rules:\n  - name: r\n    verify: try\n",
+            "rules:\n  - name: r\n    fallback_on: [no-starttls, cert-expired]\n    fallback: { relay: \"127.0.0.1:2526\" }\n",
+        ];
+        for yaml in weak {
+            let rule = rule(yaml);
+            let first = decide(&rule, Known::Nothing, ENFORCE);
+            assert!(
+                matches!(
+                    first,
+                    HostDecision::Tls(TlsTerms {
+                        verify: VerifyMode::Require,
+                        ..
+                    })
+                ),
+                "{yaml}: {first}"
+            );
+            for class in OutcomeClass::ALL
+                .into_iter()
+                .filter(|c| !c.is_unreachable())
+            {
+                for pinned in [false, true] {
+                    let cached = entry(class, pinned);
+                    let decision = decide(&rule, Known::Cached(&cached), ENFORCE);
+                    assert!(
+                        !matches!(decision, HostDecision::Plain { .. }),
+                        "{yaml} {class}: {decision}"
+                    );
+                }
+            }
+            let stripped = TlsOutcome::Plain(NoTls::NoStarttls);
+            let found = Known::Found {
+                outcome: &stripped,
+                downgrade: false,
+            };
+            let decision = decide(&rule, found, ENFORCE);
+            assert!(
+                matches!(&decision, HostDecision::Refuse(why) if why.starts_with("MTA-STS enforce: ")),
+                "{decision}"
+            );
+            let expired = expired_session();
+            let found = Known::Found {
+                outcome: &expired,
+                downgrade: false,
+            };
+            assert!(
+                matches!(decide(&rule, found, ENFORCE), HostDecision::Refuse(_)),
+                "{yaml}"
+            );
+        }
+    }
+
+    #[test]
+    fn an_enforced_policy_refuses_mx_hosts_it_does_not_list() {
+        let rule = rule("rules:\n  - name: r\n");
+        let unlisted = Published::MtaSts {
+            mode: StsMode::Enforce,
+            mx_listed: false,
+        };
+        assert_eq!(
+            decide(&rule, Known::Nothing, unlisted),
+            HostDecision::Refuse("MTA-STS enforce: not an MX host of the policy".into())
+        );
+    }
+
+    #[test]
+    fn a_testing_policy_leaves_delivery_to_the_rules() {
+        let rule = rule("rules:\n  - name: r\n    tls: never\n");
+        let testing = Published::MtaSts {
+            mode: StsMode::Testing,
+            mx_listed: false,
+        };
+        assert_eq!(
+            decide(&rule, Known::Nothing, testing),
+            decide(&rule, Known::Nothing, Published::Nothing)
+        );
+    }
+
+    #[test]
+    fn a_rule_overrides_an_enforced_policy_only_when_it_says_so_for_named_domains() {
+        let yaml = "rules:\n  - name: r\n    match: { domains: [partner.example] }\n    tls: never\n    override_published_policy: true\n";
+        let rule = rule(yaml);
+        assert!(overridden(&rule, ENFORCE));
+        assert!(matches!(
+            decide(&rule, Known::Nothing, ENFORCE),
+            HostDecision::Plain { .. }
+        ));
+        let wildcard = "rules:\n  - name: r\n    match: { domains: [\"*.example\"] }\n    override_published_policy: true\n";
+        let error = RuleSet::parse(wildcard, Path::new("r.yaml")).expect_err("refused");
+        assert!(error.to_string().contains("one by one"), "{error}");
     }
 
     #[test]

@@ -102,6 +102,9 @@ impl Router {
         for shadowed in rules.shadowed() {
             tracing::warn!("{}", rules.describe_shadowed(&shadowed));
         }
+        for warning in rules.policy_overrides() {
+            tracing::warn!("{warning}");
+        }
         let count = rules.rules().len();
         match self.rules.write() {
             Ok(mut slot) => *slot = Arc::new(rules),

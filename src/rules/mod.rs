@@ -166,6 +166,26 @@ impl RuleSet {
     }
 
     /// Rules that no message can reach.
+    /// A warning for each rule that overrides what its domains publish (MTA-STS enforce).
+    pub fn policy_overrides(&self) -> Vec<String> {
+        self.rules
+            .iter()
+            .filter(|rule| rule.override_published_policy)
+            .map(|rule| {
+                let domains: Vec<String> =
+                    rule.conditions.domains.iter().map(ToString::to_string).collect();
+                format!(
+                    "{}:{}:{}: warning: rule {:?} overrides the published MTA-STS policy of {}: mail to them may go without verified TLS",
+                    self.source.display(),
+                    rule.line,
+                    rule.column,
+                    rule.name,
+                    domains.join(", ")
+                )
+            })
+            .collect()
+    }
+
     pub fn shadowed(&self) -> Vec<Shadowed> {
         let mut found = Vec::new();
         for (later, rule) in self.rules.iter().enumerate() {

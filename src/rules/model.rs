@@ -36,6 +36,10 @@ pub struct RuleSpec {
     pub on_downgrade: Option<OnDowngrade>,
     #[serde(default)]
     pub route: Option<Spanned<RouteSpec>>,
+    /// Apply this rule even where it is weaker than what the domain publishes (an MTA-STS
+    /// `enforce` policy): only for domains the rule names one by one.
+    #[serde(default)]
+    pub override_published_policy: bool,
 }
 
 /// A class `fallback_on` takes: a TLS attempt that failed. Checked as the file is read, so
@@ -246,6 +250,9 @@ pub struct Rule {
     pub fallback: Fallback,
     pub on_downgrade: OnDowngrade,
     pub route: Route,
+    /// The rule applies even where the domain publishes a stricter policy; every use is
+    /// logged at warn.
+    pub override_published_policy: bool,
 }
 
 impl Rule {
@@ -260,6 +267,7 @@ impl Rule {
             fallback: Fallback::Direct,
             on_downgrade: OnDowngrade::Fallback,
             route: Route::Mx,
+            override_published_policy: false,
         }
     }
 
@@ -273,6 +281,15 @@ impl Rule {
         if tls == TlsMode::Require && spec.fallback_on.as_ref().is_some_and(|f| !f.is_empty()) {
             return Err(format!(
                 "rule {:?}: tls: require never falls back to plain; remove fallback_on",
+                spec.name
+            ));
+        }
+        if spec.override_published_policy
+            && (spec.matches.domains.is_empty()
+                || spec.matches.domains.iter().any(|d| !d.is_exact()))
+        {
+            return Err(format!(
+                "rule {:?}: override_published_policy needs the domains named one by one in match.domains (no \"*\" or \"*.suffix\")",
                 spec.name
             ));
         }
@@ -334,6 +351,7 @@ impl Rule {
             fallback: spec.fallback.unwrap_or(Fallback::Direct),
             on_downgrade: spec.on_downgrade.unwrap_or_default(),
             route,
+            override_published_policy: spec.override_published_policy,
         })
     }
 }

@@ -13,6 +13,11 @@ pub enum DomainPattern {
 }
 
 impl DomainPattern {
+    /// One domain by name, not a wildcard.
+    pub fn is_exact(&self) -> bool {
+        matches!(self, DomainPattern::Exact(_))
+    }
+
     pub fn matches(&self, name: &str) -> bool {
         // An absolute name (with its trailing dot) is the same name, as in patterns.
         let name = name.strip_suffix('.').unwrap_or(name);
