@@ -95,7 +95,7 @@ impl Clock for ManualClock {
 pub struct CacheConfig {
     /// Where the cache is saved on shutdown and periodically; `None` keeps it in memory only.
     pub file: Option<PathBuf>,
-    #[serde(with = "crate::config::duration")]
+    #[serde(with = "crate::config::values::duration")]
     pub save_interval: Duration,
     /// The most entries kept; the least recently used go first.
     pub max_entries: u64,
@@ -118,13 +118,13 @@ impl Default for CacheConfig {
 #[serde(deny_unknown_fields, default)]
 pub struct TtlConfig {
     /// `tls-verified` and `tls-unverified`; also how long a downgrade is watched for.
-    #[serde(with = "crate::config::duration")]
+    #[serde(with = "crate::config::values::duration")]
     pub success: Duration,
     /// Every other TLS class: worth retrying after a while, the remote may be fixed.
-    #[serde(with = "crate::config::duration")]
+    #[serde(with = "crate::config::values::duration")]
     pub tls_failure: Duration,
     /// `connect-failed` and `timeout`: not TLS facts, so kept only briefly.
-    #[serde(with = "crate::config::duration")]
+    #[serde(with = "crate::config::values::duration")]
     pub unreachable: Duration,
 }
 

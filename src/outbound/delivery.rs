@@ -8,9 +8,10 @@ use std::sync::Arc;
 
 use base64::Engine;
 use base64::engine::general_purpose::STANDARD as BASE64;
+use serde::Deserialize;
 
 use crate::cache::{Observation, OutcomeCache};
-use crate::config::Timeouts;
+use crate::config::values::Timeouts;
 use crate::outbound::connection::{Connection, ExchangeError, StartTlsResult};
 use crate::outbound::mx::{
     AddressError, MxHost, MxResolver, RouteError, ServerId, literal_address,
@@ -24,8 +25,28 @@ use crate::router::decision::{
 };
 use crate::rules::model::{AuthSpec, HostPort};
 use crate::rules::{Fallback, Route, Rule};
+use crate::smtp::data::BareLineEndings;
 use crate::smtp::{Capabilities, MissingExtension, Reply};
 use crate::stats::Stats;
+
+/// `delivery:` in the configuration.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DeliveryConfig {
+    /// The port of remote MX servers: 25 on the Internet, anything in a lab.
+    pub port: u16,
+    /// What to do with a bare CR or LF in a message body.
+    pub bare_line_endings: BareLineEndings,
+}
+
+impl Default for DeliveryConfig {
+    fn default() -> Self {
+        DeliveryConfig {
+            port: 25,
+            bare_line_endings: BareLineEndings::Normalize,
+        }
+    }
+}
 
 /// Everything the outbound side needs, shared by all sessions.
 pub struct Outbound {

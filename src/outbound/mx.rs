@@ -5,14 +5,24 @@ use std::net::{IpAddr, SocketAddr};
 use std::time::Duration;
 
 use hickory_resolver::TokioResolver;
-use hickory_resolver::config::{ConnectionConfig, NameServerConfig, ResolverConfig};
+use hickory_resolver::config::{ConnectionConfig, NameServerConfig};
 use hickory_resolver::net::runtime::TokioRuntimeProvider;
 use hickory_resolver::net::{DnsError, NetError};
 use hickory_resolver::proto::op::ResponseCode;
 use hickory_resolver::proto::rr::RData;
 use rand::seq::SliceRandom;
 
+use serde::Deserialize;
+
 use crate::smtp::Reply;
+
+/// `resolver:` in the configuration.
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ResolverConfig {
+    /// `ip:port` of the name servers to ask; empty means the system's (resolv.conf).
+    pub nameservers: Vec<SocketAddr>,
+}
 
 /// One mail exchanger of a domain.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -112,7 +122,10 @@ impl MxResolver {
             TokioResolver::builder(provider)?
         } else {
             let servers = nameservers.iter().map(|addr| name_server(*addr)).collect();
-            TokioResolver::builder_with_config(ResolverConfig::from_name_servers(servers), provider)
+            TokioResolver::builder_with_config(
+                hickory_resolver::config::ResolverConfig::from_name_servers(servers),
+                provider,
+            )
         };
         let options = builder.options_mut();
         options.timeout = timeout;

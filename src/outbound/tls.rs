@@ -13,12 +13,32 @@ use rustls::{
     AlertDescription, CertificateError, DigitallySignedStruct, PeerIncompatible, RootCertStore,
     SignatureScheme, SupportedProtocolVersion,
 };
+use serde::Deserialize;
+use std::path::PathBuf;
 use tokio::net::TcpStream;
 use tokio_rustls::client::TlsStream;
 
-use crate::config::TlsConfig;
 use crate::outcome::{CertProblem, NoTls, TlsSession, Verification, format_date};
 use crate::rules::MinTls;
+
+/// `tls:` in the configuration.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TlsConfig {
+    /// Extra root certificates (PEM) to trust besides, or instead of, the system's.
+    pub ca_file: Option<PathBuf>,
+    /// Trust the operating system's root certificates.
+    pub system_roots: bool,
+}
+
+impl Default for TlsConfig {
+    fn default() -> Self {
+        TlsConfig {
+            ca_file: None,
+            system_roots: true,
+        }
+    }
+}
 
 pub struct TlsClient {
     provider: Arc<CryptoProvider>,

@@ -8,7 +8,7 @@
 
 use std::fmt;
 
-use crate::config::Timeouts;
+use crate::config::values::Timeouts;
 use crate::outbound::connection::Connection;
 use crate::outbound::mx::ServerId;
 use crate::outcome::TlsOutcome;

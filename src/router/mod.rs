@@ -10,7 +10,7 @@ pub mod explain;
 use std::path::PathBuf;
 use std::sync::{Arc, RwLock};
 
-use crate::config::ConfigError;
+use crate::config::values::ConfigError;
 use crate::outcome::OutcomeClass;
 use crate::rules::{Route, Rule, RuleSet, Selection};
 

@@ -3,12 +3,17 @@
 
 use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
-use std::time::Duration;
 
 use ipnet::IpNet;
 use serde::Deserialize;
 
-use crate::smtp::data::BareLineEndings;
+pub mod values;
+
+pub use values::{ConfigError, Timeouts, duration, yaml_error};
+
+use crate::outbound::delivery::DeliveryConfig;
+use crate::outbound::mx::ResolverConfig;
+use crate::outbound::tls::TlsConfig;
 
 #[derive(Clone, Debug, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -49,103 +54,6 @@ impl Default for Config {
             admin: AdminConfig::default(),
             metrics: MetricsConfig::default(),
             log: LogConfig::default(),
-        }
-    }
-}
-
-#[derive(Clone, Debug, Default, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct ResolverConfig {
-    /// `ip:port` of the name servers to ask; empty means the system's (resolv.conf).
-    pub nameservers: Vec<SocketAddr>,
-}
-
-#[derive(Clone, Debug, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct TlsConfig {
-    /// Extra root certificates (PEM) to trust besides, or instead of, the system's.
-    pub ca_file: Option<PathBuf>,
-    /// Trust the operating system's root certificates.
-    pub system_roots: bool,
-}
-
-impl Default for TlsConfig {
-    fn default() -> Self {
-        TlsConfig {
-            ca_file: None,
-            system_roots: true,
-        }
-    }
-}
-
-#[derive(Clone, Debug, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct DeliveryConfig {
-    /// The port of remote MX servers: 25 on the Internet, anything in a lab.
-    pub port: u16,
-    /// What to do with a bare CR or LF in a message body.
-    pub bare_line_endings: BareLineEndings,
-}
-
-impl Default for DeliveryConfig {
-    fn default() -> Self {
-        DeliveryConfig {
-            port: 25,
-            bare_line_endings: BareLineEndings::Normalize,
-        }
-    }
-}
-
-/// Timeouts; the defaults are RFC 5321 4.5.3.2's.
-#[derive(Clone, Debug, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct Timeouts {
-    /// TCP connect, per MX address.
-    #[serde(with = "duration")]
-    pub connect: Duration,
-    /// Waiting for a remote's 220 greeting.
-    #[serde(with = "duration")]
-    pub greeting: Duration,
-    /// A remote's reply to EHLO, STARTTLS, MAIL, RCPT, RSET.
-    #[serde(with = "duration")]
-    pub command: Duration,
-    /// The TLS handshake after STARTTLS.
-    #[serde(with = "duration")]
-    pub tls_handshake: Duration,
-    /// A remote's reply to DATA (the 354).
-    #[serde(with = "duration")]
-    pub data_start: Duration,
-    /// Sending one block of the body to the remote.
-    #[serde(with = "duration")]
-    pub data_block: Duration,
-    /// A remote's reply after the final dot.
-    #[serde(with = "duration")]
-    pub data_end: Duration,
-    /// The MTA's silence before we close its session.
-    #[serde(with = "duration")]
-    pub client_idle: Duration,
-    /// DNS lookups.
-    #[serde(with = "duration")]
-    pub dns: Duration,
-    /// At shutdown, how long transactions in flight may take to finish.
-    #[serde(with = "duration")]
-    pub shutdown_drain: Duration,
-}
-
-impl Default for Timeouts {
-    fn default() -> Self {
-        let min = |m: u64| Duration::from_secs(60 * m);
-        Timeouts {
-            connect: Duration::from_secs(30),
-            greeting: min(5),
-            command: min(5),
-            tls_handshake: Duration::from_secs(60),
-            data_start: min(2),
-            data_block: min(3),
-            data_end: min(10),
-            client_idle: min(5),
-            dns: Duration::from_secs(10),
-            shutdown_drain: Duration::from_secs(30),
         }
     }
 }
@@ -335,58 +243,6 @@ impl TryFrom<String> for ClientNet {
     }
 }
 
-/// Durations written as `30s`, `5m`, `1h`, `7d` or `250ms`.
-pub mod duration {
-    use serde::Deserialize;
-    use std::time::Duration;
-
-    /// Longer is a typo, and would overflow the clock arithmetic it goes into.
-    const LONGEST: Duration = Duration::from_secs(10 * 365 * 86_400);
-
-    pub fn parse(s: &str) -> Result<Duration, String> {
-        let s = s.trim();
-        let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
-        let (number, unit) = s.split_at(split);
-        let n: u64 = number
-            .parse()
-            .map_err(|_| format!("{s:?} is not a duration like 30s, 5m, 1h or 7d"))?;
-        let duration = match unit {
-            "ms" => Duration::from_millis(n),
-            "s" => Duration::from_secs(n),
-            "m" => Duration::from_secs(n.saturating_mul(60)),
-            "h" => Duration::from_secs(n.saturating_mul(3600)),
-            "d" => Duration::from_secs(n.saturating_mul(86_400)),
-            _ => return Err(format!("{s:?} has an unknown unit (use ms, s, m, h or d)")),
-        };
-        if duration > LONGEST {
-            return Err(format!("{s:?} is longer than ten years"));
-        }
-        Ok(duration)
-    }
-
-    pub fn deserialize<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
-        let text = String::deserialize(d)?;
-        parse(&text).map_err(serde::de::Error::custom)
-    }
-}
-
-/// A configuration that cannot be used, with where and why.
-#[derive(Debug, thiserror::Error)]
-pub enum ConfigError {
-    #[error("{path}: {source}")]
-    Read {
-        path: PathBuf,
-        source: std::io::Error,
-    },
-    #[error("{path}:{line}:{column}: {message}")]
-    Invalid {
-        path: PathBuf,
-        line: u64,
-        column: u64,
-        message: String,
-    },
-}
-
 impl Config {
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
         let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
@@ -405,28 +261,10 @@ impl Config {
     }
 }
 
-/// Turns a YAML error into `file:line:column: message`, without the snippet rendering.
-pub fn yaml_error(path: &Path, error: &serde_saphyr::Error) -> ConfigError {
-    let (line, column) = error
-        .location()
-        .map(|l| (l.line(), l.column()))
-        .unwrap_or((0, 0));
-    let message = error.without_snippet().to_string();
-    // The message repeats the position it was given; keep only what it says.
-    let message = message
-        .split_once(" at line ")
-        .map(|(m, _)| m.to_string())
-        .unwrap_or(message);
-    ConfigError::Invalid {
-        path: path.to_path_buf(),
-        line,
-        column,
-        message,
-    }
-}
-
 #[cfg(test)]
 mod tests {
+    use std::time::Duration;
+
     use super::*;
 
     fn parse(text: &str) -> Result<Config, ConfigError> {

@@ -1,0 +1,134 @@
+//! The values configuration sections share, kept apart from the assembled [`super::Config`]
+//! so that the modules whose sections it assembles can use them: durations, timeouts, and
+//! errors that name file, line and column.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+
+/// Timeouts; the defaults are RFC 5321 4.5.3.2's.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Timeouts {
+    /// TCP connect, per MX address.
+    #[serde(with = "duration")]
+    pub connect: Duration,
+    /// Waiting for a remote's 220 greeting.
+    #[serde(with = "duration")]
+    pub greeting: Duration,
+    /// A remote's reply to EHLO, STARTTLS, MAIL, RCPT, RSET.
+    #[serde(with = "duration")]
+    pub command: Duration,
+    /// The TLS handshake after STARTTLS.
+    #[serde(with = "duration")]
+    pub tls_handshake: Duration,
+    /// A remote's reply to DATA (the 354).
+    #[serde(with = "duration")]
+    pub data_start: Duration,
+    /// Sending one block of the body to the remote.
+    #[serde(with = "duration")]
+    pub data_block: Duration,
+    /// A remote's reply after the final dot.
+    #[serde(with = "duration")]
+    pub data_end: Duration,
+    /// The MTA's silence before we close its session.
+    #[serde(with = "duration")]
+    pub client_idle: Duration,
+    /// DNS lookups.
+    #[serde(with = "duration")]
+    pub dns: Duration,
+    /// At shutdown, how long transactions in flight may take to finish.
+    #[serde(with = "duration")]
+    pub shutdown_drain: Duration,
+}
+
+impl Default for Timeouts {
+    fn default() -> Self {
+        let min = |m: u64| Duration::from_secs(60 * m);
+        Timeouts {
+            connect: Duration::from_secs(30),
+            greeting: min(5),
+            command: min(5),
+            tls_handshake: Duration::from_secs(60),
+            data_start: min(2),
+            data_block: min(3),
+            data_end: min(10),
+            client_idle: min(5),
+            dns: Duration::from_secs(10),
+            shutdown_drain: Duration::from_secs(30),
+        }
+    }
+}
+
+/// Durations written as `30s`, `5m`, `1h`, `7d` or `250ms`.
+pub mod duration {
+    use serde::Deserialize;
+    use std::time::Duration;
+
+    /// Longer is a typo, and would overflow the clock arithmetic it goes into.
+    const LONGEST: Duration = Duration::from_secs(10 * 365 * 86_400);
+
+    pub fn parse(s: &str) -> Result<Duration, String> {
+        let s = s.trim();
+        let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
+        let (number, unit) = s.split_at(split);
+        let n: u64 = number
+            .parse()
+            .map_err(|_| format!("{s:?} is not a duration like 30s, 5m, 1h or 7d"))?;
+        let duration = match unit {
+            "ms" => Duration::from_millis(n),
+            "s" => Duration::from_secs(n),
+            "m" => Duration::from_secs(n.saturating_mul(60)),
+            "h" => Duration::from_secs(n.saturating_mul(3600)),
+            "d" => Duration::from_secs(n.saturating_mul(86_400)),
+            _ => return Err(format!("{s:?} has an unknown unit (use ms, s, m, h or d)")),
+        };
+        if duration > LONGEST {
+            return Err(format!("{s:?} is longer than ten years"));
+        }
+        Ok(duration)
+    }
+
+    pub fn deserialize<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+        let text = String::deserialize(d)?;
+        parse(&text).map_err(serde::de::Error::custom)
+    }
+}
+
+/// A configuration that cannot be used, with where and why.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("{path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{path}:{line}:{column}: {message}")]
+    Invalid {
+        path: PathBuf,
+        line: u64,
+        column: u64,
+        message: String,
+    },
+}
+
+/// Turns a YAML error into `file:line:column: message`, without the snippet rendering.
+pub fn yaml_error(path: &Path, error: &serde_saphyr::Error) -> ConfigError {
+    let (line, column) = error
+        .location()
+        .map(|l| (l.line(), l.column()))
+        .unwrap_or((0, 0));
+    let message = error.without_snippet().to_string();
+    // The message repeats the position it was given; keep only what it says.
+    let message = message
+        .split_once(" at line ")
+        .map(|(m, _)| m.to_string())
+        .unwrap_or(message);
+    ConfigError::Invalid {
+        path: path.to_path_buf(),
+        line,
+        column,
+        message,
+    }
+}
