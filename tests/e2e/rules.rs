@@ -4,23 +4,18 @@
 //! smart hosts. Each test is one thing an administrator writes in a rule file, and checks what
 //! the MTA was told, what arrived where, and what was logged.
 
-mod support;
-
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 
+use crate::support::daemon::replace_file;
+use crate::support::dns::TestZone;
+use crate::support::lab::{DaemonLab, Lab, one_mx_zone};
+use crate::support::logs::Logs;
+use crate::support::pki::{CertKey, TestCa, Validity};
+use crate::support::smtp_client::{Reply, SmtpClient};
+use crate::support::smtp_server::{ServerBehaviour, SmtpServer, StartTls};
 use base64::Engine;
 use base64::engine::general_purpose::STANDARD as BASE64;
-use support::daemon::{Daemon, lab_config, replace_file};
-use support::dns::{DnsServer, TestZone};
-use support::logs::Logs;
-use support::pki::{CertKey, TestCa, Validity};
-use support::proxy::test_config;
-use support::smtp_client::{Reply, SmtpClient};
-use support::smtp_server::{ServerBehaviour, SmtpServer, StartTls};
-use tlsrouter::Proxy;
-use tlsrouter::config::Config;
 use tlsrouter::outcome::OutcomeClass;
 
 /// Dot-stuffed and CRLF-terminated, as an MTA sends it; the servers must see exactly this.
@@ -36,102 +31,31 @@ fn loopback(last: u8) -> Ipv4Addr {
 // ---------------------------------------------------------------------------------------
 // The lab: DNS, CA, rule file, proxy
 
-/// A DNS server, a CA the proxy trusts, a rule file in a temporary directory, and the real
-/// proxy serving the MTA side on a loopback port.
-struct Lab {
-    _dns: DnsServer,
-    dir: tempfile::TempDir,
-    rules: PathBuf,
-    config: Config,
-    proxy: Arc<Proxy>,
-    smtp: SocketAddr,
-}
-
-impl Lab {
-    /// MX hosts listen on `mx_port`; `rules` is the rule file's text.
-    async fn start(zone: TestZone, ca: &TestCa, mx_port: u16, rules: &str) -> Lab {
-        Lab::start_with(zone, ca, mx_port, rules, |_, _| {}).await
-    }
-
-    /// `adjust` may change the configuration; it gets the lab's directory too.
-    async fn start_with(
-        zone: TestZone,
-        ca: &TestCa,
-        mx_port: u16,
-        rules: &str,
-        adjust: impl FnOnce(&mut Config, &Path),
-    ) -> Lab {
-        let dns = DnsServer::start(zone).await;
-        let dir = tempfile::tempdir().expect("tempdir");
-        let ca_file = ca.write_ca_file(dir.path());
-        let rules_path = dir.path().join("rules.yaml");
-        std::fs::write(&rules_path, rules).expect("write rules");
-        let mut config = test_config(dns.addr, &ca_file, mx_port);
-        config.rules_file = Some(rules_path.clone());
-        adjust(&mut config, dir.path());
-        let (proxy, smtp) = serve(config.clone()).await;
-        Lab {
-            _dns: dns,
-            dir,
-            rules: rules_path,
-            config,
-            proxy,
-            smtp,
-        }
-    }
-
-    /// Replaces the rule file's text (the proxy notices only when told to reload).
-    fn write_rules(&self, text: &str) {
-        std::fs::write(&self.rules, text).expect("rewrite rules");
-    }
-}
-
-/// Builds the proxy as `tlsrouter run` does and serves the MTA side on a fresh port.
-async fn serve(config: Config) -> (Arc<Proxy>, SocketAddr) {
-    let proxy = Proxy::new(config).expect("proxy config");
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+/// A DNS server, a CA the proxy trusts, a rule file with `rules`, and the real proxy
+/// serving the MTA side on a loopback port; MX hosts listen on `mx_port`.
+async fn start_lab(zone: TestZone, ca: &TestCa, mx_port: u16, rules: &str) -> Lab {
+    Lab::new()
+        .ca(ca)
+        .zone(zone)
+        .mx_port(mx_port)
+        .rules(rules)
+        .start()
         .await
-        .expect("bind proxy");
-    let addr = listener.local_addr().expect("proxy addr");
-    tokio::spawn(tlsrouter::inbound::listener::run(
-        listener,
-        proxy.clone(),
-        std::future::pending(),
-    ));
-    (proxy, addr)
 }
 
-/// The same lab around the daemon binary instead of an in-process proxy: DNS, CA, rule
-/// file, and `tlsrouter run` with `env` in its environment.
-struct DaemonLab {
-    daemon: Daemon,
-    rules: PathBuf,
-    _dns: DnsServer,
-    _dir: tempfile::TempDir,
-}
-
-impl DaemonLab {
-    async fn start(
-        zone: TestZone,
-        ca: &TestCa,
-        mx_port: u16,
-        rules: &str,
-        env: &[(&str, &str)],
-    ) -> DaemonLab {
-        let dns = DnsServer::start(zone).await;
-        let dir = tempfile::tempdir().expect("tempdir");
-        let ca_file = ca.write_ca_file(dir.path());
-        let rules_path = dir.path().join("rules.yaml");
-        std::fs::write(&rules_path, rules).expect("write rules");
-        let config = lab_config(dns.addr, &ca_file, mx_port, &rules_path);
-        let daemon = Daemon::start(dir.path(), &config, env).await;
-        DaemonLab {
-            daemon,
-            rules: rules_path,
-            _dns: dns,
-            _dir: dir,
-        }
+/// The same lab around the daemon binary, with `env` in its environment.
+async fn start_daemon_lab(
+    zone: TestZone,
+    ca: &TestCa,
+    mx_port: u16,
+    rules: &str,
+    env: &[(&str, &str)],
+) -> DaemonLab {
+    let mut lab = Lab::new().ca(ca).zone(zone).mx_port(mx_port).rules(rules);
+    for (key, value) in env {
+        lab = lab.env(key, value);
     }
+    lab.start_daemon().await
 }
 
 /// A server on `ip`; port 0 picks one (the first server of a lab), later ones share it.
@@ -184,7 +108,7 @@ async fn one_mx(ca: &TestCa, behaviour: ServerBehaviour, rules: &str) -> (Lab, S
     let zone = TestZone::new()
         .mx("example.test", 10, "mx.example.test")
         .a("mx.example.test", loopback(1));
-    let lab = Lab::start(zone, ca, mx.addr().port(), rules).await;
+    let lab = start_lab(zone, ca, mx.addr().port(), rules).await;
     (lab, mx)
 }
 
@@ -518,7 +442,7 @@ async fn a_tls_1_2_server_refused_under_min_tls_1_3_still_gets_tls_1_2_for_a_dom
                  \x20   min_tls: \"1.3\"\n\
                  \x20 - name: default\n\
                  \x20   match: { domains: [\"*\"] }\n";
-    let lab = Lab::start(zone, &ca, mx.addr().port(), rules).await;
+    let lab = start_lab(zone, &ca, mx.addr().port(), rules).await;
 
     assert_delivered(&send(lab.smtp, &["u@modern.test"]).await);
     assert_delivered(&send(lab.smtp, &["u@example.test"]).await);
@@ -589,7 +513,7 @@ async fn relay_lab() -> RelayLab {
          \x20   match: {{ domains: [\"*\"] }}\n\
          \x20   fallback: {{ relay: \"{relay_at}\" }}\n"
     );
-    let lab = Lab::start(zone, &ca, port, &rules).await;
+    let lab = start_lab(zone, &ca, port, &rules).await;
     RelayLab {
         lab,
         legacy,
@@ -697,7 +621,7 @@ async fn an_mx_host_cached_as_legacy_tls_is_sent_through_the_relay_by_an_outcome
          \x20   match: {{ domains: [\"*\"] }}\n",
         relay.addr()
     );
-    let lab = Lab::start(zone, &ca, mx.addr().port(), &rules).await;
+    let lab = start_lab(zone, &ca, mx.addr().port(), &rules).await;
 
     // Nothing is known of the host yet: the default rule, plain to the MX itself.
     assert_delivered(&send(lab.smtp, &["u@partner.test"]).await);
@@ -773,27 +697,24 @@ async fn smarthost_lab_with_mode(
         .a("mx.example.test", loopback(2))
         .a("smarthost.test", loopback(1));
     let port = host.addr().port();
-    let password = password.to_string();
-    let route_tls = route_tls.to_string();
     // The rule file names credentials files in the lab's own directory.
-    let lab = Lab::start_with(zone, ca, mx.addr().port(), "", |config, dir| {
-        let user_file = credential(dir, "crm.user", USER, 0o600);
-        let password_file = credential(dir, "crm.pass", &password, mode);
-        let rules = format!(
-            "rules:\n\
-             \x20 - name: crm-via-smarthost\n\
-             \x20   match: {{ senders: [crm.test] }}\n\
-             \x20   route: {{ smarthost: \"smarthost.test:{port}\", tls: {route_tls},\n\
-             \x20             auth: {{ username_file: \"{}\", password_file: \"{}\" }} }}\n\
-             \x20 - name: default\n\
-             \x20   match: {{ domains: [\"*\"] }}\n",
-            user_file.display(),
-            password_file.display()
-        );
-        let path = config.rules_file.as_ref().expect("rules file");
-        std::fs::write(path, rules).expect("write rules");
-    })
-    .await;
+    let builder = Lab::new().ca(ca).zone(zone).mx_port(mx.addr().port());
+    let user_file = credential(builder.dir(), "crm.user", USER, 0o600);
+    let password_file = credential(builder.dir(), "crm.pass", password, mode);
+    let rules = format!(
+        r#"
+        rules:
+          - name: crm-via-smarthost
+            match: {{ senders: [crm.test] }}
+            route: {{ smarthost: "smarthost.test:{port}", tls: {route_tls},
+                      auth: {{ username_file: "{}", password_file: "{}" }} }}
+          - name: default
+            match: {{ domains: ["*"] }}
+        "#,
+        user_file.display(),
+        password_file.display()
+    );
+    let lab = builder.rules(&rules).start().await;
     (lab, mx, host)
 }
 
@@ -1043,7 +964,7 @@ async fn smarthost_credentials_from_the_daemons_environment_are_sent_inside_tls(
         ("CRM_SMARTHOST_USER", USER),
         ("CRM_SMARTHOST_PASSWORD", PASSWORD),
     ];
-    let mut lab = DaemonLab::start(zone, &ca, 9, &rules, &env).await;
+    let mut lab = start_daemon_lab(zone, &ca, 9, &rules, &env).await;
 
     let sent = send_from(lab.daemon.smtp, "report@crm.test", &["b@example.test"]).await;
 
@@ -1219,18 +1140,21 @@ async fn a_legacy_tls_host_learned_before_a_restart_is_not_tried_again_after_it(
         .mx("example.test", 10, "mx.example.test")
         .a("mx.example.test", loopback(1));
     let rules = "rules:\n  - name: default\n    match: { domains: [\"*\"] }\n";
-    let a = Lab::start_with(zone, &ca, mx.addr().port(), rules, |config, dir| {
-        config.cache.file = Some(dir.join("cache.json"));
-    })
-    .await;
+    let builder = Lab::new().ca(&ca).zone(zone).mx_port(mx.addr().port());
+    let cache_file = builder.dir().join("cache.json");
+    let a = builder
+        .rules(rules)
+        .set_path("cache.file", &cache_file)
+        .start()
+        .await;
     assert_delivered(&send(a.smtp, &["b@example.test"]).await);
     assert_eq!(mx.tls_handshakes_attempted(), 1);
     a.proxy.save_cache();
-    let cache_file = a.config.cache.file.clone().expect("cache file");
+    assert_eq!(a.config().cache.file.as_ref(), Some(&cache_file));
     assert!(cache_file.exists(), "saved");
 
     // Proxy B: a new process, in effect, with the same configuration and cache file.
-    let (b, b_smtp) = serve(a.config.clone()).await;
+    let (b, b_smtp) = a.start_again().await;
     assert_eq!(
         b.outbound
             .cache
@@ -1252,22 +1176,26 @@ async fn a_legacy_tls_host_learned_before_a_restart_is_not_tried_again_after_it(
 async fn a_corrupt_cache_file_is_reported_and_the_proxy_starts_with_an_empty_cache() {
     let (logs, _guard) = Logs::capture();
     let ca = TestCa::new();
-    let (lab, mx) = one_mx(
-        &ca,
+    let mx = server(
+        loopback(1),
+        0,
         starttls(ca.leaf(&["mx.example.test"], Validity::Current)),
-        "rules:\n  - name: default\n",
     )
     .await;
-    let cache_file = lab.dir.path().join("cache.json");
+    let builder = Lab::new()
+        .ca(&ca)
+        .zone(one_mx_zone())
+        .mx_port(mx.addr().port())
+        .rules("rules:\n  - name: default\n");
+    let cache_file = builder.dir().join("cache.json");
     std::fs::write(
         &cache_file,
         b"{\"version\": 1, \"entries\": [ {\"host\": tru",
     )
     .expect("write");
-    let mut config = lab.config.clone();
-    config.cache.file = Some(cache_file);
 
-    let (proxy, smtp) = serve(config).await;
+    let lab = builder.set_path("cache.file", &cache_file).start().await;
+    let (proxy, smtp) = (&lab.proxy, lab.smtp);
 
     assert!(proxy.outbound.cache.is_empty());
     assert_eq!(
@@ -1370,7 +1298,7 @@ async fn an_invalid_rule_file_is_refused_on_reload_with_its_position_and_the_old
         .expect_err("an invalid file")
         .to_string();
 
-    let prefix = format!("{}:3:", lab.rules.display());
+    let prefix = format!("{}:3:", lab.rules_file().display());
     assert!(
         error.starts_with(&prefix),
         "{error} should start with {prefix}"
@@ -1399,10 +1327,13 @@ async fn an_invalid_rule_file_is_refused_on_reload_with_its_position_and_the_old
 async fn sighup_makes_the_running_daemon_take_the_rewritten_rule_file() {
     let ca = TestCa::new();
     let before = one_rule("before", "example.test", "never");
-    let mut lab = DaemonLab::start(TestZone::new(), &ca, 9, &before, &[]).await;
+    let mut lab = start_daemon_lab(TestZone::new(), &ca, 9, &before, &[]).await;
     assert_eq!(lab.daemon.rule_names().await, ["before"]);
 
-    replace_file(&lab.rules, &one_rule("after", "example.test", "require"));
+    replace_file(
+        lab.rules_file(),
+        &one_rule("after", "example.test", "require"),
+    );
     lab.daemon.signal("HUP");
 
     lab.daemon.wait_for_log("rules reloaded (SIGHUP)").await;
@@ -1413,9 +1344,12 @@ async fn sighup_makes_the_running_daemon_take_the_rewritten_rule_file() {
 async fn the_running_daemon_takes_a_rule_file_changed_on_disk_without_being_told() {
     let ca = TestCa::new();
     let before = one_rule("before", "example.test", "never");
-    let mut lab = DaemonLab::start(TestZone::new(), &ca, 9, &before, &[]).await;
+    let mut lab = start_daemon_lab(TestZone::new(), &ca, 9, &before, &[]).await;
 
-    replace_file(&lab.rules, &one_rule("after", "example.test", "require"));
+    replace_file(
+        lab.rules_file(),
+        &one_rule("after", "example.test", "require"),
+    );
 
     lab.daemon
         .wait_for_log("rules reloaded (file changed)")
@@ -1437,7 +1371,7 @@ async fn an_invalid_rule_file_written_mid_transaction_is_logged_with_its_positio
         .mx("example.test", 10, "mx.example.test")
         .a("mx.example.test", loopback(1));
     let before = one_rule("partner-without-tls", "example.test", "never");
-    let mut lab = DaemonLab::start(zone, &ca, mx.addr().port(), &before, &[]).await;
+    let mut lab = start_daemon_lab(zone, &ca, mx.addr().port(), &before, &[]).await;
     let (mut client, _) = SmtpClient::connect(lab.daemon.smtp).await;
     client.cmd("EHLO mta.sender.test").await;
     assert_eq!(client.cmd("MAIL FROM:<a@sender.test>").await.code, 250);
@@ -1445,7 +1379,7 @@ async fn an_invalid_rule_file_written_mid_transaction_is_logged_with_its_positio
     assert_eq!(mx.connections(), 1, "the remote transaction is open");
 
     replace_file(
-        &lab.rules,
+        lab.rules_file(),
         "rules:\n  - name: after\n    match: { domains: [example.test] }\n    tls: sometimes\n",
     );
 
@@ -1455,7 +1389,7 @@ async fn an_invalid_rule_file_written_mid_transaction_is_logged_with_its_positio
         .await;
     assert_eq!(refused["level"], "ERROR", "{refused}");
     let message = refused["message"].as_str().unwrap_or_default();
-    let prefix = format!("{}:4:", lab.rules.display());
+    let prefix = format!("{}:4:", lab.rules_file().display());
     let (_, after_line) = message
         .split_once(&prefix)
         .unwrap_or_else(|| panic!("{message} should name {prefix}"));

@@ -2,13 +2,17 @@
 //! that rustls judges as intended, a DNS server that hickory's resolver understands, SMTP
 //! servers that real TLS clients (rustls, OpenSSL) talk to, and the client that drives them.
 
-mod support;
+use crate::support;
 
 use std::io::{BufRead, BufReader as StdBufReader, Write};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+use crate::support::dns::{DnsServer, TestZone};
+use crate::support::pki::{CertKey, TestCa, Validity, self_signed};
+use crate::support::smtp_client::{Reply, SmtpClient};
+use crate::support::smtp_server::{Received, ServerBehaviour, SmtpServer, StartTls};
 use hickory_resolver::TokioResolver;
 use hickory_resolver::config::{ConnectionConfig, NameServerConfig, ResolverConfig};
 use hickory_resolver::net::NetError;
@@ -18,10 +22,6 @@ use rustls::client::WebPkiServerVerifier;
 use rustls::client::danger::ServerCertVerifier;
 use rustls::pki_types::{ServerName, UnixTime};
 use rustls::{AlertDescription, CertificateError, ClientConfig};
-use support::dns::{DnsServer, TestZone};
-use support::pki::{CertKey, TestCa, Validity, self_signed};
-use support::smtp_client::{Reply, SmtpClient};
-use support::smtp_server::{Received, ServerBehaviour, SmtpServer, StartTls};
 
 const LOCALHOST: IpAddr = IpAddr::V4(Ipv4Addr::LOCALHOST);
 
