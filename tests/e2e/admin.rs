@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use crate::support::dns::{DnsServer, TestZone};
-use crate::support::lab::{Lab, LabBuilder, ctl, ctl_json, one_mx_zone, tlsrouter};
+use crate::support::lab::{Lab, LabBuilder, ctl, ctl_json, dedent, one_mx_zone, tlsrouter};
 use crate::support::pki::{CertKey, TestCa, Validity, self_signed};
 use crate::support::smtp_client::SmtpClient;
 use crate::support::smtp_server::{ServerBehaviour, SmtpServer, StartTls};
@@ -254,7 +254,17 @@ async fn an_admin_reads_reloads_and_explains_the_rules_with_ctl() {
         "{table}"
     );
 
-    std::fs::write(rules_file, "rules:\n  - name: broken\n    tls: sometimes\n").expect("write");
+    std::fs::write(
+        rules_file,
+        dedent(
+            r#"
+                rules:
+                  - name: broken
+                    tls: sometimes
+            "#,
+        ),
+    )
+    .expect("write");
     let (code, _, err) = ctl(&d.socket, &["rules", "reload"]).await;
     assert_eq!(code, 1, "a bad file is refused");
     assert!(
@@ -269,7 +279,14 @@ async fn an_admin_reads_reloads_and_explains_the_rules_with_ctl() {
 
     std::fs::write(
         rules_file,
-        "rules:\n  - name: nobank\n    match: { domains: [\"*.bank.test\"] }\n    tls: require\n",
+        dedent(
+            r#"
+                rules:
+                  - name: nobank
+                    match: { domains: ["*.bank.test"] }
+                    tls: require
+            "#,
+        ),
     )
     .expect("write");
     let (code, out, _) = ctl(&d.socket, &["rules", "reload"]).await;
@@ -704,16 +721,18 @@ async fn probe_classifies_servers_that_give_no_tls() {
 #[tokio::test]
 async fn probe_names_the_rule_each_server_gets_for_what_was_found_there() {
     let ca = TestCa::new();
-    let rules = "rules:\n\
-        \x20 - name: old-servers\n\
-        \x20   match: { domains: [\"*\"], outcome: [legacy-tls] }\n\
-        \x20 - name: expired-certificates\n\
-        \x20   match: { domains: [\"*\"], outcome: [cert-expired] }\n\
-        \x20 - name: this-mx\n\
-        \x20   match: { domains: [\"*\"], mx: [mx.example.test] }\n\
-        \x20   verify: require\n\
-        \x20 - name: everyone\n\
-        \x20   match: { domains: [\"*\"] }\n";
+    let rules = r#"
+        rules:
+          - name: old-servers
+            match: { domains: ["*"], outcome: [legacy-tls] }
+          - name: expired-certificates
+            match: { domains: ["*"], outcome: [cert-expired] }
+          - name: this-mx
+            match: { domains: ["*"], mx: [mx.example.test] }
+            verify: require
+          - name: everyone
+            match: { domains: ["*"] }
+    "#;
     let cases = [
         (tls10(&ca), "old-servers"),
         (

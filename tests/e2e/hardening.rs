@@ -15,7 +15,7 @@ use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{TcpListener, TcpSocket, TcpStream};
 
 use crate::support::dns::TestZone;
-use crate::support::lab::{Lab, LabBuilder, one_mx_zone};
+use crate::support::lab::{Lab, LabBuilder, dedent, one_mx_zone};
 use crate::support::logs::Logs;
 use crate::support::pki::{TestCa, Validity};
 use crate::support::smtp_client::{Reply, SmtpClient};
@@ -574,13 +574,18 @@ fn smarthost_rules(dir: &Path, port: u16, extra: &str) -> std::path::PathBuf {
     let rules = dir.join("rules.yaml");
     std::fs::write(
         &rules,
-        format!(
-            "rules:\n  - name: smarthost\n    match: {{ domains: [\"*\"] }}\n    {extra}\n    \
-             route: {{ smarthost: \"mx.example.test:{port}\", tls: require,\n      \
-             auth: {{ username_file: {}, password_file: {} }} }}\n",
+        dedent(&format!(
+            r#"
+            rules:
+              - name: smarthost
+                match: {{ domains: ["*"] }}
+                {extra}
+                route: {{ smarthost: "mx.example.test:{port}", tls: require,
+                  auth: {{ username_file: {}, password_file: {} }} }}
+            "#,
             user.display(),
             pass.display()
-        ),
+        )),
     )
     .expect("rules file");
     rules

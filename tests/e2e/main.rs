@@ -9,8 +9,10 @@
 mod support;
 
 mod admin;
+mod cache;
 mod delivery;
 mod hardening;
 mod kit;
 mod lifecycle;
 mod rules;
+mod tls_outcomes;
