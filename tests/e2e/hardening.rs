@@ -1,5 +1,5 @@
 //! Hardening, end to end: attacks and faults produced for real over TCP on loopback, through
-//! the real proxy, against a scripted remote (the kit's `SmtpServer` with a script) that records
+//! the real proxy, against the kit's scripted SMTP server, which records
 //! everything it receives. Each test is a user story; docs/SECURITY.md maps threats to them.
 //!
 //! A test marked `#[ignore = "missing: ..."]` describes a defence the proxy does not have yet:
@@ -1518,7 +1518,7 @@ async fn fd_count_in_a_child_process() {
     for i in 0..FD_FAULTS {
         let server = SmtpServer::start(IpAddr::V4(ip(i)), port, fd_fault(i))
             .await
-            .expect("fault server (the port is free on another loopback address)");
+            .expect("scripted server (the port is free on another loopback address)");
         port = server.addr().port();
         servers.push(server);
     }
