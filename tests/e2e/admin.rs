@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use crate::support::dns::{DnsServer, TestZone};
-use crate::support::lab::{Lab, LabBuilder, ctl, ctl_json, dedent, one_mx_zone, tlsrouter};
+use crate::support::lab::{Lab, LabBuilder, ctl, ctl_json, dedent, tlsrouter};
 use crate::support::pki::{CertKey, TestCa, Validity, self_signed};
 use crate::support::smtp_client::SmtpClient;
 use crate::support::smtp_server::{ServerBehaviour, SmtpServer, StartTls};
@@ -38,11 +38,7 @@ async fn daemon(
     let server = SmtpServer::start(LOCALHOST, 0, behaviour)
         .await
         .expect("smtp");
-    let builder = Lab::new()
-        .ca(ca)
-        .zone(one_mx_zone())
-        .mx_port(server.addr().port())
-        .admin();
+    let builder = Lab::new().ca(ca).one_mx(&server).admin();
     let lab = lab(builder).start().await;
     Daemon {
         proxy: lab.proxy.clone(),

@@ -5,7 +5,7 @@
 //! `lifecycle`.
 
 use crate::support::dns::TestZone;
-use crate::support::lab::{Lab, one_mx_zone};
+use crate::support::lab::Lab;
 use crate::support::logs::Logs;
 use crate::support::pki::{TestCa, Validity};
 use crate::support::smtp_server::SmtpServer;
@@ -225,16 +225,12 @@ async fn a_corrupt_cache_file_is_reported_and_the_proxy_starts_with_an_empty_cac
         starttls(ca.leaf(&["mx.example.test"], Validity::Current)),
     )
     .await;
-    let builder = Lab::new()
-        .ca(&ca)
-        .zone(one_mx_zone())
-        .mx_port(mx.addr().port())
-        .rules(
-            r#"
+    let builder = Lab::new().ca(&ca).one_mx(&mx).rules(
+        r#"
             rules:
               - name: default
         "#,
-        );
+    );
     let cache_file = builder.dir().join("cache.json");
     std::fs::write(
         &cache_file,

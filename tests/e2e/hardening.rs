@@ -64,10 +64,7 @@ async fn one_mx(
     let server = SmtpServer::start(LOCALHOST, 0, script)
         .await
         .expect("scripted server");
-    let builder = Lab::new()
-        .ca(ca)
-        .zone(one_mx_zone())
-        .mx_port(server.addr().port());
+    let builder = Lab::new().ca(ca).one_mx(&server);
     (lab(builder).start().await, server)
 }
 
@@ -509,12 +506,7 @@ async fn a_starttls_220_with_injected_reply_lines_is_a_protocol_violation_and_th
     )
     .await
     .expect("server");
-    let lab = Lab::new()
-        .ca(&ca)
-        .zone(one_mx_zone())
-        .mx_port(server.addr().port())
-        .start()
-        .await;
+    let lab = Lab::new().ca(&ca).one_mx(&server).start().await;
 
     let heard = send(lab.smtp, BODY).await;
 
@@ -827,8 +819,7 @@ async fn a_handshake_that_fails_only_because_a_rule_asks_for_tls_13_is_no_downgr
         .expect("smtp server");
     let lab = Lab::new()
         .ca(&ca)
-        .zone(one_mx_zone())
-        .mx_port(server.addr().port())
+        .one_mx(&server)
         .rules(
             r#"
             rules:

@@ -5,7 +5,7 @@ use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::path::PathBuf;
 
 use crate::support::daemon::Daemon;
-use crate::support::lab::{DaemonLab, Lab, LabBuilder, one_mx_zone};
+use crate::support::lab::{DaemonLab, Lab, LabBuilder};
 use crate::support::pki::{TestCa, Validity};
 use crate::support::smtp_client::SmtpClient;
 use crate::support::smtp_server::{ServerBehaviour, SmtpServer};
@@ -21,7 +21,7 @@ async fn running(lab: impl FnOnce(LabBuilder) -> LabBuilder) -> (Lab, SmtpServer
     )
     .await
     .expect("smtp");
-    let builder = Lab::new().zone(one_mx_zone()).mx_port(server.addr().port());
+    let builder = Lab::new().one_mx(&server);
     (lab(builder).start().await, server)
 }
 
@@ -259,16 +259,12 @@ async fn cache_lab(ca: &TestCa, save_interval: &str) -> (DaemonLab, SmtpServer, 
     )
     .await
     .expect("smtp");
-    let builder = Lab::new()
-        .ca(ca)
-        .zone(one_mx_zone())
-        .mx_port(server.addr().port())
-        .rules(
-            r#"
+    let builder = Lab::new().ca(ca).one_mx(&server).rules(
+        r#"
             rules:
               - name: default
             "#,
-        );
+    );
     let cache = builder.dir().join("cache.json");
     let lab = builder
         .set_path("cache.file", &cache)

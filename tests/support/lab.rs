@@ -36,6 +36,7 @@ use super::daemon::Daemon;
 use super::dns::{DnsServer, TestZone};
 use super::pki::TestCa;
 use super::settings::{Settings, path};
+use super::smtp_server::SmtpServer;
 
 /// example.test has one MX, mx.example.test, on 127.0.0.1.
 pub fn one_mx_zone() -> TestZone {
@@ -144,6 +145,11 @@ impl LabBuilder {
     pub fn mx_port(mut self, port: u16) -> Self {
         self.mx_port = port;
         self
+    }
+
+    /// example.test's one MX, mx.example.test on 127.0.0.1, is `server` (on its port).
+    pub fn one_mx(self, server: &SmtpServer) -> Self {
+        self.zone(one_mx_zone()).mx_port(server.addr().port())
     }
 
     /// The rule file's text; indentation common to its lines is removed.
