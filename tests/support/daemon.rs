@@ -11,6 +11,8 @@ use std::time::Duration;
 use serde_json::Value;
 use tokio::sync::mpsc;
 
+use super::settings::{Settings, path};
+
 /// How long a log line may take to come: a guard against a hung test, not a sleep.
 const LOG_WAIT: Duration = Duration::from_secs(60);
 
@@ -24,17 +26,12 @@ pub struct Daemon {
     pub admin_socket: PathBuf,
 }
 
-/// The settings a test lab needs: our DNS server, our CA only, remote port `mx_port`.
+/// The settings a test lab needs, as YAML: our DNS server, our CA only, remote port
+/// `mx_port`. (The lab builder, `Lab::new()...start_daemon()`, writes them itself.)
 pub fn lab_config(dns: SocketAddr, ca_file: &Path, mx_port: u16, rules_file: &Path) -> String {
-    format!(
-        "hostname: relay.test\n\
-         tls: {{ ca_file: \"{}\", system_roots: false }}\n\
-         resolver: {{ nameservers: [\"{dns}\"] }}\n\
-         delivery: {{ port: {mx_port} }}\n\
-         rules_file: \"{}\"\n",
-        ca_file.display(),
-        rules_file.display()
-    )
+    Settings::lab(dns, ca_file, mx_port)
+        .set("rules_file", path(rules_file))
+        .to_yaml()
 }
 
 /// Replaces a file's text in one step (write aside, then rename), as careful editors and
@@ -65,10 +62,27 @@ impl Daemon {
             admin_socket.display()
         );
         std::fs::write(&path, full).expect("write config");
+        let env: Vec<(String, String)> = env
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        Daemon::spawn(&path, &admin_socket, &env).await
+    }
+
+    /// Runs `tlsrouter run --config CONFIG_FILE --log-format json` (the file names
+    /// `admin_socket` and a listening address with port 0) with `env` added to its
+    /// environment. Returns once the daemon says it listens.
+    pub async fn spawn(
+        config_file: &Path,
+        admin_socket: &Path,
+        env: &[(String, String)],
+    ) -> Daemon {
         let mut child = Command::new(env!("CARGO_BIN_EXE_tlsrouter"))
-            .args(["run", "--config", path.to_str().expect("path")])
+            .arg("run")
+            .arg("--config")
+            .arg(config_file)
             .args(["--log-format", "json"])
-            .envs(env.iter().copied())
+            .envs(env.iter().map(|(k, v)| (k, v)))
             .stderr(Stdio::piped())
             .spawn()
             .expect("start tlsrouter");
@@ -86,7 +100,7 @@ impl Daemon {
             log,
             seen: Vec::new(),
             smtp: SocketAddr::from(([127, 0, 0, 1], 0)),
-            admin_socket,
+            admin_socket: admin_socket.to_path_buf(),
         };
         let ready = daemon.wait_for_log("tlsrouter listening").await;
         daemon.smtp = ready["listen"]
@@ -166,9 +180,16 @@ impl Daemon {
     }
 }
 
-impl Drop for Daemon {
-    fn drop(&mut self) {
+impl Daemon {
+    /// Kills the process (if it still runs) and waits for it to be gone.
+    pub fn kill(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        self.kill();
     }
 }

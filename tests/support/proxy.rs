@@ -1,33 +1,18 @@
-//! Starts the real proxy in-process on a loopback port, pointed at the test DNS server.
+//! The older entry points for an in-process proxy, kept for tests written against them:
+//! each is a thin layer over the lab's settings. New tests use `Lab::new()...start()`.
 
 use std::net::SocketAddr;
 use std::path::Path;
-use std::time::Duration;
 
 use tlsrouter::Proxy;
-use tlsrouter::config::{ClientNet, Config, Hostname};
+use tlsrouter::config::{ClientNet, Config};
 use tokio::net::TcpListener;
+
+use super::settings::Settings;
 
 /// A configuration for tests: our DNS server, our CA only, remote port `port`, short timeouts.
 pub fn test_config(dns: SocketAddr, ca_file: &Path, port: u16) -> Config {
-    let mut config = Config {
-        hostname: Hostname("relay.test".into()),
-        ..Config::default()
-    };
-    config.resolver.nameservers = vec![dns];
-    config.tls.ca_file = Some(ca_file.to_path_buf());
-    config.tls.system_roots = false;
-    config.delivery.port = port;
-    let t = &mut config.timeouts;
-    t.connect = Duration::from_secs(5);
-    t.greeting = Duration::from_secs(10);
-    t.command = Duration::from_secs(10);
-    t.tls_handshake = Duration::from_secs(10);
-    t.data_start = Duration::from_secs(10);
-    t.data_block = Duration::from_secs(10);
-    t.data_end = Duration::from_secs(10);
-    t.dns = Duration::from_secs(2);
-    config
+    Settings::lab(dns, ca_file, port).to_config()
 }
 
 /// Runs the proxy until the test ends; returns where the MTA side listens.

@@ -1,70 +1,41 @@
 //! End to end: a real SMTP client talks to the real proxy, which resolves MX records from a
 //! real DNS server on loopback and delivers to real SMTP servers with real TLS.
 
-mod support;
+use crate::support;
 
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::time::Duration;
 
-use support::dns::{DnsServer, TestZone};
-use support::logs::Logs;
-use support::pki::{TestCa, Validity, self_signed};
-use support::proxy::{allow_only, start_proxy, test_config};
-use support::smtp_client::{Reply, SmtpClient};
-use support::smtp_server::{ServerBehaviour, SmtpServer, StartTls};
-use tlsrouter::config::Config;
+use crate::support::dns::{DnsServer, TestZone};
+use crate::support::lab::{Lab, one_mx_zone};
+use crate::support::logs::Logs;
+use crate::support::pki::{TestCa, Validity};
+use crate::support::smtp_client::{Reply, SmtpClient};
+use crate::support::smtp_server::{ServerBehaviour, SmtpServer, StartTls};
 
 /// Dot-stuffed and CRLF-terminated, as an MTA sends it.
-const BODY: &[u8] = b"From: a@sender.test\r\nTo: b@example.test\r\nSubject: hello\r\n\r\n\
+pub(super) const BODY: &[u8] =
+    b"From: a@sender.test\r\nTo: b@example.test\r\nSubject: hello\r\n\r\n\
 ..this line starts with a dot\r\nbye\r\n";
 
 const LOCALHOST: IpAddr = IpAddr::V4(Ipv4Addr::LOCALHOST);
 
-/// A DNS server, a CA, and a proxy that trusts the CA and asks the DNS server.
-struct Lab {
-    _dns: DnsServer,
-    _dir: tempfile::TempDir,
-    proxy: SocketAddr,
-}
-
-impl Lab {
-    async fn start(zone: TestZone, ca: &TestCa, port: u16) -> Lab {
-        Lab::start_with(zone, ca, port, |_| {}).await
-    }
-
-    async fn start_with(
-        zone: TestZone,
-        ca: &TestCa,
-        port: u16,
-        adjust: impl FnOnce(&mut Config),
-    ) -> Lab {
-        let dns = DnsServer::start(zone).await;
-        let dir = tempfile::tempdir().expect("tempdir");
-        let ca_file = ca.write_ca_file(dir.path());
-        let mut config = test_config(dns.addr, &ca_file, port);
-        adjust(&mut config);
-        let proxy = start_proxy(config).await;
-        Lab {
-            _dns: dns,
-            _dir: dir,
-            proxy,
-        }
-    }
+/// A DNS server, a CA, and a proxy that trusts the CA and asks the DNS server; MX hosts
+/// listen on `port`.
+async fn start_lab(zone: TestZone, ca: &TestCa, port: u16) -> Lab {
+    Lab::new().ca(ca).zone(zone).mx_port(port).start().await
 }
 
 /// example.test has one MX, mx.example.test, on 127.0.0.1 where `behaviour` is served.
-async fn one_mx(ca: &TestCa, behaviour: ServerBehaviour) -> (Lab, SmtpServer) {
+pub(super) async fn one_mx(ca: &TestCa, behaviour: ServerBehaviour) -> (Lab, SmtpServer) {
     let server = SmtpServer::start(LOCALHOST, 0, behaviour)
         .await
         .expect("smtp server");
-    let zone = TestZone::new()
-        .mx("example.test", 10, "mx.example.test")
-        .a("mx.example.test", Ipv4Addr::LOCALHOST);
-    let lab = Lab::start(zone, ca, server.addr().port()).await;
+    let lab = start_lab(one_mx_zone(), ca, server.addr().port()).await;
     (lab, server)
 }
 
-fn tls_server(cert: support::pki::CertKey) -> ServerBehaviour {
+pub(super) fn tls_server(cert: support::pki::CertKey) -> ServerBehaviour {
     ServerBehaviour {
         starttls: StartTls::Rustls(cert),
         ..ServerBehaviour::default()
@@ -72,7 +43,11 @@ fn tls_server(cert: support::pki::CertKey) -> ServerBehaviour {
 }
 
 /// Sends one message; returns the replies to MAIL, each RCPT, and DATA's final reply.
-async fn send(proxy: SocketAddr, rcpts: &[&str], body: &[u8]) -> (Reply, Vec<Reply>, Reply) {
+pub(super) async fn send(
+    proxy: SocketAddr,
+    rcpts: &[&str],
+    body: &[u8],
+) -> (Reply, Vec<Reply>, Reply) {
     let (mut client, greeting) = SmtpClient::connect(proxy).await;
     assert_eq!(greeting.code, 220);
     assert_eq!(client.cmd("EHLO mta.sender.test").await.code, 250);
@@ -96,162 +71,6 @@ fn assert_reply(reply: &Reply, code: u16, enhanced: &str, contains: &str) {
 }
 
 #[tokio::test]
-async fn a_message_to_a_server_with_a_valid_certificate_arrives_over_tls_13_byte_for_byte() {
-    let (logs, _guard) = Logs::capture();
-    let ca = TestCa::new();
-    let (lab, server) = one_mx(
-        &ca,
-        tls_server(ca.leaf(&["mx.example.test"], Validity::Current)),
-    )
-    .await;
-
-    let (mail, rcpts, data) = send(lab.proxy, &["b@example.test"], BODY).await;
-
-    assert_eq!(mail.code, 250);
-    assert_eq!(rcpts[0].code, 250);
-    assert_eq!(data.code, 250, "{data:?}");
-    assert!(
-        data.text().contains("queued as"),
-        "the remote's own reply: {data:?}"
-    );
-    let got = server.messages();
-    assert_eq!(got.len(), 1);
-    assert_eq!(got[0].data, BODY);
-    assert_eq!(got[0].mail_from, "a@sender.test");
-    assert_eq!(got[0].rcpt_to, vec!["b@example.test"]);
-    assert_eq!(got[0].tls.as_ref().expect("over TLS").version, "TLSv1.3");
-    let line = &logs.transactions()[0];
-    for field in [
-        "route=\"tls\"",
-        "tls_version=\"TLSv1.3\"",
-        "verify=verified",
-        "mx=mx.example.test",
-        "rule=default",
-    ] {
-        assert!(line.contains(field), "{field} missing in {line}");
-    }
-}
-
-#[tokio::test]
-async fn a_message_to_a_server_without_starttls_arrives_in_plain_and_says_why() {
-    let (logs, _guard) = Logs::capture();
-    let ca = TestCa::new();
-    let (lab, server) = one_mx(&ca, ServerBehaviour::default()).await;
-
-    let (_, _, data) = send(lab.proxy, &["b@example.test"], BODY).await;
-
-    assert_eq!(data.code, 250, "{data:?}");
-    let got = server.messages();
-    assert_eq!(got[0].data, BODY);
-    assert!(got[0].tls.is_none());
-    let line = &logs.transactions()[0];
-    assert!(line.contains("route=\"plain\""), "{line}");
-    assert!(line.contains("fallback=no-starttls"), "{line}");
-}
-
-/// A certificate problem is recorded and logged, and the message still goes encrypted.
-async fn bad_certificate_is_encrypted_anyway(
-    ca: &TestCa,
-    cert: support::pki::CertKey,
-    class: &str,
-) -> String {
-    let (logs, _guard) = Logs::capture();
-    let (lab, server) = one_mx(ca, tls_server(cert)).await;
-
-    let (_, _, data) = send(lab.proxy, &["b@example.test"], BODY).await;
-
-    assert_eq!(data.code, 250, "{data:?}");
-    let got = server.messages();
-    assert_eq!(got[0].data, BODY);
-    assert!(
-        got[0].tls.is_some(),
-        "delivered encrypted despite the certificate"
-    );
-    let line = logs.transactions()[0].clone();
-    assert!(line.contains("route=\"tls\""), "{line}");
-    assert!(
-        line.contains(&format!("verify={class}")),
-        "{class} missing in {line}"
-    );
-    line
-}
-
-#[tokio::test]
-async fn an_expired_certificate_is_logged_with_its_date_and_the_message_goes_encrypted() {
-    let ca = TestCa::new();
-    let cert = ca.leaf(&["mx.example.test"], Validity::Expired);
-    let line = bad_certificate_is_encrypted_anyway(&ca, cert, "cert-expired").await;
-    assert!(line.contains("certificate expired 20"), "{line}");
-}
-
-#[tokio::test]
-async fn a_certificate_not_yet_valid_is_logged_and_the_message_goes_encrypted() {
-    let ca = TestCa::new();
-    let cert = ca.leaf(&["mx.example.test"], Validity::NotYetValid);
-    bad_certificate_is_encrypted_anyway(&ca, cert, "cert-not-yet-valid").await;
-}
-
-#[tokio::test]
-async fn a_self_signed_certificate_is_logged_as_untrusted_and_the_message_goes_encrypted() {
-    bad_certificate_is_encrypted_anyway(
-        &TestCa::new(),
-        self_signed(&["mx.example.test"]),
-        "cert-untrusted",
-    )
-    .await;
-}
-
-#[tokio::test]
-async fn a_certificate_for_another_name_is_logged_as_a_mismatch_and_the_message_goes_encrypted() {
-    let ca = TestCa::new();
-    let cert = ca.leaf(&["other.example.test"], Validity::Current);
-    let line = bad_certificate_is_encrypted_anyway(&ca, cert, "cert-name-mismatch").await;
-    assert!(
-        line.contains("other.example.test"),
-        "names what the certificate is for: {line}"
-    );
-}
-
-/// A TLS failure makes the proxy reconnect in plain and deliver; the log says why.
-async fn tls_failure_falls_back_to_plain(starttls: StartTls, class: &str) {
-    let (logs, _guard) = Logs::capture();
-    let ca = TestCa::new();
-    let behaviour = ServerBehaviour {
-        starttls,
-        ..ServerBehaviour::default()
-    };
-    let (lab, server) = one_mx(&ca, behaviour).await;
-
-    let (_, _, data) = send(lab.proxy, &["b@example.test"], BODY).await;
-
-    assert_eq!(data.code, 250, "{data:?}");
-    let got = server.messages();
-    assert_eq!(got.len(), 1);
-    assert_eq!(got[0].data, BODY);
-    assert!(got[0].tls.is_none());
-    assert_eq!(server.tls_handshakes_attempted(), 1, "TLS was tried once");
-    assert_eq!(server.connections(), 2, "then a new plain connection");
-    let line = &logs.transactions()[0];
-    assert!(line.contains("route=\"plain\""), "{line}");
-    assert!(
-        line.contains(&format!("fallback={class}")),
-        "{class} missing in {line}"
-    );
-}
-
-#[tokio::test]
-async fn a_handshake_aborted_after_the_starttls_220_falls_back_to_plain() {
-    tls_failure_falls_back_to_plain(StartTls::AbortAfter220, "handshake-failed").await;
-}
-
-#[tokio::test]
-async fn a_tls_10_only_server_is_classified_legacy_tls_and_gets_the_message_in_plain() {
-    let ca = TestCa::new();
-    let cert = ca.leaf(&["mx.example.test"], Validity::Current);
-    tls_failure_falls_back_to_plain(StartTls::Tls10Only(cert), "legacy-tls").await;
-}
-
-#[tokio::test]
 async fn recipient_rejections_reach_the_mta_verbatim_and_nothing_is_delivered() {
     let ca = TestCa::new();
     for reply in ["450 4.2.1 mailbox busy", "550 5.1.1 no such user here"] {
@@ -260,7 +79,7 @@ async fn recipient_rejections_reach_the_mta_verbatim_and_nothing_is_delivered() 
             ..ServerBehaviour::default()
         };
         let (lab, server) = one_mx(&ca, behaviour).await;
-        let (_, rcpts, data) = send(lab.proxy, &["b@example.test"], BODY).await;
+        let (_, rcpts, data) = send(lab.smtp, &["b@example.test"], BODY).await;
         assert_eq!(format!("{} {}", rcpts[0].code, rcpts[0].lines[0]), reply);
         assert_reply(&data, 554, "5.5.1", "no valid recipients");
         assert!(server.messages().is_empty());
@@ -276,7 +95,7 @@ async fn the_log_line_says_why_each_recipient_was_refused_when_no_message_follow
         ..ServerBehaviour::default()
     };
     let (lab, server) = one_mx(&ca, behaviour).await;
-    let (mut client, _) = SmtpClient::connect(lab.proxy).await;
+    let (mut client, _) = SmtpClient::connect(lab.smtp).await;
     client.cmd("EHLO mta.sender.test").await;
     client.cmd("MAIL FROM:<a@sender.test>").await;
     assert_eq!(client.cmd("RCPT TO:<b@example.test>").await.code, 550);
@@ -320,7 +139,7 @@ async fn a_remote_that_drops_mid_data_gets_the_mta_a_451_and_never_a_250() {
         body.extend_from_slice(format!("line {i} of a long message\r\n").as_bytes());
     }
 
-    let (_, _, data) = send(lab.proxy, &["b@example.test"], &body).await;
+    let (_, _, data) = send(lab.smtp, &["b@example.test"], &body).await;
 
     assert_reply(&data, 451, "4.4.2", "");
     assert!(server.messages().is_empty());
@@ -340,8 +159,8 @@ async fn dns_answers_map_to_the_replies_of_the_design_table() {
         .local_addr()
         .expect("addr")
         .port();
-    let lab = Lab::start(zone, &ca, closed).await;
-    let (mut client, _) = SmtpClient::connect(lab.proxy).await;
+    let lab = start_lab(zone, &ca, closed).await;
+    let (mut client, _) = SmtpClient::connect(lab.smtp).await;
     client.cmd("EHLO mta").await;
     client.cmd("MAIL FROM:<a@sender.test>").await;
 
@@ -412,9 +231,9 @@ async fn an_unreachable_primary_mx_is_skipped_for_the_next_one() {
         .mx("example.test", 20, "mx2.example.test")
         .a("mx1.example.test", Ipv4Addr::new(127, 0, 0, 2))
         .a("mx2.example.test", Ipv4Addr::new(127, 0, 0, 3));
-    let lab = Lab::start(zone, &ca, server.addr().port()).await;
+    let lab = start_lab(zone, &ca, server.addr().port()).await;
 
-    let (_, rcpts, data) = send(lab.proxy, &["b@example.test"], BODY).await;
+    let (_, rcpts, data) = send(lab.smtp, &["b@example.test"], BODY).await;
 
     assert_eq!(rcpts[0].code, 250);
     assert_eq!(data.code, 250);
@@ -428,9 +247,9 @@ async fn a_domain_without_mx_records_is_delivered_to_its_address() {
         .await
         .expect("server");
     let zone = TestZone::new().a("implicit.test", Ipv4Addr::LOCALHOST);
-    let lab = Lab::start(zone, &ca, server.addr().port()).await;
+    let lab = start_lab(zone, &ca, server.addr().port()).await;
 
-    let (_, _, data) = send(lab.proxy, &["b@implicit.test"], BODY).await;
+    let (_, _, data) = send(lab.smtp, &["b@implicit.test"], BODY).await;
 
     assert_eq!(data.code, 250);
     assert_eq!(server.messages()[0].rcpt_to, vec!["b@implicit.test"]);
@@ -448,10 +267,10 @@ async fn a_recipient_with_another_next_hop_is_told_to_come_back_in_another_trans
         .mx("other.test", 10, "mx.other.test")
         .a("mx.example.test", Ipv4Addr::LOCALHOST)
         .a("mx.other.test", Ipv4Addr::LOCALHOST);
-    let lab = Lab::start(zone, &ca, server.addr().port()).await;
+    let lab = start_lab(zone, &ca, server.addr().port()).await;
 
     let (_, rcpts, data) = send(
-        lab.proxy,
+        lab.smtp,
         &["a@example.test", "b@alias.test", "c@other.test"],
         BODY,
     )
@@ -471,7 +290,7 @@ async fn a_recipient_with_another_next_hop_is_told_to_come_back_in_another_trans
 async fn several_messages_go_through_one_session() {
     let ca = TestCa::new();
     let (lab, server) = one_mx(&ca, ServerBehaviour::default()).await;
-    let (mut client, _) = SmtpClient::connect(lab.proxy).await;
+    let (mut client, _) = SmtpClient::connect(lab.smtp).await;
     client.cmd("EHLO mta").await;
     for i in 0..3 {
         assert_eq!(
@@ -496,7 +315,7 @@ async fn several_messages_go_through_one_session() {
 async fn bad_syntax_and_commands_out_of_order_get_the_right_5xx() {
     let ca = TestCa::new();
     let (lab, _server) = one_mx(&ca, ServerBehaviour::default()).await;
-    let (mut client, _) = SmtpClient::connect(lab.proxy).await;
+    let (mut client, _) = SmtpClient::connect(lab.smtp).await;
 
     assert_reply(
         &client.cmd("MAIL FROM:<a@sender.test>").await,
@@ -574,8 +393,13 @@ async fn bad_syntax_and_commands_out_of_order_get_the_right_5xx() {
 async fn a_client_outside_allow_clients_is_refused_with_554_and_disconnected() {
     let ca = TestCa::new();
     let zone = TestZone::new();
-    let lab = Lab::start_with(zone, &ca, 25, |c| allow_only(c, "192.0.2.0/24")).await;
-    let (mut client, greeting) = SmtpClient::connect(lab.proxy).await;
+    let lab = Lab::new()
+        .ca(&ca)
+        .zone(zone)
+        .set("allow_clients", vec!["192.0.2.0/24"])
+        .start()
+        .await;
+    let (mut client, greeting) = SmtpClient::connect(lab.smtp).await;
     assert_reply(&greeting, 554, "5.7.1", "not allowed");
     assert!(client.try_read_reply().await.is_none(), "connection closed");
 }
@@ -588,14 +412,11 @@ async fn an_allowed_ipv4_client_of_a_dual_stack_listener_is_let_in() {
         return;
     };
     let port = listener.local_addr().expect("addr").port();
-    let mut config = Config::default();
-    allow_only(&mut config, "127.0.0.0/8");
-    let proxy = tlsrouter::Proxy::new(config).expect("proxy");
-    tokio::spawn(tlsrouter::inbound::listener::run(
-        listener,
-        proxy,
-        std::future::pending(),
-    ));
+    let _lab = Lab::new()
+        .listener(listener)
+        .set("allow_clients", vec!["127.0.0.0/8"])
+        .start()
+        .await;
     let (_client, greeting) = SmtpClient::connect(SocketAddr::from(([127, 0, 0, 1], port))).await;
     assert_eq!(greeting.code, 220, "{greeting:?}");
 }
@@ -613,7 +434,7 @@ async fn python_smtplib_sends_through_the_proxy_over_tls() {
          s = smtplib.SMTP('127.0.0.1', {port})\n\
          s.sendmail('a@sender.test', ['b@example.test'], b'Subject: smtplib\\r\\n\\r\\n.dot first\\r\\nend\\r\\n')\n\
          s.quit()\n",
-        port = lab.proxy.port()
+        port = lab.smtp.port()
     );
     // On a blocking thread: the proxy runs on this test's thread meanwhile.
     let status = tokio::task::spawn_blocking(move || {

@@ -4,138 +4,62 @@
 //! smart hosts. Each test is one thing an administrator writes in a rule file, and checks what
 //! the MTA was told, what arrived where, and what was logged.
 
-mod support;
-
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 
+use crate::support::daemon::replace_file;
+use crate::support::dns::TestZone;
+use crate::support::lab::{DaemonLab, Lab, dedent};
+use crate::support::logs::Logs;
+use crate::support::pki::{CertKey, TestCa, Validity};
+use crate::support::smtp_client::{Reply, SmtpClient};
+use crate::support::smtp_server::{ServerBehaviour, SmtpServer, StartTls};
 use base64::Engine;
 use base64::engine::general_purpose::STANDARD as BASE64;
-use support::daemon::{Daemon, lab_config, replace_file};
-use support::dns::{DnsServer, TestZone};
-use support::logs::Logs;
-use support::pki::{CertKey, TestCa, Validity};
-use support::proxy::test_config;
-use support::smtp_client::{Reply, SmtpClient};
-use support::smtp_server::{ServerBehaviour, SmtpServer, StartTls};
-use tlsrouter::Proxy;
-use tlsrouter::config::Config;
-use tlsrouter::outcome::OutcomeClass;
 
 /// Dot-stuffed and CRLF-terminated, as an MTA sends it; the servers must see exactly this.
-const BODY: &[u8] = b"From: a@sender.test\r\nTo: b@example.test\r\nSubject: rules\r\n\r\n\
+pub(super) const BODY: &[u8] =
+    b"From: a@sender.test\r\nTo: b@example.test\r\nSubject: rules\r\n\r\n\
 ..a line that starts with a dot\r\nbye\r\n";
 
-const LOCALHOST: IpAddr = IpAddr::V4(Ipv4Addr::LOCALHOST);
+pub(super) const LOCALHOST: IpAddr = IpAddr::V4(Ipv4Addr::LOCALHOST);
 
-fn loopback(last: u8) -> Ipv4Addr {
+pub(super) fn loopback(last: u8) -> Ipv4Addr {
     Ipv4Addr::new(127, 0, 0, last)
 }
 
 // ---------------------------------------------------------------------------------------
 // The lab: DNS, CA, rule file, proxy
 
-/// A DNS server, a CA the proxy trusts, a rule file in a temporary directory, and the real
-/// proxy serving the MTA side on a loopback port.
-struct Lab {
-    _dns: DnsServer,
-    dir: tempfile::TempDir,
-    rules: PathBuf,
-    config: Config,
-    proxy: Arc<Proxy>,
-    smtp: SocketAddr,
-}
-
-impl Lab {
-    /// MX hosts listen on `mx_port`; `rules` is the rule file's text.
-    async fn start(zone: TestZone, ca: &TestCa, mx_port: u16, rules: &str) -> Lab {
-        Lab::start_with(zone, ca, mx_port, rules, |_, _| {}).await
-    }
-
-    /// `adjust` may change the configuration; it gets the lab's directory too.
-    async fn start_with(
-        zone: TestZone,
-        ca: &TestCa,
-        mx_port: u16,
-        rules: &str,
-        adjust: impl FnOnce(&mut Config, &Path),
-    ) -> Lab {
-        let dns = DnsServer::start(zone).await;
-        let dir = tempfile::tempdir().expect("tempdir");
-        let ca_file = ca.write_ca_file(dir.path());
-        let rules_path = dir.path().join("rules.yaml");
-        std::fs::write(&rules_path, rules).expect("write rules");
-        let mut config = test_config(dns.addr, &ca_file, mx_port);
-        config.rules_file = Some(rules_path.clone());
-        adjust(&mut config, dir.path());
-        let (proxy, smtp) = serve(config.clone()).await;
-        Lab {
-            _dns: dns,
-            dir,
-            rules: rules_path,
-            config,
-            proxy,
-            smtp,
-        }
-    }
-
-    /// Replaces the rule file's text (the proxy notices only when told to reload).
-    fn write_rules(&self, text: &str) {
-        std::fs::write(&self.rules, text).expect("rewrite rules");
-    }
-}
-
-/// Builds the proxy as `tlsrouter run` does and serves the MTA side on a fresh port.
-async fn serve(config: Config) -> (Arc<Proxy>, SocketAddr) {
-    let proxy = Proxy::new(config).expect("proxy config");
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+/// A DNS server, a CA the proxy trusts, a rule file with `rules`, and the real proxy
+/// serving the MTA side on a loopback port; MX hosts listen on `mx_port`.
+async fn start_lab(zone: TestZone, ca: &TestCa, mx_port: u16, rules: &str) -> Lab {
+    Lab::new()
+        .ca(ca)
+        .zone(zone)
+        .mx_port(mx_port)
+        .rules(rules)
+        .start()
         .await
-        .expect("bind proxy");
-    let addr = listener.local_addr().expect("proxy addr");
-    tokio::spawn(tlsrouter::inbound::listener::run(
-        listener,
-        proxy.clone(),
-        std::future::pending(),
-    ));
-    (proxy, addr)
 }
 
-/// The same lab around the daemon binary instead of an in-process proxy: DNS, CA, rule
-/// file, and `tlsrouter run` with `env` in its environment.
-struct DaemonLab {
-    daemon: Daemon,
-    rules: PathBuf,
-    _dns: DnsServer,
-    _dir: tempfile::TempDir,
-}
-
-impl DaemonLab {
-    async fn start(
-        zone: TestZone,
-        ca: &TestCa,
-        mx_port: u16,
-        rules: &str,
-        env: &[(&str, &str)],
-    ) -> DaemonLab {
-        let dns = DnsServer::start(zone).await;
-        let dir = tempfile::tempdir().expect("tempdir");
-        let ca_file = ca.write_ca_file(dir.path());
-        let rules_path = dir.path().join("rules.yaml");
-        std::fs::write(&rules_path, rules).expect("write rules");
-        let config = lab_config(dns.addr, &ca_file, mx_port, &rules_path);
-        let daemon = Daemon::start(dir.path(), &config, env).await;
-        DaemonLab {
-            daemon,
-            rules: rules_path,
-            _dns: dns,
-            _dir: dir,
-        }
+/// The same lab around the daemon binary, with `env` in its environment.
+async fn start_daemon_lab(
+    zone: TestZone,
+    ca: &TestCa,
+    mx_port: u16,
+    rules: &str,
+    env: &[(&str, &str)],
+) -> DaemonLab {
+    let mut lab = Lab::new().ca(ca).zone(zone).mx_port(mx_port).rules(rules);
+    for (key, value) in env {
+        lab = lab.env(key, value);
     }
+    lab.start_daemon().await
 }
 
 /// A server on `ip`; port 0 picks one (the first server of a lab), later ones share it.
-async fn server(ip: Ipv4Addr, port: u16, behaviour: ServerBehaviour) -> SmtpServer {
+pub(super) async fn server(ip: Ipv4Addr, port: u16, behaviour: ServerBehaviour) -> SmtpServer {
     SmtpServer::start(IpAddr::V4(ip), port, behaviour)
         .await
         .expect("smtp server")
@@ -164,14 +88,14 @@ async fn servers_on_one_port<const N: usize>(
     panic!("no port free on every address");
 }
 
-fn starttls(cert: CertKey) -> ServerBehaviour {
+pub(super) fn starttls(cert: CertKey) -> ServerBehaviour {
     ServerBehaviour {
         starttls: StartTls::Rustls(cert),
         ..ServerBehaviour::default()
     }
 }
 
-fn tls10_only(cert: CertKey) -> ServerBehaviour {
+pub(super) fn tls10_only(cert: CertKey) -> ServerBehaviour {
     ServerBehaviour {
         starttls: StartTls::Tls10Only(cert),
         ..ServerBehaviour::default()
@@ -179,12 +103,16 @@ fn tls10_only(cert: CertKey) -> ServerBehaviour {
 }
 
 /// example.test has one MX, mx.example.test on 127.0.0.1, served with `behaviour`.
-async fn one_mx(ca: &TestCa, behaviour: ServerBehaviour, rules: &str) -> (Lab, SmtpServer) {
+pub(super) async fn one_mx(
+    ca: &TestCa,
+    behaviour: ServerBehaviour,
+    rules: &str,
+) -> (Lab, SmtpServer) {
     let mx = server(loopback(1), 0, behaviour).await;
     let zone = TestZone::new()
         .mx("example.test", 10, "mx.example.test")
         .a("mx.example.test", loopback(1));
-    let lab = Lab::start(zone, ca, mx.addr().port(), rules).await;
+    let lab = start_lab(zone, ca, mx.addr().port(), rules).await;
     (lab, mx)
 }
 
@@ -192,13 +120,13 @@ async fn one_mx(ca: &TestCa, behaviour: ServerBehaviour, rules: &str) -> (Lab, S
 // The MTA side
 
 /// What the MTA was told for one message.
-struct Sent {
-    mail: Reply,
-    rcpts: Vec<Reply>,
-    data: Reply,
+pub(super) struct Sent {
+    pub(super) mail: Reply,
+    pub(super) rcpts: Vec<Reply>,
+    pub(super) data: Reply,
 }
 
-async fn send(proxy: SocketAddr, rcpts: &[&str]) -> Sent {
+pub(super) async fn send(proxy: SocketAddr, rcpts: &[&str]) -> Sent {
     send_from(proxy, "a@sender.test", rcpts).await
 }
 
@@ -236,7 +164,7 @@ fn assert_reply(reply: &Reply, code: u16, enhanced: &str, says: &[&str]) {
 }
 
 /// The message went through, and the MTA heard the remote's own 250.
-fn assert_delivered(sent: &Sent) {
+pub(super) fn assert_delivered(sent: &Sent) {
     assert_eq!(sent.mail.code, 250, "{:?}", sent.mail);
     for rcpt in &sent.rcpts {
         assert_eq!(rcpt.code, 250, "{rcpt:?}");
@@ -246,19 +174,19 @@ fn assert_delivered(sent: &Sent) {
 
 /// The RCPT was deferred for TLS (451 4.7.5, naming the rule and what happened) and so
 /// nothing was sent.
-fn assert_deferred_for_tls(sent: &Sent, says: &[&str]) {
+pub(super) fn assert_deferred_for_tls(sent: &Sent, says: &[&str]) {
     assert_reply(&sent.rcpts[0], 451, "4.7.5", says);
     assert_ne!(sent.data.code, 250, "{:?}", sent.data);
 }
 
-fn assert_logged(line: &str, fields: &[&str]) {
+pub(super) fn assert_logged(line: &str, fields: &[&str]) {
     for field in fields {
         assert!(line.contains(field), "{field} missing in {line}");
     }
 }
 
 /// Lines of the captured log that contain `text`.
-fn lines_with(logs: &Logs, text: &str) -> Vec<String> {
+pub(super) fn lines_with(logs: &Logs, text: &str) -> Vec<String> {
     logs.text()
         .lines()
         .filter(|l| l.contains(text))
@@ -286,10 +214,12 @@ async fn a_partner_listed_with_tls_never_gets_its_mail_in_plain_although_its_ser
  {
     let (logs, _guard) = Logs::capture();
     let ca = TestCa::new();
-    let rules = "rules:\n\
-                 \x20 - name: partner-without-tls\n\
-                 \x20   match: { domains: [example.test] }\n\
-                 \x20   tls: never\n";
+    let rules = r#"
+        rules:
+          - name: partner-without-tls
+            match: { domains: [example.test] }
+            tls: never
+    "#;
     let (lab, mx) = one_mx(
         &ca,
         starttls(ca.leaf(&["mx.example.test"], Validity::Current)),
@@ -323,10 +253,12 @@ async fn a_partner_listed_with_tls_never_gets_its_mail_in_plain_although_its_ser
 async fn tls_require_toward_a_server_without_starttls_defers_with_451_4_7_5_and_sends_nothing() {
     let (logs, _guard) = Logs::capture();
     let ca = TestCa::new();
-    let rules = "rules:\n\
-                 \x20 - name: banks\n\
-                 \x20   match: { domains: [example.test] }\n\
-                 \x20   tls: require\n";
+    let rules = r#"
+        rules:
+          - name: banks
+            match: { domains: [example.test] }
+            tls: require
+    "#;
     let (lab, mx) = one_mx(&ca, ServerBehaviour::default(), rules).await;
 
     let sent = send(lab.smtp, &["b@example.test"]).await;
@@ -347,10 +279,12 @@ async fn tls_require_toward_a_server_without_starttls_defers_with_451_4_7_5_and_
     assert_logged(&logs.transactions()[0], &["route=\"none\""]);
 }
 
-const VERIFY_REQUIRE: &str = "rules:\n\
-     \x20 - name: verified-only\n\
-     \x20   match: { domains: [example.test] }\n\
-     \x20   verify: require\n";
+const VERIFY_REQUIRE: &str = r#"
+    rules:
+      - name: verified-only
+        match: { domains: [example.test] }
+        verify: require
+"#;
 
 #[tokio::test]
 async fn verify_require_defers_a_server_with_an_expired_certificate_and_names_the_expiry() {
@@ -384,7 +318,10 @@ async fn verify_require_defers_a_server_with_an_expired_certificate_and_names_th
 async fn verify_require_with_fallback_on_cert_expired_delivers_in_plain_to_the_same_server() {
     let (logs, _guard) = Logs::capture();
     let ca = TestCa::new();
-    let rules = format!("{VERIFY_REQUIRE}\x20   fallback_on: [cert-expired]\n");
+    let rules = format!(
+        "{}    fallback_on: [cert-expired]\n",
+        dedent(VERIFY_REQUIRE)
+    );
     let (lab, mx) = one_mx(
         &ca,
         starttls(ca.leaf(&["mx.example.test"], Validity::Expired)),
@@ -411,10 +348,12 @@ async fn verify_require_with_fallback_on_cert_expired_delivers_in_plain_to_the_s
     );
 }
 
-const MIN_TLS_13: &str = "rules:\n\
-     \x20 - name: modern\n\
-     \x20   match: { domains: [example.test] }\n\
-     \x20   min_tls: \"1.3\"\n";
+const MIN_TLS_13: &str = r#"
+    rules:
+      - name: modern
+        match: { domains: [example.test] }
+        min_tls: "1.3"
+"#;
 
 #[tokio::test]
 async fn min_tls_1_3_gets_tls_1_3_from_a_modern_server() {
@@ -474,7 +413,7 @@ async fn min_tls_1_3_toward_a_tls_1_2_only_server_falls_back_to_plain_when_the_r
 #[tokio::test]
 async fn min_tls_1_3_with_tls_require_defers_a_tls_1_2_only_server() {
     let ca = TestCa::new();
-    let rules = format!("{MIN_TLS_13}\x20   tls: require\n");
+    let rules = format!("{}    tls: require\n", dedent(MIN_TLS_13));
     let (lab, mx) = one_mx(&ca, tls12_only(&ca), &rules).await;
 
     let sent = send(lab.smtp, &["b@example.test"]).await;
@@ -488,7 +427,7 @@ async fn min_tls_1_3_with_tls_require_defers_a_tls_1_2_only_server() {
 async fn a_tls_1_2_only_server_deferred_under_min_tls_1_3_is_told_as_below_the_minimum_not_as_tls_1_0()
  {
     let ca = TestCa::new();
-    let rules = format!("{MIN_TLS_13}\x20   tls: require\n");
+    let rules = format!("{}    tls: require\n", dedent(MIN_TLS_13));
     let (lab, _mx) = one_mx(&ca, tls12_only(&ca), &rules).await;
 
     let sent = send(lab.smtp, &["b@example.test"]).await;
@@ -512,13 +451,15 @@ async fn a_tls_1_2_server_refused_under_min_tls_1_3_still_gets_tls_1_2_for_a_dom
         .mx("modern.test", 10, "mx.example.test")
         .mx("example.test", 10, "mx.example.test")
         .a("mx.example.test", loopback(1));
-    let rules = "rules:\n\
-                 \x20 - name: modern\n\
-                 \x20   match: { domains: [modern.test] }\n\
-                 \x20   min_tls: \"1.3\"\n\
-                 \x20 - name: default\n\
-                 \x20   match: { domains: [\"*\"] }\n";
-    let lab = Lab::start(zone, &ca, mx.addr().port(), rules).await;
+    let rules = r#"
+        rules:
+          - name: modern
+            match: { domains: [modern.test] }
+            min_tls: "1.3"
+          - name: default
+            match: { domains: ["*"] }
+    "#;
+    let lab = start_lab(zone, &ca, mx.addr().port(), rules).await;
 
     assert_delivered(&send(lab.smtp, &["u@modern.test"]).await);
     assert_delivered(&send(lab.smtp, &["u@example.test"]).await);
@@ -580,16 +521,18 @@ async fn relay_lab() -> RelayLab {
         .a("mx.modern.test", loopback(4));
     let relay_at = relay.addr();
     let rules = format!(
-        "rules:\n\
-         \x20 - name: always-redirect\n\
-         \x20   match: {{ domains: [modern.test] }}\n\
-         \x20   tls: never\n\
-         \x20   fallback: {{ relay: \"{relay_at}\" }}\n\
-         \x20 - name: redirect-without-tls\n\
-         \x20   match: {{ domains: [\"*\"] }}\n\
-         \x20   fallback: {{ relay: \"{relay_at}\" }}\n"
+        r#"
+            rules:
+              - name: always-redirect
+                match: {{ domains: [modern.test] }}
+                tls: never
+                fallback: {{ relay: "{relay_at}" }}
+              - name: redirect-without-tls
+                match: {{ domains: ["*"] }}
+                fallback: {{ relay: "{relay_at}" }}
+        "#
     );
-    let lab = Lab::start(zone, &ca, port, &rules).await;
+    let lab = start_lab(zone, &ca, port, &rules).await;
     RelayLab {
         lab,
         legacy,
@@ -691,15 +634,17 @@ async fn an_mx_host_cached_as_legacy_tls_is_sent_through_the_relay_by_an_outcome
         .mx("partner.test", 10, "mx1.oldhost.test")
         .a("mx1.oldhost.test", loopback(2));
     let rules = format!(
-        "rules:\n\
-         \x20 - name: old-exchange\n\
-         \x20   match: {{ mx: [\"*.oldhost.test\"], outcome: [legacy-tls] }}\n\
-         \x20   fallback: {{ relay: \"{}\" }}\n\
-         \x20 - name: default\n\
-         \x20   match: {{ domains: [\"*\"] }}\n",
+        r#"
+            rules:
+              - name: old-exchange
+                match: {{ mx: ["*.oldhost.test"], outcome: [legacy-tls] }}
+                fallback: {{ relay: "{}" }}
+              - name: default
+                match: {{ domains: ["*"] }}
+        "#,
         relay.addr()
     );
-    let lab = Lab::start(zone, &ca, mx.addr().port(), &rules).await;
+    let lab = start_lab(zone, &ca, mx.addr().port(), &rules).await;
 
     // Nothing is known of the host yet: the default rule, plain to the MX itself.
     assert_delivered(&send(lab.smtp, &["u@partner.test"]).await);
@@ -775,27 +720,24 @@ async fn smarthost_lab_with_mode(
         .a("mx.example.test", loopback(2))
         .a("smarthost.test", loopback(1));
     let port = host.addr().port();
-    let password = password.to_string();
-    let route_tls = route_tls.to_string();
     // The rule file names credentials files in the lab's own directory.
-    let lab = Lab::start_with(zone, ca, mx.addr().port(), "", |config, dir| {
-        let user_file = credential(dir, "crm.user", USER, 0o600);
-        let password_file = credential(dir, "crm.pass", &password, mode);
-        let rules = format!(
-            "rules:\n\
-             \x20 - name: crm-via-smarthost\n\
-             \x20   match: {{ senders: [crm.test] }}\n\
-             \x20   route: {{ smarthost: \"smarthost.test:{port}\", tls: {route_tls},\n\
-             \x20             auth: {{ username_file: \"{}\", password_file: \"{}\" }} }}\n\
-             \x20 - name: default\n\
-             \x20   match: {{ domains: [\"*\"] }}\n",
-            user_file.display(),
-            password_file.display()
-        );
-        let path = config.rules_file.as_ref().expect("rules file");
-        std::fs::write(path, rules).expect("write rules");
-    })
-    .await;
+    let builder = Lab::new().ca(ca).zone(zone).mx_port(mx.addr().port());
+    let user_file = credential(builder.dir(), "crm.user", USER, 0o600);
+    let password_file = credential(builder.dir(), "crm.pass", password, mode);
+    let rules = format!(
+        r#"
+        rules:
+          - name: crm-via-smarthost
+            match: {{ senders: [crm.test] }}
+            route: {{ smarthost: "smarthost.test:{port}", tls: {route_tls},
+                      auth: {{ username_file: "{}", password_file: "{}" }} }}
+          - name: default
+            match: {{ domains: ["*"] }}
+        "#,
+        user_file.display(),
+        password_file.display()
+    );
+    let lab = builder.rules(&rules).start().await;
     (lab, mx, host)
 }
 
@@ -1034,18 +976,20 @@ async fn smarthost_credentials_from_the_daemons_environment_are_sent_inside_tls(
     .await;
     let zone = TestZone::new().a("smarthost.test", loopback(1));
     let rules = format!(
-        "rules:\n\
-         \x20 - name: crm-via-smarthost\n\
-         \x20   match: {{ senders: [crm.test] }}\n\
-         \x20   route: {{ smarthost: \"smarthost.test:{}\", tls: require,\n\
-         \x20             auth: {{ username_env: CRM_SMARTHOST_USER, password_env: CRM_SMARTHOST_PASSWORD }} }}\n",
+        r#"
+            rules:
+              - name: crm-via-smarthost
+                match: {{ senders: [crm.test] }}
+                route: {{ smarthost: "smarthost.test:{}", tls: require,
+                          auth: {{ username_env: CRM_SMARTHOST_USER, password_env: CRM_SMARTHOST_PASSWORD }} }}
+        "#,
         host.addr().port()
     );
     let env = [
         ("CRM_SMARTHOST_USER", USER),
         ("CRM_SMARTHOST_PASSWORD", PASSWORD),
     ];
-    let mut lab = DaemonLab::start(zone, &ca, 9, &rules, &env).await;
+    let mut lab = start_daemon_lab(zone, &ca, 9, &rules, &env).await;
 
     let sent = send_from(lab.daemon.smtp, "report@crm.test", &["b@example.test"]).await;
 
@@ -1063,235 +1007,25 @@ async fn smarthost_credentials_from_the_daemons_environment_are_sent_inside_tls(
 // ---------------------------------------------------------------------------------------
 // The outcome cache
 
-#[tokio::test]
-async fn a_second_message_to_a_tls_1_0_only_mx_skips_the_doomed_handshake_and_says_cached() {
-    let (logs, _guard) = Logs::capture();
-    let ca = TestCa::new();
-    let rules = "rules:\n  - name: default\n    match: { domains: [\"*\"] }\n";
-    let (lab, mx) = one_mx(
-        &ca,
-        tls10_only(ca.leaf(&["mx.example.test"], Validity::Current)),
-        rules,
-    )
-    .await;
-
-    assert_delivered(&send(lab.smtp, &["b@example.test"]).await);
-    assert_delivered(&send(lab.smtp, &["b@example.test"]).await);
-
-    let got = mx.messages();
-    assert_eq!(got.len(), 2);
-    assert!(got.iter().all(|m| m.data == BODY && m.tls.is_none()));
-    assert_eq!(mx.tls_handshakes_attempted(), 1, "TLS tried once only");
-    assert_eq!(
-        mx.connections(),
-        3,
-        "handshake + plain for the first message, plain at once for the second"
-    );
-    let lines = logs.transactions();
-    assert!(!lines[0].contains("cached"), "{}", lines[0]);
-    assert_logged(
-        &lines[1],
-        &["route=\"plain\"", "fallback=legacy-tls", "cached"],
-    );
-    let entry = lab
-        .proxy
-        .outbound
-        .cache
-        .get("mx.example.test", LOCALHOST)
-        .expect("cached");
-    assert_eq!(entry.class, OutcomeClass::LegacyTls);
-}
-
-#[tokio::test]
-async fn under_tls_require_a_cached_legacy_tls_defers_the_next_message_without_a_new_handshake() {
-    let ca = TestCa::new();
-    let rules = "rules:\n  - name: strict\n    match: { domains: [\"*\"] }\n    tls: require\n";
-    let (lab, mx) = one_mx(
-        &ca,
-        tls10_only(ca.leaf(&["mx.example.test"], Validity::Current)),
-        rules,
-    )
-    .await;
-
-    let first = send(lab.smtp, &["b@example.test"]).await;
-    assert_deferred_for_tls(&first, &["rule \"strict\"", "TLS 1.0/1.1"]);
-    assert_eq!(mx.tls_handshakes_attempted(), 1);
-
-    let second = send(lab.smtp, &["b@example.test"]).await;
-    assert_deferred_for_tls(&second, &["rule \"strict\"", "TLS 1.0/1.1", "cached"]);
-    assert_eq!(mx.tls_handshakes_attempted(), 1, "no new handshake");
-    assert_eq!(mx.connections(), 1, "not even a connection");
-    assert!(mx.messages().is_empty());
-}
-
 // ---------------------------------------------------------------------------------------
 // Downgrades
-
-/// The first message goes over TLS; then the same host (name, address, port) stops
-/// offering STARTTLS and a second message is sent.
-async fn downgrade(on_downgrade: &str) -> (SmtpServer, Sent) {
-    let ca = TestCa::new();
-    let rules = format!(
-        "rules:\n\
-         \x20 - name: watchful\n\
-         \x20   match: {{ domains: [\"*\"] }}\n\
-         \x20   on_downgrade: {on_downgrade}\n"
-    );
-    let (lab, mx) = one_mx(
-        &ca,
-        starttls(ca.leaf(&["mx.example.test"], Validity::Current)),
-        &rules,
-    )
-    .await;
-
-    let first = send(lab.smtp, &["b@example.test"]).await;
-    assert_delivered(&first);
-    assert!(mx.messages()[0].tls.is_some(), "TLS the first time");
-
-    mx.stop_offering_starttls();
-    let second = send(lab.smtp, &["b@example.test"]).await;
-    (mx, second)
-}
-
-/// The WARN lines that call the second attempt a downgrade; at least one.
-fn warnings_of_downgrade(logs: &Logs) -> Vec<String> {
-    let warned: Vec<String> = lines_with(logs, "downgrade")
-        .into_iter()
-        .filter(|l| l.contains(" WARN "))
-        .collect();
-    assert!(
-        !warned.is_empty(),
-        "no downgrade warning in:\n{}",
-        logs.text()
-    );
-    warned
-}
-
-#[tokio::test]
-async fn a_host_that_stops_offering_starttls_is_a_downgrade_deferred_under_on_downgrade_defer() {
-    let (logs, _guard) = Logs::capture();
-    let (mx, second) = downgrade("defer").await;
-
-    assert_deferred_for_tls(
-        &second,
-        &[
-            "rule \"watchful\"",
-            "mx.example.test[127.0.0.1]",
-            "downgrade",
-        ],
-    );
-    assert_eq!(mx.messages().len(), 1, "the second message is not sent");
-    let warned = warnings_of_downgrade(&logs);
-    assert_logged(&warned[0], &["mx.example.test[127.0.0.1]", "rule=watchful"]);
-}
-
-#[tokio::test]
-async fn a_host_that_stops_offering_starttls_gets_mail_in_plain_with_a_warning_under_on_downgrade_fallback()
- {
-    let (logs, _guard) = Logs::capture();
-    let (mx, second) = downgrade("fallback").await;
-
-    assert_delivered(&second);
-    let got = mx.messages();
-    assert_eq!(got.len(), 2);
-    assert_eq!(got[1].data, BODY);
-    assert!(got[1].tls.is_none(), "in plain the second time");
-    let warned = warnings_of_downgrade(&logs);
-    assert_logged(&warned[0], &["mx.example.test[127.0.0.1]", "rule=watchful"]);
-    assert_logged(
-        &logs.transactions()[1],
-        &["route=\"plain\"", "fallback=no-starttls", "rule=watchful"],
-    );
-}
 
 // ---------------------------------------------------------------------------------------
 // The cache file
 
-#[tokio::test]
-async fn a_legacy_tls_host_learned_before_a_restart_is_not_tried_again_after_it() {
-    let (logs, _guard) = Logs::capture();
-    let ca = TestCa::new();
-    let mx = server(
-        loopback(1),
-        0,
-        tls10_only(ca.leaf(&["mx.example.test"], Validity::Current)),
-    )
-    .await;
-    let zone = TestZone::new()
-        .mx("example.test", 10, "mx.example.test")
-        .a("mx.example.test", loopback(1));
-    let rules = "rules:\n  - name: default\n    match: { domains: [\"*\"] }\n";
-    let a = Lab::start_with(zone, &ca, mx.addr().port(), rules, |config, dir| {
-        config.cache.file = Some(dir.join("cache.json"));
-    })
-    .await;
-    assert_delivered(&send(a.smtp, &["b@example.test"]).await);
-    assert_eq!(mx.tls_handshakes_attempted(), 1);
-    a.proxy.save_cache();
-    let cache_file = a.config.cache.file.clone().expect("cache file");
-    assert!(cache_file.exists(), "saved");
-
-    // Proxy B: a new process, in effect, with the same configuration and cache file.
-    let (b, b_smtp) = serve(a.config.clone()).await;
-    assert_eq!(
-        b.outbound
-            .cache
-            .get("mx.example.test", LOCALHOST)
-            .map(|e| e.class),
-        Some(OutcomeClass::LegacyTls)
-    );
-    assert_delivered(&send(b_smtp, &["b@example.test"]).await);
-
-    assert_eq!(mx.tls_handshakes_attempted(), 1, "B skipped the handshake");
-    assert_eq!(mx.messages().len(), 2);
-    assert_logged(
-        &logs.transactions()[1],
-        &["route=\"plain\"", "fallback=legacy-tls", "cached"],
-    );
-}
-
-#[tokio::test]
-async fn a_corrupt_cache_file_is_reported_and_the_proxy_starts_with_an_empty_cache() {
-    let (logs, _guard) = Logs::capture();
-    let ca = TestCa::new();
-    let (lab, mx) = one_mx(
-        &ca,
-        starttls(ca.leaf(&["mx.example.test"], Validity::Current)),
-        "rules:\n  - name: default\n",
-    )
-    .await;
-    let cache_file = lab.dir.path().join("cache.json");
-    std::fs::write(
-        &cache_file,
-        b"{\"version\": 1, \"entries\": [ {\"host\": tru",
-    )
-    .expect("write");
-    let mut config = lab.config.clone();
-    config.cache.file = Some(cache_file);
-
-    let (proxy, smtp) = serve(config).await;
-
-    assert!(proxy.outbound.cache.is_empty());
-    assert_eq!(
-        lines_with(&logs, "cache not loaded").len(),
-        1,
-        "{}",
-        logs.text()
-    );
-    assert_delivered(&send(smtp, &["b@example.test"]).await);
-    assert!(mx.messages()[0].tls.is_some());
-}
-
 // ---------------------------------------------------------------------------------------
 // Reloading the rules
 
+/// A rule file of one rule, as a file holds it.
 fn one_rule(name: &str, domain: &str, tls: &str) -> String {
-    format!(
-        "rules:\n\
-         \x20 - name: {name}\n\
-         \x20   match: {{ domains: [{domain}] }}\n\
-         \x20   tls: {tls}\n"
-    )
+    dedent(&format!(
+        r#"
+        rules:
+          - name: {name}
+            match: {{ domains: [{domain}] }}
+            tls: {tls}
+        "#
+    ))
 }
 
 #[tokio::test]
@@ -1365,14 +1099,20 @@ async fn an_invalid_rule_file_is_refused_on_reload_with_its_position_and_the_old
     )
     .await;
 
-    lab.write_rules("rules:\n  - name: partner-without-tls\n    tls: sometimes\n");
+    lab.write_rules(
+        r#"
+        rules:
+          - name: partner-without-tls
+            tls: sometimes
+    "#,
+    );
     let error = lab
         .proxy
         .reload_rules("test")
         .expect_err("an invalid file")
         .to_string();
 
-    let prefix = format!("{}:3:", lab.rules.display());
+    let prefix = format!("{}:3:", lab.rules_file().display());
     assert!(
         error.starts_with(&prefix),
         "{error} should start with {prefix}"
@@ -1401,10 +1141,13 @@ async fn an_invalid_rule_file_is_refused_on_reload_with_its_position_and_the_old
 async fn sighup_makes_the_running_daemon_take_the_rewritten_rule_file() {
     let ca = TestCa::new();
     let before = one_rule("before", "example.test", "never");
-    let mut lab = DaemonLab::start(TestZone::new(), &ca, 9, &before, &[]).await;
+    let mut lab = start_daemon_lab(TestZone::new(), &ca, 9, &before, &[]).await;
     assert_eq!(lab.daemon.rule_names().await, ["before"]);
 
-    replace_file(&lab.rules, &one_rule("after", "example.test", "require"));
+    replace_file(
+        lab.rules_file(),
+        &one_rule("after", "example.test", "require"),
+    );
     lab.daemon.signal("HUP");
 
     lab.daemon.wait_for_log("rules reloaded (SIGHUP)").await;
@@ -1415,9 +1158,12 @@ async fn sighup_makes_the_running_daemon_take_the_rewritten_rule_file() {
 async fn the_running_daemon_takes_a_rule_file_changed_on_disk_without_being_told() {
     let ca = TestCa::new();
     let before = one_rule("before", "example.test", "never");
-    let mut lab = DaemonLab::start(TestZone::new(), &ca, 9, &before, &[]).await;
+    let mut lab = start_daemon_lab(TestZone::new(), &ca, 9, &before, &[]).await;
 
-    replace_file(&lab.rules, &one_rule("after", "example.test", "require"));
+    replace_file(
+        lab.rules_file(),
+        &one_rule("after", "example.test", "require"),
+    );
 
     lab.daemon
         .wait_for_log("rules reloaded (file changed)")
@@ -1439,7 +1185,7 @@ async fn an_invalid_rule_file_written_mid_transaction_is_logged_with_its_positio
         .mx("example.test", 10, "mx.example.test")
         .a("mx.example.test", loopback(1));
     let before = one_rule("partner-without-tls", "example.test", "never");
-    let mut lab = DaemonLab::start(zone, &ca, mx.addr().port(), &before, &[]).await;
+    let mut lab = start_daemon_lab(zone, &ca, mx.addr().port(), &before, &[]).await;
     let (mut client, _) = SmtpClient::connect(lab.daemon.smtp).await;
     client.cmd("EHLO mta.sender.test").await;
     assert_eq!(client.cmd("MAIL FROM:<a@sender.test>").await.code, 250);
@@ -1447,8 +1193,15 @@ async fn an_invalid_rule_file_written_mid_transaction_is_logged_with_its_positio
     assert_eq!(mx.connections(), 1, "the remote transaction is open");
 
     replace_file(
-        &lab.rules,
-        "rules:\n  - name: after\n    match: { domains: [example.test] }\n    tls: sometimes\n",
+        lab.rules_file(),
+        &dedent(
+            r#"
+                rules:
+                  - name: after
+                    match: { domains: [example.test] }
+                    tls: sometimes
+            "#,
+        ),
     );
 
     let refused = lab
@@ -1457,7 +1210,7 @@ async fn an_invalid_rule_file_written_mid_transaction_is_logged_with_its_positio
         .await;
     assert_eq!(refused["level"], "ERROR", "{refused}");
     let message = refused["message"].as_str().unwrap_or_default();
-    let prefix = format!("{}:4:", lab.rules.display());
+    let prefix = format!("{}:4:", lab.rules_file().display());
     let (_, after_line) = message
         .split_once(&prefix)
         .unwrap_or_else(|| panic!("{message} should name {prefix}"));
@@ -1521,7 +1274,15 @@ fn tlsrouter_check_reports_a_broken_file_with_file_line_column_and_exits_64() {
     let file = dir.path().join("broken.yaml");
     std::fs::write(
         &file,
-        "rules:\n  - name: ok\n    tls: never\n  - name: bad\n    match: { domains: [\"a..b\"] }\n",
+        dedent(
+            r#"
+                rules:
+                  - name: ok
+                    tls: never
+                  - name: bad
+                    match: { domains: ["a..b"] }
+            "#,
+        ),
     )
     .expect("write");
 
@@ -1540,13 +1301,17 @@ fn tlsrouter_check_names_a_shadowed_rule_and_the_rule_that_shadows_it_and_exits_
     let file = dir.path().join("shadowed.yaml");
     std::fs::write(
         &file,
-        "rules:\n\
-         \x20 - name: all-banks\n\
-         \x20   match: { domains: [\"*.bank.example\"] }\n\
-         \x20   tls: require\n\
-         \x20 - name: one-bank\n\
-         \x20   match: { domains: [a.bank.example] }\n\
-         \x20   tls: never\n",
+        dedent(
+            r#"
+                rules:
+                  - name: all-banks
+                    match: { domains: ["*.bank.example"] }
+                    tls: require
+                  - name: one-bank
+                    match: { domains: [a.bank.example] }
+                    tls: never
+            "#,
+        ),
     )
     .expect("write");
 
@@ -1565,12 +1330,16 @@ fn tlsrouter_check_reports_a_rule_behind_a_catch_all_at_its_own_line_and_column(
     // Indented by four spaces: the rule's name starts at column 7.
     std::fs::write(
         &file,
-        "rules:\n\
-         \x20   - name: default\n\
-         \x20     match: { domains: [\"*\"] }\n\
-         \x20   - name: crm\n\
-         \x20     match: { senders: [crm.example] }\n\
-         \x20     tls: require\n",
+        dedent(
+            r#"
+                rules:
+                    - name: default
+                      match: { domains: ["*"] }
+                    - name: crm
+                      match: { senders: [crm.example] }
+                      tls: require
+            "#,
+        ),
     )
     .expect("write");
 
@@ -1622,18 +1391,22 @@ fn tlsrouter_explain_picks_the_rule_for_the_given_sender_mx_host_and_cached_outc
     let file = dir.path().join("rules.yaml");
     std::fs::write(
         &file,
-        "rules:\n\
-         \x20 - name: crm-mail\n\
-         \x20   match: { senders: [crm.example] }\n\
-         \x20   tls: require\n\
-         \x20 - name: this-mx\n\
-         \x20   match: { domains: [\"*\"], mx: [mx.partner.example] }\n\
-         \x20   verify: require\n\
-         \x20 - name: old-servers\n\
-         \x20   match: { domains: [\"*\"], outcome: [legacy-tls] }\n\
-         \x20   tls: never\n\
-         \x20 - name: default\n\
-         \x20   match: { domains: [\"*\"] }\n",
+        dedent(
+            r#"
+                rules:
+                  - name: crm-mail
+                    match: { senders: [crm.example] }
+                    tls: require
+                  - name: this-mx
+                    match: { domains: ["*"], mx: [mx.partner.example] }
+                    verify: require
+                  - name: old-servers
+                    match: { domains: ["*"], outcome: [legacy-tls] }
+                    tls: never
+                  - name: default
+                    match: { domains: ["*"] }
+            "#,
+        ),
     )
     .expect("write");
     let rules = file.display().to_string();

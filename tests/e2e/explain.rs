@@ -4,70 +4,42 @@
 //! Also: an address-literal recipient finds what the cache learned of it, and the
 //! transaction line has no empty fields.
 
-mod support;
-
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 
 use serde_json::Value;
-use support::dns::{DnsServer, TestZone};
-use support::logs::Logs;
-use support::pki::{TestCa, Validity};
-use support::proxy::test_config;
-use support::smtp_client::{Reply, SmtpClient};
-use support::smtp_server::{ServerBehaviour, SmtpServer, StartTls};
-use tlsrouter::Proxy;
 use tlsrouter::outcome::OutcomeClass;
+
+use crate::support::lab::{self, Lab};
+use crate::support::logs::Logs;
+use crate::support::pki::{TestCa, Validity};
+use crate::support::smtp_client::{Reply, SmtpClient};
+use crate::support::smtp_server::{ServerBehaviour, SmtpServer, StartTls};
 
 const LOCALHOST: IpAddr = IpAddr::V4(Ipv4Addr::LOCALHOST);
 const MX: &str = "mx.example.test";
 
-struct Lab {
-    _proxy: Arc<Proxy>,
+/// A proxy with its admin socket, whose example.test MX is one server.
+struct Setup {
     smtp: SocketAddr,
     socket: PathBuf,
     rules: PathBuf,
     server: SmtpServer,
-    _dir: tempfile::TempDir,
-    _dns: DnsServer,
+    _lab: Lab,
 }
 
-async fn lab(behaviour: ServerBehaviour, rules: &str) -> Lab {
+async fn lab(behaviour: ServerBehaviour, rules: &str) -> Setup {
     let server = SmtpServer::start(LOCALHOST, 0, behaviour)
         .await
         .expect("smtp server");
-    let zone = TestZone::new()
-        .mx("example.test", 10, MX)
-        .a(MX, Ipv4Addr::LOCALHOST);
-    let dns = DnsServer::start(zone).await;
-    let dir = tempfile::tempdir().expect("tempdir");
-    let ca_file = CA.with(|ca| ca.write_ca_file(dir.path()));
-    let mut config = test_config(dns.addr, &ca_file, server.addr().port());
-    let socket = dir.path().join("admin.sock");
-    let rules_file = dir.path().join("rules.yaml");
-    std::fs::write(&rules_file, rules).expect("rules file");
-    config.admin.socket = Some(socket.clone());
-    config.rules_file = Some(rules_file.clone());
-    let proxy = Proxy::new(config).expect("proxy");
-    tlsrouter::admin::start(&proxy).await.expect("admin socket");
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-        .await
-        .expect("bind");
-    let smtp = listener.local_addr().expect("addr");
-    tokio::spawn(tlsrouter::inbound::listener::run(
-        listener,
-        proxy.clone(),
-        std::future::pending(),
-    ));
-    Lab {
-        _proxy: proxy,
-        smtp,
-        socket,
-        rules: rules_file,
+    let builder = CA.with(|ca| Lab::new().ca(ca));
+    let lab = builder.one_mx(&server).rules(rules).admin().start().await;
+    Setup {
+        smtp: lab.smtp,
+        socket: lab.admin_socket().to_path_buf(),
+        rules: lab.rules_file().to_path_buf(),
         server,
-        _dir: dir,
-        _dns: dns,
+        _lab: lab,
     }
 }
 
@@ -75,43 +47,21 @@ thread_local! {
     static CA: TestCa = TestCa::new();
 }
 
-fn leaf(validity: Validity) -> support::pki::CertKey {
+fn leaf(validity: Validity) -> crate::support::pki::CertKey {
     CA.with(|ca| ca.leaf(&[MX], validity))
 }
 
-/// Runs the real binary on a blocking thread (the daemon runs on this test's thread).
 async fn tlsrouter(args: Vec<String>) -> (i32, String, String) {
-    let out = tokio::task::spawn_blocking(move || {
-        std::process::Command::new(env!("CARGO_BIN_EXE_tlsrouter"))
-            .args(&args)
-            .output()
-    })
-    .await
-    .expect("join")
-    .expect("run tlsrouter");
-    (
-        out.status.code().unwrap_or(-1),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
+    lab::tlsrouter(args).await
 }
 
 async fn ctl_json(socket: &Path, args: &[&str]) -> Value {
-    let mut all = vec![
-        "ctl".to_string(),
-        "--socket".into(),
-        socket.display().to_string(),
-        "--json".into(),
-    ];
-    all.extend(args.iter().map(|a| a.to_string()));
-    let (code, out, err) = tlsrouter(all).await;
-    assert_eq!(code, 0, "ctl {args:?}: {err}");
-    serde_json::from_str::<Value>(&out).expect("json")["result"].clone()
+    lab::ctl_json(socket, args).await
 }
 
 /// What the daemon's `ctl rules explain` says it does with the MX host now: the action
 /// (`tls`, `plain`, `refuse`, `skip`) and its words.
-async fn daemon_explains(lab: &Lab) -> (String, String) {
+async fn daemon_explains(lab: &Setup) -> (String, String) {
     let answer = ctl_json(
         &lab.socket,
         &["rules", "explain", "--rcpt", "b@example.test", "--mx", MX],
@@ -138,14 +88,14 @@ async fn send(smtp: SocketAddr) -> (Reply, Option<Reply>) {
 }
 
 /// The first message to the host: the daemon learns what it is like.
-async fn learn(lab: &Lab, expect: u16) {
+async fn learn(lab: &Setup, expect: u16) {
     let (rcpt, data) = send(lab.smtp).await;
     let code = data.map_or(rcpt.code, |d| d.code);
     assert_eq!(code, expect, "{rcpt:?}");
 }
 
 /// Sends a message and checks that what happened is what `action` said.
-async fn assert_daemon_does(lab: &Lab, action: &str) {
+async fn assert_daemon_does(lab: &Setup, action: &str) {
     let before = lab.server.messages().len();
     let handshakes = lab.server.tls_handshakes_attempted();
     let (rcpt, data) = send(lab.smtp).await;

@@ -1,18 +1,16 @@
 //! The admin socket, `tlsrouter ctl` and `tlsrouter probe`, end to end: a running proxy, the
 //! real binary as the client, and real servers to probe.
 
-mod support;
-
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::Arc;
 
+use crate::support::dns::{DnsServer, TestZone};
+use crate::support::lab::{Lab, LabBuilder, ctl, ctl_json, dedent, tlsrouter};
+use crate::support::pki::{CertKey, TestCa, Validity, self_signed};
+use crate::support::smtp_client::SmtpClient;
+use crate::support::smtp_server::{ServerBehaviour, SmtpServer, StartTls};
 use serde_json::Value;
-use support::dns::{DnsServer, TestZone};
-use support::pki::{CertKey, TestCa, Validity, self_signed};
-use support::proxy::test_config;
-use support::smtp_client::SmtpClient;
-use support::smtp_server::{ServerBehaviour, SmtpServer, StartTls};
 use tlsrouter::Proxy;
 use tlsrouter::config::Config;
 use tlsrouter::outcome::OutcomeClass;
@@ -22,89 +20,33 @@ use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 const LOCALHOST: IpAddr = IpAddr::V4(Ipv4Addr::LOCALHOST);
 const BODY: &[u8] = b"Subject: admin test\r\n\r\nhello\r\n";
 
-/// A proxy with its admin socket in a temporary directory, example.test's MX served by
-/// `behaviour`.
+/// A proxy with its admin socket in the lab's directory, example.test's MX served by
+/// `behaviour`; `lab` may add to the lab.
 struct Daemon {
     proxy: Arc<Proxy>,
     smtp: SocketAddr,
     socket: PathBuf,
     server: SmtpServer,
-    dir: tempfile::TempDir,
-    _dns: DnsServer,
+    lab: Lab,
 }
 
 async fn daemon(
     ca: &TestCa,
     behaviour: ServerBehaviour,
-    adjust: impl FnOnce(&mut Config),
+    lab: impl FnOnce(LabBuilder) -> LabBuilder,
 ) -> Daemon {
     let server = SmtpServer::start(LOCALHOST, 0, behaviour)
         .await
         .expect("smtp");
-    let zone = TestZone::new()
-        .mx("example.test", 10, "mx.example.test")
-        .a("mx.example.test", Ipv4Addr::LOCALHOST);
-    let dns = DnsServer::start(zone).await;
-    let dir = tempfile::tempdir().expect("tempdir");
-    let ca_file = ca.write_ca_file(dir.path());
-    let mut config = test_config(dns.addr, &ca_file, server.addr().port());
-    let socket = dir.path().join("admin.sock");
-    config.admin.socket = Some(socket.clone());
-    adjust(&mut config);
-    let proxy = Proxy::new(config).expect("proxy");
-    tlsrouter::admin::start(&proxy).await.expect("admin socket");
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-        .await
-        .expect("bind");
-    let smtp = listener.local_addr().expect("addr");
-    tokio::spawn(tlsrouter::inbound::listener::run(
-        listener,
-        proxy.clone(),
-        std::future::pending(),
-    ));
+    let builder = Lab::new().ca(ca).one_mx(&server).admin();
+    let lab = lab(builder).start().await;
     Daemon {
-        proxy,
-        smtp,
-        socket,
+        proxy: lab.proxy.clone(),
+        smtp: lab.smtp,
+        socket: lab.admin_socket().to_path_buf(),
         server,
-        dir,
-        _dns: dns,
+        lab,
     }
-}
-
-/// Runs `tlsrouter ARGS` on a blocking thread (the daemon runs on this test's thread).
-async fn tlsrouter(args: Vec<String>) -> (i32, String, String) {
-    let out = tokio::task::spawn_blocking(move || {
-        std::process::Command::new(env!("CARGO_BIN_EXE_tlsrouter"))
-            .args(&args)
-            .output()
-    })
-    .await
-    .expect("join")
-    .expect("run tlsrouter");
-    (
-        out.status.code().unwrap_or(-1),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
-}
-
-async fn ctl(socket: &Path, args: &[&str]) -> (i32, String, String) {
-    let mut all = vec![
-        "ctl".to_string(),
-        "--socket".into(),
-        socket.display().to_string(),
-    ];
-    all.extend(args.iter().map(|a| a.to_string()));
-    tlsrouter(all).await
-}
-
-async fn ctl_json(socket: &Path, args: &[&str]) -> Value {
-    let mut all = vec!["--json"];
-    all.extend_from_slice(args);
-    let (code, out, err) = ctl(socket, &all).await;
-    assert_eq!(code, 0, "ctl {args:?}: {err}");
-    serde_json::from_str::<Value>(&out).expect("json")["result"].clone()
 }
 
 /// Delivers one message to b@example.test and leaves the session open.
@@ -131,7 +73,7 @@ fn tls10(ca: &TestCa) -> ServerBehaviour {
 #[tokio::test]
 async fn an_admin_lists_shows_pins_and_flushes_the_cache_with_ctl() {
     let ca = TestCa::new();
-    let d = daemon(&ca, tls10(&ca), |_| {}).await;
+    let d = daemon(&ca, tls10(&ca), |lab| lab).await;
     send(d.smtp).await;
 
     let (code, table, _) = ctl(&d.socket, &["cache", "list"]).await;
@@ -211,8 +153,7 @@ async fn cache_list_for_a_domain_shows_only_the_hosts_that_served_it() {
         .a("mx.example.test", Ipv4Addr::LOCALHOST)
         .mx("other.test", 10, "mx.other.test")
         .a("mx.other.test", Ipv4Addr::LOCALHOST);
-    let dns = DnsServer::start(zone).await;
-    let d = daemon(&ca, tls10(&ca), |c| c.resolver.nameservers = vec![dns.addr]).await;
+    let d = daemon(&ca, tls10(&ca), |lab| lab.zone(zone)).await;
     for rcpt in ["b@example.test", "b@other.test"] {
         let (mut client, _) = SmtpClient::connect(d.smtp).await;
         client.cmd("EHLO mta").await;
@@ -249,7 +190,7 @@ async fn a_delivery_over_tls_caches_the_certificate_subject_and_expiry() {
     let ca = TestCa::new();
     let cert = ca.leaf(&["mx.example.test"], Validity::Current);
     let expires = cert.not_after.to_string();
-    let d = daemon(&ca, tls(cert), |_| {}).await;
+    let d = daemon(&ca, tls(cert), |lab| lab).await;
     send(d.smtp).await;
 
     let (code, table, err) = ctl(&d.socket, &["cache", "list"]).await;
@@ -270,7 +211,7 @@ async fn a_delivery_over_tls_caches_the_certificate_subject_and_expiry() {
 #[tokio::test]
 async fn json_may_follow_the_command() {
     let ca = TestCa::new();
-    let d = daemon(&ca, tls10(&ca), |_| {}).await;
+    let d = daemon(&ca, tls10(&ca), |lab| lab).await;
     send(d.smtp).await;
     for args in [
         &["cache", "list", "--json"][..],
@@ -290,18 +231,17 @@ async fn json_may_follow_the_command() {
 #[tokio::test]
 async fn an_admin_reads_reloads_and_explains_the_rules_with_ctl() {
     let ca = TestCa::new();
-    let rules_dir = tempfile::tempdir().expect("dir");
-    let rules_file = rules_dir.path().join("rules.yaml");
-    std::fs::write(
-        &rules_file,
-        "rules:\n  - name: everyone\n    match: { domains: [\"*\"] }\n",
-    )
-    .expect("write");
-    let file = rules_file.clone();
-    let d = daemon(&ca, ServerBehaviour::default(), move |c| {
-        c.rules_file = Some(file)
+    let d = daemon(&ca, ServerBehaviour::default(), |lab| {
+        lab.rules(
+            r#"
+            rules:
+              - name: everyone
+                match: { domains: ["*"] }
+            "#,
+        )
     })
     .await;
+    let rules_file = d.lab.rules_file();
 
     let (code, table, _) = ctl(&d.socket, &["rules", "show"]).await;
     assert_eq!(code, 0);
@@ -311,8 +251,14 @@ async fn an_admin_reads_reloads_and_explains_the_rules_with_ctl() {
     );
 
     std::fs::write(
-        &rules_file,
-        "rules:\n  - name: broken\n    tls: sometimes\n",
+        rules_file,
+        dedent(
+            r#"
+                rules:
+                  - name: broken
+                    tls: sometimes
+            "#,
+        ),
     )
     .expect("write");
     let (code, _, err) = ctl(&d.socket, &["rules", "reload"]).await;
@@ -328,8 +274,15 @@ async fn an_admin_reads_reloads_and_explains_the_rules_with_ctl() {
     );
 
     std::fs::write(
-        &rules_file,
-        "rules:\n  - name: nobank\n    match: { domains: [\"*.bank.test\"] }\n    tls: require\n",
+        rules_file,
+        dedent(
+            r#"
+                rules:
+                  - name: nobank
+                    match: { domains: ["*.bank.test"] }
+                    tls: require
+            "#,
+        ),
     )
     .expect("write");
     let (code, out, _) = ctl(&d.socket, &["rules", "reload"]).await;
@@ -345,7 +298,7 @@ async fn an_admin_reads_reloads_and_explains_the_rules_with_ctl() {
 #[tokio::test]
 async fn stats_and_sessions_count_what_happened() {
     let ca = TestCa::new();
-    let d = daemon(&ca, tls10(&ca), |_| {}).await;
+    let d = daemon(&ca, tls10(&ca), |lab| lab).await;
     send(d.smtp).await;
     // A session left open shows in `sessions`.
     let (mut open, _) = SmtpClient::connect(d.smtp).await;
@@ -377,18 +330,16 @@ async fn stats_and_sessions_count_what_happened() {
 #[tokio::test]
 async fn a_host_pinned_as_lacking_starttls_gets_no_starttls_and_a_tls_rule_defers_its_mail() {
     let ca = TestCa::new();
-    let rules = tempfile::tempdir().expect("dir");
-    let rules_file = rules.path().join("rules.yaml");
-    let text = "rules:
-  - name: secure
-    match: { senders: [secure.test] }
-    tls: require
-  - name: default
-    match: { domains: [\"*\"] }
-";
-    std::fs::write(&rules_file, text).expect("rules");
+    let rules = r#"
+        rules:
+          - name: secure
+            match: { senders: [secure.test] }
+            tls: require
+          - name: default
+            match: { domains: ["*"] }
+    "#;
     let cert = ca.leaf(&["mx.example.test"], Validity::Current);
-    let d = daemon(&ca, tls(cert), |c| c.rules_file = Some(rules_file)).await;
+    let d = daemon(&ca, tls(cert), |lab| lab.rules(rules)).await;
     send(d.smtp).await;
     assert!(d.server.messages()[0].tls.is_some(), "over TLS at first");
 
@@ -427,7 +378,7 @@ async fn a_host_pinned_as_lacking_starttls_gets_no_starttls_and_a_tls_rule_defer
 #[tokio::test]
 async fn bad_requests_get_structured_errors_and_the_socket_stays_up() {
     let ca = TestCa::new();
-    let d = daemon(&ca, ServerBehaviour::default(), |_| {}).await;
+    let d = daemon(&ca, ServerBehaviour::default(), |lab| lab).await;
     let stream = tokio::net::UnixStream::connect(&d.socket)
         .await
         .expect("connect");
@@ -469,7 +420,7 @@ async fn bad_requests_get_structured_errors_and_the_socket_stays_up() {
 async fn the_socket_is_0660_a_stale_one_is_replaced_and_a_plain_file_is_refused() {
     use std::os::unix::fs::PermissionsExt;
     let ca = TestCa::new();
-    let d = daemon(&ca, ServerBehaviour::default(), |_| {}).await;
+    let d = daemon(&ca, ServerBehaviour::default(), |lab| lab).await;
     let mode = std::fs::metadata(&d.socket)
         .expect("socket")
         .permissions()
@@ -477,17 +428,16 @@ async fn the_socket_is_0660_a_stale_one_is_replaced_and_a_plain_file_is_refused(
         & 0o777;
     assert_eq!(mode, 0o660);
     // A socket nobody listens on any more (as after a crash) is replaced.
-    let stale = d.dir.path().join("stale.sock");
+    let stale = d.lab.dir().join("stale.sock");
     drop(std::os::unix::net::UnixListener::bind(&stale).expect("bind"));
     assert!(stale.exists(), "a closed listener leaves its file behind");
-    let path = stale.clone();
-    let _again = daemon(&ca, ServerBehaviour::default(), move |c| {
-        c.admin.socket = Some(path)
+    let _again = daemon(&ca, ServerBehaviour::default(), |lab| {
+        lab.set_path("admin.socket", &stale)
     })
     .await;
     assert_eq!(ctl_json(&stale, &["stats"]).await["transactions"], 0);
 
-    let file = d.dir.path().join("not-a-socket");
+    let file = d.lab.dir().join("not-a-socket");
     std::fs::write(&file, "data").expect("write");
     let mut config = Config::default();
     config.admin.socket = Some(file.clone());
@@ -510,8 +460,8 @@ async fn the_socket_gets_the_configured_group_for_admins_who_are_not_root() {
     // A group the test process is not in, so the socket can only have it from the setting.
     let group = if me.gid() == 4242 { 4243 } else { 4242 };
     let ca = TestCa::new();
-    let d = daemon(&ca, ServerBehaviour::default(), |c| {
-        c.admin.group = Some(group.to_string())
+    let d = daemon(&ca, ServerBehaviour::default(), |lab| {
+        lab.set("admin.group", group.to_string())
     })
     .await;
     assert_eq!(std::fs::metadata(&d.socket).expect("socket").gid(), group);
@@ -522,7 +472,7 @@ async fn the_socket_gets_the_configured_group_for_admins_who_are_not_root() {
 #[tokio::test]
 async fn a_second_daemon_does_not_take_the_socket_of_a_running_one() {
     let ca = TestCa::new();
-    let first = daemon(&ca, ServerBehaviour::default(), |_| {}).await;
+    let first = daemon(&ca, ServerBehaviour::default(), |lab| lab).await;
     send(first.smtp).await;
 
     let mut config = Config::default();
@@ -564,8 +514,8 @@ async fn the_metrics_endpoint_serves_the_same_counters_in_prometheus_format() {
         .expect("addr")
         .port();
     let cert = ca.leaf(&["mx.example.test"], Validity::Current);
-    let d = daemon(&ca, tls(cert), move |c| {
-        c.metrics.listen = Some(SocketAddr::from(([127, 0, 0, 1], port)));
+    let d = daemon(&ca, tls(cert), |lab| {
+        lab.set("metrics.listen", format!("127.0.0.1:{port}"))
     })
     .await;
     // One message over verified TLS; then the operator pins the host as legacy-tls, so the
@@ -623,7 +573,7 @@ async fn the_metrics_endpoint_serves_the_same_counters_in_prometheus_format() {
 
 /// Probes example.test with `behaviour` serving its MX, as `tlsrouter probe` does.
 async fn probe_one(ca: &TestCa, behaviour: ServerBehaviour) -> tlsrouter::probe::ServerReport {
-    let d = daemon(ca, behaviour, |_| {}).await;
+    let d = daemon(ca, behaviour, |lab| lab).await;
     let target = ProbeTarget {
         domain: Some("example.test".into()),
         ..ProbeTarget::default()
@@ -767,16 +717,18 @@ async fn probe_classifies_servers_that_give_no_tls() {
 #[tokio::test]
 async fn probe_names_the_rule_each_server_gets_for_what_was_found_there() {
     let ca = TestCa::new();
-    let rules = "rules:\n\
-        \x20 - name: old-servers\n\
-        \x20   match: { domains: [\"*\"], outcome: [legacy-tls] }\n\
-        \x20 - name: expired-certificates\n\
-        \x20   match: { domains: [\"*\"], outcome: [cert-expired] }\n\
-        \x20 - name: this-mx\n\
-        \x20   match: { domains: [\"*\"], mx: [mx.example.test] }\n\
-        \x20   verify: require\n\
-        \x20 - name: everyone\n\
-        \x20   match: { domains: [\"*\"] }\n";
+    let rules = r#"
+        rules:
+          - name: old-servers
+            match: { domains: ["*"], outcome: [legacy-tls] }
+          - name: expired-certificates
+            match: { domains: ["*"], outcome: [cert-expired] }
+          - name: this-mx
+            match: { domains: ["*"], mx: [mx.example.test] }
+            verify: require
+          - name: everyone
+            match: { domains: ["*"] }
+    "#;
     let cases = [
         (tls10(&ca), "old-servers"),
         (
@@ -789,10 +741,7 @@ async fn probe_names_the_rule_each_server_gets_for_what_was_found_there() {
         ),
     ];
     for (behaviour, expected) in cases {
-        let rules_dir = tempfile::tempdir().expect("dir");
-        let rules_file = rules_dir.path().join("rules.yaml");
-        std::fs::write(&rules_file, rules).expect("write");
-        let d = daemon(&ca, behaviour, move |c| c.rules_file = Some(rules_file)).await;
+        let d = daemon(&ca, behaviour, |lab| lab.rules(rules)).await;
         let target = ProbeTarget {
             domain: Some("example.test".into()),
             ..ProbeTarget::default()
@@ -825,14 +774,14 @@ async fn probe_from_the_command_line_prints_every_step_and_json_for_scripts() {
     let d = daemon(
         &ca,
         tls(ca.leaf(&["mx.example.test"], Validity::Expired)),
-        |_| {},
+        |lab| lab,
     )
     .await;
-    let config = d.dir.path().join("probe.yaml");
+    let config = d.lab.dir().join("probe.yaml");
     let dns = d.proxy.config.resolver.nameservers[0];
     let yaml = format!(
         "resolver: {{ nameservers: [\"{dns}\"] }}\ntls: {{ ca_file: \"{}\", system_roots: false }}\ndelivery: {{ port: {} }}\nadmin: {{ socket: null }}\n",
-        d.dir.path().join("ca.pem").display(),
+        d.lab.dir().join("ca.pem").display(),
         d.server.addr().port()
     );
     std::fs::write(&config, yaml).expect("config");
@@ -953,7 +902,7 @@ async fn probe_mx_checks_one_server_on_the_given_port_without_a_domain_and_no_tl
 #[tokio::test]
 async fn ctl_probe_runs_from_the_daemon_and_fills_its_cache() {
     let ca = TestCa::new();
-    let d = daemon(&ca, tls10(&ca), |_| {}).await;
+    let d = daemon(&ca, tls10(&ca), |lab| lab).await;
     let (code, out, err) = ctl(&d.socket, &["probe", "example.test"]).await;
     assert_eq!(code, 0, "{err}");
     assert!(out.contains("outcome:  legacy-tls"), "{out}");

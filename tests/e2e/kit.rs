@@ -2,13 +2,19 @@
 //! that rustls judges as intended, a DNS server that hickory's resolver understands, SMTP
 //! servers that real TLS clients (rustls, OpenSSL) talk to, and the client that drives them.
 
-mod support;
+use crate::support;
 
 use std::io::{BufRead, BufReader as StdBufReader, Write};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+use crate::support::dns::{DnsServer, TestZone};
+use crate::support::lab::dedent;
+use crate::support::pki::{CertKey, TestCa, Validity, self_signed};
+use crate::support::settings::Settings;
+use crate::support::smtp_client::{Reply, SmtpClient};
+use crate::support::smtp_server::{Action, Received, ServerBehaviour, SmtpServer, StartTls, Step};
 use hickory_resolver::TokioResolver;
 use hickory_resolver::config::{ConnectionConfig, NameServerConfig, ResolverConfig};
 use hickory_resolver::net::NetError;
@@ -18,10 +24,6 @@ use rustls::client::WebPkiServerVerifier;
 use rustls::client::danger::ServerCertVerifier;
 use rustls::pki_types::{ServerName, UnixTime};
 use rustls::{AlertDescription, CertificateError, ClientConfig};
-use support::dns::{DnsServer, TestZone};
-use support::pki::{CertKey, TestCa, Validity, self_signed};
-use support::smtp_client::{Reply, SmtpClient};
-use support::smtp_server::{Received, ServerBehaviour, SmtpServer, StartTls};
 
 const LOCALHOST: IpAddr = IpAddr::V4(Ipv4Addr::LOCALHOST);
 
@@ -709,4 +711,130 @@ fn init_tracing_can_be_called_by_every_test() {
     support::init_tracing();
     support::init_tracing();
     tracing::info!("tracing reaches the test writer");
+}
+
+// ---- scripts, counts, settings ----
+
+#[tokio::test]
+async fn a_scripted_421_is_sent_and_then_the_server_only_listens_and_records() {
+    let server =
+        start(ServerBehaviour::plain().on(Step::Rcpt, Action::Reply("421 4.3.2 bye".into()))).await;
+    let (mut client, _) = ehlo(&server).await;
+    assert_eq!(client.cmd("MAIL FROM:<a@sender.test>").await.code, 250);
+    assert_eq!(
+        client.cmd("RCPT TO:<b@example.test>").await.wire(),
+        "421 4.3.2 bye"
+    );
+    client.send_raw(b"NOOP\r\n").await;
+    server.wait_for_command("NOOP").await;
+    let logs = server.connection_logs();
+    assert_eq!(logs.len(), 1);
+    assert_eq!(logs[0].after_closing_reply, vec!["NOOP"]);
+    assert_eq!(
+        logs[0].commands,
+        vec![
+            "EHLO client.test",
+            "MAIL FROM:<a@sender.test>",
+            "RCPT TO:<b@example.test>",
+            "NOOP"
+        ]
+    );
+    assert!(server.attempts().is_empty());
+}
+
+#[tokio::test]
+async fn an_extra_line_comes_with_the_normal_reply_and_a_later_connection_gets_its_own_script() {
+    let server = start(
+        ServerBehaviour::plain()
+            .on(Step::Mail, Action::Extra("250 2.0.0 not due".into()))
+            .on_connections_from(1, Step::Greeting, Action::Reply("554 5.3.2 go away".into())),
+    )
+    .await;
+    let (mut client, _) = ehlo(&server).await;
+    assert_eq!(
+        client.cmd("MAIL FROM:<a@sender.test>").await.wire(),
+        "250 2.1.0 sender ok"
+    );
+    assert_eq!(client.read_reply().await.wire(), "250 2.0.0 not due");
+    let (_second, greeting) = SmtpClient::connect(server.addr()).await;
+    assert_eq!(greeting.wire(), "554 5.3.2 go away");
+    assert_eq!(server.connections(), 2);
+}
+
+#[tokio::test]
+async fn the_server_counts_starttls_commands_and_completed_handshakes_apart() {
+    let ca = TestCa::new();
+    let server = start(ServerBehaviour::good_tls(&ca, "mx.test")).await;
+    let (client, _) = ehlo(&server).await;
+    let mut tls = client
+        .starttls(tls_client(&ca), "mx.test")
+        .await
+        .expect("handshake");
+    assert_eq!(tls.cmd("EHLO client.test").await.code, 250);
+    let (aborted, _) = ehlo(&server).await;
+    let aborted = start_then_drop(aborted).await;
+    assert_eq!(server.tls_handshakes_attempted(), 2);
+    assert_eq!(server.tls_sessions(), 1, "{:?}", server.connection_logs());
+    assert_eq!(server.connections(), 2);
+    drop(aborted);
+}
+
+/// Sends STARTTLS and leaves without a handshake.
+async fn start_then_drop(mut client: SmtpClient) -> Reply {
+    client.cmd("STARTTLS").await
+}
+
+#[tokio::test]
+async fn a_refusal_after_the_dot_is_an_attempt_not_a_message() {
+    let server = start(ServerBehaviour::plain().data_end_reply("554 5.7.1 refused")).await;
+    let (mut client, _) = ehlo(&server).await;
+    let end = send(&mut client, "a@sender.test", "b@example.test", BODY).await;
+    assert_eq!(end.wire(), "554 5.7.1 refused");
+    assert!(server.messages().is_empty());
+    let attempts = server.attempts();
+    assert_eq!(attempts.len(), 1);
+    assert!(attempts[0].completed && !attempts[0].accepted);
+    assert_eq!(attempts[0].data, BODY);
+}
+
+#[test]
+fn settings_merge_fragments_and_render_yaml_the_proxy_reads() {
+    let dns = SocketAddr::from(([127, 0, 0, 1], 5353));
+    let settings = Settings::lab(dns, std::path::Path::new("/ca.pem"), 2525)
+        .yaml("timeouts: { connect: 1s }\nlimits:\n  max_recipients: 3\n")
+        .set("allow_clients", vec!["192.0.2.0/24"]);
+    let config = settings.to_config();
+    assert_eq!(config.timeouts.connect, Duration::from_secs(1));
+    assert_eq!(config.timeouts.greeting, Duration::from_secs(10), "kept");
+    assert_eq!(config.limits.max_recipients, 3);
+    assert_eq!(config.delivery.port, 2525);
+    assert_eq!(config.resolver.nameservers, vec![dns]);
+    assert_eq!(
+        config.tls.ca_file.as_deref(),
+        Some(std::path::Path::new("/ca.pem"))
+    );
+    assert!(!config.tls.system_roots);
+    assert!(config.allow_clients[0].contains("192.0.2.7".parse().expect("ip")));
+    assert!(!config.allow_clients[0].contains("127.0.0.1".parse().expect("ip")));
+    assert!(
+        settings
+            .to_yaml()
+            .contains("\ntimeouts:\n  command: \"10s\"\n"),
+        "{}",
+        settings.to_yaml()
+    );
+}
+
+#[test]
+fn dedent_removes_the_indentation_a_raw_string_has_in_code() {
+    let text = dedent(
+        r#"
+        rules:
+          - name: default
+
+            tls: never
+    "#,
+    );
+    assert_eq!(text, "rules:\n  - name: default\n\n    tls: never\n");
+    assert_eq!(dedent("rules:\n  - name: x\n"), "rules:\n  - name: x\n");
 }

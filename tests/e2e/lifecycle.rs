@@ -1,34 +1,19 @@
 //! Starting and stopping: a bad configuration stops the start, SIGTERM and SIGINT drain the
 //! sessions and save the cache (which is saved periodically too), limits on sessions hold.
 
-mod support;
-
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
-use std::time::Duration;
+use std::path::PathBuf;
 
-use support::daemon::{Daemon, lab_config};
-use support::dns::{DnsServer, TestZone};
-use support::pki::{TestCa, Validity};
-use support::proxy::test_config;
-use support::smtp_client::SmtpClient;
-use support::smtp_server::{ServerBehaviour, SmtpServer, StartTls};
-use tlsrouter::Proxy;
-use tlsrouter::config::Config;
-use tokio::sync::oneshot;
+use crate::support::daemon::Daemon;
+use crate::support::lab::{DaemonLab, Lab, LabBuilder};
+use crate::support::pki::{TestCa, Validity};
+use crate::support::smtp_client::SmtpClient;
+use crate::support::smtp_server::{ServerBehaviour, SmtpServer};
 
 const BODY: &[u8] = b"Subject: drain\r\n\r\nhello\r\n";
 
-struct Running {
-    smtp: SocketAddr,
-    stop: Option<oneshot::Sender<()>>,
-    done: tokio::task::JoinHandle<()>,
-    server: SmtpServer,
-    _dns: DnsServer,
-    _dir: tempfile::TempDir,
-}
-
-async fn running(adjust: impl FnOnce(&mut Config)) -> Running {
-    let ca = TestCa::new();
+/// The proxy in process, with a shutdown handle, and example.test's MX: a plain server.
+async fn running(lab: impl FnOnce(LabBuilder) -> LabBuilder) -> (Lab, SmtpServer) {
     let server = SmtpServer::start(
         IpAddr::V4(Ipv4Addr::LOCALHOST),
         0,
@@ -36,40 +21,8 @@ async fn running(adjust: impl FnOnce(&mut Config)) -> Running {
     )
     .await
     .expect("smtp");
-    let zone = TestZone::new()
-        .mx("example.test", 10, "mx.example.test")
-        .a("mx.example.test", Ipv4Addr::LOCALHOST);
-    let dns = DnsServer::start(zone).await;
-    let dir = tempfile::tempdir().expect("dir");
-    let mut config = test_config(
-        dns.addr,
-        &ca.write_ca_file(dir.path()),
-        server.addr().port(),
-    );
-    adjust(&mut config);
-    let proxy = Proxy::new(config).expect("proxy");
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-        .await
-        .expect("bind");
-    let smtp = listener.local_addr().expect("addr");
-    let (stop, stopped) = oneshot::channel::<()>();
-    let done = tokio::spawn(tlsrouter::inbound::listener::run(listener, proxy, async {
-        let _ = stopped.await;
-    }));
-    Running {
-        smtp,
-        stop: Some(stop),
-        done,
-        server,
-        _dns: dns,
-        _dir: dir,
-    }
-}
-
-impl Running {
-    fn shut_down(&mut self) {
-        let _ = self.stop.take().expect("once").send(());
-    }
+    let builder = Lab::new().one_mx(&server);
+    (lab(builder).start().await, server)
 }
 
 async fn in_transaction(smtp: SocketAddr) -> SmtpClient {
@@ -82,7 +35,7 @@ async fn in_transaction(smtp: SocketAddr) -> SmtpClient {
 
 #[tokio::test]
 async fn a_shutdown_lets_the_transaction_in_flight_finish_and_closes_idle_sessions_with_421() {
-    let mut r = running(|_| {}).await;
+    let (mut r, server) = running(|lab| lab).await;
     let mut busy = in_transaction(r.smtp).await;
     let (mut idle, _) = SmtpClient::connect(r.smtp).await;
     idle.cmd("EHLO mta").await;
@@ -103,10 +56,8 @@ async fn a_shutdown_lets_the_transaction_in_flight_finish_and_closes_idle_sessio
     );
     let after = busy.read_reply().await;
     assert_eq!(after.code, 421, "and then the session is closed: {after:?}");
-    r.done
-        .await
-        .expect("the listener returns once every session ended");
-    assert_eq!(r.server.messages().len(), 1);
+    r.stopped().await;
+    assert_eq!(server.messages().len(), 1);
     assert!(
         tokio::net::TcpStream::connect(r.smtp).await.is_err(),
         "no longer accepting"
@@ -115,7 +66,7 @@ async fn a_shutdown_lets_the_transaction_in_flight_finish_and_closes_idle_sessio
 
 #[tokio::test]
 async fn after_the_drain_time_remaining_sessions_get_421_and_nothing_is_delivered() {
-    let mut r = running(|c| c.timeouts.shutdown_drain = Duration::from_millis(200)).await;
+    let (mut r, server) = running(|lab| lab.set("timeouts.shutdown_drain", "200ms")).await;
     let mut busy = in_transaction(r.smtp).await;
 
     r.shut_down();
@@ -126,16 +77,16 @@ async fn after_the_drain_time_remaining_sessions_get_421_and_nothing_is_delivere
         (421, Some("4.3.2")),
         "{bye:?}"
     );
-    r.done.await.expect("listener ends");
+    r.stopped().await;
     assert!(
-        r.server.messages().is_empty(),
+        server.messages().is_empty(),
         "no 250 was given, so the MTA keeps the message"
     );
 }
 
 #[tokio::test]
 async fn sessions_beyond_the_per_client_limit_get_421_before_any_command() {
-    let r = running(|c| c.limits.max_sessions_per_client = 1).await;
+    let (r, _server) = running(|lab| lab.set("limits.max_sessions_per_client", 1)).await;
     let (mut first, greeting) = SmtpClient::connect(r.smtp).await;
     assert_eq!(greeting.code, 220);
     let (mut second, refused) = SmtpClient::connect(r.smtp).await;
@@ -191,9 +142,6 @@ fn a_bad_configuration_stops_the_start_with_file_line_column_and_status_64() {
     assert_eq!(code, 64, "{err}");
 }
 
-/// Settings for a daemon that never needs to reach a remote.
-const NO_REMOTES: &str = "hostname: relay.test\ntls: { system_roots: false }\nresolver: { nameservers: [\"127.0.0.1:9\"] }\n";
-
 #[cfg(unix)]
 #[test]
 fn check_config_refuses_what_run_refuses_and_run_refuses_it_before_binding_anything() {
@@ -232,10 +180,10 @@ fn check_config_refuses_what_run_refuses_and_run_refuses_it_before_binding_anyth
 #[cfg(unix)]
 #[tokio::test(flavor = "multi_thread")]
 async fn sigterm_stops_the_daemon_cleanly_and_saves_the_cache() {
-    let dir = tempfile::tempdir().expect("dir");
-    let cache = dir.path().join("cache.json");
-    let config = format!("{NO_REMOTES}cache: {{ file: \"{}\" }}\n", cache.display());
-    let mut daemon = Daemon::start(dir.path(), &config, &[]).await;
+    let builder = Lab::new();
+    let cache = builder.dir().join("cache.json");
+    let mut lab = builder.set_path("cache.file", &cache).start_daemon().await;
+    let daemon = &mut lab.daemon;
     let (client, greeting) = SmtpClient::connect(daemon.smtp).await;
     assert_eq!(greeting.code, 220);
     drop(client);
@@ -256,10 +204,12 @@ async fn sigterm_stops_the_daemon_cleanly_and_saves_the_cache() {
 #[cfg(unix)]
 #[tokio::test(flavor = "multi_thread")]
 async fn a_second_sigterm_exits_at_once_while_a_transaction_holds_the_drain() {
-    let dir = tempfile::tempdir().expect("dir");
     // A long drain: only the second signal can end the daemon within the test.
-    let config = format!("{NO_REMOTES}timeouts: {{ shutdown_drain: 10m }}\n");
-    let mut daemon = Daemon::start(dir.path(), &config, &[]).await;
+    let mut lab = Lab::new()
+        .set("timeouts.shutdown_drain", "10m")
+        .start_daemon()
+        .await;
+    let daemon = &mut lab.daemon;
     // A session inside a transaction keeps the drain waiting.
     let (mut client, _) = SmtpClient::connect(daemon.smtp).await;
     assert_eq!(client.cmd("EHLO mta").await.code, 250);
@@ -279,10 +229,10 @@ async fn a_second_sigterm_exits_at_once_while_a_transaction_holds_the_drain() {
 #[cfg(unix)]
 #[tokio::test(flavor = "multi_thread")]
 async fn sigint_stops_the_daemon_cleanly_like_sigterm() {
-    let dir = tempfile::tempdir().expect("dir");
-    let cache = dir.path().join("cache.json");
-    let config = format!("{NO_REMOTES}cache: {{ file: \"{}\" }}\n", cache.display());
-    let mut daemon = Daemon::start(dir.path(), &config, &[]).await;
+    let builder = Lab::new();
+    let cache = builder.dir().join("cache.json");
+    let mut lab = builder.set_path("cache.file", &cache).start_daemon().await;
+    let daemon = &mut lab.daemon;
 
     daemon.signal("INT");
 
@@ -297,40 +247,32 @@ async fn sigint_stops_the_daemon_cleanly_like_sigterm() {
     assert!(cache.exists(), "the cache is saved");
 }
 
-/// A DNS server giving example.test an MX on loopback, and that MX, offering STARTTLS with
-/// a certificate from `ca`.
-async fn one_remote(ca: &TestCa) -> (DnsServer, SmtpServer) {
+/// The daemon toward example.test's MX, which offers STARTTLS with a certificate from
+/// `ca`; its cache in `cache.json` in the lab's directory, saved every `save_interval`, and
+/// debug logging (which tells of each save).
+async fn cache_lab(ca: &TestCa, save_interval: &str) -> (DaemonLab, SmtpServer, PathBuf) {
     let cert = ca.leaf(&["mx.example.test"], Validity::Current);
-    let behaviour = ServerBehaviour {
-        starttls: StartTls::Rustls(cert),
-        ..ServerBehaviour::default()
-    };
-    let server = SmtpServer::start(IpAddr::V4(Ipv4Addr::LOCALHOST), 0, behaviour)
-        .await
-        .expect("smtp");
-    let zone = TestZone::new()
-        .mx("example.test", 10, "mx.example.test")
-        .a("mx.example.test", Ipv4Addr::LOCALHOST);
-    (DnsServer::start(zone).await, server)
-}
-
-/// The daemon's settings toward `dns` and `server`, with its cache in `cache.json` under
-/// `dir`, saved every `save_interval`, and debug logging (which tells of each save).
-fn cache_lab_config(
-    dir: &std::path::Path,
-    ca: &TestCa,
-    dns: &DnsServer,
-    server: &SmtpServer,
-    save_interval: &str,
-) -> String {
-    let rules = dir.join("rules.yaml");
-    std::fs::write(&rules, "rules:\n  - name: default\n").expect("rules");
-    let ca_file = ca.write_ca_file(dir);
-    format!(
-        "{}cache: {{ file: \"{}\", save_interval: {save_interval} }}\nlog: {{ level: debug }}\n",
-        lab_config(dns.addr, &ca_file, server.addr().port(), &rules),
-        dir.join("cache.json").display()
+    let server = SmtpServer::start(
+        IpAddr::V4(Ipv4Addr::LOCALHOST),
+        0,
+        ServerBehaviour::tls(cert),
     )
+    .await
+    .expect("smtp");
+    let builder = Lab::new().ca(ca).one_mx(&server).rules(
+        r#"
+            rules:
+              - name: default
+            "#,
+    );
+    let cache = builder.dir().join("cache.json");
+    let lab = builder
+        .set_path("cache.file", &cache)
+        .set("cache.save_interval", save_interval)
+        .set("log.level", "debug")
+        .start_daemon()
+        .await;
+    (lab, server, cache)
 }
 
 async fn deliver(smtp: SocketAddr) {
@@ -349,11 +291,8 @@ async fn cached_mx(daemon: &Daemon) -> serde_json::Value {
 #[tokio::test(flavor = "multi_thread")]
 async fn a_running_daemon_saves_its_cache_every_save_interval_and_the_next_start_loads_it() {
     let ca = TestCa::new();
-    let (dns, server) = one_remote(&ca).await;
-    let dir = tempfile::tempdir().expect("dir");
-    let cache = dir.path().join("cache.json");
-    let config = cache_lab_config(dir.path(), &ca, &dns, &server, "1s");
-    let mut daemon = Daemon::start(dir.path(), &config, &[]).await;
+    let (mut lab, server, cache) = cache_lab(&ca, "1s").await;
+    let daemon = &mut lab.daemon;
     deliver(daemon.smtp).await;
     assert_eq!(server.messages().len(), 1);
 
@@ -370,12 +309,11 @@ async fn a_running_daemon_saves_its_cache_every_save_interval_and_the_next_start
     let text = std::fs::read_to_string(&cache).expect("cache file");
     assert!(text.contains("mx.example.test"), "{text}");
     // Still running: the file was written by the periodic save, not by a shutdown.
-    assert_eq!(cached_mx(&daemon).await["class"], "tls-verified");
+    assert_eq!(cached_mx(daemon).await["class"], "tls-verified");
     // Killed, not stopped: nothing is saved on the way out.
-    drop(daemon);
+    lab.restart().await;
 
-    let restarted = Daemon::start(dir.path(), &config, &[]).await;
-    let entry = cached_mx(&restarted).await;
+    let entry = cached_mx(&lab.daemon).await;
     assert_eq!(entry["class"], "tls-verified", "{entry}");
     assert_eq!(entry["domains"][0], "example.test", "{entry}");
 }
@@ -385,21 +323,19 @@ async fn a_running_daemon_saves_its_cache_every_save_interval_and_the_next_start
 async fn what_the_daemon_learned_since_the_last_save_is_saved_at_sigterm_and_known_after_a_restart()
 {
     let ca = TestCa::new();
-    let (dns, server) = one_remote(&ca).await;
-    let dir = tempfile::tempdir().expect("dir");
-    let cache = dir.path().join("cache.json");
     // 0s: no periodic saves, so only the shutdown can write the file.
-    let config = cache_lab_config(dir.path(), &ca, &dns, &server, "0s");
-    let mut daemon = Daemon::start(dir.path(), &config, &[]).await;
+    let (mut lab, server, cache) = cache_lab(&ca, "0s").await;
+    let daemon = &mut lab.daemon;
     deliver(daemon.smtp).await;
-    assert_eq!(cached_mx(&daemon).await["class"], "tls-verified");
+    assert_eq!(server.messages().len(), 1);
+    assert_eq!(cached_mx(daemon).await["class"], "tls-verified");
     assert!(!cache.exists(), "nothing saved while running");
 
     daemon.signal("TERM");
     assert!(daemon.exit_status().success());
 
-    let restarted = Daemon::start(dir.path(), &config, &[]).await;
-    let entry = cached_mx(&restarted).await;
+    lab.restart().await;
+    let entry = cached_mx(&lab.daemon).await;
     assert_eq!(entry["class"], "tls-verified", "{entry}");
     assert_eq!(entry["domains"][0], "example.test", "{entry}");
 }

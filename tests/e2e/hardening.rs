@@ -1,11 +1,11 @@
 //! Hardening, end to end: attacks and faults produced for real over TCP on loopback, through
-//! the real proxy, against a scripted remote (tests/support/fault_server.rs) that records
+//! the real proxy, against the kit's scripted SMTP server, which records
 //! everything it receives. Each test is a user story; docs/SECURITY.md maps threats to them.
 //!
 //! A test marked `#[ignore = "missing: ..."]` describes a defence the proxy does not have yet:
 //! it fails today and should pass once the defence is in.
 
-mod support;
+use crate::support;
 
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::path::Path;
@@ -14,14 +14,14 @@ use std::time::Duration;
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{TcpListener, TcpSocket, TcpStream};
 
-use support::dns::{DnsServer, TestZone};
-use support::fault_server::{Action, ConnectionLog, FaultServer, Script, Step};
-use support::logs::Logs;
-use support::pki::{TestCa, Validity};
-use support::proxy::{start_proxy, test_config};
-use support::smtp_client::{Reply, SmtpClient};
-use support::smtp_server::{ServerBehaviour, SmtpServer, StartTls};
-use tlsrouter::config::Config;
+use crate::support::dns::TestZone;
+use crate::support::lab::{Lab, LabBuilder, dedent, one_mx_zone};
+use crate::support::logs::Logs;
+use crate::support::pki::{TestCa, Validity};
+use crate::support::smtp_client::{Reply, SmtpClient};
+use crate::support::smtp_server::{
+    Action, ConnectionLog, ServerBehaviour, SmtpServer, StartTls, Step,
+};
 use tlsrouter::smtp::data::BareLineEndings;
 
 /// Dot-stuffed and CRLF-terminated, as an MTA sends it.
@@ -33,36 +33,8 @@ const MX1: Ipv4Addr = Ipv4Addr::new(127, 0, 0, 2);
 const MX2: Ipv4Addr = Ipv4Addr::new(127, 0, 0, 3);
 
 // ---------------------------------------------------------------------------------------
-// The lab: a DNS server, a CA, the proxy; remotes are fault servers.
+// The lab: a DNS server, a CA, the proxy; remotes are scripted servers.
 // ---------------------------------------------------------------------------------------
-
-struct Lab {
-    _dns: DnsServer,
-    _dir: tempfile::TempDir,
-    proxy: SocketAddr,
-}
-
-impl Lab {
-    /// `adjust` may change the configuration; it gets a directory for files it writes.
-    async fn start(
-        zone: TestZone,
-        ca: &TestCa,
-        port: u16,
-        adjust: impl FnOnce(&mut Config, &Path),
-    ) -> Lab {
-        let dns = DnsServer::start(zone).await;
-        let dir = tempfile::tempdir().expect("tempdir");
-        let ca_file = ca.write_ca_file(dir.path());
-        let mut config = test_config(dns.addr, &ca_file, port);
-        adjust(&mut config, dir.path());
-        let proxy = start_proxy(config).await;
-        Lab {
-            _dns: dns,
-            _dir: dir,
-            proxy,
-        }
-    }
-}
 
 /// Captures this test's log lines. Tests run in parallel threads, and `tracing` caches per
 /// call site whether anyone listens: a call site first reached in a test that captures
@@ -71,26 +43,6 @@ impl Lab {
 /// throws it away) keeps every call site enabled.
 fn capture_logs() -> (Logs, tracing::subscriber::DefaultGuard) {
     Logs::capture()
-}
-
-/// Short enough that a stalled remote costs a test about a second.
-fn short_timeouts(config: &mut Config) {
-    let second = Duration::from_secs(1);
-    let t = &mut config.timeouts;
-    t.connect = second;
-    t.greeting = second;
-    t.command = second;
-    t.tls_handshake = second;
-    t.data_start = second;
-    t.data_block = second;
-    t.data_end = second;
-}
-
-/// example.test has one MX, mx.example.test, on 127.0.0.1.
-fn one_mx_zone() -> TestZone {
-    TestZone::new()
-        .mx("example.test", 10, "mx.example.test")
-        .a("mx.example.test", Ipv4Addr::LOCALHOST)
 }
 
 /// example.test has mx1 (preference 10, 127.0.0.2) and mx2 (preference 20, 127.0.0.3).
@@ -102,27 +54,40 @@ fn two_mx_zone() -> TestZone {
         .a("mx2.example.test", MX2)
 }
 
+/// The proxy with one MX, mx.example.test on 127.0.0.1, following `script`; `lab` may add
+/// to the lab (settings, rules).
 async fn one_mx(
     ca: &TestCa,
-    script: Script,
-    adjust: impl FnOnce(&mut Config, &Path),
-) -> (Lab, FaultServer) {
-    let server = FaultServer::start(LOCALHOST, 0, script)
+    script: ServerBehaviour,
+    lab: impl FnOnce(LabBuilder) -> LabBuilder,
+) -> (Lab, SmtpServer) {
+    let server = SmtpServer::start(LOCALHOST, 0, script)
         .await
-        .expect("fault server");
-    let lab = Lab::start(one_mx_zone(), ca, server.addr().port(), adjust).await;
-    (lab, server)
+        .expect("scripted server");
+    let builder = Lab::new().ca(ca).one_mx(&server);
+    (lab(builder).start().await, server)
 }
 
-/// Two fault servers on one port (the proxy delivers to one remote port) and two addresses.
-async fn two_mx(ca: &TestCa, first: Script, second: Script) -> (Lab, FaultServer, FaultServer) {
+/// Two scripted servers on one port (the proxy delivers to one remote port) and two
+/// addresses.
+async fn two_mx(
+    ca: &TestCa,
+    first: ServerBehaviour,
+    second: ServerBehaviour,
+) -> (Lab, SmtpServer, SmtpServer) {
     for _ in 0..20 {
-        let mx2 = FaultServer::start(IpAddr::V4(MX2), 0, second.clone())
+        let mx2 = SmtpServer::start(IpAddr::V4(MX2), 0, second.clone())
             .await
             .expect("mx2");
         let port = mx2.addr().port();
-        if let Ok(mx1) = FaultServer::start(IpAddr::V4(MX1), port, first.clone()).await {
-            let lab = Lab::start(two_mx_zone(), ca, port, |c, _| short_timeouts(c)).await;
+        if let Ok(mx1) = SmtpServer::start(IpAddr::V4(MX1), port, first.clone()).await {
+            let lab = Lab::new()
+                .ca(ca)
+                .zone(two_mx_zone())
+                .mx_port(port)
+                .short_timeouts()
+                .start()
+                .await;
             return (lab, mx1, mx2);
         }
     }
@@ -236,15 +201,16 @@ async fn smuggle(
     ca: &TestCa,
     sequences: &[(&str, &[u8])],
     bare: BareLineEndings,
-) -> (FaultServer, Vec<Heard>) {
-    let (lab, server) = one_mx(ca, Script::new().lenient(), |c, _| {
-        c.delivery.bare_line_endings = bare;
+) -> (SmtpServer, Vec<Heard>) {
+    let (lab, server) = one_mx(ca, ServerBehaviour::plain().lenient(), |lab| {
+        let bare = serde_json::to_value(bare).expect("a setting");
+        lab.set("delivery.bare_line_endings", bare)
     })
     .await;
     let mut heard = Vec::new();
     for (i, (_, sequence)) in sequences.iter().enumerate() {
         let sender = format!("s{i}@sender.test");
-        heard.push(send_from(lab.proxy, &sender, &smuggling_body(sequence)).await);
+        heard.push(send_from(lab.smtp, &sender, &smuggling_body(sequence)).await);
     }
     server.wait_all_closed().await;
     (server, heard)
@@ -252,11 +218,11 @@ async fn smuggle(
 
 /// What a lenient remote made of each attempt: one message, CRLF-only, one transaction.
 fn assert_one_clean_message_each(
-    server: &FaultServer,
+    server: &SmtpServer,
     sequences: &[(&str, &[u8])],
     heard: &[Heard],
 ) {
-    let connections = server.connections();
+    let connections = server.connection_logs();
     let messages = server.messages();
     let mut failures = Vec::new();
     for (i, (name, _)) in sequences.iter().enumerate() {
@@ -283,10 +249,10 @@ fn assert_one_clean_message_each(
             ));
             continue;
         }
-        if !is_crlf_only(&here[0].body) {
+        if !is_crlf_only(&here[0].data) {
             failures.push(format!(
                 "{name}: bare CR or LF reached the remote: {:?}",
-                String::from_utf8_lossy(&here[0].body)
+                String::from_utf8_lossy(&here[0].data)
             ));
         }
         if log.commands.iter().any(|c| c.contains("victim")) {
@@ -348,7 +314,7 @@ async fn with_bare_line_endings_rejected_a_smuggling_attempt_gets_550_5_5_2_and_
     }
     assert!(server.messages().is_empty(), "{:?}", server.messages());
     let dots: Vec<_> = server
-        .connections()
+        .connection_logs()
         .into_iter()
         .filter(|c| c.final_dot)
         .collect();
@@ -358,8 +324,8 @@ async fn with_bare_line_endings_rejected_a_smuggling_attempt_gets_550_5_5_2_and_
 #[tokio::test]
 async fn a_line_break_inside_an_address_cannot_inject_a_command_at_a_lenient_remote() {
     let ca = TestCa::new();
-    let (lab, server) = one_mx(&ca, Script::new().lenient(), |_, _| {}).await;
-    let (mut client, _) = SmtpClient::connect(lab.proxy).await;
+    let (lab, server) = one_mx(&ca, ServerBehaviour::plain().lenient(), |lab| lab).await;
+    let (mut client, _) = SmtpClient::connect(lab.smtp).await;
     client.cmd("EHLO mta.sender.test").await;
     // A bare CR, NEL, and the Unicode line and paragraph separators: each ends a line
     // somewhere. The lenient test remote splits at the CR.
@@ -383,10 +349,10 @@ async fn a_line_break_inside_an_address_cannot_inject_a_command_at_a_lenient_rem
     }
     let _ = client.cmd("QUIT").await;
     drop(client);
-    if !server.connections().is_empty() {
+    if !server.connection_logs().is_empty() {
         server.wait_all_closed().await;
     }
-    for log in server.connections() {
+    for log in server.connection_logs() {
         assert!(
             !log.commands.iter().any(|c| c.contains("victim")),
             "a command was injected through the address: {:?}",
@@ -412,14 +378,14 @@ async fn open_transaction(proxy: SocketAddr) -> SmtpClient {
 #[tokio::test]
 async fn commands_or_text_sent_with_data_before_the_354_get_554_5_5_0_and_a_disconnect() {
     let ca = TestCa::new();
-    let (lab, server) = one_mx(&ca, Script::new(), |_, _| {}).await;
+    let (lab, server) = one_mx(&ca, ServerBehaviour::plain(), |lab| lab).await;
     let early: [&[u8]; 3] = [
         b"DATA\r\nSubject: early\r\n\r\nsent before the 354\r\n.\r\n",
         b"DATA\r\nRSET\r\n",
         b"DATA\r\nMAIL FROM:<evil@sender.test>\r\nRCPT TO:<victim@example.test>\r\nDATA\r\n",
     ];
     for bytes in early {
-        let mut client = open_transaction(lab.proxy).await;
+        let mut client = open_transaction(lab.smtp).await;
         client.send_raw(bytes).await;
         let reply = client.read_reply().await;
         assert_reply(&reply, 554, "5.5.0");
@@ -430,7 +396,7 @@ async fn commands_or_text_sent_with_data_before_the_354_get_554_5_5_0_and_a_disc
     }
     server.wait_all_closed().await;
     assert!(server.messages().is_empty());
-    for log in server.connections() {
+    for log in server.connection_logs() {
         assert!(
             !log.final_dot && !log.commands.iter().any(|c| c.contains("evil")),
             "{log:?}"
@@ -493,8 +459,13 @@ impl NoDelayMta {
 #[tokio::test]
 async fn text_sent_after_data_but_before_the_354_in_a_later_write_gets_554_5_5_0() {
     let ca = TestCa::new();
-    let (lab, server) = one_mx(&ca, Script::new().on(Step::Data, Action::Hold), |_, _| {}).await;
-    let mut mta = NoDelayMta::connect(lab.proxy).await;
+    let (lab, server) = one_mx(
+        &ca,
+        ServerBehaviour::plain().on(Step::Data, Action::Hold),
+        |lab| lab,
+    )
+    .await;
+    let mut mta = NoDelayMta::connect(lab.smtp).await;
     assert_eq!(mta.cmd("EHLO mta.sender.test").await.code, 250);
     assert_eq!(mta.cmd("MAIL FROM:<a@sender.test>").await.code, 250);
     assert_eq!(mta.cmd("RCPT TO:<b@example.test>").await.code, 250);
@@ -513,7 +484,7 @@ async fn text_sent_after_data_but_before_the_354_in_a_later_write_gets_554_5_5_0
     );
     server.wait_all_closed().await;
     assert!(server.messages().is_empty());
-    assert!(!server.connections()[0].final_dot);
+    assert!(!server.connection_logs()[0].final_dot);
 }
 
 // ---------------------------------------------------------------------------------------
@@ -535,9 +506,9 @@ async fn a_starttls_220_with_injected_reply_lines_is_a_protocol_violation_and_th
     )
     .await
     .expect("server");
-    let lab = Lab::start(one_mx_zone(), &ca, server.addr().port(), |_, _| {}).await;
+    let lab = Lab::new().ca(&ca).one_mx(&server).start().await;
 
-    let heard = send(lab.proxy, BODY).await;
+    let heard = send(lab.smtp, BODY).await;
 
     assert_eq!(heard.data.code, 250, "{heard:?}");
     let got = server.messages();
@@ -557,14 +528,16 @@ async fn lines_injected_after_the_starttls_220_are_never_acted_on_and_no_auth_is
     let ca = TestCa::new();
     let cert = ca.leaf(&["mx.example.test"], Validity::Current);
     let inject = Action::Extra("250-evil.example\r\n250 AUTH PLAIN LOGIN".into());
-    let script = Script::new().starttls(cert).on(Step::StartTls, inject);
-    let (lab, server) = one_mx(&ca, script, |_, _| {}).await;
+    let script = ServerBehaviour::plain()
+        .starttls(cert)
+        .on(Step::StartTls, inject);
+    let (lab, server) = one_mx(&ca, script, |lab| lab).await;
 
-    let heard = send(lab.proxy, BODY).await;
+    let heard = send(lab.smtp, BODY).await;
 
     assert_eq!(heard.data.code, 250, "{heard:?}");
     server.wait_all_closed().await;
-    let connections = server.connections();
+    let connections = server.connection_logs();
     assert_eq!(connections.len(), 2, "{connections:?}");
     assert_eq!(
         connections[0].commands.last().map(String::as_str),
@@ -593,16 +566,25 @@ fn smarthost_rules(dir: &Path, port: u16, extra: &str) -> std::path::PathBuf {
     let rules = dir.join("rules.yaml");
     std::fs::write(
         &rules,
-        format!(
-            "rules:\n  - name: smarthost\n    match: {{ domains: [\"*\"] }}\n    {extra}\n    \
-             route: {{ smarthost: \"mx.example.test:{port}\", tls: require,\n      \
-             auth: {{ username_file: {}, password_file: {} }} }}\n",
+        dedent(&format!(
+            r#"
+            rules:
+              - name: smarthost
+                match: {{ domains: ["*"] }}
+                {extra}
+                route: {{ smarthost: "mx.example.test:{port}", tls: require,
+                  auth: {{ username_file: {}, password_file: {} }} }}
+            "#,
             user.display(),
             pass.display()
-        ),
+        )),
     )
     .expect("rules file");
     rules
+}
+
+fn read(path: &Path) -> String {
+    std::fs::read_to_string(path).expect("read the rule file")
 }
 
 fn set_private(path: &Path) {
@@ -611,9 +593,9 @@ fn set_private(path: &Path) {
 }
 
 /// Every AUTH line the server received, with whether it came over TLS.
-fn auth_lines(server: &FaultServer) -> Vec<(bool, String)> {
+fn auth_lines(server: &SmtpServer) -> Vec<(bool, String)> {
     server
-        .connections()
+        .connection_logs()
         .iter()
         .flat_map(|c| {
             c.commands
@@ -632,7 +614,7 @@ async fn an_injected_auth_advertisement_never_gets_the_smarthost_password() {
     let ca = TestCa::new();
     for injected in [true, false] {
         let cert = ca.leaf(&["mx.example.test"], Validity::Current);
-        let mut script = Script::new()
+        let mut script = ServerBehaviour::plain()
             .starttls(cert)
             .ehlo_keyword("AUTH PLAIN LOGIN");
         if injected {
@@ -641,16 +623,15 @@ async fn an_injected_auth_advertisement_never_gets_the_smarthost_password() {
                 Action::Extra("250-evil.example\r\n250 AUTH PLAIN LOGIN".into()),
             );
         }
-        let server = FaultServer::start(LOCALHOST, 0, script)
+        let server = SmtpServer::start(LOCALHOST, 0, script)
             .await
             .expect("server");
         let port = server.addr().port();
-        let lab = Lab::start(one_mx_zone(), &ca, port, |config, dir| {
-            config.rules_file = Some(smarthost_rules(dir, port, ""));
-        })
-        .await;
+        let builder = Lab::new().ca(&ca).zone(one_mx_zone()).mx_port(port);
+        let rules = smarthost_rules(builder.dir(), port, "");
+        let lab = builder.rules(&read(&rules)).start().await;
 
-        let heard = send(lab.proxy, BODY).await;
+        let heard = send(lab.smtp, BODY).await;
         server.wait_all_closed().await;
 
         let auth = auth_lines(&server);
@@ -674,24 +655,21 @@ async fn an_injected_auth_advertisement_never_gets_the_smarthost_password() {
 async fn smarthost_credentials_never_go_to_a_server_whose_certificate_does_not_verify() {
     let ca = TestCa::new();
     let impostor = support::pki::self_signed(&["mx.example.test"]);
-    let script = Script::new()
+    let script = ServerBehaviour::plain()
         .starttls(impostor)
         .ehlo_keyword("AUTH PLAIN LOGIN");
-    let server = FaultServer::start(LOCALHOST, 0, script)
+    let server = SmtpServer::start(LOCALHOST, 0, script)
         .await
         .expect("server");
     let port = server.addr().port();
-    let dir = tempfile::tempdir().expect("tempdir");
-    let rules = smarthost_rules(dir.path(), port, "");
+    let builder = Lab::new().ca(&ca).zone(one_mx_zone()).mx_port(port);
+    let rules = smarthost_rules(builder.dir(), port, "");
     if tlsrouter::rules::RuleSet::load(&rules).is_err() {
         return; // auth without verify: require is refused outright
     }
-    let lab = Lab::start(one_mx_zone(), &ca, port, |config, _| {
-        config.rules_file = Some(rules);
-    })
-    .await;
+    let lab = builder.rules(&read(&rules)).start().await;
 
-    let heard = send(lab.proxy, BODY).await;
+    let heard = send(lab.smtp, BODY).await;
     server.wait_all_closed().await;
 
     assert_eq!(
@@ -712,17 +690,17 @@ async fn starttls_answered_with_454_502_or_354_is_starttls_refused_and_the_messa
     ] {
         let (logs, _guard) = capture_logs();
         let cert = ca.leaf(&["mx.example.test"], Validity::Current);
-        let script = Script::new()
+        let script = ServerBehaviour::plain()
             .starttls(cert)
             .on(Step::StartTls, Action::Reply(refusal.into()));
-        let (lab, server) = one_mx(&ca, script, |_, _| {}).await;
+        let (lab, server) = one_mx(&ca, script, |lab| lab).await;
 
-        let heard = send(lab.proxy, BODY).await;
+        let heard = send(lab.smtp, BODY).await;
 
         assert_eq!(heard.data.code, 250, "{refusal}: {heard:?}");
         let got = server.messages();
         assert_eq!(got.len(), 1, "{refusal}");
-        assert!(!got[0].tls);
+        assert!(got[0].tls.is_none());
         let line = &logs.transactions()[0];
         assert!(
             line.contains("fallback=starttls-refused"),
@@ -736,13 +714,13 @@ async fn a_server_that_says_220_to_starttls_and_never_speaks_tls_costs_one_hands
     let (logs, _guard) = capture_logs();
     let ca = TestCa::new();
     let cert = ca.leaf(&["mx.example.test"], Validity::Current);
-    let script = Script::new()
+    let script = ServerBehaviour::plain()
         .starttls(cert)
         .on(Step::Handshake, Action::Stall);
-    let (lab, server) = one_mx(&ca, script, |c, _| short_timeouts(c)).await;
+    let (lab, server) = one_mx(&ca, script, |lab| lab.short_timeouts()).await;
 
     let started = std::time::Instant::now();
-    let heard = send(lab.proxy, BODY).await;
+    let heard = send(lab.smtp, BODY).await;
 
     assert_eq!(heard.data.code, 250, "{heard:?}");
     assert!(
@@ -750,7 +728,7 @@ async fn a_server_that_says_220_to_starttls_and_never_speaks_tls_costs_one_hands
         "bounded by the handshake timeout"
     );
     assert_eq!(server.messages().len(), 1);
-    assert!(!server.messages()[0].tls);
+    assert!(server.messages()[0].tls.is_none());
     let line = &logs.transactions()[0];
     assert!(line.contains("fallback=handshake-failed"), "{line}");
 }
@@ -759,12 +737,12 @@ async fn a_server_that_says_220_to_starttls_and_never_speaks_tls_costs_one_hands
 async fn after_starttls_the_proxy_says_ehlo_again_and_delivers_over_tls() {
     let ca = TestCa::new();
     let cert = ca.leaf(&["mx.example.test"], Validity::Current);
-    let (lab, server) = one_mx(&ca, Script::new().starttls(cert), |_, _| {}).await;
+    let (lab, server) = one_mx(&ca, ServerBehaviour::plain().starttls(cert), |lab| lab).await;
 
-    let heard = send(lab.proxy, BODY).await;
+    let heard = send(lab.smtp, BODY).await;
 
     assert_eq!(heard.data.code, 250, "{heard:?}");
-    let connections = server.connections();
+    let connections = server.connection_logs();
     assert_eq!(connections.len(), 1);
     let commands: Vec<String> = connections[0]
         .commands
@@ -773,33 +751,34 @@ async fn after_starttls_the_proxy_says_ehlo_again_and_delivers_over_tls() {
         .take(4)
         .collect();
     assert_eq!(commands, ["EHLO", "STARTTLS", "EHLO", "MAIL"]);
-    assert!(server.messages()[0].tls);
-    assert_eq!(server.messages()[0].body, BODY);
+    assert!(server.messages()[0].tls.is_some());
+    assert_eq!(server.messages()[0].data, BODY);
 }
 
 /// One message over TLS, then the same host changes `step` to `action` for the next:
 /// what does the second message get under `on_downgrade: defer`?
-async fn second_message_after(step: Step, action: Action) -> (Heard, FaultServer, Logs) {
+async fn second_message_after(step: Step, action: Action) -> (Heard, SmtpServer, Logs) {
     let (logs, guard) = capture_logs();
     let ca = TestCa::new();
     let cert = ca.leaf(&["mx.example.test"], Validity::Current);
-    let script = Script::new()
+    let script = ServerBehaviour::plain()
         .starttls(cert)
         .on_connections_from(1, step, action);
-    let (lab, server) = one_mx(&ca, script, |config, dir| {
-        let rules = dir.join("rules.yaml");
-        std::fs::write(
-            &rules,
-            "rules:\n  - name: careful\n    match: { domains: [\"*\"] }\n    on_downgrade: defer\n",
+    let (lab, server) = one_mx(&ca, script, |lab| {
+        lab.rules(
+            r#"
+            rules:
+              - name: careful
+                match: { domains: ["*"] }
+                on_downgrade: defer
+            "#,
         )
-        .expect("rules file");
-        config.rules_file = Some(rules);
     })
     .await;
-    let first = send(lab.proxy, BODY).await;
+    let first = send(lab.smtp, BODY).await;
     assert_eq!(first.data.code, 250, "{first:?}");
-    assert!(server.messages()[0].tls);
-    let second = send(lab.proxy, BODY).await;
+    assert!(server.messages()[0].tls.is_some());
+    let second = send(lab.smtp, BODY).await;
     drop(guard);
     (second, server, logs)
 }
@@ -838,28 +817,30 @@ async fn a_handshake_that_fails_only_because_a_rule_asks_for_tls_13_is_no_downgr
     let server = SmtpServer::start(LOCALHOST, 0, behaviour)
         .await
         .expect("smtp server");
-    let lab = Lab::start(one_mx_zone(), &ca, server.addr().port(), |config, dir| {
-        let rules = dir.join("rules.yaml");
-        let text = "rules:
-  - name: modern
-    match: { senders: [modern.test] }
-    min_tls: \"1.3\"
-    on_downgrade: defer
-  - name: default
-    match: { domains: [\"*\"] }
-    on_downgrade: defer
-";
-        std::fs::write(&rules, text).expect("rules file");
-        config.rules_file = Some(rules);
-    })
-    .await;
-    let first = send(lab.proxy, BODY).await;
+    let lab = Lab::new()
+        .ca(&ca)
+        .one_mx(&server)
+        .rules(
+            r#"
+            rules:
+              - name: modern
+                match: { senders: [modern.test] }
+                min_tls: "1.3"
+                on_downgrade: defer
+              - name: default
+                match: { domains: ["*"] }
+                on_downgrade: defer
+            "#,
+        )
+        .start()
+        .await;
+    let first = send(lab.smtp, BODY).await;
     assert_eq!(
         first.data.code, 250,
         "TLS 1.2 under the default rule: {first:?}"
     );
 
-    let second = send_from(lab.proxy, "a@modern.test", BODY).await;
+    let second = send_from(lab.smtp, "a@modern.test", BODY).await;
 
     assert_eq!(second.data.code, 250, "{second:?}");
     assert!(
@@ -875,8 +856,8 @@ async fn a_handshake_that_fails_only_because_a_rule_asks_for_tls_13_is_no_downgr
 
 const CLOSING: [&str; 2] = ["421 4.3.2 shutting down", "221 2.0.0 closing"];
 
-fn assert_nothing_after_the_closing_reply(case: &str, server: &FaultServer) {
-    for log in server.connections() {
+fn assert_nothing_after_the_closing_reply(case: &str, server: &SmtpServer) {
+    for log in server.connection_logs() {
         assert!(
             log.after_closing_reply.is_empty(),
             "{case}: commands after the remote said 421/221: {:?} (all: {:?})",
@@ -902,10 +883,10 @@ async fn a_421_or_221_before_the_transaction_ends_that_connection_and_the_next_m
 
 async fn closing_reply_moves_the_message_to_the_next_mx(ca: &TestCa, step: Step, closing: &str) {
     let case = format!("{closing} at {step:?}");
-    let first = Script::new().on(step, Action::Reply(closing.into()));
-    let (lab, mx1, mx2) = two_mx(ca, first, Script::new()).await;
+    let first = ServerBehaviour::plain().on(step, Action::Reply(closing.into()));
+    let (lab, mx1, mx2) = two_mx(ca, first, ServerBehaviour::plain()).await;
 
-    let heard = send(lab.proxy, BODY).await;
+    let heard = send(lab.smtp, BODY).await;
 
     assert_eq!(heard.data.code, 250, "{case}: {heard:?}");
     assert_eq!(mx2.messages().len(), 1, "{case}");
@@ -925,10 +906,10 @@ async fn a_421_or_221_at_rcpt_gets_the_mta_a_4xx_and_that_connection_no_further_
     let ca = TestCa::new();
     for closing in CLOSING {
         let case = format!("{closing} at RCPT");
-        let first = Script::new().on(Step::Rcpt, Action::Reply(closing.into()));
-        let (lab, mx1, mx2) = two_mx(&ca, first, Script::new()).await;
+        let first = ServerBehaviour::plain().on(Step::Rcpt, Action::Reply(closing.into()));
+        let (lab, mx1, mx2) = two_mx(&ca, first, ServerBehaviour::plain()).await;
 
-        let heard = send(lab.proxy, BODY).await;
+        let heard = send(lab.smtp, BODY).await;
 
         assert_reply(&heard.rcpt, 451, "4.4.2");
         assert_ne!(heard.data.code, 250, "{case}: {heard:?}");
@@ -948,10 +929,10 @@ async fn a_421_or_221_at_data_or_after_the_dot_gets_the_mta_a_4xx_and_that_conne
     for step in [Step::Data, Step::Body, Step::EndOfData] {
         for closing in CLOSING {
             let case = format!("{closing} at {step:?}");
-            let first = Script::new().on(step, Action::Reply(closing.into()));
-            let (lab, mx1, _mx2) = two_mx(&ca, first, Script::new()).await;
+            let first = ServerBehaviour::plain().on(step, Action::Reply(closing.into()));
+            let (lab, mx1, _mx2) = two_mx(&ca, first, ServerBehaviour::plain()).await;
 
-            let heard = send(lab.proxy, BODY).await;
+            let heard = send(lab.smtp, BODY).await;
 
             assert_reply(&heard.data, 451, "4.4.2");
             assert!(mx1.messages().is_empty(), "{case}");
@@ -966,12 +947,12 @@ async fn a_421_to_starttls_is_a_temporary_failure_of_that_mx_and_the_next_mx_get
     let ca = TestCa::new();
     for closing in CLOSING {
         let cert = ca.leaf(&["mx1.example.test"], Validity::Current);
-        let first = Script::new()
+        let first = ServerBehaviour::plain()
             .starttls(cert)
             .on(Step::StartTls, Action::Reply(closing.into()));
-        let (lab, mx1, mx2) = two_mx(&ca, first, Script::new()).await;
+        let (lab, mx1, mx2) = two_mx(&ca, first, ServerBehaviour::plain()).await;
 
-        let heard = send(lab.proxy, BODY).await;
+        let heard = send(lab.smtp, BODY).await;
 
         assert_eq!(heard.data.code, 250, "{closing}: {heard:?}");
         assert!(
@@ -981,10 +962,10 @@ async fn a_421_to_starttls_is_a_temporary_failure_of_that_mx_and_the_next_mx_get
         assert_eq!(mx2.messages().len(), 1, "{closing}");
         mx1.wait_all_closed().await;
         assert_eq!(
-            mx1.connections().len(),
+            mx1.connection_logs().len(),
             1,
             "{closing}: {:?}",
-            mx1.connections()
+            mx1.connection_logs()
         );
         assert_nothing_after_the_closing_reply(closing, &mx1);
     }
@@ -996,18 +977,18 @@ async fn a_421_to_starttls_is_a_temporary_failure_of_that_mx_and_the_next_mx_get
 
 /// Sends one message through a proxy whose only MX follows `script`. A fault at `Body`
 /// gets a message large enough that the proxy is still sending when the fault comes.
-async fn through(ca: &TestCa, step: Step, script: Script) -> (Heard, FaultServer, Lab) {
-    let (lab, server) = one_mx(ca, script, |c, _| short_timeouts(c)).await;
+async fn through(ca: &TestCa, step: Step, script: ServerBehaviour) -> (Heard, SmtpServer, Lab) {
+    let (lab, server) = one_mx(ca, script, |lab| lab.short_timeouts()).await;
     let body = match step {
         Step::Body => big_body(2 << 20),
         _ => BODY.to_vec(),
     };
-    let heard = send(lab.proxy, &body).await;
+    let heard = send(lab.smtp, &body).await;
     (heard, server, lab)
 }
 
 /// The one rule that matters most: the MTA hears 250 only for a message the remote took.
-fn assert_no_250_without_acceptance(case: &str, heard: &Heard, server: &FaultServer) {
+fn assert_no_250_without_acceptance(case: &str, heard: &Heard, server: &SmtpServer) {
     if heard.data.code == 250 {
         assert!(
             !server.messages().is_empty(),
@@ -1024,7 +1005,7 @@ async fn each_step_gives_a_4xx(action: Action) {
     for step in Step::PLAIN {
         let case = format!("{action:?} at {step:?}");
         let (heard, server, _lab) =
-            through(&ca, step, Script::new().on(step, action.clone())).await;
+            through(&ca, step, ServerBehaviour::plain().on(step, action.clone())).await;
         assert_no_250_without_acceptance(&case, &heard, &server);
         let outcome = heard.outcome();
         if !(400..500).contains(&outcome.code) {
@@ -1035,7 +1016,9 @@ async fn each_step_gives_a_4xx(action: Action) {
     for step in [Step::StartTls, Step::Handshake] {
         let case = format!("{action:?} at {step:?}");
         let cert = ca.leaf(&["mx.example.test"], Validity::Current);
-        let script = Script::new().starttls(cert).on(step, action.clone());
+        let script = ServerBehaviour::plain()
+            .starttls(cert)
+            .on(step, action.clone());
         let (heard, server, _lab) = through(&ca, step, script).await;
         assert_no_250_without_acceptance(&case, &heard, &server);
         let code = heard.outcome().code;
@@ -1066,7 +1049,8 @@ async fn a_remote_that_answers_5xx_at_any_step_never_gets_the_mta_a_250() {
     let ca = TestCa::new();
     for step in Step::PLAIN {
         let case = format!("5xx at {step:?}");
-        let script = Script::new().on(step, Action::Reply("554 5.3.0 permanent trouble".into()));
+        let script =
+            ServerBehaviour::plain().on(step, Action::Reply("554 5.3.0 permanent trouble".into()));
         let (heard, server, _lab) = through(&ca, step, script).await;
         assert_no_250_without_acceptance(&case, &heard, &server);
         assert!(server.messages().is_empty(), "{case}");
@@ -1085,7 +1069,7 @@ async fn a_remote_that_answers_5xx_at_any_step_never_gets_the_mta_a_250() {
 
 /// Sends a message whose final dot goes only once `server` has said what it says mid-body:
 /// by then that is on its way to the proxy, whatever the machine's load.
-async fn send_dot_after_mid_body_reply(proxy: SocketAddr, server: &FaultServer) -> Heard {
+async fn send_dot_after_mid_body_reply(proxy: SocketAddr, server: &SmtpServer) -> Heard {
     let (mut client, _) = SmtpClient::connect(proxy).await;
     client.cmd("EHLO mta.sender.test").await;
     client.cmd("MAIL FROM:<a@sender.test>").await;
@@ -1106,7 +1090,11 @@ async fn send_dot_after_mid_body_reply(proxy: SocketAddr, server: &FaultServer) 
 
 /// A remote (`base`) that says 250 where no reply is due, then refuses the message after
 /// the dot.
-async fn out_of_sequence_250_then_refusal(ca: &TestCa, step: Step, base: Script) -> Option<String> {
+async fn out_of_sequence_250_then_refusal(
+    ca: &TestCa,
+    step: Step,
+    base: ServerBehaviour,
+) -> Option<String> {
     let case = format!("an extra 250 at {step:?}, 554 after the dot");
     let script = base
         .on(step, Action::Extra("250 2.0.0 out of sequence".into()))
@@ -1115,9 +1103,9 @@ async fn out_of_sequence_250_then_refusal(ca: &TestCa, step: Step, base: Script)
             Action::Reply("554 5.6.0 message refused".into()),
         );
     let (heard, server, _lab) = if step == Step::Body {
-        let (lab, server) = one_mx(ca, script, |c, _| short_timeouts(c)).await;
+        let (lab, server) = one_mx(ca, script, |lab| lab.short_timeouts()).await;
         (
-            send_dot_after_mid_body_reply(lab.proxy, &server).await,
+            send_dot_after_mid_body_reply(lab.smtp, &server).await,
             server,
             lab,
         )
@@ -1141,7 +1129,8 @@ async fn a_reply_out_of_sequence_at_any_command_never_gets_the_mta_a_250_for_a_r
         Step::Rcpt,
         Step::Data,
     ] {
-        failures.extend(out_of_sequence_250_then_refusal(&ca, step, Script::new()).await);
+        failures
+            .extend(out_of_sequence_250_then_refusal(&ca, step, ServerBehaviour::plain()).await);
     }
     assert!(failures.is_empty(), "{}", failures.join("\n"));
 }
@@ -1149,7 +1138,7 @@ async fn a_reply_out_of_sequence_at_any_command_never_gets_the_mta_a_250_for_a_r
 #[tokio::test]
 async fn a_reply_out_of_sequence_during_the_body_never_gets_the_mta_a_250_for_a_refused_message() {
     let ca = TestCa::new();
-    let failure = out_of_sequence_250_then_refusal(&ca, Step::Body, Script::new()).await;
+    let failure = out_of_sequence_250_then_refusal(&ca, Step::Body, ServerBehaviour::plain()).await;
     assert!(failure.is_none(), "{failure:?}");
 }
 
@@ -1157,7 +1146,7 @@ async fn a_reply_out_of_sequence_during_the_body_never_gets_the_mta_a_250_for_a_
 async fn over_tls_a_reply_out_of_sequence_during_the_body_never_gets_the_mta_a_250() {
     let ca = TestCa::new();
     let cert = ca.leaf(&["mx.example.test"], Validity::Current);
-    let tls = Script::new().starttls(cert);
+    let tls = ServerBehaviour::plain().starttls(cert);
     let failure = out_of_sequence_250_then_refusal(&ca, Step::Body, tls).await;
     assert!(failure.is_none(), "{failure:?}");
 }
@@ -1172,7 +1161,7 @@ async fn a_positive_reply_that_answers_another_command_is_a_protocol_violation_n
         (Step::EndOfData, "354 go ahead"),
     ] {
         let case = format!("{reply:?} at {step:?}");
-        let script = Script::new().on(step, Action::Reply(reply.into()));
+        let script = ServerBehaviour::plain().on(step, Action::Reply(reply.into()));
         let (heard, server, _lab) = through(&ca, step, script).await;
         assert!(server.messages().is_empty(), "{case}");
         let outcome = heard.outcome();
@@ -1182,7 +1171,7 @@ async fn a_positive_reply_that_answers_another_command_is_a_protocol_violation_n
             "{case}: {heard:?}"
         );
         server.wait_all_closed().await;
-        for log in server.connections() {
+        for log in server.connection_logs() {
             let last = log.commands.last().map(String::as_str).unwrap_or_default();
             assert_ne!(last, "QUIT", "{case}: an out-of-step remote gets no QUIT");
         }
@@ -1192,30 +1181,30 @@ async fn a_positive_reply_that_answers_another_command_is_a_protocol_violation_n
 #[tokio::test]
 async fn a_421_or_a_drop_at_the_ehlo_after_tls_sends_the_message_to_the_next_mx_never_in_plain() {
     let ca = TestCa::new();
-    let tls = |name: &str| Script::new().starttls(ca.leaf(&[name], Validity::Current));
+    let tls = |name: &str| ServerBehaviour::plain().starttls(ca.leaf(&[name], Validity::Current));
     for action in [Action::Reply("421 4.3.2 too busy".into()), Action::Drop] {
         let case = format!("{action:?} at the EHLO after TLS");
         let first = tls("mx1.example.test").on(Step::EhloAfterTls, action);
         let (lab, mx1, mx2) = two_mx(&ca, first, tls("mx2.example.test")).await;
 
-        let heard = send(lab.proxy, BODY).await;
+        let heard = send(lab.smtp, BODY).await;
 
         assert_eq!(heard.data.code, 250, "{case}: {heard:?}");
         assert!(mx1.messages().is_empty(), "{case}: mx1 got it in plain");
-        assert!(mx2.messages()[0].tls, "{case}");
+        assert!(mx2.messages()[0].tls.is_some(), "{case}");
         mx1.wait_all_closed().await;
-        assert_eq!(mx1.connections().len(), 1, "{case}: no plain retry");
+        assert_eq!(mx1.connection_logs().len(), 1, "{case}: no plain retry");
         assert_nothing_after_the_closing_reply(&case, &mx1);
 
         // A server's trouble after TLS is not a TLS fact about it: the next message tries
         // STARTTLS there again.
-        send(lab.proxy, BODY).await;
+        send(lab.smtp, BODY).await;
         let starttls = mx1
-            .connections()
+            .connection_logs()
             .iter()
             .filter(|c| c.commands.iter().any(|line| line == "STARTTLS"))
             .count();
-        assert_eq!(starttls, 2, "{case}: {:?}", mx1.connections());
+        assert_eq!(starttls, 2, "{case}: {:?}", mx1.connection_logs());
     }
 }
 
@@ -1231,33 +1220,33 @@ async fn rcpt_after_mail(proxy: SocketAddr, mail: &str) -> (SmtpClient, Reply) {
 #[tokio::test]
 async fn mail_parameters_reach_a_remote_that_supports_them() {
     let ca = TestCa::new();
-    let script = Script::new().ehlo_keyword("SMTPUTF8");
-    let (lab, server) = one_mx(&ca, script, |_, _| {}).await;
+    let script = ServerBehaviour::plain().ehlo_keyword("SMTPUTF8");
+    let (lab, server) = one_mx(&ca, script, |lab| lab).await;
     let mail = "MAIL FROM:<jürgen@sender.test> SIZE=1234 BODY=8BITMIME SMTPUTF8";
 
-    let (mut client, rcpt) = rcpt_after_mail(lab.proxy, mail).await;
+    let (mut client, rcpt) = rcpt_after_mail(lab.smtp, mail).await;
     assert_eq!(rcpt.code, 250, "{rcpt:?}");
     assert_eq!(client.data(BODY).await.code, 250);
 
-    assert_eq!(server.connections()[0].commands[1], mail);
+    assert_eq!(server.connection_logs()[0].commands[1], mail);
 }
 
 #[tokio::test]
 async fn a_message_that_needs_smtputf8_is_refused_when_the_remote_offers_it_only_before_tls() {
     let ca = TestCa::new();
     let before_tls = "250-mx.fault.test\r\n250-STARTTLS\r\n250 SMTPUTF8";
-    let script = Script::new()
+    let script = ServerBehaviour::plain()
         .starttls(ca.leaf(&["mx.example.test"], Validity::Current))
         .on(Step::Ehlo, Action::Reply(before_tls.into()))
         .on(Step::EhloAfterTls, Action::Normal);
-    let (lab, server) = one_mx(&ca, script, |_, _| {}).await;
+    let (lab, server) = one_mx(&ca, script, |lab| lab).await;
 
     let mail = "MAIL FROM:<jürgen@sender.test> SMTPUTF8";
-    let (_client, rcpt) = rcpt_after_mail(lab.proxy, mail).await;
+    let (_client, rcpt) = rcpt_after_mail(lab.smtp, mail).await;
 
     assert_reply(&rcpt, 554, "5.6.9");
     assert!(rcpt.text().contains("SMTPUTF8"), "{rcpt:?}");
-    let log = &server.connections()[0];
+    let log = &server.connection_logs()[0];
     assert!(
         log.tls,
         "the refusal came after TLS, from the capabilities said under it"
@@ -1272,11 +1261,11 @@ async fn a_message_that_needs_smtputf8_is_refused_when_the_remote_offers_it_only
 #[tokio::test]
 async fn a_message_that_needs_smtputf8_skips_an_mx_without_it_for_one_with_it() {
     let ca = TestCa::new();
-    let second = Script::new().ehlo_keyword("SMTPUTF8");
-    let (lab, mx1, mx2) = two_mx(&ca, Script::new(), second).await;
+    let second = ServerBehaviour::plain().ehlo_keyword("SMTPUTF8");
+    let (lab, mx1, mx2) = two_mx(&ca, ServerBehaviour::plain(), second).await;
 
     let (mut client, rcpt) =
-        rcpt_after_mail(lab.proxy, "MAIL FROM:<jürgen@sender.test> SMTPUTF8").await;
+        rcpt_after_mail(lab.smtp, "MAIL FROM:<jürgen@sender.test> SMTPUTF8").await;
     assert_eq!(rcpt.code, 250, "{rcpt:?}");
     assert_eq!(client.data(BODY).await.code, 250);
 
@@ -1287,19 +1276,19 @@ async fn a_message_that_needs_smtputf8_skips_an_mx_without_it_for_one_with_it() 
 #[tokio::test]
 async fn a_remote_that_refuses_ehlo_gets_helo_and_the_message() {
     let ca = TestCa::new();
-    let script = Script::new()
+    let script = ServerBehaviour::plain()
         .on(
             Step::Ehlo,
             Action::Reply("502 5.5.1 EHLO not implemented".into()),
         )
         .on(Step::Helo, Action::Normal);
-    let (lab, server) = one_mx(&ca, script, |_, _| {}).await;
+    let (lab, server) = one_mx(&ca, script, |lab| lab).await;
 
-    let heard = send(lab.proxy, BODY).await;
+    let heard = send(lab.smtp, BODY).await;
 
     assert_eq!(heard.data.code, 250, "{heard:?}");
-    assert_eq!(server.messages()[0].body, BODY);
-    let verbs: Vec<String> = server.connections()[0]
+    assert_eq!(server.messages()[0].data, BODY);
+    let verbs: Vec<String> = server.connection_logs()[0]
         .commands
         .iter()
         .map(|c| c.split([' ', ':']).next().unwrap_or_default().to_string())
@@ -1318,7 +1307,7 @@ async fn a_remote_whose_reply_never_ends_is_given_up_and_the_mta_gets_a_4xx() {
         ("500 reply lines", many_lines),
         ("a 1 MiB reply line", long_line),
     ] {
-        let script = Script::new().on(Step::Ehlo, Action::Reply(reply));
+        let script = ServerBehaviour::plain().on(Step::Ehlo, Action::Reply(reply));
         let (heard, server, _lab) = through(&ca, Step::Ehlo, script).await;
         assert_eq!(heard.outcome().code, 451, "{what}: {heard:?}");
         assert!(server.messages().is_empty(), "{what}");
@@ -1348,7 +1337,7 @@ async fn a_primary_mx_that_never_answers_the_connect_costs_one_connect_timeout_a
     let ca = TestCa::new();
     let (mx2, _hole) = 'bind: {
         for _ in 0..20 {
-            let mx2 = FaultServer::start(IpAddr::V4(MX2), 0, Script::new())
+            let mx2 = SmtpServer::start(IpAddr::V4(MX2), 0, ServerBehaviour::plain())
                 .await
                 .expect("mx2");
             if let Some(hole) = black_hole(MX1, mx2.addr().port()).await {
@@ -1357,13 +1346,16 @@ async fn a_primary_mx_that_never_answers_the_connect_costs_one_connect_timeout_a
         }
         panic!("no port free on both 127.0.0.2 and 127.0.0.3");
     };
-    let lab = Lab::start(two_mx_zone(), &ca, mx2.addr().port(), |c, _| {
-        short_timeouts(c)
-    })
-    .await;
+    let lab = Lab::new()
+        .ca(&ca)
+        .zone(two_mx_zone())
+        .mx_port(mx2.addr().port())
+        .short_timeouts()
+        .start()
+        .await;
 
     let started = std::time::Instant::now();
-    let heard = send(lab.proxy, BODY).await;
+    let heard = send(lab.smtp, BODY).await;
 
     assert_eq!(heard.data.code, 250, "{heard:?}");
     assert_eq!(mx2.messages().len(), 1);
@@ -1377,18 +1369,18 @@ async fn a_primary_mx_that_never_answers_the_connect_costs_one_connect_timeout_a
 #[tokio::test]
 async fn a_remote_that_stops_reading_mid_body_gets_the_mta_a_4xx_after_the_block_timeout() {
     let ca = TestCa::new();
-    let script = Script::new().on(Step::Body, Action::Freeze);
-    let (lab, server) = one_mx(&ca, script, |c, _| short_timeouts(c)).await;
+    let script = ServerBehaviour::plain().on(Step::Body, Action::Freeze);
+    let (lab, server) = one_mx(&ca, script, |lab| lab.short_timeouts()).await;
     // More than the kernel's buffers hold, so that the proxy's writes block.
     let body = big_body(16 << 20);
 
-    let heard = send(lab.proxy, &body).await;
+    let heard = send(lab.smtp, &body).await;
 
     assert_reply(&heard.data, 451, "4.4.2");
     server.release();
     server.wait_all_closed().await;
     assert!(server.messages().is_empty());
-    assert!(!server.connections()[0].final_dot);
+    assert!(!server.connection_logs()[0].final_dot);
 }
 
 #[tokio::test]
@@ -1396,12 +1388,11 @@ async fn the_mta_leaving_mid_data_makes_the_proxy_close_the_remote_without_the_f
     let ca = TestCa::new();
     // Gone: the MTA closes the connection. Silent: the MTA stops sending (idle timeout).
     for gone in [true, false] {
-        let (lab, server) = one_mx(&ca, Script::new(), |c, _| {
-            short_timeouts(c);
-            c.timeouts.client_idle = Duration::from_secs(1);
+        let (lab, server) = one_mx(&ca, ServerBehaviour::plain(), |lab| {
+            lab.short_timeouts().set("timeouts.client_idle", "1s")
         })
         .await;
-        let mut client = open_transaction(lab.proxy).await;
+        let mut client = open_transaction(lab.smtp).await;
         assert_eq!(client.cmd("DATA").await.code, 354);
         // Several 64 KiB blocks, so that the remote has received part of the text.
         client.send_raw(&big_body(300_000)).await;
@@ -1419,7 +1410,7 @@ async fn the_mta_leaving_mid_data_makes_the_proxy_close_the_remote_without_the_f
             );
         }
         server.wait_all_closed().await;
-        let log = &server.connections()[0];
+        let log = &server.connection_logs()[0];
         assert!(!log.final_dot, "the final dot was sent");
         assert!(server.messages().is_empty());
     }
@@ -1428,11 +1419,11 @@ async fn the_mta_leaving_mid_data_makes_the_proxy_close_the_remote_without_the_f
 #[tokio::test]
 async fn an_mta_that_goes_silent_gets_421_4_4_2_after_the_idle_timeout() {
     let ca = TestCa::new();
-    let (lab, _server) = one_mx(&ca, Script::new(), |c, _| {
-        c.timeouts.client_idle = Duration::from_secs(1);
+    let (lab, _server) = one_mx(&ca, ServerBehaviour::plain(), |lab| {
+        lab.set("timeouts.client_idle", "1s")
     })
     .await;
-    let (mut client, _) = SmtpClient::connect(lab.proxy).await;
+    let (mut client, _) = SmtpClient::connect(lab.smtp).await;
     assert_eq!(client.cmd("EHLO mta").await.code, 250);
     let bye = client.read_reply().await;
     assert_reply(&bye, 421, "4.4.2");
@@ -1452,7 +1443,7 @@ fn no_file_descriptor_is_left_open_after_a_batch_of_faulty_sessions() {
     let out = std::process::Command::new(exe)
         .args([
             "--exact",
-            "fd_count_in_a_child_process",
+            "hardening::fd_count_in_a_child_process",
             "--nocapture",
             "--test-threads=1",
         ])
@@ -1487,21 +1478,21 @@ fn open_fds() -> Vec<String> {
 /// One domain per fault, each with its own MX address on one port.
 const FD_FAULTS: usize = 12;
 
-fn fd_fault(i: usize) -> Script {
+fn fd_fault(i: usize) -> ServerBehaviour {
     let four = || Action::Reply("451 4.3.0 try later".into());
     match i {
-        0 => Script::new(),
-        1 => Script::new().on(Step::Greeting, Action::Drop),
-        2 => Script::new().on(Step::Ehlo, Action::Stall),
-        3 => Script::new().on(Step::Mail, four()),
-        4 => Script::new().on(Step::Rcpt, Action::Reply("421 4.3.2 bye".into())),
-        5 => Script::new().on(Step::Data, Action::Stall),
-        6 => Script::new().on(Step::Body, Action::Drop),
-        7 => Script::new().on(Step::EndOfData, Action::Stall),
-        8 => Script::new().on(Step::EndOfData, Action::Reply("421 4.3.2 bye".into())),
-        9 => Script::new().on(Step::Rcpt, Action::Extra("250 2.0.0 extra".into())),
-        10 => Script::new().on(Step::Data, four()),
-        _ => Script::new().on(Step::EndOfData, Action::Drop),
+        0 => ServerBehaviour::plain(),
+        1 => ServerBehaviour::plain().on(Step::Greeting, Action::Drop),
+        2 => ServerBehaviour::plain().on(Step::Ehlo, Action::Stall),
+        3 => ServerBehaviour::plain().on(Step::Mail, four()),
+        4 => ServerBehaviour::plain().on(Step::Rcpt, Action::Reply("421 4.3.2 bye".into())),
+        5 => ServerBehaviour::plain().on(Step::Data, Action::Stall),
+        6 => ServerBehaviour::plain().on(Step::Body, Action::Drop),
+        7 => ServerBehaviour::plain().on(Step::EndOfData, Action::Stall),
+        8 => ServerBehaviour::plain().on(Step::EndOfData, Action::Reply("421 4.3.2 bye".into())),
+        9 => ServerBehaviour::plain().on(Step::Rcpt, Action::Extra("250 2.0.0 extra".into())),
+        10 => ServerBehaviour::plain().on(Step::Data, four()),
+        _ => ServerBehaviour::plain().on(Step::EndOfData, Action::Drop),
     }
 }
 
@@ -1516,9 +1507,9 @@ async fn fd_count_in_a_child_process() {
     let mut servers = Vec::new();
     let mut port = 0;
     for i in 0..FD_FAULTS {
-        let server = FaultServer::start(IpAddr::V4(ip(i)), port, fd_fault(i))
+        let server = SmtpServer::start(IpAddr::V4(ip(i)), port, fd_fault(i))
             .await
-            .expect("fault server (the port is free on another loopback address)");
+            .expect("scripted server (the port is free on another loopback address)");
         port = server.addr().port();
         servers.push(server);
     }
@@ -1528,27 +1519,30 @@ async fn fd_count_in_a_child_process() {
             .mx(&format!("d{i}.test"), 10, &format!("mx.d{i}.test"))
             .a(&format!("mx.d{i}.test"), ip(i));
     }
-    let lab = Lab::start(zone, &ca, port, |c, _| {
-        short_timeouts(c);
-        c.timeouts.client_idle = Duration::from_secs(1);
-    })
-    .await;
+    let lab = Lab::new()
+        .ca(&ca)
+        .zone(zone)
+        .mx_port(port)
+        .short_timeouts()
+        .set("timeouts.client_idle", "1s")
+        .start()
+        .await;
 
     // A first message warms up what is made once (resolver, TLS configuration).
-    session_to(lab.proxy, 0).await;
+    session_to(lab.smtp, 0).await;
     servers[0].wait_all_closed().await;
     let before = open_fds();
 
     for round in 0..3 {
         for i in 1..FD_FAULTS {
-            session_to(lab.proxy, i).await;
+            session_to(lab.smtp, i).await;
         }
         // The MTA leaves mid-DATA, and breaks pipelining.
-        let mut client = rcpt_accepted(lab.proxy, 0).await;
+        let mut client = rcpt_accepted(lab.smtp, 0).await;
         client.cmd("DATA").await;
         client.send_raw(&big_body(200_000)).await;
         drop(client);
-        let mut client = rcpt_accepted(lab.proxy, 0).await;
+        let mut client = rcpt_accepted(lab.smtp, 0).await;
         client.send_raw(b"DATA\r\nRSET\r\n").await;
         let _ = client.read_reply().await;
         assert!(client.try_read_reply().await.is_none());
@@ -1596,8 +1590,8 @@ async fn session_to(proxy: SocketAddr, domain: usize) {
 #[tokio::test]
 async fn a_command_line_over_512_octets_gets_500_5_5_2_and_the_session_stays_in_step() {
     let ca = TestCa::new();
-    let (lab, _server) = one_mx(&ca, Script::new(), |_, _| {}).await;
-    let (mut client, _) = SmtpClient::connect(lab.proxy).await;
+    let (lab, _server) = one_mx(&ca, ServerBehaviour::plain(), |lab| lab).await;
+    let (mut client, _) = SmtpClient::connect(lab.smtp).await;
     // "NOOP " + padding + CRLF: exactly 512 octets, then 513.
     let at_limit = format!("NOOP {}", "x".repeat(512 - 5 - 2));
     assert_eq!(client.cmd(&at_limit).await.code, 250);
@@ -1613,19 +1607,19 @@ async fn a_command_line_over_512_octets_gets_500_5_5_2_and_the_session_stays_in_
 #[tokio::test]
 async fn a_body_line_over_1000_octets_gets_500_5_5_2_and_nothing_is_delivered() {
     let ca = TestCa::new();
-    let (lab, server) = one_mx(&ca, Script::new(), |_, _| {}).await;
+    let (lab, server) = one_mx(&ca, ServerBehaviour::plain(), |lab| lab).await;
     // 998 characters and CRLF: the longest line allowed.
     let mut body = b"Subject: long lines\r\n\r\n".to_vec();
     body.extend_from_slice(&[b'a'; 998]);
     body.extend_from_slice(b"\r\n");
-    assert_eq!(send(lab.proxy, &body).await.data.code, 250);
+    assert_eq!(send(lab.smtp, &body).await.data.code, 250);
     assert_eq!(server.messages().len(), 1);
 
     // One more, after enough text that blocks have already gone to the remote.
     let mut body = big_body(300_000);
     body.extend_from_slice(&[b'a'; 999]);
     body.extend_from_slice(b"\r\nmore text\r\n");
-    let heard = send(lab.proxy, &body).await;
+    let heard = send(lab.smtp, &body).await;
 
     assert_reply(&heard.data, 500, "5.5.2");
     server.wait_all_closed().await;
@@ -1634,7 +1628,7 @@ async fn a_body_line_over_1000_octets_gets_500_5_5_2_and_nothing_is_delivered() 
         1,
         "the second message was not delivered"
     );
-    let log = &server.connections()[1];
+    let log = &server.connection_logs()[1];
     assert!(!log.final_dot, "the remote never got the final dot");
     assert!(
         log.body.len() > 64 * 1024,
@@ -1645,8 +1639,11 @@ async fn a_body_line_over_1000_octets_gets_500_5_5_2_and_nothing_is_delivered() 
 #[tokio::test]
 async fn more_recipients_than_max_recipients_get_452_4_5_3() {
     let ca = TestCa::new();
-    let (lab, server) = one_mx(&ca, Script::new(), |c, _| c.limits.max_recipients = 3).await;
-    let (mut client, _) = SmtpClient::connect(lab.proxy).await;
+    let (lab, server) = one_mx(&ca, ServerBehaviour::plain(), |lab| {
+        lab.set("limits.max_recipients", 3)
+    })
+    .await;
+    let (mut client, _) = SmtpClient::connect(lab.smtp).await;
     client.cmd("EHLO mta").await;
     client.cmd("MAIL FROM:<a@sender.test>").await;
     for i in 0..5 {
@@ -1669,8 +1666,11 @@ async fn more_recipients_than_max_recipients_get_452_4_5_3() {
 async fn a_message_over_max_message_size_gets_552_5_3_4_at_mail_from_and_at_the_end_of_data() {
     let ca = TestCa::new();
     let limit = 100_000;
-    let (lab, server) = one_mx(&ca, Script::new(), |c, _| c.limits.max_message_size = limit).await;
-    let (mut client, _) = SmtpClient::connect(lab.proxy).await;
+    let (lab, server) = one_mx(&ca, ServerBehaviour::plain(), |lab| {
+        lab.set("limits.max_message_size", limit)
+    })
+    .await;
+    let (mut client, _) = SmtpClient::connect(lab.smtp).await;
     let ehlo = client.cmd("EHLO mta").await;
     assert!(ehlo.lines.contains(&format!("SIZE {limit}")), "{ehlo:?}");
     let too_big = client
@@ -1688,27 +1688,30 @@ async fn a_message_over_max_message_size_gets_552_5_3_4_at_mail_from_and_at_the_
     drop(client);
 
     // No SIZE given, and the text is larger than announced limits: refused at the end.
-    let heard = send(lab.proxy, &big_body(3 * limit as usize)).await;
+    let heard = send(lab.smtp, &big_body(3 * limit as usize)).await;
     assert_reply(&heard.data, 552, "5.3.4");
     server.wait_all_closed().await;
     assert!(server.messages().is_empty());
-    assert!(server.connections().iter().all(|c| !c.final_dot));
+    assert!(server.connection_logs().iter().all(|c| !c.final_dot));
 }
 
 #[tokio::test]
 async fn with_max_sessions_1_a_second_mta_connection_gets_421_4_3_2_before_any_command() {
     let ca = TestCa::new();
-    let (lab, _server) = one_mx(&ca, Script::new(), |c, _| c.limits.max_sessions = 1).await;
-    let (mut first, greeting) = SmtpClient::connect(lab.proxy).await;
+    let (lab, _server) = one_mx(&ca, ServerBehaviour::plain(), |lab| {
+        lab.set("limits.max_sessions", 1)
+    })
+    .await;
+    let (mut first, greeting) = SmtpClient::connect(lab.smtp).await;
     assert_eq!(greeting.code, 220);
 
-    let (mut second, greeting) = SmtpClient::connect(lab.proxy).await;
+    let (mut second, greeting) = SmtpClient::connect(lab.smtp).await;
     assert_reply(&greeting, 421, "4.3.2");
     assert!(second.try_read_reply().await.is_none(), "closed at once");
 
     // When the first session ends its place is free again.
     assert_eq!(first.cmd("QUIT").await.code, 221);
     assert!(first.try_read_reply().await.is_none());
-    let (_third, greeting) = SmtpClient::connect(lab.proxy).await;
+    let (_third, greeting) = SmtpClient::connect(lab.smtp).await;
     assert_eq!(greeting.code, 220);
 }

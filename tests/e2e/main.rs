@@ -1,0 +1,19 @@
+//! End to end, in one test binary: a real SMTP client (the MTA) talks to the real proxy,
+//! in-process or as the `tlsrouter` daemon, which resolves MX records from a real DNS server
+//! on loopback and delivers to real SMTP servers with real TLS. Every lab is built with
+//! `support::lab::Lab`; every remote is a `support::smtp_server::SmtpServer`.
+//!
+//! One module per topic.
+
+#[path = "../support/mod.rs"]
+mod support;
+
+mod admin;
+mod cache;
+mod delivery;
+mod explain;
+mod hardening;
+mod kit;
+mod lifecycle;
+mod rules;
+mod tls_outcomes;

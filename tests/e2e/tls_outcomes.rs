@@ -1,0 +1,162 @@
+//! What each TLS outcome means for a message, end to end: a valid certificate, none offered,
+//! every kind of bad certificate (encrypted anyway, and logged), and handshakes that fail
+//! (a new plain connection, and the class in the log). The rule-driven variants (verify:
+//! require, min_tls) are in `rules`; what the cache makes of an outcome, in `cache`.
+
+use crate::support::logs::Logs;
+use crate::support::pki::{CertKey, TestCa, Validity, self_signed};
+use crate::support::smtp_server::{ServerBehaviour, StartTls};
+
+use super::delivery::{BODY, one_mx, send, tls_server};
+
+#[tokio::test]
+async fn a_message_to_a_server_with_a_valid_certificate_arrives_over_tls_13_byte_for_byte() {
+    let (logs, _guard) = Logs::capture();
+    let ca = TestCa::new();
+    let (lab, server) = one_mx(
+        &ca,
+        tls_server(ca.leaf(&["mx.example.test"], Validity::Current)),
+    )
+    .await;
+
+    let (mail, rcpts, data) = send(lab.smtp, &["b@example.test"], BODY).await;
+
+    assert_eq!(mail.code, 250);
+    assert_eq!(rcpts[0].code, 250);
+    assert_eq!(data.code, 250, "{data:?}");
+    assert!(
+        data.text().contains("queued as"),
+        "the remote's own reply: {data:?}"
+    );
+    let got = server.messages();
+    assert_eq!(got.len(), 1);
+    assert_eq!(got[0].data, BODY);
+    assert_eq!(got[0].mail_from, "a@sender.test");
+    assert_eq!(got[0].rcpt_to, vec!["b@example.test"]);
+    assert_eq!(got[0].tls.as_ref().expect("over TLS").version, "TLSv1.3");
+    let line = &logs.transactions()[0];
+    for field in [
+        "route=\"tls\"",
+        "tls_version=\"TLSv1.3\"",
+        "verify=verified",
+        "mx=mx.example.test",
+        "rule=default",
+    ] {
+        assert!(line.contains(field), "{field} missing in {line}");
+    }
+}
+
+#[tokio::test]
+async fn a_message_to_a_server_without_starttls_arrives_in_plain_and_says_why() {
+    let (logs, _guard) = Logs::capture();
+    let ca = TestCa::new();
+    let (lab, server) = one_mx(&ca, ServerBehaviour::default()).await;
+
+    let (_, _, data) = send(lab.smtp, &["b@example.test"], BODY).await;
+
+    assert_eq!(data.code, 250, "{data:?}");
+    let got = server.messages();
+    assert_eq!(got[0].data, BODY);
+    assert!(got[0].tls.is_none());
+    let line = &logs.transactions()[0];
+    assert!(line.contains("route=\"plain\""), "{line}");
+    assert!(line.contains("fallback=no-starttls"), "{line}");
+}
+
+/// A certificate problem is recorded and logged, and the message still goes encrypted.
+async fn bad_certificate_is_encrypted_anyway(ca: &TestCa, cert: CertKey, class: &str) -> String {
+    let (logs, _guard) = Logs::capture();
+    let (lab, server) = one_mx(ca, tls_server(cert)).await;
+
+    let (_, _, data) = send(lab.smtp, &["b@example.test"], BODY).await;
+
+    assert_eq!(data.code, 250, "{data:?}");
+    let got = server.messages();
+    assert_eq!(got[0].data, BODY);
+    assert!(
+        got[0].tls.is_some(),
+        "delivered encrypted despite the certificate"
+    );
+    let line = logs.transactions()[0].clone();
+    assert!(line.contains("route=\"tls\""), "{line}");
+    assert!(
+        line.contains(&format!("verify={class}")),
+        "{class} missing in {line}"
+    );
+    line
+}
+
+#[tokio::test]
+async fn an_expired_certificate_is_logged_with_its_date_and_the_message_goes_encrypted() {
+    let ca = TestCa::new();
+    let cert = ca.leaf(&["mx.example.test"], Validity::Expired);
+    let line = bad_certificate_is_encrypted_anyway(&ca, cert, "cert-expired").await;
+    assert!(line.contains("certificate expired 20"), "{line}");
+}
+
+#[tokio::test]
+async fn a_certificate_not_yet_valid_is_logged_and_the_message_goes_encrypted() {
+    let ca = TestCa::new();
+    let cert = ca.leaf(&["mx.example.test"], Validity::NotYetValid);
+    bad_certificate_is_encrypted_anyway(&ca, cert, "cert-not-yet-valid").await;
+}
+
+#[tokio::test]
+async fn a_self_signed_certificate_is_logged_as_untrusted_and_the_message_goes_encrypted() {
+    bad_certificate_is_encrypted_anyway(
+        &TestCa::new(),
+        self_signed(&["mx.example.test"]),
+        "cert-untrusted",
+    )
+    .await;
+}
+
+#[tokio::test]
+async fn a_certificate_for_another_name_is_logged_as_a_mismatch_and_the_message_goes_encrypted() {
+    let ca = TestCa::new();
+    let cert = ca.leaf(&["other.example.test"], Validity::Current);
+    let line = bad_certificate_is_encrypted_anyway(&ca, cert, "cert-name-mismatch").await;
+    assert!(
+        line.contains("other.example.test"),
+        "names what the certificate is for: {line}"
+    );
+}
+
+/// A TLS failure makes the proxy reconnect in plain and deliver; the log says why.
+async fn tls_failure_falls_back_to_plain(starttls: StartTls, class: &str) {
+    let (logs, _guard) = Logs::capture();
+    let ca = TestCa::new();
+    let behaviour = ServerBehaviour {
+        starttls,
+        ..ServerBehaviour::default()
+    };
+    let (lab, server) = one_mx(&ca, behaviour).await;
+
+    let (_, _, data) = send(lab.smtp, &["b@example.test"], BODY).await;
+
+    assert_eq!(data.code, 250, "{data:?}");
+    let got = server.messages();
+    assert_eq!(got.len(), 1);
+    assert_eq!(got[0].data, BODY);
+    assert!(got[0].tls.is_none());
+    assert_eq!(server.tls_handshakes_attempted(), 1, "TLS was tried once");
+    assert_eq!(server.connections(), 2, "then a new plain connection");
+    let line = &logs.transactions()[0];
+    assert!(line.contains("route=\"plain\""), "{line}");
+    assert!(
+        line.contains(&format!("fallback={class}")),
+        "{class} missing in {line}"
+    );
+}
+
+#[tokio::test]
+async fn a_handshake_aborted_after_the_starttls_220_falls_back_to_plain() {
+    tls_failure_falls_back_to_plain(StartTls::AbortAfter220, "handshake-failed").await;
+}
+
+#[tokio::test]
+async fn a_tls_10_only_server_is_classified_legacy_tls_and_gets_the_message_in_plain() {
+    let ca = TestCa::new();
+    let cert = ca.leaf(&["mx.example.test"], Validity::Current);
+    tls_failure_falls_back_to_plain(StartTls::Tls10Only(cert), "legacy-tls").await;
+}
