@@ -1,5 +1,5 @@
 //! A real SMTP server on loopback whose behaviour each test sets: STARTTLS with rustls, a
-//! real TLS 1.0-only server (OpenSSL), a handshake that breaks off, an injection after the
+//! real TLS 1.0-only server and a TLS 1.2 server with only CBC suites (OpenSSL), a handshake that breaks off, an injection after the
 //! STARTTLS 220, rejections, and a connection dropped in the middle of DATA. It records what
 //! arrived so a test can compare it byte for byte.
 
@@ -21,8 +21,8 @@ use super::pki::CertKey;
 /// How long `next_message` and `wait_for_messages` wait before failing the test.
 const MESSAGE_WAIT: Duration = Duration::from_secs(10);
 
-/// Bounds the blocking OpenSSL handshake, so a silent client cannot pin a thread.
-const TLS10_IO_TIMEOUT: Duration = Duration::from_secs(10);
+/// Bounds the OpenSSL handshake, so a silent client cannot hold the connection.
+const OPENSSL_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// What the server does with STARTTLS.
 pub enum StartTls {
@@ -34,9 +34,12 @@ pub enum StartTls {
     Tls12Only(CertKey),
     /// Says 220 to STARTTLS, then closes the connection: the client's handshake fails.
     AbortAfter220,
-    /// Speaks only TLS 1.0 (OpenSSL at security level 0), as old servers do; after the
-    /// handshake, whatever its result, the connection closes.
+    /// Speaks only TLS 1.0 (OpenSSL at security level 0), as old servers do; after a
+    /// handshake the session goes on over TLS 1.0, after a failed one the connection closes.
     Tls10Only(CertKey),
+    /// TLS 1.2 with only CBC suites (OpenSSL), none of which rustls has; otherwise like
+    /// `Tls10Only`. The certificate's key must be ECDSA (rcgen's default).
+    Tls12CbcOnly(CertKey),
     /// Says 220 and, in the same write, more reply lines (a STARTTLS injection), then closes.
     InjectAfter220,
 }
@@ -306,7 +309,7 @@ impl Server {
 enum Upgrade {
     NotOffered,
     Rustls(TlsAcceptor),
-    Tls10(SslAcceptor),
+    Openssl(SslAcceptor),
     /// 220 (plus these extra bytes), then close.
     Close(&'static str),
 }
@@ -320,7 +323,10 @@ impl Upgrade {
             StartTls::Rustls(cert) => Upgrade::Rustls(rustls_acceptor(cert, rustls::ALL_VERSIONS)?),
             StartTls::Tls12Only(cert) => Upgrade::Rustls(rustls_acceptor(cert, tls12)?),
             StartTls::Tls10Only(cert) => {
-                Upgrade::Tls10(tls10_acceptor(cert).map_err(io::Error::other)?)
+                Upgrade::Openssl(tls10_acceptor(cert).map_err(io::Error::other)?)
+            }
+            StartTls::Tls12CbcOnly(cert) => {
+                Upgrade::Openssl(tls12_cbc_acceptor(cert).map_err(io::Error::other)?)
             }
             StartTls::AbortAfter220 => Upgrade::Close(""),
             StartTls::InjectAfter220 => Upgrade::Close("250-evil.example\r\n250 AUTH LOGIN\r\n"),
@@ -344,13 +350,31 @@ fn rustls_acceptor(
 
 /// TLS 1.0 and nothing else. OpenSSL 3 allows TLS 1.0 only at security level 0.
 fn tls10_acceptor(cert: &CertKey) -> Result<SslAcceptor, openssl::error::ErrorStack> {
+    use openssl::ssl::SslVersion;
+    openssl_acceptor(cert, SslVersion::TLS1, "DEFAULT:@SECLEVEL=0")
+}
+
+/// TLS 1.2 with CBC suites only (HMAC-SHA1 and -SHA2), as servers set up before AEAD had.
+fn tls12_cbc_acceptor(cert: &CertKey) -> Result<SslAcceptor, openssl::error::ErrorStack> {
+    use openssl::ssl::SslVersion;
+    let cbc = "ECDHE-ECDSA-AES128-SHA256:ECDHE-ECDSA-AES256-SHA384:\
+               ECDHE-ECDSA-AES128-SHA:ECDHE-ECDSA-AES256-SHA";
+    openssl_acceptor(cert, SslVersion::TLS1_2, cbc)
+}
+
+/// An OpenSSL server for exactly one protocol version and these TLS 1.2-and-older suites.
+fn openssl_acceptor(
+    cert: &CertKey,
+    version: openssl::ssl::SslVersion,
+    ciphers: &str,
+) -> Result<SslAcceptor, openssl::error::ErrorStack> {
     use openssl::pkey::PKey;
-    use openssl::ssl::{SslMethod, SslVersion};
+    use openssl::ssl::SslMethod;
     use openssl::x509::X509;
     let mut builder = SslAcceptor::mozilla_intermediate(SslMethod::tls())?;
-    builder.set_cipher_list("DEFAULT:@SECLEVEL=0")?;
-    builder.set_min_proto_version(Some(SslVersion::TLS1))?;
-    builder.set_max_proto_version(Some(SslVersion::TLS1))?;
+    builder.set_cipher_list(ciphers)?;
+    builder.set_min_proto_version(Some(version))?;
+    builder.set_max_proto_version(Some(version))?;
     let certificate = X509::from_pem(cert.cert_pem.as_bytes())?;
     let key = PKey::private_key_from_pem(cert.key_pem.as_bytes())?;
     builder.set_certificate(&certificate)?;
@@ -403,7 +427,7 @@ async fn serve_plain(stream: TcpStream, server: &Server) {
     let tcp = plain.into_inner();
     match &server.upgrade {
         Upgrade::Rustls(acceptor) => serve_rustls(acceptor, tcp, server, false).await,
-        Upgrade::Tls10(acceptor) => tls10_handshake(acceptor.clone(), tcp).await,
+        Upgrade::Openssl(acceptor) => serve_openssl(acceptor, tcp, server).await,
         // Dropping the stream closes the connection.
         Upgrade::NotOffered | Upgrade::Close(_) => {}
     }
@@ -435,23 +459,37 @@ fn tls_info(conn: &rustls::ServerConnection) -> TlsInfo {
     }
 }
 
-/// OpenSSL's handshake is blocking: it runs on a blocking thread with a blocking socket.
-async fn tls10_handshake(acceptor: SslAcceptor, tcp: TcpStream) {
-    let Ok(stream) = tcp.into_std() else {
+/// A session inside an OpenSSL TLS session; a failed handshake closes the connection.
+async fn serve_openssl(acceptor: &SslAcceptor, tcp: TcpStream, server: &Server) {
+    let Ok(ssl) = openssl::ssl::Ssl::new(acceptor.context()) else {
         return;
     };
-    let blocking = stream.set_nonblocking(false).is_ok()
-        && stream.set_read_timeout(Some(TLS10_IO_TIMEOUT)).is_ok()
-        && stream.set_write_timeout(Some(TLS10_IO_TIMEOUT)).is_ok();
-    if !blocking {
+    let Ok(mut tls) = tokio_openssl::SslStream::new(ssl, tcp) else {
         return;
+    };
+    let handshake = std::pin::Pin::new(&mut tls).accept();
+    match tokio::time::timeout(OPENSSL_HANDSHAKE_TIMEOUT, handshake).await {
+        Ok(Ok(())) => {}
+        Ok(Err(error)) => {
+            tracing::debug!(%error, "OpenSSL test server: handshake failed");
+            return;
+        }
+        Err(_) => return,
     }
-    let handshake = tokio::task::spawn_blocking(move || {
-        // Success or failure, dropping the stream then closes the connection.
-        acceptor.accept(stream).map(drop).map_err(|e| e.to_string())
-    });
-    if let Ok(Err(error)) = handshake.await {
-        tracing::debug!(%error, "TLS 1.0 test server: handshake failed");
+    let info = openssl_tls_info(tls.ssl());
+    session(&mut BufReader::new(tls), server, Some(info)).await;
+}
+
+fn openssl_tls_info(ssl: &openssl::ssl::SslRef) -> TlsInfo {
+    // OpenSSL says "TLSv1" for 1.0; the proxy's logs say "TLSv1.0".
+    let version = match ssl.version_str() {
+        "TLSv1" => "TLSv1.0",
+        other => other,
+    };
+    let cipher = ssl.current_cipher().and_then(|c| c.standard_name());
+    TlsInfo {
+        version: version.to_string(),
+        cipher: cipher.unwrap_or("unknown").to_string(),
     }
 }
 
