@@ -1,9 +1,10 @@
 //! The side toward the Internet: MX resolution, SMTP client connections, TLS with a
 //! classifying verifier (and, with the `legacy-tls` feature, OpenSSL for servers rustls
-//! cannot talk to), and the delivery attempts a plan asks for.
+//! cannot talk to), DANE certificate checks, and the delivery attempts a plan asks for.
 
 pub mod connection;
 pub mod credentials;
+pub mod dane;
 pub mod delivery;
 #[cfg(feature = "legacy-tls")]
 pub mod legacy;
