@@ -282,6 +282,21 @@ pub struct TlsSession {
     pub chain: Vec<rustls::pki_types::CertificateDer<'static>>,
 }
 
+/// An encrypted session made by the legacy stack (OpenSSL) with a server that rustls could
+/// not talk to: encrypted, never authenticated, whatever `verification` says. A type of its
+/// own, so it cannot be taken for a [`TlsSession`].
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct LegacySession {
+    /// "TLSv1.0" ... "TLSv1.3".
+    pub version: String,
+    /// The IANA name, e.g. "TLS_RSA_WITH_AES_128_CBC_SHA".
+    pub cipher: String,
+    /// What verification of the chain for the MX name found: a fact for the log only.
+    pub verification: Verification,
+    /// The certificates the server sent, end entity first.
+    pub chain: Vec<rustls::pki_types::CertificateDer<'static>>,
+}
+
 /// Why a connection carries no TLS. Every plain delivery carries one of these.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum NoTls {

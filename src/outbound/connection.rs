@@ -52,6 +52,9 @@ impl ExchangeError {
 enum Transport {
     Plain(TcpStream),
     Tls(Box<TlsStream<TcpStream>>),
+    /// The legacy stack (OpenSSL), for servers rustls cannot talk to.
+    #[cfg(feature = "legacy-tls")]
+    Legacy(Box<tokio_openssl::SslStream<TcpStream>>),
 }
 
 pub struct Connection {
@@ -91,7 +94,7 @@ impl Connection {
     }
 
     pub fn is_tls(&self) -> bool {
-        matches!(self.io.get_ref(), Transport::Tls(_))
+        !matches!(self.io.get_ref(), Transport::Plain(_))
     }
 
     /// Reads one whole reply; `what` names the step for error texts.
@@ -207,6 +210,8 @@ impl Connection {
         let tcp = match self.io.get_ref() {
             Transport::Plain(tcp) => tcp,
             Transport::Tls(tls) => tls.get_ref().0,
+            #[cfg(feature = "legacy-tls")]
+            Transport::Legacy(tls) => tls.get_ref(),
         };
         crate::smtp::peek::bytes_waiting(tcp)
     }
@@ -337,6 +342,34 @@ impl Connection {
         Ok((conn, session))
     }
 
+    /// Like `upgrade`, with the legacy stack: for a host rustls could not talk to.
+    #[cfg(feature = "legacy-tls")]
+    pub async fn upgrade_legacy(
+        self,
+        tls: &TlsClient,
+        handshake_timeout: Duration,
+    ) -> Result<(Connection, crate::outcome::LegacySession), NoTls> {
+        let Connection {
+            io,
+            peer,
+            host,
+            line,
+            ..
+        } = self;
+        let Transport::Plain(tcp) = io.into_inner() else {
+            return Err(NoTls::ProtocolViolation("TLS inside TLS".into()));
+        };
+        let (stream, session) = tls.legacy_handshake(tcp, &host, handshake_timeout).await?;
+        let conn = Connection {
+            io: BufReader::with_capacity(16 * 1024, Transport::Legacy(Box::new(stream))),
+            peer,
+            host,
+            line,
+            closed_by_remote: false,
+        };
+        Ok((conn, session))
+    }
+
     /// No further command goes on this connection: `quit` only closes it.
     pub fn give_up(&mut self) {
         self.closed_by_remote = true;
@@ -372,6 +405,8 @@ impl AsyncRead for Transport {
         match self.get_mut() {
             Transport::Plain(s) => Pin::new(s).poll_read(cx, buf),
             Transport::Tls(s) => Pin::new(s.as_mut()).poll_read(cx, buf),
+            #[cfg(feature = "legacy-tls")]
+            Transport::Legacy(s) => Pin::new(s.as_mut()).poll_read(cx, buf),
         }
     }
 }
@@ -385,6 +420,8 @@ impl AsyncWrite for Transport {
         match self.get_mut() {
             Transport::Plain(s) => Pin::new(s).poll_write(cx, buf),
             Transport::Tls(s) => Pin::new(s.as_mut()).poll_write(cx, buf),
+            #[cfg(feature = "legacy-tls")]
+            Transport::Legacy(s) => Pin::new(s.as_mut()).poll_write(cx, buf),
         }
     }
 
@@ -392,6 +429,8 @@ impl AsyncWrite for Transport {
         match self.get_mut() {
             Transport::Plain(s) => Pin::new(s).poll_flush(cx),
             Transport::Tls(s) => Pin::new(s.as_mut()).poll_flush(cx),
+            #[cfg(feature = "legacy-tls")]
+            Transport::Legacy(s) => Pin::new(s.as_mut()).poll_flush(cx),
         }
     }
 
@@ -399,6 +438,8 @@ impl AsyncWrite for Transport {
         match self.get_mut() {
             Transport::Plain(s) => Pin::new(s).poll_shutdown(cx),
             Transport::Tls(s) => Pin::new(s.as_mut()).poll_shutdown(cx),
+            #[cfg(feature = "legacy-tls")]
+            Transport::Legacy(s) => Pin::new(s.as_mut()).poll_shutdown(cx),
         }
     }
 }

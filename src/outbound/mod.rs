@@ -1,10 +1,14 @@
 //! The side toward the Internet: MX resolution, SMTP client connections, TLS with a
-//! classifying verifier, the delivery attempts a plan asks for, and the remote dialogue of a
-//! transaction once it is open.
+//! classifying verifier (and, with the `legacy-tls` feature, OpenSSL for servers rustls
+//! cannot talk to), DANE certificate checks, the delivery attempts a plan asks for, and the
+//! remote dialogue of a transaction once it is open.
 
 pub mod connection;
 pub mod credentials;
+pub mod dane;
 pub mod delivery;
+#[cfg(feature = "legacy-tls")]
+pub mod legacy;
 pub mod mx;
 pub mod tls;
 pub mod upstream;

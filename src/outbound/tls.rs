@@ -18,6 +18,8 @@ use std::path::PathBuf;
 use tokio::net::TcpStream;
 use tokio_rustls::client::TlsStream;
 
+#[cfg(feature = "legacy-tls")]
+use crate::outbound::legacy::LegacyConnector;
 use crate::outcome::{CertProblem, NoTls, TlsSession, Verification, format_date};
 use crate::rules::MinTls;
 
@@ -44,6 +46,8 @@ pub struct TlsClient {
     provider: Arc<CryptoProvider>,
     /// `None` when no root is trusted: every certificate is then unverified.
     webpki: Option<Arc<WebPkiServerVerifier>>,
+    #[cfg(feature = "legacy-tls")]
+    legacy: LegacyConnector,
 }
 
 impl TlsClient {
@@ -83,7 +87,13 @@ impl TlsClient {
                     .build()?,
             )
         };
-        Ok(TlsClient { provider, webpki })
+        Ok(TlsClient {
+            provider,
+            webpki,
+            #[cfg(feature = "legacy-tls")]
+            legacy: LegacyConnector::new()
+                .map_err(|e| anyhow::anyhow!("the legacy TLS stack (OpenSSL): {e}"))?,
+        })
     }
 
     /// Runs the handshake on a connection where STARTTLS was just accepted.
@@ -158,6 +168,85 @@ impl TlsClient {
     }
 }
 
+impl TlsClient {
+    /// What verification of `chain` (end entity first) for `host` finds, now: for a session
+    /// whose handshake did not run our verifier.
+    pub fn verify_chain(&self, chain: &[CertificateDer<'_>], host: &str) -> Verification {
+        let Some((end_entity, intermediates)) = chain.split_first() else {
+            return Verification::Failed(CertProblem::Other("no certificate was sent".into()));
+        };
+        let Ok(name) = ServerName::try_from(host) else {
+            return Verification::Failed(CertProblem::Other(format!(
+                "{host:?} is not a valid TLS name"
+            )));
+        };
+        verify(
+            self.webpki.as_deref(),
+            end_entity,
+            intermediates,
+            &name,
+            &[],
+            UnixTime::now(),
+        )
+    }
+
+    /// The legacy stack's handshake (OpenSSL, TLS 1.0 to 1.3, legacy suites), for a host
+    /// rustls could not talk to; the chain is verified for the log, never required.
+    #[cfg(feature = "legacy-tls")]
+    pub async fn legacy_handshake(
+        &self,
+        tcp: TcpStream,
+        host: &str,
+        timeout: Duration,
+    ) -> Result<
+        (
+            tokio_openssl::SslStream<TcpStream>,
+            crate::outcome::LegacySession,
+        ),
+        NoTls,
+    > {
+        let (stream, negotiated) = self.legacy.handshake(tcp, host, timeout).await?;
+        let verification = self.verify_chain(&negotiated.chain, host);
+        let session = crate::outcome::LegacySession {
+            version: negotiated.version,
+            cipher: negotiated.cipher,
+            verification,
+            chain: negotiated.chain,
+        };
+        Ok((stream, session))
+    }
+}
+
+/// The real verification of a chain for a name: what the certificate is worth.
+fn verify(
+    webpki: Option<&WebPkiServerVerifier>,
+    end_entity: &CertificateDer<'_>,
+    intermediates: &[CertificateDer<'_>],
+    server_name: &ServerName<'_>,
+    ocsp_response: &[u8],
+    now: UnixTime,
+) -> Verification {
+    match webpki {
+        None => Verification::Failed(CertProblem::Untrusted {
+            detail: "no trusted root certificates are configured".into(),
+            name_ok: name_matches(end_entity, server_name),
+        }),
+        Some(webpki) => {
+            let verified = webpki.verify_server_cert(
+                end_entity,
+                intermediates,
+                server_name,
+                ocsp_response,
+                now,
+            );
+            match verified {
+                Ok(_) => Verification::Verified,
+                Err(error) => Verification::Failed(cert_problem(&error, end_entity, server_name)),
+            }
+        }
+    }
+}
+
 /// Verifies for real and keeps the result, but lets the handshake go on; signatures are
 /// always checked, so the session is encrypted to whoever holds the certificate's key.
 #[derive(Debug)]
@@ -176,26 +265,14 @@ impl ServerCertVerifier for RecordingVerifier {
         ocsp_response: &[u8],
         now: UnixTime,
     ) -> Result<ServerCertVerified, rustls::Error> {
-        let verification = match &self.inner {
-            None => Verification::Failed(CertProblem::Untrusted {
-                detail: "no trusted root certificates are configured".into(),
-                name_ok: name_matches(end_entity, server_name),
-            }),
-            Some(inner) => {
-                match inner.verify_server_cert(
-                    end_entity,
-                    intermediates,
-                    server_name,
-                    ocsp_response,
-                    now,
-                ) {
-                    Ok(_) => Verification::Verified,
-                    Err(error) => {
-                        Verification::Failed(cert_problem(&error, end_entity, server_name))
-                    }
-                }
-            }
-        };
+        let verification = verify(
+            self.inner.as_deref(),
+            end_entity,
+            intermediates,
+            server_name,
+            ocsp_response,
+            now,
+        );
         if let Ok(mut slot) = self.result.lock() {
             *slot = Some(verification);
         }

@@ -10,10 +10,12 @@ mod support;
 
 mod admin;
 mod cache;
+mod dane;
 mod delivery;
 mod explain;
 mod hardening;
 mod kit;
+mod legacy_tls;
 mod lifecycle;
 mod rules;
 mod tls_outcomes;

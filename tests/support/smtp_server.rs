@@ -1,6 +1,6 @@
 //! The one test SMTP server: real, on loopback, and scriptable. A [`ServerBehaviour`] starts
-//! from a preset (plain, STARTTLS with rustls, TLS 1.2 only, a real TLS 1.0-only server with
-//! OpenSSL, a handshake that breaks off, an injection after the STARTTLS 220, implicit TLS,
+//! from a preset (plain, STARTTLS with rustls, TLS 1.2 only, a real TLS 1.0-only server and
+//! a TLS 1.2 server with only CBC suites with OpenSSL, a handshake that breaks off, an injection after the STARTTLS 220, implicit TLS,
 //! AUTH that wants given credentials) and a script can change any step of a session
 //! (greeting, EHLO, STARTTLS, the handshake, MAIL, RCPT, DATA, the body, the end of data):
 //! another reply, a dropped connection, a stall, a reply where none is due, or a pause until
@@ -36,8 +36,8 @@ use super::pki::{CertKey, TestCa, Validity};
 /// How long a test waits for something the server should see before it fails.
 const WAIT: Duration = Duration::from_secs(30);
 
-/// Bounds the blocking OpenSSL handshake, so a silent client cannot pin a thread.
-const TLS10_IO_TIMEOUT: Duration = Duration::from_secs(10);
+/// Bounds the OpenSSL handshake, so a silent client cannot hold the connection.
+const OPENSSL_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// What the server does with STARTTLS.
 #[derive(Clone)]
@@ -50,8 +50,11 @@ pub enum StartTls {
     Tls12Only(CertKey),
     /// Says 220 to STARTTLS, then closes the connection: the client's handshake fails.
     AbortAfter220,
-    /// Speaks only TLS 1.0 (OpenSSL at security level 0), as old servers do; after the
-    /// handshake, whatever its result, the connection closes.
+    /// TLS 1.2 with only CBC suites (OpenSSL), none of which rustls has; otherwise like
+    /// `Tls10Only`. The certificate's key must be ECDSA (rcgen's default).
+    Tls12CbcOnly(CertKey),
+    /// Speaks only TLS 1.0 (OpenSSL at security level 0), as old servers do; after a
+    /// handshake the session goes on over TLS 1.0, after a failed one the connection closes.
     Tls10Only(CertKey),
     /// Says 220 and, in the same write, more reply lines (a STARTTLS injection), then closes.
     InjectAfter220,
@@ -600,7 +603,7 @@ impl Server {
 enum Upgrade {
     NotOffered,
     Rustls(TlsAcceptor),
-    Tls10(SslAcceptor),
+    Openssl(SslAcceptor),
     /// 220 (plus these extra bytes), then close.
     Close(&'static str),
 }
@@ -614,7 +617,10 @@ impl Upgrade {
             StartTls::Rustls(cert) => Upgrade::Rustls(rustls_acceptor(cert, rustls::ALL_VERSIONS)?),
             StartTls::Tls12Only(cert) => Upgrade::Rustls(rustls_acceptor(cert, tls12)?),
             StartTls::Tls10Only(cert) => {
-                Upgrade::Tls10(tls10_acceptor(cert).map_err(io::Error::other)?)
+                Upgrade::Openssl(tls10_acceptor(cert).map_err(io::Error::other)?)
+            }
+            StartTls::Tls12CbcOnly(cert) => {
+                Upgrade::Openssl(tls12_cbc_acceptor(cert).map_err(io::Error::other)?)
             }
             StartTls::AbortAfter220 => Upgrade::Close(""),
             StartTls::InjectAfter220 => Upgrade::Close("250-evil.example\r\n250 AUTH LOGIN\r\n"),
@@ -638,13 +644,28 @@ fn rustls_acceptor(
 
 /// TLS 1.0 and nothing else. OpenSSL 3 allows TLS 1.0 only at security level 0.
 fn tls10_acceptor(cert: &CertKey) -> Result<SslAcceptor, openssl::error::ErrorStack> {
+    openssl_acceptor(cert, openssl::ssl::SslVersion::TLS1, "DEFAULT:@SECLEVEL=0")
+}
+
+/// TLS 1.2 with CBC suites only, none of which rustls offers.
+fn tls12_cbc_acceptor(cert: &CertKey) -> Result<SslAcceptor, openssl::error::ErrorStack> {
+    let cbc = "ECDHE-ECDSA-AES128-SHA256:ECDHE-ECDSA-AES256-SHA384:\
+               ECDHE-ECDSA-AES128-SHA:ECDHE-ECDSA-AES256-SHA";
+    openssl_acceptor(cert, openssl::ssl::SslVersion::TLS1_2, cbc)
+}
+
+fn openssl_acceptor(
+    cert: &CertKey,
+    version: openssl::ssl::SslVersion,
+    ciphers: &str,
+) -> Result<SslAcceptor, openssl::error::ErrorStack> {
     use openssl::pkey::PKey;
-    use openssl::ssl::{SslMethod, SslVersion};
+    use openssl::ssl::SslMethod;
     use openssl::x509::X509;
     let mut builder = SslAcceptor::mozilla_intermediate(SslMethod::tls())?;
-    builder.set_cipher_list("DEFAULT:@SECLEVEL=0")?;
-    builder.set_min_proto_version(Some(SslVersion::TLS1))?;
-    builder.set_max_proto_version(Some(SslVersion::TLS1))?;
+    builder.set_cipher_list(ciphers)?;
+    builder.set_min_proto_version(Some(version))?;
+    builder.set_max_proto_version(Some(version))?;
     let certificate = X509::from_pem(cert.cert_pem.as_bytes())?;
     let key = PKey::private_key_from_pem(cert.key_pem.as_bytes())?;
     builder.set_certificate(&certificate)?;
@@ -894,11 +915,7 @@ impl Session {
         let server = self.server.clone();
         match &server.upgrade {
             Upgrade::Rustls(acceptor) => self.secure(acceptor).await,
-            Upgrade::Tls10(acceptor) => {
-                let tcp = self.take_tcp()?;
-                tls10_handshake(acceptor.clone(), tcp).await;
-                Err(End)
-            }
+            Upgrade::Openssl(acceptor) => self.secure_openssl(acceptor).await,
             Upgrade::NotOffered | Upgrade::Close(_) => Err(End),
         }
     }
@@ -920,6 +937,29 @@ impl Session {
         let tls = acceptor.accept(tcp).await.map_err(|_| End)?;
         self.tls = Some(tls_info(tls.get_ref().1));
         self.io = BufReader::new(Transport::Tls(Box::new(tls)));
+        self.server.shared.update(self.id, |log| log.tls = true);
+        self.helo = None;
+        self.reset();
+        Ok(())
+    }
+
+    /// The same with OpenSSL (old protocol versions and suites); a failed handshake closes
+    /// the connection.
+    async fn secure_openssl(&mut self, acceptor: &SslAcceptor) -> Result<(), End> {
+        let tcp = self.take_tcp()?;
+        let ssl = openssl::ssl::Ssl::new(acceptor.context()).map_err(|_| End)?;
+        let mut tls = tokio_openssl::SslStream::new(ssl, tcp).map_err(|_| End)?;
+        let handshake = Pin::new(&mut tls).accept();
+        match tokio::time::timeout(OPENSSL_HANDSHAKE_TIMEOUT, handshake).await {
+            Ok(Ok(())) => {}
+            Ok(Err(error)) => {
+                tracing::debug!(%error, "OpenSSL test server: handshake failed");
+                return Err(End);
+            }
+            Err(_) => return Err(End),
+        }
+        self.tls = Some(openssl_tls_info(tls.ssl()));
+        self.io = BufReader::new(Transport::Openssl(Box::new(tls)));
         self.server.shared.update(self.id, |log| log.tls = true);
         self.helo = None;
         self.reset();
@@ -1194,23 +1234,16 @@ fn tls_info(conn: &rustls::ServerConnection) -> TlsInfo {
     }
 }
 
-/// OpenSSL's handshake is blocking: it runs on a blocking thread with a blocking socket.
-async fn tls10_handshake(acceptor: SslAcceptor, tcp: TcpStream) {
-    let Ok(stream) = tcp.into_std() else {
-        return;
+fn openssl_tls_info(ssl: &openssl::ssl::SslRef) -> TlsInfo {
+    // OpenSSL says "TLSv1" for 1.0; the proxy's logs say "TLSv1.0".
+    let version = match ssl.version_str() {
+        "TLSv1" => "TLSv1.0",
+        other => other,
     };
-    let blocking = stream.set_nonblocking(false).is_ok()
-        && stream.set_read_timeout(Some(TLS10_IO_TIMEOUT)).is_ok()
-        && stream.set_write_timeout(Some(TLS10_IO_TIMEOUT)).is_ok();
-    if !blocking {
-        return;
-    }
-    let handshake = tokio::task::spawn_blocking(move || {
-        // Success or failure, dropping the stream then closes the connection.
-        acceptor.accept(stream).map(drop).map_err(|e| e.to_string())
-    });
-    if let Ok(Err(error)) = handshake.await {
-        tracing::debug!(%error, "TLS 1.0 test server: handshake failed");
+    let cipher = ssl.current_cipher().and_then(|c| c.standard_name());
+    TlsInfo {
+        version: version.to_string(),
+        cipher: cipher.unwrap_or("unknown").to_string(),
     }
 }
 
@@ -1315,6 +1348,7 @@ impl BodyReader {
 enum Transport {
     Plain(TcpStream),
     Tls(Box<tokio_rustls::server::TlsStream<TcpStream>>),
+    Openssl(Box<tokio_openssl::SslStream<TcpStream>>),
     /// Only while the plain stream is handed to the TLS acceptor.
     Closed,
 }
@@ -1328,6 +1362,7 @@ impl AsyncRead for Transport {
         match self.get_mut() {
             Transport::Plain(s) => Pin::new(s).poll_read(cx, buf),
             Transport::Tls(s) => Pin::new(s.as_mut()).poll_read(cx, buf),
+            Transport::Openssl(s) => Pin::new(s.as_mut()).poll_read(cx, buf),
             Transport::Closed => Poll::Ready(Ok(())),
         }
     }
@@ -1342,6 +1377,7 @@ impl AsyncWrite for Transport {
         match self.get_mut() {
             Transport::Plain(s) => Pin::new(s).poll_write(cx, buf),
             Transport::Tls(s) => Pin::new(s.as_mut()).poll_write(cx, buf),
+            Transport::Openssl(s) => Pin::new(s.as_mut()).poll_write(cx, buf),
             Transport::Closed => Poll::Ready(Err(io::ErrorKind::NotConnected.into())),
         }
     }
@@ -1350,6 +1386,7 @@ impl AsyncWrite for Transport {
         match self.get_mut() {
             Transport::Plain(s) => Pin::new(s).poll_flush(cx),
             Transport::Tls(s) => Pin::new(s.as_mut()).poll_flush(cx),
+            Transport::Openssl(s) => Pin::new(s.as_mut()).poll_flush(cx),
             Transport::Closed => Poll::Ready(Ok(())),
         }
     }
@@ -1358,6 +1395,7 @@ impl AsyncWrite for Transport {
         match self.get_mut() {
             Transport::Plain(s) => Pin::new(s).poll_shutdown(cx),
             Transport::Tls(s) => Pin::new(s.as_mut()).poll_shutdown(cx),
+            Transport::Openssl(s) => Pin::new(s.as_mut()).poll_shutdown(cx),
             Transport::Closed => Poll::Ready(Ok(())),
         }
     }

@@ -1,0 +1,225 @@
+//! DANE (RFC 7672) certificate checks in real rustls handshakes on loopback: a DANE-EE
+//! record authenticates a server by its key alone, whatever its certificate's names and
+//! dates; a DANE-TA record authenticates a chain that leads to the named anchor and names
+//! the MX host; anything else fails the handshake and says why.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use crate::support::pki::{CertKey, TestCa, Validity, self_signed};
+use openssl::x509::X509;
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
+use tlsrouter::outbound::dane::{DaneMismatch, DaneVerdict, DaneVerifier, TlsaRecord};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+
+const MX: &str = "mx.dane.test";
+
+/// A TLS server on loopback that sends `chain` and, once the handshake is done, a greeting.
+async fn tls_server(
+    chain: Vec<CertificateDer<'static>>,
+    key: PrivateKeyDer<'static>,
+) -> SocketAddr {
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let config = rustls::ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .expect("server protocol versions")
+        .with_no_client_auth()
+        .with_single_cert(chain, key)
+        .expect("server certificate");
+    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = listener.local_addr().expect("server address");
+    tokio::spawn(async move {
+        while let Ok((tcp, _)) = listener.accept().await {
+            let acceptor = acceptor.clone();
+            tokio::spawn(async move {
+                if let Ok(mut tls) = acceptor.accept(tcp).await {
+                    let _ = tls.write_all(b"220 secured\r\n").await;
+                    let _ = tls.flush().await;
+                }
+            });
+        }
+    });
+    addr
+}
+
+/// A client handshake with DANE as the only verification; the greeting on success.
+async fn dane_handshake(
+    addr: SocketAddr,
+    records: Vec<TlsaRecord>,
+) -> (Result<String, std::io::Error>, Option<DaneVerdict>) {
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let verifier = Arc::new(DaneVerifier::new(records, provider));
+    let config = DaneVerifier::client_config(verifier.clone(), rustls::ALL_VERSIONS)
+        .expect("client configuration");
+    let connector = tokio_rustls::TlsConnector::from(Arc::new(config));
+    let tcp = TcpStream::connect(addr).await.expect("connect");
+    let name = ServerName::try_from(MX).expect("server name");
+    let result = async {
+        let mut tls = connector.connect(name, tcp).await?;
+        let mut greeting = vec![0; 13];
+        tls.read_exact(&mut greeting).await?;
+        Ok(String::from_utf8_lossy(&greeting).into_owned())
+    }
+    .await;
+    (result, verifier.verdict())
+}
+
+fn der(cert: &CertKey) -> Vec<u8> {
+    cert.chain[0].to_vec()
+}
+
+fn ca_der(ca: &TestCa) -> Vec<u8> {
+    CertificateDer::from_pem_slice(ca.ca_pem().as_bytes())
+        .expect("the CA certificate as DER")
+        .to_vec()
+}
+
+/// The selected part and digest computed by OpenSSL, independently of the code under test.
+fn association(cert_der: &[u8], selector: u8, matching: u8) -> Vec<u8> {
+    let selected = match selector {
+        0 => cert_der.to_vec(),
+        _ => X509::from_der(cert_der)
+            .and_then(|c| c.public_key())
+            .and_then(|k| k.public_key_to_der())
+            .expect("SubjectPublicKeyInfo by OpenSSL"),
+    };
+    match matching {
+        0 => selected,
+        1 => openssl::sha::sha256(&selected).to_vec(),
+        _ => openssl::sha::sha512(&selected).to_vec(),
+    }
+}
+
+fn record(usage: u8, selector: u8, matching: u8, cert_der: &[u8]) -> TlsaRecord {
+    let data = association(cert_der, selector, matching);
+    TlsaRecord::from_fields(usage, selector, matching, &data).expect("a usable record")
+}
+
+/// The DANE reason inside a failed handshake's error.
+fn mismatch(error: &std::io::Error) -> Option<String> {
+    let rustls_error = error.get_ref()?.downcast_ref::<rustls::Error>()?;
+    let rustls::Error::InvalidCertificate(rustls::CertificateError::Other(other)) = rustls_error
+    else {
+        return None;
+    };
+    other.0.downcast_ref::<DaneMismatch>().map(|m| m.0.clone())
+}
+
+#[tokio::test]
+async fn dane_ee_accepts_a_matching_key_even_on_an_expired_certificate_for_another_name() {
+    let ca = TestCa::new();
+    let cert = ca.leaf(&["someone-else.example"], Validity::Expired);
+    let addr = tls_server(cert.chain.clone(), cert.key.clone_key()).await;
+    for (selector, matching) in [(1, 1), (0, 1), (0, 2), (1, 0)] {
+        let tlsa = record(3, selector, matching, &der(&cert));
+        let (result, verdict) = dane_handshake(addr, vec![tlsa.clone()]).await;
+        let greeting = result.unwrap_or_else(|e| panic!("3 {selector} {matching}: {e}"));
+        assert_eq!(greeting, "220 secured\r\n");
+        assert_eq!(
+            verdict,
+            Some(DaneVerdict::Matched {
+                record: tlsa,
+                depth: 0
+            })
+        );
+    }
+}
+
+#[tokio::test]
+async fn dane_ee_rejects_a_server_whose_key_matches_no_record() {
+    let cert = self_signed(&[MX]);
+    let other = self_signed(&[MX]);
+    let addr = tls_server(cert.chain.clone(), cert.key.clone_key()).await;
+    let (result, verdict) = dane_handshake(addr, vec![record(3, 1, 1, &der(&other))]).await;
+    let error = result.expect_err("a key no record names must fail the handshake");
+    let why = mismatch(&error).unwrap_or_else(|| panic!("not a DANE failure: {error:?}"));
+    assert!(why.contains("matches none of 1 DANE-EE"), "{why}");
+    assert_eq!(verdict, Some(DaneVerdict::NoMatch(why)));
+}
+
+#[tokio::test]
+async fn dane_ta_accepts_a_chain_to_the_named_anchor_that_names_the_mx() {
+    let ca = TestCa::new();
+    let cert = ca.leaf(&[MX], Validity::Current);
+    let mut chain = cert.chain.clone();
+    chain.push(CertificateDer::from(ca_der(&ca)));
+    let addr = tls_server(chain, cert.key.clone_key()).await;
+    for (selector, matching) in [(0, 1), (1, 1), (1, 2)] {
+        let tlsa = record(2, selector, matching, &ca_der(&ca));
+        let (result, verdict) = dane_handshake(addr, vec![tlsa.clone()]).await;
+        result.unwrap_or_else(|e| panic!("2 {selector} {matching}: {e}"));
+        assert_eq!(
+            verdict,
+            Some(DaneVerdict::Matched {
+                record: tlsa,
+                depth: 1
+            })
+        );
+    }
+}
+
+#[tokio::test]
+async fn dane_ta_rejects_a_chain_to_another_anchor() {
+    let ca = TestCa::new();
+    let other_ca = TestCa::new();
+    let cert = ca.leaf(&[MX], Validity::Current);
+    let mut chain = cert.chain.clone();
+    chain.push(CertificateDer::from(ca_der(&ca)));
+    let addr = tls_server(chain, cert.key.clone_key()).await;
+    let (result, _) = dane_handshake(addr, vec![record(2, 0, 1, &ca_der(&other_ca))]).await;
+    let error = result.expect_err("another anchor must fail the handshake");
+    let why = mismatch(&error).unwrap_or_else(|| panic!("not a DANE failure: {error:?}"));
+    assert!(
+        why.contains("no certificate the server sent matches"),
+        "{why}"
+    );
+}
+
+#[tokio::test]
+async fn dane_ta_rejects_a_certificate_under_the_anchor_that_does_not_name_the_mx() {
+    let ca = TestCa::new();
+    let cert = ca.leaf(&["someone-else.example"], Validity::Current);
+    let mut chain = cert.chain.clone();
+    chain.push(CertificateDer::from(ca_der(&ca)));
+    let addr = tls_server(chain, cert.key.clone_key()).await;
+    let (result, _) = dane_handshake(addr, vec![record(2, 0, 1, &ca_der(&ca))]).await;
+    let error = result.expect_err("a name mismatch under DANE-TA must fail the handshake");
+    let why = mismatch(&error).unwrap_or_else(|| panic!("not a DANE failure: {error:?}"));
+    assert!(why.contains("does not verify"), "{why}");
+}
+
+#[tokio::test]
+async fn dane_ta_rejects_an_expired_certificate_under_the_anchor() {
+    let ca = TestCa::new();
+    let cert = ca.leaf(&[MX], Validity::Expired);
+    let mut chain = cert.chain.clone();
+    chain.push(CertificateDer::from(ca_der(&ca)));
+    let addr = tls_server(chain, cert.key.clone_key()).await;
+    let (result, _) = dane_handshake(addr, vec![record(2, 1, 1, &ca_der(&ca))]).await;
+    let error = result.expect_err("an expired leaf under DANE-TA must fail the handshake");
+    let why = mismatch(&error).unwrap_or_else(|| panic!("not a DANE failure: {error:?}"));
+    assert!(why.contains("does not verify"), "{why}");
+}
+
+#[tokio::test]
+async fn with_both_kinds_a_dane_ee_match_is_enough_and_a_failure_names_each_kind() {
+    let ca = TestCa::new();
+    let cert = ca.leaf(&[MX], Validity::Current);
+    let stranger = self_signed(&[MX]);
+    // The chain leaves the CA out: a DANE-TA record cannot match.
+    let addr = tls_server(cert.chain.clone(), cert.key.clone_key()).await;
+    let ta = record(2, 0, 1, &ca_der(&ca));
+
+    let ee = record(3, 1, 1, &der(&cert));
+    let (result, _) = dane_handshake(addr, vec![ta.clone(), ee]).await;
+    result.expect("the DANE-EE record matches");
+
+    let wrong_ee = record(3, 1, 1, &der(&stranger));
+    let (result, _) = dane_handshake(addr, vec![ta, wrong_ee]).await;
+    let error = result.expect_err("neither record matches");
+    let why = mismatch(&error).unwrap_or_else(|| panic!("not a DANE failure: {error:?}"));
+    assert!(why.contains("DANE-EE") && why.contains("DANE-TA"), "{why}");
+}
