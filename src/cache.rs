@@ -445,8 +445,9 @@ fn expiry(problem: &CertProblem) -> Option<String> {
 
 #[derive(Debug, thiserror::Error)]
 pub enum CacheError {
-    #[error("cache file {}: {source}", path.display())]
-    Io { path: PathBuf, source: io::Error },
+    /// The io error is in the message, not a `source()`, so a chain prints it once.
+    #[error("cache file {}: {error}", path.display())]
+    Io { path: PathBuf, error: io::Error },
     #[error("cache file {} is corrupt, ignoring it: {detail}", path.display())]
     Corrupt { path: PathBuf, detail: String },
     #[error("no cached entry for {host}: name an address to pin it")]
@@ -724,9 +725,9 @@ impl OutcomeCache {
         write_atomically(path, |w| {
             serde_json::to_writer(w, &saved).map_err(io::Error::from)
         })
-        .map_err(|source| CacheError::Io {
+        .map_err(|error| CacheError::Io {
             path: path.to_path_buf(),
-            source,
+            error,
         })?;
         Ok(entries.len())
     }
@@ -738,10 +739,10 @@ impl OutcomeCache {
         let bytes = match fs::read(path) {
             Ok(bytes) => bytes,
             Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(0),
-            Err(source) => {
+            Err(error) => {
                 return Err(CacheError::Io {
                     path: path.to_path_buf(),
-                    source,
+                    error,
                 });
             }
         };

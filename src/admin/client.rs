@@ -14,11 +14,9 @@ pub enum CtlError {
     NotRunning(String),
     #[error("permission denied on the admin socket {0} (are you in its group?)")]
     Permission(String),
-    #[error("admin socket {path}: {source}")]
-    Io {
-        path: String,
-        source: std::io::Error,
-    },
+    /// The io error is in the message, not a `source()`, so a chain prints it once.
+    #[error("admin socket {path}: {error}")]
+    Io { path: String, error: std::io::Error },
     #[error("admin socket {0}: the daemon sent no valid answer")]
     BadAnswer(String),
 }
@@ -36,15 +34,15 @@ pub async fn ask(socket: &Path, request: &Request) -> Result<Response, CtlError>
             std::io::ErrorKind::PermissionDenied => CtlError::Permission(path.clone()),
             _ => CtlError::Io {
                 path: path.clone(),
-                source: e,
+                error: e,
             },
         })?;
     let (read, mut write) = stream.into_split();
     let mut line = serde_json::to_string(request).map_err(|_| CtlError::BadAnswer(path.clone()))?;
     line.push('\n');
-    let io = |source| CtlError::Io {
+    let io = |error| CtlError::Io {
         path: path.clone(),
-        source,
+        error,
     };
     write.write_all(line.as_bytes()).await.map_err(io)?;
     let mut answer = String::new();
