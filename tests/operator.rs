@@ -55,3 +55,26 @@ fn a_missing_file_is_reported_once_with_its_cause_once() {
         assert_eq!(count(&err, "No such file"), 1, "{args:?}: {err}");
     }
 }
+
+// --- ctl with a wrong --socket -----------------------------------------------------------
+
+#[cfg(unix)]
+#[test]
+fn ctl_says_when_its_socket_path_is_not_a_socket() {
+    let dir = tempfile::tempdir().expect("dir");
+    let file = dir.path().join("admin.sock");
+    std::fs::write(&file, "").expect("write");
+    for path in [&file, &dir.path().to_path_buf()] {
+        let path = path.to_str().expect("path");
+        let (code, _, err) = tlsrouter(&["ctl", "--socket", path, "stats"]);
+        assert_eq!(code, 2, "{err}");
+        assert!(err.contains(path), "{err}");
+        assert!(err.contains("not a socket"), "{err}");
+        assert!(!err.contains("not running"), "{err}");
+    }
+    // A path with nothing there is still "not running".
+    let nothing = dir.path().join("nothing.sock");
+    let (code, _, err) = tlsrouter(&["ctl", "--socket", nothing.to_str().expect("path"), "stats"]);
+    assert_eq!(code, 2);
+    assert!(err.contains("not running"), "{err}");
+}

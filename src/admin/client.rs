@@ -12,6 +12,8 @@ use crate::admin::protocol::{Request, Response};
 pub enum CtlError {
     #[error("tlsrouter is not running (no admin socket at {0})")]
     NotRunning(String),
+    #[error("{0} is not a socket (give the daemon's admin.socket with --socket)")]
+    NotASocket(String),
     #[error("permission denied on the admin socket {0} (are you in its group?)")]
     Permission(String),
     /// The io error is in the message, not a `source()`, so a chain prints it once.
@@ -28,6 +30,12 @@ pub async fn ask(socket: &Path, request: &Request) -> Result<Response, CtlError>
     let stream = tokio::net::UnixStream::connect(socket)
         .await
         .map_err(|e| match e.kind() {
+            // Connecting to a file or a directory is refused as if nobody listened.
+            std::io::ErrorKind::NotFound | std::io::ErrorKind::ConnectionRefused
+                if is_other_than_a_socket(socket) =>
+            {
+                CtlError::NotASocket(path.clone())
+            }
             std::io::ErrorKind::NotFound | std::io::ErrorKind::ConnectionRefused => {
                 CtlError::NotRunning(path.clone())
             }
@@ -51,6 +59,13 @@ pub async fn ask(socket: &Path, request: &Request) -> Result<Response, CtlError>
         .await
         .map_err(io)?;
     serde_json::from_str(&answer).map_err(|_| CtlError::BadAnswer(path))
+}
+
+/// Whether something that is not a socket is at `path` (followed, as connect follows it).
+#[cfg(unix)]
+fn is_other_than_a_socket(path: &Path) -> bool {
+    use std::os::unix::fs::FileTypeExt;
+    std::fs::metadata(path).is_ok_and(|meta| !meta.file_type().is_socket())
 }
 
 #[cfg(not(unix))]
