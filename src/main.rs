@@ -16,6 +16,9 @@ use tlsrouter::rules::explain::{Question, explain};
 /// EX_USAGE from sysexits.h: the configuration is wrong.
 const EXIT_CONFIG: u8 = 64;
 
+/// EX_UNAVAILABLE from sysexits.h: `probe` found no server it could probe.
+const EXIT_NOTHING_PROBED: u8 = 69;
+
 #[derive(Parser)]
 #[command(version, about = "Opportunistic-TLS routing proxy for outbound SMTP")]
 struct Cli {
@@ -56,6 +59,12 @@ enum Commands {
         command: CtlCommand,
     },
     /// Diagnose a remote domain or server: MX, banner, EHLO, STARTTLS, certificate, timings.
+    #[command(
+        after_help = "Exit status: 0 when at least one server was probed (whatever its \
+        TLS); 69 when nothing could be probed: the domain does not exist, has no MX or no \
+        address, or no server got through the probe (connect failed, timeout, or the \
+        dialogue broke off); 64 for a bad configuration; 2 for bad arguments."
+    )]
     Probe {
         /// The recipient domain to probe (its MX hosts).
         domain: Option<String>,
@@ -328,7 +337,23 @@ fn probe_standalone(path: Option<PathBuf>, target: ProbeTarget, json: bool) -> E
         } else {
             print!("{}", tlsrouter::probe::render(&report));
         }
-        ExitCode::SUCCESS
+        if probed_a_server(&report) {
+            ExitCode::SUCCESS
+        } else {
+            ExitCode::from(EXIT_NOTHING_PROBED)
+        }
+    })
+}
+
+/// Whether some server got through the probe: it was reached and the dialogue did not
+/// break off, whatever its TLS outcome. A DNS error leaves no server at all.
+fn probed_a_server(report: &tlsrouter::probe::ProbeReport) -> bool {
+    report.mx.iter().flat_map(|mx| &mx.servers).any(|server| {
+        server.error.is_none()
+            && !matches!(
+                server.class,
+                Some(OutcomeClass::ConnectFailed | OutcomeClass::Timeout)
+            )
     })
 }
 

@@ -3,7 +3,13 @@
 
 mod support;
 
+use std::net::{IpAddr, Ipv4Addr};
 use std::process::Command;
+
+use support::dns::{DnsServer, TestZone};
+use support::smtp_server::{ServerBehaviour, SmtpServer};
+
+const LOCALHOST: IpAddr = IpAddr::V4(Ipv4Addr::LOCALHOST);
 
 /// Settings for a daemon that never needs to reach a remote.
 const NO_REMOTES: &str =
@@ -20,6 +26,16 @@ fn tlsrouter(args: &[&str]) -> (i32, String, String) {
         String::from_utf8_lossy(&out.stdout).into_owned(),
         String::from_utf8_lossy(&out.stderr).into_owned(),
     )
+}
+
+/// The same from an async test, on a blocking thread.
+async fn tlsrouter_async(args: Vec<String>) -> (i32, String, String) {
+    tokio::task::spawn_blocking(move || {
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        tlsrouter(&args)
+    })
+    .await
+    .expect("join")
 }
 
 // --- error messages ----------------------------------------------------------------------
@@ -77,4 +93,73 @@ fn ctl_says_when_its_socket_path_is_not_a_socket() {
     let (code, _, err) = tlsrouter(&["ctl", "--socket", nothing.to_str().expect("path"), "stats"]);
     assert_eq!(code, 2);
     assert!(err.contains("not running"), "{err}");
+}
+
+// --- probe's exit status -----------------------------------------------------------------
+
+#[tokio::test]
+async fn probe_exits_69_when_nothing_could_be_probed_and_0_when_a_server_answered() {
+    let server = SmtpServer::start(LOCALHOST, 0, ServerBehaviour::plain())
+        .await
+        .expect("smtp server");
+    // Nothing listens on this port.
+    let closed = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("a free port")
+        .port();
+    let zone = TestZone::new()
+        .mx("partner.test", 10, "mx.partner.test")
+        .a("mx.partner.test", Ipv4Addr::LOCALHOST)
+        .mx("noaddress.test", 10, "mx.noaddress.test")
+        .null_mx("nomail.test")
+        .nxdomain_by_default();
+    let dns = DnsServer::start(zone).await;
+    let dir = tempfile::tempdir().expect("dir");
+    let config = dir.path().join("probe.yaml");
+    std::fs::write(
+        &config,
+        format!(
+            "resolver: {{ nameservers: [\"{}\"] }}\ntls: {{ system_roots: false }}\nadmin: {{ socket: null }}\ntimeouts: {{ connect: 5s }}\n",
+            dns.addr
+        ),
+    )
+    .expect("config");
+    let probe = |domain: &str, port: u16| {
+        [
+            "probe",
+            domain,
+            "--no-tls",
+            "--port",
+            &port.to_string(),
+            "--config",
+            config.to_str().expect("path"),
+        ]
+        .iter()
+        .map(|a| a.to_string())
+        .collect::<Vec<_>>()
+    };
+    let port = server.addr().port();
+
+    let (code, out, err) = tlsrouter_async(probe("partner.test", port)).await;
+    assert_eq!(code, 0, "a server answered: {out}{err}");
+
+    for (what, domain, port) in [
+        ("no such domain", "nowhere.test", port),
+        ("null MX", "nomail.test", port),
+        ("MX without an address", "noaddress.test", port),
+        ("nothing listening", "partner.test", closed),
+    ] {
+        let (code, out, err) = tlsrouter_async(probe(domain, port)).await;
+        assert_eq!(code, 69, "{what}: {out}{err}");
+        assert!(!out.is_empty(), "{what}: the report is still printed");
+    }
+    let (code, out, _) = tlsrouter_async(probe("nowhere.test", port)).await;
+    assert_eq!(code, 69);
+    assert!(out.contains("does not exist"), "{out}");
+
+    let (_, help, _) = tlsrouter(&["probe", "--help"]);
+    assert!(
+        help.contains("69"),
+        "probe --help documents the status: {help}"
+    );
 }
