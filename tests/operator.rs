@@ -3,8 +3,9 @@
 
 mod support;
 
+use std::io::{BufRead, BufReader};
 use std::net::{IpAddr, Ipv4Addr};
-use std::process::Command;
+use std::process::{Command, Stdio};
 
 use support::dns::{DnsServer, TestZone};
 use support::smtp_server::{ServerBehaviour, SmtpServer};
@@ -162,4 +163,40 @@ async fn probe_exits_69_when_nothing_could_be_probed_and_0_when_a_server_answere
         help.contains("69"),
         "probe --help documents the status: {help}"
     );
+}
+
+// --- colour in the log -------------------------------------------------------------------
+
+#[cfg(unix)]
+#[test]
+fn the_text_log_on_a_pipe_has_no_colour_escapes() {
+    let dir = tempfile::tempdir().expect("dir");
+    let config = dir.path().join("tlsrouter.yaml");
+    std::fs::write(
+        &config,
+        format!(
+            "{NO_REMOTES}hostname: relay.test\nlisten: 127.0.0.1:0\nadmin: {{ socket: null }}\nlog: {{ format: text }}\n"
+        ),
+    )
+    .expect("write");
+    let mut child = Command::new(env!("CARGO_BIN_EXE_tlsrouter"))
+        .args(["run", "--config", config.to_str().expect("path")])
+        .env_remove("NO_COLOR")
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start tlsrouter");
+    let stderr = child.stderr.take().expect("stderr");
+    let mut seen = Vec::new();
+    for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+        let listening = line.contains("tlsrouter listening");
+        seen.push(line);
+        if listening {
+            break;
+        }
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+    let log = seen.join("\n");
+    assert!(log.contains("tlsrouter listening"), "{log}");
+    assert!(!log.contains("\x1b["), "{log:?}");
 }
