@@ -427,6 +427,7 @@ fn run(path: Option<PathBuf>, log_format: Option<LogFormat>) -> ExitCode {
         eprintln!("tlsrouter: log.level: {e}");
         return ExitCode::from(EXIT_CONFIG);
     }
+    warn_if_not_fully_qualified(&config.hostname);
     let runtime = match tokio::runtime::Runtime::new() {
         Ok(runtime) => runtime,
         Err(e) => {
@@ -477,6 +478,27 @@ async fn serve(config: Config) -> ExitCode {
     proxy.remove_admin_socket();
     tracing::info!("tlsrouter stopped");
     ExitCode::SUCCESS
+}
+
+/// Many receivers refuse an EHLO name without a domain: say so, and what to set.
+fn warn_if_not_fully_qualified(name: &tlsrouter::config::Hostname) {
+    if name.is_fully_qualified() {
+        return;
+    }
+    if *name == tlsrouter::config::Hostname::of_this_machine() {
+        tracing::warn!(
+            "no fully-qualified domain name was found for this machine: the greeting and EHLO \
+             say {:?}, which many receivers refuse; set hostname: in the configuration, e.g. \
+             hostname: relay.example.com",
+            name.0
+        );
+    } else {
+        tracing::warn!(
+            "hostname {:?} is not a fully-qualified domain name, which many receivers refuse \
+             in EHLO; set hostname: in the configuration to one, e.g. hostname: relay.example.com",
+            name.0
+        );
+    }
 }
 
 /// SIGHUP reloads the rules (on Windows the admin socket's `rules reload` does).

@@ -4,10 +4,13 @@
 mod support;
 
 use std::io::{BufRead, BufReader};
-use std::net::{IpAddr, Ipv4Addr};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::process::{Command, Stdio};
 
+use serde_json::Value;
+use support::daemon::Daemon;
 use support::dns::{DnsServer, TestZone};
+use support::smtp_client::SmtpClient;
 use support::smtp_server::{ServerBehaviour, SmtpServer};
 
 const LOCALHOST: IpAddr = IpAddr::V4(Ipv4Addr::LOCALHOST);
@@ -199,4 +202,73 @@ fn the_text_log_on_a_pipe_has_no_colour_escapes() {
     let log = seen.join("\n");
     assert!(log.contains("tlsrouter listening"), "{log}");
     assert!(!log.contains("\x1b["), "{log:?}");
+}
+// --- the name in the greeting and EHLO ---------------------------------------------------
+
+/// The name in a `220 NAME ESMTP tlsrouter` greeting.
+async fn greeting_name(smtp: SocketAddr) -> String {
+    let (_client, greeting) = SmtpClient::connect(smtp).await;
+    assert_eq!(greeting.code, 220, "{greeting:?}");
+    let text = greeting.text();
+    text.split_whitespace()
+        .next()
+        .unwrap_or_else(|| panic!("no name in {text:?}"))
+        .to_string()
+}
+
+/// The message of the warning about a name that is not fully qualified, if one was logged.
+fn fqdn_warning(log: &str) -> Option<String> {
+    log.lines()
+        .filter_map(|line| serde_json::from_str::<Value>(line).ok())
+        .filter(|event| event["level"] == "WARN")
+        .filter_map(|event| event["message"].as_str().map(String::from))
+        .find(|message| message.contains("fully-qualified"))
+}
+
+#[cfg(unix)]
+#[tokio::test(flavor = "multi_thread")]
+async fn a_host_name_that_is_not_fully_qualified_is_warned_about_at_start() {
+    let dir = tempfile::tempdir().expect("dir");
+    let daemon = Daemon::start(dir.path(), &format!("{NO_REMOTES}hostname: relay\n"), &[]).await;
+    assert_eq!(greeting_name(daemon.smtp).await, "relay");
+    let warning = fqdn_warning(&daemon.log_text());
+    assert!(
+        warning
+            .as_ref()
+            .is_some_and(|w| w.contains("\"relay\"") && w.contains("hostname:")),
+        "the warning names the name used and the setting: {}",
+        daemon.log_text()
+    );
+
+    let dir = tempfile::tempdir().expect("dir");
+    let daemon = Daemon::start(
+        dir.path(),
+        &format!("{NO_REMOTES}hostname: relay.example.com\n"),
+        &[],
+    )
+    .await;
+    assert_eq!(fqdn_warning(&daemon.log_text()), None);
+}
+
+#[cfg(unix)]
+#[tokio::test(flavor = "multi_thread")]
+async fn the_default_name_is_the_machines_fqdn_or_a_warning_says_which_name_is_used() {
+    let dir = tempfile::tempdir().expect("dir");
+    let daemon = Daemon::start(dir.path(), NO_REMOTES, &[]).await;
+    let name = greeting_name(daemon.smtp).await;
+    let warning = fqdn_warning(&daemon.log_text());
+    if name.contains('.') && !name.starts_with("localhost") {
+        assert_eq!(warning, None, "{name}");
+    } else {
+        // This machine has no FQDN (as many containers and fresh VMs): say so at start.
+        assert!(
+            warning
+                .as_ref()
+                .is_some_and(|w| w.contains(&format!("\"{name}\""))
+                    && w.contains("no fully-qualified domain name was found")
+                    && w.contains("hostname:")),
+            "{name}: {}",
+            daemon.log_text()
+        );
+    }
 }
