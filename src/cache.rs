@@ -450,7 +450,7 @@ pub enum CacheError {
     Io { path: PathBuf, error: io::Error },
     #[error("cache file {} is corrupt, ignoring it: {detail}", path.display())]
     Corrupt { path: PathBuf, detail: String },
-    #[error("no cached entry for {host}: name an address to pin it")]
+    #[error("no cached entry for {host}: name an address to pin, {host}[ADDRESS]")]
     NotCached { host: String },
 }
 
@@ -695,7 +695,9 @@ impl OutcomeCache {
         Ok(addrs.len())
     }
 
-    fn cached_addrs(&self, host: &str) -> Vec<IpAddr> {
+    /// The addresses of `host` with an entry that still counts.
+    pub fn cached_addrs(&self, host: &str) -> Vec<IpAddr> {
+        let host = normalize_name(host);
         let now = self.clock.now();
         self.collect(|e| e.host == host && !e.is_expired(now))
             .into_iter()

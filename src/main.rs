@@ -150,11 +150,19 @@ enum CacheCommand {
         all: bool,
     },
     /// An operator's override: treat HOST as CLASS for a while.
+    ///
+    /// Pins every address of HOST, those cached and those DNS gives now, so a host the
+    /// daemon has not met yet can be pinned too. To pin one address only, or a host DNS
+    /// does not know, name it: HOST[ADDRESS] (mx.example.com[192.0.2.7]) or --addr ADDRESS.
     Pin {
+        /// The MX host name, or HOST[ADDRESS].
         host: String,
         class: OutcomeClass,
         #[arg(long, default_value = "1d")]
         ttl: String,
+        /// An address of HOST to pin instead of all of them (may be repeated).
+        #[arg(long = "addr", value_name = "ADDRESS")]
+        addrs: Vec<std::net::IpAddr>,
     },
 }
 
@@ -231,7 +239,17 @@ fn ctl(socket: &std::path::Path, json: bool, command: CtlCommand) -> ExitCode {
             CacheCommand::List { class, domain } => Request::CacheList { class, domain },
             CacheCommand::Show { target } => Request::CacheShow { target },
             CacheCommand::Flush { target, all } => Request::CacheFlush { target, all },
-            CacheCommand::Pin { host, class, ttl } => Request::CachePin { host, class, ttl },
+            CacheCommand::Pin {
+                host,
+                class,
+                ttl,
+                addrs,
+            } => Request::CachePin {
+                host,
+                class,
+                ttl,
+                addrs,
+            },
         },
         CtlCommand::Rules { command } => match command {
             RulesCommand::Show => Request::RulesShow {},

@@ -5,15 +5,18 @@ mod support;
 
 use std::io::{BufRead, BufReader};
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 
 use serde_json::Value;
-use support::daemon::Daemon;
+use support::daemon::{Daemon, lab_config};
 use support::dns::{DnsServer, TestZone};
+use support::pki::{TestCa, Validity};
 use support::smtp_client::SmtpClient;
 use support::smtp_server::{ServerBehaviour, SmtpServer};
 
 const LOCALHOST: IpAddr = IpAddr::V4(Ipv4Addr::LOCALHOST);
+const BODY: &[u8] = b"Subject: operator test\r\n\r\nhello\r\n";
 
 /// Settings for a daemon that never needs to reach a remote.
 const NO_REMOTES: &str =
@@ -40,6 +43,10 @@ async fn tlsrouter_async(args: Vec<String>) -> (i32, String, String) {
     })
     .await
     .expect("join")
+}
+
+fn shipped_rules() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("rules/default.yaml")
 }
 
 // --- error messages ----------------------------------------------------------------------
@@ -271,4 +278,187 @@ async fn the_default_name_is_the_machines_fqdn_or_a_warning_says_which_name_is_u
             daemon.log_text()
         );
     }
+}
+
+// --- ctl cache pin -----------------------------------------------------------------------
+
+/// partner.test's MX offers STARTTLS with a valid certificate; mx2.partner.test has two
+/// addresses nothing listens on (it is only pinned, never connected to).
+struct PinLab {
+    daemon: Daemon,
+    server: SmtpServer,
+    _dns: DnsServer,
+    _dir: tempfile::TempDir,
+}
+
+async fn pin_lab() -> PinLab {
+    let ca = TestCa::new();
+    let cert = ca.leaf(&["mx.partner.test"], Validity::Current);
+    let server = SmtpServer::start(LOCALHOST, 0, ServerBehaviour::tls(cert))
+        .await
+        .expect("smtp server");
+    let zone = TestZone::new()
+        .mx("partner.test", 10, "mx.partner.test")
+        .a("mx.partner.test", Ipv4Addr::LOCALHOST)
+        .a("mx2.partner.test", Ipv4Addr::new(192, 0, 2, 1))
+        .a("mx2.partner.test", Ipv4Addr::new(192, 0, 2, 2));
+    let dns = DnsServer::start(zone).await;
+    let dir = tempfile::tempdir().expect("dir");
+    let ca_file = ca.write_ca_file(dir.path());
+    let config = lab_config(dns.addr, &ca_file, server.addr().port(), &shipped_rules());
+    let daemon = Daemon::start(dir.path(), &config, &[]).await;
+    PinLab {
+        daemon,
+        server,
+        _dns: dns,
+        _dir: dir,
+    }
+}
+
+impl PinLab {
+    async fn ctl(&self, args: &[&str]) -> (i32, String, String) {
+        let mut all = vec![
+            "ctl".to_string(),
+            "--socket".into(),
+            self.daemon.admin_socket.display().to_string(),
+        ];
+        all.extend(args.iter().map(|a| a.to_string()));
+        tlsrouter_async(all).await
+    }
+
+    /// The cached (address, class, pinned) of `host`, as `ctl cache show --json` gives them.
+    async fn cached(&self, host: &str) -> Vec<(String, String, bool)> {
+        let shown = self.daemon.ctl(&["cache", "show", host]).await;
+        let mut entries: Vec<_> = shown["result"]["entries"]
+            .as_array()
+            .unwrap_or_else(|| panic!("no entries in {shown}"))
+            .iter()
+            .map(|e| {
+                (
+                    e["addr"].as_str().unwrap_or_default().to_string(),
+                    e["class"].as_str().unwrap_or_default().to_string(),
+                    e["pinned"] == Value::Bool(true),
+                )
+            })
+            .collect();
+        entries.sort();
+        entries
+    }
+}
+
+#[cfg(unix)]
+#[tokio::test(flavor = "multi_thread")]
+async fn an_admin_pins_a_host_the_daemon_has_not_met_and_the_next_message_obeys_the_pin() {
+    let lab = pin_lab().await;
+
+    let (code, out, err) = lab
+        .ctl(&[
+            "cache",
+            "pin",
+            "mx.partner.test",
+            "no-starttls",
+            "--ttl",
+            "1h",
+        ])
+        .await;
+    assert_eq!(code, 0, "pinning a host not yet cached: {err}");
+    assert!(out.contains("pinned 1"), "{out}");
+    assert_eq!(
+        lab.cached("mx.partner.test").await,
+        [("127.0.0.1".into(), "no-starttls".into(), true)]
+    );
+
+    let (mut client, _) = SmtpClient::connect(lab.daemon.smtp).await;
+    client.cmd("EHLO mta").await;
+    client.cmd("MAIL FROM:<a@sender.test>").await;
+    assert_eq!(client.cmd("RCPT TO:<b@partner.test>").await.code, 250);
+    assert_eq!(client.data(BODY).await.code, 250);
+    let message = lab.server.next_message().await;
+    assert_eq!(message.tls, None, "the pin sent it in plain");
+    assert_eq!(
+        lab.server.tls_handshakes_attempted(),
+        0,
+        "without trying STARTTLS"
+    );
+}
+
+#[cfg(unix)]
+#[tokio::test(flavor = "multi_thread")]
+async fn a_pin_covers_every_address_of_the_host_or_the_one_the_admin_names() {
+    let lab = pin_lab().await;
+
+    let (code, out, err) = lab
+        .ctl(&["cache", "pin", "mx2.partner.test", "legacy-tls"])
+        .await;
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("pinned 2"), "{out}");
+    assert_eq!(
+        lab.cached("mx2.partner.test").await,
+        [
+            ("192.0.2.1".into(), "legacy-tls".into(), true),
+            ("192.0.2.2".into(), "legacy-tls".into(), true),
+        ]
+    );
+
+    // A name DNS does not know, with the address given either way.
+    let (code, _, err) = lab
+        .ctl(&["cache", "pin", "old.partner.test[192.0.2.7]", "no-starttls"])
+        .await;
+    assert_eq!(code, 0, "host[address]: {err}");
+    let (code, _, err) = lab
+        .ctl(&[
+            "cache",
+            "pin",
+            "older.partner.test",
+            "handshake-failed",
+            "--addr",
+            "192.0.2.8",
+        ])
+        .await;
+    assert_eq!(code, 0, "--addr: {err}");
+    assert_eq!(
+        lab.cached("old.partner.test").await,
+        [("192.0.2.7".into(), "no-starttls".into(), true)]
+    );
+    assert_eq!(
+        lab.cached("older.partner.test").await,
+        [("192.0.2.8".into(), "handshake-failed".into(), true)]
+    );
+}
+
+#[cfg(unix)]
+#[tokio::test(flavor = "multi_thread")]
+async fn pinning_a_host_without_addresses_says_what_to_type() {
+    let lab = pin_lab().await;
+
+    let (code, _, err) = lab
+        .ctl(&["cache", "pin", "gone.partner.test", "no-starttls"])
+        .await;
+    assert_eq!(code, 1, "{err}");
+    assert!(err.contains("gone.partner.test"), "{err}");
+    assert!(
+        err.contains("gone.partner.test[") && err.contains("--addr"),
+        "the message shows how to name an address: {err}"
+    );
+
+    for bad in ["x.partner.test[not-an-ip]", "[192.0.2.7]"] {
+        let (code, _, err) = lab.ctl(&["cache", "pin", bad, "no-starttls"]).await;
+        assert_eq!(code, 1, "{bad}: {err}");
+        assert!(err.contains(bad) && err.contains("HOST[ADDRESS]"), "{err}");
+    }
+}
+
+#[test]
+fn ctl_cache_pin_help_shows_both_ways_to_name_an_address() {
+    let (code, out, _) = tlsrouter(&["ctl", "cache", "pin", "--help"]);
+    assert_eq!(code, 0);
+    assert!(out.contains("HOST[ADDRESS]"), "{out}");
+    assert!(out.contains("--addr"), "{out}");
+    let admin =
+        std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("docs/ADMIN.md"))
+            .expect("docs/ADMIN.md");
+    assert!(
+        admin.contains("cache pin HOST[ADDRESS] CLASS") && admin.contains("--addr"),
+        "docs/ADMIN.md shows the same command"
+    );
 }

@@ -82,7 +82,20 @@ pub fn render(request: &Request, result: &Value) -> String {
     match request {
         Request::CacheList { .. } | Request::CacheShow { .. } => cache_table(result, now),
         Request::CacheFlush { .. } => format!("flushed {} entries\n", result["flushed"]),
-        Request::CachePin { .. } => format!("pinned {} entries\n", result["pinned"]),
+        Request::CachePin { class, .. } => {
+            let addrs: Vec<String> = result["addrs"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .map(text)
+                .collect();
+            format!(
+                "pinned {} entries as {class}: {} at {}\n",
+                result["pinned"],
+                text(&result["host"]),
+                addrs.join(", ")
+            )
+        }
         Request::RulesShow {} => rules_table(result),
         Request::RulesReload {} => format!("rules reloaded: {} rules in force\n", result["rules"]),
         Request::RulesExplain { .. } => result["explanation"].as_str().unwrap_or("").to_string(),
