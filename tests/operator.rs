@@ -462,3 +462,65 @@ fn ctl_cache_pin_help_shows_both_ways_to_name_an_address() {
         "docs/ADMIN.md shows the same command"
     );
 }
+
+/// Runs the daemon with a terminal as its stderr (`script`, from util-linux, gives it one)
+/// until it says it listens, stops it with SIGTERM, and returns what it wrote.
+#[cfg(unix)]
+fn log_on_a_terminal(no_color: Option<&str>) -> String {
+    let dir = tempfile::tempdir().expect("dir");
+    let config = dir.path().join("tlsrouter.yaml");
+    std::fs::write(
+        &config,
+        format!(
+            "{NO_REMOTES}hostname: relay.test\nlisten: 127.0.0.1:0\nadmin: {{ socket: null }}\nlog: {{ format: text }}\n"
+        ),
+    )
+    .expect("write");
+    let pid_file = dir.path().join("pid");
+    let shell = format!(
+        "echo $$ > '{}'; exec '{}' run --config '{}'",
+        pid_file.display(),
+        env!("CARGO_BIN_EXE_tlsrouter"),
+        config.display()
+    );
+    let mut command = Command::new("script");
+    command
+        .args(["-q", "-e", "-c", &shell, "/dev/null"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .env_remove("NO_COLOR");
+    if let Some(value) = no_color {
+        command.env("NO_COLOR", value);
+    }
+    let mut child = command.spawn().unwrap_or_else(|e| {
+        panic!("cannot run script (util-linux), which gives the daemon a terminal: {e}")
+    });
+    let mut lines = BufReader::new(child.stdout.take().expect("stdout")).lines();
+    let mut seen = Vec::new();
+    for line in lines.by_ref().map_while(Result::ok) {
+        let listening = line.contains("tlsrouter listening");
+        seen.push(line);
+        if listening {
+            break;
+        }
+    }
+    if let Ok(pid) = std::fs::read_to_string(&pid_file) {
+        let _ = Command::new("kill").args(["-TERM", pid.trim()]).status();
+    }
+    seen.extend(lines.map_while(Result::ok));
+    let _ = child.wait();
+    let log = seen.join("\n");
+    assert!(log.contains("tlsrouter listening"), "{log}");
+    log
+}
+
+#[cfg(unix)]
+#[test]
+fn on_a_terminal_the_log_is_coloured_unless_no_color_is_set() {
+    assert!(
+        log_on_a_terminal(None).contains("\x1b["),
+        "a person at a terminal gets colour"
+    );
+    let log = log_on_a_terminal(Some("1"));
+    assert!(!log.contains("\x1b["), "{log:?}");
+}
