@@ -438,11 +438,12 @@ fn expiry(problem: &CertProblem) -> Option<String> {
 
 #[derive(Debug, thiserror::Error)]
 pub enum CacheError {
-    #[error("cache file {}: {source}", path.display())]
-    Io { path: PathBuf, source: io::Error },
+    /// The io error is in the message, not a `source()`, so a chain prints it once.
+    #[error("cache file {}: {error}", path.display())]
+    Io { path: PathBuf, error: io::Error },
     #[error("cache file {} is corrupt, ignoring it: {detail}", path.display())]
     Corrupt { path: PathBuf, detail: String },
-    #[error("no cached entry for {host}: name an address to pin it")]
+    #[error("no cached entry for {host}: name an address to pin, {host}[ADDRESS]")]
     NotCached { host: String },
 }
 
@@ -687,7 +688,9 @@ impl OutcomeCache {
         Ok(addrs.len())
     }
 
-    fn cached_addrs(&self, host: &str) -> Vec<IpAddr> {
+    /// The addresses of `host` with an entry that still counts.
+    pub fn cached_addrs(&self, host: &str) -> Vec<IpAddr> {
+        let host = normalize_name(host);
         let now = self.clock.now();
         self.collect(|e| e.host == host && !e.is_expired(now))
             .into_iter()
@@ -717,9 +720,9 @@ impl OutcomeCache {
         write_atomically(path, |w| {
             serde_json::to_writer(w, &saved).map_err(io::Error::from)
         })
-        .map_err(|source| CacheError::Io {
+        .map_err(|error| CacheError::Io {
             path: path.to_path_buf(),
-            source,
+            error,
         })?;
         Ok(entries.len())
     }
@@ -731,10 +734,10 @@ impl OutcomeCache {
         let bytes = match fs::read(path) {
             Ok(bytes) => bytes,
             Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(0),
-            Err(source) => {
+            Err(error) => {
                 return Err(CacheError::Io {
                     path: path.to_path_buf(),
-                    source,
+                    error,
                 });
             }
         };

@@ -17,6 +17,9 @@ use tlsrouter::rules::RuleSet;
 /// EX_USAGE from sysexits.h: the configuration is wrong.
 const EXIT_CONFIG: u8 = 64;
 
+/// EX_UNAVAILABLE from sysexits.h: `probe` found no server it could probe.
+const EXIT_NOTHING_PROBED: u8 = 69;
+
 #[derive(Parser)]
 #[command(version, about = "Opportunistic-TLS routing proxy for outbound SMTP")]
 struct Cli {
@@ -57,6 +60,12 @@ enum Commands {
         command: CtlCommand,
     },
     /// Diagnose a remote domain or server: MX, banner, EHLO, STARTTLS, certificate, timings.
+    #[command(
+        after_help = "Exit status: 0 when at least one server was probed (whatever its \
+        TLS); 69 when nothing could be probed: the domain does not exist, has no MX or no \
+        address, or no server got through the probe (connect failed, timeout, or the \
+        dialogue broke off); 64 for a bad configuration; 2 for bad arguments."
+    )]
     Probe {
         /// The recipient domain to probe (its MX hosts).
         domain: Option<String>,
@@ -145,11 +154,19 @@ enum CacheCommand {
         all: bool,
     },
     /// An operator's override: treat HOST as CLASS for a while.
+    ///
+    /// Pins every address of HOST, those cached and those DNS gives now, so a host the
+    /// daemon has not met yet can be pinned too. To pin one address only, or a host DNS
+    /// does not know, name it: HOST[ADDRESS] (mx.example.com[192.0.2.7]) or --addr ADDRESS.
     Pin {
+        /// The MX host name, or HOST[ADDRESS].
         host: String,
         class: OutcomeClass,
         #[arg(long, default_value = "1d")]
         ttl: String,
+        /// An address of HOST to pin instead of all of them (may be repeated).
+        #[arg(long = "addr", value_name = "ADDRESS")]
+        addrs: Vec<std::net::IpAddr>,
     },
 }
 
@@ -239,7 +256,17 @@ fn ctl(socket: &std::path::Path, json: bool, command: CtlCommand) -> ExitCode {
             CacheCommand::List { class, domain } => Request::CacheList { class, domain },
             CacheCommand::Show { target } => Request::CacheShow { target },
             CacheCommand::Flush { target, all } => Request::CacheFlush { target, all },
-            CacheCommand::Pin { host, class, ttl } => Request::CachePin { host, class, ttl },
+            CacheCommand::Pin {
+                host,
+                class,
+                ttl,
+                addrs,
+            } => Request::CachePin {
+                host,
+                class,
+                ttl,
+                addrs,
+            },
         },
         CtlCommand::Rules { command } => match command {
             RulesCommand::Show => Request::RulesShow {},
@@ -347,7 +374,23 @@ fn probe_standalone(path: Option<PathBuf>, target: ProbeTarget, json: bool) -> E
         } else {
             print!("{}", tlsrouter::probe::render(&report));
         }
-        ExitCode::SUCCESS
+        if probed_a_server(&report) {
+            ExitCode::SUCCESS
+        } else {
+            ExitCode::from(EXIT_NOTHING_PROBED)
+        }
+    })
+}
+
+/// Whether some server got through the probe: it was reached and the dialogue did not
+/// break off, whatever its TLS outcome. A DNS error leaves no server at all.
+fn probed_a_server(report: &tlsrouter::probe::ProbeReport) -> bool {
+    report.mx.iter().flat_map(|mx| &mx.servers).any(|server| {
+        server.error.is_none()
+            && !matches!(
+                server.class,
+                Some(OutcomeClass::ConnectFailed | OutcomeClass::Timeout)
+            )
     })
 }
 
@@ -426,6 +469,7 @@ fn run(path: Option<PathBuf>, log_format: Option<LogFormat>) -> ExitCode {
         eprintln!("tlsrouter: log.level: {e}");
         return ExitCode::from(EXIT_CONFIG);
     }
+    warn_if_not_fully_qualified(&config.hostname);
     let runtime = match tokio::runtime::Runtime::new() {
         Ok(runtime) => runtime,
         Err(e) => {
@@ -476,6 +520,27 @@ async fn serve(config: Config) -> ExitCode {
     proxy.remove_admin_socket();
     tracing::info!("tlsrouter stopped");
     ExitCode::SUCCESS
+}
+
+/// Many receivers refuse an EHLO name without a domain: say so, and what to set.
+fn warn_if_not_fully_qualified(name: &tlsrouter::config::Hostname) {
+    if name.is_fully_qualified() {
+        return;
+    }
+    if *name == tlsrouter::config::Hostname::of_this_machine() {
+        tracing::warn!(
+            "no fully-qualified domain name was found for this machine: the greeting and EHLO \
+             say {:?}, which many receivers refuse; set hostname: in the configuration, e.g. \
+             hostname: relay.example.com",
+            name.0
+        );
+    } else {
+        tracing::warn!(
+            "hostname {:?} is not a fully-qualified domain name, which many receivers refuse \
+             in EHLO; set hostname: in the configuration to one, e.g. hostname: relay.example.com",
+            name.0
+        );
+    }
 }
 
 /// SIGHUP reloads the rules (on Windows the admin socket's `rules reload` does).
@@ -541,13 +606,43 @@ impl Termination {
 }
 
 fn init_logging(format: LogFormat, level: &str) -> Result<(), String> {
+    use std::io::IsTerminal;
     let filter = tracing_subscriber::EnvFilter::try_new(level).map_err(|e| e.to_string())?;
+    let colour = use_colour(
+        std::io::stderr().is_terminal(),
+        std::env::var_os("NO_COLOR").as_deref(),
+    );
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(colour)
         .with_writer(std::io::stderr);
     match format {
         LogFormat::Text => builder.init(),
         LogFormat::Json => builder.json().flatten_event(true).init(),
     }
     Ok(())
+}
+
+/// Colour escapes only for a person at a terminal: journald and files get plain text, and
+/// a non-empty `NO_COLOR` (no-color.org) turns them off everywhere.
+fn use_colour(stderr_is_terminal: bool, no_color: Option<&std::ffi::OsStr>) -> bool {
+    stderr_is_terminal && no_color.is_none_or(|value| value.is_empty())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn colour_only_on_a_terminal_and_never_with_no_color_set() {
+        use std::ffi::OsStr;
+        assert!(use_colour(true, None));
+        assert!(!use_colour(false, None), "a pipe, a file, journald");
+        assert!(!use_colour(true, Some(OsStr::new("1"))));
+        assert!(!use_colour(false, Some(OsStr::new("1"))));
+        assert!(
+            use_colour(true, Some(OsStr::new(""))),
+            "an empty NO_COLOR is unset"
+        );
+    }
 }

@@ -12,13 +12,13 @@ use crate::admin::protocol::{Request, Response};
 pub enum CtlError {
     #[error("tlsrouter is not running (no admin socket at {0})")]
     NotRunning(String),
+    #[error("{0} is not a socket (give the daemon's admin.socket with --socket)")]
+    NotASocket(String),
     #[error("permission denied on the admin socket {0} (are you in its group?)")]
     Permission(String),
-    #[error("admin socket {path}: {source}")]
-    Io {
-        path: String,
-        source: std::io::Error,
-    },
+    /// The io error is in the message, not a `source()`, so a chain prints it once.
+    #[error("admin socket {path}: {error}")]
+    Io { path: String, error: std::io::Error },
     #[error("admin socket {0}: the daemon sent no valid answer")]
     BadAnswer(String),
 }
@@ -30,21 +30,27 @@ pub async fn ask(socket: &Path, request: &Request) -> Result<Response, CtlError>
     let stream = tokio::net::UnixStream::connect(socket)
         .await
         .map_err(|e| match e.kind() {
+            // Connecting to a file or a directory is refused as if nobody listened.
+            std::io::ErrorKind::NotFound | std::io::ErrorKind::ConnectionRefused
+                if is_other_than_a_socket(socket) =>
+            {
+                CtlError::NotASocket(path.clone())
+            }
             std::io::ErrorKind::NotFound | std::io::ErrorKind::ConnectionRefused => {
                 CtlError::NotRunning(path.clone())
             }
             std::io::ErrorKind::PermissionDenied => CtlError::Permission(path.clone()),
             _ => CtlError::Io {
                 path: path.clone(),
-                source: e,
+                error: e,
             },
         })?;
     let (read, mut write) = stream.into_split();
     let mut line = serde_json::to_string(request).map_err(|_| CtlError::BadAnswer(path.clone()))?;
     line.push('\n');
-    let io = |source| CtlError::Io {
+    let io = |error| CtlError::Io {
         path: path.clone(),
-        source,
+        error,
     };
     write.write_all(line.as_bytes()).await.map_err(io)?;
     let mut answer = String::new();
@@ -53,6 +59,13 @@ pub async fn ask(socket: &Path, request: &Request) -> Result<Response, CtlError>
         .await
         .map_err(io)?;
     serde_json::from_str(&answer).map_err(|_| CtlError::BadAnswer(path))
+}
+
+/// Whether something that is not a socket is at `path` (followed, as connect follows it).
+#[cfg(unix)]
+fn is_other_than_a_socket(path: &Path) -> bool {
+    use std::os::unix::fs::FileTypeExt;
+    std::fs::metadata(path).is_ok_and(|meta| !meta.file_type().is_socket())
 }
 
 #[cfg(not(unix))]
@@ -69,7 +82,20 @@ pub fn render(request: &Request, result: &Value) -> String {
     match request {
         Request::CacheList { .. } | Request::CacheShow { .. } => cache_table(result, now),
         Request::CacheFlush { .. } => format!("flushed {} entries\n", result["flushed"]),
-        Request::CachePin { .. } => format!("pinned {} entries\n", result["pinned"]),
+        Request::CachePin { class, .. } => {
+            let addrs: Vec<String> = result["addrs"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .map(text)
+                .collect();
+            format!(
+                "pinned {} entries as {class}: {} at {}\n",
+                result["pinned"],
+                text(&result["host"]),
+                addrs.join(", ")
+            )
+        }
         Request::RulesShow {} => rules_table(result),
         Request::RulesReload {} => format!("rules reloaded: {} rules in force\n", result["rules"]),
         Request::RulesExplain { .. } => result["explanation"].as_str().unwrap_or("").to_string(),

@@ -1,5 +1,7 @@
 //! The admin protocol: one JSON request per line, one JSON response per line (docs/ADMIN.md).
 
+use std::net::IpAddr;
+
 use serde::{Deserialize, Serialize};
 
 use crate::outcome::OutcomeClass;
@@ -26,10 +28,14 @@ pub enum Request {
         all: bool,
     },
     CachePin {
+        /// A host name, or `name[address]` to pin that address only.
         host: String,
         class: OutcomeClass,
         /// A duration: `30m`, `7d`.
         ttl: String,
+        /// The addresses to pin; none means every address of the host, cached or in DNS.
+        #[serde(default)]
+        addrs: Vec<IpAddr>,
     },
     RulesShow {},
     RulesReload {},

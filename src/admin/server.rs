@@ -1,5 +1,6 @@
 //! The admin socket: a Unix socket speaking the JSON-lines protocol, served by the daemon.
 
+use std::net::IpAddr;
 use std::path::Path;
 use std::sync::Arc;
 
@@ -8,6 +9,7 @@ use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 
 use crate::admin::protocol::{ErrorKind, Request, Response, parse_request};
 use crate::config::duration;
+use crate::outcome::OutcomeClass;
 use crate::probe::probe;
 use crate::proxy::Proxy;
 use crate::router::explain::{Question, assumed_entry, explain};
@@ -44,15 +46,39 @@ pub async fn handle(proxy: &Proxy, request: Request) -> Response {
             (Some(target), false) => Response::ok(json!({ "flushed": cache.flush(&target) })),
             _ => Response::error(ErrorKind::BadArguments, "give either a target or all"),
         },
-        Request::CachePin { host, class, ttl } => {
+        Request::CachePin {
+            host,
+            class,
+            ttl,
+            addrs,
+        } => {
             let ttl = match duration::parse(&ttl) {
                 Ok(ttl) => ttl,
                 Err(e) => return Response::error(ErrorKind::BadArguments, e),
             };
-            match cache.pin(&host, None, class, ttl) {
-                Ok(pinned) => Response::ok(json!({ "pinned": pinned })),
-                Err(e) => Response::error(ErrorKind::Failed, e.to_string()),
+            let (host, named) = match split_pin_target(&host) {
+                Ok(target) => target,
+                Err(e) => return Response::error(ErrorKind::BadArguments, e),
+            };
+            let mut addrs: Vec<IpAddr> = addrs.into_iter().chain(named).collect();
+            if addrs.is_empty() {
+                addrs = match addresses_to_pin(proxy, &host).await {
+                    Ok(addrs) => addrs,
+                    Err(e) => {
+                        return Response::error(ErrorKind::Failed, no_address(&host, class, e));
+                    }
+                };
             }
+            addrs.sort();
+            addrs.dedup();
+            let mut pinned = 0;
+            for &addr in &addrs {
+                match cache.pin(&host, Some(addr), class, ttl) {
+                    Ok(n) => pinned += n,
+                    Err(e) => return Response::error(ErrorKind::Failed, e.to_string()),
+                }
+            }
+            Response::ok(json!({ "pinned": pinned, "host": host, "addrs": addrs }))
         }
         Request::RulesShow {} => {
             let rules = proxy.router.rules();
@@ -118,6 +144,41 @@ pub async fn handle(proxy: &Proxy, request: Request) -> Response {
             Response::ok(json!(report))
         }
     }
+}
+
+/// `name[address]` (as in a next-hop text) or a bare name.
+fn split_pin_target(target: &str) -> Result<(String, Option<IpAddr>), String> {
+    let Some((name, rest)) = target.split_once('[') else {
+        return Ok((target.to_string(), None));
+    };
+    let addr = rest
+        .strip_suffix(']')
+        .and_then(|a| a.parse::<IpAddr>().ok())
+        .filter(|_| !name.is_empty())
+        .ok_or_else(|| {
+            format!("{target:?}: expected HOST[ADDRESS], like mx.example.com[192.0.2.7]")
+        })?;
+    Ok((name.to_string(), Some(addr)))
+}
+
+/// Every address of `host` a message could go to: the cached ones and those DNS gives now
+/// (an admin pins a broken host before the next message meets it).
+async fn addresses_to_pin(proxy: &Proxy, host: &str) -> Result<Vec<IpAddr>, String> {
+    let mut addrs = proxy.outbound.cache.cached_addrs(host);
+    match proxy.outbound.resolver.addresses(host).await {
+        Ok(found) => addrs.extend(found),
+        Err(e) if addrs.is_empty() => return Err(e.to_string()),
+        // The cached addresses are still worth pinning.
+        Err(_) => {}
+    }
+    Ok(addrs)
+}
+
+fn no_address(host: &str, class: OutcomeClass, why: String) -> String {
+    format!(
+        "{host} is not cached and DNS gives no address for it ({why}); name the address: \
+         tlsrouter ctl cache pin {host}[ADDRESS] {class}, or --addr ADDRESS"
+    )
 }
 
 fn summary(rule: &crate::rules::Rule) -> String {

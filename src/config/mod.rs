@@ -3,6 +3,7 @@
 
 use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
+use std::sync::OnceLock;
 
 use ipnet::IpNet;
 use serde::Deserialize;
@@ -192,12 +193,64 @@ impl Default for LogConfig {
 pub struct Hostname(pub String);
 
 impl Hostname {
-    fn of_this_machine() -> Hostname {
-        std::fs::read_to_string("/proc/sys/kernel/hostname")
-            .ok()
-            .and_then(|name| Hostname::try_from(name.trim().to_string()).ok())
+    /// Whether receivers can take it in EHLO: a domain name with a dot, not `localhost`.
+    pub fn is_fully_qualified(&self) -> bool {
+        self.0.contains('.')
+            && !self
+                .0
+                .split('.')
+                .next()
+                .is_some_and(|label| label.eq_ignore_ascii_case("localhost"))
+    }
+
+    /// This machine's name as `hostname -f` gives it: the system's host name, or its
+    /// canonical name from the system resolver (/etc/hosts, then DNS) when that is fully
+    /// qualified. Looked up once per process.
+    pub fn of_this_machine() -> Hostname {
+        static NAME: OnceLock<Hostname> = OnceLock::new();
+        NAME.get_or_init(|| {
+            let short = dns_lookup::get_hostname().ok();
+            let canonical = short.as_deref().and_then(canonical_name);
+            Hostname::choose(short.as_deref(), canonical.as_deref())
+        })
+        .clone()
+    }
+
+    /// The first fully-qualified name of the host name and its canonical name, else the
+    /// host name as it is, else `localhost`.
+    fn choose(host_name: Option<&str>, canonical: Option<&str>) -> Hostname {
+        let valid = |name: Option<&str>| {
+            name.and_then(|n| Hostname::try_from(n.trim().trim_end_matches('.').to_string()).ok())
+        };
+        let (host_name, canonical) = (valid(host_name), valid(canonical));
+        [&host_name, &canonical]
+            .into_iter()
+            .flatten()
+            .find(|name| name.is_fully_qualified())
+            .or(host_name.as_ref())
+            .cloned()
             .unwrap_or_else(|| Hostname("localhost".into()))
     }
+}
+
+/// The canonical name of `host` from getaddrinfo (AI_CANONNAME).
+#[cfg(unix)]
+fn canonical_name(host: &str) -> Option<String> {
+    let hints = dns_lookup::AddrInfoHints {
+        flags: libc::AI_CANONNAME,
+        address: 0,
+        socktype: libc::SOCK_STREAM,
+        protocol: 0,
+    };
+    dns_lookup::getaddrinfo(Some(host), None, Some(hints))
+        .ok()?
+        .filter_map(Result::ok)
+        .find_map(|info| info.canonname)
+}
+
+#[cfg(not(unix))]
+fn canonical_name(_host: &str) -> Option<String> {
+    None
 }
 
 impl TryFrom<String> for Hostname {
@@ -245,9 +298,9 @@ impl TryFrom<String> for ClientNet {
 
 impl Config {
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
-        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+        let text = std::fs::read_to_string(path).map_err(|error| ConfigError::Read {
             path: path.to_path_buf(),
-            source,
+            error,
         })?;
         Config::parse(&text, path)
     }
@@ -300,6 +353,47 @@ mod tests {
         let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/tlsrouter.yaml");
         let config = Config::load(&path).unwrap();
         assert_eq!(config.hostname.0, "relay.example.com");
+    }
+
+    #[test]
+    fn the_default_name_is_the_first_fully_qualified_of_host_name_and_canonical_name() {
+        let choose =
+            |host: Option<&str>, canonical: Option<&str>| Hostname::choose(host, canonical).0;
+        assert_eq!(choose(Some("vm"), Some("vm.example.com")), "vm.example.com");
+        assert_eq!(
+            choose(Some("mx1.example.com"), Some("other.example.com")),
+            "mx1.example.com"
+        );
+        assert_eq!(
+            choose(Some("vm"), Some("vm")),
+            "vm",
+            "no FQDN: the host name as it is"
+        );
+        assert_eq!(choose(Some("vm"), None), "vm");
+        assert_eq!(
+            choose(Some("vm"), Some("localhost.localdomain")),
+            "vm",
+            "a loopback alias is not the machine's name"
+        );
+        assert_eq!(
+            choose(Some("vm"), Some("vm.example.com.")),
+            "vm.example.com"
+        );
+        assert_eq!(
+            choose(Some("bad_name"), Some("vm.example.com")),
+            "vm.example.com"
+        );
+        assert_eq!(choose(None, None), "localhost");
+        assert_eq!(choose(Some(""), Some("not valid!")), "localhost");
+    }
+
+    #[test]
+    fn only_names_with_a_dot_other_than_localhost_are_fully_qualified() {
+        let fq = |name: &str| Hostname(name.into()).is_fully_qualified();
+        assert!(fq("relay.example.com"));
+        assert!(!fq("relay"));
+        assert!(!fq("localhost"));
+        assert!(!fq("localhost.localdomain"));
     }
 
     #[test]

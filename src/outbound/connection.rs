@@ -31,9 +31,10 @@ pub enum ExchangeError {
     Timeout(u64, &'static str),
     #[error("connection closed by the remote while waiting for {0}")]
     Closed(&'static str),
-    #[error("{0}")]
+    // Transparent: the inner error's text and its causes, each once.
+    #[error(transparent)]
     Io(#[from] std::io::Error),
-    #[error("{0}")]
+    #[error(transparent)]
     Protocol(#[from] ReplyError),
     /// More came than the one reply the command is due: the reply stream is out of step.
     #[error("protocol violation: more than one reply to {0}: {1:?}")]

@@ -50,9 +50,9 @@ pub struct Shadowed {
 
 impl RuleSet {
     pub fn load(path: &Path) -> Result<RuleSet, ConfigError> {
-        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+        let text = std::fs::read_to_string(path).map_err(|error| ConfigError::Read {
             path: path.to_path_buf(),
-            source,
+            error,
         })?;
         RuleSet::parse(&text, path)
     }

@@ -17,5 +17,6 @@ mod hardening;
 mod kit;
 mod legacy_tls;
 mod lifecycle;
+mod operator;
 mod rules;
 mod tls_outcomes;
