@@ -906,3 +906,66 @@ fn attachment_of(message: &str) -> Vec<u8> {
         .decode(base64)
         .expect("base64")
 }
+
+#[tokio::test]
+async fn the_admin_socket_lists_refreshes_and_flushes_policies_and_shows_todays_counts() {
+    use tlsrouter::admin::protocol::Request;
+    use tlsrouter::admin::server::handle;
+    support::init_tracing();
+    let dir = tempfile::tempdir().expect("temporary directory");
+    let dns = DnsServer::start(zone_with_id("20261130a")).await;
+    let ca = TestCa::new();
+    let server = HttpsServer::start(
+        ca.leaf(&[POLICY_HOST], Validity::Current),
+        Answer::policy(ENFORCE),
+    )
+    .await;
+    let mut config = support::proxy::test_config(dns.addr, &ca.write_ca_file(dir.path()), 25);
+    config.admin.socket = None;
+    config
+        .mta_sts
+        .connect_to
+        .insert(POLICY_HOST.into(), server.addr);
+    let proxy = tlsrouter::Proxy::new(config).expect("proxy");
+    let ask = |request| handle(&proxy, request);
+
+    let refreshed = ask(Request::PolicyRefresh {
+        domain: DOMAIN.into(),
+    })
+    .await;
+    assert!(refreshed.ok, "{refreshed:?}");
+    let listed = ask(Request::PolicyList {}).await.result.expect("a result");
+    assert_eq!(listed["policies"][0]["domain"], DOMAIN);
+    assert_eq!(listed["policies"][0]["mode"], "enforce");
+    assert_eq!(listed["policies"][0]["raw"], ENFORCE);
+    // refresh fetches even when the id is unchanged.
+    ask(Request::PolicyRefresh {
+        domain: DOMAIN.into(),
+    })
+    .await;
+    assert_eq!(server.seen().len(), 2);
+
+    let flushed = ask(Request::PolicyFlush {
+        domain: DOMAIN.into(),
+    })
+    .await;
+    assert_eq!(flushed.result.expect("a result")["flushed"], 1);
+    let shown = ask(Request::PolicyShow {
+        domain: DOMAIN.into(),
+    })
+    .await;
+    assert!(!shown.ok, "nothing is held after the flush");
+
+    let facts = PolicyFacts::NoPolicyFound;
+    let failure = SessionResult::from_class(OutcomeClass::NoStarttls).expect("a TLS session");
+    proxy
+        .tls_reports
+        .record(DOMAIN, &facts, &failure, &SessionSite::default());
+    let counts = ask(Request::Tlsrpt {}).await.result.expect("a result");
+    assert_eq!(counts["domains"][0]["domain"], DOMAIN);
+    assert_eq!(counts["domains"][0]["failures"], 1);
+    assert_eq!(
+        counts["domains"][0]["failure_types"]["starttls-not-supported"],
+        1
+    );
+}
