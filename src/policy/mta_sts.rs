@@ -509,7 +509,7 @@ impl PolicyStore {
             return PolicyLookup::NotPublished;
         }
         let domain = normalize(domain);
-        let mut result = self.lookup_in_background(&domain);
+        let mut result = self.lookup_in_background(&domain, false);
         let wait = result.wait_for(|r| r.is_some());
         match tokio::time::timeout(self.config.wait, wait).await {
             Ok(Ok(done)) => done.clone().unwrap_or(PolicyLookup::NotYet),
@@ -521,21 +521,11 @@ impl PolicyStore {
         }
     }
 
-    /// Fetches `domain`'s policy now, whatever the cache holds (for `ctl policy refresh`).
+    /// Fetches `domain`'s policy now, whatever the cache holds (for `ctl policy refresh`);
+    /// when the fetch fails, a valid cached policy stays in force.
     pub async fn refresh(self: &Arc<Self>, domain: &str) -> PolicyLookup {
         let domain = normalize(domain);
-        if let Ok(mut domains) = self.domains.lock()
-            && let Some(state) = domains.get_mut(&domain)
-        {
-            state.failure = None;
-            if let Some(policy) = &state.policy {
-                // Forces the fetch; the policy stays in force until it succeeds.
-                let mut stale = (**policy).clone();
-                stale.id.clear();
-                state.policy = Some(Arc::new(stale));
-            }
-        }
-        let mut result = self.lookup_in_background(&domain);
+        let mut result = self.lookup_in_background(&domain, true);
         match result.wait_for(|r| r.is_some()).await {
             Ok(done) => done.clone().unwrap_or(PolicyLookup::NotYet),
             Err(_) => PolicyLookup::NotYet,
@@ -577,7 +567,8 @@ impl PolicyStore {
     }
 
     /// Starts the lookup for `domain` unless one is running, and returns its result channel.
-    fn lookup_in_background(self: &Arc<Self>, domain: &str) -> InFlight {
+    /// `force` fetches even when the cache would do.
+    fn lookup_in_background(self: &Arc<Self>, domain: &str, force: bool) -> InFlight {
         let Ok(mut in_flight) = self.in_flight.lock() else {
             let (_, receiver) = watch::channel(Some(PolicyLookup::NotYet));
             return receiver;
@@ -591,7 +582,7 @@ impl PolicyStore {
         let store = self.clone();
         let domain = domain.to_string();
         tokio::spawn(async move {
-            let lookup = store.look_up(&domain).await;
+            let lookup = store.look_up(&domain, force).await;
             if let Ok(mut in_flight) = store.in_flight.lock() {
                 in_flight.remove(&domain);
             }
@@ -601,7 +592,7 @@ impl PolicyStore {
     }
 
     /// RFC 8461 5.1, for one domain: TXT, then the cache or a fetch.
-    async fn look_up(&self, domain: &str) -> PolicyLookup {
+    async fn look_up(&self, domain: &str, force: bool) -> PolicyLookup {
         let cached = self.cached(domain);
         let keep_cached = |or: PolicyLookup| match &cached {
             Some(policy) => PolicyLookup::Found(policy.clone()),
@@ -632,10 +623,13 @@ impl PolicyStore {
         if let Some(policy) = &cached
             && policy.id == id
             && !policy.wants_refresh(now)
+            && !force
         {
             return PolicyLookup::Found(policy.clone());
         }
-        if let Some(failure) = self.recent_failure(domain, &id, now) {
+        if let Some(failure) = self.recent_failure(domain, &id, now)
+            && !force
+        {
             return keep_cached(PolicyLookup::Unavailable(failure.error));
         }
         self.stats.sts_fetches.inc();
@@ -926,6 +920,29 @@ mod tests {
         assert_eq!(parse_txt_records(&others), Ok("a".into()));
         let two = ["v=STSv1; id=a".to_string(), "v=STSv1; id=b".to_string()];
         assert!(parse_txt_records(&two).is_err());
+    }
+
+    #[test]
+    fn the_config_sections_refuse_unknown_keys_and_default_to_on_without_reports() {
+        use crate::config::Config;
+        let config = Config::parse("", Path::new("t.yaml")).unwrap();
+        assert!(config.mta_sts.enabled);
+        assert_eq!(config.mta_sts.wait, Duration::from_secs(2));
+        assert!(config.tls_rpt.directory.is_none());
+        let error = Config::parse("mta_sts:\n  wiat: 2s\n", Path::new("t.yaml")).unwrap_err();
+        assert!(error.to_string().starts_with("t.yaml:2:3: "), "{error}");
+        let error =
+            Config::parse("tls_rpt:\n  mail_relay: nowhere\n", Path::new("t.yaml")).unwrap_err();
+        assert!(error.to_string().starts_with("t.yaml:2:"), "{error}");
+        let config = Config::parse(
+            "mta_sts:\n  connect_to: { \"mta-sts.lab.test\": \"127.0.0.1:8443\" }\n",
+            Path::new("t.yaml"),
+        )
+        .unwrap();
+        assert_eq!(
+            config.mta_sts.connect_to.get("mta-sts.lab.test"),
+            Some(&"127.0.0.1:8443".parse().unwrap())
+        );
     }
 
     #[test]

@@ -430,6 +430,11 @@ impl TlsReports {
         {
             anyhow::bail!("tls_rpt.from: {from:?} is not a mail address");
         }
+        if let Some(directory) = &config.directory
+            && !directory.is_dir()
+        {
+            anyhow::bail!("tls_rpt.directory {}: not a directory", directory.display());
+        }
         Ok(TlsReports {
             config,
             submitter: hostname.to_string(),
