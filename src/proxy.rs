@@ -11,7 +11,7 @@ use crate::outbound::mx::MxResolver;
 use crate::outbound::tls::{TlsClient, trusted_roots};
 use crate::policy::https::HttpsClient;
 use crate::policy::mta_sts::{PolicyStore, policy_file};
-use crate::policy::tlsrpt::TlsReports;
+use crate::policy::tlsrpt::{TlsReports, counts_file};
 use crate::router::Router;
 use crate::rules::RuleSet;
 use crate::stats::Stats;
@@ -70,6 +70,12 @@ impl Proxy {
                 ),
             }
         }
+        if let Some(path) = &config.cache.file {
+            let path = counts_file(path);
+            if let Err(e) = tls_reports.load(&path) {
+                tracing::warn!("TLS-RPT counts not loaded from {}: {e}", path.display());
+            }
+        }
         let outbound = Outbound {
             resolver,
             tls,
@@ -114,6 +120,10 @@ impl Proxy {
                 "MTA-STS policies not saved to {}: {e}",
                 policy_path.display()
             ),
+        }
+        let counts_path = counts_file(path);
+        if let Err(e) = self.tls_reports.save(&counts_path) {
+            tracing::warn!("TLS-RPT counts not saved to {}: {e}", counts_path.display());
         }
     }
 

@@ -546,7 +546,7 @@ async fn a_slow_fetch_does_not_hold_the_message_and_the_next_one_has_the_policy(
 }
 
 #[tokio::test]
-async fn policies_survive_a_restart_through_the_cache_file() {
+async fn policies_and_todays_counts_survive_a_restart_through_the_cache_file() {
     support::init_tracing();
     let dir = tempfile::tempdir().expect("temporary directory");
     let dns = DnsServer::start(zone_with_id("20261130a")).await;
@@ -567,6 +567,11 @@ async fn policies_survive_a_restart_through_the_cache_file() {
 
     let proxy = tlsrouter::Proxy::new(config.clone()).expect("proxy");
     let before = found(&proxy.policies.policy_for(DOMAIN).await);
+    let success = SessionResult::from_class(OutcomeClass::TlsVerified).expect("a TLS session");
+    let facts = PolicyFacts::sts(&before);
+    proxy
+        .tls_reports
+        .record(DOMAIN, &facts, &success, &SessionSite::default());
     proxy.save_cache();
     assert!(dir.path().join("cache.mta-sts.json").exists());
     drop(proxy);
@@ -578,6 +583,13 @@ async fn policies_survive_a_restart_through_the_cache_file() {
     let after = found(&restarted.policies.policy_for(DOMAIN).await);
     assert_eq!(after.fetched_at, before.fetched_at);
     assert_eq!(restarted.stats.sts_fetches.get(), 0);
+    // The day's TLS-RPT counts came back too.
+    let counts = restarted.tls_reports.counts(restarted.tls_reports.today());
+    assert_eq!(counts.len(), 1);
+    assert_eq!(
+        (counts[0].domain.as_str(), counts[0].successes),
+        (DOMAIN, 1)
+    );
 }
 
 // ---------------------------------------------------------------------------------------

@@ -281,7 +281,7 @@ impl SessionResult {
 }
 
 /// The policy a session was judged under (RFC 8460 4.4 `policy`).
-#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
 pub enum PolicyFacts {
     Sts {
         /// The policy's lines.
@@ -324,7 +324,7 @@ impl PolicyFacts {
 }
 
 /// Where a failed session was: RFC 8460 4.4's failure details.
-#[derive(Clone, Debug, Default, PartialEq, Eq, PartialOrd, Ord)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
 pub struct SessionSite {
     pub receiving_mx: Option<String>,
     pub receiving_ip: Option<IpAddr>,
@@ -363,7 +363,7 @@ impl UtcDay {
     }
 }
 
-#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
 struct FailureKey {
     result_type: ResultType,
     reason_code: Option<String>,
@@ -374,6 +374,35 @@ struct FailureKey {
 struct PolicyCounts {
     successes: u64,
     failures: BTreeMap<FailureKey, u64>,
+}
+
+/// One row of the counts file: a domain's counts under one policy on one day.
+#[derive(Serialize, Deserialize)]
+struct SavedCounts {
+    day: u64,
+    domain: String,
+    policy: PolicyFacts,
+    successes: u64,
+    failures: Vec<(FailureKey, u64)>,
+}
+
+#[derive(Serialize, Deserialize)]
+struct SavedFile {
+    version: u32,
+    counts: Vec<SavedCounts>,
+}
+
+/// The counts file's format version.
+const FILE_VERSION: u32 = 1;
+
+/// The file the counts are saved in: beside the outcome cache file, `cache.json` giving
+/// `cache.tls-rpt.json`.
+pub fn counts_file(cache_file: &std::path::Path) -> PathBuf {
+    let stem = cache_file
+        .file_stem()
+        .map(|s| s.to_string_lossy().into_owned())
+        .unwrap_or_else(|| "cache".into());
+    cache_file.with_file_name(format!("{stem}.tls-rpt.json"))
 }
 
 /// The counts of one policy domain on one day, by the policy they were judged under.
@@ -516,6 +545,78 @@ impl TlsReports {
                 summary
             })
             .collect()
+    }
+
+    /// Writes the counts of the days not yet reported to `path`, atomically, so that a
+    /// restart does not lose them from the day's report. Returns how many rows.
+    pub fn save(&self, path: &std::path::Path) -> std::io::Result<usize> {
+        let rows: Vec<SavedCounts> = {
+            let counts = self
+                .counts
+                .lock()
+                .map_err(|_| std::io::Error::other("TLS-RPT counts lock poisoned"))?;
+            counts
+                .iter()
+                .flat_map(|((day, domain), policies)| {
+                    policies.iter().map(move |(policy, counts)| SavedCounts {
+                        day: day.0,
+                        domain: domain.clone(),
+                        policy: policy.clone(),
+                        successes: counts.successes,
+                        failures: counts
+                            .failures
+                            .iter()
+                            .map(|(k, n)| (k.clone(), *n))
+                            .collect(),
+                    })
+                })
+                .collect()
+        };
+        let file = SavedFile {
+            version: FILE_VERSION,
+            counts: rows,
+        };
+        crate::cache::write_atomically(path, |w| {
+            serde_json::to_writer(w, &file).map_err(std::io::Error::from)
+        })?;
+        Ok(file.counts.len())
+    }
+
+    /// Adds the counts saved in `path` (of yesterday and today only) to those held. A
+    /// missing file is none.
+    pub fn load(&self, path: &std::path::Path) -> std::io::Result<usize> {
+        let bytes = match std::fs::read(path) {
+            Ok(bytes) => bytes,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(0),
+            Err(e) => return Err(e),
+        };
+        let file: SavedFile = serde_json::from_slice(&bytes)
+            .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e))?;
+        if file.version != FILE_VERSION {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::InvalidData,
+                format!("version {} is not supported", file.version),
+            ));
+        }
+        let yesterday = self.today().previous();
+        let mut counts = self
+            .counts
+            .lock()
+            .map_err(|_| std::io::Error::other("TLS-RPT counts lock poisoned"))?;
+        let mut loaded = 0;
+        for row in file.counts.into_iter().filter(|r| r.day >= yesterday.0) {
+            let held = counts
+                .entry((UtcDay(row.day), row.domain))
+                .or_default()
+                .entry(row.policy)
+                .or_default();
+            held.successes += row.successes;
+            for (key, n) in row.failures {
+                *held.failures.entry(key).or_default() += n;
+            }
+            loaded += 1;
+        }
+        Ok(loaded)
     }
 
     pub fn today(&self) -> UtcDay {
