@@ -797,7 +797,7 @@ fn parse_saved(bytes: &[u8]) -> Result<Vec<CacheEntry>, String> {
 
 /// Writes through `fill` into a fresh temporary file beside `path`, then renames it over
 /// `path`, so that a crash leaves the old file or the new one, never half of one.
-fn write_atomically(
+pub(crate) fn write_atomically(
     path: &Path,
     fill: impl FnOnce(&mut BufWriter<fs::File>) -> io::Result<()>,
 ) -> io::Result<()> {

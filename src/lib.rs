@@ -14,6 +14,7 @@
 //!   remote dialogue of an open transaction ([`outbound::upstream::Upstream`]).
 //! - [`outcome`]: the TLS outcome taxonomy that logs and decisions speak, with its table.
 //! - [`certificate`]: what a server's certificate says (subject, names, validity).
+//! - [`policy`]: what recipient domains publish (MTA-STS) and what we report (TLS-RPT).
 //! - [`cache`]: what the last attempts to each MX found, with expiry and persistence.
 //! - [`config`]: the daemon's configuration, with defaults embedded.
 //! - [`probe`]: step-by-step diagnosis of a remote MX.
@@ -31,6 +32,7 @@ pub mod config;
 pub mod inbound;
 pub mod outbound;
 pub mod outcome;
+pub mod policy;
 pub mod probe;
 pub mod proxy;
 pub mod router;

@@ -134,6 +134,25 @@ enum CtlCommand {
         #[arg(long)]
         no_tls: bool,
     },
+    /// MTA-STS policies held for recipient domains.
+    Policy {
+        #[command(subcommand)]
+        command: PolicyCommand,
+    },
+    /// Today's TLS-RPT counts, by domain.
+    Tlsrpt,
+}
+
+#[derive(Subcommand)]
+enum PolicyCommand {
+    /// Every policy held.
+    List,
+    /// One domain's policy.
+    Show { domain: String },
+    /// Fetch the domain's policy now.
+    Refresh { domain: String },
+    /// Forget the domain's policy: the next message looks it up again.
+    Flush { domain: String },
 }
 
 #[derive(Subcommand)]
@@ -285,6 +304,13 @@ fn ctl(socket: &std::path::Path, json: bool, command: CtlCommand) -> ExitCode {
                 pinned,
             },
         },
+        CtlCommand::Policy { command } => match command {
+            PolicyCommand::List => Request::PolicyList {},
+            PolicyCommand::Show { domain } => Request::PolicyShow { domain },
+            PolicyCommand::Refresh { domain } => Request::PolicyRefresh { domain },
+            PolicyCommand::Flush { domain } => Request::PolicyFlush { domain },
+        },
+        CtlCommand::Tlsrpt => Request::Tlsrpt {},
         CtlCommand::Stats => Request::Stats {},
         CtlCommand::Sessions => Request::Sessions {},
         CtlCommand::Probe {
@@ -515,6 +541,7 @@ async fn serve(config: Config) -> ExitCode {
     let bound = listener.local_addr().map_or(listen, |a| a);
     tracing::info!(listen = %bound, "tlsrouter listening");
     tokio::spawn(proxy.clone().save_cache_periodically());
+    tokio::spawn(proxy.tls_reports.clone().send_daily());
     tlsrouter::inbound::listener::run(listener, proxy.clone(), shutdown_signal(signals)).await;
     proxy.save_cache();
     proxy.remove_admin_socket();

@@ -6,7 +6,10 @@ use crate::cache::{OutcomeCache, SystemClock};
 use crate::config::Config;
 use crate::outbound::delivery::Outbound;
 use crate::outbound::mx::MxResolver;
-use crate::outbound::tls::TlsClient;
+use crate::outbound::tls::{TlsClient, trusted_roots};
+use crate::policy::https::HttpsClient;
+use crate::policy::mta_sts::{PolicyStore, policy_file};
+use crate::policy::tlsrpt::{TlsReports, counts_file};
 use crate::router::Router;
 use crate::rules::RuleSet;
 use crate::sessions::{Drain, Registry};
@@ -18,6 +21,10 @@ pub struct Proxy {
     pub router: Router,
     pub stats: Arc<Stats>,
     pub sessions: Arc<Registry>,
+    /// MTA-STS policies of recipient domains.
+    pub policies: Arc<PolicyStore>,
+    /// TLS-RPT counts and reports.
+    pub tls_reports: Arc<TlsReports>,
     /// Tells sessions that a shutdown is draining them.
     pub drain: tokio::sync::watch::Sender<Drain>,
     /// The admin socket this daemon bound, the only one it may remove.
@@ -47,6 +54,25 @@ impl Proxy {
                 Err(e) => tracing::warn!("cache not loaded, starting empty: {e}"),
             }
         }
+        let (policies, tls_reports) = policy_parts(&config, stats.clone())?;
+        if let Some(path) = &config.cache.file {
+            let path = policy_file(path);
+            match policies.load(&path) {
+                Ok(count) => {
+                    tracing::info!("MTA-STS: {count} policies loaded from {}", path.display())
+                }
+                Err(e) => tracing::warn!(
+                    "MTA-STS policies not loaded from {}, starting empty: {e}",
+                    path.display()
+                ),
+            }
+        }
+        if let Some(path) = &config.cache.file {
+            let path = counts_file(path);
+            if let Err(e) = tls_reports.load(&path) {
+                tracing::warn!("TLS-RPT counts not loaded from {}: {e}", path.display());
+            }
+        }
         let outbound = Outbound {
             resolver,
             tls,
@@ -62,6 +88,8 @@ impl Proxy {
             router,
             stats,
             sessions: Arc::new(Registry::default()),
+            policies,
+            tls_reports,
             drain: tokio::sync::watch::Sender::new(Drain::Running),
             admin_socket: std::sync::OnceLock::new(),
         }))
@@ -78,6 +106,21 @@ impl Proxy {
         match self.outbound.cache.save(path) {
             Ok(count) => tracing::debug!("cache: {count} entries saved to {}", path.display()),
             Err(e) => tracing::warn!("cache not saved: {e}"),
+        }
+        let policy_path = policy_file(path);
+        match self.policies.save(&policy_path) {
+            Ok(count) => tracing::debug!(
+                "MTA-STS: {count} policies saved to {}",
+                policy_path.display()
+            ),
+            Err(e) => tracing::warn!(
+                "MTA-STS policies not saved to {}: {e}",
+                policy_path.display()
+            ),
+        }
+        let counts_path = counts_file(path);
+        if let Err(e) = self.tls_reports.save(&counts_path) {
+            tracing::warn!("TLS-RPT counts not saved to {}: {e}", counts_path.display());
         }
     }
 
@@ -146,4 +189,41 @@ impl Proxy {
             let _ = std::fs::remove_file(path);
         }
     }
+}
+
+/// The MTA-STS policy store and the TLS-RPT reports, sharing one HTTPS client that trusts
+/// what delivery trusts.
+fn policy_parts(
+    config: &Config,
+    stats: Arc<Stats>,
+) -> anyhow::Result<(Arc<PolicyStore>, Arc<TlsReports>)> {
+    let resolver = Arc::new(MxResolver::new(
+        &config.resolver.nameservers,
+        config.timeouts.dns,
+    )?);
+    let sts = &config.mta_sts;
+    let https = Arc::new(HttpsClient::new(
+        trusted_roots(&config.tls)?,
+        resolver.clone(),
+        sts.connect_to.clone(),
+        sts.connect_timeout,
+        sts.fetch_timeout,
+    )?);
+    let clock = Arc::new(SystemClock);
+    let policies = Arc::new(PolicyStore::new(
+        sts.clone(),
+        resolver.clone(),
+        https.clone(),
+        clock.clone(),
+        stats,
+    ));
+    let reports = Arc::new(TlsReports::new(
+        config.tls_rpt.clone(),
+        &config.hostname.0,
+        resolver.clone(),
+        https,
+        clock,
+        config.timeouts.clone(),
+    )?);
+    Ok((policies, reports))
 }

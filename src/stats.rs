@@ -27,6 +27,9 @@ pub struct Stats {
     pub downgrades: Counter,
     pub cache_hits: Counter,
     pub cache_entries: Gauge,
+    /// MTA-STS policy fetches started, and those that failed.
+    pub sts_fetches: Counter,
+    pub sts_fetch_failures: Counter,
     transaction_seconds: Histogram,
     handshake_seconds: Histogram,
 }
@@ -44,6 +47,8 @@ impl Default for Stats {
             downgrades: Counter::default(),
             cache_hits: Counter::default(),
             cache_entries: Gauge::default(),
+            sts_fetches: Counter::default(),
+            sts_fetch_failures: Counter::default(),
             transaction_seconds: Histogram::new(exponential_buckets(0.05, 2.0, 12)),
             handshake_seconds: Histogram::new(exponential_buckets(0.005, 2.0, 12)),
         };
@@ -66,6 +71,10 @@ pub struct Snapshot {
     pub downgrades: u64,
     pub cache_hits: u64,
     pub cache_entries: i64,
+    #[serde(default)]
+    pub sts_fetches: u64,
+    #[serde(default)]
+    pub sts_fetch_failures: u64,
 }
 
 impl Stats {
@@ -111,6 +120,16 @@ impl Stats {
             "cache_entries",
             "entries in the outcome cache",
             self.cache_entries.clone(),
+        );
+        r.register(
+            "mta_sts_fetches",
+            "MTA-STS policy fetches started",
+            self.sts_fetches.clone(),
+        );
+        r.register(
+            "mta_sts_fetch_failures",
+            "MTA-STS policy fetches that failed",
+            self.sts_fetch_failures.clone(),
         );
         r.register(
             "transaction_seconds",
@@ -168,6 +187,8 @@ impl Stats {
             downgrades: self.downgrades.get(),
             cache_hits: self.cache_hits.get(),
             cache_entries: self.cache_entries.get(),
+            sts_fetches: self.sts_fetches.get(),
+            sts_fetch_failures: self.sts_fetch_failures.get(),
         }
     }
 

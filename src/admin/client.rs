@@ -107,7 +107,59 @@ pub fn render(request: &Request, result: &Value) -> String {
                 Err(_) => format!("{result:#}\n"),
             }
         }
+        Request::PolicyList {} | Request::PolicyShow { .. } | Request::PolicyRefresh { .. } => {
+            policy_table(result, now)
+        }
+        Request::PolicyFlush { .. } => format!("flushed {} policies\n", result["flushed"]),
+        Request::Tlsrpt {} => tlsrpt_table(result),
     }
+}
+
+fn policy_table(result: &Value, now: u64) -> String {
+    let mut rows = vec![row(&[
+        "DOMAIN", "MODE", "ID", "MX", "MAX AGE", "FETCHED", "EXPIRES",
+    ])];
+    for p in result["policies"].as_array().into_iter().flatten() {
+        let mx: Vec<&str> = p["mx"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(Value::as_str)
+            .collect();
+        rows.push(vec![
+            text(&p["domain"]),
+            text(&p["mode"]),
+            text(&p["id"]),
+            mx.join(","),
+            format!("{}s", text(&p["max_age"])),
+            relative(now, p["fetched_at"].as_u64().unwrap_or(0)),
+            relative(now, p["expires_at"].as_u64().unwrap_or(0)),
+        ]);
+    }
+    table(&rows)
+}
+
+fn tlsrpt_table(result: &Value) -> String {
+    let mut rows = vec![row(&["DOMAIN", "SUCCESSES", "FAILURES", "BY RESULT TYPE"])];
+    for d in result["domains"].as_array().into_iter().flatten() {
+        let types: Vec<String> = d["failure_types"]
+            .as_object()
+            .into_iter()
+            .flatten()
+            .map(|(name, count)| format!("{name}={count}"))
+            .collect();
+        rows.push(vec![
+            text(&d["domain"]),
+            text(&d["successes"]),
+            text(&d["failures"]),
+            types.join(" "),
+        ]);
+    }
+    format!(
+        "TLS-RPT counts for {} (UTC)\n{}",
+        text(&result["day"]),
+        table(&rows)
+    )
 }
 
 fn cache_table(result: &Value, now: u64) -> String {
@@ -177,6 +229,8 @@ fn stats_lines(result: &Value) -> String {
         "downgrades",
         "cache_hits",
         "cache_entries",
+        "sts_fetches",
+        "sts_fetch_failures",
     ] {
         out.push_str(&format!("{:<26}{}\n", key.replace('_', " "), result[key]));
     }

@@ -54,10 +54,24 @@ pub enum Request {
     Stats {},
     Sessions {},
     Probe(ProbeTarget),
+    /// Every MTA-STS policy held.
+    PolicyList {},
+    PolicyShow {
+        domain: String,
+    },
+    /// Fetch the domain's policy now.
+    PolicyRefresh {
+        domain: String,
+    },
+    PolicyFlush {
+        domain: String,
+    },
+    /// Today's TLS-RPT counts.
+    Tlsrpt {},
 }
 
 /// The commands, for telling an unknown command from bad arguments.
-pub const COMMANDS: [&str; 11] = [
+pub const COMMANDS: [&str; 16] = [
     "cache-list",
     "cache-show",
     "cache-flush",
@@ -68,6 +82,11 @@ pub const COMMANDS: [&str; 11] = [
     "stats",
     "sessions",
     "probe",
+    "policy-list",
+    "policy-show",
+    "policy-refresh",
+    "policy-flush",
+    "tlsrpt",
     // Listed last: every other name is an unknown command.
     "",
 ];

@@ -143,6 +143,59 @@ pub async fn handle(proxy: &Proxy, request: Request) -> Response {
             let report = probe(&proxy.outbound, &proxy.router.rules(), &target, true).await;
             Response::ok(json!(report))
         }
+        Request::PolicyList {}
+        | Request::PolicyShow { .. }
+        | Request::PolicyRefresh { .. }
+        | Request::PolicyFlush { .. }
+        | Request::Tlsrpt {} => handle_policy(proxy, request).await,
+    }
+}
+
+/// The MTA-STS and TLS-RPT commands.
+async fn handle_policy(proxy: &Proxy, request: Request) -> Response {
+    use crate::policy::mta_sts::{PolicyLookup, StsPolicy};
+    let now = proxy.outbound.cache.now();
+    let policies = &proxy.policies;
+    match request {
+        Request::PolicyList {} => {
+            let held = policies.policies();
+            let held: Vec<&StsPolicy> = held.iter().map(|p| p.as_ref()).collect();
+            Response::ok(json!({ "now": now, "policies": held }))
+        }
+        Request::PolicyShow { domain } => match policies.cached(&domain) {
+            Some(policy) => Response::ok(json!({ "now": now, "policies": [&*policy] })),
+            None => Response::error(
+                ErrorKind::Failed,
+                format!("no MTA-STS policy is held for {domain}"),
+            ),
+        },
+        Request::PolicyRefresh { domain } => match policies.refresh(&domain).await {
+            PolicyLookup::Found(policy) => {
+                Response::ok(json!({ "now": now, "policies": [&*policy] }))
+            }
+            PolicyLookup::NotPublished => Response::error(
+                ErrorKind::Failed,
+                format!("{domain} publishes no usable _mta-sts record"),
+            ),
+            PolicyLookup::NotYet => Response::error(
+                ErrorKind::Failed,
+                format!("{domain}: the fetch did not finish"),
+            ),
+            PolicyLookup::Unavailable(error) => {
+                Response::error(ErrorKind::Failed, format!("{domain}: {error}"))
+            }
+        },
+        Request::PolicyFlush { domain } => {
+            Response::ok(json!({ "flushed": usize::from(policies.flush(&domain)) }))
+        }
+        Request::Tlsrpt {} => {
+            let today = proxy.tls_reports.today();
+            Response::ok(json!({
+                "day": today.date(),
+                "domains": proxy.tls_reports.counts(today),
+            }))
+        }
+        _ => Response::error(ErrorKind::UnknownCommand, "not a policy command"),
     }
 }
 

@@ -205,6 +205,31 @@ impl MxResolver {
         }
     }
 
+    /// The TXT records at `name`, each record's strings joined (RFC 7208 3.3 style, as
+    /// MTA-STS and TLS-RPT records are read). A name without TXT records gives none.
+    pub async fn txt_records(&self, name: &str) -> Result<Vec<String>, AddressError> {
+        let fqdn = format!("{}.", name.trim_end_matches('.'));
+        match self.bounded(self.resolver.txt_lookup(fqdn.as_str())).await {
+            Ok(lookup) => Ok(lookup
+                .answers()
+                .iter()
+                .filter_map(|record| match &record.data {
+                    RData::TXT(txt) => Some(
+                        txt.txt_data
+                            .iter()
+                            .map(|part| String::from_utf8_lossy(part))
+                            .collect::<String>(),
+                    ),
+                    _ => None,
+                })
+                .collect()),
+            Err(e) => match answer(&e) {
+                Answer::NoSuchName | Answer::NoData => Ok(Vec::new()),
+                Answer::Failed => Err(AddressError::Temporary(e.to_string())),
+            },
+        }
+    }
+
     async fn bounded<T>(
         &self,
         lookup: impl Future<Output = Result<T, NetError>>,

@@ -54,28 +54,7 @@ impl TlsClient {
     /// Trusts the system's roots (unless turned off) and those in `ca_file`.
     pub fn new(config: &TlsConfig) -> anyhow::Result<TlsClient> {
         let provider = Arc::new(rustls::crypto::ring::default_provider());
-        let mut roots = RootCertStore::empty();
-        if config.system_roots {
-            let found = rustls_native_certs::load_native_certs();
-            for error in &found.errors {
-                tracing::warn!("system root certificates: {error}");
-            }
-            let (added, ignored) = roots.add_parsable_certificates(found.certs);
-            tracing::debug!(added, ignored, "system root certificates loaded");
-        }
-        if let Some(path) = &config.ca_file {
-            let certs = CertificateDer::pem_file_iter(path)
-                .and_then(|iter| iter.collect::<Result<Vec<_>, _>>())
-                .map_err(|e| anyhow::anyhow!("tls.ca_file {}: {e}", path.display()))?;
-            if certs.is_empty() {
-                anyhow::bail!("tls.ca_file {}: no certificates in it", path.display());
-            }
-            for cert in certs {
-                roots
-                    .add(cert)
-                    .map_err(|e| anyhow::anyhow!("tls.ca_file {}: {e}", path.display()))?;
-            }
-        }
+        let roots = trusted_roots(config)?;
         if roots.is_empty() {
             tracing::warn!("no trusted root certificates: every certificate will be unverified");
         }
@@ -245,6 +224,35 @@ fn verify(
             }
         }
     }
+}
+
+/// The roots every verification trusts: the system's (unless turned off) and those in
+/// `tls.ca_file`. Shared by SMTP delivery and the HTTPS fetches of MTA-STS and TLS-RPT, so
+/// that both trust the same authorities.
+pub fn trusted_roots(config: &TlsConfig) -> anyhow::Result<RootCertStore> {
+    let mut roots = RootCertStore::empty();
+    if config.system_roots {
+        let found = rustls_native_certs::load_native_certs();
+        for error in &found.errors {
+            tracing::warn!("system root certificates: {error}");
+        }
+        let (added, ignored) = roots.add_parsable_certificates(found.certs);
+        tracing::debug!(added, ignored, "system root certificates loaded");
+    }
+    if let Some(path) = &config.ca_file {
+        let certs = CertificateDer::pem_file_iter(path)
+            .and_then(|iter| iter.collect::<Result<Vec<_>, _>>())
+            .map_err(|e| anyhow::anyhow!("tls.ca_file {}: {e}", path.display()))?;
+        if certs.is_empty() {
+            anyhow::bail!("tls.ca_file {}: no certificates in it", path.display());
+        }
+        for cert in certs {
+            roots
+                .add(cert)
+                .map_err(|e| anyhow::anyhow!("tls.ca_file {}: {e}", path.display()))?;
+        }
+    }
+    Ok(roots)
 }
 
 /// Verifies for real and keeps the result, but lets the handshake go on; signatures are

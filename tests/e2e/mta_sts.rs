@@ -1,0 +1,983 @@
+//! MTA-STS policies and TLS-RPT reports, against real parts: the test DNS server serving
+//! `_mta-sts` and `_smtp._tls` TXT records, a real HTTPS server (hyper over tokio-rustls,
+//! certificates from a test CA) serving policies and taking reports, and a real SMTP server
+//! taking mailed reports.
+
+use std::collections::HashMap;
+use std::io::Read;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use base64::Engine;
+use hickory_server::proto::rr::RData;
+use hickory_server::proto::rr::rdata::TXT;
+use http_body_util::{BodyExt, Full};
+use hyper::body::Bytes;
+use hyper_util::rt::TokioIo;
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+
+use crate::support::dns::{DnsServer, TestZone};
+use crate::support::pki::{CertKey, TestCa, Validity, self_signed};
+use crate::support::smtp_server::{ServerBehaviour, SmtpServer};
+use tlsrouter::cache::{Clock, ManualClock};
+use tlsrouter::outbound::mx::MxResolver;
+use tlsrouter::outcome::OutcomeClass;
+use tlsrouter::policy::https::HttpsClient;
+use tlsrouter::policy::mta_sts::{Mode, MtaStsConfig, PolicyErrorKind, PolicyLookup, PolicyStore};
+use tlsrouter::policy::tlsrpt::{
+    PolicyFacts, ReportDelivery, Rua, SessionResult, SessionSite, TlsReports, TlsRptConfig, UtcDay,
+};
+use tlsrouter::stats::Stats;
+
+const DOMAIN: &str = "example.test";
+const POLICY_HOST: &str = "mta-sts.example.test";
+const POLICY_PATH: &str = "/.well-known/mta-sts.txt";
+/// 2026-11-30T12:00:00Z.
+const NOON: u64 = 1_796_040_000;
+/// How long a test waits for anything before it fails.
+const GUARD: Duration = Duration::from_secs(30);
+
+const ENFORCE: &str = "version: STSv1\r\nmode: enforce\r\nmx: mx1.example.test\r\nmx: *.backup.example.test\r\nmax_age: 604800\r\n";
+
+// ---------------------------------------------------------------------------------------
+// A real HTTPS server
+
+/// What the HTTPS server answers to a GET.
+#[derive(Clone)]
+struct Answer {
+    status: u16,
+    content_type: &'static str,
+    body: String,
+    location: Option<&'static str>,
+}
+
+impl Answer {
+    fn policy(text: &str) -> Answer {
+        Answer {
+            status: 200,
+            content_type: "text/plain",
+            body: text.into(),
+            location: None,
+        }
+    }
+}
+
+/// One request the server got.
+#[derive(Clone, Debug)]
+struct Seen {
+    method: String,
+    path: String,
+    host: String,
+    content_type: String,
+    body: Vec<u8>,
+}
+
+struct HttpsState {
+    answer: Mutex<Answer>,
+    seen: Mutex<Vec<Seen>>,
+    /// Counts requests, so a test can wait for one to arrive.
+    arrived: watch::Sender<usize>,
+    /// While false, answers are held back: a slow server, without any sleep.
+    released: watch::Sender<bool>,
+}
+
+struct HttpsServer {
+    addr: SocketAddr,
+    state: Arc<HttpsState>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for HttpsServer {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+impl HttpsServer {
+    async fn start(cert: CertKey, answer: Answer) -> HttpsServer {
+        let listener = TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind the HTTPS server on 127.0.0.1");
+        let addr = listener.local_addr().expect("HTTPS server address");
+        let config = rustls::ServerConfig::builder_with_provider(Arc::new(
+            rustls::crypto::ring::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()
+        .expect("TLS versions")
+        .with_no_client_auth()
+        .with_single_cert(cert.chain.clone(), cert.key.clone_key())
+        .expect("the HTTPS server's certificate");
+        let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
+        let state = Arc::new(HttpsState {
+            answer: Mutex::new(answer),
+            seen: Mutex::new(Vec::new()),
+            arrived: watch::Sender::new(0),
+            released: watch::Sender::new(true),
+        });
+        let shared = state.clone();
+        let task = tokio::spawn(async move {
+            loop {
+                let Ok((tcp, _)) = listener.accept().await else {
+                    continue;
+                };
+                let acceptor = acceptor.clone();
+                let state = shared.clone();
+                tokio::spawn(async move {
+                    let Ok(tls) = acceptor.accept(tcp).await else {
+                        return;
+                    };
+                    let service = hyper::service::service_fn(move |request| {
+                        let state = state.clone();
+                        async move { Ok::<_, hyper::Error>(state.respond(request).await) }
+                    });
+                    let _ = hyper::server::conn::http1::Builder::new()
+                        .serve_connection(TokioIo::new(tls), service)
+                        .await;
+                });
+            }
+        });
+        HttpsServer { addr, state, task }
+    }
+
+    fn answer(&self, answer: Answer) {
+        *self.state.answer.lock().expect("answer lock") = answer;
+    }
+
+    fn seen(&self) -> Vec<Seen> {
+        self.state.seen.lock().expect("seen lock").clone()
+    }
+
+    fn hold_answers(&self) {
+        self.state.released.send_replace(false);
+    }
+
+    fn release_answers(&self) {
+        self.state.released.send_replace(true);
+    }
+
+    async fn wait_for_requests(&self, n: usize) {
+        let mut arrived = self.state.arrived.subscribe();
+        tokio::time::timeout(GUARD, arrived.wait_for(|count| *count >= n))
+            .await
+            .expect("the HTTPS server got no request in time")
+            .expect("HTTPS server state");
+    }
+}
+
+impl HttpsState {
+    async fn respond(
+        &self,
+        request: hyper::Request<hyper::body::Incoming>,
+    ) -> hyper::Response<Full<Bytes>> {
+        let (head, body) = request.into_parts();
+        let body = body
+            .collect()
+            .await
+            .map(|b| b.to_bytes())
+            .unwrap_or_default();
+        let header = |name| {
+            head.headers
+                .get(name)
+                .and_then(|v: &hyper::header::HeaderValue| v.to_str().ok())
+                .unwrap_or_default()
+                .to_string()
+        };
+        self.seen.lock().expect("seen lock").push(Seen {
+            method: head.method.to_string(),
+            path: head.uri.path().to_string(),
+            host: header(hyper::header::HOST),
+            content_type: header(hyper::header::CONTENT_TYPE),
+            body: body.to_vec(),
+        });
+        self.arrived.send_modify(|n| *n += 1);
+        let mut released = self.released.subscribe();
+        let _ = released.wait_for(|r| *r).await;
+        let answer = self.answer.lock().expect("answer lock").clone();
+        let mut response = hyper::Response::builder()
+            .status(answer.status)
+            .header(hyper::header::CONTENT_TYPE, answer.content_type);
+        if let Some(location) = answer.location {
+            response = response.header(hyper::header::LOCATION, location);
+        }
+        response
+            .body(Full::new(Bytes::from(answer.body)))
+            .expect("a response")
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// The lab: DNS, a policy server, the store
+
+fn txt(text: &str) -> RData {
+    RData::TXT(TXT::new(vec![text.to_string()]))
+}
+
+fn zone_with_id(id: &str) -> TestZone {
+    TestZone::new()
+        .mx(DOMAIN, 10, "mx1.example.test")
+        .a("mx1.example.test", Ipv4Addr::LOCALHOST)
+        .record(
+            &format!("_mta-sts.{DOMAIN}"),
+            txt(&format!("v=STSv1; id={id};")),
+        )
+        .record(&format!("_mta-sts.{DOMAIN}"), txt("v=spf1 -all"))
+}
+
+struct Lab {
+    dns: DnsServer,
+    ca: TestCa,
+    server: HttpsServer,
+    clock: Arc<ManualClock>,
+    stats: Arc<Stats>,
+    store: Arc<PolicyStore>,
+}
+
+impl Lab {
+    async fn start(answer: Answer) -> Lab {
+        Lab::start_with(answer, MtaStsConfig::default(), None).await
+    }
+
+    async fn start_with(answer: Answer, config: MtaStsConfig, cert: Option<CertKey>) -> Lab {
+        crate::support::init_tracing();
+        let dns = DnsServer::start(zone_with_id("20261130a")).await;
+        let ca = TestCa::new();
+        let cert = cert.unwrap_or_else(|| ca.leaf(&[POLICY_HOST], Validity::Current));
+        let server = HttpsServer::start(cert, answer).await;
+        let clock = Arc::new(ManualClock::new(NOON));
+        let stats = Arc::new(Stats::default());
+        let store = new_store(&dns, &ca, &server, config, clock.clone(), stats.clone());
+        Lab {
+            dns,
+            ca,
+            server,
+            clock,
+            stats,
+            store,
+        }
+    }
+
+    async fn lookup(&self) -> PolicyLookup {
+        tokio::time::timeout(GUARD, self.store.policy_for(DOMAIN))
+            .await
+            .expect("policy_for took longer than any bound")
+    }
+}
+
+fn resolver(dns: &DnsServer) -> Arc<MxResolver> {
+    Arc::new(MxResolver::new(&[dns.addr], Duration::from_secs(2)).expect("resolver"))
+}
+
+fn https_client(dns: &DnsServer, ca: &TestCa, routes: &[(&str, SocketAddr)]) -> Arc<HttpsClient> {
+    let connect_to: HashMap<String, SocketAddr> =
+        routes.iter().map(|(h, a)| (h.to_string(), *a)).collect();
+    Arc::new(
+        HttpsClient::new(
+            ca.roots(),
+            resolver(dns),
+            connect_to,
+            Duration::from_secs(5),
+            Duration::from_secs(10),
+        )
+        .expect("HTTPS client"),
+    )
+}
+
+fn new_store(
+    dns: &DnsServer,
+    ca: &TestCa,
+    server: &HttpsServer,
+    config: MtaStsConfig,
+    clock: Arc<ManualClock>,
+    stats: Arc<Stats>,
+) -> Arc<PolicyStore> {
+    Arc::new(PolicyStore::new(
+        config,
+        resolver(dns),
+        https_client(dns, ca, &[(POLICY_HOST, server.addr)]),
+        clock,
+        stats,
+    ))
+}
+
+fn unavailable(lookup: &PolicyLookup) -> (PolicyErrorKind, String) {
+    match lookup {
+        PolicyLookup::Unavailable(e) => (e.kind, e.detail.clone()),
+        other => panic!("expected no policy and an error to report, got {other:?}"),
+    }
+}
+
+fn found(lookup: &PolicyLookup) -> Arc<tlsrouter::policy::mta_sts::StsPolicy> {
+    match lookup {
+        PolicyLookup::Found(policy) => policy.clone(),
+        other => panic!("expected a policy, got {other:?}"),
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// Fetching and parsing
+
+#[tokio::test]
+async fn a_good_policy_is_fetched_over_verified_https_and_parsed() {
+    let lab = Lab::start(Answer::policy(ENFORCE)).await;
+
+    let policy = found(&lab.lookup().await);
+
+    assert_eq!(policy.domain, DOMAIN);
+    assert_eq!(policy.id, "20261130a");
+    assert_eq!(policy.mode, Mode::Enforce);
+    assert_eq!(policy.max_age, 604_800);
+    assert_eq!(policy.fetched_at, NOON);
+    assert_eq!(policy.expires_at, NOON + 604_800);
+    assert_eq!(policy.raw, ENFORCE);
+    assert!(policy.mx_matches("mx1.example.test"));
+    assert!(policy.mx_matches("mx2.backup.example.test"));
+    assert!(!policy.mx_matches("backup.example.test"));
+    assert!(!policy.mx_matches("evil.example.org"));
+    let seen = lab.server.seen();
+    assert_eq!(seen.len(), 1);
+    assert_eq!(
+        (seen[0].method.as_str(), seen[0].path.as_str()),
+        ("GET", POLICY_PATH)
+    );
+    assert_eq!(seen[0].host, POLICY_HOST);
+    assert_eq!(lab.stats.sts_fetches.get(), 1);
+    assert_eq!(lab.stats.sts_fetch_failures.get(), 0);
+    assert!(
+        lab.stats
+            .prometheus_text()
+            .contains("tlsrouter_mta_sts_fetches_total 1")
+    );
+}
+
+#[tokio::test]
+async fn a_domain_without_an_mta_sts_record_has_no_policy_and_nothing_is_fetched() {
+    let lab = Lab::start(Answer::policy(ENFORCE)).await;
+    lab.dns
+        .replace_zone(TestZone::new().mx(DOMAIN, 10, "mx1.example.test"));
+
+    assert_eq!(lab.lookup().await, PolicyLookup::NotPublished);
+    assert!(lab.server.seen().is_empty());
+}
+
+#[tokio::test]
+async fn a_malformed_policy_counts_as_none_and_is_reported_as_sts_policy_invalid() {
+    let broken = "version: STSv1\nmode: enforce-ish\nmx: mx1.example.test\nmax_age: 86400\n";
+    let lab = Lab::start(Answer::policy(broken)).await;
+
+    let lookup = lab.lookup().await;
+
+    let (kind, detail) = unavailable(&lookup);
+    assert_eq!(kind, PolicyErrorKind::Invalid);
+    assert!(detail.contains("unknown mode"), "{detail}");
+    assert!(lookup.policy().is_none());
+    assert_eq!(lookup.label(), "mta-sts:sts-policy-invalid");
+    assert_eq!(lab.stats.sts_fetch_failures.get(), 1);
+    let PolicyLookup::Unavailable(error) = &lookup else {
+        unreachable!()
+    };
+    assert_eq!(
+        SessionResult::from_policy_error(error),
+        SessionResult::Failure {
+            result_type: tlsrouter::policy::tlsrpt::ResultType::StsPolicyInvalid,
+            reason_code: None
+        }
+    );
+}
+
+#[tokio::test]
+async fn an_oversized_policy_body_counts_as_none_and_is_reported() {
+    let padded = format!("{ENFORCE}{}", "x-pad: yes\n".repeat(7000));
+    assert!(padded.len() > 64 * 1024);
+    let lab = Lab::start(Answer::policy(&padded)).await;
+
+    let (kind, detail) = unavailable(&lab.lookup().await);
+
+    assert_eq!(kind, PolicyErrorKind::FetchError);
+    assert!(detail.contains("larger than 65536"), "{detail}");
+}
+
+#[tokio::test]
+async fn a_redirect_is_refused_and_not_followed() {
+    let lab = Lab::start(Answer {
+        status: 301,
+        content_type: "text/plain",
+        body: String::new(),
+        location: Some("https://mta-sts.example.test/elsewhere.txt"),
+    })
+    .await;
+
+    let (kind, detail) = unavailable(&lab.lookup().await);
+
+    assert_eq!(kind, PolicyErrorKind::FetchError);
+    assert!(detail.contains("redirects are not followed"), "{detail}");
+    let paths: Vec<String> = lab.server.seen().into_iter().map(|s| s.path).collect();
+    assert_eq!(paths, [POLICY_PATH]);
+}
+
+#[tokio::test]
+async fn a_reply_that_is_not_text_plain_is_refused() {
+    let lab = Lab::start(Answer {
+        content_type: "text/html",
+        ..Answer::policy(ENFORCE)
+    })
+    .await;
+
+    let (kind, detail) = unavailable(&lab.lookup().await);
+
+    assert_eq!(kind, PolicyErrorKind::FetchError);
+    assert!(detail.contains("text/html"), "{detail}");
+}
+
+#[tokio::test]
+async fn a_bad_certificate_on_the_policy_host_is_reported_as_sts_webpki_invalid() {
+    let lab = Lab::start_with(
+        Answer::policy(ENFORCE),
+        MtaStsConfig::default(),
+        Some(self_signed(&[POLICY_HOST])),
+    )
+    .await;
+
+    let (kind, _) = unavailable(&lab.lookup().await);
+
+    assert_eq!(kind, PolicyErrorKind::WebpkiInvalid);
+    assert!(
+        lab.server.seen().is_empty(),
+        "no request over an unverified connection"
+    );
+}
+
+// ---------------------------------------------------------------------------------------
+// The store
+
+#[tokio::test]
+async fn an_unchanged_id_uses_the_cached_policy_and_a_new_id_fetches_again() {
+    let lab = Lab::start(Answer::policy(ENFORCE)).await;
+    found(&lab.lookup().await);
+    lab.clock.advance(Duration::from_secs(3600));
+
+    let again = found(&lab.lookup().await);
+    assert_eq!(again.fetched_at, NOON, "the cached policy, not a new fetch");
+    assert_eq!(lab.server.seen().len(), 1);
+
+    let testing = ENFORCE.replace("mode: enforce", "mode: testing");
+    lab.server.answer(Answer::policy(&testing));
+    lab.dns.replace_zone(zone_with_id("20261130b"));
+    let changed = found(&lab.lookup().await);
+
+    assert_eq!(lab.server.seen().len(), 2);
+    assert_eq!(changed.id, "20261130b");
+    assert_eq!(changed.mode, Mode::Testing);
+    assert_eq!(changed.fetched_at, NOON + 3600);
+}
+
+#[tokio::test]
+async fn a_failed_fetch_keeps_the_cached_policy_and_is_retried_only_after_a_while() {
+    let lab = Lab::start(Answer::policy(ENFORCE)).await;
+    found(&lab.lookup().await);
+
+    lab.server.answer(Answer {
+        status: 500,
+        ..Answer::policy("")
+    });
+    lab.dns.replace_zone(zone_with_id("20261130b"));
+    let kept = found(&lab.lookup().await);
+    assert_eq!((kept.id.as_str(), kept.mode), ("20261130a", Mode::Enforce));
+    assert_eq!(lab.server.seen().len(), 2);
+    assert_eq!(lab.stats.sts_fetch_failures.get(), 1);
+
+    // Within the retry interval, no new fetch.
+    lab.clock.advance(Duration::from_secs(60));
+    found(&lab.lookup().await);
+    assert_eq!(lab.server.seen().len(), 2);
+
+    // A vanished record does not drop the policy either.
+    lab.dns
+        .replace_zone(TestZone::new().mx(DOMAIN, 10, "mx1.example.test"));
+    assert_eq!(found(&lab.lookup().await).id, "20261130a");
+
+    // After the retry interval, with the record back and the server mended, it is fetched.
+    lab.clock.advance(Duration::from_secs(5 * 60));
+    lab.dns.replace_zone(zone_with_id("20261130b"));
+    lab.server.answer(Answer::policy(ENFORCE));
+    assert_eq!(found(&lab.lookup().await).id, "20261130b");
+    assert_eq!(lab.server.seen().len(), 3);
+}
+
+#[tokio::test]
+async fn a_policy_is_refetched_before_it_expires() {
+    let lab = Lab::start(Answer::policy(ENFORCE)).await;
+    found(&lab.lookup().await);
+
+    // Past half its max_age, the same id is fetched again; the new copy lives longer.
+    lab.clock.advance(Duration::from_secs(604_800 / 2 + 1));
+    let renewed = found(&lab.lookup().await);
+
+    assert_eq!(lab.server.seen().len(), 2);
+    assert!(renewed.expires_at > NOON + 604_800);
+}
+
+#[tokio::test]
+async fn a_slow_fetch_does_not_hold_the_message_and_the_next_one_has_the_policy() {
+    let config = MtaStsConfig {
+        wait: Duration::from_millis(300),
+        ..MtaStsConfig::default()
+    };
+    let lab = Lab::start_with(Answer::policy(ENFORCE), config, None).await;
+    lab.server.hold_answers();
+
+    // The server has the request and holds its answer: the lookup gives up waiting.
+    let first = lab.lookup().await;
+    assert_eq!(first, PolicyLookup::NotYet);
+    lab.server.wait_for_requests(1).await;
+
+    lab.server.release_answers();
+    let second = lab.lookup().await;
+
+    assert_eq!(found(&second).mode, Mode::Enforce);
+    assert_eq!(
+        lab.server.seen().len(),
+        1,
+        "the fetch went on; no second one was started"
+    );
+}
+
+#[tokio::test]
+async fn policies_and_todays_counts_survive_a_restart_through_the_cache_file() {
+    crate::support::init_tracing();
+    let dir = tempfile::tempdir().expect("temporary directory");
+    let dns = DnsServer::start(zone_with_id("20261130a")).await;
+    let ca = TestCa::new();
+    let server = HttpsServer::start(
+        ca.leaf(&[POLICY_HOST], Validity::Current),
+        Answer::policy(ENFORCE),
+    )
+    .await;
+    let ca_file = ca.write_ca_file(dir.path());
+    let mut config = crate::support::proxy::test_config(dns.addr, &ca_file, 25);
+    config.cache.file = Some(dir.path().join("cache.json"));
+    config.admin.socket = None;
+    config
+        .mta_sts
+        .connect_to
+        .insert(POLICY_HOST.into(), server.addr);
+
+    let proxy = tlsrouter::Proxy::new(config.clone()).expect("proxy");
+    let before = found(&proxy.policies.policy_for(DOMAIN).await);
+    let success = SessionResult::from_class(OutcomeClass::TlsVerified).expect("a TLS session");
+    let facts = PolicyFacts::sts(&before);
+    proxy
+        .tls_reports
+        .record(DOMAIN, &facts, &success, &SessionSite::default());
+    proxy.save_cache();
+    assert!(dir.path().join("cache.mta-sts.json").exists());
+    drop(proxy);
+
+    // After the restart the policy server is gone: the policy must come from the file.
+    drop(server);
+    let restarted = tlsrouter::Proxy::new(config).expect("proxy after restart");
+    assert_eq!(restarted.policies.cached(DOMAIN).as_deref(), Some(&*before));
+    let after = found(&restarted.policies.policy_for(DOMAIN).await);
+    assert_eq!(after.fetched_at, before.fetched_at);
+    assert_eq!(restarted.stats.sts_fetches.get(), 0);
+    // The day's TLS-RPT counts came back too.
+    let counts = restarted.tls_reports.counts(restarted.tls_reports.today());
+    assert_eq!(counts.len(), 1);
+    assert_eq!(
+        (counts[0].domain.as_str(), counts[0].successes),
+        (DOMAIN, 1)
+    );
+}
+
+// ---------------------------------------------------------------------------------------
+// TLS-RPT
+
+const RUA_HOST: &str = "reports.example.test";
+
+struct ReportLab {
+    dir: tempfile::TempDir,
+    reports: TlsReports,
+    clock: Arc<ManualClock>,
+    /// The HTTPS server at `reports.example.test`, when the lab has one.
+    report_server: Option<HttpsServer>,
+    _dns: DnsServer,
+    _policy_server: HttpsServer,
+}
+
+/// Counts a day of sessions to example.test under its policy, and one to other.test with
+/// none. With `https_rua`, an HTTPS server for `reports.example.test` takes reports.
+async fn report_lab(rua: &str, https_rua: bool, relay: Option<SocketAddr>) -> ReportLab {
+    let lab = Lab::start(Answer::policy(ENFORCE)).await;
+    let sts_policy = found(&lab.lookup().await);
+    let report_server = if https_rua {
+        let answer = Answer {
+            status: 201,
+            content_type: "text/plain",
+            body: "thanks".into(),
+            location: None,
+        };
+        Some(HttpsServer::start(lab.ca.leaf(&[RUA_HOST], Validity::Current), answer).await)
+    } else {
+        None
+    };
+    let zone = zone_with_id("20261130a")
+        .record(
+            &format!("_smtp._tls.{DOMAIN}"),
+            txt(&format!("v=TLSRPTv1; rua={rua}")),
+        )
+        .record(
+            "_smtp._tls.other.test",
+            txt("v=TLSRPTv1; rua=mailto:nobody@other.test"),
+        );
+    lab.dns.replace_zone(zone);
+    let dir = tempfile::tempdir().expect("temporary directory");
+    let config = TlsRptConfig {
+        directory: Some(dir.path().to_path_buf()),
+        mail_relay: relay,
+        organization_name: Some("Relay Org".into()),
+        ..TlsRptConfig::default()
+    };
+    let routes: Vec<(&str, SocketAddr)> =
+        report_server.iter().map(|s| (RUA_HOST, s.addr)).collect();
+    let reports = TlsReports::new(
+        config,
+        "relay.test",
+        resolver(&lab.dns),
+        https_client(&lab.dns, &lab.ca, &routes),
+        lab.clock.clone(),
+        crate::support::proxy::test_config(lab.dns.addr, std::path::Path::new("unused"), 25)
+            .timeouts,
+    )
+    .expect("TLS-RPT reports");
+
+    let facts = PolicyFacts::sts(&sts_policy);
+    let at = |mx: &str, last: u8| SessionSite {
+        receiving_mx: Some(mx.into()),
+        receiving_ip: Some(IpAddr::V4(Ipv4Addr::new(192, 0, 2, last))),
+        sending_ip: Some(IpAddr::V4(Ipv4Addr::new(198, 51, 100, 1))),
+    };
+    let class = |c| SessionResult::from_class(c).expect("a TLS session");
+    for _ in 0..3 {
+        reports.record(
+            DOMAIN,
+            &facts,
+            &class(OutcomeClass::TlsVerified),
+            &at("mx1.example.test", 1),
+        );
+    }
+    for _ in 0..2 {
+        reports.record(
+            DOMAIN,
+            &facts,
+            &class(OutcomeClass::NoStarttls),
+            &at("mx1.example.test", 1),
+        );
+    }
+    reports.record(
+        DOMAIN,
+        &facts,
+        &class(OutcomeClass::CertExpired),
+        &at("mx2.backup.example.test", 2),
+    );
+    reports.record(
+        DOMAIN,
+        &facts,
+        &class(OutcomeClass::LegacyTls),
+        &at("mx1.example.test", 1),
+    );
+    reports.record(
+        DOMAIN,
+        &facts,
+        &SessionResult::mx_not_in_policy(),
+        &at("evil.example.org", 9),
+    );
+    reports.record(
+        "Other.Test.",
+        &PolicyFacts::NoPolicyFound,
+        &class(OutcomeClass::TlsVerified),
+        &SessionSite::default(),
+    );
+    ReportLab {
+        dir,
+        reports,
+        clock: lab.clock.clone(),
+        report_server,
+        _dns: lab.dns,
+        _policy_server: lab.server,
+    }
+}
+
+fn today(lab: &ReportLab) -> UtcDay {
+    UtcDay::of(lab.clock.now())
+}
+
+fn gunzip(bytes: &[u8]) -> serde_json::Value {
+    let mut text = String::new();
+    flate2::read::GzDecoder::new(bytes)
+        .read_to_string(&mut text)
+        .expect("a gzip stream");
+    serde_json::from_str(&text).expect("JSON")
+}
+
+#[tokio::test]
+async fn the_day_report_is_rfc_8460_json_with_the_right_result_types() {
+    let lab = report_lab("mailto:tlsrpt@example.test", false, None).await;
+
+    let report = lab.reports.report(today(&lab), DOMAIN).expect("a report");
+
+    assert_eq!(report["organization-name"], "Relay Org");
+    assert_eq!(report["contact-info"], "postmaster@relay.test");
+    assert_eq!(
+        report["date-range"]["start-datetime"],
+        "2026-11-30T00:00:00Z"
+    );
+    assert_eq!(report["date-range"]["end-datetime"], "2026-11-30T23:59:59Z");
+    assert!(
+        report["report-id"]
+            .as_str()
+            .is_some_and(|id| !id.is_empty())
+    );
+    let policies = report["policies"].as_array().expect("policies");
+    assert_eq!(policies.len(), 1);
+    let policy = &policies[0];
+    assert_eq!(policy["policy"]["policy-type"], "sts");
+    assert_eq!(policy["policy"]["policy-domain"], DOMAIN);
+    assert_eq!(
+        policy["policy"]["mx-host"],
+        serde_json::json!(["mx1.example.test", "*.backup.example.test"])
+    );
+    assert_eq!(
+        policy["policy"]["policy-string"],
+        serde_json::json!([
+            "version: STSv1",
+            "mode: enforce",
+            "mx: mx1.example.test",
+            "mx: *.backup.example.test",
+            "max_age: 604800"
+        ])
+    );
+    assert_eq!(policy["summary"]["total-successful-session-count"], 3);
+    assert_eq!(policy["summary"]["total-failure-session-count"], 5);
+    let details = policy["failure-details"]
+        .as_array()
+        .expect("failure details");
+    let find = |result_type: &str| {
+        details
+            .iter()
+            .find(|d| d["result-type"] == result_type)
+            .unwrap_or_else(|| panic!("no {result_type} in {details:?}"))
+    };
+    let no_tls = find("starttls-not-supported");
+    assert_eq!(no_tls["failed-session-count"], 2);
+    assert_eq!(no_tls["receiving-mx-hostname"], "mx1.example.test");
+    assert_eq!(no_tls["receiving-ip"], "192.0.2.1");
+    assert_eq!(no_tls["sending-mta-ip"], "198.51.100.1");
+    assert_eq!(
+        find("certificate-expired")["receiving-mx-hostname"],
+        "mx2.backup.example.test"
+    );
+    let validation: Vec<_> = details
+        .iter()
+        .filter(|d| d["result-type"] == "validation-failure")
+        .map(|d| {
+            d["failure-reason-code"]
+                .as_str()
+                .unwrap_or_default()
+                .to_string()
+        })
+        .collect();
+    assert_eq!(validation.len(), 2);
+    assert!(
+        validation.contains(&"legacy-tls".to_string()),
+        "{validation:?}"
+    );
+    assert!(
+        validation.contains(&"mx-not-in-policy".to_string()),
+        "{validation:?}"
+    );
+
+    let other = lab
+        .reports
+        .report(today(&lab), "other.test")
+        .expect("a report for other.test");
+    assert_eq!(
+        other["policies"][0]["policy"]["policy-type"],
+        "no-policy-found"
+    );
+    assert_eq!(
+        other["policies"][0]["summary"]["total-successful-session-count"],
+        1
+    );
+
+    let counts = lab.reports.counts(today(&lab));
+    let example = counts.iter().find(|c| c.domain == DOMAIN).expect("counts");
+    assert_eq!((example.successes, example.failures), (3, 5));
+    assert_eq!(example.failure_types.get("validation-failure"), Some(&2));
+}
+
+fn delivered_to(deliveries: &[ReportDelivery], rua: &Rua) -> ReportDelivery {
+    deliveries
+        .iter()
+        .find(|d| &d.rua == rua)
+        .unwrap_or_else(|| panic!("no delivery to {rua} in {deliveries:?}"))
+        .clone()
+}
+
+#[tokio::test]
+async fn the_report_is_posted_gzipped_to_an_https_rua_and_written_to_the_directory() {
+    let url = format!("https://{RUA_HOST}/v1/tlsrpt");
+    let lab = report_lab(&url, true, None).await;
+    let day = today(&lab);
+    let expected = lab.reports.report(day, DOMAIN).expect("a report");
+
+    let deliveries = lab.reports.send_reports(day).await;
+
+    let delivery = delivered_to(&deliveries, &Rua::Https(url));
+    assert_eq!(delivery.result, Ok(()));
+    let server = lab.report_server.as_ref().expect("the report server");
+    let posts: Vec<Seen> = server
+        .seen()
+        .into_iter()
+        .filter(|s| s.method == "POST")
+        .collect();
+    assert_eq!(posts.len(), 1);
+    assert_eq!(posts[0].path, "/v1/tlsrpt");
+    assert_eq!(posts[0].host, RUA_HOST);
+    assert_eq!(posts[0].content_type, "application/tlsrpt+gzip");
+    assert_eq!(gunzip(&posts[0].body), expected);
+    let file = std::fs::read(&delivery.file).expect("the report file");
+    assert_eq!(gunzip(&file), expected);
+    let name = format!(
+        "relay.test!{DOMAIN}!{}!{}.json.gz",
+        day.start(),
+        day.start() + 86_400
+    );
+    assert_eq!(delivery.file, lab.dir.path().join(name));
+    // other.test's mailto report could not go: no relay is configured, and it says so.
+    let other = delivered_to(&deliveries, &Rua::Mailto("nobody@other.test".into()));
+    assert!(
+        other
+            .result
+            .as_ref()
+            .is_err_and(|e| e.contains("mail_relay")),
+        "{other:?}"
+    );
+    // The day is done: its counts are gone.
+    assert!(lab.reports.report(day, DOMAIN).is_none());
+}
+
+#[tokio::test]
+async fn the_report_is_mailed_as_multipart_report_to_a_mailto_rua() {
+    let relay = SmtpServer::start(IpAddr::V4(Ipv4Addr::LOCALHOST), 0, ServerBehaviour::plain())
+        .await
+        .expect("a test SMTP server on 127.0.0.1");
+    let lab = report_lab("mailto:tlsrpt@example.test", false, Some(relay.addr())).await;
+    let day = today(&lab);
+    let expected = lab.reports.report(day, DOMAIN).expect("a report");
+
+    let deliveries = lab.reports.send_reports(day).await;
+
+    let delivery = delivered_to(&deliveries, &Rua::Mailto("tlsrpt@example.test".into()));
+    assert_eq!(delivery.result, Ok(()));
+    let messages = relay.wait_for_messages(2).await;
+    let message = messages
+        .iter()
+        .find(|m| m.rcpt_to == ["tlsrpt@example.test"])
+        .expect("the report for example.test");
+    assert_eq!(message.mail_from, "postmaster@relay.test");
+    let text = String::from_utf8_lossy(&message.data).to_string();
+    for header in [
+        "TLS-Report-Domain: example.test\r\n",
+        "TLS-Report-Submitter: relay.test\r\n",
+        "Subject: Report Domain: example.test Submitter: relay.test Report-ID: <",
+        "Content-Type: multipart/report; report-type=\"tlsrpt\";",
+        "Content-Type: application/tlsrpt+gzip\r\n",
+        "Content-Transfer-Encoding: base64\r\n",
+    ] {
+        assert!(text.contains(header), "{header:?} missing from:\n{text}");
+    }
+    let attachment = attachment_of(&text);
+    assert_eq!(gunzip(&attachment), expected);
+    // other.test asked for mail too.
+    assert!(messages.iter().any(|m| m.rcpt_to == ["nobody@other.test"]));
+}
+
+/// The base64 part after the gzip part's headers, up to the closing boundary.
+fn attachment_of(message: &str) -> Vec<u8> {
+    let start = message
+        .find("Content-Type: application/tlsrpt+gzip")
+        .expect("a gzip part");
+    let part = &message[start..];
+    let body_start = part.find("\r\n\r\n").expect("the part's headers end") + 4;
+    let body = &part[body_start..];
+    let body_end = body.find("\r\n--").expect("the closing boundary");
+    let base64: String = body[..body_end].split("\r\n").collect();
+    base64::engine::general_purpose::STANDARD
+        .decode(base64)
+        .expect("base64")
+}
+
+#[tokio::test]
+async fn the_admin_socket_lists_refreshes_and_flushes_policies_and_shows_todays_counts() {
+    use tlsrouter::admin::protocol::Request;
+    use tlsrouter::admin::server::handle;
+    crate::support::init_tracing();
+    let dir = tempfile::tempdir().expect("temporary directory");
+    let dns = DnsServer::start(zone_with_id("20261130a")).await;
+    let ca = TestCa::new();
+    let server = HttpsServer::start(
+        ca.leaf(&[POLICY_HOST], Validity::Current),
+        Answer::policy(ENFORCE),
+    )
+    .await;
+    let mut config =
+        crate::support::proxy::test_config(dns.addr, &ca.write_ca_file(dir.path()), 25);
+    config.admin.socket = None;
+    config
+        .mta_sts
+        .connect_to
+        .insert(POLICY_HOST.into(), server.addr);
+    let proxy = tlsrouter::Proxy::new(config).expect("proxy");
+    let ask = |request| handle(&proxy, request);
+
+    let refreshed = ask(Request::PolicyRefresh {
+        domain: DOMAIN.into(),
+    })
+    .await;
+    assert!(refreshed.ok, "{refreshed:?}");
+    let listed = ask(Request::PolicyList {}).await.result.expect("a result");
+    assert_eq!(listed["policies"][0]["domain"], DOMAIN);
+    assert_eq!(listed["policies"][0]["mode"], "enforce");
+    assert_eq!(listed["policies"][0]["raw"], ENFORCE);
+    // refresh fetches even when the id is unchanged.
+    ask(Request::PolicyRefresh {
+        domain: DOMAIN.into(),
+    })
+    .await;
+    assert_eq!(server.seen().len(), 2);
+
+    let flushed = ask(Request::PolicyFlush {
+        domain: DOMAIN.into(),
+    })
+    .await;
+    assert_eq!(flushed.result.expect("a result")["flushed"], 1);
+    let shown = ask(Request::PolicyShow {
+        domain: DOMAIN.into(),
+    })
+    .await;
+    assert!(!shown.ok, "nothing is held after the flush");
+
+    let facts = PolicyFacts::NoPolicyFound;
+    let failure = SessionResult::from_class(OutcomeClass::NoStarttls).expect("a TLS session");
+    proxy
+        .tls_reports
+        .record(DOMAIN, &facts, &failure, &SessionSite::default());
+    let counts = ask(Request::Tlsrpt {}).await.result.expect("a result");
+    assert_eq!(counts["domains"][0]["domain"], DOMAIN);
+    assert_eq!(counts["domains"][0]["failures"], 1);
+    assert_eq!(
+        counts["domains"][0]["failure_types"]["starttls-not-supported"],
+        1
+    );
+}
