@@ -540,6 +540,7 @@ async fn serve(config: Config) -> ExitCode {
     let signals = Termination::new();
     let bound = listener.local_addr().map_or(listen, |a| a);
     tracing::info!(listen = %bound, "tlsrouter listening");
+    notify_systemd_ready(bound);
     tokio::spawn(proxy.clone().save_cache_periodically());
     tokio::spawn(proxy.tls_reports.clone().send_daily());
     tlsrouter::inbound::listener::run(listener, proxy.clone(), shutdown_signal(signals)).await;
@@ -568,6 +569,22 @@ fn warn_if_not_fully_qualified(name: &tlsrouter::config::Hostname) {
             name.0
         );
     }
+}
+
+/// systemd (`Type=notify`) starts units ordered after ours once we accept connections.
+/// Without `NOTIFY_SOCKET`, as outside systemd, this does nothing.
+fn notify_systemd_ready(listen: std::net::SocketAddr) {
+    #[cfg(unix)]
+    {
+        use sd_notify::NotifyState;
+        let status = format!("listening on {listen}");
+        let states = [NotifyState::Ready, NotifyState::Status(&status)];
+        if let Err(e) = sd_notify::notify(&states) {
+            tracing::warn!("cannot tell systemd that tlsrouter is ready: {e}");
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = listen;
 }
 
 /// SIGHUP reloads the rules (on Windows the admin socket's `rules reload` does).

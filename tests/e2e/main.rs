@@ -19,5 +19,7 @@ mod legacy_tls;
 mod lifecycle;
 mod mta_sts;
 mod operator;
+mod postfix;
 mod rules;
+mod systemd;
 mod tls_outcomes;

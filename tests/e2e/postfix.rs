@@ -1,0 +1,584 @@
+//! A real Postfix, configured with the snippets in examples/postfix/, relays to tlsrouter as
+//! its smart host, exactly as the README tells an admin to set it up. tlsrouter finds the
+//! receiving servers through a real DNS server; all of it on loopback. What the admin would
+//! look at is what the tests read: Postfix's own queue (`postqueue -j`), the bounce its
+//! sender gets, and what the receiving servers were sent.
+//!
+//! Each test runs its own Postfix instance (`postfix -c DIR`) with its own configuration
+//! and queue directories, stopped and removed at the end, and never touches the machine's
+//! own Postfix. Postfix must be installed (Debian: the `postfix` package, which `.ci/run`
+//! installs) and the tests must run as root, as `postfix start` requires: otherwise they
+//! fail and say why.
+
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use crate::support::dns::{DnsServer, TestZone};
+use crate::support::pki::{TestCa, Validity};
+use crate::support::proxy::{start_proxy, test_config};
+use crate::support::smtp_server::{Action, Received, ServerBehaviour, SmtpServer, Step};
+use serde_json::Value;
+
+/// The snippets an admin copies; the tests use them as they are, with tlsrouter's port.
+const MAIN_CF: &str = include_str!("../../examples/postfix/main.cf");
+const MASTER_CF: &str = include_str!("../../examples/postfix/master.cf");
+const DOCUMENTED_RELAYHOST: &str = "[127.0.0.1]:10025";
+
+/// How long Postfix may take to do what a test waits for; a guard against a hung test.
+const WAIT: Duration = Duration::from_secs(60);
+/// How often the queue or a server is looked at while waiting.
+const POLL: Duration = Duration::from_millis(100);
+
+const MX1: Ipv4Addr = Ipv4Addr::new(127, 0, 0, 1);
+const MX2: Ipv4Addr = Ipv4Addr::new(127, 0, 0, 2);
+
+const SENDER: &str = "alice@sender.test";
+
+/// The instance's own main.cf lines: its directories, its name, and no way off loopback.
+/// The documented snippet follows them unchanged but for the port.
+fn instance_main_cf(dir: &Path) -> String {
+    let d = dir.display();
+    format!(
+        "compatibility_level = 3.6\n\
+         queue_directory = {d}/spool\n\
+         data_directory = {d}/data\n\
+         maillog_file = {d}/maillog\n\
+         maillog_file_prefixes = {d}\n\
+         myhostname = postfix.test\n\
+         mydestination =\n\
+         alias_maps =\n\
+         alias_database =\n\
+         inet_interfaces = loopback-only\n\
+         inet_protocols = ipv4\n\
+         smtp_dns_support_level = disabled\n"
+    )
+}
+
+/// Postfix's own services, none of them listening on the network and none chrooted (the
+/// queue is in a temporary directory). The documented transport follows.
+const INSTANCE_MASTER_CF: &str = "\
+pickup    unix  n       -       n       60      1       pickup
+cleanup   unix  n       -       n       -       0       cleanup
+qmgr      unix  n       -       n       300     1       qmgr
+rewrite   unix  -       -       n       -       -       trivial-rewrite
+bounce    unix  -       -       n       -       0       bounce
+defer     unix  -       -       n       -       0       bounce
+trace     unix  -       -       n       -       0       bounce
+verify    unix  -       -       n       -       1       verify
+flush     unix  n       -       n       1000?   0       flush
+proxymap  unix  -       -       n       -       -       proxymap
+smtp      unix  -       -       n       -       -       smtp
+showq     unix  n       -       n       -       -       showq
+error     unix  -       -       n       -       -       error
+retry     unix  -       -       n       -       -       error
+discard   unix  -       -       n       -       -       discard
+anvil     unix  -       -       n       -       1       anvil
+scache    unix  -       -       n       -       1       scache
+postlog   unix-dgram n  -       n       -       1       postlogd
+";
+
+/// A Postfix instance of our own. Dropping it stops Postfix and removes its directories,
+/// whether the test passed or not.
+struct Postfix {
+    dir: tempfile::TempDir,
+}
+
+/// Postfix's commands live in /usr/sbin on Debian, which is not on every user's PATH.
+fn postfix_command(name: &str) -> Command {
+    let sbin = Path::new("/usr/sbin").join(name);
+    Command::new(if sbin.exists() {
+        sbin
+    } else {
+        PathBuf::from(name)
+    })
+}
+
+fn output(command: &mut Command, what: &str) -> Output {
+    command.output().unwrap_or_else(|e| {
+        panic!(
+            "{what}: {e}. The Postfix tests need Debian's postfix package \
+             (apt-get install postfix; .ci/run installs it)"
+        )
+    })
+}
+
+impl Postfix {
+    /// Configures and starts an instance relaying to tlsrouter at `relay`.
+    fn start(relay: SocketAddr) -> Postfix {
+        let dir = tempfile::tempdir().expect("temporary directory");
+        let root = dir.path();
+        // Postfix's unprivileged daemons must reach their files below it.
+        set_mode(root, 0o755);
+        for sub in ["etc", "spool", "data"] {
+            std::fs::create_dir(root.join(sub)).expect("create Postfix directory");
+        }
+        let mut chown = Command::new("chown");
+        chown.arg("postfix").arg(root.join("data"));
+        let chowned = output(&mut chown, "chown postfix");
+        assert!(
+            chowned.status.success(),
+            "cannot give the data directory to the postfix user (is postfix installed, and \
+             are the tests run as root?): {}",
+            String::from_utf8_lossy(&chowned.stderr)
+        );
+        let documented = format!("[127.0.0.1]:{}", relay.port());
+        assert_eq!(
+            MAIN_CF.matches(DOCUMENTED_RELAYHOST).count(),
+            1,
+            "examples/postfix/main.cf should name {DOCUMENTED_RELAYHOST} once"
+        );
+        let main_cf = format!(
+            "{}{}",
+            instance_main_cf(root),
+            MAIN_CF.replace(DOCUMENTED_RELAYHOST, &documented)
+        );
+        std::fs::write(root.join("etc/main.cf"), main_cf).expect("write main.cf");
+        std::fs::write(
+            root.join("etc/master.cf"),
+            format!("{INSTANCE_MASTER_CF}{MASTER_CF}"),
+        )
+        .expect("write master.cf");
+        let postfix = Postfix { dir };
+        let started = output(postfix.command("postfix").arg("start"), "postfix start");
+        assert!(
+            started.status.success(),
+            "Postfix did not start (the tests must run as root): {}{}\n{}",
+            String::from_utf8_lossy(&started.stdout),
+            String::from_utf8_lossy(&started.stderr),
+            postfix.maillog()
+        );
+        postfix
+    }
+
+    fn config_dir(&self) -> PathBuf {
+        self.dir.path().join("etc")
+    }
+
+    /// `name` pointed at this instance's configuration (`-c DIR`, or `-C DIR` for sendmail).
+    fn command(&self, name: &str) -> Command {
+        let mut command = postfix_command(name);
+        let flag = if name == "sendmail" { "-C" } else { "-c" };
+        command.arg(flag).arg(self.config_dir());
+        command
+    }
+
+    /// What the instance logged so far (its own maillog file).
+    fn maillog(&self) -> String {
+        let log = std::fs::read_to_string(self.dir.path().join("maillog")).unwrap_or_default();
+        format!("--- Postfix's maillog ---\n{log}")
+    }
+
+    /// Injects a message with Postfix's `sendmail`, as an application on the host would.
+    async fn sendmail(&self, from: &str, to: &[&str], message: &str) {
+        let mut command = self.command("sendmail");
+        command.arg("-f").arg(from).arg("--").args(to);
+        let message = message.to_string();
+        let out = tokio::task::spawn_blocking(move || -> std::io::Result<Output> {
+            use std::io::Write;
+            let mut child = command
+                .stdin(Stdio::piped())
+                .stdout(Stdio::piped())
+                .stderr(Stdio::piped())
+                .spawn()?;
+            child
+                .stdin
+                .take()
+                .ok_or_else(|| std::io::Error::other("no stdin"))?
+                .write_all(message.as_bytes())?;
+            child.wait_with_output()
+        })
+        .await
+        .expect("sendmail task")
+        .expect("run sendmail");
+        assert!(
+            out.status.success(),
+            "sendmail: {}\n{}",
+            String::from_utf8_lossy(&out.stderr),
+            self.maillog()
+        );
+    }
+
+    /// The queue as `postqueue -j` shows it: one JSON object per message.
+    async fn queue(&self) -> Vec<Value> {
+        let mut command = self.command("postqueue");
+        command.arg("-j");
+        let out = tokio::task::spawn_blocking(move || command.output())
+            .await
+            .expect("postqueue task")
+            .expect("run postqueue -j");
+        assert!(
+            out.status.success(),
+            "postqueue -j: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .map(|line| serde_json::from_str(line).expect("postqueue -j prints JSON lines"))
+            .collect()
+    }
+
+    /// Waits until the queue holds a deferred message, and returns it.
+    async fn deferred_message(&self) -> Value {
+        let deadline = Instant::now() + WAIT;
+        loop {
+            let queue = self.queue().await;
+            if let Some(m) = queue.iter().find(|m| m["queue_name"] == "deferred") {
+                return m.clone();
+            }
+            assert!(
+                Instant::now() < deadline,
+                "no deferred message within {WAIT:?}; queue: {queue:?}\n{}",
+                self.maillog()
+            );
+            tokio::time::sleep(POLL).await;
+        }
+    }
+
+    /// Waits until the queue is empty: every message delivered or bounced.
+    async fn wait_for_empty_queue(&self) {
+        let deadline = Instant::now() + WAIT;
+        loop {
+            let queue = self.queue().await;
+            if queue.is_empty() {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "the queue still holds mail after {WAIT:?}: {queue:?}\n{}",
+                self.maillog()
+            );
+            tokio::time::sleep(POLL).await;
+        }
+    }
+
+    /// Asks Postfix to try a deferred message again now (`postqueue -i ID`).
+    async fn retry_now(&self, queue_id: &str) {
+        let mut command = self.command("postqueue");
+        command.arg("-i").arg(queue_id);
+        let out = tokio::task::spawn_blocking(move || command.output())
+            .await
+            .expect("postqueue task")
+            .expect("run postqueue -i");
+        assert!(
+            out.status.success(),
+            "postqueue -i: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+
+    /// The master process's id, from its pid file.
+    fn master_pid(&self) -> Option<String> {
+        let file = self.dir.path().join("spool/pid/master.pid");
+        let text = std::fs::read_to_string(file).ok()?;
+        Some(text.trim().to_string()).filter(|pid| !pid.is_empty())
+    }
+}
+
+impl Drop for Postfix {
+    fn drop(&mut self) {
+        let pid = self.master_pid();
+        let _ = self.command("postfix").arg("stop").output();
+        // The directories go only once the daemons are gone, so none writes into a removed
+        // queue. Bounded: a test must end even if Postfix does not.
+        if let Some(pid) = pid {
+            let deadline = Instant::now() + Duration::from_secs(20);
+            while Instant::now() < deadline && process_exists(&pid) {
+                std::thread::sleep(Duration::from_millis(50));
+            }
+        }
+    }
+}
+
+fn process_exists(pid: &str) -> bool {
+    Path::new("/proc").join(pid).exists()
+}
+
+fn set_mode(path: &Path, mode: u32) {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).expect("chmod");
+}
+
+/// Everything one test needs: the DNS server, the CA file, tlsrouter, and Postfix relaying
+/// to it. Postfix is dropped first, so it stops while tlsrouter still answers.
+struct Lab {
+    postfix: Postfix,
+    _dns: DnsServer,
+    _dir: tempfile::TempDir,
+}
+
+impl Lab {
+    /// tlsrouter delivers to remote port `mx_port`, the port of the test's servers.
+    async fn start(zone: TestZone, ca: &TestCa, mx_port: u16) -> Lab {
+        crate::support::init_tracing();
+        let dns = DnsServer::start(zone).await;
+        let dir = tempfile::tempdir().expect("temporary directory");
+        let ca_file = ca.write_ca_file(dir.path());
+        let relay = start_proxy(test_config(dns.addr, &ca_file, mx_port)).await;
+        let postfix = tokio::task::spawn_blocking(move || Postfix::start(relay))
+            .await
+            .expect("start Postfix");
+        Lab {
+            postfix,
+            _dns: dns,
+            _dir: dir,
+        }
+    }
+}
+
+/// example.test's MX is on 127.0.0.1; sender.test's (where bounces go) on 127.0.0.2.
+fn zone() -> TestZone {
+    TestZone::new()
+        .mx("example.test", 10, "mx.example.test")
+        .a("mx.example.test", MX1)
+        .mx("sender.test", 10, "mx.sender.test")
+        .a("mx.sender.test", MX2)
+}
+
+fn message(to: &str, subject: &str) -> String {
+    format!(
+        "From: {SENDER}\nTo: {to}\nSubject: {subject}\n\n\
+         Hello from Postfix through tlsrouter.\n.a line that starts with a dot\n"
+    )
+}
+
+/// Waits until `server` has `n` completed messages.
+async fn wait_for_messages(server: &SmtpServer, n: usize, postfix: &Postfix) -> Vec<Received> {
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let messages = server.messages();
+        if messages.len() >= n {
+            return messages;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{} message(s) arrived within {WAIT:?}, expected {n}; queue: {:?}\n{}",
+            messages.len(),
+            postfix.queue().await,
+            postfix.maillog()
+        );
+        tokio::time::sleep(POLL).await;
+    }
+}
+
+/// Two servers on one port (tlsrouter has one remote port), at 127.0.0.1 and 127.0.0.2.
+async fn two_servers(
+    first: impl Fn() -> ServerBehaviour,
+    second: impl Fn() -> ServerBehaviour,
+) -> (SmtpServer, SmtpServer) {
+    for _ in 0..20 {
+        let one = SmtpServer::start(IpAddr::V4(MX1), 0, first())
+            .await
+            .expect("SMTP server on 127.0.0.1");
+        let port = one.addr().port();
+        if let Ok(two) = SmtpServer::start(IpAddr::V4(MX2), port, second()).await {
+            return (one, two);
+        }
+    }
+    panic!("no port was free on both 127.0.0.1 and 127.0.0.2 after 20 tries");
+}
+
+fn text(received: &Received) -> String {
+    String::from_utf8_lossy(&received.data).into_owned()
+}
+
+/// A message Postfix delivered arrived whole: headers Postfix added, and the body with its
+/// leading dot stuffed as on the wire.
+fn assert_whole(received: &Received, subject: &str) {
+    let text = text(received);
+    assert_eq!(received.mail_from, SENDER);
+    assert!(text.contains(&format!("Subject: {subject}\r\n")), "{text}");
+    assert!(text.contains("Received: by postfix.test"), "{text}");
+    assert!(
+        text.contains("\r\n..a line that starts with a dot\r\n"),
+        "{text}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mail_from_postfix_to_a_server_with_a_valid_certificate_arrives_over_tls() {
+    let ca = TestCa::new();
+    let cert = ca.leaf(&["mx.example.test"], Validity::Current);
+    let server = SmtpServer::start(IpAddr::V4(MX1), 0, ServerBehaviour::tls(cert))
+        .await
+        .expect("SMTP server");
+    let lab = Lab::start(zone(), &ca, server.addr().port()).await;
+
+    let to = "bob@example.test";
+    lab.postfix
+        .sendmail(SENDER, &[to], &message(to, "over TLS"))
+        .await;
+
+    let got = wait_for_messages(&server, 1, &lab.postfix).await;
+    lab.postfix.wait_for_empty_queue().await;
+    assert_whole(&got[0], "over TLS");
+    assert_eq!(got[0].rcpt_to, vec![to]);
+    let tls = got[0].tls.as_ref().expect("delivered over TLS");
+    assert_eq!(tls.version, "TLSv1.3");
+    let log = lab.postfix.maillog();
+    assert!(log.contains("status=sent"), "{log}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mail_from_postfix_to_a_server_without_starttls_arrives_in_plain() {
+    let ca = TestCa::new();
+    let server = SmtpServer::start(IpAddr::V4(MX1), 0, ServerBehaviour::plain())
+        .await
+        .expect("SMTP server");
+    let lab = Lab::start(zone(), &ca, server.addr().port()).await;
+
+    let to = "bob@example.test";
+    lab.postfix
+        .sendmail(SENDER, &[to], &message(to, "in plain"))
+        .await;
+
+    let got = wait_for_messages(&server, 1, &lab.postfix).await;
+    lab.postfix.wait_for_empty_queue().await;
+    assert_whole(&got[0], "in plain");
+    assert_eq!(got[0].tls, None, "no STARTTLS offered: plain");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mail_from_postfix_to_a_server_with_an_expired_certificate_arrives_encrypted() {
+    let ca = TestCa::new();
+    let cert = ca.leaf(&["mx.example.test"], Validity::Expired);
+    let server = SmtpServer::start(IpAddr::V4(MX1), 0, ServerBehaviour::tls(cert))
+        .await
+        .expect("SMTP server");
+    let lab = Lab::start(zone(), &ca, server.addr().port()).await;
+
+    let to = "bob@example.test";
+    lab.postfix
+        .sendmail(SENDER, &[to], &message(to, "expired"))
+        .await;
+
+    let got = wait_for_messages(&server, 1, &lab.postfix).await;
+    lab.postfix.wait_for_empty_queue().await;
+    assert_whole(&got[0], "expired");
+    assert!(
+        got[0].tls.is_some(),
+        "the default rules encrypt even with an expired certificate"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_4xx_at_rcpt_keeps_the_message_deferred_in_postfix_with_the_reason() {
+    let ca = TestCa::new();
+    let busy = ServerBehaviour::plain().rcpt_reply("450 4.2.1 mailbox busy, try later");
+    let server = SmtpServer::start(IpAddr::V4(MX1), 0, busy)
+        .await
+        .expect("SMTP server");
+    let lab = Lab::start(zone(), &ca, server.addr().port()).await;
+
+    let to = "bob@example.test";
+    lab.postfix
+        .sendmail(SENDER, &[to], &message(to, "later"))
+        .await;
+
+    let deferred = lab.postfix.deferred_message().await;
+    let recipient = &deferred["recipients"][0];
+    assert_eq!(recipient["address"], to, "{deferred}");
+    let reason = recipient["delay_reason"].as_str().unwrap_or_default();
+    assert!(
+        reason.contains("450 4.2.1 mailbox busy, try later"),
+        "the remote's own reply, passed on by tlsrouter: {deferred}"
+    );
+    assert!(server.messages().is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_5xx_at_rcpt_bounces_the_message_to_its_sender_with_the_remote_reply() {
+    let ca = TestCa::new();
+    let (rejecting, senders_mx) = two_servers(
+        || ServerBehaviour::plain().rcpt_reply("550 5.1.1 no such user here"),
+        ServerBehaviour::plain,
+    )
+    .await;
+    let lab = Lab::start(zone(), &ca, rejecting.addr().port()).await;
+
+    let to = "nobody@example.test";
+    lab.postfix
+        .sendmail(SENDER, &[to], &message(to, "bounce me"))
+        .await;
+
+    // The bounce goes back through tlsrouter to the sender's domain.
+    let bounces = wait_for_messages(&senders_mx, 1, &lab.postfix).await;
+    lab.postfix.wait_for_empty_queue().await;
+    let bounce = &bounces[0];
+    assert_eq!(bounce.mail_from, "", "a bounce has the null sender");
+    assert_eq!(bounce.rcpt_to, vec![SENDER]);
+    let report = text(bounce);
+    assert!(
+        report.contains("Undelivered Mail Returned to Sender"),
+        "{report}"
+    );
+    assert!(report.contains("550 5.1.1 no such user here"), "{report}");
+    assert!(rejecting.messages().is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connection_dropped_mid_data_is_retried_by_postfix_and_delivered_exactly_once() {
+    let ca = TestCa::new();
+    // The first connection breaks off in the body; later ones behave.
+    let script = ServerBehaviour::plain()
+        .on(Step::Body, Action::Drop)
+        .on_connections_from(1, Step::Body, Action::Normal);
+    let server = SmtpServer::start(IpAddr::V4(MX1), 0, script)
+        .await
+        .expect("smtp server");
+    let lab = Lab::start(zone(), &ca, server.addr().port()).await;
+
+    let to = "bob@example.test";
+    lab.postfix
+        .sendmail(SENDER, &[to], &message(to, "again"))
+        .await;
+
+    let deferred = lab.postfix.deferred_message().await;
+    let reason = deferred["recipients"][0]["delay_reason"]
+        .as_str()
+        .unwrap_or_default();
+    assert!(
+        reason.contains("451 4.4.2"),
+        "tlsrouter's answer for a remote lost mid-transaction: {deferred}"
+    );
+    assert!(server.messages().is_empty(), "nothing was accepted yet");
+
+    let queue_id = deferred["queue_id"].as_str().expect("queue_id");
+    lab.postfix.retry_now(queue_id).await;
+    lab.postfix.wait_for_empty_queue().await;
+
+    // Out of Postfix's queue, so no further attempt can come.
+    let accepted = server.messages();
+    assert_eq!(accepted.len(), 1, "delivered exactly once: {accepted:?}");
+    let connections = server.connection_logs();
+    assert!(!connections[0].final_dot, "the first attempt was cut off");
+    assert!(
+        String::from_utf8_lossy(&accepted[0].data).contains("Subject: again"),
+        "{accepted:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_message_to_two_domains_on_different_mx_hosts_reaches_both_without_waiting() {
+    let ca = TestCa::new();
+    let (first, second) = two_servers(ServerBehaviour::plain, ServerBehaviour::plain).await;
+    // example.test on 127.0.0.1, other.test on 127.0.0.2: two next hops.
+    let zone = zone()
+        .mx("other.test", 10, "mx.other.test")
+        .a("mx.other.test", MX2);
+    let lab = Lab::start(zone, &ca, first.addr().port()).await;
+
+    let (a, b) = ("bob@example.test", "carol@other.test");
+    lab.postfix
+        .sendmail(SENDER, &[a, b], &message(a, "to two"))
+        .await;
+
+    // With the documented recipient limit of 1, neither recipient waits for a queue run
+    // after tlsrouter's 452 4.5.3.
+    let at_first = wait_for_messages(&first, 1, &lab.postfix).await;
+    let at_second = wait_for_messages(&second, 1, &lab.postfix).await;
+    lab.postfix.wait_for_empty_queue().await;
+    assert_eq!(at_first[0].rcpt_to, vec![a]);
+    assert_eq!(at_second[0].rcpt_to, vec![b]);
+}
