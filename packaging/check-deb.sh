@@ -8,7 +8,9 @@ cd "$(dirname "$0")/.."
 if ! command -v cargo-deb >/dev/null 2>&1; then
   cargo install --locked cargo-deb
 fi
-cargo deb --locked
+# CI passes DEB_PROFILE=dev to package the binary the tests already built: what is checked
+# here is the package, not the optimiser. A release package is plain `cargo deb`.
+cargo deb --locked --profile "${DEB_PROFILE:-release}"
 deb="$(ls -t target/debian/tlsrouter_*.deb | head -n 1)"
 dpkg -i "$deb"
 
