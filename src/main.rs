@@ -474,6 +474,7 @@ fn explain_rcpt(
         sender_domain: sender_domain.as_deref(),
         mx,
         cached: assumed_entry(mx.unwrap_or(""), outcome.as_slice(), pinned),
+        published: tlsrouter::router::decision::Published::Nothing,
     };
     print!("{}", explain(Arc::new(rules), &question).text);
     ExitCode::SUCCESS

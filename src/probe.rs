@@ -149,6 +149,7 @@ fn explain_for(
         sender_domain: None,
         mx,
         cached: assumed_entry(mx.unwrap_or(""), classes, false),
+        published: Published::Nothing,
     };
     let answer = explain(rules.clone(), &question);
     Some((answer.rule, answer.text))

@@ -81,6 +81,7 @@ impl Proxy {
             timeouts: config.timeouts.clone(),
             cache,
             stats: stats.clone(),
+            tls_reports: tls_reports.clone(),
         };
         Ok(Arc::new(Proxy {
             config,

@@ -115,11 +115,18 @@ pub async fn handle(proxy: &Proxy, request: Request) -> Response {
                     assumed_entry(mx.as_deref().unwrap_or(""), outcome.as_slice(), pinned)
                 }
             };
+            // The domain's policy as this daemon holds it now.
+            let policy = proxy.policies.cached(&domain);
+            let published = crate::outbound::delivery::published(
+                policy.as_deref(),
+                &crate::outbound::mx::bare_name(mx.as_deref().unwrap_or("")),
+            );
             let question = Question {
                 recipient_domain: &domain,
                 sender_domain: sender_domain.as_deref(),
                 mx: mx.as_deref(),
                 cached,
+                published,
             };
             let answer = explain(proxy.router.rules(), &question);
             Response::ok(json!({

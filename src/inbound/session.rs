@@ -12,6 +12,7 @@ use tokio::net::TcpStream;
 use crate::outbound::delivery::{NextHop, OpenError};
 use crate::outbound::upstream::{Answer, RemoteFacts, Upstream};
 use crate::outcome::{TlsOutcome, Verification};
+use crate::policy::mta_sts::PolicyLookup;
 use crate::proxy::Proxy;
 use crate::router::Plan;
 use crate::rules::RuleSet;
@@ -418,9 +419,17 @@ impl Session {
                 .unwrap_or_default()
         );
         let params = tx.params.clone();
+        // What the domain publishes binds its MX hosts only, never a smarthost route.
+        let policy = match hop {
+            NextHop::Mx(_) => proxy.policies.policy_for(domain).await,
+            NextHop::Smarthost(_) => PolicyLookup::NotPublished,
+        };
+        let Stage::Mail(tx) = &mut self.stage else {
+            return Err(Reply::new(503, "5.5.1", "MAIL first"));
+        };
         let opened = proxy
             .outbound
-            .open(&plan, domain, &hop, |caps| {
+            .open(&plan, domain, &hop, &policy, |caps| {
                 Ok(format!("{mail_from}{}", params.to_wire(caps)?))
             })
             .await;
@@ -729,6 +738,7 @@ fn log_transaction(client: SocketAddr, tx: &Transaction, reply: Option<&Reply>, 
         verify = verify.map(display),
         fallback = fallback.map(display),
         rule = %facts.rule,
+        policy = facts.policy,
         end = end.label(),
         reply = %reply,
         earlier_failures = listed(&facts.earlier_failures, "; "),

@@ -19,9 +19,11 @@ use crate::outbound::mx::{
 use crate::outbound::tls::TlsClient;
 use crate::outbound::upstream::{RemoteFacts, Upstream, relayable};
 use crate::outcome::{NoTls, OutcomeClass, TlsOutcome, TlsSession, Verification};
+use crate::policy::mta_sts::{Mode, PolicyLookup, StsPolicy};
+use crate::policy::tlsrpt::{PolicyFacts, SessionResult, SessionSite, TlsReports};
 use crate::router::Plan;
 use crate::router::decision::{
-    HostDecision, Known, Published, TlsTerms, decide, is_fact_about_server,
+    HostDecision, Known, Published, StsMode, TlsTerms, decide, is_fact_about_server, overridden,
 };
 use crate::rules::model::{AuthSpec, HostPort};
 use crate::rules::{Fallback, Route, Rule};
@@ -59,6 +61,8 @@ pub struct Outbound {
     pub timeouts: Timeouts,
     pub cache: Arc<OutcomeCache>,
     pub stats: Arc<Stats>,
+    /// What TLS-RPT reports count: every attempt to a domain with an MTA-STS policy.
+    pub tls_reports: Arc<TlsReports>,
 }
 
 /// Where a transaction goes.
@@ -195,6 +199,10 @@ struct Attempt<'a> {
     port: u16,
     domain: &'a str,
     decision: HostDecision,
+    /// What the domain publishes, as it bears on this server.
+    published: Published,
+    /// The domain's MTA-STS policy, for TLS-RPT.
+    policy: Option<&'a StsPolicy>,
 }
 
 impl Attempt<'_> {
@@ -219,15 +227,21 @@ impl Outbound {
     }
 
     /// Opens a remote transaction: the first server and address that accepts MAIL FROM
-    /// wins. `mail_from` writes the command for the capabilities the remote announced, or
-    /// says which one the message needs and the remote lacks.
+    /// wins. `policy` is what the domain publishes (MTA-STS); it does not bind a smarthost
+    /// route (RFC 8461 3.4). `mail_from` writes the command for the capabilities the remote
+    /// announced, or says which one the message needs and the remote lacks.
     pub async fn open(
         &self,
         plan: &Plan,
         domain: &str,
         hop: &NextHop,
+        policy: &PolicyLookup,
         mail_from: impl Fn(&Capabilities) -> Result<String, MissingExtension> + Sync,
     ) -> Result<Upstream, OpenError> {
+        let policy = match hop {
+            NextHop::Mx(_) => policy.policy().map(AsRef::as_ref),
+            NextHop::Smarthost(_) => None,
+        };
         let servers: Vec<(String, u16)> = match hop {
             NextHop::Mx(hosts) => hosts.iter().map(|h| (h.name.clone(), self.port)).collect(),
             NextHop::Smarthost(server) => vec![(server.host.clone(), server.port)],
@@ -251,13 +265,32 @@ impl Outbound {
                 let classes = cached.as_ref().map(|e| e.classes()).unwrap_or_default();
                 let rule = plan.rule_for_host(&server.name, &classes);
                 let known = cached.as_ref().map_or(Known::Nothing, Known::Cached);
-                let decision = decide(rule, known, Published::Nothing);
-                if decision != decide(rule, Known::Nothing, Published::Nothing) {
+                let published = published(policy, &server.name);
+                if overridden(rule, published) {
+                    tracing::warn!(server = %server, rule = %rule.name, "rule overrides the domain's published policy ({})", published.name().unwrap_or("none"));
+                }
+                let decision = decide(rule, known, published);
+                if decision != decide(rule, Known::Nothing, published) {
                     self.stats.cache_hits.inc();
                 }
                 if let HostDecision::Skip(why) = &decision {
                     failures.push(format!("{server}: {why}"));
                     continue;
+                }
+                if let (
+                    Some(policy),
+                    Published::MtaSts {
+                        mx_listed: false, ..
+                    },
+                ) = (policy, published)
+                {
+                    let site = site(&server);
+                    (self.tls_reports).record(
+                        domain,
+                        &PolicyFacts::sts(policy),
+                        &SessionResult::mx_not_in_policy(),
+                        &site,
+                    );
                 }
                 let attempt = Attempt {
                     rule,
@@ -266,6 +299,8 @@ impl Outbound {
                     port,
                     domain,
                     decision,
+                    published,
+                    policy,
                 };
                 match self.attempt(&attempt, &mail_from).await {
                     Ok(session) => {
@@ -275,6 +310,7 @@ impl Outbound {
                             relay: session.relay,
                             tls: session.tls,
                             rule: rule.name.clone(),
+                            policy: published.name(),
                             earlier_failures: failures,
                         };
                         let timeouts = self.timeouts.clone();
@@ -411,10 +447,11 @@ impl Outbound {
             outcome: &outcome,
             downgrade,
         };
-        let decision = decide(attempt.rule, found, Published::Nothing);
+        let decision = decide(attempt.rule, found, attempt.published);
         if fact {
             self.remember(attempt, &outcome, &decision);
         }
+        self.report(attempt, &outcome);
         match (decision, secured) {
             (HostDecision::Tls(_), Secured::Tls(conn, caps, session)) => Ok(Session {
                 conn,
@@ -489,6 +526,25 @@ impl Outbound {
             let server = attempt.server;
             self.cache
                 .record(&server.name, server.addr, attempt.domain, observation);
+        }
+    }
+
+    /// Counts the attempt for the domain's TLS-RPT report, when it has an MTA-STS policy.
+    fn report(&self, attempt: &Attempt<'_>, outcome: &TlsOutcome) {
+        let Some(policy) = attempt.policy else {
+            return;
+        };
+        // An unverified session is judged by why its certificate failed.
+        let class = match outcome {
+            TlsOutcome::Encrypted(TlsSession {
+                verification: Verification::Failed(problem),
+                ..
+            }) => Some(problem.class()),
+            other => other.class(),
+        };
+        if let Some(result) = class.and_then(SessionResult::from_class) {
+            let site = site(attempt.server);
+            (self.tls_reports).record(attempt.domain, &PolicyFacts::sts(policy), &result, &site);
         }
     }
 
@@ -590,7 +646,7 @@ impl Outbound {
             outcome: &outcome,
             downgrade: false,
         };
-        match (decide(attempt.rule, found, Published::Nothing), conn) {
+        match (decide(attempt.rule, found, attempt.published), conn) {
             (HostDecision::Tls(_), Some(mut conn)) => {
                 self.read_greeting(&mut conn).await.map_err(Failure::Next)?;
                 let caps = self.ehlo(&mut conn).await.map_err(Failure::Next)?;
@@ -725,6 +781,30 @@ impl Outbound {
         }
         conn.command_secret(&BASE64.encode(password), "(password)", timeout, what)
             .await
+    }
+}
+
+/// What a domain's MTA-STS policy is to one of its servers.
+pub fn published(policy: Option<&StsPolicy>, server: &str) -> Published {
+    let Some(policy) = policy else {
+        return Published::Nothing;
+    };
+    let mode = match policy.mode {
+        Mode::Enforce => StsMode::Enforce,
+        Mode::Testing => StsMode::Testing,
+        Mode::None => return Published::Nothing,
+    };
+    Published::MtaSts {
+        mode,
+        mx_listed: policy.mx_matches(server),
+    }
+}
+
+fn site(server: &ServerId) -> SessionSite {
+    SessionSite {
+        receiving_mx: Some(server.name.clone()),
+        receiving_ip: Some(server.addr),
+        sending_ip: None,
     }
 }
 

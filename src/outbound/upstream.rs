@@ -26,6 +26,8 @@ pub struct RemoteFacts {
     pub tls: TlsOutcome,
     /// The rule that applied to this server.
     pub rule: String,
+    /// The domain's published policy that applied (`mta-sts:enforce`, `mta-sts:testing`).
+    pub policy: Option<&'static str>,
     /// Attempts that failed before this one.
     pub earlier_failures: Vec<String>,
 }

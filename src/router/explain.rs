@@ -8,7 +8,7 @@ use std::sync::Arc;
 use crate::cache::CacheEntry;
 use crate::outcome::{OutcomeClass, WhenCached};
 use crate::router::Plan;
-use crate::router::decision::{HostDecision, Known, Published, decide};
+use crate::router::decision::{HostDecision, Known, Published, StsMode, decide, overridden};
 use crate::rules::model::SmarthostTls;
 use crate::rules::{Fallback, OnDowngrade, Route, Rule, RuleSet, TlsMode, VerifyMode};
 
@@ -20,6 +20,8 @@ pub struct Question<'a> {
     pub mx: Option<&'a str>,
     /// What the cache holds, or would hold, for the MX host (see [`assumed_entry`]).
     pub cached: Option<CacheEntry>,
+    /// What the domain publishes, as it bears on the MX host.
+    pub published: Published,
 }
 
 /// The answer: the rule that decides, what the decision is with what is known, and the
@@ -53,7 +55,7 @@ pub fn explain(rules: Arc<RuleSet>, q: &Question<'_>) -> Explanation {
         .unwrap_or_default();
     let rule = plan.rule_for_host(q.mx.unwrap_or(""), &classes);
     let known = q.cached.as_ref().map_or(Known::Nothing, Known::Cached);
-    let decision = decide(rule, known, Published::Nothing);
+    let decision = decide(rule, known, q.published);
     let mut out = String::new();
     let at = if rule.line > 0 {
         format!("{}:{}", rules.source.display(), rule.line)
@@ -63,7 +65,23 @@ pub fn explain(rules: Arc<RuleSet>, q: &Question<'_>) -> Explanation {
     let _ = writeln!(out, "rule:        {:?} ({at})", rule.name);
     let _ = writeln!(out, "next hop:    {}", next_hop(base, q.recipient_domain));
     describe_policy(&mut out, rule);
-    let first = decide(rule, Known::Nothing, Published::Nothing);
+    if let Some(policy) = q.published.name() {
+        let effect = if overridden(rule, q.published) {
+            "overridden by this rule (override_published_policy)"
+        } else if matches!(
+            q.published,
+            Published::MtaSts {
+                mode: StsMode::Enforce,
+                ..
+            }
+        ) {
+            "verified TLS to the policy's MX hosts only; no plain, no relay"
+        } else {
+            "reported only; the rules decide"
+        };
+        let _ = writeln!(out, "policy:      {policy}: {effect}");
+    }
+    let first = decide(rule, Known::Nothing, q.published);
     let _ = writeln!(out, "first try:   {first}");
     if let Some(entry) = &q.cached {
         let mut names: Vec<&str> = classes.iter().map(|c| c.name()).collect();
@@ -206,6 +224,7 @@ mod tests {
                             sender_domain: sender.as_deref(),
                             mx: Some(&mx),
                             cached: assumed_entry(&mx, &[class], pinned),
+                            published: Published::Nothing,
                         };
                         let answer = explain(rules.clone(), &question);
                         // What delivery does: the same plan, the same host decision.

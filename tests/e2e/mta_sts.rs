@@ -981,3 +981,253 @@ async fn the_admin_socket_lists_refreshes_and_flushes_policies_and_shows_todays_
         1
     );
 }
+
+// ---------------------------------------------------------------------------------------
+// Delivery under a policy: the real proxy, the real policy server, real SMTP servers
+
+const TESTING: &str =
+    "version: STSv1\r\nmode: testing\r\nmx: mx1.example.test\r\nmax_age: 604800\r\n";
+
+/// A proxy whose example.test MX hosts are `mx` (name, address, behaviour), best first,
+/// all on one port, and whose policy server answers `policy`.
+struct Delivery {
+    lab: crate::support::lab::Lab,
+    servers: Vec<SmtpServer>,
+    _policy_server: HttpsServer,
+    _logs: (
+        crate::support::logs::Logs,
+        tracing::subscriber::DefaultGuard,
+    ),
+}
+
+async fn delivery(
+    ca: &TestCa,
+    policy: &str,
+    mx: Vec<(&str, Ipv4Addr, ServerBehaviour)>,
+) -> Delivery {
+    delivery_with(ca, policy, mx, |lab| lab).await
+}
+
+async fn delivery_with(
+    ca: &TestCa,
+    policy: &str,
+    mx: Vec<(&str, Ipv4Addr, ServerBehaviour)>,
+    adjust: impl FnOnce(crate::support::lab::LabBuilder) -> crate::support::lab::LabBuilder,
+) -> Delivery {
+    let logs = crate::support::logs::Logs::capture();
+    let policy_server = HttpsServer::start(
+        ca.leaf(&[POLICY_HOST], Validity::Current),
+        Answer::policy(policy),
+    )
+    .await;
+    let mut zone =
+        TestZone::new().record(&format!("_mta-sts.{DOMAIN}"), txt("v=STSv1; id=20261201a;"));
+    let mut servers: Vec<SmtpServer> = Vec::new();
+    for (i, (name, ip, behaviour)) in mx.into_iter().enumerate() {
+        let port = servers.first().map_or(0, |s| s.addr().port());
+        let server = SmtpServer::start(IpAddr::V4(ip), port, behaviour)
+            .await
+            .expect("an MX on the shared port");
+        zone = zone.mx(DOMAIN, 10 * (i as u16 + 1), name).a(name, ip);
+        servers.push(server);
+    }
+    let lab = adjust(crate::support::lab::Lab::new())
+        .ca(ca)
+        .zone(zone)
+        .mx_port(servers[0].addr().port())
+        .set(
+            "mta_sts.connect_to",
+            serde_json::json!({ POLICY_HOST: policy_server.addr.to_string() }),
+        )
+        .start()
+        .await;
+    Delivery {
+        lab,
+        servers,
+        _policy_server: policy_server,
+        _logs: logs,
+    }
+}
+
+/// One message to b@example.test: the replies to RCPT and to the message.
+async fn send_one(smtp: SocketAddr) -> (u16, String, Option<u16>) {
+    let (mut client, _) = crate::support::smtp_client::SmtpClient::connect(smtp).await;
+    client.cmd("EHLO mta.test").await;
+    client.cmd("MAIL FROM:<a@sender.test>").await;
+    let rcpt = client.cmd("RCPT TO:<b@example.test>").await;
+    let data = if rcpt.code == 250 {
+        Some(client.data(b"Subject: sts\r\n\r\nhello\r\n").await.code)
+    } else {
+        None
+    };
+    client.cmd("QUIT").await;
+    (rcpt.code, rcpt.text().to_string(), data)
+}
+
+fn assert_deferred_by_the_policy(sent: &(u16, String, Option<u16>), says: &str) {
+    assert_eq!(sent.0, 451, "{sent:?}");
+    assert!(
+        sent.1.contains("4.7.5") || sent.1.contains("MTA-STS"),
+        "{sent:?}"
+    );
+    assert!(sent.1.contains("MTA-STS enforce"), "{sent:?}");
+    assert!(sent.1.contains(says), "{sent:?} lacks {says:?}");
+}
+
+#[tokio::test]
+async fn under_an_enforced_policy_a_stripped_starttls_defers_and_nothing_goes_in_plain() {
+    let ca = TestCa::new();
+    let d = delivery(
+        &ca,
+        ENFORCE,
+        vec![(
+            "mx1.example.test",
+            Ipv4Addr::LOCALHOST,
+            ServerBehaviour::plain(),
+        )],
+    )
+    .await;
+    let sent = send_one(d.lab.smtp).await;
+    assert_deferred_by_the_policy(&sent, "no STARTTLS");
+    assert!(
+        d.servers[0].messages().is_empty(),
+        "a message went in plain"
+    );
+    assert!(
+        d.servers[0].attempts().is_empty(),
+        "MAIL FROM went in plain"
+    );
+}
+
+#[tokio::test]
+async fn under_an_enforced_policy_an_expired_certificate_defers() {
+    let ca = TestCa::new();
+    let behaviour = ServerBehaviour::expired_tls(&ca, "mx1.example.test");
+    let d = delivery(
+        &ca,
+        ENFORCE,
+        vec![("mx1.example.test", Ipv4Addr::LOCALHOST, behaviour)],
+    )
+    .await;
+    let sent = send_one(d.lab.smtp).await;
+    assert_deferred_by_the_policy(&sent, "expired");
+    assert!(
+        d.servers[0].attempts().is_empty(),
+        "sent with an unverified certificate"
+    );
+}
+
+#[tokio::test]
+async fn under_an_enforced_policy_an_mx_outside_it_is_skipped_for_the_next() {
+    let ca = TestCa::new();
+    let outside = ServerBehaviour::good_tls(&ca, "mx.elsewhere.test");
+    let listed = ServerBehaviour::good_tls(&ca, "mx1.example.test");
+    let d = delivery(
+        &ca,
+        ENFORCE,
+        vec![
+            ("mx.elsewhere.test", Ipv4Addr::new(127, 0, 0, 1), outside),
+            ("mx1.example.test", Ipv4Addr::new(127, 0, 0, 2), listed),
+        ],
+    )
+    .await;
+    let sent = send_one(d.lab.smtp).await;
+    assert_eq!(sent.2, Some(250), "{sent:?}");
+    assert_eq!(
+        d.servers[0].connections(),
+        0,
+        "the MX outside the policy was tried"
+    );
+    let got = d.servers[1].messages();
+    assert_eq!(got.len(), 1);
+    assert!(got[0].tls.is_some());
+}
+
+#[tokio::test]
+async fn under_an_enforced_policy_a_good_server_gets_the_message_over_verified_tls() {
+    let ca = TestCa::new();
+    let behaviour = ServerBehaviour::good_tls(&ca, "mx1.example.test");
+    let d = delivery(
+        &ca,
+        ENFORCE,
+        vec![("mx1.example.test", Ipv4Addr::LOCALHOST, behaviour)],
+    )
+    .await;
+    let sent = send_one(d.lab.smtp).await;
+    assert_eq!(sent.2, Some(250), "{sent:?}");
+    assert!(d.servers[0].messages()[0].tls.is_some());
+    let line = &d._logs.0.transactions()[0];
+    for field in [
+        "policy=\"mta-sts:enforce\"",
+        "verify=verified",
+        "route=\"tls\"",
+    ] {
+        assert!(line.contains(field), "{field} missing in {line}");
+    }
+    let counts = d
+        .lab
+        .proxy
+        .tls_reports
+        .counts(d.lab.proxy.tls_reports.today());
+    assert_eq!(
+        (counts[0].domain.as_str(), counts[0].successes),
+        (DOMAIN, 1)
+    );
+}
+
+#[tokio::test]
+async fn under_a_testing_policy_a_server_without_starttls_gets_the_message_and_it_is_counted() {
+    let ca = TestCa::new();
+    let d = delivery(
+        &ca,
+        TESTING,
+        vec![(
+            "mx1.example.test",
+            Ipv4Addr::LOCALHOST,
+            ServerBehaviour::plain(),
+        )],
+    )
+    .await;
+    let sent = send_one(d.lab.smtp).await;
+    assert_eq!(sent.2, Some(250), "{sent:?}");
+    assert!(d.servers[0].messages()[0].tls.is_none());
+    let line = &d._logs.0.transactions()[0];
+    assert!(line.contains("policy=\"mta-sts:testing\""), "{line}");
+    let report = d
+        .lab
+        .proxy
+        .tls_reports
+        .report(d.lab.proxy.tls_reports.today(), DOMAIN)
+        .expect("a report for the day");
+    let text = report.to_string();
+    assert!(text.contains("starttls-not-supported"), "{text}");
+}
+
+#[tokio::test]
+async fn an_enforced_policy_still_holds_after_a_restart_with_the_policy_server_gone() {
+    let ca = TestCa::new();
+    let plain = vec![(
+        "mx1.example.test",
+        Ipv4Addr::LOCALHOST,
+        ServerBehaviour::plain(),
+    )];
+    let d = delivery_with(&ca, ENFORCE, plain, |lab| {
+        let cache = lab.dir().join("cache.json");
+        lab.set_path("cache.file", &cache)
+    })
+    .await;
+    assert_deferred_by_the_policy(&send_one(d.lab.smtp).await, "no STARTTLS");
+    d.lab.proxy.save_cache();
+    let Delivery {
+        lab,
+        servers,
+        _policy_server,
+        _logs,
+    } = d;
+    drop(_policy_server);
+    // A new daemon on the same files: the policy comes from the file, not a fetch.
+    let (restarted, smtp) = lab.start_again().await;
+    assert_deferred_by_the_policy(&send_one(smtp).await, "no STARTTLS");
+    assert_eq!(restarted.stats.sts_fetches.get(), 0);
+    assert!(servers[0].attempts().is_empty(), "a message went in plain");
+}
