@@ -24,7 +24,7 @@ fn check(reply: &Reply) {
     assert!((200..600).contains(&reply.code), "{reply:?}");
     assert!(!reply.lines.is_empty() && reply.lines.len() <= MAX_REPLY_LINES);
     let _ = (reply.enhanced(), reply.one_line());
-    let relayed = tlsrouter::inbound::relayable(reply);
+    let relayed = tlsrouter::outbound::upstream::relayable(reply);
     if reply.closes_connection() {
         assert_eq!(
             relayed.code, 451,
