@@ -30,6 +30,8 @@ pub struct Stats {
     /// MTA-STS policy fetches started, and those that failed.
     pub sts_fetches: Counter,
     pub sts_fetch_failures: Counter,
+    /// Messages deferred because an enforced MTA-STS policy left no server to take them.
+    pub sts_enforced_deferrals: Counter,
     transaction_seconds: Histogram,
     handshake_seconds: Histogram,
 }
@@ -49,6 +51,7 @@ impl Default for Stats {
             cache_entries: Gauge::default(),
             sts_fetches: Counter::default(),
             sts_fetch_failures: Counter::default(),
+            sts_enforced_deferrals: Counter::default(),
             transaction_seconds: Histogram::new(exponential_buckets(0.05, 2.0, 12)),
             handshake_seconds: Histogram::new(exponential_buckets(0.005, 2.0, 12)),
         };
@@ -75,6 +78,8 @@ pub struct Snapshot {
     pub sts_fetches: u64,
     #[serde(default)]
     pub sts_fetch_failures: u64,
+    #[serde(default)]
+    pub sts_enforced_deferrals: u64,
 }
 
 impl Stats {
@@ -130,6 +135,11 @@ impl Stats {
             "mta_sts_fetch_failures",
             "MTA-STS policy fetches that failed",
             self.sts_fetch_failures.clone(),
+        );
+        r.register(
+            "mta_sts_enforced_deferrals",
+            "messages deferred because an enforced MTA-STS policy left no server",
+            self.sts_enforced_deferrals.clone(),
         );
         r.register(
             "transaction_seconds",
@@ -189,6 +199,7 @@ impl Stats {
             cache_entries: self.cache_entries.get(),
             sts_fetches: self.sts_fetches.get(),
             sts_fetch_failures: self.sts_fetch_failures.get(),
+            sts_enforced_deferrals: self.sts_enforced_deferrals.get(),
         }
     }
 

@@ -231,6 +231,7 @@ fn stats_lines(result: &Value) -> String {
         "cache_entries",
         "sts_fetches",
         "sts_fetch_failures",
+        "sts_enforced_deferrals",
     ] {
         out.push_str(&format!("{:<26}{}\n", key.replace('_', " "), result[key]));
     }

@@ -359,6 +359,9 @@ impl Outbound {
             return Err(OpenError::Rejected { reply, server });
         }
         if !tls_failures.is_empty() {
+            if policy.is_some_and(|p| p.mode == Mode::Enforce) {
+                self.stats.sts_enforced_deferrals.inc();
+            }
             tls_failures.extend(failures);
             return Err(OpenError::TlsNotAchieved {
                 rule: tls_rule,

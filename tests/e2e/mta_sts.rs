@@ -1049,6 +1049,11 @@ async fn delivery_with(
     }
 }
 
+/// mx1.example.test, the policy's MX, as the domain's only MX.
+fn only_mx1(behaviour: ServerBehaviour) -> Vec<(&'static str, Ipv4Addr, ServerBehaviour)> {
+    vec![("mx1.example.test", Ipv4Addr::LOCALHOST, behaviour)]
+}
+
 /// One message to b@example.test: the replies to RCPT and to the message.
 async fn send_one(smtp: SocketAddr) -> (u16, String, Option<u16>) {
     let (mut client, _) = crate::support::smtp_client::SmtpClient::connect(smtp).await;
@@ -1077,16 +1082,7 @@ fn assert_deferred_by_the_policy(sent: &(u16, String, Option<u16>), says: &str) 
 #[tokio::test]
 async fn under_an_enforced_policy_a_stripped_starttls_defers_and_nothing_goes_in_plain() {
     let ca = TestCa::new();
-    let d = delivery(
-        &ca,
-        ENFORCE,
-        vec![(
-            "mx1.example.test",
-            Ipv4Addr::LOCALHOST,
-            ServerBehaviour::plain(),
-        )],
-    )
-    .await;
+    let d = delivery(&ca, ENFORCE, only_mx1(ServerBehaviour::plain())).await;
     let sent = send_one(d.lab.smtp).await;
     assert_deferred_by_the_policy(&sent, "no STARTTLS");
     assert!(
@@ -1103,12 +1099,7 @@ async fn under_an_enforced_policy_a_stripped_starttls_defers_and_nothing_goes_in
 async fn under_an_enforced_policy_an_expired_certificate_defers() {
     let ca = TestCa::new();
     let behaviour = ServerBehaviour::expired_tls(&ca, "mx1.example.test");
-    let d = delivery(
-        &ca,
-        ENFORCE,
-        vec![("mx1.example.test", Ipv4Addr::LOCALHOST, behaviour)],
-    )
-    .await;
+    let d = delivery(&ca, ENFORCE, only_mx1(behaviour)).await;
     let sent = send_one(d.lab.smtp).await;
     assert_deferred_by_the_policy(&sent, "expired");
     assert!(
@@ -1147,12 +1138,7 @@ async fn under_an_enforced_policy_an_mx_outside_it_is_skipped_for_the_next() {
 async fn under_an_enforced_policy_a_good_server_gets_the_message_over_verified_tls() {
     let ca = TestCa::new();
     let behaviour = ServerBehaviour::good_tls(&ca, "mx1.example.test");
-    let d = delivery(
-        &ca,
-        ENFORCE,
-        vec![("mx1.example.test", Ipv4Addr::LOCALHOST, behaviour)],
-    )
-    .await;
+    let d = delivery(&ca, ENFORCE, only_mx1(behaviour)).await;
     let sent = send_one(d.lab.smtp).await;
     assert_eq!(sent.2, Some(250), "{sent:?}");
     assert!(d.servers[0].messages()[0].tls.is_some());
@@ -1178,16 +1164,7 @@ async fn under_an_enforced_policy_a_good_server_gets_the_message_over_verified_t
 #[tokio::test]
 async fn under_a_testing_policy_a_server_without_starttls_gets_the_message_and_it_is_counted() {
     let ca = TestCa::new();
-    let d = delivery(
-        &ca,
-        TESTING,
-        vec![(
-            "mx1.example.test",
-            Ipv4Addr::LOCALHOST,
-            ServerBehaviour::plain(),
-        )],
-    )
-    .await;
+    let d = delivery(&ca, TESTING, only_mx1(ServerBehaviour::plain())).await;
     let sent = send_one(d.lab.smtp).await;
     assert_eq!(sent.2, Some(250), "{sent:?}");
     assert!(d.servers[0].messages()[0].tls.is_none());
@@ -1206,11 +1183,7 @@ async fn under_a_testing_policy_a_server_without_starttls_gets_the_message_and_i
 #[tokio::test]
 async fn an_enforced_policy_still_holds_after_a_restart_with_the_policy_server_gone() {
     let ca = TestCa::new();
-    let plain = vec![(
-        "mx1.example.test",
-        Ipv4Addr::LOCALHOST,
-        ServerBehaviour::plain(),
-    )];
+    let plain = only_mx1(ServerBehaviour::plain());
     let d = delivery_with(&ca, ENFORCE, plain, |lab| {
         let cache = lab.dir().join("cache.json");
         lab.set_path("cache.file", &cache)
