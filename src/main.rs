@@ -390,8 +390,14 @@ fn probe_standalone(path: Option<PathBuf>, target: ProbeTarget, json: bool) -> E
                 return ExitCode::from(EXIT_CONFIG);
             }
         };
-        let report =
-            tlsrouter::probe::probe(&proxy.outbound, &proxy.router.rules(), &target, false).await;
+        let report = tlsrouter::probe::probe(
+            &proxy.outbound,
+            &proxy.router.rules(),
+            &proxy.policies,
+            &target,
+            false,
+        )
+        .await;
         if json {
             println!(
                 "{}",

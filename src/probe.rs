@@ -16,6 +16,7 @@ use crate::outbound::connection::{Connection, StartTlsResult};
 use crate::outbound::delivery::Outbound;
 use crate::outbound::mx::{MxHost, ServerId, literal_address};
 use crate::outcome::{NoTls, OutcomeClass, TlsOutcome, TlsSession, Verification};
+use crate::policy::mta_sts::{PolicyLookup, PolicyStore, StsPolicy};
 use crate::router::Plan;
 use crate::router::decision::{Known, Published, TlsTerms, decide};
 use crate::router::explain::{Question, assumed_entry, explain};
@@ -54,6 +55,23 @@ pub struct ProbeReport {
     /// known about its servers (each server's report says what they do after the probe).
     pub rule: Option<String>,
     pub plan: Option<String>,
+    /// What the domain publishes through MTA-STS, as the daemon's policy store has it.
+    #[serde(default)]
+    pub mta_sts: Option<PolicyReport>,
+}
+
+/// A domain's MTA-STS policy, for people.
+#[derive(Debug, Serialize, serde::Deserialize)]
+pub struct PolicyReport {
+    /// `mta-sts:enforce`, `mta-sts:testing`, `none`, `mta-sts:sts-policy-fetch-error`...
+    pub state: String,
+    pub id: Option<String>,
+    pub mode: Option<String>,
+    pub mx: Vec<String>,
+    pub max_age: Option<u64>,
+    /// `YYYY-MM-DD`, UTC.
+    pub fetched: Option<String>,
+    pub error: Option<String>,
 }
 
 #[derive(Debug, Serialize, serde::Deserialize)]
@@ -62,6 +80,9 @@ pub struct MxReport {
     pub preference: u16,
     pub addresses: Vec<IpAddr>,
     pub error: Option<String>,
+    /// Whether the domain's MTA-STS policy names this host (`None`: no policy).
+    #[serde(default)]
+    pub in_policy: Option<bool>,
     pub servers: Vec<ServerReport>,
 }
 
@@ -104,9 +125,15 @@ pub struct TlsReport {
 pub async fn probe(
     outbound: &Outbound,
     rules: &Arc<RuleSet>,
+    policies: &Arc<PolicyStore>,
     target: &ProbeTarget,
     record: bool,
 ) -> ProbeReport {
+    let lookup = match &target.domain {
+        Some(domain) => policies.policy_for(domain).await,
+        None => PolicyLookup::NotPublished,
+    };
+    let policy = lookup.policy().cloned();
     let port = target.port.unwrap_or(outbound.port);
     let (hosts, dns_error) = match (&target.mx, &target.domain) {
         (Some(mx), _) => (
@@ -124,7 +151,16 @@ pub async fn probe(
     };
     let mut mx = Vec::new();
     for host in hosts {
-        mx.push(probe_host(outbound, rules, host, port, target, record).await);
+        let probed = probe_host(
+            outbound,
+            rules,
+            policy.as_deref(),
+            host,
+            port,
+            target,
+            record,
+        );
+        mx.push(probed.await);
     }
     let (rule, plan) = explain_for(rules, target, target.mx.as_deref(), &[]).unzip();
     ProbeReport {
@@ -133,6 +169,25 @@ pub async fn probe(
         mx,
         rule,
         plan,
+        mta_sts: target.domain.as_ref().map(|_| policy_report(&lookup)),
+    }
+}
+
+fn policy_report(lookup: &PolicyLookup) -> PolicyReport {
+    let policy = lookup.policy();
+    PolicyReport {
+        state: lookup.label(),
+        id: policy.map(|p| p.id.clone()),
+        mode: policy.map(|p| p.mode.to_string()),
+        mx: policy
+            .map(|p| p.mx.iter().map(|m| m.to_string()).collect())
+            .unwrap_or_default(),
+        max_age: policy.map(|p| p.max_age),
+        fetched: policy.map(|p| crate::outcome::format_date(p.fetched_at)),
+        error: match lookup {
+            PolicyLookup::Unavailable(e) => Some(e.to_string()),
+            _ => None,
+        },
     }
 }
 
@@ -163,6 +218,7 @@ fn decision_for(
     host: &str,
     classes: &[OutcomeClass],
     outcome: Option<&TlsOutcome>,
+    published: Published,
 ) -> Option<String> {
     let plan = Plan::new(rules.clone(), target.domain.as_deref()?, None);
     let rule = plan.rule_for_host(host, classes);
@@ -170,12 +226,13 @@ fn decision_for(
         outcome: outcome?,
         downgrade: false,
     };
-    Some(decide(rule, found, Published::Nothing).to_string())
+    Some(decide(rule, found, published).to_string())
 }
 
 async fn probe_host(
     outbound: &Outbound,
     rules: &Arc<RuleSet>,
+    policy: Option<&StsPolicy>,
     host: MxHost,
     port: u16,
     target: &ProbeTarget,
@@ -190,6 +247,7 @@ async fn probe_host(
         preference: host.preference,
         addresses: addresses.clone().unwrap_or_default(),
         error: addresses.as_ref().err().map(ToString::to_string),
+        in_policy: policy.map(|p| p.mx_matches(&crate::outbound::mx::bare_name(&host.name))),
         servers: Vec::new(),
     };
     for ip in report.addresses.clone() {
@@ -209,7 +267,15 @@ async fn probe_host(
         let outcome = server.outcome.clone();
         let mut server = server.report;
         (server.rule, server.plan) = explain_for(rules, target, Some(&id.name), &classes).unzip();
-        server.decision = decision_for(rules, target, &id.name, &classes, outcome.as_ref());
+        let published = crate::outbound::delivery::published(policy, &id.name);
+        server.decision = decision_for(
+            rules,
+            target,
+            &id.name,
+            &classes,
+            outcome.as_ref(),
+            published,
+        );
         if record && let Some(observation) = observation {
             let domain = target.domain.as_deref().unwrap_or("");
             outbound.cache.record(&id.name, ip, domain, observation);
@@ -378,6 +444,9 @@ pub fn render(report: &ProbeReport) -> String {
     if let Some(error) = &report.dns_error {
         let _ = writeln!(out, "  DNS: {error}");
     }
+    if let Some(policy) = &report.mta_sts {
+        render_policy(&mut out, policy);
+    }
     for mx in &report.mx {
         let addrs: Vec<String> = mx.addresses.iter().map(ToString::to_string).collect();
         let _ = writeln!(
@@ -390,6 +459,15 @@ pub fn render(report: &ProbeReport) -> String {
         if let Some(error) = &mx.error {
             let _ = writeln!(out, "  address lookup: {error}");
         }
+        match mx.in_policy {
+            Some(true) => {
+                let _ = writeln!(out, "  MTA-STS:  named by the policy");
+            }
+            Some(false) => {
+                let _ = writeln!(out, "  MTA-STS:  NOT named by the policy");
+            }
+            None => {}
+        }
         for server in &mx.servers {
             render_server(&mut out, server);
         }
@@ -401,6 +479,22 @@ pub fn render(report: &ProbeReport) -> String {
         }
     }
     out
+}
+
+fn render_policy(out: &mut String, policy: &PolicyReport) {
+    let _ = writeln!(out, "  MTA-STS: {}", policy.state);
+    if let (Some(id), Some(mode)) = (&policy.id, &policy.mode) {
+        let max_age = policy.max_age.unwrap_or_default();
+        let fetched = policy.fetched.as_deref().unwrap_or("?");
+        let _ = writeln!(
+            out,
+            "    policy id {id}, mode {mode}, mx {}, max_age {max_age}s, fetched {fetched}",
+            policy.mx.join(" ")
+        );
+    }
+    if let Some(error) = &policy.error {
+        let _ = writeln!(out, "    error: {error}");
+    }
 }
 
 fn render_server(out: &mut String, s: &ServerReport) {
@@ -455,5 +549,8 @@ fn render_server(out: &mut String, s: &ServerReport) {
             out,
             "    rule:     {rule:?} for a message through this server"
         );
+    }
+    if let Some(decision) = &s.decision {
+        let _ = writeln!(out, "    delivery: {decision}");
     }
 }

@@ -147,7 +147,14 @@ pub async fn handle(proxy: &Proxy, request: Request) -> Response {
             if let Some(missing) = target.missing() {
                 return Response::error(ErrorKind::BadArguments, missing);
             }
-            let report = probe(&proxy.outbound, &proxy.router.rules(), &target, true).await;
+            let report = probe(
+                &proxy.outbound,
+                &proxy.router.rules(),
+                &proxy.policies,
+                &target,
+                true,
+            )
+            .await;
             Response::ok(json!(report))
         }
         Request::PolicyList {}

@@ -578,7 +578,14 @@ async fn probe_one(ca: &TestCa, behaviour: ServerBehaviour) -> tlsrouter::probe:
         domain: Some("example.test".into()),
         ..ProbeTarget::default()
     };
-    let report = probe(&d.proxy.outbound, &d.proxy.router.rules(), &target, false).await;
+    let report = probe(
+        &d.proxy.outbound,
+        &d.proxy.router.rules(),
+        &d.proxy.policies,
+        &target,
+        false,
+    )
+    .await;
     assert_eq!(report.mx[0].host, "mx.example.test");
     assert_eq!(report.mx[0].preference, 10);
     assert_eq!(report.rule.as_deref(), Some("default"));
@@ -746,7 +753,14 @@ async fn probe_names_the_rule_each_server_gets_for_what_was_found_there() {
             domain: Some("example.test".into()),
             ..ProbeTarget::default()
         };
-        let report = probe(&d.proxy.outbound, &d.proxy.router.rules(), &target, false).await;
+        let report = probe(
+            &d.proxy.outbound,
+            &d.proxy.router.rules(),
+            &d.proxy.policies,
+            &target,
+            false,
+        )
+        .await;
         assert_eq!(
             report.rule.as_deref(),
             Some("everyone"),

@@ -1204,3 +1204,49 @@ async fn an_enforced_policy_still_holds_after_a_restart_with_the_policy_server_g
     assert_eq!(restarted.stats.sts_fetches.get(), 0);
     assert!(servers[0].attempts().is_empty(), "a message went in plain");
 }
+
+#[tokio::test]
+async fn probe_shows_the_policy_which_mx_hosts_it_names_and_what_it_does_to_each() {
+    let ca = TestCa::new();
+    let d = delivery(
+        &ca,
+        ENFORCE,
+        vec![
+            (
+                "mx.elsewhere.test",
+                Ipv4Addr::new(127, 0, 0, 1),
+                ServerBehaviour::good_tls(&ca, "mx.elsewhere.test"),
+            ),
+            (
+                "mx1.example.test",
+                Ipv4Addr::new(127, 0, 0, 2),
+                ServerBehaviour::plain(),
+            ),
+        ],
+    )
+    .await;
+    let target = tlsrouter::probe::ProbeTarget {
+        domain: Some(DOMAIN.into()),
+        ..Default::default()
+    };
+    let proxy = &d.lab.proxy;
+    let report = tlsrouter::probe::probe(
+        &proxy.outbound,
+        &proxy.router.rules(),
+        &proxy.policies,
+        &target,
+        false,
+    )
+    .await;
+    let text = tlsrouter::probe::render(&report);
+    for expected in [
+        "MTA-STS: mta-sts:enforce",
+        "policy id 20261201a, mode enforce, mx mx1.example.test *.backup.example.test",
+        "MX mx.elsewhere.test (preference 10): 127.0.0.1\n  MTA-STS:  NOT named by the policy",
+        "MX mx1.example.test (preference 20): 127.0.0.2\n  MTA-STS:  named by the policy",
+        "delivery: not to this server: MTA-STS enforce: not an MX host of the policy",
+        "delivery: not to this server: MTA-STS enforce: no STARTTLS offered",
+    ] {
+        assert!(text.contains(expected), "{expected:?} missing in\n{text}");
+    }
+}
