@@ -238,6 +238,16 @@ impl Outbound {
         policy: &PolicyLookup,
         mail_from: impl Fn(&Capabilities) -> Result<String, MissingExtension> + Sync,
     ) -> Result<Upstream, OpenError> {
+        if let (NextHop::Mx(_), PolicyLookup::Unavailable(error)) = (hop, policy) {
+            // Delivered as if there were none (RFC 8461 5.1), and reported.
+            let result = SessionResult::from_policy_error(error);
+            (self.tls_reports).record(
+                domain,
+                &PolicyFacts::NoPolicyFound,
+                &result,
+                &SessionSite::default(),
+            );
+        }
         let policy = match hop {
             NextHop::Mx(_) => policy.policy().map(AsRef::as_ref),
             NextHop::Smarthost(_) => None,

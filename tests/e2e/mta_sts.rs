@@ -1250,3 +1250,17 @@ async fn probe_shows_the_policy_which_mx_hosts_it_names_and_what_it_does_to_each
         assert!(text.contains(expected), "{expected:?} missing in\n{text}");
     }
 }
+
+#[tokio::test]
+async fn a_malformed_policy_is_delivered_as_no_policy_and_reported_as_invalid() {
+    let ca = TestCa::new();
+    let broken = "version: STSv1\r\nmode: sometimes\r\nmx: mx1.example.test\r\nmax_age: 604800\r\n";
+    let d = delivery(&ca, broken, only_mx1(ServerBehaviour::plain())).await;
+    let sent = send_one(d.lab.smtp).await;
+    assert_eq!(sent.2, Some(250), "no policy: the rules decide ({sent:?})");
+    let reports = &d.lab.proxy.tls_reports;
+    let report = reports.report(reports.today(), DOMAIN).expect("a report");
+    let text = report.to_string();
+    assert!(text.contains("sts-policy-invalid"), "{text}");
+    assert!(text.contains("no-policy-found"), "{text}");
+}
