@@ -15,7 +15,7 @@ use index::DomainIndex;
 use model::RuleFile;
 pub use model::{Fallback, OnDowngrade, Route, Rule};
 use pattern::DomainPattern;
-pub use policy::{MinTls, TlsMode, TlsPolicy, VerifyMode};
+pub use policy::{LegacyTls, MinTls, TlsMode, TlsPolicy, VerifyMode};
 
 /// The rules shipped as the default, used when the configuration names no rule file.
 pub const DEFAULT_RULES: &str = include_str!("../../rules/default.yaml");

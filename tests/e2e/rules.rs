@@ -530,6 +530,7 @@ async fn relay_lab() -> RelayLab {
               - name: redirect-without-tls
                 match: {{ domains: ["*"] }}
                 fallback: {{ relay: "{relay_at}" }}
+                legacy_tls: plain
         "#
     );
     let lab = start_lab(zone, &ca, port, &rules).await;
@@ -639,8 +640,10 @@ async fn an_mx_host_cached_as_legacy_tls_is_sent_through_the_relay_by_an_outcome
               - name: old-exchange
                 match: {{ mx: ["*.oldhost.test"], outcome: [legacy-tls] }}
                 fallback: {{ relay: "{}" }}
+                legacy_tls: plain
               - name: default
                 match: {{ domains: ["*"] }}
+                legacy_tls: plain
         "#,
         relay.addr()
     );
