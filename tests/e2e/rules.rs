@@ -909,6 +909,32 @@ async fn a_smarthost_without_starttls_under_tls_require_defers_and_never_sees_th
 }
 
 #[tokio::test]
+async fn a_tls_1_0_only_smarthost_with_auth_never_gets_the_legacy_stack_nor_the_password() {
+    let (logs, _guard) = capture_debug();
+    let ca = TestCa::new();
+    let behaviour = smarthost(
+        StartTls::Tls10Only(ca.leaf(&["smarthost.test"], Validity::Current)),
+        None,
+    );
+    // A rule with AUTH always verifies (verify: try is refused), so the legacy stack, which
+    // authenticates nothing, is never chosen for it.
+    let (lab, mx, host) = smarthost_lab(&ca, behaviour, "require", PASSWORD).await;
+
+    let sent = send_from(lab.smtp, "report@crm.test", &["b@example.test"]).await;
+
+    assert_deferred_for_tls(&sent, &["rule \"crm-via-smarthost\"", "smarthost.test"]);
+    assert_eq!(
+        host.tls_handshakes_attempted(),
+        1,
+        "rustls only, no legacy stack"
+    );
+    assert!(host.messages().is_empty());
+    assert!(host.auth_lines().is_empty(), "no AUTH without verified TLS");
+    assert_eq!(mx.connections(), 0);
+    assert_no_secret(&logs.text());
+}
+
+#[tokio::test]
 async fn a_smarthost_refusing_the_credentials_defers_the_message_without_leaking_them() {
     let (logs, _guard) = capture_debug();
     let ca = TestCa::new();
