@@ -362,6 +362,20 @@ impl Observation {
         let class = outcome.class()?;
         Some(match outcome {
             TlsOutcome::Encrypted(session) => Observation::encrypted(class, session),
+            TlsOutcome::Legacy(session) => {
+                let as_session = TlsSession {
+                    version: session.version.clone(),
+                    cipher: session.cipher.clone(),
+                    verification: session.verification.clone(),
+                    chain: session.chain.clone(),
+                };
+                let mut observation = Observation::encrypted(class, &as_session);
+                observation.detail = format!(
+                    "legacy TLS stack, not authenticated ({})",
+                    observation.detail
+                );
+                observation
+            }
             TlsOutcome::Plain(reason) => Observation {
                 class,
                 detail: reason.to_string(),

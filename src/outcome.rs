@@ -13,6 +13,7 @@ use std::fmt;
 pub enum OutcomeClass {
     TlsVerified,
     TlsUnverified,
+    TlsLegacy,
     NoStarttls,
     StarttlsRefused,
     HandshakeFailed,
@@ -27,9 +28,10 @@ pub enum OutcomeClass {
 }
 
 impl OutcomeClass {
-    pub const ALL: [OutcomeClass; 13] = [
+    pub const ALL: [OutcomeClass; 14] = [
         OutcomeClass::TlsVerified,
         OutcomeClass::TlsUnverified,
+        OutcomeClass::TlsLegacy,
         OutcomeClass::NoStarttls,
         OutcomeClass::StarttlsRefused,
         OutcomeClass::HandshakeFailed,
@@ -54,9 +56,9 @@ impl OutcomeClass {
         matches!(self.meaning().kind, Kind::TlsFailure | Kind::CertFailure)
     }
 
-    /// TLS was achieved (whether or not the certificate verified).
+    /// TLS was achieved (whether or not the certificate verified, by either stack).
     pub fn is_encrypted(self) -> bool {
-        self.meaning().kind == Kind::Encrypted
+        matches!(self.meaning().kind, Kind::Encrypted | Kind::Unauthenticated)
     }
 
     /// The host was not reached at all: not a fact about its TLS.
@@ -68,6 +70,7 @@ impl OutcomeClass {
         match self {
             OutcomeClass::TlsVerified => "tls-verified",
             OutcomeClass::TlsUnverified => "tls-unverified",
+            OutcomeClass::TlsLegacy => "tls-legacy",
             OutcomeClass::NoStarttls => "no-starttls",
             OutcomeClass::StarttlsRefused => "starttls-refused",
             OutcomeClass::HandshakeFailed => "handshake-failed",
@@ -88,6 +91,8 @@ impl OutcomeClass {
 pub enum Kind {
     /// TLS is up.
     Encrypted,
+    /// TLS is up through the legacy stack: encrypted, never authenticated.
+    Unauthenticated,
     /// The server would not, or could not, do TLS with us.
     TlsFailure,
     /// TLS came up but the certificate did not verify, and the policy required that it did.
@@ -111,6 +116,9 @@ pub enum WhenCached {
     SkipTlsIfVerifyRequired,
     /// The address is skipped until the entry expires.
     SkipAddress,
+    /// rustls is skipped (it fails with this server): straight to the legacy stack, where
+    /// the rule allows it.
+    LegacyTls,
 }
 
 /// How long an observation of a class is believed: which `cache.ttl` applies.
@@ -135,7 +143,7 @@ pub struct Meaning {
 
 const fn row(class: OutcomeClass, kind: Kind, when_cached: WhenCached, downgrade: bool) -> Meaning {
     let ttl = match kind {
-        Kind::Encrypted => Ttl::Success,
+        Kind::Encrypted | Kind::Unauthenticated => Ttl::Success,
         Kind::TlsFailure | Kind::CertFailure => Ttl::TlsFailure,
         Kind::Unreachable => Ttl::Unreachable,
     };
@@ -149,14 +157,16 @@ const fn row(class: OutcomeClass, kind: Kind, when_cached: WhenCached, downgrade
 }
 
 /// The decision table, in the order of [`OutcomeClass::ALL`]. A certificate failure is
-/// no downgrade: TLS still came up.
-pub const MEANINGS: [Meaning; 13] = {
+/// no downgrade: TLS still came up. Nor is `tls-legacy`: it is TLS, and a later failure of
+/// such a host is a downgrade from it.
+pub const MEANINGS: [Meaning; 14] = {
     use Kind::*;
     use OutcomeClass as C;
     use WhenCached::*;
     [
         row(C::TlsVerified, Encrypted, TryTls, false),
         row(C::TlsUnverified, Encrypted, SkipTlsIfVerifyRequired, false),
+        row(C::TlsLegacy, Unauthenticated, WhenCached::LegacyTls, false),
         row(C::NoStarttls, TlsFailure, TryTlsUnlessPinned, true),
         row(C::StarttlsRefused, TlsFailure, SkipTls, true),
         row(C::HandshakeFailed, TlsFailure, SkipTls, true),
@@ -306,6 +316,9 @@ pub enum NoTls {
     StarttlsRefused(String),
     HandshakeFailed(String),
     LegacyTls(String),
+    /// The legacy stack failed too, after rustls had: classed `handshake-failed`, never
+    /// tried with the legacy stack again until its entry ends.
+    LegacyFailed(String),
     /// The certificate did not verify and the policy requires that it does.
     CertRejected(CertProblem),
     ProtocolViolation(String),
@@ -323,7 +336,7 @@ impl NoTls {
         Some(match self {
             NoTls::NoStarttls => OutcomeClass::NoStarttls,
             NoTls::StarttlsRefused(_) => OutcomeClass::StarttlsRefused,
-            NoTls::HandshakeFailed(_) => OutcomeClass::HandshakeFailed,
+            NoTls::HandshakeFailed(_) | NoTls::LegacyFailed(_) => OutcomeClass::HandshakeFailed,
             NoTls::LegacyTls(_) => OutcomeClass::LegacyTls,
             NoTls::CertRejected(problem) => problem.class(),
             NoTls::ProtocolViolation(_) => OutcomeClass::ProtocolViolation,
@@ -340,6 +353,7 @@ impl fmt::Display for NoTls {
             NoTls::StarttlsRefused(reply) => write!(f, "STARTTLS refused: {reply}"),
             NoTls::HandshakeFailed(detail) => write!(f, "TLS handshake failed: {detail}"),
             NoTls::LegacyTls(detail) => write!(f, "server speaks only TLS 1.0/1.1: {detail}"),
+            NoTls::LegacyFailed(detail) => write!(f, "legacy TLS handshake failed: {detail}"),
             NoTls::CertRejected(problem) => problem.fmt(f),
             NoTls::ProtocolViolation(detail) => write!(f, "protocol violation: {detail}"),
             NoTls::NotWanted => f.write_str("TLS not wanted by rule"),
@@ -355,6 +369,8 @@ impl fmt::Display for NoTls {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum TlsOutcome {
     Encrypted(TlsSession),
+    /// Encrypted by the legacy stack: `tls-legacy`, not authenticated.
+    Legacy(LegacySession),
     Plain(NoTls),
 }
 
@@ -367,12 +383,23 @@ impl TlsOutcome {
                 ..
             }) => Some(OutcomeClass::TlsVerified),
             TlsOutcome::Encrypted(_) => Some(OutcomeClass::TlsUnverified),
+            TlsOutcome::Legacy(_) => Some(OutcomeClass::TlsLegacy),
             TlsOutcome::Plain(reason) => reason.class(),
         }
     }
 
     pub fn is_encrypted(&self) -> bool {
-        matches!(self, TlsOutcome::Encrypted(_))
+        matches!(self, TlsOutcome::Encrypted(_) | TlsOutcome::Legacy(_))
+    }
+
+    /// The negotiated protocol and cipher, and what verification found, of an encrypted
+    /// session of either stack.
+    pub fn parameters(&self) -> Option<(&str, &str, &Verification)> {
+        match self {
+            TlsOutcome::Encrypted(s) => Some((&s.version, &s.cipher, &s.verification)),
+            TlsOutcome::Legacy(s) => Some((&s.version, &s.cipher, &s.verification)),
+            TlsOutcome::Plain(_) => None,
+        }
     }
 }
 

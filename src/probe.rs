@@ -409,6 +409,10 @@ fn finish(mut report: ServerReport, outcome: TlsOutcome, conn: Option<Connection
             Verification::Verified => Some("certificate verified".into()),
             Verification::Failed(problem) => Some(format!("{}: {problem}", problem.class())),
         },
+        TlsOutcome::Legacy(session) => Some(format!(
+            "legacy TLS stack, not authenticated: {} {}",
+            session.version, session.cipher
+        )),
     };
     Probed {
         report,

@@ -68,6 +68,8 @@ pub struct Snapshot {
     pub transactions: u64,
     pub delivered_tls_verified: u64,
     pub delivered_tls_unverified: u64,
+    #[serde(default)]
+    pub delivered_tls_legacy: u64,
     pub delivered_plain: u64,
     pub fallbacks: Vec<(String, u64)>,
     pub deferrals: u64,
@@ -191,6 +193,7 @@ impl Stats {
             transactions: self.transactions.get(),
             delivered_tls_verified: delivered("tls-verified"),
             delivered_tls_unverified: delivered("tls-unverified"),
+            delivered_tls_legacy: delivered("tls-legacy"),
             delivered_plain: delivered("plain"),
             fallbacks,
             deferrals: self.deferrals.get(),

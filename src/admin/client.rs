@@ -224,6 +224,7 @@ fn stats_lines(result: &Value) -> String {
         "transactions",
         "delivered_tls_verified",
         "delivered_tls_unverified",
+        "delivered_tls_legacy",
         "delivered_plain",
         "deferrals",
         "downgrades",

@@ -620,7 +620,7 @@ impl Session {
             return;
         };
         match &facts.tls {
-            TlsOutcome::Encrypted(_) => {
+            TlsOutcome::Encrypted(_) | TlsOutcome::Legacy(_) => {
                 let class = facts.tls.class().map_or("tls-verified", |c| c.name());
                 stats.delivered(class);
             }
@@ -708,6 +708,20 @@ fn log_transaction(client: SocketAddr, tx: &Transaction, reply: Option<&Reply>, 
                 Some(session.version.as_str()),
                 Some(session.cipher.as_str()),
                 Some(verify),
+                None,
+            )
+        }
+        // Whatever the chain is worth, this session authenticated nothing.
+        TlsOutcome::Legacy(session) => {
+            let chain = match &session.verification {
+                Verification::Verified => "the chain verifies".to_string(),
+                Verification::Failed(problem) => format!("{}: {problem}", problem.class()),
+            };
+            (
+                "tls",
+                Some(session.version.as_str()),
+                Some(session.cipher.as_str()),
+                Some(format!("tls-legacy: not authenticated ({chain})")),
                 None,
             )
         }

@@ -280,6 +280,35 @@ impl Connection {
         command_timeout: Duration,
         handshake_timeout: Duration,
     ) -> StartTlsResult {
+        let conn = match self.starttls_accepted(command_timeout).await {
+            Ok(conn) => conn,
+            Err(result) => return result,
+        };
+        match conn.upgrade(tls, min_tls, handshake_timeout).await {
+            Ok((conn, session)) => StartTlsResult::Encrypted(conn, session),
+            Err(reason) => StartTlsResult::Lost(reason),
+        }
+    }
+
+    /// Like `starttls`, with the legacy stack. `Err` is never `Encrypted`.
+    #[cfg(feature = "legacy-tls")]
+    pub async fn starttls_legacy(
+        self,
+        tls: &TlsClient,
+        command_timeout: Duration,
+        handshake_timeout: Duration,
+    ) -> Result<(Connection, crate::outcome::LegacySession), StartTlsResult> {
+        let conn = self.starttls_accepted(command_timeout).await?;
+        conn.upgrade_legacy(tls, handshake_timeout)
+            .await
+            .map_err(StartTlsResult::Lost)
+    }
+
+    /// Sends STARTTLS; `Ok` when the 220 came and nothing after it, ready for a handshake.
+    async fn starttls_accepted(
+        self,
+        command_timeout: Duration,
+    ) -> Result<Connection, StartTlsResult> {
         let mut conn = self;
         // Not `command`: data after the 220 is checked below and has its own class.
         let what = "the reply to STARTTLS";
@@ -289,27 +318,24 @@ impl Connection {
         };
         let reply = match reply {
             Ok(reply) => reply,
-            Err(e) => return StartTlsResult::Lost(NoTls::HandshakeFailed(e.to_string())),
+            Err(e) => return Err(StartTlsResult::Lost(NoTls::HandshakeFailed(e.to_string()))),
         };
         if reply.code != 220 {
             let reason = NoTls::StarttlsRefused(reply.one_line());
-            return if reply.closes_connection() {
+            return Err(if reply.closes_connection() {
                 StartTlsResult::Closed(reply.one_line())
             } else {
                 StartTlsResult::Refused(conn, reason)
-            };
+            });
         }
         // Anything after the 220 came before the handshake: an injection attempt or a broken
         // server. It must never be read as if it came over TLS.
         if let Some(extra) = conn.unsolicited().await {
-            return StartTlsResult::Lost(NoTls::ProtocolViolation(format!(
+            return Err(StartTlsResult::Lost(NoTls::ProtocolViolation(format!(
                 "data after the STARTTLS 220 and before the handshake: {extra:?}"
-            )));
+            ))));
         }
-        match conn.upgrade(tls, min_tls, handshake_timeout).await {
-            Ok((conn, session)) => StartTlsResult::Encrypted(conn, session),
-            Err(reason) => StartTlsResult::Lost(reason),
-        }
+        Ok(conn)
     }
 
     /// Runs the TLS handshake on the connection as it stands: after a STARTTLS 220, or at

@@ -403,6 +403,19 @@ impl Outbound {
             auth: Some(auth), ..
         } = attempt.route
         {
+            // The legacy stack never authenticates the server: the password could go to
+            // anyone in the middle.
+            if let TlsOutcome::Legacy(_) = session.tls {
+                tokio::spawn(session.conn.quit());
+                return Err(Failure::Deferred(Reply::new(
+                    451,
+                    "4.7.5",
+                    format!(
+                        "{}: no AUTH over unauthenticated legacy TLS",
+                        attempt.server
+                    ),
+                )));
+            }
             self.authenticate(conn, caps, auth).await?;
         }
         let command = match mail_from(caps) {
@@ -440,6 +453,7 @@ impl Outbound {
             HostDecision::Plain { reason, path } => {
                 return self.plain_path(path, None, attempt, reason.clone()).await;
             }
+            HostDecision::LegacyTls => return self.legacy(attempt).await,
             HostDecision::Refuse(why) => return Err(Failure::TlsNotAchieved(why.clone())),
             HostDecision::Skip(why) => return Err(Failure::Next(why.clone())),
         };
@@ -472,6 +486,14 @@ impl Outbound {
                 tls: TlsOutcome::Encrypted(session),
                 relay: None,
             }),
+            (HostDecision::LegacyTls, secured) => {
+                // rustls could not talk to this server: a new connection for the legacy stack.
+                if let Secured::Tls(conn, ..) | Secured::Plain(conn, ..) = secured {
+                    tokio::spawn(conn.quit());
+                }
+                tracing::info!(server = %attempt.server, "rustls failed ({}); trying the legacy TLS stack", outcome.class().map_or("", OutcomeClass::name));
+                self.legacy(attempt).await
+            }
             (HostDecision::Plain { reason, path }, secured) => {
                 let open = match secured {
                     Secured::Plain(conn, caps, _) => Some((conn, caps)),
@@ -489,6 +511,93 @@ impl Outbound {
             }
             (decision, secured) => {
                 if let Secured::Tls(conn, ..) | Secured::Plain(conn, ..) = secured {
+                    tokio::spawn(conn.quit());
+                }
+                Err(Failure::TlsNotAchieved(match decision {
+                    HostDecision::Refuse(why) | HostDecision::Skip(why) => why,
+                    other => other.to_string(),
+                }))
+            }
+        }
+    }
+
+    /// The legacy stack on a new connection: STARTTLS, the OpenSSL handshake, EHLO again;
+    /// then what the attempt found goes through the decision like any other.
+    #[cfg(not(feature = "legacy-tls"))]
+    async fn legacy(&self, _attempt: &Attempt<'_>) -> Result<Session, Failure> {
+        Err(Failure::TlsNotAchieved(
+            "legacy TLS: this build has no legacy TLS stack".into(),
+        ))
+    }
+
+    /// The legacy stack on a new connection: STARTTLS, the OpenSSL handshake, EHLO again;
+    /// then what the attempt found goes through the decision like any other.
+    #[cfg(feature = "legacy-tls")]
+    async fn legacy(&self, attempt: &Attempt<'_>) -> Result<Session, Failure> {
+        let (conn, caps) = self.greet(attempt.server, attempt.addr()).await?;
+        let (outcome, open) = if !caps.starttls {
+            (TlsOutcome::Plain(NoTls::NoStarttls), Some((conn, caps)))
+        } else {
+            let t = &self.timeouts;
+            let clock = std::time::Instant::now();
+            let started = conn
+                .starttls_legacy(&self.tls, t.command, t.tls_handshake)
+                .await;
+            self.stats.handshake_time(clock.elapsed().as_secs_f64());
+            match started {
+                Ok((mut conn, session)) => match self.ehlo(&mut conn).await {
+                    // Nothing said before TLS counts after it.
+                    Ok(caps) => (TlsOutcome::Legacy(session), Some((conn, caps))),
+                    Err(why) => return Err(Failure::Next(format!("after TLS: {why}"))),
+                },
+                Err(StartTlsResult::Refused(conn, reason)) => {
+                    (TlsOutcome::Plain(reason), Some((conn, caps)))
+                }
+                Err(StartTlsResult::Lost(reason)) => (TlsOutcome::Plain(reason), None),
+                Err(StartTlsResult::Closed(reply)) => {
+                    return Err(Failure::Next(format!("STARTTLS: {reply}")));
+                }
+                Err(StartTlsResult::Encrypted(conn, _)) => {
+                    tokio::spawn(conn.quit());
+                    return Err(Failure::Next(
+                        "legacy TLS: unexpected rustls session".into(),
+                    ));
+                }
+            }
+        };
+        let fact = is_fact_about_server(attempt.rule, &outcome);
+        let downgrade = fact && self.is_downgrade(attempt, &outcome);
+        let found = Known::Found {
+            outcome: &outcome,
+            downgrade,
+        };
+        let decision = decide(attempt.rule, found, Published::Nothing);
+        if fact {
+            self.remember(attempt, &outcome, &decision);
+        }
+        let encrypted = outcome.is_encrypted();
+        match (decision, open) {
+            (HostDecision::LegacyTls, Some((conn, caps))) if encrypted => Ok(Session {
+                conn,
+                caps,
+                tls: outcome,
+                relay: None,
+            }),
+            (HostDecision::Plain { reason, path }, open) => {
+                let open = match open {
+                    Some((conn, _)) if encrypted => {
+                        tokio::spawn(conn.quit());
+                        None
+                    }
+                    open => open,
+                };
+                if open.is_none() {
+                    tracing::info!(server = %attempt.server, "legacy TLS failed ({reason}); taking the plain path");
+                }
+                self.plain_path(&path, open, attempt, reason).await
+            }
+            (decision, open) => {
+                if let Some((conn, _)) = open {
                     tokio::spawn(conn.quit());
                 }
                 Err(Failure::TlsNotAchieved(match decision {

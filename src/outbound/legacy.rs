@@ -64,7 +64,7 @@ impl LegacyConnector {
         host: &str,
         timeout: Duration,
     ) -> Result<(SslStream<TcpStream>, LegacyHandshake), NoTls> {
-        let failed = |detail: String| NoTls::HandshakeFailed(format!("legacy TLS: {detail}"));
+        let failed = NoTls::LegacyFailed;
         let mut ssl = Ssl::new(&self.context).map_err(|e| failed(e.to_string()))?;
         if sni_allowed(host) {
             ssl.set_hostname(host).map_err(|e| failed(e.to_string()))?;

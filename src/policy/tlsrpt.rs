@@ -246,7 +246,9 @@ impl SessionResult {
             OutcomeClass::CertExpired => failure(ResultType::CertificateExpired, None),
             OutcomeClass::CertNameMismatch => failure(ResultType::CertificateHostMismatch, None),
             OutcomeClass::CertUntrusted => failure(ResultType::CertificateNotTrusted, None),
+            // The legacy stack never authenticates: for a policy, no valid session.
             OutcomeClass::TlsUnverified
+            | OutcomeClass::TlsLegacy
             | OutcomeClass::HandshakeFailed
             | OutcomeClass::LegacyTls
             | OutcomeClass::CertNotYetValid
@@ -1023,6 +1025,7 @@ mod tests {
             (C::CertUntrusted, R::CertificateNotTrusted),
             (C::HandshakeFailed, R::ValidationFailure),
             (C::LegacyTls, R::ValidationFailure),
+            (C::TlsLegacy, R::ValidationFailure),
             (C::CertNotYetValid, R::ValidationFailure),
             (C::ProtocolViolation, R::ValidationFailure),
         ] {

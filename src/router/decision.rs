@@ -11,7 +11,10 @@ use std::fmt;
 use crate::cache::CacheEntry;
 use crate::outcome::{Kind, NoTls, OutcomeClass, TlsOutcome, Verification, WhenCached};
 use crate::rules::model::SmarthostTls;
-use crate::rules::{Fallback, MinTls, OnDowngrade, Route, Rule, TlsMode, VerifyMode};
+use crate::rules::{Fallback, LegacyTls, MinTls, OnDowngrade, Route, Rule, TlsMode, VerifyMode};
+
+/// Whether this build has the legacy TLS stack; without it the decision never picks it.
+const LEGACY_BUILT: bool = cfg!(feature = "legacy-tls");
 
 /// What is known of a server when its fate is decided.
 #[derive(Clone, Copy, Debug)]
@@ -98,6 +101,9 @@ pub enum HostDecision {
     /// Connect and encrypt with these terms (STARTTLS when offered); after a successful
     /// attempt, deliver on that session.
     Tls(TlsTerms),
+    /// Connect, STARTTLS, and encrypt with the legacy stack (OpenSSL): for a server rustls
+    /// cannot talk to. Encrypted, never authenticated (`tls-legacy`); no AUTH goes over it.
+    LegacyTls,
     /// Deliver in plain, for this reason, on this path.
     Plain { reason: NoTls, path: Fallback },
     /// Not this server: TLS is required here and cannot be had. When no server takes the
@@ -108,10 +114,11 @@ pub enum HostDecision {
 }
 
 impl HostDecision {
-    /// The decision's name, for scripts: `tls`, `plain`, `refuse` or `skip`.
+    /// The decision's name, for scripts: `tls`, `legacy-tls`, `plain`, `refuse` or `skip`.
     pub fn action(&self) -> &'static str {
         match self {
             HostDecision::Tls(_) => "tls",
+            HostDecision::LegacyTls => "legacy-tls",
             HostDecision::Plain { .. } => "plain",
             HostDecision::Refuse(_) => "refuse",
             HostDecision::Skip(_) => "skip",
@@ -128,20 +135,63 @@ pub fn decide(rule: &Rule, known: Known<'_>, published: Published) -> HostDecisi
         if !mx_listed {
             return HostDecision::Refuse("MTA-STS enforce: not an MX host of the policy".into());
         }
-        return match under_rule(&enforced(rule), known) {
+        return match under_rule(&enforced(rule), known, false) {
             HostDecision::Refuse(why) => HostDecision::Refuse(format!("MTA-STS enforce: {why}")),
             decision => decision,
         };
     }
-    under_rule(rule, known)
+    // An overridden policy still binds this far: never the unauthenticated stack.
+    under_rule(rule, known, !binding(published))
 }
 
-fn under_rule(rule: &Rule, known: Known<'_>) -> HostDecision {
+fn under_rule(rule: &Rule, known: Known<'_>, legacy_ok: bool) -> HostDecision {
     let terms = terms(rule);
+    let legacy = legacy_ok && legacy_allowed(rule, terms);
     match known {
         Known::Nothing => initial(rule, terms),
-        Known::Cached(entry) => cached(rule, terms, entry),
-        Known::Found { outcome, downgrade } => found(rule, terms, outcome, downgrade),
+        Known::Cached(entry) => cached(rule, terms, entry, legacy),
+        Known::Found { outcome, downgrade } => found(rule, terms, outcome, downgrade, legacy),
+    }
+}
+
+/// Whether the rule lets the legacy stack encrypt: it is unauthenticated and speaks below
+/// TLS 1.2, so never where a verified certificate or TLS 1.3 is required.
+fn legacy_allowed(rule: &Rule, terms: TlsTerms) -> bool {
+    LEGACY_BUILT
+        && rule.policy.legacy_tls == LegacyTls::Encrypt
+        && rule.policy.tls != TlsMode::Never
+        && terms.verify == VerifyMode::Try
+        && terms.min_tls == MinTls::Tls12
+        && !terms.implicit
+}
+
+/// A rustls failure the legacy stack may get past: the server's protocol versions or cipher
+/// suites are older than rustls has (a protocol_version, handshake_failure or
+/// insufficient_security alert). A failure of the legacy stack itself never is.
+fn legacy_may_help(reason: &NoTls) -> bool {
+    match reason {
+        NoTls::LegacyTls(_) => true,
+        NoTls::HandshakeFailed(detail) => legacy_cause(detail),
+        _ => false,
+    }
+}
+
+fn legacy_cause(detail: &str) -> bool {
+    [
+        "ProtocolVersion",
+        "HandshakeFailure",
+        "InsufficientSecurity",
+    ]
+    .iter()
+    .any(|alert| detail.contains(alert))
+}
+
+/// A cache entry after which the next message goes straight to the legacy stack.
+fn legacy_cached(entry: &CacheEntry) -> bool {
+    match entry.class {
+        OutcomeClass::TlsLegacy | OutcomeClass::LegacyTls => true,
+        OutcomeClass::HandshakeFailed => legacy_cause(&entry.detail),
+        _ => false,
     }
 }
 
@@ -181,7 +231,11 @@ fn initial(rule: &Rule, terms: TlsTerms) -> HostDecision {
     HostDecision::Tls(terms)
 }
 
-fn cached(rule: &Rule, terms: TlsTerms, entry: &CacheEntry) -> HostDecision {
+fn cached(rule: &Rule, terms: TlsTerms, entry: &CacheEntry, legacy: bool) -> HostDecision {
+    let tls_wanted = matches!(initial(rule, terms), HostDecision::Tls(_));
+    if tls_wanted && legacy && legacy_cached(entry) {
+        return HostDecision::LegacyTls;
+    }
     let skip = match entry.class.meaning().when_cached {
         WhenCached::SkipAddress => {
             return HostDecision::Skip(format!(
@@ -192,6 +246,8 @@ fn cached(rule: &Rule, terms: TlsTerms, entry: &CacheEntry) -> HostDecision {
         WhenCached::TryTls => None,
         WhenCached::TryTlsUnlessPinned => entry.pinned.then_some(entry.class),
         WhenCached::SkipTls => Some(entry.class),
+        // rustls failed with this server before the legacy stack encrypted.
+        WhenCached::LegacyTls => Some(OutcomeClass::LegacyTls),
         WhenCached::SkipTlsIfVerifyRequired if terms.verify == VerifyMode::Require => {
             // An encrypted entry keeps its certificate's class apart.
             Some(match entry.class.meaning().kind {
@@ -214,7 +270,13 @@ fn cached(rule: &Rule, terms: TlsTerms, entry: &CacheEntry) -> HostDecision {
     }
 }
 
-fn found(rule: &Rule, terms: TlsTerms, outcome: &TlsOutcome, downgrade: bool) -> HostDecision {
+fn found(
+    rule: &Rule,
+    terms: TlsTerms,
+    outcome: &TlsOutcome,
+    downgrade: bool,
+    legacy: bool,
+) -> HostDecision {
     match outcome {
         TlsOutcome::Encrypted(session) => match &session.verification {
             Verification::Failed(problem) if terms.verify == VerifyMode::Require => {
@@ -222,10 +284,18 @@ fn found(rule: &Rule, terms: TlsTerms, outcome: &TlsOutcome, downgrade: bool) ->
             }
             _ => HostDecision::Tls(terms),
         },
+        TlsOutcome::Legacy(session) if !legacy => without_tls(
+            rule,
+            NoTls::LegacyTls(format!("{} not allowed by the rule", session.version)),
+        ),
+        TlsOutcome::Legacy(_) => HostDecision::LegacyTls,
         TlsOutcome::Plain(reason) => {
             if downgrade && rule.on_downgrade == OnDowngrade::Defer {
                 let class = reason.class().map_or("no TLS", OutcomeClass::name);
                 return HostDecision::Refuse(format!("downgrade: did TLS before, now {class}"));
+            }
+            if legacy && legacy_may_help(reason) {
+                return HostDecision::LegacyTls;
             }
             without_tls(rule, reason.clone())
         }
@@ -271,6 +341,9 @@ impl fmt::Display for HostDecision {
                 };
                 write!(f, "TLS ({how}, {}+, {verify})", terms.min_tls.name())
             }
+            HostDecision::LegacyTls => f.write_str(
+                "legacy TLS (STARTTLS with the second stack, OpenSSL: encrypted, not authenticated)",
+            ),
             HostDecision::Plain { reason, path } => {
                 let path = match path {
                     Fallback::Direct => "to the same server".to_string(),
@@ -572,5 +645,73 @@ mod tests {
                 "{class}: {decision}"
             );
         }
+    }
+
+    #[cfg(feature = "legacy-tls")]
+    #[test]
+    fn the_legacy_stack_is_chosen_only_for_legacy_servers_and_where_nothing_forbids_it() {
+        let legacy = |reason: NoTls| TlsOutcome::Plain(reason);
+        let found = |rule: &Rule, outcome: &TlsOutcome, published| {
+            let known = Known::Found {
+                outcome,
+                downgrade: false,
+            };
+            decide(rule, known, published)
+        };
+        let default = rule("rules:\n  - name: r\n");
+        let tls10 = legacy(NoTls::LegacyTls("protocol_version alert".into()));
+        let cbc = legacy(NoTls::HandshakeFailed(
+            "received fatal alert: HandshakeFailure".into(),
+        ));
+        for outcome in [&tls10, &cbc] {
+            assert_eq!(
+                found(&default, outcome, Published::Nothing),
+                HostDecision::LegacyTls
+            );
+        }
+        for other in [
+            NoTls::HandshakeFailed("connection closed during the handshake".into()),
+            NoTls::LegacyFailed("no shared cipher".into()),
+            NoTls::NoStarttls,
+        ] {
+            let decision = found(&default, &legacy(other), Published::Nothing);
+            assert!(matches!(decision, HostDecision::Plain { .. }), "{decision}");
+        }
+        for yaml in [
+            "rules:\n  - name: r\n    legacy_tls: plain\n",
+            "rules:\n  - name: r\n    verify: require\n",
+            "rules:\n  - name: r\n    min_tls: \"1.3\"\n",
+        ] {
+            let decision = found(&rule(yaml), &tls10, Published::Nothing);
+            assert!(
+                matches!(decision, HostDecision::Plain { .. }),
+                "{yaml}: {decision}"
+            );
+        }
+        assert!(matches!(
+            found(&default, &tls10, ENFORCE),
+            HostDecision::Refuse(_)
+        ));
+
+        let cached = entry(OutcomeClass::TlsLegacy, false);
+        assert_eq!(
+            decide(&default, Known::Cached(&cached), Published::Nothing),
+            HostDecision::LegacyTls
+        );
+        let strict = rule("rules:\n  - name: r\n    verify: require\n");
+        assert!(matches!(
+            decide(&strict, Known::Cached(&cached), Published::Nothing),
+            HostDecision::Plain {
+                reason: NoTls::Cached {
+                    class: OutcomeClass::LegacyTls,
+                    ..
+                },
+                ..
+            }
+        ));
+        assert!(matches!(
+            decide(&default, Known::Cached(&cached), ENFORCE),
+            HostDecision::Refuse(_)
+        ));
     }
 }

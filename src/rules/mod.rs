@@ -15,7 +15,7 @@ use index::DomainIndex;
 use model::RuleFile;
 pub use model::{Fallback, OnDowngrade, Route, Rule};
 use pattern::DomainPattern;
-pub use policy::{MinTls, TlsMode, TlsPolicy, VerifyMode};
+pub use policy::{LegacyTls, MinTls, TlsMode, TlsPolicy, VerifyMode};
 
 /// The rules shipped as the default, used when the configuration names no rule file.
 pub const DEFAULT_RULES: &str = include_str!("../../rules/default.yaml");
@@ -269,6 +269,17 @@ rules:
     }
 
     #[test]
+    fn legacy_tls_defaults_to_encrypt_and_takes_plain() {
+        let rules = parse("rules:\n  - name: a\n  - name: b\n    legacy_tls: plain\n").unwrap();
+        assert_eq!(rules.rules()[0].policy.legacy_tls, LegacyTls::Encrypt);
+        assert_eq!(rules.rules()[1].policy.legacy_tls, LegacyTls::Plain);
+        assert_eq!(
+            Rule::builtin_default().policy.legacy_tls,
+            LegacyTls::Encrypt
+        );
+    }
+
+    #[test]
     fn no_matching_rule_means_the_built_in_default() {
         let rules = parse("rules:\n  - name: only\n    match: { domains: [a.example] }\n").unwrap();
         let selection = rules.select("b.example", None);
@@ -291,6 +302,7 @@ rules:
                 "no-such-class",
             ),
             ("rules:\n  - name: a\n    colour: blue\n", 3, "colour"),
+            ("rules:\n  - name: a\n    legacy_tls: maybe\n", 3, "maybe"),
             ("rules:\n  - name: a\n  - name: a\n", 3, "already defined"),
             (
                 "rules:\n  - name: a\n    tls: require\n    fallback_on: [no-starttls]\n",

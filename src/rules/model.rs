@@ -8,7 +8,7 @@ use serde_saphyr::Spanned;
 
 use crate::outcome::OutcomeClass;
 use crate::rules::pattern::DomainPattern;
-use crate::rules::policy::{MinTls, TlsMode, TlsPolicy, VerifyMode};
+use crate::rules::policy::{LegacyTls, MinTls, TlsMode, TlsPolicy, VerifyMode};
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -28,6 +28,8 @@ pub struct RuleSpec {
     pub verify: Option<VerifyMode>,
     #[serde(default)]
     pub min_tls: Option<MinTls>,
+    #[serde(default)]
+    pub legacy_tls: Option<LegacyTls>,
     #[serde(default)]
     pub fallback_on: Option<Vec<TlsFailure>>,
     #[serde(default)]
@@ -347,6 +349,7 @@ impl Rule {
                 fallback_on: spec.fallback_on.map_or(defaults.fallback_on, |classes| {
                     classes.into_iter().map(|TlsFailure(class)| class).collect()
                 }),
+                legacy_tls: spec.legacy_tls.unwrap_or_default(),
             },
             fallback: spec.fallback.unwrap_or(Fallback::Direct),
             on_downgrade: spec.on_downgrade.unwrap_or_default(),

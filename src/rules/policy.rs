@@ -22,6 +22,17 @@ pub enum VerifyMode {
     Try,
 }
 
+/// What to do with a server only the legacy TLS stack (OpenSSL) can talk to.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Deserialize, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LegacyTls {
+    /// Encrypt with the legacy stack (unauthenticated): a weak cipher beats cleartext.
+    #[default]
+    Encrypt,
+    /// Never use it: such a server is a TLS failure, plain where `fallback_on` allows.
+    Plain,
+}
+
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct TlsPolicy {
     pub tls: TlsMode,
@@ -29,6 +40,7 @@ pub struct TlsPolicy {
     pub min_tls: MinTls,
     /// The failures after which the message may go in plain.
     pub fallback_on: Vec<OutcomeClass>,
+    pub legacy_tls: LegacyTls,
 }
 
 impl TlsPolicy {
@@ -46,6 +58,7 @@ impl TlsPolicy {
                 OutcomeClass::LegacyTls,
                 OutcomeClass::ProtocolViolation,
             ],
+            legacy_tls: LegacyTls::Encrypt,
         }
     }
 

@@ -63,6 +63,11 @@ async fn send(smtp: SocketAddr) {
     deliver_in_open_session(smtp).await.cmd("QUIT").await;
 }
 
+/// The shipped default rule without the legacy TLS stack: a TLS 1.0-only server is then a
+/// TLS failure, cached and counted as one.
+const LEGACY_PLAIN: &str =
+    "rules:\n  - name: default\n    match: { domains: [\"*\"] }\n    legacy_tls: plain\n";
+
 fn tls10(ca: &TestCa) -> ServerBehaviour {
     ServerBehaviour {
         starttls: StartTls::Tls10Only(ca.leaf(&["mx.example.test"], Validity::Current)),
@@ -73,7 +78,7 @@ fn tls10(ca: &TestCa) -> ServerBehaviour {
 #[tokio::test]
 async fn an_admin_lists_shows_pins_and_flushes_the_cache_with_ctl() {
     let ca = TestCa::new();
-    let d = daemon(&ca, tls10(&ca), |lab| lab).await;
+    let d = daemon(&ca, tls10(&ca), |lab| lab.rules(LEGACY_PLAIN)).await;
     send(d.smtp).await;
 
     let (code, table, _) = ctl(&d.socket, &["cache", "list"]).await;
@@ -153,7 +158,7 @@ async fn cache_list_for_a_domain_shows_only_the_hosts_that_served_it() {
         .a("mx.example.test", Ipv4Addr::LOCALHOST)
         .mx("other.test", 10, "mx.other.test")
         .a("mx.other.test", Ipv4Addr::LOCALHOST);
-    let d = daemon(&ca, tls10(&ca), |lab| lab.zone(zone)).await;
+    let d = daemon(&ca, tls10(&ca), |lab| lab.zone(zone).rules(LEGACY_PLAIN)).await;
     for rcpt in ["b@example.test", "b@other.test"] {
         let (mut client, _) = SmtpClient::connect(d.smtp).await;
         client.cmd("EHLO mta").await;
@@ -211,7 +216,7 @@ async fn a_delivery_over_tls_caches_the_certificate_subject_and_expiry() {
 #[tokio::test]
 async fn json_may_follow_the_command() {
     let ca = TestCa::new();
-    let d = daemon(&ca, tls10(&ca), |lab| lab).await;
+    let d = daemon(&ca, tls10(&ca), |lab| lab.rules(LEGACY_PLAIN)).await;
     send(d.smtp).await;
     for args in [
         &["cache", "list", "--json"][..],
@@ -298,7 +303,7 @@ async fn an_admin_reads_reloads_and_explains_the_rules_with_ctl() {
 #[tokio::test]
 async fn stats_and_sessions_count_what_happened() {
     let ca = TestCa::new();
-    let d = daemon(&ca, tls10(&ca), |lab| lab).await;
+    let d = daemon(&ca, tls10(&ca), |lab| lab.rules(LEGACY_PLAIN)).await;
     send(d.smtp).await;
     // A session left open shows in `sessions`.
     let (mut open, _) = SmtpClient::connect(d.smtp).await;
@@ -516,6 +521,7 @@ async fn the_metrics_endpoint_serves_the_same_counters_in_prometheus_format() {
     let cert = ca.leaf(&["mx.example.test"], Validity::Current);
     let d = daemon(&ca, tls(cert), |lab| {
         lab.set("metrics.listen", format!("127.0.0.1:{port}"))
+            .rules(LEGACY_PLAIN)
     })
     .await;
     // One message over verified TLS; then the operator pins the host as legacy-tls, so the

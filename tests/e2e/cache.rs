@@ -24,6 +24,7 @@ async fn a_second_message_to_a_tls_1_0_only_mx_skips_the_doomed_handshake_and_sa
         rules:
           - name: default
             match: { domains: ["*"] }
+            legacy_tls: plain
     "#;
     let (lab, mx) = one_mx(
         &ca,
@@ -67,6 +68,7 @@ async fn under_tls_require_a_cached_legacy_tls_defers_the_next_message_without_a
           - name: strict
             match: { domains: ["*"] }
             tls: require
+            legacy_tls: plain
     "#;
     let (lab, mx) = one_mx(
         &ca,
@@ -182,6 +184,7 @@ async fn a_legacy_tls_host_learned_before_a_restart_is_not_tried_again_after_it(
         rules:
           - name: default
             match: { domains: ["*"] }
+            legacy_tls: plain
     "#;
     let builder = Lab::new().ca(&ca).zone(zone).mx_port(mx.addr().port());
     let cache_file = builder.dir().join("cache.json");

@@ -106,6 +106,20 @@ async fn assert_daemon_does(lab: &Setup, action: &str) {
             let message = received.get(before).expect("message received");
             assert!(message.tls.is_some(), "explained TLS, sent in plain");
         }
+        "legacy-tls" => {
+            assert_eq!(data.map(|d| d.code), Some(250), "{rcpt:?}");
+            let message = received.get(before).expect("message received");
+            let tls = message
+                .tls
+                .as_ref()
+                .expect("explained legacy TLS, sent in plain");
+            assert_eq!(tls.version, "TLSv1.0");
+            assert_eq!(
+                lab.server.tls_handshakes_attempted(),
+                handshakes + 1,
+                "straight to the legacy stack: one handshake"
+            );
+        }
         "plain" => {
             assert_eq!(data.map(|d| d.code), Some(250), "{rcpt:?}");
             let message = received.get(before).expect("message received");
@@ -223,13 +237,16 @@ async fn a_host_whose_handshake_failed_is_explained_and_sent_plain_without_a_han
 }
 
 #[tokio::test]
-async fn a_tls_1_0_only_host_is_explained_and_sent_plain_without_a_handshake() {
+async fn a_tls_1_0_only_host_is_explained_and_sent_over_the_legacy_stack() {
     let behaviour = ServerBehaviour::with_starttls(StartTls::Tls10Only(leaf(Validity::Current)));
     let lab = lab(behaviour, VERIFY_TRY).await;
     learn(&lab, 250).await;
     let (action, text) = daemon_explains(&lab).await;
-    assert!(text.contains("with cached: legacy-tls: plain"), "{text}");
-    assert_eq!(action, "plain");
+    assert!(
+        text.contains("with cached: tls-legacy: legacy TLS"),
+        "{text}"
+    );
+    assert_eq!(action, "legacy-tls");
     assert_daemon_does(&lab, &action).await;
 }
 

@@ -12,7 +12,7 @@ use crate::support::smtp_server::{ServerBehaviour, SmtpServer, StartTls, TlsInfo
 use tlsrouter::outbound::connection::{Connection, StartTlsResult};
 use tlsrouter::outbound::tls::TlsClient;
 use tlsrouter::outbound::tls::TlsConfig;
-use tlsrouter::outcome::{CertProblem, LegacySession, NoTls, Verification};
+use tlsrouter::outcome::{CertProblem, LegacySession, NoTls, OutcomeClass, Verification};
 use tlsrouter::rules::MinTls;
 
 const LOCALHOST: IpAddr = IpAddr::V4(Ipv4Addr::LOCALHOST);
@@ -175,10 +175,11 @@ async fn a_handshake_the_server_breaks_off_fails_the_legacy_stack_too() {
         .await;
     assert_eq!(go.expect("STARTTLS").code, 220);
     match conn.upgrade_legacy(&tls, STEP).await {
-        Err(NoTls::HandshakeFailed(detail)) => {
-            assert!(detail.starts_with("legacy TLS"), "{detail}")
+        Err(why @ NoTls::LegacyFailed(_)) => {
+            assert_eq!(why.class(), Some(OutcomeClass::HandshakeFailed));
+            assert!(why.to_string().starts_with("legacy TLS"), "{why}");
         }
-        Err(other) => panic!("expected handshake-failed, got {other:?}"),
+        Err(other) => panic!("expected a legacy handshake failure, got {other:?}"),
         Ok((_, session)) => panic!("no TLS server there, yet a session: {session:?}"),
     }
 }

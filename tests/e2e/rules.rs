@@ -530,6 +530,7 @@ async fn relay_lab() -> RelayLab {
               - name: redirect-without-tls
                 match: {{ domains: ["*"] }}
                 fallback: {{ relay: "{relay_at}" }}
+                legacy_tls: plain
         "#
     );
     let lab = start_lab(zone, &ca, port, &rules).await;
@@ -639,8 +640,10 @@ async fn an_mx_host_cached_as_legacy_tls_is_sent_through_the_relay_by_an_outcome
               - name: old-exchange
                 match: {{ mx: ["*.oldhost.test"], outcome: [legacy-tls] }}
                 fallback: {{ relay: "{}" }}
+                legacy_tls: plain
               - name: default
                 match: {{ domains: ["*"] }}
+                legacy_tls: plain
         "#,
         relay.addr()
     );
@@ -901,6 +904,32 @@ async fn a_smarthost_without_starttls_under_tls_require_defers_and_never_sees_th
     );
     assert!(host.messages().is_empty());
     assert!(host.auth_lines().is_empty(), "no AUTH in plain");
+    assert_eq!(mx.connections(), 0);
+    assert_no_secret(&logs.text());
+}
+
+#[tokio::test]
+async fn a_tls_1_0_only_smarthost_with_auth_never_gets_the_legacy_stack_nor_the_password() {
+    let (logs, _guard) = capture_debug();
+    let ca = TestCa::new();
+    let behaviour = smarthost(
+        StartTls::Tls10Only(ca.leaf(&["smarthost.test"], Validity::Current)),
+        None,
+    );
+    // A rule with AUTH always verifies (verify: try is refused), so the legacy stack, which
+    // authenticates nothing, is never chosen for it.
+    let (lab, mx, host) = smarthost_lab(&ca, behaviour, "require", PASSWORD).await;
+
+    let sent = send_from(lab.smtp, "report@crm.test", &["b@example.test"]).await;
+
+    assert_deferred_for_tls(&sent, &["rule \"crm-via-smarthost\"", "smarthost.test"]);
+    assert_eq!(
+        host.tls_handshakes_attempted(),
+        1,
+        "rustls only, no legacy stack"
+    );
+    assert!(host.messages().is_empty());
+    assert!(host.auth_lines().is_empty(), "no AUTH without verified TLS");
     assert_eq!(mx.connections(), 0);
     assert_no_secret(&logs.text());
 }

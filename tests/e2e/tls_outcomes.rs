@@ -1,11 +1,13 @@
 //! What each TLS outcome means for a message, end to end: a valid certificate, none offered,
 //! every kind of bad certificate (encrypted anyway, and logged), and handshakes that fail
-//! (a new plain connection, and the class in the log). The rule-driven variants (verify:
+//! (a new plain connection, and the class in the log), or that the legacy stack gets past
+//! (a new connection encrypted by OpenSSL, `tls-legacy`). The rule-driven variants (verify:
 //! require, min_tls) are in `rules`; what the cache makes of an outcome, in `cache`.
 
+use crate::support::lab::{Lab, one_mx_zone};
 use crate::support::logs::Logs;
 use crate::support::pki::{CertKey, TestCa, Validity, self_signed};
-use crate::support::smtp_server::{ServerBehaviour, StartTls};
+use crate::support::smtp_server::{ServerBehaviour, SmtpServer, StartTls};
 
 use super::delivery::{BODY, one_mx, send, tls_server};
 
@@ -122,15 +124,39 @@ async fn a_certificate_for_another_name_is_logged_as_a_mismatch_and_the_message_
     );
 }
 
-/// A TLS failure makes the proxy reconnect in plain and deliver; the log says why.
-async fn tls_failure_falls_back_to_plain(starttls: StartTls, class: &str) {
-    let (logs, _guard) = Logs::capture();
-    let ca = TestCa::new();
+/// The lab of `one_mx`, with an admin socket and `rules` (if any).
+async fn lab_for(ca: &TestCa, starttls: StartTls, rules: Option<&str>) -> (Lab, SmtpServer) {
     let behaviour = ServerBehaviour {
         starttls,
         ..ServerBehaviour::default()
     };
-    let (lab, server) = one_mx(&ca, behaviour).await;
+    let server = SmtpServer::start(std::net::Ipv4Addr::LOCALHOST.into(), 0, behaviour)
+        .await
+        .expect("smtp server");
+    let mut lab = Lab::new()
+        .ca(ca)
+        .zone(one_mx_zone())
+        .mx_port(server.addr().port())
+        .admin();
+    if let Some(rules) = rules {
+        lab = lab.rules(rules);
+    }
+    (lab.start().await, server)
+}
+
+/// A TLS failure makes the proxy reconnect in plain and deliver; the log says why.
+async fn tls_failure_falls_back_to_plain(starttls: StartTls, class: &str) {
+    tls_failure_falls_back_to_plain_under(starttls, class, None).await;
+}
+
+async fn tls_failure_falls_back_to_plain_under(
+    starttls: StartTls,
+    class: &str,
+    rules: Option<&str>,
+) {
+    let (logs, _guard) = Logs::capture();
+    let ca = TestCa::new();
+    let (lab, server) = lab_for(&ca, starttls, rules).await;
 
     let (_, _, data) = send(lab.smtp, &["b@example.test"], BODY).await;
 
@@ -147,6 +173,7 @@ async fn tls_failure_falls_back_to_plain(starttls: StartTls, class: &str) {
         line.contains(&format!("fallback={class}")),
         "{class} missing in {line}"
     );
+    assert!(!line.contains("tls-legacy"), "{line}");
 }
 
 #[tokio::test]
@@ -154,9 +181,99 @@ async fn a_handshake_aborted_after_the_starttls_220_falls_back_to_plain() {
     tls_failure_falls_back_to_plain(StartTls::AbortAfter220, "handshake-failed").await;
 }
 
+/// A server rustls cannot talk to gets the message from the legacy stack on a new
+/// connection, `tls-legacy` in the log and the cache; the next message goes straight to the
+/// legacy stack. Returns the log line of the first message.
+#[cfg(feature = "legacy-tls")]
+async fn legacy_server_gets_the_legacy_stack(starttls: StartTls, version: &str) -> String {
+    let (logs, _guard) = Logs::capture();
+    let ca = TestCa::new();
+    let (lab, server) = lab_for(&ca, starttls, None).await;
+
+    let (_, _, data) = send(lab.smtp, &["b@example.test"], BODY).await;
+
+    assert_eq!(data.code, 250, "{data:?}");
+    let got = server.messages();
+    assert_eq!(got.len(), 1);
+    assert_eq!(got[0].data, BODY);
+    let tls = got[0].tls.as_ref().expect("the message came over TLS");
+    assert_eq!(tls.version, version);
+    assert_eq!(server.tls_handshakes_attempted(), 2, "rustls, then OpenSSL");
+    assert_eq!(
+        server.connections(),
+        2,
+        "a new connection for the legacy stack"
+    );
+    let line = logs.transactions()[0].clone();
+    for field in [
+        "route=\"tls\"".to_string(),
+        format!("tls_version=\"{version}\""),
+        format!("cipher=\"{}\"", tls.cipher),
+        "verify=tls-legacy: not authenticated".to_string(),
+    ] {
+        assert!(line.contains(&field), "{field} missing in {line}");
+    }
+    assert!(!line.contains("fallback="), "{line}");
+
+    let shown = lab.ctl_json(&["cache", "show", "mx.example.test"]).await;
+    let entry = &shown["entries"][0];
+    assert_eq!(entry["class"], "tls-legacy", "{shown}");
+    assert_eq!(entry["tls_version"], version, "{shown}");
+
+    let (_, _, data) = send(lab.smtp, &["b@example.test"], BODY).await;
+    assert_eq!(data.code, 250, "{data:?}");
+    let got = server.messages();
+    assert_eq!(got.len(), 2);
+    assert_eq!(
+        got[1].tls.as_ref().map(|t| t.version.as_str()),
+        Some(version)
+    );
+    assert_eq!(
+        server.tls_handshakes_attempted(),
+        3,
+        "the second message skips rustls"
+    );
+    assert_eq!(
+        server.connections(),
+        3,
+        "one connection for the second message"
+    );
+    let second = &logs.transactions()[1];
+    assert!(second.contains("verify=tls-legacy"), "{second}");
+    line
+}
+
+#[cfg(feature = "legacy-tls")]
 #[tokio::test]
-async fn a_tls_10_only_server_is_classified_legacy_tls_and_gets_the_message_in_plain() {
+async fn a_tls_10_only_server_gets_the_message_over_tls_10_from_the_legacy_stack() {
     let ca = TestCa::new();
     let cert = ca.leaf(&["mx.example.test"], Validity::Current);
-    tls_failure_falls_back_to_plain(StartTls::Tls10Only(cert), "legacy-tls").await;
+    legacy_server_gets_the_legacy_stack(StartTls::Tls10Only(cert), "TLSv1.0").await;
+}
+
+#[cfg(feature = "legacy-tls")]
+#[tokio::test]
+async fn a_tls_12_server_with_only_cbc_suites_is_reached_by_the_legacy_stack() {
+    let ca = TestCa::new();
+    let cert = ca.leaf(&["mx.example.test"], Validity::Current);
+    let line = legacy_server_gets_the_legacy_stack(StartTls::Tls12CbcOnly(cert), "TLSv1.2").await;
+    assert!(line.contains("_CBC_"), "{line}");
+}
+
+#[tokio::test]
+async fn under_legacy_tls_plain_a_tls_10_only_server_gets_the_message_in_plain() {
+    let ca = TestCa::new();
+    let cert = ca.leaf(&["mx.example.test"], Validity::Current);
+    let rules = "rules:\n  - name: old\n    legacy_tls: plain\n";
+    tls_failure_falls_back_to_plain_under(StartTls::Tls10Only(cert), "legacy-tls", Some(rules))
+        .await;
+}
+
+#[tokio::test]
+async fn under_verify_require_a_tls_10_only_server_never_gets_the_legacy_stack() {
+    let ca = TestCa::new();
+    let cert = ca.leaf(&["mx.example.test"], Validity::Current);
+    let rules = "rules:\n  - name: strict\n    verify: require\n";
+    tls_failure_falls_back_to_plain_under(StartTls::Tls10Only(cert), "legacy-tls", Some(rules))
+        .await;
 }
