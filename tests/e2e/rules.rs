@@ -196,14 +196,7 @@ pub(super) fn lines_with(logs: &Logs, text: &str) -> Vec<String> {
 
 /// Like [`Logs::capture`], at debug level: the SMTP dialogue both ways.
 fn capture_debug() -> (Logs, tracing::subscriber::DefaultGuard) {
-    let logs = Logs::default();
-    let writer = logs.clone();
-    let subscriber = tracing_subscriber::fmt()
-        .with_env_filter("tlsrouter=debug")
-        .with_ansi(false)
-        .with_writer(move || writer.clone())
-        .finish();
-    (logs, tracing::subscriber::set_default(subscriber))
+    Logs::capture_at("tlsrouter=debug")
 }
 
 // ---------------------------------------------------------------------------------------
