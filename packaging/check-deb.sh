@@ -6,7 +6,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 if ! command -v cargo-deb >/dev/null 2>&1; then
-  cargo install --locked cargo-deb
+  # Pinned: later versions may refuse the dev profile CI packages with.
+  cargo install --locked cargo-deb --version 3.8.0
 fi
 # CI passes DEB_PROFILE=dev to package the binary the tests already built: what is checked
 # here is the package, not the optimiser. A release package is plain `cargo deb`.
