@@ -88,7 +88,7 @@ pub fn literal_address(host: &str) -> Option<IpAddr> {
     bare_name(host).parse().ok()
 }
 
-/// Why a domain has no next hop; each maps to the reply in DESIGN.md's table.
+/// Why a domain has no next hop; each maps to a reply of the README's reply table.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
 pub enum RouteError {
     #[error("domain {0} does not exist")]

@@ -227,7 +227,7 @@ pub enum SessionResult {
 }
 
 impl SessionResult {
-    /// The row of the table in DESIGN section 10 for one of our classes: `tls-verified` is
+    /// The TLS-RPT result type of one of our classes (docs/ARCHITECTURE.md): `tls-verified` is
     /// a success; `tls-unverified` is judged by its certificate class, which the caller
     /// passes instead. `connect-failed` and `timeout` are no TLS session: `None`.
     pub fn from_class(class: OutcomeClass) -> Option<SessionResult> {
