@@ -550,6 +550,7 @@ async fn serve(config: Config) -> ExitCode {
     notify_systemd_ready(bound);
     tokio::spawn(proxy.clone().save_cache_periodically());
     tokio::spawn(proxy.tls_reports.clone().send_daily());
+    tokio::spawn(proxy.policies.clone().refresh_periodically());
     tlsrouter::inbound::listener::run(listener, proxy.clone(), shutdown_signal(signals)).await;
     proxy.save_cache();
     proxy.remove_admin_socket();

@@ -36,7 +36,11 @@ impl Proxy {
     pub fn new(config: Config) -> anyhow::Result<Arc<Proxy>> {
         #[cfg(unix)]
         config.admin.group_id()?;
-        let resolver = MxResolver::new(&config.resolver.nameservers, config.timeouts.dns)?;
+        // One resolver, so delivery and policy lookups share hickory's cache.
+        let resolver = Arc::new(MxResolver::new(
+            &config.resolver.nameservers,
+            config.timeouts.dns,
+        )?);
         let tls = TlsClient::new(&config.tls)?;
         let rules = match &config.rules_file {
             Some(path) => RuleSet::load(path)?,
@@ -54,7 +58,7 @@ impl Proxy {
                 Err(e) => tracing::warn!("cache not loaded, starting empty: {e}"),
             }
         }
-        let (policies, tls_reports) = policy_parts(&config, stats.clone())?;
+        let (policies, tls_reports) = policy_parts(&config, resolver.clone(), stats.clone())?;
         if let Some(path) = &config.cache.file {
             let path = policy_file(path);
             match policies.load(&path) {
@@ -196,12 +200,9 @@ impl Proxy {
 /// what delivery trusts.
 fn policy_parts(
     config: &Config,
+    resolver: Arc<MxResolver>,
     stats: Arc<Stats>,
 ) -> anyhow::Result<(Arc<PolicyStore>, Arc<TlsReports>)> {
-    let resolver = Arc::new(MxResolver::new(
-        &config.resolver.nameservers,
-        config.timeouts.dns,
-    )?);
     let sts = &config.mta_sts;
     let https = Arc::new(HttpsClient::new(
         trusted_roots(&config.tls)?,

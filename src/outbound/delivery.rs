@@ -52,7 +52,7 @@ impl Default for DeliveryConfig {
 
 /// Everything the outbound side needs, shared by all sessions.
 pub struct Outbound {
-    pub resolver: MxResolver,
+    pub resolver: Arc<MxResolver>,
     pub tls: TlsClient,
     /// Our EHLO name.
     pub hostname: String,

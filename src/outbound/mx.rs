@@ -2,7 +2,7 @@
 //! (RFC 7505), implicit MX, and the addresses of each host.
 
 use std::net::{IpAddr, SocketAddr};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use hickory_resolver::TokioResolver;
 use hickory_resolver::config::{ConnectionConfig, NameServerConfig};
@@ -208,23 +208,36 @@ impl MxResolver {
     /// The TXT records at `name`, each record's strings joined (RFC 7208 3.3 style, as
     /// MTA-STS and TLS-RPT records are read). A name without TXT records gives none.
     pub async fn txt_records(&self, name: &str) -> Result<Vec<String>, AddressError> {
+        self.txt_lookup(name).await.map(|answer| answer.records)
+    }
+
+    /// The TXT strings at `name` (each record's strings joined, as RFC 7208 3.3 reads them),
+    /// with how long the answer may be kept: the records' TTL, or for "no record" the
+    /// zone's negative TTL.
+    pub async fn txt_lookup(&self, name: &str) -> Result<TxtAnswer, AddressError> {
         let fqdn = format!("{}.", name.trim_end_matches('.'));
         match self.bounded(self.resolver.txt_lookup(fqdn.as_str())).await {
-            Ok(lookup) => Ok(lookup
-                .answers()
-                .iter()
-                .filter_map(|record| match &record.data {
-                    RData::TXT(txt) => Some(
-                        txt.txt_data
-                            .iter()
-                            .map(|part| String::from_utf8_lossy(part))
-                            .collect::<String>(),
-                    ),
-                    _ => None,
-                })
-                .collect()),
+            Ok(lookup) => Ok(TxtAnswer {
+                valid_until: lookup.valid_until(),
+                records: lookup
+                    .answers()
+                    .iter()
+                    .filter_map(|record| match &record.data {
+                        RData::TXT(txt) => Some(
+                            txt.txt_data
+                                .iter()
+                                .map(|part| String::from_utf8_lossy(part))
+                                .collect::<String>(),
+                        ),
+                        _ => None,
+                    })
+                    .collect(),
+            }),
             Err(e) => match answer(&e) {
-                Answer::NoSuchName | Answer::NoData => Ok(Vec::new()),
+                Answer::NoSuchName | Answer::NoData => Ok(TxtAnswer {
+                    records: Vec::new(),
+                    valid_until: Instant::now() + Duration::from_secs(negative_ttl(&e).into()),
+                }),
                 Answer::Failed => Err(AddressError::Temporary(e.to_string())),
             },
         }
@@ -279,6 +292,21 @@ enum Answer {
     NoData,
     /// SERVFAIL, REFUSED, a timeout: nothing is known; try again later.
     Failed,
+}
+
+/// A TXT answer and the end of its DNS lifetime.
+#[derive(Clone, Debug)]
+pub struct TxtAnswer {
+    pub records: Vec<String>,
+    pub valid_until: Instant,
+}
+
+/// The negative TTL a "no such record" answer carries (RFC 2308), 0 when it has none.
+fn negative_ttl(error: &NetError) -> u32 {
+    match error {
+        NetError::Dns(DnsError::NoRecordsFound(no)) => no.negative_ttl.unwrap_or(0),
+        _ => 0,
+    }
 }
 
 fn answer(error: &NetError) -> Answer {

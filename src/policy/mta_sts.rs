@@ -15,7 +15,7 @@ use std::io;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
@@ -55,6 +55,11 @@ pub struct MtaStsConfig {
     /// After a failed fetch, the next one for the domain waits this long.
     #[serde(with = "crate::config::duration")]
     pub retry_after_failure: Duration,
+    /// How often cached policies are checked for a refresh, so that a domain mailed
+    /// rarely still has a current policy (RFC 8461 5.1: refresh before expiry, not only
+    /// when sending). `0s` refreshes only when a message needs the policy.
+    #[serde(with = "crate::config::duration")]
+    pub refresh_interval: Duration,
     /// The most policy domains remembered.
     pub max_policies: usize,
     /// For labs and tests only: HTTPS host names (`mta-sts.example.com`) connected to at
@@ -71,6 +76,7 @@ impl Default for MtaStsConfig {
             connect_timeout: Duration::from_secs(10),
             fetch_timeout: Duration::from_secs(30),
             retry_after_failure: Duration::from_secs(5 * 60),
+            refresh_interval: Duration::from_secs(60 * 60),
             max_policies: 100_000,
             connect_to: HashMap::new(),
         }
@@ -447,6 +453,15 @@ struct DomainState {
     policy: Option<Arc<StsPolicy>>,
     /// The last failed fetch: when, for which TXT id, and why.
     failure: Option<Failure>,
+    /// The last `_mta-sts` answer, kept for its DNS lifetime.
+    txt: Option<TxtSeen>,
+}
+
+/// What the `_mta-sts` record said (its id, or nothing usable) and until when that holds.
+#[derive(Clone, Debug)]
+struct TxtSeen {
+    id: Option<String>,
+    valid_until: Instant,
 }
 
 #[derive(Clone, Debug)]
@@ -509,6 +524,9 @@ impl PolicyStore {
             return PolicyLookup::NotPublished;
         }
         let domain = normalize(domain);
+        if let Some(settled) = self.settled(&domain) {
+            return settled;
+        }
         let mut result = self.lookup_in_background(&domain, false);
         let wait = result.wait_for(|r| r.is_some());
         match tokio::time::timeout(self.config.wait, wait).await {
@@ -529,6 +547,29 @@ impl PolicyStore {
         match result.wait_for(|r| r.is_some()).await {
             Ok(done) => done.clone().unwrap_or(PolicyLookup::NotYet),
             Err(_) => PolicyLookup::NotYet,
+        }
+    }
+
+    /// The answer when nothing needs asking: the `_mta-sts` answer is within its TTL and
+    /// says there is no policy, or names the id of a cached policy not yet due for a
+    /// refresh. Most messages take this path, with no task and no lookup.
+    fn settled(&self, domain: &str) -> Option<PolicyLookup> {
+        let now = self.clock.now();
+        let domains = self.domains.lock().ok()?;
+        let state = domains.get(domain)?;
+        let txt = state
+            .txt
+            .as_ref()
+            .filter(|t| Instant::now() < t.valid_until)?;
+        let policy = state.policy.clone().filter(|p| !p.is_expired(now));
+        match (&txt.id, policy) {
+            // A vanished record does not drop a valid cached policy.
+            (None, Some(policy)) => Some(PolicyLookup::Found(policy)),
+            (None, None) => Some(PolicyLookup::NotPublished),
+            (Some(id), Some(policy)) if *id == policy.id && !policy.wants_refresh(now) => {
+                Some(PolicyLookup::Found(policy))
+            }
+            (Some(_), _) => None,
         }
     }
 
@@ -556,6 +597,28 @@ impl PolicyStore {
             .collect();
         policies.sort_by(|a, b| a.domain.cmp(&b.domain));
         policies
+    }
+
+    /// Every `mta_sts.refresh_interval`, looks up again each cached policy that is due for a
+    /// refresh (half its max_age gone), as a message to its domain would; a failed fetch
+    /// keeps the policy, as it does then.
+    pub async fn refresh_periodically(self: Arc<Self>) {
+        if !self.config.enabled || self.config.refresh_interval.is_zero() {
+            return;
+        }
+        let mut ticker = tokio::time::interval(self.config.refresh_interval);
+        ticker.tick().await;
+        loop {
+            ticker.tick().await;
+            let now = self.clock.now();
+            for policy in self.policies() {
+                if policy.wants_refresh(now) {
+                    // Shared with any message that asks meanwhile, as its own lookups are.
+                    let mut done = self.lookup_in_background(&policy.domain, false);
+                    let _ = done.wait_for(|r| r.is_some()).await;
+                }
+            }
+        }
     }
 
     /// Forgets `domain`'s policy; the next message looks it up again. Whether one was held.
@@ -598,21 +661,29 @@ impl PolicyStore {
             Some(policy) => PolicyLookup::Found(policy.clone()),
             None => or,
         };
-        let records = match self
+        let answer = match self
             .resolver
-            .txt_records(&format!("_mta-sts.{domain}"))
+            .txt_lookup(&format!("_mta-sts.{domain}"))
             .await
         {
-            Ok(records) => records,
+            Ok(answer) => answer,
             Err(e) => {
                 tracing::debug!(domain, "_mta-sts lookup failed: {e}");
                 return keep_cached(PolicyLookup::NotPublished);
             }
         };
-        let id = match parse_txt_records(&records) {
+        let parsed = parse_txt_records(&answer.records);
+        self.note_txt(
+            domain,
+            TxtSeen {
+                id: parsed.as_ref().ok().cloned(),
+                valid_until: answer.valid_until,
+            },
+        );
+        let id = match parsed {
             Ok(id) => id,
             Err(why) => {
-                if !records.is_empty() {
+                if !answer.records.is_empty() {
                     tracing::debug!(domain, "_mta-sts record ignored: {why}");
                 }
                 // A vanished or broken record does not drop a valid cached policy.
@@ -688,6 +759,18 @@ impl PolicyStore {
     }
 
     fn store(&self, domain: &str, policy: Option<Arc<StsPolicy>>, failure: Option<Failure>) {
+        self.update(domain, |state| {
+            state.policy = policy;
+            state.failure = failure;
+        });
+    }
+
+    fn note_txt(&self, domain: &str, txt: TxtSeen) {
+        self.update(domain, |state| state.txt = Some(txt));
+    }
+
+    /// Changes `domain`'s state, making room for it (within `max_policies`) when it is new.
+    fn update(&self, domain: &str, change: impl FnOnce(&mut DomainState)) {
         let Ok(mut domains) = self.domains.lock() else {
             return;
         };
@@ -699,7 +782,7 @@ impl PolicyStore {
                 return;
             }
         }
-        domains.insert(domain.to_string(), DomainState { policy, failure });
+        change(domains.entry(domain.to_string()).or_default());
     }
 
     /// `GET https://mta-sts.<domain>/.well-known/mta-sts.txt`, checked as RFC 8461 3.3 says.

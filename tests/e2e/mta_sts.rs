@@ -519,6 +519,29 @@ async fn a_policy_is_refetched_before_it_expires() {
 }
 
 #[tokio::test]
+async fn a_policy_nobody_mails_to_is_still_refreshed_before_it_expires() {
+    let config = MtaStsConfig {
+        refresh_interval: Duration::from_millis(20),
+        ..MtaStsConfig::default()
+    };
+    let lab = Lab::start_with(Answer::policy(ENFORCE), config, None).await;
+    found(&lab.lookup().await);
+    tokio::spawn(lab.store.clone().refresh_periodically());
+
+    // No message asks for it; once half its max_age is gone, the store fetches it itself.
+    lab.clock.advance(Duration::from_secs(604_800 / 2 + 1));
+    tokio::time::timeout(GUARD, lab.server.wait_for_requests(2))
+        .await
+        .expect("the due policy was not refreshed in the background");
+
+    // A message now joins that refresh or finds its result: no third fetch.
+    let renewed = found(&lab.lookup().await);
+    assert!(renewed.expires_at > NOON + 604_800);
+    assert_eq!(renewed.fetched_at, NOON + 604_800 / 2 + 1);
+    assert_eq!(lab.server.seen().len(), 2);
+}
+
+#[tokio::test]
 async fn a_slow_fetch_does_not_hold_the_message_and_the_next_one_has_the_policy() {
     let config = MtaStsConfig {
         wait: Duration::from_millis(300),
