@@ -10,7 +10,9 @@ use tlsrouter::admin::client;
 use tlsrouter::admin::protocol::Request;
 use tlsrouter::config::{Config, LogFormat};
 use tlsrouter::outcome::OutcomeClass;
+use tlsrouter::policy::mta_sts::MxPattern;
 use tlsrouter::probe::ProbeTarget;
+use tlsrouter::router::decision::{Published, StsMode};
 use tlsrouter::router::explain::{Question, assumed_entry, explain};
 use tlsrouter::rules::RuleSet;
 
@@ -105,7 +107,21 @@ enum Commands {
         /// The outcome was pinned by an operator (`ctl cache pin`), not observed.
         #[arg(long, requires = "outcome")]
         pinned: bool,
+        /// Assume the recipient domain publishes an MTA-STS policy in this mode.
+        #[arg(long, value_enum)]
+        mta_sts: Option<AssumedStsMode>,
+        /// An `mx:` pattern of the assumed policy (repeatable); without one, the policy
+        /// names the --mx host.
+        #[arg(long, requires = "mta_sts")]
+        mta_sts_mx: Vec<String>,
     },
+}
+
+/// The mode of a policy `explain` is asked to assume.
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum AssumedStsMode {
+    Enforce,
+    Testing,
 }
 
 #[derive(Subcommand)]
@@ -258,14 +274,26 @@ fn main() -> ExitCode {
             mx,
             outcome,
             pinned,
-        } => explain_rcpt(
-            rules,
-            &rcpt,
-            sender.as_deref(),
-            mx.as_deref(),
-            outcome,
-            pinned,
-        ),
+            mta_sts,
+            mta_sts_mx,
+        } => {
+            let published = match assumed_policy(mta_sts, &mta_sts_mx, mx.as_deref()) {
+                Ok(published) => published,
+                Err(e) => {
+                    eprintln!("{e}");
+                    return ExitCode::from(EXIT_CONFIG);
+                }
+            };
+            explain_rcpt(
+                rules,
+                &rcpt,
+                sender.as_deref(),
+                mx.as_deref(),
+                outcome,
+                pinned,
+                published,
+            )
+        }
     }
 }
 
@@ -456,6 +484,7 @@ fn explain_rcpt(
     mx: Option<&str>,
     outcome: Option<OutcomeClass>,
     pinned: bool,
+    published: Published,
 ) -> ExitCode {
     let rules = match rules.as_deref().map(RuleSet::load) {
         Some(Ok(rules)) => rules,
@@ -480,10 +509,33 @@ fn explain_rcpt(
         sender_domain: sender_domain.as_deref(),
         mx,
         cached: assumed_entry(mx.unwrap_or(""), outcome.as_slice(), pinned),
-        published: tlsrouter::router::decision::Published::Nothing,
+        published,
     };
     print!("{}", explain(Arc::new(rules), &question).text);
     ExitCode::SUCCESS
+}
+
+/// What the domain publishes, as `explain --mta-sts` asks to assume: whether the MX host
+/// is one the policy names is judged by the given patterns, as delivery judges it.
+fn assumed_policy(
+    mode: Option<AssumedStsMode>,
+    patterns: &[String],
+    mx: Option<&str>,
+) -> Result<Published, String> {
+    let Some(mode) = mode else {
+        return Ok(Published::Nothing);
+    };
+    let mode = match mode {
+        AssumedStsMode::Enforce => StsMode::Enforce,
+        AssumedStsMode::Testing => StsMode::Testing,
+    };
+    let mut mx_listed = patterns.is_empty();
+    for text in patterns {
+        let pattern = MxPattern::parse(text).map_err(|e| format!("--mta-sts-mx {text:?}: {e}"))?;
+        mx_listed |=
+            mx.is_some_and(|host| pattern.matches(&tlsrouter::outbound::mx::bare_name(host)));
+    }
+    Ok(Published::MtaSts { mode, mx_listed })
 }
 
 fn run(path: Option<PathBuf>, log_format: Option<LogFormat>) -> ExitCode {

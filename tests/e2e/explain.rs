@@ -384,3 +384,70 @@ rules:
         "{err}"
     );
 }
+
+#[tokio::test]
+async fn explain_shows_what_an_assumed_mta_sts_policy_does_to_the_rules() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let file = dir.path().join("rules.yaml");
+    std::fs::write(
+        &file,
+        "rules:\n  - name: plain-partner\n    match: { domains: [partner.example] }\n    tls: never\n",
+    )
+    .expect("rules");
+    let explain = |extra: &[&str]| {
+        let mut args: Vec<String> = [
+            "explain",
+            "--rules",
+            &file.display().to_string(),
+            "--rcpt",
+            "a@partner.example",
+            "--mx",
+            "mx1.partner.example",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+        args.extend(extra.iter().map(|s| s.to_string()));
+        tlsrouter(args)
+    };
+
+    // The rule alone sends in plain; an enforced policy does not let it.
+    let (code, out, err) = explain(&[]).await;
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("first try:   plain"), "{out}");
+    let (code, out, err) = explain(&["--mta-sts", "enforce"]).await;
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("policy:      mta-sts:enforce"), "{out}");
+    assert!(
+        out.contains(
+            "first try:   TLS (STARTTLS when offered, TLS 1.2+, the certificate must verify)"
+        ),
+        "{out}"
+    );
+
+    // A server the policy does not name is skipped; one it names by pattern is not.
+    let (_, out, _) = explain(&["--mta-sts", "enforce", "--mta-sts-mx", "*.other.example"]).await;
+    assert!(out.contains("not an MX host of the policy"), "{out}");
+    let (_, out, _) = explain(&["--mta-sts", "enforce", "--mta-sts-mx", "*.partner.example"]).await;
+    assert!(out.contains("the certificate must verify"), "{out}");
+
+    // A pinned no-starttls host under enforce is deferred, never plain.
+    let (_, out, _) = explain(&[
+        "--mta-sts",
+        "enforce",
+        "--outcome",
+        "no-starttls",
+        "--pinned",
+    ])
+    .await;
+    assert!(out.contains("deferred with 451 4.7.5"), "{out}");
+
+    // Testing changes nothing: the rule's plain stands.
+    let (_, out, _) = explain(&["--mta-sts", "testing"]).await;
+    assert!(out.contains("policy:      mta-sts:testing"), "{out}");
+    assert!(out.contains("first try:   plain"), "{out}");
+
+    let (code, _, err) = explain(&["--mta-sts", "enforce", "--mta-sts-mx", "mx.*.example"]).await;
+    assert_eq!(code, 64, "a bad pattern is a usage error");
+    assert!(err.contains("--mta-sts-mx \"mx.*.example\""), "{err}");
+}
