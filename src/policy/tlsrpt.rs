@@ -40,7 +40,8 @@ pub struct TlsRptConfig {
     /// sends none. Counting goes on either way.
     pub directory: Option<PathBuf>,
     /// The SMTP server (`address:port`, usually the local MTA) that takes reports for
-    /// `mailto:` addresses; `null` sends only to `https:` addresses.
+    /// `mailto:` addresses, in plain and without AUTH, as a local MTA takes mail from its
+    /// own host; `null` sends only to `https:` addresses.
     pub mail_relay: Option<SocketAddr>,
     /// The sender of mailed reports; default `postmaster@` and `hostname`.
     pub from: Option<String>,
