@@ -317,9 +317,15 @@ impl CacheEntry {
     }
 }
 
+/// The classes rules see for an entry (`match: outcome:`). A `tls-legacy` host is still a
+/// server that speaks only old TLS: it keeps matching `legacy-tls` rules, so the rule a host
+/// gets does not change because the legacy stack reached it.
 fn classes(class: OutcomeClass, cert_problem: Option<OutcomeClass>) -> Vec<OutcomeClass> {
     let mut classes = vec![class];
     classes.extend(cert_problem);
+    if class == OutcomeClass::TlsLegacy {
+        classes.push(OutcomeClass::LegacyTls);
+    }
     classes
 }
 
@@ -882,6 +888,34 @@ mod tests {
 
     fn plain(reason: NoTls) -> Observation {
         Observation::from_outcome(&TlsOutcome::Plain(reason)).expect("a TLS failure")
+    }
+
+    #[test]
+    fn a_host_the_legacy_stack_reached_still_gets_the_rule_for_legacy_servers() {
+        let (cache, _) = new_cache();
+        let legacy =
+            Observation::from_outcome(&TlsOutcome::Legacy(crate::outcome::LegacySession {
+                version: "TLSv1.0".into(),
+                cipher: "TLS_RSA_WITH_AES_128_CBC_SHA".into(),
+                verification: Verification::Verified,
+                chain: Vec::new(),
+            }))
+            .expect("a legacy session is an observation");
+        cache.record("mx.old.example", ip(1), "old.example", legacy);
+        let entry = cache.find("mx.old.example").remove(0);
+        assert_eq!(entry.class, OutcomeClass::TlsLegacy);
+
+        let rules = crate::rules::RuleSet::parse(
+            "rules:\n  - name: old-servers\n    match: { domains: [\"*\"], outcome: [legacy-tls] }\n    legacy_tls: plain\n  - name: everyone\n    match: { domains: [\"*\"] }\n",
+            std::path::Path::new("rules.yaml"),
+        )
+        .expect("rules");
+        let plan = crate::router::Plan::new(Arc::new(rules), "old.example", None);
+        assert_eq!(
+            plan.rule_for_host("mx.old.example", &entry.classes()).name,
+            "old-servers"
+        );
+        assert_eq!(plan.rule_for_host("mx.old.example", &[]).name, "everyone");
     }
 
     #[test]

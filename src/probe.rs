@@ -18,7 +18,7 @@ use crate::outbound::mx::{MxHost, ServerId, literal_address};
 use crate::outcome::{NoTls, OutcomeClass, TlsOutcome, TlsSession, Verification};
 use crate::policy::mta_sts::{PolicyLookup, PolicyStore, StsPolicy};
 use crate::router::Plan;
-use crate::router::decision::{Known, Published, TlsTerms, decide};
+use crate::router::decision::{HostDecision, Known, Published, TlsTerms, decide};
 use crate::router::explain::{Question, assumed_entry, explain};
 use crate::rules::{MinTls, RuleSet, VerifyMode};
 
@@ -107,6 +107,19 @@ pub struct ServerReport {
     /// What a delivery through this server does now, given what was found here.
     #[serde(default)]
     pub decision: Option<String>,
+    /// When rustls could not talk to the server and the decision is the legacy stack:
+    /// what that stack negotiated, or why it failed.
+    #[serde(default)]
+    pub legacy: Option<LegacyReport>,
+}
+
+#[derive(Debug, Serialize, serde::Deserialize)]
+pub struct LegacyReport {
+    /// What rustls found first: the class and its detail.
+    pub rustls: String,
+    pub version: Option<String>,
+    pub cipher: Option<String>,
+    pub error: Option<String>,
 }
 
 #[derive(Debug, Serialize, serde::Deserialize)]
@@ -219,14 +232,14 @@ fn decision_for(
     classes: &[OutcomeClass],
     outcome: Option<&TlsOutcome>,
     published: Published,
-) -> Option<String> {
+) -> Option<HostDecision> {
     let plan = Plan::new(rules.clone(), target.domain.as_deref()?, None);
     let rule = plan.rule_for_host(host, classes);
     let found = Known::Found {
         outcome: outcome?,
         downgrade: false,
     };
-    Some(decide(rule, found, published).to_string())
+    Some(decide(rule, found, published))
 }
 
 async fn probe_host(
@@ -253,6 +266,24 @@ async fn probe_host(
     for ip in report.addresses.clone() {
         let id = ServerId::new(&host.name, ip);
         let server = probe_server(outbound, &id, port, target.no_tls).await;
+        let mut server = server;
+        let published = crate::outbound::delivery::published(policy, &id.name);
+        // Where delivery would turn to the legacy stack, so does the probe, and what that
+        // stack found replaces what rustls found.
+        if !target.no_tls {
+            let classes = server.outcome.as_ref().and_then(TlsOutcome::class);
+            let decision = decision_for(
+                rules,
+                target,
+                &id.name,
+                classes.as_slice(),
+                server.outcome.as_ref(),
+                published,
+            );
+            if matches!(decision, Some(HostDecision::LegacyTls)) {
+                server = probe_legacy(outbound, &id, port, server).await;
+            }
+        }
         let observation = server.class.and_then(|class| match class {
             OutcomeClass::ConnectFailed | OutcomeClass::Timeout => Some(Observation::unreachable(
                 class,
@@ -267,7 +298,6 @@ async fn probe_host(
         let outcome = server.outcome.clone();
         let mut server = server.report;
         (server.rule, server.plan) = explain_for(rules, target, Some(&id.name), &classes).unzip();
-        let published = crate::outbound::delivery::published(policy, &id.name);
         server.decision = decision_for(
             rules,
             target,
@@ -275,7 +305,8 @@ async fn probe_host(
             &classes,
             outcome.as_ref(),
             published,
-        );
+        )
+        .map(|d| d.to_string());
         if record && let Some(observation) = observation {
             let domain = target.domain.as_deref().unwrap_or("");
             outbound.cache.record(&id.name, ip, domain, observation);
@@ -396,6 +427,95 @@ async fn probe_server(outbound: &Outbound, server: &ServerId, port: u16, no_tls:
             }
         }
     }
+}
+
+/// The legacy stack on a new connection, as delivery uses it: greeting, EHLO, STARTTLS,
+/// the OpenSSL handshake.
+#[cfg(feature = "legacy-tls")]
+async fn probe_legacy(
+    outbound: &Outbound,
+    server: &ServerId,
+    port: u16,
+    mut probed: Probed,
+) -> Probed {
+    let t = &outbound.timeouts;
+    let rustls = rustls_finding(&probed.report);
+    let attempt = async {
+        let addr = SocketAddr::new(server.addr, port);
+        let mut conn = Connection::connect(&server.name, addr, t.connect)
+            .await
+            .map_err(|e| NoTls::LegacyFailed(e.to_string()))?;
+        outbound
+            .read_greeting(&mut conn)
+            .await
+            .map_err(NoTls::LegacyFailed)?;
+        outbound
+            .ehlo(&mut conn)
+            .await
+            .map_err(NoTls::LegacyFailed)?;
+        match conn
+            .starttls_legacy(&outbound.tls, t.command, t.tls_handshake)
+            .await
+        {
+            Ok((conn, session)) => {
+                tokio::spawn(conn.quit());
+                Ok(session)
+            }
+            Err(StartTlsResult::Refused(conn, reason)) => {
+                tokio::spawn(conn.quit());
+                Err(reason)
+            }
+            Err(StartTlsResult::Encrypted(conn, _)) => {
+                tokio::spawn(conn.quit());
+                Err(NoTls::LegacyFailed("unexpected rustls session".into()))
+            }
+            Err(StartTlsResult::Lost(reason)) => Err(reason),
+            Err(StartTlsResult::Closed(reply)) => Err(NoTls::LegacyFailed(format!(
+                "STARTTLS: {reply} (the server closed the connection)"
+            ))),
+        }
+    };
+    let outcome = match attempt.await {
+        Ok(session) => {
+            probed.report.legacy = Some(LegacyReport {
+                rustls,
+                version: Some(session.version.clone()),
+                cipher: Some(session.cipher.clone()),
+                error: None,
+            });
+            TlsOutcome::Legacy(session)
+        }
+        Err(reason) => {
+            probed.report.legacy = Some(LegacyReport {
+                rustls,
+                version: None,
+                cipher: None,
+                error: Some(reason.to_string()),
+            });
+            TlsOutcome::Plain(reason)
+        }
+    };
+    finish(probed.report, outcome, None)
+}
+
+#[cfg(not(feature = "legacy-tls"))]
+async fn probe_legacy(_: &Outbound, _: &ServerId, _: u16, mut probed: Probed) -> Probed {
+    probed.report.legacy = Some(LegacyReport {
+        rustls: rustls_finding(&probed.report),
+        version: None,
+        cipher: None,
+        error: Some("this build has no legacy TLS stack".into()),
+    });
+    probed
+}
+
+/// `legacy-tls (TLS handshake failed: ... ProtocolVersion)`.
+fn rustls_finding(report: &ServerReport) -> String {
+    format!(
+        "{} ({})",
+        report.class.map_or("?", OutcomeClass::name),
+        report.detail.as_deref().unwrap_or("")
+    )
 }
 
 fn finish(mut report: ServerReport, outcome: TlsOutcome, conn: Option<Connection>) -> Probed {
@@ -539,6 +659,24 @@ fn render_server(out: &mut String, s: &ServerReport) {
                 "              valid {} to {} ({} days left)",
                 cert.not_before, cert.not_after, cert.days_left
             );
+        }
+    }
+    if let Some(legacy) = &s.legacy {
+        let _ = writeln!(out, "    rustls:   {}", legacy.rustls);
+        match (&legacy.version, &legacy.cipher, &legacy.error) {
+            (Some(version), Some(cipher), _) => {
+                let _ = writeln!(
+                    out,
+                    "    legacy:   {version} {cipher} (second TLS stack; not authenticated)"
+                );
+            }
+            (_, _, error) => {
+                let _ = writeln!(
+                    out,
+                    "    legacy:   failed: {}",
+                    error.as_deref().unwrap_or("?")
+                );
+            }
         }
     }
     if let Some(class) = s.class {

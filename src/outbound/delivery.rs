@@ -571,7 +571,7 @@ impl Outbound {
             outcome: &outcome,
             downgrade,
         };
-        let decision = decide(attempt.rule, found, Published::Nothing);
+        let decision = decide(attempt.rule, found, attempt.published);
         if fact {
             self.remember(attempt, &outcome, &decision);
         }

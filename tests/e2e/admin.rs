@@ -689,6 +689,46 @@ async fn probe_names_each_certificate_problem() {
     }
 }
 
+#[cfg(feature = "legacy-tls")]
+#[tokio::test]
+async fn probe_turns_to_the_legacy_stack_where_delivery_would_and_shows_what_it_negotiated() {
+    let ca = TestCa::new();
+    let behaviour = ServerBehaviour {
+        starttls: StartTls::Tls10Only(ca.leaf(&["mx.example.test"], Validity::Current)),
+        ..ServerBehaviour::default()
+    };
+    let s = probe_one(&ca, behaviour).await;
+    // What rustls found first stays in the report.
+    let legacy = s.legacy.as_ref().expect("the legacy stack was tried");
+    assert!(legacy.rustls.starts_with("legacy-tls ("), "{legacy:?}");
+    assert!(legacy.rustls.contains("ProtocolVersion"), "{legacy:?}");
+    assert_eq!(legacy.version.as_deref(), Some("TLSv1.0"), "{legacy:?}");
+    assert!(
+        legacy.cipher.as_deref().is_some_and(|c| !c.is_empty()),
+        "{legacy:?}"
+    );
+    assert_eq!(s.class, Some(OutcomeClass::TlsLegacy));
+    let decision = s.decision.as_deref().expect("decision");
+    assert!(decision.contains("legacy"), "{decision}");
+    let text = tlsrouter::probe::render(&tlsrouter::probe::ProbeReport {
+        domain: None,
+        dns_error: None,
+        mx: vec![tlsrouter::probe::MxReport {
+            host: "mx.example.test".into(),
+            preference: 10,
+            addresses: Vec::new(),
+            error: None,
+            in_policy: None,
+            servers: vec![s],
+        }],
+        rule: None,
+        plan: None,
+        mta_sts: None,
+    });
+    assert!(text.contains("    legacy:   TLSv1.0 "), "{text}");
+    assert!(text.contains("    rustls:   legacy-tls ("), "{text}");
+}
+
 #[tokio::test]
 async fn probe_classifies_servers_that_give_no_tls() {
     let ca = TestCa::new();
@@ -697,11 +737,6 @@ async fn probe_classifies_servers_that_give_no_tls() {
             StartTls::NotOffered,
             OutcomeClass::NoStarttls,
             "no STARTTLS",
-        ),
-        (
-            StartTls::Tls10Only(ca.leaf(&["mx.example.test"], Validity::Current)),
-            OutcomeClass::LegacyTls,
-            "ProtocolVersion",
         ),
         (
             StartTls::AbortAfter220,
@@ -925,9 +960,12 @@ async fn ctl_probe_runs_from_the_daemon_and_fills_its_cache() {
     let d = daemon(&ca, tls10(&ca), |lab| lab).await;
     let (code, out, err) = ctl(&d.socket, &["probe", "example.test"]).await;
     assert_eq!(code, 0, "{err}");
-    assert!(out.contains("outcome:  legacy-tls"), "{out}");
+    // rustls found a TLS 1.0-only server; the legacy stack then reached it, as delivery
+    // would, and the cache holds what delivery would have learned.
+    assert!(out.contains("rustls:   legacy-tls ("), "{out}");
+    assert!(out.contains("outcome:  tls-legacy"), "{out}");
     let shown = ctl_json(&d.socket, &["cache", "show", "mx.example.test"]).await;
-    assert_eq!(shown["entries"][0]["class"], "legacy-tls");
+    assert_eq!(shown["entries"][0]["class"], "tls-legacy");
     assert_eq!(d.server.messages().len(), 0, "a probe sends no message");
 
     let (code, out, _) = ctl(&d.socket, &["--json", "probe"]).await;
