@@ -243,7 +243,7 @@ async fn a_tls_1_0_only_host_is_explained_and_sent_over_the_legacy_stack() {
     learn(&lab, 250).await;
     let (action, text) = daemon_explains(&lab).await;
     assert!(
-        text.contains("with cached: tls-legacy: legacy TLS"),
+        text.contains("with cached: tls-legacy + legacy-tls: legacy TLS"),
         "{text}"
     );
     assert_eq!(action, "legacy-tls");
