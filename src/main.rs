@@ -586,6 +586,13 @@ async fn serve(config: Config) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
+    let extra = match bind_more_listeners(&proxy.config.listeners).await {
+        Ok(extra) => extra,
+        Err(e) => {
+            eprintln!("tlsrouter: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
     // Reloading is ready before the daemon says it listens: a SIGHUP or an edit made
     // after that line is not lost.
     tokio::spawn(
@@ -598,16 +605,69 @@ async fn serve(config: Config) -> ExitCode {
     // cleanly instead of killing it.
     let signals = Termination::new();
     let bound = listener.local_addr().map_or(listen, |a| a);
+    let own: std::sync::Arc<[std::net::SocketAddr]> = std::iter::once(bound)
+        .chain(extra.iter().map(|(_, addr, _)| *addr))
+        .collect();
+    // The first signal stops every listener.
+    let (stop, stopped) = tokio::sync::watch::channel(false);
+    let mut more_listeners = Vec::new();
+    for (extra_listener, addr, mode) in extra {
+        use tlsrouter::config::ListenerMode;
+        use tlsrouter::inbound::listener::Accepting;
+        let accepting = match mode {
+            ListenerMode::SmartHost => Accepting::SmartHost,
+            ListenerMode::Transparent => Accepting::Transparent { own: own.clone() },
+        };
+        tracing::info!(listen = %addr, mode = ?mode, "listener ready");
+        let mut stopped = stopped.clone();
+        more_listeners.push(tokio::spawn(tlsrouter::inbound::listener::serve(
+            extra_listener,
+            proxy.clone(),
+            accepting,
+            async move {
+                let _ = stopped.wait_for(|stop| *stop).await;
+            },
+        )));
+    }
     tracing::info!(listen = %bound, "tlsrouter listening");
     notify_systemd_ready(bound);
     tokio::spawn(proxy.clone().save_cache_periodically());
     tokio::spawn(proxy.tls_reports.clone().send_daily());
     tokio::spawn(proxy.policies.clone().refresh_periodically());
-    tlsrouter::inbound::listener::run(listener, proxy.clone(), shutdown_signal(signals)).await;
+    let shutdown = async move {
+        shutdown_signal(signals).await;
+        let _ = stop.send(true);
+    };
+    tlsrouter::inbound::listener::run(listener, proxy.clone(), shutdown).await;
+    for task in more_listeners {
+        let _ = task.await;
+    }
     proxy.save_cache();
     proxy.remove_admin_socket();
     tracing::info!("tlsrouter stopped");
     ExitCode::SUCCESS
+}
+
+/// Binds `listeners:`, each with the address it got and its mode.
+async fn bind_more_listeners(
+    listeners: &[tlsrouter::config::ListenerConfig],
+) -> Result<
+    Vec<(
+        tokio::net::TcpListener,
+        std::net::SocketAddr,
+        tlsrouter::config::ListenerMode,
+    )>,
+    String,
+> {
+    let mut bound = Vec::new();
+    for config in listeners {
+        let listener = tokio::net::TcpListener::bind(config.listen)
+            .await
+            .map_err(|e| format!("cannot listen on {}: {e}", config.listen))?;
+        let addr = listener.local_addr().map_or(config.listen, |a| a);
+        bound.push((listener, addr, config.mode));
+    }
+    Ok(bound)
 }
 
 /// Many receivers refuse an EHLO name without a domain: say so, and what to set.

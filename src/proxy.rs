@@ -86,6 +86,7 @@ impl Proxy {
             cache,
             stats: stats.clone(),
             tls_reports: tls_reports.clone(),
+            socket_mark: config.delivery.socket_mark,
         };
         Ok(Arc::new(Proxy {
             config,

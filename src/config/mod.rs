@@ -36,6 +36,8 @@ pub struct Config {
     pub admin: AdminConfig,
     pub metrics: MetricsConfig,
     pub log: LogConfig,
+    /// More listeners beside `listen` (which is always a smart-host listener).
+    pub listeners: Vec<ListenerConfig>,
 }
 
 impl Default for Config {
@@ -59,6 +61,7 @@ impl Default for Config {
             admin: AdminConfig::default(),
             metrics: MetricsConfig::default(),
             log: LogConfig::default(),
+            listeners: Vec::new(),
         }
     }
 }
@@ -90,6 +93,27 @@ impl Default for Limits {
             text_line: 1000,
         }
     }
+}
+
+/// One entry of `listeners:`.
+#[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ListenerConfig {
+    pub listen: SocketAddr,
+    #[serde(default)]
+    pub mode: ListenerMode,
+}
+
+/// Where a listener's next hop comes from.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum ListenerMode {
+    /// The MTA relays to us; the recipient domain's MX (or the rule's route) is the next hop.
+    #[default]
+    SmartHost,
+    /// The MTA's connections to port 25 are redirected to us (nftables/iptables); the
+    /// address it was connecting to is the next hop.
+    Transparent,
 }
 
 /// Where `tlsrouter ctl` finds the daemon unless told otherwise.
@@ -326,6 +350,19 @@ mod tests {
 
     fn parse(text: &str) -> Result<Config, ConfigError> {
         Config::parse(text, Path::new("t.yaml"))
+    }
+
+    #[test]
+    fn a_transparent_listener_runs_beside_the_smart_host_listener() {
+        let config = parse(
+            "listeners:\n  - { listen: 127.0.0.1:10026, mode: transparent }\n  - listen: 127.0.0.1:2525\n",
+        )
+        .unwrap();
+        assert_eq!(config.listen, "127.0.0.1:10025".parse().unwrap());
+        assert_eq!(config.listeners[0].mode, ListenerMode::Transparent);
+        assert_eq!(config.listeners[1].mode, ListenerMode::SmartHost);
+        let err = parse("listeners:\n  - { listen: 127.0.0.1:1, mode: tproxy }\n").unwrap_err();
+        assert!(err.to_string().contains("tproxy"), "{err}");
     }
 
     #[test]

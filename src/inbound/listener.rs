@@ -2,7 +2,7 @@
 
 use std::collections::HashMap;
 use std::future::Future;
-use std::net::IpAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -11,13 +11,34 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Semaphore;
 
 use crate::inbound::session::Session;
+use crate::inbound::transparent;
 use crate::proxy::Proxy;
 use crate::sessions::Drain;
 use crate::smtp::Reply;
 
+/// Where a listener's sessions send their mail.
+#[derive(Clone, Debug)]
+pub enum Accepting {
+    /// To the recipient domain's MX hosts, or the rule's route.
+    SmartHost,
+    /// To the connection's original destination; `own` are the addresses all our listeners
+    /// are bound to, which as original destination would be a loop.
+    Transparent { own: Arc<[SocketAddr]> },
+}
+
 /// Serves SMTP on an already-bound listener until `shutdown` completes, then drains: the
 /// transactions in flight may finish within `timeouts.shutdown_drain`, the rest get 421.
 pub async fn run(listener: TcpListener, proxy: Arc<Proxy>, shutdown: impl Future<Output = ()>) {
+    serve(listener, proxy, Accepting::SmartHost, shutdown).await;
+}
+
+/// As [`run`], for a listener of either mode.
+pub async fn serve(
+    listener: TcpListener,
+    proxy: Arc<Proxy>,
+    accepting: Accepting,
+    shutdown: impl Future<Output = ()>,
+) {
     // The semaphore's own bound, and one drain can take back at once.
     let max = (proxy.config.limits.max_sessions)
         .min(Semaphore::MAX_PERMITS)
@@ -76,8 +97,14 @@ pub async fn run(listener: TcpListener, proxy: Arc<Proxy>, shutdown: impl Future
         let proxy = proxy.clone();
         proxy.stats.sessions.inc();
         proxy.stats.active_sessions.inc();
+        let accepting = accepting.clone();
         tokio::spawn(async move {
-            Session::new(proxy.clone(), stream, client).run().await;
+            match accepting {
+                Accepting::SmartHost => Session::new(proxy.clone(), stream, client).run().await,
+                Accepting::Transparent { own } => {
+                    run_redirected(proxy.clone(), stream, client, &own).await;
+                }
+            }
             proxy.stats.active_sessions.dec();
             drop((permit, slot));
         });
@@ -143,6 +170,39 @@ impl Drop for ClientSlot {
             }
         }
     }
+}
+
+/// A session of a transparent listener, or a 451 when the connection has no usable
+/// original destination: not redirected at all, or redirected to one of our own listeners
+/// (our own delivery came back to us: the socket mark or owner match is missing).
+async fn run_redirected(
+    proxy: Arc<Proxy>,
+    stream: TcpStream,
+    client: SocketAddr,
+    own: &[SocketAddr],
+) {
+    let destination = match transparent::original_destination(&stream) {
+        Ok(destination) => destination,
+        Err(e) => {
+            tracing::warn!(client = %client, "connection refused on the transparent listener: {e}");
+            let reply = Reply::new(451, "4.3.0", format!("no original destination: {e}"));
+            return refuse(stream, reply).await;
+        }
+    };
+    if transparent::is_own_listener(destination, own) {
+        tracing::error!(client = %client, destination = %destination, "connection refused: its original destination is one of tlsrouter's own listeners, a loop (does the redirect let tlsrouter's own connections pass, by socket mark or owner?)");
+        let reply = Reply::new(
+            451,
+            "4.4.6",
+            format!("mail loop: {destination} is this tlsrouter's own listener"),
+        );
+        return refuse(stream, reply).await;
+    }
+    tracing::debug!(client = %client, destination = %destination, "redirected connection");
+    Session::new(proxy, stream, client)
+        .redirected_to(destination)
+        .run()
+        .await;
 }
 
 async fn refuse(mut stream: TcpStream, reply: Reply) {

@@ -1,4 +1,6 @@
-//! The side toward the MTA: accepting connections and running each SMTP session.
+//! The side toward the MTA: accepting connections (smart-host and transparent listeners)
+//! and running each SMTP session.
 
 pub mod listener;
 pub mod session;
+pub mod transparent;

@@ -32,6 +32,8 @@ pub struct Session {
     client: SocketAddr,
     line: Vec<u8>,
     stage: Stage,
+    /// Where the MTA was connecting when it was redirected to us (transparent mode).
+    original_destination: Option<SocketAddr>,
 }
 
 enum Stage {
@@ -171,6 +173,23 @@ impl Session {
             client,
             line: Vec::with_capacity(512),
             stage: Stage::Greeted,
+            original_destination: None,
+        }
+    }
+
+    /// A session of a transparent listener: every transaction goes to `destination`.
+    pub fn redirected_to(mut self, destination: SocketAddr) -> Session {
+        self.original_destination = Some(destination);
+        self
+    }
+
+    /// The next hop for `domain`: the original destination in transparent mode, else
+    /// what the plan and DNS say.
+    async fn next_hop(&self, plan: &Plan, domain: &str) -> Result<NextHop, Reply> {
+        let outbound = &self.proxy.outbound;
+        match self.original_destination {
+            Some(addr) => Ok(outbound.original_destination_hop(plan, domain, addr).await),
+            None => outbound.next_hop(plan, domain).await.map_err(|e| e.reply()),
         }
     }
 
@@ -389,11 +408,13 @@ impl Session {
             if route.domain == domain && route.plan == plan {
                 return Ok(());
             }
-            let hop = proxy
-                .outbound
-                .next_hop(&plan, domain)
-                .await
-                .map_err(|e| e.reply())?;
+            let hop = self.next_hop(&plan, domain).await?;
+            let Stage::Mail(tx) = &self.stage else {
+                return Err(Reply::new(503, "5.5.1", "MAIL first"));
+            };
+            let Remote::Open(route) = &tx.remote else {
+                return Err(Reply::new(503, "5.5.1", "MAIL first"));
+            };
             if RouteKey::new(&plan, &hop) == route.key {
                 return Ok(());
             }
@@ -406,11 +427,10 @@ impl Session {
                 ),
             ));
         }
-        let hop = proxy
-            .outbound
-            .next_hop(&plan, domain)
-            .await
-            .map_err(|e| e.reply())?;
+        let hop = self.next_hop(&plan, domain).await?;
+        let Stage::Mail(tx) = &self.stage else {
+            return Err(Reply::new(503, "5.5.1", "MAIL first"));
+        };
         let mail_from = format!(
             "MAIL FROM:<{}>",
             tx.sender
@@ -420,9 +440,9 @@ impl Session {
         );
         let params = tx.params.clone();
         // What the domain publishes binds its MX hosts only, never a smarthost route.
-        let policy = match hop {
-            NextHop::Mx(_) => proxy.policies.policy_for(domain).await,
-            NextHop::Smarthost(_) => PolicyLookup::NotPublished,
+        let policy = match hop.is_domain_delivery() {
+            true => proxy.policies.policy_for(domain).await,
+            false => PolicyLookup::NotPublished,
         };
         let Stage::Mail(tx) = &mut self.stage else {
             return Err(Reply::new(503, "5.5.1", "MAIL first"));

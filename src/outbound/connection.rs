@@ -94,6 +94,36 @@ impl Connection {
         })
     }
 
+    /// As [`Connection::connect`], from a socket marked with `mark` (`SO_MARK`) if given.
+    pub async fn connect_marked(
+        host: &str,
+        peer: SocketAddr,
+        timeout: Duration,
+        mark: Option<u32>,
+    ) -> Result<Connection, ExchangeError> {
+        let Some(mark) = mark else {
+            return Connection::connect(host, peer, timeout).await;
+        };
+        let connecting = crate::outbound::socket_mark::connect_marked(peer, mark);
+        let tcp = match tokio::time::timeout(timeout, connecting).await {
+            Ok(result) => result?,
+            Err(_) => {
+                return Err(ExchangeError::Timeout(
+                    timeout.as_secs(),
+                    "the TCP connection",
+                ));
+            }
+        };
+        let _ = tcp.set_nodelay(true);
+        Ok(Connection {
+            io: BufReader::with_capacity(16 * 1024, Transport::Plain(tcp)),
+            peer,
+            host: host.to_string(),
+            line: Vec::with_capacity(512),
+            closed_by_remote: false,
+        })
+    }
+
     pub fn is_tls(&self) -> bool {
         !matches!(self.io.get_ref(), Transport::Plain(_))
     }

@@ -39,6 +39,9 @@ pub struct DeliveryConfig {
     pub port: u16,
     /// What to do with a bare CR or LF in a message body.
     pub bare_line_endings: BareLineEndings,
+    /// `SO_MARK` on every outbound connection, so that a transparent redirect can let
+    /// ours pass (needs `CAP_NET_ADMIN`).
+    pub socket_mark: Option<u32>,
 }
 
 impl Default for DeliveryConfig {
@@ -46,6 +49,7 @@ impl Default for DeliveryConfig {
         DeliveryConfig {
             port: 25,
             bare_line_endings: BareLineEndings::Normalize,
+            socket_mark: None,
         }
     }
 }
@@ -63,6 +67,8 @@ pub struct Outbound {
     pub stats: Arc<Stats>,
     /// What TLS-RPT reports count: every attempt to a domain with an MTA-STS policy.
     pub tls_reports: Arc<TlsReports>,
+    /// `delivery.socket_mark`.
+    pub socket_mark: Option<u32>,
 }
 
 /// Where a transaction goes.
@@ -71,6 +77,12 @@ pub enum NextHop {
     /// The recipient domain's mail exchangers, best first.
     Mx(Vec<MxHost>),
     Smarthost(HostPort),
+    /// The address a redirected MTA connection was going to (transparent mode), with the
+    /// recipient domain's MX name that has this address, if one has.
+    OriginalDestination {
+        addr: SocketAddr,
+        mx: Option<String>,
+    },
 }
 
 impl NextHop {
@@ -83,7 +95,13 @@ impl NextHop {
                 names
             }
             NextHop::Smarthost(server) => vec![server.to_string()],
+            NextHop::OriginalDestination { addr, .. } => vec![addr.to_string()],
         }
+    }
+
+    /// Whether the recipient domain's published policy binds this hop (not a smart host's).
+    pub fn is_domain_delivery(&self) -> bool {
+        !matches!(self, NextHop::Smarthost(_))
     }
 }
 
@@ -226,6 +244,52 @@ impl Outbound {
         self.resolver.mail_exchangers(domain).await.map(NextHop::Mx)
     }
 
+    /// Where a transaction for `domain` goes when the MTA was connecting to `addr` and was
+    /// redirected to us. A rule's smart-host route still wins; otherwise the next hop is
+    /// `addr`, named by the MX of `domain` that has this address, so that the certificate
+    /// and the domain's policy are checked against that name.
+    pub async fn original_destination_hop(
+        &self,
+        plan: &Plan,
+        domain: &str,
+        addr: SocketAddr,
+    ) -> NextHop {
+        if let Route::Smarthost { server, .. } = plan.route() {
+            return NextHop::Smarthost(server.clone());
+        }
+        let mx = match self.resolver.mail_exchangers(domain).await {
+            Ok(hosts) => self.mx_with_address(&hosts, addr.ip()).await,
+            Err(e) => {
+                tracing::info!(
+                    domain,
+                    "no MX set to name the original destination {addr}: {e}"
+                );
+                None
+            }
+        };
+        if mx.is_none() {
+            tracing::warn!(
+                domain,
+                "the original destination {addr} is no MX host of {domain}: its certificate cannot be verified for an MX name (tls-unverified at best)"
+            );
+        }
+        NextHop::OriginalDestination { addr, mx }
+    }
+
+    /// The first of `hosts` (best first) that has the address `ip`.
+    async fn mx_with_address(&self, hosts: &[MxHost], ip: std::net::IpAddr) -> Option<String> {
+        for host in hosts {
+            if self
+                .addresses(&host.name)
+                .await
+                .is_ok_and(|a| a.contains(&ip))
+            {
+                return Some(host.name.clone());
+            }
+        }
+        None
+    }
+
     /// Opens a remote transaction: the first server and address that accepts MAIL FROM
     /// wins. `policy` is what the domain publishes (MTA-STS); it does not bind a smarthost
     /// route (RFC 8461 3.4). `mail_from` writes the command for the capabilities the remote
@@ -238,7 +302,7 @@ impl Outbound {
         policy: &PolicyLookup,
         mail_from: impl Fn(&Capabilities) -> Result<String, MissingExtension> + Sync,
     ) -> Result<Upstream, OpenError> {
-        if let (NextHop::Mx(_), PolicyLookup::Unavailable(error)) = (hop, policy) {
+        if let (true, PolicyLookup::Unavailable(error)) = (hop.is_domain_delivery(), policy) {
             // Delivered as if there were none (RFC 8461 5.1), and reported.
             let result = SessionResult::from_policy_error(error);
             (self.tls_reports).record(
@@ -248,13 +312,17 @@ impl Outbound {
                 &SessionSite::default(),
             );
         }
-        let policy = match hop {
-            NextHop::Mx(_) => policy.policy().map(AsRef::as_ref),
-            NextHop::Smarthost(_) => None,
+        let policy = match hop.is_domain_delivery() {
+            true => policy.policy().map(AsRef::as_ref),
+            false => None,
         };
         let servers: Vec<(String, u16)> = match hop {
             NextHop::Mx(hosts) => hosts.iter().map(|h| (h.name.clone(), self.port)).collect(),
             NextHop::Smarthost(server) => vec![(server.host.clone(), server.port)],
+            NextHop::OriginalDestination { addr, mx } => {
+                let name = mx.clone().unwrap_or_else(|| addr.ip().to_string());
+                vec![(name, addr.port())]
+            }
         };
         let mut failures = Vec::new();
         let mut tls_failures = Vec::new();
@@ -262,7 +330,12 @@ impl Outbound {
         let (mut unsupported, mut unsupported_count) = (None, 0);
         let mut tls_rule = plan.base_rule().name.clone();
         for (host, port) in servers {
-            let addrs = match self.addresses(&host).await {
+            let addrs = match hop {
+                // Only the address the MTA chose, not the name's other addresses.
+                NextHop::OriginalDestination { addr, .. } => Ok(vec![addr.ip()]),
+                _ => self.addresses(&host).await,
+            };
+            let addrs = match addrs {
                 Ok(addrs) => addrs,
                 Err(e) => {
                     failures.push(format!("{host}: {e}"));
@@ -732,7 +805,7 @@ impl Outbound {
     }
 
     async fn connect(&self, server: &ServerId, addr: SocketAddr) -> Result<Connection, Failure> {
-        Connection::connect(&server.name, addr, self.timeouts.connect)
+        Connection::connect_marked(&server.name, addr, self.timeouts.connect, self.socket_mark)
             .await
             .map_err(|e| unreachable(&e))
     }

@@ -23,3 +23,4 @@ mod postfix;
 mod rules;
 mod systemd;
 mod tls_outcomes;
+mod transparent;

@@ -38,7 +38,15 @@ const SENDER: &str = "alice@sender.test";
 
 /// The instance's own main.cf lines: its directories, its name, and no way off loopback.
 /// The documented snippet follows them unchanged but for the port.
-fn instance_main_cf(dir: &Path) -> String {
+pub(crate) fn instance_main_cf(dir: &Path) -> String {
+    format!(
+        "{}smtp_dns_support_level = disabled\n",
+        instance_directories_cf(dir)
+    )
+}
+
+/// Its directories and name, listening on loopback only, IPv4: what every instance has.
+pub(crate) fn instance_directories_cf(dir: &Path) -> String {
     let d = dir.display();
     format!(
         "compatibility_level = 3.6\n\
@@ -51,14 +59,13 @@ fn instance_main_cf(dir: &Path) -> String {
          alias_maps =\n\
          alias_database =\n\
          inet_interfaces = loopback-only\n\
-         inet_protocols = ipv4\n\
-         smtp_dns_support_level = disabled\n"
+         inet_protocols = ipv4\n"
     )
 }
 
 /// Postfix's own services, none of them listening on the network and none chrooted (the
 /// queue is in a temporary directory). The documented transport follows.
-const INSTANCE_MASTER_CF: &str = "\
+pub(crate) const INSTANCE_MASTER_CF: &str = "\
 pickup    unix  n       -       n       60      1       pickup
 cleanup   unix  n       -       n       -       0       cleanup
 qmgr      unix  n       -       n       300     1       qmgr
@@ -81,7 +88,7 @@ postlog   unix-dgram n  -       n       -       1       postlogd
 
 /// A Postfix instance of our own. Dropping it stops Postfix and removes its directories,
 /// whether the test passed or not.
-struct Postfix {
+pub(crate) struct Postfix {
     dir: tempfile::TempDir,
 }
 
@@ -107,6 +114,29 @@ fn output(command: &mut Command, what: &str) -> Output {
 impl Postfix {
     /// Configures and starts an instance relaying to tlsrouter at `relay`.
     fn start(relay: SocketAddr) -> Postfix {
+        let documented = format!("[127.0.0.1]:{}", relay.port());
+        assert_eq!(
+            MAIN_CF.matches(DOCUMENTED_RELAYHOST).count(),
+            1,
+            "examples/postfix/main.cf should name {DOCUMENTED_RELAYHOST} once"
+        );
+        let main_cf = |root: &Path| {
+            format!(
+                "{}{}",
+                instance_main_cf(root),
+                MAIN_CF.replace(DOCUMENTED_RELAYHOST, &documented)
+            )
+        };
+        Postfix::start_with(&main_cf, &format!("{INSTANCE_MASTER_CF}{MASTER_CF}"), None)
+    }
+
+    /// Configures and starts an instance with the main.cf `main_cf` writes for the
+    /// instance's directory, and `master_cf`; inside the network namespace `netns` if given.
+    pub(crate) fn start_with(
+        main_cf: &dyn Fn(&Path) -> String,
+        master_cf: &str,
+        netns: Option<&str>,
+    ) -> Postfix {
         let dir = tempfile::tempdir().expect("temporary directory");
         let root = dir.path();
         // Postfix's unprivileged daemons must reach their files below it.
@@ -123,25 +153,21 @@ impl Postfix {
              are the tests run as root?): {}",
             String::from_utf8_lossy(&chowned.stderr)
         );
-        let documented = format!("[127.0.0.1]:{}", relay.port());
-        assert_eq!(
-            MAIN_CF.matches(DOCUMENTED_RELAYHOST).count(),
-            1,
-            "examples/postfix/main.cf should name {DOCUMENTED_RELAYHOST} once"
-        );
-        let main_cf = format!(
-            "{}{}",
-            instance_main_cf(root),
-            MAIN_CF.replace(DOCUMENTED_RELAYHOST, &documented)
-        );
-        std::fs::write(root.join("etc/main.cf"), main_cf).expect("write main.cf");
-        std::fs::write(
-            root.join("etc/master.cf"),
-            format!("{INSTANCE_MASTER_CF}{MASTER_CF}"),
-        )
-        .expect("write master.cf");
+        std::fs::write(root.join("etc/main.cf"), main_cf(root)).expect("write main.cf");
+        std::fs::write(root.join("etc/master.cf"), master_cf).expect("write master.cf");
         let postfix = Postfix { dir };
-        let started = output(postfix.command("postfix").arg("start"), "postfix start");
+        let mut start = match netns {
+            // The master and every daemon it starts run inside.
+            Some(netns) => {
+                let mut command = Command::new("ip");
+                command.args(["netns", "exec", netns]);
+                command.arg(postfix_command("postfix").get_program());
+                command.arg("-c").arg(postfix.config_dir());
+                command
+            }
+            None => postfix.command("postfix"),
+        };
+        let started = output(start.arg("start"), "postfix start");
         assert!(
             started.status.success(),
             "Postfix did not start (the tests must run as root): {}{}\n{}",
@@ -165,13 +191,13 @@ impl Postfix {
     }
 
     /// What the instance logged so far (its own maillog file).
-    fn maillog(&self) -> String {
+    pub(crate) fn maillog(&self) -> String {
         let log = std::fs::read_to_string(self.dir.path().join("maillog")).unwrap_or_default();
         format!("--- Postfix's maillog ---\n{log}")
     }
 
     /// Injects a message with Postfix's `sendmail`, as an application on the host would.
-    async fn sendmail(&self, from: &str, to: &[&str], message: &str) {
+    pub(crate) async fn sendmail(&self, from: &str, to: &[&str], message: &str) {
         let mut command = self.command("sendmail");
         command.arg("-f").arg(from).arg("--").args(to);
         let message = message.to_string();
@@ -201,7 +227,7 @@ impl Postfix {
     }
 
     /// The queue as `postqueue -j` shows it: one JSON object per message.
-    async fn queue(&self) -> Vec<Value> {
+    pub(crate) async fn queue(&self) -> Vec<Value> {
         let mut command = self.command("postqueue");
         command.arg("-j");
         let out = tokio::task::spawn_blocking(move || command.output())
@@ -220,7 +246,7 @@ impl Postfix {
     }
 
     /// Waits until the queue holds a deferred message, and returns it.
-    async fn deferred_message(&self) -> Value {
+    pub(crate) async fn deferred_message(&self) -> Value {
         let deadline = Instant::now() + WAIT;
         loop {
             let queue = self.queue().await;
@@ -237,7 +263,7 @@ impl Postfix {
     }
 
     /// Waits until the queue is empty: every message delivered or bounced.
-    async fn wait_for_empty_queue(&self) {
+    pub(crate) async fn wait_for_empty_queue(&self) {
         let deadline = Instant::now() + WAIT;
         loop {
             let queue = self.queue().await;
@@ -254,7 +280,7 @@ impl Postfix {
     }
 
     /// Asks Postfix to try a deferred message again now (`postqueue -i ID`).
-    async fn retry_now(&self, queue_id: &str) {
+    pub(crate) async fn retry_now(&self, queue_id: &str) {
         let mut command = self.command("postqueue");
         command.arg("-i").arg(queue_id);
         let out = tokio::task::spawn_blocking(move || command.output())

@@ -42,31 +42,49 @@ pub fn replace_file(path: &Path, text: &str) {
     std::fs::rename(&aside, path).expect("rename into place");
 }
 
+/// Writes `config` with the listening address, admin socket and log format every test
+/// daemon has; gives the file and the admin socket.
+fn write_config(dir: &Path, config: &str) -> (PathBuf, PathBuf) {
+    let admin_socket = dir.join("admin.sock");
+    let path = dir.join("tlsrouter.yaml");
+    // The file says text and the command line json: the command line wins, and every
+    // daemon test reads JSON.
+    let log = if config.lines().any(|l| l.starts_with("log:")) {
+        ""
+    } else {
+        "log: { format: text }\n"
+    };
+    let full = format!(
+        "{config}listen: 127.0.0.1:0\nadmin: {{ socket: \"{}\" }}\n{log}",
+        admin_socket.display()
+    );
+    std::fs::write(&path, full).expect("write config");
+    (path, admin_socket)
+}
+
 impl Daemon {
     /// Starts `tlsrouter run` in `dir` with `config` (YAML; listening address, admin socket
     /// and log format are added here; a `log:` line of its own, for a level, replaces the
     /// added one) and `env` added to its environment. Returns once the daemon says it
     /// listens.
     pub async fn start(dir: &Path, config: &str, env: &[(&str, &str)]) -> Daemon {
-        let admin_socket = dir.join("admin.sock");
-        let path = dir.join("tlsrouter.yaml");
-        // The file says text and the command line json: the command line wins, and every
-        // daemon test reads JSON.
-        let log = if config.lines().any(|l| l.starts_with("log:")) {
-            ""
-        } else {
-            "log: { format: text }\n"
-        };
-        let full = format!(
-            "{config}listen: 127.0.0.1:0\nadmin: {{ socket: \"{}\" }}\n{log}",
-            admin_socket.display()
-        );
-        std::fs::write(&path, full).expect("write config");
+        let (path, admin_socket) = write_config(dir, config);
         let env: Vec<(String, String)> = env
             .iter()
             .map(|(k, v)| (k.to_string(), v.to_string()))
             .collect();
         Daemon::spawn(&path, &admin_socket, &env).await
+    }
+
+    /// As [`Daemon::start`], the daemon running in the network namespace `netns`
+    /// (`ip netns exec`, which runs the binary in place of itself).
+    pub async fn start_in_netns(netns: &str, dir: &Path, config: &str) -> Daemon {
+        let (path, admin_socket) = write_config(dir, config);
+        let mut command = Command::new("ip");
+        command
+            .args(["netns", "exec", netns])
+            .arg(env!("CARGO_BIN_EXE_tlsrouter"));
+        Daemon::spawn_command(command, &path, &admin_socket, &[]).await
     }
 
     /// Runs `tlsrouter run --config CONFIG_FILE --log-format json` (the file names
@@ -77,7 +95,17 @@ impl Daemon {
         admin_socket: &Path,
         env: &[(String, String)],
     ) -> Daemon {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_tlsrouter"))
+        let command = Command::new(env!("CARGO_BIN_EXE_tlsrouter"));
+        Daemon::spawn_command(command, config_file, admin_socket, env).await
+    }
+
+    async fn spawn_command(
+        mut command: Command,
+        config_file: &Path,
+        admin_socket: &Path,
+        env: &[(String, String)],
+    ) -> Daemon {
+        let mut child = command
             .arg("run")
             .arg("--config")
             .arg(config_file)

@@ -124,6 +124,22 @@ impl DnsServer {
         DnsServer { addr, zone, server }
     }
 
+    /// Serves `zone` at `addr` (UDP and TCP), e.g. port 53 for resolvers that take only an
+    /// address (resolv.conf).
+    pub async fn start_at(zone: TestZone, addr: SocketAddr) -> DnsServer {
+        let zone = Arc::new(RwLock::new(zone));
+        let mut server = Server::new(ZoneTable(zone.clone()));
+        let udp = UdpSocket::bind(addr)
+            .await
+            .unwrap_or_else(|e| panic!("bind DNS UDP on {addr}: {e}"));
+        let tcp = TcpListener::bind(addr)
+            .await
+            .unwrap_or_else(|e| panic!("bind DNS TCP on {addr}: {e}"));
+        server.register_socket(udp);
+        server.register_listener(tcp, Duration::from_secs(10), 64);
+        DnsServer { addr, zone, server }
+    }
+
     /// Answers from `zone` from now on.
     pub fn replace_zone(&self, zone: TestZone) {
         *self.zone.write().expect("zone lock") = zone;

@@ -9,6 +9,7 @@
 //! - `smtp_client`: the MTA side.
 //! - `dns`, `pki`: the DNS server and the certificates.
 //! - `daemon`: the `tlsrouter` binary as a child process; `logs`: log capture in process.
+//! - `netns`: a network namespace with a veth pair, for the transparent-mode tests.
 //! - `proxy`: older entry points (`test_config`, `start_proxy`), thin wrappers over `settings`.
 //!
 //! The end-to-end tests (`tests/e2e/`) are one test binary that includes this module.
@@ -18,6 +19,7 @@ pub mod daemon;
 pub mod dns;
 pub mod lab;
 pub mod logs;
+pub mod netns;
 pub mod pki;
 pub mod proxy;
 pub mod settings;

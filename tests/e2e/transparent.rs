@@ -1,0 +1,300 @@
+//! Transparent mode with a real, unmodified Postfix: it delivers straight to the recipient
+//! domains' MX hosts (no relayhost), and the nftables rules of examples/transparent/,
+//! loaded as they are, redirect its connections to tlsrouter's transparent listener beside
+//! it. Postfix and tlsrouter run in a network namespace of their own; the receiving SMTP
+//! servers and the DNS server both of them use listen on port 25 and 53 on the other side
+//! of a veth pair. What the admin would look at is what the tests read: Postfix's queue
+//! (`postqueue -j`) and log, tlsrouter's log, and what the receiving servers got.
+//!
+//! Needs root, iproute2, nftables and Debian's postfix (`.ci/run` installs them), and the
+//! `tlsrouter` and `postfix` users the rules name; without them the tests fail and say why.
+
+use std::net::{IpAddr, SocketAddr};
+use std::time::{Duration, Instant};
+
+use serde_json::json;
+
+use crate::postfix::{INSTANCE_MASTER_CF, Postfix, instance_directories_cf};
+use crate::support::daemon::Daemon;
+use crate::support::dns::{DnsServer, TestZone};
+use crate::support::netns::NetNs;
+use crate::support::pki::{TestCa, Validity};
+use crate::support::settings::{Settings, path};
+use crate::support::smtp_server::{Received, ServerBehaviour, SmtpServer};
+
+/// The rules an admin loads; the test loads this very file.
+const NFT_RULES: &str = concat!(
+    env!("CARGO_MANIFEST_DIR"),
+    "/examples/transparent/tlsrouter.nft"
+);
+/// The port and mark the rules name, which tlsrouter's configuration must match.
+const TRANSPARENT_LISTEN: &str = "127.0.0.1:10026";
+const SOCKET_MARK: u32 = 0x2a;
+
+const SENDER: &str = "alice@sender.test";
+const WAIT: Duration = Duration::from_secs(60);
+const POLL: Duration = Duration::from_millis(100);
+
+/// Addresses on the far side of the pair: 1 is the DNS server, the rest MX hosts.
+const DNS: u8 = 1;
+const MX_TLS: u8 = 2;
+const MX_PLAIN: u8 = 3;
+const MX_STRICT: u8 = 4;
+const MX_REJECT: u8 = 5;
+const MX_SENDER: u8 = 6;
+
+/// Postfix, tlsrouter beside it in the namespace, and the DNS server; dropped in this
+/// order, so Postfix stops first and the namespace goes last.
+struct TransparentLab {
+    postfix: Postfix,
+    tlsrouter: Daemon,
+    _dns: DnsServer,
+    netns: NetNs,
+    _dir: tempfile::TempDir,
+}
+
+impl TransparentLab {
+    /// `rules` is a rule file's text, or none for the shipped defaults.
+    async fn start(netns: NetNs, ca: &TestCa, rules: Option<&str>) -> TransparentLab {
+        crate::support::init_tracing();
+        let nft = std::fs::read_to_string(NFT_RULES).expect("read examples/transparent");
+        assert!(
+            nft.contains("redirect to :10026") && nft.contains("meta mark 0x2a return"),
+            "examples/transparent/tlsrouter.nft should redirect to port 10026 and let mark \
+             0x2a pass, as this test configures tlsrouter"
+        );
+        for user in ["postfix", "tlsrouter"] {
+            let known = std::process::Command::new("id").arg(user).output();
+            assert!(
+                known.is_ok_and(|o| o.status.success()),
+                "the nftables rules name the user {user:?}, which does not exist here (the \
+                 postfix and tlsrouter packages create them; .ci/run does before the tests)"
+            );
+        }
+        let dns =
+            DnsServer::start_at(zone(&netns), SocketAddr::new(netns.host(DNS).into(), 53)).await;
+        netns.use_nameserver(netns.host(DNS));
+        netns.run(
+            "nft",
+            &["-f", NFT_RULES],
+            "load examples/transparent/tlsrouter.nft (is nftables installed?)",
+        );
+
+        let dir = tempfile::tempdir().expect("temporary directory");
+        let ca_file = ca.write_ca_file(dir.path());
+        let mut settings = Settings::lab(dns.addr, &ca_file, 25)
+            .set("delivery.socket_mark", SOCKET_MARK)
+            // A redirected connection comes from the address Postfix connected from.
+            .set(
+                "allow_clients",
+                json!([format!("{}/32", netns.inside()), "127.0.0.0/8"]),
+            )
+            .set(
+                "listeners",
+                json!([
+                    { "listen": TRANSPARENT_LISTEN, "mode": "transparent" },
+                    // A smart-host listener on port 25 of the namespace's own address: an
+                    // MX pointing at it is the loop case.
+                    { "listen": format!("{}:25", netns.inside()), "mode": "smart-host" },
+                ]),
+            );
+        if let Some(rules) = rules {
+            let file = dir.path().join("rules.yaml");
+            std::fs::write(&file, rules).expect("write rules");
+            settings = settings.set("rules_file", path(&file));
+        }
+        let tlsrouter = Daemon::start_in_netns(&netns.name, dir.path(), &settings.to_yaml()).await;
+
+        let name = netns.name.clone();
+        let postfix = tokio::task::spawn_blocking(move || {
+            // Postfix as installed: no relayhost, no transport, its own MX lookups.
+            Postfix::start_with(&instance_directories_cf, INSTANCE_MASTER_CF, Some(&name))
+        })
+        .await
+        .expect("start Postfix");
+        TransparentLab {
+            postfix,
+            tlsrouter,
+            _dns: dns,
+            netns,
+            _dir: dir,
+        }
+    }
+}
+
+/// A receiving server on port 25 of address `host` of the far side.
+async fn server(netns: &NetNs, host: u8, behaviour: ServerBehaviour) -> SmtpServer {
+    let ip = IpAddr::V4(netns.host(host));
+    SmtpServer::start(ip, 25, behaviour)
+        .await
+        .unwrap_or_else(|e| panic!("SMTP server on {ip}:25: {e}"))
+}
+
+/// Each domain's MX on its own address; loop.test's MX is the namespace's own address,
+/// where tlsrouter's smart-host listener is.
+fn zone(netns: &NetNs) -> TestZone {
+    let mut zone = TestZone::new();
+    for (domain, host) in [
+        ("tls.test", MX_TLS),
+        ("plain.test", MX_PLAIN),
+        ("strict.test", MX_STRICT),
+        ("reject.test", MX_REJECT),
+        ("sender.test", MX_SENDER),
+    ] {
+        let mx = format!("mx.{domain}");
+        zone = zone.mx(domain, 10, &mx).a(&mx, netns.host(host));
+    }
+    zone.mx("loop.test", 10, "mx.loop.test")
+        .a("mx.loop.test", netns.inside())
+}
+
+fn message(to: &str, subject: &str) -> String {
+    format!("From: {SENDER}\nTo: {to}\nSubject: {subject}\n\nHello from Postfix.\n")
+}
+
+async fn wait_for_messages(server: &SmtpServer, n: usize, lab: &TransparentLab) -> Vec<Received> {
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let messages = server.messages();
+        if messages.len() >= n {
+            return messages;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{} message(s) arrived within {WAIT:?}, expected {n}; queue: {:?}\n{}\n{}",
+            messages.len(),
+            lab.postfix.queue().await,
+            lab.postfix.maillog(),
+            lab.tlsrouter.log_text()
+        );
+        tokio::time::sleep(POLL).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mail_from_an_unmodified_postfix_goes_over_tls_where_offered_and_in_plain_elsewhere() {
+    let ca = TestCa::new();
+    let netns = NetNs::create(MX_SENDER);
+    let tls_cert = ca.leaf(&["mx.tls.test"], Validity::Current);
+    let tls_server = server(&netns, MX_TLS, ServerBehaviour::tls(tls_cert)).await;
+    let plain_server = server(&netns, MX_PLAIN, ServerBehaviour::plain()).await;
+    let mut lab = TransparentLab::start(netns, &ca, None).await;
+
+    let (to_tls, to_plain) = ("bob@tls.test", "carol@plain.test");
+    lab.postfix
+        .sendmail(SENDER, &[to_tls], &message(to_tls, "over TLS"))
+        .await;
+    lab.postfix
+        .sendmail(SENDER, &[to_plain], &message(to_plain, "in plain"))
+        .await;
+
+    let over_tls = wait_for_messages(&tls_server, 1, &lab).await;
+    let in_plain = wait_for_messages(&plain_server, 1, &lab).await;
+    lab.postfix.wait_for_empty_queue().await;
+    // tlsrouter delivered them (its EHLO name), not Postfix past the redirect.
+    assert_eq!(over_tls[0].helo, "relay.test");
+    assert_eq!(in_plain[0].helo, "relay.test");
+    assert_eq!(over_tls[0].rcpt_to, vec![to_tls]);
+    let tls = over_tls[0].tls.as_ref().expect("delivered over TLS");
+    assert_eq!(tls.version, "TLSv1.3");
+    assert_eq!(in_plain[0].tls, None, "no STARTTLS offered: plain");
+    let log = lab.postfix.maillog();
+    assert_eq!(log.matches("status=sent").count(), 2, "{log}");
+
+    // The address Postfix chose is named by the domain's MX, and the certificate verified
+    // for that name.
+    let mut lines = [
+        lab.tlsrouter.wait_for_log("transaction").await,
+        lab.tlsrouter.wait_for_log("transaction").await,
+    ];
+    lines.sort_by_key(|l| l["mx"].as_str().unwrap_or_default().to_string());
+    assert_eq!(lines[0]["mx"], "mx.plain.test", "{}", lines[0]);
+    assert!(
+        lines[0]["fallback"]
+            .as_str()
+            .is_some_and(|f| f.starts_with("no-starttls")),
+        "{}",
+        lines[0]
+    );
+    assert_eq!(lines[1]["mx"], "mx.tls.test", "{}", lines[1]);
+    assert_eq!(lines[1]["verify"], "verified", "{}", lines[1]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tls_required_and_not_offered_keeps_the_message_deferred_in_postfix_with_tlsrouters_reason()
+{
+    let ca = TestCa::new();
+    let netns = NetNs::create(MX_SENDER);
+    let no_tls = server(&netns, MX_STRICT, ServerBehaviour::plain()).await;
+    let rules = "rules:\n  - name: strict-partner\n    match: { domains: [strict.test] }\n    tls: require\n  - name: default\n";
+    let lab = TransparentLab::start(netns, &ca, Some(rules)).await;
+
+    let to = "dave@strict.test";
+    lab.postfix
+        .sendmail(SENDER, &[to], &message(to, "later"))
+        .await;
+
+    let deferred = lab.postfix.deferred_message().await;
+    let reason = deferred["recipients"][0]["delay_reason"]
+        .as_str()
+        .unwrap_or_default();
+    assert!(
+        reason.contains("451 4.7.5") && reason.contains("strict-partner"),
+        "tlsrouter's reason, in Postfix's queue: {deferred}"
+    );
+    assert!(no_tls.messages().is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_5xx_through_the_transparent_listener_bounces_the_message_to_its_sender() {
+    let ca = TestCa::new();
+    let netns = NetNs::create(MX_SENDER);
+    let rejecting = server(
+        &netns,
+        MX_REJECT,
+        ServerBehaviour::plain().rcpt_reply("550 5.1.1 no such user here"),
+    )
+    .await;
+    let senders_mx = server(&netns, MX_SENDER, ServerBehaviour::plain()).await;
+    let lab = TransparentLab::start(netns, &ca, None).await;
+
+    let to = "nobody@reject.test";
+    lab.postfix
+        .sendmail(SENDER, &[to], &message(to, "bounce me"))
+        .await;
+
+    let bounces = wait_for_messages(&senders_mx, 1, &lab).await;
+    lab.postfix.wait_for_empty_queue().await;
+    assert_eq!(bounces[0].mail_from, "", "a bounce has the null sender");
+    assert_eq!(bounces[0].rcpt_to, vec![SENDER]);
+    let report = String::from_utf8_lossy(&bounces[0].data);
+    assert!(report.contains("550 5.1.1 no such user here"), "{report}");
+    assert!(rejecting.messages().is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_redirected_connection_to_tlsrouters_own_listener_is_refused_as_a_loop() {
+    let ca = TestCa::new();
+    let netns = NetNs::create(MX_SENDER);
+    let mut lab = TransparentLab::start(netns, &ca, None).await;
+
+    let to = "erin@loop.test";
+    lab.postfix
+        .sendmail(SENDER, &[to], &message(to, "loop"))
+        .await;
+
+    let deferred = lab.postfix.deferred_message().await;
+    let reason = deferred["recipients"][0]["delay_reason"]
+        .as_str()
+        .unwrap_or_default();
+    assert!(
+        reason.contains("451 4.4.6") && reason.contains("loop"),
+        "{deferred}"
+    );
+    let refused = lab.tlsrouter.wait_for_log("own listeners").await;
+    assert_eq!(
+        refused["destination"],
+        format!("{}:25", lab.netns.inside()),
+        "{refused}"
+    );
+}
