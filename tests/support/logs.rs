@@ -15,18 +15,8 @@ impl Logs {
 
     /// Starts capturing with this filter (`tlsrouter=debug` shows the SMTP dialogue).
     pub fn capture_at(filter: &str) -> (Logs, tracing::subscriber::DefaultGuard) {
-        // tracing caches per call site whether anyone listens; with only thread-local
-        // subscribers, a test running in parallel can make a site look unheard. A global
-        // subscriber that listens (and discards) keeps every site enabled, down to debug
-        // for the tests that capture the dialogue.
-        static GLOBAL: std::sync::Once = std::sync::Once::new();
-        GLOBAL.call_once(|| {
-            let sink = tracing_subscriber::fmt()
-                .with_env_filter("tlsrouter=debug")
-                .with_writer(std::io::sink)
-                .finish();
-            let _ = tracing::subscriber::set_global_default(sink);
-        });
+        // The global subscriber keeps debug call sites enabled (see `init_tracing`).
+        super::init_tracing();
         let logs = Logs::default();
         let writer = logs.clone();
         let subscriber = tracing_subscriber::fmt()

@@ -29,11 +29,24 @@ pub mod smtp_server;
 /// Sends `tracing` output to the test harness (shown for failing tests). `RUST_LOG` picks
 /// the level, default info. Later calls, from other tests in the same binary, do nothing.
 pub fn init_tracing() {
+    use tracing_subscriber::Layer;
+    use tracing_subscriber::layer::SubscriberExt;
+    use tracing_subscriber::util::SubscriberInitExt;
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    // tracing caches per call site whether anyone listens. The tests that capture the SMTP
+    // dialogue listen at debug on their own thread only; a global layer that listens at
+    // debug too (and discards) keeps those call sites enabled whichever test came first.
+    let keep_debug_sites = tracing_subscriber::fmt::layer()
+        .with_writer(std::io::sink)
+        .with_filter(tracing_subscriber::EnvFilter::new("tlsrouter=debug"));
     // Err only when a subscriber is already set, which is what we want anyway.
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_test_writer()
+    let _ = tracing_subscriber::registry()
+        .with(
+            tracing_subscriber::fmt::layer()
+                .with_test_writer()
+                .with_filter(filter),
+        )
+        .with(keep_debug_sites)
         .try_init();
 }
