@@ -42,6 +42,8 @@ const MX_PLAIN: u8 = 3;
 const MX_STRICT: u8 = 4;
 const MX_REJECT: u8 = 5;
 const MX_SENDER: u8 = 6;
+const MX_GREETING: u8 = 7;
+const MX_SMALL: u8 = 8;
 
 /// Postfix, tlsrouter beside it in the namespace, and the DNS server; dropped in this
 /// order, so Postfix stops first and the namespace goes last.
@@ -140,6 +142,8 @@ fn zone(netns: &NetNs) -> TestZone {
         ("strict.test", MX_STRICT),
         ("reject.test", MX_REJECT),
         ("sender.test", MX_SENDER),
+        ("refusing.test", MX_GREETING),
+        ("small.test", MX_SMALL),
     ] {
         let mx = format!("mx.{domain}");
         zone = zone.mx(domain, 10, &mx).a(&mx, netns.host(host));
@@ -174,7 +178,7 @@ async fn wait_for_messages(server: &SmtpServer, n: usize, lab: &TransparentLab) 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn mail_from_an_unmodified_postfix_goes_over_tls_where_offered_and_in_plain_elsewhere() {
     let ca = TestCa::new();
-    let netns = NetNs::create(MX_SENDER);
+    let netns = NetNs::create(MX_SMALL);
     let tls_cert = ca.leaf(&["mx.tls.test"], Validity::Current);
     let tls_server = server(&netns, MX_TLS, ServerBehaviour::tls(tls_cert)).await;
     let plain_server = server(&netns, MX_PLAIN, ServerBehaviour::plain()).await;
@@ -198,6 +202,9 @@ async fn mail_from_an_unmodified_postfix_goes_over_tls_where_offered_and_in_plai
     let tls = over_tls[0].tls.as_ref().expect("delivered over TLS");
     assert_eq!(tls.version, "TLSv1.3");
     assert_eq!(in_plain[0].tls, None, "no STARTTLS offered: plain");
+    // The connection made when Postfix connected carried the message, STARTTLS included.
+    assert_eq!(tls_server.connections(), 1);
+    assert_eq!(plain_server.connections(), 1);
     let log = lab.postfix.maillog();
     assert_eq!(log.matches("status=sent").count(), 2, "{log}");
 
@@ -224,7 +231,7 @@ async fn mail_from_an_unmodified_postfix_goes_over_tls_where_offered_and_in_plai
 async fn tls_required_and_not_offered_keeps_the_message_deferred_in_postfix_with_tlsrouters_reason()
 {
     let ca = TestCa::new();
-    let netns = NetNs::create(MX_SENDER);
+    let netns = NetNs::create(MX_SMALL);
     let no_tls = server(&netns, MX_STRICT, ServerBehaviour::plain()).await;
     let rules = "rules:\n  - name: strict-partner\n    match: { domains: [strict.test] }\n    tls: require\n  - name: default\n";
     let lab = TransparentLab::start(netns, &ca, Some(rules)).await;
@@ -248,7 +255,7 @@ async fn tls_required_and_not_offered_keeps_the_message_deferred_in_postfix_with
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_5xx_through_the_transparent_listener_bounces_the_message_to_its_sender() {
     let ca = TestCa::new();
-    let netns = NetNs::create(MX_SENDER);
+    let netns = NetNs::create(MX_SMALL);
     let rejecting = server(
         &netns,
         MX_REJECT,
@@ -275,7 +282,7 @@ async fn a_5xx_through_the_transparent_listener_bounces_the_message_to_its_sende
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_redirected_connection_to_tlsrouters_own_listener_is_refused_as_a_loop() {
     let ca = TestCa::new();
-    let netns = NetNs::create(MX_SENDER);
+    let netns = NetNs::create(MX_SMALL);
     let mut lab = TransparentLab::start(netns, &ca, None).await;
 
     let to = "erin@loop.test";
@@ -297,4 +304,58 @@ async fn a_redirected_connection_to_tlsrouters_own_listener_is_refused_as_a_loop
         format!("{}:25", lab.netns.inside()),
         "{refused}"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_remotes_554_greeting_reaches_postfix_as_the_remote_gave_it() {
+    let ca = TestCa::new();
+    let netns = NetNs::create(MX_SMALL);
+    let refusing = server(
+        &netns,
+        MX_GREETING,
+        ServerBehaviour::plain().greeting("554 5.7.1 no mail from this host"),
+    )
+    .await;
+    let lab = TransparentLab::start(netns, &ca, None).await;
+
+    let to = "frank@refusing.test";
+    lab.postfix
+        .sendmail(SENDER, &[to], &message(to, "refused"))
+        .await;
+
+    let deferred = lab.postfix.deferred_message().await;
+    let reason = deferred["recipients"][0]["delay_reason"]
+        .as_str()
+        .unwrap_or_default();
+    assert!(
+        reason.contains("refused to talk to me: 554 5.7.1 no mail from this host"),
+        "the remote's own greeting, as Postfix saw it: {deferred}"
+    );
+    assert!(refusing.attempts().is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postfix_sees_the_remotes_size_limit_and_bounces_a_larger_message_itself() {
+    let ca = TestCa::new();
+    let netns = NetNs::create(MX_SMALL);
+    let small = server(
+        &netns,
+        MX_SMALL,
+        ServerBehaviour::plain().ehlo_keyword("SIZE 1000"),
+    )
+    .await;
+    let senders_mx = server(&netns, MX_SENDER, ServerBehaviour::plain()).await;
+    let lab = TransparentLab::start(netns, &ca, None).await;
+
+    let to = "grace@small.test";
+    let big = format!("{}{}\n", message(to, "too big"), "x".repeat(2000));
+    lab.postfix.sendmail(SENDER, &[to], &big).await;
+
+    // Postfix read SIZE 1000 in the EHLO reply it got through tlsrouter and did not even
+    // send MAIL FROM.
+    let bounces = wait_for_messages(&senders_mx, 1, &lab).await;
+    lab.postfix.wait_for_empty_queue().await;
+    let report = String::from_utf8_lossy(&bounces[0].data);
+    assert!(report.contains("exceeds size limit 1000"), "{report}");
+    assert!(small.attempts().is_empty(), "{:?}", small.attempts());
 }
