@@ -29,6 +29,8 @@ pub struct Proxy {
     pub drain: tokio::sync::watch::Sender<Drain>,
     /// The admin socket this daemon bound, the only one it may remove.
     pub(crate) admin_socket: std::sync::OnceLock<std::path::PathBuf>,
+    /// STARTTLS toward the MTA: the certificate in force, if any.
+    pub server_tls: Arc<crate::server_tls::ServerTls>,
 }
 
 impl Proxy {
@@ -38,6 +40,9 @@ impl Proxy {
         config.admin.group_id()?;
         let resolver = MxResolver::new(&config.resolver.nameservers, config.timeouts.dns)?;
         let tls = TlsClient::new(&config.tls)?;
+        let server_tls = Arc::new(crate::server_tls::ServerTls::load(
+            config.inbound.tls.as_ref(),
+        )?);
         let rules = match &config.rules_file {
             Some(path) => RuleSet::load(path)?,
             None => RuleSet::embedded_default(),
@@ -94,6 +99,7 @@ impl Proxy {
             tls_reports,
             drain: tokio::sync::watch::Sender::new(Drain::Running),
             admin_socket: std::sync::OnceLock::new(),
+            server_tls,
         }))
     }
 }

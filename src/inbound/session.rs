@@ -16,6 +16,7 @@ use crate::policy::mta_sts::PolicyLookup;
 use crate::proxy::Proxy;
 use crate::router::Plan;
 use crate::rules::RuleSet;
+use crate::server_tls::MtaStream;
 use crate::sessions::{Drain, Entry, SessionState};
 use crate::smtp::data::{BodyError, BodyFilter};
 use crate::smtp::line::{LineRead, read_line};
@@ -28,7 +29,7 @@ pub struct Session {
     proxy: Arc<Proxy>,
     /// This session in `ctl sessions`; removed when the session ends.
     registered: Entry,
-    io: BufReader<TcpStream>,
+    io: BufReader<MtaStream>,
     client: SocketAddr,
     line: Vec<u8>,
     stage: Stage,
@@ -173,7 +174,7 @@ impl Session {
         Session {
             registered: proxy.sessions.open(client),
             proxy,
-            io: BufReader::with_capacity(BODY_BLOCK, stream),
+            io: BufReader::with_capacity(BODY_BLOCK, MtaStream::Plain(stream)),
             client,
             line: Vec::with_capacity(512),
             stage: Stage::Greeted,
@@ -307,7 +308,8 @@ impl Session {
     /// Whether the MTA has sent anything it should have waited for: in our buffer, or
     /// waiting on the socket.
     fn client_sent_early(&mut self) -> bool {
-        !self.io.buffer().is_empty() || crate::smtp::peek::bytes_waiting(self.io.get_ref())
+        !self.io.buffer().is_empty()
+            || (self.io.get_ref().tcp()).is_some_and(crate::smtp::peek::bytes_waiting)
     }
 
     /// While draining, a session leaves between transactions; when forced, at once.
@@ -349,7 +351,7 @@ impl Session {
             Command::Noop => Reply::new(250, "2.0.0", "OK"),
             Command::Vrfy => Reply::new(252, "2.5.0", "cannot verify, but will try to deliver"),
             Command::Help => Reply::new(214, "2.0.0", "tlsrouter relays mail; see RFC 5321"),
-            Command::StartTls => Reply::new(502, "5.5.1", "STARTTLS not offered here"),
+            Command::StartTls => return self.starttls().await,
             Command::Quit => {
                 let _ = self.reply(&Reply::new(221, "2.0.0", "bye")).await;
                 return Next::Close;
@@ -359,6 +361,78 @@ impl Session {
     }
 
     fn ehlo_reply(&self) -> Reply {
+        let mut reply = self.ehlo_extensions();
+        if self.offers_starttls() {
+            reply.lines.push("STARTTLS".into());
+        }
+        reply
+    }
+
+    /// STARTTLS is offered when a certificate is configured, until the session is in TLS.
+    fn offers_starttls(&self) -> bool {
+        !self.io.get_ref().is_tls() && self.proxy.server_tls.acceptor().is_some()
+    }
+
+    /// The MTA's STARTTLS (RFC 3207). Commands sent after it in the same packet would
+    /// count as said under TLS though they came in clear: such a session is refused and
+    /// closed. After the handshake the session starts over, EHLO first.
+    async fn starttls(&mut self) -> Next {
+        let acceptor = match self.proxy.server_tls.acceptor() {
+            Some(acceptor) if !self.io.get_ref().is_tls() => acceptor,
+            Some(_) => {
+                return self
+                    .reply_or_close(&Reply::new(503, "5.5.1", "already in TLS"))
+                    .await;
+            }
+            None => {
+                return self
+                    .reply_or_close(&Reply::new(502, "5.5.1", "STARTTLS not offered here"))
+                    .await;
+            }
+        };
+        if matches!(self.stage, Stage::Mail(_)) {
+            let reply = Reply::new(503, "5.5.1", "STARTTLS inside a transaction");
+            return self.reply_or_close(&reply).await;
+        }
+        if self.client_sent_early() {
+            tracing::warn!(client = %self.client, "commands pipelined after STARTTLS: session refused");
+            let reply = Reply::new(554, "5.5.0", "commands sent after STARTTLS before TLS");
+            let _ = self.reply(&reply).await;
+            return Next::Close;
+        }
+        if self
+            .reply(&Reply::new(220, "2.0.0", "ready to start TLS"))
+            .await
+            .is_err()
+        {
+            return Next::Close;
+        }
+        let io = std::mem::replace(&mut self.io, BufReader::new(MtaStream::Gone));
+        let MtaStream::Plain(tcp) = io.into_inner() else {
+            return Next::Close;
+        };
+        let timeout = self.proxy.config.timeouts.tls_handshake;
+        match tokio::time::timeout(timeout, acceptor.accept(tcp)).await {
+            Ok(Ok(tls)) => {
+                let (_, session) = tls.get_ref();
+                tracing::debug!(client = %self.client, version = ?session.protocol_version(), "MTA session in TLS");
+                self.io = BufReader::with_capacity(BODY_BLOCK, MtaStream::Tls(Box::new(tls)));
+                self.stage = Stage::Greeted;
+                Next::Continue
+            }
+            Ok(Err(e)) => {
+                tracing::info!(client = %self.client, "TLS handshake with the MTA failed: {e}");
+                Next::Close
+            }
+            Err(_) => {
+                tracing::info!(client = %self.client, "TLS handshake with the MTA timed out");
+                Next::Close
+            }
+        }
+    }
+
+    /// Our EHLO reply without STARTTLS.
+    fn ehlo_extensions(&self) -> Reply {
         let config = &self.proxy.config;
         if let Some(remote) = &self.remote_ehlo {
             return transparent_ehlo_reply(remote, config.limits.max_message_size);
@@ -726,7 +800,10 @@ impl Session {
 
     async fn reply(&mut self, reply: &Reply) -> std::io::Result<()> {
         tracing::debug!(client = %self.client, "-> {reply}");
-        self.io.get_mut().write_all(&reply.to_wire()).await
+        let stream = self.io.get_mut();
+        stream.write_all(&reply.to_wire()).await?;
+        // TLS keeps what it has not yet sent as records.
+        stream.flush().await
     }
 
     async fn reply_or_close(&mut self, reply: &Reply) -> Next {

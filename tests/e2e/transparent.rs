@@ -58,6 +58,15 @@ struct TransparentLab {
 impl TransparentLab {
     /// `rules` is a rule file's text, or none for the shipped defaults.
     async fn start(netns: NetNs, ca: &TestCa, rules: Option<&str>) -> TransparentLab {
+        TransparentLab::start_with(netns, ca, rules, Extras::default()).await
+    }
+
+    async fn start_with(
+        netns: NetNs,
+        ca: &TestCa,
+        rules: Option<&str>,
+        extras: Extras,
+    ) -> TransparentLab {
         crate::support::init_tracing();
         let nft = std::fs::read_to_string(NFT_RULES).expect("read examples/transparent");
         assert!(
@@ -100,6 +109,15 @@ impl TransparentLab {
                     { "listen": format!("{}:25", netns.inside()), "mode": "smart-host" },
                 ]),
             );
+        if let Some(cert) = &extras.inbound_tls {
+            let (cert_file, key_file) =
+                (dir.path().join("relay.crt"), dir.path().join("relay.key"));
+            std::fs::write(&cert_file, &cert.cert_pem).expect("write certificate");
+            std::fs::write(&key_file, &cert.key_pem).expect("write key");
+            settings = settings
+                .set("inbound.tls.certificate", path(&cert_file))
+                .set("inbound.tls.key", path(&key_file));
+        }
         if let Some(rules) = rules {
             let file = dir.path().join("rules.yaml");
             std::fs::write(&file, rules).expect("write rules");
@@ -110,7 +128,11 @@ impl TransparentLab {
         let name = netns.name.clone();
         let postfix = tokio::task::spawn_blocking(move || {
             // Postfix as installed: no relayhost, no transport, its own MX lookups.
-            Postfix::start_with(&instance_directories_cf, INSTANCE_MASTER_CF, Some(&name))
+            let main_cf = |root: &std::path::Path| {
+                format!("{}{}", instance_directories_cf(root), extras.main_cf)
+            };
+            let master_cf = format!("{INSTANCE_MASTER_CF}{}", extras.master_cf);
+            Postfix::start_with(&main_cf, &master_cf, Some(&name))
         })
         .await
         .expect("start Postfix");
@@ -122,6 +144,16 @@ impl TransparentLab {
             _dir: dir,
         }
     }
+}
+
+/// What some tests add to the lab.
+#[derive(Default)]
+struct Extras {
+    /// Lines for Postfix's main.cf and master.cf.
+    main_cf: &'static str,
+    master_cf: &'static str,
+    /// tlsrouter offers STARTTLS to Postfix with this certificate.
+    inbound_tls: Option<crate::support::pki::CertKey>,
 }
 
 /// A receiving server on port 25 of address `host` of the far side.
@@ -358,4 +390,35 @@ async fn postfix_sees_the_remotes_size_limit_and_bounces_a_larger_message_itself
     let report = String::from_utf8_lossy(&bounces[0].data);
     assert!(report.contains("exceeds size limit 1000"), "{report}");
     assert!(small.attempts().is_empty(), "{:?}", small.attempts());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_postfix_that_insists_on_tls_keeps_delivering_through_the_transparent_listener() {
+    let ca = TestCa::new();
+    let netns = NetNs::create(MX_SMALL);
+    // The remote itself has no TLS: the hop from Postfix to tlsrouter is encrypted as
+    // Postfix demands, the hop beyond goes as tlsrouter's rules say.
+    let plain_server = server(&netns, MX_PLAIN, ServerBehaviour::plain()).await;
+    let extras = Extras {
+        main_cf: "smtp_tls_security_level = encrypt\nsmtp_tls_loglevel = 1\n",
+        master_cf: "tlsmgr    unix  -       -       n       1000?   1       tlsmgr\n",
+        inbound_tls: Some(ca.leaf(&["mx.plain.test"], Validity::Current)),
+    };
+    let lab = TransparentLab::start_with(netns, &ca, None, extras).await;
+
+    let to = "heidi@plain.test";
+    lab.postfix
+        .sendmail(SENDER, &[to], &message(to, "encrypted hop"))
+        .await;
+
+    let got = wait_for_messages(&plain_server, 1, &lab).await;
+    lab.postfix.wait_for_empty_queue().await;
+    assert_eq!(got[0].helo, "relay.test");
+    assert_eq!(got[0].tls, None, "the remote offers no STARTTLS");
+    let log = lab.postfix.maillog();
+    assert!(
+        log.contains("TLS connection established to mx.plain.test"),
+        "Postfix encrypted its hop: {log}"
+    );
+    assert!(log.contains("status=sent"), "{log}");
 }
