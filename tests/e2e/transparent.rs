@@ -150,8 +150,8 @@ impl TransparentLab {
 #[derive(Default)]
 struct Extras {
     /// Lines for Postfix's main.cf and master.cf.
-    main_cf: &'static str,
-    master_cf: &'static str,
+    main_cf: String,
+    master_cf: String,
     /// tlsrouter offers STARTTLS to Postfix with this certificate.
     inbound_tls: Option<crate::support::pki::CertKey>,
 }
@@ -176,6 +176,9 @@ fn zone(netns: &NetNs) -> TestZone {
         ("sender.test", MX_SENDER),
         ("refusing.test", MX_GREETING),
         ("small.test", MX_SMALL),
+        // Their MX is elsewhere than where Postfix's static route sends them.
+        ("static.test", MX_STRICT),
+        ("loose.test", MX_STRICT),
     ] {
         let mx = format!("mx.{domain}");
         zone = zone.mx(domain, 10, &mx).a(&mx, netns.host(host));
@@ -400,8 +403,8 @@ async fn a_postfix_that_insists_on_tls_keeps_delivering_through_the_transparent_
     // Postfix demands, the hop beyond goes as tlsrouter's rules say.
     let plain_server = server(&netns, MX_PLAIN, ServerBehaviour::plain()).await;
     let extras = Extras {
-        main_cf: "smtp_tls_security_level = encrypt\nsmtp_tls_loglevel = 1\n",
-        master_cf: "tlsmgr    unix  -       -       n       1000?   1       tlsmgr\n",
+        main_cf: "smtp_tls_security_level = encrypt\nsmtp_tls_loglevel = 1\n".into(),
+        master_cf: "tlsmgr    unix  -       -       n       1000?   1       tlsmgr\n".into(),
         inbound_tls: Some(ca.leaf(&["mx.plain.test"], Validity::Current)),
     };
     let lab = TransparentLab::start_with(netns, &ca, None, extras).await;
@@ -421,4 +424,67 @@ async fn a_postfix_that_insists_on_tls_keeps_delivering_through_the_transparent_
         "Postfix encrypted its hop: {log}"
     );
     assert!(log.contains("status=sent"), "{log}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_address_that_is_no_mx_of_the_domain_is_encrypted_but_never_verified() {
+    let ca = TestCa::new();
+    let netns = NetNs::create(MX_SMALL);
+    let cert = ca.leaf(&["mx.tls.test"], Validity::Current);
+    let tls_server = server(&netns, MX_TLS, ServerBehaviour::tls(cert)).await;
+    // Postfix routes both domains to the TLS server's address, which neither publishes.
+    let route = format!("smtp:[{}]", netns.host(MX_TLS));
+    let extras = Extras {
+        main_cf: format!("transport_maps = inline:{{ static.test={route}, loose.test={route} }}\n"),
+        ..Extras::default()
+    };
+    let rules = "rules:\n  - name: verified-only\n    match: { domains: [static.test] }\n    tls: require\n    verify: require\n  - name: default\n";
+    let mut lab = TransparentLab::start_with(netns, &ca, Some(rules), extras).await;
+
+    let (strict, loose) = ("ivan@static.test", "judy@loose.test");
+    lab.postfix
+        .sendmail(SENDER, &[strict], &message(strict, "verified only"))
+        .await;
+    let deferred = lab.postfix.deferred_message().await;
+    let reason = deferred["recipients"][0]["delay_reason"]
+        .as_str()
+        .unwrap_or_default();
+    assert!(
+        reason.contains("451 4.7.5") && reason.contains("verified-only"),
+        "verification required and impossible without an MX name: {deferred}"
+    );
+    let warned = lab
+        .tlsrouter
+        .wait_for_log("is no MX host of static.test")
+        .await;
+    assert!(
+        warned["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("cannot be verified"))
+    );
+
+    lab.postfix
+        .sendmail(SENDER, &[loose], &message(loose, "encrypted anyway"))
+        .await;
+    let got = wait_for_messages(&tls_server, 1, &lab).await;
+    assert_eq!(got[0].rcpt_to, vec![loose]);
+    assert!(
+        got[0].tls.is_some(),
+        "encrypted, as the default rule allows"
+    );
+    let line = loop {
+        let line = lab.tlsrouter.wait_for_log("transaction").await;
+        if line["to"] == loose {
+            break line;
+        }
+    };
+    let addr = lab.netns.host(MX_TLS).to_string();
+    assert_eq!(line["addr"], addr.as_str(), "{line}");
+    assert_eq!(line["mx"], addr.as_str(), "no MX name: the address: {line}");
+    assert!(
+        line["verify"]
+            .as_str()
+            .is_some_and(|v| v.starts_with("cert-name-mismatch")),
+        "{line}"
+    );
 }
