@@ -98,12 +98,18 @@ impl TransparentLab {
             // A redirected connection comes from the address Postfix connected from.
             .set(
                 "allow_clients",
-                json!([format!("{}/32", netns.inside()), "127.0.0.0/8"]),
+                json!([
+                    format!("{}/32", netns.inside()),
+                    format!("{}/128", netns.inside6()),
+                    "127.0.0.0/8"
+                ]),
             )
             .set(
                 "listeners",
                 json!([
                     { "listen": TRANSPARENT_LISTEN, "mode": "transparent" },
+                    // Where the rules redirect IPv6 connections.
+                    { "listen": "[::1]:10026", "mode": "transparent" },
                     // A smart-host listener on port 25 of the namespace's own address: an
                     // MX pointing at it is the loop case.
                     { "listen": format!("{}:25", netns.inside()), "mode": "smart-host" },
@@ -185,6 +191,8 @@ fn zone(netns: &NetNs) -> TestZone {
     }
     zone.mx("loop.test", 10, "mx.loop.test")
         .a("mx.loop.test", netns.inside())
+        .mx("six.test", 10, "mx.six.test")
+        .aaaa("mx.six.test", netns.host6(MX_TLS))
 }
 
 fn message(to: &str, subject: &str) -> String {
@@ -487,4 +495,37 @@ async fn an_address_that_is_no_mx_of_the_domain_is_encrypted_but_never_verified(
             .is_some_and(|v| v.starts_with("cert-name-mismatch")),
         "{line}"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_ipv6_connection_of_postfix_is_delivered_to_its_original_destination_over_tls() {
+    let ca = TestCa::new();
+    let netns = NetNs::create(MX_SMALL);
+    let cert = ca.leaf(&["mx.six.test"], Validity::Current);
+    let six = SmtpServer::start(
+        IpAddr::V6(netns.host6(MX_TLS)),
+        25,
+        ServerBehaviour::tls(cert),
+    )
+    .await
+    .expect("SMTP server on IPv6");
+    let extras = Extras {
+        main_cf: "inet_protocols = all\nsmtp_address_preference = ipv6\n".into(),
+        ..Extras::default()
+    };
+    let mut lab = TransparentLab::start_with(netns, &ca, None, extras).await;
+
+    let to = "kim@six.test";
+    lab.postfix
+        .sendmail(SENDER, &[to], &message(to, "over IPv6"))
+        .await;
+
+    let got = wait_for_messages(&six, 1, &lab).await;
+    lab.postfix.wait_for_empty_queue().await;
+    assert_eq!(got[0].helo, "relay.test");
+    assert!(got[0].tls.is_some());
+    let line = lab.tlsrouter.wait_for_log("transaction").await;
+    assert_eq!(line["mx"], "mx.six.test", "{line}");
+    assert_eq!(line["addr"], lab.netns.host6(MX_TLS).to_string(), "{line}");
+    assert_eq!(line["verify"], "verified", "{line}");
 }
