@@ -40,6 +40,9 @@ impl Proxy {
         config.admin.group_id()?;
         let resolver = MxResolver::new(&config.resolver.nameservers, config.timeouts.dns)?;
         let tls = TlsClient::new(&config.tls)?;
+        if let Some(mark) = config.delivery.socket_mark {
+            crate::outbound::socket_mark::check(mark)?;
+        }
         let server_tls = Arc::new(crate::server_tls::ServerTls::load(
             config.inbound.tls.as_ref(),
         )?);
