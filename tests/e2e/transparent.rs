@@ -44,6 +44,8 @@ const MX_REJECT: u8 = 5;
 const MX_SENDER: u8 = 6;
 const MX_GREETING: u8 = 7;
 const MX_SMALL: u8 = 8;
+/// An address of the far side where nothing listens.
+const MX_DOWN: u8 = 9;
 
 /// Postfix, tlsrouter beside it in the namespace, and the DNS server; dropped in this
 /// order, so Postfix stops first and the namespace goes last.
@@ -185,6 +187,7 @@ fn zone(netns: &NetNs) -> TestZone {
         // Their MX is elsewhere than where Postfix's static route sends them.
         ("static.test", MX_STRICT),
         ("loose.test", MX_STRICT),
+        ("down.test", MX_DOWN),
     ] {
         let mx = format!("mx.{domain}");
         zone = zone.mx(domain, 10, &mx).a(&mx, netns.host(host));
@@ -221,7 +224,7 @@ async fn wait_for_messages(server: &SmtpServer, n: usize, lab: &TransparentLab) 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn mail_from_an_unmodified_postfix_goes_over_tls_where_offered_and_in_plain_elsewhere() {
     let ca = TestCa::new();
-    let netns = NetNs::create(MX_SMALL);
+    let netns = NetNs::create(MX_DOWN);
     let tls_cert = ca.leaf(&["mx.tls.test"], Validity::Current);
     let tls_server = server(&netns, MX_TLS, ServerBehaviour::tls(tls_cert)).await;
     let plain_server = server(&netns, MX_PLAIN, ServerBehaviour::plain()).await;
@@ -274,7 +277,7 @@ async fn mail_from_an_unmodified_postfix_goes_over_tls_where_offered_and_in_plai
 async fn tls_required_and_not_offered_keeps_the_message_deferred_in_postfix_with_tlsrouters_reason()
 {
     let ca = TestCa::new();
-    let netns = NetNs::create(MX_SMALL);
+    let netns = NetNs::create(MX_DOWN);
     let no_tls = server(&netns, MX_STRICT, ServerBehaviour::plain()).await;
     let rules = "rules:\n  - name: strict-partner\n    match: { domains: [strict.test] }\n    tls: require\n  - name: default\n";
     let lab = TransparentLab::start(netns, &ca, Some(rules)).await;
@@ -298,7 +301,7 @@ async fn tls_required_and_not_offered_keeps_the_message_deferred_in_postfix_with
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_5xx_through_the_transparent_listener_bounces_the_message_to_its_sender() {
     let ca = TestCa::new();
-    let netns = NetNs::create(MX_SMALL);
+    let netns = NetNs::create(MX_DOWN);
     let rejecting = server(
         &netns,
         MX_REJECT,
@@ -325,7 +328,7 @@ async fn a_5xx_through_the_transparent_listener_bounces_the_message_to_its_sende
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_redirected_connection_to_tlsrouters_own_listener_is_refused_as_a_loop() {
     let ca = TestCa::new();
-    let netns = NetNs::create(MX_SMALL);
+    let netns = NetNs::create(MX_DOWN);
     let mut lab = TransparentLab::start(netns, &ca, None).await;
 
     let to = "erin@loop.test";
@@ -352,7 +355,7 @@ async fn a_redirected_connection_to_tlsrouters_own_listener_is_refused_as_a_loop
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_remotes_554_greeting_reaches_postfix_as_the_remote_gave_it() {
     let ca = TestCa::new();
-    let netns = NetNs::create(MX_SMALL);
+    let netns = NetNs::create(MX_DOWN);
     let refusing = server(
         &netns,
         MX_GREETING,
@@ -380,7 +383,7 @@ async fn a_remotes_554_greeting_reaches_postfix_as_the_remote_gave_it() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn postfix_sees_the_remotes_size_limit_and_bounces_a_larger_message_itself() {
     let ca = TestCa::new();
-    let netns = NetNs::create(MX_SMALL);
+    let netns = NetNs::create(MX_DOWN);
     let small = server(
         &netns,
         MX_SMALL,
@@ -406,7 +409,7 @@ async fn postfix_sees_the_remotes_size_limit_and_bounces_a_larger_message_itself
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_postfix_that_insists_on_tls_keeps_delivering_through_the_transparent_listener() {
     let ca = TestCa::new();
-    let netns = NetNs::create(MX_SMALL);
+    let netns = NetNs::create(MX_DOWN);
     // The remote itself has no TLS: the hop from Postfix to tlsrouter is encrypted as
     // Postfix demands, the hop beyond goes as tlsrouter's rules say.
     let plain_server = server(&netns, MX_PLAIN, ServerBehaviour::plain()).await;
@@ -437,7 +440,7 @@ async fn a_postfix_that_insists_on_tls_keeps_delivering_through_the_transparent_
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_address_that_is_no_mx_of_the_domain_is_encrypted_but_never_verified() {
     let ca = TestCa::new();
-    let netns = NetNs::create(MX_SMALL);
+    let netns = NetNs::create(MX_DOWN);
     let cert = ca.leaf(&["mx.tls.test"], Validity::Current);
     let tls_server = server(&netns, MX_TLS, ServerBehaviour::tls(cert)).await;
     // Postfix routes both domains to the TLS server's address, which neither publishes.
@@ -500,7 +503,7 @@ async fn an_address_that_is_no_mx_of_the_domain_is_encrypted_but_never_verified(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_ipv6_connection_of_postfix_is_delivered_to_its_original_destination_over_tls() {
     let ca = TestCa::new();
-    let netns = NetNs::create(MX_SMALL);
+    let netns = NetNs::create(MX_DOWN);
     let cert = ca.leaf(&["mx.six.test"], Validity::Current);
     let six = SmtpServer::start(
         IpAddr::V6(netns.host6(MX_TLS)),
@@ -528,4 +531,27 @@ async fn an_ipv6_connection_of_postfix_is_delivered_to_its_original_destination_
     assert_eq!(line["mx"], "mx.six.test", "{line}");
     assert_eq!(line["addr"], lab.netns.host6(MX_TLS).to_string(), "{line}");
     assert_eq!(line["verify"], "verified", "{line}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_original_destination_that_cannot_be_reached_is_a_temporary_failure_for_postfix() {
+    let ca = TestCa::new();
+    let netns = NetNs::create(MX_DOWN);
+    let lab = TransparentLab::start(netns, &ca, None).await;
+
+    let to = "leo@down.test";
+    lab.postfix
+        .sendmail(SENDER, &[to], &message(to, "later"))
+        .await;
+
+    // Postfix connected (to tlsrouter) and was told at once why the remote is not there.
+    let deferred = lab.postfix.deferred_message().await;
+    let reason = deferred["recipients"][0]["delay_reason"]
+        .as_str()
+        .unwrap_or_default();
+    let down = format!("{}:25", lab.netns.host(MX_DOWN));
+    assert!(
+        reason.contains("421 4.4.1") && reason.contains(&down),
+        "{deferred}"
+    );
 }
