@@ -256,10 +256,6 @@ pub struct Greeted {
 }
 
 impl Greeted {
-    pub fn capabilities(&self) -> &Capabilities {
-        &self.caps
-    }
-
     /// Closes the connection politely, unused.
     pub fn quit(self) {
         tokio::spawn(self.conn.quit());
