@@ -67,7 +67,26 @@ pub(crate) fn instance_directories_cf(dir: &Path) -> String {
 
 /// Postfix's own services, none of them listening on the network and none chrooted (the
 /// queue is in a temporary directory). The documented transport follows.
-pub(crate) const INSTANCE_MASTER_CF: &str = include_str!("../support/postfix-instance-master.cf");
+pub(crate) const INSTANCE_MASTER_CF: &str = "\
+pickup    unix  n       -       n       60      1       pickup
+cleanup   unix  n       -       n       -       0       cleanup
+qmgr      unix  n       -       n       300     1       qmgr
+rewrite   unix  -       -       n       -       -       trivial-rewrite
+bounce    unix  -       -       n       -       0       bounce
+defer     unix  -       -       n       -       0       bounce
+trace     unix  -       -       n       -       0       bounce
+verify    unix  -       -       n       -       1       verify
+flush     unix  n       -       n       1000?   0       flush
+proxymap  unix  -       -       n       -       -       proxymap
+smtp      unix  -       -       n       -       -       smtp
+showq     unix  n       -       n       -       -       showq
+error     unix  -       -       n       -       -       error
+retry     unix  -       -       n       -       -       error
+discard   unix  -       -       n       -       -       discard
+anvil     unix  -       -       n       -       1       anvil
+scache    unix  -       -       n       -       1       scache
+postlog   unix-dgram n  -       n       -       1       postlogd
+";
 
 /// A Postfix instance of our own. Dropping it stops Postfix and removes its directories,
 /// whether the test passed or not.
