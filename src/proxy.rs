@@ -37,13 +37,17 @@ impl Proxy {
         #[cfg(unix)]
         config.admin.group_id()?;
         let resolver = MxResolver::new(&config.resolver.nameservers, config.timeouts.dns)?;
-        let tls = TlsClient::new(&config.tls)?;
+        let mut tls = TlsClient::new(&config.tls)?;
         let rules = match &config.rules_file {
             Some(path) => RuleSet::load(path)?,
             None => RuleSet::embedded_default(),
         };
         let router = Router::new(rules, config.rules_file.clone());
         let stats = Arc::new(Stats::default());
+        tls.count_handshakes(
+            stats.tls_full_handshakes.clone(),
+            stats.tls_resumed_handshakes.clone(),
+        );
         let cache = Arc::new(OutcomeCache::new(&config.cache, Arc::new(SystemClock)));
         if let Some(path) = &config.cache.file {
             // A cache that cannot be read costs a few handshakes, never the start.
@@ -82,6 +86,7 @@ impl Proxy {
             cache,
             stats: stats.clone(),
             tls_reports: tls_reports.clone(),
+            pool: crate::outbound::pool::Pool::new(config.delivery.pool.clone()),
         };
         Ok(Arc::new(Proxy {
             config,

@@ -84,6 +84,8 @@ pub async fn run(listener: TcpListener, proxy: Arc<Proxy>, shutdown: impl Future
     }
     drop(listener);
     drain(&proxy, &sessions, max).await;
+    // No session is left to take them.
+    proxy.outbound.pool.close_all();
 }
 
 /// Lets sessions finish: all permits back means all sessions ended.

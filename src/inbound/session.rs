@@ -604,7 +604,8 @@ impl Session {
         self.count(tx, reply, end);
         self.registered.update(SessionState::Ready, None);
         if let Remote::Open(route) = std::mem::replace(&mut tx.remote, Remote::None) {
-            tokio::spawn(route.upstream.quit());
+            // Kept for the next message when it ended well, closed otherwise.
+            self.proxy.outbound.release(route.upstream);
         }
     }
 
@@ -753,6 +754,7 @@ fn log_transaction(client: SocketAddr, tx: &Transaction, reply: Option<&Reply>, 
         fallback = fallback.map(display),
         rule = %facts.rule,
         policy = facts.policy,
+        reused = facts.reused.then_some(display("yes")),
         end = end.label(),
         reply = %reply,
         earlier_failures = listed(&facts.earlier_failures, "; "),

@@ -397,6 +397,17 @@ impl Connection {
         Ok((conn, session))
     }
 
+    /// The remote said 421 or 221, or the connection was given up.
+    pub fn is_closing(&self) -> bool {
+        self.closed_by_remote
+    }
+
+    /// Whether anything came that nobody asked for, without waiting: in our buffer, or on
+    /// the socket. A connection with such bytes is out of step and is not kept.
+    pub fn has_unsolicited(&self) -> bool {
+        !self.io.buffer().is_empty() || self.bytes_waiting()
+    }
+
     /// No further command goes on this connection: `quit` only closes it.
     pub fn give_up(&mut self) {
         self.closed_by_remote = true;

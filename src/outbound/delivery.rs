@@ -16,6 +16,7 @@ use crate::outbound::connection::{Connection, ExchangeError, StartTlsResult};
 use crate::outbound::mx::{
     AddressError, MxHost, MxResolver, RouteError, ServerId, literal_address,
 };
+use crate::outbound::pool::{Idle, Lineage, Pool, PoolConfig, PoolKey};
 use crate::outbound::tls::TlsClient;
 use crate::outbound::upstream::{RemoteFacts, Upstream, relayable};
 use crate::outcome::{NoTls, OutcomeClass, TlsOutcome, TlsSession, Verification};
@@ -26,7 +27,7 @@ use crate::router::decision::{
     HostDecision, Known, Published, StsMode, TlsTerms, decide, is_fact_about_server, overridden,
 };
 use crate::rules::model::{AuthSpec, HostPort};
-use crate::rules::{Fallback, Route, Rule};
+use crate::rules::{Fallback, MinTls, Route, Rule};
 use crate::smtp::data::BareLineEndings;
 use crate::smtp::{Capabilities, MissingExtension, Reply};
 use crate::stats::Stats;
@@ -39,6 +40,8 @@ pub struct DeliveryConfig {
     pub port: u16,
     /// What to do with a bare CR or LF in a message body.
     pub bare_line_endings: BareLineEndings,
+    /// Keeping remote connections for later messages.
+    pub pool: PoolConfig,
 }
 
 impl Default for DeliveryConfig {
@@ -46,6 +49,7 @@ impl Default for DeliveryConfig {
         DeliveryConfig {
             port: 25,
             bare_line_endings: BareLineEndings::Normalize,
+            pool: PoolConfig::default(),
         }
     }
 }
@@ -63,6 +67,8 @@ pub struct Outbound {
     pub stats: Arc<Stats>,
     /// What TLS-RPT reports count: every attempt to a domain with an MTA-STS policy.
     pub tls_reports: Arc<TlsReports>,
+    /// Remote connections kept between transactions.
+    pub pool: Arc<Pool>,
 }
 
 /// Where a transaction goes.
@@ -312,9 +318,15 @@ impl Outbound {
                     published,
                     policy,
                 };
-                match self.attempt(&attempt, &mail_from).await {
-                    Ok(session) => {
+                let attempted = match self.reuse(&attempt, &mail_from).await {
+                    Some(reused) => Ok(reused),
+                    None => (self.attempt(&attempt, &mail_from).await)
+                        .map(|session| (session, Lineage::fresh())),
+                };
+                match attempted {
+                    Ok((session, lineage)) => {
                         failures.extend(tls_failures);
+                        let key = self.pool_key(&attempt, &session);
                         let facts = RemoteFacts {
                             server,
                             relay: session.relay,
@@ -322,9 +334,11 @@ impl Outbound {
                             rule: rule.name.clone(),
                             policy: published.name(),
                             earlier_failures: failures,
+                            reused: false,
                         };
                         let timeouts = self.timeouts.clone();
-                        return Ok(Upstream::new(session.conn, session.caps, facts, timeouts));
+                        let upstream = Upstream::new(session.conn, session.caps, facts, timeouts);
+                        return Ok(upstream.poolable(key, lineage));
                     }
                     Err(Failure::Next(why)) => {
                         tracing::info!(server = %server, "delivery attempt failed: {why}");
@@ -382,6 +396,149 @@ impl Outbound {
             domain: domain.to_string(),
             failures,
         })
+    }
+
+    /// The end of a transaction: its connection goes back to the pool when it may, and is
+    /// closed otherwise.
+    pub fn release(&self, upstream: Upstream) {
+        if !self.pool.may_keep(upstream.lineage()) {
+            tokio::spawn(upstream.quit());
+            return;
+        }
+        match upstream.into_idle() {
+            Ok((key, idle)) => {
+                self.pool.put(key, idle);
+                self.stats.pool_idle.set(self.pool.len() as i64);
+            }
+            Err(upstream) => {
+                tokio::spawn(upstream.quit());
+            }
+        }
+    }
+
+    /// Where a connection this attempt made could be pooled: never one to a relay, one that
+    /// authenticated (its credentials are not part of the key), or a legacy-stack session.
+    fn pool_key(&self, attempt: &Attempt<'_>, session: &Session) -> Option<PoolKey> {
+        let authenticated = matches!(attempt.route, Route::Smarthost { auth: Some(_), .. });
+        if !self.pool.config.enabled
+            || authenticated
+            || session.relay.is_some()
+            || matches!(session.tls, TlsOutcome::Legacy(_))
+        {
+            return None;
+        }
+        Some(PoolKey {
+            addr: attempt.addr(),
+            name: attempt.server.name.clone(),
+            ehlo: self.hostname.clone(),
+        })
+    }
+
+    /// What a pooled connection's TLS is worth to this attempt, asked of the decision as if
+    /// the connection had just been made: `Some` with the outcome to deliver under when it
+    /// is what the decision asks for, `None` when it has less (or other) than that.
+    fn fitting(&self, attempt: &Attempt<'_>, pooled: &TlsOutcome) -> Option<TlsOutcome> {
+        let found = Known::Found {
+            outcome: pooled,
+            downgrade: false,
+        };
+        match (&attempt.decision, pooled) {
+            (HostDecision::Tls(terms), TlsOutcome::Encrypted(session)) => {
+                let version_ok = terms.min_tls == MinTls::Tls12 || session.version == "TLSv1.3";
+                let fits = matches!(
+                    decide(attempt.rule, found, attempt.published),
+                    HostDecision::Tls(_)
+                );
+                (version_ok && fits && !terms.implicit).then(|| pooled.clone())
+            }
+            // The server offered no STARTTLS moments ago: what a fresh EHLO would most
+            // likely find, and the decision says whether plain is allowed after it.
+            (HostDecision::Tls(_), TlsOutcome::Plain(NoTls::NoStarttls)) => {
+                match decide(attempt.rule, found, attempt.published) {
+                    HostDecision::Plain {
+                        reason,
+                        path: Fallback::Direct,
+                    } => Some(TlsOutcome::Plain(reason)),
+                    _ => None,
+                }
+            }
+            (
+                HostDecision::Plain {
+                    reason,
+                    path: Fallback::Direct,
+                },
+                TlsOutcome::Plain(_),
+            ) => Some(TlsOutcome::Plain(reason.clone())),
+            _ => None,
+        }
+    }
+
+    /// A pooled connection for this attempt, up to the remote's acceptance of MAIL FROM.
+    /// One that turns out dead (or answers anything but 250) is closed and the next is
+    /// tried; `None` when none is left, and the attempt connects anew: nothing was
+    /// committed, so the MTA never hears of it.
+    async fn reuse(
+        &self,
+        attempt: &Attempt<'_>,
+        mail_from: &(dyn Fn(&Capabilities) -> Result<String, MissingExtension> + Sync),
+    ) -> Option<(Session, Lineage)> {
+        if !self.pool.config.enabled
+            || matches!(attempt.route, Route::Smarthost { auth: Some(_), .. })
+        {
+            return None;
+        }
+        let key = PoolKey {
+            addr: attempt.addr(),
+            name: attempt.server.name.clone(),
+            ehlo: self.hostname.clone(),
+        };
+        loop {
+            let fits = |idle: &Idle| {
+                self.fitting(attempt, &idle.tls).is_some() && mail_from(&idle.caps).is_ok()
+            };
+            let taken = self.pool.take(&key, fits);
+            self.stats.pool_idle.set(self.pool.len() as i64);
+            let mut idle = taken?;
+            let tls = self.fitting(attempt, &idle.tls)?;
+            let command = mail_from(&idle.caps).ok()?;
+            let timeout = self.timeouts.command;
+            let conn = &mut idle.conn;
+            let mut ready = true;
+            if idle.needs_rset {
+                ready = matches!(
+                    conn.exchange("RSET", &[250], timeout, "the reply to RSET").await,
+                    Ok(reply) if reply.code == 250
+                );
+            }
+            if ready {
+                let accepted = conn
+                    .exchange(&command, &[250], timeout, "the reply to MAIL FROM")
+                    .await;
+                if let Ok(reply) = &accepted
+                    && reply.code == 250
+                {
+                    self.stats.pool_reuses.inc();
+                    let lineage = Lineage {
+                        opened: idle.lineage.opened,
+                        messages: idle.lineage.messages + 1,
+                        reused: true,
+                    };
+                    let session = Session {
+                        conn: idle.conn,
+                        caps: idle.caps,
+                        tls,
+                        relay: None,
+                    };
+                    return Some((session, lineage));
+                }
+                tracing::debug!(server = %attempt.server, "pooled connection not usable ({}); connecting anew", match &accepted {
+                    Ok(reply) => reply.to_string(),
+                    Err(e) => e.to_string(),
+                });
+            }
+            self.stats.pool_dead.inc();
+            tokio::spawn(idle.conn.quit());
+        }
     }
 
     async fn addresses(&self, host: &str) -> Result<Vec<std::net::IpAddr>, AddressError> {

@@ -10,5 +10,6 @@ pub mod delivery;
 #[cfg(feature = "legacy-tls")]
 pub mod legacy;
 pub mod mx;
+pub mod pool;
 pub mod tls;
 pub mod upstream;

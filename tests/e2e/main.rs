@@ -19,6 +19,7 @@ mod legacy_tls;
 mod lifecycle;
 mod mta_sts;
 mod operator;
+mod pool;
 mod postfix;
 mod rules;
 mod systemd;

@@ -370,6 +370,8 @@ pub struct ConnectionLog {
     pub tls: bool,
     /// The connection has ended (either side closed it).
     pub closed: bool,
+    /// The TLS handshake resumed an earlier session instead of a full one (rustls only).
+    pub tls_resumed: bool,
 }
 
 /// What connections share: the record of what happened.
@@ -489,6 +491,14 @@ impl SmtpServer {
     /// What each connection brought, in the order they came.
     pub fn connection_logs(&self) -> Vec<ConnectionLog> {
         self.shared.connections.lock().expect("connections").clone()
+    }
+
+    /// Connections whose TLS handshake resumed an earlier session.
+    pub fn tls_resumed_sessions(&self) -> usize {
+        self.connection_logs()
+            .iter()
+            .filter(|c| c.tls_resumed)
+            .count()
     }
 
     /// STARTTLS commands received, whether offered or not.
@@ -936,8 +946,12 @@ impl Session {
         let tcp = self.take_tcp()?;
         let tls = acceptor.accept(tcp).await.map_err(|_| End)?;
         self.tls = Some(tls_info(tls.get_ref().1));
+        let resumed = tls.get_ref().1.handshake_kind() == Some(rustls::HandshakeKind::Resumed);
         self.io = BufReader::new(Transport::Tls(Box::new(tls)));
-        self.server.shared.update(self.id, |log| log.tls = true);
+        self.server.shared.update(self.id, |log| {
+            log.tls = true;
+            log.tls_resumed = resumed;
+        });
         self.helo = None;
         self.reset();
         Ok(())
