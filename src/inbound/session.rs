@@ -355,7 +355,7 @@ impl Session {
         }
         let sender_domain = tx.sender.as_ref().map(Mailbox::routing_domain);
         let plan = Plan::new(tx.rules.clone(), &domain, sender_domain.as_deref());
-        if let Err(reply) = self.ensure_route(&domain, plan).await {
+        if let Err(reply) = self.ensure_route(&domain, plan, &recipient).await {
             if let Stage::Mail(tx) = &mut self.stage {
                 tx.failed_domains.insert(domain, reply.clone());
             }
@@ -380,7 +380,12 @@ impl Session {
 
     /// Makes sure the transaction has a remote for this recipient's domain: opens one for the
     /// first recipient, and checks that later ones share it.
-    async fn ensure_route(&mut self, domain: &str, plan: Plan) -> Result<(), Reply> {
+    async fn ensure_route(
+        &mut self,
+        domain: &str,
+        plan: Plan,
+        first: &Mailbox,
+    ) -> Result<(), Reply> {
         let proxy = self.proxy.clone();
         let Stage::Mail(tx) = &mut self.stage else {
             return Err(Reply::new(503, "5.5.1", "MAIL first"));
@@ -429,7 +434,7 @@ impl Session {
         };
         let opened = proxy
             .outbound
-            .open(&plan, domain, &hop, &policy, |caps| {
+            .open_for(&plan, domain, &hop, &policy, Some(first), |caps| {
                 Ok(format!("{mail_from}{}", params.to_wire(caps)?))
             })
             .await;

@@ -157,6 +157,52 @@ impl Connection {
         Ok(reply)
     }
 
+    /// Sends `commands` in one write (RFC 2920 PIPELINING) and reads their replies one by
+    /// one, in order, each checked like `exchange` checks its one: a reply out of step, a
+    /// 421 or an error ends the reading there. Nothing may follow the last reply.
+    pub async fn pipeline(
+        &mut self,
+        commands: &[(&str, &[u16], &'static str)],
+        timeout: Duration,
+    ) -> Vec<Result<Reply, ExchangeError>> {
+        let Some(&(_, _, first)) = commands.first() else {
+            return Vec::new();
+        };
+        let mut bytes = Vec::new();
+        for (line, _, _) in commands {
+            tracing::debug!(remote = %self.host, "-> {line}");
+            bytes.extend_from_slice(line.as_bytes());
+            bytes.extend_from_slice(b"\r\n");
+        }
+        let sent = match self.expect_nothing_more(first).await {
+            Ok(()) => self.write(&bytes, timeout, first).await,
+            Err(e) => Err(e),
+        };
+        if let Err(e) = sent {
+            return vec![Err(e)];
+        }
+        let mut replies = Vec::with_capacity(commands.len());
+        for (i, &(_, due, what)) in commands.iter().enumerate() {
+            let read = match self.read_reply(timeout, what).await {
+                Ok(reply) => self.expect_due(&reply, due, what).map(|()| reply),
+                Err(e) => Err(e),
+            };
+            let last = i + 1 == commands.len();
+            let read = match read {
+                Ok(reply) if last && !reply.closes_connection() => {
+                    self.expect_nothing_more(what).await.map(|()| reply)
+                }
+                other => other,
+            };
+            let stop = !matches!(&read, Ok(reply) if !reply.closes_connection());
+            replies.push(read);
+            if stop {
+                break;
+            }
+        }
+        replies
+    }
+
     /// A 2xx or 3xx reply other than `due` (a 250 to DATA, a 354 to RCPT) answers some
     /// other command: the remote is out of step, and nothing more goes on this connection.
     pub fn expect_due(

@@ -29,7 +29,7 @@ use crate::router::decision::{
 use crate::rules::model::{AuthSpec, HostPort};
 use crate::rules::{Fallback, MinTls, Route, Rule};
 use crate::smtp::data::BareLineEndings;
-use crate::smtp::{Capabilities, MissingExtension, Reply};
+use crate::smtp::{Capabilities, Mailbox, MissingExtension, Reply};
 use crate::stats::Stats;
 
 /// `delivery:` in the configuration.
@@ -148,6 +148,9 @@ fn summary(failures: &[String]) -> String {
     text
 }
 
+/// The first recipient sent with MAIL FROM, and what came back for it.
+pub type FirstReply = (Mailbox, Result<Reply, ExchangeError>);
+
 enum Failure {
     /// Try the next address.
     Next(String),
@@ -209,6 +212,8 @@ struct Attempt<'a> {
     published: Published,
     /// The domain's MTA-STS policy, for TLS-RPT.
     policy: Option<&'a StsPolicy>,
+    /// The recipient to pipeline with MAIL FROM, where the remote allows it.
+    first_recipient: Option<&'a Mailbox>,
 }
 
 impl Attempt<'_> {
@@ -242,6 +247,22 @@ impl Outbound {
         domain: &str,
         hop: &NextHop,
         policy: &PolicyLookup,
+        mail_from: impl Fn(&Capabilities) -> Result<String, MissingExtension> + Sync,
+    ) -> Result<Upstream, OpenError> {
+        self.open_for(plan, domain, hop, policy, None, mail_from)
+            .await
+    }
+
+    /// Like `open`; with `first`, the first recipient goes with MAIL FROM in one write to a
+    /// remote that offers PIPELINING, and its reply waits in the upstream for
+    /// `Upstream::recipient`.
+    pub async fn open_for(
+        &self,
+        plan: &Plan,
+        domain: &str,
+        hop: &NextHop,
+        policy: &PolicyLookup,
+        first: Option<&Mailbox>,
         mail_from: impl Fn(&Capabilities) -> Result<String, MissingExtension> + Sync,
     ) -> Result<Upstream, OpenError> {
         if let (NextHop::Mx(_), PolicyLookup::Unavailable(error)) = (hop, policy) {
@@ -317,14 +338,15 @@ impl Outbound {
                     decision,
                     published,
                     policy,
+                    first_recipient: first,
                 };
                 let attempted = match self.reuse(&attempt, &mail_from).await {
                     Some(reused) => Ok(reused),
                     None => (self.attempt(&attempt, &mail_from).await)
-                        .map(|session| (session, Lineage::fresh())),
+                        .map(|(session, first)| (session, Lineage::fresh(), first)),
                 };
                 match attempted {
-                    Ok((session, lineage)) => {
+                    Ok((session, lineage, first_reply)) => {
                         failures.extend(tls_failures);
                         let key = self.pool_key(&attempt, &session);
                         let facts = RemoteFacts {
@@ -338,7 +360,11 @@ impl Outbound {
                         };
                         let timeouts = self.timeouts.clone();
                         let upstream = Upstream::new(session.conn, session.caps, facts, timeouts);
-                        return Ok(upstream.poolable(key, lineage));
+                        let upstream = upstream.poolable(key, lineage);
+                        return Ok(match first_reply {
+                            Some(reply) => upstream.with_first_reply(reply),
+                            None => upstream,
+                        });
                     }
                     Err(Failure::Next(why)) => {
                         tracing::info!(server = %server, "delivery attempt failed: {why}");
@@ -481,7 +507,7 @@ impl Outbound {
         &self,
         attempt: &Attempt<'_>,
         mail_from: &(dyn Fn(&Capabilities) -> Result<String, MissingExtension> + Sync),
-    ) -> Option<(Session, Lineage)> {
+    ) -> Option<(Session, Lineage, Option<FirstReply>)> {
         if !self.pool.config.enabled
             || matches!(attempt.route, Route::Smarthost { auth: Some(_), .. })
         {
@@ -511,30 +537,29 @@ impl Outbound {
                 );
             }
             if ready {
-                let accepted = conn
-                    .exchange(&command, &[250], timeout, "the reply to MAIL FROM")
+                let accepted = self
+                    .mail_from(conn, &idle.caps, &command, attempt.first_recipient)
                     .await;
-                if let Ok(reply) = &accepted
-                    && reply.code == 250
-                {
-                    self.stats.pool_reuses.inc();
-                    let lineage = Lineage {
-                        opened: idle.lineage.opened,
-                        messages: idle.lineage.messages + 1,
-                        reused: true,
-                    };
-                    let session = Session {
-                        conn: idle.conn,
-                        caps: idle.caps,
-                        tls,
-                        relay: None,
-                    };
-                    return Some((session, lineage));
-                }
-                tracing::debug!(server = %attempt.server, "pooled connection not usable ({}); connecting anew", match &accepted {
-                    Ok(reply) => reply.to_string(),
+                let why = match accepted {
+                    Ok((reply, first)) if reply.code == 250 => {
+                        self.stats.pool_reuses.inc();
+                        let lineage = Lineage {
+                            opened: idle.lineage.opened,
+                            messages: idle.lineage.messages + 1,
+                            reused: true,
+                        };
+                        let session = Session {
+                            conn: idle.conn,
+                            caps: idle.caps,
+                            tls,
+                            relay: None,
+                        };
+                        return Some((session, lineage, first));
+                    }
+                    Ok((reply, _)) => reply.to_string(),
                     Err(e) => e.to_string(),
-                });
+                };
+                tracing::debug!(server = %attempt.server, "pooled connection not usable ({why}); connecting anew");
             }
             self.stats.pool_dead.inc();
             tokio::spawn(idle.conn.quit());
@@ -553,7 +578,7 @@ impl Outbound {
         &self,
         attempt: &Attempt<'_>,
         mail_from: &(dyn Fn(&Capabilities) -> Result<String, MissingExtension> + Sync),
-    ) -> Result<Session, Failure> {
+    ) -> Result<(Session, Option<FirstReply>), Failure> {
         let mut session = self.session(attempt).await?;
         let (conn, caps) = (&mut session.conn, &session.caps);
         if let Route::Smarthost {
@@ -583,13 +608,8 @@ impl Outbound {
                 return Err(Failure::Unsupported(why));
             }
         };
-        let reply = conn
-            .exchange(
-                &command,
-                &[250],
-                self.timeouts.command,
-                "the reply to MAIL FROM",
-            )
+        let (reply, first) = self
+            .mail_from(conn, caps, &command, attempt.first_recipient)
             .await
             .map_err(|e| Failure::Next(e.to_string()))?;
         if reply.closes_connection() {
@@ -599,7 +619,38 @@ impl Outbound {
             tokio::spawn(session.conn.quit());
             return Err(Failure::Final(reply));
         }
-        Ok(session)
+        Ok((session, first))
+    }
+
+    /// MAIL FROM; to a remote that offers PIPELINING, with the first recipient in the same
+    /// write (RFC 2920), its reply read after MAIL FROM's and kept for the upstream.
+    async fn mail_from(
+        &self,
+        conn: &mut Connection,
+        caps: &Capabilities,
+        command: &str,
+        first: Option<&Mailbox>,
+    ) -> Result<(Reply, Option<FirstReply>), ExchangeError> {
+        let timeout = self.timeouts.command;
+        let what = "the reply to MAIL FROM";
+        let Some(recipient) = first.filter(|_| caps.pipelining) else {
+            let reply = conn.exchange(command, &[250], timeout, what).await?;
+            return Ok((reply, None));
+        };
+        let rcpt = format!("RCPT TO:<{recipient}>");
+        let commands = [
+            (command, &[250][..], what),
+            (rcpt.as_str(), &[250, 251][..], "the reply to RCPT TO"),
+        ];
+        let mut replies = conn.pipeline(&commands, timeout).await.into_iter();
+        let mail = replies.next().unwrap_or(Err(ExchangeError::Closed(what)))?;
+        if !mail.is_positive() || mail.closes_connection() {
+            return Ok((mail, None));
+        }
+        let rcpt_reply = replies
+            .next()
+            .unwrap_or(Err(ExchangeError::Closed("the reply to RCPT TO")));
+        Ok((mail, Some((recipient.clone(), rcpt_reply))))
     }
 
     /// A greeted connection on the path the decisions choose: encrypted, or plain for a

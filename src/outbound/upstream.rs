@@ -9,7 +9,8 @@
 use std::fmt;
 
 use crate::config::values::Timeouts;
-use crate::outbound::connection::Connection;
+use crate::outbound::connection::{Connection, ExchangeError};
+use crate::outbound::delivery::FirstReply;
 use crate::outbound::mx::ServerId;
 use crate::outbound::pool::{Idle, Lineage, PoolKey};
 use crate::outcome::TlsOutcome;
@@ -73,6 +74,8 @@ pub struct Upstream {
     pool_key: Option<PoolKey>,
     lineage: Lineage,
     stage: Stage,
+    /// The reply to the first recipient, sent with MAIL FROM (PIPELINING).
+    first_reply: Option<FirstReply>,
 }
 
 /// Where the remote stands in the transaction, for whether the connection can be reused.
@@ -103,7 +106,14 @@ impl Upstream {
             pool_key: None,
             lineage: Lineage::fresh(),
             stage: Stage::Mail,
+            first_reply: None,
         }
+    }
+
+    /// The first recipient already went with MAIL FROM; this came back for it.
+    pub(crate) fn with_first_reply(mut self, first: FirstReply) -> Upstream {
+        self.first_reply = Some(first);
+        self
     }
 
     /// The connection may go back to the pool under `key` when the transaction ends well.
@@ -154,15 +164,26 @@ impl Upstream {
 
     /// `RCPT TO`: the remote's reply to it.
     pub async fn recipient(&mut self, recipient: &Mailbox) -> Answer {
-        let line = format!("RCPT TO:<{recipient}>");
-        let sent = (self.conn)
-            .exchange(
-                &line,
-                &[250, 251],
-                self.timeouts.command,
+        let sent = match self.first_reply.take() {
+            Some((sent_for, reply)) if sent_for == *recipient => reply,
+            // Another recipient came first: its reply is not for this one. Never happens
+            // as the session asks, and must not be mistaken for it if it did.
+            Some(_) => Err(ExchangeError::OutOfStep(
                 "the reply to RCPT TO",
-            )
-            .await;
+                "a reply for another recipient".into(),
+            )),
+            None => {
+                let line = format!("RCPT TO:<{recipient}>");
+                (self.conn)
+                    .exchange(
+                        &line,
+                        &[250, 251],
+                        self.timeouts.command,
+                        "the reply to RCPT TO",
+                    )
+                    .await
+            }
+        };
         let answer = self.answer(sent);
         if answer.reply().is_transient() {
             self.stage = Stage::Spoiled;

@@ -343,3 +343,66 @@ async fn a_session_is_resumed_only_under_the_minimum_version_it_was_made_under()
     let resumed: Vec<bool> = mx.connection_logs().iter().map(|c| c.tls_resumed).collect();
     assert_eq!(resumed, [false, false, true, true]);
 }
+
+#[tokio::test]
+async fn mail_from_and_the_first_recipient_go_in_one_write_to_a_remote_that_offers_pipelining() {
+    let ca = TestCa::new();
+    for (behaviour, how) in [
+        (ServerBehaviour::plain(), "plain"),
+        (tls_server(&ca, Validity::Current), "TLS"),
+    ] {
+        let mx = server(behaviour.rcpt_reply("550 5.1.1 no such user")).await;
+        let lab = Lab::new().ca(&ca).one_mx(&mx).start().await;
+
+        let sent = send(lab.smtp, &["nobody@example.test"], BODY).await;
+
+        assert_eq!(sent.0.code, 250, "{how}: {sent:?}");
+        assert_eq!(sent.1[0].code, 550, "{how}: the RCPT's own reply: {sent:?}");
+        assert_eq!(sent.1[0].enhanced().as_deref(), Some("5.1.1"), "{how}");
+        let log = &mx.connection_logs()[0];
+        assert!(
+            log.pipelined_after
+                .iter()
+                .any(|c| c.starts_with("MAIL FROM")),
+            "{how}: MAIL FROM came with the RCPT: {log:?}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn without_pipelining_mail_from_waits_for_its_reply() {
+    let ca = TestCa::new();
+    // The server's own EHLO, without PIPELINING.
+    let behaviour = ServerBehaviour::plain().on(
+        Step::Ehlo,
+        Action::Reply("250-mx.test\r\n250 8BITMIME".into()),
+    );
+    let mx = server(behaviour).await;
+    let lab = Lab::new().ca(&ca).one_mx(&mx).start().await;
+
+    assert_eq!(send(lab.smtp, &["b@example.test"], BODY).await.2.code, 250);
+
+    let log = &mx.connection_logs()[0];
+    assert!(log.pipelined_after.is_empty(), "{log:?}");
+}
+
+#[tokio::test]
+async fn a_reply_out_of_step_in_a_pipelined_group_stops_the_message() {
+    let ca = TestCa::new();
+    // One reply too many to MAIL FROM: every later reply would be for the wrong command.
+    let behaviour =
+        ServerBehaviour::plain().on(Step::Mail, Action::Extra("250 2.1.5 surprise".into()));
+    let mx = server(behaviour).await;
+    let lab = Lab::new().ca(&ca).one_mx(&mx).start().await;
+
+    let sent = send(lab.smtp, &["b@example.test"], BODY).await;
+
+    assert_eq!(sent.2.code, 451, "{sent:?}");
+    assert_eq!(sent.2.enhanced().as_deref(), Some("4.4.2"), "{sent:?}");
+    assert!(mx.messages().is_empty(), "nothing was delivered");
+    assert_eq!(
+        lab.proxy.outbound.pool.len(),
+        0,
+        "the connection was not kept"
+    );
+}

@@ -372,6 +372,8 @@ pub struct ConnectionLog {
     pub closed: bool,
     /// The TLS handshake resumed an earlier session instead of a full one (rustls only).
     pub tls_resumed: bool,
+    /// Commands that came in one read with the next one, before the server replied.
+    pub pipelined_after: Vec<String>,
 }
 
 /// What connections share: the record of what happened.
@@ -1181,9 +1183,14 @@ impl Session {
     async fn read_command(&mut self) -> Option<String> {
         let line = self.read_line().await?;
         let silent = self.silent;
+        // Read before any reply to it was written: the next command came with it.
+        let more_waiting = !self.io.buffer().is_empty();
         self.server.shared.update(self.id, |log| {
             if silent {
                 log.after_closing_reply.push(line.clone());
+            }
+            if more_waiting {
+                log.pipelined_after.push(line.clone());
             }
             log.commands.push(line.clone());
         });
