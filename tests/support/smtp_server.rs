@@ -718,6 +718,7 @@ async fn serve(stream: TcpStream, id: usize, server: &Arc<Server>) {
         id,
         server: server.clone(),
         silent: false,
+        sent_before_closing: 0,
         tls: None,
         pending_lf: false,
         helo: None,
@@ -744,6 +745,9 @@ struct Session {
     server: Arc<Server>,
     /// Said 421/221, or stalling: never answers again, but reads and records until EOF.
     silent: bool,
+    /// Bytes already read in when the server said 421/221: commands the client had sent
+    /// with the one that got it (PIPELINING), not after it.
+    sent_before_closing: usize,
     tls: Option<TlsInfo>,
     /// A lenient line ended at a CR: an LF right after it is part of that line ending.
     pending_lf: bool,
@@ -882,6 +886,7 @@ impl Session {
         let code = code(reply);
         if matches!(code, Some(421 | 221)) {
             self.silent = true;
+            self.sent_before_closing = self.io.buffer().len();
         }
         Ok(code)
     }
@@ -1182,7 +1187,11 @@ impl Session {
     /// EOF. A lenient server also ends a line at a bare CR, and skips empty lines.
     async fn read_command(&mut self) -> Option<String> {
         let line = self.read_line().await?;
-        let silent = self.silent;
+        let pipelined_before_closing = self.silent && self.sent_before_closing > 0;
+        if pipelined_before_closing {
+            self.sent_before_closing = (self.sent_before_closing).saturating_sub(line.len() + 2);
+        }
+        let silent = self.silent && !pipelined_before_closing;
         // Read before any reply to it was written: the next command came with it.
         let more_waiting = !self.io.buffer().is_empty();
         self.server.shared.update(self.id, |log| {
