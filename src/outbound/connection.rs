@@ -218,7 +218,8 @@ impl Connection {
         Ok(())
     }
 
-    /// We never pipeline toward a remote, so outside a reply nothing may arrive: if
+    /// Every reply we read was asked for (a pipelined group is read to its end), so outside
+    /// a reply nothing may arrive: if
     /// something does, every later reply would be matched to the wrong command. Checked
     /// after each reply and before each command and the final dot.
     pub async fn expect_nothing_more(&mut self, what: &'static str) -> Result<(), ExchangeError> {
