@@ -140,6 +140,8 @@ enum CtlCommand {
     Stats,
     /// Sessions open now.
     Sessions,
+    /// Remote connections idle in the pool, waiting for the next message.
+    Pool,
     /// Probe from the daemon's position; the result goes into its cache.
     Probe {
         domain: Option<String>,
@@ -341,6 +343,7 @@ fn ctl(socket: &std::path::Path, json: bool, command: CtlCommand) -> ExitCode {
         CtlCommand::Tlsrpt => Request::Tlsrpt {},
         CtlCommand::Stats => Request::Stats {},
         CtlCommand::Sessions => Request::Sessions {},
+        CtlCommand::Pool => Request::Pool {},
         CtlCommand::Probe {
             domain,
             mx,

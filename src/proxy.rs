@@ -43,7 +43,7 @@ impl Proxy {
             &config.resolver.nameservers,
             config.timeouts.dns,
         )?);
-        let tls = TlsClient::new(&config.tls)?;
+        let mut tls = TlsClient::new(&config.tls)?;
         if let Some(mark) = config.delivery.socket_mark {
             crate::outbound::socket_mark::check(mark)?;
         }
@@ -56,6 +56,10 @@ impl Proxy {
         };
         let router = Router::new(rules, config.rules_file.clone());
         let stats = Arc::new(Stats::default());
+        tls.count_handshakes(
+            stats.tls_full_handshakes.clone(),
+            stats.tls_resumed_handshakes.clone(),
+        );
         let cache = Arc::new(OutcomeCache::new(&config.cache, Arc::new(SystemClock)));
         if let Some(path) = &config.cache.file {
             // A cache that cannot be read costs a few handshakes, never the start.
@@ -95,6 +99,7 @@ impl Proxy {
             stats: stats.clone(),
             tls_reports: tls_reports.clone(),
             socket_mark: config.delivery.socket_mark,
+            pool: crate::outbound::pool::Pool::new(config.delivery.pool.clone()),
         };
         Ok(Arc::new(Proxy {
             config,

@@ -34,6 +34,15 @@ pub struct Stats {
     pub sts_enforced_deferrals: Counter,
     transaction_seconds: Histogram,
     handshake_seconds: Histogram,
+    /// Transactions that went on a pooled connection.
+    pub pool_reuses: Counter,
+    /// Pooled connections found dead (or unusable) when taken; a new one was made.
+    pub pool_dead: Counter,
+    /// Connections idle in the pool now.
+    pub pool_idle: Gauge,
+    /// TLS handshakes toward remotes, full and resumed.
+    pub tls_full_handshakes: Counter,
+    pub tls_resumed_handshakes: Counter,
 }
 
 impl Default for Stats {
@@ -54,6 +63,11 @@ impl Default for Stats {
             sts_enforced_deferrals: Counter::default(),
             transaction_seconds: Histogram::new(exponential_buckets(0.05, 2.0, 12)),
             handshake_seconds: Histogram::new(exponential_buckets(0.005, 2.0, 12)),
+            pool_reuses: Counter::default(),
+            pool_dead: Counter::default(),
+            pool_idle: Gauge::default(),
+            tls_full_handshakes: Counter::default(),
+            tls_resumed_handshakes: Counter::default(),
         };
         stats.register();
         stats
@@ -82,6 +96,16 @@ pub struct Snapshot {
     pub sts_fetch_failures: u64,
     #[serde(default)]
     pub sts_enforced_deferrals: u64,
+    #[serde(default)]
+    pub pool_reuses: u64,
+    #[serde(default)]
+    pub pool_dead: u64,
+    #[serde(default)]
+    pub pool_idle: i64,
+    #[serde(default)]
+    pub tls_full_handshakes: u64,
+    #[serde(default)]
+    pub tls_resumed_handshakes: u64,
 }
 
 impl Stats {
@@ -153,6 +177,31 @@ impl Stats {
             "TLS handshake time",
             self.handshake_seconds.clone(),
         );
+        r.register(
+            "pool_reuses",
+            "transactions that went on a pooled remote connection",
+            self.pool_reuses.clone(),
+        );
+        r.register(
+            "pool_dead",
+            "pooled remote connections found dead when taken",
+            self.pool_dead.clone(),
+        );
+        r.register(
+            "pool_idle",
+            "remote connections idle in the pool",
+            self.pool_idle.clone(),
+        );
+        r.register(
+            "tls_full_handshakes",
+            "full TLS handshakes toward remotes",
+            self.tls_full_handshakes.clone(),
+        );
+        r.register(
+            "tls_resumed_handshakes",
+            "resumed TLS handshakes toward remotes",
+            self.tls_resumed_handshakes.clone(),
+        );
     }
 
     /// A message the remote accepted; `route` is its class (or "plain").
@@ -203,6 +252,11 @@ impl Stats {
             sts_fetches: self.sts_fetches.get(),
             sts_fetch_failures: self.sts_fetch_failures.get(),
             sts_enforced_deferrals: self.sts_enforced_deferrals.get(),
+            pool_reuses: self.pool_reuses.get(),
+            pool_dead: self.pool_dead.get(),
+            pool_idle: self.pool_idle.get(),
+            tls_full_handshakes: self.tls_full_handshakes.get(),
+            tls_resumed_handshakes: self.tls_resumed_handshakes.get(),
         }
     }
 

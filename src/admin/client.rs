@@ -101,6 +101,7 @@ pub fn render(request: &Request, result: &Value) -> String {
         Request::RulesExplain { .. } => result["explanation"].as_str().unwrap_or("").to_string(),
         Request::Stats {} => stats_lines(result),
         Request::Sessions {} => sessions_table(result),
+        Request::Pool {} => pool_table(result),
         Request::Probe(_) => {
             match serde_json::from_value::<crate::probe::ProbeReport>(result.clone()) {
                 Ok(report) => crate::probe::render(&report),
@@ -233,6 +234,11 @@ fn stats_lines(result: &Value) -> String {
         "sts_fetches",
         "sts_fetch_failures",
         "sts_enforced_deferrals",
+        "pool_reuses",
+        "pool_dead",
+        "pool_idle",
+        "tls_full_handshakes",
+        "tls_resumed_handshakes",
     ] {
         out.push_str(&format!("{:<26}{}\n", key.replace('_', " "), result[key]));
     }
@@ -258,6 +264,22 @@ fn sessions_table(result: &Value) -> String {
             text(&s["state"]),
             text(&s["next_hop"]),
             relative(now, s["started"].as_u64().unwrap_or(0)).replace(" ago", ""),
+        ]);
+    }
+    table(&rows)
+}
+
+fn pool_table(result: &Value) -> String {
+    let mut rows = vec![row(&["SERVER", "ADDR", "TLS", "MESSAGES", "IDLE", "AGE"])];
+    let seconds = |ms: &Value| format!("{:.1}s", ms.as_u64().unwrap_or(0) as f64 / 1000.0);
+    for c in result["pool"].as_array().into_iter().flatten() {
+        rows.push(vec![
+            text(&c["server"]),
+            text(&c["addr"]),
+            text(&c["tls"]),
+            text(&c["messages"]),
+            seconds(&c["idle_ms"]),
+            seconds(&c["age_ms"]),
         ]);
     }
     table(&rows)

@@ -68,10 +68,12 @@ pub enum Request {
     },
     /// Today's TLS-RPT counts.
     Tlsrpt {},
+    /// The remote connections idle in the pool.
+    Pool {},
 }
 
 /// The commands, for telling an unknown command from bad arguments.
-pub const COMMANDS: [&str; 16] = [
+pub const COMMANDS: [&str; 17] = [
     "cache-list",
     "cache-show",
     "cache-flush",
@@ -87,6 +89,7 @@ pub const COMMANDS: [&str; 16] = [
     "policy-refresh",
     "policy-flush",
     "tlsrpt",
+    "pool",
     // Listed last: every other name is an unknown command.
     "",
 ];

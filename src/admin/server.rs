@@ -143,6 +143,7 @@ pub async fn handle(proxy: &Proxy, request: Request) -> Response {
             Response::ok(json!(proxy.stats.snapshot()))
         }
         Request::Sessions {} => Response::ok(json!({ "sessions": proxy.sessions.list() })),
+        Request::Pool {} => Response::ok(json!({ "pool": proxy.outbound.pool.list() })),
         Request::Probe(target) => {
             if let Some(missing) = target.missing() {
                 return Response::error(ErrorKind::BadArguments, missing);

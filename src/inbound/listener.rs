@@ -111,6 +111,8 @@ pub async fn serve(
     }
     drop(listener);
     drain(&proxy, &sessions, max).await;
+    // No session is left to take them.
+    proxy.outbound.pool.close_all();
 }
 
 /// Lets sessions finish: all permits back means all sessions ended.

@@ -514,7 +514,7 @@ impl Session {
         }
         let sender_domain = tx.sender.as_ref().map(Mailbox::routing_domain);
         let plan = Plan::new(tx.rules.clone(), &domain, sender_domain.as_deref());
-        if let Err(reply) = self.ensure_route(&domain, plan).await {
+        if let Err(reply) = self.ensure_route(&domain, plan, &recipient).await {
             if let Stage::Mail(tx) = &mut self.stage {
                 tx.failed_domains.insert(domain, reply.clone());
             }
@@ -539,7 +539,12 @@ impl Session {
 
     /// Makes sure the transaction has a remote for this recipient's domain: opens one for the
     /// first recipient, and checks that later ones share it.
-    async fn ensure_route(&mut self, domain: &str, plan: Plan) -> Result<(), Reply> {
+    async fn ensure_route(
+        &mut self,
+        domain: &str,
+        plan: Plan,
+        first: &Mailbox,
+    ) -> Result<(), Reply> {
         let proxy = self.proxy.clone();
         let Stage::Mail(tx) = &mut self.stage else {
             return Err(Reply::new(503, "5.5.1", "MAIL first"));
@@ -594,7 +599,7 @@ impl Session {
         };
         let opened = proxy
             .outbound
-            .open_greeted(&plan, domain, &hop, &policy, greeted, |caps| {
+            .open_for(&plan, domain, &hop, &policy, greeted, Some(first), |caps| {
                 Ok(format!("{mail_from}{}", params.to_wire(caps)?))
             })
             .await;
@@ -769,7 +774,8 @@ impl Session {
         self.count(tx, reply, end);
         self.registered.update(SessionState::Ready, None);
         if let Remote::Open(route) = std::mem::replace(&mut tx.remote, Remote::None) {
-            tokio::spawn(route.upstream.quit());
+            // Kept for the next message when it ended well, closed otherwise.
+            self.proxy.outbound.release(route.upstream);
         }
     }
 
@@ -944,6 +950,7 @@ fn log_transaction(client: SocketAddr, tx: &Transaction, reply: Option<&Reply>, 
         fallback = fallback.map(display),
         rule = %facts.rule,
         policy = facts.policy,
+        reused = facts.reused.then_some(display("yes")),
         end = end.label(),
         reply = %reply,
         earlier_failures = listed(&facts.earlier_failures, "; "),

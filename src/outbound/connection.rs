@@ -187,6 +187,52 @@ impl Connection {
         Ok(reply)
     }
 
+    /// Sends `commands` in one write (RFC 2920 PIPELINING) and reads their replies one by
+    /// one, in order, each checked like `exchange` checks its one: a reply out of step, a
+    /// 421 or an error ends the reading there. Nothing may follow the last reply.
+    pub async fn pipeline(
+        &mut self,
+        commands: &[(&str, &[u16], &'static str)],
+        timeout: Duration,
+    ) -> Vec<Result<Reply, ExchangeError>> {
+        let Some(&(_, _, first)) = commands.first() else {
+            return Vec::new();
+        };
+        let mut bytes = Vec::new();
+        for (line, _, _) in commands {
+            tracing::debug!(remote = %self.host, "-> {line}");
+            bytes.extend_from_slice(line.as_bytes());
+            bytes.extend_from_slice(b"\r\n");
+        }
+        let sent = match self.expect_nothing_more(first).await {
+            Ok(()) => self.write(&bytes, timeout, first).await,
+            Err(e) => Err(e),
+        };
+        if let Err(e) = sent {
+            return vec![Err(e)];
+        }
+        let mut replies = Vec::with_capacity(commands.len());
+        for (i, &(_, due, what)) in commands.iter().enumerate() {
+            let read = match self.read_reply(timeout, what).await {
+                Ok(reply) => self.expect_due(&reply, due, what).map(|()| reply),
+                Err(e) => Err(e),
+            };
+            let last = i + 1 == commands.len();
+            let read = match read {
+                Ok(reply) if last && !reply.closes_connection() => {
+                    self.expect_nothing_more(what).await.map(|()| reply)
+                }
+                other => other,
+            };
+            let stop = !matches!(&read, Ok(reply) if !reply.closes_connection());
+            replies.push(read);
+            if stop {
+                break;
+            }
+        }
+        replies
+    }
+
     /// A 2xx or 3xx reply other than `due` (a 250 to DATA, a 354 to RCPT) answers some
     /// other command: the remote is out of step, and nothing more goes on this connection.
     pub fn expect_due(
@@ -202,7 +248,8 @@ impl Connection {
         Ok(())
     }
 
-    /// We never pipeline toward a remote, so outside a reply nothing may arrive: if
+    /// Every reply we read was asked for (a pipelined group is read to its end), so outside
+    /// a reply nothing may arrive: if
     /// something does, every later reply would be matched to the wrong command. Checked
     /// after each reply and before each command and the final dot.
     pub async fn expect_nothing_more(&mut self, what: &'static str) -> Result<(), ExchangeError> {
@@ -425,6 +472,17 @@ impl Connection {
             closed_by_remote: false,
         };
         Ok((conn, session))
+    }
+
+    /// The remote said 421 or 221, or the connection was given up.
+    pub fn is_closing(&self) -> bool {
+        self.closed_by_remote
+    }
+
+    /// Whether anything came that nobody asked for, without waiting: in our buffer, or on
+    /// the socket. A connection with such bytes is out of step and is not kept.
+    pub fn has_unsolicited(&self) -> bool {
+        !self.io.buffer().is_empty() || self.bytes_waiting()
     }
 
     /// No further command goes on this connection: `quit` only closes it.

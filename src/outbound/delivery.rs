@@ -16,6 +16,7 @@ use crate::outbound::connection::{Connection, ExchangeError, StartTlsResult};
 use crate::outbound::mx::{
     AddressError, MxHost, MxResolver, RouteError, ServerId, literal_address,
 };
+use crate::outbound::pool::{Idle, Lineage, Pool, PoolConfig, PoolKey};
 use crate::outbound::tls::TlsClient;
 use crate::outbound::upstream::{RemoteFacts, Upstream, relayable};
 use crate::outcome::{NoTls, OutcomeClass, TlsOutcome, TlsSession, Verification};
@@ -26,9 +27,9 @@ use crate::router::decision::{
     HostDecision, Known, Published, StsMode, TlsTerms, decide, is_fact_about_server, overridden,
 };
 use crate::rules::model::{AuthSpec, HostPort};
-use crate::rules::{Fallback, Route, Rule};
+use crate::rules::{Fallback, MinTls, Route, Rule};
 use crate::smtp::data::BareLineEndings;
-use crate::smtp::{Capabilities, MissingExtension, Reply};
+use crate::smtp::{Capabilities, Mailbox, MissingExtension, Reply};
 use crate::stats::Stats;
 
 /// `delivery:` in the configuration.
@@ -42,6 +43,8 @@ pub struct DeliveryConfig {
     /// `SO_MARK` on every outbound connection, so that a transparent redirect can let
     /// ours pass (needs `CAP_NET_ADMIN`).
     pub socket_mark: Option<u32>,
+    /// Keeping remote connections for later messages.
+    pub pool: PoolConfig,
 }
 
 impl Default for DeliveryConfig {
@@ -50,6 +53,7 @@ impl Default for DeliveryConfig {
             port: 25,
             bare_line_endings: BareLineEndings::Normalize,
             socket_mark: None,
+            pool: PoolConfig::default(),
         }
     }
 }
@@ -69,6 +73,8 @@ pub struct Outbound {
     pub tls_reports: Arc<TlsReports>,
     /// `delivery.socket_mark`.
     pub socket_mark: Option<u32>,
+    /// Remote connections kept between transactions.
+    pub pool: Arc<Pool>,
 }
 
 /// Where a transaction goes.
@@ -160,6 +166,9 @@ fn summary(failures: &[String]) -> String {
     text
 }
 
+/// The first recipient sent with MAIL FROM, and what came back for it.
+pub type FirstReply = (Mailbox, Result<Reply, ExchangeError>);
+
 enum Failure {
     /// Try the next address.
     Next(String),
@@ -223,6 +232,8 @@ struct Attempt<'a> {
     policy: Option<&'a StsPolicy>,
     /// A connection greeted before the transaction (transparent mode), not yet used.
     greeted: &'a std::sync::Mutex<Option<(Connection, Capabilities)>>,
+    /// The recipient to pipeline with MAIL FROM, where the remote allows it.
+    first_recipient: Option<&'a Mailbox>,
 }
 
 impl Attempt<'_> {
@@ -344,7 +355,7 @@ impl Outbound {
         policy: &PolicyLookup,
         mail_from: impl Fn(&Capabilities) -> Result<String, MissingExtension> + Sync,
     ) -> Result<Upstream, OpenError> {
-        self.open_greeted(plan, domain, hop, policy, None, mail_from)
+        self.open_for(plan, domain, hop, policy, None, None, mail_from)
             .await
     }
 
@@ -387,20 +398,25 @@ impl Outbound {
         }))
     }
 
-    /// As [`Outbound::open`], the first attempt to the server `greeted` is connected to
-    /// going on that connection (its STARTTLS, or plain path, still to come).
-    pub async fn open_greeted(
+    /// As [`Outbound::open`], with what a session may bring: `greeted`, the connection a
+    /// transparent session made at accept (the first attempt to that server goes on it, its
+    /// STARTTLS or plain path still to come); `first`, the first recipient, which goes with
+    /// MAIL FROM in one write to a remote that offers PIPELINING (its reply waits in the
+    /// upstream for `Upstream::recipient`).
+    #[allow(clippy::too_many_arguments)]
+    pub async fn open_for(
         &self,
         plan: &Plan,
         domain: &str,
         hop: &NextHop,
         policy: &PolicyLookup,
         greeted: Option<Box<Greeted>>,
+        first: Option<&Mailbox>,
         mail_from: impl Fn(&Capabilities) -> Result<String, MissingExtension> + Sync,
     ) -> Result<Upstream, OpenError> {
         let greeted = std::sync::Mutex::new(greeted.map(|g| (g.conn, g.caps)));
         let opened = self
-            .open_with(plan, domain, hop, policy, &greeted, &mail_from)
+            .open_with(plan, domain, hop, policy, &greeted, first, &mail_from)
             .await;
         if let Some((conn, _)) = greeted.lock().ok().and_then(|mut slot| slot.take()) {
             tokio::spawn(conn.quit());
@@ -408,6 +424,7 @@ impl Outbound {
         opened
     }
 
+    #[allow(clippy::too_many_arguments)]
     async fn open_with(
         &self,
         plan: &Plan,
@@ -415,6 +432,7 @@ impl Outbound {
         hop: &NextHop,
         policy: &PolicyLookup,
         greeted: &std::sync::Mutex<Option<(Connection, Capabilities)>>,
+        first: Option<&Mailbox>,
         mail_from: &(dyn Fn(&Capabilities) -> Result<String, MissingExtension> + Sync),
     ) -> Result<Upstream, OpenError> {
         if let (true, PolicyLookup::Unavailable(error)) = (hop.is_domain_delivery(), policy) {
@@ -500,10 +518,23 @@ impl Outbound {
                     published,
                     policy,
                     greeted,
+                    first_recipient: first,
                 };
-                match self.attempt(&attempt, mail_from).await {
-                    Ok(session) => {
+                // The connection made at accept comes first; else a pooled one that fits.
+                let has_greeted = greeted.lock().is_ok_and(|slot| slot.is_some());
+                let reused = match has_greeted {
+                    true => None,
+                    false => self.reuse(&attempt, mail_from).await,
+                };
+                let attempted = match reused {
+                    Some(reused) => Ok(reused),
+                    None => (self.attempt(&attempt, mail_from).await)
+                        .map(|(session, first)| (session, Lineage::fresh(), first)),
+                };
+                match attempted {
+                    Ok((session, lineage, first_reply)) => {
                         failures.extend(tls_failures);
+                        let key = self.pool_key(&attempt, &session);
                         let facts = RemoteFacts {
                             server,
                             relay: session.relay,
@@ -511,9 +542,15 @@ impl Outbound {
                             rule: rule.name.clone(),
                             policy: published.name(),
                             earlier_failures: failures,
+                            reused: false,
                         };
                         let timeouts = self.timeouts.clone();
-                        return Ok(Upstream::new(session.conn, session.caps, facts, timeouts));
+                        let upstream = Upstream::new(session.conn, session.caps, facts, timeouts);
+                        let upstream = upstream.poolable(key, lineage);
+                        return Ok(match first_reply {
+                            Some(reply) => upstream.with_first_reply(reply),
+                            None => upstream,
+                        });
                     }
                     Err(Failure::Next(why)) => {
                         tracing::info!(server = %server, "delivery attempt failed: {why}");
@@ -573,6 +610,148 @@ impl Outbound {
         })
     }
 
+    /// The end of a transaction: its connection goes back to the pool when it may, and is
+    /// closed otherwise.
+    pub fn release(&self, upstream: Upstream) {
+        if !self.pool.may_keep(upstream.lineage()) {
+            tokio::spawn(upstream.quit());
+            return;
+        }
+        match upstream.into_idle() {
+            Ok((key, idle)) => {
+                self.pool.put(key, idle);
+                self.stats.pool_idle.set(self.pool.len() as i64);
+            }
+            Err(upstream) => {
+                tokio::spawn(upstream.quit());
+            }
+        }
+    }
+
+    /// Where a connection this attempt made could be pooled: never one to a relay, one that
+    /// authenticated (its credentials are not part of the key), or a legacy-stack session.
+    fn pool_key(&self, attempt: &Attempt<'_>, session: &Session) -> Option<PoolKey> {
+        let authenticated = matches!(attempt.route, Route::Smarthost { auth: Some(_), .. });
+        if !self.pool.config.enabled
+            || authenticated
+            || session.relay.is_some()
+            || matches!(session.tls, TlsOutcome::Legacy(_))
+        {
+            return None;
+        }
+        Some(PoolKey {
+            addr: attempt.addr(),
+            name: attempt.server.name.clone(),
+            ehlo: self.hostname.clone(),
+        })
+    }
+
+    /// What a pooled connection's TLS is worth to this attempt, asked of the decision as if
+    /// the connection had just been made: `Some` with the outcome to deliver under when it
+    /// is what the decision asks for, `None` when it has less (or other) than that.
+    fn fitting(&self, attempt: &Attempt<'_>, pooled: &TlsOutcome) -> Option<TlsOutcome> {
+        let found = Known::Found {
+            outcome: pooled,
+            downgrade: false,
+        };
+        match (&attempt.decision, pooled) {
+            (HostDecision::Tls(terms), TlsOutcome::Encrypted(session)) => {
+                let version_ok = terms.min_tls == MinTls::Tls12 || session.version == "TLSv1.3";
+                let fits = matches!(
+                    decide(attempt.rule, found, attempt.published),
+                    HostDecision::Tls(_)
+                );
+                (version_ok && fits && !terms.implicit).then(|| pooled.clone())
+            }
+            // The server offered no STARTTLS moments ago: what a fresh EHLO would most
+            // likely find, and the decision says whether plain is allowed after it.
+            (HostDecision::Tls(_), TlsOutcome::Plain(NoTls::NoStarttls)) => {
+                match decide(attempt.rule, found, attempt.published) {
+                    HostDecision::Plain {
+                        reason,
+                        path: Fallback::Direct,
+                    } => Some(TlsOutcome::Plain(reason)),
+                    _ => None,
+                }
+            }
+            (
+                HostDecision::Plain {
+                    reason,
+                    path: Fallback::Direct,
+                },
+                TlsOutcome::Plain(_),
+            ) => Some(TlsOutcome::Plain(reason.clone())),
+            _ => None,
+        }
+    }
+
+    /// A pooled connection for this attempt, up to the remote's acceptance of MAIL FROM.
+    /// One that turns out dead (or answers anything but 250) is closed and the next is
+    /// tried; `None` when none is left, and the attempt connects anew: nothing was
+    /// committed, so the MTA never hears of it.
+    async fn reuse(
+        &self,
+        attempt: &Attempt<'_>,
+        mail_from: &(dyn Fn(&Capabilities) -> Result<String, MissingExtension> + Sync),
+    ) -> Option<(Session, Lineage, Option<FirstReply>)> {
+        if !self.pool.config.enabled
+            || matches!(attempt.route, Route::Smarthost { auth: Some(_), .. })
+        {
+            return None;
+        }
+        let key = PoolKey {
+            addr: attempt.addr(),
+            name: attempt.server.name.clone(),
+            ehlo: self.hostname.clone(),
+        };
+        loop {
+            let fits = |idle: &Idle| {
+                self.fitting(attempt, &idle.tls).is_some() && mail_from(&idle.caps).is_ok()
+            };
+            let taken = self.pool.take(&key, fits);
+            self.stats.pool_idle.set(self.pool.len() as i64);
+            let mut idle = taken?;
+            let tls = self.fitting(attempt, &idle.tls)?;
+            let command = mail_from(&idle.caps).ok()?;
+            let timeout = self.timeouts.command;
+            let conn = &mut idle.conn;
+            let mut ready = true;
+            if idle.needs_rset {
+                ready = matches!(
+                    conn.exchange("RSET", &[250], timeout, "the reply to RSET").await,
+                    Ok(reply) if reply.code == 250
+                );
+            }
+            if ready {
+                let accepted = self
+                    .mail_from(conn, &idle.caps, &command, attempt.first_recipient)
+                    .await;
+                let why = match accepted {
+                    Ok((reply, first)) if reply.code == 250 => {
+                        self.stats.pool_reuses.inc();
+                        let lineage = Lineage {
+                            opened: idle.lineage.opened,
+                            messages: idle.lineage.messages + 1,
+                            reused: true,
+                        };
+                        let session = Session {
+                            conn: idle.conn,
+                            caps: idle.caps,
+                            tls,
+                            relay: None,
+                        };
+                        return Some((session, lineage, first));
+                    }
+                    Ok((reply, _)) => reply.to_string(),
+                    Err(e) => e.to_string(),
+                };
+                tracing::debug!(server = %attempt.server, "pooled connection not usable ({why}); connecting anew");
+            }
+            self.stats.pool_dead.inc();
+            tokio::spawn(idle.conn.quit());
+        }
+    }
+
     async fn addresses(&self, host: &str) -> Result<Vec<std::net::IpAddr>, AddressError> {
         match literal_address(host) {
             Some(ip) => Ok(vec![ip]),
@@ -585,7 +764,7 @@ impl Outbound {
         &self,
         attempt: &Attempt<'_>,
         mail_from: &(dyn Fn(&Capabilities) -> Result<String, MissingExtension> + Sync),
-    ) -> Result<Session, Failure> {
+    ) -> Result<(Session, Option<FirstReply>), Failure> {
         let mut session = self.session(attempt).await?;
         let (conn, caps) = (&mut session.conn, &session.caps);
         if let Route::Smarthost {
@@ -615,13 +794,8 @@ impl Outbound {
                 return Err(Failure::Unsupported(why));
             }
         };
-        let reply = conn
-            .exchange(
-                &command,
-                &[250],
-                self.timeouts.command,
-                "the reply to MAIL FROM",
-            )
+        let (reply, first) = self
+            .mail_from(conn, caps, &command, attempt.first_recipient)
             .await
             .map_err(|e| Failure::Next(e.to_string()))?;
         if reply.closes_connection() {
@@ -631,7 +805,38 @@ impl Outbound {
             tokio::spawn(session.conn.quit());
             return Err(Failure::Final(reply));
         }
-        Ok(session)
+        Ok((session, first))
+    }
+
+    /// MAIL FROM; to a remote that offers PIPELINING, with the first recipient in the same
+    /// write (RFC 2920), its reply read after MAIL FROM's and kept for the upstream.
+    async fn mail_from(
+        &self,
+        conn: &mut Connection,
+        caps: &Capabilities,
+        command: &str,
+        first: Option<&Mailbox>,
+    ) -> Result<(Reply, Option<FirstReply>), ExchangeError> {
+        let timeout = self.timeouts.command;
+        let what = "the reply to MAIL FROM";
+        let Some(recipient) = first.filter(|_| caps.pipelining) else {
+            let reply = conn.exchange(command, &[250], timeout, what).await?;
+            return Ok((reply, None));
+        };
+        let rcpt = format!("RCPT TO:<{recipient}>");
+        let commands = [
+            (command, &[250][..], what),
+            (rcpt.as_str(), &[250, 251][..], "the reply to RCPT TO"),
+        ];
+        let mut replies = conn.pipeline(&commands, timeout).await.into_iter();
+        let mail = replies.next().unwrap_or(Err(ExchangeError::Closed(what)))?;
+        if !mail.is_positive() || mail.closes_connection() {
+            return Ok((mail, None));
+        }
+        let rcpt_reply = replies
+            .next()
+            .unwrap_or(Err(ExchangeError::Closed("the reply to RCPT TO")));
+        Ok((mail, Some((recipient.clone(), rcpt_reply))))
     }
 
     /// A greeted connection on the path the decisions choose: encrypted, or plain for a

@@ -11,5 +11,6 @@ pub mod delivery;
 pub mod legacy;
 pub mod mx;
 pub mod socket_mark;
+pub mod pool;
 pub mod tls;
 pub mod upstream;

@@ -1,17 +1,18 @@
 //! TLS toward remote MX servers: rustls with a verifier that always verifies, records the
 //! result for the connection, and lets the policy decide what a bad certificate means.
 
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
-use rustls::client::WebPkiServerVerifier;
+use prometheus_client::metrics::counter::Counter;
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
+use rustls::client::{Resumption, WebPkiServerVerifier};
 use rustls::crypto::{CryptoProvider, WebPkiSupportedAlgorithms};
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
 use rustls::{
-    AlertDescription, CertificateError, DigitallySignedStruct, PeerIncompatible, RootCertStore,
-    SignatureScheme, SupportedProtocolVersion,
+    AlertDescription, CertificateError, DigitallySignedStruct, HandshakeKind, PeerIncompatible,
+    RootCertStore, SignatureScheme, SupportedProtocolVersion,
 };
 use serde::Deserialize;
 use std::path::PathBuf;
@@ -31,6 +32,8 @@ pub struct TlsConfig {
     pub ca_file: Option<PathBuf>,
     /// Trust the operating system's root certificates.
     pub system_roots: bool,
+    /// Remote hosts whose TLS sessions are kept for resumption, per verification policy.
+    pub session_cache: usize,
 }
 
 impl Default for TlsConfig {
@@ -38,16 +41,24 @@ impl Default for TlsConfig {
         TlsConfig {
             ca_file: None,
             system_roots: true,
+            session_cache: 1024,
         }
     }
 }
 
 pub struct TlsClient {
-    provider: Arc<CryptoProvider>,
     /// `None` when no root is trusted: every certificate is then unverified.
     webpki: Option<Arc<WebPkiServerVerifier>>,
     #[cfg(feature = "legacy-tls")]
     legacy: LegacyConnector,
+    /// One client configuration per minimum version, shared by every connection so that
+    /// their resumption stores work. Each has a store of its own: a session is only ever
+    /// resumed under the policy it was made under. The certificate is verified after each
+    /// handshake (full or resumed) from the chain the session holds.
+    pkix: [(MinTls, Arc<rustls::ClientConfig>); 2],
+    /// Counters of full and resumed handshakes (`Stats` registers them).
+    full_handshakes: Counter,
+    resumed_handshakes: Counter,
 }
 
 impl TlsClient {
@@ -66,9 +77,22 @@ impl TlsClient {
                     .build()?,
             )
         };
+        let sessions = config.session_cache;
+        let pkix = [
+            (
+                MinTls::Tls12,
+                shared_config(&provider, MinTls::Tls12, sessions)?,
+            ),
+            (
+                MinTls::Tls13,
+                shared_config(&provider, MinTls::Tls13, sessions)?,
+            ),
+        ];
         Ok(TlsClient {
-            provider,
             webpki,
+            pkix,
+            full_handshakes: Counter::default(),
+            resumed_handshakes: Counter::default(),
             #[cfg(feature = "legacy-tls")]
             legacy: LegacyConnector::new()
                 .map_err(|e| anyhow::anyhow!("the legacy TLS stack (OpenSSL): {e}"))?,
@@ -83,24 +107,13 @@ impl TlsClient {
         min_tls: MinTls,
         timeout: Duration,
     ) -> Result<(TlsStream<TcpStream>, TlsSession), NoTls> {
-        let verifier = Arc::new(RecordingVerifier {
-            inner: self.webpki.clone(),
-            algorithms: self.provider.signature_verification_algorithms,
-            result: Mutex::new(None),
-        });
-        let versions: &[&SupportedProtocolVersion] = match min_tls {
-            MinTls::Tls12 => &[&rustls::version::TLS13, &rustls::version::TLS12],
-            MinTls::Tls13 => &[&rustls::version::TLS13],
-        };
-        let config = rustls::ClientConfig::builder_with_provider(self.provider.clone())
-            .with_protocol_versions(versions)
-            .map_err(|e| NoTls::HandshakeFailed(e.to_string()))?
-            .dangerous()
-            .with_custom_certificate_verifier(verifier.clone())
-            .with_no_client_auth();
+        let config = (self.pkix.iter())
+            .find(|(min, _)| *min == min_tls)
+            .map(|(_, config)| config.clone())
+            .ok_or_else(|| NoTls::HandshakeFailed("no TLS configuration".into()))?;
         let name = ServerName::try_from(host.to_string())
             .map_err(|_| NoTls::HandshakeFailed(format!("{host:?} is not a valid TLS name")))?;
-        let connector = tokio_rustls::TlsConnector::from(Arc::new(config));
+        let connector = tokio_rustls::TlsConnector::from(config);
         let stream = match tokio::time::timeout(timeout, connector.connect(name, tcp)).await {
             Ok(Ok(stream)) => stream,
             Ok(Err(error)) => return Err(classify_handshake_error(&error, min_tls)),
@@ -122,19 +135,17 @@ impl TlsClient {
             .and_then(|s| s.suite().as_str())
             .unwrap_or("unknown")
             .to_string();
-        let verification = verifier
-            .result
-            .lock()
-            .map(|r| r.clone())
-            .ok()
-            .flatten()
-            .unwrap_or(Verification::Failed(CertProblem::Other(
-                "not verified".into(),
-            )));
-        let chain = conn
+        match conn.handshake_kind() {
+            Some(HandshakeKind::Resumed) => self.resumed_handshakes.inc(),
+            _ => self.full_handshakes.inc(),
+        };
+        let chain: Vec<CertificateDer<'static>> = conn
             .peer_certificates()
             .map(|certs| certs.iter().map(|c| c.clone().into_owned()).collect())
             .unwrap_or_default();
+        // A resumed session holds the chain of the handshake it resumes: verified now, as
+        // a full handshake's is.
+        let verification = self.verify_chain(&chain, host);
         Ok((
             stream,
             TlsSession {
@@ -148,6 +159,12 @@ impl TlsClient {
 }
 
 impl TlsClient {
+    /// Counts handshakes into these counters (shared with `Stats`).
+    pub fn count_handshakes(&mut self, full: Counter, resumed: Counter) {
+        self.full_handshakes = full;
+        self.resumed_handshakes = resumed;
+    }
+
     /// What verification of `chain` (end entity first) for `host` finds, now: for a session
     /// whose handshake did not run our verifier.
     pub fn verify_chain(&self, chain: &[CertificateDer<'_>], host: &str) -> Verification {
@@ -255,35 +272,47 @@ pub fn trusted_roots(config: &TlsConfig) -> anyhow::Result<RootCertStore> {
     Ok(roots)
 }
 
-/// Verifies for real and keeps the result, but lets the handshake go on; signatures are
-/// always checked, so the session is encrypted to whoever holds the certificate's key.
-#[derive(Debug)]
-struct RecordingVerifier {
-    inner: Option<Arc<WebPkiServerVerifier>>,
-    algorithms: WebPkiSupportedAlgorithms,
-    result: Mutex<Option<Verification>>,
+/// The client configuration shared by every connection with this minimum version, with its
+/// own resumption store.
+fn shared_config(
+    provider: &Arc<CryptoProvider>,
+    min_tls: MinTls,
+    sessions: usize,
+) -> anyhow::Result<Arc<rustls::ClientConfig>> {
+    let versions: &[&SupportedProtocolVersion] = match min_tls {
+        MinTls::Tls12 => &[&rustls::version::TLS13, &rustls::version::TLS12],
+        MinTls::Tls13 => &[&rustls::version::TLS13],
+    };
+    let verifier = Arc::new(ChainCheckedAfterwards {
+        algorithms: provider.signature_verification_algorithms,
+    });
+    let mut config = rustls::ClientConfig::builder_with_provider(provider.clone())
+        .with_protocol_versions(versions)?
+        .dangerous()
+        .with_custom_certificate_verifier(verifier)
+        .with_no_client_auth();
+    config.resumption = Resumption::in_memory_sessions(sessions.max(1));
+    Ok(Arc::new(config))
 }
 
-impl ServerCertVerifier for RecordingVerifier {
+/// Lets the handshake go on whatever the certificate is; the chain is verified for real
+/// right after it (`verify_chain`), so the policy decides what a bad certificate means.
+/// Signatures are always checked, so the session is encrypted to whoever holds the
+/// certificate's key.
+#[derive(Debug)]
+struct ChainCheckedAfterwards {
+    algorithms: WebPkiSupportedAlgorithms,
+}
+
+impl ServerCertVerifier for ChainCheckedAfterwards {
     fn verify_server_cert(
         &self,
-        end_entity: &CertificateDer<'_>,
-        intermediates: &[CertificateDer<'_>],
-        server_name: &ServerName<'_>,
-        ocsp_response: &[u8],
-        now: UnixTime,
+        _end_entity: &CertificateDer<'_>,
+        _intermediates: &[CertificateDer<'_>],
+        _server_name: &ServerName<'_>,
+        _ocsp_response: &[u8],
+        _now: UnixTime,
     ) -> Result<ServerCertVerified, rustls::Error> {
-        let verification = verify(
-            self.inner.as_deref(),
-            end_entity,
-            intermediates,
-            server_name,
-            ocsp_response,
-            now,
-        );
-        if let Ok(mut slot) = self.result.lock() {
-            *slot = Some(verification);
-        }
         Ok(ServerCertVerified::assertion())
     }
 

@@ -9,8 +9,10 @@
 use std::fmt;
 
 use crate::config::values::Timeouts;
-use crate::outbound::connection::Connection;
+use crate::outbound::connection::{Connection, ExchangeError};
+use crate::outbound::delivery::FirstReply;
 use crate::outbound::mx::ServerId;
+use crate::outbound::pool::{Idle, Lineage, PoolKey};
 use crate::outcome::TlsOutcome;
 use crate::rules::model::HostPort;
 use crate::smtp::{Capabilities, Mailbox, Reply};
@@ -30,6 +32,8 @@ pub struct RemoteFacts {
     pub policy: Option<&'static str>,
     /// Attempts that failed before this one.
     pub earlier_failures: Vec<String>,
+    /// The transaction went on a connection an earlier one had used.
+    pub reused: bool,
 }
 
 impl fmt::Display for RemoteFacts {
@@ -65,6 +69,26 @@ pub struct Upstream {
     caps: Capabilities,
     facts: RemoteFacts,
     timeouts: Timeouts,
+    /// Where the connection may go back to the pool, `None` when it never may (a relay, an
+    /// authenticated session, the legacy stack).
+    pool_key: Option<PoolKey>,
+    lineage: Lineage,
+    stage: Stage,
+    /// The reply to the first recipient, sent with MAIL FROM (PIPELINING).
+    first_reply: Option<FirstReply>,
+}
+
+/// Where the remote stands in the transaction, for whether the connection can be reused.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Stage {
+    /// MAIL FROM (and maybe recipients) accepted: reusable after RSET.
+    Mail,
+    /// Inside the message text: the remote takes every byte as part of it.
+    Data,
+    /// The remote accepted the message: reusable as it is.
+    Done,
+    /// An error, a 4xx, a 421, a reply out of step: never reused.
+    Spoiled,
 }
 
 impl Upstream {
@@ -79,7 +103,54 @@ impl Upstream {
             caps,
             facts,
             timeouts,
+            pool_key: None,
+            lineage: Lineage::fresh(),
+            stage: Stage::Mail,
+            first_reply: None,
         }
+    }
+
+    /// The first recipient already went with MAIL FROM; this came back for it.
+    pub(crate) fn with_first_reply(mut self, first: FirstReply) -> Upstream {
+        self.first_reply = Some(first);
+        self
+    }
+
+    /// The connection may go back to the pool under `key` when the transaction ends well.
+    pub(crate) fn poolable(mut self, key: Option<PoolKey>, lineage: Lineage) -> Upstream {
+        self.facts.reused = lineage.reused;
+        self.pool_key = key;
+        self.lineage = lineage;
+        self
+    }
+
+    /// The connection, ready for another transaction, when this one left it in a known
+    /// state and nothing unasked-for has arrived; otherwise the upstream back, to be closed.
+    pub(crate) fn into_idle(self) -> Result<(PoolKey, Idle), Box<Upstream>> {
+        let needs_rset = match self.stage {
+            Stage::Done => false,
+            Stage::Mail => true,
+            Stage::Data | Stage::Spoiled => return Err(Box::new(self)),
+        };
+        if self.conn.is_closing() || self.conn.has_unsolicited() {
+            return Err(Box::new(self));
+        }
+        let Some(key) = self.pool_key else {
+            return Err(Box::new(self));
+        };
+        let idle = Idle::new(
+            self.conn,
+            self.caps,
+            self.facts.tls,
+            needs_rset,
+            self.lineage,
+        );
+        Ok((key, idle))
+    }
+
+    /// What the connection has been through, the transactions before this one included.
+    pub(crate) fn lineage(&self) -> &Lineage {
+        &self.lineage
     }
 
     pub fn facts(&self) -> &RemoteFacts {
@@ -93,16 +164,31 @@ impl Upstream {
 
     /// `RCPT TO`: the remote's reply to it.
     pub async fn recipient(&mut self, recipient: &Mailbox) -> Answer {
-        let line = format!("RCPT TO:<{recipient}>");
-        let sent = (self.conn)
-            .exchange(
-                &line,
-                &[250, 251],
-                self.timeouts.command,
+        let sent = match self.first_reply.take() {
+            Some((sent_for, reply)) if sent_for == *recipient => reply,
+            // Another recipient came first: its reply is not for this one. Never happens
+            // as the session asks, and must not be mistaken for it if it did.
+            Some(_) => Err(ExchangeError::OutOfStep(
                 "the reply to RCPT TO",
-            )
-            .await;
-        self.answer(sent)
+                "a reply for another recipient".into(),
+            )),
+            None => {
+                let line = format!("RCPT TO:<{recipient}>");
+                (self.conn)
+                    .exchange(
+                        &line,
+                        &[250, 251],
+                        self.timeouts.command,
+                        "the reply to RCPT TO",
+                    )
+                    .await
+            }
+        };
+        let answer = self.answer(sent);
+        if answer.reply().is_transient() {
+            self.stage = Stage::Spoiled;
+        }
+        answer
     }
 
     /// `DATA`: `Reply` with the remote's 354 means the body may follow; any other reply
@@ -116,9 +202,13 @@ impl Upstream {
                 "the reply to DATA",
             )
             .await;
+        self.stage = Stage::Spoiled;
         match self.answer(sent) {
             Answer::Lost(reply) => Answer::Lost(reply),
-            Answer::Reply(reply) if reply.code == 354 => Answer::Reply(reply),
+            Answer::Reply(reply) if reply.code == 354 => {
+                self.stage = Stage::Data;
+                Answer::Reply(reply)
+            }
             // Not going into the message text: the transaction is over at the remote.
             Answer::Reply(reply) => Answer::Lost(reply),
         }
@@ -146,7 +236,12 @@ impl Upstream {
             conn.expect_due(&reply, &[250], what)?;
             Ok::<_, crate::outbound::connection::ExchangeError>(reply)
         };
-        match verdict.await {
+        let verdict = verdict.await;
+        self.stage = match &verdict {
+            Ok(reply) if reply.code == 250 => Stage::Done,
+            _ => Stage::Spoiled,
+        };
+        match verdict {
             Ok(reply) => relayable(&reply),
             Err(e) => {
                 self.conn.give_up();
@@ -162,6 +257,7 @@ impl Upstream {
     /// The MTA left the message text unfinished: the remote is inside it, so no command
     /// may follow (QUIT would become part of the message). The connection is only closed.
     pub fn abandon(&mut self) {
+        self.stage = Stage::Spoiled;
         self.conn.give_up();
     }
 
@@ -175,9 +271,13 @@ impl Upstream {
         sent: Result<Reply, crate::outbound::connection::ExchangeError>,
     ) -> Answer {
         match sent {
-            Ok(reply) if reply.closes_connection() => Answer::Lost(relayable(&reply)),
+            Ok(reply) if reply.closes_connection() => {
+                self.stage = Stage::Spoiled;
+                Answer::Lost(relayable(&reply))
+            }
             Ok(reply) => Answer::Reply(reply),
             Err(e) => {
+                self.stage = Stage::Spoiled;
                 self.conn.give_up();
                 let why = format!("lost the connection to {}: {e}", self.facts.server);
                 Answer::Lost(Reply::new(451, "4.4.2", why))

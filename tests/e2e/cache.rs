@@ -34,6 +34,8 @@ async fn a_second_message_to_a_tls_1_0_only_mx_skips_the_doomed_handshake_and_sa
     .await;
 
     assert_delivered(&send(lab.smtp, &["b@example.test"]).await);
+    // What a new connection does is the point: not the pooled one.
+    lab.proxy.outbound.pool.close_all();
     assert_delivered(&send(lab.smtp, &["b@example.test"]).await);
 
     let got = mx.messages();
@@ -112,6 +114,8 @@ async fn downgrade(on_downgrade: &str) -> (SmtpServer, Sent) {
     assert!(mx.messages()[0].tls.is_some(), "TLS the first time");
 
     mx.stop_offering_starttls();
+    // What a new connection finds is the point: not the pooled one.
+    lab.proxy.outbound.pool.close_all();
     let second = send(lab.smtp, &["b@example.test"]).await;
     (mx, second)
 }

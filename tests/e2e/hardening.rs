@@ -204,7 +204,9 @@ async fn smuggle(
 ) -> (SmtpServer, Vec<Heard>) {
     let (lab, server) = one_mx(ca, ServerBehaviour::plain().lenient(), |lab| {
         let bare = serde_json::to_value(bare).expect("a setting");
+        // One connection per message, so each is judged on its own.
         lab.set("delivery.bare_line_endings", bare)
+            .set("delivery.pool.enabled", false)
     })
     .await;
     let mut heard = Vec::new();
@@ -764,8 +766,9 @@ async fn second_message_after(step: Step, action: Action) -> (Heard, SmtpServer,
     let script = ServerBehaviour::plain()
         .starttls(cert)
         .on_connections_from(1, step, action);
+    // What a new connection finds is the point: not the pooled one.
     let (lab, server) = one_mx(&ca, script, |lab| {
-        lab.rules(
+        lab.set("delivery.pool.enabled", false).rules(
             r#"
             rules:
               - name: careful
@@ -1607,7 +1610,11 @@ async fn a_command_line_over_512_octets_gets_500_5_5_2_and_the_session_stays_in_
 #[tokio::test]
 async fn a_body_line_over_1000_octets_gets_500_5_5_2_and_nothing_is_delivered() {
     let ca = TestCa::new();
-    let (lab, server) = one_mx(&ca, ServerBehaviour::plain(), |lab| lab).await;
+    // One connection per message, so the second one's log is its own.
+    let (lab, server) = one_mx(&ca, ServerBehaviour::plain(), |lab| {
+        lab.set("delivery.pool.enabled", false)
+    })
+    .await;
     // 998 characters and CRLF: the longest line allowed.
     let mut body = b"Subject: long lines\r\n\r\n".to_vec();
     body.extend_from_slice(&[b'a'; 998]);

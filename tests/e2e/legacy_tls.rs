@@ -25,6 +25,7 @@ fn tls_client(ca: &TestCa) -> (TlsClient, tempfile::TempDir) {
     let config = TlsConfig {
         ca_file: Some(ca.write_ca_file(dir.path())),
         system_roots: false,
+        ..TlsConfig::default()
     };
     let client = TlsClient::new(&config).expect("TLS client with the legacy stack");
     (client, dir)

@@ -20,6 +20,7 @@ mod lifecycle;
 mod mta_starttls;
 mod mta_sts;
 mod operator;
+mod pool;
 mod postfix;
 mod rules;
 mod systemd;

@@ -370,6 +370,10 @@ pub struct ConnectionLog {
     pub tls: bool,
     /// The connection has ended (either side closed it).
     pub closed: bool,
+    /// The TLS handshake resumed an earlier session instead of a full one (rustls only).
+    pub tls_resumed: bool,
+    /// Commands that came in one read with the next one, before the server replied.
+    pub pipelined_after: Vec<String>,
 }
 
 /// What connections share: the record of what happened.
@@ -489,6 +493,14 @@ impl SmtpServer {
     /// What each connection brought, in the order they came.
     pub fn connection_logs(&self) -> Vec<ConnectionLog> {
         self.shared.connections.lock().expect("connections").clone()
+    }
+
+    /// Connections whose TLS handshake resumed an earlier session.
+    pub fn tls_resumed_sessions(&self) -> usize {
+        self.connection_logs()
+            .iter()
+            .filter(|c| c.tls_resumed)
+            .count()
     }
 
     /// STARTTLS commands received, whether offered or not.
@@ -706,6 +718,7 @@ async fn serve(stream: TcpStream, id: usize, server: &Arc<Server>) {
         id,
         server: server.clone(),
         silent: false,
+        sent_before_closing: 0,
         tls: None,
         pending_lf: false,
         helo: None,
@@ -732,6 +745,9 @@ struct Session {
     server: Arc<Server>,
     /// Said 421/221, or stalling: never answers again, but reads and records until EOF.
     silent: bool,
+    /// Bytes already read in when the server said 421/221: commands the client had sent
+    /// with the one that got it (PIPELINING), not after it.
+    sent_before_closing: usize,
     tls: Option<TlsInfo>,
     /// A lenient line ended at a CR: an LF right after it is part of that line ending.
     pending_lf: bool,
@@ -870,6 +886,7 @@ impl Session {
         let code = code(reply);
         if matches!(code, Some(421 | 221)) {
             self.silent = true;
+            self.sent_before_closing = self.io.buffer().len();
         }
         Ok(code)
     }
@@ -936,8 +953,12 @@ impl Session {
         let tcp = self.take_tcp()?;
         let tls = acceptor.accept(tcp).await.map_err(|_| End)?;
         self.tls = Some(tls_info(tls.get_ref().1));
+        let resumed = tls.get_ref().1.handshake_kind() == Some(rustls::HandshakeKind::Resumed);
         self.io = BufReader::new(Transport::Tls(Box::new(tls)));
-        self.server.shared.update(self.id, |log| log.tls = true);
+        self.server.shared.update(self.id, |log| {
+            log.tls = true;
+            log.tls_resumed = resumed;
+        });
         self.helo = None;
         self.reset();
         Ok(())
@@ -1166,10 +1187,19 @@ impl Session {
     /// EOF. A lenient server also ends a line at a bare CR, and skips empty lines.
     async fn read_command(&mut self) -> Option<String> {
         let line = self.read_line().await?;
-        let silent = self.silent;
+        let pipelined_before_closing = self.silent && self.sent_before_closing > 0;
+        if pipelined_before_closing {
+            self.sent_before_closing = (self.sent_before_closing).saturating_sub(line.len() + 2);
+        }
+        let silent = self.silent && !pipelined_before_closing;
+        // Read before any reply to it was written: the next command came with it.
+        let more_waiting = !self.io.buffer().is_empty();
         self.server.shared.update(self.id, |log| {
             if silent {
                 log.after_closing_reply.push(line.clone());
+            }
+            if more_waiting {
+                log.pipelined_after.push(line.clone());
             }
             log.commands.push(line.clone());
         });
