@@ -36,7 +36,7 @@ impl Proxy {
     pub fn new(config: Config) -> anyhow::Result<Arc<Proxy>> {
         #[cfg(unix)]
         config.admin.group_id()?;
-        let resolver = MxResolver::new(&config.resolver.nameservers, config.timeouts.dns)?;
+        let resolver = MxResolver::with_config(&config.resolver, config.timeouts.dns)?;
         let tls = TlsClient::new(&config.tls)?;
         let rules = match &config.rules_file {
             Some(path) => RuleSet::load(path)?,

@@ -13,8 +13,9 @@ use serde::Deserialize;
 use crate::cache::{Observation, OutcomeCache};
 use crate::config::values::Timeouts;
 use crate::outbound::connection::{Connection, ExchangeError, StartTlsResult};
+use crate::outbound::dane::TlsaRecord;
 use crate::outbound::mx::{
-    AddressError, MxHost, MxResolver, RouteError, ServerId, literal_address,
+    AddressError, Dnssec, MxHost, MxResolver, RouteError, ServerId, TlsaAnswer, literal_address,
 };
 use crate::outbound::tls::TlsClient;
 use crate::outbound::upstream::{RemoteFacts, Upstream, relayable};
@@ -23,7 +24,8 @@ use crate::policy::mta_sts::{Mode, PolicyLookup, StsPolicy};
 use crate::policy::tlsrpt::{PolicyFacts, SessionResult, SessionSite, TlsReports};
 use crate::router::Plan;
 use crate::router::decision::{
-    HostDecision, Known, Published, StsMode, TlsTerms, decide, is_fact_about_server, overridden,
+    DaneState, HostDecision, Known, Published, StsMode, TlsTerms, decide, is_fact_about_server,
+    overridden,
 };
 use crate::rules::model::{AuthSpec, HostPort};
 use crate::rules::{Fallback, Route, Rule};
@@ -203,6 +205,8 @@ struct Attempt<'a> {
     published: Published,
     /// The domain's MTA-STS policy, for TLS-RPT.
     policy: Option<&'a StsPolicy>,
+    /// The server's usable TLSA records, when DANE applies.
+    tlsa: &'a [TlsaRecord],
 }
 
 impl Attempt<'_> {
@@ -261,13 +265,22 @@ impl Outbound {
         // The last refusal for a missing extension, and how many servers gave one.
         let (mut unsupported, mut unsupported_count) = (None, 0);
         let mut tls_rule = plan.base_rule().name.clone();
+        let mx_secure = match hop {
+            NextHop::Mx(_) => self.mx_secure(domain).await,
+            NextHop::Smarthost(_) => false,
+        };
         for (host, port) in servers {
-            let addrs = match self.addresses(&host).await {
-                Ok(addrs) => addrs,
+            let (addrs, addr_dnssec) = match self.addresses_checked(&host).await {
+                Ok(found) => found,
                 Err(e) => {
                     failures.push(format!("{host}: {e}"));
                     continue;
                 }
+            };
+            let (dane, tlsa) = if mx_secure && addr_dnssec == Dnssec::Secure {
+                self.dane(&host, port).await
+            } else {
+                (None, Vec::new())
             };
             for ip in addrs {
                 let server = ServerId::new(&host, ip);
@@ -275,7 +288,8 @@ impl Outbound {
                 let classes = cached.as_ref().map(|e| e.classes()).unwrap_or_default();
                 let rule = plan.rule_for_host(&server.name, &classes);
                 let known = cached.as_ref().map_or(Known::Nothing, Known::Cached);
-                let published = published(policy, &server.name);
+                // DANE comes before MTA-STS (RFC 8461 2).
+                let published = dane.unwrap_or_else(|| published(policy, &server.name));
                 if overridden(rule, published) {
                     tracing::warn!(server = %server, rule = %rule.name, "rule overrides the domain's published policy ({})", published.name().unwrap_or("none"));
                 }
@@ -311,6 +325,7 @@ impl Outbound {
                     decision,
                     published,
                     policy,
+                    tlsa: &tlsa,
                 };
                 match self.attempt(&attempt, &mail_from).await {
                     Ok(session) => {
@@ -382,6 +397,55 @@ impl Outbound {
             domain: domain.to_string(),
             failures,
         })
+    }
+
+    /// Whether the domain's MX answer was DNSSEC-secure, when DANE is in force. Asked
+    /// again here so that what routing uses stays as it is without DANE.
+    async fn mx_secure(&self, domain: &str) -> bool {
+        if domain.starts_with('[') || !self.resolver.check_dnssec().await {
+            return false;
+        }
+        matches!(
+            self.resolver.mail_exchangers_checked(domain).await,
+            Ok((_, Dnssec::Secure))
+        )
+    }
+
+    /// What DANE says of a host whose MX and address answers were secure: its published
+    /// policy (none when it has no secure TLSA records) and its usable records.
+    async fn dane(&self, host: &str, port: u16) -> (Option<Published>, Vec<TlsaRecord>) {
+        match self.resolver.tlsa(host, port).await {
+            TlsaAnswer::Records { usable, .. } if !usable.is_empty() => {
+                (Some(Published::Dane(DaneState::Usable)), usable)
+            }
+            TlsaAnswer::Records { unusable, .. } => {
+                let why: Vec<String> = unusable.iter().map(|(r, e)| format!("{r}: {e}")).collect();
+                tracing::info!(
+                    host,
+                    "DANE: no usable TLSA record ({}); TLS required, unauthenticated",
+                    why.join("; ")
+                );
+                (Some(Published::Dane(DaneState::Unusable)), Vec::new())
+            }
+            TlsaAnswer::None | TlsaAnswer::Insecure => (None, Vec::new()),
+            TlsaAnswer::Failed(why) => {
+                tracing::warn!(
+                    host,
+                    "DANE: {why}; nothing is sent to this host until it can be had"
+                );
+                (Some(Published::Dane(DaneState::Bogus)), Vec::new())
+            }
+        }
+    }
+
+    async fn addresses_checked(
+        &self,
+        host: &str,
+    ) -> Result<(Vec<std::net::IpAddr>, Dnssec), AddressError> {
+        match literal_address(host) {
+            Some(ip) => Ok((vec![ip], Dnssec::Insecure)),
+            None => self.resolver.addresses_checked(host).await,
+        }
     }
 
     async fn addresses(&self, host: &str) -> Result<Vec<std::net::IpAddr>, AddressError> {
@@ -461,7 +525,13 @@ impl Outbound {
             return self.implicit_tls(attempt, terms).await;
         }
         let (conn, caps) = self.greet(attempt.server, attempt.addr()).await?;
-        let secured = self.secure(terms, conn, caps).await;
+        let secured = if attempt.published == Published::Dane(DaneState::Usable)
+            && !overridden(attempt.rule, attempt.published)
+        {
+            self.secure_dane(terms, conn, caps, attempt.tlsa).await
+        } else {
+            self.secure(terms, conn, caps).await
+        };
         let Some(outcome) = secured.outcome() else {
             let Secured::Closed(why) = secured else {
                 return Err(Failure::Next("TLS attempt ended without an outcome".into()));
@@ -839,6 +909,41 @@ impl Outbound {
             StartTlsResult::Closed(reply) => return Secured::Closed(format!("STARTTLS: {reply}")),
         };
         // Nothing said before TLS counts after it: a fresh EHLO, fresh capabilities.
+        match self.ehlo(&mut conn).await {
+            Ok(caps) => Secured::Tls(conn, caps, session),
+            Err(why) => Secured::Closed(format!("after TLS: {why}")),
+        }
+    }
+
+    /// As [`Outbound::secure`], with the certificate judged by the host's TLSA records.
+    async fn secure_dane(
+        &self,
+        terms: TlsTerms,
+        conn: Connection,
+        caps: Capabilities,
+        tlsa: &[TlsaRecord],
+    ) -> Secured {
+        if !caps.starttls {
+            return Secured::Plain(conn, caps, NoTls::NoStarttls);
+        }
+        let t = &self.timeouts;
+        let clock = std::time::Instant::now();
+        let started = conn
+            .starttls_dane(
+                &self.tls,
+                terms.min_tls,
+                tlsa.to_vec(),
+                t.command,
+                t.tls_handshake,
+            )
+            .await;
+        self.stats.handshake_time(clock.elapsed().as_secs_f64());
+        let (mut conn, session) = match started {
+            StartTlsResult::Encrypted(conn, session) => (conn, session),
+            StartTlsResult::Refused(conn, reason) => return Secured::Plain(conn, caps, reason),
+            StartTlsResult::Lost(reason) => return Secured::Lost(reason),
+            StartTlsResult::Closed(reply) => return Secured::Closed(format!("STARTTLS: {reply}")),
+        };
         match self.ehlo(&mut conn).await {
             Ok(caps) => Secured::Tls(conn, caps, session),
             Err(why) => Secured::Closed(format!("after TLS: {why}")),
