@@ -370,7 +370,7 @@ impl fmt::Display for NoTls {
             NoTls::CertRejected(problem) => problem.fmt(f),
             NoTls::ProtocolViolation(detail) => write!(f, "protocol violation: {detail}"),
             NoTls::NotWanted => f.write_str("TLS not wanted by rule"),
-            NoTls::DaneMismatch(detail) => write!(f, "DANE: {detail}"),
+            NoTls::DaneMismatch(detail) => write!(f, "dane-mismatch: {detail}"),
             NoTls::Cached { detail, .. } => write!(
                 f,
                 "{detail} (cached: not tried again until the entry expires or is flushed)"

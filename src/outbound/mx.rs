@@ -60,6 +60,12 @@ impl Dnssec {
         }
     }
 
+    /// Whether a validating resolver found any of the records bogus. hickory hands such
+    /// records back marked, not as an error: they must not be used (RFC 4035 4.3).
+    fn bogus(records: &[&Record]) -> bool {
+        records.iter().any(|r| r.proof == Proof::Bogus)
+    }
+
     /// Secure only when every record is.
     fn of(records: &[&Record]) -> Dnssec {
         if !records.is_empty() && records.iter().all(|r| r.proof == Proof::Secure) {
@@ -275,7 +281,8 @@ impl MxResolver {
             .await
     }
 
-    /// Whether DANE is in force (false before [`MxResolver::check_dnssec`] ran).
+    /// Whether DANE is in force (false before [`MxResolver::check_dnssec`] ran; every
+    /// lookup runs it first).
     pub fn dane_active(&self) -> bool {
         self.dane.get().copied().unwrap_or(false)
     }
@@ -301,6 +308,7 @@ impl MxResolver {
         &self,
         domain: &str,
     ) -> Result<(Vec<MxHost>, Dnssec), RouteError> {
+        self.check_dnssec().await;
         let fqdn = format!("{}.", domain.trim_end_matches('.'));
         let lookup = match self.bounded(self.active().mx_lookup(fqdn.as_str())).await {
             Ok(lookup) => lookup,
@@ -318,6 +326,12 @@ impl MxResolver {
             .iter()
             .filter(|r| r.record_type() == RecordType::MX)
             .collect();
+        if Dnssec::bogus(&records) {
+            return Err(RouteError::DnsTemporary {
+                domain: domain.into(),
+                detail: "DNSSEC: the MX answer is bogus".into(),
+            });
+        }
         let dnssec = Dnssec::of(&records);
         let mut hosts: Vec<MxHost> = records
             .into_iter()
@@ -372,6 +386,7 @@ impl MxResolver {
         &self,
         host: &str,
     ) -> Result<(Vec<IpAddr>, Dnssec), AddressError> {
+        self.check_dnssec().await;
         let fqdn = format!("{}.", host.trim_end_matches('.'));
         match self.bounded(self.active().lookup_ip(fqdn.as_str())).await {
             Ok(lookup) => {
@@ -381,6 +396,11 @@ impl MxResolver {
                     .iter()
                     .filter(|r| matches!(r.record_type(), RecordType::A | RecordType::AAAA))
                     .collect();
+                if Dnssec::bogus(&records) {
+                    return Err(AddressError::Temporary(
+                        "DNSSEC: the address answer is bogus".into(),
+                    ));
+                }
                 Ok((lookup.iter().collect(), Dnssec::of(&records)))
             }
             Err(e) => match answer(&e) {
@@ -393,6 +413,7 @@ impl MxResolver {
     /// The TLSA records of `host` for SMTP on `port` (`_25._tcp.<host>`, RFC 7672 2.2),
     /// validated. Only asked for a host whose MX and address answers were secure.
     pub async fn tlsa(&self, host: &str, port: u16) -> TlsaAnswer {
+        self.check_dnssec().await;
         let fqdn = format!("_{port}._tcp.{}.", host.trim_end_matches('.'));
         let lookup = match self
             .bounded(self.active().lookup(fqdn.as_str(), RecordType::TLSA))
@@ -413,6 +434,15 @@ impl MxResolver {
             .collect();
         if records.is_empty() {
             return TlsaAnswer::None;
+        }
+        // Bogus or indeterminate TLSA records: delivery waits (RFC 7672 2.2).
+        if records
+            .iter()
+            .any(|r| matches!(r.proof, Proof::Bogus | Proof::Indeterminate))
+        {
+            return TlsaAnswer::Failed(format!(
+                "the TLSA records of {fqdn} are bogus or indeterminate"
+            ));
         }
         if Dnssec::of(&records) != Dnssec::Secure {
             return TlsaAnswer::Insecure;
@@ -438,6 +468,7 @@ impl MxResolver {
     /// The TXT records at `name`, each record's strings joined (RFC 7208 3.3 style, as
     /// MTA-STS and TLS-RPT records are read). A name without TXT records gives none.
     pub async fn txt_records(&self, name: &str) -> Result<Vec<String>, AddressError> {
+        self.check_dnssec().await;
         let fqdn = format!("{}.", name.trim_end_matches('.'));
         match self.bounded(self.active().txt_lookup(fqdn.as_str())).await {
             Ok(lookup) => Ok(lookup
