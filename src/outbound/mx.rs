@@ -567,3 +567,19 @@ fn temporary(domain: &str, error: &NetError) -> RouteError {
         detail: error.to_string(),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn dane_is_on_unless_the_configuration_says_off() {
+        let default: ResolverConfig = serde_saphyr::from_str("nameservers: []\n").expect("yaml");
+        assert_eq!(default.dane, Dane::On);
+        let off: ResolverConfig = serde_saphyr::from_str("dane: off\n").expect("yaml");
+        assert_eq!(off.dane, Dane::Off);
+        let on: ResolverConfig = serde_saphyr::from_str("dane: on\n").expect("yaml");
+        assert_eq!(on.dane, Dane::On);
+        assert!(serde_saphyr::from_str::<ResolverConfig>("dane: maybe\n").is_err());
+    }
+}

@@ -501,4 +501,58 @@ mod daemon {
         assert_deferred(&rcpts[0], "4.7.5", "DANE");
         assert!(d.server.messages().is_empty());
     }
+
+    #[tokio::test]
+    async fn when_the_name_servers_cannot_serve_dnssec_dane_is_off_and_the_log_says_so() {
+        let (logs, _guard) = Logs::capture();
+        let server = SmtpServer::start(LOCALHOST, 0, ServerBehaviour::default())
+            .await
+            .expect("smtp server");
+        // The unsigned test server: no DNSKEY of the root to validate.
+        let lab = Lab::new()
+            .ca(&TestCa::new())
+            .zone(crate::support::lab::one_mx_zone())
+            .mx_port(server.addr().port())
+            .start()
+            .await;
+
+        let (_, rcpts, reply) = send(lab.smtp, &["b@example.test"], BODY).await;
+
+        assert_eq!(rcpts[0].code, 250, "{rcpts:?}");
+        assert_eq!(reply.code, 250, "delivered by the rules: {reply:?}");
+        assert_eq!(server.messages().len(), 1);
+        let warned = logs.text().lines().any(|l| {
+            l.contains("WARN") && l.contains("DANE off: the name servers cannot serve DNSSEC")
+        });
+        assert!(warned, "{}", logs.text());
+    }
+
+    #[tokio::test]
+    async fn with_a_trust_anchor_the_tree_was_not_signed_with_dane_is_off() {
+        let (logs, _guard) = Logs::capture();
+        let cert = self_signed(&[MX]);
+        let other = association(&der(&self_signed(&[MX])), 1, 1);
+        let d = start(
+            tls(cert),
+            |port| SignedTree::new(secure_zone(port, &[((3, 1, 1), other)])),
+            None,
+        )
+        .await;
+        let stranger = SignedDns::start(SignedTree::new(Zone::new())).await;
+        let lab = Lab::new()
+            .ca(&TestCa::new())
+            .mx_port(d.server.addr().port())
+            .set("resolver.nameservers", vec![d._dns.addr.to_string()])
+            .set_path("resolver.trust_anchor_file", &stranger.trust_anchor_file)
+            .start()
+            .await;
+
+        let (_, rcpts, reply) = send(lab.smtp, &[RCPT], BODY).await;
+
+        // Without DANE the mismatching TLSA record means nothing: encrypted anyway.
+        assert_eq!(rcpts[0].code, 250, "{rcpts:?}");
+        assert_eq!(reply.code, 250, "{reply:?}");
+        assert!(d.server.messages()[0].tls.is_some());
+        assert!(logs.text().contains("DANE off"), "{}", logs.text());
+    }
 }
