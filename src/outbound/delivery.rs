@@ -438,6 +438,18 @@ impl Outbound {
         }
     }
 
+    /// What DANE says of `host` as an MX of `domain` now, for `explain` and `probe`:
+    /// `None` when DANE is off or does not apply (an insecure answer, no TLSA records).
+    pub async fn dane_policy(&self, domain: &str, host: &str) -> Option<Published> {
+        if !self.mx_secure(domain).await {
+            return None;
+        }
+        match self.addresses_checked(host).await {
+            Ok((_, Dnssec::Secure)) => self.dane(host, self.port).await.0,
+            _ => None,
+        }
+    }
+
     async fn addresses_checked(
         &self,
         host: &str,

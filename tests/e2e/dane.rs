@@ -262,7 +262,7 @@ mod daemon {
     struct DaneLab {
         lab: crate::support::lab::Lab,
         server: SmtpServer,
-        _dns: SignedDns,
+        dns: SignedDns,
     }
 
     /// The proxy asks only the signed tree's server and trusts only its root key.
@@ -278,6 +278,7 @@ mod daemon {
         let dns = SignedDns::start(tree(port)).await;
         let mut lab = Lab::new()
             .ca(&TestCa::new())
+            .admin()
             .mx_port(port)
             .set("resolver.nameservers", vec![dns.addr.to_string()])
             .set_path("resolver.trust_anchor_file", &dns.trust_anchor_file);
@@ -287,7 +288,7 @@ mod daemon {
         DaneLab {
             lab: lab.start().await,
             server,
-            _dns: dns,
+            dns,
         }
     }
 
@@ -503,7 +504,7 @@ mod daemon {
     }
 
     #[tokio::test]
-    async fn when_the_name_servers_cannot_serve_dnssec_dane_is_off_and_the_log_says_so() {
+    async fn when_the_name_servers_cannot_servednssec_dane_is_off_and_the_log_says_so() {
         let (logs, _guard) = Logs::capture();
         let server = SmtpServer::start(LOCALHOST, 0, ServerBehaviour::default())
             .await
@@ -542,7 +543,7 @@ mod daemon {
         let lab = Lab::new()
             .ca(&TestCa::new())
             .mx_port(d.server.addr().port())
-            .set("resolver.nameservers", vec![d._dns.addr.to_string()])
+            .set("resolver.nameservers", vec![d.dns.addr.to_string()])
             .set_path("resolver.trust_anchor_file", &stranger.trust_anchor_file)
             .start()
             .await;
@@ -554,5 +555,32 @@ mod daemon {
         assert_eq!(reply.code, 250, "{reply:?}");
         assert!(d.server.messages()[0].tls.is_some());
         assert!(logs.text().contains("DANE off"), "{}", logs.text());
+    }
+
+    #[tokio::test]
+    async fn ctl_rules_explain_shows_dane_before_a_tls_never_rule() {
+        let cert = self_signed(&[MX]);
+        let data = association(&der(&cert), 1, 1);
+        let d = start(
+            tls(cert),
+            |port| SignedTree::new(secure_zone(port, &[((3, 1, 1), data)])),
+            Some("rules:\n  - name: never\n    tls: never\n"),
+        )
+        .await;
+
+        let answer = d
+            .lab
+            .ctl_json(&["rules", "explain", "--rcpt", RCPT, "--mx", MX])
+            .await;
+
+        assert_eq!(answer["decision"]["action"], "tls", "{answer}");
+        let text = answer["explanation"].as_str().expect("explanation");
+        assert!(
+            text.contains(
+                "policy:      dane: TLS required, the certificate must match a TLSA record"
+            ),
+            "{text}"
+        );
+        assert!(d.server.messages().is_empty(), "explain sends nothing");
     }
 }
