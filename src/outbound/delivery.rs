@@ -414,28 +414,30 @@ impl Outbound {
     /// What DANE says of a host whose MX and address answers were secure: its published
     /// policy (none when it has no secure TLSA records) and its usable records.
     async fn dane(&self, host: &str, port: u16) -> (Option<Published>, Vec<TlsaRecord>) {
-        match self.resolver.tlsa(host, port).await {
-            TlsaAnswer::Records { usable, .. } if !usable.is_empty() => {
-                (Some(Published::Dane(DaneState::Usable)), usable)
-            }
-            TlsaAnswer::Records { unusable, .. } => {
+        let answer = self.resolver.tlsa(host, port).await;
+        match &answer {
+            TlsaAnswer::Records { usable, unusable } if usable.is_empty() => {
                 let why: Vec<String> = unusable.iter().map(|(r, e)| format!("{r}: {e}")).collect();
                 tracing::info!(
                     host,
                     "DANE: no usable TLSA record ({}); TLS required, unauthenticated",
                     why.join("; ")
                 );
-                (Some(Published::Dane(DaneState::Unusable)), Vec::new())
             }
-            TlsaAnswer::None | TlsaAnswer::Insecure => (None, Vec::new()),
             TlsaAnswer::Failed(why) => {
                 tracing::warn!(
                     host,
                     "DANE: {why}; nothing is sent to this host until it can be had"
                 );
-                (Some(Published::Dane(DaneState::Bogus)), Vec::new())
             }
+            _ => {}
         }
+        let published = dane_published(&answer);
+        let usable = match answer {
+            TlsaAnswer::Records { usable, .. } => usable,
+            _ => Vec::new(),
+        };
+        (published, usable)
     }
 
     /// What DANE says of `host` as an MX of `domain` now, for `explain` and `probe`:
@@ -1036,6 +1038,18 @@ pub fn published(policy: Option<&StsPolicy>, server: &str) -> Published {
     Published::MtaSts {
         mode,
         mx_listed: policy.mx_matches(server),
+    }
+}
+
+/// What a secure MX host's TLSA answer publishes (RFC 7672 2.2); `None`: no DANE.
+pub fn dane_published(answer: &TlsaAnswer) -> Option<Published> {
+    match answer {
+        TlsaAnswer::Records { usable, .. } if !usable.is_empty() => {
+            Some(Published::Dane(DaneState::Usable))
+        }
+        TlsaAnswer::Records { .. } => Some(Published::Dane(DaneState::Unusable)),
+        TlsaAnswer::None | TlsaAnswer::Insecure => None,
+        TlsaAnswer::Failed(_) => Some(Published::Dane(DaneState::Bogus)),
     }
 }
 

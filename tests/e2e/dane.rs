@@ -583,4 +583,58 @@ mod daemon {
         );
         assert!(d.server.messages().is_empty(), "explain sends nothing");
     }
+
+    #[tokio::test]
+    async fn probe_shows_dnssec_the_tlsa_records_and_which_one_matched() {
+        let cert = TestCa::new().leaf(&["someone-else.example"], Validity::Expired);
+        let data = association(&der(&cert), 1, 1);
+        let d = start(
+            tls(cert),
+            |port| {
+                SignedTree::new(secure_zone(
+                    port,
+                    &[((3, 1, 1), data), ((1, 1, 1), vec![0x33; 32])],
+                ))
+            },
+            None,
+        )
+        .await;
+
+        let (code, out, err) = d.lab.ctl(&["probe", "dane.test"]).await;
+
+        assert_eq!(code, 0, "{err}");
+        for line in [
+            "DANE: on; MX answer secure",
+            "DNSSEC:   address answer secure",
+            "TLSA:     usable",
+            "1 1 1: unusable, certificate usage 1 is not DANE-TA(2) or DANE-EE(3)",
+            "matched the server certificate",
+            "delivery: TLS",
+        ] {
+            assert!(out.contains(line), "{line:?} missing in\n{out}");
+        }
+        assert!(d.server.messages().is_empty(), "probe sends no mail");
+    }
+
+    #[tokio::test]
+    async fn probe_says_why_no_tlsa_record_matched_and_that_delivery_would_defer() {
+        let cert = self_signed(&[MX]);
+        let other = association(&der(&self_signed(&[MX])), 1, 1);
+        let d = start(
+            tls(cert),
+            |port| SignedTree::new(secure_zone(port, &[((3, 1, 1), other)])),
+            None,
+        )
+        .await;
+
+        let (code, out, err) = d.lab.ctl(&["probe", "dane.test"]).await;
+
+        assert_eq!(code, 0, "{err}");
+        for line in [
+            "dane:     no TLSA record matched: the server certificate matches none of 1 DANE-EE record(s)",
+            "delivery: not to this server: DANE: dane-mismatch",
+        ] {
+            assert!(out.contains(line), "{line:?} missing in\n{out}");
+        }
+    }
 }
