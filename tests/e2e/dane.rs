@@ -637,4 +637,32 @@ mod daemon {
             assert!(out.contains(line), "{line:?} missing in\n{out}");
         }
     }
+
+    #[tokio::test]
+    async fn a_bogus_tlsa_answer_for_a_secure_mx_defers_even_under_tls_never() {
+        let (logs, _guard) = Logs::capture();
+        let cert = self_signed(&[MX]);
+        let data = association(&der(&cert), 1, 1);
+        let d = start(
+            tls(cert),
+            |port| {
+                // MX and address secure in the root zone; the TLSA name a zone of its own,
+                // signed with a key its DS does not name.
+                let tlsa_zone = format!("_{port}._tcp.{MX}");
+                SignedTree::new(secure_zone(port, &[]))
+                    .bogus_zone(&tlsa_zone, Zone::new().tlsa(MX, port, (3, 1, 1), &data))
+            },
+            Some("rules:\n  - name: never\n    tls: never\n"),
+        )
+        .await;
+
+        let (_, rcpts, _) = send(d.lab.smtp, &[RCPT], BODY).await;
+
+        assert_deferred(&rcpts[0], "4.7.5", "dnssec-bogus");
+        assert!(d.server.messages().is_empty(), "never sent in plain");
+        let warned = logs.text().lines().any(|l| {
+            l.contains("WARN") && l.contains("nothing is sent to this host until it can be had")
+        });
+        assert!(warned, "{}", logs.text());
+    }
 }
