@@ -512,7 +512,17 @@ async fn probe_server(outbound: &Outbound, server: &ServerId, port: u16, no_tls:
         StartTlsResult::Refused(conn, reason) => {
             finish(report, TlsOutcome::Plain(reason), Some(conn))
         }
-        StartTlsResult::Lost(reason) => finish(report, TlsOutcome::Plain(reason), None),
+        StartTlsResult::Lost(reason) => {
+            #[cfg(feature = "legacy-tls")]
+            if crate::router::decision::legacy_may_help(&reason)
+                && let Some((conn, session, after)) = probe_legacy(outbound, server, addr).await
+            {
+                lap(&mut report, "legacy-tls");
+                report.tls = Some(legacy_tls_report(&session, after));
+                return finish(report, TlsOutcome::Legacy(session), Some(conn));
+            }
+            finish(report, TlsOutcome::Plain(reason), None)
+        }
         StartTlsResult::Closed(reply) => {
             report.error = Some(format!(
                 "STARTTLS: {reply} (the server closed the connection)"
@@ -522,6 +532,62 @@ async fn probe_server(outbound: &Outbound, server: &ServerId, port: u16, no_tls:
                 outcome: None,
             }
         }
+    }
+}
+
+/// What the legacy stack (OpenSSL) negotiates with a server rustls could not talk to, on
+/// a new connection, as delivery would: the session and EHLO after it; `None` when it
+/// fails too.
+#[cfg(feature = "legacy-tls")]
+async fn probe_legacy(
+    outbound: &Outbound,
+    server: &ServerId,
+    addr: SocketAddr,
+) -> Option<(Connection, crate::outcome::LegacySession, Vec<String>)> {
+    let t = &outbound.timeouts;
+    let mut conn = Connection::connect(&server.name, addr, t.connect)
+        .await
+        .ok()?;
+    outbound.read_greeting(&mut conn).await.ok()?;
+    let caps = outbound.ehlo(&mut conn).await.ok()?;
+    if !caps.starttls {
+        return None;
+    }
+    let (mut conn, session) = conn
+        .starttls_legacy(&outbound.tls, t.command, t.tls_handshake)
+        .await
+        .ok()?;
+    let after = outbound
+        .ehlo(&mut conn)
+        .await
+        .map(|c| c.keywords)
+        .unwrap_or_default();
+    Some((conn, session, after))
+}
+
+#[cfg(feature = "legacy-tls")]
+fn legacy_tls_report(
+    session: &crate::outcome::LegacySession,
+    ehlo_after_tls: Vec<String>,
+) -> TlsReport {
+    let problem = match &session.verification {
+        Verification::Verified => "legacy stack: never authenticated".to_string(),
+        Verification::Failed(problem) => format!(
+            "legacy stack: never authenticated; {}: {problem}",
+            problem.class()
+        ),
+    };
+    TlsReport {
+        version: session.version.clone(),
+        cipher: session.cipher.clone(),
+        verified: false,
+        problem: Some(problem),
+        ehlo_after_tls,
+        certificates: session
+            .chain
+            .iter()
+            .filter_map(|der| Certificate::parse(der))
+            .collect(),
     }
 }
 

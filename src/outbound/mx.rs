@@ -324,7 +324,7 @@ impl MxResolver {
         let records: Vec<&Record> = lookup
             .answers()
             .iter()
-            .filter(|r| r.record_type() == RecordType::MX)
+            .filter(|r| matches!(r.record_type(), RecordType::MX | RecordType::CNAME))
             .collect();
         if Dnssec::bogus(&records) {
             return Err(RouteError::DnsTemporary {
@@ -394,7 +394,13 @@ impl MxResolver {
                     .as_lookup()
                     .answers()
                     .iter()
-                    .filter(|r| matches!(r.record_type(), RecordType::A | RecordType::AAAA))
+                    // A CNAME on the way counts: every link must be secure (RFC 7672 2.2.2).
+                    .filter(|r| {
+                        matches!(
+                            r.record_type(),
+                            RecordType::A | RecordType::AAAA | RecordType::CNAME
+                        )
+                    })
                     .collect();
                 if Dnssec::bogus(&records) {
                     return Err(AddressError::Temporary(
@@ -430,9 +436,9 @@ impl MxResolver {
         let records: Vec<&Record> = lookup
             .answers()
             .iter()
-            .filter(|r| r.record_type() == RecordType::TLSA)
+            .filter(|r| matches!(r.record_type(), RecordType::TLSA | RecordType::CNAME))
             .collect();
-        if records.is_empty() {
+        if !records.iter().any(|r| r.record_type() == RecordType::TLSA) {
             return TlsaAnswer::None;
         }
         // Bogus or indeterminate TLSA records: delivery waits (RFC 7672 2.2).

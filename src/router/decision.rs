@@ -221,7 +221,7 @@ fn legacy_allowed(rule: &Rule, terms: TlsTerms) -> bool {
 /// A rustls failure the legacy stack may get past: the server's protocol versions or cipher
 /// suites are older than rustls has (a protocol_version, handshake_failure or
 /// insufficient_security alert). A failure of the legacy stack itself never is.
-fn legacy_may_help(reason: &NoTls) -> bool {
+pub fn legacy_may_help(reason: &NoTls) -> bool {
     match reason {
         NoTls::LegacyTls(_) => true,
         NoTls::HandshakeFailed(detail) => legacy_cause(detail),
