@@ -1048,6 +1048,8 @@ mod tests {
             (C::TlsLegacy, R::ValidationFailure),
             (C::CertNotYetValid, R::ValidationFailure),
             (C::ProtocolViolation, R::ValidationFailure),
+            (C::DaneMismatch, R::ValidationFailure),
+            (C::DnssecBogus, R::DnssecInvalid),
         ] {
             assert_eq!(result_type(class), Some(want), "{class}");
         }
