@@ -132,6 +132,9 @@ pub struct ServerReport {
     /// Which TLSA record matched the certificate the server sent, or why none did.
     #[serde(default)]
     pub dane: Option<String>,
+    /// What the legacy stack (OpenSSL) negotiated, for a server rustls failed with.
+    #[serde(default)]
+    pub legacy_tls: Option<TlsReport>,
 }
 
 #[derive(Debug, Serialize, serde::Deserialize)]
@@ -513,13 +516,15 @@ async fn probe_server(outbound: &Outbound, server: &ServerId, port: u16, no_tls:
             finish(report, TlsOutcome::Plain(reason), Some(conn))
         }
         StartTlsResult::Lost(reason) => {
+            // What rustls found stays the outcome (delivery starts from it too); what the
+            // legacy stack then gets is shown beside it.
             #[cfg(feature = "legacy-tls")]
             if crate::router::decision::legacy_may_help(&reason)
                 && let Some((conn, session, after)) = probe_legacy(outbound, server, addr).await
             {
                 lap(&mut report, "legacy-tls");
-                report.tls = Some(legacy_tls_report(&session, after));
-                return finish(report, TlsOutcome::Legacy(session), Some(conn));
+                report.legacy_tls = Some(legacy_tls_report(&session, after));
+                tokio::spawn(conn.quit());
             }
             finish(report, TlsOutcome::Plain(reason), None)
         }
@@ -756,6 +761,16 @@ fn render_server(out: &mut String, s: &ServerReport) {
     }
     if let Some(dane) = &s.dane {
         let _ = writeln!(out, "    dane:     {dane}");
+    }
+    if let Some(legacy) = &s.legacy_tls {
+        let _ = writeln!(
+            out,
+            "    legacy:   {} {} (the legacy stack, OpenSSL: encrypted, never authenticated)",
+            legacy.version, legacy.cipher
+        );
+        if let Some(problem) = &legacy.problem {
+            let _ = writeln!(out, "              {problem}");
+        }
     }
     if let Some(error) = &s.error {
         let _ = writeln!(out, "    error:    {error}");

@@ -235,9 +235,10 @@ async fn probe_shows_the_protocol_and_cipher_the_legacy_stack_negotiates_with_a_
 
     assert_eq!(code, 0, "{err}");
     for line in [
-        "tls:      TLSv1.0 ",
-        "verify:   legacy stack: never authenticated",
-        "outcome:  tls-legacy (legacy TLS stack, not authenticated: TLSv1.0 ",
+        "outcome:  legacy-tls (",
+        "legacy:   TLSv1.0 TLS_",
+        "(the legacy stack, OpenSSL: encrypted, never authenticated)",
+        "delivery: legacy TLS",
     ] {
         assert!(out.contains(line), "{line:?} missing in\n{out}");
     }
