@@ -613,6 +613,8 @@ async fn serve(config: Config) -> ExitCode {
     // Caught from here on: a SIGTERM or SIGINT right after the line below stops the daemon
     // cleanly instead of killing it.
     let signals = Termination::new();
+    // Whether DANE is in force is known, and logged, before the first message.
+    proxy.outbound.resolver.check_dnssec().await;
     let bound = listener.local_addr().map_or(listen, |a| a);
     let own: std::sync::Arc<[std::net::SocketAddr]> = std::iter::once(bound)
         .chain(extra.iter().map(|(_, addr, _)| *addr))

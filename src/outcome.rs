@@ -25,10 +25,12 @@ pub enum OutcomeClass {
     ProtocolViolation,
     ConnectFailed,
     Timeout,
+    DaneMismatch,
+    DnssecBogus,
 }
 
 impl OutcomeClass {
-    pub const ALL: [OutcomeClass; 14] = [
+    pub const ALL: [OutcomeClass; 16] = [
         OutcomeClass::TlsVerified,
         OutcomeClass::TlsUnverified,
         OutcomeClass::TlsLegacy,
@@ -43,6 +45,8 @@ impl OutcomeClass {
         OutcomeClass::ProtocolViolation,
         OutcomeClass::ConnectFailed,
         OutcomeClass::Timeout,
+        OutcomeClass::DaneMismatch,
+        OutcomeClass::DnssecBogus,
     ];
 
     /// What this class means for delivery, the cache and the rules: its row of [`MEANINGS`].
@@ -82,6 +86,8 @@ impl OutcomeClass {
             OutcomeClass::ProtocolViolation => "protocol-violation",
             OutcomeClass::ConnectFailed => "connect-failed",
             OutcomeClass::Timeout => "timeout",
+            OutcomeClass::DaneMismatch => "dane-mismatch",
+            OutcomeClass::DnssecBogus => "dnssec-bogus",
         }
     }
 }
@@ -159,7 +165,7 @@ const fn row(class: OutcomeClass, kind: Kind, when_cached: WhenCached, downgrade
 /// The decision table, in the order of [`OutcomeClass::ALL`]. A certificate failure is
 /// no downgrade: TLS still came up. Nor is `tls-legacy`: it is TLS, and a later failure of
 /// such a host is a downgrade from it.
-pub const MEANINGS: [Meaning; 14] = {
+pub const MEANINGS: [Meaning; 16] = {
     use Kind::*;
     use OutcomeClass as C;
     use WhenCached::*;
@@ -193,6 +199,10 @@ pub const MEANINGS: [Meaning; 14] = {
         row(C::ProtocolViolation, TlsFailure, SkipTls, true),
         row(C::ConnectFailed, Unreachable, SkipAddress, false),
         row(C::Timeout, Unreachable, SkipAddress, false),
+        // The TLSA records may change at any time: always tried again under DANE.
+        row(C::DaneMismatch, CertFailure, TryTls, false),
+        // A fact about the domain's DNS, not the server: never cached, always asked again.
+        row(C::DnssecBogus, TlsFailure, TryTls, false),
     ]
 };
 
@@ -329,6 +339,8 @@ pub enum NoTls {
         class: OutcomeClass,
         detail: String,
     },
+    /// DANE: the certificate matched none of the host's usable TLSA records.
+    DaneMismatch(String),
 }
 
 impl NoTls {
@@ -341,6 +353,7 @@ impl NoTls {
             NoTls::CertRejected(problem) => problem.class(),
             NoTls::ProtocolViolation(_) => OutcomeClass::ProtocolViolation,
             NoTls::Cached { class, .. } => *class,
+            NoTls::DaneMismatch(_) => OutcomeClass::DaneMismatch,
             NoTls::NotWanted => return None,
         })
     }
@@ -357,6 +370,7 @@ impl fmt::Display for NoTls {
             NoTls::CertRejected(problem) => problem.fmt(f),
             NoTls::ProtocolViolation(detail) => write!(f, "protocol violation: {detail}"),
             NoTls::NotWanted => f.write_str("TLS not wanted by rule"),
+            NoTls::DaneMismatch(detail) => write!(f, "dane-mismatch: {detail}"),
             NoTls::Cached { detail, .. } => write!(
                 f,
                 "{detail} (cached: not tried again until the entry expires or is flushed)"

@@ -13,8 +13,9 @@ use std::sync::Arc;
 use crate::cache::Observation;
 use crate::certificate::Certificate;
 use crate::outbound::connection::{Connection, StartTlsResult};
+use crate::outbound::dane::{DaneVerdict, DaneVerifier, TlsaRecord};
 use crate::outbound::delivery::Outbound;
-use crate::outbound::mx::{MxHost, ServerId, literal_address};
+use crate::outbound::mx::{Dnssec, MxHost, ServerId, TlsaAnswer, literal_address};
 use crate::outcome::{NoTls, OutcomeClass, TlsOutcome, TlsSession, Verification};
 use crate::policy::mta_sts::{PolicyLookup, PolicyStore, StsPolicy};
 use crate::router::Plan;
@@ -58,6 +59,12 @@ pub struct ProbeReport {
     /// What the domain publishes through MTA-STS, as the daemon's policy store has it.
     #[serde(default)]
     pub mta_sts: Option<PolicyReport>,
+    /// Whether DANE is in force (`on`, or `off` and why).
+    #[serde(default)]
+    pub dane: Option<String>,
+    /// Whether the domain's MX answer was DNSSEC-`secure` or `insecure`.
+    #[serde(default)]
+    pub mx_dnssec: Option<String>,
 }
 
 /// A domain's MTA-STS policy, for people.
@@ -84,6 +91,21 @@ pub struct MxReport {
     #[serde(default)]
     pub in_policy: Option<bool>,
     pub servers: Vec<ServerReport>,
+    /// Whether the host's address answer was DNSSEC-`secure` or `insecure`.
+    #[serde(default)]
+    pub dnssec: Option<String>,
+    /// The host's TLSA records, when its MX and address answers were secure.
+    #[serde(default)]
+    pub tlsa: Option<TlsaReport>,
+}
+
+/// What an MX host's TLSA lookup found, for people.
+#[derive(Debug, Serialize, serde::Deserialize)]
+pub struct TlsaReport {
+    /// `usable`, `none usable`, `none`, `insecure`, or `failed: ...`.
+    pub state: String,
+    /// Each record as in a zone file, with `usable` or why it is not.
+    pub records: Vec<String>,
 }
 
 #[derive(Debug, Default, Serialize, serde::Deserialize)]
@@ -107,6 +129,9 @@ pub struct ServerReport {
     /// What a delivery through this server does now, given what was found here.
     #[serde(default)]
     pub decision: Option<String>,
+    /// Which TLSA record matched the certificate the server sent, or why none did.
+    #[serde(default)]
+    pub dane: Option<String>,
     /// When rustls could not talk to the server and the decision is the legacy stack:
     /// what that stack negotiated, or why it failed.
     #[serde(default)]
@@ -148,27 +173,38 @@ pub async fn probe(
     };
     let policy = lookup.policy().cloned();
     let port = target.port.unwrap_or(outbound.port);
-    let (hosts, dns_error) = match (&target.mx, &target.domain) {
-        (Some(mx), _) => (
-            vec![MxHost {
+    let dane_on = outbound.resolver.check_dnssec().await;
+    let (hosts, dns_error, mx_dnssec) = match (&target.mx, &target.domain) {
+        (Some(mx), domain) => {
+            let mx_dnssec = match domain {
+                Some(domain) => outbound
+                    .resolver
+                    .mail_exchangers_checked(domain)
+                    .await
+                    .ok()
+                    .map(|(_, dnssec)| dnssec),
+                None => None,
+            };
+            let host = MxHost {
                 name: mx.clone(),
                 preference: 0,
-            }],
-            None,
-        ),
-        (None, Some(domain)) => match outbound.resolver.mail_exchangers(domain).await {
-            Ok(hosts) => (hosts, None),
-            Err(e) => (Vec::new(), Some(e.to_string())),
+            };
+            (vec![host], None, mx_dnssec)
+        }
+        (None, Some(domain)) => match outbound.resolver.mail_exchangers_checked(domain).await {
+            Ok((hosts, dnssec)) => (hosts, None, Some(dnssec)),
+            Err(e) => (Vec::new(), Some(e.to_string()), None),
         },
-        (None, None) => (Vec::new(), target.missing().map(String::from)),
+        (None, None) => (Vec::new(), target.missing().map(String::from), None),
     };
+    let mx_secure = mx_dnssec == Some(Dnssec::Secure);
     let mut mx = Vec::new();
     for host in hosts {
         let probed = probe_host(
             outbound,
             rules,
             policy.as_deref(),
-            host,
+            (host, mx_secure),
             port,
             target,
             record,
@@ -183,7 +219,62 @@ pub async fn probe(
         rule,
         plan,
         mta_sts: target.domain.as_ref().map(|_| policy_report(&lookup)),
+        dane: Some(if dane_on {
+            "on".to_string()
+        } else {
+            "off (resolver.dane: off, or the name servers cannot serve DNSSEC)".to_string()
+        }),
+        mx_dnssec: mx_dnssec.map(|d| d.name().to_string()),
     }
+}
+
+fn tlsa_report(answer: &TlsaAnswer) -> TlsaReport {
+    let (state, records) = match answer {
+        TlsaAnswer::Records { usable, unusable } => {
+            let state = if usable.is_empty() {
+                "none usable"
+            } else {
+                "usable"
+            };
+            let records = usable
+                .iter()
+                .map(|r| format!("{r} usable"))
+                .chain(
+                    unusable
+                        .iter()
+                        .map(|(r, why)| format!("{r}: unusable, {why}")),
+                )
+                .collect();
+            (state.to_string(), records)
+        }
+        TlsaAnswer::None => ("none".to_string(), Vec::new()),
+        TlsaAnswer::Insecure => ("insecure".to_string(), Vec::new()),
+        TlsaAnswer::Failed(why) => (format!("failed: {why}"), Vec::new()),
+    };
+    TlsaReport { state, records }
+}
+
+/// What the host's usable TLSA records make of the chain a server sent, by the verifier
+/// delivery uses.
+fn dane_verdict(
+    records: &[TlsaRecord],
+    chain: &[rustls::pki_types::CertificateDer<'static>],
+    host: &str,
+) -> DaneVerdict {
+    use rustls::client::danger::ServerCertVerifier;
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let verifier = DaneVerifier::new(records.to_vec(), provider);
+    let Some((end_entity, intermediates)) = chain.split_first() else {
+        return DaneVerdict::NoMatch("the server sent no certificate".into());
+    };
+    let Ok(name) = rustls::pki_types::ServerName::try_from(host.to_string()) else {
+        return DaneVerdict::NoMatch(format!("{host:?} is not a valid TLS name"));
+    };
+    let now = rustls::pki_types::UnixTime::now();
+    let _ = verifier.verify_server_cert(end_entity, intermediates, &name, &[], now);
+    verifier
+        .verdict()
+        .unwrap_or_else(|| DaneVerdict::NoMatch("not checked".into()))
 }
 
 fn policy_report(lookup: &PolicyLookup) -> PolicyReport {
@@ -246,28 +337,50 @@ async fn probe_host(
     outbound: &Outbound,
     rules: &Arc<RuleSet>,
     policy: Option<&StsPolicy>,
-    host: MxHost,
+    // `mx_secure`: the domain's MX answer was DNSSEC-secure.
+    (host, mx_secure): (MxHost, bool),
     port: u16,
     target: &ProbeTarget,
     record: bool,
 ) -> MxReport {
     let addresses = match literal_address(&host.name) {
-        Some(ip) => Ok(vec![ip]),
-        None => outbound.resolver.addresses(&host.name).await,
+        Some(ip) => Ok((vec![ip], Dnssec::Insecure)),
+        None => outbound.resolver.addresses_checked(&host.name).await,
+    };
+    let addr_dnssec = addresses.as_ref().ok().map(|(_, dnssec)| *dnssec);
+    // Asked only where delivery asks it (RFC 7672 2.2).
+    let tlsa =
+        if outbound.resolver.dane_active() && mx_secure && addr_dnssec == Some(Dnssec::Secure) {
+            Some(outbound.resolver.tlsa(&host.name, port).await)
+        } else {
+            None
+        };
+    let dane = tlsa
+        .as_ref()
+        .and_then(crate::outbound::delivery::dane_published);
+    let usable = match &tlsa {
+        Some(TlsaAnswer::Records { usable, .. }) => usable.clone(),
+        _ => Vec::new(),
     };
     let mut report = MxReport {
         host: host.name.clone(),
         preference: host.preference,
-        addresses: addresses.clone().unwrap_or_default(),
+        addresses: addresses
+            .as_ref()
+            .map(|(addrs, _)| addrs.clone())
+            .unwrap_or_default(),
         error: addresses.as_ref().err().map(ToString::to_string),
         in_policy: policy.map(|p| p.mx_matches(&crate::outbound::mx::bare_name(&host.name))),
         servers: Vec::new(),
+        dnssec: addr_dnssec.map(|d| d.name().to_string()),
+        tlsa: tlsa.as_ref().map(tlsa_report),
     };
     for ip in report.addresses.clone() {
         let id = ServerId::new(&host.name, ip);
         let server = probe_server(outbound, &id, port, target.no_tls).await;
         let mut server = server;
-        let published = crate::outbound::delivery::published(policy, &id.name);
+        let published =
+            dane.unwrap_or_else(|| crate::outbound::delivery::published(policy, &id.name));
         // Where delivery would turn to the legacy stack, so does the probe, and what that
         // stack found replaces what rustls found.
         if !target.no_tls {
@@ -295,9 +408,23 @@ async fn probe_host(
             .as_ref()
             .map(Observation::classes)
             .unwrap_or_default();
-        let outcome = server.outcome.clone();
+        let mut outcome = server.outcome.clone();
         let mut server = server.report;
         (server.rule, server.plan) = explain_for(rules, target, Some(&id.name), &classes).unzip();
+        if let Some(TlsOutcome::Encrypted(session)) = &outcome
+            && !usable.is_empty()
+        {
+            // Under DANE the TLSA records judge the certificate, as in delivery.
+            let verdict = dane_verdict(&usable, &session.chain, &id.name);
+            server.dane = Some(verdict.to_string());
+            outcome = Some(match verdict {
+                DaneVerdict::Matched { .. } => TlsOutcome::Encrypted(TlsSession {
+                    verification: Verification::Verified,
+                    ..session.clone()
+                }),
+                DaneVerdict::NoMatch(why) => TlsOutcome::Plain(NoTls::DaneMismatch(why)),
+            });
+        }
         server.decision = decision_for(
             rules,
             target,
@@ -571,6 +698,13 @@ pub fn render(report: &ProbeReport) -> String {
     if let Some(policy) = &report.mta_sts {
         render_policy(&mut out, policy);
     }
+    if let Some(dane) = &report.dane {
+        let mx = report
+            .mx_dnssec
+            .as_deref()
+            .map_or(String::new(), |d| format!("; MX answer {d}"));
+        let _ = writeln!(out, "  DANE: {dane}{mx}");
+    }
     for mx in &report.mx {
         let addrs: Vec<String> = mx.addresses.iter().map(ToString::to_string).collect();
         let _ = writeln!(
@@ -591,6 +725,15 @@ pub fn render(report: &ProbeReport) -> String {
                 let _ = writeln!(out, "  MTA-STS:  NOT named by the policy");
             }
             None => {}
+        }
+        if let Some(dnssec) = &mx.dnssec {
+            let _ = writeln!(out, "  DNSSEC:   address answer {dnssec}");
+        }
+        if let Some(tlsa) = &mx.tlsa {
+            let _ = writeln!(out, "  TLSA:     {}", tlsa.state);
+            for record in &tlsa.records {
+                let _ = writeln!(out, "            {record}");
+            }
         }
         for server in &mx.servers {
             render_server(&mut out, server);
@@ -667,7 +810,7 @@ fn render_server(out: &mut String, s: &ServerReport) {
             (Some(version), Some(cipher), _) => {
                 let _ = writeln!(
                     out,
-                    "    legacy:   {version} {cipher} (second TLS stack; not authenticated)"
+                    "    legacy:   {version} {cipher} (the legacy stack, OpenSSL: encrypted, never authenticated)"
                 );
             }
             (_, _, error) => {
@@ -682,6 +825,9 @@ fn render_server(out: &mut String, s: &ServerReport) {
     if let Some(class) = s.class {
         let detail = s.detail.as_deref().unwrap_or("");
         let _ = writeln!(out, "    outcome:  {class} ({detail})");
+    }
+    if let Some(dane) = &s.dane {
+        let _ = writeln!(out, "    dane:     {dane}");
     }
     if let Some(error) = &s.error {
         let _ = writeln!(out, "    error:    {error}");

@@ -39,8 +39,8 @@ impl Proxy {
         #[cfg(unix)]
         config.admin.group_id()?;
         // One resolver, so delivery and policy lookups share hickory's cache.
-        let resolver = Arc::new(MxResolver::new(
-            &config.resolver.nameservers,
+        let resolver = Arc::new(MxResolver::with_config(
+            &config.resolver,
             config.timeouts.dns,
         )?);
         let mut tls = TlsClient::new(&config.tls)?;

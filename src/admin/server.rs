@@ -117,10 +117,14 @@ pub async fn handle(proxy: &Proxy, request: Request) -> Response {
             };
             // The domain's policy as this daemon holds it now.
             let policy = proxy.policies.cached(&domain);
-            let published = crate::outbound::delivery::published(
-                policy.as_deref(),
-                &crate::outbound::mx::bare_name(mx.as_deref().unwrap_or("")),
-            );
+            let host = crate::outbound::mx::bare_name(mx.as_deref().unwrap_or(""));
+            let published = crate::outbound::delivery::published(policy.as_deref(), &host);
+            // DANE comes first, as the daemon would find it for that MX host now.
+            let published = match &mx {
+                Some(_) => proxy.outbound.dane_policy(&domain, &host).await,
+                None => None,
+            }
+            .unwrap_or(published);
             let question = Question {
                 recipient_domain: &domain,
                 sender_domain: sender_domain.as_deref(),

@@ -446,6 +446,47 @@ impl Connection {
         Ok((conn, session))
     }
 
+    /// Like `starttls`, with the DANE verifier: the certificate must match `records`.
+    pub async fn starttls_dane(
+        self,
+        tls: &TlsClient,
+        min_tls: MinTls,
+        records: Vec<crate::outbound::dane::TlsaRecord>,
+        command_timeout: Duration,
+        handshake_timeout: Duration,
+    ) -> StartTlsResult {
+        let conn = match self.starttls_accepted(command_timeout).await {
+            Ok(conn) => conn,
+            Err(result) => return result,
+        };
+        let Connection {
+            io,
+            peer,
+            host,
+            line,
+            ..
+        } = conn;
+        let Transport::Plain(tcp) = io.into_inner() else {
+            return StartTlsResult::Lost(NoTls::ProtocolViolation("TLS inside TLS".into()));
+        };
+        match tls
+            .handshake_dane(tcp, &host, min_tls, records, handshake_timeout)
+            .await
+        {
+            Ok((stream, session)) => {
+                let conn = Connection {
+                    io: BufReader::with_capacity(16 * 1024, Transport::Tls(Box::new(stream))),
+                    peer,
+                    host,
+                    line,
+                    closed_by_remote: false,
+                };
+                StartTlsResult::Encrypted(conn, session)
+            }
+            Err(reason) => StartTlsResult::Lost(reason),
+        }
+    }
+
     /// Like `upgrade`, with the legacy stack: for a host rustls could not talk to.
     #[cfg(feature = "legacy-tls")]
     pub async fn upgrade_legacy(

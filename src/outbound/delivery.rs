@@ -13,8 +13,9 @@ use serde::Deserialize;
 use crate::cache::{Observation, OutcomeCache};
 use crate::config::values::Timeouts;
 use crate::outbound::connection::{Connection, ExchangeError, StartTlsResult};
+use crate::outbound::dane::TlsaRecord;
 use crate::outbound::mx::{
-    AddressError, MxHost, MxResolver, RouteError, ServerId, literal_address,
+    AddressError, Dnssec, MxHost, MxResolver, RouteError, ServerId, TlsaAnswer, literal_address,
 };
 use crate::outbound::pool::{Idle, Lineage, Pool, PoolConfig, PoolKey};
 use crate::outbound::tls::TlsClient;
@@ -24,7 +25,8 @@ use crate::policy::mta_sts::{Mode, PolicyLookup, StsPolicy};
 use crate::policy::tlsrpt::{PolicyFacts, SessionResult, SessionSite, TlsReports};
 use crate::router::Plan;
 use crate::router::decision::{
-    HostDecision, Known, Published, StsMode, TlsTerms, decide, is_fact_about_server, overridden,
+    DaneState, HostDecision, Known, Published, StsMode, TlsTerms, decide, is_fact_about_server,
+    overridden,
 };
 use crate::rules::model::{AuthSpec, HostPort};
 use crate::rules::{Fallback, MinTls, Route, Rule};
@@ -234,6 +236,8 @@ struct Attempt<'a> {
     greeted: &'a std::sync::Mutex<Option<(Connection, Capabilities)>>,
     /// The recipient to pipeline with MAIL FROM, where the remote allows it.
     first_recipient: Option<&'a Mailbox>,
+    /// The server's usable TLSA records, when DANE applies.
+    tlsa: &'a [TlsaRecord],
 }
 
 impl Attempt<'_> {
@@ -462,18 +466,36 @@ impl Outbound {
         // The last refusal for a missing extension, and how many servers gave one.
         let (mut unsupported, mut unsupported_count) = (None, 0);
         let mut tls_rule = plan.base_rule().name.clone();
+        let mx_secure = match hop {
+            NextHop::Mx(_) | NextHop::OriginalDestination { mx: Some(_), .. } => {
+                self.mx_secure(domain).await
+            }
+            NextHop::Smarthost(_) | NextHop::OriginalDestination { mx: None, .. } => false,
+        };
         for (host, port) in servers {
             let addrs = match hop {
-                // Only the address the MTA chose, not the name's other addresses.
-                NextHop::OriginalDestination { addr, .. } => Ok(vec![addr.ip()]),
-                _ => self.addresses(&host).await,
+                // Only the address the MTA chose; DANE applies when it is a secure answer
+                // for the MX name it was matched to.
+                NextHop::OriginalDestination { addr, .. } => {
+                    let dnssec = match self.addresses_checked(&host).await {
+                        Ok((found, dnssec)) if found.contains(&addr.ip()) => dnssec,
+                        _ => Dnssec::Insecure,
+                    };
+                    Ok((vec![addr.ip()], dnssec))
+                }
+                _ => self.addresses_checked(&host).await,
             };
-            let addrs = match addrs {
-                Ok(addrs) => addrs,
+            let (addrs, addr_dnssec) = match addrs {
+                Ok(found) => found,
                 Err(e) => {
                     failures.push(format!("{host}: {e}"));
                     continue;
                 }
+            };
+            let (dane, tlsa) = if mx_secure && addr_dnssec == Dnssec::Secure {
+                self.dane(&host, port).await
+            } else {
+                (None, Vec::new())
             };
             for ip in addrs {
                 let server = ServerId::new(&host, ip);
@@ -481,7 +503,8 @@ impl Outbound {
                 let classes = cached.as_ref().map(|e| e.classes()).unwrap_or_default();
                 let rule = plan.rule_for_host(&server.name, &classes);
                 let known = cached.as_ref().map_or(Known::Nothing, Known::Cached);
-                let published = published(policy, &server.name);
+                // DANE comes before MTA-STS (RFC 8461 2).
+                let published = dane.unwrap_or_else(|| published(policy, &server.name));
                 if overridden(rule, published) {
                     tracing::warn!(server = %server, rule = %rule.name, "rule overrides the domain's published policy ({})", published.name().unwrap_or("none"));
                 }
@@ -519,6 +542,7 @@ impl Outbound {
                     policy,
                     greeted,
                     first_recipient: first,
+                    tlsa: &tlsa,
                 };
                 // The connection made at accept comes first; else a pooled one that fits.
                 let has_greeted = greeted.lock().is_ok_and(|slot| slot.is_some());
@@ -632,10 +656,12 @@ impl Outbound {
     /// authenticated (its credentials are not part of the key), or a legacy-stack session.
     fn pool_key(&self, attempt: &Attempt<'_>, session: &Session) -> Option<PoolKey> {
         let authenticated = matches!(attempt.route, Route::Smarthost { auth: Some(_), .. });
+        // A DANE session is judged by its TLSA records, which the pool does not keep.
         if !self.pool.config.enabled
             || authenticated
             || session.relay.is_some()
             || matches!(session.tls, TlsOutcome::Legacy(_))
+            || matches!(attempt.published, Published::Dane(_))
         {
             return None;
         }
@@ -685,6 +711,59 @@ impl Outbound {
         }
     }
 
+    /// Whether the domain's MX answer was DNSSEC-secure, when DANE is in force. Asked
+    /// again here so that what routing uses stays as it is without DANE.
+    async fn mx_secure(&self, domain: &str) -> bool {
+        if domain.starts_with('[') || !self.resolver.check_dnssec().await {
+            return false;
+        }
+        matches!(
+            self.resolver.mail_exchangers_checked(domain).await,
+            Ok((_, Dnssec::Secure))
+        )
+    }
+
+    /// What DANE says of a host whose MX and address answers were secure: its published
+    /// policy (none when it has no secure TLSA records) and its usable records.
+    async fn dane(&self, host: &str, port: u16) -> (Option<Published>, Vec<TlsaRecord>) {
+        let answer = self.resolver.tlsa(host, port).await;
+        match &answer {
+            TlsaAnswer::Records { usable, unusable } if usable.is_empty() => {
+                let why: Vec<String> = unusable.iter().map(|(r, e)| format!("{r}: {e}")).collect();
+                tracing::info!(
+                    host,
+                    "DANE: no usable TLSA record ({}); TLS required, unauthenticated",
+                    why.join("; ")
+                );
+            }
+            TlsaAnswer::Failed(why) => {
+                tracing::warn!(
+                    host,
+                    "DANE: {why}; nothing is sent to this host until it can be had"
+                );
+            }
+            _ => {}
+        }
+        let published = dane_published(&answer);
+        let usable = match answer {
+            TlsaAnswer::Records { usable, .. } => usable,
+            _ => Vec::new(),
+        };
+        (published, usable)
+    }
+
+    /// What DANE says of `host` as an MX of `domain` now, for `explain` and `probe`:
+    /// `None` when DANE is off or does not apply (an insecure answer, no TLSA records).
+    pub async fn dane_policy(&self, domain: &str, host: &str) -> Option<Published> {
+        if !self.mx_secure(domain).await {
+            return None;
+        }
+        match self.addresses_checked(host).await {
+            Ok((_, Dnssec::Secure)) => self.dane(host, self.port).await.0,
+            _ => None,
+        }
+    }
+
     /// A pooled connection for this attempt, up to the remote's acceptance of MAIL FROM.
     /// One that turns out dead (or answers anything but 250) is closed and the next is
     /// tried; `None` when none is left, and the attempt connects anew: nothing was
@@ -696,6 +775,7 @@ impl Outbound {
     ) -> Option<(Session, Lineage, Option<FirstReply>)> {
         if !self.pool.config.enabled
             || matches!(attempt.route, Route::Smarthost { auth: Some(_), .. })
+            || matches!(attempt.published, Published::Dane(_))
         {
             return None;
         }
@@ -749,6 +829,16 @@ impl Outbound {
             }
             self.stats.pool_dead.inc();
             tokio::spawn(idle.conn.quit());
+        }
+    }
+
+    async fn addresses_checked(
+        &self,
+        host: &str,
+    ) -> Result<(Vec<std::net::IpAddr>, Dnssec), AddressError> {
+        match literal_address(host) {
+            Some(ip) => Ok((vec![ip], Dnssec::Insecure)),
+            None => self.resolver.addresses_checked(host).await,
         }
     }
 
@@ -859,7 +949,13 @@ impl Outbound {
             Some(greeted) => greeted,
             None => self.greet(attempt.server, attempt.addr()).await?,
         };
-        let secured = self.secure(terms, conn, caps).await;
+        let secured = if attempt.published == Published::Dane(DaneState::Usable)
+            && !overridden(attempt.rule, attempt.published)
+        {
+            self.secure_dane(terms, conn, caps, attempt.tlsa).await
+        } else {
+            self.secure(terms, conn, caps).await
+        };
         let Some(outcome) = secured.outcome() else {
             let Secured::Closed(why) = secured else {
                 return Err(Failure::Next("TLS attempt ended without an outcome".into()));
@@ -1243,6 +1339,41 @@ impl Outbound {
         }
     }
 
+    /// As [`Outbound::secure`], with the certificate judged by the host's TLSA records.
+    async fn secure_dane(
+        &self,
+        terms: TlsTerms,
+        conn: Connection,
+        caps: Capabilities,
+        tlsa: &[TlsaRecord],
+    ) -> Secured {
+        if !caps.starttls {
+            return Secured::Plain(conn, caps, NoTls::NoStarttls);
+        }
+        let t = &self.timeouts;
+        let clock = std::time::Instant::now();
+        let started = conn
+            .starttls_dane(
+                &self.tls,
+                terms.min_tls,
+                tlsa.to_vec(),
+                t.command,
+                t.tls_handshake,
+            )
+            .await;
+        self.stats.handshake_time(clock.elapsed().as_secs_f64());
+        let (mut conn, session) = match started {
+            StartTlsResult::Encrypted(conn, session) => (conn, session),
+            StartTlsResult::Refused(conn, reason) => return Secured::Plain(conn, caps, reason),
+            StartTlsResult::Lost(reason) => return Secured::Lost(reason),
+            StartTlsResult::Closed(reply) => return Secured::Closed(format!("STARTTLS: {reply}")),
+        };
+        match self.ehlo(&mut conn).await {
+            Ok(caps) => Secured::Tls(conn, caps, session),
+            Err(why) => Secured::Closed(format!("after TLS: {why}")),
+        }
+    }
+
     /// AUTH PLAIN or LOGIN, over TLS only, with credentials read now (so they can rotate).
     async fn authenticate(
         &self,
@@ -1317,6 +1448,18 @@ pub fn published(policy: Option<&StsPolicy>, server: &str) -> Published {
     Published::MtaSts {
         mode,
         mx_listed: policy.mx_matches(server),
+    }
+}
+
+/// What a secure MX host's TLSA answer publishes (RFC 7672 2.2); `None`: no DANE.
+pub fn dane_published(answer: &TlsaAnswer) -> Option<Published> {
+    match answer {
+        TlsaAnswer::Records { usable, .. } if !usable.is_empty() => {
+            Some(Published::Dane(DaneState::Usable))
+        }
+        TlsaAnswer::Records { .. } => Some(Published::Dane(DaneState::Unusable)),
+        TlsaAnswer::None | TlsaAnswer::Insecure => None,
+        TlsaAnswer::Failed(_) => Some(Published::Dane(DaneState::Bogus)),
     }
 }
 

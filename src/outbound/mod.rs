@@ -10,7 +10,7 @@ pub mod delivery;
 #[cfg(feature = "legacy-tls")]
 pub mod legacy;
 pub mod mx;
-pub mod socket_mark;
 pub mod pool;
+pub mod socket_mark;
 pub mod tls;
 pub mod upstream;

@@ -2,18 +2,22 @@
 //! (RFC 7505), implicit MX, and the addresses of each host.
 
 use std::net::{IpAddr, SocketAddr};
+use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use hickory_resolver::TokioResolver;
 use hickory_resolver::config::{ConnectionConfig, NameServerConfig};
 use hickory_resolver::net::runtime::TokioRuntimeProvider;
 use hickory_resolver::net::{DnsError, NetError};
+use hickory_resolver::proto::dnssec::{Proof, TrustAnchors};
 use hickory_resolver::proto::op::ResponseCode;
-use hickory_resolver::proto::rr::RData;
+use hickory_resolver::proto::rr::{RData, Record, RecordType};
 use rand::seq::SliceRandom;
 
 use serde::Deserialize;
 
+use crate::outbound::dane::{TlsaRecord, Unusable};
 use crate::smtp::Reply;
 
 /// `resolver:` in the configuration.
@@ -22,6 +26,70 @@ use crate::smtp::Reply;
 pub struct ResolverConfig {
     /// `ip:port` of the name servers to ask; empty means the system's (resolv.conf).
     pub nameservers: Vec<SocketAddr>,
+    /// DANE (RFC 7672): validate MX, address and TLSA answers with DNSSEC and follow the
+    /// TLSA records of secure MX hosts.
+    pub dane: Dane,
+    /// DNSKEY records (zone-file syntax) to trust instead of the root's keys: for labs.
+    pub trust_anchor_file: Option<PathBuf>,
+}
+
+/// `resolver.dane`: `on` (the default) or `off`.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Dane {
+    #[default]
+    On,
+    Off,
+}
+
+/// What DNSSEC says of an answer (RFC 4035 4.3). Bogus answers never get this far: they
+/// are failed lookups.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Dnssec {
+    /// Validated from the trust anchor down.
+    Secure,
+    /// Not signed (or DANE is off): nothing is proven either way.
+    Insecure,
+}
+
+impl Dnssec {
+    pub fn name(self) -> &'static str {
+        match self {
+            Dnssec::Secure => "secure",
+            Dnssec::Insecure => "insecure",
+        }
+    }
+
+    /// Whether a validating resolver found any of the records bogus. hickory hands such
+    /// records back marked, not as an error: they must not be used (RFC 4035 4.3).
+    fn bogus(records: &[&Record]) -> bool {
+        records.iter().any(|r| r.proof == Proof::Bogus)
+    }
+
+    /// Secure only when every record is.
+    fn of(records: &[&Record]) -> Dnssec {
+        if !records.is_empty() && records.iter().all(|r| r.proof == Proof::Secure) {
+            Dnssec::Secure
+        } else {
+            Dnssec::Insecure
+        }
+    }
+}
+
+/// What the TLSA lookup of an MX host found (RFC 7672 2.2).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum TlsaAnswer {
+    /// Secure TLSA records: the usable ones, and why each other one is not.
+    Records {
+        usable: Vec<TlsaRecord>,
+        unusable: Vec<(String, Unusable)>,
+    },
+    /// No TLSA records (securely denied, or in an insecure zone): no DANE for this host.
+    None,
+    /// The records were found but are not secure (an insecure zone): no DANE.
+    Insecure,
+    /// Bogus, indeterminate or failed (SERVFAIL, timeout): delivery must wait (RFC 7672 2.2).
+    Failed(String),
 }
 
 /// One mail exchanger of a domain.
@@ -111,12 +179,51 @@ impl RouteError {
 
 pub struct MxResolver {
     resolver: TokioResolver,
+    /// Validates with DNSSEC; used instead of `resolver` once the start-up check found the
+    /// name servers can serve it. `None` with `dane: off`.
+    validating: Option<TokioResolver>,
+    /// Set once by [`MxResolver::check_dnssec`]: whether DANE is in force.
+    dane: tokio::sync::OnceCell<bool>,
     timeout: Duration,
 }
 
 impl MxResolver {
     /// Asks `nameservers` (UDP, then TCP), or the system's resolvers when the list is empty.
     pub fn new(nameservers: &[SocketAddr], timeout: Duration) -> anyhow::Result<MxResolver> {
+        Ok(MxResolver {
+            resolver: Self::build(nameservers, timeout, None)?,
+            validating: None,
+            dane: tokio::sync::OnceCell::new_with(Some(false)),
+            timeout,
+        })
+    }
+
+    /// As [`MxResolver::new`], with a validating resolver besides when `config.dane` is on;
+    /// [`MxResolver::check_dnssec`] decides at start which one answers.
+    pub fn with_config(config: &ResolverConfig, timeout: Duration) -> anyhow::Result<MxResolver> {
+        let mut resolver = Self::new(&config.nameservers, timeout)?;
+        if config.dane == Dane::On {
+            let anchors = match &config.trust_anchor_file {
+                Some(path) => TrustAnchors::from_file(path).map_err(|e| {
+                    anyhow::anyhow!("resolver.trust_anchor_file {}: {e}", path.display())
+                })?,
+                None => TrustAnchors::default(),
+            };
+            resolver.validating = Some(Self::build(
+                &config.nameservers,
+                timeout,
+                Some(Arc::new(anchors)),
+            )?);
+            resolver.dane = tokio::sync::OnceCell::new();
+        }
+        Ok(resolver)
+    }
+
+    fn build(
+        nameservers: &[SocketAddr],
+        timeout: Duration,
+        anchors: Option<Arc<TrustAnchors>>,
+    ) -> anyhow::Result<TokioResolver> {
         let provider = TokioRuntimeProvider::default();
         let mut builder = if nameservers.is_empty() {
             TokioResolver::builder(provider)?
@@ -132,16 +239,78 @@ impl MxResolver {
         options.attempts = 2;
         // Mail domains are absolute: never try them below a local search domain.
         options.ndots = 0;
-        Ok(MxResolver {
-            resolver: builder.build()?,
-            timeout,
-        })
+        if let Some(anchors) = anchors {
+            builder = builder.with_trust_anchor(anchors);
+        }
+        Ok(builder.build()?)
+    }
+
+    /// Whether DANE is in force: `dane: on`, and the name servers served a validated
+    /// DNSKEY set of the trust anchor. Checked once (at start); when the check fails,
+    /// DANE is off until a restart, and the log says why at warn.
+    pub async fn check_dnssec(&self) -> bool {
+        *self
+            .dane
+            .get_or_init(|| async {
+                let Some(validating) = &self.validating else {
+                    return false;
+                };
+                let lookup = self.bounded(validating.lookup(".", RecordType::DNSKEY)).await;
+                let secure = match &lookup {
+                    Ok(found) => {
+                        let keys: Vec<&Record> = found
+                            .answers()
+                            .iter()
+                            .filter(|r| r.record_type() == RecordType::DNSKEY)
+                            .collect();
+                        Dnssec::of(&keys) == Dnssec::Secure
+                    }
+                    Err(_) => false,
+                };
+                if secure {
+                    tracing::info!("DANE on: the name servers serve DNSSEC and the trust anchor's keys validate");
+                } else {
+                    let why = match lookup {
+                        Ok(_) => "the root DNSKEY set did not validate against the trust anchor".to_string(),
+                        Err(e) => format!("the root DNSKEY lookup failed: {e}"),
+                    };
+                    tracing::warn!("DANE off: the name servers cannot serve DNSSEC ({why}); MX, address and TLSA answers are not validated");
+                }
+                secure
+            })
+            .await
+    }
+
+    /// Whether DANE is in force (false before [`MxResolver::check_dnssec`] ran; every
+    /// lookup runs it first).
+    pub fn dane_active(&self) -> bool {
+        self.dane.get().copied().unwrap_or(false)
+    }
+
+    /// The resolver that answers: the validating one when DANE is in force.
+    fn active(&self) -> &TokioResolver {
+        match &self.validating {
+            Some(validating) if self.dane_active() => validating,
+            _ => &self.resolver,
+        }
     }
 
     /// The domain's mail exchangers, best first, equal preferences in random order.
     pub async fn mail_exchangers(&self, domain: &str) -> Result<Vec<MxHost>, RouteError> {
+        self.mail_exchangers_checked(domain)
+            .await
+            .map(|(hosts, _)| hosts)
+    }
+
+    /// As [`MxResolver::mail_exchangers`], with whether the answer was DNSSEC-secure (an
+    /// implicit MX: whether its address answer was).
+    pub async fn mail_exchangers_checked(
+        &self,
+        domain: &str,
+    ) -> Result<(Vec<MxHost>, Dnssec), RouteError> {
+        self.check_dnssec().await;
         let fqdn = format!("{}.", domain.trim_end_matches('.'));
-        let lookup = match self.bounded(self.resolver.mx_lookup(fqdn.as_str())).await {
+        let lookup = match self.bounded(self.active().mx_lookup(fqdn.as_str())).await {
             Ok(lookup) => lookup,
             Err(e) => {
                 return match answer(&e) {
@@ -152,9 +321,20 @@ impl MxResolver {
                 };
             }
         };
-        let mut hosts: Vec<MxHost> = lookup
+        let records: Vec<&Record> = lookup
             .answers()
             .iter()
+            .filter(|r| matches!(r.record_type(), RecordType::MX | RecordType::CNAME))
+            .collect();
+        if Dnssec::bogus(&records) {
+            return Err(RouteError::DnsTemporary {
+                domain: domain.into(),
+                detail: "DNSSEC: the MX answer is bogus".into(),
+            });
+        }
+        let dnssec = Dnssec::of(&records);
+        let mut hosts: Vec<MxHost> = records
+            .into_iter()
             .filter_map(|record| match &record.data {
                 RData::MX(mx) => Some(MxHost {
                     name: mx
@@ -175,15 +355,18 @@ impl MxResolver {
         }
         hosts.shuffle(&mut rand::rng());
         hosts.sort_by_key(|h| h.preference);
-        Ok(hosts)
+        Ok((hosts, dnssec))
     }
 
-    async fn implicit_mx(&self, domain: &str) -> Result<Vec<MxHost>, RouteError> {
-        match self.addresses(domain).await {
-            Ok(addrs) if !addrs.is_empty() => Ok(vec![MxHost {
-                name: domain.to_ascii_lowercase(),
-                preference: 0,
-            }]),
+    async fn implicit_mx(&self, domain: &str) -> Result<(Vec<MxHost>, Dnssec), RouteError> {
+        match self.addresses_checked(domain).await {
+            Ok((addrs, dnssec)) if !addrs.is_empty() => Ok((
+                vec![MxHost {
+                    name: domain.to_ascii_lowercase(),
+                    preference: 0,
+                }],
+                dnssec,
+            )),
             Ok(_) => Err(RouteError::DomainNotFound(domain.into())),
             Err(AddressError::NotFound) => Err(RouteError::DomainNotFound(domain.into())),
             Err(AddressError::Temporary(detail)) => Err(RouteError::DnsTemporary {
@@ -195,14 +378,97 @@ impl MxResolver {
 
     /// The host's IPv6 and IPv4 addresses.
     pub async fn addresses(&self, host: &str) -> Result<Vec<IpAddr>, AddressError> {
+        self.addresses_checked(host).await.map(|(addrs, _)| addrs)
+    }
+
+    /// As [`MxResolver::addresses`], with whether the answer was DNSSEC-secure.
+    pub async fn addresses_checked(
+        &self,
+        host: &str,
+    ) -> Result<(Vec<IpAddr>, Dnssec), AddressError> {
+        self.check_dnssec().await;
         let fqdn = format!("{}.", host.trim_end_matches('.'));
-        match self.bounded(self.resolver.lookup_ip(fqdn.as_str())).await {
-            Ok(lookup) => Ok(lookup.iter().collect()),
+        match self.bounded(self.active().lookup_ip(fqdn.as_str())).await {
+            Ok(lookup) => {
+                let records: Vec<&Record> = lookup
+                    .as_lookup()
+                    .answers()
+                    .iter()
+                    // A CNAME on the way counts: every link must be secure (RFC 7672 2.2.2).
+                    .filter(|r| {
+                        matches!(
+                            r.record_type(),
+                            RecordType::A | RecordType::AAAA | RecordType::CNAME
+                        )
+                    })
+                    .collect();
+                if Dnssec::bogus(&records) {
+                    return Err(AddressError::Temporary(
+                        "DNSSEC: the address answer is bogus".into(),
+                    ));
+                }
+                Ok((lookup.iter().collect(), Dnssec::of(&records)))
+            }
             Err(e) => match answer(&e) {
                 Answer::NoSuchName | Answer::NoData => Err(AddressError::NotFound),
                 Answer::Failed => Err(AddressError::Temporary(e.to_string())),
             },
         }
+    }
+
+    /// The TLSA records of `host` for SMTP on `port` (`_25._tcp.<host>`, RFC 7672 2.2),
+    /// validated. Only asked for a host whose MX and address answers were secure.
+    pub async fn tlsa(&self, host: &str, port: u16) -> TlsaAnswer {
+        self.check_dnssec().await;
+        let fqdn = format!("_{port}._tcp.{}.", host.trim_end_matches('.'));
+        let lookup = match self
+            .bounded(self.active().lookup(fqdn.as_str(), RecordType::TLSA))
+            .await
+        {
+            Ok(lookup) => lookup,
+            Err(e) => {
+                return match answer(&e) {
+                    Answer::NoSuchName | Answer::NoData => TlsaAnswer::None,
+                    Answer::Failed => TlsaAnswer::Failed(format!("TLSA lookup of {fqdn}: {e}")),
+                };
+            }
+        };
+        let records: Vec<&Record> = lookup
+            .answers()
+            .iter()
+            .filter(|r| matches!(r.record_type(), RecordType::TLSA | RecordType::CNAME))
+            .collect();
+        if !records.iter().any(|r| r.record_type() == RecordType::TLSA) {
+            return TlsaAnswer::None;
+        }
+        // Bogus or indeterminate TLSA records: delivery waits (RFC 7672 2.2).
+        if records
+            .iter()
+            .any(|r| matches!(r.proof, Proof::Bogus | Proof::Indeterminate))
+        {
+            return TlsaAnswer::Failed(format!(
+                "the TLSA records of {fqdn} are bogus or indeterminate"
+            ));
+        }
+        if Dnssec::of(&records) != Dnssec::Secure {
+            return TlsaAnswer::Insecure;
+        }
+        let (mut usable, mut unusable) = (Vec::new(), Vec::new());
+        for record in records {
+            let RData::TLSA(tlsa) = &record.data else {
+                continue;
+            };
+            let (usage, selector, matching) = (
+                u8::from(tlsa.cert_usage),
+                u8::from(tlsa.selector),
+                u8::from(tlsa.matching),
+            );
+            match TlsaRecord::from_fields(usage, selector, matching, &tlsa.cert_data) {
+                Ok(usable_record) => usable.push(usable_record),
+                Err(why) => unusable.push((format!("{usage} {selector} {matching}"), why)),
+            }
+        }
+        TlsaAnswer::Records { usable, unusable }
     }
 
     /// The TXT records at `name`, each record's strings joined (RFC 7208 3.3 style, as
@@ -215,8 +481,9 @@ impl MxResolver {
     /// with how long the answer may be kept: the records' TTL, or for "no record" the
     /// zone's negative TTL.
     pub async fn txt_lookup(&self, name: &str) -> Result<TxtAnswer, AddressError> {
+        self.check_dnssec().await;
         let fqdn = format!("{}.", name.trim_end_matches('.'));
-        match self.bounded(self.resolver.txt_lookup(fqdn.as_str())).await {
+        match self.bounded(self.active().txt_lookup(fqdn.as_str())).await {
             Ok(lookup) => Ok(TxtAnswer {
                 valid_until: lookup.valid_until(),
                 records: lookup
@@ -316,6 +583,14 @@ fn answer(error: &NetError) -> Answer {
             ResponseCode::NoError => Answer::NoData,
             _ => Answer::Failed,
         },
+        // A denial in a zone proven unsigned is as good as an unsigned one.
+        NetError::Dns(DnsError::Nsec {
+            response, proof, ..
+        }) if proof.is_insecure() => match response.response_code {
+            ResponseCode::NXDomain => Answer::NoSuchName,
+            ResponseCode::NoError => Answer::NoData,
+            _ => Answer::Failed,
+        },
         _ => Answer::Failed,
     }
 }
@@ -324,5 +599,21 @@ fn temporary(domain: &str, error: &NetError) -> RouteError {
     RouteError::DnsTemporary {
         domain: domain.into(),
         detail: error.to_string(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn dane_is_on_unless_the_configuration_says_off() {
+        let default: ResolverConfig = serde_saphyr::from_str("nameservers: []\n").expect("yaml");
+        assert_eq!(default.dane, Dane::On);
+        let off: ResolverConfig = serde_saphyr::from_str("dane: off\n").expect("yaml");
+        assert_eq!(off.dane, Dane::Off);
+        let on: ResolverConfig = serde_saphyr::from_str("dane: on\n").expect("yaml");
+        assert_eq!(on.dane, Dane::On);
+        assert!(serde_saphyr::from_str::<ResolverConfig>("dane: maybe\n").is_err());
     }
 }

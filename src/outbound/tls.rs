@@ -19,6 +19,7 @@ use std::path::PathBuf;
 use tokio::net::TcpStream;
 use tokio_rustls::client::TlsStream;
 
+use crate::outbound::dane::{DaneVerdict, DaneVerifier, TlsaRecord};
 #[cfg(feature = "legacy-tls")]
 use crate::outbound::legacy::LegacyConnector;
 use crate::outcome::{CertProblem, NoTls, TlsSession, Verification, format_date};
@@ -59,6 +60,8 @@ pub struct TlsClient {
     /// Counters of full and resumed handshakes (`Stats` registers them).
     full_handshakes: Counter,
     resumed_handshakes: Counter,
+    /// The one crypto provider (ring), for configurations made per handshake (DANE).
+    provider: Arc<CryptoProvider>,
 }
 
 impl TlsClient {
@@ -93,6 +96,7 @@ impl TlsClient {
             pkix,
             full_handshakes: Counter::default(),
             resumed_handshakes: Counter::default(),
+            provider,
             #[cfg(feature = "legacy-tls")]
             legacy: LegacyConnector::new()
                 .map_err(|e| anyhow::anyhow!("the legacy TLS stack (OpenSSL): {e}"))?,
@@ -409,5 +413,77 @@ fn classify_handshake_error(error: &std::io::Error, min_tls: MinTls) -> NoTls {
             }
             _ => NoTls::HandshakeFailed(error.to_string()),
         },
+    }
+}
+
+impl TlsClient {
+    /// The handshake under DANE (RFC 7672 3): the certificate must match one of `records`,
+    /// checked by [`DaneVerifier`] alone; no PKIX, and no session resumed from any other
+    /// configuration (the DANE configuration resumes none). A mismatch is
+    /// [`NoTls::DaneMismatch`], with why.
+    pub async fn handshake_dane(
+        &self,
+        tcp: TcpStream,
+        host: &str,
+        min_tls: MinTls,
+        records: Vec<TlsaRecord>,
+        timeout: Duration,
+    ) -> Result<(TlsStream<TcpStream>, TlsSession), NoTls> {
+        let verifier = Arc::new(DaneVerifier::new(records, self.provider.clone()));
+        let versions: &[&SupportedProtocolVersion] = match min_tls {
+            MinTls::Tls12 => &[&rustls::version::TLS13, &rustls::version::TLS12],
+            MinTls::Tls13 => &[&rustls::version::TLS13],
+        };
+        let config = DaneVerifier::client_config(verifier.clone(), versions)
+            .map_err(|e| NoTls::HandshakeFailed(e.to_string()))?;
+        let name = ServerName::try_from(host.to_string())
+            .map_err(|_| NoTls::HandshakeFailed(format!("{host:?} is not a valid TLS name")))?;
+        let connector = tokio_rustls::TlsConnector::from(Arc::new(config));
+        let stream = match tokio::time::timeout(timeout, connector.connect(name, tcp)).await {
+            Ok(Ok(stream)) => {
+                self.full_handshakes.inc();
+                stream
+            }
+            Ok(Err(error)) => {
+                return Err(match verifier.verdict() {
+                    Some(DaneVerdict::NoMatch(why)) => NoTls::DaneMismatch(why),
+                    _ => classify_handshake_error(&error, min_tls),
+                });
+            }
+            Err(_) => {
+                return Err(NoTls::HandshakeFailed(format!(
+                    "no TLS handshake within {}s",
+                    timeout.as_secs()
+                )));
+            }
+        };
+        let (_, conn) = stream.get_ref();
+        let version = conn
+            .protocol_version()
+            .and_then(|v| v.as_str())
+            .unwrap_or("TLS")
+            .replace('_', ".");
+        let cipher = conn
+            .negotiated_cipher_suite()
+            .and_then(|s| s.suite().as_str())
+            .unwrap_or("unknown")
+            .to_string();
+        let chain = conn
+            .peer_certificates()
+            .map(|certs| certs.iter().map(|c| c.clone().into_owned()).collect())
+            .unwrap_or_default();
+        if let Some(verdict) = verifier.verdict() {
+            tracing::debug!(host, "{verdict}");
+        }
+        Ok((
+            stream,
+            TlsSession {
+                version,
+                cipher,
+                // The handshake completed only because a TLSA record matched.
+                verification: Verification::Verified,
+                chain,
+            },
+        ))
     }
 }

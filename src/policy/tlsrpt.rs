@@ -256,7 +256,27 @@ impl SessionResult {
             | OutcomeClass::ProtocolViolation => {
                 failure(ResultType::ValidationFailure, Some(class.name()))
             }
+            OutcomeClass::DaneMismatch => {
+                failure(ResultType::ValidationFailure, Some(class.name()))
+            }
+            OutcomeClass::DnssecBogus => failure(ResultType::DnssecInvalid, None),
             OutcomeClass::ConnectFailed | OutcomeClass::Timeout => None,
+        }
+    }
+
+    /// TLSA records present for the host, none of them usable (RFC 8460 4.3.2.1).
+    pub fn tlsa_invalid() -> SessionResult {
+        SessionResult::Failure {
+            result_type: ResultType::TlsaInvalid,
+            reason_code: None,
+        }
+    }
+
+    /// DANE required the host's TLSA records and no secure ones could be had.
+    pub fn dane_required() -> SessionResult {
+        SessionResult::Failure {
+            result_type: ResultType::DaneRequired,
+            reason_code: None,
         }
     }
 
@@ -1029,6 +1049,8 @@ mod tests {
             (C::TlsLegacy, R::ValidationFailure),
             (C::CertNotYetValid, R::ValidationFailure),
             (C::ProtocolViolation, R::ValidationFailure),
+            (C::DaneMismatch, R::ValidationFailure),
+            (C::DnssecBogus, R::DnssecInvalid),
         ] {
             assert_eq!(result_type(class), Some(want), "{class}");
         }

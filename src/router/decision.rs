@@ -41,6 +41,20 @@ pub enum Published {
     /// An MTA-STS policy (RFC 8461). `mx_listed`: the server's name matches one of the
     /// policy's `mx` patterns.
     MtaSts { mode: StsMode, mx_listed: bool },
+    /// DANE (RFC 7672): the server's MX and address answers were DNSSEC-secure, and so is
+    /// what its TLSA lookup found. Comes before MTA-STS.
+    Dane(DaneState),
+}
+
+/// What a secure MX host's TLSA lookup says (RFC 7672 2.2, 2.3).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DaneState {
+    /// Usable TLSA records: TLS required, the certificate must match one of them.
+    Usable,
+    /// TLSA records, none usable: TLS required, unauthenticated.
+    Unusable,
+    /// The TLSA lookup was bogus, indeterminate or failed: nothing may be sent now.
+    Bogus,
 }
 
 /// The MTA-STS modes that bear on delivery (`none` is as no policy).
@@ -65,6 +79,9 @@ impl Published {
                 mode: StsMode::Testing,
                 ..
             } => Some("mta-sts:testing"),
+            Published::Dane(DaneState::Usable) => Some("dane"),
+            Published::Dane(DaneState::Unusable) => Some("dane:unusable-tlsa"),
+            Published::Dane(DaneState::Bogus) => Some("dane:dnssec-bogus"),
         }
     }
 }
@@ -82,7 +99,7 @@ fn binding(published: Published) -> bool {
         Published::MtaSts {
             mode: StsMode::Enforce,
             ..
-        }
+        } | Published::Dane(_)
     )
 }
 
@@ -128,6 +145,11 @@ impl HostDecision {
 
 /// The one decision. Pure: it reads nothing but its arguments.
 pub fn decide(rule: &Rule, known: Known<'_>, published: Published) -> HostDecision {
+    if let Published::Dane(state) = published
+        && !overridden(rule, published)
+    {
+        return dane(rule, known, state);
+    }
     if binding(published) && !overridden(rule, published) {
         let Published::MtaSts { mx_listed, .. } = published else {
             return HostDecision::Refuse("published policy not understood".into());
@@ -142,6 +164,37 @@ pub fn decide(rule: &Rule, known: Known<'_>, published: Published) -> HostDecisi
     }
     // An overridden policy still binds this far: never the unauthenticated stack.
     under_rule(rule, known, !binding(published))
+}
+
+/// DANE's decision (RFC 7672 2.2): TLS required whatever the rule, never plain, never the
+/// legacy stack. The certificate is judged by the TLSA records during the handshake (the
+/// DANE verifier), so what the cache knows of it under PKIX does not count: only an
+/// unreachable address is skipped.
+fn dane(rule: &Rule, known: Known<'_>, state: DaneState) -> HostDecision {
+    if state == DaneState::Bogus {
+        return HostDecision::Refuse(format!(
+            "DANE: {}: the TLSA answer is bogus or could not be had",
+            OutcomeClass::DnssecBogus
+        ));
+    }
+    let mut strict = enforced(rule);
+    if state == DaneState::Unusable {
+        // TLS required, unauthenticated, unless the rule itself asks for more.
+        strict.policy.verify = rule.policy.verify;
+    }
+    let known = match known {
+        Known::Cached(entry) if entry.class.is_unreachable() => known,
+        Known::Cached(_) => Known::Nothing,
+        found => found,
+    };
+    let label = match state {
+        DaneState::Usable => "DANE",
+        _ => "DANE (no usable TLSA record)",
+    };
+    match under_rule(&strict, known, false) {
+        HostDecision::Refuse(why) => HostDecision::Refuse(format!("{label}: {why}")),
+        decision => decision,
+    }
 }
 
 fn under_rule(rule: &Rule, known: Known<'_>, legacy_ok: bool) -> HostDecision {
@@ -168,7 +221,7 @@ fn legacy_allowed(rule: &Rule, terms: TlsTerms) -> bool {
 /// A rustls failure the legacy stack may get past: the server's protocol versions or cipher
 /// suites are older than rustls has (a protocol_version, handshake_failure or
 /// insufficient_security alert). A failure of the legacy stack itself never is.
-fn legacy_may_help(reason: &NoTls) -> bool {
+pub fn legacy_may_help(reason: &NoTls) -> bool {
     match reason {
         NoTls::LegacyTls(_) => true,
         NoTls::HandshakeFailed(detail) => legacy_cause(detail),
@@ -643,6 +696,110 @@ mod tests {
             assert!(
                 !matches!(decision, HostDecision::Plain { .. }),
                 "{class}: {decision}"
+            );
+        }
+    }
+
+    #[test]
+    fn dane_requires_tls_whatever_the_rule_and_never_goes_plain() {
+        let usable = Published::Dane(DaneState::Usable);
+        let unusable = Published::Dane(DaneState::Unusable);
+        for yaml in [
+            "rules:\n  - name: r\n    tls: never\n",
+            "rules:\n  - name: r\n    verify: try\n",
+            "rules:\n  - name: r\n    fallback_on: [no-starttls, dane-mismatch]\n",
+        ] {
+            let rule = rule(yaml);
+            assert!(
+                matches!(
+                    decide(&rule, Known::Nothing, usable),
+                    HostDecision::Tls(TlsTerms {
+                        verify: VerifyMode::Require,
+                        ..
+                    })
+                ),
+                "{yaml}"
+            );
+            assert!(
+                matches!(
+                    decide(&rule, Known::Nothing, unusable),
+                    HostDecision::Tls(TlsTerms {
+                        verify: VerifyMode::Try,
+                        ..
+                    })
+                ),
+                "{yaml}"
+            );
+            for reason in [
+                NoTls::NoStarttls,
+                NoTls::DaneMismatch("no match".into()),
+                NoTls::LegacyTls("protocol_version alert".into()),
+            ] {
+                let outcome = TlsOutcome::Plain(reason);
+                let found = Known::Found {
+                    outcome: &outcome,
+                    downgrade: false,
+                };
+                for published in [usable, unusable] {
+                    let decision = decide(&rule, found, published);
+                    assert!(
+                        matches!(&decision, HostDecision::Refuse(why) if why.starts_with("DANE")),
+                        "{yaml} {published:?}: {decision}"
+                    );
+                }
+            }
+            // An unverified session is still TLS where the TLSA records are unusable.
+            let expired = expired_session();
+            let found = Known::Found {
+                outcome: &expired,
+                downgrade: false,
+            };
+            assert!(matches!(
+                decide(&rule, found, unusable),
+                HostDecision::Tls(_)
+            ));
+        }
+    }
+
+    #[test]
+    fn under_dane_what_pkix_cached_of_a_certificate_does_not_count() {
+        let rule = rule("rules:\n  - name: r\n");
+        let usable = Published::Dane(DaneState::Usable);
+        for class in [
+            OutcomeClass::CertExpired,
+            OutcomeClass::CertNameMismatch,
+            OutcomeClass::NoStarttls,
+        ] {
+            let cached = entry(class, true);
+            assert!(
+                matches!(
+                    decide(&rule, Known::Cached(&cached), usable),
+                    HostDecision::Tls(_)
+                ),
+                "{class}"
+            );
+        }
+        let unreachable = entry(OutcomeClass::Timeout, false);
+        assert!(matches!(
+            decide(&rule, Known::Cached(&unreachable), usable),
+            HostDecision::Skip(_)
+        ));
+    }
+
+    #[test]
+    fn a_bogus_tlsa_answer_defers_whatever_the_rule() {
+        for yaml in [
+            "rules:\n  - name: r\n",
+            "rules:\n  - name: r\n    tls: never\n",
+        ] {
+            let decision = decide(
+                &rule(yaml),
+                Known::Nothing,
+                Published::Dane(DaneState::Bogus),
+            );
+            assert!(
+                matches!(&decision, HostDecision::Refuse(why) if why.contains("dnssec-bogus")),
+                "{decision}"
             );
         }
     }

@@ -8,7 +8,9 @@ use std::sync::Arc;
 use crate::cache::CacheEntry;
 use crate::outcome::{OutcomeClass, WhenCached};
 use crate::router::Plan;
-use crate::router::decision::{HostDecision, Known, Published, StsMode, decide, overridden};
+use crate::router::decision::{
+    DaneState, HostDecision, Known, Published, StsMode, decide, overridden,
+};
 use crate::rules::model::SmarthostTls;
 use crate::rules::{Fallback, OnDowngrade, Route, Rule, RuleSet, TlsMode, VerifyMode};
 
@@ -76,6 +78,16 @@ pub fn explain(rules: Arc<RuleSet>, q: &Question<'_>) -> Explanation {
             }
         ) {
             "verified TLS to the policy's MX hosts only; no plain, no relay"
+        } else if let Published::Dane(state) = q.published {
+            match state {
+                DaneState::Usable => {
+                    "TLS required, the certificate must match a TLSA record; no plain, no relay"
+                }
+                DaneState::Unusable => {
+                    "TLSA records, none usable: TLS required, unauthenticated; no plain"
+                }
+                DaneState::Bogus => "the TLSA answer is bogus or failed: deferred, never plain",
+            }
         } else {
             "reported only; the rules decide"
         };

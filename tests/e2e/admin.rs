@@ -720,10 +720,14 @@ async fn probe_turns_to_the_legacy_stack_where_delivery_would_and_shows_what_it_
             error: None,
             in_policy: None,
             servers: vec![s],
+            dnssec: None,
+            tlsa: None,
         }],
         rule: None,
         plan: None,
         mta_sts: None,
+        dane: None,
+        mx_dnssec: None,
     });
     assert!(text.contains("    legacy:   TLSv1.0 "), "{text}");
     assert!(text.contains("    rustls:   legacy-tls ("), "{text}");

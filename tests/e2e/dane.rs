@@ -1,7 +1,8 @@
 //! DANE (RFC 7672) certificate checks in real rustls handshakes on loopback: a DANE-EE
 //! record authenticates a server by its key alone, whatever its certificate's names and
 //! dates; a DANE-TA record authenticates a chain that leads to the named anchor and names
-//! the MX host; anything else fails the handshake and says why.
+//! the MX host; anything else fails the handshake and says why. Then (`daemon`) the proxy
+//! against a DNSSEC-signed tree: DANE decides, whatever the rules, and never goes plain.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -222,4 +223,446 @@ async fn with_both_kinds_a_dane_ee_match_is_enough_and_a_failure_names_each_kind
     let error = result.expect_err("neither record matches");
     let why = mismatch(&error).unwrap_or_else(|| panic!("not a DANE failure: {error:?}"));
     assert!(why.contains("DANE-EE") && why.contains("DANE-TA"), "{why}");
+}
+
+// The daemon under DANE: a DNSSEC-signed tree on loopback whose root key is the only trust
+// anchor, real SMTP servers with certificates made now, and what the MTA-side client is
+// told.
+
+mod daemon {
+    use std::net::{IpAddr, Ipv4Addr};
+
+    use super::{MX, association, ca_der, der};
+    use crate::delivery::{BODY, send};
+    use crate::support::dnssec::{SignedDns, SignedTree, Zone};
+    use crate::support::lab::Lab;
+    use crate::support::logs::Logs;
+    use crate::support::pki::{CertKey, TestCa, Validity, self_signed};
+    use crate::support::smtp_client::Reply;
+    use crate::support::smtp_server::{ServerBehaviour, SmtpServer, StartTls};
+
+    const LOCALHOST: IpAddr = IpAddr::V4(Ipv4Addr::LOCALHOST);
+    const RCPT: &str = "b@dane.test";
+
+    /// A TLSA record's usage, selector and matching type, and its data.
+    type Tlsa = ((u8, u8, u8), Vec<u8>);
+
+    /// dane.test's one MX, mx.dane.test, on 127.0.0.1 in the signed root zone, with
+    /// `tlsa` as its records for the server's port.
+    fn secure_zone(port: u16, tlsa: &[Tlsa]) -> Zone {
+        let mut zone = Zone::new()
+            .mx("dane.test", 10, MX)
+            .a(MX, Ipv4Addr::LOCALHOST);
+        for (fields, data) in tlsa {
+            zone = zone.tlsa(MX, port, *fields, data);
+        }
+        zone
+    }
+
+    struct DaneLab {
+        lab: crate::support::lab::Lab,
+        server: SmtpServer,
+        dns: SignedDns,
+    }
+
+    /// The proxy asks only the signed tree's server and trusts only its root key.
+    async fn start(
+        behaviour: ServerBehaviour,
+        tree: impl FnOnce(u16) -> SignedTree,
+        rules: Option<&str>,
+    ) -> DaneLab {
+        let server = SmtpServer::start(LOCALHOST, 0, behaviour)
+            .await
+            .expect("smtp server");
+        let port = server.addr().port();
+        let dns = SignedDns::start(tree(port)).await;
+        let mut lab = Lab::new()
+            .ca(&TestCa::new())
+            .admin()
+            .mx_port(port)
+            .set("resolver.nameservers", vec![dns.addr.to_string()])
+            .set_path("resolver.trust_anchor_file", &dns.trust_anchor_file);
+        if let Some(rules) = rules {
+            lab = lab.rules(rules);
+        }
+        DaneLab {
+            lab: lab.start().await,
+            server,
+            dns,
+        }
+    }
+
+    fn tls(cert: CertKey) -> ServerBehaviour {
+        ServerBehaviour {
+            starttls: StartTls::Rustls(cert),
+            ..ServerBehaviour::default()
+        }
+    }
+
+    fn assert_deferred(rcpt: &Reply, enhanced: &str, says: &str) {
+        assert_eq!(rcpt.code, 451, "{rcpt:?}");
+        assert_eq!(rcpt.enhanced().as_deref(), Some(enhanced), "{rcpt:?}");
+        assert!(rcpt.text().contains(says), "{says:?} not in {rcpt:?}");
+    }
+
+    #[tokio::test]
+    async fn dane_ee_match_delivers_encrypted_even_with_an_expired_wrongly_named_certificate() {
+        let (logs, _guard) = Logs::capture();
+        let cert = TestCa::new().leaf(&["someone-else.example"], Validity::Expired);
+        let data = association(&der(&cert), 1, 1);
+        let d = start(
+            tls(cert),
+            |port| SignedTree::new(secure_zone(port, &[((3, 1, 1), data)])),
+            None,
+        )
+        .await;
+
+        let (_, rcpts, reply) = send(d.lab.smtp, &[RCPT], BODY).await;
+
+        assert_eq!(rcpts[0].code, 250, "{rcpts:?}");
+        assert_eq!(reply.code, 250, "{reply:?}");
+        let got = d.server.messages();
+        assert_eq!(got.len(), 1);
+        assert_eq!(got[0].data, BODY);
+        assert!(got[0].tls.is_some(), "DANE delivers over TLS");
+        let line = &logs.transactions()[0];
+        assert!(line.contains("policy=\"dane\""), "{line}");
+        assert!(line.contains("verify=verified"), "{line}");
+    }
+
+    #[tokio::test]
+    async fn dane_ee_mismatch_defers_and_nothing_is_delivered() {
+        let (logs, _guard) = Logs::capture();
+        let cert = self_signed(&[MX]);
+        let other = association(&der(&self_signed(&[MX])), 1, 1);
+        let d = start(
+            tls(cert),
+            |port| SignedTree::new(secure_zone(port, &[((3, 1, 1), other)])),
+            None,
+        )
+        .await;
+
+        let (_, rcpts, _) = send(d.lab.smtp, &[RCPT], BODY).await;
+
+        assert_deferred(&rcpts[0], "4.7.5", "DANE: dane-mismatch: ");
+        assert!(d.server.messages().is_empty(), "nothing delivered");
+        let cached = (d.lab.proxy.outbound.cache)
+            .get(MX, LOCALHOST)
+            .expect("a cache entry");
+        assert_eq!(cached.class.name(), "dane-mismatch");
+        drop(logs);
+    }
+
+    /// A certificate signed by `ca` for the MX, sent with the CA as DANE-TA asks.
+    fn leaf_with_anchor(ca: &TestCa, validity: Validity) -> CertKey {
+        let mut cert = ca.leaf(&[MX], validity);
+        cert.chain.push(ca_der(ca).into());
+        cert
+    }
+
+    #[tokio::test]
+    async fn dane_ta_match_delivers_encrypted() {
+        let ca = TestCa::new();
+        let anchor = association(&ca_der(&ca), 0, 1);
+        let d = start(
+            tls(leaf_with_anchor(&ca, Validity::Current)),
+            |port| SignedTree::new(secure_zone(port, &[((2, 0, 1), anchor)])),
+            None,
+        )
+        .await;
+
+        let (_, rcpts, reply) = send(d.lab.smtp, &[RCPT], BODY).await;
+
+        assert_eq!(rcpts[0].code, 250, "{rcpts:?}");
+        assert_eq!(reply.code, 250, "{reply:?}");
+        let got = d.server.messages();
+        assert_eq!(got.len(), 1);
+        assert!(got[0].tls.is_some());
+    }
+
+    #[tokio::test]
+    async fn dane_ta_mismatch_defers_and_nothing_is_delivered() {
+        let ca = TestCa::new();
+        let another_anchor = association(&ca_der(&TestCa::new()), 0, 1);
+        let d = start(
+            tls(leaf_with_anchor(&ca, Validity::Current)),
+            |port| SignedTree::new(secure_zone(port, &[((2, 0, 1), another_anchor)])),
+            None,
+        )
+        .await;
+
+        let (_, rcpts, _) = send(d.lab.smtp, &[RCPT], BODY).await;
+
+        assert_deferred(&rcpts[0], "4.7.5", "DANE-TA");
+        assert!(d.server.messages().is_empty());
+    }
+
+    #[tokio::test]
+    async fn unusable_tlsa_requires_tls_so_a_server_without_starttls_gets_nothing_in_plain() {
+        // PKIX-EE(1) is not for SMTP (RFC 7672 3.1.3): present, not usable.
+        let pkix_ee = vec![0x11; 32];
+        let d = start(
+            ServerBehaviour::default(),
+            |port| SignedTree::new(secure_zone(port, &[((1, 1, 1), pkix_ee)])),
+            None,
+        )
+        .await;
+
+        let (_, rcpts, _) = send(d.lab.smtp, &[RCPT], BODY).await;
+
+        assert_deferred(&rcpts[0], "4.7.5", "no usable TLSA record");
+        assert!(d.server.messages().is_empty(), "never sent in plain");
+    }
+
+    #[tokio::test]
+    async fn bogus_signatures_defer_and_nothing_is_delivered() {
+        let cert = self_signed(&["mx.bogus.test"]);
+        let d = start(
+            tls(cert),
+            |_| {
+                SignedTree::new(Zone::new()).bogus_zone(
+                    "bogus.test",
+                    Zone::new()
+                        .mx("bogus.test", 10, "mx.bogus.test")
+                        .a("mx.bogus.test", Ipv4Addr::LOCALHOST),
+                )
+            },
+            None,
+        )
+        .await;
+
+        let (_, rcpts, _) = send(d.lab.smtp, &["b@bogus.test"], BODY).await;
+
+        assert_deferred(&rcpts[0], "4.4.3", "DNSSEC");
+        assert!(d.server.messages().is_empty());
+    }
+
+    #[tokio::test]
+    async fn an_insecure_zone_is_left_to_the_rules_whatever_its_tlsa_records_say() {
+        let (logs, _guard) = Logs::capture();
+        let d = start(
+            ServerBehaviour::default(),
+            |port| {
+                SignedTree::new(Zone::new()).insecure_zone(
+                    "plain.test",
+                    Zone::new()
+                        .mx("plain.test", 10, "mx.plain.test")
+                        .a("mx.plain.test", Ipv4Addr::LOCALHOST)
+                        .tlsa("mx.plain.test", port, (3, 1, 1), &[0x22; 32]),
+                )
+            },
+            None,
+        )
+        .await;
+
+        let (_, rcpts, reply) = send(d.lab.smtp, &["b@plain.test"], BODY).await;
+
+        assert_eq!(rcpts[0].code, 250, "{rcpts:?}");
+        assert_eq!(reply.code, 250, "{reply:?}");
+        let got = d.server.messages();
+        assert_eq!(got.len(), 1);
+        assert!(got[0].tls.is_none(), "the default rule's plain fallback");
+        let line = &logs.transactions()[0];
+        assert!(!line.contains("dane"), "{line}");
+        assert!(line.contains("fallback=no-starttls"), "{line}");
+    }
+
+    #[tokio::test]
+    async fn dane_overrides_a_tls_never_rule() {
+        let cert = self_signed(&[MX]);
+        let data = association(&der(&cert), 1, 1);
+        let d = start(
+            tls(cert),
+            |port| SignedTree::new(secure_zone(port, &[((3, 1, 1), data)])),
+            Some("rules:\n  - name: never\n    tls: never\n"),
+        )
+        .await;
+
+        let (_, rcpts, reply) = send(d.lab.smtp, &[RCPT], BODY).await;
+
+        assert_eq!(rcpts[0].code, 250, "{rcpts:?}");
+        assert_eq!(reply.code, 250, "{reply:?}");
+        let got = d.server.messages();
+        assert!(got[0].tls.is_some(), "encrypted despite tls: never");
+    }
+
+    #[tokio::test]
+    async fn dane_overrides_a_verify_try_rule_a_mismatch_is_not_encrypted_anyway() {
+        let cert = self_signed(&[MX]);
+        let other = association(&der(&self_signed(&[MX])), 1, 1);
+        let d = start(
+            tls(cert),
+            |port| SignedTree::new(secure_zone(port, &[((3, 1, 1), other)])),
+            Some("rules:\n  - name: lenient\n    verify: try\n    fallback_on: [dane-mismatch, handshake-failed]\n"),
+        )
+        .await;
+
+        let (_, rcpts, _) = send(d.lab.smtp, &[RCPT], BODY).await;
+
+        assert_deferred(&rcpts[0], "4.7.5", "DANE");
+        assert!(d.server.messages().is_empty());
+    }
+
+    #[tokio::test]
+    async fn when_the_name_servers_cannot_servednssec_dane_is_off_and_the_log_says_so() {
+        let (logs, _guard) = Logs::capture();
+        let server = SmtpServer::start(LOCALHOST, 0, ServerBehaviour::default())
+            .await
+            .expect("smtp server");
+        // The unsigned test server: no DNSKEY of the root to validate.
+        let lab = Lab::new()
+            .ca(&TestCa::new())
+            .zone(crate::support::lab::one_mx_zone())
+            .mx_port(server.addr().port())
+            .start()
+            .await;
+
+        let (_, rcpts, reply) = send(lab.smtp, &["b@example.test"], BODY).await;
+
+        assert_eq!(rcpts[0].code, 250, "{rcpts:?}");
+        assert_eq!(reply.code, 250, "delivered by the rules: {reply:?}");
+        assert_eq!(server.messages().len(), 1);
+        let warned = logs.text().lines().any(|l| {
+            l.contains("WARN") && l.contains("DANE off: the name servers cannot serve DNSSEC")
+        });
+        assert!(warned, "{}", logs.text());
+    }
+
+    #[tokio::test]
+    async fn with_a_trust_anchor_the_tree_was_not_signed_with_dane_is_off() {
+        let (logs, _guard) = Logs::capture();
+        let cert = self_signed(&[MX]);
+        let other = association(&der(&self_signed(&[MX])), 1, 1);
+        let d = start(
+            tls(cert),
+            |port| SignedTree::new(secure_zone(port, &[((3, 1, 1), other)])),
+            None,
+        )
+        .await;
+        let stranger = SignedDns::start(SignedTree::new(Zone::new())).await;
+        let lab = Lab::new()
+            .ca(&TestCa::new())
+            .mx_port(d.server.addr().port())
+            .set("resolver.nameservers", vec![d.dns.addr.to_string()])
+            .set_path("resolver.trust_anchor_file", &stranger.trust_anchor_file)
+            .start()
+            .await;
+
+        let (_, rcpts, reply) = send(lab.smtp, &[RCPT], BODY).await;
+
+        // Without DANE the mismatching TLSA record means nothing: encrypted anyway.
+        assert_eq!(rcpts[0].code, 250, "{rcpts:?}");
+        assert_eq!(reply.code, 250, "{reply:?}");
+        assert!(d.server.messages()[0].tls.is_some());
+        assert!(logs.text().contains("DANE off"), "{}", logs.text());
+    }
+
+    #[tokio::test]
+    async fn ctl_rules_explain_shows_dane_before_a_tls_never_rule() {
+        let cert = self_signed(&[MX]);
+        let data = association(&der(&cert), 1, 1);
+        let d = start(
+            tls(cert),
+            |port| SignedTree::new(secure_zone(port, &[((3, 1, 1), data)])),
+            Some("rules:\n  - name: never\n    tls: never\n"),
+        )
+        .await;
+
+        let answer = d
+            .lab
+            .ctl_json(&["rules", "explain", "--rcpt", RCPT, "--mx", MX])
+            .await;
+
+        assert_eq!(answer["decision"]["action"], "tls", "{answer}");
+        let text = answer["explanation"].as_str().expect("explanation");
+        assert!(
+            text.contains(
+                "policy:      dane: TLS required, the certificate must match a TLSA record"
+            ),
+            "{text}"
+        );
+        assert!(d.server.messages().is_empty(), "explain sends nothing");
+    }
+
+    #[tokio::test]
+    async fn probe_shows_dnssec_the_tlsa_records_and_which_one_matched() {
+        let cert = TestCa::new().leaf(&["someone-else.example"], Validity::Expired);
+        let data = association(&der(&cert), 1, 1);
+        let d = start(
+            tls(cert),
+            |port| {
+                SignedTree::new(secure_zone(
+                    port,
+                    &[((3, 1, 1), data), ((1, 1, 1), vec![0x33; 32])],
+                ))
+            },
+            None,
+        )
+        .await;
+
+        let (code, out, err) = d.lab.ctl(&["probe", "dane.test"]).await;
+
+        assert_eq!(code, 0, "{err}");
+        for line in [
+            "DANE: on; MX answer secure",
+            "DNSSEC:   address answer secure",
+            "TLSA:     usable",
+            "1 1 1: unusable, certificate usage 1 is not DANE-TA(2) or DANE-EE(3)",
+            "matched the server certificate",
+            "delivery: TLS",
+        ] {
+            assert!(out.contains(line), "{line:?} missing in\n{out}");
+        }
+        assert!(d.server.messages().is_empty(), "probe sends no mail");
+    }
+
+    #[tokio::test]
+    async fn probe_says_why_no_tlsa_record_matched_and_that_delivery_would_defer() {
+        let cert = self_signed(&[MX]);
+        let other = association(&der(&self_signed(&[MX])), 1, 1);
+        let d = start(
+            tls(cert),
+            |port| SignedTree::new(secure_zone(port, &[((3, 1, 1), other)])),
+            None,
+        )
+        .await;
+
+        let (code, out, err) = d.lab.ctl(&["probe", "dane.test"]).await;
+
+        assert_eq!(code, 0, "{err}");
+        for line in [
+            "dane:     no TLSA record matched: the server certificate matches none of 1 DANE-EE record(s)",
+            "delivery: not to this server: DANE: dane-mismatch",
+        ] {
+            assert!(out.contains(line), "{line:?} missing in\n{out}");
+        }
+    }
+
+    #[tokio::test]
+    async fn a_bogus_tlsa_answer_for_a_secure_mx_defers_even_under_tls_never() {
+        let (logs, _guard) = Logs::capture();
+        let cert = self_signed(&[MX]);
+        let data = association(&der(&cert), 1, 1);
+        let d = start(
+            tls(cert),
+            |port| {
+                // MX and address secure in the root zone; the TLSA name a zone of its own,
+                // signed with a key its DS does not name.
+                let tlsa_zone = format!("_{port}._tcp.{MX}");
+                SignedTree::new(secure_zone(port, &[]))
+                    .bogus_zone(&tlsa_zone, Zone::new().tlsa(MX, port, (3, 1, 1), &data))
+            },
+            Some("rules:\n  - name: never\n    tls: never\n"),
+        )
+        .await;
+
+        let (_, rcpts, _) = send(d.lab.smtp, &[RCPT], BODY).await;
+
+        assert_deferred(&rcpts[0], "4.7.5", "dnssec-bogus");
+        assert!(d.server.messages().is_empty(), "never sent in plain");
+        let warned = logs.text().lines().any(|l| {
+            l.contains("WARN") && l.contains("nothing is sent to this host until it can be had")
+        });
+        assert!(warned, "{}", logs.text());
+    }
 }

@@ -216,3 +216,33 @@ async fn rustls_still_fails_against_both_with_the_class_that_names_the_cause() {
     }
     assert!(cbc.messages().is_empty() && tls10.messages().is_empty());
 }
+
+#[tokio::test]
+async fn probe_shows_the_protocol_and_cipher_the_legacy_stack_negotiates_with_a_tls_10_server() {
+    let ca = TestCa::new();
+    let server = start(StartTls::Tls10Only(
+        ca.leaf(&["mx.example.test"], Validity::Current),
+    ))
+    .await;
+    let lab = crate::support::lab::Lab::new()
+        .ca(&ca)
+        .zone(crate::support::lab::one_mx_zone())
+        .mx_port(server.addr().port())
+        .admin()
+        .start()
+        .await;
+
+    let (code, out, err) = lab.ctl(&["probe", "example.test"]).await;
+
+    assert_eq!(code, 0, "{err}");
+    for line in [
+        "rustls:   legacy-tls (",
+        "legacy:   TLSv1.0 TLS_",
+        "outcome:  tls-legacy (",
+        "(the legacy stack, OpenSSL: encrypted, never authenticated)",
+        "delivery: legacy TLS",
+    ] {
+        assert!(out.contains(line), "{line:?} missing in\n{out}");
+    }
+    assert!(server.messages().is_empty(), "probe sends no mail");
+}

@@ -7,7 +7,7 @@
 //! - `settings`: the one configuration builder, YAML for both the proxy and the daemon.
 //! - `smtp_server`: the one scriptable SMTP server, with presets and per-step actions.
 //! - `smtp_client`: the MTA side.
-//! - `dns`, `pki`: the DNS server and the certificates.
+//! - `dns`, `pki`: the DNS server and the certificates; `dnssec`: a signed DNS tree for DANE.
 //! - `daemon`: the `tlsrouter` binary as a child process; `logs`: log capture in process.
 //! - `netns`: a network namespace with a veth pair, for the transparent-mode tests.
 //! - `proxy`: older entry points (`test_config`, `start_proxy`), thin wrappers over `settings`.
@@ -17,6 +17,7 @@
 
 pub mod daemon;
 pub mod dns;
+pub mod dnssec;
 pub mod lab;
 pub mod logs;
 pub mod netns;

@@ -1,0 +1,296 @@
+//! A real DNSSEC-signed DNS tree on loopback (hickory-server), for DANE tests: a root zone
+//! signed with a key made at test time, that key the only trust anchor (written to a file
+//! the daemon is given as `resolver.trust_anchor_file`), and below it:
+//! - records put straight into the root zone: DNSSEC-secure;
+//! - an `insecure_zone`: delegated without a DS record (the signed root proves there is
+//!   none), its records unsigned: insecure;
+//! - a `bogus_zone`: delegated with a DS record that no key of the zone matches, its
+//!   records signed with a key nobody trusts: bogus.
+//!
+//! One server answers for every zone on one port (UDP and TCP), as a validating stub
+//! resolver expects: each question goes to the zone it belongs to, a DS question to the
+//! parent zone (RFC 4035 3.1.4.1).
+
+use std::net::{Ipv4Addr, SocketAddr};
+use std::path::PathBuf;
+use std::pin::Pin;
+use std::str::FromStr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use hickory_server::Server;
+use hickory_server::dnssec::NxProofKind;
+use hickory_server::net::runtime::{Time, TokioRuntimeProvider};
+use hickory_server::proto::dnssec::crypto::Ed25519SigningKey;
+use hickory_server::proto::dnssec::rdata::{DNSKEY, DNSSECRData, DS};
+use hickory_server::proto::dnssec::{Algorithm, DigestType, DnssecSigner, SigningKey};
+use hickory_server::proto::rr::rdata::{A, MX, NS, SOA, TLSA};
+use hickory_server::proto::rr::{LowerName, Name, RData, Record, RecordType};
+use hickory_server::server::{Request, RequestHandler, ResponseHandler, ResponseInfo};
+use hickory_server::store::in_memory::InMemoryZoneHandler;
+use hickory_server::zone_handler::{AxfrPolicy, Catalog, ZoneType};
+use tokio::net::{TcpListener, UdpSocket};
+
+/// As in the unsigned test server: nothing is cached, by the resolver or its validator.
+const TTL: u32 = 0;
+
+/// The records of one zone, built by a test.
+#[derive(Clone, Debug, Default)]
+pub struct Zone {
+    records: Vec<(Name, RData)>,
+}
+
+impl Zone {
+    pub fn new() -> Zone {
+        Zone::default()
+    }
+
+    pub fn mx(self, domain: &str, preference: u16, exchange: &str) -> Zone {
+        self.record(domain, RData::MX(MX::new(preference, fqdn(exchange))))
+    }
+
+    pub fn a(self, host: &str, ip: Ipv4Addr) -> Zone {
+        self.record(host, RData::A(A(ip)))
+    }
+
+    /// `_<port>._tcp.<host> TLSA usage selector matching data`.
+    pub fn tlsa(
+        self,
+        host: &str,
+        port: u16,
+        (usage, selector, matching): (u8, u8, u8),
+        data: &[u8],
+    ) -> Zone {
+        let tlsa = TLSA::new(
+            usage.into(),
+            selector.into(),
+            matching.into(),
+            data.to_vec(),
+        );
+        self.record(&format!("_{port}._tcp.{host}"), RData::TLSA(tlsa))
+    }
+
+    pub fn record(mut self, name: &str, rdata: RData) -> Zone {
+        self.records.push((fqdn(name), rdata));
+        self
+    }
+}
+
+/// The signed tree a test serves: the root zone's records and the zones below it.
+#[derive(Default)]
+pub struct SignedTree {
+    root: Zone,
+    insecure: Vec<(Name, Zone)>,
+    bogus: Vec<(Name, Zone)>,
+}
+
+impl SignedTree {
+    /// `secure`: records of the signed root zone (secure names of any depth).
+    pub fn new(secure: Zone) -> SignedTree {
+        SignedTree {
+            root: secure,
+            ..SignedTree::default()
+        }
+    }
+
+    /// A zone at `apex`, delegated without DS: its answers are insecure.
+    pub fn insecure_zone(mut self, apex: &str, zone: Zone) -> SignedTree {
+        self.insecure.push((fqdn(apex), zone));
+        self
+    }
+
+    /// A zone at `apex` signed with a key the root's DS record does not name: bogus.
+    pub fn bogus_zone(mut self, apex: &str, zone: Zone) -> SignedTree {
+        self.bogus.push((fqdn(apex), zone));
+        self
+    }
+}
+
+/// Serves a [`SignedTree`] on 127.0.0.1 until dropped.
+pub struct SignedDns {
+    /// UDP and TCP both listen here.
+    pub addr: SocketAddr,
+    /// The root's key as a trust anchor file (one DNSKEY record, zone-file syntax).
+    pub trust_anchor_file: PathBuf,
+    _dir: tempfile::TempDir,
+    server: Server<Zones>,
+}
+
+impl SignedDns {
+    pub async fn start(tree: SignedTree) -> SignedDns {
+        let root_key = new_key();
+        let root_dnskey = dnskey(&root_key);
+        let mut root = tree.root;
+        for (apex, _) in &tree.insecure {
+            root = root.record(&apex.to_string(), RData::NS(NS(fqdn("ns.test"))));
+        }
+        for (apex, _) in &tree.bogus {
+            root = root.record(&apex.to_string(), RData::NS(NS(fqdn("ns.test"))));
+            // A DS that no key matches: the digest of nothing the zone holds.
+            let ds = DS::new(1, Algorithm::ED25519, DigestType::SHA256, vec![0x5a; 32]);
+            root = root.record(&apex.to_string(), RData::DNSSEC(DNSSECRData::DS(ds)));
+        }
+        let root_zone = zone_handler(Name::root(), root, Some(root_key));
+        let mut children = Vec::new();
+        for (apex, zone) in tree.insecure {
+            children.push((apex.clone(), zone_handler(apex, zone, None)));
+        }
+        for (apex, zone) in tree.bogus {
+            children.push((apex.clone(), zone_handler(apex, zone, Some(new_key()))));
+        }
+        let zones = Zones {
+            root: catalog(Name::root(), root_zone),
+            children: children
+                .into_iter()
+                .map(|(apex, handler)| (LowerName::new(&apex), catalog(apex, handler)))
+                .collect(),
+        };
+        let dir = tempfile::tempdir().expect("temporary directory");
+        let trust_anchor_file = dir.path().join("root.key");
+        let anchor = Record::from_rdata(
+            Name::root(),
+            3600,
+            RData::DNSSEC(DNSSECRData::DNSKEY(root_dnskey)),
+        );
+        std::fs::write(&trust_anchor_file, format!("{anchor}\n")).expect("write trust anchor");
+        let mut server = Server::new(zones);
+        let (udp, tcp) = bind_udp_and_tcp_on_one_port().await;
+        let addr = udp.local_addr().expect("DNS UDP address");
+        server.register_socket(udp);
+        server.register_listener(tcp, Duration::from_secs(10), 64);
+        SignedDns {
+            addr,
+            trust_anchor_file,
+            _dir: dir,
+            server,
+        }
+    }
+}
+
+impl Drop for SignedDns {
+    fn drop(&mut self) {
+        self.server.shutdown_token().cancel();
+    }
+}
+
+fn new_key() -> Ed25519SigningKey {
+    let pkcs8 = Ed25519SigningKey::generate_pkcs8().expect("generate an Ed25519 key");
+    Ed25519SigningKey::from_pkcs8(&pkcs8).expect("read the Ed25519 key")
+}
+
+fn dnskey(key: &Ed25519SigningKey) -> DNSKEY {
+    DNSKEY::from_key(&key.to_public_key().expect("public key"))
+}
+
+/// An authoritative zone at `apex` with SOA and NS, `zone`'s records, and signed with
+/// `key` (NSEC denials) when one is given.
+fn zone_handler(
+    apex: Name,
+    zone: Zone,
+    key: Option<Ed25519SigningKey>,
+) -> InMemoryZoneHandler<TokioRuntimeProvider> {
+    let signed = key.is_some();
+    let mut handler = InMemoryZoneHandler::empty(
+        apex.clone(),
+        ZoneType::Primary,
+        AxfrPolicy::Deny,
+        signed.then_some(NxProofKind::Nsec),
+    );
+    let soa = SOA::new(
+        fqdn("ns.test"),
+        fqdn("hostmaster.test"),
+        1,
+        3600,
+        600,
+        86_400,
+        TTL,
+    );
+    let mut records = vec![
+        (apex.clone(), RData::SOA(soa)),
+        (apex.clone(), RData::NS(NS(fqdn("ns.test")))),
+    ];
+    records.extend(zone.records);
+    for (name, rdata) in records {
+        let record = Record::from_rdata(name.clone(), TTL, rdata);
+        assert!(
+            handler.upsert_mut(record, 1),
+            "record {name} does not belong in zone {apex}"
+        );
+    }
+    if let Some(key) = key {
+        let signer = DnssecSigner::new(
+            dnskey(&key),
+            Box::new(key),
+            apex.clone(),
+            Duration::from_secs(86_400),
+        );
+        handler
+            .add_zone_signing_key_mut(signer)
+            .expect("add the zone signing key");
+        handler.secure_zone_mut().expect("sign the zone");
+    }
+    handler
+}
+
+fn catalog(apex: Name, handler: InMemoryZoneHandler<TokioRuntimeProvider>) -> Catalog {
+    let mut catalog = Catalog::new();
+    catalog.upsert(LowerName::new(&apex), vec![Arc::new(handler)]);
+    catalog
+}
+
+/// `text` as an absolute name.
+fn fqdn(text: &str) -> Name {
+    let absolute = format!("{}.", text.trim_end_matches('.'));
+    Name::from_str(&absolute).unwrap_or_else(|e| panic!("test DNS name {text:?}: {e}"))
+}
+
+async fn bind_udp_and_tcp_on_one_port() -> (UdpSocket, TcpListener) {
+    for _ in 0..50 {
+        let udp = UdpSocket::bind("127.0.0.1:0")
+            .await
+            .expect("bind DNS UDP on 127.0.0.1");
+        let port = udp.local_addr().expect("DNS UDP address").port();
+        if let Ok(tcp) = TcpListener::bind(("127.0.0.1", port)).await {
+            return (udp, tcp);
+        }
+    }
+    panic!("no port on 127.0.0.1 was free for both UDP and TCP after 50 tries");
+}
+
+/// Every zone, each behind its own catalog; [`Zones::catalog_for`] picks one per question.
+struct Zones {
+    root: Catalog,
+    children: Vec<(LowerName, Catalog)>,
+}
+
+impl Zones {
+    fn catalog_for(&self, request: &Request) -> &Catalog {
+        let Ok(info) = request.request_info() else {
+            return &self.root;
+        };
+        let (name, rtype) = (info.query.name(), info.query.query_type());
+        self.children
+            .iter()
+            .find(|(apex, _)| apex.zone_of(name) && !(rtype == RecordType::DS && apex == name))
+            .map_or(&self.root, |(_, catalog)| catalog)
+    }
+}
+
+// `RequestHandler` is an `async_trait`; written out as in `dns.rs`.
+impl RequestHandler for Zones {
+    fn handle_request<'s, 'r, 'f, R, T>(
+        &'s self,
+        request: &'r Request,
+        response_handle: R,
+    ) -> Pin<Box<dyn Future<Output = ResponseInfo> + Send + 'f>>
+    where
+        R: ResponseHandler + 'f,
+        T: Time + 'f,
+        's: 'f,
+        'r: 'f,
+        Self: 'f,
+    {
+        self.catalog_for(request)
+            .handle_request::<R, T>(request, response_handle)
+    }
+}
