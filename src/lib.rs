@@ -20,6 +20,7 @@
 //! - [`probe`]: step-by-step diagnosis of a remote MX.
 //! - [`stats`]: counters for `ctl stats` and Prometheus.
 //! - [`sessions`]: the sessions open now, and the shutdown signal that drains them.
+//! - [`server_tls`]: STARTTLS toward the MTA: the certificate offered, reloaded, and the stream.
 //! - [`proxy`]: the assembled parts shared by every session.
 //! - [`admin`]: the admin socket, the metrics endpoint and `tlsrouter ctl`.
 
@@ -37,6 +38,7 @@ pub mod probe;
 pub mod proxy;
 pub mod router;
 pub mod rules;
+pub mod server_tls;
 pub mod sessions;
 pub mod smtp;
 pub mod stats;

@@ -600,6 +600,12 @@ async fn serve(config: Config) -> ExitCode {
             .clone()
             .watch_rule_file(std::time::Duration::from_secs(2)),
     );
+    tokio::spawn(
+        proxy
+            .server_tls
+            .clone()
+            .watch(std::time::Duration::from_secs(2)),
+    );
     spawn_reload_on_sighup(proxy.clone());
     // Caught from here on: a SIGTERM or SIGINT right after the line below stops the daemon
     // cleanly instead of killing it.
@@ -716,6 +722,7 @@ fn spawn_reload_on_sighup(proxy: std::sync::Arc<Proxy>) {
             tokio::spawn(async move {
                 while hup.recv().await.is_some() {
                     let _ = proxy.reload_rules("SIGHUP");
+                    proxy.server_tls.reload("SIGHUP");
                 }
             });
         }

@@ -29,6 +29,8 @@ pub struct Proxy {
     pub drain: tokio::sync::watch::Sender<Drain>,
     /// The admin socket this daemon bound, the only one it may remove.
     pub(crate) admin_socket: std::sync::OnceLock<std::path::PathBuf>,
+    /// STARTTLS toward the MTA: the certificate in force, if any.
+    pub server_tls: Arc<crate::server_tls::ServerTls>,
 }
 
 impl Proxy {
@@ -42,6 +44,12 @@ impl Proxy {
             config.timeouts.dns,
         )?);
         let tls = TlsClient::new(&config.tls)?;
+        if let Some(mark) = config.delivery.socket_mark {
+            crate::outbound::socket_mark::check(mark)?;
+        }
+        let server_tls = Arc::new(crate::server_tls::ServerTls::load(
+            config.inbound.tls.as_ref(),
+        )?);
         let rules = match &config.rules_file {
             Some(path) => RuleSet::load(path)?,
             None => RuleSet::embedded_default(),
@@ -98,6 +106,7 @@ impl Proxy {
             tls_reports,
             drain: tokio::sync::watch::Sender::new(Drain::Running),
             admin_socket: std::sync::OnceLock::new(),
+            server_tls,
         }))
     }
 }

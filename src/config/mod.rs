@@ -38,6 +38,15 @@ pub struct Config {
     pub log: LogConfig,
     /// More listeners beside `listen` (which is always a smart-host listener).
     pub listeners: Vec<ListenerConfig>,
+    pub inbound: InboundConfig,
+}
+
+/// `inbound:`: the side toward the MTA.
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct InboundConfig {
+    /// With a certificate and key, STARTTLS is offered to the MTA on every listener.
+    pub tls: Option<crate::server_tls::InboundTlsConfig>,
 }
 
 impl Default for Config {
@@ -62,6 +71,7 @@ impl Default for Config {
             metrics: MetricsConfig::default(),
             log: LogConfig::default(),
             listeners: Vec::new(),
+            inbound: InboundConfig::default(),
         }
     }
 }

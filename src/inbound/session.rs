@@ -9,13 +9,14 @@ use std::sync::Arc;
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::net::TcpStream;
 
-use crate::outbound::delivery::{NextHop, OpenError};
+use crate::outbound::delivery::{Greeted, Greeting, NextHop, OpenError};
 use crate::outbound::upstream::{Answer, RemoteFacts, Upstream};
 use crate::outcome::{TlsOutcome, Verification};
 use crate::policy::mta_sts::PolicyLookup;
 use crate::proxy::Proxy;
 use crate::router::Plan;
 use crate::rules::RuleSet;
+use crate::server_tls::MtaStream;
 use crate::sessions::{Drain, Entry, SessionState};
 use crate::smtp::data::{BodyError, BodyFilter};
 use crate::smtp::line::{LineRead, read_line};
@@ -28,12 +29,16 @@ pub struct Session {
     proxy: Arc<Proxy>,
     /// This session in `ctl sessions`; removed when the session ends.
     registered: Entry,
-    io: BufReader<TcpStream>,
+    io: BufReader<MtaStream>,
     client: SocketAddr,
     line: Vec<u8>,
     stage: Stage,
     /// Where the MTA was connecting when it was redirected to us (transparent mode).
     original_destination: Option<SocketAddr>,
+    /// That remote, connected at accept, until the first transaction takes it.
+    greeted: Option<Box<Greeted>>,
+    /// That remote's EHLO reply, from which ours is built.
+    remote_ehlo: Option<Reply>,
 }
 
 enum Stage {
@@ -169,11 +174,65 @@ impl Session {
         Session {
             registered: proxy.sessions.open(client),
             proxy,
-            io: BufReader::with_capacity(BODY_BLOCK, stream),
+            io: BufReader::with_capacity(BODY_BLOCK, MtaStream::Plain(stream)),
             client,
             line: Vec::with_capacity(512),
             stage: Stage::Greeted,
             original_destination: None,
+            greeted: None,
+            remote_ehlo: None,
+        }
+    }
+
+    /// Our greeting; in transparent mode the remote's own, once it is connected. `None`
+    /// when the session is over: the remote refused it or could not be had.
+    async fn greeting(&mut self) -> Option<Reply> {
+        let Some(destination) = self.original_destination else {
+            let greeting = format!("{} ESMTP tlsrouter", self.proxy.config.hostname.0);
+            return Some(Reply::multiline(220, vec![greeting]));
+        };
+        match self.proxy.outbound.greet_at_accept(destination).await {
+            Greeting::Greeted(greeted) => {
+                let greeting = greeted.greeting.clone();
+                self.remote_ehlo = Some(greeted.ehlo.clone());
+                self.greeted = Some(greeted);
+                Some(greeting)
+            }
+            Greeting::Refused(reply) => {
+                tracing::info!(client = %self.client, destination = %destination, "the remote refused the session: {reply}");
+                self.pass_refusal(&reply).await;
+                None
+            }
+            Greeting::Failed(why) => {
+                tracing::info!(client = %self.client, destination = %destination, "remote not reached: {why}");
+                let reply = Reply::new(421, "4.4.1", format!("{destination}: {why}"));
+                let _ = self.reply(&reply).await;
+                None
+            }
+        }
+    }
+
+    /// A remote's refusing greeting (554) goes to the MTA as it is; then, as RFC 5321
+    /// 3.1 asks, every command but QUIT gets 503 until the MTA leaves.
+    async fn pass_refusal(&mut self, greeting: &Reply) {
+        if self.reply(greeting).await.is_err() {
+            return;
+        }
+        let limit = self.proxy.config.limits.command_line;
+        let idle = self.proxy.config.timeouts.client_idle;
+        for _ in 0..10 {
+            let read = tokio::time::timeout(idle, read_line(&mut self.io, limit, &mut self.line));
+            let Ok(Ok(LineRead::Line)) = read.await else {
+                return;
+            };
+            if let Ok(Command::Quit) = parse_command(&self.line) {
+                let _ = self.reply(&Reply::new(221, "2.0.0", "bye")).await;
+                return;
+            }
+            let no = Reply::new(503, "5.5.1", "the server refused the session; QUIT");
+            if self.reply(&no).await.is_err() {
+                return;
+            }
         }
     }
 
@@ -195,12 +254,10 @@ impl Session {
 
     pub async fn run(mut self) {
         tracing::debug!(client = %self.client, "session opened");
-        let greeting = format!("{} ESMTP tlsrouter", self.proxy.config.hostname.0);
-        if self
-            .reply(&Reply::multiline(220, vec![greeting]))
-            .await
-            .is_err()
-        {
+        let Some(greeting) = self.greeting().await else {
+            return;
+        };
+        if self.reply(&greeting).await.is_err() {
             return;
         }
         let mut drain = self.proxy.drain.subscribe();
@@ -242,13 +299,17 @@ impl Session {
             }
         }
         self.end_transaction(End::SessionClosed).await;
+        if let Some(greeted) = self.greeted.take() {
+            greeted.quit();
+        }
         tracing::debug!(client = %self.client, "session closed");
     }
 
     /// Whether the MTA has sent anything it should have waited for: in our buffer, or
     /// waiting on the socket.
     fn client_sent_early(&mut self) -> bool {
-        !self.io.buffer().is_empty() || crate::smtp::peek::bytes_waiting(self.io.get_ref())
+        !self.io.buffer().is_empty()
+            || (self.io.get_ref().tcp()).is_some_and(crate::smtp::peek::bytes_waiting)
     }
 
     /// While draining, a session leaves between transactions; when forced, at once.
@@ -271,7 +332,11 @@ impl Session {
             Command::Helo(_) => {
                 self.end_transaction(End::Helo).await;
                 self.stage = Stage::Ready;
-                Reply::multiline(250, vec![self.proxy.config.hostname.0.clone()])
+                let name = match &self.remote_ehlo {
+                    Some(remote) => remote.lines.first().cloned().unwrap_or_default(),
+                    None => self.proxy.config.hostname.0.clone(),
+                };
+                Reply::multiline(250, vec![name])
             }
             Command::Mail(sender, params) => self.mail(sender, params),
             Command::Rcpt(recipient) => self.rcpt(recipient).await,
@@ -286,7 +351,7 @@ impl Session {
             Command::Noop => Reply::new(250, "2.0.0", "OK"),
             Command::Vrfy => Reply::new(252, "2.5.0", "cannot verify, but will try to deliver"),
             Command::Help => Reply::new(214, "2.0.0", "tlsrouter relays mail; see RFC 5321"),
-            Command::StartTls => Reply::new(502, "5.5.1", "STARTTLS not offered here"),
+            Command::StartTls => return self.starttls().await,
             Command::Quit => {
                 let _ = self.reply(&Reply::new(221, "2.0.0", "bye")).await;
                 return Next::Close;
@@ -296,7 +361,82 @@ impl Session {
     }
 
     fn ehlo_reply(&self) -> Reply {
+        let mut reply = self.ehlo_extensions();
+        if self.offers_starttls() {
+            reply.lines.push("STARTTLS".into());
+        }
+        reply
+    }
+
+    /// STARTTLS is offered when a certificate is configured, until the session is in TLS.
+    fn offers_starttls(&self) -> bool {
+        !self.io.get_ref().is_tls() && self.proxy.server_tls.acceptor().is_some()
+    }
+
+    /// The MTA's STARTTLS (RFC 3207). Commands sent after it in the same packet would
+    /// count as said under TLS though they came in clear: such a session is refused and
+    /// closed. After the handshake the session starts over, EHLO first.
+    async fn starttls(&mut self) -> Next {
+        let acceptor = match self.proxy.server_tls.acceptor() {
+            Some(acceptor) if !self.io.get_ref().is_tls() => acceptor,
+            Some(_) => {
+                return self
+                    .reply_or_close(&Reply::new(503, "5.5.1", "already in TLS"))
+                    .await;
+            }
+            None => {
+                return self
+                    .reply_or_close(&Reply::new(502, "5.5.1", "STARTTLS not offered here"))
+                    .await;
+            }
+        };
+        if matches!(self.stage, Stage::Mail(_)) {
+            let reply = Reply::new(503, "5.5.1", "STARTTLS inside a transaction");
+            return self.reply_or_close(&reply).await;
+        }
+        if self.client_sent_early() {
+            tracing::warn!(client = %self.client, "commands pipelined after STARTTLS: session refused");
+            let reply = Reply::new(554, "5.5.0", "commands sent after STARTTLS before TLS");
+            let _ = self.reply(&reply).await;
+            return Next::Close;
+        }
+        if self
+            .reply(&Reply::new(220, "2.0.0", "ready to start TLS"))
+            .await
+            .is_err()
+        {
+            return Next::Close;
+        }
+        let io = std::mem::replace(&mut self.io, BufReader::new(MtaStream::Gone));
+        let MtaStream::Plain(tcp) = io.into_inner() else {
+            return Next::Close;
+        };
+        let timeout = self.proxy.config.timeouts.tls_handshake;
+        match tokio::time::timeout(timeout, acceptor.accept(tcp)).await {
+            Ok(Ok(tls)) => {
+                let (_, session) = tls.get_ref();
+                tracing::debug!(client = %self.client, version = ?session.protocol_version(), "MTA session in TLS");
+                self.io = BufReader::with_capacity(BODY_BLOCK, MtaStream::Tls(Box::new(tls)));
+                self.stage = Stage::Greeted;
+                Next::Continue
+            }
+            Ok(Err(e)) => {
+                tracing::info!(client = %self.client, "TLS handshake with the MTA failed: {e}");
+                Next::Close
+            }
+            Err(_) => {
+                tracing::info!(client = %self.client, "TLS handshake with the MTA timed out");
+                Next::Close
+            }
+        }
+    }
+
+    /// Our EHLO reply without STARTTLS.
+    fn ehlo_extensions(&self) -> Reply {
         let config = &self.proxy.config;
+        if let Some(remote) = &self.remote_ehlo {
+            return transparent_ehlo_reply(remote, config.limits.max_message_size);
+        }
         Reply::multiline(
             250,
             vec![
@@ -444,12 +584,17 @@ impl Session {
             true => proxy.policies.policy_for(domain).await,
             false => PolicyLookup::NotPublished,
         };
+        // The remote connected at accept serves the first transaction to it.
+        let greeted = match hop {
+            NextHop::OriginalDestination { .. } => self.greeted.take(),
+            _ => None,
+        };
         let Stage::Mail(tx) = &mut self.stage else {
             return Err(Reply::new(503, "5.5.1", "MAIL first"));
         };
         let opened = proxy
             .outbound
-            .open(&plan, domain, &hop, &policy, |caps| {
+            .open_greeted(&plan, domain, &hop, &policy, greeted, |caps| {
                 Ok(format!("{mail_from}{}", params.to_wire(caps)?))
             })
             .await;
@@ -655,7 +800,10 @@ impl Session {
 
     async fn reply(&mut self, reply: &Reply) -> std::io::Result<()> {
         tracing::debug!(client = %self.client, "-> {reply}");
-        self.io.get_mut().write_all(&reply.to_wire()).await
+        let stream = self.io.get_mut();
+        stream.write_all(&reply.to_wire()).await?;
+        // TLS keeps what it has not yet sent as records.
+        stream.flush().await
     }
 
     async fn reply_or_close(&mut self, reply: &Reply) -> Next {
@@ -684,6 +832,29 @@ impl Transaction {
 
 /// Refused recipients named in a log line; the rest are counted.
 const REFUSED_SHOWN: usize = 20;
+
+/// Our EHLO reply in transparent mode: the remote's name, and of its extensions those a
+/// cut-through relay can pass on. SIZE is the smaller of its limit and ours; STARTTLS,
+/// AUTH and anything we do not understand are left out (TLS toward the remote is ours).
+fn transparent_ehlo_reply(remote: &Reply, our_max_size: u64) -> Reply {
+    let caps = crate::smtp::Capabilities::from_ehlo(remote);
+    let mut lines = vec![remote.lines.first().cloned().unwrap_or_default()];
+    if caps.pipelining {
+        lines.push("PIPELINING".into());
+    }
+    let size = match caps.size {
+        Some(limit) if limit > 0 => limit.min(our_max_size),
+        _ => our_max_size,
+    };
+    lines.push(format!("SIZE {size}"));
+    let offered = |keyword: &str| caps.keywords.iter().any(|k| k == keyword);
+    for keyword in ["8BITMIME", "ENHANCEDSTATUSCODES", "SMTPUTF8"] {
+        if offered(keyword) {
+            lines.push(keyword.into());
+        }
+    }
+    Reply::multiline(250, lines)
+}
 
 fn log_transaction(client: SocketAddr, tx: &Transaction, reply: Option<&Reply>, end: End) {
     use tracing::field::display;
@@ -778,4 +949,43 @@ fn log_transaction(client: SocketAddr, tx: &Transaction, reply: Option<&Reply>, 
         earlier_failures = listed(&facts.earlier_failures, "; "),
         "transaction"
     );
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_mta_is_offered_what_the_remote_offers_and_a_relay_can_pass_on() {
+        let remote = Reply::multiline(
+            250,
+            [
+                "mx.partner.example Hello",
+                "PIPELINING",
+                "SIZE 1000",
+                "STARTTLS",
+                "AUTH PLAIN",
+                "CHUNKING",
+                "SMTPUTF8",
+            ]
+            .map(String::from)
+            .to_vec(),
+        );
+        let ours = transparent_ehlo_reply(&remote, 50_000_000);
+        assert_eq!(
+            ours.lines,
+            [
+                "mx.partner.example Hello",
+                "PIPELINING",
+                "SIZE 1000",
+                "SMTPUTF8"
+            ]
+        );
+        // No limit from the remote, or a larger one: ours.
+        let remote = Reply::multiline(250, ["mx", "SIZE", "8BITMIME"].map(String::from).to_vec());
+        assert_eq!(
+            transparent_ehlo_reply(&remote, 5000).lines,
+            ["mx", "SIZE 5000", "8BITMIME"]
+        );
+    }
 }

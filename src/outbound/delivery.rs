@@ -221,12 +221,54 @@ struct Attempt<'a> {
     published: Published,
     /// The domain's MTA-STS policy, for TLS-RPT.
     policy: Option<&'a StsPolicy>,
+    /// A connection greeted before the transaction (transparent mode), not yet used.
+    greeted: &'a std::sync::Mutex<Option<(Connection, Capabilities)>>,
 }
 
 impl Attempt<'_> {
     fn addr(&self) -> SocketAddr {
         SocketAddr::new(self.server.addr, self.port)
     }
+
+    /// The connection greeted in advance, if it goes to this attempt's server; it takes the
+    /// server's name, which its TLS handshake verifies.
+    fn take_greeted(&self) -> Option<(Connection, Capabilities)> {
+        let mut slot = self.greeted.lock().ok()?;
+        if slot
+            .as_ref()
+            .is_none_or(|(conn, _)| conn.peer != self.addr())
+        {
+            return None;
+        }
+        let (mut conn, caps) = slot.take()?;
+        conn.host = self.server.name.clone();
+        Some((conn, caps))
+    }
+}
+
+/// A remote connected at accept for a transparent session: its greeting and EHLO reply
+/// are what the MTA is shown, and the connection serves the session's first transaction.
+pub struct Greeted {
+    conn: Connection,
+    caps: Capabilities,
+    pub greeting: Reply,
+    pub ehlo: Reply,
+}
+
+impl Greeted {
+    /// Closes the connection politely, unused.
+    pub fn quit(self) {
+        tokio::spawn(self.conn.quit());
+    }
+}
+
+/// What connecting at accept gave.
+pub enum Greeting {
+    Greeted(Box<Greeted>),
+    /// The remote greeted with something else than 220: the MTA gets it as it is.
+    Refused(Reply),
+    /// No greeting and EHLO could be had: why.
+    Failed(String),
 }
 
 impl Outbound {
@@ -301,6 +343,79 @@ impl Outbound {
         hop: &NextHop,
         policy: &PolicyLookup,
         mail_from: impl Fn(&Capabilities) -> Result<String, MissingExtension> + Sync,
+    ) -> Result<Upstream, OpenError> {
+        self.open_greeted(plan, domain, hop, policy, None, mail_from)
+            .await
+    }
+
+    /// Connects to `addr`, reads its greeting and says EHLO: a transparent session does
+    /// this at accept, so that the MTA sees the remote's own greeting and capabilities.
+    pub async fn greet_at_accept(&self, addr: SocketAddr) -> Greeting {
+        let server = ServerId::new(&addr.ip().to_string(), addr.ip());
+        let mut conn = match self.connect(&server, addr).await {
+            Ok(conn) => conn,
+            Err(Failure::Unreachable(_, why) | Failure::Next(why)) => return Greeting::Failed(why),
+            Err(_) => return Greeting::Failed("connection failed".into()),
+        };
+        let greeting = match conn
+            .read_reply(self.timeouts.greeting, "the greeting")
+            .await
+        {
+            Ok(greeting) => greeting,
+            Err(e) => return Greeting::Failed(e.to_string()),
+        };
+        if greeting.code != 220 {
+            tokio::spawn(conn.quit());
+            return Greeting::Refused(greeting);
+        }
+        let command = format!("EHLO {}", self.hostname);
+        let ehlo = match (conn.command(&command, self.timeouts.command, "the reply to EHLO")).await
+        {
+            Ok(reply) if reply.is_positive() && !reply.closes_connection() => reply,
+            Ok(reply) => {
+                tokio::spawn(conn.quit());
+                return Greeting::Failed(format!("EHLO: {reply}"));
+            }
+            Err(e) => return Greeting::Failed(e.to_string()),
+        };
+        let caps = Capabilities::from_ehlo(&ehlo);
+        Greeting::Greeted(Box::new(Greeted {
+            conn,
+            caps,
+            greeting,
+            ehlo,
+        }))
+    }
+
+    /// As [`Outbound::open`], the first attempt to the server `greeted` is connected to
+    /// going on that connection (its STARTTLS, or plain path, still to come).
+    pub async fn open_greeted(
+        &self,
+        plan: &Plan,
+        domain: &str,
+        hop: &NextHop,
+        policy: &PolicyLookup,
+        greeted: Option<Box<Greeted>>,
+        mail_from: impl Fn(&Capabilities) -> Result<String, MissingExtension> + Sync,
+    ) -> Result<Upstream, OpenError> {
+        let greeted = std::sync::Mutex::new(greeted.map(|g| (g.conn, g.caps)));
+        let opened = self
+            .open_with(plan, domain, hop, policy, &greeted, &mail_from)
+            .await;
+        if let Some((conn, _)) = greeted.lock().ok().and_then(|mut slot| slot.take()) {
+            tokio::spawn(conn.quit());
+        }
+        opened
+    }
+
+    async fn open_with(
+        &self,
+        plan: &Plan,
+        domain: &str,
+        hop: &NextHop,
+        policy: &PolicyLookup,
+        greeted: &std::sync::Mutex<Option<(Connection, Capabilities)>>,
+        mail_from: &(dyn Fn(&Capabilities) -> Result<String, MissingExtension> + Sync),
     ) -> Result<Upstream, OpenError> {
         if let (true, PolicyLookup::Unavailable(error)) = (hop.is_domain_delivery(), policy) {
             // Delivered as if there were none (RFC 8461 5.1), and reported.
@@ -384,8 +499,9 @@ impl Outbound {
                     decision,
                     published,
                     policy,
+                    greeted,
                 };
-                match self.attempt(&attempt, &mail_from).await {
+                match self.attempt(&attempt, mail_from).await {
                     Ok(session) => {
                         failures.extend(tls_failures);
                         let facts = RemoteFacts {
@@ -524,7 +640,8 @@ impl Outbound {
         let terms = match &attempt.decision {
             HostDecision::Tls(terms) => *terms,
             HostDecision::Plain { reason, path } => {
-                return self.plain_path(path, None, attempt, reason.clone()).await;
+                let open = attempt.take_greeted();
+                return self.plain_path(path, open, attempt, reason.clone()).await;
             }
             HostDecision::LegacyTls => return self.legacy(attempt).await,
             HostDecision::Refuse(why) => return Err(Failure::TlsNotAchieved(why.clone())),
@@ -533,7 +650,10 @@ impl Outbound {
         if terms.implicit {
             return self.implicit_tls(attempt, terms).await;
         }
-        let (conn, caps) = self.greet(attempt.server, attempt.addr()).await?;
+        let (conn, caps) = match attempt.take_greeted() {
+            Some(greeted) => greeted,
+            None => self.greet(attempt.server, attempt.addr()).await?,
+        };
         let secured = self.secure(terms, conn, caps).await;
         let Some(outcome) = secured.outcome() else {
             let Secured::Closed(why) = secured else {

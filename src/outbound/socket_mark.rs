@@ -21,6 +21,18 @@ pub async fn connect_marked(peer: SocketAddr, mark: u32) -> io::Result<TcpStream
     TcpSocket::from_std_stream(std_stream).connect(peer).await
 }
 
+/// Whether this process may mark sockets: checked at start, so that a missing capability
+/// stops the daemon instead of failing every delivery (and caching the remotes as
+/// unreachable).
+pub fn check(mark: u32) -> io::Result<()> {
+    let socket = socket2::Socket::new(
+        socket2::Domain::IPV4,
+        socket2::Type::STREAM,
+        Some(socket2::Protocol::TCP),
+    )?;
+    set_mark(&socket, mark)
+}
+
 #[cfg(any(target_os = "linux", target_os = "android"))]
 fn set_mark(socket: &socket2::Socket, mark: u32) -> io::Result<()> {
     socket.set_mark(mark).map_err(|e| {

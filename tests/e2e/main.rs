@@ -17,6 +17,7 @@ mod hardening;
 mod kit;
 mod legacy_tls;
 mod lifecycle;
+mod mta_starttls;
 mod mta_sts;
 mod operator;
 mod postfix;

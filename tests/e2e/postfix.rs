@@ -25,6 +25,8 @@ use serde_json::Value;
 const MAIN_CF: &str = include_str!("../../examples/postfix/main.cf");
 const MASTER_CF: &str = include_str!("../../examples/postfix/master.cf");
 const DOCUMENTED_RELAYHOST: &str = "[127.0.0.1]:10025";
+/// The documented transport's TLS setting, for a hop in clear.
+const PLAIN_HOP: &str = "-o smtp_tls_security_level=none";
 
 /// How long Postfix may take to do what a test waits for; a guard against a hung test.
 const WAIT: Duration = Duration::from_secs(60);
@@ -93,8 +95,10 @@ fn output(command: &mut Command, what: &str) -> Output {
 }
 
 impl Postfix {
-    /// Configures and starts an instance relaying to tlsrouter at `relay`.
-    fn start(relay: SocketAddr) -> Postfix {
+    /// Configures and starts an instance relaying to tlsrouter at `relay`. With `encrypt`,
+    /// the hop to tlsrouter must be TLS, as the snippet says to set when tlsrouter has
+    /// `inbound.tls`.
+    fn start_relaying(relay: SocketAddr, encrypt: bool) -> Postfix {
         let documented = format!("[127.0.0.1]:{}", relay.port());
         assert_eq!(
             MAIN_CF.matches(DOCUMENTED_RELAYHOST).count(),
@@ -108,7 +112,20 @@ impl Postfix {
                 MAIN_CF.replace(DOCUMENTED_RELAYHOST, &documented)
             )
         };
-        Postfix::start_with(&main_cf, &format!("{INSTANCE_MASTER_CF}{MASTER_CF}"), None)
+        let master_cf = match encrypt {
+            false => MASTER_CF.to_string(),
+            true => {
+                assert_eq!(
+                    MASTER_CF.matches(PLAIN_HOP).count(),
+                    1,
+                    "{PLAIN_HOP:?} once"
+                );
+                let tlsmgr = "tlsmgr    unix  -       -       n       1000?   1       tlsmgr\n";
+                let encrypted = "-o smtp_tls_security_level=encrypt\n  -o smtp_tls_loglevel=1";
+                format!("{tlsmgr}{}", MASTER_CF.replace(PLAIN_HOP, encrypted))
+            }
+        };
+        Postfix::start_with(&main_cf, &format!("{INSTANCE_MASTER_CF}{master_cf}"), None)
     }
 
     /// Configures and starts an instance with the main.cf `main_cf` writes for the
@@ -318,12 +335,28 @@ struct Lab {
 impl Lab {
     /// tlsrouter delivers to remote port `mx_port`, the port of the test's servers.
     async fn start(zone: TestZone, ca: &TestCa, mx_port: u16) -> Lab {
+        Lab::start_relaying(zone, ca, mx_port, false).await
+    }
+
+    /// With `encrypt`, tlsrouter offers STARTTLS (`inbound.tls`) and Postfix requires it.
+    async fn start_relaying(zone: TestZone, ca: &TestCa, mx_port: u16, encrypt: bool) -> Lab {
         crate::support::init_tracing();
         let dns = DnsServer::start(zone).await;
         let dir = tempfile::tempdir().expect("temporary directory");
         let ca_file = ca.write_ca_file(dir.path());
-        let relay = start_proxy(test_config(dns.addr, &ca_file, mx_port)).await;
-        let postfix = tokio::task::spawn_blocking(move || Postfix::start(relay))
+        let mut config = test_config(dns.addr, &ca_file, mx_port);
+        if encrypt {
+            let cert = ca.leaf(&["relay.test"], Validity::Current);
+            let files = tlsrouter::server_tls::InboundTlsConfig {
+                certificate: dir.path().join("relay.crt"),
+                key: dir.path().join("relay.key"),
+            };
+            std::fs::write(&files.certificate, &cert.cert_pem).expect("write certificate");
+            std::fs::write(&files.key, &cert.key_pem).expect("write key");
+            config.inbound.tls = Some(files);
+        }
+        let relay = start_proxy(config).await;
+        let postfix = tokio::task::spawn_blocking(move || Postfix::start_relaying(relay, encrypt))
             .await
             .expect("start Postfix");
         Lab {
@@ -588,4 +621,27 @@ async fn a_message_to_two_domains_on_different_mx_hosts_reaches_both_without_wai
     lab.postfix.wait_for_empty_queue().await;
     assert_eq!(at_first[0].rcpt_to, vec![a]);
     assert_eq!(at_second[0].rcpt_to, vec![b]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_postfix_that_requires_tls_on_its_hop_to_tlsrouter_relays_encrypted() {
+    let ca = TestCa::new();
+    let server = SmtpServer::start(IpAddr::V4(MX1), 0, ServerBehaviour::plain())
+        .await
+        .expect("SMTP server");
+    let lab = Lab::start_relaying(zone(), &ca, server.addr().port(), true).await;
+
+    let to = "bob@example.test";
+    lab.postfix
+        .sendmail(SENDER, &[to], &message(to, "encrypted hop"))
+        .await;
+
+    let got = wait_for_messages(&server, 1, &lab.postfix).await;
+    lab.postfix.wait_for_empty_queue().await;
+    assert_whole(&got[0], "encrypted hop");
+    let log = lab.postfix.maillog();
+    assert!(
+        log.contains("TLS connection established to 127.0.0.1"),
+        "Postfix encrypted its hop to tlsrouter: {log}"
+    );
 }

@@ -42,6 +42,10 @@ const MX_PLAIN: u8 = 3;
 const MX_STRICT: u8 = 4;
 const MX_REJECT: u8 = 5;
 const MX_SENDER: u8 = 6;
+const MX_GREETING: u8 = 7;
+const MX_SMALL: u8 = 8;
+/// An address of the far side where nothing listens.
+const MX_DOWN: u8 = 9;
 
 /// Postfix, tlsrouter beside it in the namespace, and the DNS server; dropped in this
 /// order, so Postfix stops first and the namespace goes last.
@@ -56,6 +60,15 @@ struct TransparentLab {
 impl TransparentLab {
     /// `rules` is a rule file's text, or none for the shipped defaults.
     async fn start(netns: NetNs, ca: &TestCa, rules: Option<&str>) -> TransparentLab {
+        TransparentLab::start_with(netns, ca, rules, Extras::default()).await
+    }
+
+    async fn start_with(
+        netns: NetNs,
+        ca: &TestCa,
+        rules: Option<&str>,
+        extras: Extras,
+    ) -> TransparentLab {
         crate::support::init_tracing();
         let nft = std::fs::read_to_string(NFT_RULES).expect("read examples/transparent");
         assert!(
@@ -87,17 +100,32 @@ impl TransparentLab {
             // A redirected connection comes from the address Postfix connected from.
             .set(
                 "allow_clients",
-                json!([format!("{}/32", netns.inside()), "127.0.0.0/8"]),
+                json!([
+                    format!("{}/32", netns.inside()),
+                    format!("{}/128", netns.inside6()),
+                    "127.0.0.0/8"
+                ]),
             )
             .set(
                 "listeners",
                 json!([
                     { "listen": TRANSPARENT_LISTEN, "mode": "transparent" },
+                    // Where the rules redirect IPv6 connections.
+                    { "listen": "[::1]:10026", "mode": "transparent" },
                     // A smart-host listener on port 25 of the namespace's own address: an
                     // MX pointing at it is the loop case.
                     { "listen": format!("{}:25", netns.inside()), "mode": "smart-host" },
                 ]),
             );
+        if let Some(cert) = &extras.inbound_tls {
+            let (cert_file, key_file) =
+                (dir.path().join("relay.crt"), dir.path().join("relay.key"));
+            std::fs::write(&cert_file, &cert.cert_pem).expect("write certificate");
+            std::fs::write(&key_file, &cert.key_pem).expect("write key");
+            settings = settings
+                .set("inbound.tls.certificate", path(&cert_file))
+                .set("inbound.tls.key", path(&key_file));
+        }
         if let Some(rules) = rules {
             let file = dir.path().join("rules.yaml");
             std::fs::write(&file, rules).expect("write rules");
@@ -108,7 +136,11 @@ impl TransparentLab {
         let name = netns.name.clone();
         let postfix = tokio::task::spawn_blocking(move || {
             // Postfix as installed: no relayhost, no transport, its own MX lookups.
-            Postfix::start_with(&instance_directories_cf, INSTANCE_MASTER_CF, Some(&name))
+            let main_cf = |root: &std::path::Path| {
+                format!("{}{}", instance_directories_cf(root), extras.main_cf)
+            };
+            let master_cf = format!("{INSTANCE_MASTER_CF}{}", extras.master_cf);
+            Postfix::start_with(&main_cf, &master_cf, Some(&name))
         })
         .await
         .expect("start Postfix");
@@ -120,6 +152,16 @@ impl TransparentLab {
             _dir: dir,
         }
     }
+}
+
+/// What some tests add to the lab.
+#[derive(Default)]
+struct Extras {
+    /// Lines for Postfix's main.cf and master.cf.
+    main_cf: String,
+    master_cf: String,
+    /// tlsrouter offers STARTTLS to Postfix with this certificate.
+    inbound_tls: Option<crate::support::pki::CertKey>,
 }
 
 /// A receiving server on port 25 of address `host` of the far side.
@@ -140,12 +182,20 @@ fn zone(netns: &NetNs) -> TestZone {
         ("strict.test", MX_STRICT),
         ("reject.test", MX_REJECT),
         ("sender.test", MX_SENDER),
+        ("refusing.test", MX_GREETING),
+        ("small.test", MX_SMALL),
+        // Their MX is elsewhere than where Postfix's static route sends them.
+        ("static.test", MX_STRICT),
+        ("loose.test", MX_STRICT),
+        ("down.test", MX_DOWN),
     ] {
         let mx = format!("mx.{domain}");
         zone = zone.mx(domain, 10, &mx).a(&mx, netns.host(host));
     }
     zone.mx("loop.test", 10, "mx.loop.test")
         .a("mx.loop.test", netns.inside())
+        .mx("six.test", 10, "mx.six.test")
+        .aaaa("mx.six.test", netns.host6(MX_TLS))
 }
 
 fn message(to: &str, subject: &str) -> String {
@@ -174,7 +224,7 @@ async fn wait_for_messages(server: &SmtpServer, n: usize, lab: &TransparentLab) 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn mail_from_an_unmodified_postfix_goes_over_tls_where_offered_and_in_plain_elsewhere() {
     let ca = TestCa::new();
-    let netns = NetNs::create(MX_SENDER);
+    let netns = NetNs::create(MX_DOWN);
     let tls_cert = ca.leaf(&["mx.tls.test"], Validity::Current);
     let tls_server = server(&netns, MX_TLS, ServerBehaviour::tls(tls_cert)).await;
     let plain_server = server(&netns, MX_PLAIN, ServerBehaviour::plain()).await;
@@ -198,6 +248,9 @@ async fn mail_from_an_unmodified_postfix_goes_over_tls_where_offered_and_in_plai
     let tls = over_tls[0].tls.as_ref().expect("delivered over TLS");
     assert_eq!(tls.version, "TLSv1.3");
     assert_eq!(in_plain[0].tls, None, "no STARTTLS offered: plain");
+    // The connection made when Postfix connected carried the message, STARTTLS included.
+    assert_eq!(tls_server.connections(), 1);
+    assert_eq!(plain_server.connections(), 1);
     let log = lab.postfix.maillog();
     assert_eq!(log.matches("status=sent").count(), 2, "{log}");
 
@@ -224,7 +277,7 @@ async fn mail_from_an_unmodified_postfix_goes_over_tls_where_offered_and_in_plai
 async fn tls_required_and_not_offered_keeps_the_message_deferred_in_postfix_with_tlsrouters_reason()
 {
     let ca = TestCa::new();
-    let netns = NetNs::create(MX_SENDER);
+    let netns = NetNs::create(MX_DOWN);
     let no_tls = server(&netns, MX_STRICT, ServerBehaviour::plain()).await;
     let rules = "rules:\n  - name: strict-partner\n    match: { domains: [strict.test] }\n    tls: require\n  - name: default\n";
     let lab = TransparentLab::start(netns, &ca, Some(rules)).await;
@@ -248,7 +301,7 @@ async fn tls_required_and_not_offered_keeps_the_message_deferred_in_postfix_with
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_5xx_through_the_transparent_listener_bounces_the_message_to_its_sender() {
     let ca = TestCa::new();
-    let netns = NetNs::create(MX_SENDER);
+    let netns = NetNs::create(MX_DOWN);
     let rejecting = server(
         &netns,
         MX_REJECT,
@@ -275,7 +328,7 @@ async fn a_5xx_through_the_transparent_listener_bounces_the_message_to_its_sende
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_redirected_connection_to_tlsrouters_own_listener_is_refused_as_a_loop() {
     let ca = TestCa::new();
-    let netns = NetNs::create(MX_SENDER);
+    let netns = NetNs::create(MX_DOWN);
     let mut lab = TransparentLab::start(netns, &ca, None).await;
 
     let to = "erin@loop.test";
@@ -296,5 +349,209 @@ async fn a_redirected_connection_to_tlsrouters_own_listener_is_refused_as_a_loop
         refused["destination"],
         format!("{}:25", lab.netns.inside()),
         "{refused}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_remotes_554_greeting_reaches_postfix_as_the_remote_gave_it() {
+    let ca = TestCa::new();
+    let netns = NetNs::create(MX_DOWN);
+    let refusing = server(
+        &netns,
+        MX_GREETING,
+        ServerBehaviour::plain().greeting("554 5.7.1 no mail from this host"),
+    )
+    .await;
+    let lab = TransparentLab::start(netns, &ca, None).await;
+
+    let to = "frank@refusing.test";
+    lab.postfix
+        .sendmail(SENDER, &[to], &message(to, "refused"))
+        .await;
+
+    let deferred = lab.postfix.deferred_message().await;
+    let reason = deferred["recipients"][0]["delay_reason"]
+        .as_str()
+        .unwrap_or_default();
+    assert!(
+        reason.contains("refused to talk to me: 554 5.7.1 no mail from this host"),
+        "the remote's own greeting, as Postfix saw it: {deferred}"
+    );
+    assert!(refusing.attempts().is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postfix_sees_the_remotes_size_limit_and_bounces_a_larger_message_itself() {
+    let ca = TestCa::new();
+    let netns = NetNs::create(MX_DOWN);
+    let small = server(
+        &netns,
+        MX_SMALL,
+        ServerBehaviour::plain().ehlo_keyword("SIZE 1000"),
+    )
+    .await;
+    let senders_mx = server(&netns, MX_SENDER, ServerBehaviour::plain()).await;
+    let lab = TransparentLab::start(netns, &ca, None).await;
+
+    let to = "grace@small.test";
+    let big = format!("{}{}\n", message(to, "too big"), "x".repeat(2000));
+    lab.postfix.sendmail(SENDER, &[to], &big).await;
+
+    // Postfix read SIZE 1000 in the EHLO reply it got through tlsrouter and did not even
+    // send MAIL FROM.
+    let bounces = wait_for_messages(&senders_mx, 1, &lab).await;
+    lab.postfix.wait_for_empty_queue().await;
+    let report = String::from_utf8_lossy(&bounces[0].data);
+    assert!(report.contains("exceeds size limit 1000"), "{report}");
+    assert!(small.attempts().is_empty(), "{:?}", small.attempts());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_postfix_that_insists_on_tls_keeps_delivering_through_the_transparent_listener() {
+    let ca = TestCa::new();
+    let netns = NetNs::create(MX_DOWN);
+    // The remote itself has no TLS: the hop from Postfix to tlsrouter is encrypted as
+    // Postfix demands, the hop beyond goes as tlsrouter's rules say.
+    let plain_server = server(&netns, MX_PLAIN, ServerBehaviour::plain()).await;
+    let extras = Extras {
+        main_cf: "smtp_tls_security_level = encrypt\nsmtp_tls_loglevel = 1\n".into(),
+        master_cf: "tlsmgr    unix  -       -       n       1000?   1       tlsmgr\n".into(),
+        inbound_tls: Some(ca.leaf(&["mx.plain.test"], Validity::Current)),
+    };
+    let lab = TransparentLab::start_with(netns, &ca, None, extras).await;
+
+    let to = "heidi@plain.test";
+    lab.postfix
+        .sendmail(SENDER, &[to], &message(to, "encrypted hop"))
+        .await;
+
+    let got = wait_for_messages(&plain_server, 1, &lab).await;
+    lab.postfix.wait_for_empty_queue().await;
+    assert_eq!(got[0].helo, "relay.test");
+    assert_eq!(got[0].tls, None, "the remote offers no STARTTLS");
+    let log = lab.postfix.maillog();
+    assert!(
+        log.contains("TLS connection established to mx.plain.test"),
+        "Postfix encrypted its hop: {log}"
+    );
+    assert!(log.contains("status=sent"), "{log}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_address_that_is_no_mx_of_the_domain_is_encrypted_but_never_verified() {
+    let ca = TestCa::new();
+    let netns = NetNs::create(MX_DOWN);
+    let cert = ca.leaf(&["mx.tls.test"], Validity::Current);
+    let tls_server = server(&netns, MX_TLS, ServerBehaviour::tls(cert)).await;
+    // Postfix routes both domains to the TLS server's address, which neither publishes.
+    let route = format!("smtp:[{}]", netns.host(MX_TLS));
+    let extras = Extras {
+        main_cf: format!("transport_maps = inline:{{ static.test={route}, loose.test={route} }}\n"),
+        ..Extras::default()
+    };
+    let rules = "rules:\n  - name: verified-only\n    match: { domains: [static.test] }\n    tls: require\n    verify: require\n  - name: default\n";
+    let mut lab = TransparentLab::start_with(netns, &ca, Some(rules), extras).await;
+
+    let (strict, loose) = ("ivan@static.test", "judy@loose.test");
+    lab.postfix
+        .sendmail(SENDER, &[strict], &message(strict, "verified only"))
+        .await;
+    let deferred = lab.postfix.deferred_message().await;
+    let reason = deferred["recipients"][0]["delay_reason"]
+        .as_str()
+        .unwrap_or_default();
+    assert!(
+        reason.contains("451 4.7.5") && reason.contains("verified-only"),
+        "verification required and impossible without an MX name: {deferred}"
+    );
+    let warned = lab
+        .tlsrouter
+        .wait_for_log("is no MX host of static.test")
+        .await;
+    assert!(
+        warned["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("cannot be verified"))
+    );
+
+    lab.postfix
+        .sendmail(SENDER, &[loose], &message(loose, "encrypted anyway"))
+        .await;
+    let got = wait_for_messages(&tls_server, 1, &lab).await;
+    assert_eq!(got[0].rcpt_to, vec![loose]);
+    assert!(
+        got[0].tls.is_some(),
+        "encrypted, as the default rule allows"
+    );
+    let line = loop {
+        let line = lab.tlsrouter.wait_for_log("transaction").await;
+        if line["to"] == loose {
+            break line;
+        }
+    };
+    let addr = lab.netns.host(MX_TLS).to_string();
+    assert_eq!(line["addr"], addr.as_str(), "{line}");
+    assert_eq!(line["mx"], addr.as_str(), "no MX name: the address: {line}");
+    assert!(
+        line["verify"]
+            .as_str()
+            .is_some_and(|v| v.starts_with("cert-name-mismatch")),
+        "{line}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_ipv6_connection_of_postfix_is_delivered_to_its_original_destination_over_tls() {
+    let ca = TestCa::new();
+    let netns = NetNs::create(MX_DOWN);
+    let cert = ca.leaf(&["mx.six.test"], Validity::Current);
+    let six = SmtpServer::start(
+        IpAddr::V6(netns.host6(MX_TLS)),
+        25,
+        ServerBehaviour::tls(cert),
+    )
+    .await
+    .expect("SMTP server on IPv6");
+    let extras = Extras {
+        main_cf: "inet_protocols = all\nsmtp_address_preference = ipv6\n".into(),
+        ..Extras::default()
+    };
+    let mut lab = TransparentLab::start_with(netns, &ca, None, extras).await;
+
+    let to = "kim@six.test";
+    lab.postfix
+        .sendmail(SENDER, &[to], &message(to, "over IPv6"))
+        .await;
+
+    let got = wait_for_messages(&six, 1, &lab).await;
+    lab.postfix.wait_for_empty_queue().await;
+    assert_eq!(got[0].helo, "relay.test");
+    assert!(got[0].tls.is_some());
+    let line = lab.tlsrouter.wait_for_log("transaction").await;
+    assert_eq!(line["mx"], "mx.six.test", "{line}");
+    assert_eq!(line["addr"], lab.netns.host6(MX_TLS).to_string(), "{line}");
+    assert_eq!(line["verify"], "verified", "{line}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_original_destination_that_cannot_be_reached_is_a_temporary_failure_for_postfix() {
+    let ca = TestCa::new();
+    let netns = NetNs::create(MX_DOWN);
+    let lab = TransparentLab::start(netns, &ca, None).await;
+
+    let to = "leo@down.test";
+    lab.postfix
+        .sendmail(SENDER, &[to], &message(to, "later"))
+        .await;
+
+    // Postfix connected (to tlsrouter) and was told at once why the remote is not there.
+    let deferred = lab.postfix.deferred_message().await;
+    let reason = deferred["recipients"][0]["delay_reason"]
+        .as_str()
+        .unwrap_or_default();
+    let down = format!("{}:25", lab.netns.host(MX_DOWN));
+    assert!(
+        reason.contains("421 4.4.1") && reason.contains(&down),
+        "{deferred}"
     );
 }

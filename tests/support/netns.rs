@@ -1,12 +1,13 @@
 //! A network namespace of its own for a test, joined to this one by a veth pair:
-//! `10.231.N.100` inside, `10.231.N.1` and more addresses of `10.231.N.0/24` on this side,
+//! `10.231.N.100` inside, `10.231.N.1` and more addresses of `10.231.N.0/24` on this side
+//! (and the same in IPv6: `fd31:0:0:N::100` inside, `fd31:0:0:N::1`... here),
 //! where in-process servers (DNS, SMTP) can listen on any port, 25 and 53 included. N is
 //! unique per namespace, so tests run side by side. Processes run inside with
 //! `ip netns exec` (see [`NetNs::command`]); `/etc/netns/NAME/resolv.conf` is the
 //! resolver they see. Dropping it removes the namespace, the pair and that file.
 //! Needs root and `ip` (iproute2); without them the test fails and says so.
 
-use std::net::Ipv4Addr;
+use std::net::{Ipv4Addr, Ipv6Addr};
 use std::path::PathBuf;
 use std::process::Command;
 use std::sync::atomic::{AtomicU32, Ordering};
@@ -61,16 +62,43 @@ impl NetNs {
                 Command::new("ip").args(["addr", "add", &addr, "dev", &netns.outside_link]),
                 "add an address outside",
             );
+            // nodad: usable at once, not after duplicate address detection.
+            let addr6 = format!("{}/64", netns.host6(i));
+            run(
+                Command::new("ip").args([
+                    "-6",
+                    "addr",
+                    "add",
+                    &addr6,
+                    "dev",
+                    &netns.outside_link,
+                    "nodad",
+                ]),
+                "add an IPv6 address outside",
+            );
         }
         run(
             Command::new("ip").args(["link", "set", &netns.outside_link, "up"]),
             "bring the outside link up",
         );
-        let inside_commands: [&[&str]; 4] = [
+        let inside6 = format!("{}/64", netns.inside6());
+        let gateway6 = netns.host6(1).to_string();
+        let inside_commands: [&[&str]; 6] = [
             &["ip", "link", "set", "lo", "up"],
             &["ip", "addr", "add", &inside, "dev", &inside_link],
+            &[
+                "ip",
+                "-6",
+                "addr",
+                "add",
+                &inside6,
+                "dev",
+                &inside_link,
+                "nodad",
+            ],
             &["ip", "link", "set", &inside_link, "up"],
             &["ip", "route", "add", "default", "via", &gateway],
+            &["ip", "-6", "route", "add", "default", "via", &gateway6],
         ];
         for args in inside_commands {
             run(
@@ -89,6 +117,16 @@ impl NetNs {
     /// Address `i` on this side of the pair.
     pub fn host(&self, i: u8) -> Ipv4Addr {
         Ipv4Addr::new(10, 231, self.subnet, i)
+    }
+
+    /// The namespace's own IPv6 address.
+    pub fn inside6(&self) -> Ipv6Addr {
+        Ipv6Addr::new(0xfd31, 0, 0, self.subnet.into(), 0, 0, 0, 0x100)
+    }
+
+    /// IPv6 address `i` on this side of the pair.
+    pub fn host6(&self, i: u8) -> Ipv6Addr {
+        Ipv6Addr::new(0xfd31, 0, 0, self.subnet.into(), 0, 0, 0, i.into())
     }
 
     /// `program` to be run inside the namespace.
@@ -141,6 +179,7 @@ fn free_name_and_subnet() -> (String, u8) {
         let subnet = ((pid + n) % 250 + 1) as u8;
         let name = format!("trv{:05}", (pid % 1000) * 100 + n % 100);
         let taken = existing.contains(&format!("10.231.{subnet}."))
+            || existing.contains(&format!("fd31:0:0:{subnet:x}::"))
             || PathBuf::from("/run/netns").join(&name).exists();
         if !taken {
             return (name, subnet);

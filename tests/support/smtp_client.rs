@@ -112,6 +112,15 @@ impl SmtpClient {
     }
 }
 
+impl SmtpClient<TlsStream<TcpStream>> {
+    /// The server's leaf certificate of this session.
+    pub fn peer_certificate(&self) -> Option<Vec<u8>> {
+        let (_, session) = self.io.get_ref().get_ref();
+        let certs = session.peer_certificates()?;
+        certs.first().map(|c| c.as_ref().to_vec())
+    }
+}
+
 impl<S: AsyncRead + AsyncWrite + Unpin> SmtpClient<S> {
     /// Sends `line` and CRLF, and reads the reply.
     pub async fn cmd(&mut self, line: &str) -> Reply {
