@@ -13,7 +13,7 @@ use crate::outbound::connection::Connection;
 use crate::outbound::mx::ServerId;
 use crate::outcome::TlsOutcome;
 use crate::rules::model::HostPort;
-use crate::smtp::{Capabilities, Mailbox, Reply};
+use crate::smtp::{Capabilities, Mailbox, RcptParams, Reply};
 
 /// What the log line, `ctl sessions` and the counters say about where a transaction went.
 #[derive(Clone, Debug)]
@@ -91,9 +91,9 @@ impl Upstream {
         &self.caps
     }
 
-    /// `RCPT TO`: the remote's reply to it.
-    pub async fn recipient(&mut self, recipient: &Mailbox) -> Answer {
-        let line = format!("RCPT TO:<{recipient}>");
+    /// `RCPT TO`, with the DSN parameters where the remote offers DSN: the remote's reply.
+    pub async fn recipient(&mut self, recipient: &Mailbox, params: &RcptParams) -> Answer {
+        let line = format!("RCPT TO:<{recipient}>{}", params.to_wire(&self.caps));
         let sent = (self.conn)
             .exchange(
                 &line,

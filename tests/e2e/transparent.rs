@@ -46,6 +46,7 @@ const MX_GREETING: u8 = 7;
 const MX_SMALL: u8 = 8;
 /// An address of the far side where nothing listens.
 const MX_DOWN: u8 = 9;
+const MX_DSN: u8 = 10;
 
 /// Postfix, tlsrouter beside it in the namespace, and the DNS server; dropped in this
 /// order, so Postfix stops first and the namespace goes last.
@@ -188,6 +189,7 @@ fn zone(netns: &NetNs) -> TestZone {
         ("static.test", MX_STRICT),
         ("loose.test", MX_STRICT),
         ("down.test", MX_DOWN),
+        ("dsn.test", MX_DSN),
     ] {
         let mx = format!("mx.{domain}");
         zone = zone.mx(domain, 10, &mx).a(&mx, netns.host(host));
@@ -553,5 +555,60 @@ async fn an_original_destination_that_cannot_be_reached_is_a_temporary_failure_f
     assert!(
         reason.contains("421 4.4.1") && reason.contains(&down),
         "{deferred}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dsn_requests_reach_a_remote_that_offers_dsn_and_postfix_reports_relayed_to_one_that_does_not()
+ {
+    let ca = TestCa::new();
+    let netns = NetNs::create(MX_DSN);
+    let with_dsn = server(&netns, MX_DSN, ServerBehaviour::plain().ehlo_keyword("DSN")).await;
+    let without = server(&netns, MX_PLAIN, ServerBehaviour::plain()).await;
+    let senders_mx = server(&netns, MX_SENDER, ServerBehaviour::plain()).await;
+    let lab = TransparentLab::start(netns, &ca, None).await;
+    let dsn = ["-N", "success,delay", "-R", "hdrs", "-V", "env-42.x"];
+
+    let to = "bob@dsn.test";
+    (lab.postfix)
+        .sendmail_with(&dsn, SENDER, &[to], &message(to, "tell me"))
+        .await;
+    let got = wait_for_messages(&with_dsn, 1, &lab).await;
+    let commands = &with_dsn.connection_logs()[got[0].connection].commands;
+    let sent = |verb: &str| {
+        (commands.iter())
+            .find(|c| c.starts_with(verb))
+            .cloned()
+            .unwrap_or_default()
+    };
+    assert!(
+        sent("MAIL FROM:").ends_with(" RET=HDRS ENVID=env-42.x"),
+        "{commands:?}"
+    );
+    assert_eq!(
+        sent("RCPT TO:"),
+        format!("RCPT TO:<{to}> NOTIFY=SUCCESS,DELAY ORCPT=rfc822;{to}"),
+        "{commands:?}"
+    );
+
+    // Not offered DSN, Postfix itself tells the sender the message went to a server that
+    // will not report on it, and the remote gets no DSN parameter.
+    let to = "carol@plain.test";
+    (lab.postfix)
+        .sendmail_with(&dsn, SENDER, &[to], &message(to, "tell me too"))
+        .await;
+    let got = wait_for_messages(&without, 1, &lab).await;
+    let commands = &without.connection_logs()[got[0].connection].commands;
+    assert!(
+        !(commands.iter()).any(|c| ["RET=", "ENVID=", "NOTIFY=", "ORCPT="]
+            .iter()
+            .any(|p| c.contains(p))),
+        "{commands:?}"
+    );
+    let notices = wait_for_messages(&senders_mx, 1, &lab).await;
+    let report = String::from_utf8_lossy(&notices[0].data);
+    assert!(
+        report.contains("Action: relayed") && report.contains(to),
+        "{report}"
     );
 }
