@@ -246,6 +246,14 @@ impl Attempt<'_> {
     }
 }
 
+/// Whether the connection made at accept is to `addr`.
+fn is_connected(
+    greeted: &std::sync::Mutex<Option<(Connection, Capabilities)>>,
+    addr: SocketAddr,
+) -> bool {
+    (greeted.lock()).is_ok_and(|slot| slot.as_ref().is_some_and(|(conn, _)| conn.peer == addr))
+}
+
 /// A remote connected at accept for a transparent session: its greeting and EHLO reply
 /// are what the MTA is shown, and the connection serves the session's first transaction.
 pub struct Greeted {
@@ -467,7 +475,16 @@ impl Outbound {
                 if overridden(rule, published) {
                     tracing::warn!(server = %server, rule = %rule.name, "rule overrides the domain's published policy ({})", published.name().unwrap_or("none"));
                 }
-                let decision = decide(rule, known, published);
+                let mut decision = decide(rule, known, published);
+                let stale = cached.as_ref().is_some_and(|e| !e.pinned);
+                if stale
+                    && matches!(decision, HostDecision::Skip(_))
+                    && is_connected(greeted, SocketAddr::new(ip, port))
+                {
+                    // Connected at accept moments ago: "unreachable" from before is stale,
+                    // and the attempt's outcome will replace it.
+                    decision = decide(rule, Known::Nothing, published);
+                }
                 if decision != decide(rule, Known::Nothing, published) {
                     self.stats.cache_hits.inc();
                 }

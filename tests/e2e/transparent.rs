@@ -127,6 +127,11 @@ impl TransparentLab {
                 .set("inbound.tls.certificate", path(&cert_file))
                 .set("inbound.tls.key", path(&key_file));
         }
+        if let Some(cache) = &extras.cache {
+            let file = dir.path().join("cache.json");
+            std::fs::write(&file, cache.to_string()).expect("write cache file");
+            settings = settings.set("cache.file", path(&file));
+        }
         if let Some(rules) = rules {
             let file = dir.path().join("rules.yaml");
             std::fs::write(&file, rules).expect("write rules");
@@ -163,6 +168,8 @@ struct Extras {
     master_cf: String,
     /// tlsrouter offers STARTTLS to Postfix with this certificate.
     inbound_tls: Option<crate::support::pki::CertKey>,
+    /// tlsrouter starts with this cache file.
+    cache: Option<serde_json::Value>,
 }
 
 /// A receiving server on port 25 of address `host` of the far side.
@@ -419,6 +426,7 @@ async fn a_postfix_that_insists_on_tls_keeps_delivering_through_the_transparent_
         main_cf: "smtp_tls_security_level = encrypt\nsmtp_tls_loglevel = 1\n".into(),
         master_cf: "tlsmgr    unix  -       -       n       1000?   1       tlsmgr\n".into(),
         inbound_tls: Some(ca.leaf(&["mx.plain.test"], Validity::Current)),
+        ..Extras::default()
     };
     let lab = TransparentLab::start_with(netns, &ca, None, extras).await;
 
@@ -610,5 +618,49 @@ async fn dsn_requests_reach_a_remote_that_offers_dsn_and_postfix_reports_relayed
     assert!(
         report.contains("Action: relayed") && report.contains(to),
         "{report}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stale_unreachable_entry_does_not_defer_a_message_whose_remote_was_just_reached() {
+    let ca = TestCa::new();
+    let netns = NetNs::create(MX_DOWN);
+    let cert = ca.leaf(&["mx.tls.test"], Validity::Current);
+    let tls_server = server(&netns, MX_TLS, ServerBehaviour::tls(cert)).await;
+    // Learned while the server was down, and not yet expired.
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("clock after 1970")
+        .as_secs();
+    let addr = netns.host(MX_TLS).to_string();
+    let unreachable = json!({
+        "host": "mx.tls.test", "addr": addr, "domains": ["tls.test"],
+        "class": "connect-failed", "detail": "connection refused",
+        "tls_version": null, "cipher": null, "cert_not_after": null,
+        "first_seen": now - 60, "last_seen": now - 60, "count": 1,
+        "expires_at": now + 3600, "pinned": false, "last_tls_at": null
+    });
+    let extras = Extras {
+        cache: Some(json!({ "version": 1, "entries": [unreachable] })),
+        ..Extras::default()
+    };
+    let lab = TransparentLab::start_with(netns, &ca, None, extras).await;
+    let cached = lab.tlsrouter.ctl(&["cache", "show", "mx.tls.test"]).await;
+    assert_eq!(
+        cached["result"]["entries"][0]["class"], "connect-failed",
+        "{cached}"
+    );
+
+    let to = "mallory@tls.test";
+    lab.postfix
+        .sendmail(SENDER, &[to], &message(to, "reachable again"))
+        .await;
+    let got = wait_for_messages(&tls_server, 1, &lab).await;
+    lab.postfix.wait_for_empty_queue().await;
+    assert!(got[0].tls.is_some());
+    let learned = lab.tlsrouter.ctl(&["cache", "show", "mx.tls.test"]).await;
+    assert_eq!(
+        learned["result"]["entries"][0]["class"], "tls-verified",
+        "{learned}"
     );
 }
