@@ -246,6 +246,20 @@ impl Attempt<'_> {
     }
 }
 
+/// Whether verification is required of an original destination that no MX host names, so
+/// that it cannot succeed.
+fn no_mx_name(hop: &NextHop, rule: &Rule, published: Published) -> bool {
+    let required = rule.policy.verify == crate::rules::policy::VerifyMode::Require
+        || matches!(
+            published,
+            Published::MtaSts {
+                mode: StsMode::Enforce,
+                ..
+            }
+        );
+    required && matches!(hop, NextHop::OriginalDestination { mx: None, .. })
+}
+
 /// Whether the connection made at accept is to `addr`.
 fn is_connected(
     greeted: &std::sync::Mutex<Option<(Connection, Capabilities)>>,
@@ -548,7 +562,12 @@ impl Outbound {
                     }
                     Err(Failure::TlsNotAchieved(why)) => {
                         tracing::warn!(server = %server, rule = %rule.name, "TLS required but not achieved: {why}");
-                        tls_failures.push(format!("{server} {why}"));
+                        let failure = format!("{server} {why}");
+                        tls_failures.push(match no_mx_name(hop, rule, published) {
+                            // The cause, first: the MTA's queue shows it before any cut.
+                            true => format!("{ip} is no MX host of {domain}: the certificate cannot be verified for an MX name ({failure})"),
+                            false => failure,
+                        });
                         tls_rule = rule.name.clone();
                     }
                     Err(Failure::Final(reply)) => {

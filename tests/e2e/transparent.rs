@@ -470,9 +470,15 @@ async fn an_address_that_is_no_mx_of_the_domain_is_encrypted_but_never_verified(
     let reason = deferred["recipients"][0]["delay_reason"]
         .as_str()
         .unwrap_or_default();
+    let addr = lab.netns.host(MX_TLS).to_string();
     assert!(
-        reason.contains("451 4.7.5") && reason.contains("verified-only"),
-        "verification required and impossible without an MX name: {deferred}"
+        reason.contains("451 4.7.5")
+            && reason.contains("verified-only")
+            && reason.contains(&format!(
+                "{addr} is no MX host of static.test: the certificate cannot be verified for an MX name"
+            )),
+        "verification required and impossible without an MX name, and the queue says so: \
+         {deferred}"
     );
     let warned = lab
         .tlsrouter
@@ -499,7 +505,6 @@ async fn an_address_that_is_no_mx_of_the_domain_is_encrypted_but_never_verified(
             break line;
         }
     };
-    let addr = lab.netns.host(MX_TLS).to_string();
     assert_eq!(line["addr"], addr.as_str(), "{line}");
     assert_eq!(line["mx"], addr.as_str(), "no MX name: the address: {line}");
     assert!(
