@@ -239,6 +239,7 @@ impl Session {
     /// A session of a transparent listener: every transaction goes to `destination`.
     pub fn redirected_to(mut self, destination: SocketAddr) -> Session {
         self.original_destination = Some(destination);
+        self.registered.set_original_destination(destination);
         self
     }
 

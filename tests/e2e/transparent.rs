@@ -20,7 +20,7 @@ use crate::support::dns::{DnsServer, TestZone};
 use crate::support::netns::NetNs;
 use crate::support::pki::{TestCa, Validity};
 use crate::support::settings::{Settings, path};
-use crate::support::smtp_server::{Received, ServerBehaviour, SmtpServer};
+use crate::support::smtp_server::{Action, Received, ServerBehaviour, SmtpServer, Step};
 
 /// The rules an admin loads; the test loads this very file.
 const NFT_RULES: &str = concat!(
@@ -668,4 +668,44 @@ async fn a_stale_unreachable_entry_does_not_defer_a_message_whose_remote_was_jus
         learned["result"]["entries"][0]["class"], "tls-verified",
         "{learned}"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ctl_sessions_shows_where_a_redirected_connection_was_going_from_accept_on() {
+    let ca = TestCa::new();
+    let netns = NetNs::create(MX_DOWN);
+    // The remote keeps tlsrouter waiting for its greeting, so the session stays at accept.
+    let slow = server(
+        &netns,
+        MX_PLAIN,
+        ServerBehaviour::plain().on(Step::Greeting, Action::Hold),
+    )
+    .await;
+    let lab = TransparentLab::start(netns, &ca, None).await;
+
+    let to = "nina@plain.test";
+    lab.postfix
+        .sendmail(SENDER, &[to], &message(to, "slow greeting"))
+        .await;
+    let destination = format!("{}:25", lab.netns.host(MX_PLAIN));
+    let deadline = Instant::now() + WAIT;
+    let session = loop {
+        let shown = lab.tlsrouter.ctl(&["sessions"]).await;
+        let sessions = shown["result"]["sessions"].as_array().cloned();
+        if let Some(session) = sessions.into_iter().flatten().next() {
+            break session;
+        }
+        assert!(Instant::now() < deadline, "no session shown: {shown}");
+        tokio::time::sleep(POLL).await;
+    };
+    assert_eq!(session["state"], "greeted", "{session}");
+    assert_eq!(
+        session["original_destination"],
+        destination.as_str(),
+        "{session}"
+    );
+
+    slow.release();
+    wait_for_messages(&slow, 1, &lab).await;
+    lab.postfix.wait_for_empty_queue().await;
 }
