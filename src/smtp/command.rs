@@ -355,11 +355,21 @@ fn is_orcpt(value: &str) -> bool {
         return false;
     };
     let atext = |c: char| c.is_ascii_alphanumeric() || "!#$%&'*+-/=?^_`{|}~".contains(c);
+    // RFC 6533: a `utf-8` address may hold non-ASCII characters (as in an SMTPUTF8
+    // session), never `+` or `=`.
+    let utf8_text = |a: &str| {
+        a.chars()
+            .all(|c| !c.is_ascii() || (c.is_ascii_graphic() && c != '+' && c != '='))
+    };
+    let address_ok = match addr_type.eq_ignore_ascii_case("utf-8") {
+        true => utf8_text(address),
+        false => is_xtext(address),
+    };
     value.len() <= 500
         && !addr_type.is_empty()
         && addr_type.chars().all(atext)
         && !address.is_empty()
-        && is_xtext(address)
+        && address_ok
 }
 
 fn parse_rcpt(rest: &str) -> Result<Command, CommandError> {
@@ -473,6 +483,15 @@ mod tests {
             orcpt: Some("rfc822;u+40d.example".into()),
         };
         assert_eq!(cmd, Ok(Command::Rcpt(mailbox("u@d.example"), params)));
+        let utf8 = "RCPT TO:<jürgen@bücher.example> ORCPT=utf-8;jürgen@bücher.example";
+        assert!(matches!(
+            parse_command(utf8.as_bytes()),
+            Ok(Command::Rcpt(_, RcptParams { orcpt: Some(o), .. })) if o == "utf-8;jürgen@bücher.example"
+        ));
+        assert!(matches!(
+            parse_command("RCPT TO:<u@d.example> ORCPT=rfc822;jürgen@d.example".as_bytes()),
+            Err(CommandError::BadDsnParameter { .. })
+        ));
         assert!(matches!(
             parse_command(b"RCPT TO:<u@d.example> NOTIFY=NEVER"),
             Ok(Command::Rcpt(_, RcptParams { notify: Some(n), orcpt: None })) if n == "NEVER"
