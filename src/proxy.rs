@@ -31,6 +31,14 @@ pub struct Proxy {
     pub(crate) admin_socket: std::sync::OnceLock<std::path::PathBuf>,
     /// STARTTLS toward the MTA: the certificate in force, if any.
     pub server_tls: Arc<crate::server_tls::ServerTls>,
+    /// One permit per session slot, shared by every listener, so that
+    /// `limits.max_sessions` bounds them all together.
+    pub session_slots: Arc<tokio::sync::Semaphore>,
+    /// How many permits `session_slots` has.
+    pub session_slots_max: usize,
+    /// Sessions per client address, over every listener too.
+    pub sessions_per_client:
+        Arc<std::sync::Mutex<std::collections::HashMap<std::net::IpAddr, usize>>>,
 }
 
 impl Proxy {
@@ -101,7 +109,14 @@ impl Proxy {
             socket_mark: config.delivery.socket_mark,
             pool: crate::outbound::pool::Pool::new(config.delivery.pool.clone()),
         };
+        // The semaphore's own bound, and one drain can take back at once.
+        let session_slots_max = (config.limits.max_sessions)
+            .min(tokio::sync::Semaphore::MAX_PERMITS)
+            .min(u32::MAX as usize);
         Ok(Arc::new(Proxy {
+            session_slots: Arc::new(tokio::sync::Semaphore::new(session_slots_max)),
+            session_slots_max,
+            sessions_per_client: Arc::default(),
             config,
             outbound,
             router,

@@ -16,6 +16,9 @@ pub struct SessionInfo {
     pub state: SessionState,
     /// The remote of the transaction in progress, if any.
     pub next_hop: Option<String>,
+    /// Where a transparent listener's connection was going, known from accept on.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub original_destination: Option<SocketAddr>,
     /// Unix seconds.
     pub started: u64,
 }
@@ -78,6 +81,7 @@ impl Registry {
             client,
             state: SessionState::Greeted,
             next_hop: None,
+            original_destination: None,
             started,
         };
         if let Ok(mut open) = self.open.lock() {
@@ -98,6 +102,14 @@ impl Registry {
 }
 
 impl Entry {
+    pub fn set_original_destination(&self, destination: SocketAddr) {
+        if let Ok(mut open) = self.registry.open.lock()
+            && let Some(info) = open.get_mut(&self.id)
+        {
+            info.original_destination = Some(destination);
+        }
+    }
+
     pub fn update(&self, state: SessionState, next_hop: Option<String>) {
         if let Ok(mut open) = self.registry.open.lock()
             && let Some(info) = open.get_mut(&self.id)

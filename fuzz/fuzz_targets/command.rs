@@ -21,6 +21,7 @@ fuzz_target!(|line: &[u8]| {
         size: Some(0),
         eight_bit_mime: true,
         smtputf8: true,
+        dsn: true,
         ..Capabilities::default()
     };
     let forwarded = match &command {
@@ -31,7 +32,9 @@ fuzz_target!(|line: &[u8]| {
                 .to_wire(&everything)
                 .expect("a remote with every extension takes every message")
         ),
-        Command::Rcpt(recipient) => format!("RCPT TO:<{recipient}>"),
+        Command::Rcpt(recipient, params) => {
+            format!("RCPT TO:<{recipient}>{}", params.to_wire(&everything))
+        }
         _ => return,
     };
     assert_eq!(
@@ -43,7 +46,7 @@ fuzz_target!(|line: &[u8]| {
     // where a bare CR (or NEL, or U+2028, for a Unicode-minded server) can end the line
     // for a lenient server (command injection).
     let address = match &command {
-        Command::Mail(Some(m), _) | Command::Rcpt(m) => m.to_string(),
+        Command::Mail(Some(m), _) | Command::Rcpt(m, _) => m.to_string(),
         _ => String::new(),
     };
     assert!(

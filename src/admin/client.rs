@@ -256,12 +256,20 @@ fn sessions_table(result: &Value) -> String {
     let now = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_secs());
-    let mut rows = vec![row(&["ID", "CLIENT", "STATE", "NEXT HOP", "AGE"])];
+    let mut rows = vec![row(&[
+        "ID",
+        "CLIENT",
+        "STATE",
+        "ORIGINAL DESTINATION",
+        "NEXT HOP",
+        "AGE",
+    ])];
     for s in result["sessions"].as_array().into_iter().flatten() {
         rows.push(vec![
             text(&s["id"]),
             text(&s["client"]),
             text(&s["state"]),
+            text(&s["original_destination"]),
             text(&s["next_hop"]),
             relative(now, s["started"].as_u64().unwrap_or(0)).replace(" ago", ""),
         ]);

@@ -39,12 +39,9 @@ pub async fn serve(
     accepting: Accepting,
     shutdown: impl Future<Output = ()>,
 ) {
-    // The semaphore's own bound, and one drain can take back at once.
-    let max = (proxy.config.limits.max_sessions)
-        .min(Semaphore::MAX_PERMITS)
-        .min(u32::MAX as usize);
-    let sessions = Arc::new(Semaphore::new(max));
-    let per_client: Arc<Mutex<HashMap<IpAddr, usize>>> = Arc::default();
+    // Shared by every listener: the limit is on sessions, not on each listener's.
+    let (sessions, max) = (proxy.session_slots.clone(), proxy.session_slots_max);
+    let per_client = proxy.sessions_per_client.clone();
     tokio::pin!(shutdown);
     loop {
         let accepted = tokio::select! {

@@ -20,7 +20,7 @@ use crate::server_tls::MtaStream;
 use crate::sessions::{Drain, Entry, SessionState};
 use crate::smtp::data::{BodyError, BodyFilter};
 use crate::smtp::line::{LineRead, read_line};
-use crate::smtp::{Command, MailParams, Mailbox, Reply, parse_command};
+use crate::smtp::{Command, CommandError, MailParams, Mailbox, RcptParams, Reply, parse_command};
 
 /// Body bytes gathered before they are written to the remote.
 const BODY_BLOCK: usize = 64 * 1024;
@@ -239,6 +239,7 @@ impl Session {
     /// A session of a transparent listener: every transaction goes to `destination`.
     pub fn redirected_to(mut self, destination: SocketAddr) -> Session {
         self.original_destination = Some(destination);
+        self.registered.set_original_destination(destination);
         self
     }
 
@@ -290,6 +291,10 @@ impl Session {
                     tracing::debug!(client = %self.client, "<- {}", String::from_utf8_lossy(&self.line));
                     match parse_command(&self.line) {
                         Ok(command) => self.handle(command).await,
+                        Err(CommandError::BadDsnParameter { param, .. }) if !self.offers_dsn() => {
+                            let unknown = CommandError::UnknownParameter(param);
+                            self.reply_or_close(&unknown.reply()).await
+                        }
                         Err(error) => self.reply_or_close(&error.reply()).await,
                     }
                 }
@@ -339,7 +344,7 @@ impl Session {
                 Reply::multiline(250, vec![name])
             }
             Command::Mail(sender, params) => self.mail(sender, params),
-            Command::Rcpt(recipient) => self.rcpt(recipient).await,
+            Command::Rcpt(recipient, params) => self.rcpt(recipient, params).await,
             Command::Data => return self.data().await,
             Command::Rset => {
                 self.end_transaction(End::Rset).await;
@@ -366,6 +371,14 @@ impl Session {
             reply.lines.push("STARTTLS".into());
         }
         reply
+    }
+
+    /// DSN is offered only where its parameters reach a remote known to take them: a
+    /// transparent session whose remote offers DSN. A smart-host session does not know its
+    /// remote at EHLO time.
+    fn offers_dsn(&self) -> bool {
+        (self.remote_ehlo.as_ref())
+            .is_some_and(|ehlo| crate::smtp::Capabilities::from_ehlo(ehlo).dsn)
     }
 
     /// STARTTLS is offered when a certificate is configured, until the session is in TLS.
@@ -456,6 +469,9 @@ impl Session {
             Stage::Mail(_) => return Reply::new(503, "5.5.1", "nested MAIL command"),
             Stage::Ready => {}
         }
+        if let Some(param) = params.first_dsn_parameter().filter(|_| !self.offers_dsn()) {
+            return CommandError::UnknownParameter(param).reply();
+        }
         let max = self.proxy.config.limits.max_message_size;
         if params.size.is_some_and(|size| size > max) {
             return Reply::new(
@@ -481,8 +497,11 @@ impl Session {
         Reply::new(250, "2.1.0", "sender OK")
     }
 
-    async fn rcpt(&mut self, recipient: Mailbox) -> Reply {
-        let reply = self.rcpt_reply(recipient.clone()).await;
+    async fn rcpt(&mut self, recipient: Mailbox, params: RcptParams) -> Reply {
+        if let Some(param) = params.first_dsn_parameter().filter(|_| !self.offers_dsn()) {
+            return CommandError::UnknownParameter(param).reply();
+        }
+        let reply = self.rcpt_reply(recipient.clone(), &params).await;
         if !reply.is_positive()
             && let Stage::Mail(tx) = &mut self.stage
         {
@@ -496,7 +515,7 @@ impl Session {
         reply
     }
 
-    async fn rcpt_reply(&mut self, recipient: Mailbox) -> Reply {
+    async fn rcpt_reply(&mut self, recipient: Mailbox, params: &RcptParams) -> Reply {
         let proxy = self.proxy.clone();
         let Stage::Mail(tx) = &mut self.stage else {
             return Reply::new(503, "5.5.1", "MAIL first");
@@ -514,7 +533,10 @@ impl Session {
         }
         let sender_domain = tx.sender.as_ref().map(Mailbox::routing_domain);
         let plan = Plan::new(tx.rules.clone(), &domain, sender_domain.as_deref());
-        if let Err(reply) = self.ensure_route(&domain, plan, &recipient).await {
+        if let Err(reply) = self
+            .ensure_route(&domain, plan, (&recipient, &params))
+            .await
+        {
             if let Stage::Mail(tx) = &mut self.stage {
                 tx.failed_domains.insert(domain, reply.clone());
             }
@@ -526,7 +548,7 @@ impl Session {
         let Remote::Open(route) = &mut tx.remote else {
             return Reply::new(451, "4.3.0", "internal error: no route");
         };
-        match route.upstream.recipient(&recipient).await {
+        match route.upstream.recipient(&recipient, params).await {
             Answer::Reply(reply) => {
                 if reply.is_positive() {
                     tx.accepted.push(recipient);
@@ -543,7 +565,7 @@ impl Session {
         &mut self,
         domain: &str,
         plan: Plan,
-        first: &Mailbox,
+        (first, first_params): (&Mailbox, &RcptParams),
     ) -> Result<(), Reply> {
         let proxy = self.proxy.clone();
         let Stage::Mail(tx) = &mut self.stage else {
@@ -599,9 +621,15 @@ impl Session {
         };
         let opened = proxy
             .outbound
-            .open_for(&plan, domain, &hop, &policy, greeted, Some(first), |caps| {
-                Ok(format!("{mail_from}{}", params.to_wire(caps)?))
-            })
+            .open_for(
+                &plan,
+                domain,
+                &hop,
+                &policy,
+                greeted,
+                Some((first, first_params)),
+                |caps| Ok(format!("{mail_from}{}", params.to_wire(caps)?)),
+            )
             .await;
         match opened {
             Ok(upstream) => {
@@ -840,7 +868,8 @@ impl Transaction {
 const REFUSED_SHOWN: usize = 20;
 
 /// Our EHLO reply in transparent mode: the remote's name, and of its extensions those a
-/// cut-through relay can pass on. SIZE is the smaller of its limit and ours; STARTTLS,
+/// cut-through relay can pass on (DSN too: its parameters are passed on). SIZE is the
+/// smaller of its limit and ours; STARTTLS,
 /// AUTH and anything we do not understand are left out (TLS toward the remote is ours).
 fn transparent_ehlo_reply(remote: &Reply, our_max_size: u64) -> Reply {
     let caps = crate::smtp::Capabilities::from_ehlo(remote);
@@ -854,7 +883,7 @@ fn transparent_ehlo_reply(remote: &Reply, our_max_size: u64) -> Reply {
     };
     lines.push(format!("SIZE {size}"));
     let offered = |keyword: &str| caps.keywords.iter().any(|k| k == keyword);
-    for keyword in ["8BITMIME", "ENHANCEDSTATUSCODES", "SMTPUTF8"] {
+    for keyword in ["8BITMIME", "DSN", "ENHANCEDSTATUSCODES", "SMTPUTF8"] {
         if offered(keyword) {
             lines.push(keyword.into());
         }
@@ -973,6 +1002,7 @@ mod tests {
                 "STARTTLS",
                 "AUTH PLAIN",
                 "CHUNKING",
+                "DSN",
                 "SMTPUTF8",
             ]
             .map(String::from)
@@ -985,6 +1015,7 @@ mod tests {
                 "mx.partner.example Hello",
                 "PIPELINING",
                 "SIZE 1000",
+                "DSN",
                 "SMTPUTF8"
             ]
         );

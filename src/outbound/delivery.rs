@@ -31,7 +31,7 @@ use crate::router::decision::{
 use crate::rules::model::{AuthSpec, HostPort};
 use crate::rules::{Fallback, MinTls, Route, Rule};
 use crate::smtp::data::BareLineEndings;
-use crate::smtp::{Capabilities, Mailbox, MissingExtension, Reply};
+use crate::smtp::{Capabilities, Mailbox, MissingExtension, RcptParams, Reply};
 use crate::stats::Stats;
 
 /// `delivery:` in the configuration.
@@ -235,7 +235,7 @@ struct Attempt<'a> {
     /// A connection greeted before the transaction (transparent mode), not yet used.
     greeted: &'a std::sync::Mutex<Option<(Connection, Capabilities)>>,
     /// The recipient to pipeline with MAIL FROM, where the remote allows it.
-    first_recipient: Option<&'a Mailbox>,
+    first_recipient: Option<(&'a Mailbox, &'a RcptParams)>,
     /// The server's usable TLSA records, when DANE applies.
     tlsa: &'a [TlsaRecord],
 }
@@ -259,6 +259,28 @@ impl Attempt<'_> {
         conn.host = self.server.name.clone();
         Some((conn, caps))
     }
+}
+
+/// Whether verification is required of an original destination that no MX host names, so
+/// that it cannot succeed.
+fn no_mx_name(hop: &NextHop, rule: &Rule, published: Published) -> bool {
+    let required = rule.policy.verify == crate::rules::policy::VerifyMode::Require
+        || matches!(
+            published,
+            Published::MtaSts {
+                mode: StsMode::Enforce,
+                ..
+            }
+        );
+    required && matches!(hop, NextHop::OriginalDestination { mx: None, .. })
+}
+
+/// Whether the connection made at accept is to `addr`.
+fn is_connected(
+    greeted: &std::sync::Mutex<Option<(Connection, Capabilities)>>,
+    addr: SocketAddr,
+) -> bool {
+    (greeted.lock()).is_ok_and(|slot| slot.as_ref().is_some_and(|(conn, _)| conn.peer == addr))
 }
 
 /// A remote connected at accept for a transparent session: its greeting and EHLO reply
@@ -415,7 +437,7 @@ impl Outbound {
         hop: &NextHop,
         policy: &PolicyLookup,
         greeted: Option<Box<Greeted>>,
-        first: Option<&Mailbox>,
+        first: Option<(&Mailbox, &RcptParams)>,
         mail_from: impl Fn(&Capabilities) -> Result<String, MissingExtension> + Sync,
     ) -> Result<Upstream, OpenError> {
         let greeted = std::sync::Mutex::new(greeted.map(|g| (g.conn, g.caps)));
@@ -436,7 +458,7 @@ impl Outbound {
         hop: &NextHop,
         policy: &PolicyLookup,
         greeted: &std::sync::Mutex<Option<(Connection, Capabilities)>>,
-        first: Option<&Mailbox>,
+        first: Option<(&Mailbox, &RcptParams)>,
         mail_from: &(dyn Fn(&Capabilities) -> Result<String, MissingExtension> + Sync),
     ) -> Result<Upstream, OpenError> {
         if let (true, PolicyLookup::Unavailable(error)) = (hop.is_domain_delivery(), policy) {
@@ -508,7 +530,16 @@ impl Outbound {
                 if overridden(rule, published) {
                     tracing::warn!(server = %server, rule = %rule.name, "rule overrides the domain's published policy ({})", published.name().unwrap_or("none"));
                 }
-                let decision = decide(rule, known, published);
+                let mut decision = decide(rule, known, published);
+                let stale = cached.as_ref().is_some_and(|e| !e.pinned);
+                if stale
+                    && matches!(decision, HostDecision::Skip(_))
+                    && is_connected(greeted, SocketAddr::new(ip, port))
+                {
+                    // Connected at accept moments ago: "unreachable" from before is stale,
+                    // and the attempt's outcome will replace it.
+                    decision = decide(rule, Known::Nothing, published);
+                }
                 if decision != decide(rule, Known::Nothing, published) {
                     self.stats.cache_hits.inc();
                 }
@@ -592,7 +623,12 @@ impl Outbound {
                     }
                     Err(Failure::TlsNotAchieved(why)) => {
                         tracing::warn!(server = %server, rule = %rule.name, "TLS required but not achieved: {why}");
-                        tls_failures.push(format!("{server} {why}"));
+                        let failure = format!("{server} {why}");
+                        tls_failures.push(match no_mx_name(hop, rule, published) {
+                            // The cause, first: the MTA's queue shows it before any cut.
+                            true => format!("{ip} is no MX host of {domain}: the certificate cannot be verified for an MX name ({failure})"),
+                            false => failure,
+                        });
                         tls_rule = rule.name.clone();
                     }
                     Err(Failure::Final(reply)) => {
@@ -905,15 +941,15 @@ impl Outbound {
         conn: &mut Connection,
         caps: &Capabilities,
         command: &str,
-        first: Option<&Mailbox>,
+        first: Option<(&Mailbox, &RcptParams)>,
     ) -> Result<(Reply, Option<FirstReply>), ExchangeError> {
         let timeout = self.timeouts.command;
         let what = "the reply to MAIL FROM";
-        let Some(recipient) = first.filter(|_| caps.pipelining) else {
+        let Some((recipient, params)) = first.filter(|_| caps.pipelining) else {
             let reply = conn.exchange(command, &[250], timeout, what).await?;
             return Ok((reply, None));
         };
-        let rcpt = format!("RCPT TO:<{recipient}>");
+        let rcpt = format!("RCPT TO:<{recipient}>{}", params.to_wire(caps));
         let commands = [
             (command, &[250][..], what),
             (rcpt.as_str(), &[250, 251][..], "the reply to RCPT TO"),

@@ -15,7 +15,7 @@ use crate::outbound::mx::ServerId;
 use crate::outbound::pool::{Idle, Lineage, PoolKey};
 use crate::outcome::TlsOutcome;
 use crate::rules::model::HostPort;
-use crate::smtp::{Capabilities, Mailbox, Reply};
+use crate::smtp::{Capabilities, Mailbox, RcptParams, Reply};
 
 /// What the log line, `ctl sessions` and the counters say about where a transaction went.
 #[derive(Clone, Debug)]
@@ -162,8 +162,9 @@ impl Upstream {
         &self.caps
     }
 
-    /// `RCPT TO`: the remote's reply to it.
-    pub async fn recipient(&mut self, recipient: &Mailbox) -> Answer {
+    /// `RCPT TO`, with the DSN parameters where the remote offers DSN: the remote's reply
+    /// (already read when it went pipelined with MAIL FROM).
+    pub async fn recipient(&mut self, recipient: &Mailbox, params: &RcptParams) -> Answer {
         let sent = match self.first_reply.take() {
             Some((sent_for, reply)) if sent_for == *recipient => reply,
             // Another recipient came first: its reply is not for this one. Never happens
@@ -173,7 +174,7 @@ impl Upstream {
                 "a reply for another recipient".into(),
             )),
             None => {
-                let line = format!("RCPT TO:<{recipient}>");
+                let line = format!("RCPT TO:<{recipient}>{}", params.to_wire(&self.caps));
                 (self.conn)
                     .exchange(
                         &line,

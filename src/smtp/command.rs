@@ -29,12 +29,58 @@ pub enum Body {
     EightBitMime,
 }
 
+/// The RET= parameter of MAIL FROM (RFC 3461 4.3).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Ret {
+    Full,
+    Hdrs,
+}
+
 /// The MAIL FROM parameters we understand and pass on.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct MailParams {
     pub size: Option<u64>,
     pub body: Option<Body>,
     pub smtputf8: bool,
+    /// DSN (RFC 3461): what a bounce should return, and the envelope id, as xtext as sent.
+    pub ret: Option<Ret>,
+    pub envid: Option<String>,
+}
+
+/// The RCPT TO parameters of DSN (RFC 3461 4.1, 4.2), as sent once checked.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct RcptParams {
+    /// `NEVER`, or a comma-separated list of SUCCESS, FAILURE and DELAY, upper case.
+    pub notify: Option<String>,
+    /// `addr-type;xtext`, as sent.
+    pub orcpt: Option<String>,
+}
+
+impl RcptParams {
+    pub fn has_dsn(&self) -> bool {
+        self.notify.is_some() || self.orcpt.is_some()
+    }
+
+    /// The parameters as they go to the remote: only to one that offers DSN.
+    pub fn to_wire(&self, remote: &crate::smtp::Capabilities) -> String {
+        let mut out = String::new();
+        if !remote.dsn {
+            return out;
+        }
+        if let Some(notify) = &self.notify {
+            out.push_str(&format!(" NOTIFY={notify}"));
+        }
+        if let Some(orcpt) = &self.orcpt {
+            out.push_str(&format!(" ORCPT={orcpt}"));
+        }
+        out
+    }
+
+    /// The first DSN parameter, as a session that did not offer DSN names it in its 555.
+    pub fn first_dsn_parameter(&self) -> Option<String> {
+        (self.notify.as_ref().map(|n| format!("NOTIFY={n}")))
+            .or_else(|| self.orcpt.as_ref().map(|o| format!("ORCPT={o}")))
+    }
 }
 
 /// The remote lacks an extension without which the message cannot be passed on.
@@ -65,7 +111,26 @@ impl MailParams {
         if self.smtputf8 {
             out.push_str(" SMTPUTF8");
         }
+        if remote.dsn {
+            match self.ret {
+                Some(Ret::Full) => out.push_str(" RET=FULL"),
+                Some(Ret::Hdrs) => out.push_str(" RET=HDRS"),
+                None => {}
+            }
+            if let Some(envid) = &self.envid {
+                out.push_str(&format!(" ENVID={envid}"));
+            }
+        }
         Ok(out)
+    }
+
+    /// The first DSN parameter, as a session that did not offer DSN names it in its 555.
+    pub fn first_dsn_parameter(&self) -> Option<String> {
+        let ret = self.ret.map(|ret| match ret {
+            Ret::Full => "RET=FULL".to_string(),
+            Ret::Hdrs => "RET=HDRS".to_string(),
+        });
+        ret.or_else(|| self.envid.as_ref().map(|e| format!("ENVID={e}")))
     }
 }
 
@@ -75,7 +140,7 @@ pub enum Command {
     Helo(String),
     /// `None` is the null reverse path `<>` of bounces.
     Mail(Option<Mailbox>, MailParams),
-    Rcpt(Mailbox),
+    Rcpt(Mailbox, RcptParams),
     Data,
     Rset,
     Noop,
@@ -94,6 +159,10 @@ pub enum CommandError {
     Syntax(&'static str),
     #[error("parameter not recognized: {0}")]
     UnknownParameter(String),
+    /// A DSN parameter whose value is malformed; a session that did not offer DSN answers
+    /// it as an unknown parameter.
+    #[error("bad {param}: {why}")]
+    BadDsnParameter { param: String, why: &'static str },
 }
 
 impl CommandError {
@@ -105,6 +174,9 @@ impl CommandError {
             CommandError::Syntax(why) => Reply::new(501, "5.5.4", format!("syntax error: {why}")),
             CommandError::UnknownParameter(p) => {
                 Reply::new(555, "5.5.4", format!("parameter not recognized: {p}"))
+            }
+            CommandError::BadDsnParameter { param, why } => {
+                Reply::new(501, "5.5.4", format!("syntax error: {param}: {why}"))
             }
         }
     }
@@ -205,23 +277,135 @@ fn parse_mail(rest: &str) -> Result<Command, CommandError> {
                 parsed.body = Some(Body::SevenBit)
             }
             ("SMTPUTF8", None) => parsed.smtputf8 = true,
+            ("RET", value) => {
+                let ret = match value.map(str::to_ascii_uppercase).as_deref() {
+                    Some("FULL") => Ret::Full,
+                    Some("HDRS") => Ret::Hdrs,
+                    _ => return Err(bad_dsn(param, "expected RET=FULL or RET=HDRS")),
+                };
+                if parsed.ret.replace(ret).is_some() {
+                    return Err(bad_dsn(param, "given twice"));
+                }
+            }
+            ("ENVID", value) => {
+                // RFC 3461 4.4: at most 100 characters of xtext.
+                let envid = value
+                    .filter(|v| !v.is_empty() && v.len() <= 100 && is_xtext(v))
+                    .ok_or_else(|| bad_dsn(param, "expected at most 100 characters of xtext"))?;
+                if parsed.envid.replace(envid.to_string()).is_some() {
+                    return Err(bad_dsn(param, "given twice"));
+                }
+            }
             _ => return Err(CommandError::UnknownParameter(param.to_string())),
         }
     }
     Ok(Command::Mail(sender, parsed))
 }
 
+fn bad_dsn(param: &str, why: &'static str) -> CommandError {
+    CommandError::BadDsnParameter {
+        param: param.to_string(),
+        why,
+    }
+}
+
+/// xtext (RFC 3461 4): printable ASCII but `+` and `=`, and `+` followed by two upper-case
+/// hex digits.
+fn is_xtext(text: &str) -> bool {
+    let bytes = text.as_bytes();
+    let mut i = 0;
+    while i < bytes.len() {
+        match bytes[i] {
+            b'+' => {
+                let hex = |b: u8| b.is_ascii_digit() || (b'A'..=b'F').contains(&b);
+                if !bytes
+                    .get(i + 1..i + 3)
+                    .is_some_and(|h| h.iter().all(|&b| hex(b)))
+                {
+                    return false;
+                }
+                i += 3;
+            }
+            b'!'..=b'~' if bytes[i] != b'=' => i += 1,
+            _ => return false,
+        }
+    }
+    true
+}
+
+/// `NOTIFY=NEVER` or a list of SUCCESS, FAILURE, DELAY, each at most once (RFC 3461 4.1).
+fn parse_notify(value: &str) -> Option<String> {
+    let value = value.to_ascii_uppercase();
+    if value == "NEVER" {
+        return Some(value);
+    }
+    let mut seen = Vec::new();
+    for item in value.split(',') {
+        if !matches!(item, "SUCCESS" | "FAILURE" | "DELAY") || seen.contains(&item) {
+            return None;
+        }
+        seen.push(item);
+    }
+    Some(value)
+}
+
+/// `ORCPT=addr-type;xtext` (RFC 3461 4.2): the type an atom, the whole at most 500 characters.
+fn is_orcpt(value: &str) -> bool {
+    let Some((addr_type, address)) = value.split_once(';') else {
+        return false;
+    };
+    let atext = |c: char| c.is_ascii_alphanumeric() || "!#$%&'*+-/=?^_`{|}~".contains(c);
+    // RFC 6533: a `utf-8` address may hold non-ASCII characters (as in an SMTPUTF8
+    // session), never `+` or `=`.
+    let utf8_text = |a: &str| {
+        a.chars()
+            .all(|c| !c.is_ascii() || (c.is_ascii_graphic() && c != '+' && c != '='))
+    };
+    let address_ok = match addr_type.eq_ignore_ascii_case("utf-8") {
+        true => utf8_text(address),
+        false => is_xtext(address),
+    };
+    value.len() <= 500
+        && !addr_type.is_empty()
+        && addr_type.chars().all(atext)
+        && !address.is_empty()
+        && address_ok
+}
+
 fn parse_rcpt(rest: &str) -> Result<Command, CommandError> {
     let (path, params) = split_path(rest, "TO:")?;
-    if let Some(param) = params.split_ascii_whitespace().next() {
-        return Err(CommandError::UnknownParameter(param.to_string()));
+    let mut parsed = RcptParams::default();
+    for param in params.split_ascii_whitespace() {
+        let (key, value) = match param.split_once('=') {
+            Some((k, v)) => (k, Some(v)),
+            None => (param, None),
+        };
+        match key.to_ascii_uppercase().as_str() {
+            "NOTIFY" => {
+                let notify = value.and_then(parse_notify).ok_or_else(|| {
+                    bad_dsn(param, "expected NEVER or a list of SUCCESS, FAILURE, DELAY")
+                })?;
+                if parsed.notify.replace(notify).is_some() {
+                    return Err(bad_dsn(param, "given twice"));
+                }
+            }
+            "ORCPT" => {
+                let orcpt = value
+                    .filter(|v| is_orcpt(v))
+                    .ok_or_else(|| bad_dsn(param, "expected addr-type;xtext"))?;
+                if parsed.orcpt.replace(orcpt.to_string()).is_some() {
+                    return Err(bad_dsn(param, "given twice"));
+                }
+            }
+            _ => return Err(CommandError::UnknownParameter(param.to_string())),
+        }
     }
     // A source route (`@a,@b:user@c`) is obsolete; RFC 5321 says to ignore it.
     let path = match path.rfind(':') {
         Some(i) if path.starts_with('@') => &path[i + 1..],
         _ => path,
     };
-    Ok(Command::Rcpt(parse_mailbox(path)?))
+    Ok(Command::Rcpt(parse_mailbox(path)?, parsed))
 }
 
 fn parse_mailbox(path: &str) -> Result<Mailbox, CommandError> {
@@ -274,6 +458,7 @@ mod tests {
             size: Some(1234),
             body: Some(Body::EightBitMime),
             smtputf8: true,
+            ..MailParams::default()
         };
         assert_eq!(cmd, Ok(Command::Mail(Some(mailbox("a@b.example")), params)));
         assert_eq!(
@@ -283,10 +468,106 @@ mod tests {
     }
 
     #[test]
+    fn dsn_parameters_are_parsed_and_kept_as_sent() {
+        let cmd = parse_command(b"MAIL FROM:<a@b.example> ret=hdrs ENVID=QQ+2B314159");
+        let params = MailParams {
+            ret: Some(Ret::Hdrs),
+            envid: Some("QQ+2B314159".into()),
+            ..MailParams::default()
+        };
+        assert_eq!(cmd, Ok(Command::Mail(Some(mailbox("a@b.example")), params)));
+        let cmd =
+            parse_command(b"RCPT TO:<u@d.example> notify=success,delay ORCPT=rfc822;u+40d.example");
+        let params = RcptParams {
+            notify: Some("SUCCESS,DELAY".into()),
+            orcpt: Some("rfc822;u+40d.example".into()),
+        };
+        assert_eq!(cmd, Ok(Command::Rcpt(mailbox("u@d.example"), params)));
+        let utf8 = "RCPT TO:<jürgen@bücher.example> ORCPT=utf-8;jürgen@bücher.example";
+        assert!(matches!(
+            parse_command(utf8.as_bytes()),
+            Ok(Command::Rcpt(_, RcptParams { orcpt: Some(o), .. })) if o == "utf-8;jürgen@bücher.example"
+        ));
+        assert!(matches!(
+            parse_command("RCPT TO:<u@d.example> ORCPT=rfc822;jürgen@d.example".as_bytes()),
+            Err(CommandError::BadDsnParameter { .. })
+        ));
+        assert!(matches!(
+            parse_command(b"RCPT TO:<u@d.example> NOTIFY=NEVER"),
+            Ok(Command::Rcpt(_, RcptParams { notify: Some(n), orcpt: None })) if n == "NEVER"
+        ));
+    }
+
+    #[test]
+    fn a_malformed_dsn_value_is_a_syntax_error_and_an_unknown_parameter_stays_unknown() {
+        for bad in [
+            "MAIL FROM:<a@b.example> RET=ALL",
+            "MAIL FROM:<a@b.example> RET",
+            "MAIL FROM:<a@b.example> RET=FULL RET=HDRS",
+            "MAIL FROM:<a@b.example> ENVID=",
+            "MAIL FROM:<a@b.example> ENVID=a=b",
+            "MAIL FROM:<a@b.example> ENVID=a+2b",
+            "MAIL FROM:<a@b.example> ENVID=a+4",
+            &format!("MAIL FROM:<a@b.example> ENVID={}", "x".repeat(101)),
+            "RCPT TO:<u@d.example> NOTIFY=",
+            "RCPT TO:<u@d.example> NOTIFY=NEVER,SUCCESS",
+            "RCPT TO:<u@d.example> NOTIFY=SUCCESS,SUCCESS",
+            "RCPT TO:<u@d.example> NOTIFY=SOMETIMES",
+            "RCPT TO:<u@d.example> ORCPT=u@d.example",
+            "RCPT TO:<u@d.example> ORCPT=;u@d.example",
+            "RCPT TO:<u@d.example> ORCPT=rfc822;",
+            "RCPT TO:<u@d.example> ORCPT=rfc822;a=b",
+            "RCPT TO:<u@d.example> ORCPT=rfc822;a ORCPT=rfc822;b",
+        ] {
+            let error = parse_command(bad.as_bytes()).unwrap_err();
+            assert!(
+                matches!(error, CommandError::BadDsnParameter { .. }),
+                "{bad}: {error:?}"
+            );
+            assert_eq!(
+                (error.reply().code, error.reply().enhanced()),
+                (501, Some("5.5.4")),
+                "{bad}"
+            );
+        }
+        let error = parse_command(b"RCPT TO:<u@d.example> FOO=1").unwrap_err();
+        assert_eq!(error, CommandError::UnknownParameter("FOO=1".into()));
+        assert_eq!(error.reply().code, 555);
+    }
+
+    #[test]
+    fn dsn_parameters_go_only_to_a_remote_that_offers_dsn() {
+        let Ok(Command::Mail(_, mail)) =
+            parse_command(b"MAIL FROM:<a@b.example> RET=FULL ENVID=x1")
+        else {
+            panic!("MAIL FROM should parse");
+        };
+        let Ok(Command::Rcpt(_, rcpt)) =
+            parse_command(b"RCPT TO:<u@d.example> NOTIFY=FAILURE ORCPT=rfc822;u@d.example")
+        else {
+            panic!("RCPT TO should parse");
+        };
+        let mut remote = crate::smtp::Capabilities::default();
+        assert_eq!(mail.to_wire(&remote), Ok(String::new()));
+        assert_eq!(rcpt.to_wire(&remote), "");
+        remote.dsn = true;
+        assert_eq!(mail.to_wire(&remote), Ok(" RET=FULL ENVID=x1".into()));
+        assert_eq!(
+            rcpt.to_wire(&remote),
+            " NOTIFY=FAILURE ORCPT=rfc822;u@d.example"
+        );
+        assert_eq!(mail.first_dsn_parameter().as_deref(), Some("RET=FULL"));
+        assert_eq!(
+            rcpt.first_dsn_parameter().as_deref(),
+            Some("NOTIFY=FAILURE")
+        );
+    }
+
+    #[test]
     fn rcpt_accepts_address_literals_and_drops_source_routes() {
         assert_eq!(
             parse_command(b"RCPT TO:<@relay.example:u@d.example>"),
-            Ok(Command::Rcpt(mailbox("u@d.example")))
+            Ok(Command::Rcpt(mailbox("u@d.example"), RcptParams::default()))
         );
         assert!(parse_command(b"RCPT TO:<u@[127.0.0.1]>").is_ok());
         assert!(parse_command(b"RCPT TO:<u@[IPv6:::1]>").is_ok());
@@ -342,7 +623,10 @@ mod tests {
         }
         assert_eq!(
             parse_command("RCPT TO:<jürgen@bücher.example>".as_bytes()),
-            Ok(Command::Rcpt(mailbox("jürgen@bücher.example")))
+            Ok(Command::Rcpt(
+                mailbox("jürgen@bücher.example"),
+                RcptParams::default()
+            ))
         );
     }
 

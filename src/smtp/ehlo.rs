@@ -8,6 +8,8 @@ pub struct Capabilities {
     pub pipelining: bool,
     pub eight_bit_mime: bool,
     pub smtputf8: bool,
+    /// DSN (RFC 3461): RET, ENVID, NOTIFY and ORCPT may be sent.
+    pub dsn: bool,
     /// `Some(0)` means SIZE without a limit.
     pub size: Option<u64>,
     pub auth: Vec<String>,
@@ -30,6 +32,7 @@ impl Capabilities {
                 "PIPELINING" => caps.pipelining = true,
                 "8BITMIME" => caps.eight_bit_mime = true,
                 "SMTPUTF8" => caps.smtputf8 = true,
+                "DSN" => caps.dsn = true,
                 "SIZE" => caps.size = Some(words.next().and_then(|n| n.parse().ok()).unwrap_or(0)),
                 "AUTH" => caps.auth = words.map(|w| w.to_ascii_uppercase()).collect(),
                 _ => {}

@@ -8,6 +8,8 @@ pub mod line;
 pub mod peek;
 pub mod reply;
 
-pub use command::{Command, CommandError, MailParams, Mailbox, MissingExtension, parse_command};
+pub use command::{
+    Command, CommandError, MailParams, Mailbox, MissingExtension, RcptParams, parse_command,
+};
 pub use ehlo::Capabilities;
 pub use reply::Reply;

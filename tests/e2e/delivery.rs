@@ -453,3 +453,42 @@ async fn python_smtplib_sends_through_the_proxy_over_tls() {
     );
     assert_eq!(got[0].tls.as_ref().expect("TLS").version, "TLSv1.3");
 }
+
+#[tokio::test]
+async fn a_session_that_does_not_know_its_remote_at_ehlo_offers_no_dsn_and_refuses_its_parameters()
+{
+    let ca = TestCa::new();
+    let (lab, server) = one_mx(&ca, ServerBehaviour::plain().ehlo_keyword("DSN")).await;
+    let (mut client, _) = SmtpClient::connect(lab.smtp).await;
+
+    let ehlo = client.cmd("EHLO mta").await;
+    assert!(!ehlo.lines.iter().any(|l| l == "DSN"), "{ehlo:?}");
+    for (line, param) in [
+        ("MAIL FROM:<a@sender.test> RET=FULL", "RET=FULL"),
+        ("MAIL FROM:<a@sender.test> ENVID=x", "ENVID=x"),
+        // Malformed, but not offered: unknown all the same.
+        ("MAIL FROM:<a@sender.test> RET=ALL", "RET=ALL"),
+    ] {
+        assert_reply(&client.cmd(line).await, 555, "5.5.4", param);
+    }
+    assert_eq!(client.cmd("MAIL FROM:<a@sender.test>").await.code, 250);
+    assert_reply(
+        &client.cmd("RCPT TO:<b@example.test> NOTIFY=SUCCESS").await,
+        555,
+        "5.5.4",
+        "NOTIFY=SUCCESS",
+    );
+    assert_reply(
+        &client.cmd("RCPT TO:<b@example.test> ORCPT=rfc822").await,
+        555,
+        "5.5.4",
+        "ORCPT=rfc822",
+    );
+    assert_eq!(client.cmd("RCPT TO:<b@example.test>").await.code, 250);
+    assert_eq!(client.data(BODY).await.code, 250);
+    let commands = &server.connection_logs()[0].commands;
+    assert!(
+        commands.iter().any(|c| c == "RCPT TO:<b@example.test>"),
+        "{commands:?}"
+    );
+}

@@ -1722,3 +1722,63 @@ async fn with_max_sessions_1_a_second_mta_connection_gets_421_4_3_2_before_any_c
     let (_third, greeting) = SmtpClient::connect(lab.smtp).await;
     assert_eq!(greeting.code, 220);
 }
+
+#[tokio::test]
+async fn max_sessions_bounds_the_sessions_of_all_listeners_together() {
+    let ca = TestCa::new();
+    let (lab, _server) = one_mx(&ca, ServerBehaviour::plain(), |lab| {
+        lab.set("limits.max_sessions", 1)
+    })
+    .await;
+    // A second listener of the same proxy, as `listeners:` adds one.
+    let second_listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let second_addr = second_listener.local_addr().expect("address");
+    let (_stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    tokio::spawn(tlsrouter::inbound::listener::serve(
+        second_listener,
+        lab.proxy.clone(),
+        tlsrouter::inbound::listener::Accepting::SmartHost,
+        async {
+            let _ = stopped.await;
+        },
+    ));
+
+    let (mut first, greeting) = SmtpClient::connect(lab.smtp).await;
+    assert_eq!(greeting.code, 220);
+    let (mut second, greeting) = SmtpClient::connect(second_addr).await;
+    assert_reply(&greeting, 421, "4.3.2");
+    assert!(second.try_read_reply().await.is_none(), "closed at once");
+
+    // The one place, freed on the first listener, is taken on the second.
+    assert_eq!(first.cmd("QUIT").await.code, 221);
+    assert!(first.try_read_reply().await.is_none());
+    let (_third, greeting) = SmtpClient::connect(second_addr).await;
+    assert_eq!(greeting.code, 220);
+    let (_fourth, greeting) = SmtpClient::connect(lab.smtp).await;
+    assert_reply(&greeting, 421, "4.3.2");
+}
+
+#[tokio::test]
+async fn max_sessions_per_client_counts_an_address_over_all_listeners() {
+    let ca = TestCa::new();
+    let (lab, _server) = one_mx(&ca, ServerBehaviour::plain(), |lab| {
+        lab.set("limits.max_sessions_per_client", 1)
+    })
+    .await;
+    let second_listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let second_addr = second_listener.local_addr().expect("address");
+    let (_stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    tokio::spawn(tlsrouter::inbound::listener::serve(
+        second_listener,
+        lab.proxy.clone(),
+        tlsrouter::inbound::listener::Accepting::SmartHost,
+        async {
+            let _ = stopped.await;
+        },
+    ));
+
+    let (_first, greeting) = SmtpClient::connect(lab.smtp).await;
+    assert_eq!(greeting.code, 220);
+    let (_second, greeting) = SmtpClient::connect(second_addr).await;
+    assert_reply(&greeting, 421, "4.3.2");
+}

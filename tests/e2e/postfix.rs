@@ -215,7 +215,19 @@ impl Postfix {
 
     /// Injects a message with Postfix's `sendmail`, as an application on the host would.
     pub(crate) async fn sendmail(&self, from: &str, to: &[&str], message: &str) {
+        self.sendmail_with(&[], from, to, message).await;
+    }
+
+    /// As [`Postfix::sendmail`], with more of sendmail's options (`-N`, `-R`, `-V` for DSN).
+    pub(crate) async fn sendmail_with(
+        &self,
+        options: &[&str],
+        from: &str,
+        to: &[&str],
+        message: &str,
+    ) {
         let mut command = self.command("sendmail");
+        command.args(options);
         command.arg("-f").arg(from).arg("--").args(to);
         let message = message.to_string();
         let out = tokio::task::spawn_blocking(move || -> std::io::Result<Output> {

@@ -20,7 +20,7 @@ use crate::support::dns::{DnsServer, TestZone};
 use crate::support::netns::NetNs;
 use crate::support::pki::{TestCa, Validity};
 use crate::support::settings::{Settings, path};
-use crate::support::smtp_server::{Received, ServerBehaviour, SmtpServer};
+use crate::support::smtp_server::{Action, Received, ServerBehaviour, SmtpServer, Step};
 
 /// The rules an admin loads; the test loads this very file.
 const NFT_RULES: &str = concat!(
@@ -46,6 +46,7 @@ const MX_GREETING: u8 = 7;
 const MX_SMALL: u8 = 8;
 /// An address of the far side where nothing listens.
 const MX_DOWN: u8 = 9;
+const MX_DSN: u8 = 10;
 
 /// Postfix, tlsrouter beside it in the namespace, and the DNS server; dropped in this
 /// order, so Postfix stops first and the namespace goes last.
@@ -126,6 +127,11 @@ impl TransparentLab {
                 .set("inbound.tls.certificate", path(&cert_file))
                 .set("inbound.tls.key", path(&key_file));
         }
+        if let Some(cache) = &extras.cache {
+            let file = dir.path().join("cache.json");
+            std::fs::write(&file, cache.to_string()).expect("write cache file");
+            settings = settings.set("cache.file", path(&file));
+        }
         if let Some(rules) = rules {
             let file = dir.path().join("rules.yaml");
             std::fs::write(&file, rules).expect("write rules");
@@ -162,6 +168,8 @@ struct Extras {
     master_cf: String,
     /// tlsrouter offers STARTTLS to Postfix with this certificate.
     inbound_tls: Option<crate::support::pki::CertKey>,
+    /// tlsrouter starts with this cache file.
+    cache: Option<serde_json::Value>,
 }
 
 /// A receiving server on port 25 of address `host` of the far side.
@@ -188,6 +196,7 @@ fn zone(netns: &NetNs) -> TestZone {
         ("static.test", MX_STRICT),
         ("loose.test", MX_STRICT),
         ("down.test", MX_DOWN),
+        ("dsn.test", MX_DSN),
     ] {
         let mx = format!("mx.{domain}");
         zone = zone.mx(domain, 10, &mx).a(&mx, netns.host(host));
@@ -417,6 +426,7 @@ async fn a_postfix_that_insists_on_tls_keeps_delivering_through_the_transparent_
         main_cf: "smtp_tls_security_level = encrypt\nsmtp_tls_loglevel = 1\n".into(),
         master_cf: "tlsmgr    unix  -       -       n       1000?   1       tlsmgr\n".into(),
         inbound_tls: Some(ca.leaf(&["mx.plain.test"], Validity::Current)),
+        ..Extras::default()
     };
     let lab = TransparentLab::start_with(netns, &ca, None, extras).await;
 
@@ -460,9 +470,15 @@ async fn an_address_that_is_no_mx_of_the_domain_is_encrypted_but_never_verified(
     let reason = deferred["recipients"][0]["delay_reason"]
         .as_str()
         .unwrap_or_default();
+    let addr = lab.netns.host(MX_TLS).to_string();
     assert!(
-        reason.contains("451 4.7.5") && reason.contains("verified-only"),
-        "verification required and impossible without an MX name: {deferred}"
+        reason.contains("451 4.7.5")
+            && reason.contains("verified-only")
+            && reason.contains(&format!(
+                "{addr} is no MX host of static.test: the certificate cannot be verified for an MX name"
+            )),
+        "verification required and impossible without an MX name, and the queue says so: \
+         {deferred}"
     );
     let warned = lab
         .tlsrouter
@@ -489,7 +505,6 @@ async fn an_address_that_is_no_mx_of_the_domain_is_encrypted_but_never_verified(
             break line;
         }
     };
-    let addr = lab.netns.host(MX_TLS).to_string();
     assert_eq!(line["addr"], addr.as_str(), "{line}");
     assert_eq!(line["mx"], addr.as_str(), "no MX name: the address: {line}");
     assert!(
@@ -554,4 +569,143 @@ async fn an_original_destination_that_cannot_be_reached_is_a_temporary_failure_f
         reason.contains("421 4.4.1") && reason.contains(&down),
         "{deferred}"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dsn_requests_reach_a_remote_that_offers_dsn_and_postfix_reports_relayed_to_one_that_does_not()
+ {
+    let ca = TestCa::new();
+    let netns = NetNs::create(MX_DSN);
+    let with_dsn = server(&netns, MX_DSN, ServerBehaviour::plain().ehlo_keyword("DSN")).await;
+    let without = server(&netns, MX_PLAIN, ServerBehaviour::plain()).await;
+    let senders_mx = server(&netns, MX_SENDER, ServerBehaviour::plain()).await;
+    let lab = TransparentLab::start(netns, &ca, None).await;
+    let dsn = ["-N", "success,delay", "-R", "hdrs", "-V", "env-42.x"];
+
+    let to = "bob@dsn.test";
+    (lab.postfix)
+        .sendmail_with(&dsn, SENDER, &[to], &message(to, "tell me"))
+        .await;
+    let got = wait_for_messages(&with_dsn, 1, &lab).await;
+    let commands = &with_dsn.connection_logs()[got[0].connection].commands;
+    let sent = |verb: &str| {
+        (commands.iter())
+            .find(|c| c.starts_with(verb))
+            .cloned()
+            .unwrap_or_default()
+    };
+    assert!(
+        sent("MAIL FROM:").ends_with(" RET=HDRS ENVID=env-42.x"),
+        "{commands:?}"
+    );
+    assert_eq!(
+        sent("RCPT TO:"),
+        format!("RCPT TO:<{to}> NOTIFY=SUCCESS,DELAY ORCPT=rfc822;{to}"),
+        "{commands:?}"
+    );
+
+    // Not offered DSN, Postfix itself tells the sender the message went to a server that
+    // will not report on it, and the remote gets no DSN parameter.
+    let to = "carol@plain.test";
+    (lab.postfix)
+        .sendmail_with(&dsn, SENDER, &[to], &message(to, "tell me too"))
+        .await;
+    let got = wait_for_messages(&without, 1, &lab).await;
+    let commands = &without.connection_logs()[got[0].connection].commands;
+    assert!(
+        !(commands.iter()).any(|c| ["RET=", "ENVID=", "NOTIFY=", "ORCPT="]
+            .iter()
+            .any(|p| c.contains(p))),
+        "{commands:?}"
+    );
+    let notices = wait_for_messages(&senders_mx, 1, &lab).await;
+    let report = String::from_utf8_lossy(&notices[0].data);
+    assert!(
+        report.contains("Action: relayed") && report.contains(to),
+        "{report}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stale_unreachable_entry_does_not_defer_a_message_whose_remote_was_just_reached() {
+    let ca = TestCa::new();
+    let netns = NetNs::create(MX_DOWN);
+    let cert = ca.leaf(&["mx.tls.test"], Validity::Current);
+    let tls_server = server(&netns, MX_TLS, ServerBehaviour::tls(cert)).await;
+    // Learned while the server was down, and not yet expired.
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("clock after 1970")
+        .as_secs();
+    let addr = netns.host(MX_TLS).to_string();
+    let unreachable = json!({
+        "host": "mx.tls.test", "addr": addr, "domains": ["tls.test"],
+        "class": "connect-failed", "detail": "connection refused",
+        "tls_version": null, "cipher": null, "cert_not_after": null,
+        "first_seen": now - 60, "last_seen": now - 60, "count": 1,
+        "expires_at": now + 3600, "pinned": false, "last_tls_at": null
+    });
+    let extras = Extras {
+        cache: Some(json!({ "version": 1, "entries": [unreachable] })),
+        ..Extras::default()
+    };
+    let lab = TransparentLab::start_with(netns, &ca, None, extras).await;
+    let cached = lab.tlsrouter.ctl(&["cache", "show", "mx.tls.test"]).await;
+    assert_eq!(
+        cached["result"]["entries"][0]["class"], "connect-failed",
+        "{cached}"
+    );
+
+    let to = "mallory@tls.test";
+    lab.postfix
+        .sendmail(SENDER, &[to], &message(to, "reachable again"))
+        .await;
+    let got = wait_for_messages(&tls_server, 1, &lab).await;
+    lab.postfix.wait_for_empty_queue().await;
+    assert!(got[0].tls.is_some());
+    let learned = lab.tlsrouter.ctl(&["cache", "show", "mx.tls.test"]).await;
+    assert_eq!(
+        learned["result"]["entries"][0]["class"], "tls-verified",
+        "{learned}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ctl_sessions_shows_where_a_redirected_connection_was_going_from_accept_on() {
+    let ca = TestCa::new();
+    let netns = NetNs::create(MX_DOWN);
+    // The remote keeps tlsrouter waiting for its greeting, so the session stays at accept.
+    let slow = server(
+        &netns,
+        MX_PLAIN,
+        ServerBehaviour::plain().on(Step::Greeting, Action::Hold),
+    )
+    .await;
+    let lab = TransparentLab::start(netns, &ca, None).await;
+
+    let to = "nina@plain.test";
+    lab.postfix
+        .sendmail(SENDER, &[to], &message(to, "slow greeting"))
+        .await;
+    let destination = format!("{}:25", lab.netns.host(MX_PLAIN));
+    let deadline = Instant::now() + WAIT;
+    let session = loop {
+        let shown = lab.tlsrouter.ctl(&["sessions"]).await;
+        let sessions = shown["result"]["sessions"].as_array().cloned();
+        if let Some(session) = sessions.into_iter().flatten().next() {
+            break session;
+        }
+        assert!(Instant::now() < deadline, "no session shown: {shown}");
+        tokio::time::sleep(POLL).await;
+    };
+    assert_eq!(session["state"], "greeted", "{session}");
+    assert_eq!(
+        session["original_destination"],
+        destination.as_str(),
+        "{session}"
+    );
+
+    slow.release();
+    wait_for_messages(&slow, 1, &lab).await;
+    lab.postfix.wait_for_empty_queue().await;
 }
