@@ -2,6 +2,7 @@
 
 use std::sync::Arc;
 
+use crate::cache::shared::SharedCache;
 use crate::cache::{OutcomeCache, SystemClock};
 use crate::config::Config;
 use crate::outbound::delivery::Outbound;
@@ -45,6 +46,16 @@ impl Proxy {
         let router = Router::new(rules, config.rules_file.clone());
         let stats = Arc::new(Stats::default());
         let cache = Arc::new(OutcomeCache::new(&config.cache, Arc::new(SystemClock)));
+        if config.cache.backend == crate::cache::Backend::Redis {
+            cache.attach(Arc::new(SharedCache::new(
+                &config.cache.redis,
+                &config.tls,
+                &config.hostname.0,
+                config.delivery.source_address,
+                config.cache.ttl.success,
+                stats.clone(),
+            )?));
+        }
         if let Some(path) = &config.cache.file {
             // A cache that cannot be read costs a few handshakes, never the start.
             match cache.load(path) {
@@ -82,6 +93,7 @@ impl Proxy {
             cache,
             stats: stats.clone(),
             tls_reports: tls_reports.clone(),
+            source_address: config.delivery.source_address,
         };
         Ok(Arc::new(Proxy {
             config,
@@ -179,6 +191,18 @@ impl Proxy {
                 }
             }
         }
+    }
+}
+
+impl Proxy {
+    /// Connects the fleet's shared cache, when the configuration has one, and starts its
+    /// tasks. A Redis that is away is no error (the relay goes on with its own cache and
+    /// keeps trying); one that refuses the credentials is.
+    pub async fn start_shared_cache(&self) -> anyhow::Result<()> {
+        if let Some(shared) = self.outbound.cache.shared() {
+            shared.start(self.outbound.cache.clone()).await?;
+        }
+        Ok(())
     }
 }
 

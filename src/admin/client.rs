@@ -80,7 +80,15 @@ pub async fn ask(socket: &Path, _request: &Request) -> Result<Response, CtlError
 pub fn render(request: &Request, result: &Value) -> String {
     let now = result.get("now").and_then(Value::as_u64).unwrap_or(0);
     match request {
-        Request::CacheList { .. } | Request::CacheShow { .. } => cache_table(result, now),
+        Request::CacheList { .. } => cache_table(result, now),
+        Request::CacheShow { .. } => {
+            let mut out = cache_table(result, now);
+            if let Some(fleet) = result["fleet"].as_array() {
+                out.push_str("\nin the fleet's shared cache:\n");
+                out.push_str(&cache_table(&serde_json::json!({ "entries": fleet }), now));
+            }
+            out
+        }
         Request::CacheFlush { .. } => format!("flushed {} entries\n", result["flushed"]),
         Request::CachePin { class, .. } => {
             let addrs: Vec<String> = result["addrs"]
@@ -173,6 +181,7 @@ fn cache_table(result: &Value, now: u64) -> String {
         "CERT EXPIRES",
         "LAST SEEN",
         "EXPIRES",
+        "SEEN BY",
     ])];
     for e in result["entries"].as_array().into_iter().flatten() {
         let domains: Vec<&str> = e["domains"]
@@ -198,9 +207,27 @@ fn cache_table(result: &Value, now: u64) -> String {
             text(&e["cert_not_after"]),
             relative(now, e["last_seen"].as_u64().unwrap_or(0)),
             relative(now, e["expires_at"].as_u64().unwrap_or(0)),
+            seen_by(e),
         ]);
     }
     table(&rows)
+}
+
+/// Where an entry came from: this relay, or a relay of the fleet (and its address).
+fn seen_by(e: &Value) -> String {
+    let by = &e["observed_by"];
+    let Some(relay) = by["relay"].as_str() else {
+        return "local".to_string();
+    };
+    let who = match by["source"].as_str() {
+        Some(source) => format!("{relay} from {source}"),
+        None => relay.to_string(),
+    };
+    if e["shared"].as_bool() == Some(true) {
+        format!("shared: {who}")
+    } else {
+        format!("local: {who}")
+    }
 }
 
 fn rules_table(result: &Value) -> String {
@@ -236,12 +263,48 @@ fn stats_lines(result: &Value) -> String {
     ] {
         out.push_str(&format!("{:<26}{}\n", key.replace('_', " "), result[key]));
     }
+    out.push_str(&shared_cache_lines(result));
     for pair in result["fallbacks"].as_array().into_iter().flatten() {
         out.push_str(&format!(
             "{:<26}{}\n",
             format!("fallback {}", text(&pair[0])),
             pair[1]
         ));
+    }
+    out
+}
+
+/// The fleet's shared cache, when there is one (any call or lookup made).
+fn shared_cache_lines(result: &Value) -> String {
+    let number = |key: &str| result[key].as_u64().unwrap_or(0);
+    let (hits, misses) = (number("near_cache_hits"), number("near_cache_misses"));
+    if hits + misses + number("redis_calls") + number("redis_errors") == 0 {
+        return String::new();
+    }
+    let rate = (hits * 100).checked_div(hits + misses).unwrap_or(0);
+    let connected = if result["redis_connected"].as_i64() == Some(1) {
+        "up"
+    } else {
+        "down"
+    };
+    let round_trip = number("redis_round_trip_us") as f64 / 1000.0;
+    let mut out = String::new();
+    for (key, value) in [
+        ("redis", connected.to_string()),
+        ("redis calls", number("redis_calls").to_string()),
+        ("redis round trip", format!("{round_trip:.2} ms (mean)")),
+        ("redis errors", number("redis_errors").to_string()),
+        (
+            "near cache hits",
+            format!("{hits} ({rate}% of {})", hits + misses),
+        ),
+        ("near cache misses", misses.to_string()),
+        (
+            "split-source downgrades",
+            number("split_source_downgrades").to_string(),
+        ),
+    ] {
+        out.push_str(&format!("{key:<26}{value}\n"));
     }
     out
 }

@@ -94,6 +94,41 @@ impl Connection {
         })
     }
 
+    /// [`connect`](Self::connect) from a given local address (`None`: the system's
+    /// choice), for relays whose outbound address matters to receivers.
+    pub async fn connect_from(
+        host: &str,
+        peer: SocketAddr,
+        source: Option<std::net::IpAddr>,
+        timeout: Duration,
+    ) -> Result<Connection, ExchangeError> {
+        let Some(source) = source else {
+            return Connection::connect(host, peer, timeout).await;
+        };
+        let socket = match peer {
+            SocketAddr::V4(_) => tokio::net::TcpSocket::new_v4()?,
+            SocketAddr::V6(_) => tokio::net::TcpSocket::new_v6()?,
+        };
+        socket.bind(SocketAddr::new(source, 0))?;
+        let tcp = match tokio::time::timeout(timeout, socket.connect(peer)).await {
+            Ok(result) => result?,
+            Err(_) => {
+                return Err(ExchangeError::Timeout(
+                    timeout.as_secs(),
+                    "the TCP connection",
+                ));
+            }
+        };
+        let _ = tcp.set_nodelay(true);
+        Ok(Connection {
+            io: BufReader::with_capacity(16 * 1024, Transport::Plain(tcp)),
+            peer,
+            host: host.to_string(),
+            line: Vec::with_capacity(512),
+            closed_by_remote: false,
+        })
+    }
+
     pub fn is_tls(&self) -> bool {
         !matches!(self.io.get_ref(), Transport::Plain(_))
     }

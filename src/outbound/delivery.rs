@@ -39,6 +39,9 @@ pub struct DeliveryConfig {
     pub port: u16,
     /// What to do with a bare CR or LF in a message body.
     pub bare_line_endings: BareLineEndings,
+    /// The local address connections to remote servers come from; none: the system's
+    /// choice.
+    pub source_address: Option<std::net::IpAddr>,
 }
 
 impl Default for DeliveryConfig {
@@ -46,6 +49,7 @@ impl Default for DeliveryConfig {
         DeliveryConfig {
             port: 25,
             bare_line_endings: BareLineEndings::Normalize,
+            source_address: None,
         }
     }
 }
@@ -63,6 +67,8 @@ pub struct Outbound {
     pub stats: Arc<Stats>,
     /// What TLS-RPT reports count: every attempt to a domain with an MTA-STS policy.
     pub tls_reports: Arc<TlsReports>,
+    /// `delivery.source_address`.
+    pub source_address: Option<std::net::IpAddr>,
 }
 
 /// Where a transaction goes.
@@ -271,6 +277,7 @@ impl Outbound {
             };
             for ip in addrs {
                 let server = ServerId::new(&host, ip);
+                self.cache.refresh(&server.name, ip).await;
                 let cached = self.cache.get(&server.name, ip);
                 let classes = cached.as_ref().map(|e| e.classes()).unwrap_or_default();
                 let rule = plan.rule_for_host(&server.name, &classes);
@@ -732,9 +739,14 @@ impl Outbound {
     }
 
     async fn connect(&self, server: &ServerId, addr: SocketAddr) -> Result<Connection, Failure> {
-        Connection::connect(&server.name, addr, self.timeouts.connect)
-            .await
-            .map_err(|e| unreachable(&e))
+        Connection::connect_from(
+            &server.name,
+            addr,
+            self.source_address,
+            self.timeouts.connect,
+        )
+        .await
+        .map_err(|e| unreachable(&e))
     }
 
     /// The server's greeting, which must be a 220.
