@@ -9,6 +9,7 @@
 //! - `smtp_client`: the MTA side.
 //! - `dns`, `pki`: the DNS server and the certificates.
 //! - `daemon`: the `tlsrouter` binary as a child process; `logs`: log capture in process.
+//! - `redis`: a real `redis-server` on a free port, for the fleet's shared cache.
 //! - `proxy`: older entry points (`test_config`, `start_proxy`), thin wrappers over `settings`.
 //!
 //! The end-to-end tests (`tests/e2e/`) are one test binary that includes this module.
@@ -20,6 +21,7 @@ pub mod lab;
 pub mod logs;
 pub mod pki;
 pub mod proxy;
+pub mod redis;
 pub mod settings;
 pub mod smtp_client;
 pub mod smtp_server;
