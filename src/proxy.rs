@@ -66,6 +66,9 @@ impl Proxy {
             }
         }
         let (policies, tls_reports) = policy_parts(&config, stats.clone())?;
+        if let Some(shared) = cache.shared() {
+            policies.share_through(shared.clone());
+        }
         if let Some(path) = &config.cache.file {
             let path = policy_file(path);
             match policies.load(&path) {

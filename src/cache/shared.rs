@@ -124,6 +124,17 @@ enum Write {
     Record(Box<CacheEntry>),
     Pin(Vec<CacheEntry>),
     Flush(Option<String>),
+    /// Other shared state (MTA-STS policies): JSON under `KIND:NAME`.
+    Value {
+        kind: &'static str,
+        name: String,
+        json: String,
+        ttl: Duration,
+    },
+    Forget {
+        kind: &'static str,
+        name: String,
+    },
 }
 
 /// The announcement of a pin or flush on the channel.
@@ -473,6 +484,13 @@ impl SharedCache {
                 Write::Record(entry) => self.write_entry(entry, false).await,
                 Write::Pin(entries) => self.write_pins(entries).await,
                 Write::Flush(name) => self.write_flush(name.as_deref()).await,
+                Write::Value {
+                    kind,
+                    name,
+                    json,
+                    ttl,
+                } => self.write_value(kind, name, json, *ttl).await,
+                Write::Forget { kind, name } => self.forget_value(kind, name).await,
             };
             if !done {
                 self.keep_for_later(write);
@@ -558,6 +576,59 @@ impl SharedCache {
             );
         }
         true
+    }
+
+    /// Shares other state (an MTA-STS policy) under `KIND:NAME` for `ttl`, in the
+    /// background.
+    pub fn share(&self, kind: &'static str, name: &str, json: String, ttl: Duration) {
+        self.queue(Write::Value {
+            kind,
+            name: name.to_string(),
+            json,
+            ttl,
+        });
+    }
+
+    /// Removes what [`share`](Self::share) put under `KIND:NAME`, in the background.
+    pub fn forget(&self, kind: &'static str, name: &str) {
+        self.queue(Write::Forget {
+            kind,
+            name: name.to_string(),
+        });
+    }
+
+    /// What the fleet shares under `KIND:NAME`; `None` too while Redis is down.
+    pub async fn shared_value(&self, kind: &str, name: &str) -> Option<String> {
+        if !self.is_up() {
+            return None;
+        }
+        let mut conn = self.connection()?;
+        let key = format!("{}{kind}:{name}", self.prefix);
+        let get = async move { conn.get::<_, Option<String>>(key).await };
+        self.call("read", get).await.flatten()
+    }
+
+    async fn write_value(&self, kind: &str, name: &str, json: &str, ttl: Duration) -> bool {
+        let Some(mut conn) = self.connection() else {
+            return false;
+        };
+        let key = format!("{}{kind}:{name}", self.prefix);
+        let (json, seconds) = (json.to_string(), ttl.as_secs().max(1));
+        let set = async move { conn.set_ex::<_, _, ()>(key, json, seconds).await };
+        let done = self.call("write", set).await.is_some();
+        if done {
+            tracing::debug!("shared cache: wrote {kind} {name}");
+        }
+        done
+    }
+
+    async fn forget_value(&self, kind: &str, name: &str) -> bool {
+        let Some(mut conn) = self.connection() else {
+            return false;
+        };
+        let key = format!("{}{kind}:{name}", self.prefix);
+        let del = async move { conn.del::<_, ()>(key).await };
+        self.call("delete", del).await.is_some()
     }
 
     async fn write_pins(&self, entries: &[CacheEntry]) -> bool {

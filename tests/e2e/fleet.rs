@@ -10,11 +10,12 @@ use std::time::Duration;
 
 use serde_json::Value;
 
-use crate::support::lab::{DaemonLab, Lab, LabBuilder, ctl, tlsrouter};
+use crate::support::lab::{DaemonLab, Lab, LabBuilder, ctl, one_mx_zone, tlsrouter};
 use crate::support::pki::{TestCa, Validity};
 use crate::support::redis::{RedisOptions, RedisServer};
 use crate::support::smtp_server::SmtpServer;
 
+use super::mta_sts::{Answer, HttpsServer, POLICY_HOST, txt};
 use super::rules::{assert_delivered, loopback, send, server, starttls, tls10_only};
 
 /// Every relay says this once it hears the fleet's pins and flushes.
@@ -442,4 +443,42 @@ async fn bad_urls_and_wrong_passwords_are_refused_at_check_config_and_run() {
     assert_eq!(code, 0, "{err}");
     assert!(out.contains("answers"), "{out}");
     assert!(!out.contains("right horse") && !err.contains("right horse"));
+}
+
+#[tokio::test]
+async fn an_mta_sts_policy_fetched_by_one_relay_serves_the_other_without_a_fetch() {
+    let redis = RedisServer::start().await;
+    let ca = TestCa::new();
+    let policy = "version: STSv1\r\nmode: enforce\r\nmx: mx.example.test\r\nmax_age: 86400\r\n";
+    let policy_server = HttpsServer::start(
+        ca.leaf(&[POLICY_HOST], Validity::Current),
+        Answer::policy(policy),
+    )
+    .await;
+    let mx = tls_mx(&ca).await;
+    let with_policy = |name: &str| {
+        relay(name, &redis, &ca, &mx)
+            .zone(one_mx_zone().record("_mta-sts.example.test", txt("v=STSv1; id=20261201;")))
+            .set(
+                "mta_sts.connect_to",
+                serde_json::json!({ POLICY_HOST: policy_server.addr().to_string() }),
+            )
+    };
+    let mut a = started(with_policy("relay-a")).await;
+    let mut b = started(with_policy("relay-b")).await;
+
+    assert_delivered(&send(a.smtp(), &["b@example.test"]).await);
+    assert_eq!(policy_server.requests(), 1, "relay a fetched the policy");
+    a.daemon
+        .wait_for_log("shared cache: wrote sts example.test")
+        .await;
+
+    assert_delivered(&send(b.smtp(), &["b@example.test"]).await);
+    b.daemon
+        .wait_for_log("MTA-STS policy taken from the fleet's shared cache")
+        .await;
+    let line = b.daemon.wait_for_log("transaction").await;
+    assert_eq!(line["policy"], "mta-sts:enforce", "{line}");
+    assert_eq!(policy_server.requests(), 1, "relay b fetched nothing");
+    assert!(mx.messages().iter().all(|m| m.tls.is_some()));
 }
