@@ -47,9 +47,16 @@ impl Proxy {
         let stats = Arc::new(Stats::default());
         let cache = Arc::new(OutcomeCache::new(&config.cache, Arc::new(SystemClock)));
         if config.cache.backend == crate::cache::Backend::Redis {
+            let roots = crate::cache::shared::Roots {
+                system: config.tls.system_roots,
+                ca_file: config.tls.ca_file.as_deref(),
+            };
+            if let Some(path) = &config.cache.redis.password_file {
+                crate::outbound::credentials::warn_if_readable_by_others(path);
+            }
             cache.attach(Arc::new(SharedCache::new(
                 &config.cache.redis,
-                &config.tls,
+                roots,
                 &config.hostname.0,
                 config.delivery.source_address,
                 config.cache.ttl.success,

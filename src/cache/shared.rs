@@ -41,7 +41,6 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::mpsc;
 
 use super::{CacheEntry, CacheKey, Observer, OutcomeCache};
-use crate::outbound::tls::TlsConfig;
 use crate::outcome::OutcomeClass;
 use crate::stats::Stats;
 
@@ -109,6 +108,14 @@ impl SharedCacheError {
     pub fn is_fatal(&self) -> bool {
         !matches!(self, SharedCacheError::Unreachable { .. })
     }
+}
+
+/// What `rediss://` trusts: delivery's roots (`tls.system_roots`, `tls.ca_file`), given
+/// as they are so that this module needs nothing of `outbound`.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Roots<'a> {
+    pub system: bool,
+    pub ca_file: Option<&'a std::path::Path>,
 }
 
 /// The last TLS a relay of the fleet did with a host.
@@ -215,13 +222,13 @@ impl SharedCache {
     /// Checks the configuration (URL, credentials, TLS roots) without connecting.
     pub fn new(
         config: &RedisConfig,
-        tls: &TlsConfig,
+        roots: Roots<'_>,
         relay: &str,
         source: Option<IpAddr>,
         success_ttl: Duration,
         stats: Arc<Stats>,
     ) -> Result<SharedCache, SharedCacheError> {
-        let (client, target) = client(config, tls)?;
+        let (client, target) = client(config, roots)?;
         let (writes, queued) = mpsc::channel(QUEUE);
         let near = moka::sync::Cache::builder()
             .max_capacity(100_000)
@@ -933,7 +940,7 @@ fn glob_escape(text: &str) -> String {
 }
 
 /// The Redis client for the configuration, and where it goes (without credentials).
-fn client(config: &RedisConfig, tls: &TlsConfig) -> Result<(Client, String), SharedCacheError> {
+fn client(config: &RedisConfig, roots: Roots<'_>) -> Result<(Client, String), SharedCacheError> {
     let url = config.url.as_deref().ok_or_else(|| {
         SharedCacheError::Url("missing: cache.backend redis needs a URL".to_string())
     })?;
@@ -964,7 +971,7 @@ fn client(config: &RedisConfig, tls: &TlsConfig) -> Result<(Client, String), Sha
     let client = if matches!(info.addr(), ConnectionAddr::TcpTls { .. }) {
         let certificates = redis::TlsCertificates {
             client_tls: None,
-            root_cert: Some(roots_pem(tls)?),
+            root_cert: Some(roots_pem(roots)?),
         };
         Client::build_with_tls(info, certificates)
     } else {
@@ -983,7 +990,6 @@ fn password(config: &RedisConfig) -> Result<Option<String>, SharedCacheError> {
             let text = std::fs::read_to_string(path).map_err(|e| {
                 SharedCacheError::Credentials(format!("password_file {}: {e}", path.display()))
             })?;
-            crate::outbound::credentials::warn_if_readable_by_others(path);
             Ok(Some(text.lines().next().unwrap_or("").to_string()))
         }
         (None, Some(name)) => std::env::var(name).map(Some).map_err(|_| {
@@ -994,12 +1000,12 @@ fn password(config: &RedisConfig) -> Result<Option<String>, SharedCacheError> {
 }
 
 /// The roots `rediss://` trusts: delivery's (system roots and `tls.ca_file`), as PEM.
-fn roots_pem(tls: &TlsConfig) -> Result<Vec<u8>, SharedCacheError> {
+fn roots_pem(roots: Roots<'_>) -> Result<Vec<u8>, SharedCacheError> {
     let mut ders = Vec::new();
-    if tls.system_roots {
+    if roots.system {
         ders.extend(rustls_native_certs::load_native_certs().certs);
     }
-    if let Some(path) = &tls.ca_file {
+    if let Some(path) = roots.ca_file {
         use rustls::pki_types::CertificateDer;
         use rustls::pki_types::pem::PemObject;
         let certs = CertificateDer::pem_file_iter(path)
@@ -1120,21 +1126,21 @@ mod tests {
 
     #[test]
     fn urls_with_credentials_or_nonsense_are_refused_without_repeating_a_password() {
-        let tls = TlsConfig::default();
+        let tls = Roots::default();
         let with = |url: &str| RedisConfig {
             url: Some(url.to_string()),
             ..RedisConfig::default()
         };
-        let err = client(&with("redis://user:s3cret@127.0.0.1:6379"), &tls).expect_err("inline");
+        let err = client(&with("redis://user:s3cret@127.0.0.1:6379"), tls).expect_err("inline");
         assert!(!err.to_string().contains("s3cret"), "{err}");
         assert!(err.to_string().contains("password_file"), "{err}");
-        let err = client(&with("http://127.0.0.1:6379"), &tls).expect_err("scheme");
+        let err = client(&with("http://127.0.0.1:6379"), tls).expect_err("scheme");
         assert!(err.to_string().contains("not a Redis URL"), "{err}");
-        let err = client(&RedisConfig::default(), &tls).expect_err("no url");
+        let err = client(&RedisConfig::default(), tls).expect_err("no url");
         assert!(err.to_string().contains("cache.redis.url"), "{err}");
-        let (_, target) = client(&with("redis://127.0.0.1:6390/2"), &tls).expect("valid");
+        let (_, target) = client(&with("redis://127.0.0.1:6390/2"), tls).expect("valid");
         assert_eq!(target, "redis://127.0.0.1:6390");
-        let (_, target) = client(&with("unix:///run/redis/redis.sock"), &tls).expect("valid");
+        let (_, target) = client(&with("unix:///run/redis/redis.sock"), tls).expect("valid");
         assert_eq!(target, "unix:///run/redis/redis.sock");
     }
 }
