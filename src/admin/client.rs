@@ -171,6 +171,9 @@ fn tlsrpt_table(result: &Value) -> String {
 }
 
 fn cache_table(result: &Value, now: u64) -> String {
+    let listed = || result["entries"].as_array().into_iter().flatten();
+    // Only a relay of a fleet has anyone else to name.
+    let fleet = listed().any(|e| e["observed_by"].is_object());
     let mut rows = vec![row(&[
         "HOST",
         "ADDRESS",
@@ -181,8 +184,10 @@ fn cache_table(result: &Value, now: u64) -> String {
         "CERT EXPIRES",
         "LAST SEEN",
         "EXPIRES",
-        "SEEN BY",
     ])];
+    if fleet {
+        rows[0].push("SEEN BY".to_string());
+    }
     for e in result["entries"].as_array().into_iter().flatten() {
         let domains: Vec<&str> = e["domains"]
             .as_array()
@@ -197,7 +202,7 @@ fn cache_table(result: &Value, now: u64) -> String {
         if e["pinned"].as_bool() == Some(true) {
             class.push_str(" [pinned]");
         }
-        rows.push(vec![
+        let mut cells = vec![
             text(&e["host"]),
             text(&e["addr"]),
             domains.join(","),
@@ -207,13 +212,16 @@ fn cache_table(result: &Value, now: u64) -> String {
             text(&e["cert_not_after"]),
             relative(now, e["last_seen"].as_u64().unwrap_or(0)),
             relative(now, e["expires_at"].as_u64().unwrap_or(0)),
-            seen_by(e),
-        ]);
+        ];
+        if fleet {
+            cells.push(seen_by(e));
+        }
+        rows.push(cells);
     }
     table(&rows)
 }
 
-/// Where an entry came from: this relay, or a relay of the fleet (and its address).
+/// Where an entry came from: this relay or another of the fleet (and its address).
 fn seen_by(e: &Value) -> String {
     let by = &e["observed_by"];
     let Some(relay) = by["relay"].as_str() else {
