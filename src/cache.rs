@@ -12,6 +12,12 @@
 //! while its `last_tls_at` is younger than the success TTL it is retained: a failure's
 //! short TTL must not erase the memory that the host did TLS, or downgrades would go unseen
 //! an hour after the first one. Only [`OutcomeCache::is_downgrade`] and persistence see it.
+//!
+//! With `cache.backend: redis` this cache is the near cache of a fleet's shared one
+//! ([`shared`]): lookups read Redis when the near copy is older than `cache.redis.near_ttl`,
+//! and observations, pins and flushes are written there in the background.
+
+pub mod shared;
 
 use std::borrow::Cow;
 use std::fmt;
@@ -100,6 +106,21 @@ pub struct CacheConfig {
     /// The most entries kept; the least recently used go first.
     pub max_entries: u64,
     pub ttl: TtlConfig,
+    /// This relay's memory only, or a fleet's shared cache in Redis.
+    pub backend: Backend,
+    /// `cache.redis`: where the shared cache is, used with `backend: redis`.
+    pub redis: shared::RedisConfig,
+}
+
+/// Where outcomes are kept.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Backend {
+    /// In this process only (the default; needs nothing else).
+    #[default]
+    Memory,
+    /// Shared by every relay of a fleet through Redis, with this process's cache in front.
+    Redis,
 }
 
 impl Default for CacheConfig {
@@ -109,6 +130,8 @@ impl Default for CacheConfig {
             save_interval: Duration::from_secs(5 * 60),
             max_entries: 100_000,
             ttl: TtlConfig::default(),
+            backend: Backend::Memory,
+            redis: shared::RedisConfig::default(),
         }
     }
 }
@@ -224,6 +247,44 @@ pub struct CacheEntry {
     /// The last time TLS was achieved with this host, kept across later failures so that a
     /// downgrade can be detected.
     pub last_tls_at: Option<u64>,
+    /// The relay (and its source address) that saw the class; set in a fleet only.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub observed_by: Option<Observer>,
+    /// The relay that last did TLS with the host (at `last_tls_at`); set in a fleet only.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_tls_by: Option<Observer>,
+    /// The class was read from the fleet's shared cache, not observed by this relay.
+    #[serde(default)]
+    pub shared: bool,
+}
+
+/// Who saw an outcome: a relay of the fleet, by name, and the address it sends from.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Observer {
+    pub relay: String,
+    /// `delivery.source_address`; `None`: the system's choice.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub source: Option<IpAddr>,
+}
+
+impl Observer {
+    /// Whether two observers reach remote servers from the same address. Without a
+    /// configured source address a relay is taken to have its own.
+    pub fn same_source(&self, other: &Observer) -> bool {
+        match (self.source, other.source) {
+            (Some(a), Some(b)) => a == b,
+            _ => self.relay == other.relay,
+        }
+    }
+}
+
+impl fmt::Display for Observer {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.source {
+            Some(source) => write!(f, "relay {} (from {source})", self.relay),
+            None => write!(f, "relay {}", self.relay),
+        }
+    }
 }
 
 impl CacheEntry {
@@ -245,6 +306,9 @@ impl CacheEntry {
             expires_at: now,
             pinned: false,
             last_tls_at: None,
+            observed_by: None,
+            last_tls_by: None,
+            shared: false,
         }
     }
 
@@ -492,6 +556,8 @@ pub struct OutcomeCache {
     entries: Cache<CacheKey, CacheEntry>,
     ttl: TtlConfig,
     clock: Arc<dyn Clock>,
+    /// The fleet's shared cache, with `backend: redis`.
+    shared: std::sync::OnceLock<Arc<shared::SharedCache>>,
 }
 
 impl fmt::Debug for OutcomeCache {
@@ -515,6 +581,26 @@ impl OutcomeCache {
             entries,
             ttl: config.ttl.clone(),
             clock,
+            shared: std::sync::OnceLock::new(),
+        }
+    }
+
+    /// Makes this cache the near cache of a fleet's shared one (once).
+    pub fn attach(&self, shared: Arc<shared::SharedCache>) {
+        let _ = self.shared.set(shared);
+    }
+
+    /// The fleet's shared cache, if this relay has one.
+    pub fn shared(&self) -> Option<&Arc<shared::SharedCache>> {
+        self.shared.get()
+    }
+
+    /// Brings what the fleet knows of `host`/`addr` into this cache when the near copy is
+    /// older than the near TTL; waits at most the Redis timeout, and not at all while
+    /// Redis is down. Without a fleet it does nothing.
+    pub async fn refresh(&self, host: &str, addr: IpAddr) {
+        if let Some(shared) = self.shared.get() {
+            shared.refresh(self, &CacheKey::new(host, addr)).await;
         }
     }
 
@@ -530,12 +616,28 @@ impl OutcomeCache {
     pub fn record(&self, host: &str, addr: IpAddr, domain: &str, obs: Observation) {
         let key = CacheKey::new(host, addr);
         let now = self.clock.now();
-        self.entries.entry(key.clone()).and_compute_with(|current| {
+        let me = self.shared.get().map(|s| s.observer().clone());
+        let class = obs.class;
+        let mut before = None;
+        let result = self.entries.entry(key.clone()).and_compute_with(|current| {
             let current = current
                 .map(|e| e.into_value())
                 .filter(|e| self.is_retained(e, now));
-            Op::Put(self.merge(current, &key, domain, obs, now))
+            before = current.clone();
+            let mut entry = self.merge(current, &key, domain, obs, now);
+            if let Some(me) = &me {
+                if !entry.pinned || entry.observed_by.is_none() {
+                    entry.observed_by = Some(me.clone());
+                }
+                if class.is_encrypted() {
+                    entry.last_tls_by = Some(me.clone());
+                }
+            }
+            Op::Put(entry)
         });
+        if let (Some(shared), Some(entry)) = (self.shared.get(), result_entry(result)) {
+            shared.recorded(before.as_ref(), &entry, class, now, self.ttl.success);
+        }
     }
 
     fn merge(
@@ -558,6 +660,7 @@ impl OutcomeCache {
             return entry;
         }
         entry.pinned = false;
+        entry.shared = false;
         entry.expires_at = now.saturating_add(self.ttl.for_class(obs.class).as_secs());
         entry.class = obs.class;
         entry.detail = obs.detail;
@@ -636,13 +739,60 @@ impl OutcomeCache {
     /// Forgets everything about a host or a recipient domain (history included); returns
     /// how many unexpired entries went.
     pub fn flush(&self, host_or_domain: &str) -> usize {
-        let name = normalize_name(host_or_domain);
-        self.remove_where(|e| e.matches(&name))
+        let flushed = self.flush_local(host_or_domain);
+        if let Some(shared) = self.shared.get() {
+            shared.flushed(Some(normalize_name(host_or_domain).into_owned()));
+        }
+        flushed
     }
 
     /// Forgets everything; returns how many unexpired entries went.
     pub fn flush_all(&self) -> usize {
+        let flushed = self.flush_all_local();
+        if let Some(shared) = self.shared.get() {
+            shared.flushed(None);
+        }
+        flushed
+    }
+
+    /// [`flush`](Self::flush) in this process only: for a flush another relay announced.
+    pub fn flush_local(&self, host_or_domain: &str) -> usize {
+        let name = normalize_name(host_or_domain);
+        self.remove_where(|e| e.matches(&name))
+    }
+
+    /// [`flush_all`](Self::flush_all) in this process only.
+    pub fn flush_all_local(&self) -> usize {
         self.remove_where(|_| true)
+    }
+
+    /// Takes in what the fleet's shared cache holds for `key` (its entry, and the last TLS
+    /// any relay did with the host), by the merge rules of [`shared`]: an unexpired pin
+    /// wins, else the later observation; the memory of TLS is the latest of both.
+    pub fn adopt(
+        &self,
+        key: &CacheKey,
+        from_fleet: Option<CacheEntry>,
+        tls: Option<shared::TlsMark>,
+    ) {
+        let now = self.clock.now();
+        if from_fleet.is_none() && tls.is_none() {
+            return;
+        }
+        self.entries.entry(key.clone()).and_compute_with(|current| {
+            let local = current
+                .map(|e| e.into_value())
+                .filter(|e| self.is_retained(e, now));
+            let me = self.shared.get().map(|s| s.observer().clone());
+            let me = me.unwrap_or_else(|| Observer {
+                relay: String::new(),
+                source: None,
+            });
+            match shared::merge(local, from_fleet, tls, key, &me, now) {
+                Some(entry) if self.is_retained(&entry, now) => Op::Put(entry),
+                _ => Op::Nop,
+            }
+        });
     }
 
     fn remove_where(&self, matches: impl Fn(&CacheEntry) -> bool) -> usize {
@@ -698,14 +848,32 @@ impl OutcomeCache {
                 host: host.clone(),
                 addr,
             };
-            self.entries.entry(key.clone()).and_compute_with(|current| {
+            let result = self.entries.entry(key.clone()).and_compute_with(|current| {
                 let current = current
                     .map(|e| e.into_value())
                     .filter(|e| self.is_retained(e, now));
-                Op::Put(pinned(current, &key, class, ttl, now))
+                let mut entry = pinned(current, &key, class, ttl, now);
+                if let Some(shared) = self.shared.get() {
+                    entry.observed_by = Some(shared.observer().clone());
+                }
+                Op::Put(entry)
             });
+            if let (Some(shared), Some(entry)) = (self.shared.get(), result_entry(result)) {
+                shared.pinned(entry, now);
+            }
         }
         Ok(addrs.len())
+    }
+
+    /// The entry this relay observed for `key`, to write again when Redis is back.
+    pub fn entry_for_resync(&self, key: &CacheKey) -> Option<CacheEntry> {
+        let me = self.shared.get()?.observer();
+        let entry = self.entries.get(key)?;
+        let mine = entry
+            .observed_by
+            .as_ref()
+            .is_some_and(|by| by.relay == me.relay);
+        (mine && self.is_retained(&entry, self.clock.now())).then_some(entry)
     }
 
     /// The addresses of `host` with an entry that still counts.
@@ -787,6 +955,19 @@ impl OutcomeCache {
     }
 }
 
+/// The entry a compute left in the cache, if it left one.
+fn result_entry(
+    result: moka::ops::compute::CompResult<CacheKey, CacheEntry>,
+) -> Option<CacheEntry> {
+    use moka::ops::compute::CompResult;
+    match result {
+        CompResult::Inserted(e) | CompResult::ReplacedWith(e) | CompResult::Unchanged(e) => {
+            Some(e.into_value())
+        }
+        CompResult::Removed(_) | CompResult::StillNone(_) => None,
+    }
+}
+
 /// The entry an operator's pin leaves: history kept, class and expiry from the pin.
 fn pinned(
     current: Option<CacheEntry>,
@@ -799,6 +980,7 @@ fn pinned(
     entry.class = class;
     entry.detail = PINNED_DETAIL.to_string();
     entry.pinned = true;
+    entry.shared = false;
     entry.expires_at = now.saturating_add(ttl.as_secs());
     entry
 }

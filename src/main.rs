@@ -238,10 +238,7 @@ fn main() -> ExitCode {
             .map_err(anyhow::Error::from)
             .and_then(Proxy::new)
         {
-            Ok(_) => {
-                println!("{}: OK", file.display());
-                ExitCode::SUCCESS
-            }
+            Ok(proxy) => check_shared_cache(&proxy, &file),
             Err(e) => {
                 eprintln!("{e:#}");
                 ExitCode::from(EXIT_CONFIG)
@@ -421,6 +418,10 @@ fn probe_standalone(path: Option<PathBuf>, target: ProbeTarget, json: bool) -> E
                 return ExitCode::from(EXIT_CONFIG);
             }
         };
+        // The fleet's view goes beside what the probe finds; without Redis it says so.
+        if let Err(e) = proxy.start_shared_cache().await {
+            eprintln!("tlsrouter: {e:#}");
+        }
         let report = tlsrouter::probe::probe(
             &proxy.outbound,
             &proxy.router.rules(),
@@ -577,6 +578,10 @@ async fn serve(config: Config) -> ExitCode {
             return ExitCode::from(EXIT_CONFIG);
         }
     };
+    if let Err(e) = proxy.start_shared_cache().await {
+        eprintln!("tlsrouter: {e:#}");
+        return ExitCode::from(EXIT_CONFIG);
+    }
     // The admin side first: a daemon that cannot be managed does not take mail.
     if let Err(e) = tlsrouter::admin::start(&proxy).await {
         eprintln!("tlsrouter: {e:#}");
@@ -679,6 +684,41 @@ async fn bind_more_listeners(
         bound.push((listener, addr, config.mode));
     }
     Ok(bound)
+}
+
+/// `check-config` with a shared cache: Redis is asked, so that a wrong password shows now.
+/// A Redis that cannot be reached is only a warning: `run` starts without it.
+fn check_shared_cache(proxy: &Proxy, file: &std::path::Path) -> ExitCode {
+    let Some(shared) = proxy.outbound.cache.shared() else {
+        println!("{}: OK", file.display());
+        return ExitCode::SUCCESS;
+    };
+    let checked = match tokio::runtime::Runtime::new() {
+        Ok(runtime) => runtime.block_on(shared.check()),
+        Err(e) => {
+            eprintln!("tlsrouter: cannot start: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match checked {
+        Ok(()) => {
+            println!(
+                "{}: OK (Redis at {} answers)",
+                file.display(),
+                shared.target()
+            );
+            ExitCode::SUCCESS
+        }
+        Err(e) if !e.is_fatal() => {
+            eprintln!("warning: {e}; tlsrouter would start with its local cache");
+            println!("{}: OK", file.display());
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("{e}");
+            ExitCode::from(EXIT_CONFIG)
+        }
+    }
 }
 
 /// Many receivers refuse an EHLO name without a domain: say so, and what to set.

@@ -136,6 +136,9 @@ pub struct ServerReport {
     /// what that stack negotiated, or why it failed.
     #[serde(default)]
     pub legacy: Option<LegacyReport>,
+    /// What the fleet's shared cache holds for this server, with `cache.backend: redis`.
+    #[serde(default)]
+    pub fleet: Option<String>,
 }
 
 #[derive(Debug, Serialize, serde::Deserialize)]
@@ -377,6 +380,7 @@ async fn probe_host(
     };
     for ip in report.addresses.clone() {
         let id = ServerId::new(&host.name, ip);
+        let fleet = fleet_view(outbound, &id.name, ip).await;
         let server = probe_server(outbound, &id, port, target.no_tls).await;
         let mut server = server;
         let published =
@@ -434,6 +438,7 @@ async fn probe_host(
             published,
         )
         .map(|d| d.to_string());
+        server.fleet = fleet;
         if record && let Some(observation) = observation {
             let domain = target.domain.as_deref().unwrap_or("");
             outbound.cache.record(&id.name, ip, domain, observation);
@@ -441,6 +446,44 @@ async fn probe_host(
         report.servers.push(server);
     }
     report
+}
+
+/// The fleet's view of a server, in words, when there is a fleet.
+async fn fleet_view(outbound: &Outbound, host: &str, ip: std::net::IpAddr) -> Option<String> {
+    let shared = outbound.cache.shared()?;
+    let key = crate::cache::CacheKey::new(host, ip);
+    let Some((entry, tls)) = shared.read(&key).await else {
+        return Some(format!(
+            "unknown (Redis at {} does not answer)",
+            shared.target()
+        ));
+    };
+    let now = outbound.cache.now();
+    let mut text = match entry {
+        Some(e) => {
+            let by = e
+                .observed_by
+                .as_ref()
+                .map_or_else(|| "a relay".to_string(), ToString::to_string);
+            let pinned = if e.pinned { ", pinned" } else { "" };
+            format!(
+                "{}{pinned}, seen by {by} {}s ago ({})",
+                e.class,
+                now.saturating_sub(e.last_seen),
+                e.detail
+            )
+        }
+        None => "nothing cached".to_string(),
+    };
+    if let Some(tls) = tls {
+        let _ = write!(
+            text,
+            "; last TLS by {} {}s ago",
+            tls.by,
+            now.saturating_sub(tls.at)
+        );
+    }
+    Some(text)
 }
 
 /// A server's report, and the outcome to cache.
@@ -840,5 +883,8 @@ fn render_server(out: &mut String, s: &ServerReport) {
     }
     if let Some(decision) = &s.decision {
         let _ = writeln!(out, "    delivery: {decision}");
+    }
+    if let Some(fleet) = &s.fleet {
+        let _ = writeln!(out, "    fleet:    {fleet}");
     }
 }

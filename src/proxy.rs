@@ -2,6 +2,7 @@
 
 use std::sync::Arc;
 
+use crate::cache::shared::SharedCache;
 use crate::cache::{OutcomeCache, SystemClock};
 use crate::config::Config;
 use crate::outbound::delivery::Outbound;
@@ -69,6 +70,23 @@ impl Proxy {
             stats.tls_resumed_handshakes.clone(),
         );
         let cache = Arc::new(OutcomeCache::new(&config.cache, Arc::new(SystemClock)));
+        if config.cache.backend == crate::cache::Backend::Redis {
+            let roots = crate::cache::shared::Roots {
+                system: config.tls.system_roots,
+                ca_file: config.tls.ca_file.as_deref(),
+            };
+            if let Some(path) = &config.cache.redis.password_file {
+                crate::outbound::credentials::warn_if_readable_by_others(path);
+            }
+            cache.attach(Arc::new(SharedCache::new(
+                &config.cache.redis,
+                roots,
+                &config.hostname.0,
+                config.delivery.source_address,
+                config.cache.ttl.success,
+                stats.clone(),
+            )?));
+        }
         if let Some(path) = &config.cache.file {
             // A cache that cannot be read costs a few handshakes, never the start.
             match cache.load(path) {
@@ -79,6 +97,9 @@ impl Proxy {
             }
         }
         let (policies, tls_reports) = policy_parts(&config, resolver.clone(), stats.clone())?;
+        if let Some(shared) = cache.shared() {
+            policies.share_through(shared.clone());
+        }
         if let Some(path) = &config.cache.file {
             let path = policy_file(path);
             match policies.load(&path) {
@@ -108,6 +129,7 @@ impl Proxy {
             tls_reports: tls_reports.clone(),
             socket_mark: config.delivery.socket_mark,
             pool: crate::outbound::pool::Pool::new(config.delivery.pool.clone()),
+            source_address: config.delivery.source_address,
         };
         // The semaphore's own bound, and one drain can take back at once.
         let session_slots_max = (config.limits.max_sessions)
@@ -213,6 +235,18 @@ impl Proxy {
                 }
             }
         }
+    }
+}
+
+impl Proxy {
+    /// Connects the fleet's shared cache, when the configuration has one, and starts its
+    /// tasks. A Redis that is away is no error (the relay goes on with its own cache and
+    /// keeps trying); one that refuses the credentials is.
+    pub async fn start_shared_cache(&self) -> anyhow::Result<()> {
+        if let Some(shared) = self.outbound.cache.shared() {
+            shared.start(self.outbound.cache.clone()).await?;
+        }
+        Ok(())
     }
 }
 

@@ -43,6 +43,18 @@ pub struct Stats {
     /// TLS handshakes toward remotes, full and resumed.
     pub tls_full_handshakes: Counter,
     pub tls_resumed_handshakes: Counter,
+    /// The fleet's shared cache (Redis): calls that failed or timed out.
+    pub redis_errors: Counter,
+    /// 1 while Redis answers, 0 while it does not (and without a shared cache).
+    pub redis_connected: Gauge,
+    /// Lookups the near cache answered without asking Redis, and those it did not.
+    pub near_cache_hits: Counter,
+    pub near_cache_misses: Counter,
+    /// A host did TLS for one source address and fails it for another.
+    pub split_source_downgrades: Counter,
+    redis_seconds: Histogram,
+    redis_calls: std::sync::atomic::AtomicU64,
+    redis_micros: std::sync::atomic::AtomicU64,
 }
 
 impl Default for Stats {
@@ -68,6 +80,14 @@ impl Default for Stats {
             pool_idle: Gauge::default(),
             tls_full_handshakes: Counter::default(),
             tls_resumed_handshakes: Counter::default(),
+            redis_errors: Counter::default(),
+            redis_connected: Gauge::default(),
+            near_cache_hits: Counter::default(),
+            near_cache_misses: Counter::default(),
+            split_source_downgrades: Counter::default(),
+            redis_seconds: Histogram::new(exponential_buckets(0.0001, 2.0, 14)),
+            redis_calls: Default::default(),
+            redis_micros: Default::default(),
         };
         stats.register();
         stats
@@ -106,6 +126,21 @@ pub struct Snapshot {
     pub tls_full_handshakes: u64,
     #[serde(default)]
     pub tls_resumed_handshakes: u64,
+    #[serde(default)]
+    pub redis_connected: i64,
+    #[serde(default)]
+    pub redis_calls: u64,
+    /// The mean round trip of a Redis call, in microseconds.
+    #[serde(default)]
+    pub redis_round_trip_us: u64,
+    #[serde(default)]
+    pub redis_errors: u64,
+    #[serde(default)]
+    pub near_cache_hits: u64,
+    #[serde(default)]
+    pub near_cache_misses: u64,
+    #[serde(default)]
+    pub split_source_downgrades: u64,
 }
 
 impl Stats {
@@ -202,6 +237,50 @@ impl Stats {
             "resumed TLS handshakes toward remotes",
             self.tls_resumed_handshakes.clone(),
         );
+        self.register_shared_cache();
+    }
+
+    fn register_shared_cache(&mut self) {
+        let r = &mut self.registry;
+        r.register(
+            "redis_seconds",
+            "round trip of a call to the shared cache (Redis)",
+            self.redis_seconds.clone(),
+        );
+        r.register(
+            "redis_errors",
+            "calls to the shared cache (Redis) that failed or timed out",
+            self.redis_errors.clone(),
+        );
+        r.register(
+            "redis_connected",
+            "1 while the shared cache (Redis) answers",
+            self.redis_connected.clone(),
+        );
+        r.register(
+            "near_cache_hits",
+            "lookups answered by the near cache without asking Redis",
+            self.near_cache_hits.clone(),
+        );
+        r.register(
+            "near_cache_misses",
+            "lookups that went to Redis (or would have, while it is down)",
+            self.near_cache_misses.clone(),
+        );
+        r.register(
+            "split_source_downgrades",
+            "hosts that did TLS for one source address and failed it for another",
+            self.split_source_downgrades.clone(),
+        );
+    }
+
+    /// One Redis call's round trip.
+    pub fn redis_round_trip(&self, elapsed: std::time::Duration) {
+        use std::sync::atomic::Ordering;
+        self.redis_seconds.observe(elapsed.as_secs_f64());
+        self.redis_calls.fetch_add(1, Ordering::Relaxed);
+        let micros = u64::try_from(elapsed.as_micros()).unwrap_or(u64::MAX);
+        self.redis_micros.fetch_add(micros, Ordering::Relaxed);
     }
 
     /// A message the remote accepted; `route` is its class (or "plain").
@@ -257,6 +336,17 @@ impl Stats {
             pool_idle: self.pool_idle.get(),
             tls_full_handshakes: self.tls_full_handshakes.get(),
             tls_resumed_handshakes: self.tls_resumed_handshakes.get(),
+            redis_connected: self.redis_connected.get(),
+            redis_calls: self.redis_calls.load(std::sync::atomic::Ordering::Relaxed),
+            redis_round_trip_us: self
+                .redis_micros
+                .load(std::sync::atomic::Ordering::Relaxed)
+                .checked_div(self.redis_calls.load(std::sync::atomic::Ordering::Relaxed))
+                .unwrap_or(0),
+            redis_errors: self.redis_errors.get(),
+            near_cache_hits: self.near_cache_hits.get(),
+            near_cache_misses: self.near_cache_misses.get(),
+            split_source_downgrades: self.split_source_downgrades.get(),
         }
     }
 

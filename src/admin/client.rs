@@ -80,7 +80,15 @@ pub async fn ask(socket: &Path, _request: &Request) -> Result<Response, CtlError
 pub fn render(request: &Request, result: &Value) -> String {
     let now = result.get("now").and_then(Value::as_u64).unwrap_or(0);
     match request {
-        Request::CacheList { .. } | Request::CacheShow { .. } => cache_table(result, now),
+        Request::CacheList { .. } => cache_table(result, now),
+        Request::CacheShow { .. } => {
+            let mut out = cache_table(result, now);
+            if let Some(fleet) = result["fleet"].as_array() {
+                out.push_str("\nin the fleet's shared cache:\n");
+                out.push_str(&cache_table(&serde_json::json!({ "entries": fleet }), now));
+            }
+            out
+        }
         Request::CacheFlush { .. } => format!("flushed {} entries\n", result["flushed"]),
         Request::CachePin { class, .. } => {
             let addrs: Vec<String> = result["addrs"]
@@ -164,6 +172,9 @@ fn tlsrpt_table(result: &Value) -> String {
 }
 
 fn cache_table(result: &Value, now: u64) -> String {
+    let listed = || result["entries"].as_array().into_iter().flatten();
+    // Only a relay of a fleet has anyone else to name.
+    let fleet = listed().any(|e| e["observed_by"].is_object());
     let mut rows = vec![row(&[
         "HOST",
         "ADDRESS",
@@ -175,6 +186,9 @@ fn cache_table(result: &Value, now: u64) -> String {
         "LAST SEEN",
         "EXPIRES",
     ])];
+    if fleet {
+        rows[0].push("SEEN BY".to_string());
+    }
     for e in result["entries"].as_array().into_iter().flatten() {
         let domains: Vec<&str> = e["domains"]
             .as_array()
@@ -189,7 +203,7 @@ fn cache_table(result: &Value, now: u64) -> String {
         if e["pinned"].as_bool() == Some(true) {
             class.push_str(" [pinned]");
         }
-        rows.push(vec![
+        let mut cells = vec![
             text(&e["host"]),
             text(&e["addr"]),
             domains.join(","),
@@ -199,9 +213,30 @@ fn cache_table(result: &Value, now: u64) -> String {
             text(&e["cert_not_after"]),
             relative(now, e["last_seen"].as_u64().unwrap_or(0)),
             relative(now, e["expires_at"].as_u64().unwrap_or(0)),
-        ]);
+        ];
+        if fleet {
+            cells.push(seen_by(e));
+        }
+        rows.push(cells);
     }
     table(&rows)
+}
+
+/// Where an entry came from: this relay or another of the fleet (and its address).
+fn seen_by(e: &Value) -> String {
+    let by = &e["observed_by"];
+    let Some(relay) = by["relay"].as_str() else {
+        return "local".to_string();
+    };
+    let who = match by["source"].as_str() {
+        Some(source) => format!("{relay} from {source}"),
+        None => relay.to_string(),
+    };
+    if e["shared"].as_bool() == Some(true) {
+        format!("shared: {who}")
+    } else {
+        format!("local: {who}")
+    }
 }
 
 fn rules_table(result: &Value) -> String {
@@ -242,12 +277,48 @@ fn stats_lines(result: &Value) -> String {
     ] {
         out.push_str(&format!("{:<26}{}\n", key.replace('_', " "), result[key]));
     }
+    out.push_str(&shared_cache_lines(result));
     for pair in result["fallbacks"].as_array().into_iter().flatten() {
         out.push_str(&format!(
             "{:<26}{}\n",
             format!("fallback {}", text(&pair[0])),
             pair[1]
         ));
+    }
+    out
+}
+
+/// The fleet's shared cache, when there is one (any call or lookup made).
+fn shared_cache_lines(result: &Value) -> String {
+    let number = |key: &str| result[key].as_u64().unwrap_or(0);
+    let (hits, misses) = (number("near_cache_hits"), number("near_cache_misses"));
+    if hits + misses + number("redis_calls") + number("redis_errors") == 0 {
+        return String::new();
+    }
+    let rate = (hits * 100).checked_div(hits + misses).unwrap_or(0);
+    let connected = if result["redis_connected"].as_i64() == Some(1) {
+        "up"
+    } else {
+        "down"
+    };
+    let round_trip = number("redis_round_trip_us") as f64 / 1000.0;
+    let mut out = String::new();
+    for (key, value) in [
+        ("redis", connected.to_string()),
+        ("redis calls", number("redis_calls").to_string()),
+        ("redis round trip", format!("{round_trip:.2} ms (mean)")),
+        ("redis errors", number("redis_errors").to_string()),
+        (
+            "near cache hits",
+            format!("{hits} ({rate}% of {})", hits + misses),
+        ),
+        ("near cache misses", misses.to_string()),
+        (
+            "split-source downgrades",
+            number("split_source_downgrades").to_string(),
+        ),
+    ] {
+        out.push_str(&format!("{key:<26}{value}\n"));
     }
     out
 }

@@ -35,11 +35,17 @@ pub async fn handle(proxy: &Proxy, request: Request) -> Response {
             Response::ok(json!({ "now": cache.now(), "entries": entries }))
         }
         Request::CacheShow { target } => {
+            let name = crate::outbound::mx::bare_name(&target);
+            // With a fleet: what the shared cache holds too, beside this relay's view.
+            let fleet = match cache.shared() {
+                Some(shared) => shared.find(&name.to_ascii_lowercase()).await,
+                None => None,
+            };
             let entries = cache.find(&target);
-            if entries.is_empty() {
+            if entries.is_empty() && fleet.as_ref().is_none_or(Vec::is_empty) {
                 return Response::error(ErrorKind::Failed, format!("nothing cached for {target}"));
             }
-            Response::ok(json!({ "now": cache.now(), "entries": entries }))
+            Response::ok(json!({ "now": cache.now(), "entries": entries, "fleet": fleet }))
         }
         Request::CacheFlush { target, all } => match (target, all) {
             (None, true) => Response::ok(json!({ "flushed": cache.flush_all() })),

@@ -533,10 +533,7 @@ impl Session {
         }
         let sender_domain = tx.sender.as_ref().map(Mailbox::routing_domain);
         let plan = Plan::new(tx.rules.clone(), &domain, sender_domain.as_deref());
-        if let Err(reply) = self
-            .ensure_route(&domain, plan, (&recipient, params))
-            .await
-        {
+        if let Err(reply) = self.ensure_route(&domain, plan, (&recipient, params)).await {
             if let Stage::Mail(tx) = &mut self.stage {
                 tx.failed_domains.insert(domain, reply.clone());
             }

@@ -94,18 +94,21 @@ impl Connection {
         })
     }
 
-    /// As [`Connection::connect`], from a socket marked with `mark` (`SO_MARK`) if given.
-    pub async fn connect_marked(
+    /// As [`Connection::connect`], from a socket marked with `mark` (`SO_MARK`, so that a
+    /// transparent redirect lets it pass) and bound to the local address `source` (for
+    /// relays whose outbound address matters to receivers), each when given.
+    pub async fn connect_with(
         host: &str,
         peer: SocketAddr,
         timeout: Duration,
         mark: Option<u32>,
+        source: Option<std::net::IpAddr>,
     ) -> Result<Connection, ExchangeError> {
-        let Some(mark) = mark else {
+        if mark.is_none() && source.is_none() {
             return Connection::connect(host, peer, timeout).await;
-        };
-        let connecting = crate::outbound::socket_mark::connect_marked(peer, mark);
-        let tcp = match tokio::time::timeout(timeout, connecting).await {
+        }
+        let socket = crate::outbound::socket_mark::socket_for(peer, mark, source)?;
+        let tcp = match tokio::time::timeout(timeout, socket.connect(peer)).await {
             Ok(result) => result?,
             Err(_) => {
                 return Err(ExchangeError::Timeout(

@@ -47,6 +47,9 @@ pub struct DeliveryConfig {
     pub socket_mark: Option<u32>,
     /// Keeping remote connections for later messages.
     pub pool: PoolConfig,
+    /// The local address connections to remote servers come from; none: the system's
+    /// choice.
+    pub source_address: Option<std::net::IpAddr>,
 }
 
 impl Default for DeliveryConfig {
@@ -56,6 +59,7 @@ impl Default for DeliveryConfig {
             bare_line_endings: BareLineEndings::Normalize,
             socket_mark: None,
             pool: PoolConfig::default(),
+            source_address: None,
         }
     }
 }
@@ -77,6 +81,8 @@ pub struct Outbound {
     pub socket_mark: Option<u32>,
     /// Remote connections kept between transactions.
     pub pool: Arc<Pool>,
+    /// `delivery.source_address`.
+    pub source_address: Option<std::net::IpAddr>,
 }
 
 /// Where a transaction goes.
@@ -521,6 +527,7 @@ impl Outbound {
             };
             for ip in addrs {
                 let server = ServerId::new(&host, ip);
+                self.cache.refresh(&server.name, ip).await;
                 let cached = self.cache.get(&server.name, ip);
                 let classes = cached.as_ref().map(|e| e.classes()).unwrap_or_default();
                 let rule = plan.rule_for_host(&server.name, &classes);
@@ -1262,9 +1269,15 @@ impl Outbound {
     }
 
     async fn connect(&self, server: &ServerId, addr: SocketAddr) -> Result<Connection, Failure> {
-        Connection::connect_marked(&server.name, addr, self.timeouts.connect, self.socket_mark)
-            .await
-            .map_err(|e| unreachable(&e))
+        Connection::connect_with(
+            &server.name,
+            addr,
+            self.timeouts.connect,
+            self.socket_mark,
+            self.source_address,
+        )
+        .await
+        .map_err(|e| unreachable(&e))
     }
 
     /// The server's greeting, which must be a 220.

@@ -1,24 +1,39 @@
-//! Marked outbound sockets: `SO_MARK` lets a transparent redirect (nftables `meta mark`,
+//! Outbound sockets, marked and bound as configured: `SO_MARK` lets a transparent redirect (nftables `meta mark`,
 //! iptables `-m mark`) tell tlsrouter's own connections from the MTA's, so they are never
 //! redirected back to it.
 
 use std::io;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 
 use tokio::net::{TcpSocket, TcpStream};
 
 /// Connects to `peer` from a socket carrying `mark`. Setting a mark needs `CAP_NET_ADMIN`;
 /// without it the connection fails rather than going out unmarked into a loop.
 pub async fn connect_marked(peer: SocketAddr, mark: u32) -> io::Result<TcpStream> {
+    socket_for(peer, Some(mark), None)?.connect(peer).await
+}
+
+/// A socket to connect to `peer` with: marked with `mark` and bound to the local address
+/// `source`, each when given.
+pub fn socket_for(
+    peer: SocketAddr,
+    mark: Option<u32>,
+    source: Option<IpAddr>,
+) -> io::Result<TcpSocket> {
     let socket = socket2::Socket::new(
         socket2::Domain::for_address(peer),
         socket2::Type::STREAM,
         Some(socket2::Protocol::TCP),
     )?;
-    set_mark(&socket, mark)?;
+    if let Some(mark) = mark {
+        set_mark(&socket, mark)?;
+    }
+    if let Some(source) = source {
+        socket.bind(&SocketAddr::new(source, 0).into())?;
+    }
     socket.set_nonblocking(true)?;
     let std_stream: std::net::TcpStream = socket.into();
-    TcpSocket::from_std_stream(std_stream).connect(peer).await
+    Ok(TcpSocket::from_std_stream(std_stream))
 }
 
 /// Whether this process may mark sockets: checked at start, so that a missing capability

@@ -495,6 +495,9 @@ pub struct PolicyStore {
     stats: Arc<Stats>,
     domains: Mutex<HashMap<String, DomainState>>,
     in_flight: Mutex<HashMap<String, InFlight>>,
+    /// The fleet's shared cache, with `cache.backend: redis`: policies fetched by one
+    /// relay serve the others.
+    shared: std::sync::OnceLock<Arc<crate::cache::shared::SharedCache>>,
 }
 
 impl PolicyStore {
@@ -513,6 +516,34 @@ impl PolicyStore {
             stats,
             domains: Mutex::new(HashMap::new()),
             in_flight: Mutex::new(HashMap::new()),
+            shared: std::sync::OnceLock::new(),
+        }
+    }
+
+    /// Shares policies with the fleet (once).
+    pub fn share_through(&self, shared: Arc<crate::cache::shared::SharedCache>) {
+        let _ = self.shared.set(shared);
+    }
+
+    /// The fleet's copy of `domain`'s policy, when it is the one the TXT record names and
+    /// is not due for a fetch.
+    async fn fleet_copy(&self, domain: &str, id: &str, now: u64) -> Option<Arc<StsPolicy>> {
+        let json = self.shared.get()?.shared_value("sts", domain).await?;
+        let policy: StsPolicy = serde_json::from_str(&json).ok()?;
+        let usable = policy.domain == domain
+            && policy.id == id
+            && !policy.is_expired(now)
+            && !policy.wants_refresh(now);
+        usable.then(|| Arc::new(policy))
+    }
+
+    fn share(&self, policy: &StsPolicy, now: u64) {
+        let Some(shared) = self.shared.get() else {
+            return;
+        };
+        if let Ok(json) = serde_json::to_string(policy) {
+            let ttl = std::time::Duration::from_secs(policy.expires_at.saturating_sub(now));
+            shared.share("sts", &policy.domain, json, ttl);
         }
     }
 
@@ -623,6 +654,9 @@ impl PolicyStore {
 
     /// Forgets `domain`'s policy; the next message looks it up again. Whether one was held.
     pub fn flush(&self, domain: &str) -> bool {
+        if let Some(shared) = self.shared.get() {
+            shared.forget("sts", &normalize(domain));
+        }
         self.domains
             .lock()
             .map(|mut d| d.remove(&normalize(domain)).is_some())
@@ -703,6 +737,11 @@ impl PolicyStore {
         {
             return keep_cached(PolicyLookup::Unavailable(failure.error));
         }
+        if !force && let Some(policy) = self.fleet_copy(domain, &id, now).await {
+            tracing::info!(domain, id = %policy.id, mode = %policy.mode, "MTA-STS policy taken from the fleet's shared cache");
+            self.store(domain, Some(policy.clone()), None);
+            return PolicyLookup::Found(policy);
+        }
         self.stats.sts_fetches.inc();
         match self.fetch(domain).await {
             Ok(text) => {
@@ -724,6 +763,7 @@ impl PolicyStore {
                     "MTA-STS policy fetched"
                 );
                 self.store(domain, Some(policy.clone()), None);
+                self.share(&policy, now);
                 PolicyLookup::Found(policy)
             }
             Err(error) => {

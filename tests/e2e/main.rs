@@ -13,6 +13,7 @@ mod cache;
 mod dane;
 mod delivery;
 mod explain;
+mod fleet;
 mod hardening;
 mod kit;
 mod legacy_tls;

@@ -32,7 +32,7 @@ use tlsrouter::policy::tlsrpt::{
 use tlsrouter::stats::Stats;
 
 const DOMAIN: &str = "example.test";
-const POLICY_HOST: &str = "mta-sts.example.test";
+pub(super) const POLICY_HOST: &str = "mta-sts.example.test";
 const POLICY_PATH: &str = "/.well-known/mta-sts.txt";
 /// 2026-11-30T12:00:00Z.
 const NOON: u64 = 1_796_040_000;
@@ -46,7 +46,7 @@ const ENFORCE: &str = "version: STSv1\r\nmode: enforce\r\nmx: mx1.example.test\r
 
 /// What the HTTPS server answers to a GET.
 #[derive(Clone)]
-struct Answer {
+pub(super) struct Answer {
     status: u16,
     content_type: &'static str,
     body: String,
@@ -54,7 +54,7 @@ struct Answer {
 }
 
 impl Answer {
-    fn policy(text: &str) -> Answer {
+    pub(super) fn policy(text: &str) -> Answer {
         Answer {
             status: 200,
             content_type: "text/plain",
@@ -83,7 +83,7 @@ struct HttpsState {
     released: watch::Sender<bool>,
 }
 
-struct HttpsServer {
+pub(super) struct HttpsServer {
     addr: SocketAddr,
     state: Arc<HttpsState>,
     task: tokio::task::JoinHandle<()>,
@@ -96,7 +96,7 @@ impl Drop for HttpsServer {
 }
 
 impl HttpsServer {
-    async fn start(cert: CertKey, answer: Answer) -> HttpsServer {
+    pub(super) async fn start(cert: CertKey, answer: Answer) -> HttpsServer {
         let listener = TcpListener::bind("127.0.0.1:0")
             .await
             .expect("bind the HTTPS server on 127.0.0.1");
@@ -147,6 +147,15 @@ impl HttpsServer {
 
     fn seen(&self) -> Vec<Seen> {
         self.state.seen.lock().expect("seen lock").clone()
+    }
+
+    /// How many requests came so far.
+    pub(super) fn requests(&self) -> usize {
+        self.seen().len()
+    }
+
+    pub(super) fn addr(&self) -> SocketAddr {
+        self.addr
     }
 
     fn hold_answers(&self) {
@@ -210,7 +219,7 @@ impl HttpsState {
 // ---------------------------------------------------------------------------------------
 // The lab: DNS, a policy server, the store
 
-fn txt(text: &str) -> RData {
+pub(super) fn txt(text: &str) -> RData {
     RData::TXT(TXT::new(vec![text.to_string()]))
 }
 

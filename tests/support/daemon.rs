@@ -158,6 +158,20 @@ impl Daemon {
         }
     }
 
+    /// Like [`Daemon::wait_for_log`], but a line already read (while waiting for another)
+    /// counts too: for lines that come once, maybe before the test asks.
+    pub async fn wait_for_log_once(&mut self, text: &str) -> Value {
+        let earlier = self.seen.iter().find_map(|line| {
+            let event: Value = serde_json::from_str(line).ok()?;
+            let said = event["message"].as_str()?.contains(text);
+            said.then_some(event)
+        });
+        match earlier {
+            Some(event) => event,
+            None => self.wait_for_log(text).await,
+        }
+    }
+
     /// Everything logged so far that a test has read.
     pub fn log_text(&self) -> String {
         self.seen.join("\n")

@@ -229,6 +229,10 @@ impl LabBuilder {
         let (dns, settings, rules_file) = self.prepare().await;
         let config = settings.to_config();
         let proxy = Proxy::new(config.clone()).expect("the proxy takes the lab's settings");
+        proxy
+            .start_shared_cache()
+            .await
+            .expect("the shared cache starts, as in tlsrouter run");
         let admin_socket = if self.admin {
             tlsrouter::admin::start(&proxy).await.expect("admin socket");
             config.admin.socket.clone()

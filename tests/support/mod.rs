@@ -10,6 +10,7 @@
 //! - `dns`, `pki`: the DNS server and the certificates; `dnssec`: a signed DNS tree for DANE.
 //! - `daemon`: the `tlsrouter` binary as a child process; `logs`: log capture in process.
 //! - `netns`: a network namespace with a veth pair, for the transparent-mode tests.
+//! - `redis`: a real `redis-server` on a free port, for the fleet's shared cache.
 //! - `proxy`: older entry points (`test_config`, `start_proxy`), thin wrappers over `settings`.
 //!
 //! The end-to-end tests (`tests/e2e/`) are one test binary that includes this module.
@@ -23,6 +24,7 @@ pub mod logs;
 pub mod netns;
 pub mod pki;
 pub mod proxy;
+pub mod redis;
 pub mod settings;
 pub mod smtp_client;
 pub mod smtp_server;

@@ -374,6 +374,8 @@ pub struct ConnectionLog {
     pub tls_resumed: bool,
     /// Commands that came in one read with the next one, before the server replied.
     pub pipelined_after: Vec<String>,
+    /// The client's address.
+    pub peer: Option<IpAddr>,
 }
 
 /// What connections share: the record of what happened.
@@ -390,6 +392,8 @@ struct Shared {
     auth_lines: Mutex<Vec<String>>,
     /// Set by `stop_offering_starttls`.
     starttls_withdrawn: AtomicBool,
+    /// Set by `strip_starttls_for`: clients from these addresses never see STARTTLS.
+    stripped_for: Mutex<Vec<IpAddr>>,
     released: AtomicBool,
     release: Notify,
 }
@@ -527,6 +531,16 @@ impl SmtpServer {
     /// server's TLS is switched off (or stripped on the way).
     pub fn stop_offering_starttls(&self) {
         self.shared.starttls_withdrawn.store(true, Ordering::SeqCst);
+    }
+
+    /// From now on clients from `source` get no STARTTLS (and 502 for the command), as
+    /// behind a firewall that strips it for some sender addresses only.
+    pub fn strip_starttls_for(&self, source: IpAddr) {
+        self.shared
+            .stripped_for
+            .lock()
+            .expect("stripped")
+            .push(source);
     }
 
     /// Lets every `Hold` and `Freeze` go on, now and later.
@@ -693,16 +707,16 @@ async fn accept_loop(listener: TcpListener, server: Arc<Server>) {
         tokio::select! {
             accepted = listener.accept() => {
                 // A failed accept (the client already gone) concerns that client only.
-                let Ok((stream, _)) = accepted else { continue };
+                let Ok((stream, peer)) = accepted else { continue };
                 let id = {
                     let mut logs = server.shared.connections.lock().expect("connections");
-                    logs.push(ConnectionLog::default());
+                    logs.push(ConnectionLog { peer: Some(peer.ip()), ..ConnectionLog::default() });
                     logs.len() - 1
                 };
                 server.shared.changed.notify_waiters();
                 let server = server.clone();
                 connections.spawn(async move {
-                    serve(stream, id, &server).await;
+                    serve(stream, id, peer.ip(), &server).await;
                     server.shared.update(id, |log| log.closed = true);
                 });
             }
@@ -712,10 +726,11 @@ async fn accept_loop(listener: TcpListener, server: Arc<Server>) {
     }
 }
 
-async fn serve(stream: TcpStream, id: usize, server: &Arc<Server>) {
+async fn serve(stream: TcpStream, id: usize, peer: IpAddr, server: &Arc<Server>) {
     let mut session = Session {
         io: BufReader::new(Transport::Plain(stream)),
         id,
+        peer,
         server: server.clone(),
         silent: false,
         sent_before_closing: 0,
@@ -742,6 +757,7 @@ struct End;
 struct Session {
     io: BufReader<Transport>,
     id: usize,
+    peer: IpAddr,
     server: Arc<Server>,
     /// Said 421/221, or stalling: never answers again, but reads and records until EOF.
     silent: bool,
@@ -761,6 +777,11 @@ struct Session {
 impl Session {
     fn behaviour(&self) -> &ServerBehaviour {
         &self.server.behaviour
+    }
+
+    fn offers_starttls(&self) -> bool {
+        let stripped = self.server.shared.stripped_for.lock().expect("stripped");
+        self.server.offers_starttls() && !stripped.contains(&self.peer)
     }
 
     async fn run(&mut self) {
@@ -833,7 +854,7 @@ impl Session {
             "SIZE 52428800",
             "ENHANCEDSTATUSCODES",
         ];
-        if self.tls.is_none() && self.server.offers_starttls() {
+        if self.tls.is_none() && self.offers_starttls() {
             lines.push("STARTTLS");
         }
         lines.extend(self.behaviour().ehlo_extra.iter().map(String::as_str));
@@ -905,7 +926,7 @@ impl Session {
         if self.tls.is_some() {
             return self.write("503 5.5.1 TLS already active").await;
         }
-        if !self.server.offers_starttls() {
+        if !self.offers_starttls() {
             return self.write("502 5.5.1 STARTTLS not offered").await;
         }
         let extra = match self.server.upgrade {

@@ -1,0 +1,484 @@
+//! A fleet of relays sharing one memory through a real `redis-server`: two `tlsrouter`
+//! daemons, one Redis. What one relay learns spares the other the doomed handshake; a pin
+//! or flush on one applies on both; a firewall that strips STARTTLS for one source address
+//! only is called a split-source downgrade, with both sides named; a Redis that stops
+//! costs no mail and is caught up with when it returns; `rediss://` works with our CA; bad
+//! URLs and wrong passwords are refused at `check-config` and `run`.
+
+use std::net::IpAddr;
+use std::time::Duration;
+
+use serde_json::Value;
+
+use crate::support::lab::{DaemonLab, Lab, LabBuilder, ctl, one_mx_zone, tlsrouter};
+use crate::support::pki::{TestCa, Validity};
+use crate::support::redis::{RedisOptions, RedisServer};
+use crate::support::smtp_server::SmtpServer;
+
+use super::mta_sts::{Answer, HttpsServer, POLICY_HOST, txt};
+use super::rules::{assert_delivered, loopback, send, server, starttls, tls10_only};
+
+/// Every relay says this once it hears the fleet's pins and flushes.
+const LISTENING: &str = "shared cache: listening for pins and flushes";
+
+const LEGACY_PLAIN: &str = r#"
+    rules:
+      - name: default
+        match: { domains: ["*"] }
+        legacy_tls: plain
+"#;
+
+/// A relay of the fleet: example.test's MX is `mx`, the cache is shared in `redis`.
+fn relay(name: &str, redis: &RedisServer, ca: &TestCa, mx: &SmtpServer) -> LabBuilder {
+    Lab::new()
+        .ca(ca)
+        .one_mx(mx)
+        .set("cache.backend", "redis")
+        .set("cache.redis.url", redis.url())
+        .set("cache.redis.relay_name", name)
+        .set("cache.redis.timeout", "2s")
+        .set("log.level", "info,tlsrouter::cache::shared=debug")
+}
+
+/// Starts the relay and waits until it listens to the fleet.
+async fn started(builder: LabBuilder) -> DaemonLab {
+    let mut lab = builder.start_daemon().await;
+    lab.daemon.wait_for_log_once(LISTENING).await;
+    lab
+}
+
+async fn tls_mx(ca: &TestCa) -> SmtpServer {
+    server(
+        loopback(1),
+        0,
+        starttls(ca.leaf(&["mx.example.test"], Validity::Current)),
+    )
+    .await
+}
+
+fn entries(answer: &Value) -> Vec<Value> {
+    answer["result"]["entries"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default()
+}
+
+#[tokio::test]
+async fn a_tls_failure_learned_by_one_relay_makes_the_other_skip_the_doomed_handshake() {
+    let redis = RedisServer::start().await;
+    let ca = TestCa::new();
+    let mx = server(
+        loopback(1),
+        0,
+        tls10_only(ca.leaf(&["mx.example.test"], Validity::Current)),
+    )
+    .await;
+    let mut a = started(relay("relay-a", &redis, &ca, &mx).rules(LEGACY_PLAIN)).await;
+    let b = started(relay("relay-b", &redis, &ca, &mx).rules(LEGACY_PLAIN)).await;
+
+    assert_delivered(&send(a.smtp(), &["b@example.test"]).await);
+    assert_eq!(mx.tls_handshakes_attempted(), 1, "relay a tried TLS");
+    a.daemon
+        .wait_for_log("shared cache: wrote mx.example.test[127.0.0.1] (legacy-tls)")
+        .await;
+
+    assert_delivered(&send(b.smtp(), &["b@example.test"]).await);
+    assert_eq!(
+        mx.tls_handshakes_attempted(),
+        1,
+        "relay b skipped the handshake relay a found doomed"
+    );
+    let got = mx.messages();
+    assert_eq!(got.len(), 2);
+    assert!(got.iter().all(|m| m.tls.is_none()), "both in plain");
+
+    let listed = entries(&b.daemon.ctl(&["cache", "list"]).await);
+    assert_eq!(listed.len(), 1, "{listed:?}");
+    assert_eq!(listed[0]["class"], "legacy-tls");
+    assert_eq!(listed[0]["shared"], true, "{listed:?}");
+    assert_eq!(listed[0]["observed_by"]["relay"], "relay-a");
+    let (code, shown, err) = ctl(
+        &b.daemon.admin_socket,
+        &["cache", "show", "mx.example.test"],
+    )
+    .await;
+    assert_eq!(code, 0, "{err}");
+    assert!(shown.contains("shared: relay-a"), "{shown}");
+    assert!(shown.contains("in the fleet's shared cache"), "{shown}");
+    assert!(
+        shown.contains("local: relay-a"),
+        "Redis holds relay a's own: {shown}"
+    );
+}
+
+#[tokio::test]
+async fn a_pin_on_one_relay_applies_on_the_other() {
+    let redis = RedisServer::start().await;
+    let ca = TestCa::new();
+    let mx = tls_mx(&ca).await;
+    let a = started(relay("relay-a", &redis, &ca, &mx)).await;
+    let mut b = started(relay("relay-b", &redis, &ca, &mx)).await;
+
+    let pinned = a
+        .daemon
+        .ctl(&[
+            "cache",
+            "pin",
+            "mx.example.test[127.0.0.1]",
+            "no-starttls",
+            "--ttl",
+            "1h",
+        ])
+        .await;
+    assert_eq!(pinned["result"]["pinned"], 1, "{pinned}");
+    b.daemon.wait_for_log("relay relay-a pinned").await;
+
+    assert_delivered(&send(b.smtp(), &["b@example.test"]).await);
+    assert_eq!(
+        mx.tls_handshakes_attempted(),
+        0,
+        "relay b followed relay a's pin: no STARTTLS"
+    );
+    assert!(mx.messages()[0].tls.is_none());
+    let listed = entries(&b.daemon.ctl(&["cache", "list"]).await);
+    assert_eq!(listed[0]["pinned"], true, "{listed:?}");
+    assert_eq!(listed[0]["observed_by"]["relay"], "relay-a");
+}
+
+#[tokio::test]
+async fn a_flush_on_one_relay_clears_both_and_the_shared_cache() {
+    let redis = RedisServer::start().await;
+    let ca = TestCa::new();
+    let mx = tls_mx(&ca).await;
+    let mut a = started(relay("relay-a", &redis, &ca, &mx)).await;
+    let mut b = started(relay("relay-b", &redis, &ca, &mx)).await;
+    let wrote = "shared cache: wrote mx.example.test[127.0.0.1] (tls-verified)";
+    assert_delivered(&send(a.smtp(), &["b@example.test"]).await);
+    a.daemon.wait_for_log(wrote).await;
+    assert_delivered(&send(b.smtp(), &["b@example.test"]).await);
+    b.daemon.wait_for_log(wrote).await;
+    assert_eq!(entries(&b.daemon.ctl(&["cache", "list"]).await).len(), 1);
+
+    let flushed = a.daemon.ctl(&["cache", "flush", "example.test"]).await;
+    assert_eq!(flushed["result"]["flushed"], 1, "{flushed}");
+    b.daemon
+        .wait_for_log("relay relay-a flushed example.test")
+        .await;
+
+    assert!(entries(&b.daemon.ctl(&["cache", "list"]).await).is_empty());
+    for relay in [&a, &b] {
+        let (code, _, err) = ctl(
+            &relay.daemon.admin_socket,
+            &["cache", "show", "mx.example.test"],
+        )
+        .await;
+        assert_ne!(code, 0, "nothing left, here or in Redis");
+        assert!(err.contains("nothing cached"), "{err}");
+    }
+}
+
+#[tokio::test]
+async fn a_firewall_that_strips_starttls_for_one_source_address_is_a_split_source_downgrade() {
+    let redis = RedisServer::start().await;
+    let ca = TestCa::new();
+    let mx = tls_mx(&ca).await;
+    mx.strip_starttls_for(IpAddr::from(loopback(3)));
+    let mut a =
+        started(relay("relay-a", &redis, &ca, &mx).set("delivery.source_address", "127.0.0.2"))
+            .await;
+    let mut b =
+        started(relay("relay-b", &redis, &ca, &mx).set("delivery.source_address", "127.0.0.3"))
+            .await;
+
+    assert_delivered(&send(a.smtp(), &["b@example.test"]).await);
+    assert!(mx.messages()[0].tls.is_some(), "relay a: TLS");
+    a.daemon
+        .wait_for_log("shared cache: wrote mx.example.test[127.0.0.1] (tls-verified)")
+        .await;
+
+    assert_delivered(&send(b.smtp(), &["b@example.test"]).await);
+    assert!(mx.messages()[1].tls.is_none(), "relay b: stripped");
+    let peers: Vec<_> = mx.connection_logs().iter().map(|c| c.peer).collect();
+    assert_eq!(
+        peers,
+        [
+            Some(IpAddr::from(loopback(2))),
+            Some(IpAddr::from(loopback(3)))
+        ],
+        "each relay from its own address"
+    );
+    b.daemon
+        .wait_for_log("downgrade: this host did TLS before")
+        .await;
+    let warning = b.daemon.wait_for_log("split-source downgrade").await;
+    assert_eq!(warning["level"], "WARN", "{warning}");
+    let text = warning["message"].as_str().unwrap_or_default();
+    for side in [
+        "relay relay-a (from 127.0.0.2) did TLS",
+        "relay relay-b (from 127.0.0.3) now gets no-starttls",
+    ] {
+        assert!(text.contains(side), "{text} lacks {side:?}");
+    }
+    b.daemon
+        .wait_for_log("shared cache: wrote mx.example.test[127.0.0.1] (no-starttls)")
+        .await;
+
+    // Relay a still does TLS; its success does not erase what relay b's address gets.
+    assert_delivered(&send(a.smtp(), &["b@example.test"]).await);
+    assert!(mx.messages()[2].tls.is_some(), "relay a: TLS again");
+    let warning = a.daemon.wait_for_log("split-source downgrade").await;
+    let text = warning["message"].as_str().unwrap_or_default();
+    assert!(
+        text.contains("relay relay-b (from 127.0.0.3) gets no-starttls"),
+        "{text}"
+    );
+    let (_, shown, _) = ctl(
+        &a.daemon.admin_socket,
+        &["cache", "show", "mx.example.test"],
+    )
+    .await;
+    let fleet = shown
+        .split("in the fleet's shared cache:")
+        .nth(1)
+        .unwrap_or_default();
+    assert!(
+        fleet.contains("no-starttls") && fleet.contains("relay-b from 127.0.0.3"),
+        "{shown}"
+    );
+    let stats = b.daemon.ctl(&["stats"]).await;
+    assert_eq!(stats["result"]["split_source_downgrades"], 1, "{stats}");
+}
+
+#[tokio::test]
+async fn with_redis_stopped_mail_keeps_flowing_and_the_shared_view_comes_back_after_a_restart() {
+    let mut redis = RedisServer::start().await;
+    let ca = TestCa::new();
+    let mx = tls_mx(&ca).await;
+    let mut a = started(relay("relay-a", &redis, &ca, &mx)).await;
+    let mut b = started(relay("relay-b", &redis, &ca, &mx)).await;
+    assert_delivered(&send(a.smtp(), &["b@example.test"]).await);
+    a.daemon.wait_for_log("shared cache: wrote").await;
+
+    redis.stop();
+    for relay in [&a, &b, &a, &b] {
+        assert_delivered(&send(relay.smtp(), &["b@example.test"]).await);
+    }
+    assert_eq!(mx.messages().len(), 5);
+    assert!(
+        mx.messages().iter().all(|m| m.tls.is_some()),
+        "TLS throughout"
+    );
+    let down = "going on with the local cache until it is back";
+    a.daemon.wait_for_log(down).await;
+    b.daemon.wait_for_log(down).await;
+    let stats = b.daemon.ctl(&["stats"]).await;
+    assert_eq!(stats["result"]["redis_connected"], 0, "{stats}");
+    assert!(
+        stats["result"]["redis_errors"].as_u64() > Some(0),
+        "{stats}"
+    );
+
+    redis.restart().await;
+    for relay in [&mut a, &mut b] {
+        relay.daemon.wait_for_log("is back; writing").await;
+        // Listening again may come before or after; once at start, once now.
+        if relay.daemon.log_text().matches(LISTENING).count() < 2 {
+            relay.daemon.wait_for_log(LISTENING).await;
+        }
+        let log = relay.daemon.log_text();
+        assert_eq!(
+            log.matches(down).count(),
+            1,
+            "one warning per outage:\n{log}"
+        );
+    }
+    // What was learned meanwhile is written again, and pins travel again.
+    a.daemon
+        .wait_for_log("shared cache: wrote mx.example.test")
+        .await;
+    let (code, shown, err) = ctl(
+        &b.daemon.admin_socket,
+        &["cache", "show", "mx.example.test"],
+    )
+    .await;
+    assert_eq!(code, 0, "{err}");
+    assert!(shown.contains("in the fleet's shared cache"), "{shown}");
+    a.daemon
+        .ctl(&[
+            "cache",
+            "pin",
+            "mx.example.test[127.0.0.1]",
+            "no-starttls",
+            "--ttl",
+            "1h",
+        ])
+        .await;
+    b.daemon.wait_for_log("relay relay-a pinned").await;
+    let stats = b.daemon.ctl(&["stats"]).await;
+    assert_eq!(stats["result"]["redis_connected"], 1, "{stats}");
+}
+
+#[tokio::test]
+async fn rediss_with_the_configured_ca_encrypts_the_shared_cache() {
+    let ca = TestCa::new();
+    let files = tempfile::tempdir().expect("temp dir");
+    let cert = ca.leaf(&["127.0.0.1"], Validity::Current);
+    let (cert_file, key_file) = (
+        files.path().join("redis.pem"),
+        files.path().join("redis.key"),
+    );
+    std::fs::write(&cert_file, &cert.cert_pem).expect("write cert");
+    std::fs::write(&key_file, &cert.key_pem).expect("write key");
+    let redis = RedisServer::start_with(RedisOptions {
+        tls: Some((cert_file, key_file)),
+        ..RedisOptions::default()
+    })
+    .await;
+    assert!(redis.url().starts_with("rediss://"));
+    let mx = tls_mx(&ca).await;
+    let mut a = started(relay("relay-a", &redis, &ca, &mx)).await;
+    let b = started(relay("relay-b", &redis, &ca, &mx)).await;
+
+    assert_delivered(&send(a.smtp(), &["b@example.test"]).await);
+    a.daemon.wait_for_log("shared cache: wrote").await;
+    let (code, shown, err) = ctl(
+        &b.daemon.admin_socket,
+        &["cache", "show", "mx.example.test"],
+    )
+    .await;
+    assert_eq!(code, 0, "{err}");
+    assert!(shown.contains("local: relay-a"), "read over TLS: {shown}");
+    let stats = a.daemon.ctl(&["stats"]).await;
+    assert_eq!(stats["result"]["redis_errors"], 0, "{stats}");
+
+    // A relay that does not trust the CA never talks to it.
+    let other_ca = files.path().join("other-ca.pem");
+    std::fs::write(&other_ca, TestCa::new().ca_pem()).expect("write ca");
+    let config = files.path().join("untrusting.yaml");
+    std::fs::write(
+        &config,
+        format!(
+            "admin: {{ socket: null }}\ntls: {{ ca_file: \"{}\", system_roots: false }}\n\
+             cache: {{ backend: redis, redis: {{ url: \"{}\" }} }}\n",
+            other_ca.display(),
+            redis.url()
+        ),
+    )
+    .expect("write config");
+    let (code, _, err) = tlsrouter(vec!["check-config".into(), config.display().to_string()]).await;
+    assert_eq!(code, 0, "unreachable is a warning: {err}");
+    assert!(err.contains("cannot be reached"), "{err}");
+}
+
+#[tokio::test]
+async fn bad_urls_and_wrong_passwords_are_refused_at_check_config_and_run() {
+    let redis = RedisServer::start_with(RedisOptions {
+        password: Some("right horse battery".into()),
+        ..RedisOptions::default()
+    })
+    .await;
+    let dir = tempfile::tempdir().expect("temp dir");
+    let write = |name: &str, redis: &str| {
+        let path = dir.path().join(name);
+        let text = format!(
+            "admin: {{ socket: null }}\nlisten: 127.0.0.1:0\ncache:\n  backend: redis\n  redis: {redis}\n"
+        );
+        std::fs::write(&path, text).expect("write config");
+        path.display().to_string()
+    };
+    let password = |name: &str, text: &str| {
+        let path = dir.path().join(name);
+        std::fs::write(&path, text).expect("write password");
+        path.display().to_string()
+    };
+    let right = password("right.pass", "right horse battery\n");
+    let wrong = password("wrong.pass", "wrong\n");
+    let url = redis.url();
+    let cases = [
+        (
+            write("scheme.yaml", r#"{ url: "http://127.0.0.1:6379" }"#),
+            "not a Redis URL",
+        ),
+        (
+            write(
+                "inline.yaml",
+                r#"{ url: "redis://:hunter2@127.0.0.1:6379" }"#,
+            ),
+            "credentials do not belong in the URL",
+        ),
+        (
+            write("missing.yaml", "{ key_prefix: fleet }"),
+            "cache.redis.url",
+        ),
+        (
+            write(
+                "wrong.yaml",
+                &format!(r#"{{ url: "{url}", password_file: "{wrong}" }}"#),
+            ),
+            "refused the credentials",
+        ),
+        (
+            write("none.yaml", &format!(r#"{{ url: "{url}" }}"#)),
+            "refused the credentials",
+        ),
+    ];
+    for (file, says) in &cases {
+        let (code, out, err) = tlsrouter(vec!["check-config".into(), file.clone()]).await;
+        assert_eq!(code, 64, "check-config {file}: {out}{err}");
+        assert!(err.contains(says), "check-config {file}: {err}");
+        assert!(!err.contains("hunter2"), "a password was printed: {err}");
+        let run = tlsrouter(vec!["run".into(), "--config".into(), file.clone()]);
+        let (code, _, err) = tokio::time::timeout(Duration::from_secs(60), run)
+            .await
+            .unwrap_or_else(|_| panic!("run {file} did not refuse to start"));
+        assert_eq!(code, 64, "run {file}: {err}");
+        assert!(err.contains(says), "run {file}: {err}");
+        assert!(!err.contains("hunter2"), "a password was printed: {err}");
+    }
+    let good = write(
+        "good.yaml",
+        &format!(r#"{{ url: "{url}", password_file: "{right}" }}"#),
+    );
+    let (code, out, err) = tlsrouter(vec!["check-config".into(), good]).await;
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("answers"), "{out}");
+    assert!(!out.contains("right horse") && !err.contains("right horse"));
+}
+
+#[tokio::test]
+async fn an_mta_sts_policy_fetched_by_one_relay_serves_the_other_without_a_fetch() {
+    let redis = RedisServer::start().await;
+    let ca = TestCa::new();
+    let policy = "version: STSv1\r\nmode: enforce\r\nmx: mx.example.test\r\nmax_age: 86400\r\n";
+    let policy_server = HttpsServer::start(
+        ca.leaf(&[POLICY_HOST], Validity::Current),
+        Answer::policy(policy),
+    )
+    .await;
+    let mx = tls_mx(&ca).await;
+    let with_policy = |name: &str| {
+        relay(name, &redis, &ca, &mx)
+            .zone(one_mx_zone().record("_mta-sts.example.test", txt("v=STSv1; id=20261201;")))
+            .set(
+                "mta_sts.connect_to",
+                serde_json::json!({ POLICY_HOST: policy_server.addr().to_string() }),
+            )
+    };
+    let mut a = started(with_policy("relay-a")).await;
+    let mut b = started(with_policy("relay-b")).await;
+
+    assert_delivered(&send(a.smtp(), &["b@example.test"]).await);
+    assert_eq!(policy_server.requests(), 1, "relay a fetched the policy");
+    a.daemon
+        .wait_for_log("shared cache: wrote sts example.test")
+        .await;
+
+    assert_delivered(&send(b.smtp(), &["b@example.test"]).await);
+    b.daemon
+        .wait_for_log("MTA-STS policy taken from the fleet's shared cache")
+        .await;
+    let line = b.daemon.wait_for_log("transaction").await;
+    assert_eq!(line["policy"], "mta-sts:enforce", "{line}");
+    assert_eq!(policy_server.requests(), 1, "relay b fetched nothing");
+    assert!(mx.messages().iter().all(|m| m.tls.is_some()));
+}
