@@ -38,6 +38,8 @@ fn relay(name: &str, redis: &RedisServer, ca: &TestCa, mx: &SmtpServer) -> LabBu
         .set("cache.redis.relay_name", name)
         .set("cache.redis.timeout", "2s")
         .set("log.level", "info,tlsrouter::cache::shared=debug")
+        // What each relay learns from a new connection is the point, not a pooled one.
+        .set("delivery.pool.enabled", false)
 }
 
 /// Starts the relay and waits until it listens to the fleet.
