@@ -47,6 +47,9 @@ const MX_SMALL: u8 = 8;
 /// An address of the far side where nothing listens.
 const MX_DOWN: u8 = 9;
 const MX_DSN: u8 = 10;
+const MX_DROP: u8 = 11;
+/// Addresses made on the far side: every one above.
+const HOSTS: u8 = MX_DROP;
 
 /// Postfix, tlsrouter beside it in the namespace, and the DNS server; dropped in this
 /// order, so Postfix stops first and the namespace goes last.
@@ -197,6 +200,7 @@ fn zone(netns: &NetNs) -> TestZone {
         ("loose.test", MX_STRICT),
         ("down.test", MX_DOWN),
         ("dsn.test", MX_DSN),
+        ("drop.test", MX_DROP),
     ] {
         let mx = format!("mx.{domain}");
         zone = zone.mx(domain, 10, &mx).a(&mx, netns.host(host));
@@ -233,7 +237,7 @@ async fn wait_for_messages(server: &SmtpServer, n: usize, lab: &TransparentLab) 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn mail_from_an_unmodified_postfix_goes_over_tls_where_offered_and_in_plain_elsewhere() {
     let ca = TestCa::new();
-    let netns = NetNs::create(MX_DOWN);
+    let netns = NetNs::create(HOSTS);
     let tls_cert = ca.leaf(&["mx.tls.test"], Validity::Current);
     let tls_server = server(&netns, MX_TLS, ServerBehaviour::tls(tls_cert)).await;
     let plain_server = server(&netns, MX_PLAIN, ServerBehaviour::plain()).await;
@@ -286,7 +290,7 @@ async fn mail_from_an_unmodified_postfix_goes_over_tls_where_offered_and_in_plai
 async fn tls_required_and_not_offered_keeps_the_message_deferred_in_postfix_with_tlsrouters_reason()
 {
     let ca = TestCa::new();
-    let netns = NetNs::create(MX_DOWN);
+    let netns = NetNs::create(HOSTS);
     let no_tls = server(&netns, MX_STRICT, ServerBehaviour::plain()).await;
     let rules = "rules:\n  - name: strict-partner\n    match: { domains: [strict.test] }\n    tls: require\n  - name: default\n";
     let lab = TransparentLab::start(netns, &ca, Some(rules)).await;
@@ -310,7 +314,7 @@ async fn tls_required_and_not_offered_keeps_the_message_deferred_in_postfix_with
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_5xx_through_the_transparent_listener_bounces_the_message_to_its_sender() {
     let ca = TestCa::new();
-    let netns = NetNs::create(MX_DOWN);
+    let netns = NetNs::create(HOSTS);
     let rejecting = server(
         &netns,
         MX_REJECT,
@@ -335,9 +339,52 @@ async fn a_5xx_through_the_transparent_listener_bounces_the_message_to_its_sende
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connection_dropped_mid_data_is_retried_by_postfix_and_delivered_exactly_once() {
+    let ca = TestCa::new();
+    let netns = NetNs::create(HOSTS);
+    // The first connection breaks off in the body; later ones behave.
+    let script = ServerBehaviour::plain()
+        .on(Step::Body, Action::Drop)
+        .on_connections_from(1, Step::Body, Action::Normal);
+    let dropping = server(&netns, MX_DROP, script).await;
+    let lab = TransparentLab::start(netns, &ca, None).await;
+
+    let to = "erin@drop.test";
+    lab.postfix
+        .sendmail(SENDER, &[to], &message(to, "again"))
+        .await;
+
+    let deferred = lab.postfix.deferred_message().await;
+    let reason = deferred["recipients"][0]["delay_reason"]
+        .as_str()
+        .unwrap_or_default();
+    assert!(
+        reason.contains("451 4.4.2"),
+        "tlsrouter's answer for a remote lost mid-transaction: {deferred}"
+    );
+    assert!(dropping.messages().is_empty(), "nothing was accepted yet");
+
+    let queue_id = deferred["queue_id"].as_str().expect("queue_id");
+    lab.postfix.retry_now(queue_id).await;
+    let accepted = wait_for_messages(&dropping, 1, &lab).await;
+    lab.postfix.wait_for_empty_queue().await;
+
+    // Out of Postfix's queue, so no further attempt can come.
+    assert_eq!(dropping.messages().len(), 1, "delivered exactly once");
+    assert!(
+        !dropping.connection_logs()[0].final_dot,
+        "the first attempt was cut off"
+    );
+    assert!(
+        String::from_utf8_lossy(&accepted[0].data).contains("Subject: again"),
+        "{accepted:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_redirected_connection_to_tlsrouters_own_listener_is_refused_as_a_loop() {
     let ca = TestCa::new();
-    let netns = NetNs::create(MX_DOWN);
+    let netns = NetNs::create(HOSTS);
     let mut lab = TransparentLab::start(netns, &ca, None).await;
 
     let to = "erin@loop.test";
@@ -364,7 +411,7 @@ async fn a_redirected_connection_to_tlsrouters_own_listener_is_refused_as_a_loop
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_remotes_554_greeting_reaches_postfix_as_the_remote_gave_it() {
     let ca = TestCa::new();
-    let netns = NetNs::create(MX_DOWN);
+    let netns = NetNs::create(HOSTS);
     let refusing = server(
         &netns,
         MX_GREETING,
@@ -392,7 +439,7 @@ async fn a_remotes_554_greeting_reaches_postfix_as_the_remote_gave_it() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn postfix_sees_the_remotes_size_limit_and_bounces_a_larger_message_itself() {
     let ca = TestCa::new();
-    let netns = NetNs::create(MX_DOWN);
+    let netns = NetNs::create(HOSTS);
     let small = server(
         &netns,
         MX_SMALL,
@@ -418,7 +465,7 @@ async fn postfix_sees_the_remotes_size_limit_and_bounces_a_larger_message_itself
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_postfix_that_insists_on_tls_keeps_delivering_through_the_transparent_listener() {
     let ca = TestCa::new();
-    let netns = NetNs::create(MX_DOWN);
+    let netns = NetNs::create(HOSTS);
     // The remote itself has no TLS: the hop from Postfix to tlsrouter is encrypted as
     // Postfix demands, the hop beyond goes as tlsrouter's rules say.
     let plain_server = server(&netns, MX_PLAIN, ServerBehaviour::plain()).await;
@@ -450,7 +497,7 @@ async fn a_postfix_that_insists_on_tls_keeps_delivering_through_the_transparent_
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_address_that_is_no_mx_of_the_domain_is_encrypted_but_never_verified() {
     let ca = TestCa::new();
-    let netns = NetNs::create(MX_DOWN);
+    let netns = NetNs::create(HOSTS);
     let cert = ca.leaf(&["mx.tls.test"], Validity::Current);
     let tls_server = server(&netns, MX_TLS, ServerBehaviour::tls(cert)).await;
     // Postfix routes both domains to the TLS server's address, which neither publishes.
@@ -518,7 +565,7 @@ async fn an_address_that_is_no_mx_of_the_domain_is_encrypted_but_never_verified(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_ipv6_connection_of_postfix_is_delivered_to_its_original_destination_over_tls() {
     let ca = TestCa::new();
-    let netns = NetNs::create(MX_DOWN);
+    let netns = NetNs::create(HOSTS);
     let cert = ca.leaf(&["mx.six.test"], Validity::Current);
     let six = SmtpServer::start(
         IpAddr::V6(netns.host6(MX_TLS)),
@@ -551,7 +598,7 @@ async fn an_ipv6_connection_of_postfix_is_delivered_to_its_original_destination_
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_original_destination_that_cannot_be_reached_is_a_temporary_failure_for_postfix() {
     let ca = TestCa::new();
-    let netns = NetNs::create(MX_DOWN);
+    let netns = NetNs::create(HOSTS);
     let lab = TransparentLab::start(netns, &ca, None).await;
 
     let to = "leo@down.test";
@@ -575,7 +622,7 @@ async fn an_original_destination_that_cannot_be_reached_is_a_temporary_failure_f
 async fn dsn_requests_reach_a_remote_that_offers_dsn_and_postfix_reports_relayed_to_one_that_does_not()
  {
     let ca = TestCa::new();
-    let netns = NetNs::create(MX_DSN);
+    let netns = NetNs::create(HOSTS);
     let with_dsn = server(&netns, MX_DSN, ServerBehaviour::plain().ehlo_keyword("DSN")).await;
     let without = server(&netns, MX_PLAIN, ServerBehaviour::plain()).await;
     let senders_mx = server(&netns, MX_SENDER, ServerBehaviour::plain()).await;
@@ -629,7 +676,7 @@ async fn dsn_requests_reach_a_remote_that_offers_dsn_and_postfix_reports_relayed
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_stale_unreachable_entry_does_not_defer_a_message_whose_remote_was_just_reached() {
     let ca = TestCa::new();
-    let netns = NetNs::create(MX_DOWN);
+    let netns = NetNs::create(HOSTS);
     let cert = ca.leaf(&["mx.tls.test"], Validity::Current);
     let tls_server = server(&netns, MX_TLS, ServerBehaviour::tls(cert)).await;
     // Learned while the server was down, and not yet expired.
@@ -673,7 +720,7 @@ async fn a_stale_unreachable_entry_does_not_defer_a_message_whose_remote_was_jus
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ctl_sessions_shows_where_a_redirected_connection_was_going_from_accept_on() {
     let ca = TestCa::new();
-    let netns = NetNs::create(MX_DOWN);
+    let netns = NetNs::create(HOSTS);
     // The remote keeps tlsrouter waiting for its greeting, so the session stays at accept.
     let slow = server(
         &netns,
