@@ -27,6 +27,11 @@ const NFT_RULES: &str = concat!(
     env!("CARGO_MANIFEST_DIR"),
     "/examples/transparent/tlsrouter.nft"
 );
+/// The same redirect for iptables; the test loads this very script.
+const IPTABLES_RULES: &str = concat!(
+    env!("CARGO_MANIFEST_DIR"),
+    "/examples/transparent/tlsrouter.iptables"
+);
 /// The port and mark the rules name, which tlsrouter's configuration must match.
 const TRANSPARENT_LISTEN: &str = "127.0.0.1:10026";
 const SOCKET_MARK: u32 = 0x2a;
@@ -91,11 +96,18 @@ impl TransparentLab {
         let dns =
             DnsServer::start_at(zone(&netns), SocketAddr::new(netns.host(DNS).into(), 53)).await;
         netns.use_nameserver(netns.host(DNS));
-        netns.run(
-            "nft",
-            &["-f", NFT_RULES],
-            "load examples/transparent/tlsrouter.nft (is nftables installed?)",
-        );
+        match extras.iptables {
+            false => netns.run(
+                "nft",
+                &["-f", NFT_RULES],
+                "load examples/transparent/tlsrouter.nft (is nftables installed?)",
+            ),
+            true => netns.run(
+                "sh",
+                &[IPTABLES_RULES, "add"],
+                "load examples/transparent/tlsrouter.iptables (is iptables installed?)",
+            ),
+        }
 
         let dir = tempfile::tempdir().expect("temporary directory");
         let ca_file = ca.write_ca_file(dir.path());
@@ -173,6 +185,8 @@ struct Extras {
     inbound_tls: Option<crate::support::pki::CertKey>,
     /// tlsrouter starts with this cache file.
     cache: Option<serde_json::Value>,
+    /// The redirect from examples/transparent/tlsrouter.iptables instead of the nftables one.
+    iptables: bool,
 }
 
 /// A receiving server on port 25 of address `host` of the far side.
@@ -284,6 +298,31 @@ async fn mail_from_an_unmodified_postfix_goes_over_tls_where_offered_and_in_plai
     );
     assert_eq!(lines[1]["mx"], "mx.tls.test", "{}", lines[1]);
     assert_eq!(lines[1]["verify"], "verified", "{}", lines[1]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_iptables_redirect_of_the_examples_brings_postfixs_mail_through_tlsrouter_too() {
+    let ca = TestCa::new();
+    let netns = NetNs::create(HOSTS);
+    let tls_cert = ca.leaf(&["mx.tls.test"], Validity::Current);
+    let tls_server = server(&netns, MX_TLS, ServerBehaviour::tls(tls_cert)).await;
+    let extras = Extras {
+        iptables: true,
+        ..Extras::default()
+    };
+    let lab = TransparentLab::start_with(netns, &ca, None, extras).await;
+
+    let to = "bob@tls.test";
+    lab.postfix
+        .sendmail(SENDER, &[to], &message(to, "through iptables"))
+        .await;
+
+    let over_tls = wait_for_messages(&tls_server, 1, &lab).await;
+    lab.postfix.wait_for_empty_queue().await;
+    // tlsrouter delivered it (its EHLO name), over TLS, not Postfix past the redirect.
+    assert_eq!(over_tls[0].helo, "relay.test");
+    let tls = over_tls[0].tls.as_ref().expect("delivered over TLS");
+    assert_eq!(tls.version, "TLSv1.3");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
