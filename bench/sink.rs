@@ -108,10 +108,12 @@ async fn session<S: AsyncRead + AsyncWrite + Unpin>(
     }
 }
 
-/// Reads up to CRLF.CRLF, keeping only the tail: the client waits for the reply after the
-/// dot, so the end is the last thing read.
+/// Reads up to CRLF.CRLF, keeping only the last bytes of what came before. Only what
+/// belongs to the body is consumed: a client may pipeline its next command (QUIT, RSET)
+/// right behind the dot.
 async fn discard_body<S: AsyncRead + Unpin>(io: &mut BufReader<S>) -> Option<()> {
-    let mut tail: Vec<u8> = Vec::with_capacity(8);
+    // The CRLF that ended the DATA command: a body may be the dot alone.
+    let mut tail: Vec<u8> = b"\r\n".to_vec();
     loop {
         let buf = io.fill_buf().await.ok()?;
         if buf.is_empty() {
@@ -119,12 +121,13 @@ async fn discard_body<S: AsyncRead + Unpin>(io: &mut BufReader<S>) -> Option<()>
         }
         let n = buf.len();
         let mut joined = std::mem::take(&mut tail);
-        joined.extend_from_slice(&buf[n.saturating_sub(5)..]);
-        let done = joined.ends_with(b"\r\n.\r\n");
-        io.consume(n);
-        if done {
+        let kept = joined.len();
+        joined.extend_from_slice(buf);
+        if let Some(at) = memchr::memmem::find(&joined, b"\r\n.\r\n") {
+            io.consume(at + 5 - kept);
             return Some(());
         }
+        io.consume(n);
         tail = joined[joined.len().saturating_sub(4)..].to_vec();
     }
 }
