@@ -75,23 +75,7 @@ impl Connection {
         peer: SocketAddr,
         timeout: Duration,
     ) -> Result<Connection, ExchangeError> {
-        let tcp = match tokio::time::timeout(timeout, TcpStream::connect(peer)).await {
-            Ok(result) => result?,
-            Err(_) => {
-                return Err(ExchangeError::Timeout(
-                    timeout.as_secs(),
-                    "the TCP connection",
-                ));
-            }
-        };
-        let _ = tcp.set_nodelay(true);
-        Ok(Connection {
-            io: BufReader::with_capacity(16 * 1024, Transport::Plain(tcp)),
-            peer,
-            host: host.to_string(),
-            line: Vec::with_capacity(512),
-            closed_by_remote: false,
-        })
+        Connection::connect_with(host, peer, timeout, None, None).await
     }
 
     /// As [`Connection::connect`], from a socket marked with `mark` (`SO_MARK`, so that a
@@ -104,11 +88,16 @@ impl Connection {
         mark: Option<u32>,
         source: Option<std::net::IpAddr>,
     ) -> Result<Connection, ExchangeError> {
-        if mark.is_none() && source.is_none() {
-            return Connection::connect(host, peer, timeout).await;
-        }
-        let socket = crate::outbound::socket_mark::socket_for(peer, mark, source)?;
-        let tcp = match tokio::time::timeout(timeout, socket.connect(peer)).await {
+        let connecting = async {
+            match (mark, source) {
+                (None, None) => TcpStream::connect(peer).await,
+                _ => {
+                    let socket = crate::outbound::socket_mark::socket_for(peer, mark, source)?;
+                    socket.connect(peer).await
+                }
+            }
+        };
+        let tcp = match tokio::time::timeout(timeout, connecting).await {
             Ok(result) => result?,
             Err(_) => {
                 return Err(ExchangeError::Timeout(
