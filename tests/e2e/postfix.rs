@@ -113,6 +113,12 @@ fn output(command: &mut Command, what: &str) -> Output {
     })
 }
 
+/// A deferred message as `postqueue -j` shows it, and why its first recipient waits.
+pub(crate) struct Deferral {
+    pub(crate) message: Value,
+    pub(crate) reason: String,
+}
+
 impl Postfix {
     /// Configures and starts an instance relaying to tlsrouter at `relay`. With `encrypt`,
     /// the hop to tlsrouter must be TLS, as the snippet says to set when tlsrouter has
@@ -274,18 +280,50 @@ impl Postfix {
             .collect()
     }
 
-    /// Waits until the queue holds a deferred message, and returns it.
-    pub(crate) async fn deferred_message(&self) -> Value {
+    /// Waits until the queue holds a deferred message, and returns it with the reason
+    /// Postfix gives for its first recipient.
+    pub(crate) async fn deferral(&self) -> Deferral {
         let deadline = Instant::now() + WAIT;
         loop {
             let queue = self.queue().await;
-            if let Some(m) = queue.iter().find(|m| m["queue_name"] == "deferred") {
-                return m.clone();
+            if let Some(message) = queue.iter().find(|m| m["queue_name"] == "deferred") {
+                let message = message.clone();
+                let reason = message["recipients"][0]["delay_reason"]
+                    .as_str()
+                    .unwrap_or_default()
+                    .to_string();
+                return Deferral { message, reason };
             }
             assert!(
                 Instant::now() < deadline,
                 "no deferred message within {WAIT:?}; queue: {queue:?}\n{}",
                 self.maillog()
+            );
+            tokio::time::sleep(POLL).await;
+        }
+    }
+
+    /// Waits until `server` has `n` completed messages; on failure, says what Postfix
+    /// holds and logged, and `context` (another log, say).
+    pub(crate) async fn wait_for_messages(
+        &self,
+        server: &SmtpServer,
+        n: usize,
+        context: impl Fn() -> String,
+    ) -> Vec<Received> {
+        let deadline = Instant::now() + WAIT;
+        loop {
+            let messages = server.messages();
+            if messages.len() >= n {
+                return messages;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{} message(s) arrived within {WAIT:?}, expected {n}; queue: {:?}\n{}\n{}",
+                messages.len(),
+                self.queue().await,
+                self.maillog(),
+                context()
             );
             tokio::time::sleep(POLL).await;
         }
@@ -414,25 +452,6 @@ fn message(to: &str, subject: &str) -> String {
     )
 }
 
-/// Waits until `server` has `n` completed messages.
-async fn wait_for_messages(server: &SmtpServer, n: usize, postfix: &Postfix) -> Vec<Received> {
-    let deadline = Instant::now() + WAIT;
-    loop {
-        let messages = server.messages();
-        if messages.len() >= n {
-            return messages;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "{} message(s) arrived within {WAIT:?}, expected {n}; queue: {:?}\n{}",
-            messages.len(),
-            postfix.queue().await,
-            postfix.maillog()
-        );
-        tokio::time::sleep(POLL).await;
-    }
-}
-
 /// Two servers on one port (tlsrouter has one remote port), at 127.0.0.1 and 127.0.0.2.
 async fn two_servers(
     first: impl Fn() -> ServerBehaviour,
@@ -481,7 +500,7 @@ async fn mail_from_postfix_to_a_server_with_a_valid_certificate_arrives_over_tls
         .sendmail(SENDER, &[to], &message(to, "over TLS"))
         .await;
 
-    let got = wait_for_messages(&server, 1, &lab.postfix).await;
+    let got = lab.postfix.wait_for_messages(&server, 1, String::new).await;
     lab.postfix.wait_for_empty_queue().await;
     assert_whole(&got[0], "over TLS");
     assert_eq!(got[0].rcpt_to, vec![to]);
@@ -504,7 +523,7 @@ async fn mail_from_postfix_to_a_server_without_starttls_arrives_in_plain() {
         .sendmail(SENDER, &[to], &message(to, "in plain"))
         .await;
 
-    let got = wait_for_messages(&server, 1, &lab.postfix).await;
+    let got = lab.postfix.wait_for_messages(&server, 1, String::new).await;
     lab.postfix.wait_for_empty_queue().await;
     assert_whole(&got[0], "in plain");
     assert_eq!(got[0].tls, None, "no STARTTLS offered: plain");
@@ -524,7 +543,7 @@ async fn mail_from_postfix_to_a_server_with_an_expired_certificate_arrives_encry
         .sendmail(SENDER, &[to], &message(to, "expired"))
         .await;
 
-    let got = wait_for_messages(&server, 1, &lab.postfix).await;
+    let got = lab.postfix.wait_for_messages(&server, 1, String::new).await;
     lab.postfix.wait_for_empty_queue().await;
     assert_whole(&got[0], "expired");
     assert!(
@@ -547,10 +566,11 @@ async fn a_4xx_at_rcpt_keeps_the_message_deferred_in_postfix_with_the_reason() {
         .sendmail(SENDER, &[to], &message(to, "later"))
         .await;
 
-    let deferred = lab.postfix.deferred_message().await;
-    let recipient = &deferred["recipients"][0];
-    assert_eq!(recipient["address"], to, "{deferred}");
-    let reason = recipient["delay_reason"].as_str().unwrap_or_default();
+    let Deferral {
+        message: deferred,
+        reason,
+    } = lab.postfix.deferral().await;
+    assert_eq!(deferred["recipients"][0]["address"], to, "{deferred}");
     assert!(
         reason.contains("450 4.2.1 mailbox busy, try later"),
         "the remote's own reply, passed on by tlsrouter: {deferred}"
@@ -574,7 +594,10 @@ async fn a_5xx_at_rcpt_bounces_the_message_to_its_sender_with_the_remote_reply()
         .await;
 
     // The bounce goes back through tlsrouter to the sender's domain.
-    let bounces = wait_for_messages(&senders_mx, 1, &lab.postfix).await;
+    let bounces = lab
+        .postfix
+        .wait_for_messages(&senders_mx, 1, String::new)
+        .await;
     lab.postfix.wait_for_empty_queue().await;
     let bounce = &bounces[0];
     assert_eq!(bounce.mail_from, "", "a bounce has the null sender");
@@ -605,10 +628,10 @@ async fn a_connection_dropped_mid_data_is_retried_by_postfix_and_delivered_exact
         .sendmail(SENDER, &[to], &message(to, "again"))
         .await;
 
-    let deferred = lab.postfix.deferred_message().await;
-    let reason = deferred["recipients"][0]["delay_reason"]
-        .as_str()
-        .unwrap_or_default();
+    let Deferral {
+        message: deferred,
+        reason,
+    } = lab.postfix.deferral().await;
     assert!(
         reason.contains("451 4.4.2"),
         "tlsrouter's answer for a remote lost mid-transaction: {deferred}"
@@ -647,8 +670,8 @@ async fn a_message_to_two_domains_on_different_mx_hosts_reaches_both_without_wai
 
     // With the documented recipient limit of 1, neither recipient waits for a queue run
     // after tlsrouter's 452 4.5.3.
-    let at_first = wait_for_messages(&first, 1, &lab.postfix).await;
-    let at_second = wait_for_messages(&second, 1, &lab.postfix).await;
+    let at_first = lab.postfix.wait_for_messages(&first, 1, String::new).await;
+    let at_second = lab.postfix.wait_for_messages(&second, 1, String::new).await;
     lab.postfix.wait_for_empty_queue().await;
     assert_eq!(at_first[0].rcpt_to, vec![a]);
     assert_eq!(at_second[0].rcpt_to, vec![b]);
@@ -667,7 +690,7 @@ async fn a_postfix_that_requires_tls_on_its_hop_to_tlsrouter_relays_encrypted() 
         .sendmail(SENDER, &[to], &message(to, "encrypted hop"))
         .await;
 
-    let got = wait_for_messages(&server, 1, &lab.postfix).await;
+    let got = lab.postfix.wait_for_messages(&server, 1, String::new).await;
     lab.postfix.wait_for_empty_queue().await;
     assert_whole(&got[0], "encrypted hop");
     let log = lab.postfix.maillog();

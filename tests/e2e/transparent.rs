@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::json;
 
-use crate::postfix::{INSTANCE_MASTER_CF, Postfix, instance_directories_cf};
+use crate::postfix::{Deferral, INSTANCE_MASTER_CF, Postfix, instance_directories_cf};
 use crate::support::daemon::Daemon;
 use crate::support::dns::{DnsServer, TestZone};
 use crate::support::netns::NetNs;
@@ -230,22 +230,9 @@ fn message(to: &str, subject: &str) -> String {
 }
 
 async fn wait_for_messages(server: &SmtpServer, n: usize, lab: &TransparentLab) -> Vec<Received> {
-    let deadline = Instant::now() + WAIT;
-    loop {
-        let messages = server.messages();
-        if messages.len() >= n {
-            return messages;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "{} message(s) arrived within {WAIT:?}, expected {n}; queue: {:?}\n{}\n{}",
-            messages.len(),
-            lab.postfix.queue().await,
-            lab.postfix.maillog(),
-            lab.tlsrouter.log_text()
-        );
-        tokio::time::sleep(POLL).await;
-    }
+    lab.postfix
+        .wait_for_messages(server, n, || lab.tlsrouter.log_text())
+        .await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -339,10 +326,10 @@ async fn tls_required_and_not_offered_keeps_the_message_deferred_in_postfix_with
         .sendmail(SENDER, &[to], &message(to, "later"))
         .await;
 
-    let deferred = lab.postfix.deferred_message().await;
-    let reason = deferred["recipients"][0]["delay_reason"]
-        .as_str()
-        .unwrap_or_default();
+    let Deferral {
+        message: deferred,
+        reason,
+    } = lab.postfix.deferral().await;
     assert!(
         reason.contains("451 4.7.5") && reason.contains("strict-partner"),
         "tlsrouter's reason, in Postfix's queue: {deferred}"
@@ -393,10 +380,10 @@ async fn a_connection_dropped_mid_data_is_retried_by_postfix_and_delivered_exact
         .sendmail(SENDER, &[to], &message(to, "again"))
         .await;
 
-    let deferred = lab.postfix.deferred_message().await;
-    let reason = deferred["recipients"][0]["delay_reason"]
-        .as_str()
-        .unwrap_or_default();
+    let Deferral {
+        message: deferred,
+        reason,
+    } = lab.postfix.deferral().await;
     assert!(
         reason.contains("451 4.4.2"),
         "tlsrouter's answer for a remote lost mid-transaction: {deferred}"
@@ -431,10 +418,10 @@ async fn a_redirected_connection_to_tlsrouters_own_listener_is_refused_as_a_loop
         .sendmail(SENDER, &[to], &message(to, "loop"))
         .await;
 
-    let deferred = lab.postfix.deferred_message().await;
-    let reason = deferred["recipients"][0]["delay_reason"]
-        .as_str()
-        .unwrap_or_default();
+    let Deferral {
+        message: deferred,
+        reason,
+    } = lab.postfix.deferral().await;
     assert!(
         reason.contains("451 4.4.6") && reason.contains("loop"),
         "{deferred}"
@@ -464,10 +451,10 @@ async fn a_remotes_554_greeting_reaches_postfix_as_the_remote_gave_it() {
         .sendmail(SENDER, &[to], &message(to, "refused"))
         .await;
 
-    let deferred = lab.postfix.deferred_message().await;
-    let reason = deferred["recipients"][0]["delay_reason"]
-        .as_str()
-        .unwrap_or_default();
+    let Deferral {
+        message: deferred,
+        reason,
+    } = lab.postfix.deferral().await;
     assert!(
         reason.contains("refused to talk to me: 554 5.7.1 no mail from this host"),
         "the remote's own greeting, as Postfix saw it: {deferred}"
@@ -552,10 +539,10 @@ async fn an_address_that_is_no_mx_of_the_domain_is_encrypted_but_never_verified(
     lab.postfix
         .sendmail(SENDER, &[strict], &message(strict, "verified only"))
         .await;
-    let deferred = lab.postfix.deferred_message().await;
-    let reason = deferred["recipients"][0]["delay_reason"]
-        .as_str()
-        .unwrap_or_default();
+    let Deferral {
+        message: deferred,
+        reason,
+    } = lab.postfix.deferral().await;
     let addr = lab.netns.host(MX_TLS).to_string();
     assert!(
         reason.contains("451 4.7.5")
@@ -646,10 +633,10 @@ async fn an_original_destination_that_cannot_be_reached_is_a_temporary_failure_f
         .await;
 
     // Postfix connected (to tlsrouter) and was told at once why the remote is not there.
-    let deferred = lab.postfix.deferred_message().await;
-    let reason = deferred["recipients"][0]["delay_reason"]
-        .as_str()
-        .unwrap_or_default();
+    let Deferral {
+        message: deferred,
+        reason,
+    } = lab.postfix.deferral().await;
     let down = format!("{}:25", lab.netns.host(MX_DOWN));
     assert!(
         reason.contains("421 4.4.1") && reason.contains(&down),
