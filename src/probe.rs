@@ -191,6 +191,7 @@ pub async fn probe(
             let host = MxHost {
                 name: mx.clone(),
                 preference: 0,
+                dnssec: mx_dnssec.unwrap_or(Dnssec::Insecure),
             };
             (vec![host], None, mx_dnssec)
         }

@@ -96,6 +96,8 @@ pub enum NextHop {
     OriginalDestination {
         addr: SocketAddr,
         mx: Option<String>,
+        /// Whether the MX answer that gave `mx` was DNSSEC-secure.
+        mx_dnssec: Dnssec,
     },
 }
 
@@ -324,6 +326,7 @@ impl Outbound {
             return Ok(NextHop::Mx(vec![MxHost {
                 name: domain.to_string(),
                 preference: 0,
+                dnssec: Dnssec::Insecure,
             }]));
         }
         self.resolver.mail_exchangers(domain).await.map(NextHop::Mx)
@@ -352,24 +355,31 @@ impl Outbound {
                 None
             }
         };
+        let (mx, mx_dnssec) = mx.map_or((None, Dnssec::Insecure), |host| {
+            (Some(host.name), host.dnssec)
+        });
         if mx.is_none() {
             tracing::warn!(
                 domain,
                 "the original destination {addr} is no MX host of {domain}: its certificate cannot be verified for an MX name (tls-unverified at best)"
             );
         }
-        NextHop::OriginalDestination { addr, mx }
+        NextHop::OriginalDestination {
+            addr,
+            mx,
+            mx_dnssec,
+        }
     }
 
     /// The first of `hosts` (best first) that has the address `ip`.
-    async fn mx_with_address(&self, hosts: &[MxHost], ip: std::net::IpAddr) -> Option<String> {
+    async fn mx_with_address(&self, hosts: &[MxHost], ip: std::net::IpAddr) -> Option<MxHost> {
         for host in hosts {
             if self
                 .addresses(&host.name)
                 .await
                 .is_ok_and(|a| a.contains(&ip))
             {
-                return Some(host.name.clone());
+                return Some(host.clone());
             }
         }
         None
@@ -481,12 +491,22 @@ impl Outbound {
             true => policy.policy().map(AsRef::as_ref),
             false => None,
         };
-        let servers: Vec<(String, u16)> = match hop {
-            NextHop::Mx(hosts) => hosts.iter().map(|h| (h.name.clone(), self.port)).collect(),
-            NextHop::Smarthost(server) => vec![(server.host.clone(), server.port)],
-            NextHop::OriginalDestination { addr, mx } => {
+        // Each server with whether the MX answer that named it was DNSSEC-secure: the one
+        // MX lookup says so, and DANE asks for no other.
+        let servers: Vec<(String, u16, bool)> = match hop {
+            NextHop::Mx(hosts) => hosts
+                .iter()
+                .map(|h| (h.name.clone(), self.port, h.dnssec == Dnssec::Secure))
+                .collect(),
+            NextHop::Smarthost(server) => vec![(server.host.clone(), server.port, false)],
+            NextHop::OriginalDestination {
+                addr,
+                mx,
+                mx_dnssec,
+            } => {
+                let secure = mx.is_some() && *mx_dnssec == Dnssec::Secure;
                 let name = mx.clone().unwrap_or_else(|| addr.ip().to_string());
-                vec![(name, addr.port())]
+                vec![(name, addr.port(), secure)]
             }
         };
         let mut failures = Vec::new();
@@ -494,13 +514,7 @@ impl Outbound {
         // The last refusal for a missing extension, and how many servers gave one.
         let (mut unsupported, mut unsupported_count) = (None, 0);
         let mut tls_rule = plan.base_rule().name.clone();
-        let mx_secure = match hop {
-            NextHop::Mx(_) | NextHop::OriginalDestination { mx: Some(_), .. } => {
-                self.mx_secure(domain).await
-            }
-            NextHop::Smarthost(_) | NextHop::OriginalDestination { mx: None, .. } => false,
-        };
-        for (host, port) in servers {
+        for (host, port, mx_secure) in servers {
             let addrs = match hop {
                 // Only the address the MTA chose; DANE applies when it is a secure answer
                 // for the MX name it was matched to.
@@ -754,8 +768,8 @@ impl Outbound {
         }
     }
 
-    /// Whether the domain's MX answer was DNSSEC-secure, when DANE is in force. Asked
-    /// again here so that what routing uses stays as it is without DANE.
+    /// Whether the domain's MX answer is DNSSEC-secure, when DANE is in force: for
+    /// `explain` and `probe`, which have no next hop (delivery has it from the MX answer).
     async fn mx_secure(&self, domain: &str) -> bool {
         if domain.starts_with('[') || !self.resolver.check_dnssec().await {
             return false;

@@ -98,6 +98,9 @@ pub struct MxHost {
     /// Lower case, without the trailing dot.
     pub name: String,
     pub preference: u16,
+    /// Whether the MX answer that named this host was DNSSEC-secure (for an implicit MX,
+    /// its address answer), so that DANE needs no second MX lookup.
+    pub dnssec: Dnssec,
 }
 
 /// One server as every part of tlsrouter names it: the name it is known by (for TLS, the
@@ -295,7 +298,8 @@ impl MxResolver {
         }
     }
 
-    /// The domain's mail exchangers, best first, equal preferences in random order.
+    /// The domain's mail exchangers, best first, equal preferences in random order; each
+    /// says whether the answer was DNSSEC-secure.
     pub async fn mail_exchangers(&self, domain: &str) -> Result<Vec<MxHost>, RouteError> {
         self.mail_exchangers_checked(domain)
             .await
@@ -343,6 +347,7 @@ impl MxResolver {
                         .trim_end_matches('.')
                         .to_ascii_lowercase(),
                     preference: mx.preference,
+                    dnssec,
                 }),
                 _ => None,
             })
@@ -364,6 +369,7 @@ impl MxResolver {
                 vec![MxHost {
                     name: domain.to_ascii_lowercase(),
                     preference: 0,
+                    dnssec,
                 }],
                 dnssec,
             )),
