@@ -505,6 +505,7 @@ const PROBE_TERMS: TlsTerms = TlsTerms {
     verify: VerifyMode::Try,
     min_tls: MinTls::Tls12,
     implicit: false,
+    authentication: crate::router::decision::Authentication::Pkix,
 };
 
 async fn probe_server(outbound: &Outbound, server: &ServerId, port: u16, no_tls: bool) -> Probed {

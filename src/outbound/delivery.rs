@@ -25,11 +25,11 @@ use crate::policy::mta_sts::{Mode, PolicyLookup, StsPolicy};
 use crate::policy::tlsrpt::{PolicyFacts, SessionResult, SessionSite, TlsReports};
 use crate::router::Plan;
 use crate::router::decision::{
-    DaneState, HostDecision, Known, Published, StsMode, TlsTerms, decide, is_fact_about_server,
-    overridden,
+    Authentication, DaneState, HostDecision, Known, Published, StsMode, TlsTerms, decide,
+    is_fact_about_server, overridden,
 };
 use crate::rules::model::{AuthSpec, HostPort};
-use crate::rules::{Fallback, MinTls, Route, Rule};
+use crate::rules::{Fallback, MinTls, Route, Rule, VerifyMode};
 use crate::smtp::data::BareLineEndings;
 use crate::smtp::{Capabilities, Mailbox, MissingExtension, RcptParams, Reply};
 use crate::stats::Stats;
@@ -269,18 +269,19 @@ impl Attempt<'_> {
     }
 }
 
-/// Whether verification is required of an original destination that no MX host names, so
+/// Whether the decision's first try (`decide` with nothing known) requires a certificate
+/// verified for the server's name of an original destination that no MX host names, so
 /// that it cannot succeed.
-fn no_mx_name(hop: &NextHop, rule: &Rule, published: Published) -> bool {
-    let required = rule.policy.verify == crate::rules::policy::VerifyMode::Require
-        || matches!(
-            published,
-            Published::MtaSts {
-                mode: StsMode::Enforce,
-                ..
-            }
-        );
-    required && matches!(hop, NextHop::OriginalDestination { mx: None, .. })
+fn no_mx_name(hop: &NextHop, first_try: &HostDecision) -> bool {
+    let name_verified = matches!(
+        first_try,
+        HostDecision::Tls(TlsTerms {
+            verify: VerifyMode::Require,
+            authentication: Authentication::Pkix | Authentication::UnusableTlsa,
+            ..
+        })
+    );
+    name_verified && matches!(hop, NextHop::OriginalDestination { mx: None, .. })
 }
 
 /// Whether the connection made at accept is to `addr`.
@@ -645,7 +646,8 @@ impl Outbound {
                     Err(Failure::TlsNotAchieved(why)) => {
                         tracing::warn!(server = %server, rule = %rule.name, "TLS required but not achieved: {why}");
                         let failure = format!("{server} {why}");
-                        tls_failures.push(match no_mx_name(hop, rule, published) {
+                        let first_try = decide(rule, Known::Nothing, published);
+                        tls_failures.push(match no_mx_name(hop, &first_try) {
                             // The cause, first: the MTA's queue shows it before any cut.
                             true => format!("{ip} is no MX host of {domain}: the certificate cannot be verified for an MX name ({failure})"),
                             false => failure,
@@ -1543,5 +1545,44 @@ fn unreachable(error: &ExchangeError) -> Failure {
             Failure::Unreachable(OutcomeClass::ConnectFailed, format!("connect failed: {e}"))
         }
         other => Failure::Unreachable(OutcomeClass::ConnectFailed, other.to_string()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn rule(yaml: &str) -> Rule {
+        let rules = crate::rules::RuleSet::parse(yaml, std::path::Path::new("r.yaml"))
+            .expect("rules");
+        rules.rules()[0].clone()
+    }
+
+    #[test]
+    fn an_unnamed_original_destination_is_the_cause_only_where_the_decision_verifies_its_name() {
+        let unnamed = NextHop::OriginalDestination {
+            addr: "192.0.2.25:25".parse().expect("address"),
+            mx: None,
+            mx_dnssec: Dnssec::Insecure,
+        };
+        let named = NextHop::OriginalDestination {
+            addr: "192.0.2.25:25".parse().expect("address"),
+            mx: Some("mx.example".into()),
+            mx_dnssec: Dnssec::Insecure,
+        };
+        let enforce = Published::MtaSts {
+            mode: StsMode::Enforce,
+            mx_listed: true,
+        };
+        let strict = rule("rules:\n  - name: r\n    tls: require\n    verify: require\n");
+        let lenient = rule("rules:\n  - name: r\n");
+        let first_try = |rule: &Rule, published| decide(rule, Known::Nothing, published);
+        assert!(no_mx_name(&unnamed, &first_try(&strict, Published::Nothing)));
+        assert!(no_mx_name(&unnamed, &first_try(&lenient, enforce)));
+        assert!(!no_mx_name(&unnamed, &first_try(&lenient, Published::Nothing)));
+        assert!(!no_mx_name(&named, &first_try(&strict, Published::Nothing)));
+        // DANE judges by the TLSA records, not the name.
+        let dane = Published::Dane(DaneState::Usable);
+        assert!(!no_mx_name(&unnamed, &first_try(&lenient, dane)));
     }
 }

@@ -412,6 +412,22 @@ mod daemon {
 
         assert_deferred(&rcpts[0], "4.7.5", "no usable TLSA record");
         assert!(d.server.messages().is_empty(), "never sent in plain");
+
+        let answer = d
+            .lab
+            .ctl_json(&["rules", "explain", "--rcpt", RCPT, "--mx", MX])
+            .await;
+        let text = answer["explanation"].as_str().expect("explanation");
+        assert!(
+            text.contains("first try:   TLS (STARTTLS required, TLS 1.2+, unauthenticated: no TLSA record is usable (DANE))"),
+            "{text}"
+        );
+        let (code, out, err) = d.lab.ctl(&["probe", "dane.test"]).await;
+        assert_eq!(code, 0, "{err}");
+        assert!(
+            out.contains("delivery: not to this server: DANE (no usable TLSA record): no STARTTLS"),
+            "{out}"
+        );
     }
 
     #[tokio::test]
@@ -581,6 +597,11 @@ mod daemon {
             ),
             "{text}"
         );
+        assert!(
+            text.contains("first try:   TLS (STARTTLS required, TLS 1.2+, the certificate must match a usable TLSA record (DANE))"),
+            "{text}"
+        );
+        assert!(!text.contains("the certificate must verify"), "{text}");
         assert!(d.server.messages().is_empty(), "explain sends nothing");
     }
 
@@ -609,7 +630,7 @@ mod daemon {
             "TLSA:     usable",
             "1 1 1: unusable, certificate usage 1 is not DANE-TA(2) or DANE-EE(3)",
             "matched the server certificate",
-            "delivery: TLS",
+            "delivery: TLS (STARTTLS required, TLS 1.2+, the certificate must match a usable TLSA record (DANE))",
         ] {
             assert!(out.contains(line), "{line:?} missing in\n{out}");
         }
