@@ -240,6 +240,7 @@ mod daemon {
     use crate::support::pki::{CertKey, TestCa, Validity, self_signed};
     use crate::support::smtp_client::Reply;
     use crate::support::smtp_server::{ServerBehaviour, SmtpServer, StartTls};
+    use hickory_server::proto::rr::RecordType;
 
     const LOCALHOST: IpAddr = IpAddr::V4(Ipv4Addr::LOCALHOST);
     const RCPT: &str = "b@dane.test";
@@ -328,6 +329,9 @@ mod daemon {
         let line = &logs.transactions()[0];
         assert!(line.contains("policy=\"dane\""), "{line}");
         assert!(line.contains("verify=verified"), "{line}");
+        // Routing and DANE share the one MX answer: the MX records are asked for once.
+        let mx_questions = d.dns.questions("dane.test", RecordType::MX);
+        assert_eq!(mx_questions, 1, "MX questions for one message");
     }
 
     #[tokio::test]
@@ -685,5 +689,40 @@ mod daemon {
             l.contains("WARN") && l.contains("nothing is sent to this host until it can be had")
         });
         assert!(warned, "{}", logs.text());
+    }
+
+    #[tokio::test]
+    async fn a_servfail_on_the_tlsa_lookup_alone_defers_and_nothing_goes_in_plain() {
+        let (logs, _guard) = Logs::capture();
+        let cert = self_signed(&[MX]);
+        let data = association(&der(&cert), 1, 1);
+        // A server without STARTTLS, which the default rule would reach in plain.
+        let d = start(
+            ServerBehaviour::default(),
+            |port| {
+                SignedTree::new(secure_zone(port, &[((3, 1, 1), data)]))
+                    .servfail(&format!("_{port}._tcp.{MX}"))
+            },
+            None,
+        )
+        .await;
+
+        let (_, rcpts, _) = send(d.lab.smtp, &[RCPT], BODY).await;
+
+        assert_deferred(
+            &rcpts[0],
+            "4.7.5",
+            "DANE: dnssec-bogus: the TLSA answer is bogus or could not be had",
+        );
+        assert_eq!(d.server.connections(), 0, "not even connected to");
+        assert!(d.server.messages().is_empty(), "never sent in plain");
+        let warned = logs.text().lines().any(|l| {
+            l.contains("WARN")
+                && l.contains("DANE: TLSA lookup of _")
+                && l.contains("nothing is sent to this host until it can be had")
+        });
+        assert!(warned, "{}", logs.text());
+        // A fact about DNS, not the server: nothing cached that would outlive the failure.
+        assert!(d.lab.proxy.outbound.cache.get(MX, LOCALHOST).is_none());
     }
 }
