@@ -188,6 +188,9 @@ pub struct MxResolver {
     /// Set once by [`MxResolver::check_dnssec`]: whether DANE is in force.
     dane: tokio::sync::OnceCell<bool>,
     timeout: Duration,
+    /// The zone whose DNSKEY set the start-up check asks: the trust anchor's (the root
+    /// unless `resolver.trust_anchor_file` names another zone).
+    anchor_zone: String,
 }
 
 impl MxResolver {
@@ -198,6 +201,7 @@ impl MxResolver {
             validating: None,
             dane: tokio::sync::OnceCell::new_with(Some(false)),
             timeout,
+            anchor_zone: ".".into(),
         })
     }
 
@@ -207,9 +211,17 @@ impl MxResolver {
         let mut resolver = Self::new(&config.nameservers, timeout)?;
         if config.dane == Dane::On {
             let anchors = match &config.trust_anchor_file {
-                Some(path) => TrustAnchors::from_file(path).map_err(|e| {
-                    anyhow::anyhow!("resolver.trust_anchor_file {}: {e}", path.display())
-                })?,
+                Some(path) => {
+                    let text = std::fs::read_to_string(path).map_err(|e| {
+                        anyhow::anyhow!("resolver.trust_anchor_file {}: {e}", path.display())
+                    })?;
+                    resolver.anchor_zone = anchor_zone(&text).map_err(|e| {
+                        anyhow::anyhow!("resolver.trust_anchor_file {}: {e}", path.display())
+                    })?;
+                    text.parse::<TrustAnchors>().map_err(|e| {
+                        anyhow::anyhow!("resolver.trust_anchor_file {}: {e}", path.display())
+                    })?
+                }
                 None => TrustAnchors::default(),
             };
             resolver.validating = Some(Self::build(
@@ -258,7 +270,8 @@ impl MxResolver {
                 let Some(validating) = &self.validating else {
                     return false;
                 };
-                let lookup = self.bounded(validating.lookup(".", RecordType::DNSKEY)).await;
+                let zone = self.anchor_zone.as_str();
+                let lookup = self.bounded(validating.lookup(zone, RecordType::DNSKEY)).await;
                 let secure = match &lookup {
                     Ok(found) => {
                         let keys: Vec<&Record> = found
@@ -274,8 +287,8 @@ impl MxResolver {
                     tracing::info!("DANE on: the name servers serve DNSSEC and the trust anchor's keys validate");
                 } else {
                     let why = match lookup {
-                        Ok(_) => "the root DNSKEY set did not validate against the trust anchor".to_string(),
-                        Err(e) => format!("the root DNSKEY lookup failed: {e}"),
+                        Ok(_) => format!("the DNSKEY set of {zone} did not validate against the trust anchor"),
+                        Err(e) => format!("the DNSKEY lookup of {zone} failed: {e}"),
                     };
                     tracing::warn!("DANE off: the name servers cannot serve DNSSEC ({why}); MX, address and TLSA answers are not validated");
                 }
@@ -525,6 +538,23 @@ impl MxResolver {
             Err(_) => Err(NetError::Timeout),
         }
     }
+}
+
+/// The zone a trust anchor file's DNSKEY records are for: hickory trusts a key at the name
+/// it is given for, so a lab may anchor below the root. With keys for several zones, the
+/// closest to the root (the first of them given, among equals).
+fn anchor_zone(text: &str) -> Result<String, String> {
+    use hickory_resolver::proto::serialize::txt::trust_anchor::{Entry, Parser};
+    let entries = Parser::new(text).parse().map_err(|e| e.to_string())?;
+    entries
+        .iter()
+        .filter_map(|entry| match entry {
+            Entry::DNSKEY(record) => Some(record.name().clone()),
+            _ => None,
+        })
+        .min_by_key(|name| name.num_labels())
+        .map(|name| name.to_ascii())
+        .ok_or_else(|| "no DNSKEY record".to_string())
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]

@@ -725,4 +725,47 @@ mod daemon {
         // A fact about DNS, not the server: nothing cached that would outlive the failure.
         assert!(d.lab.proxy.outbound.cache.get(MX, LOCALHOST).is_none());
     }
+
+    #[tokio::test]
+    async fn a_trust_anchor_for_a_zone_below_the_root_puts_that_zone_under_dane() {
+        let (logs, _guard) = Logs::capture();
+        let host = "mx.anchored.test";
+        let cert = self_signed(&[host]);
+        let data = association(&der(&cert), 1, 1);
+        let server = SmtpServer::start(LOCALHOST, 0, tls(cert))
+            .await
+            .expect("smtp server");
+        let port = server.addr().port();
+        // Signed with a key of its own that the root's DS does not name: only an anchor at
+        // anchored.test itself makes it secure.
+        let dns = SignedDns::start(
+            SignedTree::new(Zone::new()).bogus_zone(
+                "anchored.test",
+                Zone::new()
+                    .mx("anchored.test", 10, host)
+                    .a(host, Ipv4Addr::LOCALHOST)
+                    .tlsa(host, port, (3, 1, 1), &data),
+            ),
+        )
+        .await;
+        let lab = Lab::new()
+            .ca(&TestCa::new())
+            .mx_port(port)
+            .set("resolver.nameservers", vec![dns.addr.to_string()])
+            .set_path(
+                "resolver.trust_anchor_file",
+                &dns.zone_anchor_file("anchored.test"),
+            )
+            .start()
+            .await;
+
+        let (_, rcpts, reply) = send(lab.smtp, &["b@anchored.test"], BODY).await;
+
+        assert_eq!(rcpts[0].code, 250, "{rcpts:?}");
+        assert_eq!(reply.code, 250, "{reply:?}");
+        assert!(server.messages()[0].tls.is_some());
+        assert!(logs.text().contains("DANE on"), "{}", logs.text());
+        let line = &logs.transactions()[0];
+        assert!(line.contains("policy=\"dane\""), "{line}");
+    }
 }
