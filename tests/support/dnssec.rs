@@ -360,7 +360,7 @@ async fn servfail_response<R: ResponseHandler>(request: &Request, mut handle: R)
     metadata.response_code = ResponseCode::ServFail;
     metadata.recursion_available = true;
     let response = MessageResponseBuilder::new(&request.queries, None).build(
-        metadata.clone(),
+        metadata,
         [].iter(),
         [],
         [].iter(),
