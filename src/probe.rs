@@ -234,7 +234,9 @@ pub async fn probe(
 
 fn tlsa_report(answer: &TlsaAnswer) -> TlsaReport {
     let (state, records) = match answer {
-        TlsaAnswer::Records { usable, unusable } => {
+        TlsaAnswer::Records {
+            usable, unusable, ..
+        } => {
             let state = if usable.is_empty() {
                 "none usable"
             } else {

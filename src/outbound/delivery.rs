@@ -246,6 +246,8 @@ struct Attempt<'a> {
     first_recipient: Option<(&'a Mailbox, &'a RcptParams)>,
     /// The server's usable TLSA records, when DANE applies.
     tlsa: &'a [TlsaRecord],
+    /// All its TLSA records in presentation form, for TLS-RPT.
+    tlsa_records: &'a [String],
 }
 
 impl Attempt<'_> {
@@ -535,10 +537,14 @@ impl Outbound {
                     continue;
                 }
             };
-            let (dane, tlsa) = if mx_secure && addr_dnssec == Dnssec::Secure {
+            let Dane {
+                published: dane,
+                usable: tlsa,
+                presentation: tlsa_records,
+            } = if mx_secure && addr_dnssec == Dnssec::Secure {
                 self.dane(&host, port).await
             } else {
-                (None, Vec::new())
+                Dane::default()
             };
             for ip in addrs {
                 let server = ServerId::new(&host, ip);
@@ -569,6 +575,16 @@ impl Outbound {
                     failures.push(format!("{server}: {why}"));
                     continue;
                 }
+                if published == Published::Dane(DaneState::Bogus) {
+                    // Refused before any connection: counted here, as RFC 8460's
+                    // dnssec-invalid, under the TLSA policy that could not be had.
+                    (self.tls_reports).record(
+                        domain,
+                        &PolicyFacts::tlsa(&tlsa_records, &server.name),
+                        &SessionResult::dnssec_invalid(),
+                        &site(&server),
+                    );
+                }
                 if let (
                     Some(policy),
                     Published::MtaSts {
@@ -596,6 +612,7 @@ impl Outbound {
                     greeted,
                     first_recipient: first,
                     tlsa: &tlsa,
+                    tlsa_records: &tlsa_records,
                 };
                 // The connection made at accept comes first; else a pooled one that fits.
                 let has_greeted = greeted.lock().is_ok_and(|slot| slot.is_some());
@@ -783,11 +800,13 @@ impl Outbound {
     }
 
     /// What DANE says of a host whose MX and address answers were secure: its published
-    /// policy (none when it has no secure TLSA records) and its usable records.
-    async fn dane(&self, host: &str, port: u16) -> (Option<Published>, Vec<TlsaRecord>) {
+    /// policy (none when it has no secure TLSA records), its usable records, and all.
+    async fn dane(&self, host: &str, port: u16) -> Dane {
         let answer = self.resolver.tlsa(host, port).await;
         match &answer {
-            TlsaAnswer::Records { usable, unusable } if usable.is_empty() => {
+            TlsaAnswer::Records {
+                usable, unusable, ..
+            } if usable.is_empty() => {
                 let why: Vec<String> = unusable.iter().map(|(r, e)| format!("{r}: {e}")).collect();
                 tracing::info!(
                     host,
@@ -804,11 +823,19 @@ impl Outbound {
             _ => {}
         }
         let published = dane_published(&answer);
-        let usable = match answer {
-            TlsaAnswer::Records { usable, .. } => usable,
-            _ => Vec::new(),
+        let (usable, presentation) = match answer {
+            TlsaAnswer::Records {
+                usable,
+                presentation,
+                ..
+            } => (usable, presentation),
+            _ => (Vec::new(), Vec::new()),
         };
-        (published, usable)
+        Dane {
+            published,
+            usable,
+            presentation,
+        }
     }
 
     /// What DANE says of `host` as an MX of `domain` now, for `explain` and `probe`:
@@ -818,7 +845,7 @@ impl Outbound {
             return None;
         }
         match self.addresses_checked(host).await {
-            Ok((_, Dnssec::Secure)) => self.dane(host, self.port).await.0,
+            Ok((_, Dnssec::Secure)) => self.dane(host, self.port).await.published,
             _ => None,
         }
     }
@@ -1204,10 +1231,16 @@ impl Outbound {
         }
     }
 
-    /// Counts the attempt for the domain's TLS-RPT report, when it has an MTA-STS policy.
+    /// Counts the attempt for the domain's TLS-RPT report under the policy that was
+    /// applied: DANE's TLSA records where DANE applies (before MTA-STS), else the MTA-STS
+    /// policy; nothing for a domain with neither.
     fn report(&self, attempt: &Attempt<'_>, outcome: &TlsOutcome) {
-        let Some(policy) = attempt.policy else {
-            return;
+        let facts = match (attempt.published, attempt.policy) {
+            (Published::Dane(_), _) => {
+                PolicyFacts::tlsa(attempt.tlsa_records, &attempt.server.name)
+            }
+            (_, Some(policy)) => PolicyFacts::sts(policy),
+            (_, None) => return,
         };
         // An unverified session is judged by why its certificate failed.
         let class = match outcome {
@@ -1217,9 +1250,17 @@ impl Outbound {
             }) => Some(problem.class()),
             other => other.class(),
         };
-        if let Some(result) = class.and_then(SessionResult::from_class) {
+        let result = match attempt.published {
+            // TLS was had, but none of the host's TLSA records could be used (RFC 8460
+            // 4.3.2.1): the policy itself is in error.
+            Published::Dane(DaneState::Unusable) if outcome.is_encrypted() => {
+                Some(SessionResult::tlsa_invalid())
+            }
+            _ => class.and_then(SessionResult::from_class),
+        };
+        if let Some(result) = result {
             let site = site(attempt.server);
-            (self.tls_reports).record(attempt.domain, &PolicyFacts::sts(policy), &result, &site);
+            (self.tls_reports).record(attempt.domain, &facts, &result, &site);
         }
     }
 
@@ -1516,6 +1557,16 @@ pub fn published(policy: Option<&StsPolicy>, server: &str) -> Published {
     }
 }
 
+/// What DANE says of one MX host.
+#[derive(Default)]
+struct Dane {
+    /// `None`: DANE does not apply.
+    published: Option<Published>,
+    usable: Vec<TlsaRecord>,
+    /// Every TLSA record in presentation form.
+    presentation: Vec<String>,
+}
+
 /// What a secure MX host's TLSA answer publishes (RFC 7672 2.2); `None`: no DANE.
 pub fn dane_published(answer: &TlsaAnswer) -> Option<Published> {
     match answer {
@@ -1553,8 +1604,8 @@ mod tests {
     use super::*;
 
     fn rule(yaml: &str) -> Rule {
-        let rules = crate::rules::RuleSet::parse(yaml, std::path::Path::new("r.yaml"))
-            .expect("rules");
+        let rules =
+            crate::rules::RuleSet::parse(yaml, std::path::Path::new("r.yaml")).expect("rules");
         rules.rules()[0].clone()
     }
 
@@ -1577,9 +1628,15 @@ mod tests {
         let strict = rule("rules:\n  - name: r\n    tls: require\n    verify: require\n");
         let lenient = rule("rules:\n  - name: r\n");
         let first_try = |rule: &Rule, published| decide(rule, Known::Nothing, published);
-        assert!(no_mx_name(&unnamed, &first_try(&strict, Published::Nothing)));
+        assert!(no_mx_name(
+            &unnamed,
+            &first_try(&strict, Published::Nothing)
+        ));
         assert!(no_mx_name(&unnamed, &first_try(&lenient, enforce)));
-        assert!(!no_mx_name(&unnamed, &first_try(&lenient, Published::Nothing)));
+        assert!(!no_mx_name(
+            &unnamed,
+            &first_try(&lenient, Published::Nothing)
+        ));
         assert!(!no_mx_name(&named, &first_try(&strict, Published::Nothing)));
         // DANE judges by the TLSA records, not the name.
         let dane = Published::Dane(DaneState::Usable);

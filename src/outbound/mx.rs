@@ -83,6 +83,8 @@ pub enum TlsaAnswer {
     Records {
         usable: Vec<TlsaRecord>,
         unusable: Vec<(String, Unusable)>,
+        /// Every record in presentation form (`3 1 1 <hex>`), as TLS-RPT reports them.
+        presentation: Vec<String>,
     },
     /// No TLSA records (securely denied, or in an insecure zone): no DANE for this host.
     None,
@@ -472,11 +474,12 @@ impl MxResolver {
         if Dnssec::of(&records) != Dnssec::Secure {
             return TlsaAnswer::Insecure;
         }
-        let (mut usable, mut unusable) = (Vec::new(), Vec::new());
+        let (mut usable, mut unusable, mut presentation) = (Vec::new(), Vec::new(), Vec::new());
         for record in records {
             let RData::TLSA(tlsa) = &record.data else {
                 continue;
             };
+            presentation.push(tlsa.to_string());
             let (usage, selector, matching) = (
                 u8::from(tlsa.cert_usage),
                 u8::from(tlsa.selector),
@@ -487,7 +490,11 @@ impl MxResolver {
                 Err(why) => unusable.push((format!("{usage} {selector} {matching}"), why)),
             }
         }
-        TlsaAnswer::Records { usable, unusable }
+        TlsaAnswer::Records {
+            usable,
+            unusable,
+            presentation,
+        }
     }
 
     /// The TXT records at `name`, each record's strings joined (RFC 7208 3.3 style, as
