@@ -724,6 +724,13 @@ mod daemon {
         assert!(warned, "{}", logs.text());
         // A fact about DNS, not the server: nothing cached that would outlive the failure.
         assert!(d.lab.proxy.outbound.cache.get(MX, LOCALHOST).is_none());
+        // The transaction's one line says why the recipient was refused.
+        let line = &logs.transactions()[0];
+        assert!(
+            line.contains("refused=b@dane.test (451 4.7.5") && line.contains("DANE: dnssec-bogus"),
+            "{line}"
+        );
+        assert!(line.contains("route=\"none\""), "{line}");
     }
 
     #[tokio::test]
