@@ -191,6 +191,7 @@ pub async fn probe(
             let host = MxHost {
                 name: mx.clone(),
                 preference: 0,
+                dnssec: mx_dnssec.unwrap_or(Dnssec::Insecure),
             };
             (vec![host], None, mx_dnssec)
         }
@@ -233,7 +234,9 @@ pub async fn probe(
 
 fn tlsa_report(answer: &TlsaAnswer) -> TlsaReport {
     let (state, records) = match answer {
-        TlsaAnswer::Records { usable, unusable } => {
+        TlsaAnswer::Records {
+            usable, unusable, ..
+        } => {
             let state = if usable.is_empty() {
                 "none usable"
             } else {
@@ -504,6 +507,7 @@ const PROBE_TERMS: TlsTerms = TlsTerms {
     verify: VerifyMode::Try,
     min_tls: MinTls::Tls12,
     implicit: false,
+    authentication: crate::router::decision::Authentication::Pkix,
 };
 
 async fn probe_server(outbound: &Outbound, server: &ServerId, port: u16, no_tls: bool) -> Probed {

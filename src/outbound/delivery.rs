@@ -25,11 +25,11 @@ use crate::policy::mta_sts::{Mode, PolicyLookup, StsPolicy};
 use crate::policy::tlsrpt::{PolicyFacts, SessionResult, SessionSite, TlsReports};
 use crate::router::Plan;
 use crate::router::decision::{
-    DaneState, HostDecision, Known, Published, StsMode, TlsTerms, decide, is_fact_about_server,
-    overridden,
+    Authentication, DaneState, HostDecision, Known, Published, StsMode, TlsTerms, decide,
+    is_fact_about_server, overridden,
 };
 use crate::rules::model::{AuthSpec, HostPort};
-use crate::rules::{Fallback, MinTls, Route, Rule};
+use crate::rules::{Fallback, MinTls, Route, Rule, VerifyMode};
 use crate::smtp::data::BareLineEndings;
 use crate::smtp::{Capabilities, Mailbox, MissingExtension, RcptParams, Reply};
 use crate::stats::Stats;
@@ -96,6 +96,8 @@ pub enum NextHop {
     OriginalDestination {
         addr: SocketAddr,
         mx: Option<String>,
+        /// Whether the MX answer that gave `mx` was DNSSEC-secure.
+        mx_dnssec: Dnssec,
     },
 }
 
@@ -244,6 +246,8 @@ struct Attempt<'a> {
     first_recipient: Option<(&'a Mailbox, &'a RcptParams)>,
     /// The server's usable TLSA records, when DANE applies.
     tlsa: &'a [TlsaRecord],
+    /// All its TLSA records in presentation form, for TLS-RPT.
+    tlsa_records: &'a [String],
 }
 
 impl Attempt<'_> {
@@ -267,18 +271,19 @@ impl Attempt<'_> {
     }
 }
 
-/// Whether verification is required of an original destination that no MX host names, so
+/// Whether the decision's first try (`decide` with nothing known) requires a certificate
+/// verified for the server's name of an original destination that no MX host names, so
 /// that it cannot succeed.
-fn no_mx_name(hop: &NextHop, rule: &Rule, published: Published) -> bool {
-    let required = rule.policy.verify == crate::rules::policy::VerifyMode::Require
-        || matches!(
-            published,
-            Published::MtaSts {
-                mode: StsMode::Enforce,
-                ..
-            }
-        );
-    required && matches!(hop, NextHop::OriginalDestination { mx: None, .. })
+fn no_mx_name(hop: &NextHop, first_try: &HostDecision) -> bool {
+    let name_verified = matches!(
+        first_try,
+        HostDecision::Tls(TlsTerms {
+            verify: VerifyMode::Require,
+            authentication: Authentication::Pkix | Authentication::UnusableTlsa,
+            ..
+        })
+    );
+    name_verified && matches!(hop, NextHop::OriginalDestination { mx: None, .. })
 }
 
 /// Whether the connection made at accept is to `addr`.
@@ -324,6 +329,7 @@ impl Outbound {
             return Ok(NextHop::Mx(vec![MxHost {
                 name: domain.to_string(),
                 preference: 0,
+                dnssec: Dnssec::Insecure,
             }]));
         }
         self.resolver.mail_exchangers(domain).await.map(NextHop::Mx)
@@ -352,24 +358,31 @@ impl Outbound {
                 None
             }
         };
+        let (mx, mx_dnssec) = mx.map_or((None, Dnssec::Insecure), |host| {
+            (Some(host.name), host.dnssec)
+        });
         if mx.is_none() {
             tracing::warn!(
                 domain,
                 "the original destination {addr} is no MX host of {domain}: its certificate cannot be verified for an MX name (tls-unverified at best)"
             );
         }
-        NextHop::OriginalDestination { addr, mx }
+        NextHop::OriginalDestination {
+            addr,
+            mx,
+            mx_dnssec,
+        }
     }
 
     /// The first of `hosts` (best first) that has the address `ip`.
-    async fn mx_with_address(&self, hosts: &[MxHost], ip: std::net::IpAddr) -> Option<String> {
+    async fn mx_with_address(&self, hosts: &[MxHost], ip: std::net::IpAddr) -> Option<MxHost> {
         for host in hosts {
             if self
                 .addresses(&host.name)
                 .await
                 .is_ok_and(|a| a.contains(&ip))
             {
-                return Some(host.name.clone());
+                return Some(host.clone());
             }
         }
         None
@@ -481,12 +494,22 @@ impl Outbound {
             true => policy.policy().map(AsRef::as_ref),
             false => None,
         };
-        let servers: Vec<(String, u16)> = match hop {
-            NextHop::Mx(hosts) => hosts.iter().map(|h| (h.name.clone(), self.port)).collect(),
-            NextHop::Smarthost(server) => vec![(server.host.clone(), server.port)],
-            NextHop::OriginalDestination { addr, mx } => {
+        // Each server with whether the MX answer that named it was DNSSEC-secure: the one
+        // MX lookup says so, and DANE asks for no other.
+        let servers: Vec<(String, u16, bool)> = match hop {
+            NextHop::Mx(hosts) => hosts
+                .iter()
+                .map(|h| (h.name.clone(), self.port, h.dnssec == Dnssec::Secure))
+                .collect(),
+            NextHop::Smarthost(server) => vec![(server.host.clone(), server.port, false)],
+            NextHop::OriginalDestination {
+                addr,
+                mx,
+                mx_dnssec,
+            } => {
+                let secure = mx.is_some() && *mx_dnssec == Dnssec::Secure;
                 let name = mx.clone().unwrap_or_else(|| addr.ip().to_string());
-                vec![(name, addr.port())]
+                vec![(name, addr.port(), secure)]
             }
         };
         let mut failures = Vec::new();
@@ -494,13 +517,7 @@ impl Outbound {
         // The last refusal for a missing extension, and how many servers gave one.
         let (mut unsupported, mut unsupported_count) = (None, 0);
         let mut tls_rule = plan.base_rule().name.clone();
-        let mx_secure = match hop {
-            NextHop::Mx(_) | NextHop::OriginalDestination { mx: Some(_), .. } => {
-                self.mx_secure(domain).await
-            }
-            NextHop::Smarthost(_) | NextHop::OriginalDestination { mx: None, .. } => false,
-        };
-        for (host, port) in servers {
+        for (host, port, mx_secure) in servers {
             let addrs = match hop {
                 // Only the address the MTA chose; DANE applies when it is a secure answer
                 // for the MX name it was matched to.
@@ -520,10 +537,14 @@ impl Outbound {
                     continue;
                 }
             };
-            let (dane, tlsa) = if mx_secure && addr_dnssec == Dnssec::Secure {
+            let Dane {
+                published: dane,
+                usable: tlsa,
+                presentation: tlsa_records,
+            } = if mx_secure && addr_dnssec == Dnssec::Secure {
                 self.dane(&host, port).await
             } else {
-                (None, Vec::new())
+                Dane::default()
             };
             for ip in addrs {
                 let server = ServerId::new(&host, ip);
@@ -554,6 +575,16 @@ impl Outbound {
                     failures.push(format!("{server}: {why}"));
                     continue;
                 }
+                if published == Published::Dane(DaneState::Bogus) {
+                    // Refused before any connection: counted here, as RFC 8460's
+                    // dnssec-invalid, under the TLSA policy that could not be had.
+                    (self.tls_reports).record(
+                        domain,
+                        &PolicyFacts::tlsa(&tlsa_records, &server.name),
+                        &SessionResult::dnssec_invalid(),
+                        &site(&server),
+                    );
+                }
                 if let (
                     Some(policy),
                     Published::MtaSts {
@@ -581,6 +612,7 @@ impl Outbound {
                     greeted,
                     first_recipient: first,
                     tlsa: &tlsa,
+                    tlsa_records: &tlsa_records,
                 };
                 // The connection made at accept comes first; else a pooled one that fits.
                 let has_greeted = greeted.lock().is_ok_and(|slot| slot.is_some());
@@ -631,7 +663,8 @@ impl Outbound {
                     Err(Failure::TlsNotAchieved(why)) => {
                         tracing::warn!(server = %server, rule = %rule.name, "TLS required but not achieved: {why}");
                         let failure = format!("{server} {why}");
-                        tls_failures.push(match no_mx_name(hop, rule, published) {
+                        let first_try = decide(rule, Known::Nothing, published);
+                        tls_failures.push(match no_mx_name(hop, &first_try) {
                             // The cause, first: the MTA's queue shows it before any cut.
                             true => format!("{ip} is no MX host of {domain}: the certificate cannot be verified for an MX name ({failure})"),
                             false => failure,
@@ -754,8 +787,8 @@ impl Outbound {
         }
     }
 
-    /// Whether the domain's MX answer was DNSSEC-secure, when DANE is in force. Asked
-    /// again here so that what routing uses stays as it is without DANE.
+    /// Whether the domain's MX answer is DNSSEC-secure, when DANE is in force: for
+    /// `explain` and `probe`, which have no next hop (delivery has it from the MX answer).
     async fn mx_secure(&self, domain: &str) -> bool {
         if domain.starts_with('[') || !self.resolver.check_dnssec().await {
             return false;
@@ -767,11 +800,13 @@ impl Outbound {
     }
 
     /// What DANE says of a host whose MX and address answers were secure: its published
-    /// policy (none when it has no secure TLSA records) and its usable records.
-    async fn dane(&self, host: &str, port: u16) -> (Option<Published>, Vec<TlsaRecord>) {
+    /// policy (none when it has no secure TLSA records), its usable records, and all.
+    async fn dane(&self, host: &str, port: u16) -> Dane {
         let answer = self.resolver.tlsa(host, port).await;
         match &answer {
-            TlsaAnswer::Records { usable, unusable } if usable.is_empty() => {
+            TlsaAnswer::Records {
+                usable, unusable, ..
+            } if usable.is_empty() => {
                 let why: Vec<String> = unusable.iter().map(|(r, e)| format!("{r}: {e}")).collect();
                 tracing::info!(
                     host,
@@ -788,11 +823,19 @@ impl Outbound {
             _ => {}
         }
         let published = dane_published(&answer);
-        let usable = match answer {
-            TlsaAnswer::Records { usable, .. } => usable,
-            _ => Vec::new(),
+        let (usable, presentation) = match answer {
+            TlsaAnswer::Records {
+                usable,
+                presentation,
+                ..
+            } => (usable, presentation),
+            _ => (Vec::new(), Vec::new()),
         };
-        (published, usable)
+        Dane {
+            published,
+            usable,
+            presentation,
+        }
     }
 
     /// What DANE says of `host` as an MX of `domain` now, for `explain` and `probe`:
@@ -802,7 +845,7 @@ impl Outbound {
             return None;
         }
         match self.addresses_checked(host).await {
-            Ok((_, Dnssec::Secure)) => self.dane(host, self.port).await.0,
+            Ok((_, Dnssec::Secure)) => self.dane(host, self.port).await.published,
             _ => None,
         }
     }
@@ -1188,10 +1231,16 @@ impl Outbound {
         }
     }
 
-    /// Counts the attempt for the domain's TLS-RPT report, when it has an MTA-STS policy.
+    /// Counts the attempt for the domain's TLS-RPT report under the policy that was
+    /// applied: DANE's TLSA records where DANE applies (before MTA-STS), else the MTA-STS
+    /// policy; nothing for a domain with neither.
     fn report(&self, attempt: &Attempt<'_>, outcome: &TlsOutcome) {
-        let Some(policy) = attempt.policy else {
-            return;
+        let facts = match (attempt.published, attempt.policy) {
+            (Published::Dane(_), _) => {
+                PolicyFacts::tlsa(attempt.tlsa_records, &attempt.server.name)
+            }
+            (_, Some(policy)) => PolicyFacts::sts(policy),
+            (_, None) => return,
         };
         // An unverified session is judged by why its certificate failed.
         let class = match outcome {
@@ -1201,9 +1250,17 @@ impl Outbound {
             }) => Some(problem.class()),
             other => other.class(),
         };
-        if let Some(result) = class.and_then(SessionResult::from_class) {
+        let result = match attempt.published {
+            // TLS was had, but none of the host's TLSA records could be used (RFC 8460
+            // 4.3.2.1): the policy itself is in error.
+            Published::Dane(DaneState::Unusable) if outcome.is_encrypted() => {
+                Some(SessionResult::tlsa_invalid())
+            }
+            _ => class.and_then(SessionResult::from_class),
+        };
+        if let Some(result) = result {
             let site = site(attempt.server);
-            (self.tls_reports).record(attempt.domain, &PolicyFacts::sts(policy), &result, &site);
+            (self.tls_reports).record(attempt.domain, &facts, &result, &site);
         }
     }
 
@@ -1500,6 +1557,16 @@ pub fn published(policy: Option<&StsPolicy>, server: &str) -> Published {
     }
 }
 
+/// What DANE says of one MX host.
+#[derive(Default)]
+struct Dane {
+    /// `None`: DANE does not apply.
+    published: Option<Published>,
+    usable: Vec<TlsaRecord>,
+    /// Every TLSA record in presentation form.
+    presentation: Vec<String>,
+}
+
 /// What a secure MX host's TLSA answer publishes (RFC 7672 2.2); `None`: no DANE.
 pub fn dane_published(answer: &TlsaAnswer) -> Option<Published> {
     match answer {
@@ -1529,5 +1596,50 @@ fn unreachable(error: &ExchangeError) -> Failure {
             Failure::Unreachable(OutcomeClass::ConnectFailed, format!("connect failed: {e}"))
         }
         other => Failure::Unreachable(OutcomeClass::ConnectFailed, other.to_string()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn rule(yaml: &str) -> Rule {
+        let rules =
+            crate::rules::RuleSet::parse(yaml, std::path::Path::new("r.yaml")).expect("rules");
+        rules.rules()[0].clone()
+    }
+
+    #[test]
+    fn an_unnamed_original_destination_is_the_cause_only_where_the_decision_verifies_its_name() {
+        let unnamed = NextHop::OriginalDestination {
+            addr: "192.0.2.25:25".parse().expect("address"),
+            mx: None,
+            mx_dnssec: Dnssec::Insecure,
+        };
+        let named = NextHop::OriginalDestination {
+            addr: "192.0.2.25:25".parse().expect("address"),
+            mx: Some("mx.example".into()),
+            mx_dnssec: Dnssec::Insecure,
+        };
+        let enforce = Published::MtaSts {
+            mode: StsMode::Enforce,
+            mx_listed: true,
+        };
+        let strict = rule("rules:\n  - name: r\n    tls: require\n    verify: require\n");
+        let lenient = rule("rules:\n  - name: r\n");
+        let first_try = |rule: &Rule, published| decide(rule, Known::Nothing, published);
+        assert!(no_mx_name(
+            &unnamed,
+            &first_try(&strict, Published::Nothing)
+        ));
+        assert!(no_mx_name(&unnamed, &first_try(&lenient, enforce)));
+        assert!(!no_mx_name(
+            &unnamed,
+            &first_try(&lenient, Published::Nothing)
+        ));
+        assert!(!no_mx_name(&named, &first_try(&strict, Published::Nothing)));
+        // DANE judges by the TLSA records, not the name.
+        let dane = Published::Dane(DaneState::Usable);
+        assert!(!no_mx_name(&unnamed, &first_try(&lenient, dane)));
     }
 }

@@ -83,6 +83,8 @@ pub enum TlsaAnswer {
     Records {
         usable: Vec<TlsaRecord>,
         unusable: Vec<(String, Unusable)>,
+        /// Every record in presentation form (`3 1 1 <hex>`), as TLS-RPT reports them.
+        presentation: Vec<String>,
     },
     /// No TLSA records (securely denied, or in an insecure zone): no DANE for this host.
     None,
@@ -98,6 +100,9 @@ pub struct MxHost {
     /// Lower case, without the trailing dot.
     pub name: String,
     pub preference: u16,
+    /// Whether the MX answer that named this host was DNSSEC-secure (for an implicit MX,
+    /// its address answer), so that DANE needs no second MX lookup.
+    pub dnssec: Dnssec,
 }
 
 /// One server as every part of tlsrouter names it: the name it is known by (for TLS, the
@@ -185,6 +190,9 @@ pub struct MxResolver {
     /// Set once by [`MxResolver::check_dnssec`]: whether DANE is in force.
     dane: tokio::sync::OnceCell<bool>,
     timeout: Duration,
+    /// The zone whose DNSKEY set the start-up check asks: the trust anchor's (the root
+    /// unless `resolver.trust_anchor_file` names another zone).
+    anchor_zone: String,
 }
 
 impl MxResolver {
@@ -195,6 +203,7 @@ impl MxResolver {
             validating: None,
             dane: tokio::sync::OnceCell::new_with(Some(false)),
             timeout,
+            anchor_zone: ".".into(),
         })
     }
 
@@ -204,9 +213,17 @@ impl MxResolver {
         let mut resolver = Self::new(&config.nameservers, timeout)?;
         if config.dane == Dane::On {
             let anchors = match &config.trust_anchor_file {
-                Some(path) => TrustAnchors::from_file(path).map_err(|e| {
-                    anyhow::anyhow!("resolver.trust_anchor_file {}: {e}", path.display())
-                })?,
+                Some(path) => {
+                    let text = std::fs::read_to_string(path).map_err(|e| {
+                        anyhow::anyhow!("resolver.trust_anchor_file {}: {e}", path.display())
+                    })?;
+                    resolver.anchor_zone = anchor_zone(&text).map_err(|e| {
+                        anyhow::anyhow!("resolver.trust_anchor_file {}: {e}", path.display())
+                    })?;
+                    text.parse::<TrustAnchors>().map_err(|e| {
+                        anyhow::anyhow!("resolver.trust_anchor_file {}: {e}", path.display())
+                    })?
+                }
                 None => TrustAnchors::default(),
             };
             resolver.validating = Some(Self::build(
@@ -255,7 +272,8 @@ impl MxResolver {
                 let Some(validating) = &self.validating else {
                     return false;
                 };
-                let lookup = self.bounded(validating.lookup(".", RecordType::DNSKEY)).await;
+                let zone = self.anchor_zone.as_str();
+                let lookup = self.bounded(validating.lookup(zone, RecordType::DNSKEY)).await;
                 let secure = match &lookup {
                     Ok(found) => {
                         let keys: Vec<&Record> = found
@@ -271,8 +289,8 @@ impl MxResolver {
                     tracing::info!("DANE on: the name servers serve DNSSEC and the trust anchor's keys validate");
                 } else {
                     let why = match lookup {
-                        Ok(_) => "the root DNSKEY set did not validate against the trust anchor".to_string(),
-                        Err(e) => format!("the root DNSKEY lookup failed: {e}"),
+                        Ok(_) => format!("the DNSKEY set of {zone} did not validate against the trust anchor"),
+                        Err(e) => format!("the DNSKEY lookup of {zone} failed: {e}"),
                     };
                     tracing::warn!("DANE off: the name servers cannot serve DNSSEC ({why}); MX, address and TLSA answers are not validated");
                 }
@@ -295,7 +313,8 @@ impl MxResolver {
         }
     }
 
-    /// The domain's mail exchangers, best first, equal preferences in random order.
+    /// The domain's mail exchangers, best first, equal preferences in random order; each
+    /// says whether the answer was DNSSEC-secure.
     pub async fn mail_exchangers(&self, domain: &str) -> Result<Vec<MxHost>, RouteError> {
         self.mail_exchangers_checked(domain)
             .await
@@ -343,6 +362,7 @@ impl MxResolver {
                         .trim_end_matches('.')
                         .to_ascii_lowercase(),
                     preference: mx.preference,
+                    dnssec,
                 }),
                 _ => None,
             })
@@ -364,6 +384,7 @@ impl MxResolver {
                 vec![MxHost {
                     name: domain.to_ascii_lowercase(),
                     preference: 0,
+                    dnssec,
                 }],
                 dnssec,
             )),
@@ -453,11 +474,12 @@ impl MxResolver {
         if Dnssec::of(&records) != Dnssec::Secure {
             return TlsaAnswer::Insecure;
         }
-        let (mut usable, mut unusable) = (Vec::new(), Vec::new());
+        let (mut usable, mut unusable, mut presentation) = (Vec::new(), Vec::new(), Vec::new());
         for record in records {
             let RData::TLSA(tlsa) = &record.data else {
                 continue;
             };
+            presentation.push(tlsa.to_string());
             let (usage, selector, matching) = (
                 u8::from(tlsa.cert_usage),
                 u8::from(tlsa.selector),
@@ -468,7 +490,11 @@ impl MxResolver {
                 Err(why) => unusable.push((format!("{usage} {selector} {matching}"), why)),
             }
         }
-        TlsaAnswer::Records { usable, unusable }
+        TlsaAnswer::Records {
+            usable,
+            unusable,
+            presentation,
+        }
     }
 
     /// The TXT records at `name`, each record's strings joined (RFC 7208 3.3 style, as
@@ -519,6 +545,23 @@ impl MxResolver {
             Err(_) => Err(NetError::Timeout),
         }
     }
+}
+
+/// The zone a trust anchor file's DNSKEY records are for: hickory trusts a key at the name
+/// it is given for, so a lab may anchor below the root. With keys for several zones, the
+/// closest to the root (the first of them given, among equals).
+fn anchor_zone(text: &str) -> Result<String, String> {
+    use hickory_resolver::proto::serialize::txt::trust_anchor::{Entry, Parser};
+    let entries = Parser::new(text).parse().map_err(|e| e.to_string())?;
+    entries
+        .iter()
+        .filter_map(|entry| match entry {
+            Entry::DNSKEY(record) => Some(record.name().clone()),
+            _ => None,
+        })
+        .min_by_key(|name| name.num_labels())
+        .map(|name| name.to_ascii())
+        .ok_or_else(|| "no DNSKEY record".to_string())
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]

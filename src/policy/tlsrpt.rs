@@ -272,6 +272,14 @@ impl SessionResult {
         }
     }
 
+    /// The host's TLSA answer was bogus or could not be had (RFC 8460 4.3.2.1).
+    pub fn dnssec_invalid() -> SessionResult {
+        SessionResult::Failure {
+            result_type: ResultType::DnssecInvalid,
+            reason_code: None,
+        }
+    }
+
     /// DANE required the host's TLSA records and no secure ones could be had.
     pub fn dane_required() -> SessionResult {
         SessionResult::Failure {
@@ -311,6 +319,14 @@ pub enum PolicyFacts {
         policy_string: Vec<String>,
         mx_host: Vec<String>,
     },
+    /// DANE (RFC 8460 4.4 `tlsa`): the TLSA records of one MX host.
+    Tlsa {
+        /// The records in presentation form (`3 1 1 <hex>`); none when they could not be
+        /// had.
+        policy_string: Vec<String>,
+        /// The MX host they are published for.
+        mx_host: Vec<String>,
+    },
     NoPolicyFound,
 }
 
@@ -327,8 +343,24 @@ impl PolicyFacts {
         }
     }
 
+    pub fn tlsa(records: &[String], mx_host: &str) -> PolicyFacts {
+        PolicyFacts::Tlsa {
+            policy_string: records.to_vec(),
+            mx_host: vec![mx_host.to_string()],
+        }
+    }
+
     fn json(&self, domain: &str) -> serde_json::Value {
         match self {
+            PolicyFacts::Tlsa {
+                policy_string,
+                mx_host,
+            } => json!({
+                "policy-type": "tlsa",
+                "policy-string": policy_string,
+                "policy-domain": domain,
+                "mx-host": mx_host,
+            }),
             PolicyFacts::Sts {
                 policy_string,
                 mx_host,

@@ -110,6 +110,21 @@ pub struct TlsTerms {
     pub min_tls: MinTls,
     /// Implicit TLS from the first byte (port 465), not STARTTLS.
     pub implicit: bool,
+    /// What the certificate is judged by.
+    pub authentication: Authentication,
+}
+
+/// What a server's certificate is judged by.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Authentication {
+    /// PKIX: a chain to a trusted root, valid for the server's name (`verify` says whether
+    /// that is required).
+    Pkix,
+    /// DANE with usable TLSA records (RFC 7672 3): the certificate must match one of them.
+    Tlsa,
+    /// DANE with TLSA records of which none is usable (RFC 7672 2.2): STARTTLS is required,
+    /// unauthenticated (unless the rule's own `verify: require` asks for PKIX).
+    UnusableTlsa,
 }
 
 /// What delivery does with one server.
@@ -187,12 +202,16 @@ fn dane(rule: &Rule, known: Known<'_>, state: DaneState) -> HostDecision {
         Known::Cached(_) => Known::Nothing,
         found => found,
     };
-    let label = match state {
-        DaneState::Usable => "DANE",
-        _ => "DANE (no usable TLSA record)",
+    let (label, authentication) = match state {
+        DaneState::Usable => ("DANE", Authentication::Tlsa),
+        _ => ("DANE (no usable TLSA record)", Authentication::UnusableTlsa),
     };
     match under_rule(&strict, known, false) {
         HostDecision::Refuse(why) => HostDecision::Refuse(format!("{label}: {why}")),
+        HostDecision::Tls(terms) => HostDecision::Tls(TlsTerms {
+            authentication,
+            ..terms
+        }),
         decision => decision,
     }
 }
@@ -271,6 +290,7 @@ fn terms(rule: &Rule) -> TlsTerms {
                 ..
             }
         ),
+        authentication: Authentication::Pkix,
     }
 }
 
@@ -383,14 +403,26 @@ impl fmt::Display for HostDecision {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             HostDecision::Tls(terms) => {
-                let how = if terms.implicit {
-                    "implicit TLS"
-                } else {
-                    "STARTTLS when offered"
+                let how = match (terms.implicit, terms.authentication) {
+                    (true, _) => "implicit TLS",
+                    (false, Authentication::Pkix) => "STARTTLS when offered",
+                    // DANE: no STARTTLS, no delivery (RFC 7672 2.2).
+                    (false, _) => "STARTTLS required",
                 };
-                let verify = match terms.verify {
-                    VerifyMode::Require => "the certificate must verify",
-                    VerifyMode::Try => "encrypted even if the certificate does not verify",
+                let verify = match (terms.authentication, terms.verify) {
+                    (Authentication::Tlsa, _) => {
+                        "the certificate must match a usable TLSA record (DANE)"
+                    }
+                    (Authentication::UnusableTlsa, VerifyMode::Try) => {
+                        "unauthenticated: no TLSA record is usable (DANE)"
+                    }
+                    (Authentication::UnusableTlsa, VerifyMode::Require) => {
+                        "no TLSA record is usable (DANE); the rule's verify: require: the certificate must verify"
+                    }
+                    (Authentication::Pkix, VerifyMode::Require) => "the certificate must verify",
+                    (Authentication::Pkix, VerifyMode::Try) => {
+                        "encrypted even if the certificate does not verify"
+                    }
                 };
                 write!(f, "TLS ({how}, {}+, {verify})", terms.min_tls.name())
             }
@@ -759,6 +791,26 @@ mod tests {
                 HostDecision::Tls(_)
             ));
         }
+    }
+
+    #[test]
+    fn under_dane_the_decision_says_what_dane_requires_not_pkix() {
+        let rule = rule("rules:\n  - name: r\n    tls: never\n");
+        let usable = decide(&rule, Known::Nothing, Published::Dane(DaneState::Usable));
+        assert_eq!(
+            usable.to_string(),
+            "TLS (STARTTLS required, TLS 1.2+, the certificate must match a usable TLSA record (DANE))"
+        );
+        let unusable = decide(&rule, Known::Nothing, Published::Dane(DaneState::Unusable));
+        assert_eq!(
+            unusable.to_string(),
+            "TLS (STARTTLS required, TLS 1.2+, unauthenticated: no TLSA record is usable (DANE))"
+        );
+        let pkix = decide(&rule, Known::Nothing, ENFORCE);
+        assert_eq!(
+            pkix.to_string(),
+            "TLS (STARTTLS when offered, TLS 1.2+, the certificate must verify)"
+        );
     }
 
     #[test]

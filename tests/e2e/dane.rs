@@ -240,6 +240,7 @@ mod daemon {
     use crate::support::pki::{CertKey, TestCa, Validity, self_signed};
     use crate::support::smtp_client::Reply;
     use crate::support::smtp_server::{ServerBehaviour, SmtpServer, StartTls};
+    use hickory_server::proto::rr::RecordType;
 
     const LOCALHOST: IpAddr = IpAddr::V4(Ipv4Addr::LOCALHOST);
     const RCPT: &str = "b@dane.test";
@@ -328,6 +329,9 @@ mod daemon {
         let line = &logs.transactions()[0];
         assert!(line.contains("policy=\"dane\""), "{line}");
         assert!(line.contains("verify=verified"), "{line}");
+        // Routing and DANE share the one MX answer: the MX records are asked for once.
+        let mx_questions = d.dns.questions("dane.test", RecordType::MX);
+        assert_eq!(mx_questions, 1, "MX questions for one message");
     }
 
     #[tokio::test]
@@ -412,6 +416,22 @@ mod daemon {
 
         assert_deferred(&rcpts[0], "4.7.5", "no usable TLSA record");
         assert!(d.server.messages().is_empty(), "never sent in plain");
+
+        let answer = d
+            .lab
+            .ctl_json(&["rules", "explain", "--rcpt", RCPT, "--mx", MX])
+            .await;
+        let text = answer["explanation"].as_str().expect("explanation");
+        assert!(
+            text.contains("first try:   TLS (STARTTLS required, TLS 1.2+, unauthenticated: no TLSA record is usable (DANE))"),
+            "{text}"
+        );
+        let (code, out, err) = d.lab.ctl(&["probe", "dane.test"]).await;
+        assert_eq!(code, 0, "{err}");
+        assert!(
+            out.contains("delivery: not to this server: DANE (no usable TLSA record): no STARTTLS"),
+            "{out}"
+        );
     }
 
     #[tokio::test]
@@ -581,6 +601,11 @@ mod daemon {
             ),
             "{text}"
         );
+        assert!(
+            text.contains("first try:   TLS (STARTTLS required, TLS 1.2+, the certificate must match a usable TLSA record (DANE))"),
+            "{text}"
+        );
+        assert!(!text.contains("the certificate must verify"), "{text}");
         assert!(d.server.messages().is_empty(), "explain sends nothing");
     }
 
@@ -609,7 +634,7 @@ mod daemon {
             "TLSA:     usable",
             "1 1 1: unusable, certificate usage 1 is not DANE-TA(2) or DANE-EE(3)",
             "matched the server certificate",
-            "delivery: TLS",
+            "delivery: TLS (STARTTLS required, TLS 1.2+, the certificate must match a usable TLSA record (DANE))",
         ] {
             assert!(out.contains(line), "{line:?} missing in\n{out}");
         }
@@ -664,5 +689,301 @@ mod daemon {
             l.contains("WARN") && l.contains("nothing is sent to this host until it can be had")
         });
         assert!(warned, "{}", logs.text());
+    }
+
+    #[tokio::test]
+    async fn a_servfail_on_the_tlsa_lookup_alone_defers_and_nothing_goes_in_plain() {
+        let (logs, _guard) = Logs::capture();
+        let cert = self_signed(&[MX]);
+        let data = association(&der(&cert), 1, 1);
+        // A server without STARTTLS, which the default rule would reach in plain.
+        let d = start(
+            ServerBehaviour::default(),
+            |port| {
+                SignedTree::new(secure_zone(port, &[((3, 1, 1), data)]))
+                    .servfail(&format!("_{port}._tcp.{MX}"))
+            },
+            None,
+        )
+        .await;
+
+        let (_, rcpts, _) = send(d.lab.smtp, &[RCPT], BODY).await;
+
+        assert_deferred(
+            &rcpts[0],
+            "4.7.5",
+            "DANE: dnssec-bogus: the TLSA answer is bogus or could not be had",
+        );
+        assert_eq!(d.server.connections(), 0, "not even connected to");
+        assert!(d.server.messages().is_empty(), "never sent in plain");
+        let warned = logs.text().lines().any(|l| {
+            l.contains("WARN")
+                && l.contains("DANE: TLSA lookup of _")
+                && l.contains("nothing is sent to this host until it can be had")
+        });
+        assert!(warned, "{}", logs.text());
+        // A fact about DNS, not the server: nothing cached that would outlive the failure.
+        assert!(d.lab.proxy.outbound.cache.get(MX, LOCALHOST).is_none());
+        // The transaction's one line says why the recipient was refused.
+        let line = &logs.transactions()[0];
+        assert!(
+            line.contains("refused=b@dane.test (451 4.7.5") && line.contains("DANE: dnssec-bogus"),
+            "{line}"
+        );
+        assert!(line.contains("route=\"none\""), "{line}");
+    }
+
+    #[tokio::test]
+    async fn a_trust_anchor_for_a_zone_below_the_root_puts_that_zone_under_dane() {
+        let (logs, _guard) = Logs::capture();
+        let host = "mx.anchored.test";
+        let cert = self_signed(&[host]);
+        let data = association(&der(&cert), 1, 1);
+        let server = SmtpServer::start(LOCALHOST, 0, tls(cert))
+            .await
+            .expect("smtp server");
+        let port = server.addr().port();
+        // Signed with a key of its own that the root's DS does not name: only an anchor at
+        // anchored.test itself makes it secure.
+        let dns = SignedDns::start(
+            SignedTree::new(Zone::new()).bogus_zone(
+                "anchored.test",
+                Zone::new()
+                    .mx("anchored.test", 10, host)
+                    .a(host, Ipv4Addr::LOCALHOST)
+                    .tlsa(host, port, (3, 1, 1), &data),
+            ),
+        )
+        .await;
+        let lab = Lab::new()
+            .ca(&TestCa::new())
+            .mx_port(port)
+            .set("resolver.nameservers", vec![dns.addr.to_string()])
+            .set_path(
+                "resolver.trust_anchor_file",
+                &dns.zone_anchor_file("anchored.test"),
+            )
+            .start()
+            .await;
+
+        let (_, rcpts, reply) = send(lab.smtp, &["b@anchored.test"], BODY).await;
+
+        assert_eq!(rcpts[0].code, 250, "{rcpts:?}");
+        assert_eq!(reply.code, 250, "{reply:?}");
+        assert!(server.messages()[0].tls.is_some());
+        assert!(logs.text().contains("DANE on"), "{}", logs.text());
+        let line = &logs.transactions()[0];
+        assert!(line.contains("policy=\"dane\""), "{line}");
+    }
+
+    /// The TLS-RPT record of dane.test: reports by mail to tlsrpt@dane.test.
+    fn tlsrpt_record(zone: Zone, domain: &str) -> Zone {
+        zone.record(
+            &format!("_smtp._tls.{domain}"),
+            crate::mta_sts::txt(&format!("v=TLSRPTv1; rua=mailto:tlsrpt@{domain}")),
+        )
+    }
+
+    /// The report mailed to `sink` for `domain`, as JSON.
+    async fn mailed_report(lab: &Lab, sink: &SmtpServer, domain: &str) -> serde_json::Value {
+        let reports = &lab.proxy.tls_reports;
+        let deliveries = reports.send_reports(reports.today()).await;
+        assert!(
+            deliveries
+                .iter()
+                .any(|d| d.domain == domain && d.result.is_ok()),
+            "{deliveries:?}"
+        );
+        let messages = sink.wait_for_messages(1).await;
+        let message = messages
+            .iter()
+            .find(|m| m.rcpt_to == [format!("tlsrpt@{domain}")])
+            .expect("the report for the domain");
+        let text = String::from_utf8_lossy(&message.data).to_string();
+        crate::mta_sts::gunzip(&crate::mta_sts::attachment_of(&text))
+    }
+
+    /// The report's policy for `mx`, which must be of type tlsa.
+    fn tlsa_policy<'r>(report: &'r serde_json::Value, mx: &str) -> &'r serde_json::Value {
+        let policies = report["policies"].as_array().expect("policies");
+        let found = policies
+            .iter()
+            .find(|p| p["policy"]["mx-host"][0] == mx)
+            .unwrap_or_else(|| panic!("no policy for {mx} in {report}"));
+        assert_eq!(found["policy"]["policy-type"], "tlsa", "{found}");
+        found
+    }
+
+    fn result_types(policy: &serde_json::Value) -> Vec<String> {
+        policy["failure-details"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .map(|d| d["result-type"].as_str().unwrap_or_default().to_string())
+            .collect()
+    }
+
+    #[tokio::test]
+    async fn a_dane_domain_with_mta_sts_too_is_reported_under_its_tlsa_records_success_and_each_failure()
+     {
+        let (_logs, _guard) = Logs::capture();
+        let ca = TestCa::new();
+        let ip = |last| Ipv4Addr::new(127, 0, 0, last);
+        let names = [
+            "mx1.dane.test",
+            "mx2.dane.test",
+            "mx3.dane.test",
+            "mx4.dane.test",
+        ];
+        // mx1 shows a key its TLSA record does not name; mx2's TLSA lookup fails; mx3
+        // offers no STARTTLS; mx4 matches and takes the message.
+        let mismatched = self_signed(&[names[0]]);
+        let good = self_signed(&[names[3]]);
+        let good_data = association(&der(&good), 1, 1);
+        let mx1 = SmtpServer::start(IpAddr::V4(ip(1)), 0, tls(mismatched))
+            .await
+            .expect("mx1");
+        let port = mx1.addr().port();
+        let mx2 = SmtpServer::start(IpAddr::V4(ip(2)), port, ServerBehaviour::default())
+            .await
+            .expect("mx2 on the shared port");
+        let mx3 = SmtpServer::start(IpAddr::V4(ip(3)), port, ServerBehaviour::default())
+            .await
+            .expect("mx3 on the shared port");
+        let mx4 = SmtpServer::start(IpAddr::V4(ip(4)), port, tls(good))
+            .await
+            .expect("mx4 on the shared port");
+        let policy_host = "mta-sts.dane.test";
+        let policy_server = crate::mta_sts::HttpsServer::start(
+            ca.leaf(&[policy_host], Validity::Current),
+            crate::mta_sts::Answer::policy(
+                "version: STSv1\r\nmode: enforce\r\nmx: *.dane.test\r\nmax_age: 604800\r\n",
+            ),
+        )
+        .await;
+        let mut zone = Zone::new();
+        for (i, name) in names.iter().enumerate() {
+            zone = zone
+                .mx("dane.test", 10 * (i as u16 + 1), name)
+                .a(name, ip(i as u8 + 1));
+        }
+        zone = zone
+            .tlsa(names[0], port, (3, 1, 1), &[0x44; 32])
+            .tlsa(names[1], port, (3, 1, 1), &good_data)
+            .tlsa(names[2], port, (3, 1, 1), &good_data)
+            .tlsa(names[3], port, (3, 1, 1), &good_data)
+            .record(
+                "_mta-sts.dane.test",
+                crate::mta_sts::txt("v=STSv1; id=20261201a;"),
+            );
+        let tree = SignedTree::new(tlsrpt_record(zone, "dane.test"))
+            .servfail(&format!("_{port}._tcp.{}", names[1]));
+        let dns = SignedDns::start(tree).await;
+        let sink = SmtpServer::start(LOCALHOST, 0, ServerBehaviour::plain())
+            .await
+            .expect("the report sink");
+        let reports = tempfile::tempdir().expect("a report directory");
+        let lab = Lab::new()
+            .ca(&ca)
+            .mx_port(port)
+            .set("resolver.nameservers", vec![dns.addr.to_string()])
+            .set_path("resolver.trust_anchor_file", &dns.trust_anchor_file)
+            .set(
+                "mta_sts.connect_to",
+                serde_json::json!({ policy_host: policy_server.addr().to_string() }),
+            )
+            .set_path("tls_rpt.directory", reports.path())
+            .set("tls_rpt.mail_relay", sink.addr().to_string())
+            .start()
+            .await;
+        let policy = lab.proxy.policies.policy_for("dane.test").await;
+        assert!(
+            policy.policy().is_some(),
+            "the MTA-STS policy is known: {policy:?}"
+        );
+
+        let (_, rcpts, reply) = send(lab.smtp, &[RCPT], BODY).await;
+
+        assert_eq!(rcpts[0].code, 250, "{rcpts:?}");
+        assert_eq!(reply.code, 250, "{reply:?}");
+        assert_eq!(mx4.messages().len(), 1);
+        assert!(mx1.messages().is_empty() && mx3.messages().is_empty());
+        assert_eq!(
+            mx2.connections(),
+            0,
+            "a failed TLSA lookup: not connected to"
+        );
+        let report = mailed_report(&lab, &sink, "dane.test").await;
+        let policies = report["policies"].as_array().expect("policies");
+        assert_eq!(policies.len(), 4, "one per MX host, all tlsa: {report}");
+        let mx1_policy = tlsa_policy(&report, names[0]);
+        assert_eq!(mx1_policy["policy"]["policy-domain"], "dane.test");
+        assert_eq!(
+            mx1_policy["policy"]["policy-string"],
+            serde_json::json!([format!("3 1 1 {}", "44".repeat(32))]),
+            "{mx1_policy}"
+        );
+        assert_eq!(result_types(mx1_policy), ["validation-failure"]);
+        assert_eq!(
+            mx1_policy["failure-details"][0]["failure-reason-code"],
+            "dane-mismatch"
+        );
+        let mx2_policy = tlsa_policy(&report, names[1]);
+        assert_eq!(result_types(mx2_policy), ["dnssec-invalid"]);
+        assert_eq!(mx2_policy["policy"]["policy-string"], serde_json::json!([]));
+        let mx3_policy = tlsa_policy(&report, names[2]);
+        assert_eq!(result_types(mx3_policy), ["starttls-not-supported"]);
+        let mx4_policy = tlsa_policy(&report, names[3]);
+        assert_eq!(mx4_policy["summary"]["total-successful-session-count"], 1);
+        assert_eq!(mx4_policy["summary"]["total-failure-session-count"], 0);
+        for failed in [mx1_policy, mx2_policy, mx3_policy] {
+            assert_eq!(
+                failed["summary"]["total-failure-session-count"], 1,
+                "{failed}"
+            );
+            assert_eq!(failed["summary"]["total-successful-session-count"], 0);
+        }
+    }
+
+    #[tokio::test]
+    async fn unusable_tlsa_records_are_reported_as_tlsa_invalid_though_the_message_went_encrypted()
+    {
+        let cert = self_signed(&[MX]);
+        let sink = SmtpServer::start(LOCALHOST, 0, ServerBehaviour::plain())
+            .await
+            .expect("the report sink");
+        let server = SmtpServer::start(LOCALHOST, 0, tls(cert))
+            .await
+            .expect("smtp server");
+        let port = server.addr().port();
+        // PKIX-TA(0) is not for SMTP (RFC 7672 3.1.3).
+        let zone = tlsrpt_record(
+            secure_zone(port, &[((0, 1, 1), vec![0x55; 32])]),
+            "dane.test",
+        );
+        let dns = SignedDns::start(SignedTree::new(zone)).await;
+        let reports = tempfile::tempdir().expect("a report directory");
+        let lab = Lab::new()
+            .ca(&TestCa::new())
+            .mx_port(port)
+            .set("resolver.nameservers", vec![dns.addr.to_string()])
+            .set_path("resolver.trust_anchor_file", &dns.trust_anchor_file)
+            .set_path("tls_rpt.directory", reports.path())
+            .set("tls_rpt.mail_relay", sink.addr().to_string())
+            .start()
+            .await;
+
+        let (_, rcpts, reply) = send(lab.smtp, &[RCPT], BODY).await;
+
+        assert_eq!(rcpts[0].code, 250, "{rcpts:?}");
+        assert_eq!(reply.code, 250, "{reply:?}");
+        assert!(server.messages()[0].tls.is_some(), "TLS, unauthenticated");
+        let report = mailed_report(&lab, &sink, "dane.test").await;
+        let policy = tlsa_policy(&report, MX);
+        assert_eq!(
+            policy["policy"]["policy-string"],
+            serde_json::json!([format!("0 1 1 {}", "55".repeat(32))])
+        );
+        assert_eq!(result_types(policy), ["tlsa-invalid"]);
     }
 }

@@ -744,7 +744,7 @@ fn today(lab: &ReportLab) -> UtcDay {
     UtcDay::of(lab.clock.now())
 }
 
-fn gunzip(bytes: &[u8]) -> serde_json::Value {
+pub(super) fn gunzip(bytes: &[u8]) -> serde_json::Value {
     let mut text = String::new();
     flate2::read::GzDecoder::new(bytes)
         .read_to_string(&mut text)
@@ -936,7 +936,7 @@ async fn the_report_is_mailed_as_multipart_report_to_a_mailto_rua() {
 }
 
 /// The base64 part after the gzip part's headers, up to the closing boundary.
-fn attachment_of(message: &str) -> Vec<u8> {
+pub(super) fn attachment_of(message: &str) -> Vec<u8> {
     let start = message
         .find("Content-Type: application/tlsrpt+gzip")
         .expect("a gzip part");

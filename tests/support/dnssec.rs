@@ -5,7 +5,12 @@
 //! - an `insecure_zone`: delegated without a DS record (the signed root proves there is
 //!   none), its records unsigned: insecure;
 //! - a `bogus_zone`: delegated with a DS record that no key of the zone matches, its
-//!   records signed with a key nobody trusts: bogus.
+//!   records signed with a key nobody trusts: bogus (unless a test trusts that key, which
+//!   [`SignedDns::zone_anchor_file`] writes);
+//! - `servfail` names: SERVFAIL to every question for them, as a broken or unreachable
+//!   authority gives, while the rest of the tree answers.
+//!
+//! The server counts the questions it is asked ([`SignedDns::questions`]).
 //!
 //! One server answers for every zone on one port (UDP and TCP), as a validating stub
 //! resolver expects: each question goes to the zone it belongs to, a DS question to the
@@ -15,7 +20,7 @@ use std::net::{Ipv4Addr, SocketAddr};
 use std::path::PathBuf;
 use std::pin::Pin;
 use std::str::FromStr;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use hickory_server::Server;
@@ -24,11 +29,12 @@ use hickory_server::net::runtime::{Time, TokioRuntimeProvider};
 use hickory_server::proto::dnssec::crypto::Ed25519SigningKey;
 use hickory_server::proto::dnssec::rdata::{DNSKEY, DNSSECRData, DS};
 use hickory_server::proto::dnssec::{Algorithm, DigestType, DnssecSigner, SigningKey};
+use hickory_server::proto::op::{Header, HeaderCounts, Metadata, ResponseCode};
 use hickory_server::proto::rr::rdata::{A, MX, NS, SOA, TLSA};
 use hickory_server::proto::rr::{LowerName, Name, RData, Record, RecordType};
 use hickory_server::server::{Request, RequestHandler, ResponseHandler, ResponseInfo};
 use hickory_server::store::in_memory::InMemoryZoneHandler;
-use hickory_server::zone_handler::{AxfrPolicy, Catalog, ZoneType};
+use hickory_server::zone_handler::{AxfrPolicy, Catalog, MessageResponseBuilder, ZoneType};
 use tokio::net::{TcpListener, UdpSocket};
 
 /// As in the unsigned test server: nothing is cached, by the resolver or its validator.
@@ -82,6 +88,7 @@ pub struct SignedTree {
     root: Zone,
     insecure: Vec<(Name, Zone)>,
     bogus: Vec<(Name, Zone)>,
+    servfail: Vec<LowerName>,
 }
 
 impl SignedTree {
@@ -104,6 +111,12 @@ impl SignedTree {
         self.bogus.push((fqdn(apex), zone));
         self
     }
+
+    /// Every question for `name` gets SERVFAIL, whatever its type.
+    pub fn servfail(mut self, name: &str) -> SignedTree {
+        self.servfail.push(LowerName::new(&fqdn(name)));
+        self
+    }
 }
 
 /// Serves a [`SignedTree`] on 127.0.0.1 until dropped.
@@ -112,6 +125,9 @@ pub struct SignedDns {
     pub addr: SocketAddr,
     /// The root's key as a trust anchor file (one DNSKEY record, zone-file syntax).
     pub trust_anchor_file: PathBuf,
+    /// Each bogus zone's own key as a trust anchor file, by apex.
+    zone_anchor_files: Vec<(Name, PathBuf)>,
+    asked: Arc<Mutex<Vec<(LowerName, RecordType)>>>,
     _dir: tempfile::TempDir,
     server: Server<Zones>,
 }
@@ -131,28 +147,31 @@ impl SignedDns {
             root = root.record(&apex.to_string(), RData::DNSSEC(DNSSECRData::DS(ds)));
         }
         let root_zone = zone_handler(Name::root(), root, Some(root_key));
+        let dir = tempfile::tempdir().expect("temporary directory");
         let mut children = Vec::new();
         for (apex, zone) in tree.insecure {
             children.push((apex.clone(), zone_handler(apex, zone, None)));
         }
-        for (apex, zone) in tree.bogus {
-            children.push((apex.clone(), zone_handler(apex, zone, Some(new_key()))));
+        let mut zone_anchor_files = Vec::new();
+        for (i, (apex, zone)) in tree.bogus.into_iter().enumerate() {
+            let key = new_key();
+            let file = dir.path().join(format!("zone-{i}.key"));
+            write_anchor(&file, &apex, dnskey(&key));
+            zone_anchor_files.push((apex.clone(), file));
+            children.push((apex.clone(), zone_handler(apex, zone, Some(key))));
         }
+        let asked = Arc::new(Mutex::new(Vec::new()));
         let zones = Zones {
+            asked: asked.clone(),
+            servfail: tree.servfail,
             root: catalog(Name::root(), root_zone),
             children: children
                 .into_iter()
                 .map(|(apex, handler)| (LowerName::new(&apex), catalog(apex, handler)))
                 .collect(),
         };
-        let dir = tempfile::tempdir().expect("temporary directory");
         let trust_anchor_file = dir.path().join("root.key");
-        let anchor = Record::from_rdata(
-            Name::root(),
-            3600,
-            RData::DNSSEC(DNSSECRData::DNSKEY(root_dnskey)),
-        );
-        std::fs::write(&trust_anchor_file, format!("{anchor}\n")).expect("write trust anchor");
+        write_anchor(&trust_anchor_file, &Name::root(), root_dnskey);
         let mut server = Server::new(zones);
         let (udp, tcp) = bind_udp_and_tcp_on_one_port().await;
         let addr = udp.local_addr().expect("DNS UDP address");
@@ -161,10 +180,39 @@ impl SignedDns {
         SignedDns {
             addr,
             trust_anchor_file,
+            zone_anchor_files,
+            asked,
             _dir: dir,
             server,
         }
     }
+
+    /// How many questions for `name` of type `rtype` the server has been asked.
+    pub fn questions(&self, name: &str, rtype: RecordType) -> usize {
+        let name = LowerName::new(&fqdn(name));
+        let asked = self.asked.lock().expect("questions lock");
+        asked
+            .iter()
+            .filter(|(n, t)| *n == name && *t == rtype)
+            .count()
+    }
+
+    /// The key the bogus zone at `apex` is signed with, as a trust anchor file for that
+    /// zone: trusting it instead of the root's makes the zone secure.
+    pub fn zone_anchor_file(&self, apex: &str) -> PathBuf {
+        let apex = fqdn(apex);
+        self.zone_anchor_files
+            .iter()
+            .find(|(name, _)| *name == apex)
+            .map(|(_, file)| file.clone())
+            .unwrap_or_else(|| panic!("no bogus zone at {apex} in this tree"))
+    }
+}
+
+/// One DNSKEY record in zone-file syntax, as `resolver.trust_anchor_file` reads it.
+fn write_anchor(file: &std::path::Path, owner: &Name, key: DNSKEY) {
+    let anchor = Record::from_rdata(owner.clone(), 3600, RData::DNSSEC(DNSSECRData::DNSKEY(key)));
+    std::fs::write(file, format!("{anchor}\n")).expect("write trust anchor");
 }
 
 impl Drop for SignedDns {
@@ -261,6 +309,8 @@ async fn bind_udp_and_tcp_on_one_port() -> (UdpSocket, TcpListener) {
 struct Zones {
     root: Catalog,
     children: Vec<(LowerName, Catalog)>,
+    servfail: Vec<LowerName>,
+    asked: Arc<Mutex<Vec<(LowerName, RecordType)>>>,
 }
 
 impl Zones {
@@ -290,7 +340,38 @@ impl RequestHandler for Zones {
         'r: 'f,
         Self: 'f,
     {
+        if let (Ok(info), Ok(mut asked)) = (request.request_info(), self.asked.lock()) {
+            asked.push((info.query.name().clone(), info.query.query_type()));
+        }
+        let servfail = request
+            .request_info()
+            .is_ok_and(|info| self.servfail.contains(info.query.name()));
+        if servfail {
+            return Box::pin(servfail_response(request, response_handle));
+        }
         self.catalog_for(request)
             .handle_request::<R, T>(request, response_handle)
+    }
+}
+
+/// SERVFAIL, no records: what a resolver gets from an authority that cannot answer.
+async fn servfail_response<R: ResponseHandler>(request: &Request, mut handle: R) -> ResponseInfo {
+    let mut metadata = Metadata::response_from_request(&request.metadata);
+    metadata.response_code = ResponseCode::ServFail;
+    metadata.recursion_available = true;
+    let response = MessageResponseBuilder::new(&request.queries, None).build(
+        metadata,
+        [].iter(),
+        [],
+        [].iter(),
+        [],
+    );
+    match handle.send_response(response).await {
+        Ok(info) => info,
+        // The client went away; the server loop hears of a failure, as from Catalog.
+        Err(_) => ResponseInfo::from(Header {
+            metadata,
+            counts: HeaderCounts::default(),
+        }),
     }
 }
