@@ -118,7 +118,8 @@ impl RouteKey {
 
 /// How the body transfer ended.
 enum BodyEnd {
-    Complete,
+    /// The whole text was read; its last bytes, not yet sent, go with the final dot.
+    Complete(Vec<u8>),
     Refused(BodyError),
     /// The remote failed while we were still reading the body.
     UpstreamFailed(String),
@@ -700,11 +701,11 @@ impl Session {
             let reply = Reply::new(451, "4.3.0", "internal error: no route");
             return self.reply_or_close(&reply).await;
         };
-        if !matches!(ended, BodyEnd::Complete) {
+        if !matches!(ended, BodyEnd::Complete(_)) {
             route.upstream.abandon();
         }
         let (reply, end) = match ended {
-            BodyEnd::Complete => (route.upstream.finish().await, End::Answered),
+            BodyEnd::Complete(tail) => (route.upstream.finish(tail).await, End::Answered),
             BodyEnd::Refused(error) => (error.reply(), End::MessageFailed),
             BodyEnd::UpstreamFailed(why) => (
                 Reply::new(451, "4.4.2", format!("lost the remote during DATA: {why}")),
@@ -762,7 +763,10 @@ impl Session {
             let room = (BODY_BLOCK.saturating_sub(out.len()) / 3).max(1);
             let fed = filter.feed(&input[..input.len().min(room)], &mut out);
             self.io.consume(fed.consumed);
-            let flush = out.len() >= BODY_BLOCK || fed.end.is_some();
+            // The end of a complete text is held back: it goes with the final dot, in one
+            // write (one packet for the remote, one wake-up less on both sides).
+            let complete = matches!(fed.end, Some(Ok(())));
+            let flush = !complete && (out.len() >= BODY_BLOCK || fed.end.is_some());
             if flush && !out.is_empty() && upstream_error.is_none() {
                 upstream_error = route.upstream.body_block(&out).await.err();
             }
@@ -775,7 +779,7 @@ impl Session {
                 Some(Ok(())) => {
                     return match upstream_error {
                         Some(why) => BodyEnd::UpstreamFailed(why),
-                        None => BodyEnd::Complete,
+                        None => BodyEnd::Complete(out),
                     };
                 }
             }
