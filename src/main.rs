@@ -654,7 +654,15 @@ async fn serve(config: Config) -> ExitCode {
         shutdown_signal(signals).await;
         let _ = stop.send(true);
     };
-    tlsrouter::inbound::listener::run(listener, proxy.clone(), shutdown).await;
+    // A task on the runtime, not the main thread's own future: accepting on a worker
+    // thread spares each new session a wake-up of the main thread and a hand-over to a
+    // worker.
+    let main_listener = tokio::spawn(tlsrouter::inbound::listener::run(
+        listener,
+        proxy.clone(),
+        shutdown,
+    ));
+    let _ = main_listener.await;
     for task in more_listeners {
         let _ = task.await;
     }

@@ -118,7 +118,8 @@ impl RouteKey {
 
 /// How the body transfer ended.
 enum BodyEnd {
-    Complete,
+    /// The whole text was read; its last bytes, not yet sent, go with the final dot.
+    Complete(Vec<u8>),
     Refused(BodyError),
     /// The remote failed while we were still reading the body.
     UpstreamFailed(String),
@@ -191,7 +192,7 @@ impl Session {
             let greeting = format!("{} ESMTP tlsrouter", self.proxy.config.hostname.0);
             return Some(Reply::multiline(220, vec![greeting]));
         };
-        match self.proxy.outbound.greet_at_accept(destination).await {
+        match Box::pin(self.proxy.outbound.greet_at_accept(destination)).await {
             Greeting::Greeted(greeted) => {
                 let greeting = greeted.greeting.clone();
                 self.remote_ehlo = Some(greeted.ehlo.clone());
@@ -248,8 +249,8 @@ impl Session {
     async fn next_hop(&self, plan: &Plan, domain: &str) -> Result<NextHop, Reply> {
         let outbound = &self.proxy.outbound;
         match self.original_destination {
-            Some(addr) => Ok(outbound.original_destination_hop(plan, domain, addr).await),
-            None => outbound.next_hop(plan, domain).await.map_err(|e| e.reply()),
+            Some(addr) => Ok(Box::pin(outbound.original_destination_hop(plan, domain, addr)).await),
+            None => (Box::pin(outbound.next_hop(plan, domain)).await).map_err(|e| e.reply()),
         }
     }
 
@@ -425,7 +426,7 @@ impl Session {
             return Next::Close;
         };
         let timeout = self.proxy.config.timeouts.tls_handshake;
-        match tokio::time::timeout(timeout, acceptor.accept(tcp)).await {
+        match Box::pin(tokio::time::timeout(timeout, acceptor.accept(tcp))).await {
             Ok(Ok(tls)) => {
                 let (_, session) = tls.get_ref();
                 tracing::debug!(client = %self.client, version = ?session.protocol_version(), "MTA session in TLS");
@@ -605,7 +606,7 @@ impl Session {
         let params = tx.params.clone();
         // What the domain publishes binds its MX hosts only, never a smarthost route.
         let policy = match hop.is_domain_delivery() {
-            true => proxy.policies.policy_for(domain).await,
+            true => Box::pin(proxy.policies.policy_for(domain)).await,
             false => PolicyLookup::NotPublished,
         };
         // The remote connected at accept serves the first transaction to it.
@@ -616,18 +617,18 @@ impl Session {
         let Stage::Mail(tx) = &mut self.stage else {
             return Err(Reply::new(503, "5.5.1", "MAIL first"));
         };
-        let opened = proxy
-            .outbound
-            .open_for(
-                &plan,
-                domain,
-                &hop,
-                &policy,
-                greeted,
-                Some((first, first_params)),
-                |caps| Ok(format!("{mail_from}{}", params.to_wire(caps)?)),
-            )
-            .await;
+        // Boxed, as the other lookups and the handshake below: the session's future
+        // would otherwise be as large as all of them, and it is copied at every spawn.
+        let opened = Box::pin(proxy.outbound.open_for(
+            &plan,
+            domain,
+            &hop,
+            &policy,
+            greeted,
+            Some((first, first_params)),
+            |caps| Ok(format!("{mail_from}{}", params.to_wire(caps)?)),
+        ))
+        .await;
         match opened {
             Ok(upstream) => {
                 let remote = upstream.facts().to_string();
@@ -700,11 +701,11 @@ impl Session {
             let reply = Reply::new(451, "4.3.0", "internal error: no route");
             return self.reply_or_close(&reply).await;
         };
-        if !matches!(ended, BodyEnd::Complete) {
+        if !matches!(ended, BodyEnd::Complete(_)) {
             route.upstream.abandon();
         }
         let (reply, end) = match ended {
-            BodyEnd::Complete => (route.upstream.finish().await, End::Answered),
+            BodyEnd::Complete(tail) => (route.upstream.finish(tail).await, End::Answered),
             BodyEnd::Refused(error) => (error.reply(), End::MessageFailed),
             BodyEnd::UpstreamFailed(why) => (
                 Reply::new(451, "4.4.2", format!("lost the remote during DATA: {why}")),
@@ -762,7 +763,10 @@ impl Session {
             let room = (BODY_BLOCK.saturating_sub(out.len()) / 3).max(1);
             let fed = filter.feed(&input[..input.len().min(room)], &mut out);
             self.io.consume(fed.consumed);
-            let flush = out.len() >= BODY_BLOCK || fed.end.is_some();
+            // The end of a complete text is held back: it goes with the final dot, in one
+            // write (one packet for the remote, one wake-up less on both sides).
+            let complete = matches!(fed.end, Some(Ok(())));
+            let flush = !complete && (out.len() >= BODY_BLOCK || fed.end.is_some());
             if flush && !out.is_empty() && upstream_error.is_none() {
                 upstream_error = route.upstream.body_block(&out).await.err();
             }
@@ -775,7 +779,7 @@ impl Session {
                 Some(Ok(())) => {
                     return match upstream_error {
                         Some(why) => BodyEnd::UpstreamFailed(why),
-                        None => BodyEnd::Complete,
+                        None => BodyEnd::Complete(out),
                     };
                 }
             }

@@ -223,15 +223,17 @@ impl Upstream {
             .map_err(|e| e.to_string())
     }
 
-    /// The final dot, and the remote's verdict on the message. A reply that came during
-    /// the body is out of sequence: it must not be taken for the answer to the dot.
-    pub async fn finish(&mut self) -> Reply {
+    /// The last bytes of the message text (`tail`, maybe none) with the final dot, in one
+    /// write, and the remote's verdict on the message. A reply that came during the body
+    /// is out of sequence: it must not be taken for the answer to the dot.
+    pub async fn finish(&mut self, mut tail: Vec<u8>) -> Reply {
         let t = &self.timeouts;
         let what = "the reply to the message";
         let conn = &mut self.conn;
         let verdict = async {
             conn.expect_nothing_more("the message text").await?;
-            conn.write(b".\r\n", t.data_block, "sending the final dot")
+            tail.extend_from_slice(b".\r\n");
+            conn.write(&tail, t.data_block, "sending the end of the message")
                 .await?;
             let reply = conn.read_reply(t.data_end, what).await?;
             conn.expect_due(&reply, &[250], what)?;

@@ -58,22 +58,45 @@ impl Reply {
     }
 
     /// The reply as it goes on the wire, CRLF-terminated.
+    /// Written byte by byte: it is on the path of every reply to the MTA.
     pub fn to_wire(&self) -> Vec<u8> {
-        let mut out = Vec::with_capacity(64);
+        let mut digits = [0u8; 5];
+        let code = decimal(self.code, &mut digits);
+        let text: usize = self.lines.iter().map(|l| l.len()).sum();
+        let mut out = Vec::with_capacity(text + self.lines.len().max(1) * (code.len() + 3));
         let last = self.lines.len().saturating_sub(1);
         if self.lines.is_empty() {
-            out.extend_from_slice(format!("{}\r\n", self.code).as_bytes());
+            out.extend_from_slice(code);
+            out.extend_from_slice(b"\r\n");
         }
         for (i, line) in self.lines.iter().enumerate() {
-            let sep = if i == last { ' ' } else { '-' };
-            // A reply text never carries a line break of its own.
-            let clean: String = line
-                .chars()
-                .map(|c| if c == '\r' || c == '\n' { ' ' } else { c })
-                .collect();
-            out.extend_from_slice(format!("{}{}{}\r\n", self.code, sep, clean).as_bytes());
+            out.extend_from_slice(code);
+            out.push(if i == last { b' ' } else { b'-' });
+            // A reply text never carries a line break of its own. CR and LF are ASCII, so
+            // replacing their bytes leaves every other character of the UTF-8 text whole.
+            let start = out.len();
+            out.extend_from_slice(line.as_bytes());
+            for byte in &mut out[start..] {
+                if *byte == b'\r' || *byte == b'\n' {
+                    *byte = b' ';
+                }
+            }
+            out.extend_from_slice(b"\r\n");
         }
         out
+    }
+}
+
+/// `n` in decimal digits, in `buf`.
+fn decimal(mut n: u16, buf: &mut [u8; 5]) -> &[u8] {
+    let mut at = buf.len();
+    loop {
+        at -= 1;
+        buf[at] = b'0' + (n % 10) as u8;
+        n /= 10;
+        if n == 0 {
+            return &buf[at..];
+        }
     }
 }
 
@@ -204,5 +227,11 @@ mod tests {
     fn wire_format_uses_dash_on_all_but_the_last_line_and_strips_line_breaks() {
         let reply = Reply::multiline(250, vec!["a".into(), "b\r\nc".into()]);
         assert_eq!(reply.to_wire(), b"250-a\r\n250 b  c\r\n");
+        assert_eq!(Reply::multiline(354, vec![]).to_wire(), b"354\r\n");
+        let text = Reply::new(550, "5.1.1", "Empfänger\r\nunbekannt");
+        assert_eq!(
+            text.to_wire(),
+            "550 5.1.1 Empfänger  unbekannt\r\n".as_bytes()
+        );
     }
 }
