@@ -2,5 +2,6 @@
 //! and running each SMTP session.
 
 pub mod listener;
+pub mod reader;
 pub mod session;
 pub mod transparent;

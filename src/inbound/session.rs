@@ -6,9 +6,10 @@ use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::Arc;
 
-use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
+use crate::inbound::reader::SessionReader;
 use crate::outbound::delivery::{Greeted, Greeting, NextHop, OpenError};
 use crate::outbound::upstream::{Answer, RemoteFacts, Upstream};
 use crate::outcome::{TlsOutcome, Verification};
@@ -25,11 +26,15 @@ use crate::smtp::{Command, CommandError, MailParams, Mailbox, RcptParams, Reply,
 /// Body bytes gathered before they are written to the remote.
 const BODY_BLOCK: usize = 64 * 1024;
 
+/// The read buffer between messages: a pipelined command group fits, and an idle session
+/// holds no more. It grows to BODY_BLOCK while a large message is read.
+const COMMAND_BLOCK: usize = 1024;
+
 pub struct Session {
     proxy: Arc<Proxy>,
     /// This session in `ctl sessions`; removed when the session ends.
     registered: Entry,
-    io: BufReader<MtaStream>,
+    io: SessionReader<MtaStream>,
     client: SocketAddr,
     line: Vec<u8>,
     stage: Stage,
@@ -175,7 +180,7 @@ impl Session {
         Session {
             registered: proxy.sessions.open(client),
             proxy,
-            io: BufReader::with_capacity(BODY_BLOCK, MtaStream::Plain(stream)),
+            io: SessionReader::with_capacity(COMMAND_BLOCK, MtaStream::Plain(stream)),
             client,
             line: Vec::with_capacity(512),
             stage: Stage::Greeted,
@@ -256,7 +261,9 @@ impl Session {
 
     pub async fn run(mut self) {
         tracing::debug!(client = %self.client, "session opened");
-        let Some(greeting) = self.greeting().await else {
+        // Boxed: a transparent session's connect at accept is done once, and inline its
+        // space would stay in the session's state for as long as the session lasts.
+        let Some(greeting) = Box::pin(self.greeting()).await else {
             return;
         };
         if self.reply(&greeting).await.is_err() {
@@ -345,8 +352,10 @@ impl Session {
                 Reply::multiline(250, vec![name])
             }
             Command::Mail(sender, params) => self.mail(sender, params),
-            Command::Rcpt(recipient, params) => self.rcpt(recipient, params).await,
-            Command::Data => return self.data().await,
+            // Boxed: the remote's dialogue is large and alive only in a transaction, and
+            // inline every idle session would carry its space.
+            Command::Rcpt(recipient, params) => Box::pin(self.rcpt(recipient, params)).await,
+            Command::Data => return Box::pin(self.data()).await,
             Command::Rset => {
                 self.end_transaction(End::Rset).await;
                 if let Stage::Mail(_) = self.stage {
@@ -357,7 +366,7 @@ impl Session {
             Command::Noop => Reply::new(250, "2.0.0", "OK"),
             Command::Vrfy => Reply::new(252, "2.5.0", "cannot verify, but will try to deliver"),
             Command::Help => Reply::new(214, "2.0.0", "tlsrouter relays mail; see RFC 5321"),
-            Command::StartTls => return self.starttls().await,
+            Command::StartTls => return Box::pin(self.starttls()).await,
             Command::Quit => {
                 let _ = self.reply(&Reply::new(221, "2.0.0", "bye")).await;
                 return Next::Close;
@@ -421,7 +430,10 @@ impl Session {
         {
             return Next::Close;
         }
-        let io = std::mem::replace(&mut self.io, BufReader::new(MtaStream::Gone));
+        let io = std::mem::replace(
+            &mut self.io,
+            SessionReader::with_capacity(0, MtaStream::Gone),
+        );
         let MtaStream::Plain(tcp) = io.into_inner() else {
             return Next::Close;
         };
@@ -430,7 +442,8 @@ impl Session {
             Ok(Ok(tls)) => {
                 let (_, session) = tls.get_ref();
                 tracing::debug!(client = %self.client, version = ?session.protocol_version(), "MTA session in TLS");
-                self.io = BufReader::with_capacity(BODY_BLOCK, MtaStream::Tls(Box::new(tls)));
+                self.io =
+                    SessionReader::with_capacity(COMMAND_BLOCK, MtaStream::Tls(Box::new(tls)));
                 self.stage = Stage::Greeted;
                 Next::Continue
             }
@@ -697,6 +710,7 @@ impl Session {
             return Next::Close;
         }
         let ended = self.relay_body(&mut tx).await;
+        self.io.resize(COMMAND_BLOCK);
         let Remote::Open(route) = &mut tx.remote else {
             let reply = Reply::new(451, "4.3.0", "internal error: no route");
             return self.reply_or_close(&reply).await;
@@ -749,7 +763,9 @@ impl Session {
         };
         let mut out = Vec::with_capacity(BODY_BLOCK + 1024);
         let mut upstream_error = None;
+        let mut full_reads = 0;
         loop {
+            let capacity = self.io.capacity();
             let input = match tokio::time::timeout(client_idle, self.io.fill_buf()).await {
                 Err(_) => {
                     return BodyEnd::ClientGone("timed out waiting for the message text".into());
@@ -758,11 +774,18 @@ impl Session {
                 Ok(Ok([])) => return BodyEnd::ClientGone("connection closed".into()),
                 Ok(Ok(input)) => input,
             };
+            // A text that fills the small buffer twice is large: read it in whole blocks.
+            // (A text of a KiB or two ends before it needs the larger buffer.)
+            full_reads += usize::from(input.len() == capacity);
+            let grow = full_reads == 2 && capacity < BODY_BLOCK;
             // One input byte makes at most three output bytes (a stray CR, then a stuffed
             // dot): take no more than keeps a block within BODY_BLOCK.
             let room = (BODY_BLOCK.saturating_sub(out.len()) / 3).max(1);
             let fed = filter.feed(&input[..input.len().min(room)], &mut out);
             self.io.consume(fed.consumed);
+            if grow {
+                self.io.resize(BODY_BLOCK);
+            }
             // The end of a complete text is held back: it goes with the final dot, in one
             // write (one packet for the remote, one wake-up less on both sides).
             let complete = matches!(fed.end, Some(Ok(())));

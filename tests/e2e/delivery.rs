@@ -492,3 +492,43 @@ async fn a_session_that_does_not_know_its_remote_at_ehlo_offers_no_dsn_and_refus
         "{commands:?}"
     );
 }
+
+/// A text of many 64 KiB blocks, the commands an MTA pipelines right behind the final dot,
+/// and a small text after it: the session reads commands with a small buffer and a large
+/// text in whole blocks, and changing between them loses no byte.
+#[tokio::test]
+async fn a_large_message_and_the_commands_pipelined_behind_its_dot_arrive_intact() {
+    let ca = TestCa::new();
+    let (lab, server) = one_mx(&ca, ServerBehaviour::plain()).await;
+    let mut large = Vec::new();
+    let mut i = 0;
+    while large.len() < 3 << 20 {
+        large.extend_from_slice(format!("line {i} of a large message\r\n").as_bytes());
+        i += 1;
+    }
+
+    let (mut client, _) = SmtpClient::connect(lab.smtp).await;
+    assert_eq!(client.cmd("EHLO mta.sender.test").await.code, 250);
+    assert_eq!(client.cmd("MAIL FROM:<a@sender.test>").await.code, 250);
+    assert_eq!(client.cmd("RCPT TO:<b@example.test>").await.code, 250);
+    assert_eq!(client.cmd("DATA").await.code, 354);
+    client.send_raw(&large).await;
+    client
+        .send_raw(b".\r\nMAIL FROM:<c@sender.test>\r\nRCPT TO:<d@example.test>\r\n")
+        .await;
+    let replies = [
+        client.read_reply().await,
+        client.read_reply().await,
+        client.read_reply().await,
+    ];
+    assert!(replies.iter().all(|r| r.code == 250), "{replies:?}");
+    assert_eq!(client.data(BODY).await.code, 250);
+    let _ = client.cmd("QUIT").await;
+
+    let got = server.wait_for_messages(2).await;
+    assert_eq!(got[0].data.len(), large.len());
+    assert!(got[0].data == large, "the large text byte for byte");
+    assert_eq!(got[1].mail_from, "c@sender.test");
+    assert_eq!(got[1].rcpt_to, ["d@example.test"]);
+    assert_eq!(got[1].data, BODY);
+}

@@ -10,6 +10,7 @@ mod support;
 
 mod admin;
 mod cache;
+mod cached_cost;
 mod dane;
 mod delivery;
 mod explain;
