@@ -2,7 +2,7 @@
 //! daemons, one Redis. What one relay learns spares the other the doomed handshake; a pin
 //! or flush on one applies on both; a firewall that strips STARTTLS for one source address
 //! only is called a split-source downgrade, with both sides named; a Redis that stops
-//! costs no mail and is caught up with when it returns; `rediss://` works with our CA; bad
+//! costs no mail and is caught up with when it returns, and so does one that hangs; `rediss://` works with our CA; bad
 //! URLs and wrong passwords are refused at `check-config` and `run`.
 
 use std::net::IpAddr;
@@ -316,6 +316,49 @@ async fn with_redis_stopped_mail_keeps_flowing_and_the_shared_view_comes_back_af
         ])
         .await;
     b.daemon.wait_for_log("relay relay-a pinned").await;
+    let stats = b.daemon.ctl(&["stats"]).await;
+    assert_eq!(stats["result"]["redis_connected"], 1, "{stats}");
+}
+
+#[tokio::test]
+async fn with_redis_hanging_mail_keeps_flowing_on_the_local_cache_and_redis_is_used_again_after() {
+    let redis = RedisServer::start().await;
+    let ca = TestCa::new();
+    let mx = tls_mx(&ca).await;
+    let hanging = |name| relay(name, &redis, &ca, &mx).set("cache.redis.timeout", "300ms");
+    let mut a = started(hanging("relay-a")).await;
+    let mut b = started(hanging("relay-b")).await;
+    assert_delivered(&send(a.smtp(), &["b@example.test"]).await);
+    a.daemon.wait_for_log("shared cache: wrote").await;
+
+    // Connections are still accepted, but no call is answered: each must give up on its
+    // timeout. relay-b has nothing of the host in its near cache, so its message asks
+    // Redis first; relay-a's writes wait on Redis.
+    redis.pause();
+    for relay in [&b, &a, &b] {
+        assert_delivered(&send(relay.smtp(), &["b@example.test"]).await);
+    }
+    assert_eq!(mx.messages().len(), 4);
+    assert!(
+        mx.messages().iter().all(|m| m.tls.is_some()),
+        "TLS throughout"
+    );
+    let down = "going on with the local cache until it is back";
+    let warned = b.daemon.wait_for_log(down).await;
+    assert!(
+        warned.to_string().contains("no answer in 300ms"),
+        "a hang is told as one: {warned}"
+    );
+    a.daemon.wait_for_log(down).await;
+    let stats = b.daemon.ctl(&["stats"]).await;
+    assert_eq!(stats["result"]["redis_connected"], 0, "{stats}");
+
+    redis.resume();
+    b.daemon.wait_for_log("is back; writing").await;
+    assert_delivered(&send(b.smtp(), &["b@example.test"]).await);
+    b.daemon
+        .wait_for_log("shared cache: wrote mx.example.test")
+        .await;
     let stats = b.daemon.ctl(&["stats"]).await;
     assert_eq!(stats["result"]["redis_connected"], 1, "{stats}");
 }

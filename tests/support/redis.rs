@@ -74,6 +74,27 @@ impl RedisServer {
         }
     }
 
+    /// Stops the server's process (SIGSTOP): its port still accepts connections, which the
+    /// kernel queues, but nothing answers, as with a Redis that hangs.
+    pub fn pause(&self) {
+        self.signal("STOP");
+    }
+
+    /// Lets a paused server go on (SIGCONT).
+    pub fn resume(&self) {
+        self.signal("CONT");
+    }
+
+    fn signal(&self, name: &str) {
+        let child = self.child.as_ref().expect("redis-server is running");
+        let status = Command::new("kill")
+            .arg(format!("-{name}"))
+            .arg(child.id().to_string())
+            .status()
+            .expect("run kill");
+        assert!(status.success(), "kill -{name} redis-server: {status}");
+    }
+
     /// Starts it again on the same port, empty (nothing is saved).
     pub async fn restart(&mut self) {
         self.stop();
