@@ -6,8 +6,10 @@
 //! - `entry:HOST|ADDR`: a hash with `entry` (the [`CacheEntry`] as JSON), `kind` (`success`,
 //!   `failure`, `unreachable`, `pin`), `source` (who saw it, see [`source_identity`]),
 //!   `pinned` and `expires_at`. The key expires with the class's TTL (or the pin's).
-//! - `tls:HOST|ADDR`: the last TLS any relay did with the host ([`TlsMark`]); it expires
-//!   after `cache.ttl.success`, so downgrades are seen across the fleet as long as locally.
+//! - `tls:HOST|ADDR`: the last TLS any relay did with the host ([`TlsMark`], with the
+//!   host's recipient domains, so a domain flush finds it after the entry expired); it
+//!   expires after `cache.ttl.success`, so downgrades are seen across the fleet as long as
+//!   locally.
 //! - the channel `invalidate`: flushes and pins, so every relay drops its near copy at once.
 //!
 //! Merge rules, in Redis (one script, atomic) when a relay writes an observation:
@@ -123,6 +125,10 @@ pub struct Roots<'a> {
 pub struct TlsMark {
     pub at: u64,
     pub by: Observer,
+    /// The recipient domains seen for the host, so that flushing a domain forgets the mark
+    /// even once the host's entry has expired.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub domains: Vec<String>,
 }
 
 /// What the writer task does, in order.
@@ -538,7 +544,12 @@ impl SharedCache {
         };
         let tls = match (entry.last_tls_at, &entry.last_tls_by) {
             (Some(at), Some(by)) if by == &self.me && !pin => {
-                serde_json::to_string(&TlsMark { at, by: by.clone() }).unwrap_or_default()
+                let mark = TlsMark {
+                    at,
+                    by: by.clone(),
+                    domains: entry.domains.clone(),
+                };
+                serde_json::to_string(&mark).unwrap_or_default()
             }
             _ => String::new(),
         };
@@ -682,10 +693,23 @@ impl SharedCache {
             for key in scan(&mut conn, &host_marks).await? {
                 let _: () = conn.del(&key).await?;
             }
+            // The marks of the domain's hosts whose entries have expired: only the mark
+            // itself still names the domain.
+            for key in scan(&mut conn, &format!("{prefix}tls:*")).await? {
+                let json: Option<String> = conn.get(&key).await?;
+                let mark = json.and_then(|j| serde_json::from_str::<TlsMark>(&j).ok());
+                if mark.is_some_and(|m| m.domains.contains(&name)) {
+                    let _: () = conn.del(&key).await?;
+                }
+            }
             Ok(())
         };
-        self.call("flush", flush).await.is_some()
-            && self.publish(What::Flush { name: announced }).await
+        if self.call("flush", flush).await.is_none() {
+            return false;
+        }
+        let what = announced.as_deref().unwrap_or("everything");
+        tracing::debug!("shared cache: flushed {what}");
+        self.publish(What::Flush { name: announced }).await
     }
 
     async fn publish(&self, what: What) -> bool {
@@ -1104,6 +1128,7 @@ mod tests {
         let mark = TlsMark {
             at: T0,
             by: b.clone(),
+            domains: Vec::new(),
         };
         let merged = merge(None, None, Some(mark), &key, &a, T0 + 5).expect("kept");
         assert!(merged.is_expired(T0 + 5));

@@ -180,6 +180,36 @@ async fn a_flush_on_one_relay_clears_both_and_the_shared_cache() {
 }
 
 #[tokio::test]
+async fn a_domain_flush_forgets_the_memory_of_tls_of_a_host_whose_entry_has_expired() {
+    let redis = RedisServer::start().await;
+    let ca = TestCa::new();
+    let mx = tls_mx(&ca).await;
+    let mut a = started(relay("relay-a", &redis, &ca, &mx)).await;
+    assert_delivered(&send(a.smtp(), &["b@example.test"]).await);
+    a.daemon
+        .wait_for_log("shared cache: wrote mx.example.test[127.0.0.1] (tls-verified)")
+        .await;
+    let mark = "tlsrouter:tls:mx.example.test|127.0.0.1";
+    assert_eq!(redis.keys("tlsrouter:tls:*").await, vec![mark]);
+
+    // The entry expires before the memory of TLS does (the class's TTL against
+    // cache.ttl.success): left alone, the mark would make the next relay that finds no
+    // STARTTLS there call it a downgrade, flush or not.
+    redis
+        .delete("tlsrouter:entry:mx.example.test|127.0.0.1")
+        .await;
+    let flushed = a.daemon.ctl(&["cache", "flush", "example.test"]).await;
+    assert_eq!(flushed["ok"], true, "{flushed}");
+    a.daemon
+        .wait_for_log("shared cache: flushed example.test")
+        .await;
+    assert!(
+        redis.keys("tlsrouter:*").await.is_empty(),
+        "nothing of example.test is left in Redis"
+    );
+}
+
+#[tokio::test]
 async fn a_firewall_that_strips_starttls_for_one_source_address_is_a_split_source_downgrade() {
     let redis = RedisServer::start().await;
     let ca = TestCa::new();

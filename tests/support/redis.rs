@@ -112,6 +112,35 @@ impl RedisServer {
         panic!("redis-server: port {} stayed taken", self.port);
     }
 
+    /// The keys matching `pattern` (Redis's KEYS: a test's small database).
+    pub async fn keys(&self, pattern: &str) -> Vec<String> {
+        let mut conn = self.connection().await;
+        redis::cmd("KEYS")
+            .arg(pattern)
+            .query_async(&mut conn)
+            .await
+            .expect("KEYS")
+    }
+
+    /// Deletes `key`, as its expiry would.
+    pub async fn delete(&self, key: &str) {
+        let mut conn = self.connection().await;
+        let _: () = redis::cmd("DEL")
+            .arg(key)
+            .query_async(&mut conn)
+            .await
+            .expect("DEL");
+    }
+
+    async fn connection(&self) -> redis::aio::MultiplexedConnection {
+        assert!(self.options.tls.is_none(), "plain Redis only");
+        redis::Client::open(self.url())
+            .expect("redis URL")
+            .get_multiplexed_async_connection()
+            .await
+            .expect("connect to redis-server")
+    }
+
     pub fn dir(&self) -> &Path {
         self.dir.path()
     }
