@@ -121,32 +121,14 @@ impl TlsClient {
         let stream = match tokio::time::timeout(timeout, connector.connect(name, tcp)).await {
             Ok(Ok(stream)) => stream,
             Ok(Err(error)) => return Err(classify_handshake_error(&error, min_tls)),
-            Err(_) => {
-                return Err(NoTls::HandshakeFailed(format!(
-                    "no TLS handshake within {}s",
-                    timeout.as_secs()
-                )));
-            }
+            Err(_) => return Err(no_handshake_within(timeout)),
         };
+        let (version, cipher, chain) = negotiated(&stream);
         let (_, conn) = stream.get_ref();
-        let version = conn
-            .protocol_version()
-            .and_then(|v| v.as_str())
-            .unwrap_or("TLS")
-            .replace('_', ".");
-        let cipher = conn
-            .negotiated_cipher_suite()
-            .and_then(|s| s.suite().as_str())
-            .unwrap_or("unknown")
-            .to_string();
         match conn.handshake_kind() {
             Some(HandshakeKind::Resumed) => self.resumed_handshakes.inc(),
             _ => self.full_handshakes.inc(),
         };
-        let chain: Vec<CertificateDer<'static>> = conn
-            .peer_certificates()
-            .map(|certs| certs.iter().map(|c| c.clone().into_owned()).collect())
-            .unwrap_or_default();
         // A resumed session holds the chain of the handshake it resumes: verified now, as
         // a full handshake's is.
         let verification = self.verify_chain(&chain, host);
@@ -160,6 +142,31 @@ impl TlsClient {
             },
         ))
     }
+}
+
+/// What a completed rustls handshake negotiated: the protocol version and cipher suite as
+/// the log names them, and the server's chain, end entity first.
+fn negotiated(stream: &TlsStream<TcpStream>) -> (String, String, Vec<CertificateDer<'static>>) {
+    let (_, conn) = stream.get_ref();
+    let version = conn
+        .protocol_version()
+        .and_then(|v| v.as_str())
+        .unwrap_or("TLS")
+        .replace('_', ".");
+    let cipher = conn
+        .negotiated_cipher_suite()
+        .and_then(|s| s.suite().as_str())
+        .unwrap_or("unknown")
+        .to_string();
+    let chain = conn
+        .peer_certificates()
+        .map(|certs| certs.iter().map(|c| c.clone().into_owned()).collect())
+        .unwrap_or_default();
+    (version, cipher, chain)
+}
+
+fn no_handshake_within(timeout: Duration) -> NoTls {
+    NoTls::HandshakeFailed(format!("no TLS handshake within {}s", timeout.as_secs()))
 }
 
 impl TlsClient {
@@ -450,28 +457,9 @@ impl TlsClient {
                     _ => classify_handshake_error(&error, min_tls),
                 });
             }
-            Err(_) => {
-                return Err(NoTls::HandshakeFailed(format!(
-                    "no TLS handshake within {}s",
-                    timeout.as_secs()
-                )));
-            }
+            Err(_) => return Err(no_handshake_within(timeout)),
         };
-        let (_, conn) = stream.get_ref();
-        let version = conn
-            .protocol_version()
-            .and_then(|v| v.as_str())
-            .unwrap_or("TLS")
-            .replace('_', ".");
-        let cipher = conn
-            .negotiated_cipher_suite()
-            .and_then(|s| s.suite().as_str())
-            .unwrap_or("unknown")
-            .to_string();
-        let chain = conn
-            .peer_certificates()
-            .map(|certs| certs.iter().map(|c| c.clone().into_owned()).collect())
-            .unwrap_or_default();
+        let (version, cipher, chain) = negotiated(&stream);
         if let Some(verdict) = verifier.verdict() {
             tracing::debug!(host, "{verdict}");
         }
