@@ -81,7 +81,7 @@ fn fleet_cache(
         Roots::default(),
         "bench",
         None,
-        config.ttl.success,
+        &config.ttl,
         Arc::new(Stats::default()),
     )
     .expect("shared cache");

@@ -149,6 +149,10 @@ pub struct TtlConfig {
     /// `connect-failed` and `timeout`: not TLS facts, so kept only briefly.
     #[serde(with = "crate::config::values::duration")]
     pub unreachable: Duration,
+    /// The longest an operator's pin (`ctl cache pin --ttl`) may last; a pin read from the
+    /// fleet that lasts longer is not believed.
+    #[serde(with = "crate::config::values::duration")]
+    pub pin_max: Duration,
 }
 
 impl Default for TtlConfig {
@@ -157,6 +161,7 @@ impl Default for TtlConfig {
             success: Duration::from_secs(7 * 86_400),
             tls_failure: Duration::from_secs(3600),
             unreachable: Duration::from_secs(5 * 60),
+            pin_max: Duration::from_secs(30 * 86_400),
         }
     }
 }
@@ -244,6 +249,9 @@ pub struct CacheEntry {
     pub expires_at: u64,
     /// Set by the operator: observations do not replace the class until it expires.
     pub pinned: bool,
+    /// When the operator pinned it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pinned_at: Option<u64>,
     /// The last time TLS was achieved with this host, kept across later failures so that a
     /// downgrade can be detected.
     pub last_tls_at: Option<u64>,
@@ -305,6 +313,7 @@ impl CacheEntry {
             count: 0,
             expires_at: now,
             pinned: false,
+            pinned_at: None,
             last_tls_at: None,
             observed_by: None,
             last_tls_by: None,
@@ -371,7 +380,7 @@ impl CacheEntry {
     }
 
     /// Repairs what a hand-edited or older file might carry: case, the domain bound.
-    fn normalized(mut self) -> CacheEntry {
+    pub(crate) fn normalized(mut self) -> CacheEntry {
         self.host = normalize_name(&self.host).into_owned();
         let domains = std::mem::take(&mut self.domains);
         for domain in &domains {
@@ -401,10 +410,14 @@ pub fn is_downgrade(
     now: u64,
     success_ttl: Duration,
 ) -> bool {
-    now_class.meaning().downgrade
-        && entry
-            .last_tls_at
-            .is_some_and(|at| now.saturating_sub(at) < success_ttl.as_secs())
+    now_class.meaning().downgrade && did_tls_within(entry, now, success_ttl)
+}
+
+/// Whether the entry's host did TLS within `success_ttl` before `now`.
+fn did_tls_within(entry: &CacheEntry, now: u64, success_ttl: Duration) -> bool {
+    entry
+        .last_tls_at
+        .is_some_and(|at| now.saturating_sub(at) < success_ttl.as_secs())
 }
 
 // ---------------------------------------------------------------------------------------
@@ -529,6 +542,11 @@ pub enum CacheError {
     Corrupt { path: PathBuf, detail: String },
     #[error("no cached entry for {host}: name an address to pin, {host}[ADDRESS]")]
     NotCached { host: String },
+    #[error(
+        "a pin lasts at most {} (cache.ttl.pin_max): give a shorter --ttl, or pin again later",
+        crate::config::values::duration::format(*max)
+    )]
+    PinTooLong { max: Duration },
 }
 
 // ---------------------------------------------------------------------------------------
@@ -660,6 +678,7 @@ impl OutcomeCache {
             return entry;
         }
         entry.pinned = false;
+        entry.pinned_at = None;
         entry.shared = false;
         entry.expires_at = now.saturating_add(self.ttl.for_class(obs.class).as_secs());
         entry.class = obs.class;
@@ -684,6 +703,12 @@ impl OutcomeCache {
             self.remove_if_stale(entry.key(), now);
         }
         None
+    }
+
+    /// Whether `entry`'s host did TLS within the success memory (`cache.ttl.success`): a
+    /// cached failure an attacker on the path could cause is then not believed over it.
+    pub fn did_tls_recently(&self, entry: &CacheEntry) -> bool {
+        did_tls_within(entry, self.clock.now(), self.ttl.success)
     }
 
     /// True when `now_class` is a downgrade from TLS seen with `host`/`addr` recently,
@@ -834,6 +859,11 @@ impl OutcomeCache {
         class: OutcomeClass,
         ttl: Duration,
     ) -> Result<usize, CacheError> {
+        if ttl > self.ttl.pin_max {
+            return Err(CacheError::PinTooLong {
+                max: self.ttl.pin_max,
+            });
+        }
         let host = normalize_name(host).into_owned();
         let addrs = match addr {
             Some(addr) => vec![addr],
@@ -980,6 +1010,7 @@ fn pinned(
     entry.class = class;
     entry.detail = PINNED_DETAIL.to_string();
     entry.pinned = true;
+    entry.pinned_at = Some(now);
     entry.shared = false;
     entry.expires_at = now.saturating_add(ttl.as_secs());
     entry

@@ -107,6 +107,10 @@ enum Commands {
         /// The outcome was pinned by an operator (`ctl cache pin`), not observed.
         #[arg(long, requires = "outcome")]
         pinned: bool,
+        /// The MX host did TLS within the success memory (cache.ttl.success) before the
+        /// outcome was seen.
+        #[arg(long, requires = "outcome")]
+        did_tls: bool,
         /// Assume the recipient domain publishes an MTA-STS policy in this mode.
         #[arg(long, value_enum)]
         mta_sts: Option<AssumedStsMode>,
@@ -226,6 +230,9 @@ enum RulesCommand {
         /// The outcome was pinned by an operator, not observed.
         #[arg(long, requires = "outcome")]
         pinned: bool,
+        /// The MX host did TLS within the success memory before the outcome was seen.
+        #[arg(long, requires = "outcome")]
+        did_tls: bool,
     },
 }
 
@@ -273,6 +280,7 @@ fn main() -> ExitCode {
             mx,
             outcome,
             pinned,
+            did_tls,
             mta_sts,
             mta_sts_mx,
         } => {
@@ -288,8 +296,11 @@ fn main() -> ExitCode {
                 &rcpt,
                 sender.as_deref(),
                 mx.as_deref(),
-                outcome,
-                pinned,
+                Assumed {
+                    outcome,
+                    pinned,
+                    did_tls,
+                },
                 published,
             )
         }
@@ -323,12 +334,14 @@ fn ctl(socket: &std::path::Path, json: bool, command: CtlCommand) -> ExitCode {
                 mx,
                 outcome,
                 pinned,
+                did_tls,
             } => Request::RulesExplain {
                 rcpt,
                 sender,
                 mx,
                 outcome,
                 pinned,
+                did_tls,
             },
         },
         CtlCommand::Policy { command } => match command {
@@ -481,13 +494,19 @@ fn check_rules(file: &std::path::Path) -> ExitCode {
     ExitCode::SUCCESS
 }
 
+/// What `explain` is asked to assume of the MX host's cache entry.
+struct Assumed {
+    outcome: Option<OutcomeClass>,
+    pinned: bool,
+    did_tls: bool,
+}
+
 fn explain_rcpt(
     rules: Option<PathBuf>,
     rcpt: &str,
     sender: Option<&str>,
     mx: Option<&str>,
-    outcome: Option<OutcomeClass>,
-    pinned: bool,
+    assumed: Assumed,
     published: Published,
 ) -> ExitCode {
     let rules = match rules.as_deref().map(RuleSet::load) {
@@ -499,12 +518,10 @@ fn explain_rcpt(
         None => RuleSet::embedded_default(),
     };
     let domain_of = |address: &str| {
-        address
-            .rsplit_once('@')
-            .map(|(_, d)| d.to_ascii_lowercase())
+        (address.rsplit_once('@')).and_then(|(_, d)| tlsrouter::smtp::command::a_label(d))
     };
     let Some(domain) = domain_of(rcpt) else {
-        eprintln!("--rcpt {rcpt:?}: expected user@domain");
+        eprintln!("--rcpt {rcpt:?}: expected user@domain, the domain a valid (IDNA) name");
         return ExitCode::from(EXIT_CONFIG);
     };
     let sender_domain = sender.and_then(domain_of);
@@ -512,7 +529,8 @@ fn explain_rcpt(
         recipient_domain: &domain,
         sender_domain: sender_domain.as_deref(),
         mx,
-        cached: assumed_entry(mx.unwrap_or(""), outcome.as_slice(), pinned),
+        cached: assumed_entry(mx.unwrap_or(""), assumed.outcome.as_slice(), assumed.pinned),
+        did_tls_recently: assumed.did_tls,
         published,
     };
     print!("{}", explain(Arc::new(rules), &question).text);

@@ -314,28 +314,32 @@ fn explain_for(
         sender_domain: None,
         mx,
         cached: assumed_entry(mx.unwrap_or(""), classes, false),
+        did_tls_recently: false,
         published: Published::Nothing,
     };
     let answer = explain(rules.clone(), &question);
     Some((answer.rule, answer.text))
 }
 
-/// What a delivery to the target's domain does through `host` now that `outcome` was
-/// found there: the host decision's answer.
+/// What a delivery to the target's domain does through `server` now that `outcome` was
+/// found there: the host decision's answer, with the cache's memory of TLS, as delivery
+/// asks it.
 fn decision_for(
+    outbound: &Outbound,
     rules: &Arc<RuleSet>,
     target: &ProbeTarget,
-    host: &str,
+    server: &ServerId,
     classes: &[OutcomeClass],
     outcome: Option<&TlsOutcome>,
     published: Published,
 ) -> Option<HostDecision> {
     let plan = Plan::new(rules.clone(), target.domain.as_deref()?, None);
-    let rule = plan.rule_for_host(host, classes);
-    let found = Known::Found {
-        outcome: outcome?,
-        downgrade: false,
-    };
+    let rule = plan.rule_for_host(&server.name, classes);
+    let outcome = outcome?;
+    let downgrade = outcome
+        .class()
+        .is_some_and(|class| (outbound.cache).is_downgrade(&server.name, server.addr, class));
+    let found = Known::Found { outcome, downgrade };
     Some(decide(rule, found, published))
 }
 
@@ -393,9 +397,10 @@ async fn probe_host(
         if !target.no_tls {
             let classes = server.outcome.as_ref().and_then(TlsOutcome::class);
             let decision = decision_for(
+                outbound,
                 rules,
                 target,
-                &id.name,
+                &id,
                 classes.as_slice(),
                 server.outcome.as_ref(),
                 published,
@@ -433,9 +438,10 @@ async fn probe_host(
             });
         }
         server.decision = decision_for(
+            outbound,
             rules,
             target,
-            &id.name,
+            &id,
             &classes,
             outcome.as_ref(),
             published,

@@ -83,7 +83,7 @@ impl Proxy {
                 roots,
                 &config.hostname.0,
                 config.delivery.source_address,
-                config.cache.ttl.success,
+                &config.cache.ttl,
                 stats.clone(),
             )?));
         }

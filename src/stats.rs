@@ -52,6 +52,9 @@ pub struct Stats {
     pub near_cache_misses: Counter,
     /// A host did TLS for one source address and fails it for another.
     pub split_source_downgrades: Counter,
+    /// Entries and policies read from the fleet that were not believed (future times, a pin
+    /// not written as one, a policy that does not parse or weakens one held).
+    pub fleet_forged: Counter,
     redis_seconds: Histogram,
     redis_calls: std::sync::atomic::AtomicU64,
     redis_micros: std::sync::atomic::AtomicU64,
@@ -85,6 +88,7 @@ impl Default for Stats {
             near_cache_hits: Counter::default(),
             near_cache_misses: Counter::default(),
             split_source_downgrades: Counter::default(),
+            fleet_forged: Counter::default(),
             redis_seconds: Histogram::new(exponential_buckets(0.0001, 2.0, 14)),
             redis_calls: Default::default(),
             redis_micros: Default::default(),
@@ -141,6 +145,8 @@ pub struct Snapshot {
     pub near_cache_misses: u64,
     #[serde(default)]
     pub split_source_downgrades: u64,
+    #[serde(default)]
+    pub fleet_forged: u64,
 }
 
 impl Stats {
@@ -272,6 +278,11 @@ impl Stats {
             "hosts that did TLS for one source address and failed it for another",
             self.split_source_downgrades.clone(),
         );
+        r.register(
+            "fleet_forged",
+            "entries and policies read from the shared cache that were not believed",
+            self.fleet_forged.clone(),
+        );
     }
 
     /// One Redis call's round trip.
@@ -347,6 +358,7 @@ impl Stats {
             near_cache_hits: self.near_cache_hits.get(),
             near_cache_misses: self.near_cache_misses.get(),
             split_source_downgrades: self.split_source_downgrades.get(),
+            fleet_forged: self.fleet_forged.get(),
         }
     }
 

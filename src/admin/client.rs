@@ -317,6 +317,7 @@ fn shared_cache_lines(result: &Value) -> String {
             "split-source downgrades",
             number("split_source_downgrades").to_string(),
         ),
+        ("forged, not believed", number("fleet_forged").to_string()),
     ] {
         out.push_str(&format!("{key:<26}{value}\n"));
     }

@@ -50,6 +50,9 @@ pub enum Request {
         /// With `outcome`: it was pinned by an operator, not observed.
         #[serde(default)]
         pinned: bool,
+        /// With `outcome`: the host did TLS within the success memory before.
+        #[serde(default)]
+        did_tls: bool,
     },
     Stats {},
     Sessions {},

@@ -105,21 +105,29 @@ pub async fn handle(proxy: &Proxy, request: Request) -> Response {
             mx,
             outcome,
             pinned,
+            did_tls,
         } => {
-            let domain_of = |a: &str| a.rsplit_once('@').map(|(_, d)| d.to_ascii_lowercase());
+            let domain_of =
+                |a: &str| (a.rsplit_once('@')).and_then(|(_, d)| crate::smtp::command::a_label(d));
             let Some(domain) = domain_of(&rcpt) else {
-                return Response::error(ErrorKind::BadArguments, "rcpt must be user@domain");
+                return Response::error(
+                    ErrorKind::BadArguments,
+                    "rcpt must be user@domain, the domain a valid (IDNA) name",
+                );
             };
             let sender_domain = sender.as_deref().and_then(domain_of);
             // Without an outcome, what this daemon knows of the host now.
-            let cached = match (&mx, outcome) {
+            let (cached, did_tls_recently) = match (&mx, outcome) {
                 (Some(mx), None) => {
                     let host = crate::outbound::mx::bare_name(mx);
-                    cache.find(&host).into_iter().find(|e| e.host == host)
+                    let entry = cache.find(&host).into_iter().find(|e| e.host == host);
+                    let recent = entry.as_ref().is_some_and(|e| cache.did_tls_recently(e));
+                    (entry, recent)
                 }
-                (mx, outcome) => {
-                    assumed_entry(mx.as_deref().unwrap_or(""), outcome.as_slice(), pinned)
-                }
+                (mx, outcome) => (
+                    assumed_entry(mx.as_deref().unwrap_or(""), outcome.as_slice(), pinned),
+                    did_tls,
+                ),
             };
             // The domain's policy as this daemon holds it now.
             let policy = proxy.policies.cached(&domain);
@@ -136,6 +144,7 @@ pub async fn handle(proxy: &Proxy, request: Request) -> Response {
                 sender_domain: sender_domain.as_deref(),
                 mx: mx.as_deref(),
                 cached,
+                did_tls_recently,
                 published,
             };
             let answer = explain(proxy.router.rules(), &question);

@@ -17,17 +17,26 @@
 //! 2. a success never replaces an unexpired failure that another source address saw: for
 //!    that address the failure still holds. The success still writes `tls:`, and the
 //!    writer logs the split-source downgrade with both sides named;
-//! 3. anything else replaces the entry.
+//! 3. anything else replaces the entry. A pin or failure that would hold longer than any
+//!    relay writes one (`cache.ttl.pin_max`, `cache.ttl.tls_failure`) holds nothing back.
 //!
-//! And in a relay, when it reads what Redis holds ([`merge`]): an unexpired pin wins over no
-//! pin; otherwise the later observation (`last_seen`) wins; the memory of TLS is the latest
-//! of both. A relay's own newer success therefore stands in its near cache even while
-//! Redis keeps another source's failure.
+//! What a relay reads is checked first ([`checked`], [`checked_mark`]), as it would check
+//! what it saw itself: no time further ahead of its clock than `cache.redis.clock_skew`,
+//! a pin only as `ctl cache pin` writes one and no longer than `cache.ttl.pin_max`, an
+//! observation believed no longer than its class's TTL here. What fails is logged and
+//! counted once ([`SharedCache::forged`]) and ignored.
+//!
+//! Then it is merged ([`merge`]): an unexpired pin wins over no pin; another relay's
+//! failure never replaces this relay's own unexpired success (that relay's path may be the
+//! attacked one); otherwise the later observation (`last_seen`) wins; the memory of TLS is
+//! the latest of both. A relay's own success therefore stands in its near cache even
+//! while Redis keeps another source's failure.
 //!
 //! Redis never stops mail: every call has a timeout; writes go through a queue drained by a
 //! task of their own; while Redis is down lookups use the near cache alone, writes are
 //! remembered, and on its return they are written and the near cache is read afresh.
 
+use std::borrow::Cow;
 use std::collections::HashSet;
 use std::fmt::Write as _;
 use std::net::IpAddr;
@@ -42,7 +51,7 @@ use redis::{AsyncCommands, Client, ConnectionAddr, IntoConnectionInfo, Script};
 use serde::{Deserialize, Serialize};
 use tokio::sync::mpsc;
 
-use super::{CacheEntry, CacheKey, Observer, OutcomeCache};
+use super::{CacheEntry, CacheKey, Clock, Observer, OutcomeCache, SystemClock, TtlConfig};
 use crate::outcome::OutcomeClass;
 use crate::stats::Stats;
 
@@ -76,6 +85,10 @@ pub struct RedisConfig {
     /// How long a copy read from Redis is used before Redis is asked again.
     #[serde(with = "crate::config::values::duration")]
     pub near_ttl: Duration,
+    /// How far ahead of this relay's clock a time read from Redis may be (another relay's
+    /// clock may run a little fast); an entry further ahead is not believed.
+    #[serde(with = "crate::config::values::duration")]
+    pub clock_skew: Duration,
 }
 
 impl Default for RedisConfig {
@@ -89,6 +102,7 @@ impl Default for RedisConfig {
             relay_name: None,
             timeout: Duration::from_millis(500),
             near_ttl: Duration::from_secs(10),
+            clock_skew: Duration::from_secs(60),
         }
     }
 }
@@ -172,7 +186,11 @@ pub struct SharedCache {
     prefix: String,
     me: Observer,
     timeout: Duration,
-    success_ttl: Duration,
+    /// The TTLs an entry read from Redis is checked against.
+    ttl: TtlConfig,
+    clock_skew: Duration,
+    /// What was read and not believed, so that each is logged and counted once.
+    forged: Mutex<HashSet<String>>,
     /// Keys read from Redis within the near TTL: a lookup of one of them asks no one.
     near: moka::sync::Cache<CacheKey, ()>,
     conn: OnceLock<ConnectionManager>,
@@ -203,9 +221,11 @@ local cur = redis.call('HMGET', KEYS[1], 'kind', 'source', 'pinned', 'expires_at
 local cur_expires = tonumber(cur[4]) or 0
 local status = 'written'
 if ARGV[4] ~= '1' and cur_expires > now then
-  if cur[3] == '1' then
+  -- What holds past any TTL a relay gives was not written by one: it holds nothing back.
+  if cur[3] == '1' and cur_expires <= now + tonumber(ARGV[10]) then
     status = 'pinned'
-  elseif ARGV[2] == 'success' and cur[1] == 'failure' and cur[2] ~= ARGV[3] then
+  elseif ARGV[2] == 'success' and cur[1] == 'failure' and cur[2] ~= ARGV[3]
+      and cur_expires <= now + tonumber(ARGV[11]) then
     status = 'kept'
   end
 end
@@ -231,7 +251,7 @@ impl SharedCache {
         roots: Roots<'_>,
         relay: &str,
         source: Option<IpAddr>,
-        success_ttl: Duration,
+        ttl: &TtlConfig,
         stats: Arc<Stats>,
     ) -> Result<SharedCache, SharedCacheError> {
         let (client, target) = client(config, roots)?;
@@ -252,7 +272,9 @@ impl SharedCache {
                 source,
             },
             timeout: config.timeout,
-            success_ttl,
+            ttl: ttl.clone(),
+            clock_skew: config.clock_skew,
+            forged: Mutex::new(HashSet::new()),
             near,
             conn: OnceLock::new(),
             up: AtomicBool::new(false),
@@ -400,21 +422,84 @@ impl SharedCache {
         }
     }
 
-    /// What Redis holds for `key`: its entry and the last TLS with it.
+    /// What Redis holds for `key`: its entry and the last TLS with it, each checked as
+    /// this relay would check what it saw itself ([`checked`], [`checked_mark`]); what
+    /// fails the check is logged and counted once, and left out.
     pub async fn read(&self, key: &CacheKey) -> Option<(Option<CacheEntry>, Option<TlsMark>)> {
         let mut conn = self.connection()?;
         let (entry_key, tls_key) = (self.key("entry", key), self.key("tls", key));
         let read = async move {
             redis::pipe()
-                .hget(&entry_key, "entry")
+                .cmd("HMGET")
+                .arg(&entry_key)
+                .arg("entry")
+                .arg("kind")
+                .arg("pinned")
                 .get(&tls_key)
-                .query_async::<(Option<String>, Option<String>)>(&mut conn)
+                .query_async::<(Vec<Option<String>>, Option<String>)>(&mut conn)
                 .await
         };
-        let (entry, tls) = self.call("read", read).await?;
-        let entry = entry.and_then(|json| serde_json::from_str::<CacheEntry>(&json).ok());
-        let tls = tls.and_then(|json| serde_json::from_str::<TlsMark>(&json).ok());
+        let (fields, tls) = self.call("read", read).await?;
+        let mut fields = fields.into_iter();
+        let (entry, kind, pinned) = (
+            fields.next().flatten(),
+            fields.next().flatten(),
+            fields.next().flatten(),
+        );
+        let now = SystemClock.now();
+        let limits = self.limits();
+        let entry = entry.and_then(|json| {
+            let stored = Stored {
+                json: &json,
+                kind: kind.as_deref(),
+                pinned: pinned.as_deref(),
+            };
+            self.believed(key, "entry", checked(&stored, key, now, &limits))
+        });
+        let tls = tls.and_then(|json| self.believed(key, "tls", checked_mark(&json, now, &limits)));
         Some((entry, tls))
+    }
+
+    /// What an entry read from the fleet is checked against.
+    fn limits(&self) -> Limits {
+        Limits {
+            ttl: self.ttl.clone(),
+            clock_skew: self.clock_skew,
+        }
+    }
+
+    /// How far ahead of this relay's clock a time read from the fleet may be.
+    pub fn clock_skew(&self) -> Duration {
+        self.clock_skew
+    }
+
+    /// The value when it was believed; a forgery is logged at warn and counted, once.
+    fn believed<T>(&self, key: &CacheKey, what: &str, value: Result<T, Forged>) -> Option<T> {
+        match value {
+            Ok(value) => Some(value),
+            Err(forged) => {
+                let name = format!("{what} {}[{}]", key.host, key.addr);
+                self.forged(&name, &forged);
+                None
+            }
+        }
+    }
+
+    /// Logs and counts, once per name and reason, something read from the fleet that is
+    /// not believed.
+    pub fn forged(&self, name: &str, why: &Forged) {
+        let fingerprint = format!("{name}: {why}");
+        let new = match self.forged.lock() {
+            Ok(mut seen) if seen.len() < QUEUE => seen.insert(fingerprint),
+            _ => false,
+        };
+        if new {
+            self.stats.fleet_forged.inc();
+            tracing::warn!(
+                "shared cache: the {name} in Redis is not believed: {why}; ignored (whoever \
+                 can write to Redis, or a relay with a wrong clock, wrote it)"
+            );
+        }
     }
 
     /// Every entry Redis holds for a host or recipient domain (for `ctl cache show`).
@@ -536,10 +621,20 @@ impl SharedCache {
             return false;
         };
         let key = entry.key();
-        let now = super::Clock::now(&super::SystemClock);
+        let now = SystemClock.now();
         let by = entry.observed_by.clone().unwrap_or_else(|| self.me.clone());
         let kind = if pin { "pin" } else { kind_of(entry.class) };
-        let Ok(json) = serde_json::to_string(entry) else {
+        // A pin is written as one (`ctl cache pin`) or not at all: readers believe a pin
+        // only from a pin's write.
+        let written = match pin {
+            true => Cow::Borrowed(entry),
+            false => Cow::Owned(CacheEntry {
+                pinned: false,
+                pinned_at: None,
+                ..entry.clone()
+            }),
+        };
+        let Ok(json) = serde_json::to_string(&*written) else {
             return true;
         };
         let tls = match (entry.last_tls_at, &entry.last_tls_by) {
@@ -566,7 +661,9 @@ impl SharedCache {
             .arg(now)
             .arg(ttl)
             .arg(tls)
-            .arg(self.success_ttl.as_secs().max(1));
+            .arg(self.ttl.success.as_secs().max(1))
+            .arg(self.ttl.pin_max.as_secs() + self.clock_skew.as_secs())
+            .arg(self.ttl.tls_failure.as_secs() + self.clock_skew.as_secs());
         let run = async move { invocation.invoke_async::<(String, String)>(&mut conn).await };
         let Some((status, held)) = self.call("write", run).await else {
             return false;
@@ -836,6 +933,116 @@ impl SharedCache {
     }
 }
 
+/// What Redis holds under `entry:HOST|ADDR`, as read back: the entry's JSON and the fields
+/// the write script set beside it.
+#[derive(Clone, Copy, Debug)]
+pub struct Stored<'a> {
+    pub json: &'a str,
+    /// `success`, `failure`, `unreachable` or `pin`.
+    pub kind: Option<&'a str>,
+    /// `1` for a pin.
+    pub pinned: Option<&'a str>,
+}
+
+/// What an entry read from the fleet is checked against: this relay's TTLs and how far
+/// another relay's clock may run ahead.
+#[derive(Clone, Debug)]
+pub struct Limits {
+    pub ttl: TtlConfig,
+    pub clock_skew: Duration,
+}
+
+/// Why something read from the fleet is not believed.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum Forged {
+    #[error("it does not parse ({0})")]
+    Malformed(String),
+    #[error("it is for {found}, not for the key it is under")]
+    WrongKey { found: String },
+    #[error(
+        "its {field} is {ahead}s ahead of this relay's clock, more than cache.redis.clock_skew \
+         ({skew}s) allows"
+    )]
+    Future {
+        field: &'static str,
+        ahead: u64,
+        skew: u64,
+    },
+    #[error("it says pinned, but was not written as a pin (ctl cache pin)")]
+    PinNotWritten,
+    #[error("its pin lasts {lasts}s, longer than cache.ttl.pin_max ({max}s)")]
+    PinTooLong { lasts: u64, max: u64 },
+    #[error("the MTA-STS policy {0}")]
+    Policy(String),
+}
+
+/// A time read from the fleet, which may be only a little ahead of ours.
+fn not_ahead(field: &'static str, at: u64, now: u64, skew: Duration) -> Result<(), Forged> {
+    let ahead = at.saturating_sub(now);
+    if ahead > skew.as_secs() {
+        return Err(Forged::Future {
+            field,
+            ahead,
+            skew: skew.as_secs(),
+        });
+    }
+    Ok(())
+}
+
+/// An entry read from the fleet, checked as this relay would check what it saw itself:
+/// its times no later than now plus the clock skew, a pin only as `ctl cache pin` writes
+/// one (and no longer than `cache.ttl.pin_max`), and an observation believed no longer
+/// than this relay's TTL for its class.
+pub fn checked(
+    stored: &Stored<'_>,
+    key: &CacheKey,
+    now: u64,
+    limits: &Limits,
+) -> Result<CacheEntry, Forged> {
+    let mut entry: CacheEntry =
+        serde_json::from_str(stored.json).map_err(|e| Forged::Malformed(e.to_string()))?;
+    entry = entry.normalized();
+    if entry.key() != *key {
+        return Err(Forged::WrongKey {
+            found: format!("{}[{}]", entry.host, entry.addr),
+        });
+    }
+    let skew = limits.clock_skew;
+    not_ahead("first_seen", entry.first_seen, now, skew)?;
+    not_ahead("last_seen", entry.last_seen, now, skew)?;
+    if let Some(at) = entry.last_tls_at {
+        not_ahead("last_tls_at", at, now, skew)?;
+    }
+    let written_as_pin = stored.kind == Some("pin") && stored.pinned == Some("1");
+    if entry.pinned != written_as_pin {
+        return Err(Forged::PinNotWritten);
+    }
+    if entry.pinned {
+        let at = entry.pinned_at.ok_or(Forged::PinNotWritten)?;
+        not_ahead("pinned_at", at, now, skew)?;
+        let lasts = entry.expires_at.saturating_sub(at);
+        if lasts > limits.ttl.pin_max.as_secs() {
+            return Err(Forged::PinTooLong {
+                lasts,
+                max: limits.ttl.pin_max.as_secs(),
+            });
+        }
+    } else {
+        let believed = limits.ttl.for_class(entry.class).as_secs();
+        entry.expires_at = entry
+            .expires_at
+            .min(entry.last_seen.saturating_add(believed));
+    }
+    Ok(entry)
+}
+
+/// The memory of TLS read from the fleet, checked as [`checked`] checks an entry.
+pub fn checked_mark(json: &str, now: u64, limits: &Limits) -> Result<TlsMark, Forged> {
+    let mark: TlsMark = serde_json::from_str(json).map_err(|e| Forged::Malformed(e.to_string()))?;
+    not_ahead("time of TLS", mark.at, now, limits.clock_skew)?;
+    Ok(mark)
+}
+
 /// Takes in what the fleet holds; see the module documentation for the rules.
 pub fn merge(
     local: Option<CacheEntry>,
@@ -860,8 +1067,15 @@ pub fn merge(
         (Some(local), Some(fleet)) => {
             let fleet_pin = fleet.pinned && !fleet.is_expired(now);
             let local_pin = local.pinned && !local.is_expired(now);
+            // Another relay's failure may be its own path's (a 454 injected there only):
+            // it never replaces this relay's own success while that still counts.
+            let own_success = !local.shared && local.class.is_encrypted() && !local.is_expired(now);
+            let others_failure = !fleet.class.is_encrypted()
+                && (fleet.observed_by.as_ref()).is_none_or(|by| by.relay != me.relay);
             let take_fleet = if fleet_pin != local_pin {
                 fleet_pin
+            } else if own_success && others_failure {
+                false
             } else {
                 fleet.last_seen > local.last_seen
             };
@@ -1086,19 +1300,21 @@ mod tests {
             observer("b", Some([127, 0, 0, 3])),
         );
         let key = CacheKey::new("mx.example.net", IpAddr::from([192, 0, 2, 1]));
-        let local = entry(OutcomeClass::TlsVerified, T0, &a);
+        // A's own failure, then B's: the later one.
+        let local = entry(OutcomeClass::StarttlsRefused, T0, &a);
         let fleet = entry(OutcomeClass::NoStarttls, T0 + 10, &b);
-        let merged = merge(
-            Some(local.clone()),
-            Some(fleet.clone()),
-            None,
-            &key,
-            &a,
-            T0 + 20,
-        )
-        .expect("merged");
+        let merged = merge(Some(local), Some(fleet.clone()), None, &key, &a, T0 + 20);
+        let merged = merged.expect("merged");
         assert_eq!(merged.class, OutcomeClass::NoStarttls);
         assert!(merged.shared, "seen by relay b");
+
+        // A's success whose class has expired (kept for the memory of TLS): B's failure is
+        // what holds, and the memory of A's TLS stays.
+        let mut expired = entry(OutcomeClass::TlsVerified, T0, &a);
+        expired.expires_at = T0 + 5;
+        let merged = merge(Some(expired), Some(fleet.clone()), None, &key, &a, T0 + 20);
+        let merged = merged.expect("merged");
+        assert_eq!(merged.class, OutcomeClass::NoStarttls);
         assert_eq!(merged.last_tls_at, Some(T0));
         assert_eq!(merged.last_tls_by, Some(a.clone()));
 
@@ -1107,6 +1323,28 @@ mod tests {
         let merged = merge(Some(newer), Some(fleet), None, &key, &a, T0 + 40).expect("merged");
         assert_eq!(merged.class, OutcomeClass::TlsVerified);
         assert!(!merged.shared);
+    }
+
+    #[test]
+    fn another_relays_later_failure_never_replaces_this_relays_own_success_while_it_counts() {
+        let (a, b) = (
+            observer("a", Some([127, 0, 0, 2])),
+            observer("b", Some([127, 0, 0, 3])),
+        );
+        let key = CacheKey::new("mx.example.net", IpAddr::from([192, 0, 2, 1]));
+        let own = entry(OutcomeClass::TlsVerified, T0, &a);
+        for class in [OutcomeClass::StarttlsRefused, OutcomeClass::NoStarttls] {
+            let theirs = entry(class, T0 + 10, &b);
+            let merged = merge(Some(own.clone()), Some(theirs), None, &key, &a, T0 + 20);
+            let merged = merged.expect("merged");
+            assert_eq!(merged.class, OutcomeClass::TlsVerified, "{class}");
+            assert!(!merged.shared);
+            assert_eq!(merged.domains, own.domains);
+        }
+        // Its own later failure does replace it.
+        let mine = entry(OutcomeClass::StarttlsRefused, T0 + 10, &a);
+        let merged = merge(Some(own), Some(mine), None, &key, &a, T0 + 20).expect("merged");
+        assert_eq!(merged.class, OutcomeClass::StarttlsRefused);
     }
 
     #[test]
@@ -1167,5 +1405,114 @@ mod tests {
         assert_eq!(target, "redis://127.0.0.1:6390");
         let (_, target) = client(&with("unix:///run/redis/redis.sock"), tls).expect("valid");
         assert_eq!(target, "unix:///run/redis/redis.sock");
+    }
+
+    fn limits() -> Limits {
+        Limits {
+            ttl: TtlConfig::default(),
+            clock_skew: Duration::from_secs(60),
+        }
+    }
+
+    fn stored<'a>(json: &'a str, kind: &'a str, pinned: &'a str) -> Stored<'a> {
+        Stored {
+            json,
+            kind: Some(kind),
+            pinned: Some(pinned),
+        }
+    }
+
+    #[test]
+    fn an_entry_from_the_fleet_is_believed_only_as_this_relay_would_believe_its_own() {
+        let b = observer("b", None);
+        let key = CacheKey::new("mx.example.net", IpAddr::from([192, 0, 2, 1]));
+        let now = T0 + 100;
+        let failure = entry(OutcomeClass::StarttlsRefused, T0, &b);
+        let json = serde_json::to_string(&failure).expect("json");
+        assert_eq!(
+            checked(&stored(&json, "failure", "0"), &key, now, &limits()),
+            Ok(failure.clone())
+        );
+        // Written by a clock far ahead, or by hand: not believed.
+        let mut future = failure.clone();
+        future.last_seen = now + 86_400 * 3650;
+        future.expires_at = future.last_seen + 3600;
+        let json = serde_json::to_string(&future).expect("json");
+        assert!(matches!(
+            checked(&stored(&json, "failure", "0"), &key, now, &limits()),
+            Err(Forged::Future {
+                field: "last_seen",
+                ..
+            })
+        ));
+        // A little ahead (another relay's clock): believed.
+        let mut skewed = failure.clone();
+        skewed.last_seen = now + 30;
+        let json = serde_json::to_string(&skewed).expect("json");
+        assert!(checked(&stored(&json, "failure", "0"), &key, now, &limits()).is_ok());
+        // An expiry far beyond the class's TTL is cut to it.
+        let mut long = failure.clone();
+        long.expires_at = T0 + 86_400 * 3650;
+        let json = serde_json::to_string(&long).expect("json");
+        let believed = checked(&stored(&json, "failure", "0"), &key, now, &limits());
+        assert_eq!(believed.map(|e| e.expires_at), Ok(T0 + 3600));
+        // Under another key: not believed.
+        let other = CacheKey::new("mx.other.example", IpAddr::from([192, 0, 2, 1]));
+        let json = serde_json::to_string(&failure).expect("json");
+        assert!(matches!(
+            checked(&stored(&json, "failure", "0"), &other, now, &limits()),
+            Err(Forged::WrongKey { .. })
+        ));
+    }
+
+    #[test]
+    fn a_pin_from_the_fleet_is_believed_only_as_ctl_cache_pin_writes_one() {
+        let b = observer("b", None);
+        let key = CacheKey::new("mx.example.net", IpAddr::from([192, 0, 2, 1]));
+        let now = T0 + 100;
+        let mut pin = entry(OutcomeClass::NoStarttls, T0, &b);
+        pin.pinned = true;
+        pin.pinned_at = Some(T0);
+        pin.expires_at = T0 + 86_400;
+        let json = serde_json::to_string(&pin).expect("json");
+        assert_eq!(
+            checked(&stored(&json, "pin", "1"), &key, now, &limits()),
+            Ok(pin.clone())
+        );
+        // The entry says pinned; the write did not.
+        assert_eq!(
+            checked(&stored(&json, "failure", "0"), &key, now, &limits()),
+            Err(Forged::PinNotWritten)
+        );
+        let mut no_time = pin.clone();
+        no_time.pinned_at = None;
+        let json = serde_json::to_string(&no_time).expect("json");
+        assert_eq!(
+            checked(&stored(&json, "pin", "1"), &key, now, &limits()),
+            Err(Forged::PinNotWritten)
+        );
+        // Longer than any pin an operator can make.
+        let mut forever = pin.clone();
+        forever.expires_at = T0 + 86_400 * 3650;
+        let json = serde_json::to_string(&forever).expect("json");
+        assert!(matches!(
+            checked(&stored(&json, "pin", "1"), &key, now, &limits()),
+            Err(Forged::PinTooLong { .. })
+        ));
+    }
+
+    #[test]
+    fn a_memory_of_tls_from_the_future_is_not_believed() {
+        let mark = TlsMark {
+            at: T0 + 86_400,
+            by: observer("b", None),
+            domains: Vec::new(),
+        };
+        let json = serde_json::to_string(&mark).expect("json");
+        assert!(matches!(
+            checked_mark(&json, T0, &limits()),
+            Err(Forged::Future { .. })
+        ));
+        assert_eq!(checked_mark(&json, T0 + 86_400, &limits()), Ok(mark));
     }
 }

@@ -90,6 +90,19 @@ pub mod duration {
         Ok(duration)
     }
 
+    /// As written in a configuration: the largest unit that says it exactly (`30d`, `90m`).
+    pub fn format(duration: Duration) -> String {
+        let seconds = duration.as_secs();
+        if duration.subsec_nanos() != 0 || seconds == 0 {
+            return format!("{}ms", duration.as_millis());
+        }
+        let unit = [(86_400, "d"), (3600, "h"), (60, "m"), (1, "s")]
+            .into_iter()
+            .find(|(size, _)| seconds % size == 0)
+            .unwrap_or((1, "s"));
+        format!("{}{}", seconds / unit.0, unit.1)
+    }
+
     pub fn deserialize<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
         let text = String::deserialize(d)?;
         parse(&text).map_err(serde::de::Error::custom)

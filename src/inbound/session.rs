@@ -11,6 +11,7 @@ use tokio::net::TcpStream;
 
 use crate::inbound::reader::SessionReader;
 use crate::outbound::delivery::{Greeted, Greeting, NextHop, OpenError};
+use crate::outbound::mx::RouteError;
 use crate::outbound::upstream::{Answer, RemoteFacts, Upstream};
 use crate::outcome::{TlsOutcome, Verification};
 use crate::policy::mta_sts::PolicyLookup;
@@ -253,10 +254,16 @@ impl Session {
     /// what the plan and DNS say.
     async fn next_hop(&self, plan: &Plan, domain: &str) -> Result<NextHop, Reply> {
         let outbound = &self.proxy.outbound;
-        match self.original_destination {
-            Some(addr) => Ok(Box::pin(outbound.original_destination_hop(plan, domain, addr)).await),
-            None => (Box::pin(outbound.next_hop(plan, domain)).await).map_err(|e| e.reply()),
-        }
+        let hop = match self.original_destination {
+            Some(addr) => Box::pin(outbound.original_destination_hop(plan, domain, addr)).await,
+            None => Box::pin(outbound.next_hop(plan, domain)).await,
+        };
+        hop.map_err(|e| {
+            if let RouteError::DaneUnknown { .. } = e {
+                tracing::warn!(client = %self.client, domain, "not delivered: {e}");
+            }
+            e.reply()
+        })
     }
 
     pub async fn run(mut self) {
@@ -541,11 +548,11 @@ impl Session {
         if let Remote::Lost { reply, .. } = &tx.remote {
             return reply.clone();
         }
-        let domain = recipient.routing_domain();
+        let domain = recipient.routing_domain().to_string();
         if let Some(reply) = tx.failed_domains.get(&domain) {
             return reply.clone();
         }
-        let sender_domain = tx.sender.as_ref().map(Mailbox::routing_domain);
+        let sender_domain = (tx.sender.as_ref()).map(|s| s.routing_domain().to_string());
         let plan = Plan::new(tx.rules.clone(), &domain, sender_domain.as_deref());
         if let Err(reply) = self.ensure_route(&domain, plan, (&recipient, params)).await {
             if let Stage::Mail(tx) = &mut self.stage {
@@ -593,17 +600,44 @@ impl Session {
             let Remote::Open(route) = &tx.remote else {
                 return Err(Reply::new(503, "5.5.1", "MAIL first"));
             };
-            if RouteKey::new(&plan, &hop) == route.key {
-                return Ok(());
+            if RouteKey::new(&plan, &hop) != route.key {
+                return Err(Reply::new(
+                    452,
+                    "4.5.3",
+                    format!(
+                        "{domain} has another next hop than {}: send it in another transaction",
+                        route.domain
+                    ),
+                ));
             }
-            return Err(Reply::new(
-                452,
-                "4.5.3",
-                format!(
-                    "{domain} has another next hop than {}: send it in another transaction",
-                    route.domain
-                ),
-            ));
+            // The same server, and still its domain is judged on its own: what it
+            // publishes may ask more than the route the first recipient opened has.
+            let policy = match hop.is_domain_delivery() {
+                true => Box::pin(proxy.policies.policy_for(domain)).await,
+                false => PolicyLookup::NotPublished,
+            };
+            let Stage::Mail(tx) = &self.stage else {
+                return Err(Reply::new(503, "5.5.1", "MAIL first"));
+            };
+            let Remote::Open(route) = &tx.remote else {
+                return Err(Reply::new(503, "5.5.1", "MAIL first"));
+            };
+            let facts = route.upstream.facts();
+            let joined = Box::pin(proxy.outbound.joins(facts, &plan, domain, &hop, &policy));
+            return match joined.await {
+                Ok(()) => Ok(()),
+                Err(why) => {
+                    tracing::info!(client = %self.client, domain, route = %facts, "recipient not on the open route: {why}");
+                    Err(Reply::new(
+                        452,
+                        "4.5.3",
+                        format!(
+                            "{domain} is not sent on the route to {facts} ({}): {why}; send it in another transaction",
+                            route_terms(&facts.tls)
+                        ),
+                    ))
+                }
+            };
         }
         let hop = self.next_hop(&plan, domain).await?;
         let Stage::Mail(tx) = &self.stage else {
@@ -888,6 +922,21 @@ impl Transaction {
     }
 }
 
+/// How a route is secured, in a few words: `TLS`, `legacy TLS`, `plain`.
+fn route_terms(tls: &TlsOutcome) -> String {
+    match tls {
+        TlsOutcome::Encrypted(session) => match &session.verification {
+            Verification::Verified => "TLS, verified".to_string(),
+            Verification::Failed(problem) => format!("TLS, {}", problem.class()),
+        },
+        TlsOutcome::Legacy(_) => "legacy TLS, not authenticated".to_string(),
+        TlsOutcome::Plain(reason) => match reason.class() {
+            Some(class) => format!("plain, {class}"),
+            None => "plain".to_string(),
+        },
+    }
+}
+
 /// Refused recipients named in a log line; the rest are counted.
 const REFUSED_SHOWN: usize = 20;
 
@@ -1002,7 +1051,7 @@ fn log_transaction(client: SocketAddr, tx: &Transaction, reply: Option<&Reply>, 
         verify = verify.map(display),
         fallback = fallback.map(display),
         rule = %facts.rule,
-        policy = facts.policy,
+        policy = facts.published.name(),
         reused = facts.reused.then_some(display("yes")),
         end = end.label(),
         reply = %reply,

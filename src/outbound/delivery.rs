@@ -25,11 +25,11 @@ use crate::policy::mta_sts::{Mode, PolicyLookup, StsPolicy};
 use crate::policy::tlsrpt::{PolicyFacts, SessionResult, SessionSite, TlsReports};
 use crate::router::Plan;
 use crate::router::decision::{
-    Authentication, DaneState, HostDecision, Known, Published, StsMode, TlsTerms, decide,
-    is_fact_about_server, overridden,
+    Authentication, Connected, DaneState, HostDecision, Known, Published, StsMode, TlsTerms,
+    decide, is_fact_about_server, overridden,
 };
 use crate::rules::model::{AuthSpec, HostPort};
-use crate::rules::{Fallback, MinTls, Route, Rule, VerifyMode};
+use crate::rules::{Fallback, Route, Rule, VerifyMode};
 use crate::smtp::data::BareLineEndings;
 use crate::smtp::{Capabilities, Mailbox, MissingExtension, RcptParams, Reply};
 use crate::stats::Stats;
@@ -225,6 +225,10 @@ struct Session {
     tls: TlsOutcome,
     /// The fallback relay the connection goes to instead of the server, if any.
     relay: Option<HostPort>,
+    /// What judged the certificate of a rustls session.
+    authentication: Authentication,
+    /// The server did TLS recently and this attempt did not get it.
+    downgrade: bool,
 }
 
 /// One delivery attempt: the rule for this server, the route, the server, and what the
@@ -339,25 +343,38 @@ impl Outbound {
     /// redirected to us. A rule's smart-host route still wins; otherwise the next hop is
     /// `addr`, named by the MX of `domain` that has this address, so that the certificate
     /// and the domain's policy are checked against that name.
+    ///
+    /// With DANE in force, a failed lookup that could tell whether DANE applies (the MX
+    /// answer, or the address answer of a host named by a secure one) is an error: whoever
+    /// can drop one DNS answer must not take DANE away.
     pub async fn original_destination_hop(
         &self,
         plan: &Plan,
         domain: &str,
         addr: SocketAddr,
-    ) -> NextHop {
+    ) -> Result<NextHop, RouteError> {
         if let Route::Smarthost { server, .. } = plan.route() {
-            return NextHop::Smarthost(server.clone());
+            return Ok(NextHop::Smarthost(server.clone()));
         }
-        let mx = match self.resolver.mail_exchangers(domain).await {
-            Ok(hosts) => self.mx_with_address(&hosts, addr.ip()).await,
+        let dane = self.resolver.check_dnssec().await;
+        let hosts = match self.resolver.mail_exchangers(domain).await {
+            Ok(hosts) => hosts,
+            Err(RouteError::DnsTemporary { detail, .. }) if dane => {
+                return Err(RouteError::DaneUnknown {
+                    lookup: format!("MX lookup of {domain}"),
+                    server: addr.ip().to_string(),
+                    detail,
+                });
+            }
             Err(e) => {
                 tracing::info!(
                     domain,
                     "no MX set to name the original destination {addr}: {e}"
                 );
-                None
+                Vec::new()
             }
         };
+        let mx = self.mx_with_address(&hosts, addr.ip(), dane).await?;
         let (mx, mx_dnssec) = mx.map_or((None, Dnssec::Insecure), |host| {
             (Some(host.name), host.dnssec)
         });
@@ -367,25 +384,37 @@ impl Outbound {
                 "the original destination {addr} is no MX host of {domain}: its certificate cannot be verified for an MX name (tls-unverified at best)"
             );
         }
-        NextHop::OriginalDestination {
+        Ok(NextHop::OriginalDestination {
             addr,
             mx,
             mx_dnssec,
-        }
+        })
     }
 
-    /// The first of `hosts` (best first) that has the address `ip`.
-    async fn mx_with_address(&self, hosts: &[MxHost], ip: std::net::IpAddr) -> Option<MxHost> {
+    /// The first of `hosts` (best first) that has the address `ip`. With `dane`, a host
+    /// named by a secure MX answer whose address lookup fails before one is found stops
+    /// the search: it might be the one, and DANE would apply to it.
+    async fn mx_with_address(
+        &self,
+        hosts: &[MxHost],
+        ip: std::net::IpAddr,
+        dane: bool,
+    ) -> Result<Option<MxHost>, RouteError> {
         for host in hosts {
-            if self
-                .addresses(&host.name)
-                .await
-                .is_ok_and(|a| a.contains(&ip))
-            {
-                return Some(host.clone());
+            match self.addresses(&host.name).await {
+                Ok(addrs) if addrs.contains(&ip) => return Ok(Some(host.clone())),
+                Ok(_) | Err(AddressError::NotFound) => {}
+                Err(AddressError::Temporary(detail)) if dane && host.dnssec == Dnssec::Secure => {
+                    return Err(RouteError::DaneUnknown {
+                        lookup: format!("address lookup of {}", host.name),
+                        server: ip.to_string(),
+                        detail,
+                    });
+                }
+                Err(AddressError::Temporary(_)) => {}
             }
         }
-        None
+        Ok(None)
     }
 
     /// Opens a remote transaction: the first server and address that accepts MAIL FROM
@@ -518,12 +547,18 @@ impl Outbound {
         let (mut unsupported, mut unsupported_count) = (None, 0);
         let mut tls_rule = plan.base_rule().name.clone();
         for (host, port, mx_secure) in servers {
+            let mut dane_unknown = None;
             let addrs = match hop {
                 // Only the address the MTA chose; DANE applies when it is a secure answer
                 // for the MX name it was matched to.
                 NextHop::OriginalDestination { addr, .. } => {
                     let dnssec = match self.addresses_checked(&host).await {
                         Ok((found, dnssec)) if found.contains(&addr.ip()) => dnssec,
+                        // Under a secure MX answer, whether DANE applies cannot be known.
+                        Err(AddressError::Temporary(e)) if mx_secure => {
+                            dane_unknown = Some(e);
+                            Dnssec::Insecure
+                        }
                         _ => Dnssec::Insecure,
                     };
                     Ok((vec![addr.ip()], dnssec))
@@ -541,7 +576,16 @@ impl Outbound {
                 published: dane,
                 usable: tlsa,
                 presentation: tlsa_records,
-            } = if mx_secure && addr_dnssec == Dnssec::Secure {
+            } = if let Some(why) = dane_unknown.take() {
+                tracing::warn!(
+                    host,
+                    "DANE: the address lookup failed ({why}); nothing is sent to this host until it can be had"
+                );
+                Dane {
+                    published: Some(Published::Dane(DaneState::Bogus)),
+                    ..Dane::default()
+                }
+            } else if mx_secure && addr_dnssec == Dnssec::Secure {
                 self.dane(&host, port).await
             } else {
                 Dane::default()
@@ -552,7 +596,10 @@ impl Outbound {
                 let cached = self.cache.get(&server.name, ip);
                 let classes = cached.as_ref().map(|e| e.classes()).unwrap_or_default();
                 let rule = plan.rule_for_host(&server.name, &classes);
-                let known = cached.as_ref().map_or(Known::Nothing, Known::Cached);
+                let known = match &cached {
+                    Some(entry) => Known::cached(entry, self.cache.did_tls_recently(entry)),
+                    None => Known::Nothing,
+                };
                 // DANE comes before MTA-STS (RFC 8461 2).
                 let published = dane.unwrap_or_else(|| published(policy, &server.name));
                 if overridden(rule, published) {
@@ -633,8 +680,10 @@ impl Outbound {
                             server,
                             relay: session.relay,
                             tls: session.tls,
+                            authentication: session.authentication,
+                            downgrade: session.downgrade,
                             rule: rule.name.clone(),
-                            policy: published.name(),
+                            published,
                             earlier_failures: failures,
                             reused: false,
                         };
@@ -710,6 +759,95 @@ impl Outbound {
         })
     }
 
+    /// Whether a recipient at `domain` (planned as `plan`, through `hop`) may ride on the
+    /// transaction's open `route`. Its domain is judged on its own: what it publishes for
+    /// the route's server (DANE, MTA-STS), with the route's own TLS as what was found, must
+    /// lead the one decision to that very connection. `Err` says what its domain needs
+    /// instead; the MTA is then told to send it in another transaction.
+    pub async fn joins(
+        &self,
+        route: &RemoteFacts,
+        plan: &Plan,
+        domain: &str,
+        hop: &NextHop,
+        policy: &PolicyLookup,
+    ) -> Result<(), String> {
+        let (name, port) = match hop {
+            // What the domain publishes does not bind a smart host (RFC 8461 3.4).
+            NextHop::Smarthost(_) => return Ok(()),
+            NextHop::Mx(_) => (route.server.name.clone(), self.port),
+            NextHop::OriginalDestination { addr, mx, .. } => {
+                let name = mx.clone().unwrap_or_else(|| addr.ip().to_string());
+                (name, addr.port())
+            }
+        };
+        let server = ServerId::new(&name, route.server.addr);
+        let policy = policy.policy().map(AsRef::as_ref);
+        let published = self.published_for(hop, &server, port, policy).await;
+        let cached = self.cache.get(&server.name, server.addr);
+        let classes = cached.as_ref().map(|e| e.classes()).unwrap_or_default();
+        let rule = plan.rule_for_host(&server.name, &classes);
+        if rule.name != route.rule {
+            return Err(format!(
+                "rule {:?} decides for it, not {:?}",
+                rule.name, route.rule
+            ));
+        }
+        if overridden(rule, published) {
+            tracing::warn!(server = %server, rule = %rule.name, domain, "rule overrides the domain's published policy ({})", published.name().unwrap_or("none"));
+        }
+        let found = Known::Found {
+            outcome: &route.tls,
+            downgrade: route.downgrade,
+        };
+        let decision = decide(rule, found, published);
+        let conn = Connected {
+            tls: &route.tls,
+            authentication: route.authentication,
+            relay: route.relay.as_ref(),
+        };
+        // A certificate judged for another server name says nothing of this one's.
+        let renamed = server.name != route.server.name;
+        if decision.admits(&conn) && !(renamed && decision.authenticates()) {
+            return Ok(());
+        }
+        Err(match decision {
+            HostDecision::Refuse(why) | HostDecision::Skip(why) => why,
+            other => format!("its domain needs {other} with {server}"),
+        })
+    }
+
+    /// What `server`'s domain publishes for it, reached through `hop`: DANE where the MX
+    /// and address answers that name it were DNSSEC-secure (before MTA-STS), else what its
+    /// MTA-STS `policy` says of it.
+    async fn published_for(
+        &self,
+        hop: &NextHop,
+        server: &ServerId,
+        port: u16,
+        policy: Option<&StsPolicy>,
+    ) -> Published {
+        let mx_secure = match hop {
+            NextHop::Mx(hosts) => {
+                (hosts.iter()).any(|h| h.name == server.name && h.dnssec == Dnssec::Secure)
+            }
+            NextHop::OriginalDestination { mx, mx_dnssec, .. } => {
+                mx.as_deref() == Some(server.name.as_str()) && *mx_dnssec == Dnssec::Secure
+            }
+            NextHop::Smarthost(_) => false,
+        };
+        let dane = match mx_secure {
+            false => None,
+            true => match self.addresses_checked(&server.name).await {
+                Ok((_, Dnssec::Secure)) => self.dane(&server.name, port).await.published,
+                Ok((_, Dnssec::Insecure)) => None,
+                // Whether DANE applies cannot be known: as a failed TLSA lookup.
+                Err(_) => Some(Published::Dane(DaneState::Bogus)),
+            },
+        };
+        dane.unwrap_or_else(|| published(policy, &server.name))
+    }
+
     /// The end of a transaction: its connection goes back to the pool when it may, and is
     /// closed otherwise.
     pub fn release(&self, upstream: Upstream) {
@@ -748,42 +886,45 @@ impl Outbound {
         })
     }
 
-    /// What a pooled connection's TLS is worth to this attempt, asked of the decision as if
-    /// the connection had just been made: `Some` with the outcome to deliver under when it
-    /// is what the decision asks for, `None` when it has less (or other) than that.
+    /// What a pooled connection's TLS is worth to this attempt: `Some` with the outcome to
+    /// deliver under when the decision, asked as if the connection had just been made (the
+    /// memory of TLS included), would have chosen it; `None` when it has less (or other).
     fn fitting(&self, attempt: &Attempt<'_>, pooled: &TlsOutcome) -> Option<TlsOutcome> {
+        if matches!(attempt.decision, HostDecision::Tls(terms) if terms.implicit) {
+            return None;
+        }
+        let server = attempt.server;
+        let downgrade = (pooled.class())
+            .is_some_and(|class| self.cache.is_downgrade(&server.name, server.addr, class));
         let found = Known::Found {
             outcome: pooled,
-            downgrade: false,
+            downgrade,
         };
-        match (&attempt.decision, pooled) {
-            (HostDecision::Tls(terms), TlsOutcome::Encrypted(session)) => {
-                let version_ok = terms.min_tls == MinTls::Tls12 || session.version == "TLSv1.3";
-                let fits = matches!(
-                    decide(attempt.rule, found, attempt.published),
-                    HostDecision::Tls(_)
-                );
-                (version_ok && fits && !terms.implicit).then(|| pooled.clone())
-            }
+        let found = decide(attempt.rule, found, attempt.published);
+        let conn = Connected {
+            tls: pooled,
+            authentication: Authentication::Pkix,
+            relay: None,
+        };
+        let fits = match (&attempt.decision, pooled) {
             // The server offered no STARTTLS moments ago: what a fresh EHLO would most
-            // likely find, and the decision says whether plain is allowed after it.
+            // likely find, and the decision says whether plain is allowed after it. Not from
+            // a host that did TLS recently: every message tries TLS with it again.
             (HostDecision::Tls(_), TlsOutcome::Plain(NoTls::NoStarttls)) => {
-                match decide(attempt.rule, found, attempt.published) {
-                    HostDecision::Plain {
-                        reason,
-                        path: Fallback::Direct,
-                    } => Some(TlsOutcome::Plain(reason)),
-                    _ => None,
-                }
+                !downgrade && found.admits(&conn)
             }
-            (
-                HostDecision::Plain {
-                    reason,
-                    path: Fallback::Direct,
-                },
-                TlsOutcome::Plain(_),
-            ) => Some(TlsOutcome::Plain(reason.clone())),
-            _ => None,
+            (before, _) => before.admits(&conn) && found.admits(&conn),
+        };
+        if !fits {
+            return None;
+        }
+        // A plain connection is delivered under the decision's reason for plain.
+        match (&attempt.decision, &found) {
+            _ if pooled.is_encrypted() => Some(pooled.clone()),
+            (HostDecision::Plain { reason, .. }, _) | (_, HostDecision::Plain { reason, .. }) => {
+                Some(TlsOutcome::Plain(reason.clone()))
+            }
+            _ => Some(pooled.clone()),
         }
     }
 
@@ -905,6 +1046,8 @@ impl Outbound {
                             caps: idle.caps,
                             tls,
                             relay: None,
+                            authentication: Authentication::Pkix,
+                            downgrade: false,
                         };
                         return Some((session, lineage, first));
                     }
@@ -1035,12 +1178,15 @@ impl Outbound {
             Some(greeted) => greeted,
             None => self.greet(attempt.server, attempt.addr()).await?,
         };
-        let secured = if attempt.published == Published::Dane(DaneState::Usable)
+        let authentication = match attempt.published == Published::Dane(DaneState::Usable)
             && !overridden(attempt.rule, attempt.published)
         {
-            self.secure_dane(terms, conn, caps, attempt.tlsa).await
-        } else {
-            self.secure(terms, conn, caps).await
+            true => Authentication::Tlsa,
+            false => Authentication::Pkix,
+        };
+        let secured = match authentication {
+            Authentication::Tlsa => self.secure_dane(terms, conn, caps, attempt.tlsa).await,
+            _ => self.secure(terms, conn, caps).await,
         };
         let Some(outcome) = secured.outcome() else {
             let Secured::Closed(why) = secured else {
@@ -1065,6 +1211,8 @@ impl Outbound {
                 caps,
                 tls: TlsOutcome::Encrypted(session),
                 relay: None,
+                authentication,
+                downgrade,
             }),
             (HostDecision::LegacyTls, secured) => {
                 // rustls could not talk to this server: a new connection for the legacy stack.
@@ -1087,7 +1235,11 @@ impl Outbound {
                 if open.is_none() {
                     tracing::info!(server = %attempt.server, "TLS failed ({reason}); taking the plain path");
                 }
-                self.plain_path(&path, open, attempt, reason).await
+                let plain = self.plain_path(&path, open, attempt, reason).await;
+                plain.map(|session| Session {
+                    downgrade,
+                    ..session
+                })
             }
             (decision, secured) => {
                 if let Secured::Tls(conn, ..) | Secured::Plain(conn, ..) = secured {
@@ -1162,6 +1314,8 @@ impl Outbound {
                 caps,
                 tls: outcome,
                 relay: None,
+                authentication: Authentication::Pkix,
+                downgrade: false,
             }),
             (HostDecision::Plain { reason, path }, open) => {
                 let open = match open {
@@ -1174,7 +1328,11 @@ impl Outbound {
                 if open.is_none() {
                     tracing::info!(server = %attempt.server, "legacy TLS failed ({reason}); taking the plain path");
                 }
-                self.plain_path(&path, open, attempt, reason).await
+                let plain = self.plain_path(&path, open, attempt, reason).await;
+                plain.map(|session| Session {
+                    downgrade,
+                    ..session
+                })
             }
             (decision, open) => {
                 if let Some((conn, _)) = open {
@@ -1277,6 +1435,8 @@ impl Outbound {
             caps,
             tls: TlsOutcome::Plain(reason.clone()),
             relay,
+            authentication: Authentication::Pkix,
+            downgrade: false,
         };
         match path {
             Fallback::Direct => match open {
@@ -1377,6 +1537,8 @@ impl Outbound {
                     caps,
                     tls: outcome,
                     relay: None,
+                    authentication: Authentication::Pkix,
+                    downgrade: false,
                 })
             }
             (decision, conn) => {

@@ -170,6 +170,17 @@ pub enum RouteError {
     NullMx(String),
     #[error("DNS lookup for {domain} failed temporarily: {detail}")]
     DnsTemporary { domain: String, detail: String },
+    /// DANE is in force and a lookup that tells whether it applies to the server failed:
+    /// nothing may be sent until it can be had (RFC 7672 2.2).
+    #[error(
+        "DANE: the {lookup} failed ({detail}): whether {server} must be reached under DANE \
+         cannot be known, so nothing is sent until it can"
+    )]
+    DaneUnknown {
+        lookup: String,
+        server: String,
+        detail: String,
+    },
 }
 
 impl RouteError {
@@ -178,6 +189,7 @@ impl RouteError {
             RouteError::DomainNotFound(_) => Reply::new(550, "5.1.2", self),
             RouteError::NullMx(_) => Reply::new(556, "5.1.10", self),
             RouteError::DnsTemporary { .. } => Reply::new(451, "4.4.3", self),
+            RouteError::DaneUnknown { .. } => Reply::new(451, "4.7.5", self),
         }
     }
 }

@@ -14,6 +14,7 @@ use crate::outbound::delivery::FirstReply;
 use crate::outbound::mx::ServerId;
 use crate::outbound::pool::{Idle, Lineage, PoolKey};
 use crate::outcome::TlsOutcome;
+use crate::router::decision::{Authentication, Published};
 use crate::rules::model::HostPort;
 use crate::smtp::{Capabilities, Mailbox, RcptParams, Reply};
 
@@ -26,10 +27,16 @@ pub struct RemoteFacts {
     /// `fallback: { relay: ... }` was taken.
     pub relay: Option<HostPort>,
     pub tls: TlsOutcome,
+    /// What judged the certificate of a rustls session (the PKIX chain, or DANE's TLSA
+    /// records).
+    pub authentication: Authentication,
+    /// The server did TLS recently and this connection did not get it.
+    pub downgrade: bool,
     /// The rule that applied to this server.
     pub rule: String,
-    /// The domain's published policy that applied (`mta-sts:enforce`, `mta-sts:testing`).
-    pub policy: Option<&'static str>,
+    /// What the domain of the recipient that opened the route publishes, as it bore on
+    /// this server.
+    pub published: Published,
     /// Attempts that failed before this one.
     pub earlier_failures: Vec<String>,
     /// The transaction went on a connection an earlier one had used.

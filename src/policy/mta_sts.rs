@@ -362,6 +362,65 @@ impl StsPolicy {
     }
 }
 
+/// A policy another relay shared, checked exactly as a fetched one: the text it quotes
+/// must parse and say what its fields say (mode, `mx`, `max_age` capped at a year), it must
+/// be for `domain`, fetched no later than now plus `clock_skew`, and it expires `max_age`
+/// after that, whatever it claims. It may never weaken an `enforce` policy `held` under the
+/// same id: one id is one policy (RFC 8461 3.1).
+pub fn checked_policy(
+    json: &str,
+    domain: &str,
+    now: u64,
+    clock_skew: Duration,
+    held: Option<&StsPolicy>,
+) -> Result<StsPolicy, String> {
+    let shared: StsPolicy =
+        serde_json::from_str(json).map_err(|e| format!("does not parse ({e})"))?;
+    if shared.domain != domain {
+        return Err(format!("is for {}, not {domain}", shared.domain));
+    }
+    if shared.id.is_empty()
+        || shared.id.len() > 32
+        || !shared.id.bytes().all(|b| b.is_ascii_alphanumeric())
+    {
+        return Err(format!(
+            "has the id {:?}, not 1 to 32 letters and digits",
+            shared.id
+        ));
+    }
+    let text = parse_policy(&shared.raw).map_err(|e| format!("quotes no valid policy ({e})"))?;
+    if (text.mode, &text.mx, text.max_age) != (shared.mode, &shared.mx, shared.max_age) {
+        return Err(format!(
+            "says mode {}, max_age {} where the text it quotes says mode {}, max_age {}",
+            shared.mode, shared.max_age, text.mode, text.max_age
+        ));
+    }
+    let ahead = shared.fetched_at.saturating_sub(now);
+    if ahead > clock_skew.as_secs() {
+        return Err(format!(
+            "was fetched {ahead}s ahead of this relay's clock, more than \
+             cache.redis.clock_skew allows"
+        ));
+    }
+    if let Some(held) = held
+        && held.id == shared.id
+        && held.mode == Mode::Enforce
+        && text.mode != Mode::Enforce
+    {
+        return Err(format!(
+            "says mode {} under the id {} of the enforce policy held here",
+            text.mode, held.id
+        ));
+    }
+    Ok(StsPolicy {
+        expires_at: shared.fetched_at.saturating_add(text.max_age),
+        mode: text.mode,
+        mx: text.mx,
+        max_age: text.max_age,
+        ..shared
+    })
+}
+
 // ---------------------------------------------------------------------------------------
 // Lookup results and errors
 
@@ -526,15 +585,29 @@ impl PolicyStore {
     }
 
     /// The fleet's copy of `domain`'s policy, when it is the one the TXT record names and
-    /// is not due for a fetch.
+    /// is not due for a fetch. It is checked as a fetched one would be ([`checked_policy`]);
+    /// one that fails is logged and counted once, and a fetch is made instead.
     async fn fleet_copy(&self, domain: &str, id: &str, now: u64) -> Option<Arc<StsPolicy>> {
-        let json = self.shared.get()?.shared_value("sts", domain).await?;
-        let policy: StsPolicy = serde_json::from_str(&json).ok()?;
-        let usable = policy.domain == domain
-            && policy.id == id
-            && !policy.is_expired(now)
-            && !policy.wants_refresh(now);
+        let shared = self.shared.get()?;
+        let json = shared.shared_value("sts", domain).await?;
+        let held = self.held(domain);
+        let checked = checked_policy(&json, domain, now, shared.clock_skew(), held.as_deref());
+        let policy = match checked {
+            Ok(policy) => policy,
+            Err(why) => {
+                let forged = crate::cache::shared::Forged::Policy(why);
+                shared.forged(&format!("MTA-STS policy of {domain}"), &forged);
+                return None;
+            }
+        };
+        let usable = policy.id == id && !policy.is_expired(now) && !policy.wants_refresh(now);
         usable.then(|| Arc::new(policy))
+    }
+
+    /// The policy held for `domain`, expired or not.
+    fn held(&self, domain: &str) -> Option<Arc<StsPolicy>> {
+        let domains = self.domains.lock().ok()?;
+        domains.get(domain)?.policy.clone()
     }
 
     fn share(&self, policy: &StsPolicy, now: u64) {
@@ -942,6 +1015,60 @@ fn normalize(domain: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn shared_policy(mode: &str, max_age: u64, fetched_at: u64) -> StsPolicy {
+        let raw = format!("version: STSv1\nmode: {mode}\nmx: mx.example.com\nmax_age: {max_age}\n");
+        let text = parse_policy(&raw).expect("a valid policy");
+        StsPolicy {
+            domain: "example.com".into(),
+            id: "a1".into(),
+            mode: text.mode,
+            mx: text.mx,
+            max_age: text.max_age,
+            fetched_at,
+            expires_at: fetched_at + max_age,
+            raw,
+        }
+    }
+
+    #[test]
+    fn a_policy_from_the_fleet_is_checked_as_a_fetched_one() {
+        const NOW: u64 = 1_796_040_000;
+        let skew = Duration::from_secs(60);
+        let check = |policy: &StsPolicy, held: Option<&StsPolicy>| {
+            let json = serde_json::to_string(policy).expect("json");
+            checked_policy(&json, "example.com", NOW, skew, held)
+        };
+        let good = shared_policy("enforce", 86_400, NOW - 10);
+        assert_eq!(check(&good, None), Ok(good.clone()));
+        // Fields that say more than the text: the text wins, or it is refused.
+        let mut lying = good.clone();
+        lying.mode = Mode::None;
+        assert!(check(&lying, None).is_err());
+        let mut forever = good.clone();
+        forever.expires_at = u64::MAX;
+        assert_eq!(
+            check(&forever, None).map(|p| p.expires_at),
+            Ok(NOW - 10 + 86_400)
+        );
+        // Fetched in the future.
+        let future = shared_policy("enforce", 86_400, NOW + 86_400);
+        assert!(check(&future, None).is_err());
+        // For another domain.
+        let mut elsewhere = good.clone();
+        elsewhere.domain = "other.example".into();
+        assert!(check(&elsewhere, None).is_err());
+        // A weaker policy under the id of an enforce policy held here: refused; a stricter
+        // one, or one under a new id, is taken.
+        let none = shared_policy("none", 86_400, NOW - 5);
+        assert!(check(&none, Some(&good)).is_err());
+        let testing = shared_policy("testing", 86_400, NOW - 5);
+        assert!(check(&testing, Some(&good)).is_err());
+        assert!(check(&good, Some(&testing)).is_ok());
+        let mut renewed = none.clone();
+        renewed.id = "a2".into();
+        assert!(check(&renewed, Some(&good)).is_ok());
+    }
 
     const GOOD: &str = "version: STSv1\r\nmode: enforce\r\nmx: mail.example.com\r\nmx: *.example.net\r\nmax_age: 604800\r\n";
 

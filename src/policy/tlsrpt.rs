@@ -140,8 +140,13 @@ pub fn parse_tlsrpt_records(records: &[String]) -> Result<Vec<Rua>, String> {
     }
 }
 
-fn parse_rua(uri: &str) -> Option<Rua> {
-    if uri.len() > 8 && uri[..8].eq_ignore_ascii_case("https://") {
+/// One `rua` URI, if it is an `https:` or `mailto:` address. What a domain publishes is
+/// read byte-safely: a multi-byte character anywhere is no reason to stop.
+pub fn parse_rua(uri: &str) -> Option<Rua> {
+    let is_https = uri
+        .get(..8)
+        .is_some_and(|scheme| scheme.eq_ignore_ascii_case("https://"));
+    if is_https && uri.len() > 8 {
         return uri
             .parse::<hyper::Uri>()
             .ok()
@@ -1037,6 +1042,25 @@ fn rfc5322_date(unix_seconds: u64) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_multibyte_character_anywhere_in_a_record_is_no_reason_to_panic() {
+        for record in [
+            "v=TLSRPTv1; rua=abcdefg\u{e9}",
+            "v=TLSRPTv1; rua=https:/\u{e9}x",
+            "v=TLSRPTv1; rua=mailto\u{e9}:a@b",
+            "v=TLSRPTv1; rua=\u{e9}\u{e9}\u{e9}\u{e9}\u{e9}",
+        ] {
+            assert!(
+                parse_tlsrpt_records(&[record.to_string()]).is_err(),
+                "{record}"
+            );
+        }
+        assert_eq!(
+            parse_tlsrpt_records(&["v=TLSRPTv1; rua=abcdefg\u{e9},mailto:r@example.com".into()]),
+            Ok(vec![Rua::Mailto("r@example.com".into())])
+        );
+    }
 
     #[test]
     fn tlsrpt_records_give_https_and_mailto_addresses() {

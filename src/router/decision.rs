@@ -10,7 +10,7 @@ use std::fmt;
 
 use crate::cache::CacheEntry;
 use crate::outcome::{Kind, NoTls, OutcomeClass, TlsOutcome, Verification, WhenCached};
-use crate::rules::model::SmarthostTls;
+use crate::rules::model::{HostPort, SmarthostTls};
 use crate::rules::{Fallback, LegacyTls, MinTls, OnDowngrade, Route, Rule, TlsMode, VerifyMode};
 
 /// Whether this build has the legacy TLS stack; without it the decision never picks it.
@@ -22,13 +22,29 @@ pub enum Known<'a> {
     /// Nothing believed: no cache entry, or an expired one.
     Nothing,
     /// What the cache believes: an earlier observation, or an operator's pin.
-    Cached(&'a CacheEntry),
+    /// `did_tls_recently`: the server did TLS within the success memory
+    /// (`cache.ttl.success`), so a cached failure an attacker on the path could cause is
+    /// not believed over it.
+    Cached {
+        entry: &'a CacheEntry,
+        did_tls_recently: bool,
+    },
     /// What the attempt just made found. `downgrade`: the server did TLS within the
     /// success TTL, and this is not TLS.
     Found {
         outcome: &'a TlsOutcome,
         downgrade: bool,
     },
+}
+
+impl<'a> Known<'a> {
+    /// What the cache holds for a server (see [`Known::Cached`]).
+    pub fn cached(entry: &'a CacheEntry, did_tls_recently: bool) -> Known<'a> {
+        Known::Cached {
+            entry,
+            did_tls_recently,
+        }
+    }
 }
 
 /// What the recipient domain publishes about how its servers must be reached, as it
@@ -158,6 +174,52 @@ impl HostDecision {
     }
 }
 
+/// A connection that is already open (the transaction's route, or one kept in the pool),
+/// as a decision sees it: how it is secured, what judged its certificate, which path.
+#[derive(Clone, Copy, Debug)]
+pub struct Connected<'a> {
+    pub tls: &'a TlsOutcome,
+    /// What its certificate was judged by, when rustls secured it.
+    pub authentication: Authentication,
+    /// The fallback relay it goes to instead of the server.
+    pub relay: Option<&'a HostPort>,
+}
+
+impl HostDecision {
+    /// Whether this decision asks that the certificate be judged for the server's name (or
+    /// by its TLSA records): TLS that must verify, or DANE.
+    pub fn authenticates(&self) -> bool {
+        matches!(self, HostDecision::Tls(terms)
+            if terms.verify == VerifyMode::Require || terms.authentication == Authentication::Tlsa)
+    }
+
+    /// Whether `conn` is a connection this decision would have made: TLS under these
+    /// terms (TLS 1.3 where it is required, a certificate judged as they require), the
+    /// legacy stack, or plain on this path. Refusing and skipping admit nothing.
+    pub fn admits(&self, conn: &Connected<'_>) -> bool {
+        match (self, conn.tls) {
+            (HostDecision::Tls(terms), TlsOutcome::Encrypted(session)) => {
+                let version = terms.min_tls == MinTls::Tls12 || session.version == "TLSv1.3";
+                let judged = match (terms.authentication, terms.verify) {
+                    (Authentication::Tlsa, _) => conn.authentication == Authentication::Tlsa,
+                    (_, VerifyMode::Require) => {
+                        conn.authentication == Authentication::Pkix
+                            && session.verification == Verification::Verified
+                    }
+                    (_, VerifyMode::Try) => true,
+                };
+                conn.relay.is_none() && version && judged
+            }
+            (HostDecision::LegacyTls, TlsOutcome::Legacy(_)) => conn.relay.is_none(),
+            (HostDecision::Plain { path, .. }, TlsOutcome::Plain(_)) => match path {
+                Fallback::Direct => conn.relay.is_none(),
+                Fallback::Relay(relay) => conn.relay == Some(relay),
+            },
+            _ => false,
+        }
+    }
+}
+
 /// The one decision. Pure: it reads nothing but its arguments.
 pub fn decide(rule: &Rule, known: Known<'_>, published: Published) -> HostDecision {
     if let Published::Dane(state) = published
@@ -198,8 +260,8 @@ fn dane(rule: &Rule, known: Known<'_>, state: DaneState) -> HostDecision {
         strict.policy.verify = rule.policy.verify;
     }
     let known = match known {
-        Known::Cached(entry) if entry.class.is_unreachable() => known,
-        Known::Cached(_) => Known::Nothing,
+        Known::Cached { entry, .. } if entry.class.is_unreachable() => known,
+        Known::Cached { .. } => Known::Nothing,
         found => found,
     };
     let (label, authentication) = match state {
@@ -221,7 +283,10 @@ fn under_rule(rule: &Rule, known: Known<'_>, legacy_ok: bool) -> HostDecision {
     let legacy = legacy_ok && legacy_allowed(rule, terms);
     match known {
         Known::Nothing => initial(rule, terms),
-        Known::Cached(entry) => cached(rule, terms, entry, legacy),
+        Known::Cached {
+            entry,
+            did_tls_recently,
+        } => cached(rule, terms, entry, did_tls_recently, legacy),
         Known::Found { outcome, downgrade } => found(rule, terms, outcome, downgrade, legacy),
     }
 }
@@ -304,7 +369,20 @@ fn initial(rule: &Rule, terms: TlsTerms) -> HostDecision {
     HostDecision::Tls(terms)
 }
 
-fn cached(rule: &Rule, terms: TlsTerms, entry: &CacheEntry, legacy: bool) -> HostDecision {
+fn cached(
+    rule: &Rule,
+    terms: TlsTerms,
+    entry: &CacheEntry,
+    did_tls_recently: bool,
+    legacy: bool,
+) -> HostDecision {
+    // A stripped STARTTLS, an injected 454, a reset or a stray byte after the 220 is a
+    // failure anyone on the path can cause: from a server that did TLS within the success
+    // memory it is never believed over that, or one injection would mean an hour of plain.
+    // TLS is tried again, and what it finds then is a downgrade. An operator's pin stands.
+    if did_tls_recently && !entry.pinned && entry.class.meaning().downgrade {
+        return initial(rule, terms);
+    }
     let tls_wanted = matches!(initial(rule, terms), HostDecision::Tls(_));
     if tls_wanted && legacy && legacy_cached(entry) {
         return HostDecision::LegacyTls;
@@ -362,6 +440,9 @@ fn found(
             NoTls::LegacyTls(format!("{} not allowed by the rule", session.version)),
         ),
         TlsOutcome::Legacy(_) => HostDecision::LegacyTls,
+        // No TLS was tried on this connection (a rule said `tls: never`): what it is worth
+        // is what this rule wants of a connection nothing is known of.
+        TlsOutcome::Plain(NoTls::NotWanted) => initial(rule, terms),
         TlsOutcome::Plain(reason) => {
             if downgrade && rule.on_downgrade == OnDowngrade::Defer {
                 let class = reason.class().map_or("no TLS", OutcomeClass::name);
@@ -446,6 +527,9 @@ impl fmt::Display for HostDecision {
 }
 
 #[cfg(test)]
+mod property;
+
+#[cfg(test)]
 mod tests {
     use std::net::{IpAddr, Ipv4Addr};
     use std::path::Path;
@@ -513,7 +597,7 @@ mod tests {
         let rule = rule("rules:\n  - name: r\n    verify: try\n");
         let cached = entry(OutcomeClass::CertExpired, false);
         assert!(matches!(
-            decide(&rule, Known::Cached(&cached), Published::Nothing),
+            decide(&rule, Known::cached(&cached, false), Published::Nothing),
             HostDecision::Tls(_)
         ));
         let found = expired_session();
@@ -532,7 +616,7 @@ mod tests {
         let rule = rule("rules:\n  - name: r\n    verify: require\n");
         let cached = entry(OutcomeClass::CertExpired, false);
         assert_eq!(
-            decide(&rule, Known::Cached(&cached), Published::Nothing),
+            decide(&rule, Known::cached(&cached, false), Published::Nothing),
             HostDecision::Refuse(
                 "cert-expired seen (cached: not tried again until the entry expires or is flushed)"
                     .into()
@@ -545,12 +629,12 @@ mod tests {
         let rule = rule("rules:\n  - name: r\n");
         let seen = entry(OutcomeClass::NoStarttls, false);
         assert!(matches!(
-            decide(&rule, Known::Cached(&seen), Published::Nothing),
+            decide(&rule, Known::cached(&seen, false), Published::Nothing),
             HostDecision::Tls(_)
         ));
         let pinned = entry(OutcomeClass::NoStarttls, true);
         assert!(matches!(
-            decide(&rule, Known::Cached(&pinned), Published::Nothing),
+            decide(&rule, Known::cached(&pinned, false), Published::Nothing),
             HostDecision::Plain {
                 reason: NoTls::Cached {
                     class: OutcomeClass::NoStarttls,
@@ -559,6 +643,103 @@ mod tests {
                 path: Fallback::Direct
             }
         ));
+    }
+
+    #[test]
+    fn a_cached_failure_an_attacker_can_cause_is_not_believed_over_recent_tls() {
+        let lenient = rule("rules:\n  - name: r\n");
+        let strict = rule("rules:\n  - name: r\n    on_downgrade: defer\n");
+        for class in [
+            OutcomeClass::NoStarttls,
+            OutcomeClass::StarttlsRefused,
+            OutcomeClass::HandshakeFailed,
+            OutcomeClass::LegacyTls,
+            OutcomeClass::ProtocolViolation,
+        ] {
+            let seen = entry(class, false);
+            for rule in [&lenient, &strict] {
+                assert!(
+                    matches!(
+                        decide(rule, Known::cached(&seen, true), Published::Nothing),
+                        HostDecision::Tls(_)
+                    ),
+                    "{class}: TLS is tried again"
+                );
+            }
+            // Without recent TLS the cache is believed as before.
+            if class != OutcomeClass::NoStarttls {
+                assert!(!matches!(
+                    decide(&lenient, Known::cached(&seen, false), Published::Nothing),
+                    HostDecision::Tls(_)
+                ));
+            }
+            // An operator's pin stands.
+            let pinned = entry(class, true);
+            assert!(!matches!(
+                decide(&lenient, Known::cached(&pinned, true), Published::Nothing),
+                HostDecision::Tls(_)
+            ));
+        }
+        // A certificate failure is no downgrade: the cache still says what it says.
+        let expired = entry(OutcomeClass::CertExpired, false);
+        let verify = rule("rules:\n  - name: r\n    verify: require\n");
+        assert!(matches!(
+            decide(&verify, Known::cached(&expired, true), Published::Nothing),
+            HostDecision::Refuse(_)
+        ));
+    }
+
+    #[test]
+    fn an_open_connection_is_admitted_only_by_a_decision_that_would_have_made_it() {
+        let verified = TlsOutcome::Encrypted(TlsSession {
+            version: "TLSv1.2".into(),
+            cipher: "TLS_ECDHE_RSA_WITH_AES_128_GCM_SHA256".into(),
+            verification: Verification::Verified,
+            chain: Vec::new(),
+        });
+        let expired = expired_session();
+        let plain = TlsOutcome::Plain(NoTls::NoStarttls);
+        let relay: HostPort = "127.0.0.1:2526".to_string().try_into().expect("relay");
+        let conn = |tls, authentication, relay| Connected {
+            tls,
+            authentication,
+            relay,
+        };
+        let pkix = Authentication::Pkix;
+        let lenient = decide(
+            &rule("rules:\n  - name: r\n"),
+            Known::Nothing,
+            Published::Nothing,
+        );
+        assert!(lenient.admits(&conn(&verified, pkix, None)));
+        assert!(lenient.admits(&conn(&expired, pkix, None)));
+        assert!(!lenient.admits(&conn(&plain, pkix, None)));
+        let enforce = decide(&rule("rules:\n  - name: r\n"), Known::Nothing, ENFORCE);
+        assert!(enforce.admits(&conn(&verified, pkix, None)));
+        assert!(!enforce.admits(&conn(&expired, pkix, None)));
+        assert!(!enforce.admits(&conn(&verified, Authentication::Tlsa, None)));
+        let tls13 = rule("rules:\n  - name: r\n    min_tls: \"1.3\"\n");
+        assert!(
+            !decide(&tls13, Known::Nothing, Published::Nothing)
+                .admits(&conn(&verified, pkix, None))
+        );
+        let dane = decide(
+            &rule("rules:\n  - name: r\n"),
+            Known::Nothing,
+            Published::Dane(DaneState::Usable),
+        );
+        assert!(!dane.admits(&conn(&verified, pkix, None)));
+        assert!(dane.admits(&conn(&verified, Authentication::Tlsa, None)));
+        let never = decide(
+            &rule("rules:\n  - name: r\n    tls: never\n"),
+            Known::Nothing,
+            Published::Nothing,
+        );
+        assert!(never.admits(&conn(&plain, pkix, None)));
+        assert!(!never.admits(&conn(&plain, pkix, Some(&relay))));
+        assert!(!never.admits(&conn(&verified, pkix, None)));
+        let refused = HostDecision::Refuse("no".into());
+        assert!(!refused.admits(&conn(&verified, pkix, None)));
     }
 
     #[test]
@@ -588,7 +769,11 @@ mod tests {
         ] {
             let cached = entry(OutcomeClass::Timeout, false);
             assert!(matches!(
-                decide(&rule(yaml), Known::Cached(&cached), Published::Nothing),
+                decide(
+                    &rule(yaml),
+                    Known::cached(&cached, false),
+                    Published::Nothing
+                ),
                 HostDecision::Skip(_)
             ));
         }
@@ -604,7 +789,7 @@ mod tests {
             assert_eq!(
                 decide(
                     &rule,
-                    Known::Cached(&entry(class, false)),
+                    Known::cached(&entry(class, false), false),
                     Published::Nothing
                 ),
                 HostDecision::Plain {
@@ -647,7 +832,7 @@ mod tests {
             {
                 for pinned in [false, true] {
                     let cached = entry(class, pinned);
-                    let decision = decide(&rule, Known::Cached(&cached), ENFORCE);
+                    let decision = decide(&rule, Known::cached(&cached, false), ENFORCE);
                     assert!(
                         !matches!(decision, HostDecision::Plain { .. }),
                         "{yaml} {class}: {decision}"
@@ -722,7 +907,7 @@ mod tests {
         for class in OutcomeClass::ALL {
             let decision = decide(
                 &rule,
-                Known::Cached(&entry(class, true)),
+                Known::cached(&entry(class, true), false),
                 Published::Nothing,
             );
             assert!(
@@ -825,7 +1010,7 @@ mod tests {
             let cached = entry(class, true);
             assert!(
                 matches!(
-                    decide(&rule, Known::Cached(&cached), usable),
+                    decide(&rule, Known::cached(&cached, false), usable),
                     HostDecision::Tls(_)
                 ),
                 "{class}"
@@ -833,7 +1018,7 @@ mod tests {
         }
         let unreachable = entry(OutcomeClass::Timeout, false);
         assert!(matches!(
-            decide(&rule, Known::Cached(&unreachable), usable),
+            decide(&rule, Known::cached(&unreachable, false), usable),
             HostDecision::Skip(_)
         ));
     }
@@ -904,12 +1089,12 @@ mod tests {
 
         let cached = entry(OutcomeClass::TlsLegacy, false);
         assert_eq!(
-            decide(&default, Known::Cached(&cached), Published::Nothing),
+            decide(&default, Known::cached(&cached, false), Published::Nothing),
             HostDecision::LegacyTls
         );
         let strict = rule("rules:\n  - name: r\n    verify: require\n");
         assert!(matches!(
-            decide(&strict, Known::Cached(&cached), Published::Nothing),
+            decide(&strict, Known::cached(&cached, false), Published::Nothing),
             HostDecision::Plain {
                 reason: NoTls::Cached {
                     class: OutcomeClass::LegacyTls,
@@ -919,7 +1104,7 @@ mod tests {
             }
         ));
         assert!(matches!(
-            decide(&default, Known::Cached(&cached), ENFORCE),
+            decide(&default, Known::cached(&cached, false), ENFORCE),
             HostDecision::Refuse(_)
         ));
     }

@@ -22,6 +22,8 @@ pub struct Question<'a> {
     pub mx: Option<&'a str>,
     /// What the cache holds, or would hold, for the MX host (see [`assumed_entry`]).
     pub cached: Option<CacheEntry>,
+    /// The MX host did TLS within the success memory (see [`Known::Cached`]).
+    pub did_tls_recently: bool,
     /// What the domain publishes, as it bears on the MX host.
     pub published: Published,
 }
@@ -56,7 +58,9 @@ pub fn explain(rules: Arc<RuleSet>, q: &Question<'_>) -> Explanation {
         .map(CacheEntry::classes)
         .unwrap_or_default();
     let rule = plan.rule_for_host(q.mx.unwrap_or(""), &classes);
-    let known = q.cached.as_ref().map_or(Known::Nothing, Known::Cached);
+    let known = (q.cached.as_ref()).map_or(Known::Nothing, |entry| {
+        Known::cached(entry, q.did_tls_recently)
+    });
     let decision = decide(rule, known, q.published);
     let mut out = String::new();
     let at = if rule.line > 0 {
@@ -99,7 +103,17 @@ pub fn explain(rules: Arc<RuleSet>, q: &Question<'_>) -> Explanation {
         let mut names: Vec<&str> = classes.iter().map(|c| c.name()).collect();
         names.dedup();
         let pinned = if entry.pinned { " (pinned)" } else { "" };
+        // A failure an attacker on the path can cause is not believed over recent TLS.
+        let suspect = entry.class.meaning().downgrade && !entry.pinned;
+        let after_tls = if suspect && q.did_tls_recently {
+            " after TLS within the success memory"
+        } else {
+            ""
+        };
         let again = match entry.class.meaning().when_cached {
+            _ if !after_tls.is_empty() => {
+                " (tried again: a failure now is a downgrade, as the downgrade line says)"
+            }
             WhenCached::TryTlsUnlessPinned if !entry.pinned => {
                 " (EHLO is read again; STARTTLS is tried when offered)"
             }
@@ -107,9 +121,17 @@ pub fn explain(rules: Arc<RuleSet>, q: &Question<'_>) -> Explanation {
         };
         let _ = writeln!(
             out,
-            "with cached: {}{pinned}: {decision}{again}",
+            "with cached: {}{pinned}{after_tls}: {decision}{again}",
             names.join(" + ")
         );
+        let remembered = decide(rule, Known::cached(entry, true), q.published);
+        if suspect && !q.did_tls_recently && remembered != decision {
+            let _ = writeln!(
+                out,
+                "after TLS:   the same from a host that did TLS within the success memory: \
+                 {remembered} (tried again: a failure now is a downgrade)"
+            );
+        }
     }
     let hosted: Vec<&str> = plan
         .rule_names()
@@ -236,6 +258,7 @@ mod tests {
                             sender_domain: sender.as_deref(),
                             mx: Some(&mx),
                             cached: assumed_entry(&mx, &[class], pinned),
+                            did_tls_recently: false,
                             published: Published::Nothing,
                         };
                         let answer = explain(rules.clone(), &question);
@@ -243,8 +266,11 @@ mod tests {
                         let plan = Plan::new(rules.clone(), &domain, sender.as_deref());
                         let entry = question.cached.as_ref().expect("entry");
                         let delivery_rule = plan.rule_for_host(&mx, &entry.classes());
-                        let delivery =
-                            decide(delivery_rule, Known::Cached(entry), Published::Nothing);
+                        let delivery = decide(
+                            delivery_rule,
+                            Known::cached(entry, false),
+                            Published::Nothing,
+                        );
                         let case = format!("{list}: {} with {class} (pinned: {pinned})", rule.name);
                         assert_eq!(answer.rule, delivery_rule.name, "{case}");
                         assert_eq!(answer.decision, delivery, "{case}");

@@ -65,7 +65,11 @@ impl TryFrom<String> for DomainPattern {
                 "{text:?} is not a domain pattern (use example.com, *.example.com or *)"
             ));
         }
-        Ok(pattern(name.to_string()))
+        // Names are matched in their A-label form, as mail is routed.
+        let name = crate::smtp::command::a_label(name).ok_or_else(|| {
+            format!("{text:?} is not a valid internationalised domain name (IDNA)")
+        })?;
+        Ok(pattern(name))
     }
 }
 
@@ -94,6 +98,13 @@ fn is_domain(name: &str) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_pattern_written_in_unicode_matches_the_a_labels_mail_is_routed_by() {
+        assert_eq!(p("b\u{fc}cher.example"), p("xn--bcher-kva.example"));
+        assert!(p("*.b\u{fc}cher.example").matches("mail.xn--bcher-kva.example"));
+        assert!(DomainPattern::try_from("\u{300}b.example".to_string()).is_err());
+    }
 
     fn p(text: &str) -> DomainPattern {
         DomainPattern::try_from(text.to_string()).unwrap()

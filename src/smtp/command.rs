@@ -7,13 +7,25 @@ use std::fmt;
 pub struct Mailbox {
     pub local: String,
     pub domain: String,
+    /// The domain as rules, MTA-STS, DANE, the cache and DNS know it: A-labels, lower case.
+    routing: String,
 }
 
 impl Mailbox {
-    /// The domain in lower case, for routing.
-    pub fn routing_domain(&self) -> String {
-        self.domain.to_ascii_lowercase()
+    /// The domain in its A-label form (punycode), lower case: what routing uses.
+    pub fn routing_domain(&self) -> &str {
+        &self.routing
     }
+}
+
+/// A domain as DNS knows it: an internationalised name turned into A-labels (IDNA, with
+/// the host name rules), everything in lower case; `None` when it is no valid IDNA name.
+/// An address literal stays as it is.
+pub fn a_label(domain: &str) -> Option<String> {
+    if domain.is_ascii() {
+        return Some(domain.to_ascii_lowercase());
+    }
+    idna::domain_to_ascii_strict(domain).ok()
 }
 
 impl fmt::Display for Mailbox {
@@ -163,6 +175,9 @@ pub enum CommandError {
     /// it as an unknown parameter.
     #[error("bad {param}: {why}")]
     BadDsnParameter { param: String, why: &'static str },
+    /// A domain in Unicode that is no valid internationalised domain name (IDNA).
+    #[error("{domain} is not a valid internationalised domain name")]
+    BadIdna { domain: String, sender: bool },
 }
 
 impl CommandError {
@@ -177,6 +192,11 @@ impl CommandError {
             }
             CommandError::BadDsnParameter { param, why } => {
                 Reply::new(501, "5.5.4", format!("syntax error: {param}: {why}"))
+            }
+            // RFC 3463: bad destination (5.1.3) or sender (5.1.7) mailbox address syntax.
+            CommandError::BadIdna { sender, .. } => {
+                let code = if *sender { "5.1.7" } else { "5.1.3" };
+                Reply::new(501, code, self)
             }
         }
     }
@@ -258,7 +278,7 @@ fn parse_mail(rest: &str) -> Result<Command, CommandError> {
     let sender = if path.is_empty() {
         None
     } else {
-        Some(parse_mailbox(path)?)
+        Some(parse_mailbox(path, true)?)
     };
     let mut parsed = MailParams::default();
     for param in params.split_ascii_whitespace() {
@@ -405,10 +425,10 @@ fn parse_rcpt(rest: &str) -> Result<Command, CommandError> {
         Some(i) if path.starts_with('@') => &path[i + 1..],
         _ => path,
     };
-    Ok(Command::Rcpt(parse_mailbox(path)?, parsed))
+    Ok(Command::Rcpt(parse_mailbox(path, false)?, parsed))
 }
 
-fn parse_mailbox(path: &str) -> Result<Mailbox, CommandError> {
+fn parse_mailbox(path: &str, sender: bool) -> Result<Mailbox, CommandError> {
     let at = path
         .rfind('@')
         .ok_or(CommandError::Syntax("address has no domain"))?;
@@ -419,9 +439,14 @@ fn parse_mailbox(path: &str) -> Result<Mailbox, CommandError> {
     if !is_domain_or_literal(domain) {
         return Err(CommandError::Syntax("address has an invalid domain"));
     }
+    let routing = a_label(domain).ok_or_else(|| CommandError::BadIdna {
+        domain: domain.to_string(),
+        sender,
+    })?;
     Ok(Mailbox {
         local: local.to_string(),
         domain: domain.to_string(),
+        routing,
     })
 }
 
@@ -447,8 +472,34 @@ fn is_domain_or_literal(domain: &str) -> bool {
 mod tests {
     use super::*;
 
+    #[test]
+    fn an_internationalised_domain_is_routed_by_its_a_labels_and_sent_as_written() {
+        let Ok(Command::Rcpt(rcpt, _)) =
+            parse_command("RCPT TO:<j\u{fc}rgen@B\u{fc}cher.example>".as_bytes())
+        else {
+            panic!("parsed");
+        };
+        assert_eq!(rcpt.routing_domain(), "xn--bcher-kva.example");
+        assert_eq!(rcpt.to_string(), "j\u{fc}rgen@B\u{fc}cher.example");
+        let Ok(Command::Rcpt(ascii, _)) = parse_command(b"RCPT TO:<a@Example.COM>") else {
+            panic!("parsed");
+        };
+        assert_eq!(ascii.routing_domain(), "example.com");
+        // No valid IDNA name: the recipient's 5.1.3, the sender's 5.1.7.
+        let bad = parse_command("RCPT TO:<a@\u{300}b.example>".as_bytes()).expect_err("refused");
+        assert_eq!(
+            (bad.reply().code, bad.reply().enhanced()),
+            (501, Some("5.1.3"))
+        );
+        let bad = parse_command("MAIL FROM:<a@\u{300}b.example>".as_bytes()).expect_err("refused");
+        assert_eq!(
+            (bad.reply().code, bad.reply().enhanced()),
+            (501, Some("5.1.7"))
+        );
+    }
+
     fn mailbox(s: &str) -> Mailbox {
-        parse_mailbox(s).unwrap()
+        parse_mailbox(s, false).unwrap()
     }
 
     #[test]
