@@ -14,7 +14,7 @@ cd "$(dirname "$0")"
 
 seconds="${FUZZ_SECONDS:-15}"
 sanitizer="${FUZZ_SANITIZER:-none}"
-targets=(command reply data rules)
+targets=(command reply data rules tlsrpt mta_sts ehlo fleet)
 
 if ! command -v cargo-fuzz >/dev/null 2>&1; then
   cargo install cargo-fuzz --locked
