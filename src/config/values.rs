@@ -98,7 +98,7 @@ pub mod duration {
         }
         let unit = [(86_400, "d"), (3600, "h"), (60, "m"), (1, "s")]
             .into_iter()
-            .find(|(size, _)| seconds % size == 0)
+            .find(|(size, _)| seconds.is_multiple_of(*size))
             .unwrap_or((1, "s"));
         format!("{}{}", seconds / unit.0, unit.1)
     }

@@ -1360,6 +1360,7 @@ impl Outbound {
         tracing::warn!(
             server = %server,
             rule = %attempt.rule.name,
+            downgrade = %class,
             "downgrade: this host did TLS before and now fails it ({class}: {reason})"
         );
         true

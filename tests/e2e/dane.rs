@@ -780,7 +780,7 @@ mod daemon {
     fn tlsrpt_record(zone: Zone, domain: &str) -> Zone {
         zone.record(
             &format!("_smtp._tls.{domain}"),
-            crate::mta_sts::txt(&format!("v=TLSRPTv1; rua=mailto:tlsrpt@{domain}")),
+            crate::support::https::txt(&format!("v=TLSRPTv1; rua=mailto:tlsrpt@{domain}")),
         )
     }
 
@@ -854,9 +854,9 @@ mod daemon {
             .await
             .expect("mx4 on the shared port");
         let policy_host = "mta-sts.dane.test";
-        let policy_server = crate::mta_sts::HttpsServer::start(
+        let policy_server = crate::support::https::HttpsServer::start(
             ca.leaf(&[policy_host], Validity::Current),
-            crate::mta_sts::Answer::policy(
+            crate::support::https::Answer::policy(
                 "version: STSv1\r\nmode: enforce\r\nmx: *.dane.test\r\nmax_age: 604800\r\n",
             ),
         )
@@ -874,7 +874,7 @@ mod daemon {
             .tlsa(names[3], port, (3, 1, 1), &good_data)
             .record(
                 "_mta-sts.dane.test",
-                crate::mta_sts::txt("v=STSv1; id=20261201a;"),
+                crate::support::https::txt("v=STSv1; id=20261201a;"),
             );
         let tree = SignedTree::new(tlsrpt_record(zone, "dane.test"))
             .servfail(&format!("_{port}._tcp.{}", names[1]));

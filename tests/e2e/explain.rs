@@ -13,7 +13,7 @@ use tlsrouter::outcome::OutcomeClass;
 use crate::support::lab::{self, Lab};
 use crate::support::logs::Logs;
 use crate::support::pki::{TestCa, Validity};
-use crate::support::smtp_client::{Reply, SmtpClient};
+use crate::support::smtp_client::{Reply, SmtpClient, send_one};
 use crate::support::smtp_server::{ServerBehaviour, SmtpServer, StartTls};
 
 const LOCALHOST: IpAddr = IpAddr::V4(Ipv4Addr::LOCALHOST);
@@ -29,10 +29,19 @@ struct Setup {
 }
 
 async fn lab(behaviour: ServerBehaviour, rules: &str) -> Setup {
+    lab_with(behaviour, rules, |builder| builder).await
+}
+
+/// [`lab`], with settings of the test's own.
+async fn lab_with(
+    behaviour: ServerBehaviour,
+    rules: &str,
+    adjust: impl FnOnce(lab::LabBuilder) -> lab::LabBuilder,
+) -> Setup {
     let server = SmtpServer::start(LOCALHOST, 0, behaviour)
         .await
         .expect("smtp server");
-    let builder = CA.with(|ca| Lab::new().ca(ca));
+    let builder = adjust(CA.with(|ca| Lab::new().ca(ca)));
     let lab = builder.one_mx(&server).rules(rules).admin().start().await;
     Setup {
         smtp: lab.smtp,
@@ -74,17 +83,8 @@ async fn daemon_explains(lab: &Setup) -> (String, String) {
 
 /// One message to b@example.test; the reply to RCPT, then to the message.
 async fn send(smtp: SocketAddr) -> (Reply, Option<Reply>) {
-    let (mut client, _) = SmtpClient::connect(smtp).await;
-    client.cmd("EHLO mta.test").await;
-    client.cmd("MAIL FROM:<a@sender.test>").await;
-    let rcpt = client.cmd("RCPT TO:<b@example.test>").await;
-    let data = if rcpt.code == 250 {
-        Some(client.data(b"Subject: t\r\n\r\nhello\r\n").await)
-    } else {
-        None
-    };
-    client.cmd("QUIT").await;
-    (rcpt, data)
+    let body = b"Subject: t\r\n\r\nhello\r\n";
+    send_one(smtp, "MAIL FROM:<a@sender.test>", "b@example.test", body).await
 }
 
 /// The first message to the host: the daemon learns what it is like.
@@ -450,4 +450,83 @@ async fn explain_shows_what_an_assumed_mta_sts_policy_does_to_the_rules() {
     let (code, _, err) = explain(&["--mta-sts", "enforce", "--mta-sts-mx", "mx.*.example"]).await;
     assert_eq!(code, 64, "a bad pattern is a usage error");
     assert!(err.contains("--mta-sts-mx \"mx.*.example\""), "{err}");
+}
+
+#[tokio::test]
+async fn a_host_that_did_tls_and_now_refuses_starttls_is_explained_probed_and_sent_as_a_new_attempt()
+ {
+    use crate::support::smtp_server::{Action, Step};
+    let rules = "rules:\n  - name: careful\n    match: { domains: [example.test] }\n    on_downgrade: defer\n";
+    // TLS on the first connection; from the second on, 454 to STARTTLS (injected, say).
+    let behaviour = ServerBehaviour::tls(leaf(Validity::Current)).on_connections_from(
+        1,
+        Step::StartTls,
+        Action::Reply("454 4.7.0 TLS not available".into()),
+    );
+    // Each message on a connection of its own, so each meets the server anew.
+    let lab = lab_with(behaviour, rules, |b| b.set("delivery.pool.enabled", false)).await;
+    learn(&lab, 250).await;
+    learn(&lab, 451).await;
+
+    let (action, text) = daemon_explains(&lab).await;
+    assert_eq!(action, "tls", "TLS is tried again: {text}");
+    assert!(
+        text.contains("with cached: starttls-refused after TLS within the success memory: TLS"),
+        "{text}"
+    );
+    let probe = ctl_json(&lab.socket, &["probe", "example.test"]).await;
+    let decision = probe["mx"][0]["servers"][0]["decision"]
+        .as_str()
+        .unwrap_or_default();
+    assert!(
+        decision.contains("downgrade: did TLS before, now starttls-refused"),
+        "probe says what delivery does with what it found: {probe}"
+    );
+
+    // And so it is: STARTTLS again, the downgrade found again, deferred again.
+    let starttls = |server: &SmtpServer| {
+        let logs = server.connection_logs();
+        (logs.iter())
+            .filter(|c| c.commands.iter().any(|l| l == "STARTTLS"))
+            .count()
+    };
+    let before = starttls(&lab.server);
+    let (rcpt, _) = send(lab.smtp).await;
+    assert_eq!(
+        (rcpt.code, rcpt.enhanced().as_deref()),
+        (451, Some("4.7.5"))
+    );
+    assert_eq!(starttls(&lab.server), before + 1);
+
+    // The offline explain, told the host did TLS, says the same; not told, it says both.
+    let explain = |extra: &[&str]| {
+        let mut args: Vec<String> = [
+            "explain",
+            "--rules",
+            &lab.rules.display().to_string(),
+            "--rcpt",
+            "b@example.test",
+            "--mx",
+            MX,
+            "--outcome",
+            "starttls-refused",
+        ]
+        .map(String::from)
+        .to_vec();
+        args.extend(extra.iter().map(|a| a.to_string()));
+        tlsrouter(args)
+    };
+    let (code, out, err) = explain(&["--did-tls"]).await;
+    assert_eq!(code, 0, "{err}");
+    assert!(
+        out.contains("with cached: starttls-refused after TLS within the success memory: TLS"),
+        "{out}"
+    );
+    let (code, out, err) = explain(&[]).await;
+    assert_eq!(code, 0, "{err}");
+    assert!(
+        out.contains("with cached: starttls-refused: plain"),
+        "{out}"
+    );
+    assert!(out.contains("after TLS:   "), "{out}");
 }

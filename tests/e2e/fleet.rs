@@ -15,8 +15,9 @@ use crate::support::pki::{TestCa, Validity};
 use crate::support::redis::{RedisOptions, RedisServer};
 use crate::support::smtp_server::SmtpServer;
 
-use super::mta_sts::{Answer, HttpsServer, POLICY_HOST, txt};
+use super::mta_sts::POLICY_HOST;
 use super::rules::{assert_delivered, loopback, send, server, starttls, tls10_only};
+use crate::support::https::{Answer, HttpsServer, txt};
 
 /// Every relay says this once it hears the fleet's pins and flushes.
 const LISTENING: &str = "shared cache: listening for pins and flushes";
@@ -556,4 +557,168 @@ async fn an_mta_sts_policy_fetched_by_one_relay_serves_the_other_without_a_fetch
     assert_eq!(line["policy"], "mta-sts:enforce", "{line}");
     assert_eq!(policy_server.requests(), 1, "relay b fetched nothing");
     assert!(mx.messages().iter().all(|m| m.tls.is_some()));
+}
+
+// ---------------------------------------------------------------------------------------
+// What Redis holds is checked, not trusted
+
+fn now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("clock")
+        .as_secs()
+}
+
+/// A cache entry for example.test's MX as a relay writes it, seen by relay x.
+fn entry_json(class: &str, last_seen: u64, expires_at: u64) -> serde_json::Value {
+    serde_json::json!({
+        "host": "mx.example.test", "addr": "127.0.0.1", "domains": ["example.test"],
+        "class": class, "detail": "x", "tls_version": null, "cipher": null,
+        "cert_not_after": null, "first_seen": last_seen, "last_seen": last_seen, "count": 1,
+        "expires_at": expires_at, "pinned": false, "last_tls_at": null,
+        "observed_by": { "relay": "relay-x" }
+    })
+}
+
+#[tokio::test]
+async fn entries_forged_into_redis_are_not_believed_and_the_relay_still_tries_tls() {
+    let redis = RedisServer::start().await;
+    let ca = TestCa::new();
+    let mx = tls_mx(&ca).await;
+    let mut a =
+        started(relay("relay-a", &redis, &ca, &mx).set("cache.redis.near_ttl", "1ms")).await;
+    let key = "tlsrouter:entry:mx.example.test|127.0.0.1";
+    let decade = 10 * 365 * 86_400;
+    let t = now();
+    let mut far_future = entry_json("starttls-refused", t + decade, t + decade + 3600);
+    far_future["first_seen"] = serde_json::json!(t);
+    let mut pinned_by_hand = entry_json("no-starttls", t, t + 3600);
+    pinned_by_hand["pinned"] = serde_json::json!(true);
+    pinned_by_hand["pinned_at"] = serde_json::json!(t);
+    let mut pinned_forever = pinned_by_hand.clone();
+    pinned_forever["expires_at"] = serde_json::json!(t + decade);
+    // Each would make every relay skip TLS with the host: entry, how it is written (kind,
+    // pinned), and what the relay says of it.
+    let forgeries = [
+        (far_future, "failure", "0", "last_seen"),
+        (pinned_by_hand, "failure", "0", "not written as a pin"),
+        (pinned_forever, "pin", "1", "longer than cache.ttl.pin_max"),
+    ];
+    for (n, (entry, kind, pinned, said)) in forgeries.into_iter().enumerate() {
+        // Nothing of the host's TLS remembered here, so only Redis's word could decide.
+        a.daemon.ctl(&["cache", "flush", "mx.example.test"]).await;
+        a.daemon
+            .wait_for_log("shared cache: flushed mx.example.test")
+            .await;
+        redis.cli(&[
+            "HSET",
+            key,
+            "entry",
+            &entry.to_string(),
+            "kind",
+            kind,
+            "source",
+            "relay:relay-x",
+            "pinned",
+            pinned,
+            "expires_at",
+            &(t + decade).to_string(),
+        ]);
+
+        assert_delivered(&send(a.smtp(), &["b@example.test"]).await);
+        let got = mx.messages();
+        assert_eq!(got.len(), n + 1);
+        assert!(
+            got[n].tls.is_some(),
+            "{said}: delivered over TLS all the same"
+        );
+        let warning = a.daemon.wait_for_log("is not believed").await;
+        assert_eq!(warning["level"], "WARN", "{warning}");
+        let text = warning["message"].as_str().unwrap_or_default();
+        assert!(text.contains(said), "{said:?} not in {text}");
+        // The relay's own observation replaces the forgery in Redis.
+        a.daemon
+            .wait_for_log("shared cache: wrote mx.example.test[127.0.0.1] (tls-verified)")
+            .await;
+    }
+    let stats = a.daemon.ctl(&["stats"]).await;
+    assert_eq!(stats["result"]["fleet_forged"], 3, "{stats}");
+}
+
+#[tokio::test]
+async fn a_forged_mta_sts_policy_in_redis_never_weakens_an_enforced_one() {
+    let redis = RedisServer::start().await;
+    let ca = TestCa::new();
+    // max_age 1: every message asks again, and so reads the fleet's copy first.
+    let policy = "version: STSv1\r\nmode: enforce\r\nmx: mx.example.test\r\nmax_age: 1\r\n";
+    let policy_server = HttpsServer::start(
+        ca.leaf(&[POLICY_HOST], Validity::Current),
+        Answer::policy(policy),
+    )
+    .await;
+    let mx = server(
+        loopback(1),
+        0,
+        crate::support::smtp_server::ServerBehaviour::plain(),
+    )
+    .await;
+    let id = "20261207";
+    let mut a = started(
+        relay("relay-a", &redis, &ca, &mx)
+            .zone(one_mx_zone().record("_mta-sts.example.test", txt(&format!("v=STSv1; id={id};"))))
+            .set(
+                "mta_sts.connect_to",
+                serde_json::json!({ POLICY_HOST: policy_server.addr().to_string() }),
+            ),
+    )
+    .await;
+    let deferred = |sent: &crate::rules::Sent| {
+        assert_eq!(sent.rcpts[0].code, 451, "{:?}", sent.rcpts[0]);
+        assert!(
+            sent.rcpts[0].text().contains("MTA-STS enforce"),
+            "{:?}",
+            sent.rcpts[0]
+        );
+    };
+
+    deferred(&send(a.smtp(), &["b@example.test"]).await);
+    a.daemon
+        .wait_for_log("shared cache: wrote sts example.test")
+        .await;
+
+    let forged = |mode: &str, fetched_at: u64| {
+        let raw = format!("version: STSv1\nmode: {mode}\nmx: mx.example.test\nmax_age: 604800\n");
+        serde_json::json!({
+            "domain": "example.test", "id": id, "mode": mode, "mx": ["mx.example.test"],
+            "max_age": 604800, "fetched_at": fetched_at, "expires_at": fetched_at + 604800,
+            "raw": raw
+        })
+        .to_string()
+    };
+    let t = now();
+    // A policy that says mode none under the id of the enforce policy held here, and one
+    // fetched ten years from now.
+    for (json, said) in [
+        (forged("none", t), "under the id"),
+        (
+            forged("testing", t + 10 * 365 * 86_400),
+            "ahead of this relay's clock",
+        ),
+    ] {
+        redis.cli(&["SET", "tlsrouter:sts:example.test", &json, "EX", "3600"]);
+        deferred(&send(a.smtp(), &["b@example.test"]).await);
+        let warning = a.daemon.wait_for_log("is not believed").await;
+        let text = warning["message"].as_str().unwrap_or_default();
+        assert!(
+            text.contains("MTA-STS policy of example.test") && text.contains(said),
+            "{text}"
+        );
+        a.daemon
+            .wait_for_log("shared cache: wrote sts example.test")
+            .await;
+    }
+    assert!(mx.messages().is_empty(), "nothing went in plain");
+    assert!(mx.attempts().is_empty(), "not even MAIL FROM");
+    let stats = a.daemon.ctl(&["stats"]).await;
+    assert_eq!(stats["result"]["fleet_forged"], 2, "{stats}");
 }

@@ -6,19 +6,13 @@
 use std::collections::HashMap;
 use std::io::Read;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
 use base64::Engine;
-use hickory_server::proto::rr::RData;
-use hickory_server::proto::rr::rdata::TXT;
-use http_body_util::{BodyExt, Full};
-use hyper::body::Bytes;
-use hyper_util::rt::TokioIo;
-use tokio::net::TcpListener;
-use tokio::sync::watch;
 
 use crate::support::dns::{DnsServer, TestZone};
+use crate::support::https::{Answer, HttpsServer, Seen, txt};
 use crate::support::pki::{CertKey, TestCa, Validity, self_signed};
 use crate::support::smtp_server::{ServerBehaviour, SmtpServer};
 use tlsrouter::cache::{Clock, ManualClock};
@@ -42,186 +36,7 @@ const GUARD: Duration = Duration::from_secs(30);
 const ENFORCE: &str = "version: STSv1\r\nmode: enforce\r\nmx: mx1.example.test\r\nmx: *.backup.example.test\r\nmax_age: 604800\r\n";
 
 // ---------------------------------------------------------------------------------------
-// A real HTTPS server
-
-/// What the HTTPS server answers to a GET.
-#[derive(Clone)]
-pub(super) struct Answer {
-    status: u16,
-    content_type: &'static str,
-    body: String,
-    location: Option<&'static str>,
-}
-
-impl Answer {
-    pub(super) fn policy(text: &str) -> Answer {
-        Answer {
-            status: 200,
-            content_type: "text/plain",
-            body: text.into(),
-            location: None,
-        }
-    }
-}
-
-/// One request the server got.
-#[derive(Clone, Debug)]
-struct Seen {
-    method: String,
-    path: String,
-    host: String,
-    content_type: String,
-    body: Vec<u8>,
-}
-
-struct HttpsState {
-    answer: Mutex<Answer>,
-    seen: Mutex<Vec<Seen>>,
-    /// Counts requests, so a test can wait for one to arrive.
-    arrived: watch::Sender<usize>,
-    /// While false, answers are held back: a slow server, without any sleep.
-    released: watch::Sender<bool>,
-}
-
-pub(super) struct HttpsServer {
-    addr: SocketAddr,
-    state: Arc<HttpsState>,
-    task: tokio::task::JoinHandle<()>,
-}
-
-impl Drop for HttpsServer {
-    fn drop(&mut self) {
-        self.task.abort();
-    }
-}
-
-impl HttpsServer {
-    pub(super) async fn start(cert: CertKey, answer: Answer) -> HttpsServer {
-        let listener = TcpListener::bind("127.0.0.1:0")
-            .await
-            .expect("bind the HTTPS server on 127.0.0.1");
-        let addr = listener.local_addr().expect("HTTPS server address");
-        let config = rustls::ServerConfig::builder_with_provider(Arc::new(
-            rustls::crypto::ring::default_provider(),
-        ))
-        .with_safe_default_protocol_versions()
-        .expect("TLS versions")
-        .with_no_client_auth()
-        .with_single_cert(cert.chain.clone(), cert.key.clone_key())
-        .expect("the HTTPS server's certificate");
-        let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
-        let state = Arc::new(HttpsState {
-            answer: Mutex::new(answer),
-            seen: Mutex::new(Vec::new()),
-            arrived: watch::Sender::new(0),
-            released: watch::Sender::new(true),
-        });
-        let shared = state.clone();
-        let task = tokio::spawn(async move {
-            loop {
-                let Ok((tcp, _)) = listener.accept().await else {
-                    continue;
-                };
-                let acceptor = acceptor.clone();
-                let state = shared.clone();
-                tokio::spawn(async move {
-                    let Ok(tls) = acceptor.accept(tcp).await else {
-                        return;
-                    };
-                    let service = hyper::service::service_fn(move |request| {
-                        let state = state.clone();
-                        async move { Ok::<_, hyper::Error>(state.respond(request).await) }
-                    });
-                    let _ = hyper::server::conn::http1::Builder::new()
-                        .serve_connection(TokioIo::new(tls), service)
-                        .await;
-                });
-            }
-        });
-        HttpsServer { addr, state, task }
-    }
-
-    fn answer(&self, answer: Answer) {
-        *self.state.answer.lock().expect("answer lock") = answer;
-    }
-
-    fn seen(&self) -> Vec<Seen> {
-        self.state.seen.lock().expect("seen lock").clone()
-    }
-
-    /// How many requests came so far.
-    pub(super) fn requests(&self) -> usize {
-        self.seen().len()
-    }
-
-    pub(super) fn addr(&self) -> SocketAddr {
-        self.addr
-    }
-
-    fn hold_answers(&self) {
-        self.state.released.send_replace(false);
-    }
-
-    fn release_answers(&self) {
-        self.state.released.send_replace(true);
-    }
-
-    async fn wait_for_requests(&self, n: usize) {
-        let mut arrived = self.state.arrived.subscribe();
-        tokio::time::timeout(GUARD, arrived.wait_for(|count| *count >= n))
-            .await
-            .expect("the HTTPS server got no request in time")
-            .expect("HTTPS server state");
-    }
-}
-
-impl HttpsState {
-    async fn respond(
-        &self,
-        request: hyper::Request<hyper::body::Incoming>,
-    ) -> hyper::Response<Full<Bytes>> {
-        let (head, body) = request.into_parts();
-        let body = body
-            .collect()
-            .await
-            .map(|b| b.to_bytes())
-            .unwrap_or_default();
-        let header = |name| {
-            head.headers
-                .get(name)
-                .and_then(|v: &hyper::header::HeaderValue| v.to_str().ok())
-                .unwrap_or_default()
-                .to_string()
-        };
-        self.seen.lock().expect("seen lock").push(Seen {
-            method: head.method.to_string(),
-            path: head.uri.path().to_string(),
-            host: header(hyper::header::HOST),
-            content_type: header(hyper::header::CONTENT_TYPE),
-            body: body.to_vec(),
-        });
-        self.arrived.send_modify(|n| *n += 1);
-        let mut released = self.released.subscribe();
-        let _ = released.wait_for(|r| *r).await;
-        let answer = self.answer.lock().expect("answer lock").clone();
-        let mut response = hyper::Response::builder()
-            .status(answer.status)
-            .header(hyper::header::CONTENT_TYPE, answer.content_type);
-        if let Some(location) = answer.location {
-            response = response.header(hyper::header::LOCATION, location);
-        }
-        response
-            .body(Full::new(Bytes::from(answer.body)))
-            .expect("a response")
-    }
-}
-
-// ---------------------------------------------------------------------------------------
 // The lab: DNS, a policy server, the store
-
-pub(super) fn txt(text: &str) -> RData {
-    RData::TXT(TXT::new(vec![text.to_string()]))
-}
 
 fn zone_with_id(id: &str) -> TestZone {
     TestZone::new()
@@ -1295,4 +1110,29 @@ async fn a_malformed_policy_is_delivered_as_no_policy_and_reported_as_invalid() 
     let text = report.to_string();
     assert!(text.contains("sts-policy-invalid"), "{text}");
     assert!(text.contains("no-policy-found"), "{text}");
+}
+
+#[tokio::test]
+async fn a_tlsrpt_record_with_a_multibyte_character_costs_only_that_domain_its_report() {
+    let relay = SmtpServer::start(IpAddr::V4(Ipv4Addr::LOCALHOST), 0, ServerBehaviour::plain())
+        .await
+        .expect("a test SMTP server on 127.0.0.1");
+    // `v=TLSRPTv1; rua=abcdefgé`: the é straddles the eighth byte.
+    let lab = report_lab("abcdefg\u{e9}", false, Some(relay.addr())).await;
+    let day = today(&lab);
+
+    let deliveries = lab.reports.send_reports(day).await;
+
+    let to_other = delivered_to(&deliveries, &Rua::Mailto("nobody@other.test".into()));
+    assert_eq!(
+        to_other.result,
+        Ok(()),
+        "the other domain's report still goes"
+    );
+    assert!(
+        deliveries.iter().all(|d| d.domain != DOMAIN),
+        "no address to send example.test's report to: {deliveries:?}"
+    );
+    let messages = relay.wait_for_messages(1).await;
+    assert_eq!(messages[0].rcpt_to, ["nobody@other.test"]);
 }

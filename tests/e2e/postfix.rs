@@ -113,6 +113,19 @@ fn output(command: &mut Command, what: &str) -> Output {
     })
 }
 
+/// How Postfix hands mail to tlsrouter.
+#[derive(Clone, Copy, Default)]
+struct Hop {
+    /// tlsrouter offers STARTTLS (`inbound.tls`) and Postfix requires it.
+    encrypt: bool,
+    /// Without the snippet's recipient limit: all of a message's recipients in one
+    /// transaction, as Postfix does by default.
+    batch: bool,
+}
+
+/// The snippet's line that sends each recipient in a transaction of its own.
+const RECIPIENT_LIMIT: &str = "tlsrouter_destination_recipient_limit = 1\n";
+
 /// A deferred message as `postqueue -j` shows it, and why its first recipient waits.
 pub(crate) struct Deferral {
     pub(crate) message: Value,
@@ -123,7 +136,7 @@ impl Postfix {
     /// Configures and starts an instance relaying to tlsrouter at `relay`. With `encrypt`,
     /// the hop to tlsrouter must be TLS, as the snippet says to set when tlsrouter has
     /// `inbound.tls`.
-    fn start_relaying(relay: SocketAddr, encrypt: bool) -> Postfix {
+    fn start_relaying(relay: SocketAddr, hop: Hop) -> Postfix {
         let documented = format!("[127.0.0.1]:{}", relay.port());
         assert_eq!(
             MAIN_CF.matches(DOCUMENTED_RELAYHOST).count(),
@@ -131,13 +144,22 @@ impl Postfix {
             "examples/postfix/main.cf should name {DOCUMENTED_RELAYHOST} once"
         );
         let main_cf = |root: &Path| {
-            format!(
-                "{}{}",
-                instance_main_cf(root),
-                MAIN_CF.replace(DOCUMENTED_RELAYHOST, &documented)
-            )
+            let snippet = MAIN_CF.replace(DOCUMENTED_RELAYHOST, &documented);
+            // As the snippet allows: one transaction for all of a message's recipients.
+            let snippet = match hop.batch {
+                false => snippet,
+                true => {
+                    assert_eq!(
+                        snippet.matches(RECIPIENT_LIMIT).count(),
+                        1,
+                        "{RECIPIENT_LIMIT:?} once"
+                    );
+                    snippet.replace(RECIPIENT_LIMIT, "")
+                }
+            };
+            format!("{}{snippet}", instance_main_cf(root))
         };
-        let master_cf = match encrypt {
+        let master_cf = match hop.encrypt {
             false => MASTER_CF.to_string(),
             true => {
                 assert_eq!(
@@ -280,6 +302,43 @@ impl Postfix {
             .collect()
     }
 
+    /// Waits until the queue holds a deferred message for `recipient` whose reason says
+    /// `says`, and returns it with that reason.
+    pub(crate) async fn deferral_of(&self, recipient: &str, says: &str) -> Deferral {
+        let deadline = Instant::now() + WAIT;
+        loop {
+            let queue = self.queue().await;
+            let waiting = queue.iter().filter(|m| m["queue_name"] == "deferred");
+            let found = waiting.flat_map(|m| {
+                let recipients = m["recipients"].as_array().cloned().unwrap_or_default();
+                recipients.into_iter().map(move |r| (m.clone(), r))
+            });
+            for (message, r) in found {
+                let reason = r["delay_reason"].as_str().unwrap_or_default();
+                if r["address"] == recipient && reason.contains(says) {
+                    let reason = reason.to_string();
+                    return Deferral { message, reason };
+                }
+            }
+            assert!(
+                Instant::now() < deadline,
+                "no deferral of {recipient} saying {says:?} within {WAIT:?}; queue: {queue:?}\n{}",
+                self.maillog()
+            );
+            tokio::time::sleep(POLL).await;
+        }
+    }
+
+    /// A recipient tlsrouter sent to a transaction of its own (`452 4.5.3`), tried again
+    /// at once as the next queue run would; the reason Postfix then keeps it for, which
+    /// must say `says`.
+    pub(crate) async fn retried_alone(&self, recipient: &str, says: &str) -> String {
+        let Deferral { message, .. } = self.deferral_of(recipient, "4.5.3").await;
+        let queue_id = message["queue_id"].as_str().expect("a queue id");
+        self.retry_now(queue_id).await;
+        self.deferral_of(recipient, says).await.reason
+    }
+
     /// Waits until the queue holds a deferred message, and returns it with the reason
     /// Postfix gives for its first recipient.
     pub(crate) async fn deferral(&self) -> Deferral {
@@ -404,17 +463,24 @@ struct Lab {
 impl Lab {
     /// tlsrouter delivers to remote port `mx_port`, the port of the test's servers.
     async fn start(zone: TestZone, ca: &TestCa, mx_port: u16) -> Lab {
-        Lab::start_relaying(zone, ca, mx_port, false).await
+        Lab::start_relaying(zone, ca, mx_port, Hop::default(), |_| {}).await
     }
 
-    /// With `encrypt`, tlsrouter offers STARTTLS (`inbound.tls`) and Postfix requires it.
-    async fn start_relaying(zone: TestZone, ca: &TestCa, mx_port: u16, encrypt: bool) -> Lab {
+    /// Postfix relays to tlsrouter over `hop`; `adjust` changes tlsrouter's configuration.
+    async fn start_relaying(
+        zone: TestZone,
+        ca: &TestCa,
+        mx_port: u16,
+        hop: Hop,
+        adjust: impl FnOnce(&mut tlsrouter::config::Config),
+    ) -> Lab {
         crate::support::init_tracing();
         let dns = DnsServer::start(zone).await;
         let dir = tempfile::tempdir().expect("temporary directory");
         let ca_file = ca.write_ca_file(dir.path());
         let mut config = test_config(dns.addr, &ca_file, mx_port);
-        if encrypt {
+        adjust(&mut config);
+        if hop.encrypt {
             let cert = ca.leaf(&["relay.test"], Validity::Current);
             let files = tlsrouter::server_tls::InboundTlsConfig {
                 certificate: dir.path().join("relay.crt"),
@@ -425,7 +491,7 @@ impl Lab {
             config.inbound.tls = Some(files);
         }
         let relay = start_proxy(config).await;
-        let postfix = tokio::task::spawn_blocking(move || Postfix::start_relaying(relay, encrypt))
+        let postfix = tokio::task::spawn_blocking(move || Postfix::start_relaying(relay, hop))
             .await
             .expect("start Postfix");
         Lab {
@@ -683,7 +749,11 @@ async fn a_postfix_that_requires_tls_on_its_hop_to_tlsrouter_relays_encrypted() 
     let server = SmtpServer::start(IpAddr::V4(MX1), 0, ServerBehaviour::plain())
         .await
         .expect("SMTP server");
-    let lab = Lab::start_relaying(zone(), &ca, server.addr().port(), true).await;
+    let hop = Hop {
+        encrypt: true,
+        ..Hop::default()
+    };
+    let lab = Lab::start_relaying(zone(), &ca, server.addr().port(), hop, |_| {}).await;
 
     let to = "bob@example.test";
     lab.postfix
@@ -698,4 +768,64 @@ async fn a_postfix_that_requires_tls_on_its_hop_to_tlsrouter_relays_encrypted() 
         log.contains("TLS connection established to 127.0.0.1"),
         "Postfix encrypted its hop to tlsrouter: {log}"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_message_to_an_open_and_an_enforcing_domain_on_one_mx_goes_in_plain_to_the_open_one_only()
+{
+    let ca = TestCa::new();
+    let server = SmtpServer::start(IpAddr::V4(MX1), 0, ServerBehaviour::plain())
+        .await
+        .expect("SMTP server");
+    let policy_host = "mta-sts.strict.test";
+    let policy = crate::support::https::HttpsServer::start(
+        ca.leaf(&[policy_host], Validity::Current),
+        crate::support::https::Answer::policy(
+            "version: STSv1\r\nmode: enforce\r\nmx: mx.shared.test\r\nmax_age: 86400\r\n",
+        ),
+    )
+    .await;
+    // Both domains on one MX host, which offers no STARTTLS; only strict.test publishes.
+    let zone = zone()
+        .mx("open-shared.test", 10, "mx.shared.test")
+        .mx("strict.test", 10, "mx.shared.test")
+        .a("mx.shared.test", MX1)
+        .record(
+            "_mta-sts.strict.test",
+            crate::support::https::txt("v=STSv1; id=20261207a;"),
+        );
+    // Postfix as it is by default: both recipients in one transaction.
+    let hop = Hop {
+        batch: true,
+        ..Hop::default()
+    };
+    let policy_addr = policy.addr;
+    let lab = Lab::start_relaying(zone, &ca, server.addr().port(), hop, |config| {
+        config
+            .mta_sts
+            .connect_to
+            .insert(policy_host.to_string(), policy_addr);
+    })
+    .await;
+
+    let (open, strict) = ("u@open-shared.test", "v@strict.test");
+    lab.postfix
+        .sendmail(SENDER, &[open, strict], &message(open, "two domains"))
+        .await;
+
+    let got = lab.postfix.wait_for_messages(&server, 1, String::new).await;
+    assert_eq!(
+        got[0].rcpt_to,
+        vec![open],
+        "only the open domain's recipient"
+    );
+    assert_eq!(got[0].tls, None);
+    // tlsrouter sent the other to a transaction of its own; there its domain decides.
+    let reason = lab.postfix.retried_alone(strict, "4.7.5").await;
+    assert!(reason.contains("MTA-STS enforce"), "{reason}");
+    assert!(
+        !server.heard_of(strict),
+        "the remote never heard of {strict}"
+    );
+    assert_eq!(server.messages().len(), 1);
 }

@@ -17,6 +17,7 @@ use serde_json::json;
 use crate::postfix::{Deferral, INSTANCE_MASTER_CF, Postfix, instance_directories_cf};
 use crate::support::daemon::Daemon;
 use crate::support::dns::{DnsServer, TestZone};
+use crate::support::dnssec::{SignedDns, SignedTree, Zone};
 use crate::support::netns::NetNs;
 use crate::support::pki::{TestCa, Validity};
 use crate::support::settings::{Settings, path};
@@ -61,7 +62,7 @@ const HOSTS: u8 = MX_DROP;
 struct TransparentLab {
     postfix: Postfix,
     tlsrouter: Daemon,
-    _dns: DnsServer,
+    _dns: Dns,
     netns: NetNs,
     _dir: tempfile::TempDir,
 }
@@ -76,7 +77,7 @@ impl TransparentLab {
         netns: NetNs,
         ca: &TestCa,
         rules: Option<&str>,
-        extras: Extras,
+        mut extras: Extras,
     ) -> TransparentLab {
         crate::support::init_tracing();
         let nft = std::fs::read_to_string(NFT_RULES).expect("read examples/transparent");
@@ -93,8 +94,11 @@ impl TransparentLab {
                  postfix and tlsrouter packages create them; .ci/run does before the tests)"
             );
         }
-        let dns =
-            DnsServer::start_at(zone(&netns), SocketAddr::new(netns.host(DNS).into(), 53)).await;
+        let at = SocketAddr::new(netns.host(DNS).into(), 53);
+        let dns: Dns = match extras.signed.take() {
+            None => (Some(DnsServer::start_at(zone(&netns), at).await), None),
+            Some(tree) => (None, Some(SignedDns::start_at(tree, at).await)),
+        };
         netns.use_nameserver(netns.host(DNS));
         match extras.iptables {
             false => netns.run(
@@ -111,7 +115,7 @@ impl TransparentLab {
 
         let dir = tempfile::tempdir().expect("temporary directory");
         let ca_file = ca.write_ca_file(dir.path());
-        let mut settings = Settings::lab(dns.addr, &ca_file, 25)
+        let mut settings = Settings::lab(at, &ca_file, 25)
             .set("delivery.socket_mark", SOCKET_MARK)
             // A redirected connection comes from the address Postfix connected from.
             .set(
@@ -146,6 +150,12 @@ impl TransparentLab {
             let file = dir.path().join("cache.json");
             std::fs::write(&file, cache.to_string()).expect("write cache file");
             settings = settings.set("cache.file", path(&file));
+        }
+        if let (_, Some(signed)) = &dns {
+            settings = settings.set(
+                "resolver.trust_anchor_file",
+                path(&signed.trust_anchor_file),
+            );
         }
         if let Some(rules) = rules {
             let file = dir.path().join("rules.yaml");
@@ -187,7 +197,13 @@ struct Extras {
     cache: Option<serde_json::Value>,
     /// The redirect from examples/transparent/tlsrouter.iptables instead of the nftables one.
     iptables: bool,
+    /// A DNSSEC-signed tree, whose root key tlsrouter trusts, instead of the plain zone.
+    signed: Option<SignedTree>,
 }
+
+/// The DNS server both Postfix and tlsrouter ask (the plain zone, or a signed tree), kept
+/// as long as the lab.
+type Dns = (Option<DnsServer>, Option<SignedDns>);
 
 /// A receiving server on port 25 of address `host` of the far side.
 async fn server(netns: &NetNs, host: u8, behaviour: ServerBehaviour) -> SmtpServer {
@@ -781,4 +797,108 @@ async fn ctl_sessions_shows_where_a_redirected_connection_was_going_from_accept_
     slow.release();
     wait_for_messages(&slow, 1, &lab).await;
     lab.postfix.wait_for_empty_queue().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_dane_in_force_a_failed_lookup_defers_and_nothing_goes_in_plain() {
+    let ca = TestCa::new();
+    let netns = NetNs::create(HOSTS);
+    // A server without STARTTLS, which the default rules would reach in plain.
+    let plain = server(&netns, MX_PLAIN, ServerBehaviour::plain()).await;
+    let addr = netns.host(MX_PLAIN);
+    // Three domains in the signed tree, each with its MX host on the plain server's
+    // address and a TLSA record for it; for each, one lookup that would tell whether DANE
+    // applies answers SERVFAIL. Postfix reaches the two whose MX or address it cannot
+    // look up either through a static route.
+    let key = crate::support::pki::spki_sha256(&crate::support::pki::self_signed(&["x"]));
+    let mut secure = Zone::new();
+    for domain in ["tlsafail.test", "addrfail.test", "mxfail.test"] {
+        let mx = format!("mx.{domain}");
+        secure = secure
+            .mx(domain, 10, &mx)
+            .a(&mx, addr)
+            .tlsa(&mx, 25, (3, 1, 1), &key);
+    }
+    let tree = SignedTree::new(secure)
+        .servfail("_25._tcp.mx.tlsafail.test")
+        .servfail("mx.addrfail.test")
+        .servfail("mxfail.test");
+    let route = format!("smtp:[{addr}]");
+    let extras = Extras {
+        main_cf: format!(
+            "transport_maps = inline:{{ addrfail.test={route}, mxfail.test={route} }}\n"
+        ),
+        signed: Some(tree),
+        ..Extras::default()
+    };
+    let mut lab = TransparentLab::start_with(netns, &ca, None, extras).await;
+    lab.tlsrouter.wait_for_log_once("DANE on").await;
+
+    for (to, lookup) in [
+        (
+            "t@tlsafail.test",
+            "TLSA lookup of _25._tcp.mx.tlsafail.test",
+        ),
+        ("a@addrfail.test", "address lookup of mx.addrfail.test"),
+        ("m@mxfail.test", "MX lookup of mxfail.test"),
+    ] {
+        lab.postfix
+            .sendmail(SENDER, &[to], &message(to, "under DANE"))
+            .await;
+        let Deferral { reason, .. } = lab.postfix.deferral_of(to, "4.7.5").await;
+        assert!(reason.contains("451 4.7.5"), "{to}: {reason}");
+        let warned = loop {
+            let line = lab.tlsrouter.wait_for_log("DANE").await;
+            if line["message"].as_str().is_some_and(|m| m.contains(lookup)) {
+                break line;
+            }
+        };
+        assert_eq!(warned["level"], "WARN", "{warned}");
+    }
+    assert!(plain.messages().is_empty(), "nothing in plain");
+    assert!(plain.attempts().is_empty(), "not even MAIL FROM");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dane_domain_never_rides_on_an_unsigned_domains_plain_route_to_the_same_address() {
+    let ca = TestCa::new();
+    let netns = NetNs::create(HOSTS);
+    let plain = server(&netns, MX_PLAIN, ServerBehaviour::plain()).await;
+    let addr = netns.host(MX_PLAIN);
+    // signed.test's MX answer is secure and its host has a TLSA record; open.test, in a
+    // zone delegated without DS, names the same host, so DANE does not bind it. Postfix
+    // orders a transaction's recipients by domain: the open one comes first.
+    let key = crate::support::pki::spki_sha256(&crate::support::pki::self_signed(&["x"]));
+    let secure = Zone::new()
+        .mx("signed.test", 10, "mx.shared.test")
+        .a("mx.shared.test", addr)
+        .tlsa("mx.shared.test", 25, (3, 1, 1), &key);
+    let unsigned = Zone::new().mx("open.test", 10, "mx.shared.test");
+    let tree = SignedTree::new(secure).insecure_zone("open.test", unsigned);
+    // One next hop for Postfix, so both recipients go in one transaction.
+    let route = format!("smtp:[{addr}]");
+    let extras = Extras {
+        main_cf: format!("transport_maps = inline:{{ signed.test={route}, open.test={route} }}\n"),
+        signed: Some(tree),
+        ..Extras::default()
+    };
+    let mut lab = TransparentLab::start_with(netns, &ca, None, extras).await;
+    lab.tlsrouter.wait_for_log_once("DANE on").await;
+
+    let (open, dane) = ("u@open.test", "w@signed.test");
+    lab.postfix
+        .sendmail(SENDER, &[open, dane], &message(open, "two domains"))
+        .await;
+
+    let got = wait_for_messages(&plain, 1, &lab).await;
+    assert_eq!(
+        got[0].rcpt_to,
+        vec![open],
+        "only the unsigned domain's recipient"
+    );
+    assert_eq!(got[0].tls, None);
+    let reason = lab.postfix.retried_alone(dane, "4.7.5").await;
+    assert!(reason.contains("DANE"), "{reason}");
+    assert_eq!(plain.messages().len(), 1, "nothing more arrived");
+    assert!(!plain.heard_of(dane), "the remote never heard of {dane}");
 }

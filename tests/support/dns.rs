@@ -129,12 +129,7 @@ impl DnsServer {
     pub async fn start_at(zone: TestZone, addr: SocketAddr) -> DnsServer {
         let zone = Arc::new(RwLock::new(zone));
         let mut server = Server::new(ZoneTable(zone.clone()));
-        let udp = UdpSocket::bind(addr)
-            .await
-            .unwrap_or_else(|e| panic!("bind DNS UDP on {addr}: {e}"));
-        let tcp = TcpListener::bind(addr)
-            .await
-            .unwrap_or_else(|e| panic!("bind DNS TCP on {addr}: {e}"));
+        let (udp, tcp) = bind_udp_and_tcp_at(addr).await;
         server.register_socket(udp);
         server.register_listener(tcp, Duration::from_secs(10), 64);
         DnsServer { addr, zone, server }
@@ -153,8 +148,19 @@ impl Drop for DnsServer {
     }
 }
 
+/// UDP and TCP at `addr`, for resolvers that take only an address (resolv.conf).
+pub async fn bind_udp_and_tcp_at(addr: SocketAddr) -> (UdpSocket, TcpListener) {
+    let udp = UdpSocket::bind(addr)
+        .await
+        .unwrap_or_else(|e| panic!("bind DNS UDP on {addr}: {e}"));
+    let tcp = TcpListener::bind(addr)
+        .await
+        .unwrap_or_else(|e| panic!("bind DNS TCP on {addr}: {e}"));
+    (udp, tcp)
+}
+
 /// Resolvers ask over UDP and retry truncated answers over TCP at the same address.
-async fn bind_udp_and_tcp_on_one_port() -> (UdpSocket, TcpListener) {
+pub async fn bind_udp_and_tcp_on_one_port() -> (UdpSocket, TcpListener) {
     for _ in 0..50 {
         let udp = UdpSocket::bind("127.0.0.1:0")
             .await

@@ -37,6 +37,8 @@ use hickory_server::store::in_memory::InMemoryZoneHandler;
 use hickory_server::zone_handler::{AxfrPolicy, Catalog, MessageResponseBuilder, ZoneType};
 use tokio::net::{TcpListener, UdpSocket};
 
+use super::dns::{bind_udp_and_tcp_at, bind_udp_and_tcp_on_one_port};
+
 /// As in the unsigned test server: nothing is cached, by the resolver or its validator.
 const TTL: u32 = 0;
 
@@ -119,7 +121,7 @@ impl SignedTree {
     }
 }
 
-/// Serves a [`SignedTree`] on 127.0.0.1 until dropped.
+/// Serves a [`SignedTree`] until dropped.
 pub struct SignedDns {
     /// UDP and TCP both listen here.
     pub addr: SocketAddr,
@@ -133,7 +135,18 @@ pub struct SignedDns {
 }
 
 impl SignedDns {
+    /// On a free port of 127.0.0.1.
     pub async fn start(tree: SignedTree) -> SignedDns {
+        SignedDns::serve(tree, bind_udp_and_tcp_on_one_port().await).await
+    }
+
+    /// At `addr` (UDP and TCP), e.g. port 53 of a network namespace's far side, for
+    /// resolvers that take only an address (resolv.conf).
+    pub async fn start_at(tree: SignedTree, addr: SocketAddr) -> SignedDns {
+        SignedDns::serve(tree, bind_udp_and_tcp_at(addr).await).await
+    }
+
+    async fn serve(tree: SignedTree, (udp, tcp): (UdpSocket, TcpListener)) -> SignedDns {
         let root_key = new_key();
         let root_dnskey = dnskey(&root_key);
         let mut root = tree.root;
@@ -173,7 +186,6 @@ impl SignedDns {
         let trust_anchor_file = dir.path().join("root.key");
         write_anchor(&trust_anchor_file, &Name::root(), root_dnskey);
         let mut server = Server::new(zones);
-        let (udp, tcp) = bind_udp_and_tcp_on_one_port().await;
         let addr = udp.local_addr().expect("DNS UDP address");
         server.register_socket(udp);
         server.register_listener(tcp, Duration::from_secs(10), 64);
@@ -290,19 +302,6 @@ fn catalog(apex: Name, handler: InMemoryZoneHandler<TokioRuntimeProvider>) -> Ca
 fn fqdn(text: &str) -> Name {
     let absolute = format!("{}.", text.trim_end_matches('.'));
     Name::from_str(&absolute).unwrap_or_else(|e| panic!("test DNS name {text:?}: {e}"))
-}
-
-async fn bind_udp_and_tcp_on_one_port() -> (UdpSocket, TcpListener) {
-    for _ in 0..50 {
-        let udp = UdpSocket::bind("127.0.0.1:0")
-            .await
-            .expect("bind DNS UDP on 127.0.0.1");
-        let port = udp.local_addr().expect("DNS UDP address").port();
-        if let Ok(tcp) = TcpListener::bind(("127.0.0.1", port)).await {
-            return (udp, tcp);
-        }
-    }
-    panic!("no port on 127.0.0.1 was free for both UDP and TCP after 50 tries");
 }
 
 /// Every zone, each behind its own catalog; [`Zones::catalog_for`] picks one per question.

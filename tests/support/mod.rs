@@ -8,6 +8,7 @@
 //! - `smtp_server`: the one scriptable SMTP server, with presets and per-step actions.
 //! - `smtp_client`: the MTA side.
 //! - `dns`, `pki`: the DNS server and the certificates; `dnssec`: a signed DNS tree for DANE.
+//! - `https`: a real HTTPS server (MTA-STS policies, TLS-RPT reports).
 //! - `daemon`: the `tlsrouter` binary as a child process; `logs`: log capture in process.
 //! - `netns`: a network namespace with a veth pair, for the transparent-mode tests.
 //! - `redis`: a real `redis-server` on a free port, for the fleet's shared cache.
@@ -19,6 +20,7 @@
 pub mod daemon;
 pub mod dns;
 pub mod dnssec;
+pub mod https;
 pub mod lab;
 pub mod logs;
 pub mod netns;

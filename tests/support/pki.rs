@@ -184,3 +184,13 @@ fn cert_key(cert: &rcgen::Certificate, key: &KeyPair, not_after: Date) -> CertKe
         not_after,
     }
 }
+
+/// The SHA-256 digest of the certificate's public key (its SubjectPublicKeyInfo): a DANE-EE
+/// `3 1 1` record's data, computed by OpenSSL, apart from the code under test.
+pub fn spki_sha256(cert: &CertKey) -> Vec<u8> {
+    let spki = openssl::x509::X509::from_der(&cert.chain[0])
+        .and_then(|c| c.public_key())
+        .and_then(|k| k.public_key_to_der())
+        .expect("the certificate's public key, by OpenSSL");
+    openssl::sha::sha256(&spki).to_vec()
+}

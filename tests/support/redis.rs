@@ -112,6 +112,18 @@ impl RedisServer {
         panic!("redis-server: port {} stayed taken", self.port);
     }
 
+    /// Runs `redis-cli` against this server with `args`, as someone with access to the
+    /// fleet's Redis would (what they write is what a relay then reads); its output.
+    pub fn cli(&self, args: &[&str]) -> String {
+        let out = Command::new("redis-cli")
+            .args(["-h", "127.0.0.1", "-p", &self.port.to_string()])
+            .args(args)
+            .output()
+            .expect("run redis-cli (Debian's redis-tools, installed with redis-server)");
+        assert!(out.status.success(), "redis-cli {args:?}: {out:?}");
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
     /// The keys matching `pattern` (Redis's KEYS: a test's small database).
     pub async fn keys(&self, pattern: &str) -> Vec<String> {
         let mut conn = self.connection().await;

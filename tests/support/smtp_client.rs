@@ -215,3 +215,25 @@ fn parse_line(line: &str) -> (u16, bool, String) {
         _ => panic!("not an SMTP reply line: {line:?}"),
     }
 }
+
+/// One message in a session of its own, as an MTA sends it: EHLO, the `mail` line (MAIL
+/// FROM and its parameters), RCPT TO `rcpt`, and DATA with `body` when the recipient was
+/// taken. The reply to RCPT, and to the message when there was one.
+pub async fn send_one(
+    addr: SocketAddr,
+    mail: &str,
+    rcpt: &str,
+    body: &[u8],
+) -> (Reply, Option<Reply>) {
+    let (mut client, _) = SmtpClient::connect(addr).await;
+    client.cmd("EHLO mta.sender.test").await;
+    let sender = client.cmd(mail).await;
+    assert_eq!(sender.code, 250, "{mail}: {sender:?}");
+    let reply = client.cmd(&format!("RCPT TO:<{rcpt}>")).await;
+    let message = match reply.code {
+        250 => Some(client.data(body).await),
+        _ => None,
+    };
+    client.cmd("QUIT").await;
+    (reply, message)
+}

@@ -527,6 +527,15 @@ impl SmtpServer {
             .clone()
     }
 
+    /// Whether any connection ever named `rcpt` in a RCPT TO: what a remote learns of a
+    /// recipient even when it takes no message for it.
+    pub fn heard_of(&self, rcpt: &str) -> bool {
+        let command = format!("RCPT TO:<{rcpt}>");
+        let logs = self.connection_logs();
+        logs.iter()
+            .any(|c| c.commands.iter().any(|l| l.starts_with(&command)))
+    }
+
     /// From now on EHLO does not offer STARTTLS and the command gets 502, as when a
     /// server's TLS is switched off (or stripped on the way).
     pub fn stop_offering_starttls(&self) {

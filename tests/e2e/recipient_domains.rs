@@ -1,0 +1,299 @@
+//! Each recipient domain is judged on its own, even when several share an MX host, a route
+//! or a pooled connection: a recipient whose domain publishes more than the transaction's
+//! open route gives (MTA-STS `enforce`, DANE) never rides on it; the MTA is told `452
+//! 4.5.3` and sends it in a transaction of its own, where its domain decides. A recipient
+//! whose domain the open route already satisfies joins it.
+//!
+//! Real parts: the proxy in process, a real DNS server (a DNSSEC-signed tree for DANE), a
+//! real HTTPS server serving the MTA-STS policy, a real SMTP server as the shared MX, each
+//! order of recipients, the pool on and off.
+
+use std::net::{IpAddr, Ipv4Addr};
+
+use serde_json::json;
+
+use crate::support::dns::TestZone;
+use crate::support::dnssec::{SignedDns, SignedTree, Zone};
+use crate::support::https::{Answer, HttpsServer, txt};
+use crate::support::lab::{Lab, LabBuilder};
+use crate::support::logs::Logs;
+use crate::support::pki::{CertKey, TestCa, Validity, self_signed};
+use crate::support::smtp_client::{Reply, SmtpClient};
+use crate::support::smtp_server::{ServerBehaviour, SmtpServer, StartTls};
+
+const LOCALHOST: IpAddr = IpAddr::V4(Ipv4Addr::LOCALHOST);
+/// The MX host every domain here shares.
+const MX: &str = "mx.shared.test";
+const OPEN: &str = "u@open-shared.test";
+const STRICT: &str = "v@strict.test";
+const POLICY_HOST: &str = "mta-sts.strict.test";
+const ENFORCE: &str = "version: STSv1\r\nmode: enforce\r\nmx: mx.shared.test\r\nmax_age: 86400\r\n";
+const BODY: &[u8] = b"Subject: shared\r\n\r\nhello\r\n";
+
+/// What the MTA heard in one transaction: each RCPT's reply, then the reply to the message
+/// (none when no recipient was taken).
+struct Sent {
+    rcpts: Vec<Reply>,
+    message: Option<Reply>,
+}
+
+/// One transaction to the proxy, with these recipients in this order.
+async fn transaction(lab: &Lab, rcpts: &[&str]) -> Sent {
+    let (mut client, greeting) = SmtpClient::connect(lab.smtp).await;
+    assert_eq!(greeting.code, 220);
+    assert_eq!(client.cmd("EHLO mta.sender.test").await.code, 250);
+    assert_eq!(client.cmd("MAIL FROM:<a@sender.test>").await.code, 250);
+    let mut replies = Vec::new();
+    for rcpt in rcpts {
+        replies.push(client.cmd(&format!("RCPT TO:<{rcpt}>")).await);
+    }
+    let message = match replies.iter().any(|r| r.code == 250) {
+        true => Some(client.data(BODY).await),
+        false => None,
+    };
+    client.cmd("QUIT").await;
+    Sent {
+        rcpts: replies,
+        message,
+    }
+}
+
+fn assert_reply(reply: &Reply, code: u16, enhanced: &str) {
+    assert_eq!(
+        (reply.code, reply.enhanced().as_deref()),
+        (code, Some(enhanced)),
+        "{reply:?}"
+    );
+}
+
+/// The shared MX, and the proxy with the pool on or off.
+fn with_pool(lab: LabBuilder, pool: bool) -> LabBuilder {
+    lab.set("delivery.pool.enabled", pool)
+}
+
+// ---------------------------------------------------------------------------------------
+// MTA-STS
+
+struct StsLab {
+    lab: Lab,
+    server: SmtpServer,
+    _policy: HttpsServer,
+}
+
+/// open-shared.test publishes nothing; strict.test an enforce policy naming the MX host
+/// they share.
+async fn sts_lab(ca: &TestCa, behaviour: ServerBehaviour, pool: bool) -> StsLab {
+    let server = SmtpServer::start(LOCALHOST, 0, behaviour)
+        .await
+        .expect("the shared MX");
+    let policy = HttpsServer::start(
+        ca.leaf(&[POLICY_HOST], Validity::Current),
+        Answer::policy(ENFORCE),
+    )
+    .await;
+    let zone = TestZone::new()
+        .mx("open-shared.test", 10, MX)
+        .mx("strict.test", 10, MX)
+        .a(MX, Ipv4Addr::LOCALHOST)
+        .record("_mta-sts.strict.test", txt("v=STSv1; id=20261207a;"));
+    let lab = Lab::new()
+        .ca(ca)
+        .zone(zone)
+        .mx_port(server.addr().port())
+        .set(
+            "mta_sts.connect_to",
+            json!({ POLICY_HOST: policy.addr.to_string() }),
+        );
+    StsLab {
+        lab: with_pool(lab, pool).start().await,
+        server,
+        _policy: policy,
+    }
+}
+
+#[tokio::test]
+async fn an_enforcing_domain_never_rides_on_another_domains_plain_route_to_the_same_mx() {
+    for pool in [false, true] {
+        let (logs, _guard) = Logs::capture();
+        let ca = TestCa::new();
+        let d = sts_lab(&ca, ServerBehaviour::plain(), pool).await;
+
+        // A message to the open domain alone: plain, as nothing forbids it (and, with the
+        // pool on, its connection is kept for the next message).
+        let alone = transaction(&d.lab, &[OPEN]).await;
+        assert_reply(alone.message.as_ref().expect("taken"), 250, "2.0.0");
+
+        // The open domain first: the strict one is sent to another transaction.
+        let sent = transaction(&d.lab, &[OPEN, STRICT]).await;
+        assert_eq!(sent.rcpts[0].code, 250, "pool {pool}: {:?}", sent.rcpts);
+        assert_reply(&sent.rcpts[1], 452, "4.5.3");
+        assert!(
+            sent.rcpts[1].text().contains("strict.test")
+                && sent.rcpts[1].text().contains("MTA-STS enforce"),
+            "the reply says whose policy: {:?}",
+            sent.rcpts[1]
+        );
+        assert_eq!(sent.message.as_ref().map(|r| r.code), Some(250));
+
+        // The strict domain first: its own decision defers it; the open one goes alone.
+        let sent = transaction(&d.lab, &[STRICT, OPEN]).await;
+        assert_reply(&sent.rcpts[0], 451, "4.7.5");
+        assert!(
+            sent.rcpts[0].text().contains("MTA-STS enforce"),
+            "{:?}",
+            sent.rcpts[0]
+        );
+        assert_eq!(sent.rcpts[1].code, 250, "{:?}", sent.rcpts);
+        assert_eq!(sent.message.as_ref().map(|r| r.code), Some(250));
+
+        // In a transaction of its own, as the MTA retries it: deferred, never plain.
+        let retried = transaction(&d.lab, &[STRICT]).await;
+        assert_reply(&retried.rcpts[0], 451, "4.7.5");
+
+        let got = d.server.messages();
+        assert_eq!(
+            got.len(),
+            3,
+            "pool {pool}: the open domain's three messages"
+        );
+        for message in &got {
+            assert_eq!(message.rcpt_to, vec![OPEN], "pool {pool}");
+            assert_eq!(message.tls, None);
+        }
+        assert!(
+            !d.server.heard_of(STRICT),
+            "pool {pool}: the remote never heard of the strict domain's recipient"
+        );
+        for line in logs.transaction_events() {
+            let to = line["to"].as_str().unwrap_or_default();
+            assert!(!to.contains("strict.test"), "{line}");
+        }
+    }
+}
+
+#[tokio::test]
+async fn an_enforcing_domain_joins_a_route_that_already_meets_its_policy() {
+    let ca = TestCa::new();
+    let cert = ca.leaf(&[MX], Validity::Current);
+    let d = sts_lab(&ca, ServerBehaviour::tls(cert), false).await;
+
+    let sent = transaction(&d.lab, &[OPEN, STRICT]).await;
+    assert_eq!(
+        sent.rcpts.iter().map(|r| r.code).collect::<Vec<_>>(),
+        [250, 250],
+        "{:?}",
+        sent.rcpts
+    );
+    assert_eq!(sent.message.as_ref().map(|r| r.code), Some(250));
+    let got = d.server.messages();
+    assert_eq!(got.len(), 1, "one message for both");
+    assert_eq!(got[0].rcpt_to, vec![OPEN, STRICT]);
+    assert!(
+        got[0].tls.is_some(),
+        "verified TLS to a host the policy names"
+    );
+}
+
+// ---------------------------------------------------------------------------------------
+// DANE
+
+const DANE: &str = "w@dane.test";
+const UNSIGNED: &str = "x@unsigned.test";
+
+struct DaneLab {
+    lab: Lab,
+    server: SmtpServer,
+    _dns: SignedDns,
+}
+
+/// dane.test's MX answer is DNSSEC-secure and the shared MX host has a TLSA record for
+/// `cert`; unsigned.test is in a zone delegated without DS, so its MX answer is insecure
+/// and DANE does not bind it, though it names the same host.
+async fn dane_lab(cert: &CertKey, behaviour: ServerBehaviour, pool: bool) -> DaneLab {
+    let server = SmtpServer::start(LOCALHOST, 0, behaviour)
+        .await
+        .expect("the shared MX");
+    let port = server.addr().port();
+    let key = crate::support::pki::spki_sha256(cert);
+    let secure = Zone::new()
+        .mx("dane.test", 10, MX)
+        .a(MX, Ipv4Addr::LOCALHOST)
+        .tlsa(MX, port, (3, 1, 1), &key);
+    let unsigned = Zone::new().mx("unsigned.test", 10, MX);
+    let dns =
+        SignedDns::start(SignedTree::new(secure).insecure_zone("unsigned.test", unsigned)).await;
+    let lab = Lab::new()
+        .ca(&TestCa::new())
+        .mx_port(port)
+        .set("resolver.nameservers", vec![dns.addr.to_string()])
+        .set_path("resolver.trust_anchor_file", &dns.trust_anchor_file);
+    DaneLab {
+        lab: with_pool(lab, pool).start().await,
+        server,
+        _dns: dns,
+    }
+}
+
+#[tokio::test]
+async fn a_dane_domain_never_rides_on_an_unsigned_domains_plain_route_to_the_same_mx() {
+    for pool in [false, true] {
+        let cert = self_signed(&[MX]);
+        let d = dane_lab(&cert, ServerBehaviour::plain(), pool).await;
+
+        let alone = transaction(&d.lab, &[UNSIGNED]).await;
+        assert_eq!(alone.message.as_ref().map(|r| r.code), Some(250));
+
+        let sent = transaction(&d.lab, &[UNSIGNED, DANE]).await;
+        assert_eq!(sent.rcpts[0].code, 250, "pool {pool}: {:?}", sent.rcpts);
+        assert_reply(&sent.rcpts[1], 452, "4.5.3");
+        assert!(sent.rcpts[1].text().contains("DANE"), "{:?}", sent.rcpts[1]);
+
+        let sent = transaction(&d.lab, &[DANE, UNSIGNED]).await;
+        assert_reply(&sent.rcpts[0], 451, "4.7.5");
+        assert_eq!(sent.rcpts[1].code, 250, "pool {pool}: {:?}", sent.rcpts);
+
+        let got = d.server.messages();
+        assert_eq!(got.len(), 3, "pool {pool}");
+        assert!(
+            got.iter()
+                .all(|m| m.rcpt_to == vec![UNSIGNED] && m.tls.is_none())
+        );
+        assert!(!d.server.heard_of(DANE), "pool {pool}");
+    }
+}
+
+#[tokio::test]
+async fn a_dane_domain_joins_only_a_route_its_tlsa_record_authenticated() {
+    let cert = self_signed(&[MX]);
+    let behaviour = ServerBehaviour {
+        starttls: StartTls::Rustls(cert.clone()),
+        ..ServerBehaviour::default()
+    };
+    let d = dane_lab(&cert, behaviour, false).await;
+
+    // Opened under DANE: the unsigned domain, which asks less, joins it.
+    let sent = transaction(&d.lab, &[DANE, UNSIGNED]).await;
+    assert_eq!(
+        sent.rcpts.iter().map(|r| r.code).collect::<Vec<_>>(),
+        [250, 250],
+        "{:?}",
+        sent.rcpts
+    );
+    // Opened for the unsigned domain, the certificate judged by PKIX only (a self-signed
+    // one: encrypted, unverified): the DANE domain goes to a transaction of its own.
+    let sent = transaction(&d.lab, &[UNSIGNED, DANE]).await;
+    assert_eq!(sent.rcpts[0].code, 250);
+    assert_reply(&sent.rcpts[1], 452, "4.5.3");
+    let retried = transaction(&d.lab, &[DANE]).await;
+    assert_eq!(retried.message.as_ref().map(|r| r.code), Some(250));
+
+    let got = d.server.messages();
+    let recipients: Vec<Vec<&str>> = (got.iter())
+        .map(|m| m.rcpt_to.iter().map(String::as_str).collect())
+        .collect();
+    assert_eq!(
+        recipients,
+        [vec![DANE, UNSIGNED], vec![UNSIGNED], vec![DANE]]
+    );
+    assert!(got.iter().all(|m| m.tls.is_some()));
+}
