@@ -255,6 +255,10 @@ pub struct CacheEntry {
     /// The last time TLS was achieved with this host, kept across later failures so that a
     /// downgrade can be detected.
     pub last_tls_at: Option<u64>,
+    /// The last time that TLS had a certificate verified for the host's name (PKIX), kept
+    /// like `last_tls_at`: a certificate failure after it may be an attacker's.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_verified_at: Option<u64>,
     /// The relay (and its source address) that saw the class; set in a fleet only.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub observed_by: Option<Observer>,
@@ -315,6 +319,7 @@ impl CacheEntry {
             pinned: false,
             pinned_at: None,
             last_tls_at: None,
+            last_verified_at: None,
             observed_by: None,
             last_tls_by: None,
             shared: false,
@@ -415,9 +420,38 @@ pub fn is_downgrade(
 
 /// Whether the entry's host did TLS within `success_ttl` before `now`.
 fn did_tls_within(entry: &CacheEntry, now: u64, success_ttl: Duration) -> bool {
-    entry
-        .last_tls_at
-        .is_some_and(|at| now.saturating_sub(at) < success_ttl.as_secs())
+    within(entry.last_tls_at, now, success_ttl)
+}
+
+fn within(at: Option<u64>, now: u64, ttl: Duration) -> bool {
+    at.is_some_and(|at| now.saturating_sub(at) < ttl.as_secs())
+}
+
+/// What a server did within the success memory (`cache.ttl.success`), as the cache
+/// remembers it: what a cached failure is weighed against.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum TlsMemory {
+    /// No TLS remembered.
+    #[default]
+    Nothing,
+    /// TLS, whatever its certificate was worth.
+    Tls,
+    /// TLS with a certificate verified for the server's name.
+    VerifiedTls,
+}
+
+impl TlsMemory {
+    /// What `entry` remembers at `now`.
+    pub fn of(entry: &CacheEntry, now: u64, success_ttl: Duration) -> TlsMemory {
+        if within(entry.last_verified_at, now, success_ttl) {
+            TlsMemory::VerifiedTls
+        } else if within(entry.last_tls_at, now, success_ttl) {
+            TlsMemory::Tls
+        } else {
+            TlsMemory::Nothing
+        }
+    }
 }
 
 // ---------------------------------------------------------------------------------------
@@ -674,6 +708,9 @@ impl OutcomeCache {
         if obs.class.is_encrypted() {
             entry.last_tls_at = Some(now);
         }
+        if obs.class == OutcomeClass::TlsVerified {
+            entry.last_verified_at = Some(now);
+        }
         if entry.pinned && !entry.is_expired(now) {
             return entry;
         }
@@ -705,10 +742,10 @@ impl OutcomeCache {
         None
     }
 
-    /// Whether `entry`'s host did TLS within the success memory (`cache.ttl.success`): a
-    /// cached failure an attacker on the path could cause is then not believed over it.
-    pub fn did_tls_recently(&self, entry: &CacheEntry) -> bool {
-        did_tls_within(entry, self.clock.now(), self.ttl.success)
+    /// What `entry`'s host did within the success memory (`cache.ttl.success`): a cached
+    /// failure an attacker on the path could cause is not believed over it.
+    pub fn tls_memory(&self, entry: &CacheEntry) -> TlsMemory {
+        TlsMemory::of(entry, self.clock.now(), self.ttl.success)
     }
 
     /// True when `now_class` is a downgrade from TLS seen with `host`/`addr` recently,

@@ -8,6 +8,7 @@ use clap::{Parser, Subcommand};
 use tlsrouter::Proxy;
 use tlsrouter::admin::client;
 use tlsrouter::admin::protocol::Request;
+use tlsrouter::cache::TlsMemory;
 use tlsrouter::config::{Config, LogFormat};
 use tlsrouter::outcome::OutcomeClass;
 use tlsrouter::policy::mta_sts::MxPattern;
@@ -108,9 +109,9 @@ enum Commands {
         #[arg(long, requires = "outcome")]
         pinned: bool,
         /// The MX host did TLS within the success memory (cache.ttl.success) before the
-        /// outcome was seen.
-        #[arg(long, requires = "outcome")]
-        did_tls: bool,
+        /// outcome was seen; `verified-tls`: with a certificate that verified.
+        #[arg(long, value_enum, num_args = 0..=1, default_missing_value = "tls", requires = "outcome")]
+        did_tls: Option<DidTls>,
         /// Assume the recipient domain publishes an MTA-STS policy in this mode.
         #[arg(long, value_enum)]
         mta_sts: Option<AssumedStsMode>,
@@ -230,10 +231,30 @@ enum RulesCommand {
         /// The outcome was pinned by an operator, not observed.
         #[arg(long, requires = "outcome")]
         pinned: bool,
-        /// The MX host did TLS within the success memory before the outcome was seen.
-        #[arg(long, requires = "outcome")]
-        did_tls: bool,
+        /// The MX host did TLS within the success memory before the outcome was seen;
+        /// `verified-tls`: with a certificate that verified.
+        #[arg(long, value_enum, num_args = 0..=1, default_missing_value = "tls", requires = "outcome")]
+        did_tls: Option<DidTls>,
     },
+}
+
+/// What `--did-tls` says the host did within the success memory.
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum DidTls {
+    /// TLS, whatever its certificate was worth.
+    Tls,
+    /// TLS with a certificate verified for its name.
+    VerifiedTls,
+}
+
+impl DidTls {
+    fn memory(did: Option<DidTls>) -> TlsMemory {
+        match did {
+            None => TlsMemory::Nothing,
+            Some(DidTls::Tls) => TlsMemory::Tls,
+            Some(DidTls::VerifiedTls) => TlsMemory::VerifiedTls,
+        }
+    }
 }
 
 fn main() -> ExitCode {
@@ -341,7 +362,7 @@ fn ctl(socket: &std::path::Path, json: bool, command: CtlCommand) -> ExitCode {
                 mx,
                 outcome,
                 pinned,
-                did_tls,
+                did_tls: DidTls::memory(did_tls),
             },
         },
         CtlCommand::Policy { command } => match command {
@@ -498,7 +519,7 @@ fn check_rules(file: &std::path::Path) -> ExitCode {
 struct Assumed {
     outcome: Option<OutcomeClass>,
     pinned: bool,
-    did_tls: bool,
+    did_tls: Option<DidTls>,
 }
 
 fn explain_rcpt(
@@ -530,7 +551,7 @@ fn explain_rcpt(
         sender_domain: sender_domain.as_deref(),
         mx,
         cached: assumed_entry(mx.unwrap_or(""), assumed.outcome.as_slice(), assumed.pinned),
-        did_tls_recently: assumed.did_tls,
+        memory: DidTls::memory(assumed.did_tls),
         published,
     };
     print!("{}", explain(Arc::new(rules), &question).text);

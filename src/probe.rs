@@ -314,7 +314,7 @@ fn explain_for(
         sender_domain: None,
         mx,
         cached: assumed_entry(mx.unwrap_or(""), classes, false),
-        did_tls_recently: false,
+        memory: crate::cache::TlsMemory::Nothing,
         published: Published::Nothing,
     };
     let answer = explain(rules.clone(), &question);

@@ -50,9 +50,10 @@ pub enum Request {
         /// With `outcome`: it was pinned by an operator, not observed.
         #[serde(default)]
         pinned: bool,
-        /// With `outcome`: the host did TLS within the success memory before.
+        /// With `outcome`: what the host did within the success memory before (`tls`,
+        /// `verified-tls`).
         #[serde(default)]
-        did_tls: bool,
+        did_tls: crate::cache::TlsMemory,
     },
     Stats {},
     Sessions {},

@@ -117,12 +117,12 @@ pub async fn handle(proxy: &Proxy, request: Request) -> Response {
             };
             let sender_domain = sender.as_deref().and_then(domain_of);
             // Without an outcome, what this daemon knows of the host now.
-            let (cached, did_tls_recently) = match (&mx, outcome) {
+            let (cached, memory) = match (&mx, outcome) {
                 (Some(mx), None) => {
                     let host = crate::outbound::mx::bare_name(mx);
                     let entry = cache.find(&host).into_iter().find(|e| e.host == host);
-                    let recent = entry.as_ref().is_some_and(|e| cache.did_tls_recently(e));
-                    (entry, recent)
+                    let memory = entry.as_ref().map(|e| cache.tls_memory(e));
+                    (entry, memory.unwrap_or_default())
                 }
                 (mx, outcome) => (
                     assumed_entry(mx.as_deref().unwrap_or(""), outcome.as_slice(), pinned),
@@ -144,7 +144,7 @@ pub async fn handle(proxy: &Proxy, request: Request) -> Response {
                 sender_domain: sender_domain.as_deref(),
                 mx: mx.as_deref(),
                 cached,
-                did_tls_recently,
+                memory,
                 published,
             };
             let answer = explain(proxy.router.rules(), &question);

@@ -59,6 +59,8 @@ use crate::stats::Stats;
 const QUEUE: usize = 10_000;
 /// Pins and flushes kept while Redis is down, to be replayed when it is back.
 const PENDING: usize = 1_000;
+/// How long a forgery, once said, is not said again.
+const FORGERY_REPEAT: Duration = Duration::from_secs(3600);
 /// How often a relay whose Redis is down tries it again.
 const RETRY: Duration = Duration::from_secs(1);
 
@@ -189,8 +191,9 @@ pub struct SharedCache {
     /// The TTLs an entry read from Redis is checked against.
     ttl: TtlConfig,
     clock_skew: Duration,
-    /// What was read and not believed, so that each is logged and counted once.
-    forged: Mutex<HashSet<String>>,
+    /// What was read and not believed lately, so that each is logged and counted once (and
+    /// again after a while, if it is still there).
+    forged: moka::sync::Cache<String, ()>,
     /// Keys read from Redis within the near TTL: a lookup of one of them asks no one.
     near: moka::sync::Cache<CacheKey, ()>,
     conn: OnceLock<ConnectionManager>,
@@ -274,7 +277,10 @@ impl SharedCache {
             timeout: config.timeout,
             ttl: ttl.clone(),
             clock_skew: config.clock_skew,
-            forged: Mutex::new(HashSet::new()),
+            forged: moka::sync::Cache::builder()
+                .max_capacity(QUEUE as u64)
+                .time_to_live(FORGERY_REPEAT)
+                .build(),
             near,
             conn: OnceLock::new(),
             up: AtomicBool::new(false),
@@ -489,10 +495,7 @@ impl SharedCache {
     /// not believed.
     pub fn forged(&self, name: &str, why: &Forged) {
         let fingerprint = format!("{name}: {why}");
-        let new = match self.forged.lock() {
-            Ok(mut seen) if seen.len() < QUEUE => seen.insert(fingerprint),
-            _ => false,
-        };
+        let new = self.forged.entry(fingerprint).or_insert(()).is_fresh();
         if new {
             self.stats.fleet_forged.inc();
             tracing::warn!(
@@ -1013,12 +1016,16 @@ pub fn checked(
     if let Some(at) = entry.last_tls_at {
         not_ahead("last_tls_at", at, now, skew)?;
     }
+    if let Some(at) = entry.last_verified_at {
+        not_ahead("last_verified_at", at, now, skew)?;
+    }
     let written_as_pin = stored.kind == Some("pin") && stored.pinned == Some("1");
     if entry.pinned != written_as_pin {
         return Err(Forged::PinNotWritten);
     }
     if entry.pinned {
-        let at = entry.pinned_at.ok_or(Forged::PinNotWritten)?;
+        // A pin written before pins carried their time lasts no longer than one made now.
+        let at = entry.pinned_at.unwrap_or(now);
         not_ahead("pinned_at", at, now, skew)?;
         let lasts = entry.expires_at.saturating_sub(at);
         if lasts > limits.ttl.pin_max.as_secs() {
@@ -1091,6 +1098,7 @@ pub fn merge(
                 kept.last_tls_at = other.last_tls_at;
                 kept.last_tls_by = other.last_tls_by;
             }
+            kept.last_verified_at = kept.last_verified_at.max(other.last_verified_at);
             kept
         }
     };
@@ -1484,13 +1492,21 @@ mod tests {
             checked(&stored(&json, "failure", "0"), &key, now, &limits()),
             Err(Forged::PinNotWritten)
         );
+        // One written by a relay from before pins carried their time: believed for as long
+        // as a pin made now could last, no longer.
         let mut no_time = pin.clone();
         no_time.pinned_at = None;
         let json = serde_json::to_string(&no_time).expect("json");
         assert_eq!(
             checked(&stored(&json, "pin", "1"), &key, now, &limits()),
-            Err(Forged::PinNotWritten)
+            Ok(no_time.clone())
         );
+        no_time.expires_at = now + 31 * 86_400;
+        let json = serde_json::to_string(&no_time).expect("json");
+        assert!(matches!(
+            checked(&stored(&json, "pin", "1"), &key, now, &limits()),
+            Err(Forged::PinTooLong { .. })
+        ));
         // Longer than any pin an operator can make.
         let mut forever = pin.clone();
         forever.expires_at = T0 + 86_400 * 3650;

@@ -401,7 +401,11 @@ impl Outbound {
         dane: bool,
     ) -> Result<Option<MxHost>, RouteError> {
         for host in hosts {
-            match self.addresses(&host.name).await {
+            let found = match literal_address(&host.name) {
+                Some(literal) => Ok(vec![literal]),
+                None => (self.resolver.addresses_like(&host.name, ip).await).map(|(a, _)| a),
+            };
+            match found {
                 Ok(addrs) if addrs.contains(&ip) => return Ok(Some(host.clone())),
                 Ok(_) | Err(AddressError::NotFound) => {}
                 Err(AddressError::Temporary(detail)) if dane && host.dnssec == Dnssec::Secure => {
@@ -552,11 +556,20 @@ impl Outbound {
                 // Only the address the MTA chose; DANE applies when it is a secure answer
                 // for the MX name it was matched to.
                 NextHop::OriginalDestination { addr, .. } => {
-                    let dnssec = match self.addresses_checked(&host).await {
+                    let found = match literal_address(&host) {
+                        Some(ip) => Ok((vec![ip], Dnssec::Insecure)),
+                        None => self.resolver.addresses_like(&host, addr.ip()).await,
+                    };
+                    let dnssec = match found {
                         Ok((found, dnssec)) if found.contains(&addr.ip()) => dnssec,
-                        // Under a secure MX answer, whether DANE applies cannot be known.
+                        // Under a secure MX answer whether DANE applies cannot be known:
+                        // the lookup that named the host moments ago had the address.
                         Err(AddressError::Temporary(e)) if mx_secure => {
                             dane_unknown = Some(e);
+                            Dnssec::Insecure
+                        }
+                        Ok(_) | Err(AddressError::NotFound) if mx_secure => {
+                            dane_unknown = Some(format!("{host} no longer has {}", addr.ip()));
                             Dnssec::Insecure
                         }
                         _ => Dnssec::Insecure,
@@ -597,7 +610,7 @@ impl Outbound {
                 let classes = cached.as_ref().map(|e| e.classes()).unwrap_or_default();
                 let rule = plan.rule_for_host(&server.name, &classes);
                 let known = match &cached {
-                    Some(entry) => Known::cached(entry, self.cache.did_tls_recently(entry)),
+                    Some(entry) => Known::cached(entry, self.cache.tls_memory(entry)),
                     None => Known::Nothing,
                 };
                 // DANE comes before MTA-STS (RFC 8461 2).
@@ -683,6 +696,7 @@ impl Outbound {
                             authentication: session.authentication,
                             downgrade: session.downgrade,
                             rule: rule.name.clone(),
+                            cached_classes: classes,
                             published,
                             earlier_failures: failures,
                             reused: false,
@@ -784,9 +798,8 @@ impl Outbound {
         let server = ServerId::new(&name, route.server.addr);
         let policy = policy.policy().map(AsRef::as_ref);
         let published = self.published_for(hop, &server, port, policy).await;
-        let cached = self.cache.get(&server.name, server.addr);
-        let classes = cached.as_ref().map(|e| e.classes()).unwrap_or_default();
-        let rule = plan.rule_for_host(&server.name, &classes);
+        // Chosen from what the cache said when the route's own rule was.
+        let rule = plan.rule_for_host(&server.name, &route.cached_classes);
         if rule.name != route.rule {
             return Err(format!(
                 "rule {:?} decides for it, not {:?}",
@@ -838,11 +851,17 @@ impl Outbound {
         };
         let dane = match mx_secure {
             false => None,
-            true => match self.addresses_checked(&server.name).await {
-                Ok((_, Dnssec::Secure)) => self.dane(&server.name, port).await.published,
+            true => match self
+                .resolver
+                .addresses_like(&server.name, server.addr)
+                .await
+            {
+                Ok((found, Dnssec::Secure)) if found.contains(&server.addr) => {
+                    self.dane(&server.name, port).await.published
+                }
                 Ok((_, Dnssec::Insecure)) => None,
                 // Whether DANE applies cannot be known: as a failed TLSA lookup.
-                Err(_) => Some(Published::Dane(DaneState::Bogus)),
+                _ => Some(Published::Dane(DaneState::Bogus)),
             },
         };
         dane.unwrap_or_else(|| published(policy, &server.name))
@@ -889,7 +908,7 @@ impl Outbound {
     /// What a pooled connection's TLS is worth to this attempt: `Some` with the outcome to
     /// deliver under when the decision, asked as if the connection had just been made (the
     /// memory of TLS included), would have chosen it; `None` when it has less (or other).
-    fn fitting(&self, attempt: &Attempt<'_>, pooled: &TlsOutcome) -> Option<TlsOutcome> {
+    fn fitting(&self, attempt: &Attempt<'_>, pooled: &TlsOutcome) -> Option<(TlsOutcome, bool)> {
         if matches!(attempt.decision, HostDecision::Tls(terms) if terms.implicit) {
             return None;
         }
@@ -919,13 +938,14 @@ impl Outbound {
             return None;
         }
         // A plain connection is delivered under the decision's reason for plain.
-        match (&attempt.decision, &found) {
-            _ if pooled.is_encrypted() => Some(pooled.clone()),
+        let outcome = match (&attempt.decision, &found) {
+            _ if pooled.is_encrypted() => pooled.clone(),
             (HostDecision::Plain { reason, .. }, _) | (_, HostDecision::Plain { reason, .. }) => {
-                Some(TlsOutcome::Plain(reason.clone()))
+                TlsOutcome::Plain(reason.clone())
             }
-            _ => Some(pooled.clone()),
-        }
+            _ => pooled.clone(),
+        };
+        Some((outcome, downgrade))
     }
 
     /// Whether the domain's MX answer is DNSSEC-secure, when DANE is in force: for
@@ -1018,7 +1038,7 @@ impl Outbound {
             let taken = self.pool.take(&key, fits);
             self.stats.pool_idle.set(self.pool.len() as i64);
             let mut idle = taken?;
-            let tls = self.fitting(attempt, &idle.tls)?;
+            let (tls, downgrade) = self.fitting(attempt, &idle.tls)?;
             let command = mail_from(&idle.caps).ok()?;
             let timeout = self.timeouts.command;
             let conn = &mut idle.conn;
@@ -1047,7 +1067,7 @@ impl Outbound {
                             tls,
                             relay: None,
                             authentication: Authentication::Pkix,
-                            downgrade: false,
+                            downgrade,
                         };
                         return Some((session, lineage, first));
                     }

@@ -449,6 +449,56 @@ impl MxResolver {
         }
     }
 
+    /// The host's addresses of the family of `like` (A for IPv4, AAAA for IPv6), with
+    /// whether the answer was DNSSEC-secure. One question, so its failure is a failure:
+    /// [`MxResolver::addresses_checked`] asks both and gives what one of them found when
+    /// the other fails, which cannot tell whether an address is the host's.
+    pub async fn addresses_like(
+        &self,
+        host: &str,
+        like: IpAddr,
+    ) -> Result<(Vec<IpAddr>, Dnssec), AddressError> {
+        self.check_dnssec().await;
+        let fqdn = format!("{}.", host.trim_end_matches('.'));
+        let rtype = match like {
+            IpAddr::V4(_) => RecordType::A,
+            IpAddr::V6(_) => RecordType::AAAA,
+        };
+        let lookup = match self
+            .bounded(self.active().lookup(fqdn.as_str(), rtype))
+            .await
+        {
+            Ok(lookup) => lookup,
+            Err(e) => {
+                return match answer(&e) {
+                    Answer::NoSuchName | Answer::NoData => Err(AddressError::NotFound),
+                    Answer::Failed => Err(AddressError::Temporary(e.to_string())),
+                };
+            }
+        };
+        let records: Vec<&Record> = (lookup.answers().iter())
+            .filter(|r| {
+                matches!(
+                    r.record_type(),
+                    RecordType::A | RecordType::AAAA | RecordType::CNAME
+                )
+            })
+            .collect();
+        if Dnssec::bogus(&records) {
+            return Err(AddressError::Temporary(
+                "DNSSEC: the address answer is bogus".into(),
+            ));
+        }
+        let addrs = (records.iter())
+            .filter_map(|r| match &r.data {
+                RData::A(a) => Some(IpAddr::V4(a.0)),
+                RData::AAAA(aaaa) => Some(IpAddr::V6(aaaa.0)),
+                _ => None,
+            })
+            .collect();
+        Ok((addrs, Dnssec::of(&records)))
+    }
+
     /// The TLSA records of `host` for SMTP on `port` (`_25._tcp.<host>`, RFC 7672 2.2),
     /// validated. Only asked for a host whose MX and address answers were secure.
     pub async fn tlsa(&self, host: &str, port: u16) -> TlsaAnswer {

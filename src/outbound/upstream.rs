@@ -34,6 +34,9 @@ pub struct RemoteFacts {
     pub downgrade: bool,
     /// The rule that applied to this server.
     pub rule: String,
+    /// What the cache said of the server when its rule was chosen (a rule may match on
+    /// it): a later recipient's rule is chosen from the same.
+    pub cached_classes: Vec<crate::outcome::OutcomeClass>,
     /// What the domain of the recipient that opened the route publishes, as it bore on
     /// this server.
     pub published: Published,

@@ -405,11 +405,17 @@ pub fn checked_policy(
     if let Some(held) = held
         && held.id == shared.id
         && held.mode == Mode::Enforce
-        && text.mode != Mode::Enforce
+        && (text.mode != Mode::Enforce || text.mx != held.mx)
     {
         return Err(format!(
-            "says mode {} under the id {} of the enforce policy held here",
-            text.mode, held.id
+            "says mode {} (mx {}) under the id {} of the enforce policy held here",
+            text.mode,
+            text.mx
+                .iter()
+                .map(MxPattern::as_str)
+                .collect::<Vec<_>>()
+                .join(", "),
+            held.id
         ));
     }
     Ok(StsPolicy {
@@ -600,6 +606,19 @@ impl PolicyStore {
                 return None;
             }
         };
+        // Only a fetch over HTTPS may weaken an enforce policy held here, whatever id the
+        // (unsigned) TXT record names now.
+        let weakens = held.as_ref().is_some_and(|held| {
+            held.mode == Mode::Enforce && (policy.mode != Mode::Enforce || policy.mx != held.mx)
+        });
+        if weakens {
+            tracing::debug!(
+                domain,
+                id,
+                "the fleet's MTA-STS policy would weaken the enforce policy held here; fetching it instead"
+            );
+            return None;
+        }
         let usable = policy.id == id && !policy.is_expired(now) && !policy.wants_refresh(now);
         usable.then(|| Arc::new(policy))
     }
@@ -1068,6 +1087,14 @@ mod tests {
         let mut renewed = none.clone();
         renewed.id = "a2".into();
         assert!(check(&renewed, Some(&good)).is_ok());
+        // Under the same id, another MX list is another policy.
+        let mut wider = shared_policy("enforce", 86_400, NOW - 5);
+        wider.raw = wider.raw.replace(
+            "mx: mx.example.com\n",
+            "mx: mx.example.com\nmx: *.attacker.example\n",
+        );
+        wider.mx = parse_policy(&wider.raw).expect("valid").mx;
+        assert!(check(&wider, Some(&good)).is_err());
     }
 
     const GOOD: &str = "version: STSv1\r\nmode: enforce\r\nmx: mail.example.com\r\nmx: *.example.net\r\nmax_age: 604800\r\n";

@@ -8,7 +8,7 @@
 
 use std::fmt;
 
-use crate::cache::CacheEntry;
+use crate::cache::{CacheEntry, TlsMemory};
 use crate::outcome::{Kind, NoTls, OutcomeClass, TlsOutcome, Verification, WhenCached};
 use crate::rules::model::{HostPort, SmarthostTls};
 use crate::rules::{Fallback, LegacyTls, MinTls, OnDowngrade, Route, Rule, TlsMode, VerifyMode};
@@ -21,13 +21,12 @@ const LEGACY_BUILT: bool = cfg!(feature = "legacy-tls");
 pub enum Known<'a> {
     /// Nothing believed: no cache entry, or an expired one.
     Nothing,
-    /// What the cache believes: an earlier observation, or an operator's pin.
-    /// `did_tls_recently`: the server did TLS within the success memory
-    /// (`cache.ttl.success`), so a cached failure an attacker on the path could cause is
-    /// not believed over it.
+    /// What the cache believes: an earlier observation, or an operator's pin; and what the
+    /// server did within the success memory, over which a cached failure an attacker on the
+    /// path could cause is not believed.
     Cached {
         entry: &'a CacheEntry,
-        did_tls_recently: bool,
+        memory: TlsMemory,
     },
     /// What the attempt just made found. `downgrade`: the server did TLS within the
     /// success TTL, and this is not TLS.
@@ -39,11 +38,8 @@ pub enum Known<'a> {
 
 impl<'a> Known<'a> {
     /// What the cache holds for a server (see [`Known::Cached`]).
-    pub fn cached(entry: &'a CacheEntry, did_tls_recently: bool) -> Known<'a> {
-        Known::Cached {
-            entry,
-            did_tls_recently,
-        }
+    pub fn cached(entry: &'a CacheEntry, memory: TlsMemory) -> Known<'a> {
+        Known::Cached { entry, memory }
     }
 }
 
@@ -283,10 +279,7 @@ fn under_rule(rule: &Rule, known: Known<'_>, legacy_ok: bool) -> HostDecision {
     let legacy = legacy_ok && legacy_allowed(rule, terms);
     match known {
         Known::Nothing => initial(rule, terms),
-        Known::Cached {
-            entry,
-            did_tls_recently,
-        } => cached(rule, terms, entry, did_tls_recently, legacy),
+        Known::Cached { entry, memory } => cached(rule, terms, entry, memory, legacy),
         Known::Found { outcome, downgrade } => found(rule, terms, outcome, downgrade, legacy),
     }
 }
@@ -321,6 +314,22 @@ fn legacy_cause(detail: &str) -> bool {
     ]
     .iter()
     .any(|alert| detail.contains(alert))
+}
+
+/// Whether a cached `class` could be an attacker's doing, given what the server did
+/// within the success memory: then it is never believed over that, or one injection would
+/// buy an hour of plain. A stripped STARTTLS, an injected `454`, a reset or a stray byte
+/// after the `220` (the classes a row of the table calls a downgrade) after any TLS; a
+/// certificate that did not verify after one that did (a certificate an attacker shows).
+/// TLS is tried again, and what it finds decides. An operator's pin is not memory.
+pub fn attacker_could(class: OutcomeClass, memory: TlsMemory) -> bool {
+    let certificate =
+        class.meaning().kind == Kind::CertFailure || class == OutcomeClass::TlsUnverified;
+    match memory {
+        TlsMemory::Nothing => false,
+        TlsMemory::Tls => class.meaning().downgrade,
+        TlsMemory::VerifiedTls => class.meaning().downgrade || certificate,
+    }
 }
 
 /// A cache entry after which the next message goes straight to the legacy stack.
@@ -373,14 +382,10 @@ fn cached(
     rule: &Rule,
     terms: TlsTerms,
     entry: &CacheEntry,
-    did_tls_recently: bool,
+    memory: TlsMemory,
     legacy: bool,
 ) -> HostDecision {
-    // A stripped STARTTLS, an injected 454, a reset or a stray byte after the 220 is a
-    // failure anyone on the path can cause: from a server that did TLS within the success
-    // memory it is never believed over that, or one injection would mean an hour of plain.
-    // TLS is tried again, and what it finds then is a downgrade. An operator's pin stands.
-    if did_tls_recently && !entry.pinned && entry.class.meaning().downgrade {
+    if !entry.pinned && attacker_could(entry.class, memory) {
         return initial(rule, terms);
     }
     let tls_wanted = matches!(initial(rule, terms), HostDecision::Tls(_));
@@ -597,7 +602,11 @@ mod tests {
         let rule = rule("rules:\n  - name: r\n    verify: try\n");
         let cached = entry(OutcomeClass::CertExpired, false);
         assert!(matches!(
-            decide(&rule, Known::cached(&cached, false), Published::Nothing),
+            decide(
+                &rule,
+                Known::cached(&cached, TlsMemory::Nothing),
+                Published::Nothing
+            ),
             HostDecision::Tls(_)
         ));
         let found = expired_session();
@@ -616,7 +625,11 @@ mod tests {
         let rule = rule("rules:\n  - name: r\n    verify: require\n");
         let cached = entry(OutcomeClass::CertExpired, false);
         assert_eq!(
-            decide(&rule, Known::cached(&cached, false), Published::Nothing),
+            decide(
+                &rule,
+                Known::cached(&cached, TlsMemory::Nothing),
+                Published::Nothing
+            ),
             HostDecision::Refuse(
                 "cert-expired seen (cached: not tried again until the entry expires or is flushed)"
                     .into()
@@ -629,12 +642,20 @@ mod tests {
         let rule = rule("rules:\n  - name: r\n");
         let seen = entry(OutcomeClass::NoStarttls, false);
         assert!(matches!(
-            decide(&rule, Known::cached(&seen, false), Published::Nothing),
+            decide(
+                &rule,
+                Known::cached(&seen, TlsMemory::Nothing),
+                Published::Nothing
+            ),
             HostDecision::Tls(_)
         ));
         let pinned = entry(OutcomeClass::NoStarttls, true);
         assert!(matches!(
-            decide(&rule, Known::cached(&pinned, false), Published::Nothing),
+            decide(
+                &rule,
+                Known::cached(&pinned, TlsMemory::Nothing),
+                Published::Nothing
+            ),
             HostDecision::Plain {
                 reason: NoTls::Cached {
                     class: OutcomeClass::NoStarttls,
@@ -660,7 +681,11 @@ mod tests {
             for rule in [&lenient, &strict] {
                 assert!(
                     matches!(
-                        decide(rule, Known::cached(&seen, true), Published::Nothing),
+                        decide(
+                            rule,
+                            Known::cached(&seen, TlsMemory::Tls),
+                            Published::Nothing
+                        ),
                         HostDecision::Tls(_)
                     ),
                     "{class}: TLS is tried again"
@@ -669,24 +694,48 @@ mod tests {
             // Without recent TLS the cache is believed as before.
             if class != OutcomeClass::NoStarttls {
                 assert!(!matches!(
-                    decide(&lenient, Known::cached(&seen, false), Published::Nothing),
+                    decide(
+                        &lenient,
+                        Known::cached(&seen, TlsMemory::Nothing),
+                        Published::Nothing
+                    ),
                     HostDecision::Tls(_)
                 ));
             }
             // An operator's pin stands.
             let pinned = entry(class, true);
             assert!(!matches!(
-                decide(&lenient, Known::cached(&pinned, true), Published::Nothing),
+                decide(
+                    &lenient,
+                    Known::cached(&pinned, TlsMemory::Tls),
+                    Published::Nothing
+                ),
                 HostDecision::Tls(_)
             ));
         }
-        // A certificate failure is no downgrade: the cache still says what it says.
-        let expired = entry(OutcomeClass::CertExpired, false);
+        // A certificate failure is no downgrade: after TLS of any certificate the cache still
+        // says what it says; after a certificate that verified, an attacker may show one
+        // that does not, and TLS is tried again.
         let verify = rule("rules:\n  - name: r\n    verify: require\n");
-        assert!(matches!(
-            decide(&verify, Known::cached(&expired, true), Published::Nothing),
-            HostDecision::Refuse(_)
-        ));
+        for class in [OutcomeClass::CertExpired, OutcomeClass::CertUntrusted] {
+            let seen = entry(class, false);
+            assert!(matches!(
+                decide(
+                    &verify,
+                    Known::cached(&seen, TlsMemory::Tls),
+                    Published::Nothing
+                ),
+                HostDecision::Refuse(_)
+            ));
+            assert!(matches!(
+                decide(
+                    &verify,
+                    Known::cached(&seen, TlsMemory::VerifiedTls),
+                    Published::Nothing
+                ),
+                HostDecision::Tls(_)
+            ));
+        }
     }
 
     #[test]
@@ -771,7 +820,7 @@ mod tests {
             assert!(matches!(
                 decide(
                     &rule(yaml),
-                    Known::cached(&cached, false),
+                    Known::cached(&cached, TlsMemory::Nothing),
                     Published::Nothing
                 ),
                 HostDecision::Skip(_)
@@ -789,7 +838,7 @@ mod tests {
             assert_eq!(
                 decide(
                     &rule,
-                    Known::cached(&entry(class, false), false),
+                    Known::cached(&entry(class, false), TlsMemory::Nothing),
                     Published::Nothing
                 ),
                 HostDecision::Plain {
@@ -832,7 +881,8 @@ mod tests {
             {
                 for pinned in [false, true] {
                     let cached = entry(class, pinned);
-                    let decision = decide(&rule, Known::cached(&cached, false), ENFORCE);
+                    let decision =
+                        decide(&rule, Known::cached(&cached, TlsMemory::Nothing), ENFORCE);
                     assert!(
                         !matches!(decision, HostDecision::Plain { .. }),
                         "{yaml} {class}: {decision}"
@@ -907,7 +957,7 @@ mod tests {
         for class in OutcomeClass::ALL {
             let decision = decide(
                 &rule,
-                Known::cached(&entry(class, true), false),
+                Known::cached(&entry(class, true), TlsMemory::Nothing),
                 Published::Nothing,
             );
             assert!(
@@ -1010,7 +1060,7 @@ mod tests {
             let cached = entry(class, true);
             assert!(
                 matches!(
-                    decide(&rule, Known::cached(&cached, false), usable),
+                    decide(&rule, Known::cached(&cached, TlsMemory::Nothing), usable),
                     HostDecision::Tls(_)
                 ),
                 "{class}"
@@ -1018,7 +1068,11 @@ mod tests {
         }
         let unreachable = entry(OutcomeClass::Timeout, false);
         assert!(matches!(
-            decide(&rule, Known::cached(&unreachable, false), usable),
+            decide(
+                &rule,
+                Known::cached(&unreachable, TlsMemory::Nothing),
+                usable
+            ),
             HostDecision::Skip(_)
         ));
     }
@@ -1089,12 +1143,20 @@ mod tests {
 
         let cached = entry(OutcomeClass::TlsLegacy, false);
         assert_eq!(
-            decide(&default, Known::cached(&cached, false), Published::Nothing),
+            decide(
+                &default,
+                Known::cached(&cached, TlsMemory::Nothing),
+                Published::Nothing
+            ),
             HostDecision::LegacyTls
         );
         let strict = rule("rules:\n  - name: r\n    verify: require\n");
         assert!(matches!(
-            decide(&strict, Known::cached(&cached, false), Published::Nothing),
+            decide(
+                &strict,
+                Known::cached(&cached, TlsMemory::Nothing),
+                Published::Nothing
+            ),
             HostDecision::Plain {
                 reason: NoTls::Cached {
                     class: OutcomeClass::LegacyTls,
@@ -1104,7 +1166,11 @@ mod tests {
             }
         ));
         assert!(matches!(
-            decide(&default, Known::cached(&cached, false), ENFORCE),
+            decide(
+                &default,
+                Known::cached(&cached, TlsMemory::Nothing),
+                ENFORCE
+            ),
             HostDecision::Refuse(_)
         ));
     }

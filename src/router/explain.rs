@@ -5,11 +5,11 @@
 use std::fmt::Write;
 use std::sync::Arc;
 
-use crate::cache::CacheEntry;
+use crate::cache::{CacheEntry, TlsMemory};
 use crate::outcome::{OutcomeClass, WhenCached};
 use crate::router::Plan;
 use crate::router::decision::{
-    DaneState, HostDecision, Known, Published, StsMode, decide, overridden,
+    DaneState, HostDecision, Known, Published, StsMode, attacker_could, decide, overridden,
 };
 use crate::rules::model::SmarthostTls;
 use crate::rules::{Fallback, OnDowngrade, Route, Rule, RuleSet, TlsMode, VerifyMode};
@@ -22,8 +22,8 @@ pub struct Question<'a> {
     pub mx: Option<&'a str>,
     /// What the cache holds, or would hold, for the MX host (see [`assumed_entry`]).
     pub cached: Option<CacheEntry>,
-    /// The MX host did TLS within the success memory (see [`Known::Cached`]).
-    pub did_tls_recently: bool,
+    /// What the MX host did within the success memory (see [`Known::Cached`]).
+    pub memory: TlsMemory,
     /// What the domain publishes, as it bears on the MX host.
     pub published: Published,
 }
@@ -58,9 +58,7 @@ pub fn explain(rules: Arc<RuleSet>, q: &Question<'_>) -> Explanation {
         .map(CacheEntry::classes)
         .unwrap_or_default();
     let rule = plan.rule_for_host(q.mx.unwrap_or(""), &classes);
-    let known = (q.cached.as_ref()).map_or(Known::Nothing, |entry| {
-        Known::cached(entry, q.did_tls_recently)
-    });
+    let known = (q.cached.as_ref()).map_or(Known::Nothing, |entry| Known::cached(entry, q.memory));
     let decision = decide(rule, known, q.published);
     let mut out = String::new();
     let at = if rule.line > 0 {
@@ -104,16 +102,13 @@ pub fn explain(rules: Arc<RuleSet>, q: &Question<'_>) -> Explanation {
         names.dedup();
         let pinned = if entry.pinned { " (pinned)" } else { "" };
         // A failure an attacker on the path can cause is not believed over recent TLS.
-        let suspect = entry.class.meaning().downgrade && !entry.pinned;
-        let after_tls = if suspect && q.did_tls_recently {
-            " after TLS within the success memory"
-        } else {
-            ""
+        let after_tls = match entry.pinned || !attacker_could(entry.class, q.memory) {
+            true => "",
+            false if entry.class.meaning().downgrade => " after TLS within the success memory",
+            false => " after verified TLS within the success memory",
         };
         let again = match entry.class.meaning().when_cached {
-            _ if !after_tls.is_empty() => {
-                " (tried again: a failure now is a downgrade, as the downgrade line says)"
-            }
+            _ if !after_tls.is_empty() => " (tried again)",
             WhenCached::TryTlsUnlessPinned if !entry.pinned => {
                 " (EHLO is read again; STARTTLS is tried when offered)"
             }
@@ -124,12 +119,21 @@ pub fn explain(rules: Arc<RuleSet>, q: &Question<'_>) -> Explanation {
             "with cached: {}{pinned}{after_tls}: {decision}{again}",
             names.join(" + ")
         );
-        let remembered = decide(rule, Known::cached(entry, true), q.published);
-        if suspect && !q.did_tls_recently && remembered != decision {
+        // What the memory would change, when the question assumed none.
+        let remembered = decide(
+            rule,
+            Known::cached(entry, TlsMemory::VerifiedTls),
+            q.published,
+        );
+        if after_tls.is_empty() && q.memory == TlsMemory::Nothing && remembered != decision {
+            let (what, then) = match entry.class.meaning().downgrade {
+                true => ("TLS", "a failure now is a downgrade"),
+                false => ("verified TLS", "the certificate decides anew"),
+            };
             let _ = writeln!(
                 out,
-                "after TLS:   the same from a host that did TLS within the success memory: \
-                 {remembered} (tried again: a failure now is a downgrade)"
+                "after TLS:   the same from a host that did {what} within the success memory: \
+                 {remembered} (tried again: {then})"
             );
         }
     }
@@ -258,7 +262,7 @@ mod tests {
                             sender_domain: sender.as_deref(),
                             mx: Some(&mx),
                             cached: assumed_entry(&mx, &[class], pinned),
-                            did_tls_recently: false,
+                            memory: TlsMemory::Nothing,
                             published: Published::Nothing,
                         };
                         let answer = explain(rules.clone(), &question);
@@ -268,7 +272,7 @@ mod tests {
                         let delivery_rule = plan.rule_for_host(&mx, &entry.classes());
                         let delivery = decide(
                             delivery_rule,
-                            Known::cached(entry, false),
+                            Known::cached(entry, TlsMemory::Nothing),
                             Published::Nothing,
                         );
                         let case = format!("{list}: {} with {class} (pinned: {pinned})", rule.name);

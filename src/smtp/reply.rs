@@ -2,6 +2,10 @@
 
 use std::fmt;
 
+/// The longest text line of a reply of ours, after the code and its space: 512 octets
+/// less "NNN " and CRLF.
+const MAX_OWN_LINE: usize = 512 - 4 - 2;
+
 /// One SMTP reply: a three-digit code and one or more text lines.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Reply {
@@ -10,11 +14,22 @@ pub struct Reply {
 }
 
 impl Reply {
-    /// A reply with an enhanced status code (RFC 3463) in front of the text.
+    /// A reply with an enhanced status code (RFC 3463) in front of the text, kept within
+    /// one reply line (RFC 5321 4.5.3.1.5: 512 octets with the code and CRLF): a longer
+    /// text is cut, at a character, and ends in " ...".
     pub fn new(code: u16, enhanced: &str, text: impl fmt::Display) -> Reply {
+        let mut line = format!("{enhanced} {text}");
+        if line.len() > MAX_OWN_LINE {
+            let cut = (0..=MAX_OWN_LINE - 4)
+                .rev()
+                .find(|&i| line.is_char_boundary(i))
+                .unwrap_or(0);
+            line.truncate(cut);
+            line.push_str(" ...");
+        }
         Reply {
             code,
-            lines: vec![format!("{enhanced} {text}")],
+            lines: vec![line],
         }
     }
 
@@ -185,6 +200,17 @@ impl ReplyBuilder {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_reply_of_ours_fits_one_line_whatever_its_text() {
+        let long = "é".repeat(600);
+        let reply = Reply::new(451, "4.7.5", &long);
+        let wire = reply.to_wire();
+        assert!(wire.len() <= 512, "{} octets", wire.len());
+        assert!(reply.lines[0].ends_with(" ..."));
+        assert_eq!(reply.enhanced(), Some("4.7.5"));
+        assert_eq!(Reply::new(250, "2.0.0", "ok").lines, ["2.0.0 ok"]);
+    }
 
     fn parse_all(lines: &[&str]) -> Result<Option<Reply>, ReplyError> {
         let mut builder = ReplyBuilder::default();

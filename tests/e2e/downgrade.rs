@@ -206,3 +206,53 @@ async fn a_pooled_plain_connection_never_spares_a_message_the_tls_attempt_after_
     let warned = warnings_of_downgrade(&logs);
     assert_eq!(warned.len(), 3, "{warned:?}");
 }
+
+#[tokio::test]
+async fn a_certificate_that_fails_after_one_that_verified_is_checked_again_for_every_message() {
+    let (logs, _guard) = Logs::capture();
+    // The host showed a certificate that verified a minute ago; now something on the path
+    // shows a self-signed one. The rule sends such partners to a plain relay, as the
+    // shipped iis-tls-router rules do.
+    let mitm = ServerBehaviour::tls(crate::support::pki::self_signed(&[MX]));
+    let server = SmtpServer::start(IpAddr::V4(Ipv4Addr::LOCALHOST), 0, mitm)
+        .await
+        .expect("server");
+    let relay = SmtpServer::start(IpAddr::V4(Ipv4Addr::LOCALHOST), 0, ServerBehaviour::plain())
+        .await
+        .expect("relay");
+    let builder = Lab::new().one_mx(&server);
+    let cache_file = builder.dir().join("cache.json");
+    let mut verified = did_tls_a_minute_ago();
+    verified["entries"][0]["domains"] = json!(["example.test"]);
+    verified["entries"][0]["last_verified_at"] = verified["entries"][0]["last_tls_at"].clone();
+    std::fs::write(&cache_file, verified.to_string()).expect("cache file");
+    let lab = builder
+        .set_path("cache.file", &cache_file)
+        .set("delivery.pool.enabled", false)
+        .rules(&format!(
+            "rules:\n  - name: redirect-without-valid-tls\n    match: {{ domains: [\"*\"] }}\n    verify: require\n    fallback_on: [cert-untrusted]\n    fallback: {{ relay: \"127.0.0.1:{}\" }}\n",
+            relay.addr().port()
+        ))
+        .start()
+        .await;
+
+    for n in 1..=3 {
+        let (_, message) = send(&lab, "b@example.test").await;
+        assert_eq!(message.map(|r| r.code), Some(250), "message {n}");
+        assert_eq!(
+            server.tls_handshakes_attempted(),
+            n,
+            "message {n} checked the certificate again"
+        );
+    }
+    assert_eq!(
+        relay.messages().len(),
+        3,
+        "as the rule says, through the relay"
+    );
+    assert!(server.messages().is_empty());
+    for line in logs.transaction_events() {
+        let fallback = line["fallback"].as_str().unwrap_or_default();
+        assert!(fallback.starts_with("cert-untrusted"), "{line}");
+    }
+}

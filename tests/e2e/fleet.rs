@@ -717,6 +717,24 @@ async fn a_forged_mta_sts_policy_in_redis_never_weakens_an_enforced_one() {
             .wait_for_log("shared cache: wrote sts example.test")
             .await;
     }
+
+    // A weaker policy under a new id, which the (unsigned) TXT record now names: only a
+    // fetch over HTTPS may weaken what is held, so it is fetched; and it is still enforce.
+    let renewed = "20261208";
+    a.dns.replace_zone(one_mx_zone().record(
+        "_mta-sts.example.test",
+        txt(&format!("v=STSv1; id={renewed};")),
+    ));
+    let none = forged("none", now()).replace(id, renewed);
+    redis.cli(&["SET", "tlsrouter:sts:example.test", &none, "EX", "3600"]);
+    let fetched = policy_server.requests();
+    deferred(&send(a.smtp(), &["b@example.test"]).await);
+    assert_eq!(
+        policy_server.requests(),
+        fetched + 1,
+        "fetched rather than taken from the fleet"
+    );
+
     assert!(mx.messages().is_empty(), "nothing went in plain");
     assert!(mx.attempts().is_empty(), "not even MAIL FROM");
     let stats = a.daemon.ctl(&["stats"]).await;

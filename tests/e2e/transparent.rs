@@ -812,21 +812,31 @@ async fn with_dane_in_force_a_failed_lookup_defers_and_nothing_goes_in_plain() {
     // look up either through a static route.
     let key = crate::support::pki::spki_sha256(&crate::support::pki::self_signed(&["x"]));
     let mut secure = Zone::new();
-    for domain in ["tlsafail.test", "addrfail.test", "mxfail.test"] {
+    for domain in [
+        "tlsafail.test",
+        "addrfail.test",
+        "mxfail.test",
+        "halffail.test",
+    ] {
         let mx = format!("mx.{domain}");
         secure = secure
             .mx(domain, 10, &mx)
             .a(&mx, addr)
             .tlsa(&mx, 25, (3, 1, 1), &key);
     }
+    // halffail.test's host has an IPv6 address too, and only its A question fails: half an
+    // answer, which must not read as "not this host's address".
+    let secure = secure.aaaa("mx.halffail.test", "2001:db8::25".parse().expect("IPv6"));
     let tree = SignedTree::new(secure)
         .servfail("_25._tcp.mx.tlsafail.test")
         .servfail("mx.addrfail.test")
-        .servfail("mxfail.test");
+        .servfail("mxfail.test")
+        .servfail_for("mx.halffail.test", hickory_server::proto::rr::RecordType::A);
     let route = format!("smtp:[{addr}]");
     let extras = Extras {
         main_cf: format!(
-            "transport_maps = inline:{{ addrfail.test={route}, mxfail.test={route} }}\n"
+            "transport_maps = inline:{{ addrfail.test={route}, mxfail.test={route}, \
+             halffail.test={route} }}\n"
         ),
         signed: Some(tree),
         ..Extras::default()
@@ -841,6 +851,7 @@ async fn with_dane_in_force_a_failed_lookup_defers_and_nothing_goes_in_plain() {
         ),
         ("a@addrfail.test", "address lookup of mx.addrfail.test"),
         ("m@mxfail.test", "MX lookup of mxfail.test"),
+        ("h@halffail.test", "address lookup of mx.halffail.test"),
     ] {
         lab.postfix
             .sendmail(SENDER, &[to], &message(to, "under DANE"))

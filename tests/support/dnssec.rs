@@ -30,7 +30,7 @@ use hickory_server::proto::dnssec::crypto::Ed25519SigningKey;
 use hickory_server::proto::dnssec::rdata::{DNSKEY, DNSSECRData, DS};
 use hickory_server::proto::dnssec::{Algorithm, DigestType, DnssecSigner, SigningKey};
 use hickory_server::proto::op::{Header, HeaderCounts, Metadata, ResponseCode};
-use hickory_server::proto::rr::rdata::{A, MX, NS, SOA, TLSA};
+use hickory_server::proto::rr::rdata::{A, AAAA, MX, NS, SOA, TLSA};
 use hickory_server::proto::rr::{LowerName, Name, RData, Record, RecordType};
 use hickory_server::server::{Request, RequestHandler, ResponseHandler, ResponseInfo};
 use hickory_server::store::in_memory::InMemoryZoneHandler;
@@ -59,6 +59,10 @@ impl Zone {
 
     pub fn a(self, host: &str, ip: Ipv4Addr) -> Zone {
         self.record(host, RData::A(A(ip)))
+    }
+
+    pub fn aaaa(self, host: &str, ip: std::net::Ipv6Addr) -> Zone {
+        self.record(host, RData::AAAA(AAAA(ip)))
     }
 
     /// `_<port>._tcp.<host> TLSA usage selector matching data`.
@@ -90,7 +94,8 @@ pub struct SignedTree {
     root: Zone,
     insecure: Vec<(Name, Zone)>,
     bogus: Vec<(Name, Zone)>,
-    servfail: Vec<LowerName>,
+    /// Names, with the type of question that gets SERVFAIL (`None`: every type).
+    servfail: Vec<(LowerName, Option<RecordType>)>,
 }
 
 impl SignedTree {
@@ -116,7 +121,15 @@ impl SignedTree {
 
     /// Every question for `name` gets SERVFAIL, whatever its type.
     pub fn servfail(mut self, name: &str) -> SignedTree {
-        self.servfail.push(LowerName::new(&fqdn(name)));
+        self.servfail.push((LowerName::new(&fqdn(name)), None));
+        self
+    }
+
+    /// Questions of type `rtype` for `name` get SERVFAIL; the others are answered (one of
+    /// the A and AAAA lookups of a host failing, say).
+    pub fn servfail_for(mut self, name: &str, rtype: RecordType) -> SignedTree {
+        self.servfail
+            .push((LowerName::new(&fqdn(name)), Some(rtype)));
         self
     }
 }
@@ -308,7 +321,7 @@ fn fqdn(text: &str) -> Name {
 struct Zones {
     root: Catalog,
     children: Vec<(LowerName, Catalog)>,
-    servfail: Vec<LowerName>,
+    servfail: Vec<(LowerName, Option<RecordType>)>,
     asked: Arc<Mutex<Vec<(LowerName, RecordType)>>>,
 }
 
@@ -342,9 +355,10 @@ impl RequestHandler for Zones {
         if let (Ok(info), Ok(mut asked)) = (request.request_info(), self.asked.lock()) {
             asked.push((info.query.name().clone(), info.query.query_type()));
         }
-        let servfail = request
-            .request_info()
-            .is_ok_and(|info| self.servfail.contains(info.query.name()));
+        let servfail = request.request_info().is_ok_and(|info| {
+            let (name, rtype) = (info.query.name(), info.query.query_type());
+            (self.servfail.iter()).any(|(n, t)| n == name && t.is_none_or(|t| t == rtype))
+        });
         if servfail {
             return Box::pin(servfail_response(request, response_handle));
         }

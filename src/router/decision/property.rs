@@ -13,7 +13,8 @@
 //!
 //! A rule that overrides a published policy (named domains, logged) is the rule's word,
 //! but still never the legacy stack. And a failure an attacker on the path can cause,
-//! cached for a host that did TLS recently, is never believed over that.
+//! cached for a host that did TLS recently (a certificate failure: verified TLS), is never
+//! believed over that.
 
 use std::net::{IpAddr, Ipv4Addr};
 use std::path::Path;
@@ -21,7 +22,7 @@ use std::path::Path;
 use proptest::prelude::*;
 
 use super::*;
-use crate::cache::{ManualClock, Observation, OutcomeCache};
+use crate::cache::{ManualClock, Observation, OutcomeCache, TlsMemory};
 use crate::outcome::{CertProblem, LegacySession, TlsSession};
 use crate::rules::RuleSet;
 
@@ -152,8 +153,8 @@ const PUBLISHED: [Published; 7] = [
 fn holds_for(rule: &Rule, entries: &[CacheEntry], outcomes: &[TlsOutcome]) -> Result<(), String> {
     let mut knowns = vec![(Known::Nothing, false)];
     for entry in entries {
-        for recent in [false, true] {
-            knowns.push((Known::cached(entry, recent), false));
+        for memory in [TlsMemory::Nothing, TlsMemory::Tls, TlsMemory::VerifiedTls] {
+            knowns.push((Known::cached(entry, memory), false));
         }
     }
     for outcome in outcomes {
@@ -212,11 +213,8 @@ fn holds_for(rule: &Rule, entries: &[CacheEntry], outcomes: &[TlsOutcome]) -> Re
             {
                 return Err(format!("a failed TLSA answer not deferred: {}", says()));
             }
-            if let Known::Cached {
-                entry,
-                did_tls_recently: true,
-            } = known
-                && entry.class.meaning().downgrade
+            if let Known::Cached { entry, memory } = known
+                && attacker_could(entry.class, *memory)
                 && !entry.pinned
                 && decision != decide(rule, Known::Nothing, published)
             {
