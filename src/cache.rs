@@ -101,7 +101,7 @@ impl Clock for ManualClock {
 pub struct CacheConfig {
     /// Where the cache is saved on shutdown and periodically; `None` keeps it in memory only.
     pub file: Option<PathBuf>,
-    #[serde(with = "crate::config::values::duration")]
+    #[serde(with = "crate::settings::duration")]
     pub save_interval: Duration,
     /// The most entries kept; the least recently used go first.
     pub max_entries: u64,
@@ -141,17 +141,17 @@ impl Default for CacheConfig {
 #[serde(deny_unknown_fields, default)]
 pub struct TtlConfig {
     /// `tls-verified` and `tls-unverified`; also how long a downgrade is watched for.
-    #[serde(with = "crate::config::values::duration")]
+    #[serde(with = "crate::settings::duration")]
     pub success: Duration,
     /// Every other TLS class: worth retrying after a while, the remote may be fixed.
-    #[serde(with = "crate::config::values::duration")]
+    #[serde(with = "crate::settings::duration")]
     pub tls_failure: Duration,
     /// `connect-failed` and `timeout`: not TLS facts, so kept only briefly.
-    #[serde(with = "crate::config::values::duration")]
+    #[serde(with = "crate::settings::duration")]
     pub unreachable: Duration,
     /// The longest an operator's pin (`ctl cache pin --ttl`) may last; a pin read from the
     /// fleet that lasts longer is not believed.
-    #[serde(with = "crate::config::values::duration")]
+    #[serde(with = "crate::settings::duration")]
     pub pin_max: Duration,
 }
 
@@ -578,7 +578,7 @@ pub enum CacheError {
     NotCached { host: String },
     #[error(
         "a pin lasts at most {} (cache.ttl.pin_max): give a shorter --ttl, or pin again later",
-        crate::config::values::duration::format(*max)
+        crate::settings::duration::format(*max)
     )]
     PinTooLong { max: Duration },
 }

@@ -10,13 +10,15 @@
 //! - [`router`]: turns a recipient into a [`router::Plan`] (the rules that may decide), and
 //!   holds the one host decision ([`router::decision::decide`]) and `explain`.
 //! - [`rules`]: the YAML rule list and its TLS vocabulary, validated and indexed.
-//! - [`outbound`]: MX resolution, client connections, TLS, delivery attempts, and the
-//!   remote dialogue of an open transaction ([`outbound::upstream::Upstream`]).
+//! - [`outbound`]: delivery attempts, the pool, and the remote dialogue of an open
+//!   transaction ([`outbound::upstream::Upstream`]).
+//! - [`net`]: DNS, client connections, TLS handshakes (rustls, DANE, OpenSSL), HTTPS.
 //! - [`outcome`]: the TLS outcome taxonomy that logs and decisions speak, with its table.
 //! - [`certificate`]: what a server's certificate says (subject, names, validity).
 //! - [`policy`]: what recipient domains publish (MTA-STS) and what we report (TLS-RPT).
 //! - [`cache`]: what the last attempts to each MX found, with expiry and persistence.
-//! - [`config`]: the daemon's configuration, with defaults embedded.
+//! - [`config`]: the daemon's configuration, with defaults embedded, assembled from the
+//!   sections of the modules it configures; [`settings`]: what those sections share.
 //! - [`probe`]: step-by-step diagnosis of a remote MX.
 //! - [`stats`]: counters for `ctl stats` and Prometheus.
 //! - [`sessions`]: the sessions open now, and the shutdown signal that drains them.
@@ -31,6 +33,7 @@ pub mod cache;
 pub mod certificate;
 pub mod config;
 pub mod inbound;
+pub mod net;
 pub mod outbound;
 pub mod outcome;
 pub mod policy;
@@ -40,6 +43,7 @@ pub mod router;
 pub mod rules;
 pub mod server_tls;
 pub mod sessions;
+pub mod settings;
 pub mod smtp;
 pub mod stats;
 

@@ -575,8 +575,7 @@ fn assumed_policy(
     let mut mx_listed = patterns.is_empty();
     for text in patterns {
         let pattern = MxPattern::parse(text).map_err(|e| format!("--mta-sts-mx {text:?}: {e}"))?;
-        mx_listed |=
-            mx.is_some_and(|host| pattern.matches(&tlsrouter::outbound::mx::bare_name(host)));
+        mx_listed |= mx.is_some_and(|host| pattern.matches(&tlsrouter::net::dns::bare_name(host)));
     }
     Ok(Published::MtaSts { mode, mx_listed })
 }

@@ -12,10 +12,10 @@ use std::sync::Arc;
 
 use crate::cache::Observation;
 use crate::certificate::Certificate;
-use crate::outbound::connection::{Connection, StartTlsResult};
-use crate::outbound::dane::{DaneVerdict, DaneVerifier, TlsaRecord};
+use crate::net::connection::{Connection, StartTlsResult};
+use crate::net::dane::{DaneVerdict, DaneVerifier, TlsaRecord};
+use crate::net::dns::{Dnssec, MxHost, ServerId, TlsaAnswer, literal_address};
 use crate::outbound::delivery::Outbound;
-use crate::outbound::mx::{Dnssec, MxHost, ServerId, TlsaAnswer, literal_address};
 use crate::outcome::{NoTls, OutcomeClass, TlsOutcome, TlsSession, Verification};
 use crate::policy::mta_sts::{PolicyLookup, PolicyStore, StsPolicy};
 use crate::router::Plan;
@@ -380,7 +380,7 @@ async fn probe_host(
             .map(|(addrs, _)| addrs.clone())
             .unwrap_or_default(),
         error: addresses.as_ref().err().map(ToString::to_string),
-        in_policy: policy.map(|p| p.mx_matches(&crate::outbound::mx::bare_name(&host.name))),
+        in_policy: policy.map(|p| p.mx_matches(&crate::net::dns::bare_name(&host.name))),
         servers: Vec::new(),
         dnssec: addr_dnssec.map(|d| d.name().to_string()),
         tlsa: tlsa.as_ref().map(tlsa_report),

@@ -5,10 +5,10 @@ use std::sync::Arc;
 use crate::cache::shared::SharedCache;
 use crate::cache::{OutcomeCache, SystemClock};
 use crate::config::Config;
+use crate::net::dns::MxResolver;
+use crate::net::https::HttpsClient;
+use crate::net::tls::{TlsClient, trusted_roots};
 use crate::outbound::delivery::Outbound;
-use crate::outbound::mx::MxResolver;
-use crate::outbound::tls::{TlsClient, trusted_roots};
-use crate::policy::https::HttpsClient;
 use crate::policy::mta_sts::{PolicyStore, policy_file};
 use crate::policy::tlsrpt::{TlsReports, counts_file};
 use crate::router::Router;
@@ -54,7 +54,7 @@ impl Proxy {
         )?);
         let mut tls = TlsClient::new(&config.tls)?;
         if let Some(mark) = config.delivery.socket_mark {
-            crate::outbound::socket_mark::check(mark)?;
+            crate::net::socket_mark::check(mark)?;
         }
         let server_tls = Arc::new(crate::server_tls::ServerTls::load(
             config.inbound.tls.as_ref(),

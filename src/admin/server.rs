@@ -35,7 +35,7 @@ pub async fn handle(proxy: &Proxy, request: Request) -> Response {
             Response::ok(json!({ "now": cache.now(), "entries": entries }))
         }
         Request::CacheShow { target } => {
-            let name = crate::outbound::mx::bare_name(&target);
+            let name = crate::net::dns::bare_name(&target);
             // With a fleet: what the shared cache holds too, beside this relay's view.
             let fleet = match cache.shared() {
                 Some(shared) => shared.find(&name.to_ascii_lowercase()).await,
@@ -119,7 +119,7 @@ pub async fn handle(proxy: &Proxy, request: Request) -> Response {
             // Without an outcome, what this daemon knows of the host now.
             let (cached, memory) = match (&mx, outcome) {
                 (Some(mx), None) => {
-                    let host = crate::outbound::mx::bare_name(mx);
+                    let host = crate::net::dns::bare_name(mx);
                     let entry = cache.find(&host).into_iter().find(|e| e.host == host);
                     let memory = entry.as_ref().map(|e| cache.tls_memory(e));
                     (entry, memory.unwrap_or_default())
@@ -131,7 +131,7 @@ pub async fn handle(proxy: &Proxy, request: Request) -> Response {
             };
             // The domain's policy as this daemon holds it now.
             let policy = proxy.policies.cached(&domain);
-            let host = crate::outbound::mx::bare_name(mx.as_deref().unwrap_or(""));
+            let host = crate::net::dns::bare_name(mx.as_deref().unwrap_or(""));
             let published = crate::outbound::delivery::published(policy.as_deref(), &host);
             // DANE comes first, as the daemon would find it for that MX host now.
             let published = match &mx {

@@ -82,14 +82,14 @@ pub struct RedisConfig {
     /// This relay's name in the fleet, in entries and logs; default: `hostname`.
     pub relay_name: Option<String>,
     /// The longest any Redis call may take; a message never waits longer for one.
-    #[serde(with = "crate::config::values::duration")]
+    #[serde(with = "crate::settings::duration")]
     pub timeout: Duration,
     /// How long a copy read from Redis is used before Redis is asked again.
-    #[serde(with = "crate::config::values::duration")]
+    #[serde(with = "crate::settings::duration")]
     pub near_ttl: Duration,
     /// How far ahead of this relay's clock a time read from Redis may be (another relay's
     /// clock may run a little fast); an entry further ahead is not believed.
-    #[serde(with = "crate::config::values::duration")]
+    #[serde(with = "crate::settings::duration")]
     pub clock_skew: Duration,
 }
 

@@ -8,13 +8,11 @@ use std::sync::OnceLock;
 use ipnet::IpNet;
 use serde::Deserialize;
 
-pub mod values;
+pub use crate::settings::{ConfigError, Timeouts, duration, yaml_error};
 
-pub use values::{ConfigError, Timeouts, duration, yaml_error};
-
+use crate::net::dns::ResolverConfig;
+use crate::net::tls::TlsConfig;
 use crate::outbound::delivery::DeliveryConfig;
-use crate::outbound::mx::ResolverConfig;
-use crate::outbound::tls::TlsConfig;
 
 #[derive(Clone, Debug, Deserialize)]
 #[serde(deny_unknown_fields, default)]

@@ -10,8 +10,8 @@ use tokio::io::{AsyncBufReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
 use crate::inbound::reader::SessionReader;
+use crate::net::dns::RouteError;
 use crate::outbound::delivery::{Greeted, Greeting, NextHop, OpenError};
-use crate::outbound::mx::RouteError;
 use crate::outbound::upstream::{Answer, RemoteFacts, Upstream};
 use crate::outcome::{TlsOutcome, Verification};
 use crate::policy::mta_sts::PolicyLookup;

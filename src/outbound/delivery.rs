@@ -11,15 +11,14 @@ use base64::engine::general_purpose::STANDARD as BASE64;
 use serde::Deserialize;
 
 use crate::cache::{Observation, OutcomeCache};
-use crate::config::values::Timeouts;
-use crate::outbound::connection::{Connection, ExchangeError, StartTlsResult};
-use crate::outbound::dane::TlsaRecord;
-use crate::outbound::mx::{
+use crate::net::connection::{Connection, ExchangeError, StartTlsResult};
+use crate::net::dane::TlsaRecord;
+use crate::net::dns::{
     AddressError, Dnssec, MxHost, MxResolver, RouteError, ServerId, TlsaAnswer, literal_address,
 };
+use crate::net::tls::TlsClient;
 use crate::outbound::pool::{Idle, Lineage, Pool, PoolConfig, PoolKey};
-use crate::outbound::tls::TlsClient;
-use crate::outbound::upstream::{RemoteFacts, Upstream, relayable};
+use crate::outbound::upstream::{FirstReply, RemoteFacts, Upstream, relayable};
 use crate::outcome::{NoTls, OutcomeClass, TlsOutcome, TlsSession, Verification};
 use crate::policy::mta_sts::{Mode, PolicyLookup, StsPolicy};
 use crate::policy::tlsrpt::{PolicyFacts, SessionResult, SessionSite, TlsReports};
@@ -30,6 +29,7 @@ use crate::router::decision::{
 };
 use crate::rules::model::{AuthSpec, HostPort};
 use crate::rules::{Fallback, Route, Rule, VerifyMode};
+use crate::settings::Timeouts;
 use crate::smtp::data::BareLineEndings;
 use crate::smtp::{Capabilities, Mailbox, MissingExtension, RcptParams, Reply};
 use crate::stats::Stats;
@@ -175,9 +175,6 @@ fn summary(failures: &[String]) -> String {
     }
     text
 }
-
-/// The first recipient sent with MAIL FROM, and what came back for it.
-pub type FirstReply = (Mailbox, Result<Reply, ExchangeError>);
 
 enum Failure {
     /// Try the next address.

@@ -1,16 +1,8 @@
-//! The side toward the Internet: MX resolution, SMTP client connections, TLS with a
-//! classifying verifier (and, with the `legacy-tls` feature, OpenSSL for servers rustls
-//! cannot talk to), DANE certificate checks, the delivery attempts a plan asks for, and the
-//! remote dialogue of a transaction once it is open.
+//! The side toward the Internet, above [`crate::net`]: the delivery attempts a plan asks
+//! for (what the one decision says, carried out and recorded), the connection pool, the
+//! credentials for smart hosts, and the remote dialogue of a transaction once it is open.
 
-pub mod connection;
 pub mod credentials;
-pub mod dane;
 pub mod delivery;
-#[cfg(feature = "legacy-tls")]
-pub mod legacy;
-pub mod mx;
 pub mod pool;
-pub mod socket_mark;
-pub mod tls;
 pub mod upstream;

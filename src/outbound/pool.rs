@@ -14,9 +14,9 @@ use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
 
-use crate::config::values::duration;
-use crate::outbound::connection::Connection;
+use crate::net::connection::Connection;
 use crate::outcome::TlsOutcome;
+use crate::settings::duration;
 use crate::smtp::Capabilities;
 
 /// `delivery.pool:` in the configuration.

@@ -8,15 +8,17 @@
 
 use std::fmt;
 
-use crate::config::values::Timeouts;
-use crate::outbound::connection::{Connection, ExchangeError};
-use crate::outbound::delivery::FirstReply;
-use crate::outbound::mx::ServerId;
+use crate::net::connection::{Connection, ExchangeError};
+use crate::net::dns::ServerId;
 use crate::outbound::pool::{Idle, Lineage, PoolKey};
 use crate::outcome::TlsOutcome;
 use crate::router::decision::{Authentication, Published};
 use crate::rules::model::HostPort;
+use crate::settings::Timeouts;
 use crate::smtp::{Capabilities, Mailbox, RcptParams, Reply};
+
+/// The first recipient sent with MAIL FROM, and what came back for it.
+pub type FirstReply = (Mailbox, Result<Reply, ExchangeError>);
 
 /// What the log line, `ctl sessions` and the counters say about where a transaction went.
 #[derive(Clone, Debug)]
@@ -247,7 +249,7 @@ impl Upstream {
                 .await?;
             let reply = conn.read_reply(t.data_end, what).await?;
             conn.expect_due(&reply, &[250], what)?;
-            Ok::<_, crate::outbound::connection::ExchangeError>(reply)
+            Ok::<_, crate::net::connection::ExchangeError>(reply)
         };
         let verdict = verdict.await;
         self.stage = match &verdict {
@@ -279,10 +281,7 @@ impl Upstream {
         self.conn.quit().await;
     }
 
-    fn answer(
-        &mut self,
-        sent: Result<Reply, crate::outbound::connection::ExchangeError>,
-    ) -> Answer {
+    fn answer(&mut self, sent: Result<Reply, crate::net::connection::ExchangeError>) -> Answer {
         match sent {
             Ok(reply) if reply.closes_connection() => {
                 self.stage = Stage::Spoiled;

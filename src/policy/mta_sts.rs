@@ -21,8 +21,8 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
 
 use crate::cache::Clock;
-use crate::outbound::mx::MxResolver;
-use crate::policy::https::{HttpsClient, HttpsError};
+use crate::net::dns::MxResolver;
+use crate::net::https::{HttpsClient, HttpsError};
 use crate::stats::Stats;
 
 /// RFC 8461 3.2: `max_age` is at most a year.
@@ -44,21 +44,21 @@ pub struct MtaStsConfig {
     pub enabled: bool,
     /// The longest a message waits for a policy lookup; a fetch that takes longer goes on in
     /// the background and the next message has its result.
-    #[serde(with = "crate::config::duration")]
+    #[serde(with = "crate::settings::duration")]
     pub wait: Duration,
     /// TCP connect to the policy host.
-    #[serde(with = "crate::config::duration")]
+    #[serde(with = "crate::settings::duration")]
     pub connect_timeout: Duration,
     /// The whole fetch: connect, handshake, request and body.
-    #[serde(with = "crate::config::duration")]
+    #[serde(with = "crate::settings::duration")]
     pub fetch_timeout: Duration,
     /// After a failed fetch, the next one for the domain waits this long.
-    #[serde(with = "crate::config::duration")]
+    #[serde(with = "crate::settings::duration")]
     pub retry_after_failure: Duration,
     /// How often cached policies are checked for a refresh, so that a domain mailed
     /// rarely still has a current policy (RFC 8461 5.1: refresh before expiry, not only
     /// when sending). `0s` refreshes only when a message needs the policy.
-    #[serde(with = "crate::config::duration")]
+    #[serde(with = "crate::settings::duration")]
     pub refresh_interval: Duration,
     /// The most policy domains remembered.
     pub max_policies: usize,

@@ -19,10 +19,10 @@ use serde::{Deserialize, Serialize};
 use serde_json::json;
 
 use crate::cache::Clock;
-use crate::outbound::connection::Connection;
-use crate::outbound::mx::MxResolver;
+use crate::net::connection::Connection;
+use crate::net::dns::MxResolver;
+use crate::net::https::HttpsClient;
 use crate::outcome::{OutcomeClass, format_date};
-use crate::policy::https::HttpsClient;
 use crate::policy::mta_sts::{PolicyError, StsPolicy};
 
 /// The media type of a gzip-compressed report (RFC 8460 6.4).
@@ -495,7 +495,7 @@ pub struct TlsReports {
     resolver: Arc<MxResolver>,
     https: Arc<HttpsClient>,
     clock: Arc<dyn Clock>,
-    timeouts: crate::config::Timeouts,
+    timeouts: crate::settings::Timeouts,
     counts: Mutex<BTreeMap<(UtcDay, String), DomainDay>>,
 }
 
@@ -506,7 +506,7 @@ impl TlsReports {
         resolver: Arc<MxResolver>,
         https: Arc<HttpsClient>,
         clock: Arc<dyn Clock>,
-        timeouts: crate::config::Timeouts,
+        timeouts: crate::settings::Timeouts,
     ) -> anyhow::Result<TlsReports> {
         let from = config
             .from
@@ -945,7 +945,7 @@ async fn submit(
     from: &str,
     to: &str,
     message: &str,
-    timeouts: &crate::config::Timeouts,
+    timeouts: &crate::settings::Timeouts,
 ) -> Result<(), String> {
     let mut conn = Connection::connect(&relay.to_string(), relay, timeouts.connect)
         .await

@@ -10,9 +10,9 @@ pub mod explain;
 use std::path::PathBuf;
 use std::sync::{Arc, RwLock};
 
-use crate::config::values::ConfigError;
 use crate::outcome::OutcomeClass;
 use crate::rules::{Route, Rule, RuleSet, Selection};
+use crate::settings::ConfigError;
 
 /// What the rules say about one transaction.
 #[derive(Clone, Debug)]

@@ -10,7 +10,7 @@ pub mod policy;
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
-use crate::config::values::{ConfigError, yaml_error};
+use crate::settings::{ConfigError, yaml_error};
 use index::DomainIndex;
 use model::RuleFile;
 pub use model::{Fallback, OnDowngrade, Route, Rule};

@@ -11,7 +11,7 @@ use crate::support::pki::{CertKey, TestCa, Validity, self_signed};
 use openssl::x509::X509;
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
-use tlsrouter::outbound::dane::{DaneMismatch, DaneVerdict, DaneVerifier, TlsaRecord};
+use tlsrouter::net::dane::{DaneMismatch, DaneVerdict, DaneVerifier, TlsaRecord};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 

@@ -198,7 +198,7 @@ async fn mx_hosts_come_in_preference_order_and_equal_preferences_in_random_order
         .mx("example.test", 10, "a.example.test")
         .mx("example.test", 10, "b.example.test");
     let dns = DnsServer::start(zone).await;
-    let resolver = tlsrouter::outbound::mx::MxResolver::new(&[dns.addr], Duration::from_secs(5))
+    let resolver = tlsrouter::net::dns::MxResolver::new(&[dns.addr], Duration::from_secs(5))
         .expect("resolver");
     let mut firsts = std::collections::BTreeSet::new();
     // Both orders of the two equal hosts turn up; 40 lookups all alike would happen by

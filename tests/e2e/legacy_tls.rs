@@ -9,9 +9,9 @@ use std::time::Duration;
 
 use crate::support::pki::{CertKey, TestCa, Validity};
 use crate::support::smtp_server::{ServerBehaviour, SmtpServer, StartTls, TlsInfo};
-use tlsrouter::outbound::connection::{Connection, StartTlsResult};
-use tlsrouter::outbound::tls::TlsClient;
-use tlsrouter::outbound::tls::TlsConfig;
+use tlsrouter::net::connection::{Connection, StartTlsResult};
+use tlsrouter::net::tls::TlsClient;
+use tlsrouter::net::tls::TlsConfig;
 use tlsrouter::outcome::{CertProblem, LegacySession, NoTls, OutcomeClass, Verification};
 use tlsrouter::rules::MinTls;
 

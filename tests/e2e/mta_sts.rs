@@ -16,9 +16,9 @@ use crate::support::https::{Answer, HttpsServer, Seen, txt};
 use crate::support::pki::{CertKey, TestCa, Validity, self_signed};
 use crate::support::smtp_server::{ServerBehaviour, SmtpServer};
 use tlsrouter::cache::{Clock, ManualClock};
-use tlsrouter::outbound::mx::MxResolver;
+use tlsrouter::net::dns::MxResolver;
+use tlsrouter::net::https::HttpsClient;
 use tlsrouter::outcome::OutcomeClass;
-use tlsrouter::policy::https::HttpsClient;
 use tlsrouter::policy::mta_sts::{Mode, MtaStsConfig, PolicyErrorKind, PolicyLookup, PolicyStore};
 use tlsrouter::policy::tlsrpt::{
     PolicyFacts, ReportDelivery, Rua, SessionResult, SessionSite, TlsReports, TlsRptConfig, UtcDay,

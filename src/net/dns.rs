@@ -17,7 +17,7 @@ use rand::seq::SliceRandom;
 
 use serde::Deserialize;
 
-use crate::outbound::dane::{TlsaRecord, Unusable};
+use crate::net::dane::{TlsaRecord, Unusable};
 use crate::smtp::Reply;
 
 /// `resolver:` in the configuration.

@@ -9,7 +9,7 @@ use tokio::io::{AsyncBufRead, AsyncRead, AsyncWrite, AsyncWriteExt, BufReader, R
 use tokio::net::TcpStream;
 use tokio_rustls::client::TlsStream;
 
-use crate::outbound::tls::TlsClient;
+use crate::net::tls::TlsClient;
 use crate::outcome::{NoTls, TlsSession};
 use crate::rules::MinTls;
 use crate::smtp::Reply;
@@ -92,7 +92,7 @@ impl Connection {
             match (mark, source) {
                 (None, None) => TcpStream::connect(peer).await,
                 _ => {
-                    let socket = crate::outbound::socket_mark::socket_for(peer, mark, source)?;
+                    let socket = crate::net::socket_mark::socket_for(peer, mark, source)?;
                     socket.connect(peer).await
                 }
             }
@@ -443,7 +443,7 @@ impl Connection {
         self,
         tls: &TlsClient,
         min_tls: MinTls,
-        records: Vec<crate::outbound::dane::TlsaRecord>,
+        records: Vec<crate::net::dane::TlsaRecord>,
         command_timeout: Duration,
         handshake_timeout: Duration,
     ) -> StartTlsResult {

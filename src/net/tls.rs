@@ -19,9 +19,9 @@ use std::path::PathBuf;
 use tokio::net::TcpStream;
 use tokio_rustls::client::TlsStream;
 
-use crate::outbound::dane::{DaneVerdict, DaneVerifier, TlsaRecord};
+use crate::net::dane::{DaneVerdict, DaneVerifier, TlsaRecord};
 #[cfg(feature = "legacy-tls")]
-use crate::outbound::legacy::LegacyConnector;
+use crate::net::legacy::LegacyConnector;
 use crate::outcome::{CertProblem, NoTls, TlsSession, Verification, format_date};
 use crate::rules::MinTls;
 

@@ -1,6 +1,6 @@
-//! The values configuration sections share, kept apart from the assembled [`super::Config`]
-//! so that the modules whose sections it assembles can use them: durations, timeouts, and
-//! errors that name file, line and column.
+//! The values configuration sections share, kept apart from the assembled
+//! [`crate::config::Config`] so that the modules whose sections it assembles can use them:
+//! durations, timeouts, and errors that name file, line and column.
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;

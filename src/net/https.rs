@@ -14,7 +14,7 @@ use hyper_util::rt::TokioIo;
 use rustls::pki_types::ServerName;
 use tokio::net::TcpStream;
 
-use crate::outbound::mx::MxResolver;
+use crate::net::dns::MxResolver;
 
 /// What went wrong with an HTTPS exchange, in the terms TLS-RPT reports.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
