@@ -1,6 +1,7 @@
 //! `tlsrouter probe`: what an MX says and does, step by step, for an admin whose mail to
-//! one partner is stuck. It uses the same connect and secure steps as deliveries, and says
-//! what the host decision makes of what it found.
+//! one partner is stuck. It dials through delivery's dialer (source address, socket mark)
+//! and takes the same secure step (`PlainConnection::starttls`, PKIX or the legacy stack),
+//! and says what the host decision makes of what it found.
 
 use std::fmt::Write;
 use std::net::{IpAddr, SocketAddr};
@@ -12,16 +13,17 @@ use std::sync::Arc;
 
 use crate::cache::Observation;
 use crate::certificate::Certificate;
-use crate::net::connection::{Connection, StartTlsResult};
+use crate::net::connection::{Connection, StartTls};
 use crate::net::dane::{DaneVerdict, DaneVerifier, TlsaRecord};
 use crate::net::dns::{Dnssec, MxHost, ServerId, TlsaAnswer, literal_address};
+use crate::net::tls::{Handshake, Session};
 use crate::outbound::delivery::Outbound;
 use crate::outcome::{NoTls, OutcomeClass, TlsOutcome, TlsSession, Verification};
 use crate::policy::mta_sts::{PolicyLookup, PolicyStore, StsPolicy};
 use crate::router::Plan;
-use crate::router::decision::{HostDecision, Known, Published, TlsTerms, decide};
+use crate::router::decision::{HostDecision, Known, Published, decide};
 use crate::router::explain::{Question, assumed_entry, explain};
-use crate::rules::{MinTls, RuleSet, VerifyMode};
+use crate::rules::{MinTls, RuleSet};
 
 /// What to probe.
 #[derive(Clone, Debug, Default, PartialEq, Eq, serde::Deserialize, Serialize)]
@@ -367,7 +369,7 @@ async fn probe_host(
         };
     let dane = tlsa
         .as_ref()
-        .and_then(crate::outbound::delivery::dane_published);
+        .and_then(crate::outbound::route::dane_published);
     let usable = match &tlsa {
         Some(TlsaAnswer::Records { usable, .. }) => usable.clone(),
         _ => Vec::new(),
@@ -390,8 +392,7 @@ async fn probe_host(
         let fleet = fleet_view(outbound, &id.name, ip).await;
         let server = probe_server(outbound, &id, port, target.no_tls).await;
         let mut server = server;
-        let published =
-            dane.unwrap_or_else(|| crate::outbound::delivery::published(policy, &id.name));
+        let published = dane.unwrap_or_else(|| crate::outbound::route::published(policy, &id.name));
         // Where delivery would turn to the legacy stack, so does the probe, and what that
         // stack found replaces what rustls found.
         if !target.no_tls {
@@ -508,13 +509,8 @@ impl std::ops::Deref for Probed {
     }
 }
 
-/// How probe runs TLS: whatever the rules say, the fullest diagnosis.
-const PROBE_TERMS: TlsTerms = TlsTerms {
-    verify: VerifyMode::Try,
-    min_tls: MinTls::Tls12,
-    implicit: false,
-    authentication: crate::router::decision::Authentication::Pkix,
-};
+/// How probe runs TLS with rustls: whatever the rules say, the fullest diagnosis.
+const PROBE_HANDSHAKE: Handshake = Handshake::Pkix(MinTls::Tls12);
 
 async fn probe_server(outbound: &Outbound, server: &ServerId, port: u16, no_tls: bool) -> Probed {
     let addr = SocketAddr::new(server.addr, port);
@@ -530,7 +526,8 @@ async fn probe_server(outbound: &Outbound, server: &ServerId, port: u16, no_tls:
             .push((step.to_string(), clock.elapsed().as_millis() as u64));
         clock = Instant::now();
     };
-    let mut conn = match Connection::connect(&server.name, addr, t.connect).await {
+    // Dialled as delivery dials: from the source address, with the socket mark.
+    let mut conn = match outbound.dialer.connect(&server.name, addr).await {
         Ok(conn) => conn,
         Err(e) => {
             report.class = Some(if e.is_timeout() {
@@ -549,7 +546,7 @@ async fn probe_server(outbound: &Outbound, server: &ServerId, port: u16, no_tls:
     match outbound.read_greeting(&mut conn).await {
         Ok(reply) => report.banner = Some(reply.one_line()),
         Err(e) => {
-            report.error = Some(e);
+            report.error = Some(e.to_string());
             return Probed {
                 report,
                 outcome: None,
@@ -560,7 +557,7 @@ async fn probe_server(outbound: &Outbound, server: &ServerId, port: u16, no_tls:
     let caps = match outbound.ehlo(&mut conn).await {
         Ok(caps) => caps,
         Err(e) => {
-            report.error = Some(e);
+            report.error = Some(e.to_string());
             return Probed {
                 report,
                 outcome: None,
@@ -578,28 +575,37 @@ async fn probe_server(outbound: &Outbound, server: &ServerId, port: u16, no_tls:
         };
     }
     if !caps.starttls {
-        return finish(report, TlsOutcome::Plain(NoTls::NoStarttls), Some(conn));
+        return finish(
+            report,
+            TlsOutcome::Plain(NoTls::NoStarttls),
+            Some(conn.into_any()),
+        );
     }
-    let started = outbound.start_tls(PROBE_TERMS, conn).await;
+    let started = conn
+        .starttls(&outbound.tls, &PROBE_HANDSHAKE, t.command, t.tls_handshake)
+        .await;
     lap(&mut report, "starttls");
     match started {
-        StartTlsResult::Encrypted(mut conn, session) => {
+        StartTls::Secured(mut conn, session) => {
             let after = outbound
                 .ehlo(&mut conn)
                 .await
                 .map(|c| c.keywords)
                 .unwrap_or_default();
             lap(&mut report, "ehlo-after-tls");
-            report.tls = Some(tls_report(&session, after));
-            finish(report, TlsOutcome::Encrypted(session), Some(conn))
+            if let Session::Rustls(session) = &session {
+                report.tls = Some(tls_report(session, after));
+            }
+            finish(report, session.into(), Some(conn))
         }
-        StartTlsResult::Refused(conn, reason) => {
-            finish(report, TlsOutcome::Plain(reason), Some(conn))
+        StartTls::Refused(conn, reason) => {
+            finish(report, TlsOutcome::Plain(reason), Some(conn.into_any()))
         }
-        StartTlsResult::Lost(reason) => finish(report, TlsOutcome::Plain(reason), None),
-        StartTlsResult::Closed(reply) => {
+        StartTls::Lost(reason) => finish(report, TlsOutcome::Plain(reason), None),
+        StartTls::Closed(reply) => {
             report.error = Some(format!(
-                "STARTTLS: {reply} (the server closed the connection)"
+                "STARTTLS: {} (the server closed the connection)",
+                reply.one_line()
             ));
             Probed {
                 report,
@@ -611,7 +617,6 @@ async fn probe_server(outbound: &Outbound, server: &ServerId, port: u16, no_tls:
 
 /// The legacy stack on a new connection, as delivery uses it: greeting, EHLO, STARTTLS,
 /// the OpenSSL handshake.
-#[cfg(feature = "legacy-tls")]
 async fn probe_legacy(
     outbound: &Outbound,
     server: &ServerId,
@@ -622,71 +627,60 @@ async fn probe_legacy(
     let rustls = rustls_finding(&probed.report);
     let attempt = async {
         let addr = SocketAddr::new(server.addr, port);
-        let mut conn = Connection::connect(&server.name, addr, t.connect)
-            .await
-            .map_err(|e| NoTls::LegacyFailed(e.to_string()))?;
+        let failed = |e: &dyn std::fmt::Display| NoTls::LegacyFailed(e.to_string());
+        let mut conn =
+            (outbound.dialer.connect(&server.name, addr).await).map_err(|e| failed(&e))?;
         outbound
             .read_greeting(&mut conn)
             .await
-            .map_err(NoTls::LegacyFailed)?;
-        outbound
-            .ehlo(&mut conn)
-            .await
-            .map_err(NoTls::LegacyFailed)?;
-        match conn
-            .starttls_legacy(&outbound.tls, t.command, t.tls_handshake)
-            .await
-        {
-            Ok((conn, session)) => {
+            .map_err(|e| failed(&e))?;
+        outbound.ehlo(&mut conn).await.map_err(|e| failed(&e))?;
+        let started = conn.starttls(
+            &outbound.tls,
+            &Handshake::Legacy,
+            t.command,
+            t.tls_handshake,
+        );
+        match started.await {
+            StartTls::Secured(conn, session) => {
                 tokio::spawn(conn.quit());
                 Ok(session)
             }
-            Err(StartTlsResult::Refused(conn, reason)) => {
+            StartTls::Refused(conn, reason) => {
                 tokio::spawn(conn.quit());
                 Err(reason)
             }
-            Err(StartTlsResult::Encrypted(conn, _)) => {
-                tokio::spawn(conn.quit());
-                Err(NoTls::LegacyFailed("unexpected rustls session".into()))
-            }
-            Err(StartTlsResult::Lost(reason)) => Err(reason),
-            Err(StartTlsResult::Closed(reply)) => Err(NoTls::LegacyFailed(format!(
-                "STARTTLS: {reply} (the server closed the connection)"
+            StartTls::Lost(reason) => Err(reason),
+            StartTls::Closed(reply) => Err(NoTls::LegacyFailed(format!(
+                "STARTTLS: {} (the server closed the connection)",
+                reply.one_line()
             ))),
         }
     };
     let outcome = match attempt.await {
-        Ok(session) => {
-            probed.report.legacy = Some(LegacyReport {
-                rustls,
-                version: Some(session.version.clone()),
-                cipher: Some(session.cipher.clone()),
-                error: None,
-            });
-            TlsOutcome::Legacy(session)
-        }
-        Err(reason) => {
-            probed.report.legacy = Some(LegacyReport {
-                rustls,
-                version: None,
-                cipher: None,
-                error: Some(reason.to_string()),
-            });
-            TlsOutcome::Plain(reason)
-        }
+        Ok(session) => TlsOutcome::from(session),
+        Err(reason) => TlsOutcome::Plain(reason),
     };
+    let legacy = match &outcome {
+        TlsOutcome::Plain(reason) => LegacyReport {
+            rustls,
+            version: None,
+            cipher: None,
+            error: Some(reason.to_string()),
+        },
+        encrypted => LegacyReport {
+            rustls,
+            version: encrypted
+                .parameters()
+                .map(|(version, _, _)| version.to_string()),
+            cipher: encrypted
+                .parameters()
+                .map(|(_, cipher, _)| cipher.to_string()),
+            error: None,
+        },
+    };
+    probed.report.legacy = Some(legacy);
     finish(probed.report, outcome, None)
-}
-
-#[cfg(not(feature = "legacy-tls"))]
-async fn probe_legacy(_: &Outbound, _: &ServerId, _: u16, mut probed: Probed) -> Probed {
-    probed.report.legacy = Some(LegacyReport {
-        rustls: rustls_finding(&probed.report),
-        version: None,
-        cipher: None,
-        error: Some("this build has no legacy TLS stack".into()),
-    });
-    probed
 }
 
 /// `legacy-tls (TLS handshake failed: ... ProtocolVersion)`.

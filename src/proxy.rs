@@ -121,15 +121,14 @@ impl Proxy {
         let outbound = Outbound {
             resolver,
             tls,
+            dialer: dialer(&config),
             hostname: config.hostname.0.clone(),
             port: config.delivery.port,
             timeouts: config.timeouts.clone(),
             cache,
             stats: stats.clone(),
             tls_reports: tls_reports.clone(),
-            socket_mark: config.delivery.socket_mark,
             pool: crate::outbound::pool::Pool::new(config.delivery.pool.clone()),
-            source_address: config.delivery.source_address,
         };
         // The semaphore's own bound, and one drain can take back at once.
         let session_slots_max = (config.limits.max_sessions)
@@ -289,7 +288,17 @@ fn policy_parts(
         resolver.clone(),
         https,
         clock,
+        dialer(config),
         config.timeouts.clone(),
     )?);
     Ok((policies, reports))
+}
+
+/// How every outbound SMTP connection is made: delivery's, probe's and the reports'.
+fn dialer(config: &Config) -> crate::net::dialer::Dialer {
+    crate::net::dialer::Dialer {
+        timeout: config.timeouts.connect,
+        mark: config.delivery.socket_mark,
+        source: config.delivery.source_address,
+    }
 }

@@ -11,7 +11,8 @@ use tokio::net::TcpStream;
 
 use crate::inbound::reader::SessionReader;
 use crate::net::dns::RouteError;
-use crate::outbound::delivery::{Greeted, Greeting, NextHop, OpenError};
+use crate::outbound::attempt::{Greeted, Greeting};
+use crate::outbound::delivery::{NextHop, OpenError};
 use crate::outbound::upstream::{Answer, RemoteFacts, Upstream};
 use crate::outcome::{TlsOutcome, Verification};
 use crate::policy::mta_sts::PolicyLookup;
@@ -1035,6 +1036,9 @@ fn log_transaction(client: SocketAddr, tx: &Transaction, reply: Option<&Reply>, 
             )
         }
     };
+    let earlier: Vec<String> = (facts.earlier_failures.iter())
+        .map(ToString::to_string)
+        .collect();
     tracing::info!(
         target: "tlsrouter::transaction",
         client = %client,
@@ -1056,7 +1060,7 @@ fn log_transaction(client: SocketAddr, tx: &Transaction, reply: Option<&Reply>, 
         reused = facts.reused.then_some(display("yes")),
         end = end.label(),
         reply = %reply,
-        earlier_failures = listed(&facts.earlier_failures, "; "),
+        earlier_failures = listed(&earlier, "; "),
         "transaction"
     );
 }

@@ -1,4 +1,5 @@
-//! One SMTP client connection to a remote server, plain or upgraded with STARTTLS.
+//! One SMTP client connection to a remote server: its reply discipline, and STARTTLS, which
+//! only a connection not yet secured can say.
 
 use std::net::SocketAddr;
 use std::pin::Pin;
@@ -9,9 +10,8 @@ use tokio::io::{AsyncBufRead, AsyncRead, AsyncWrite, AsyncWriteExt, BufReader, R
 use tokio::net::TcpStream;
 use tokio_rustls::client::TlsStream;
 
-use crate::net::tls::TlsClient;
-use crate::outcome::{NoTls, TlsSession};
-use crate::rules::MinTls;
+use crate::net::tls::{Handshake, Session, TlsClient};
+use crate::outcome::NoTls;
 use crate::smtp::Reply;
 use crate::smtp::line::{LineRead, read_line};
 use crate::smtp::reply::{ReplyBuilder, ReplyError};
@@ -50,7 +50,36 @@ impl ExchangeError {
     }
 }
 
-enum Transport {
+/// What a connection runs over. A plain [`Connection<TcpStream>`] can be secured once; a
+/// secured one (`Connection<TlsStream<TcpStream>>`, or over the legacy stack) cannot be
+/// secured again, which the types say: only `Connection<TcpStream>` has `starttls`.
+/// [`Transport`] holds any of them, for the open transaction and the pool.
+pub trait Stream: AsyncRead + AsyncWrite + Unpin + Send + Sync {
+    /// The TCP connection underneath, to see whether bytes wait on it.
+    fn tcp(&self) -> &TcpStream;
+}
+
+impl Stream for TcpStream {
+    fn tcp(&self) -> &TcpStream {
+        self
+    }
+}
+
+impl Stream for TlsStream<TcpStream> {
+    fn tcp(&self) -> &TcpStream {
+        self.get_ref().0
+    }
+}
+
+#[cfg(feature = "legacy-tls")]
+impl Stream for tokio_openssl::SslStream<TcpStream> {
+    fn tcp(&self) -> &TcpStream {
+        self.get_ref()
+    }
+}
+
+/// Any of the streams a connection can run over.
+pub enum Transport {
     Plain(TcpStream),
     Tls(Box<TlsStream<TcpStream>>),
     /// The legacy stack (OpenSSL), for servers rustls cannot talk to.
@@ -58,10 +87,30 @@ enum Transport {
     Legacy(Box<tokio_openssl::SslStream<TcpStream>>),
 }
 
-pub struct Connection {
-    io: BufReader<Transport>,
+impl Stream for Transport {
+    fn tcp(&self) -> &TcpStream {
+        match self {
+            Transport::Plain(tcp) => tcp,
+            Transport::Tls(tls) => tls.tcp(),
+            #[cfg(feature = "legacy-tls")]
+            Transport::Legacy(tls) => tls.tcp(),
+        }
+    }
+}
+
+impl From<TcpStream> for Transport {
+    fn from(tcp: TcpStream) -> Transport {
+        Transport::Plain(tcp)
+    }
+}
+
+/// A connection that no TLS was started on: STARTTLS (or implicit TLS) may still follow.
+pub type PlainConnection = Connection<TcpStream>;
+
+pub struct Connection<T = Transport> {
+    io: BufReader<T>,
     pub peer: SocketAddr,
-    /// The server's name, for logs.
+    /// The server's name, for logs and for the certificate a handshake verifies.
     pub host: String,
     line: Vec<u8>,
     /// The server said 421 or 221, or we are stuck inside the message text: no further
@@ -69,57 +118,115 @@ pub struct Connection {
     closed_by_remote: bool,
 }
 
-impl Connection {
-    pub async fn connect(
-        host: &str,
-        peer: SocketAddr,
-        timeout: Duration,
-    ) -> Result<Connection, ExchangeError> {
-        Connection::connect_with(host, peer, timeout, None, None).await
-    }
+/// The read buffer of a connection.
+const READ_BUFFER: usize = 16 * 1024;
 
-    /// As [`Connection::connect`], from a socket marked with `mark` (`SO_MARK`, so that a
-    /// transparent redirect lets it pass) and bound to the local address `source` (for
-    /// relays whose outbound address matters to receivers), each when given.
-    pub async fn connect_with(
-        host: &str,
-        peer: SocketAddr,
-        timeout: Duration,
-        mark: Option<u32>,
-        source: Option<std::net::IpAddr>,
-    ) -> Result<Connection, ExchangeError> {
-        let connecting = async {
-            match (mark, source) {
-                (None, None) => TcpStream::connect(peer).await,
-                _ => {
-                    let socket = crate::net::socket_mark::socket_for(peer, mark, source)?;
-                    socket.connect(peer).await
-                }
-            }
-        };
-        let tcp = match tokio::time::timeout(timeout, connecting).await {
-            Ok(result) => result?,
-            Err(_) => {
-                return Err(ExchangeError::Timeout(
-                    timeout.as_secs(),
-                    "the TCP connection",
-                ));
-            }
-        };
+impl PlainConnection {
+    /// A connection over `tcp`, connected to `peer` for the server `host`.
+    pub fn new(tcp: TcpStream, peer: SocketAddr, host: &str) -> PlainConnection {
         let _ = tcp.set_nodelay(true);
-        Ok(Connection {
-            io: BufReader::with_capacity(16 * 1024, Transport::Plain(tcp)),
+        Connection {
+            io: BufReader::with_capacity(READ_BUFFER, tcp),
             peer,
             host: host.to_string(),
             line: Vec::with_capacity(512),
             closed_by_remote: false,
-        })
+        }
     }
 
-    pub fn is_tls(&self) -> bool {
-        !matches!(self.io.get_ref(), Transport::Plain(_))
+    /// Sends STARTTLS and, on 220, runs the handshake `how` asks for. A refusal leaves the
+    /// connection usable in plain; any other failure consumes it.
+    pub async fn starttls(
+        self,
+        tls: &TlsClient,
+        how: &Handshake,
+        command_timeout: Duration,
+        handshake_timeout: Duration,
+    ) -> StartTls {
+        let conn = match self.starttls_accepted(command_timeout).await {
+            Ok(conn) => conn,
+            Err(result) => return result,
+        };
+        match conn.secure(tls, how, handshake_timeout).await {
+            Ok((conn, session)) => StartTls::Secured(conn, session),
+            Err(reason) => StartTls::Lost(reason),
+        }
     }
 
+    /// Runs the TLS handshake on the connection as it stands: after a STARTTLS 220, or at
+    /// once for implicit TLS (port 465).
+    pub async fn secure(
+        self,
+        tls: &TlsClient,
+        how: &Handshake,
+        handshake_timeout: Duration,
+    ) -> Result<(Connection, Session), NoTls> {
+        let Connection {
+            io,
+            peer,
+            host,
+            line,
+            ..
+        } = self;
+        let (stream, session) = tls
+            .secure(io.into_inner(), &host, how, handshake_timeout)
+            .await?;
+        let conn = Connection {
+            io: BufReader::with_capacity(READ_BUFFER, stream),
+            peer,
+            host,
+            line,
+            closed_by_remote: false,
+        };
+        Ok((conn, session))
+    }
+
+    /// Sends STARTTLS; `Ok` when the 220 came and nothing after it, ready for a handshake.
+    async fn starttls_accepted(self, command_timeout: Duration) -> Result<Self, StartTls> {
+        let mut conn = self;
+        // Not `command`: data after the 220 is checked below and has its own class.
+        let what = "the reply to STARTTLS";
+        let reply = match conn.send_line("STARTTLS", command_timeout, what).await {
+            Ok(()) => conn.read_reply(command_timeout, what).await,
+            Err(e) => Err(e),
+        };
+        let reply = match reply {
+            Ok(reply) => reply,
+            Err(e) => return Err(StartTls::Lost(NoTls::HandshakeFailed(e.to_string()))),
+        };
+        if reply.code != 220 {
+            let reason = NoTls::StarttlsRefused(reply.one_line());
+            return Err(if reply.closes_connection() {
+                StartTls::Closed(reply)
+            } else {
+                StartTls::Refused(conn, reason)
+            });
+        }
+        // Anything after the 220 came before the handshake: an injection attempt or a broken
+        // server. It must never be read as if it came over TLS.
+        if let Some(extra) = conn.unsolicited().await {
+            return Err(StartTls::Lost(NoTls::ProtocolViolation(format!(
+                "data after the STARTTLS 220 and before the handshake: {extra:?}"
+            ))));
+        }
+        Ok(conn)
+    }
+}
+
+impl<T: Stream + Into<Transport>> Connection<T> {
+    /// The same connection, as any connection: for the open transaction and the pool.
+    pub fn into_any(self) -> Connection {
+        Connection {
+            io: BufReader::with_capacity(READ_BUFFER, self.io.into_inner().into()),
+            peer: self.peer,
+            host: self.host,
+            line: self.line,
+            closed_by_remote: self.closed_by_remote,
+        }
+    }
+}
+
+impl<T: Stream> Connection<T> {
     /// Reads one whole reply; `what` names the step for error texts.
     pub async fn read_reply(
         &mut self,
@@ -152,7 +259,6 @@ impl Connection {
             }
         }
     }
-
     /// Sends one command line and reads its reply.
     pub async fn command(
         &mut self,
@@ -277,13 +383,7 @@ impl Connection {
 
     /// Whether bytes wait on the socket, not yet read into any buffer of ours.
     fn bytes_waiting(&self) -> bool {
-        let tcp = match self.io.get_ref() {
-            Transport::Plain(tcp) => tcp,
-            Transport::Tls(tls) => tls.get_ref().0,
-            #[cfg(feature = "legacy-tls")]
-            Transport::Legacy(tls) => tls.get_ref(),
-        };
-        crate::smtp::peek::bytes_waiting(tcp)
+        crate::smtp::peek::bytes_waiting(self.io.get_ref().tcp())
     }
 
     /// Sends a line that holds a secret; the debug log shows `shown` instead.
@@ -340,173 +440,6 @@ impl Connection {
         }
     }
 
-    /// Sends STARTTLS and, on 220, runs the handshake. A refusal leaves the connection
-    /// usable in plain; any other failure consumes it.
-    pub async fn starttls(
-        self,
-        tls: &TlsClient,
-        min_tls: MinTls,
-        command_timeout: Duration,
-        handshake_timeout: Duration,
-    ) -> StartTlsResult {
-        let conn = match self.starttls_accepted(command_timeout).await {
-            Ok(conn) => conn,
-            Err(result) => return result,
-        };
-        match conn.upgrade(tls, min_tls, handshake_timeout).await {
-            Ok((conn, session)) => StartTlsResult::Encrypted(conn, session),
-            Err(reason) => StartTlsResult::Lost(reason),
-        }
-    }
-
-    /// Like `starttls`, with the legacy stack. `Err` is never `Encrypted`.
-    #[cfg(feature = "legacy-tls")]
-    pub async fn starttls_legacy(
-        self,
-        tls: &TlsClient,
-        command_timeout: Duration,
-        handshake_timeout: Duration,
-    ) -> Result<(Connection, crate::outcome::LegacySession), StartTlsResult> {
-        let conn = self.starttls_accepted(command_timeout).await?;
-        conn.upgrade_legacy(tls, handshake_timeout)
-            .await
-            .map_err(StartTlsResult::Lost)
-    }
-
-    /// Sends STARTTLS; `Ok` when the 220 came and nothing after it, ready for a handshake.
-    async fn starttls_accepted(
-        self,
-        command_timeout: Duration,
-    ) -> Result<Connection, StartTlsResult> {
-        let mut conn = self;
-        // Not `command`: data after the 220 is checked below and has its own class.
-        let what = "the reply to STARTTLS";
-        let reply = match conn.send_line("STARTTLS", command_timeout, what).await {
-            Ok(()) => conn.read_reply(command_timeout, what).await,
-            Err(e) => Err(e),
-        };
-        let reply = match reply {
-            Ok(reply) => reply,
-            Err(e) => return Err(StartTlsResult::Lost(NoTls::HandshakeFailed(e.to_string()))),
-        };
-        if reply.code != 220 {
-            let reason = NoTls::StarttlsRefused(reply.one_line());
-            return Err(if reply.closes_connection() {
-                StartTlsResult::Closed(reply.one_line())
-            } else {
-                StartTlsResult::Refused(conn, reason)
-            });
-        }
-        // Anything after the 220 came before the handshake: an injection attempt or a broken
-        // server. It must never be read as if it came over TLS.
-        if let Some(extra) = conn.unsolicited().await {
-            return Err(StartTlsResult::Lost(NoTls::ProtocolViolation(format!(
-                "data after the STARTTLS 220 and before the handshake: {extra:?}"
-            ))));
-        }
-        Ok(conn)
-    }
-
-    /// Runs the TLS handshake on the connection as it stands: after a STARTTLS 220, or at
-    /// once for implicit TLS (port 465).
-    pub async fn upgrade(
-        self,
-        tls: &TlsClient,
-        min_tls: MinTls,
-        handshake_timeout: Duration,
-    ) -> Result<(Connection, TlsSession), NoTls> {
-        let Connection {
-            io,
-            peer,
-            host,
-            line,
-            ..
-        } = self;
-        let Transport::Plain(tcp) = io.into_inner() else {
-            return Err(NoTls::ProtocolViolation("TLS inside TLS".into()));
-        };
-        let (stream, session) = tls
-            .handshake(tcp, &host, min_tls, handshake_timeout)
-            .await?;
-        let conn = Connection {
-            io: BufReader::with_capacity(16 * 1024, Transport::Tls(Box::new(stream))),
-            peer,
-            host,
-            line,
-            closed_by_remote: false,
-        };
-        Ok((conn, session))
-    }
-
-    /// Like `starttls`, with the DANE verifier: the certificate must match `records`.
-    pub async fn starttls_dane(
-        self,
-        tls: &TlsClient,
-        min_tls: MinTls,
-        records: Vec<crate::net::dane::TlsaRecord>,
-        command_timeout: Duration,
-        handshake_timeout: Duration,
-    ) -> StartTlsResult {
-        let conn = match self.starttls_accepted(command_timeout).await {
-            Ok(conn) => conn,
-            Err(result) => return result,
-        };
-        let Connection {
-            io,
-            peer,
-            host,
-            line,
-            ..
-        } = conn;
-        let Transport::Plain(tcp) = io.into_inner() else {
-            return StartTlsResult::Lost(NoTls::ProtocolViolation("TLS inside TLS".into()));
-        };
-        match tls
-            .handshake_dane(tcp, &host, min_tls, records, handshake_timeout)
-            .await
-        {
-            Ok((stream, session)) => {
-                let conn = Connection {
-                    io: BufReader::with_capacity(16 * 1024, Transport::Tls(Box::new(stream))),
-                    peer,
-                    host,
-                    line,
-                    closed_by_remote: false,
-                };
-                StartTlsResult::Encrypted(conn, session)
-            }
-            Err(reason) => StartTlsResult::Lost(reason),
-        }
-    }
-
-    /// Like `upgrade`, with the legacy stack: for a host rustls could not talk to.
-    #[cfg(feature = "legacy-tls")]
-    pub async fn upgrade_legacy(
-        self,
-        tls: &TlsClient,
-        handshake_timeout: Duration,
-    ) -> Result<(Connection, crate::outcome::LegacySession), NoTls> {
-        let Connection {
-            io,
-            peer,
-            host,
-            line,
-            ..
-        } = self;
-        let Transport::Plain(tcp) = io.into_inner() else {
-            return Err(NoTls::ProtocolViolation("TLS inside TLS".into()));
-        };
-        let (stream, session) = tls.legacy_handshake(tcp, &host, handshake_timeout).await?;
-        let conn = Connection {
-            io: BufReader::with_capacity(16 * 1024, Transport::Legacy(Box::new(stream))),
-            peer,
-            host,
-            line,
-            closed_by_remote: false,
-        };
-        Ok((conn, session))
-    }
-
     /// The remote said 421 or 221, or the connection was given up.
     pub fn is_closing(&self) -> bool {
         self.closed_by_remote
@@ -534,14 +467,16 @@ impl Connection {
     }
 }
 
-pub enum StartTlsResult {
-    Encrypted(Connection, TlsSession),
+/// What STARTTLS led to.
+pub enum StartTls {
+    /// TLS is up, by rustls or the legacy stack, with what it negotiated.
+    Secured(Connection, Session),
     /// STARTTLS was refused; the connection goes on in plain.
-    Refused(Connection, NoTls),
+    Refused(PlainConnection, NoTls),
     /// The connection is unusable; a plain fallback needs a new one.
     Lost(NoTls),
     /// The server closed (421/221): a temporary failure of this server, not a TLS fact.
-    Closed(String),
+    Closed(Reply),
 }
 
 impl AsyncRead for Transport {

@@ -6,6 +6,7 @@
 
 pub mod connection;
 pub mod dane;
+pub mod dialer;
 pub mod dns;
 pub mod https;
 #[cfg(feature = "legacy-tls")]

@@ -47,6 +47,53 @@ impl Default for TlsConfig {
     }
 }
 
+/// How a connection is to be secured: the one handshake step delivery, `probe` and the
+/// legacy retry all take.
+#[derive(Clone, Debug)]
+pub enum Handshake {
+    /// rustls, the certificate verified for the server's name and recorded (the decision
+    /// says what a bad one means).
+    Pkix(MinTls),
+    /// rustls, the certificate judged by these usable TLSA records alone (RFC 7672 3).
+    Dane {
+        min_tls: MinTls,
+        records: Vec<TlsaRecord>,
+    },
+    /// The legacy stack (OpenSSL): encrypted, never authenticated; for servers rustls
+    /// cannot talk to.
+    Legacy,
+}
+
+/// What a handshake made: a rustls session, or the legacy stack's.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Session {
+    Rustls(TlsSession),
+    Legacy(crate::outcome::LegacySession),
+}
+
+impl From<Session> for crate::outcome::TlsOutcome {
+    fn from(session: Session) -> crate::outcome::TlsOutcome {
+        match session {
+            Session::Rustls(session) => crate::outcome::TlsOutcome::Encrypted(session),
+            Session::Legacy(session) => crate::outcome::TlsOutcome::Legacy(session),
+        }
+    }
+}
+
+static TLS12_AND_UP: [&SupportedProtocolVersion; 2] =
+    [&rustls::version::TLS13, &rustls::version::TLS12];
+static TLS13_ONLY: [&SupportedProtocolVersion; 1] = [&rustls::version::TLS13];
+
+impl MinTls {
+    /// The protocol versions a handshake offers under this minimum.
+    fn versions(self) -> &'static [&'static SupportedProtocolVersion] {
+        match self {
+            MinTls::Tls12 => &TLS12_AND_UP,
+            MinTls::Tls13 => &TLS13_ONLY,
+        }
+    }
+}
+
 pub struct TlsClient {
     /// `None` when no root is trusted: every certificate is then unverified.
     webpki: Option<Arc<WebPkiServerVerifier>>,
@@ -103,8 +150,43 @@ impl TlsClient {
         })
     }
 
-    /// Runs the handshake on a connection where STARTTLS was just accepted.
-    pub async fn handshake(
+    /// Runs the handshake `how` asks for on `tcp`, where STARTTLS was just accepted (or at
+    /// once, for implicit TLS): the stream it made, and what it negotiated.
+    pub async fn secure(
+        &self,
+        tcp: TcpStream,
+        host: &str,
+        how: &Handshake,
+        timeout: Duration,
+    ) -> Result<(crate::net::connection::Transport, Session), NoTls> {
+        use crate::net::connection::Transport;
+        match how {
+            Handshake::Pkix(min_tls) => {
+                let (stream, session) = self.handshake(tcp, host, *min_tls, timeout).await?;
+                Ok((Transport::Tls(Box::new(stream)), Session::Rustls(session)))
+            }
+            Handshake::Dane { min_tls, records } => {
+                let (stream, session) =
+                    (self.handshake_dane(tcp, host, *min_tls, records.clone(), timeout)).await?;
+                Ok((Transport::Tls(Box::new(stream)), Session::Rustls(session)))
+            }
+            #[cfg(feature = "legacy-tls")]
+            Handshake::Legacy => {
+                let (stream, session) = self.legacy_handshake(tcp, host, timeout).await?;
+                Ok((
+                    Transport::Legacy(Box::new(stream)),
+                    Session::Legacy(session),
+                ))
+            }
+            #[cfg(not(feature = "legacy-tls"))]
+            Handshake::Legacy => Err(NoTls::LegacyFailed(
+                "this build has no legacy TLS stack".into(),
+            )),
+        }
+    }
+
+    /// The PKIX handshake, on a connection where STARTTLS was just accepted.
+    async fn handshake(
         &self,
         tcp: TcpStream,
         host: &str,
@@ -200,7 +282,7 @@ impl TlsClient {
     /// The legacy stack's handshake (OpenSSL, TLS 1.0 to 1.3, legacy suites), for a host
     /// rustls could not talk to; the chain is verified for the log, never required.
     #[cfg(feature = "legacy-tls")]
-    pub async fn legacy_handshake(
+    async fn legacy_handshake(
         &self,
         tcp: TcpStream,
         host: &str,
@@ -290,10 +372,7 @@ fn shared_config(
     min_tls: MinTls,
     sessions: usize,
 ) -> anyhow::Result<Arc<rustls::ClientConfig>> {
-    let versions: &[&SupportedProtocolVersion] = match min_tls {
-        MinTls::Tls12 => &[&rustls::version::TLS13, &rustls::version::TLS12],
-        MinTls::Tls13 => &[&rustls::version::TLS13],
-    };
+    let versions = min_tls.versions();
     let verifier = Arc::new(ChainCheckedAfterwards {
         algorithms: provider.signature_verification_algorithms,
     });
@@ -428,7 +507,7 @@ impl TlsClient {
     /// checked by [`DaneVerifier`] alone; no PKIX, and no session resumed from any other
     /// configuration (the DANE configuration resumes none). A mismatch is
     /// [`NoTls::DaneMismatch`], with why.
-    pub async fn handshake_dane(
+    async fn handshake_dane(
         &self,
         tcp: TcpStream,
         host: &str,
@@ -437,11 +516,7 @@ impl TlsClient {
         timeout: Duration,
     ) -> Result<(TlsStream<TcpStream>, TlsSession), NoTls> {
         let verifier = Arc::new(DaneVerifier::new(records, self.provider.clone()));
-        let versions: &[&SupportedProtocolVersion] = match min_tls {
-            MinTls::Tls12 => &[&rustls::version::TLS13, &rustls::version::TLS12],
-            MinTls::Tls13 => &[&rustls::version::TLS13],
-        };
-        let config = DaneVerifier::client_config(verifier.clone(), versions)
+        let config = DaneVerifier::client_config(verifier.clone(), min_tls.versions())
             .map_err(|e| NoTls::HandshakeFailed(e.to_string()))?;
         let name = ServerName::try_from(host.to_string())
             .map_err(|_| NoTls::HandshakeFailed(format!("{host:?} is not a valid TLS name")))?;

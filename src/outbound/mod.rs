@@ -2,7 +2,9 @@
 //! for (what the one decision says, carried out and recorded), the connection pool, the
 //! credentials for smart hosts, and the remote dialogue of a transaction once it is open.
 
+pub mod attempt;
 pub mod credentials;
 pub mod delivery;
 pub mod pool;
+pub mod route;
 pub mod upstream;

@@ -19,7 +19,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::json;
 
 use crate::cache::Clock;
-use crate::net::connection::Connection;
+use crate::net::dialer::Dialer;
 use crate::net::dns::MxResolver;
 use crate::net::https::HttpsClient;
 use crate::outcome::{OutcomeClass, format_date};
@@ -495,6 +495,8 @@ pub struct TlsReports {
     resolver: Arc<MxResolver>,
     https: Arc<HttpsClient>,
     clock: Arc<dyn Clock>,
+    /// How the mailed reports' connections are made: as mail's are.
+    dialer: Dialer,
     timeouts: crate::settings::Timeouts,
     counts: Mutex<BTreeMap<(UtcDay, String), DomainDay>>,
 }
@@ -506,6 +508,7 @@ impl TlsReports {
         resolver: Arc<MxResolver>,
         https: Arc<HttpsClient>,
         clock: Arc<dyn Clock>,
+        dialer: Dialer,
         timeouts: crate::settings::Timeouts,
     ) -> anyhow::Result<TlsReports> {
         let from = config
@@ -531,6 +534,7 @@ impl TlsReports {
             resolver,
             https,
             clock,
+            dialer,
             timeouts,
             counts: Mutex::new(BTreeMap::new()),
         })
@@ -858,6 +862,7 @@ impl TlsReports {
             .ok_or("tls_rpt.mail_relay is not set: mailto: reports are not sent")?;
         let message = self.report_message(day, domain, to, file_name, gzip);
         submit(
+            &self.dialer,
             relay,
             &self.submitter,
             &self.from,
@@ -940,6 +945,7 @@ impl TlsReports {
 
 /// Hands one message to an SMTP server: EHLO, MAIL, RCPT, DATA, in plain.
 async fn submit(
+    dialer: &Dialer,
     relay: SocketAddr,
     hostname: &str,
     from: &str,
@@ -947,9 +953,8 @@ async fn submit(
     message: &str,
     timeouts: &crate::settings::Timeouts,
 ) -> Result<(), String> {
-    let mut conn = Connection::connect(&relay.to_string(), relay, timeouts.connect)
-        .await
-        .map_err(|e| e.to_string())?;
+    // Dialled as mail is: from the source address, with the socket mark.
+    let mut conn = (dialer.connect(&relay.to_string(), relay).await).map_err(|e| e.to_string())?;
     let result = async {
         let greeting = conn
             .read_reply(timeouts.greeting, "the greeting")

@@ -151,10 +151,101 @@ pub enum HostDecision {
     /// Deliver in plain, for this reason, on this path.
     Plain { reason: NoTls, path: Fallback },
     /// Not this server: TLS is required here and cannot be had. When no server takes the
-    /// message, the MTA gets `451 4.7.5` with this text.
-    Refuse(String),
+    /// message, the MTA gets `451 4.7.5` saying why.
+    Refuse(Refusal),
     /// Not this address for now: it could not be reached moments ago.
-    Skip(String),
+    Skip(Skip),
+}
+
+/// Why a server is refused: what required TLS (a published policy, or the rule), and why
+/// it cannot be had here.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Refusal {
+    /// The published policy that requires it; `None`: the rule.
+    pub under: Option<Binding>,
+    pub reason: RefusalReason,
+}
+
+/// A published policy that binds delivery to a server.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Binding {
+    MtaStsEnforce,
+    /// DANE with usable TLSA records.
+    Dane,
+    /// DANE with TLSA records of which none is usable: TLS required, unauthenticated.
+    DaneUnusable,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum RefusalReason {
+    /// No TLS here, for this reason, and nothing allows plain after it.
+    NoTls(NoTls),
+    /// The server is no MX host the domain's MTA-STS policy names.
+    NotInPolicy,
+    /// The TLSA answer (or a lookup that says whether DANE applies) was bogus,
+    /// indeterminate or could not be had: nothing may be sent now.
+    TlsaUnknown,
+    /// The server did TLS recently, and now fails it (with this class), under
+    /// `on_downgrade: defer`.
+    Downgrade(Option<OutcomeClass>),
+}
+
+impl Refusal {
+    fn by_rule(reason: NoTls) -> Refusal {
+        Refusal {
+            under: None,
+            reason: RefusalReason::NoTls(reason),
+        }
+    }
+
+    /// The outcome class behind the refusal, for counters and reports.
+    pub fn class(&self) -> Option<OutcomeClass> {
+        match &self.reason {
+            RefusalReason::NoTls(reason) => reason.class(),
+            RefusalReason::NotInPolicy => None,
+            RefusalReason::TlsaUnknown => Some(OutcomeClass::DnssecBogus),
+            RefusalReason::Downgrade(class) => *class,
+        }
+    }
+}
+
+impl fmt::Display for Refusal {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.under {
+            None => {}
+            Some(Binding::MtaStsEnforce) => f.write_str("MTA-STS enforce: ")?,
+            Some(Binding::Dane) => f.write_str("DANE: ")?,
+            Some(Binding::DaneUnusable) => f.write_str("DANE (no usable TLSA record): ")?,
+        }
+        match &self.reason {
+            RefusalReason::NoTls(reason) => reason.fmt(f),
+            RefusalReason::NotInPolicy => f.write_str("not an MX host of the policy"),
+            RefusalReason::TlsaUnknown => write!(
+                f,
+                "{}: the TLSA answer is bogus or could not be had",
+                OutcomeClass::DnssecBogus
+            ),
+            RefusalReason::Downgrade(class) => write!(
+                f,
+                "downgrade: did TLS before, now {}",
+                class.map_or("no TLS", OutcomeClass::name)
+            ),
+        }
+    }
+}
+
+/// Why an address is skipped: it could not be reached moments ago.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Skip {
+    /// `connect-failed` or `timeout`.
+    pub class: OutcomeClass,
+    pub detail: String,
+}
+
+impl fmt::Display for Skip {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{} (cached, retried after it expires)", self.detail)
+    }
 }
 
 impl HostDecision {
@@ -218,25 +309,43 @@ impl HostDecision {
 
 /// The one decision. Pure: it reads nothing but its arguments.
 pub fn decide(rule: &Rule, known: Known<'_>, published: Published) -> HostDecision {
-    if let Published::Dane(state) = published
-        && !overridden(rule, published)
-    {
-        return dane(rule, known, state);
+    if overridden(rule, published) {
+        // An overridden policy still binds this far: never the unauthenticated stack.
+        return under_rule(rule, known, false);
     }
-    if binding(published) && !overridden(rule, published) {
-        let Published::MtaSts { mx_listed, .. } = published else {
-            return HostDecision::Refuse("published policy not understood".into());
-        };
-        if !mx_listed {
-            return HostDecision::Refuse("MTA-STS enforce: not an MX host of the policy".into());
+    match published {
+        Published::Dane(state) => dane(rule, known, state),
+        Published::MtaSts {
+            mode: StsMode::Enforce,
+            mx_listed: false,
+        } => HostDecision::Refuse(Refusal {
+            under: Some(Binding::MtaStsEnforce),
+            reason: RefusalReason::NotInPolicy,
+        }),
+        Published::MtaSts {
+            mode: StsMode::Enforce,
+            mx_listed: true,
+        } => bound(
+            Binding::MtaStsEnforce,
+            under_rule(&enforced(rule), known, false),
+        ),
+        Published::MtaSts {
+            mode: StsMode::Testing,
+            ..
         }
-        return match under_rule(&enforced(rule), known, false) {
-            HostDecision::Refuse(why) => HostDecision::Refuse(format!("MTA-STS enforce: {why}")),
-            decision => decision,
-        };
+        | Published::Nothing => under_rule(rule, known, true),
     }
-    // An overridden policy still binds this far: never the unauthenticated stack.
-    under_rule(rule, known, !binding(published))
+}
+
+/// A refusal of the rule made strict by a published policy is that policy's.
+fn bound(binding: Binding, decision: HostDecision) -> HostDecision {
+    match decision {
+        HostDecision::Refuse(refusal) => HostDecision::Refuse(Refusal {
+            under: Some(binding),
+            ..refusal
+        }),
+        decision => decision,
+    }
 }
 
 /// DANE's decision (RFC 7672 2.2): TLS required whatever the rule, never plain, never the
@@ -245,10 +354,10 @@ pub fn decide(rule: &Rule, known: Known<'_>, published: Published) -> HostDecisi
 /// unreachable address is skipped.
 fn dane(rule: &Rule, known: Known<'_>, state: DaneState) -> HostDecision {
     if state == DaneState::Bogus {
-        return HostDecision::Refuse(format!(
-            "DANE: {}: the TLSA answer is bogus or could not be had",
-            OutcomeClass::DnssecBogus
-        ));
+        return HostDecision::Refuse(Refusal {
+            under: Some(Binding::Dane),
+            reason: RefusalReason::TlsaUnknown,
+        });
     }
     let mut strict = enforced(rule);
     if state == DaneState::Unusable {
@@ -260,12 +369,11 @@ fn dane(rule: &Rule, known: Known<'_>, state: DaneState) -> HostDecision {
         Known::Cached { .. } => Known::Nothing,
         found => found,
     };
-    let (label, authentication) = match state {
-        DaneState::Usable => ("DANE", Authentication::Tlsa),
-        _ => ("DANE (no usable TLSA record)", Authentication::UnusableTlsa),
+    let (binding, authentication) = match state {
+        DaneState::Usable => (Binding::Dane, Authentication::Tlsa),
+        _ => (Binding::DaneUnusable, Authentication::UnusableTlsa),
     };
-    match under_rule(&strict, known, false) {
-        HostDecision::Refuse(why) => HostDecision::Refuse(format!("{label}: {why}")),
+    match bound(binding, under_rule(&strict, known, false)) {
         HostDecision::Tls(terms) => HostDecision::Tls(TlsTerms {
             authentication,
             ..terms
@@ -394,10 +502,10 @@ fn cached(
     }
     let skip = match entry.class.meaning().when_cached {
         WhenCached::SkipAddress => {
-            return HostDecision::Skip(format!(
-                "{} (cached, retried after it expires)",
-                entry.detail
-            ));
+            return HostDecision::Skip(Skip {
+                class: entry.class,
+                detail: entry.detail.clone(),
+            });
         }
         WhenCached::TryTls => None,
         WhenCached::TryTlsUnlessPinned => entry.pinned.then_some(entry.class),
@@ -450,8 +558,10 @@ fn found(
         TlsOutcome::Plain(NoTls::NotWanted) => initial(rule, terms),
         TlsOutcome::Plain(reason) => {
             if downgrade && rule.on_downgrade == OnDowngrade::Defer {
-                let class = reason.class().map_or("no TLS", OutcomeClass::name);
-                return HostDecision::Refuse(format!("downgrade: did TLS before, now {class}"));
+                return HostDecision::Refuse(Refusal {
+                    under: None,
+                    reason: RefusalReason::Downgrade(reason.class()),
+                });
             }
             if legacy && legacy_may_help(reason) {
                 return HostDecision::LegacyTls;
@@ -469,7 +579,7 @@ fn without_tls(rule: &Rule, reason: NoTls) -> HostDecision {
             path: rule.fallback.clone(),
         }
     } else {
-        HostDecision::Refuse(reason.to_string())
+        HostDecision::Refuse(Refusal::by_rule(reason))
     }
 }
 
@@ -549,6 +659,14 @@ mod tests {
         rules.rules()[0].clone()
     }
 
+    /// The refusal's words, as a log line or a reply says them; panics on another decision.
+    fn refused(decision: &HostDecision) -> String {
+        match decision {
+            HostDecision::Refuse(refusal) => refusal.to_string(),
+            other => panic!("not a refusal: {other}"),
+        }
+    }
+
     const ADDR: IpAddr = IpAddr::V4(Ipv4Addr::new(192, 0, 2, 7));
 
     fn entry(class: OutcomeClass, pinned: bool) -> CacheEntry {
@@ -624,16 +742,21 @@ mod tests {
     fn a_cached_expired_certificate_under_verify_require_is_refused_without_a_handshake() {
         let rule = rule("rules:\n  - name: r\n    verify: require\n");
         let cached = entry(OutcomeClass::CertExpired, false);
+        let decision = decide(
+            &rule,
+            Known::cached(&cached, TlsMemory::Nothing),
+            Published::Nothing,
+        );
         assert_eq!(
-            decide(
-                &rule,
-                Known::cached(&cached, TlsMemory::Nothing),
-                Published::Nothing
-            ),
-            HostDecision::Refuse(
-                "cert-expired seen (cached: not tried again until the entry expires or is flushed)"
-                    .into()
-            )
+            decision,
+            HostDecision::Refuse(Refusal::by_rule(NoTls::Cached {
+                class: OutcomeClass::CertExpired,
+                detail: "cert-expired seen".into()
+            }))
+        );
+        assert_eq!(
+            refused(&decision),
+            "cert-expired seen (cached: not tried again until the entry expires or is flushed)"
         );
     }
 
@@ -787,7 +910,10 @@ mod tests {
         assert!(never.admits(&conn(&plain, pkix, None)));
         assert!(!never.admits(&conn(&plain, pkix, Some(&relay))));
         assert!(!never.admits(&conn(&verified, pkix, None)));
-        let refused = HostDecision::Refuse("no".into());
+        let refused = HostDecision::Refuse(Refusal {
+            under: None,
+            reason: RefusalReason::NotInPolicy,
+        });
         assert!(!refused.admits(&conn(&verified, pkix, None)));
     }
 
@@ -804,9 +930,17 @@ mod tests {
             HostDecision::Plain { .. }
         ));
         let strict = rule("rules:\n  - name: r\n    on_downgrade: defer\n");
+        let decision = decide(&strict, known, Published::Nothing);
         assert_eq!(
-            decide(&strict, known, Published::Nothing),
-            HostDecision::Refuse("downgrade: did TLS before, now no-starttls".into())
+            decision,
+            HostDecision::Refuse(Refusal {
+                under: None,
+                reason: RefusalReason::Downgrade(Some(OutcomeClass::NoStarttls))
+            })
+        );
+        assert_eq!(
+            refused(&decision),
+            "downgrade: did TLS before, now no-starttls"
         );
     }
 
@@ -896,7 +1030,8 @@ mod tests {
             };
             let decision = decide(&rule, found, ENFORCE);
             assert!(
-                matches!(&decision, HostDecision::Refuse(why) if why.starts_with("MTA-STS enforce: ")),
+                matches!(&decision, HostDecision::Refuse(r) if r.under == Some(Binding::MtaStsEnforce))
+                    && refused(&decision).starts_with("MTA-STS enforce: "),
                 "{decision}"
             );
             let expired = expired_session();
@@ -918,9 +1053,17 @@ mod tests {
             mode: StsMode::Enforce,
             mx_listed: false,
         };
+        let decision = decide(&rule, Known::Nothing, unlisted);
         assert_eq!(
-            decide(&rule, Known::Nothing, unlisted),
-            HostDecision::Refuse("MTA-STS enforce: not an MX host of the policy".into())
+            decision,
+            HostDecision::Refuse(Refusal {
+                under: Some(Binding::MtaStsEnforce),
+                reason: RefusalReason::NotInPolicy
+            })
+        );
+        assert_eq!(
+            refused(&decision),
+            "MTA-STS enforce: not an MX host of the policy"
         );
     }
 
@@ -1010,7 +1153,9 @@ mod tests {
                 for published in [usable, unusable] {
                     let decision = decide(&rule, found, published);
                     assert!(
-                        matches!(&decision, HostDecision::Refuse(why) if why.starts_with("DANE")),
+                        matches!(&decision, HostDecision::Refuse(r)
+                            if matches!(r.under, Some(Binding::Dane | Binding::DaneUnusable)))
+                            && refused(&decision).starts_with("DANE"),
                         "{yaml} {published:?}: {decision}"
                     );
                 }
@@ -1089,7 +1234,9 @@ mod tests {
                 Published::Dane(DaneState::Bogus),
             );
             assert!(
-                matches!(&decision, HostDecision::Refuse(why) if why.contains("dnssec-bogus")),
+                matches!(&decision, HostDecision::Refuse(r)
+                    if r.reason == RefusalReason::TlsaUnknown && r.class() == Some(OutcomeClass::DnssecBogus))
+                    && refused(&decision).contains("dnssec-bogus"),
                 "{decision}"
             );
         }

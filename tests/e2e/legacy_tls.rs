@@ -9,9 +9,9 @@ use std::time::Duration;
 
 use crate::support::pki::{CertKey, TestCa, Validity};
 use crate::support::smtp_server::{ServerBehaviour, SmtpServer, StartTls, TlsInfo};
-use tlsrouter::net::connection::{Connection, StartTlsResult};
-use tlsrouter::net::tls::TlsClient;
-use tlsrouter::net::tls::TlsConfig;
+use tlsrouter::net::connection::{Connection, PlainConnection, StartTls as Started};
+use tlsrouter::net::dialer::Dialer;
+use tlsrouter::net::tls::{Handshake, Session, TlsClient, TlsConfig};
 use tlsrouter::outcome::{CertProblem, LegacySession, NoTls, OutcomeClass, Verification};
 use tlsrouter::rules::MinTls;
 
@@ -38,10 +38,13 @@ async fn start(starttls: StartTls) -> SmtpServer {
 }
 
 /// Connects, reads the greeting, says EHLO; the server must offer STARTTLS.
-async fn greeted(server: &SmtpServer) -> Connection {
-    let mut conn = Connection::connect(MX, server.addr(), STEP)
-        .await
-        .expect("connect to the test server");
+async fn greeted(server: &SmtpServer) -> PlainConnection {
+    let dialer = Dialer {
+        timeout: STEP,
+        mark: None,
+        source: None,
+    };
+    let mut conn = (dialer.connect(MX, server.addr()).await).expect("connect to the test server");
     let greeting = conn
         .read_reply(STEP, "the greeting")
         .await
@@ -55,17 +58,18 @@ async fn greeted(server: &SmtpServer) -> Connection {
     conn
 }
 
-/// Greeting, EHLO, STARTTLS answered 220, then the legacy handshake.
+/// Greeting, EHLO, STARTTLS answered 220, then the legacy handshake: a connection that
+/// is secured (its type has no STARTTLS any more).
 async fn legacy_session(server: &SmtpServer, tls: &TlsClient) -> (Connection, LegacySession) {
-    let mut conn = greeted(server).await;
-    let go = conn
-        .exchange("STARTTLS", &[220], STEP, "the reply to STARTTLS")
-        .await
-        .expect("STARTTLS");
-    assert_eq!(go.code, 220, "{go:?}");
-    match conn.upgrade_legacy(tls, STEP).await {
-        Ok(secured) => secured,
-        Err(why) => panic!("the legacy stack could not reach the server: {why}"),
+    let conn = greeted(server).await;
+    match conn.starttls(tls, &Handshake::Legacy, STEP, STEP).await {
+        Started::Secured(conn, Session::Legacy(session)) => (conn, session),
+        Started::Secured(_, Session::Rustls(session)) => {
+            panic!("the legacy handshake made a rustls session: {session:?}")
+        }
+        Started::Lost(why) => panic!("the legacy stack could not reach the server: {why}"),
+        Started::Refused(_, why) => panic!("STARTTLS refused: {why}"),
+        Started::Closed(reply) => panic!("server closed: {reply}"),
     }
 }
 
@@ -118,7 +122,6 @@ async fn a_tls_10_only_server_gets_tls_10_from_the_legacy_stack_and_takes_a_mess
     assert_eq!(session.chain.first(), cert.chain.first());
     // A valid certificate for the MX name is recorded as such, for the log.
     assert_eq!(session.verification, Verification::Verified);
-    assert!(conn.is_tls());
 
     let seen = send_message(&mut conn, &server).await;
     let seen = seen.expect("the server received the message over TLS");
@@ -170,29 +173,30 @@ async fn a_handshake_the_server_breaks_off_fails_the_legacy_stack_too() {
     let ca = TestCa::new();
     let server = start(StartTls::AbortAfter220).await;
     let (tls, _dir) = tls_client(&ca);
-    let mut conn = greeted(&server).await;
-    let go = conn
-        .exchange("STARTTLS", &[220], STEP, "the reply to STARTTLS")
-        .await;
-    assert_eq!(go.expect("STARTTLS").code, 220);
-    match conn.upgrade_legacy(&tls, STEP).await {
-        Err(why @ NoTls::LegacyFailed(_)) => {
+    let conn = greeted(&server).await;
+    match conn.starttls(&tls, &Handshake::Legacy, STEP, STEP).await {
+        Started::Lost(why @ NoTls::LegacyFailed(_)) => {
             assert_eq!(why.class(), Some(OutcomeClass::HandshakeFailed));
             assert!(why.to_string().starts_with("legacy TLS"), "{why}");
         }
-        Err(other) => panic!("expected a legacy handshake failure, got {other:?}"),
-        Ok((_, session)) => panic!("no TLS server there, yet a session: {session:?}"),
+        Started::Lost(other) => panic!("expected a legacy handshake failure, got {other:?}"),
+        Started::Secured(_, session) => panic!("no TLS server there, yet a session: {session:?}"),
+        Started::Refused(_, why) => panic!("STARTTLS refused: {why}"),
+        Started::Closed(reply) => panic!("server closed: {reply}"),
     }
 }
 
 /// What the rustls path makes of a server.
 async fn rustls_attempt(server: &SmtpServer, tls: &TlsClient) -> NoTls {
     let conn = greeted(server).await;
-    match conn.starttls(tls, MinTls::Tls12, STEP, STEP).await {
-        StartTlsResult::Lost(why) => why,
-        StartTlsResult::Encrypted(_, session) => panic!("rustls got through: {session:?}"),
-        StartTlsResult::Refused(_, why) => panic!("STARTTLS refused: {why}"),
-        StartTlsResult::Closed(reply) => panic!("server closed: {reply}"),
+    match conn
+        .starttls(tls, &Handshake::Pkix(MinTls::Tls12), STEP, STEP)
+        .await
+    {
+        Started::Lost(why) => why,
+        Started::Secured(_, session) => panic!("rustls got through: {session:?}"),
+        Started::Refused(_, why) => panic!("STARTTLS refused: {why}"),
+        Started::Closed(reply) => panic!("server closed: {reply}"),
     }
 }
 

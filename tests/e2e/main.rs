@@ -13,6 +13,7 @@ mod cache;
 mod cached_cost;
 mod dane;
 mod delivery;
+mod dialing;
 mod downgrade;
 mod explain;
 mod fleet;

@@ -493,6 +493,11 @@ async fn report_lab(rua: &str, https_rua: bool, relay: Option<SocketAddr>) -> Re
         resolver(&lab.dns),
         https_client(&lab.dns, &lab.ca, &routes),
         lab.clock.clone(),
+        tlsrouter::net::dialer::Dialer {
+            timeout: Duration::from_secs(5),
+            mark: None,
+            source: None,
+        },
         crate::support::proxy::test_config(lab.dns.addr, std::path::Path::new("unused"), 25)
             .timeouts,
     )

@@ -913,3 +913,32 @@ async fn a_dane_domain_never_rides_on_an_unsigned_domains_plain_route_to_the_sam
     assert_eq!(plain.messages().len(), 1, "nothing more arrived");
     assert!(!plain.heard_of(dane), "the remote never heard of {dane}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_probe_from_tlsrouter_carries_the_socket_mark_as_its_mail_does() {
+    let ca = TestCa::new();
+    let netns = NetNs::create(HOSTS);
+    let cert = ca.leaf(&["mx.tls.test"], Validity::Current);
+    let tls_server = server(&netns, MX_TLS, ServerBehaviour::tls(cert)).await;
+    let lab = TransparentLab::start(netns, &ca, None).await;
+    // From now on only connections with tlsrouter's mark may leave for port 25.
+    for rule in [
+        "add table inet marked",
+        "add chain inet marked out { type filter hook output priority 0 ; policy accept ; }",
+        "add rule inet marked out tcp dport 25 meta mark != 0x2a reject",
+    ] {
+        let args: Vec<&str> = rule.split(' ').collect();
+        lab.netns.run("nft", &args, "load the mark-only rule");
+    }
+
+    let probe = lab.tlsrouter.ctl(&["probe", "tls.test"]).await;
+    let server_report = &probe["result"]["mx"][0]["servers"][0];
+    assert_eq!(server_report["class"], "tls-verified", "{probe}");
+    assert!(
+        server_report["banner"]
+            .as_str()
+            .is_some_and(|b| b.starts_with("220")),
+        "{probe}"
+    );
+    assert_eq!(tls_server.connections(), 1, "the probe reached the server");
+}

@@ -1,0 +1,958 @@
+//! One conversation with one server, start to end: connect (through the one dialer),
+//! greeting, EHLO, the one secure step the decision asks for (PKIX, DANE or the legacy
+//! stack), the decision again on what it found, what is remembered and reported of it,
+//! AUTH (smart hosts), MAIL FROM. [`crate::outbound::delivery`] only chooses the servers.
+//!
+//! A connection is a [`PlainConnection`] until the secure step; only that type can say
+//! STARTTLS, so no connection is secured twice.
+
+use std::net::SocketAddr;
+use std::sync::Mutex;
+
+use base64::Engine;
+use base64::engine::general_purpose::STANDARD as BASE64;
+
+use crate::cache::Observation;
+use crate::net::connection::{Connection, ExchangeError, PlainConnection, StartTls, Stream};
+use crate::net::dane::TlsaRecord;
+use crate::net::dns::ServerId;
+use crate::net::tls::Handshake;
+use crate::outbound::delivery::{Outbound, site};
+use crate::outbound::pool::{Idle, Lineage, PoolKey};
+use crate::outbound::upstream::FirstReply;
+use crate::outcome::{NoTls, OutcomeClass, TlsOutcome, TlsSession, Verification};
+use crate::policy::mta_sts::StsPolicy;
+use crate::policy::tlsrpt::{PolicyFacts, SessionResult};
+use crate::router::decision::{
+    Authentication, Connected, DaneState, HostDecision, Known, Published, Refusal, Skip, TlsTerms,
+    decide, is_fact_about_server, overridden,
+};
+use crate::rules::model::{AuthSpec, HostPort};
+use crate::rules::{Fallback, Route, Rule};
+use crate::smtp::{Capabilities, Mailbox, MissingExtension, RcptParams, Reply};
+
+/// One delivery attempt: the rule for this server, the route, the server, and what the
+/// decision said before connecting.
+pub(crate) struct Attempt<'a> {
+    pub rule: &'a Rule,
+    pub route: &'a Route,
+    pub server: &'a ServerId,
+    pub port: u16,
+    pub domain: &'a str,
+    pub decision: HostDecision,
+    /// What the domain publishes, as it bears on this server.
+    pub published: Published,
+    /// The domain's MTA-STS policy, for TLS-RPT.
+    pub policy: Option<&'a StsPolicy>,
+    /// A connection greeted before the transaction (transparent mode), not yet used.
+    pub greeted: &'a Mutex<Option<(PlainConnection, Capabilities)>>,
+    /// The recipient to pipeline with MAIL FROM, where the remote allows it.
+    pub first_recipient: Option<(&'a Mailbox, &'a RcptParams)>,
+    /// The server's usable TLSA records, when DANE applies.
+    pub tlsa: &'a [TlsaRecord],
+    /// All its TLSA records in presentation form, for TLS-RPT.
+    pub tlsa_records: &'a [String],
+}
+
+impl Attempt<'_> {
+    pub fn addr(&self) -> SocketAddr {
+        SocketAddr::new(self.server.addr, self.port)
+    }
+
+    /// The connection greeted in advance, if it goes to this attempt's server; it takes the
+    /// server's name, which its TLS handshake verifies.
+    fn take_greeted(&self) -> Option<(PlainConnection, Capabilities)> {
+        let mut slot = self.greeted.lock().ok()?;
+        if slot
+            .as_ref()
+            .is_none_or(|(conn, _)| conn.peer != self.addr())
+        {
+            return None;
+        }
+        let (mut conn, caps) = slot.take()?;
+        conn.host = self.server.name.clone();
+        Some((conn, caps))
+    }
+
+    /// How the TLS the decision asks for is had: with the host's TLSA records where DANE
+    /// applies, else with PKIX.
+    fn handshake(&self, terms: TlsTerms) -> Handshake {
+        let dane = self.published == Published::Dane(DaneState::Usable)
+            && !overridden(self.rule, self.published);
+        match dane {
+            true => Handshake::Dane {
+                min_tls: terms.min_tls,
+                records: self.tlsa.to_vec(),
+            },
+            false => Handshake::Pkix(terms.min_tls),
+        }
+    }
+}
+
+/// A connection on the path the decisions chose, greeted, secured as they asked (or plain
+/// for a reason), its EHLO read afresh after TLS.
+pub(crate) struct Reached {
+    pub conn: Connection,
+    pub caps: Capabilities,
+    pub tls: TlsOutcome,
+    /// The fallback relay the connection goes to instead of the server, if any.
+    pub relay: Option<HostPort>,
+    /// What judged the certificate of a rustls session.
+    pub authentication: Authentication,
+    /// The server did TLS recently and this attempt did not get it.
+    pub downgrade: bool,
+}
+
+/// Why one server did not take the transaction.
+#[derive(Debug)]
+pub enum AttemptFailure {
+    /// Not tried: it could not be reached moments ago.
+    Skipped(Skip),
+    /// No connection (remembered briefly, as `class`).
+    Unreachable {
+        class: OutcomeClass,
+        error: ExchangeError,
+    },
+    /// The dialogue broke before MAIL FROM was accepted: not a TLS fact about the server.
+    Broken(Broken),
+    /// TLS is required here (by the rule or what the domain publishes) and was not had.
+    Refused(Refusal),
+    /// The message needs an extension the server lacks; another server may have it.
+    Unsupported(MissingExtension),
+    /// The remote answered MAIL FROM with this; the MTA hears it.
+    Rejected(Reply),
+    /// Something on our side stops delivery for now, whatever server: the MTA hears this.
+    Deferred(Reply),
+}
+
+impl std::fmt::Display for AttemptFailure {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            AttemptFailure::Skipped(skip) => skip.fmt(f),
+            AttemptFailure::Unreachable { error, .. } => match error {
+                ExchangeError::Io(e) => write!(f, "connect failed: {e}"),
+                other => other.fmt(f),
+            },
+            AttemptFailure::Broken(broken) => broken.fmt(f),
+            AttemptFailure::Refused(refusal) => refusal.fmt(f),
+            AttemptFailure::Unsupported(missing) => missing.fmt(f),
+            AttemptFailure::Rejected(reply) | AttemptFailure::Deferred(reply) => reply.fmt(f),
+        }
+    }
+}
+
+/// Where a dialogue broke, and how.
+#[derive(Debug, thiserror::Error)]
+pub enum Broken {
+    #[error(transparent)]
+    Exchange(#[from] ExchangeError),
+    #[error("greeting: {0}")]
+    Greeting(Reply),
+    #[error("EHLO: {0}")]
+    Ehlo(Reply),
+    #[error("EHLO and HELO refused: {0}")]
+    EhloAndHelo(Reply),
+    /// The server ended the session at STARTTLS (421/221).
+    #[error("STARTTLS: {}", .0.one_line())]
+    Starttls(Reply),
+    /// The EHLO after a successful handshake failed: the server is in trouble, not its TLS.
+    #[error("after TLS: {0}")]
+    AfterTls(Box<Broken>),
+    #[error("MAIL FROM: {0}")]
+    MailFrom(Reply),
+    #[error("during AUTH: {0}")]
+    Auth(ExchangeError),
+    #[error("fallback relay {relay}: no address")]
+    RelayUnknown { relay: HostPort },
+    #[error("fallback relay {relay}: {why}")]
+    Relay {
+        relay: HostPort,
+        why: Box<AttemptFailure>,
+    },
+}
+
+impl From<Broken> for AttemptFailure {
+    fn from(broken: Broken) -> AttemptFailure {
+        AttemptFailure::Broken(broken)
+    }
+}
+
+/// A remote connected at accept for a transparent session: its greeting and EHLO reply
+/// are what the MTA is shown, and the connection serves the session's first transaction.
+pub struct Greeted {
+    pub(crate) conn: PlainConnection,
+    pub(crate) caps: Capabilities,
+    pub greeting: Reply,
+    pub ehlo: Reply,
+}
+
+impl Greeted {
+    /// Closes the connection politely, unused.
+    pub fn quit(self) {
+        tokio::spawn(self.conn.quit());
+    }
+}
+
+/// What connecting at accept gave.
+pub enum Greeting {
+    Greeted(Box<Greeted>),
+    /// The remote greeted with something else than 220: the MTA gets it as it is.
+    Refused(Reply),
+    /// No greeting and EHLO could be had: why.
+    Failed(AttemptFailure),
+}
+
+/// Whether the connection made at accept is to `addr`.
+pub(crate) fn is_connected(
+    greeted: &Mutex<Option<(PlainConnection, Capabilities)>>,
+    addr: SocketAddr,
+) -> bool {
+    (greeted.lock()).is_ok_and(|slot| slot.as_ref().is_some_and(|(conn, _)| conn.peer == addr))
+}
+
+/// What STARTTLS left of a connection, before the decision has seen it.
+enum Secured {
+    Tls(Connection, Capabilities, TlsOutcome),
+    /// No TLS, and the connection is still usable in plain (no STARTTLS, or refused).
+    Plain(PlainConnection, Capabilities, NoTls),
+    /// The connection is gone; a plain fallback needs a new one.
+    Lost(NoTls),
+}
+
+impl Secured {
+    fn outcome(&self) -> TlsOutcome {
+        match self {
+            Secured::Tls(_, _, outcome) => outcome.clone(),
+            Secured::Plain(_, _, reason) | Secured::Lost(reason) => {
+                TlsOutcome::Plain(reason.clone())
+            }
+        }
+    }
+
+    /// Closes what is still open.
+    fn close(self) {
+        match self {
+            Secured::Tls(conn, ..) => {
+                tokio::spawn(conn.quit());
+            }
+            Secured::Plain(conn, ..) => {
+                tokio::spawn(conn.quit());
+            }
+            Secured::Lost(_) => {}
+        }
+    }
+}
+
+impl Outbound {
+    /// Connects to `addr`, reads its greeting and says EHLO: a transparent session does
+    /// this at accept, so that the MTA sees the remote's own greeting and capabilities.
+    pub async fn greet_at_accept(&self, addr: SocketAddr) -> Greeting {
+        let server = ServerId::new(&addr.ip().to_string(), addr.ip());
+        let mut conn = match self.connect(&server, addr).await {
+            Ok(conn) => conn,
+            Err(failure) => return Greeting::Failed(failure),
+        };
+        let greeting = match conn
+            .read_reply(self.timeouts.greeting, "the greeting")
+            .await
+        {
+            Ok(greeting) => greeting,
+            Err(e) => return Greeting::Failed(Broken::Exchange(e).into()),
+        };
+        if greeting.code != 220 {
+            tokio::spawn(conn.quit());
+            return Greeting::Refused(greeting);
+        }
+        let command = format!("EHLO {}", self.hostname);
+        let ehlo = match (conn.command(&command, self.timeouts.command, "the reply to EHLO")).await
+        {
+            Ok(reply) if reply.is_positive() && !reply.closes_connection() => reply,
+            Ok(reply) => {
+                tokio::spawn(conn.quit());
+                return Greeting::Failed(Broken::Ehlo(reply).into());
+            }
+            Err(e) => return Greeting::Failed(Broken::Exchange(e).into()),
+        };
+        let caps = Capabilities::from_ehlo(&ehlo);
+        Greeting::Greeted(Box::new(Greeted {
+            conn,
+            caps,
+            greeting,
+            ehlo,
+        }))
+    }
+
+    /// Runs one attempt up to the remote's acceptance of MAIL FROM; `mail_from` writes the
+    /// command for the capabilities the remote announced, or says which one the message
+    /// needs and the remote lacks.
+    pub(crate) async fn attempt(
+        &self,
+        attempt: &Attempt<'_>,
+        mail_from: &(dyn Fn(&Capabilities) -> Result<String, MissingExtension> + Sync),
+    ) -> Result<(Reached, Option<FirstReply>), AttemptFailure> {
+        let mut reached = self.reach(attempt).await?;
+        if let Route::Smarthost {
+            auth: Some(auth), ..
+        } = attempt.route
+            && let Err(failure) = self.authenticate(&mut reached, attempt.server, auth).await
+        {
+            tokio::spawn(reached.conn.quit());
+            return Err(failure);
+        }
+        let command = match mail_from(&reached.caps) {
+            Ok(command) => command,
+            Err(missing) => {
+                tokio::spawn(reached.conn.quit());
+                return Err(AttemptFailure::Unsupported(missing));
+            }
+        };
+        let (conn, caps) = (&mut reached.conn, &reached.caps);
+        let (reply, first) = (self.mail_from(conn, caps, &command, attempt.first_recipient))
+            .await
+            .map_err(Broken::Exchange)?;
+        if reply.closes_connection() {
+            return Err(Broken::MailFrom(reply).into());
+        }
+        if !reply.is_positive() {
+            tokio::spawn(reached.conn.quit());
+            return Err(AttemptFailure::Rejected(reply));
+        }
+        Ok((reached, first))
+    }
+
+    /// MAIL FROM; to a remote that offers PIPELINING, with the first recipient in the same
+    /// write (RFC 2920), its reply read after MAIL FROM's and kept for the upstream.
+    async fn mail_from<T: Stream>(
+        &self,
+        conn: &mut Connection<T>,
+        caps: &Capabilities,
+        command: &str,
+        first: Option<(&Mailbox, &RcptParams)>,
+    ) -> Result<(Reply, Option<FirstReply>), ExchangeError> {
+        let timeout = self.timeouts.command;
+        let what = "the reply to MAIL FROM";
+        let Some((recipient, params)) = first.filter(|_| caps.pipelining) else {
+            let reply = conn.exchange(command, &[250], timeout, what).await?;
+            return Ok((reply, None));
+        };
+        let rcpt = format!("RCPT TO:<{recipient}>{}", params.to_wire(caps));
+        let commands = [
+            (command, &[250][..], what),
+            (rcpt.as_str(), &[250, 251][..], "the reply to RCPT TO"),
+        ];
+        let mut replies = conn.pipeline(&commands, timeout).await.into_iter();
+        let mail = replies.next().unwrap_or(Err(ExchangeError::Closed(what)))?;
+        if !mail.is_positive() || mail.closes_connection() {
+            return Ok((mail, None));
+        }
+        let rcpt_reply = replies
+            .next()
+            .unwrap_or(Err(ExchangeError::Closed("the reply to RCPT TO")));
+        Ok((mail, Some((recipient.clone(), rcpt_reply))))
+    }
+
+    /// A greeted connection on the path the decisions choose: encrypted, or plain for a
+    /// reason, to the server or through the rule's relay.
+    async fn reach(&self, attempt: &Attempt<'_>) -> Result<Reached, AttemptFailure> {
+        let terms = match &attempt.decision {
+            HostDecision::Tls(terms) => *terms,
+            HostDecision::Plain { reason, path } => {
+                let open = attempt.take_greeted();
+                return self.plain_path(path, open, attempt, reason.clone()).await;
+            }
+            HostDecision::LegacyTls => return self.legacy(attempt).await,
+            HostDecision::Refuse(refusal) => return Err(AttemptFailure::Refused(refusal.clone())),
+            HostDecision::Skip(skip) => return Err(AttemptFailure::Skipped(skip.clone())),
+        };
+        let handshake = attempt.handshake(terms);
+        if terms.implicit {
+            return self.implicit_tls(attempt, &handshake).await;
+        }
+        let (conn, caps) = match attempt.take_greeted() {
+            Some(greeted) => greeted,
+            None => self.greet(attempt.server, attempt.addr()).await?,
+        };
+        let authentication = match handshake {
+            Handshake::Dane { .. } => Authentication::Tlsa,
+            _ => Authentication::Pkix,
+        };
+        let secured = self.secure(&handshake, conn, caps).await?;
+        let (decision, downgrade) = self.judge(attempt, &secured.outcome(), true);
+        match (decision, secured) {
+            (HostDecision::Tls(_), Secured::Tls(conn, caps, tls)) => Ok(Reached {
+                conn,
+                caps,
+                tls,
+                relay: None,
+                authentication,
+                downgrade,
+            }),
+            (HostDecision::LegacyTls, secured) => {
+                // rustls could not talk to this server: a new connection for the legacy stack.
+                let class = secured.outcome().class();
+                secured.close();
+                tracing::info!(server = %attempt.server, "rustls failed ({}); trying the legacy TLS stack", class.map_or("", OutcomeClass::name));
+                self.legacy(attempt).await
+            }
+            (HostDecision::Plain { reason, path }, secured) => {
+                let open = match secured {
+                    Secured::Plain(conn, caps, _) => Some((conn, caps)),
+                    // The certificate failed a rule that allows plain after that.
+                    other => {
+                        other.close();
+                        None
+                    }
+                };
+                if open.is_none() {
+                    tracing::info!(server = %attempt.server, "TLS failed ({reason}); taking the plain path");
+                }
+                let plain = self.plain_path(&path, open, attempt, reason).await;
+                plain.map(|reached| Reached {
+                    downgrade,
+                    ..reached
+                })
+            }
+            (decision, secured) => {
+                secured.close();
+                Err(not_achieved(decision))
+            }
+        }
+    }
+
+    /// What the decision makes of what an attempt found, with the memory of TLS asked; a
+    /// fact about the server is remembered, and every outcome of `rustls` counted for the
+    /// domain's report. Also whether it was a downgrade.
+    fn judge(
+        &self,
+        attempt: &Attempt<'_>,
+        outcome: &TlsOutcome,
+        report: bool,
+    ) -> (HostDecision, bool) {
+        let fact = is_fact_about_server(attempt.rule, outcome);
+        let downgrade = fact && self.is_downgrade(attempt, outcome);
+        let found = Known::Found { outcome, downgrade };
+        let decision = decide(attempt.rule, found, attempt.published);
+        if fact {
+            self.remember(attempt, outcome, &decision);
+        }
+        if report {
+            self.report(attempt, outcome);
+        }
+        (decision, downgrade)
+    }
+
+    /// The legacy stack on a new connection: STARTTLS, the OpenSSL handshake, EHLO again;
+    /// then what the attempt found goes through the decision like any other.
+    async fn legacy(&self, attempt: &Attempt<'_>) -> Result<Reached, AttemptFailure> {
+        let (conn, caps) = self.greet(attempt.server, attempt.addr()).await?;
+        let secured = self.secure(&Handshake::Legacy, conn, caps).await?;
+        let outcome = secured.outcome();
+        let (decision, downgrade) = self.judge(attempt, &outcome, false);
+        match (decision, secured) {
+            (HostDecision::LegacyTls, Secured::Tls(conn, caps, tls)) => Ok(Reached {
+                conn,
+                caps,
+                tls,
+                relay: None,
+                authentication: Authentication::Pkix,
+                downgrade: false,
+            }),
+            (HostDecision::Plain { reason, path }, secured) => {
+                let open = match secured {
+                    Secured::Plain(conn, caps, _) => Some((conn, caps)),
+                    other => {
+                        other.close();
+                        None
+                    }
+                };
+                if open.is_none() {
+                    tracing::info!(server = %attempt.server, "legacy TLS failed ({reason}); taking the plain path");
+                }
+                let plain = self.plain_path(&path, open, attempt, reason).await;
+                plain.map(|reached| Reached {
+                    downgrade,
+                    ..reached
+                })
+            }
+            (decision, secured) => {
+                secured.close();
+                Err(not_achieved(decision))
+            }
+        }
+    }
+
+    /// Implicit TLS (port 465): the handshake comes before the greeting.
+    async fn implicit_tls(
+        &self,
+        attempt: &Attempt<'_>,
+        handshake: &Handshake,
+    ) -> Result<Reached, AttemptFailure> {
+        let conn = self.connect(attempt.server, attempt.addr()).await?;
+        let secured = conn.secure(&self.tls, handshake, self.timeouts.tls_handshake);
+        let (outcome, conn) = match secured.await {
+            Ok((conn, session)) => (TlsOutcome::from(session), Some(conn)),
+            Err(reason) => (TlsOutcome::Plain(reason), None),
+        };
+        let found = Known::Found {
+            outcome: &outcome,
+            downgrade: false,
+        };
+        match (decide(attempt.rule, found, attempt.published), conn) {
+            (HostDecision::Tls(_), Some(mut conn)) => {
+                self.read_greeting(&mut conn).await?;
+                let caps = self.ehlo(&mut conn).await?;
+                Ok(Reached {
+                    conn,
+                    caps,
+                    tls: outcome,
+                    relay: None,
+                    authentication: Authentication::Pkix,
+                    downgrade: false,
+                })
+            }
+            (decision, conn) => {
+                if let Some(conn) = conn {
+                    tokio::spawn(conn.quit());
+                }
+                Err(not_achieved(decision))
+            }
+        }
+    }
+
+    /// STARTTLS with the handshake `how` asks for, when the remote offers it, and a fresh
+    /// EHLO after. A server that ends the session at STARTTLS, or fails the EHLO after TLS,
+    /// is in trouble: not a TLS fact about it.
+    async fn secure(
+        &self,
+        how: &Handshake,
+        conn: PlainConnection,
+        caps: Capabilities,
+    ) -> Result<Secured, Broken> {
+        if !caps.starttls {
+            return Ok(Secured::Plain(conn, caps, NoTls::NoStarttls));
+        }
+        let t = &self.timeouts;
+        let clock = std::time::Instant::now();
+        let started = (conn.starttls(&self.tls, how, t.command, t.tls_handshake)).await;
+        self.stats.handshake_time(clock.elapsed().as_secs_f64());
+        let (mut conn, session) = match started {
+            StartTls::Secured(conn, session) => (conn, session),
+            StartTls::Refused(conn, reason) => return Ok(Secured::Plain(conn, caps, reason)),
+            StartTls::Lost(reason) => return Ok(Secured::Lost(reason)),
+            StartTls::Closed(reply) => return Err(Broken::Starttls(reply)),
+        };
+        // Nothing said before TLS counts after it: a fresh EHLO, fresh capabilities.
+        match self.ehlo(&mut conn).await {
+            Ok(caps) => Ok(Secured::Tls(conn, caps, session.into())),
+            Err(broken) => Err(Broken::AfterTls(Box::new(broken))),
+        }
+    }
+
+    /// A server that did TLS before and now does not may have it stripped on the way:
+    /// always a warning (the decision says whether it defers).
+    fn is_downgrade(&self, attempt: &Attempt<'_>, outcome: &TlsOutcome) -> bool {
+        let (TlsOutcome::Plain(reason), Some(class)) = (outcome, outcome.class()) else {
+            return false;
+        };
+        let server = attempt.server;
+        if !self.cache.is_downgrade(&server.name, server.addr, class) {
+            return false;
+        }
+        self.stats.downgrades.inc();
+        tracing::warn!(
+            server = %server,
+            rule = %attempt.rule.name,
+            downgrade = %class,
+            "downgrade: this host did TLS before and now fails it ({class}: {reason})"
+        );
+        true
+    }
+
+    /// Writes what the TLS attempt found to the cache. A session whose certificate failed
+    /// a rule that requires it is remembered as that failure, as the rule saw it.
+    fn remember(&self, attempt: &Attempt<'_>, outcome: &TlsOutcome, decision: &HostDecision) {
+        let refused_certificate = match (outcome, decision) {
+            (TlsOutcome::Encrypted(session), decision)
+                if !matches!(decision, HostDecision::Tls(_)) =>
+            {
+                match &session.verification {
+                    Verification::Failed(problem) => {
+                        Some(TlsOutcome::Plain(NoTls::CertRejected(problem.clone())))
+                    }
+                    Verification::Verified => None,
+                }
+            }
+            _ => None,
+        };
+        let outcome = refused_certificate.as_ref().unwrap_or(outcome);
+        if let Some(observation) = Observation::from_outcome(outcome) {
+            let server = attempt.server;
+            self.cache
+                .record(&server.name, server.addr, attempt.domain, observation);
+        }
+    }
+
+    /// Counts the attempt for the domain's TLS-RPT report under the policy that was
+    /// applied: DANE's TLSA records where DANE applies (before MTA-STS), else the MTA-STS
+    /// policy; nothing for a domain with neither.
+    fn report(&self, attempt: &Attempt<'_>, outcome: &TlsOutcome) {
+        let facts = match (attempt.published, attempt.policy) {
+            (Published::Dane(_), _) => {
+                PolicyFacts::tlsa(attempt.tlsa_records, &attempt.server.name)
+            }
+            (_, Some(policy)) => PolicyFacts::sts(policy),
+            (_, None) => return,
+        };
+        // An unverified session is judged by why its certificate failed.
+        let class = match outcome {
+            TlsOutcome::Encrypted(TlsSession {
+                verification: Verification::Failed(problem),
+                ..
+            }) => Some(problem.class()),
+            other => other.class(),
+        };
+        let result = match attempt.published {
+            // TLS was had, but none of the host's TLSA records could be used (RFC 8460
+            // 4.3.2.1): the policy itself is in error.
+            Published::Dane(DaneState::Unusable) if outcome.is_encrypted() => {
+                Some(SessionResult::tlsa_invalid())
+            }
+            _ => class.and_then(SessionResult::from_class),
+        };
+        if let Some(result) = result {
+            let site = site(attempt.server);
+            (self.tls_reports).record(attempt.domain, &facts, &result, &site);
+        }
+    }
+
+    /// The plain path: the same server (reusing `open` when there is one), or the relay.
+    async fn plain_path(
+        &self,
+        path: &Fallback,
+        open: Option<(PlainConnection, Capabilities)>,
+        attempt: &Attempt<'_>,
+        reason: NoTls,
+    ) -> Result<Reached, AttemptFailure> {
+        let plain = |(conn, caps): (PlainConnection, Capabilities), relay| Reached {
+            conn: conn.into_any(),
+            caps,
+            tls: TlsOutcome::Plain(reason.clone()),
+            relay,
+            authentication: Authentication::Pkix,
+            downgrade: false,
+        };
+        match path {
+            Fallback::Direct => match open {
+                Some(pair) => Ok(plain(pair, None)),
+                None => Ok(plain(
+                    self.greet(attempt.server, attempt.addr()).await?,
+                    None,
+                )),
+            },
+            Fallback::Relay(relay) => {
+                if let Some((conn, _)) = open {
+                    tokio::spawn(conn.quit());
+                }
+                let unknown = || Broken::RelayUnknown {
+                    relay: relay.clone(),
+                };
+                let ip = (self.addresses(&relay.host).await.ok())
+                    .and_then(|addrs| addrs.into_iter().next())
+                    .ok_or_else(unknown)?;
+                let relay_server = ServerId::new(&relay.host, ip);
+                // A failure of the relay is not a fact about the MX: never cached under it.
+                let pair = self
+                    .greet(&relay_server, SocketAddr::new(ip, relay.port))
+                    .await
+                    .map_err(|why| Broken::Relay {
+                        relay: relay.clone(),
+                        why: Box::new(why),
+                    })?;
+                Ok(plain(pair, Some(relay.clone())))
+            }
+        }
+    }
+
+    /// Connects, reads the greeting and says EHLO (HELO when EHLO is refused).
+    async fn greet(
+        &self,
+        server: &ServerId,
+        addr: SocketAddr,
+    ) -> Result<(PlainConnection, Capabilities), AttemptFailure> {
+        let mut conn = self.connect(server, addr).await?;
+        self.read_greeting(&mut conn).await?;
+        let caps = self.ehlo(&mut conn).await?;
+        Ok((conn, caps))
+    }
+
+    /// A connection through the dialer; what failed is the server's being unreachable.
+    async fn connect(
+        &self,
+        server: &ServerId,
+        addr: SocketAddr,
+    ) -> Result<PlainConnection, AttemptFailure> {
+        (self.dialer.connect(&server.name, addr).await).map_err(|error| {
+            let class = match error.is_timeout() {
+                true => OutcomeClass::Timeout,
+                false => OutcomeClass::ConnectFailed,
+            };
+            AttemptFailure::Unreachable { class, error }
+        })
+    }
+
+    /// The server's greeting, which must be a 220.
+    pub(crate) async fn read_greeting<T: Stream>(
+        &self,
+        conn: &mut Connection<T>,
+    ) -> Result<Reply, Broken> {
+        let greeting = (conn.read_reply(self.timeouts.greeting, "the greeting")).await?;
+        if greeting.code != 220 {
+            return Err(Broken::Greeting(greeting));
+        }
+        Ok(greeting)
+    }
+
+    /// EHLO, or HELO when EHLO is refused: what the server says it can do.
+    pub(crate) async fn ehlo<T: Stream>(
+        &self,
+        conn: &mut Connection<T>,
+    ) -> Result<Capabilities, Broken> {
+        let timeout = self.timeouts.command;
+        let ehlo = format!("EHLO {}", self.hostname);
+        let reply = conn.command(&ehlo, timeout, "the reply to EHLO").await?;
+        if reply.closes_connection() {
+            return Err(Broken::Ehlo(reply));
+        }
+        if reply.is_positive() {
+            return Ok(Capabilities::from_ehlo(&reply));
+        }
+        let helo = format!("HELO {}", self.hostname);
+        let reply = conn.command(&helo, timeout, "the reply to HELO").await?;
+        if reply.is_positive() && !reply.closes_connection() {
+            Ok(Capabilities::default())
+        } else {
+            Err(Broken::EhloAndHelo(reply))
+        }
+    }
+
+    /// AUTH PLAIN or LOGIN, over TLS only, with credentials read now (so they can rotate).
+    async fn authenticate(
+        &self,
+        reached: &mut Reached,
+        server: &ServerId,
+        auth: &AuthSpec,
+    ) -> Result<(), AttemptFailure> {
+        let defer =
+            |code: &str, text: String| AttemptFailure::Deferred(Reply::new(451, code, text));
+        let host = reached.conn.host.clone();
+        match &reached.tls {
+            // The legacy stack never authenticates the server: the password could go to
+            // anyone in the middle.
+            TlsOutcome::Legacy(_) => {
+                return Err(defer(
+                    "4.7.5",
+                    format!("{server}: no AUTH over unauthenticated legacy TLS"),
+                ));
+            }
+            TlsOutcome::Plain(_) => {
+                return Err(defer("4.7.5", format!("{host}: AUTH only over TLS")));
+            }
+            TlsOutcome::Encrypted(_) => {}
+        }
+        let (user, password) = crate::outbound::credentials::read(auth)
+            .map_err(|e| defer("4.3.5", format!("smarthost credentials: {e}")))?;
+        let timeout = self.timeouts.command;
+        let what = "the reply to AUTH";
+        let (conn, caps) = (&mut reached.conn, &reached.caps);
+        let exchange = if caps.auth.iter().any(|m| m == "PLAIN") {
+            let token = BASE64.encode(format!("\0{user}\0{password}"));
+            let line = format!("AUTH PLAIN {token}");
+            conn.command_secret(&line, "AUTH PLAIN ****", timeout, what)
+                .await
+        } else if caps.auth.iter().any(|m| m == "LOGIN") {
+            self.auth_login(conn, &user, &password).await
+        } else {
+            return Err(defer(
+                "4.7.0",
+                format!("{host} offers neither AUTH PLAIN nor LOGIN"),
+            ));
+        };
+        match exchange {
+            Ok(reply) if reply.code == 235 => Ok(()),
+            Ok(reply) => Err(defer("4.7.0", format!("{host} refused AUTH: {reply}"))),
+            Err(e) => Err(Broken::Auth(e).into()),
+        }
+    }
+
+    async fn auth_login(
+        &self,
+        conn: &mut Connection,
+        user: &str,
+        password: &str,
+    ) -> Result<Reply, ExchangeError> {
+        let timeout = self.timeouts.command;
+        let what = "the reply to AUTH LOGIN";
+        let reply = conn.command("AUTH LOGIN", timeout, what).await?;
+        if reply.code != 334 {
+            return Ok(reply);
+        }
+        let reply = conn
+            .command_secret(&BASE64.encode(user), "(username)", timeout, what)
+            .await?;
+        if reply.code != 334 {
+            return Ok(reply);
+        }
+        conn.command_secret(&BASE64.encode(password), "(password)", timeout, what)
+            .await
+    }
+
+    /// Where a connection this attempt made could be pooled: never one to a relay, one that
+    /// authenticated (its credentials are not part of the key), or a legacy-stack session.
+    pub(crate) fn pool_key(&self, attempt: &Attempt<'_>, reached: &Reached) -> Option<PoolKey> {
+        let authenticated = matches!(attempt.route, Route::Smarthost { auth: Some(_), .. });
+        // A DANE session is judged by its TLSA records, which the pool does not keep.
+        if !self.pool.config.enabled
+            || authenticated
+            || reached.relay.is_some()
+            || matches!(reached.tls, TlsOutcome::Legacy(_))
+            || matches!(attempt.published, Published::Dane(_))
+        {
+            return None;
+        }
+        Some(PoolKey {
+            addr: attempt.addr(),
+            name: attempt.server.name.clone(),
+            ehlo: self.hostname.clone(),
+        })
+    }
+
+    /// What a pooled connection's TLS is worth to this attempt: `Some` with the outcome to
+    /// deliver under (and whether it is a downgrade) when the decision, asked as if the
+    /// connection had just been made (the memory of TLS included), would have chosen it;
+    /// `None` when it has less (or other).
+    fn fitting(&self, attempt: &Attempt<'_>, pooled: &TlsOutcome) -> Option<(TlsOutcome, bool)> {
+        if matches!(attempt.decision, HostDecision::Tls(terms) if terms.implicit) {
+            return None;
+        }
+        let server = attempt.server;
+        let downgrade = (pooled.class())
+            .is_some_and(|class| self.cache.is_downgrade(&server.name, server.addr, class));
+        let found = Known::Found {
+            outcome: pooled,
+            downgrade,
+        };
+        let found = decide(attempt.rule, found, attempt.published);
+        let conn = Connected {
+            tls: pooled,
+            authentication: Authentication::Pkix,
+            relay: None,
+        };
+        let fits = match (&attempt.decision, pooled) {
+            // The server offered no STARTTLS moments ago: what a fresh EHLO would most
+            // likely find, and the decision says whether plain is allowed after it. Not from
+            // a host that did TLS recently: every message tries TLS with it again.
+            (HostDecision::Tls(_), TlsOutcome::Plain(NoTls::NoStarttls)) => {
+                !downgrade && found.admits(&conn)
+            }
+            (before, _) => before.admits(&conn) && found.admits(&conn),
+        };
+        if !fits {
+            return None;
+        }
+        // A plain connection is delivered under the decision's reason for plain.
+        let outcome = match (&attempt.decision, &found) {
+            _ if pooled.is_encrypted() => pooled.clone(),
+            (HostDecision::Plain { reason, .. }, _) | (_, HostDecision::Plain { reason, .. }) => {
+                TlsOutcome::Plain(reason.clone())
+            }
+            _ => pooled.clone(),
+        };
+        Some((outcome, downgrade))
+    }
+
+    /// A pooled connection for this attempt, up to the remote's acceptance of MAIL FROM.
+    /// One that turns out dead (or answers anything but 250) is closed and the next is
+    /// tried; `None` when none is left, and the attempt connects anew: nothing was
+    /// committed, so the MTA never hears of it.
+    pub(crate) async fn reuse(
+        &self,
+        attempt: &Attempt<'_>,
+        mail_from: &(dyn Fn(&Capabilities) -> Result<String, MissingExtension> + Sync),
+    ) -> Option<(Reached, Lineage, Option<FirstReply>)> {
+        if !self.pool.config.enabled
+            || matches!(attempt.route, Route::Smarthost { auth: Some(_), .. })
+            || matches!(attempt.published, Published::Dane(_))
+        {
+            return None;
+        }
+        let key = PoolKey {
+            addr: attempt.addr(),
+            name: attempt.server.name.clone(),
+            ehlo: self.hostname.clone(),
+        };
+        loop {
+            let fits = |idle: &Idle| {
+                self.fitting(attempt, &idle.tls).is_some() && mail_from(&idle.caps).is_ok()
+            };
+            let taken = self.pool.take(&key, fits);
+            self.stats.pool_idle.set(self.pool.len() as i64);
+            let mut idle = taken?;
+            let (tls, downgrade) = self.fitting(attempt, &idle.tls)?;
+            let command = mail_from(&idle.caps).ok()?;
+            let timeout = self.timeouts.command;
+            let conn = &mut idle.conn;
+            let mut ready = true;
+            if idle.needs_rset {
+                ready = matches!(
+                    conn.exchange("RSET", &[250], timeout, "the reply to RSET").await,
+                    Ok(reply) if reply.code == 250
+                );
+            }
+            if ready {
+                let accepted = self
+                    .mail_from(conn, &idle.caps, &command, attempt.first_recipient)
+                    .await;
+                let why = match accepted {
+                    Ok((reply, first)) if reply.code == 250 => {
+                        self.stats.pool_reuses.inc();
+                        let lineage = Lineage {
+                            opened: idle.lineage.opened,
+                            messages: idle.lineage.messages + 1,
+                            reused: true,
+                        };
+                        let reached = Reached {
+                            conn: idle.conn,
+                            caps: idle.caps,
+                            tls,
+                            relay: None,
+                            authentication: Authentication::Pkix,
+                            downgrade,
+                        };
+                        return Some((reached, lineage, first));
+                    }
+                    Ok((reply, _)) => reply.to_string(),
+                    Err(e) => e.to_string(),
+                };
+                tracing::debug!(server = %attempt.server, "pooled connection not usable ({why}); connecting anew");
+            }
+            self.stats.pool_dead.inc();
+            tokio::spawn(idle.conn.quit());
+        }
+    }
+}
+
+/// What a decision other than TLS, legacy TLS or plain means for the attempt.
+fn not_achieved(decision: HostDecision) -> AttemptFailure {
+    match decision {
+        HostDecision::Refuse(refusal) => AttemptFailure::Refused(refusal),
+        HostDecision::Skip(skip) => AttemptFailure::Skipped(skip),
+        // TLS, the legacy stack or plain where the connection had something else: the
+        // decision and the connection disagree, which a correct caller never sees.
+        other => AttemptFailure::Refused(Refusal {
+            under: None,
+            reason: crate::router::decision::RefusalReason::NoTls(NoTls::HandshakeFailed(format!(
+                "the connection is not what the decision asked: {other}"
+            ))),
+        }),
+    }
+}
