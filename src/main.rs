@@ -16,6 +16,7 @@ use tlsrouter::probe::ProbeTarget;
 use tlsrouter::router::decision::{Published, StsMode};
 use tlsrouter::router::explain::{Question, assumed_entry, explain};
 use tlsrouter::rules::RuleSet;
+use tlsrouter::settings::SetupError;
 
 /// EX_USAGE from sysexits.h: the configuration is wrong.
 const EXIT_CONFIG: u8 = 64;
@@ -263,7 +264,7 @@ fn main() -> ExitCode {
         Commands::Run { config, log_format } => run(config, log_format),
         // Everything `run` builds before it binds a socket, so what passes here starts.
         Commands::CheckConfig { file } => match Config::load(&file)
-            .map_err(anyhow::Error::from)
+            .map_err(SetupError::from)
             .and_then(Proxy::new)
         {
             Ok(proxy) => check_shared_cache(&proxy, &file),

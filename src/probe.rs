@@ -14,7 +14,7 @@ use std::sync::Arc;
 use crate::cache::Observation;
 use crate::certificate::Certificate;
 use crate::net::connection::{Connection, StartTls};
-use crate::net::dane::{DaneVerdict, DaneVerifier, TlsaRecord};
+use crate::net::dane::{DaneVerdict, DaneVerifier, NoMatch, TlsaRecord};
 use crate::net::dns::{Dnssec, MxHost, ServerId, TlsaAnswer, literal_address};
 use crate::net::tls::{Handshake, Session};
 use crate::outbound::delivery::Outbound;
@@ -273,16 +273,16 @@ fn dane_verdict(
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let verifier = DaneVerifier::new(records.to_vec(), provider);
     let Some((end_entity, intermediates)) = chain.split_first() else {
-        return DaneVerdict::NoMatch("the server sent no certificate".into());
+        return DaneVerdict::NoMatch(NoMatch::NoCertificate);
     };
     let Ok(name) = rustls::pki_types::ServerName::try_from(host.to_string()) else {
-        return DaneVerdict::NoMatch(format!("{host:?} is not a valid TLS name"));
+        return DaneVerdict::NoMatch(NoMatch::BadName(host.to_string()));
     };
     let now = rustls::pki_types::UnixTime::now();
     let _ = verifier.verify_server_cert(end_entity, intermediates, &name, &[], now);
     verifier
         .verdict()
-        .unwrap_or_else(|| DaneVerdict::NoMatch("not checked".into()))
+        .unwrap_or(DaneVerdict::NoMatch(NoMatch::NotChecked))
 }
 
 fn policy_report(lookup: &PolicyLookup) -> PolicyReport {
@@ -367,9 +367,7 @@ async fn probe_host(
         } else {
             None
         };
-    let dane = tlsa
-        .as_ref()
-        .and_then(crate::outbound::route::dane_published);
+    let dane = tlsa.as_ref().and_then(crate::outbound::hop::dane_published);
     let usable = match &tlsa {
         Some(TlsaAnswer::Records { usable, .. }) => usable.clone(),
         _ => Vec::new(),
@@ -392,7 +390,7 @@ async fn probe_host(
         let fleet = fleet_view(outbound, &id.name, ip).await;
         let server = probe_server(outbound, &id, port, target.no_tls).await;
         let mut server = server;
-        let published = dane.unwrap_or_else(|| crate::outbound::route::published(policy, &id.name));
+        let published = dane.unwrap_or_else(|| crate::outbound::hop::published(policy, &id.name));
         // Where delivery would turn to the legacy stack, so does the probe, and what that
         // stack found replaces what rustls found.
         if !target.no_tls {
@@ -435,7 +433,9 @@ async fn probe_host(
                     verification: Verification::Verified,
                     ..session.clone()
                 }),
-                DaneVerdict::NoMatch(why) => TlsOutcome::Plain(NoTls::DaneMismatch(why)),
+                DaneVerdict::NoMatch(why) => {
+                    TlsOutcome::Plain(NoTls::DaneMismatch(why.to_string()))
+                }
             });
         }
         server.decision = decision_for(

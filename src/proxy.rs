@@ -2,7 +2,7 @@
 
 use std::sync::Arc;
 
-use crate::cache::shared::SharedCache;
+use crate::cache::shared::{SharedCache, SharedCacheError};
 use crate::cache::{OutcomeCache, SystemClock};
 use crate::config::Config;
 use crate::net::dns::MxResolver;
@@ -14,6 +14,7 @@ use crate::policy::tlsrpt::{TlsReports, counts_file};
 use crate::router::Router;
 use crate::rules::RuleSet;
 use crate::sessions::{Drain, Registry};
+use crate::settings::SetupError;
 use crate::stats::Stats;
 
 pub struct Proxy {
@@ -44,7 +45,7 @@ pub struct Proxy {
 
 impl Proxy {
     /// Builds everything the configuration names; fails before any socket is bound.
-    pub fn new(config: Config) -> anyhow::Result<Arc<Proxy>> {
+    pub fn new(config: Config) -> Result<Arc<Proxy>, SetupError> {
         #[cfg(unix)]
         config.admin.group_id()?;
         // One resolver, so delivery and policy lookups share hickory's cache.
@@ -54,7 +55,7 @@ impl Proxy {
         )?);
         let mut tls = TlsClient::new(&config.tls)?;
         if let Some(mark) = config.delivery.socket_mark {
-            crate::net::socket_mark::check(mark)?;
+            crate::net::socket_mark::check(mark).map_err(|e| SetupError::Named(e.into()))?;
         }
         let server_tls = Arc::new(crate::server_tls::ServerTls::load(
             config.inbound.tls.as_ref(),
@@ -78,14 +79,17 @@ impl Proxy {
             if let Some(path) = &config.cache.redis.password_file {
                 crate::outbound::credentials::warn_if_readable_by_others(path);
             }
-            cache.attach(Arc::new(SharedCache::new(
-                &config.cache.redis,
-                roots,
-                &config.hostname.0,
-                config.delivery.source_address,
-                &config.cache.ttl,
-                stats.clone(),
-            )?));
+            cache.attach(Arc::new(
+                SharedCache::new(
+                    &config.cache.redis,
+                    roots,
+                    &config.hostname.0,
+                    config.delivery.source_address,
+                    &config.cache.ttl,
+                    stats.clone(),
+                )
+                .map_err(|e| SetupError::Named(e.into()))?,
+            ));
         }
         if let Some(path) = &config.cache.file {
             // A cache that cannot be read costs a few handshakes, never the start.
@@ -129,6 +133,7 @@ impl Proxy {
             stats: stats.clone(),
             tls_reports: tls_reports.clone(),
             pool: crate::outbound::pool::Pool::new(config.delivery.pool.clone()),
+            policies: policies.clone(),
         };
         // The semaphore's own bound, and one drain can take back at once.
         let session_slots_max = (config.limits.max_sessions)
@@ -241,7 +246,7 @@ impl Proxy {
     /// Connects the fleet's shared cache, when the configuration has one, and starts its
     /// tasks. A Redis that is away is no error (the relay goes on with its own cache and
     /// keeps trying); one that refuses the credentials is.
-    pub async fn start_shared_cache(&self) -> anyhow::Result<()> {
+    pub async fn start_shared_cache(&self) -> Result<(), SharedCacheError> {
         if let Some(shared) = self.outbound.cache.shared() {
             shared.start(self.outbound.cache.clone()).await?;
         }
@@ -260,18 +265,21 @@ impl Proxy {
 }
 
 /// The MTA-STS policy store and the TLS-RPT reports, sharing one HTTPS client that trusts
-/// what delivery trusts.
+/// what delivery trusts and dials as delivery does.
 fn policy_parts(
     config: &Config,
     resolver: Arc<MxResolver>,
     stats: Arc<Stats>,
-) -> anyhow::Result<(Arc<PolicyStore>, Arc<TlsReports>)> {
+) -> Result<(Arc<PolicyStore>, Arc<TlsReports>), SetupError> {
     let sts = &config.mta_sts;
     let https = Arc::new(HttpsClient::new(
         trusted_roots(&config.tls)?,
         resolver.clone(),
         sts.connect_to.clone(),
-        sts.connect_timeout,
+        crate::net::dialer::Dialer {
+            timeout: sts.connect_timeout,
+            ..dialer(config)
+        },
         sts.fetch_timeout,
     )?);
     let clock = Arc::new(SystemClock);

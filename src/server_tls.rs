@@ -17,6 +17,8 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 use tokio_rustls::TlsAcceptor;
 
+use crate::settings::{Problem, SetupError};
+
 /// `inbound.tls`: the certificate chain and key offered to the MTA, PEM files.
 #[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -32,7 +34,7 @@ pub struct ServerTls {
 }
 
 impl ServerTls {
-    pub fn load(files: Option<&InboundTlsConfig>) -> anyhow::Result<ServerTls> {
+    pub fn load(files: Option<&InboundTlsConfig>) -> Result<ServerTls, SetupError> {
         let acceptor = files.map(acceptor).transpose()?;
         Ok(ServerTls {
             files: files.cloned(),
@@ -98,31 +100,28 @@ fn stamp(path: &Path) -> Option<SystemTime> {
     std::fs::metadata(path).and_then(|m| m.modified()).ok()
 }
 
-fn acceptor(files: &InboundTlsConfig) -> anyhow::Result<TlsAcceptor> {
+fn acceptor(files: &InboundTlsConfig) -> Result<TlsAcceptor, SetupError> {
     let (cert_path, key_path) = (&files.certificate, &files.key);
+    let bad_cert = |e: Problem| SetupError::file("inbound.tls.certificate", cert_path, e);
     let certs = CertificateDer::pem_file_iter(cert_path)
         .and_then(|iter| iter.collect::<Result<Vec<_>, _>>())
-        .map_err(|e| anyhow::anyhow!("inbound.tls.certificate {}: {e}", cert_path.display()))?;
+        .map_err(|e| bad_cert(e.into()))?;
     if certs.is_empty() {
-        anyhow::bail!(
-            "inbound.tls.certificate {}: no certificate in it",
-            cert_path.display()
-        );
+        return Err(bad_cert("no certificate in it".into()));
     }
     let key = PrivateKeyDer::from_pem_file(key_path)
-        .map_err(|e| anyhow::anyhow!("inbound.tls.key {}: {e}", key_path.display()))?;
+        .map_err(|e| SetupError::file("inbound.tls.key", key_path, e))?;
     let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let pair = || {
+        let (cert, key) = (cert_path.display(), key_path.display());
+        format!("inbound.tls: {cert} and {key}")
+    };
     let config = rustls::ServerConfig::builder_with_provider(provider)
-        .with_safe_default_protocol_versions()?
+        .with_safe_default_protocol_versions()
+        .map_err(|e| SetupError::setting(pair(), e))?
         .with_no_client_auth()
         .with_single_cert(certs, key)
-        .map_err(|e| {
-            anyhow::anyhow!(
-                "inbound.tls: {} and {}: {e}",
-                cert_path.display(),
-                key_path.display()
-            )
-        })?;
+        .map_err(|e| SetupError::setting(pair(), e))?;
     Ok(TlsAcceptor::from(Arc::new(config)))
 }
 

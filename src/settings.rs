@@ -1,6 +1,7 @@
 //! The values configuration sections share, kept apart from the assembled
 //! [`crate::config::Config`] so that the modules whose sections it assembles can use them:
-//! durations, timeouts, and errors that name file, line and column.
+//! durations, timeouts, errors that name file, line and column, and the one error of the
+//! start-up that names the setting at fault.
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -145,5 +146,41 @@ pub fn yaml_error(path: &Path, error: &serde_saphyr::Error) -> ConfigError {
         line,
         column,
         message,
+    }
+}
+
+/// Why the daemon cannot start with these settings: the configuration's text, or a setting
+/// whose value cannot be used (a file, a group, an address), named with what it names.
+#[derive(Debug, thiserror::Error)]
+pub enum SetupError {
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    /// The problem is part of the message, not a `source()`: printed as a chain it would
+    /// otherwise appear twice.
+    #[error("{setting}: {problem}")]
+    Setting {
+        /// `tls.ca_file /etc/ssl/ours.pem`, `admin.group`...
+        setting: String,
+        problem: Problem,
+    },
+    /// An error that names its setting itself (`cache.redis: ...`).
+    #[error(transparent)]
+    Named(Problem),
+}
+
+/// What is wrong with a setting's value.
+pub type Problem = Box<dyn std::error::Error + Send + Sync>;
+
+impl SetupError {
+    pub fn setting(setting: impl Into<String>, problem: impl Into<Problem>) -> SetupError {
+        SetupError::Setting {
+            setting: setting.into(),
+            problem: problem.into(),
+        }
+    }
+
+    /// A problem with the file `path` that `setting` names.
+    pub fn file(setting: &str, path: &Path, problem: impl Into<Problem>) -> SetupError {
+        SetupError::setting(format!("{setting} {}", path.display()), problem)
     }
 }

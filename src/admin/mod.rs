@@ -9,11 +9,12 @@ pub mod server;
 use std::sync::Arc;
 
 use crate::proxy::Proxy;
+use crate::settings::SetupError;
 
 /// Opens the admin socket and the metrics endpoint the configuration asks for, and
 /// serves them in the background. A file in the way of the socket is an error; a socket
 /// directory that cannot be created only turns the admin socket off, with a warning.
-pub async fn start(proxy: &Arc<Proxy>) -> anyhow::Result<()> {
+pub async fn start(proxy: &Arc<Proxy>) -> Result<(), SetupError> {
     #[cfg(unix)]
     if let Some(path) = &proxy.config.admin.socket {
         let group = proxy.config.admin.group_id()?;
@@ -24,7 +25,7 @@ pub async fn start(proxy: &Arc<Proxy>) -> anyhow::Result<()> {
                 tokio::spawn(server::serve(proxy.clone(), listener));
             }
             Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
-                anyhow::bail!("admin.socket: {e}")
+                return Err(SetupError::setting("admin.socket", e));
             }
             Err(e) => tracing::warn!("admin socket {} not opened: {e}", path.display()),
         }
@@ -35,7 +36,7 @@ pub async fn start(proxy: &Arc<Proxy>) -> anyhow::Result<()> {
         }
         let listener = tokio::net::TcpListener::bind(listen)
             .await
-            .map_err(|e| anyhow::anyhow!("metrics.listen {listen}: {e}"))?;
+            .map_err(|e| SetupError::setting(format!("metrics.listen {listen}"), e))?;
         tracing::info!("metrics on http://{listen}/metrics");
         tokio::spawn(metrics::serve(proxy.clone(), listener));
     }

@@ -132,7 +132,7 @@ pub async fn handle(proxy: &Proxy, request: Request) -> Response {
             // The domain's policy as this daemon holds it now.
             let policy = proxy.policies.cached(&domain);
             let host = crate::net::dns::bare_name(mx.as_deref().unwrap_or(""));
-            let published = crate::outbound::route::published(policy.as_deref(), &host);
+            let published = crate::outbound::hop::published(policy.as_deref(), &host);
             // DANE comes first, as the daemon would find it for that MX host now.
             let published = match &mx {
                 Some(_) => proxy.outbound.dane_policy(&domain, &host).await,

@@ -13,6 +13,7 @@ pub use crate::settings::{ConfigError, Timeouts, duration, yaml_error};
 use crate::net::dns::ResolverConfig;
 use crate::net::tls::TlsConfig;
 use crate::outbound::delivery::DeliveryConfig;
+use crate::settings::SetupError;
 
 #[derive(Clone, Debug, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -151,14 +152,15 @@ impl Default for AdminConfig {
 impl AdminConfig {
     /// The socket's group as a number, from a number or a name in /etc/group.
     #[cfg(unix)]
-    pub fn group_id(&self) -> anyhow::Result<Option<u32>> {
+    pub fn group_id(&self) -> Result<Option<u32>, SetupError> {
         let Some(group) = &self.group else {
             return Ok(None);
         };
         if let Ok(gid) = group.parse() {
             return Ok(Some(gid));
         }
-        let groups = std::fs::read_to_string("/etc/group")?;
+        let groups = std::fs::read_to_string("/etc/group")
+            .map_err(|e| SetupError::setting("admin.group: /etc/group", e))?;
         groups
             .lines()
             .filter_map(|line| {
@@ -168,7 +170,7 @@ impl AdminConfig {
                 Some((name, gid))
             })
             .find_map(|(name, gid)| (name == group).then_some(Some(gid)))
-            .ok_or_else(|| anyhow::anyhow!("admin.group: no group {group:?}"))
+            .ok_or_else(|| SetupError::setting("admin.group", format!("no group {group:?}")))
     }
 }
 

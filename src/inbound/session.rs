@@ -10,12 +10,11 @@ use tokio::io::{AsyncBufReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
 use crate::inbound::reader::SessionReader;
-use crate::net::dns::RouteError;
-use crate::outbound::attempt::{Greeted, Greeting};
-use crate::outbound::delivery::{NextHop, OpenError};
+use crate::net::connection::ExchangeError;
+use crate::outbound::attempt::{Envelope, Greeting};
+use crate::outbound::route::{OpenRoute, Redirect};
 use crate::outbound::upstream::{Answer, RemoteFacts, Upstream};
 use crate::outcome::{TlsOutcome, Verification};
-use crate::policy::mta_sts::PolicyLookup;
 use crate::proxy::Proxy;
 use crate::router::Plan;
 use crate::rules::RuleSet;
@@ -41,9 +40,7 @@ pub struct Session {
     line: Vec<u8>,
     stage: Stage,
     /// Where the MTA was connecting when it was redirected to us (transparent mode).
-    original_destination: Option<SocketAddr>,
-    /// That remote, connected at accept, until the first transaction takes it.
-    greeted: Option<Box<Greeted>>,
+    redirect: Option<Redirect>,
     /// That remote's EHLO reply, from which ours is built.
     remote_ehlo: Option<Reply>,
 }
@@ -81,7 +78,7 @@ enum Remote {
     /// No recipient has reached a remote yet.
     None,
     /// Set by the first recipient that reached a remote.
-    Open(Box<Route>),
+    Open(Box<OpenRoute>),
     /// The remote was lost, or ended the transaction: every later recipient and the DATA
     /// get `reply`. `facts` says where it had gone, for the log line.
     Lost {
@@ -100,37 +97,25 @@ impl Remote {
     }
 }
 
-struct Route {
-    domain: String,
-    key: RouteKey,
-    plan: Plan,
-    upstream: Upstream,
-}
-
-/// Two recipients share a transaction only when they share the rules and the next hop.
-#[derive(PartialEq, Eq)]
-struct RouteKey {
-    rules: Vec<String>,
-    hop: Vec<String>,
-}
-
-impl RouteKey {
-    fn new(plan: &Plan, hop: &NextHop) -> RouteKey {
-        RouteKey {
-            rules: plan.rule_names().into_iter().map(String::from).collect(),
-            hop: hop.key(),
-        }
-    }
-}
-
 /// How the body transfer ended.
 enum BodyEnd {
     /// The whole text was read; its last bytes, not yet sent, go with the final dot.
     Complete(Vec<u8>),
     Refused(BodyError),
     /// The remote failed while we were still reading the body.
-    UpstreamFailed(String),
-    ClientGone(String),
+    UpstreamFailed(ExchangeError),
+    ClientGone(ClientGone),
+}
+
+/// Why the MTA's message text did not come to its end.
+#[derive(Debug, thiserror::Error)]
+enum ClientGone {
+    #[error("timed out waiting for the message text")]
+    TimedOut,
+    #[error("{0}")]
+    Failed(std::io::Error),
+    #[error("connection closed")]
+    Closed,
 }
 
 /// What to do after a command.
@@ -186,8 +171,7 @@ impl Session {
             client,
             line: Vec::with_capacity(512),
             stage: Stage::Greeted,
-            original_destination: None,
-            greeted: None,
+            redirect: None,
             remote_ehlo: None,
         }
     }
@@ -195,7 +179,7 @@ impl Session {
     /// Our greeting; in transparent mode the remote's own, once it is connected. `None`
     /// when the session is over: the remote refused it or could not be had.
     async fn greeting(&mut self) -> Option<Reply> {
-        let Some(destination) = self.original_destination else {
+        let Some(destination) = self.redirect.as_ref().map(|r| r.destination) else {
             let greeting = format!("{} ESMTP tlsrouter", self.proxy.config.hostname.0);
             return Some(Reply::multiline(220, vec![greeting]));
         };
@@ -203,7 +187,9 @@ impl Session {
             Greeting::Greeted(greeted) => {
                 let greeting = greeted.greeting.clone();
                 self.remote_ehlo = Some(greeted.ehlo.clone());
-                self.greeted = Some(greeted);
+                if let Some(redirect) = &mut self.redirect {
+                    redirect.greeted = Some(greeted);
+                }
                 Some(greeting)
             }
             Greeting::Refused(reply) => {
@@ -246,25 +232,12 @@ impl Session {
 
     /// A session of a transparent listener: every transaction goes to `destination`.
     pub fn redirected_to(mut self, destination: SocketAddr) -> Session {
-        self.original_destination = Some(destination);
+        self.redirect = Some(Redirect {
+            destination,
+            greeted: None,
+        });
         self.registered.set_original_destination(destination);
         self
-    }
-
-    /// The next hop for `domain`: the original destination in transparent mode, else
-    /// what the plan and DNS say.
-    async fn next_hop(&self, plan: &Plan, domain: &str) -> Result<NextHop, Reply> {
-        let outbound = &self.proxy.outbound;
-        let hop = match self.original_destination {
-            Some(addr) => Box::pin(outbound.original_destination_hop(plan, domain, addr)).await,
-            None => Box::pin(outbound.next_hop(plan, domain)).await,
-        };
-        hop.map_err(|e| {
-            if let RouteError::DaneUnknown { .. } = e {
-                tracing::warn!(client = %self.client, domain, "not delivered: {e}");
-            }
-            e.reply()
-        })
     }
 
     pub async fn run(mut self) {
@@ -320,7 +293,7 @@ impl Session {
             }
         }
         self.end_transaction(End::SessionClosed).await;
-        if let Some(greeted) = self.greeted.take() {
+        if let Some(greeted) = self.redirect.as_mut().and_then(|r| r.greeted.take()) {
             greeted.quit();
         }
         tracing::debug!(client = %self.client, "session closed");
@@ -555,7 +528,7 @@ impl Session {
         }
         let sender_domain = (tx.sender.as_ref()).map(|s| s.routing_domain().to_string());
         let plan = Plan::new(tx.rules.clone(), &domain, sender_domain.as_deref());
-        if let Err(reply) = self.ensure_route(&domain, plan, (&recipient, params)).await {
+        if let Err(reply) = self.ensure_route(plan, (&recipient, params)).await {
             if let Stage::Mail(tx) = &mut self.stage {
                 tx.failed_domains.insert(domain, reply.clone());
             }
@@ -578,124 +551,45 @@ impl Session {
         }
     }
 
-    /// Makes sure the transaction has a remote for this recipient's domain: opens one for the
-    /// first recipient, and checks that later ones share it.
+    /// Makes sure the transaction has a remote for this recipient's domain: the first
+    /// recipient opens one, and later ones must be able to ride on it.
     async fn ensure_route(
         &mut self,
-        domain: &str,
         plan: Plan,
-        (first, first_params): (&Mailbox, &RcptParams),
+        (recipient, params): (&Mailbox, &RcptParams),
     ) -> Result<(), Reply> {
         let proxy = self.proxy.clone();
         let Stage::Mail(tx) = &mut self.stage else {
             return Err(Reply::new(503, "5.5.1", "MAIL first"));
         };
-        if let Remote::Open(route) = &tx.remote {
-            if route.domain == domain && route.plan == plan {
-                return Ok(());
+        let domain = recipient.routing_domain();
+        let routed = match &tx.remote {
+            Remote::Open(route) => {
+                let destination = self.redirect.as_ref().map(|r| r.destination);
+                Box::pin(proxy.outbound.join_route(route, &plan, domain, destination)).await
             }
-            let hop = self.next_hop(&plan, domain).await?;
-            let Stage::Mail(tx) = &self.stage else {
-                return Err(Reply::new(503, "5.5.1", "MAIL first"));
-            };
-            let Remote::Open(route) = &tx.remote else {
-                return Err(Reply::new(503, "5.5.1", "MAIL first"));
-            };
-            if RouteKey::new(&plan, &hop) != route.key {
-                return Err(Reply::new(
-                    452,
-                    "4.5.3",
-                    format!(
-                        "{domain} has another next hop than {}: send it in another transaction",
-                        route.domain
-                    ),
-                ));
-            }
-            // The same server, and still its domain is judged on its own: what it
-            // publishes may ask more than the route the first recipient opened has.
-            let policy = match hop.is_domain_delivery() {
-                true => Box::pin(proxy.policies.policy_for(domain)).await,
-                false => PolicyLookup::NotPublished,
-            };
-            let Stage::Mail(tx) = &self.stage else {
-                return Err(Reply::new(503, "5.5.1", "MAIL first"));
-            };
-            let Remote::Open(route) = &tx.remote else {
-                return Err(Reply::new(503, "5.5.1", "MAIL first"));
-            };
-            let facts = route.upstream.facts();
-            let joined = Box::pin(proxy.outbound.joins(facts, &plan, domain, &hop, &policy));
-            return match joined.await {
-                Ok(()) => Ok(()),
-                Err(why) => {
-                    tracing::info!(client = %self.client, domain, route = %facts, "recipient not on the open route: {why}");
-                    Err(Reply::new(
-                        452,
-                        "4.5.3",
-                        format!(
-                            "{domain} is not sent on the route to {facts} ({}): {why}; send it in another transaction",
-                            route_terms(&facts.tls)
-                        ),
-                    ))
+            _ => {
+                let envelope = Envelope {
+                    sender: tx.sender.as_ref(),
+                    params: &tx.params,
+                    first: (recipient, params),
+                };
+                let redirect = self.redirect.as_mut();
+                match Box::pin(proxy.outbound.open_route(plan.clone(), &envelope, redirect)).await {
+                    Ok(route) => {
+                        let remote = route.upstream.facts().to_string();
+                        self.registered.update(SessionState::Mail, Some(remote));
+                        tx.remote = Remote::Open(Box::new(route));
+                        Ok(())
+                    }
+                    Err(no_route) => Err(no_route),
                 }
-            };
-        }
-        let hop = self.next_hop(&plan, domain).await?;
-        let Stage::Mail(tx) = &self.stage else {
-            return Err(Reply::new(503, "5.5.1", "MAIL first"));
-        };
-        let mail_from = format!(
-            "MAIL FROM:<{}>",
-            tx.sender
-                .as_ref()
-                .map(ToString::to_string)
-                .unwrap_or_default()
-        );
-        let params = tx.params.clone();
-        // What the domain publishes binds its MX hosts only, never a smarthost route.
-        let policy = match hop.is_domain_delivery() {
-            true => Box::pin(proxy.policies.policy_for(domain)).await,
-            false => PolicyLookup::NotPublished,
-        };
-        // The remote connected at accept serves the first transaction to it.
-        let greeted = match hop {
-            NextHop::OriginalDestination { .. } => self.greeted.take(),
-            _ => None,
-        };
-        let Stage::Mail(tx) = &mut self.stage else {
-            return Err(Reply::new(503, "5.5.1", "MAIL first"));
-        };
-        // Boxed, as the other lookups and the handshake below: the session's future
-        // would otherwise be as large as all of them, and it is copied at every spawn.
-        let opened = Box::pin(proxy.outbound.open_for(
-            &plan,
-            domain,
-            &hop,
-            &policy,
-            greeted,
-            Some((first, first_params)),
-            |caps| Ok(format!("{mail_from}{}", params.to_wire(caps)?)),
-        ))
-        .await;
-        match opened {
-            Ok(upstream) => {
-                let remote = upstream.facts().to_string();
-                self.registered.update(SessionState::Mail, Some(remote));
-                tx.remote = Remote::Open(Box::new(Route {
-                    domain: domain.to_string(),
-                    key: RouteKey::new(&plan, &hop),
-                    plan,
-                    upstream,
-                }));
-                Ok(())
             }
-            Err(error) => {
-                if let OpenError::TlsNotAchieved { .. } | OpenError::Unreachable { .. } = error {
-                    tracing::warn!(client = %self.client, domain, rule = %plan.base_rule().name, "not delivered: {}", error.reply());
-                }
-                Err(error.reply())
-            }
-        }
+        };
+        routed.map_err(|no_route| {
+            no_route.log(self.client, domain, &plan);
+            no_route.reply()
+        })
     }
 
     async fn data(&mut self) -> Next {
@@ -744,12 +638,8 @@ impl Session {
             self.finish(&mut tx, Some(&reply), End::ClientGone).await;
             return Next::Close;
         }
-        let ended = self.relay_body(&mut tx).await;
+        let ended = self.relay_body(&mut route.upstream).await;
         self.io.resize(COMMAND_BLOCK);
-        let Remote::Open(route) = &mut tx.remote else {
-            let reply = Reply::new(451, "4.3.0", "internal error: no route");
-            return self.reply_or_close(&reply).await;
-        };
         if !matches!(ended, BodyEnd::Complete(_)) {
             route.upstream.abandon();
         }
@@ -785,7 +675,7 @@ impl Session {
     }
 
     /// Streams the body from the MTA to the remote in bounded blocks.
-    async fn relay_body(&mut self, tx: &mut Transaction) -> BodyEnd {
+    async fn relay_body(&mut self, upstream: &mut Upstream) -> BodyEnd {
         let config = &self.proxy.config;
         let client_idle = config.timeouts.client_idle;
         let mut filter = BodyFilter::new(
@@ -793,20 +683,15 @@ impl Session {
             config.limits.text_line,
             config.limits.max_message_size,
         );
-        let Remote::Open(route) = &mut tx.remote else {
-            return BodyEnd::UpstreamFailed("no remote".into());
-        };
         let mut out = Vec::with_capacity(BODY_BLOCK + 1024);
         let mut upstream_error = None;
         let mut full_reads = 0;
         loop {
             let capacity = self.io.capacity();
             let input = match tokio::time::timeout(client_idle, self.io.fill_buf()).await {
-                Err(_) => {
-                    return BodyEnd::ClientGone("timed out waiting for the message text".into());
-                }
-                Ok(Err(e)) => return BodyEnd::ClientGone(e.to_string()),
-                Ok(Ok([])) => return BodyEnd::ClientGone("connection closed".into()),
+                Err(_) => return BodyEnd::ClientGone(ClientGone::TimedOut),
+                Ok(Err(e)) => return BodyEnd::ClientGone(ClientGone::Failed(e)),
+                Ok(Ok([])) => return BodyEnd::ClientGone(ClientGone::Closed),
                 Ok(Ok(input)) => input,
             };
             // A text that fills the small buffer twice is large: read it in whole blocks.
@@ -826,7 +711,7 @@ impl Session {
             let complete = matches!(fed.end, Some(Ok(())));
             let flush = !complete && (out.len() >= BODY_BLOCK || fed.end.is_some());
             if flush && !out.is_empty() && upstream_error.is_none() {
-                upstream_error = route.upstream.body_block(&out).await.err();
+                upstream_error = upstream.body_block(&out).await.err();
             }
             if flush {
                 out.clear();
@@ -920,21 +805,6 @@ impl Transaction {
             };
         }
         reply
-    }
-}
-
-/// How a route is secured, in a few words: `TLS`, `legacy TLS`, `plain`.
-fn route_terms(tls: &TlsOutcome) -> String {
-    match tls {
-        TlsOutcome::Encrypted(session) => match &session.verification {
-            Verification::Verified => "TLS, verified".to_string(),
-            Verification::Failed(problem) => format!("TLS, {}", problem.class()),
-        },
-        TlsOutcome::Legacy(_) => "legacy TLS, not authenticated".to_string(),
-        TlsOutcome::Plain(reason) => match reason.class() {
-            Some(class) => format!("plain, {class}"),
-            None => "plain".to_string(),
-        },
     }
 }
 

@@ -173,8 +173,48 @@ impl fmt::Debug for TlsaRecord {
 pub enum DaneVerdict {
     /// `record` matched the certificate at `depth` (0: the server's own).
     Matched { record: TlsaRecord, depth: usize },
-    /// No usable record matched; the text says why, per record kind.
-    NoMatch(String),
+    /// No usable record matched, and why.
+    NoMatch(NoMatch),
+}
+
+/// Why none of a host's usable TLSA records matched the certificates a server sent.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum NoMatch {
+    #[error("the host has no usable TLSA record")]
+    NoUsableRecord,
+    #[error("the server sent no certificate")]
+    NoCertificate,
+    #[error("{0:?} is not a valid TLS name")]
+    BadName(String),
+    /// The handshake ended before the certificate was checked.
+    #[error("not checked")]
+    NotChecked,
+    /// Each kind of record the host has, and why it failed.
+    #[error("{}", records_failed(.ee, .ta))]
+    Records {
+        /// The number of DANE-EE records, none of which names the server's key.
+        ee: Option<usize>,
+        ta: Option<TaFailure>,
+    },
+}
+
+/// Why the host's DANE-TA records led to no trust anchor the chain verifies to.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum TaFailure {
+    #[error("no certificate the server sent matches its {0} DANE-TA record(s)")]
+    NoAnchorSent(usize),
+    #[error("the DANE-TA anchor {record} is not a usable CA: {error}")]
+    AnchorUnusable { record: TlsaRecord, error: String },
+    #[error("the chain to the DANE-TA anchor {record} does not verify: {error}")]
+    ChainInvalid { record: TlsaRecord, error: String },
+}
+
+fn records_failed(ee: &Option<usize>, ta: &Option<TaFailure>) -> String {
+    let ee =
+        ee.map(|count| format!("the server certificate matches none of {count} DANE-EE record(s)"));
+    let ta = ta.as_ref().map(ToString::to_string);
+    let why: Vec<String> = ee.into_iter().chain(ta).collect();
+    why.join("; ")
 }
 
 impl fmt::Display for DaneVerdict {
@@ -195,7 +235,7 @@ impl fmt::Display for DaneVerdict {
 /// (`CertificateError::Other`) by downcasting.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
 #[error("DANE: {0}")]
-pub struct DaneMismatch(pub String);
+pub struct DaneMismatch(pub NoMatch);
 
 /// Accepts a server certificate only when it matches one of the host's usable TLSA records;
 /// remembers which one did, or why none did. One verifier per handshake.
@@ -244,9 +284,8 @@ impl DaneVerifier {
         now: UnixTime,
     ) -> DaneVerdict {
         if self.records.is_empty() {
-            return DaneVerdict::NoMatch("the host has no usable TLSA record".into());
+            return DaneVerdict::NoMatch(NoMatch::NoUsableRecord);
         }
-        let mut why = Vec::new();
         let ee: Vec<_> = self.of(Usage::DaneEe).collect();
         if let Some(record) = ee.iter().find(|r| r.matches(end_entity)) {
             // DANE-EE: the key is the identity; names and dates do not count (RFC 7672 3.1.1).
@@ -255,20 +294,16 @@ impl DaneVerifier {
                 depth: 0,
             };
         }
-        if !ee.is_empty() {
-            why.push(format!(
-                "the server certificate matches none of {} DANE-EE record(s)",
-                ee.len()
-            ));
-        }
         let ta: Vec<_> = self.of(Usage::DaneTa).collect();
-        if !ta.is_empty() {
-            match self.chain_to_anchor(&ta, end_entity, intermediates, server_name, now) {
+        let ta = match ta.is_empty() {
+            true => None,
+            false => match self.chain_to_anchor(&ta, end_entity, intermediates, server_name, now) {
                 Ok(matched) => return matched,
-                Err(reason) => why.push(reason),
-            }
-        }
-        DaneVerdict::NoMatch(why.join("; "))
+                Err(failure) => Some(failure),
+            },
+        };
+        let ee = (!ee.is_empty()).then_some(ee.len());
+        DaneVerdict::NoMatch(NoMatch::Records { ee, ta })
     }
 
     fn of(&self, usage: Usage) -> impl Iterator<Item = &TlsaRecord> {
@@ -285,7 +320,7 @@ impl DaneVerifier {
         intermediates: &[CertificateDer<'_>],
         server_name: &ServerName<'_>,
         now: UnixTime,
-    ) -> Result<DaneVerdict, String> {
+    ) -> Result<DaneVerdict, TaFailure> {
         let mut anchor_found = None;
         for (index, cert) in intermediates.iter().enumerate() {
             if let Some(record) = records.iter().find(|r| r.matches(cert)) {
@@ -294,24 +329,24 @@ impl DaneVerifier {
             }
         }
         let Some((record, depth, anchor)) = anchor_found else {
-            return Err(format!(
-                "no certificate the server sent matches its {} DANE-TA record(s)",
-                records.len()
-            ));
+            return Err(TaFailure::NoAnchorSent(records.len()));
         };
         let mut roots = RootCertStore::empty();
-        roots
-            .add(anchor.clone().into_owned())
-            .map_err(|e| format!("the DANE-TA anchor {record} is not a usable CA: {e}"))?;
+        let unusable = |error: String| TaFailure::AnchorUnusable {
+            record: record.clone(),
+            error,
+        };
+        (roots.add(anchor.clone().into_owned())).map_err(|e| unusable(e.to_string()))?;
         let webpki =
             WebPkiServerVerifier::builder_with_provider(Arc::new(roots), self.provider.clone())
                 .build()
-                .map_err(|e| format!("the DANE-TA anchor {record}: {e}"))?;
+                .map_err(|e| unusable(e.to_string()))?;
         match webpki.verify_server_cert(end_entity, intermediates, server_name, &[], now) {
             Ok(_) => Ok(DaneVerdict::Matched { record, depth }),
-            Err(error) => Err(format!(
-                "the chain to the DANE-TA anchor {record} does not verify: {error}"
-            )),
+            Err(error) => Err(TaFailure::ChainInvalid {
+                record,
+                error: error.to_string(),
+            }),
         }
     }
 }

@@ -1,7 +1,8 @@
 //! How every outbound connection is made: from `delivery.source_address`, with
-//! `delivery.socket_mark`, within the connect timeout. Delivery, `probe` and the TLS-RPT
-//! sender dial through one, so that what a probe or a report meets is what mail meets, and
-//! none of them is redirected into tlsrouter itself behind a transparent redirect.
+//! `delivery.socket_mark`, within the connect timeout. Delivery, `probe`, the TLS-RPT
+//! sender and the HTTPS client dial through one, so that what a probe or a report meets is
+//! what mail meets, and none of them is redirected into tlsrouter itself behind a
+//! transparent redirect.
 
 use std::net::{IpAddr, SocketAddr};
 use std::time::Duration;
@@ -27,6 +28,11 @@ impl Dialer {
         host: &str,
         peer: SocketAddr,
     ) -> Result<PlainConnection, ExchangeError> {
+        Ok(PlainConnection::new(self.tcp(peer).await?, peer, host))
+    }
+
+    /// A TCP connection to `peer`, for a protocol of its own (HTTPS).
+    pub async fn tcp(&self, peer: SocketAddr) -> Result<TcpStream, ExchangeError> {
         let connecting = async {
             match (self.mark, self.source) {
                 (None, None) => TcpStream::connect(peer).await,
@@ -37,7 +43,7 @@ impl Dialer {
             }
         };
         match tokio::time::timeout(self.timeout, connecting).await {
-            Ok(tcp) => Ok(PlainConnection::new(tcp?, peer, host)),
+            Ok(tcp) => Ok(tcp?),
             Err(_) => Err(ExchangeError::Timeout(
                 self.timeout.as_secs(),
                 "the TCP connection",

@@ -18,6 +18,7 @@ use rand::seq::SliceRandom;
 use serde::Deserialize;
 
 use crate::net::dane::{TlsaRecord, Unusable};
+use crate::settings::{Problem, SetupError};
 use crate::smtp::Reply;
 
 /// `resolver:` in the configuration.
@@ -209,7 +210,7 @@ pub struct MxResolver {
 
 impl MxResolver {
     /// Asks `nameservers` (UDP, then TCP), or the system's resolvers when the list is empty.
-    pub fn new(nameservers: &[SocketAddr], timeout: Duration) -> anyhow::Result<MxResolver> {
+    pub fn new(nameservers: &[SocketAddr], timeout: Duration) -> Result<MxResolver, SetupError> {
         Ok(MxResolver {
             resolver: Self::build(nameservers, timeout, None)?,
             validating: None,
@@ -221,20 +222,19 @@ impl MxResolver {
 
     /// As [`MxResolver::new`], with a validating resolver besides when `config.dane` is on;
     /// [`MxResolver::check_dnssec`] decides at start which one answers.
-    pub fn with_config(config: &ResolverConfig, timeout: Duration) -> anyhow::Result<MxResolver> {
+    pub fn with_config(
+        config: &ResolverConfig,
+        timeout: Duration,
+    ) -> Result<MxResolver, SetupError> {
         let mut resolver = Self::new(&config.nameservers, timeout)?;
         if config.dane == Dane::On {
             let anchors = match &config.trust_anchor_file {
                 Some(path) => {
-                    let text = std::fs::read_to_string(path).map_err(|e| {
-                        anyhow::anyhow!("resolver.trust_anchor_file {}: {e}", path.display())
-                    })?;
-                    resolver.anchor_zone = anchor_zone(&text).map_err(|e| {
-                        anyhow::anyhow!("resolver.trust_anchor_file {}: {e}", path.display())
-                    })?;
-                    text.parse::<TrustAnchors>().map_err(|e| {
-                        anyhow::anyhow!("resolver.trust_anchor_file {}: {e}", path.display())
-                    })?
+                    let bad = |e: Problem| SetupError::file("resolver.trust_anchor_file", path, e);
+                    let text = std::fs::read_to_string(path).map_err(|e| bad(e.into()))?;
+                    resolver.anchor_zone = anchor_zone(&text).map_err(|e| bad(e.into()))?;
+                    text.parse::<TrustAnchors>()
+                        .map_err(|e| bad(e.to_string().into()))?
                 }
                 None => TrustAnchors::default(),
             };
@@ -252,10 +252,11 @@ impl MxResolver {
         nameservers: &[SocketAddr],
         timeout: Duration,
         anchors: Option<Arc<TrustAnchors>>,
-    ) -> anyhow::Result<TokioResolver> {
+    ) -> Result<TokioResolver, SetupError> {
         let provider = TokioRuntimeProvider::default();
+        let resolver_error = |e: NetError| SetupError::setting("resolver", e);
         let mut builder = if nameservers.is_empty() {
-            TokioResolver::builder(provider)?
+            TokioResolver::builder(provider).map_err(resolver_error)?
         } else {
             let servers = nameservers.iter().map(|addr| name_server(*addr)).collect();
             TokioResolver::builder_with_config(
@@ -271,7 +272,7 @@ impl MxResolver {
         if let Some(anchors) = anchors {
             builder = builder.with_trust_anchor(anchors);
         }
-        Ok(builder.build()?)
+        builder.build().map_err(resolver_error)
     }
 
     /// Whether DANE is in force: `dane: on`, and the name servers served a validated

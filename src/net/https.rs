@@ -1,6 +1,7 @@
 //! The HTTPS client of MTA-STS policy fetches and TLS-RPT report submissions: hyper's
-//! HTTP/1.1 client over tokio-rustls, with the crate's one crypto provider (ring) and the
-//! roots delivery trusts. Strict PKIX verification; no redirects are followed, ever.
+//! HTTP/1.1 client over tokio-rustls, with the crate's one crypto provider (ring), the
+//! roots delivery trusts and delivery's dialer. Strict PKIX verification; no redirects are
+//! followed, ever.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -14,17 +15,53 @@ use hyper_util::rt::TokioIo;
 use rustls::pki_types::ServerName;
 use tokio::net::TcpStream;
 
-use crate::net::dns::MxResolver;
+use crate::net::connection::ExchangeError;
+use crate::net::dialer::Dialer;
+use crate::net::dns::{AddressError, MxResolver};
 
 /// What went wrong with an HTTPS exchange, in the terms TLS-RPT reports.
-#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[derive(Debug, thiserror::Error)]
 pub enum HttpsError {
     /// The server's certificate did not verify (RFC 8460: `sts-webpki-invalid`).
     #[error("certificate of {host} not valid: {detail}")]
     Certificate { host: String, detail: String },
-    /// No answer that could be used: DNS, connect, timeout, status, type, size.
-    #[error("{0}")]
-    Failed(String),
+    /// No answer that could be used.
+    #[error("{url}: {problem}")]
+    Failed { url: String, problem: HttpsProblem },
+}
+
+/// Why an HTTPS exchange brought no answer that could be used.
+#[derive(Debug, thiserror::Error)]
+pub enum HttpsProblem {
+    #[error("not a URL: {0}")]
+    NotAUrl(hyper::http::uri::InvalidUri),
+    #[error("only https: URLs are fetched")]
+    NotHttps,
+    #[error("no host")]
+    NoHost,
+    #[error("{host}: {error}")]
+    Addresses { host: String, error: AddressError },
+    #[error("{0}: no address")]
+    NoAddress(String),
+    #[error("connect to {target}: {error}")]
+    Connect {
+        target: SocketAddr,
+        error: ExchangeError,
+    },
+    #[error("{0:?} is not a valid TLS name")]
+    BadName(String),
+    #[error("TLS handshake: {0}")]
+    Handshake(std::io::Error),
+    #[error("HTTP: {0}")]
+    Http(hyper::Error),
+    #[error("request: {0}")]
+    Request(hyper::http::Error),
+    #[error("body larger than {0} octets")]
+    BodyTooLarge(usize),
+    #[error("body: {0}")]
+    Body(Box<dyn std::error::Error + Send + Sync>),
+    #[error("no complete answer within {0}s")]
+    Timeout(u64),
 }
 
 /// A response whose status and body were read within the limits.
@@ -41,7 +78,8 @@ pub struct HttpsClient {
     resolver: Arc<MxResolver>,
     /// Host names sent to another address:port instead of their own, for labs and tests.
     connect_to: HashMap<String, SocketAddr>,
-    connect_timeout: Duration,
+    /// Delivery's (source address, socket mark), with its own connect timeout.
+    dialer: Dialer,
     total_timeout: Duration,
 }
 
@@ -50,12 +88,13 @@ impl HttpsClient {
         roots: rustls::RootCertStore,
         resolver: Arc<MxResolver>,
         connect_to: HashMap<String, SocketAddr>,
-        connect_timeout: Duration,
+        dialer: Dialer,
         total_timeout: Duration,
-    ) -> anyhow::Result<HttpsClient> {
+    ) -> Result<HttpsClient, crate::settings::SetupError> {
         let provider = Arc::new(rustls::crypto::ring::default_provider());
         let mut tls = rustls::ClientConfig::builder_with_provider(provider)
-            .with_safe_default_protocol_versions()?
+            .with_safe_default_protocol_versions()
+            .map_err(|e| crate::settings::SetupError::setting("mta_sts (HTTPS client)", e))?
             .with_root_certificates(roots)
             .with_no_client_auth();
         tls.alpn_protocols = vec![b"http/1.1".to_vec()];
@@ -67,7 +106,7 @@ impl HttpsClient {
             tls: Arc::new(tls),
             resolver,
             connect_to,
-            connect_timeout,
+            dialer,
             total_timeout,
         })
     }
@@ -98,10 +137,10 @@ impl HttpsClient {
         let work = self.exchange_untimed(method, url, body, body_limit);
         match tokio::time::timeout(self.total_timeout, work).await {
             Ok(result) => result,
-            Err(_) => Err(HttpsError::Failed(format!(
-                "{url}: no complete answer within {}s",
-                self.total_timeout.as_secs()
-            ))),
+            Err(_) => Err(HttpsError::Failed {
+                url: url.to_string(),
+                problem: HttpsProblem::Timeout(self.total_timeout.as_secs()),
+            }),
         }
     }
 
@@ -112,29 +151,32 @@ impl HttpsClient {
         body: Option<(&str, Vec<u8>)>,
         body_limit: usize,
     ) -> Result<HttpsResponse, HttpsError> {
-        let failed = |what: String| HttpsError::Failed(format!("{url}: {what}"));
-        let uri: Uri = url.parse().map_err(|e| failed(format!("not a URL: {e}")))?;
+        let failed = |problem| HttpsError::Failed {
+            url: url.to_string(),
+            problem,
+        };
+        let uri: Uri = url.parse().map_err(|e| failed(HttpsProblem::NotAUrl(e)))?;
         if uri.scheme_str() != Some("https") {
-            return Err(failed("only https: URLs are fetched".into()));
+            return Err(failed(HttpsProblem::NotHttps));
         }
         let host = uri
             .host()
-            .ok_or_else(|| failed("no host".into()))?
+            .ok_or_else(|| failed(HttpsProblem::NoHost))?
             .trim_end_matches('.')
             .to_ascii_lowercase();
         let port = uri.port_u16().unwrap_or(443);
         let tcp = self.connect(&host, port).await.map_err(failed)?;
         let name = ServerName::try_from(host.clone())
-            .map_err(|_| failed(format!("{host:?} is not a valid TLS name")))?;
+            .map_err(|_| failed(HttpsProblem::BadName(host.clone())))?;
         let connector = tokio_rustls::TlsConnector::from(self.tls.clone());
         let tls = connector
             .connect(name, tcp)
             .await
-            .map_err(|e| handshake_error(&host, url, &e))?;
+            .map_err(|e| handshake_error(&host, e).unwrap_or_else(failed))?;
 
         let (mut sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(tls))
             .await
-            .map_err(|e| failed(format!("HTTP: {e}")))?;
+            .map_err(|e| failed(HttpsProblem::Http(e)))?;
         // The connection task ends when the exchange is over and `sender` is dropped.
         tokio::spawn(async move {
             let _ = connection.await;
@@ -162,11 +204,11 @@ impl HttpsClient {
         };
         let request = request
             .body(payload)
-            .map_err(|e| failed(format!("request: {e}")))?;
+            .map_err(|e| failed(HttpsProblem::Request(e)))?;
         let response = sender
             .send_request(request)
             .await
-            .map_err(|e| failed(format!("HTTP: {e}")))?;
+            .map_err(|e| failed(HttpsProblem::Http(e)))?;
 
         let status = response.status();
         let media_type = response
@@ -185,11 +227,10 @@ impl HttpsClient {
             .collect()
             .await
             .map_err(|e| {
-                if e.is::<http_body_util::LengthLimitError>() {
-                    failed(format!("body larger than {body_limit} octets"))
-                } else {
-                    failed(format!("body: {e}"))
-                }
+                failed(match e.is::<http_body_util::LengthLimitError>() {
+                    true => HttpsProblem::BodyTooLarge(body_limit),
+                    false => HttpsProblem::Body(e),
+                })
             })?
             .to_bytes();
         Ok(HttpsResponse {
@@ -201,29 +242,23 @@ impl HttpsClient {
 
     /// A TCP connection to `host`, at the address `connect_to` gives it or at each of its
     /// own addresses in turn.
-    async fn connect(&self, host: &str, port: u16) -> Result<TcpStream, String> {
+    async fn connect(&self, host: &str, port: u16) -> Result<TcpStream, HttpsProblem> {
         let targets: Vec<SocketAddr> = match self.connect_to.get(host) {
             Some(addr) => vec![*addr],
-            None => self
-                .resolver
-                .addresses(host)
-                .await
-                .map_err(|e| format!("{host}: {e}"))?
+            None => (self.resolver.addresses(host).await)
+                .map_err(|error| HttpsProblem::Addresses {
+                    host: host.to_string(),
+                    error,
+                })?
                 .into_iter()
                 .map(|ip| SocketAddr::new(ip, port))
                 .collect(),
         };
-        let mut last_error = format!("{host}: no address");
+        let mut last_error = HttpsProblem::NoAddress(host.to_string());
         for target in targets {
-            match tokio::time::timeout(self.connect_timeout, TcpStream::connect(target)).await {
-                Ok(Ok(tcp)) => return Ok(tcp),
-                Ok(Err(e)) => last_error = format!("connect to {target}: {e}"),
-                Err(_) => {
-                    last_error = format!(
-                        "connect to {target}: no answer within {}s",
-                        self.connect_timeout.as_secs()
-                    )
-                }
+            match self.dialer.tcp(target).await {
+                Ok(tcp) => return Ok(tcp),
+                Err(error) => last_error = HttpsProblem::Connect { target, error },
             }
         }
         Err(last_error)
@@ -231,15 +266,15 @@ impl HttpsClient {
 }
 
 /// A certificate that does not verify is told apart from other handshake failures.
-fn handshake_error(host: &str, url: &str, error: &std::io::Error) -> HttpsError {
+fn handshake_error(host: &str, error: std::io::Error) -> Result<HttpsError, HttpsProblem> {
     let rustls_error = error
         .get_ref()
         .and_then(|inner| inner.downcast_ref::<rustls::Error>());
     match rustls_error {
-        Some(rustls::Error::InvalidCertificate(cert)) => HttpsError::Certificate {
+        Some(rustls::Error::InvalidCertificate(cert)) => Ok(HttpsError::Certificate {
             host: host.to_string(),
             detail: format!("{cert:?}"),
-        },
-        _ => HttpsError::Failed(format!("{url}: TLS handshake: {error}")),
+        }),
+        _ => Err(HttpsProblem::Handshake(error)),
     }
 }

@@ -24,6 +24,7 @@ use crate::net::dane::{DaneVerdict, DaneVerifier, TlsaRecord};
 use crate::net::legacy::LegacyConnector;
 use crate::outcome::{CertProblem, NoTls, TlsSession, Verification, format_date};
 use crate::rules::MinTls;
+use crate::settings::SetupError;
 
 /// `tls:` in the configuration.
 #[derive(Clone, Debug, Deserialize)]
@@ -113,7 +114,7 @@ pub struct TlsClient {
 
 impl TlsClient {
     /// Trusts the system's roots (unless turned off) and those in `ca_file`.
-    pub fn new(config: &TlsConfig) -> anyhow::Result<TlsClient> {
+    pub fn new(config: &TlsConfig) -> Result<TlsClient, SetupError> {
         let provider = Arc::new(rustls::crypto::ring::default_provider());
         let roots = trusted_roots(config)?;
         if roots.is_empty() {
@@ -124,7 +125,8 @@ impl TlsClient {
         } else {
             Some(
                 WebPkiServerVerifier::builder_with_provider(Arc::new(roots), provider.clone())
-                    .build()?,
+                    .build()
+                    .map_err(|e| SetupError::setting("tls", e))?,
             )
         };
         let sessions = config.session_cache;
@@ -146,7 +148,7 @@ impl TlsClient {
             provider,
             #[cfg(feature = "legacy-tls")]
             legacy: LegacyConnector::new()
-                .map_err(|e| anyhow::anyhow!("the legacy TLS stack (OpenSSL): {e}"))?,
+                .map_err(|e| SetupError::setting("the legacy TLS stack (OpenSSL)", e))?,
         })
     }
 
@@ -339,7 +341,7 @@ fn verify(
 /// The roots every verification trusts: the system's (unless turned off) and those in
 /// `tls.ca_file`. Shared by SMTP delivery and the HTTPS fetches of MTA-STS and TLS-RPT, so
 /// that both trust the same authorities.
-pub fn trusted_roots(config: &TlsConfig) -> anyhow::Result<RootCertStore> {
+pub fn trusted_roots(config: &TlsConfig) -> Result<RootCertStore, SetupError> {
     let mut roots = RootCertStore::empty();
     if config.system_roots {
         let found = rustls_native_certs::load_native_certs();
@@ -352,14 +354,16 @@ pub fn trusted_roots(config: &TlsConfig) -> anyhow::Result<RootCertStore> {
     if let Some(path) = &config.ca_file {
         let certs = CertificateDer::pem_file_iter(path)
             .and_then(|iter| iter.collect::<Result<Vec<_>, _>>())
-            .map_err(|e| anyhow::anyhow!("tls.ca_file {}: {e}", path.display()))?;
+            .map_err(|e| SetupError::file("tls.ca_file", path, e))?;
         if certs.is_empty() {
-            anyhow::bail!("tls.ca_file {}: no certificates in it", path.display());
+            return Err(SetupError::file(
+                "tls.ca_file",
+                path,
+                "no certificates in it",
+            ));
         }
         for cert in certs {
-            roots
-                .add(cert)
-                .map_err(|e| anyhow::anyhow!("tls.ca_file {}: {e}", path.display()))?;
+            (roots.add(cert)).map_err(|e| SetupError::file("tls.ca_file", path, e))?;
         }
     }
     Ok(roots)
@@ -371,13 +375,14 @@ fn shared_config(
     provider: &Arc<CryptoProvider>,
     min_tls: MinTls,
     sessions: usize,
-) -> anyhow::Result<Arc<rustls::ClientConfig>> {
+) -> Result<Arc<rustls::ClientConfig>, SetupError> {
     let versions = min_tls.versions();
     let verifier = Arc::new(ChainCheckedAfterwards {
         algorithms: provider.signature_verification_algorithms,
     });
     let mut config = rustls::ClientConfig::builder_with_provider(provider.clone())
-        .with_protocol_versions(versions)?
+        .with_protocol_versions(versions)
+        .map_err(|e| SetupError::setting("tls", e))?
         .dangerous()
         .with_custom_certificate_verifier(verifier)
         .with_no_client_auth();
@@ -528,7 +533,7 @@ impl TlsClient {
             }
             Ok(Err(error)) => {
                 return Err(match verifier.verdict() {
-                    Some(DaneVerdict::NoMatch(why)) => NoTls::DaneMismatch(why),
+                    Some(DaneVerdict::NoMatch(why)) => NoTls::DaneMismatch(why.to_string()),
                     _ => classify_handshake_error(&error, min_tls),
                 });
             }

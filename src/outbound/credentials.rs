@@ -4,8 +4,24 @@ use std::path::Path;
 
 use crate::rules::model::AuthSpec;
 
+/// Why a username or password could not be had.
+#[derive(Debug, thiserror::Error)]
+pub enum CredentialsError {
+    #[error("{what}: environment variable {name} is not set")]
+    EnvUnset { what: &'static str, name: String },
+    #[error("no {0} configured")]
+    NotConfigured(&'static str),
+    #[error("{}: {error}", path.display())]
+    Unreadable {
+        path: std::path::PathBuf,
+        error: std::io::Error,
+    },
+    #[error("{} is empty", .0.display())]
+    Empty(std::path::PathBuf),
+}
+
 /// Reads the username and password an [`AuthSpec`] points to.
-pub fn read(auth: &AuthSpec) -> Result<(String, String), String> {
+pub fn read(auth: &AuthSpec) -> Result<(String, String), CredentialsError> {
     let user = one(
         auth.username_file.as_deref(),
         auth.username_env.as_deref(),
@@ -19,21 +35,30 @@ pub fn read(auth: &AuthSpec) -> Result<(String, String), String> {
     Ok((user, password))
 }
 
-fn one(file: Option<&Path>, env: Option<&str>, what: &str) -> Result<String, String> {
+fn one(
+    file: Option<&Path>,
+    env: Option<&str>,
+    what: &'static str,
+) -> Result<String, CredentialsError> {
     match (file, env) {
         (Some(path), _) => from_file(path),
-        (None, Some(name)) => std::env::var(name)
-            .map_err(|_| format!("{what}: environment variable {name} is not set")),
-        (None, None) => Err(format!("no {what} configured")),
+        (None, Some(name)) => std::env::var(name).map_err(|_| CredentialsError::EnvUnset {
+            what,
+            name: name.to_string(),
+        }),
+        (None, None) => Err(CredentialsError::NotConfigured(what)),
     }
 }
 
-fn from_file(path: &Path) -> Result<String, String> {
+fn from_file(path: &Path) -> Result<String, CredentialsError> {
     warn_if_readable_by_others(path);
-    let text = std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))?;
+    let text = std::fs::read_to_string(path).map_err(|error| CredentialsError::Unreadable {
+        path: path.to_path_buf(),
+        error,
+    })?;
     let value = text.trim_end_matches(['\r', '\n']).to_string();
     if value.is_empty() {
-        return Err(format!("{} is empty", path.display()));
+        return Err(CredentialsError::Empty(path.to_path_buf()));
     }
     Ok(value)
 }

@@ -12,24 +12,23 @@ use serde::Deserialize;
 use crate::cache::{Observation, OutcomeCache};
 use crate::net::connection::PlainConnection;
 use crate::net::dialer::Dialer;
-use crate::net::dns::{
-    AddressError, Dnssec, MxHost, MxResolver, RouteError, ServerId, literal_address,
-};
+use crate::net::dns::{AddressError, Dnssec, MxResolver, RouteError, ServerId, literal_address};
 use crate::net::tls::TlsClient;
-use crate::outbound::attempt::{Attempt, AttemptFailure, Greeted, is_connected};
+use crate::outbound::attempt::{
+    Attempt, AttemptFailure, AuthFailure, Envelope, Greeted, is_connected,
+};
+use crate::outbound::hop::{Dane, NextHop, no_mx_name, published};
 use crate::outbound::pool::{Lineage, Pool, PoolConfig};
-use crate::outbound::route::{Dane, no_mx_name, published};
 use crate::outbound::upstream::{RemoteFacts, Upstream, relayable};
-use crate::policy::mta_sts::{Mode, PolicyLookup};
+use crate::policy::mta_sts::{Mode, PolicyLookup, PolicyStore};
 use crate::policy::tlsrpt::{PolicyFacts, SessionResult, SessionSite, TlsReports};
 use crate::router::Plan;
 use crate::router::decision::{
     DaneState, HostDecision, Known, Published, Refusal, decide, overridden,
 };
-use crate::rules::model::HostPort;
 use crate::settings::Timeouts;
 use crate::smtp::data::BareLineEndings;
-use crate::smtp::{Capabilities, Mailbox, MissingExtension, RcptParams, Reply};
+use crate::smtp::{Capabilities, MissingExtension, Reply};
 use crate::stats::Stats;
 
 /// `delivery:` in the configuration.
@@ -79,42 +78,8 @@ pub struct Outbound {
     pub tls_reports: Arc<TlsReports>,
     /// Remote connections kept between transactions.
     pub pool: Arc<Pool>,
-}
-
-/// Where a transaction goes.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub enum NextHop {
-    /// The recipient domain's mail exchangers, best first.
-    Mx(Vec<MxHost>),
-    Smarthost(HostPort),
-    /// The address a redirected MTA connection was going to (transparent mode), with the
-    /// recipient domain's MX name that has this address, if one has.
-    OriginalDestination {
-        addr: SocketAddr,
-        mx: Option<String>,
-        /// Whether the MX answer that gave `mx` was DNSSEC-secure.
-        mx_dnssec: Dnssec,
-    },
-}
-
-impl NextHop {
-    /// Identifies the hop, to tell whether two recipients can share a transaction.
-    pub fn key(&self) -> Vec<String> {
-        match self {
-            NextHop::Mx(hosts) => {
-                let mut names: Vec<String> = hosts.iter().map(|h| h.name.clone()).collect();
-                names.sort();
-                names
-            }
-            NextHop::Smarthost(server) => vec![server.to_string()],
-            NextHop::OriginalDestination { addr, .. } => vec![addr.to_string()],
-        }
-    }
-
-    /// Whether the recipient domain's published policy binds this hop (not a smart host's).
-    pub fn is_domain_delivery(&self) -> bool {
-        !matches!(self, NextHop::Smarthost(_))
-    }
+    /// The MTA-STS policies of recipient domains.
+    pub policies: Arc<PolicyStore>,
 }
 
 /// Why no remote transaction could be opened.
@@ -126,8 +91,8 @@ pub enum OpenError {
         reply: Reply,
         server: ServerId,
     },
-    /// Something on our side (credentials, configuration) stops delivery for now.
-    Deferred(Reply),
+    /// The smart host's AUTH did not go through: delivery waits until an admin sees to it.
+    Auth(AuthFailure),
     Unreachable {
         domain: String,
         failures: Vec<Failed>,
@@ -143,7 +108,7 @@ impl OpenError {
         match self {
             OpenError::Route(e) => e.reply(),
             OpenError::Rejected { reply, .. } => relayable(reply),
-            OpenError::Deferred(reply) => reply.clone(),
+            OpenError::Auth(failure) => failure.reply(),
             OpenError::Unreachable { domain, failures } => Reply::new(
                 451,
                 "4.4.1",
@@ -216,47 +181,26 @@ fn list(failures: &[Failed]) -> String {
 impl Outbound {
     /// Opens a remote transaction: the first server and address that accepts MAIL FROM
     /// wins. `policy` is what the domain publishes (MTA-STS); it does not bind a smarthost
-    /// route (RFC 8461 3.4). `mail_from` writes the command for the capabilities the remote
-    /// announced, or says which one the message needs and the remote lacks.
-    pub async fn open(
-        &self,
-        plan: &Plan,
-        domain: &str,
-        hop: &NextHop,
-        policy: &PolicyLookup,
-        mail_from: impl Fn(&Capabilities) -> Result<String, MissingExtension> + Sync,
-    ) -> Result<Upstream, OpenError> {
-        self.open_for(plan, domain, hop, policy, None, None, mail_from)
-            .await
-    }
-
-    /// As [`Outbound::open`], with what a session may bring: `greeted`, the connection a
-    /// transparent session made at accept (the first attempt to that server goes on it, its
-    /// STARTTLS or plain path still to come); `first`, the first recipient, which goes with
-    /// MAIL FROM in one write to a remote that offers PIPELINING (its reply waits in the
-    /// upstream for `Upstream::recipient`).
-    #[allow(clippy::too_many_arguments)]
-    pub async fn open_for(
+    /// route (RFC 8461 3.4). `greeted` is the connection a transparent session made at
+    /// accept: the first attempt to that server goes on it, its STARTTLS or plain path
+    /// still to come.
+    pub(crate) async fn open(
         &self,
         plan: &Plan,
         domain: &str,
         hop: &NextHop,
         policy: &PolicyLookup,
         greeted: Option<Box<Greeted>>,
-        first: Option<(&Mailbox, &RcptParams)>,
-        mail_from: impl Fn(&Capabilities) -> Result<String, MissingExtension> + Sync,
+        envelope: &Envelope<'_>,
     ) -> Result<Upstream, OpenError> {
         let greeted = Mutex::new(greeted.map(|g| (g.conn, g.caps)));
-        let opened = self
-            .open_with(plan, domain, hop, policy, &greeted, first, &mail_from)
-            .await;
+        let opened = (self.open_with(plan, domain, hop, policy, &greeted, envelope)).await;
         if let Some((conn, _)) = greeted.lock().ok().and_then(|mut slot| slot.take()) {
             tokio::spawn(conn.quit());
         }
         opened
     }
 
-    #[allow(clippy::too_many_arguments)]
     async fn open_with(
         &self,
         plan: &Plan,
@@ -264,8 +208,7 @@ impl Outbound {
         hop: &NextHop,
         policy: &PolicyLookup,
         greeted: &Mutex<Option<(PlainConnection, Capabilities)>>,
-        first: Option<(&Mailbox, &RcptParams)>,
-        mail_from: &(dyn Fn(&Capabilities) -> Result<String, MissingExtension> + Sync),
+        envelope: &Envelope<'_>,
     ) -> Result<Upstream, OpenError> {
         if let (true, PolicyLookup::Unavailable(error)) = (hop.is_domain_delivery(), policy) {
             // Delivered as if there were none (RFC 8461 5.1), and reported.
@@ -425,7 +368,7 @@ impl Outbound {
                     published,
                     policy,
                     greeted,
-                    first_recipient: first,
+                    envelope,
                     tlsa: &tlsa,
                     tlsa_records: &tlsa_records,
                 };
@@ -433,11 +376,11 @@ impl Outbound {
                 let has_greeted = greeted.lock().is_ok_and(|slot| slot.is_some());
                 let reused = match has_greeted {
                     true => None,
-                    false => self.reuse(&attempt, mail_from).await,
+                    false => self.reuse(&attempt).await,
                 };
                 let attempted = match reused {
                     Some(reused) => Ok(reused),
-                    None => (self.attempt(&attempt, mail_from).await)
+                    None => (self.attempt(&attempt).await)
                         .map(|(session, first)| (session, Lineage::fresh(), first)),
                 };
                 let failure = match attempted {
@@ -481,7 +424,7 @@ impl Outbound {
                     AttemptFailure::Rejected(reply) => {
                         return Err(OpenError::Rejected { reply, server });
                     }
-                    AttemptFailure::Deferred(reply) => return Err(OpenError::Deferred(reply)),
+                    AttemptFailure::Auth(failure) => return Err(OpenError::Auth(failure)),
                     failure => {
                         tracing::info!(server = %server, "delivery attempt failed: {failure}");
                         if let AttemptFailure::Unreachable { class, .. } = &failure {

@@ -5,6 +5,7 @@
 pub mod attempt;
 pub mod credentials;
 pub mod delivery;
+pub mod hop;
 pub mod pool;
 pub mod route;
 pub mod upstream;

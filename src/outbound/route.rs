@@ -1,23 +1,106 @@
-//! Where a transaction goes, and what each recipient domain publishes there: the next hop
-//! (the MX hosts, a smart host, or the original destination of a redirected connection),
-//! DANE (TLSA records where the MX and address answers were DNSSEC-secure) before
-//! MTA-STS, and whether a later recipient may ride on the transaction's open route.
+//! What the inbound session asks of the outbound side: a route for a transaction's first
+//! recipient ([`Outbound::open_route`]: its next hop, what its domain publishes, a server
+//! that took MAIL FROM), and whether a later recipient may ride on it
+//! ([`Outbound::join_route`]). Why a recipient has none is a [`NoRoute`], which renders the
+//! reply the MTA gets.
 
 use std::net::SocketAddr;
 
-use crate::net::dane::TlsaRecord;
-use crate::net::dns::{
-    AddressError, Dnssec, MxHost, RouteError, ServerId, TlsaAnswer, literal_address,
-};
-use crate::outbound::delivery::{NextHop, Outbound};
-use crate::outbound::upstream::RemoteFacts;
-use crate::policy::mta_sts::{Mode, PolicyLookup, StsPolicy};
+use crate::net::dns::{RouteError, ServerId};
+use crate::outbound::attempt::{Envelope, Greeted};
+use crate::outbound::delivery::{OpenError, Outbound};
+use crate::outbound::hop::NextHop;
+use crate::outbound::upstream::{RemoteFacts, Upstream};
+use crate::outcome::{TlsOutcome, Verification};
+use crate::policy::mta_sts::PolicyLookup;
 use crate::router::Plan;
-use crate::router::decision::{
-    Authentication, Connected, DaneState, HostDecision, Known, Published, Refusal, Skip, StsMode,
-    TlsTerms, decide, overridden,
-};
-use crate::rules::{Route, VerifyMode};
+use crate::router::decision::{Connected, HostDecision, Known, Refusal, Skip, decide, overridden};
+use crate::smtp::Reply;
+
+/// Where the MTA's session was going when it was redirected to us (transparent mode): every
+/// transaction goes there, the first on the connection made at accept.
+pub struct Redirect {
+    pub destination: SocketAddr,
+    /// That remote, connected at accept, until the first transaction to it takes it.
+    pub greeted: Option<Box<Greeted>>,
+}
+
+/// A remote transaction, opened for its first recipient.
+pub struct OpenRoute {
+    /// The first recipient's domain.
+    pub domain: String,
+    plan: Plan,
+    /// The next hop, as [`NextHop::key`] names it: a later recipient must share it.
+    hop: Vec<String>,
+    pub upstream: Upstream,
+}
+
+/// Why a recipient has no route in this transaction.
+#[derive(Debug)]
+pub enum NoRoute {
+    /// Where it goes could not be found.
+    Hop(RouteError),
+    /// No server took the transaction.
+    Open(OpenError),
+    /// It goes to another next hop than the open route.
+    OtherHop {
+        domain: String,
+        route_domain: String,
+    },
+    /// It goes to the open route's next hop, but its domain asks more than the route has.
+    NotJoined {
+        domain: String,
+        route: Box<RemoteFacts>,
+        why: NotJoined,
+    },
+}
+
+impl NoRoute {
+    /// What the MTA is told: a 4xx for what may pass (another transaction, DNS, the remote's
+    /// TLS), the remote's own refusal as it is, a 5xx where DNS says no for good.
+    pub fn reply(&self) -> Reply {
+        match self {
+            NoRoute::Hop(error) => error.reply(),
+            NoRoute::Open(error) => error.reply(),
+            NoRoute::OtherHop {
+                domain,
+                route_domain,
+            } => Reply::new(
+                452,
+                "4.5.3",
+                format!(
+                    "{domain} has another next hop than {route_domain}: send it in another transaction"
+                ),
+            ),
+            NoRoute::NotJoined { domain, route, why } => Reply::new(
+                452,
+                "4.5.3",
+                format!(
+                    "{domain} is not sent on the route to {route} ({}): {why}; send it in another transaction",
+                    route_terms(&route.tls)
+                ),
+            ),
+        }
+    }
+
+    /// The line in the log when a recipient is not delivered for want of TLS, DNS or a
+    /// reachable server, or goes to another transaction: what an admin looks for, besides
+    /// the transaction's own line.
+    pub fn log(&self, client: SocketAddr, domain: &str, plan: &Plan) {
+        match self {
+            NoRoute::Hop(error @ RouteError::DaneUnknown { .. }) => {
+                tracing::warn!(client = %client, domain, "not delivered: {error}");
+            }
+            NoRoute::Open(OpenError::TlsNotAchieved { .. } | OpenError::Unreachable { .. }) => {
+                tracing::warn!(client = %client, domain, rule = %plan.base_rule().name, "not delivered: {}", self.reply());
+            }
+            NoRoute::NotJoined { route, why, .. } => {
+                tracing::info!(client = %client, domain, route = %route, "recipient not on the open route: {why}");
+            }
+            NoRoute::Hop(_) | NoRoute::Open(_) | NoRoute::OtherHop { .. } => {}
+        }
+    }
+}
 
 /// Why a recipient does not ride on the transaction's open route: it goes to a transaction
 /// of its own.
@@ -54,109 +137,99 @@ impl std::fmt::Display for NotJoined {
 }
 
 impl Outbound {
-    /// Where a transaction for `domain` goes under `plan`.
-    pub async fn next_hop(&self, plan: &Plan, domain: &str) -> Result<NextHop, RouteError> {
-        if let Route::Smarthost { server, .. } = plan.route() {
-            return Ok(NextHop::Smarthost(server.clone()));
-        }
-        if domain.starts_with('[') {
-            return Ok(NextHop::Mx(vec![MxHost {
-                name: domain.to_string(),
-                preference: 0,
-                dnssec: Dnssec::Insecure,
-            }]));
-        }
-        self.resolver.mail_exchangers(domain).await.map(NextHop::Mx)
-    }
-
-    /// Where a transaction for `domain` goes when the MTA was connecting to `addr` and was
-    /// redirected to us. A rule's smart-host route still wins; otherwise the next hop is
-    /// `addr`, named by the MX of `domain` that has this address, so that the certificate
-    /// and the domain's policy are checked against that name.
-    ///
-    /// With DANE in force, a failed lookup that could tell whether DANE applies (the MX
-    /// answer, or the address answer of a host named by a secure one) is an error: whoever
-    /// can drop one DNS answer must not take DANE away.
-    pub async fn original_destination_hop(
+    /// The route for a transaction's first recipient, planned as `plan`: its next hop (the
+    /// redirect's destination in transparent mode), what its domain publishes there, and the
+    /// first server and address that accepted the envelope's MAIL FROM.
+    pub async fn open_route(
         &self,
-        plan: &Plan,
-        domain: &str,
-        addr: SocketAddr,
-    ) -> Result<NextHop, RouteError> {
-        if let Route::Smarthost { server, .. } = plan.route() {
-            return Ok(NextHop::Smarthost(server.clone()));
-        }
-        let dane = self.resolver.check_dnssec().await;
-        let hosts = match self.resolver.mail_exchangers(domain).await {
-            Ok(hosts) => hosts,
-            Err(RouteError::DnsTemporary { detail, .. }) if dane => {
-                return Err(RouteError::DaneUnknown {
-                    lookup: format!("MX lookup of {domain}"),
-                    server: addr.ip().to_string(),
-                    detail,
-                });
-            }
-            Err(e) => {
-                tracing::info!(
-                    domain,
-                    "no MX set to name the original destination {addr}: {e}"
-                );
-                Vec::new()
-            }
+        plan: Plan,
+        envelope: &Envelope<'_>,
+        redirect: Option<&mut Redirect>,
+    ) -> Result<OpenRoute, NoRoute> {
+        let domain = envelope.first.0.routing_domain().to_string();
+        let destination = redirect.as_ref().map(|r| r.destination);
+        let hop = self.hop(&plan, &domain, destination).await?;
+        let policy = self.policy_for(&hop, &domain).await;
+        // The remote connected at accept serves the first transaction to it.
+        let greeted = match (&hop, redirect) {
+            (NextHop::OriginalDestination { .. }, Some(redirect)) => redirect.greeted.take(),
+            _ => None,
         };
-        let mx = self.mx_with_address(&hosts, addr.ip(), dane).await?;
-        let (mx, mx_dnssec) = mx.map_or((None, Dnssec::Insecure), |host| {
-            (Some(host.name), host.dnssec)
-        });
-        if mx.is_none() {
-            tracing::warn!(
-                domain,
-                "the original destination {addr} is no MX host of {domain}: its certificate cannot be verified for an MX name (tls-unverified at best)"
-            );
-        }
-        Ok(NextHop::OriginalDestination {
-            addr,
-            mx,
-            mx_dnssec,
+        // Boxed: the session's future would otherwise be as large as all the lookups and
+        // handshakes below, and it is copied at every spawn.
+        let opened = Box::pin(self.open(&plan, &domain, &hop, &policy, greeted, envelope)).await;
+        Ok(OpenRoute {
+            hop: hop.key(),
+            upstream: opened.map_err(NoRoute::Open)?,
+            domain,
+            plan,
         })
     }
 
-    /// The first of `hosts` (best first) that has the address `ip`. With `dane`, a host
-    /// named by a secure MX answer whose address lookup fails before one is found stops
-    /// the search: it might be the one, and DANE would apply to it.
-    pub(crate) async fn mx_with_address(
+    /// Whether a later recipient at `domain`, planned as `plan`, may ride on the open
+    /// `route`: it must have the same next hop, and its own domain must find there what it
+    /// needs. `Err` tells the MTA to send it in another transaction, or why it cannot go.
+    pub async fn join_route(
         &self,
-        hosts: &[MxHost],
-        ip: std::net::IpAddr,
-        dane: bool,
-    ) -> Result<Option<MxHost>, RouteError> {
-        for host in hosts {
-            let found = match literal_address(&host.name) {
-                Some(literal) => Ok(vec![literal]),
-                None => (self.resolver.addresses_like(&host.name, ip).await).map(|(a, _)| a),
-            };
-            match found {
-                Ok(addrs) if addrs.contains(&ip) => return Ok(Some(host.clone())),
-                Ok(_) | Err(AddressError::NotFound) => {}
-                Err(AddressError::Temporary(detail)) if dane && host.dnssec == Dnssec::Secure => {
-                    return Err(RouteError::DaneUnknown {
-                        lookup: format!("address lookup of {}", host.name),
-                        server: ip.to_string(),
-                        detail,
-                    });
-                }
-                Err(AddressError::Temporary(_)) => {}
-            }
+        route: &OpenRoute,
+        plan: &Plan,
+        domain: &str,
+        destination: Option<SocketAddr>,
+    ) -> Result<(), NoRoute> {
+        if route.domain == domain && route.plan == *plan {
+            return Ok(());
         }
-        Ok(None)
+        let hop = self.hop(plan, domain, destination).await?;
+        if hop.key() != route.hop || plan.rule_names() != route.plan.rule_names() {
+            return Err(NoRoute::OtherHop {
+                domain: domain.to_string(),
+                route_domain: route.domain.clone(),
+            });
+        }
+        // The same server, and still its domain is judged on its own: what it publishes
+        // may ask more than the route the first recipient opened has.
+        let policy = self.policy_for(&hop, domain).await;
+        let facts = route.upstream.facts();
+        match Box::pin(self.joins(facts, plan, domain, &hop, &policy)).await {
+            Ok(()) => Ok(()),
+            Err(why) => Err(NoRoute::NotJoined {
+                domain: domain.to_string(),
+                route: Box::new(facts.clone()),
+                why,
+            }),
+        }
+    }
+
+    /// The next hop for `domain`: the original `destination` of a redirected session, else
+    /// what the plan and DNS say.
+    async fn hop(
+        &self,
+        plan: &Plan,
+        domain: &str,
+        destination: Option<SocketAddr>,
+    ) -> Result<NextHop, NoRoute> {
+        let hop = match destination {
+            Some(addr) => Box::pin(self.original_destination_hop(plan, domain, addr)).await,
+            None => Box::pin(self.next_hop(plan, domain)).await,
+        };
+        hop.map_err(NoRoute::Hop)
+    }
+
+    /// What `domain` publishes (MTA-STS) for `hop`: it binds its MX hosts only, never a
+    /// smart host route (RFC 8461 3.4).
+    async fn policy_for(&self, hop: &NextHop, domain: &str) -> PolicyLookup {
+        match hop.is_domain_delivery() {
+            true => Box::pin(self.policies.policy_for(domain)).await,
+            false => PolicyLookup::NotPublished,
+        }
     }
 
     /// Whether a recipient at `domain` (planned as `plan`, through `hop`) may ride on the
-    /// transaction's open `route`. Its domain is judged on its own: what it publishes for
+    /// route that went to `route`. Its domain is judged on its own: what it publishes for
     /// the route's server (DANE, MTA-STS), with the route's own TLS as what was found, must
     /// lead the one decision to that very connection. `Err` says what its domain needs
-    /// instead; the MTA is then told to send it in another transaction.
-    pub async fn joins(
+    /// instead.
+    async fn joins(
         &self,
         route: &RemoteFacts,
         plan: &Plan,
@@ -208,223 +281,19 @@ impl Outbound {
             decision => NotJoined::Needs { decision, server },
         })
     }
-
-    /// What `server`'s domain publishes for it, reached through `hop`: DANE where the MX
-    /// and address answers that name it were DNSSEC-secure (before MTA-STS), else what its
-    /// MTA-STS `policy` says of it.
-    pub(crate) async fn published_for(
-        &self,
-        hop: &NextHop,
-        server: &ServerId,
-        port: u16,
-        policy: Option<&StsPolicy>,
-    ) -> Published {
-        let mx_secure = match hop {
-            NextHop::Mx(hosts) => {
-                (hosts.iter()).any(|h| h.name == server.name && h.dnssec == Dnssec::Secure)
-            }
-            NextHop::OriginalDestination { mx, mx_dnssec, .. } => {
-                mx.as_deref() == Some(server.name.as_str()) && *mx_dnssec == Dnssec::Secure
-            }
-            NextHop::Smarthost(_) => false,
-        };
-        let dane = match mx_secure {
-            false => None,
-            true => match self
-                .resolver
-                .addresses_like(&server.name, server.addr)
-                .await
-            {
-                Ok((found, Dnssec::Secure)) if found.contains(&server.addr) => {
-                    self.dane(&server.name, port).await.published
-                }
-                Ok((_, Dnssec::Insecure)) => None,
-                // Whether DANE applies cannot be known: as a failed TLSA lookup.
-                _ => Some(Published::Dane(DaneState::Bogus)),
-            },
-        };
-        dane.unwrap_or_else(|| published(policy, &server.name))
-    }
-
-    /// Whether the domain's MX answer is DNSSEC-secure, when DANE is in force: for
-    /// `explain` and `probe`, which have no next hop (delivery has it from the MX answer).
-    pub(crate) async fn mx_secure(&self, domain: &str) -> bool {
-        if domain.starts_with('[') || !self.resolver.check_dnssec().await {
-            return false;
-        }
-        matches!(
-            self.resolver.mail_exchangers_checked(domain).await,
-            Ok((_, Dnssec::Secure))
-        )
-    }
-
-    /// What DANE says of a host whose MX and address answers were secure: its published
-    /// policy (none when it has no secure TLSA records), its usable records, and all.
-    pub(crate) async fn dane(&self, host: &str, port: u16) -> Dane {
-        let answer = self.resolver.tlsa(host, port).await;
-        match &answer {
-            TlsaAnswer::Records {
-                usable, unusable, ..
-            } if usable.is_empty() => {
-                let why: Vec<String> = unusable.iter().map(|(r, e)| format!("{r}: {e}")).collect();
-                tracing::info!(
-                    host,
-                    "DANE: no usable TLSA record ({}); TLS required, unauthenticated",
-                    why.join("; ")
-                );
-            }
-            TlsaAnswer::Failed(why) => {
-                tracing::warn!(
-                    host,
-                    "DANE: {why}; nothing is sent to this host until it can be had"
-                );
-            }
-            _ => {}
-        }
-        let published = dane_published(&answer);
-        let (usable, presentation) = match answer {
-            TlsaAnswer::Records {
-                usable,
-                presentation,
-                ..
-            } => (usable, presentation),
-            _ => (Vec::new(), Vec::new()),
-        };
-        Dane {
-            published,
-            usable,
-            presentation,
-        }
-    }
-
-    /// What DANE says of `host` as an MX of `domain` now, for `explain` and `probe`:
-    /// `None` when DANE is off or does not apply (an insecure answer, no TLSA records).
-    pub async fn dane_policy(&self, domain: &str, host: &str) -> Option<Published> {
-        if !self.mx_secure(domain).await {
-            return None;
-        }
-        match self.addresses_checked(host).await {
-            Ok((_, Dnssec::Secure)) => self.dane(host, self.port).await.published,
-            _ => None,
-        }
-    }
-
-    pub(crate) async fn addresses_checked(
-        &self,
-        host: &str,
-    ) -> Result<(Vec<std::net::IpAddr>, Dnssec), AddressError> {
-        match literal_address(host) {
-            Some(ip) => Ok((vec![ip], Dnssec::Insecure)),
-            None => self.resolver.addresses_checked(host).await,
-        }
-    }
-
-    pub(crate) async fn addresses(
-        &self,
-        host: &str,
-    ) -> Result<Vec<std::net::IpAddr>, AddressError> {
-        match literal_address(host) {
-            Some(ip) => Ok(vec![ip]),
-            None => self.resolver.addresses(host).await,
-        }
-    }
 }
 
-/// Whether the decision's first try (`decide` with nothing known) requires a certificate
-/// verified for the server's name of an original destination that no MX host names, so
-/// that it cannot succeed.
-pub(crate) fn no_mx_name(hop: &NextHop, first_try: &HostDecision) -> bool {
-    let name_verified = matches!(
-        first_try,
-        HostDecision::Tls(TlsTerms {
-            verify: VerifyMode::Require,
-            authentication: Authentication::Pkix | Authentication::UnusableTlsa,
-            ..
-        })
-    );
-    name_verified && matches!(hop, NextHop::OriginalDestination { mx: None, .. })
-}
-
-/// What a domain's MTA-STS policy is to one of its servers.
-pub fn published(policy: Option<&StsPolicy>, server: &str) -> Published {
-    let Some(policy) = policy else {
-        return Published::Nothing;
-    };
-    let mode = match policy.mode {
-        Mode::Enforce => StsMode::Enforce,
-        Mode::Testing => StsMode::Testing,
-        Mode::None => return Published::Nothing,
-    };
-    Published::MtaSts {
-        mode,
-        mx_listed: policy.mx_matches(server),
-    }
-}
-
-/// What DANE says of one MX host.
-#[derive(Default)]
-pub(crate) struct Dane {
-    /// `None`: DANE does not apply.
-    pub published: Option<Published>,
-    pub usable: Vec<TlsaRecord>,
-    /// Every TLSA record in presentation form.
-    pub presentation: Vec<String>,
-}
-
-/// What a secure MX host's TLSA answer publishes (RFC 7672 2.2); `None`: no DANE.
-pub fn dane_published(answer: &TlsaAnswer) -> Option<Published> {
-    match answer {
-        TlsaAnswer::Records { usable, .. } if !usable.is_empty() => {
-            Some(Published::Dane(DaneState::Usable))
-        }
-        TlsaAnswer::Records { .. } => Some(Published::Dane(DaneState::Unusable)),
-        TlsaAnswer::None | TlsaAnswer::Insecure => None,
-        TlsaAnswer::Failed(_) => Some(Published::Dane(DaneState::Bogus)),
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::rules::Rule;
-
-    fn rule(yaml: &str) -> Rule {
-        let rules =
-            crate::rules::RuleSet::parse(yaml, std::path::Path::new("r.yaml")).expect("rules");
-        rules.rules()[0].clone()
-    }
-
-    #[test]
-    fn an_unnamed_original_destination_is_the_cause_only_where_the_decision_verifies_its_name() {
-        let unnamed = NextHop::OriginalDestination {
-            addr: "192.0.2.25:25".parse().expect("address"),
-            mx: None,
-            mx_dnssec: Dnssec::Insecure,
-        };
-        let named = NextHop::OriginalDestination {
-            addr: "192.0.2.25:25".parse().expect("address"),
-            mx: Some("mx.example".into()),
-            mx_dnssec: Dnssec::Insecure,
-        };
-        let enforce = Published::MtaSts {
-            mode: StsMode::Enforce,
-            mx_listed: true,
-        };
-        let strict = rule("rules:\n  - name: r\n    tls: require\n    verify: require\n");
-        let lenient = rule("rules:\n  - name: r\n");
-        let first_try = |rule: &Rule, published| decide(rule, Known::Nothing, published);
-        assert!(no_mx_name(
-            &unnamed,
-            &first_try(&strict, Published::Nothing)
-        ));
-        assert!(no_mx_name(&unnamed, &first_try(&lenient, enforce)));
-        assert!(!no_mx_name(
-            &unnamed,
-            &first_try(&lenient, Published::Nothing)
-        ));
-        assert!(!no_mx_name(&named, &first_try(&strict, Published::Nothing)));
-        // DANE judges by the TLSA records, not the name.
-        let dane = Published::Dane(DaneState::Usable);
-        assert!(!no_mx_name(&unnamed, &first_try(&lenient, dane)));
+/// How a route is secured, in a few words: `TLS, verified`, `legacy TLS, ...`, `plain`.
+fn route_terms(tls: &TlsOutcome) -> String {
+    match tls {
+        TlsOutcome::Encrypted(session) => match &session.verification {
+            Verification::Verified => "TLS, verified".to_string(),
+            Verification::Failed(problem) => format!("TLS, {}", problem.class()),
+        },
+        TlsOutcome::Legacy(_) => "legacy TLS, not authenticated".to_string(),
+        TlsOutcome::Plain(reason) => match reason.class() {
+            Some(class) => format!("plain, {class}"),
+            None => "plain".to_string(),
+        },
     }
 }

@@ -228,11 +228,10 @@ impl Upstream {
     }
 
     /// One block of the (already stuffed, CRLF-only) message text.
-    pub async fn body_block(&mut self, block: &[u8]) -> Result<(), String> {
+    pub async fn body_block(&mut self, block: &[u8]) -> Result<(), ExchangeError> {
         (self.conn)
             .write(block, self.timeouts.data_block, "sending the message")
             .await
-            .map_err(|e| e.to_string())
     }
 
     /// The last bytes of the message text (`tail`, maybe none) with the final dot, in one
@@ -249,7 +248,7 @@ impl Upstream {
                 .await?;
             let reply = conn.read_reply(t.data_end, what).await?;
             conn.expect_due(&reply, &[250], what)?;
-            Ok::<_, crate::net::connection::ExchangeError>(reply)
+            Ok::<_, ExchangeError>(reply)
         };
         let verdict = verdict.await;
         self.stage = match &verdict {
@@ -281,7 +280,7 @@ impl Upstream {
         self.conn.quit().await;
     }
 
-    fn answer(&mut self, sent: Result<Reply, crate::net::connection::ExchangeError>) -> Answer {
+    fn answer(&mut self, sent: Result<Reply, ExchangeError>) -> Answer {
         match sent {
             Ok(reply) if reply.closes_connection() => {
                 self.stage = Stage::Spoiled;

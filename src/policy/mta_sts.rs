@@ -928,7 +928,9 @@ impl PolicyStore {
                 HttpsError::Certificate { .. } => {
                     PolicyError::new(PolicyErrorKind::WebpkiInvalid, e.to_string())
                 }
-                HttpsError::Failed(detail) => PolicyError::new(PolicyErrorKind::FetchError, detail),
+                HttpsError::Failed { .. } => {
+                    PolicyError::new(PolicyErrorKind::FetchError, e.to_string())
+                }
             })?;
         let fetch_error = |detail: String| PolicyError::new(PolicyErrorKind::FetchError, detail);
         if response.status.is_redirection() {

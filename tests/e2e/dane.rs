@@ -11,7 +11,9 @@ use crate::support::pki::{CertKey, TestCa, Validity, self_signed};
 use openssl::x509::X509;
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
-use tlsrouter::net::dane::{DaneMismatch, DaneVerdict, DaneVerifier, TlsaRecord};
+use tlsrouter::net::dane::{
+    DaneMismatch, DaneVerdict, DaneVerifier, NoMatch, TaFailure, TlsaRecord,
+};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
@@ -100,7 +102,7 @@ fn record(usage: u8, selector: u8, matching: u8, cert_der: &[u8]) -> TlsaRecord 
 }
 
 /// The DANE reason inside a failed handshake's error.
-fn mismatch(error: &std::io::Error) -> Option<String> {
+fn mismatch(error: &std::io::Error) -> Option<NoMatch> {
     let rustls_error = error.get_ref()?.downcast_ref::<rustls::Error>()?;
     let rustls::Error::InvalidCertificate(rustls::CertificateError::Other(other)) = rustls_error
     else {
@@ -137,7 +139,17 @@ async fn dane_ee_rejects_a_server_whose_key_matches_no_record() {
     let (result, verdict) = dane_handshake(addr, vec![record(3, 1, 1, &der(&other))]).await;
     let error = result.expect_err("a key no record names must fail the handshake");
     let why = mismatch(&error).unwrap_or_else(|| panic!("not a DANE failure: {error:?}"));
-    assert!(why.contains("matches none of 1 DANE-EE"), "{why}");
+    assert_eq!(
+        why,
+        NoMatch::Records {
+            ee: Some(1),
+            ta: None
+        }
+    );
+    assert!(
+        why.to_string().contains("matches none of 1 DANE-EE"),
+        "{why}"
+    );
     assert_eq!(verdict, Some(DaneVerdict::NoMatch(why)));
 }
 
@@ -173,8 +185,16 @@ async fn dane_ta_rejects_a_chain_to_another_anchor() {
     let (result, _) = dane_handshake(addr, vec![record(2, 0, 1, &ca_der(&other_ca))]).await;
     let error = result.expect_err("another anchor must fail the handshake");
     let why = mismatch(&error).unwrap_or_else(|| panic!("not a DANE failure: {error:?}"));
+    assert_eq!(
+        why,
+        NoMatch::Records {
+            ee: None,
+            ta: Some(TaFailure::NoAnchorSent(1))
+        }
+    );
     assert!(
-        why.contains("no certificate the server sent matches"),
+        why.to_string()
+            .contains("no certificate the server sent matches"),
         "{why}"
     );
 }
@@ -189,7 +209,17 @@ async fn dane_ta_rejects_a_certificate_under_the_anchor_that_does_not_name_the_m
     let (result, _) = dane_handshake(addr, vec![record(2, 0, 1, &ca_der(&ca))]).await;
     let error = result.expect_err("a name mismatch under DANE-TA must fail the handshake");
     let why = mismatch(&error).unwrap_or_else(|| panic!("not a DANE failure: {error:?}"));
-    assert!(why.contains("does not verify"), "{why}");
+    assert!(
+        matches!(
+            &why,
+            NoMatch::Records {
+                ee: None,
+                ta: Some(TaFailure::ChainInvalid { .. })
+            }
+        ),
+        "{why:?}"
+    );
+    assert!(why.to_string().contains("does not verify"), "{why}");
 }
 
 #[tokio::test]
@@ -202,7 +232,17 @@ async fn dane_ta_rejects_an_expired_certificate_under_the_anchor() {
     let (result, _) = dane_handshake(addr, vec![record(2, 1, 1, &ca_der(&ca))]).await;
     let error = result.expect_err("an expired leaf under DANE-TA must fail the handshake");
     let why = mismatch(&error).unwrap_or_else(|| panic!("not a DANE failure: {error:?}"));
-    assert!(why.contains("does not verify"), "{why}");
+    assert!(
+        matches!(
+            &why,
+            NoMatch::Records {
+                ee: None,
+                ta: Some(TaFailure::ChainInvalid { .. })
+            }
+        ),
+        "{why:?}"
+    );
+    assert!(why.to_string().contains("does not verify"), "{why}");
 }
 
 #[tokio::test]
@@ -222,7 +262,18 @@ async fn with_both_kinds_a_dane_ee_match_is_enough_and_a_failure_names_each_kind
     let (result, _) = dane_handshake(addr, vec![ta, wrong_ee]).await;
     let error = result.expect_err("neither record matches");
     let why = mismatch(&error).unwrap_or_else(|| panic!("not a DANE failure: {error:?}"));
-    assert!(why.contains("DANE-EE") && why.contains("DANE-TA"), "{why}");
+    assert_eq!(
+        why,
+        NoMatch::Records {
+            ee: Some(1),
+            ta: Some(TaFailure::NoAnchorSent(1))
+        }
+    );
+    let words = why.to_string();
+    assert!(
+        words.contains("DANE-EE") && words.contains("DANE-TA"),
+        "{why}"
+    );
 }
 
 // The daemon under DANE: a DNSSEC-signed tree on loopback whose root key is the only trust

@@ -6,30 +6,51 @@
 //! A connection is a [`PlainConnection`] until the secure step; only that type can say
 //! STARTTLS, so no connection is secured twice.
 
+mod auth;
+mod judge;
+mod reuse;
+
+pub use auth::AuthFailure;
+
 use std::net::SocketAddr;
 use std::sync::Mutex;
 
-use base64::Engine;
-use base64::engine::general_purpose::STANDARD as BASE64;
-
-use crate::cache::Observation;
 use crate::net::connection::{Connection, ExchangeError, PlainConnection, StartTls, Stream};
 use crate::net::dane::TlsaRecord;
 use crate::net::dns::ServerId;
 use crate::net::tls::Handshake;
-use crate::outbound::delivery::{Outbound, site};
-use crate::outbound::pool::{Idle, Lineage, PoolKey};
+use crate::outbound::delivery::Outbound;
 use crate::outbound::upstream::FirstReply;
-use crate::outcome::{NoTls, OutcomeClass, TlsOutcome, TlsSession, Verification};
+use crate::outcome::{NoTls, OutcomeClass, TlsOutcome};
 use crate::policy::mta_sts::StsPolicy;
-use crate::policy::tlsrpt::{PolicyFacts, SessionResult};
 use crate::router::decision::{
-    Authentication, Connected, DaneState, HostDecision, Known, Published, Refusal, Skip, TlsTerms,
-    decide, is_fact_about_server, overridden,
+    Authentication, DaneState, HostDecision, Known, Published, Refusal, Skip, TlsTerms, decide,
+    overridden,
 };
-use crate::rules::model::{AuthSpec, HostPort};
+use crate::rules::model::HostPort;
 use crate::rules::{Fallback, Route, Rule};
-use crate::smtp::{Capabilities, Mailbox, MissingExtension, RcptParams, Reply};
+use crate::smtp::{Capabilities, MailParams, Mailbox, MissingExtension, RcptParams, Reply};
+
+/// What a remote transaction is opened with: the MTA's sender and MAIL parameters, and its
+/// first recipient, which goes with MAIL FROM in one write to a remote that offers
+/// PIPELINING (its reply waits in the upstream for `Upstream::recipient`).
+pub struct Envelope<'a> {
+    pub sender: Option<&'a Mailbox>,
+    pub params: &'a MailParams,
+    pub first: (&'a Mailbox, &'a RcptParams),
+}
+
+impl Envelope<'_> {
+    /// MAIL FROM for a remote with these capabilities, or the extension the message needs
+    /// and the remote lacks.
+    fn mail_from(&self, caps: &Capabilities) -> Result<String, MissingExtension> {
+        let sender = self.sender.map(ToString::to_string).unwrap_or_default();
+        Ok(format!(
+            "MAIL FROM:<{sender}>{}",
+            self.params.to_wire(caps)?
+        ))
+    }
+}
 
 /// One delivery attempt: the rule for this server, the route, the server, and what the
 /// decision said before connecting.
@@ -46,8 +67,8 @@ pub(crate) struct Attempt<'a> {
     pub policy: Option<&'a StsPolicy>,
     /// A connection greeted before the transaction (transparent mode), not yet used.
     pub greeted: &'a Mutex<Option<(PlainConnection, Capabilities)>>,
-    /// The recipient to pipeline with MAIL FROM, where the remote allows it.
-    pub first_recipient: Option<(&'a Mailbox, &'a RcptParams)>,
+    /// What MAIL FROM and the first RCPT TO are written from.
+    pub envelope: &'a Envelope<'a>,
     /// The server's usable TLSA records, when DANE applies.
     pub tlsa: &'a [TlsaRecord],
     /// All its TLSA records in presentation form, for TLS-RPT.
@@ -121,8 +142,14 @@ pub enum AttemptFailure {
     Unsupported(MissingExtension),
     /// The remote answered MAIL FROM with this; the MTA hears it.
     Rejected(Reply),
-    /// Something on our side stops delivery for now, whatever server: the MTA hears this.
-    Deferred(Reply),
+    /// The smart host's AUTH did not go through: delivery waits, whatever server.
+    Auth(AuthFailure),
+}
+
+impl From<AuthFailure> for AttemptFailure {
+    fn from(failure: AuthFailure) -> AttemptFailure {
+        AttemptFailure::Auth(failure)
+    }
 }
 
 impl std::fmt::Display for AttemptFailure {
@@ -136,7 +163,8 @@ impl std::fmt::Display for AttemptFailure {
             AttemptFailure::Broken(broken) => broken.fmt(f),
             AttemptFailure::Refused(refusal) => refusal.fmt(f),
             AttemptFailure::Unsupported(missing) => missing.fmt(f),
-            AttemptFailure::Rejected(reply) | AttemptFailure::Deferred(reply) => reply.fmt(f),
+            AttemptFailure::Rejected(reply) => reply.fmt(f),
+            AttemptFailure::Auth(failure) => failure.fmt(f),
         }
     }
 }
@@ -282,13 +310,10 @@ impl Outbound {
         }))
     }
 
-    /// Runs one attempt up to the remote's acceptance of MAIL FROM; `mail_from` writes the
-    /// command for the capabilities the remote announced, or says which one the message
-    /// needs and the remote lacks.
+    /// Runs one attempt up to the remote's acceptance of MAIL FROM.
     pub(crate) async fn attempt(
         &self,
         attempt: &Attempt<'_>,
-        mail_from: &(dyn Fn(&Capabilities) -> Result<String, MissingExtension> + Sync),
     ) -> Result<(Reached, Option<FirstReply>), AttemptFailure> {
         let mut reached = self.reach(attempt).await?;
         if let Route::Smarthost {
@@ -299,7 +324,7 @@ impl Outbound {
             tokio::spawn(reached.conn.quit());
             return Err(failure);
         }
-        let command = match mail_from(&reached.caps) {
+        let command = match attempt.envelope.mail_from(&reached.caps) {
             Ok(command) => command,
             Err(missing) => {
                 tokio::spawn(reached.conn.quit());
@@ -307,7 +332,7 @@ impl Outbound {
             }
         };
         let (conn, caps) = (&mut reached.conn, &reached.caps);
-        let (reply, first) = (self.mail_from(conn, caps, &command, attempt.first_recipient))
+        let (reply, first) = (self.mail_from(conn, caps, &command, attempt.envelope.first))
             .await
             .map_err(Broken::Exchange)?;
         if reply.closes_connection() {
@@ -322,19 +347,19 @@ impl Outbound {
 
     /// MAIL FROM; to a remote that offers PIPELINING, with the first recipient in the same
     /// write (RFC 2920), its reply read after MAIL FROM's and kept for the upstream.
-    async fn mail_from<T: Stream>(
+    pub(super) async fn mail_from<T: Stream>(
         &self,
         conn: &mut Connection<T>,
         caps: &Capabilities,
         command: &str,
-        first: Option<(&Mailbox, &RcptParams)>,
+        (recipient, params): (&Mailbox, &RcptParams),
     ) -> Result<(Reply, Option<FirstReply>), ExchangeError> {
         let timeout = self.timeouts.command;
         let what = "the reply to MAIL FROM";
-        let Some((recipient, params)) = first.filter(|_| caps.pipelining) else {
+        if !caps.pipelining {
             let reply = conn.exchange(command, &[250], timeout, what).await?;
             return Ok((reply, None));
-        };
+        }
         let rcpt = format!("RCPT TO:<{recipient}>{}", params.to_wire(caps));
         let commands = [
             (command, &[250][..], what),
@@ -417,28 +442,6 @@ impl Outbound {
                 Err(not_achieved(decision))
             }
         }
-    }
-
-    /// What the decision makes of what an attempt found, with the memory of TLS asked; a
-    /// fact about the server is remembered, and every outcome of `rustls` counted for the
-    /// domain's report. Also whether it was a downgrade.
-    fn judge(
-        &self,
-        attempt: &Attempt<'_>,
-        outcome: &TlsOutcome,
-        report: bool,
-    ) -> (HostDecision, bool) {
-        let fact = is_fact_about_server(attempt.rule, outcome);
-        let downgrade = fact && self.is_downgrade(attempt, outcome);
-        let found = Known::Found { outcome, downgrade };
-        let decision = decide(attempt.rule, found, attempt.published);
-        if fact {
-            self.remember(attempt, outcome, &decision);
-        }
-        if report {
-            self.report(attempt, outcome);
-        }
-        (decision, downgrade)
     }
 
     /// The legacy stack on a new connection: STARTTLS, the OpenSSL handshake, EHLO again;
@@ -545,83 +548,6 @@ impl Outbound {
         match self.ehlo(&mut conn).await {
             Ok(caps) => Ok(Secured::Tls(conn, caps, session.into())),
             Err(broken) => Err(Broken::AfterTls(Box::new(broken))),
-        }
-    }
-
-    /// A server that did TLS before and now does not may have it stripped on the way:
-    /// always a warning (the decision says whether it defers).
-    fn is_downgrade(&self, attempt: &Attempt<'_>, outcome: &TlsOutcome) -> bool {
-        let (TlsOutcome::Plain(reason), Some(class)) = (outcome, outcome.class()) else {
-            return false;
-        };
-        let server = attempt.server;
-        if !self.cache.is_downgrade(&server.name, server.addr, class) {
-            return false;
-        }
-        self.stats.downgrades.inc();
-        tracing::warn!(
-            server = %server,
-            rule = %attempt.rule.name,
-            downgrade = %class,
-            "downgrade: this host did TLS before and now fails it ({class}: {reason})"
-        );
-        true
-    }
-
-    /// Writes what the TLS attempt found to the cache. A session whose certificate failed
-    /// a rule that requires it is remembered as that failure, as the rule saw it.
-    fn remember(&self, attempt: &Attempt<'_>, outcome: &TlsOutcome, decision: &HostDecision) {
-        let refused_certificate = match (outcome, decision) {
-            (TlsOutcome::Encrypted(session), decision)
-                if !matches!(decision, HostDecision::Tls(_)) =>
-            {
-                match &session.verification {
-                    Verification::Failed(problem) => {
-                        Some(TlsOutcome::Plain(NoTls::CertRejected(problem.clone())))
-                    }
-                    Verification::Verified => None,
-                }
-            }
-            _ => None,
-        };
-        let outcome = refused_certificate.as_ref().unwrap_or(outcome);
-        if let Some(observation) = Observation::from_outcome(outcome) {
-            let server = attempt.server;
-            self.cache
-                .record(&server.name, server.addr, attempt.domain, observation);
-        }
-    }
-
-    /// Counts the attempt for the domain's TLS-RPT report under the policy that was
-    /// applied: DANE's TLSA records where DANE applies (before MTA-STS), else the MTA-STS
-    /// policy; nothing for a domain with neither.
-    fn report(&self, attempt: &Attempt<'_>, outcome: &TlsOutcome) {
-        let facts = match (attempt.published, attempt.policy) {
-            (Published::Dane(_), _) => {
-                PolicyFacts::tlsa(attempt.tlsa_records, &attempt.server.name)
-            }
-            (_, Some(policy)) => PolicyFacts::sts(policy),
-            (_, None) => return,
-        };
-        // An unverified session is judged by why its certificate failed.
-        let class = match outcome {
-            TlsOutcome::Encrypted(TlsSession {
-                verification: Verification::Failed(problem),
-                ..
-            }) => Some(problem.class()),
-            other => other.class(),
-        };
-        let result = match attempt.published {
-            // TLS was had, but none of the host's TLSA records could be used (RFC 8460
-            // 4.3.2.1): the policy itself is in error.
-            Published::Dane(DaneState::Unusable) if outcome.is_encrypted() => {
-                Some(SessionResult::tlsa_invalid())
-            }
-            _ => class.and_then(SessionResult::from_class),
-        };
-        if let Some(result) = result {
-            let site = site(attempt.server);
-            (self.tls_reports).record(attempt.domain, &facts, &result, &site);
         }
     }
 
@@ -732,211 +658,6 @@ impl Outbound {
             Ok(Capabilities::default())
         } else {
             Err(Broken::EhloAndHelo(reply))
-        }
-    }
-
-    /// AUTH PLAIN or LOGIN, over TLS only, with credentials read now (so they can rotate).
-    async fn authenticate(
-        &self,
-        reached: &mut Reached,
-        server: &ServerId,
-        auth: &AuthSpec,
-    ) -> Result<(), AttemptFailure> {
-        let defer =
-            |code: &str, text: String| AttemptFailure::Deferred(Reply::new(451, code, text));
-        let host = reached.conn.host.clone();
-        match &reached.tls {
-            // The legacy stack never authenticates the server: the password could go to
-            // anyone in the middle.
-            TlsOutcome::Legacy(_) => {
-                return Err(defer(
-                    "4.7.5",
-                    format!("{server}: no AUTH over unauthenticated legacy TLS"),
-                ));
-            }
-            TlsOutcome::Plain(_) => {
-                return Err(defer("4.7.5", format!("{host}: AUTH only over TLS")));
-            }
-            TlsOutcome::Encrypted(_) => {}
-        }
-        let (user, password) = crate::outbound::credentials::read(auth)
-            .map_err(|e| defer("4.3.5", format!("smarthost credentials: {e}")))?;
-        let timeout = self.timeouts.command;
-        let what = "the reply to AUTH";
-        let (conn, caps) = (&mut reached.conn, &reached.caps);
-        let exchange = if caps.auth.iter().any(|m| m == "PLAIN") {
-            let token = BASE64.encode(format!("\0{user}\0{password}"));
-            let line = format!("AUTH PLAIN {token}");
-            conn.command_secret(&line, "AUTH PLAIN ****", timeout, what)
-                .await
-        } else if caps.auth.iter().any(|m| m == "LOGIN") {
-            self.auth_login(conn, &user, &password).await
-        } else {
-            return Err(defer(
-                "4.7.0",
-                format!("{host} offers neither AUTH PLAIN nor LOGIN"),
-            ));
-        };
-        match exchange {
-            Ok(reply) if reply.code == 235 => Ok(()),
-            Ok(reply) => Err(defer("4.7.0", format!("{host} refused AUTH: {reply}"))),
-            Err(e) => Err(Broken::Auth(e).into()),
-        }
-    }
-
-    async fn auth_login(
-        &self,
-        conn: &mut Connection,
-        user: &str,
-        password: &str,
-    ) -> Result<Reply, ExchangeError> {
-        let timeout = self.timeouts.command;
-        let what = "the reply to AUTH LOGIN";
-        let reply = conn.command("AUTH LOGIN", timeout, what).await?;
-        if reply.code != 334 {
-            return Ok(reply);
-        }
-        let reply = conn
-            .command_secret(&BASE64.encode(user), "(username)", timeout, what)
-            .await?;
-        if reply.code != 334 {
-            return Ok(reply);
-        }
-        conn.command_secret(&BASE64.encode(password), "(password)", timeout, what)
-            .await
-    }
-
-    /// Where a connection this attempt made could be pooled: never one to a relay, one that
-    /// authenticated (its credentials are not part of the key), or a legacy-stack session.
-    pub(crate) fn pool_key(&self, attempt: &Attempt<'_>, reached: &Reached) -> Option<PoolKey> {
-        let authenticated = matches!(attempt.route, Route::Smarthost { auth: Some(_), .. });
-        // A DANE session is judged by its TLSA records, which the pool does not keep.
-        if !self.pool.config.enabled
-            || authenticated
-            || reached.relay.is_some()
-            || matches!(reached.tls, TlsOutcome::Legacy(_))
-            || matches!(attempt.published, Published::Dane(_))
-        {
-            return None;
-        }
-        Some(PoolKey {
-            addr: attempt.addr(),
-            name: attempt.server.name.clone(),
-            ehlo: self.hostname.clone(),
-        })
-    }
-
-    /// What a pooled connection's TLS is worth to this attempt: `Some` with the outcome to
-    /// deliver under (and whether it is a downgrade) when the decision, asked as if the
-    /// connection had just been made (the memory of TLS included), would have chosen it;
-    /// `None` when it has less (or other).
-    fn fitting(&self, attempt: &Attempt<'_>, pooled: &TlsOutcome) -> Option<(TlsOutcome, bool)> {
-        if matches!(attempt.decision, HostDecision::Tls(terms) if terms.implicit) {
-            return None;
-        }
-        let server = attempt.server;
-        let downgrade = (pooled.class())
-            .is_some_and(|class| self.cache.is_downgrade(&server.name, server.addr, class));
-        let found = Known::Found {
-            outcome: pooled,
-            downgrade,
-        };
-        let found = decide(attempt.rule, found, attempt.published);
-        let conn = Connected {
-            tls: pooled,
-            authentication: Authentication::Pkix,
-            relay: None,
-        };
-        let fits = match (&attempt.decision, pooled) {
-            // The server offered no STARTTLS moments ago: what a fresh EHLO would most
-            // likely find, and the decision says whether plain is allowed after it. Not from
-            // a host that did TLS recently: every message tries TLS with it again.
-            (HostDecision::Tls(_), TlsOutcome::Plain(NoTls::NoStarttls)) => {
-                !downgrade && found.admits(&conn)
-            }
-            (before, _) => before.admits(&conn) && found.admits(&conn),
-        };
-        if !fits {
-            return None;
-        }
-        // A plain connection is delivered under the decision's reason for plain.
-        let outcome = match (&attempt.decision, &found) {
-            _ if pooled.is_encrypted() => pooled.clone(),
-            (HostDecision::Plain { reason, .. }, _) | (_, HostDecision::Plain { reason, .. }) => {
-                TlsOutcome::Plain(reason.clone())
-            }
-            _ => pooled.clone(),
-        };
-        Some((outcome, downgrade))
-    }
-
-    /// A pooled connection for this attempt, up to the remote's acceptance of MAIL FROM.
-    /// One that turns out dead (or answers anything but 250) is closed and the next is
-    /// tried; `None` when none is left, and the attempt connects anew: nothing was
-    /// committed, so the MTA never hears of it.
-    pub(crate) async fn reuse(
-        &self,
-        attempt: &Attempt<'_>,
-        mail_from: &(dyn Fn(&Capabilities) -> Result<String, MissingExtension> + Sync),
-    ) -> Option<(Reached, Lineage, Option<FirstReply>)> {
-        if !self.pool.config.enabled
-            || matches!(attempt.route, Route::Smarthost { auth: Some(_), .. })
-            || matches!(attempt.published, Published::Dane(_))
-        {
-            return None;
-        }
-        let key = PoolKey {
-            addr: attempt.addr(),
-            name: attempt.server.name.clone(),
-            ehlo: self.hostname.clone(),
-        };
-        loop {
-            let fits = |idle: &Idle| {
-                self.fitting(attempt, &idle.tls).is_some() && mail_from(&idle.caps).is_ok()
-            };
-            let taken = self.pool.take(&key, fits);
-            self.stats.pool_idle.set(self.pool.len() as i64);
-            let mut idle = taken?;
-            let (tls, downgrade) = self.fitting(attempt, &idle.tls)?;
-            let command = mail_from(&idle.caps).ok()?;
-            let timeout = self.timeouts.command;
-            let conn = &mut idle.conn;
-            let mut ready = true;
-            if idle.needs_rset {
-                ready = matches!(
-                    conn.exchange("RSET", &[250], timeout, "the reply to RSET").await,
-                    Ok(reply) if reply.code == 250
-                );
-            }
-            if ready {
-                let accepted = self
-                    .mail_from(conn, &idle.caps, &command, attempt.first_recipient)
-                    .await;
-                let why = match accepted {
-                    Ok((reply, first)) if reply.code == 250 => {
-                        self.stats.pool_reuses.inc();
-                        let lineage = Lineage {
-                            opened: idle.lineage.opened,
-                            messages: idle.lineage.messages + 1,
-                            reused: true,
-                        };
-                        let reached = Reached {
-                            conn: idle.conn,
-                            caps: idle.caps,
-                            tls,
-                            relay: None,
-                            authentication: Authentication::Pkix,
-                            downgrade,
-                        };
-                        return Some((reached, lineage, first));
-                    }
-                    Ok((reply, _)) => reply.to_string(),
-                    Err(e) => e.to_string(),
-                };
-                tracing::debug!(server = %attempt.server, "pooled connection not usable ({why}); connecting anew");
-            }
-            self.stats.pool_dead.inc();
-            tokio::spawn(idle.conn.quit());
         }
     }
 }
