@@ -17,7 +17,7 @@ use crate::net::connection::{Connection, StartTls};
 use crate::net::dane::{DaneVerdict, DaneVerifier, NoMatch, TlsaRecord};
 use crate::net::dns::{Dnssec, MxHost, ServerId, TlsaAnswer, literal_address};
 use crate::net::tls::{Handshake, Session};
-use crate::outbound::delivery::Outbound;
+use crate::outbound::Outbound;
 use crate::outcome::{NoTls, OutcomeClass, TlsOutcome, TlsSession, Verification};
 use crate::policy::mta_sts::{PolicyLookup, PolicyStore, StsPolicy};
 use crate::router::Plan;

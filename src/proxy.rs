@@ -8,7 +8,7 @@ use crate::config::Config;
 use crate::net::dns::MxResolver;
 use crate::net::https::HttpsClient;
 use crate::net::tls::{TlsClient, trusted_roots};
-use crate::outbound::delivery::Outbound;
+use crate::outbound::Outbound;
 use crate::policy::mta_sts::{PolicyStore, policy_file};
 use crate::policy::tlsrpt::{TlsReports, counts_file};
 use crate::router::Router;

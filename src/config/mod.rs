@@ -12,7 +12,7 @@ pub use crate::settings::{ConfigError, Timeouts, duration, yaml_error};
 
 use crate::net::dns::ResolverConfig;
 use crate::net::tls::TlsConfig;
-use crate::outbound::delivery::DeliveryConfig;
+use crate::outbound::DeliveryConfig;
 use crate::settings::SetupError;
 
 #[derive(Clone, Debug, Deserialize)]

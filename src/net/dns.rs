@@ -14,7 +14,6 @@ use hickory_resolver::proto::dnssec::{Proof, TrustAnchors};
 use hickory_resolver::proto::op::ResponseCode;
 use hickory_resolver::proto::rr::{RData, Record, RecordType};
 use rand::seq::SliceRandom;
-
 use serde::Deserialize;
 
 use crate::net::dane::{TlsaRecord, Unusable};

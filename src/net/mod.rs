@@ -13,3 +13,4 @@ pub mod https;
 pub mod legacy;
 pub mod socket_mark;
 pub mod tls;
+pub mod transport;

@@ -1,6 +1,7 @@
 //! TLS toward remote MX servers: rustls with a verifier that always verifies, records the
 //! result for the connection, and lets the policy decide what a bad certificate means.
 
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -15,13 +16,14 @@ use rustls::{
     RootCertStore, SignatureScheme, SupportedProtocolVersion,
 };
 use serde::Deserialize;
-use std::path::PathBuf;
 use tokio::net::TcpStream;
 use tokio_rustls::client::TlsStream;
 
 use crate::net::dane::{DaneVerdict, DaneVerifier, TlsaRecord};
+
 #[cfg(feature = "legacy-tls")]
 use crate::net::legacy::LegacyConnector;
+use crate::net::transport::Transport;
 use crate::outcome::{CertProblem, NoTls, TlsSession, Verification, format_date};
 use crate::rules::MinTls;
 use crate::settings::SetupError;
@@ -160,8 +162,7 @@ impl TlsClient {
         host: &str,
         how: &Handshake,
         timeout: Duration,
-    ) -> Result<(crate::net::connection::Transport, Session), NoTls> {
-        use crate::net::connection::Transport;
+    ) -> Result<(Transport, Session), NoTls> {
         match how {
             Handshake::Pkix(min_tls) => {
                 let (stream, session) = self.handshake(tcp, host, *min_tls, timeout).await?;

@@ -7,80 +7,20 @@
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 
-use serde::Deserialize;
-
-use crate::cache::{Observation, OutcomeCache};
+use crate::cache::Observation;
 use crate::net::connection::PlainConnection;
-use crate::net::dialer::Dialer;
-use crate::net::dns::{AddressError, Dnssec, MxResolver, RouteError, ServerId, literal_address};
-use crate::net::tls::TlsClient;
-use crate::outbound::attempt::{
-    Attempt, AttemptFailure, AuthFailure, Envelope, Greeted, is_connected,
-};
+use crate::net::dns::{AddressError, Dnssec, RouteError, ServerId, literal_address};
+use crate::outbound::Outbound;
+use crate::outbound::attempt::{Attempt, Envelope, Greeted, is_connected, site};
+use crate::outbound::failure::{AttemptFailure, AuthFailure, Failed, unsupported_reply};
 use crate::outbound::hop::{Dane, NextHop, no_mx_name, published};
-use crate::outbound::pool::{Lineage, Pool, PoolConfig};
+use crate::outbound::pool::Lineage;
 use crate::outbound::upstream::{RemoteFacts, Upstream, relayable};
-use crate::policy::mta_sts::{Mode, PolicyLookup, PolicyStore};
-use crate::policy::tlsrpt::{PolicyFacts, SessionResult, SessionSite, TlsReports};
+use crate::policy::mta_sts::{Mode, PolicyLookup};
+use crate::policy::tlsrpt::{PolicyFacts, SessionResult, SessionSite};
 use crate::router::Plan;
-use crate::router::decision::{
-    DaneState, HostDecision, Known, Published, Refusal, decide, overridden,
-};
-use crate::settings::Timeouts;
-use crate::smtp::data::BareLineEndings;
-use crate::smtp::{Capabilities, MissingExtension, Reply};
-use crate::stats::Stats;
-
-/// `delivery:` in the configuration.
-#[derive(Clone, Debug, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct DeliveryConfig {
-    /// The port of remote MX servers: 25 on the Internet, anything in a lab.
-    pub port: u16,
-    /// What to do with a bare CR or LF in a message body.
-    pub bare_line_endings: BareLineEndings,
-    /// `SO_MARK` on every outbound connection, so that a transparent redirect can let
-    /// ours pass (needs `CAP_NET_ADMIN`).
-    pub socket_mark: Option<u32>,
-    /// Keeping remote connections for later messages.
-    pub pool: PoolConfig,
-    /// The local address connections to remote servers come from; none: the system's
-    /// choice.
-    pub source_address: Option<std::net::IpAddr>,
-}
-
-impl Default for DeliveryConfig {
-    fn default() -> Self {
-        DeliveryConfig {
-            port: 25,
-            bare_line_endings: BareLineEndings::Normalize,
-            socket_mark: None,
-            pool: PoolConfig::default(),
-            source_address: None,
-        }
-    }
-}
-
-/// Everything the outbound side needs, shared by all sessions.
-pub struct Outbound {
-    pub resolver: Arc<MxResolver>,
-    pub tls: TlsClient,
-    /// How every connection is made (source address, socket mark, connect timeout).
-    pub dialer: Dialer,
-    /// Our EHLO name.
-    pub hostname: String,
-    /// Remote SMTP port of MX hosts.
-    pub port: u16,
-    pub timeouts: Timeouts,
-    pub cache: Arc<OutcomeCache>,
-    pub stats: Arc<Stats>,
-    /// What TLS-RPT reports count: every attempt to a domain with an MTA-STS policy.
-    pub tls_reports: Arc<TlsReports>,
-    /// Remote connections kept between transactions.
-    pub pool: Arc<Pool>,
-    /// The MTA-STS policies of recipient domains.
-    pub policies: Arc<PolicyStore>,
-}
+use crate::router::decision::{DaneState, HostDecision, Known, Published, decide, overridden};
+use crate::smtp::{Capabilities, Reply};
 
 /// Why no remote transaction could be opened.
 #[derive(Debug)]
@@ -119,57 +59,6 @@ impl OpenError {
             }
         }
     }
-}
-
-/// One line of why no server took a transaction.
-#[derive(Debug)]
-pub enum Failed {
-    /// A host whose addresses could not be had.
-    Addresses { host: String, error: AddressError },
-    /// A server, and why it did not take the transaction.
-    Server {
-        server: ServerId,
-        failure: AttemptFailure,
-    },
-    /// TLS required at a server and not had there. `unnamed_in`: the server is an original
-    /// destination that no MX host of this domain names, which is why it cannot verify.
-    Refused {
-        server: ServerId,
-        refusal: Refusal,
-        unnamed_in: Option<String>,
-    },
-}
-
-impl std::fmt::Display for Failed {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            Failed::Addresses { host, error } => write!(f, "{host}: {error}"),
-            Failed::Server {
-                server,
-                failure: AttemptFailure::Unsupported(missing),
-            } => write!(f, "{server}: {}", unsupported_reply(server, missing)),
-            Failed::Server { server, failure } => write!(f, "{server}: {failure}"),
-            // The cause, first: the MTA's queue shows it before any cut.
-            Failed::Refused {
-                server,
-                refusal,
-                unnamed_in: Some(domain),
-            } => write!(
-                f,
-                "{} is no MX host of {domain}: the certificate cannot be verified for an MX \
-                 name ({server} {refusal})",
-                server.addr
-            ),
-            Failed::Refused {
-                server, refusal, ..
-            } => write!(f, "{server} {refusal}"),
-        }
-    }
-}
-
-/// The reply for a message a server cannot take for want of an extension.
-fn unsupported_reply(server: &ServerId, missing: &MissingExtension) -> Reply {
-    Reply::new(554, "5.6.9", format!("{server} {missing}"))
 }
 
 /// The failures, one after another (the reply keeps itself within one line).
@@ -480,13 +369,5 @@ impl Outbound {
                 tokio::spawn(upstream.quit());
             }
         }
-    }
-}
-
-pub(crate) fn site(server: &ServerId) -> SessionSite {
-    SessionSite {
-        receiving_mx: Some(server.name.clone()),
-        receiving_ip: Some(server.addr),
-        sending_ip: None,
     }
 }

@@ -9,7 +9,7 @@ use crate::net::dane::TlsaRecord;
 use crate::net::dns::{
     AddressError, Dnssec, MxHost, RouteError, ServerId, TlsaAnswer, literal_address,
 };
-use crate::outbound::delivery::Outbound;
+use crate::outbound::Outbound;
 use crate::policy::mta_sts::{Mode, StsPolicy};
 use crate::router::Plan;
 use crate::router::decision::{

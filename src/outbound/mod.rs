@@ -1,11 +1,81 @@
-//! The side toward the Internet, above [`crate::net`]: the delivery attempts a plan asks
-//! for (what the one decision says, carried out and recorded), the connection pool, the
-//! credentials for smart hosts, and the remote dialogue of a transaction once it is open.
+//! The side toward the Internet, above [`crate::net`] and [`crate::policy`]: what the
+//! session asks for ([`route`]), where a transaction goes ([`hop`]), the servers tried in
+//! turn ([`delivery`]), one conversation with one server ([`attempt`]), why one did not
+//! take it ([`failure`]), the remote dialogue of an open transaction ([`upstream`]), the
+//! connections kept between transactions ([`pool`]) and a smart host's credentials.
+//! [`Outbound`] is what they share.
 
 pub mod attempt;
 pub mod credentials;
 pub mod delivery;
+pub mod failure;
 pub mod hop;
 pub mod pool;
 pub mod route;
 pub mod upstream;
+
+use std::sync::Arc;
+
+use serde::Deserialize;
+
+use crate::cache::OutcomeCache;
+use crate::net::dialer::Dialer;
+use crate::net::dns::MxResolver;
+use crate::net::tls::TlsClient;
+use crate::outbound::pool::{Pool, PoolConfig};
+use crate::policy::mta_sts::PolicyStore;
+use crate::policy::tlsrpt::TlsReports;
+use crate::settings::Timeouts;
+use crate::smtp::data::BareLineEndings;
+use crate::stats::Stats;
+
+/// `delivery:` in the configuration.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DeliveryConfig {
+    /// The port of remote MX servers: 25 on the Internet, anything in a lab.
+    pub port: u16,
+    /// What to do with a bare CR or LF in a message body.
+    pub bare_line_endings: BareLineEndings,
+    /// `SO_MARK` on every outbound connection, so that a transparent redirect can let
+    /// ours pass (needs `CAP_NET_ADMIN`).
+    pub socket_mark: Option<u32>,
+    /// Keeping remote connections for later messages.
+    pub pool: PoolConfig,
+    /// The local address connections to remote servers come from; none: the system's
+    /// choice.
+    pub source_address: Option<std::net::IpAddr>,
+}
+
+impl Default for DeliveryConfig {
+    fn default() -> Self {
+        DeliveryConfig {
+            port: 25,
+            bare_line_endings: BareLineEndings::Normalize,
+            socket_mark: None,
+            pool: PoolConfig::default(),
+            source_address: None,
+        }
+    }
+}
+
+/// Everything the outbound side needs, shared by all sessions.
+pub struct Outbound {
+    pub resolver: Arc<MxResolver>,
+    pub tls: TlsClient,
+    /// How every connection is made (source address, socket mark, connect timeout).
+    pub dialer: Dialer,
+    /// Our EHLO name.
+    pub hostname: String,
+    /// Remote SMTP port of MX hosts.
+    pub port: u16,
+    pub timeouts: Timeouts,
+    pub cache: Arc<OutcomeCache>,
+    pub stats: Arc<Stats>,
+    /// What TLS-RPT reports count: every attempt to a domain with an MTA-STS policy.
+    pub tls_reports: Arc<TlsReports>,
+    /// Remote connections kept between transactions.
+    pub pool: Arc<Pool>,
+    /// The MTA-STS policies of recipient domains.
+    pub policies: Arc<PolicyStore>,
+}

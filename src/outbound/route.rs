@@ -7,8 +7,9 @@
 use std::net::SocketAddr;
 
 use crate::net::dns::{RouteError, ServerId};
+use crate::outbound::Outbound;
 use crate::outbound::attempt::{Envelope, Greeted};
-use crate::outbound::delivery::{OpenError, Outbound};
+use crate::outbound::delivery::OpenError;
 use crate::outbound::hop::NextHop;
 use crate::outbound::upstream::{RemoteFacts, Upstream};
 use crate::outcome::{TlsOutcome, Verification};

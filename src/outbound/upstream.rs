@@ -43,7 +43,7 @@ pub struct RemoteFacts {
     /// this server.
     pub published: Published,
     /// Attempts that failed before this one.
-    pub earlier_failures: std::sync::Arc<Vec<crate::outbound::delivery::Failed>>,
+    pub earlier_failures: std::sync::Arc<Vec<crate::outbound::failure::Failed>>,
     /// The transaction went on a connection an earlier one had used.
     pub reused: bool,
 }

@@ -6,40 +6,11 @@ use base64::engine::general_purpose::STANDARD as BASE64;
 use super::{AttemptFailure, Broken, Reached};
 use crate::net::connection::{Connection, ExchangeError};
 use crate::net::dns::ServerId;
-use crate::outbound::credentials::CredentialsError;
-use crate::outbound::delivery::Outbound;
+use crate::outbound::Outbound;
+use crate::outbound::failure::AuthFailure;
 use crate::outcome::TlsOutcome;
 use crate::rules::model::AuthSpec;
 use crate::smtp::Reply;
-
-/// Why a smart host's AUTH did not go through. Mail waits (4xx) until an admin sees to it.
-#[derive(Debug, thiserror::Error)]
-pub enum AuthFailure {
-    /// The legacy stack never authenticates the server: the password could go to anyone
-    /// in the middle.
-    #[error("{0}: no AUTH over unauthenticated legacy TLS")]
-    LegacyTls(ServerId),
-    #[error("{0}: AUTH only over TLS")]
-    NotTls(String),
-    #[error("smarthost credentials: {0}")]
-    Credentials(CredentialsError),
-    #[error("{0} offers neither AUTH PLAIN nor LOGIN")]
-    NoMechanism(String),
-    #[error("{host} refused AUTH: {reply}")]
-    Refused { host: String, reply: Reply },
-}
-
-impl AuthFailure {
-    /// What the MTA is told.
-    pub fn reply(&self) -> Reply {
-        let code = match self {
-            AuthFailure::LegacyTls(_) | AuthFailure::NotTls(_) => "4.7.5",
-            AuthFailure::Credentials(_) => "4.3.5",
-            AuthFailure::NoMechanism(_) | AuthFailure::Refused { .. } => "4.7.0",
-        };
-        Reply::new(451, code, self)
-    }
-}
 
 impl Outbound {
     /// AUTH PLAIN or LOGIN, over TLS only, with credentials read now (so they can rotate).

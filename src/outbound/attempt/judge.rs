@@ -3,9 +3,10 @@
 
 use super::Attempt;
 use crate::cache::Observation;
-use crate::outbound::delivery::{Outbound, site};
+use crate::net::dns::ServerId;
+use crate::outbound::Outbound;
 use crate::outcome::{NoTls, TlsOutcome, TlsSession, Verification};
-use crate::policy::tlsrpt::{PolicyFacts, SessionResult};
+use crate::policy::tlsrpt::{PolicyFacts, SessionResult, SessionSite};
 use crate::router::decision::{
     DaneState, HostDecision, Known, Published, decide, is_fact_about_server,
 };
@@ -108,5 +109,14 @@ impl Outbound {
             let site = site(attempt.server);
             (self.tls_reports).record(attempt.domain, &facts, &result, &site);
         }
+    }
+}
+
+/// Where a session to `server` was, as TLS-RPT reports it.
+pub(crate) fn site(server: &ServerId) -> SessionSite {
+    SessionSite {
+        receiving_mx: Some(server.name.clone()),
+        receiving_ip: Some(server.addr),
+        sending_ip: None,
     }
 }

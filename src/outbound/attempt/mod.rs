@@ -10,21 +10,23 @@ mod auth;
 mod judge;
 mod reuse;
 
-pub use auth::AuthFailure;
-
 use std::net::SocketAddr;
 use std::sync::Mutex;
 
-use crate::net::connection::{Connection, ExchangeError, PlainConnection, StartTls, Stream};
+pub(crate) use judge::site;
+
+use crate::net::connection::{Connection, ExchangeError, PlainConnection, StartTls};
 use crate::net::dane::TlsaRecord;
 use crate::net::dns::ServerId;
 use crate::net::tls::Handshake;
-use crate::outbound::delivery::Outbound;
+use crate::net::transport::Stream;
+use crate::outbound::Outbound;
+use crate::outbound::failure::{AttemptFailure, Broken};
 use crate::outbound::upstream::FirstReply;
 use crate::outcome::{NoTls, OutcomeClass, TlsOutcome};
 use crate::policy::mta_sts::StsPolicy;
 use crate::router::decision::{
-    Authentication, DaneState, HostDecision, Known, Published, Refusal, Skip, TlsTerms, decide,
+    Authentication, DaneState, HostDecision, Known, Published, Refusal, TlsTerms, decide,
     overridden,
 };
 use crate::rules::model::HostPort;
@@ -122,87 +124,6 @@ pub(crate) struct Reached {
     pub authentication: Authentication,
     /// The server did TLS recently and this attempt did not get it.
     pub downgrade: bool,
-}
-
-/// Why one server did not take the transaction.
-#[derive(Debug)]
-pub enum AttemptFailure {
-    /// Not tried: it could not be reached moments ago.
-    Skipped(Skip),
-    /// No connection (remembered briefly, as `class`).
-    Unreachable {
-        class: OutcomeClass,
-        error: ExchangeError,
-    },
-    /// The dialogue broke before MAIL FROM was accepted: not a TLS fact about the server.
-    Broken(Broken),
-    /// TLS is required here (by the rule or what the domain publishes) and was not had.
-    Refused(Refusal),
-    /// The message needs an extension the server lacks; another server may have it.
-    Unsupported(MissingExtension),
-    /// The remote answered MAIL FROM with this; the MTA hears it.
-    Rejected(Reply),
-    /// The smart host's AUTH did not go through: delivery waits, whatever server.
-    Auth(AuthFailure),
-}
-
-impl From<AuthFailure> for AttemptFailure {
-    fn from(failure: AuthFailure) -> AttemptFailure {
-        AttemptFailure::Auth(failure)
-    }
-}
-
-impl std::fmt::Display for AttemptFailure {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            AttemptFailure::Skipped(skip) => skip.fmt(f),
-            AttemptFailure::Unreachable { error, .. } => match error {
-                ExchangeError::Io(e) => write!(f, "connect failed: {e}"),
-                other => other.fmt(f),
-            },
-            AttemptFailure::Broken(broken) => broken.fmt(f),
-            AttemptFailure::Refused(refusal) => refusal.fmt(f),
-            AttemptFailure::Unsupported(missing) => missing.fmt(f),
-            AttemptFailure::Rejected(reply) => reply.fmt(f),
-            AttemptFailure::Auth(failure) => failure.fmt(f),
-        }
-    }
-}
-
-/// Where a dialogue broke, and how.
-#[derive(Debug, thiserror::Error)]
-pub enum Broken {
-    #[error(transparent)]
-    Exchange(#[from] ExchangeError),
-    #[error("greeting: {0}")]
-    Greeting(Reply),
-    #[error("EHLO: {0}")]
-    Ehlo(Reply),
-    #[error("EHLO and HELO refused: {0}")]
-    EhloAndHelo(Reply),
-    /// The server ended the session at STARTTLS (421/221).
-    #[error("STARTTLS: {}", .0.one_line())]
-    Starttls(Reply),
-    /// The EHLO after a successful handshake failed: the server is in trouble, not its TLS.
-    #[error("after TLS: {0}")]
-    AfterTls(Box<Broken>),
-    #[error("MAIL FROM: {0}")]
-    MailFrom(Reply),
-    #[error("during AUTH: {0}")]
-    Auth(ExchangeError),
-    #[error("fallback relay {relay}: no address")]
-    RelayUnknown { relay: HostPort },
-    #[error("fallback relay {relay}: {why}")]
-    Relay {
-        relay: HostPort,
-        why: Box<AttemptFailure>,
-    },
-}
-
-impl From<Broken> for AttemptFailure {
-    fn from(broken: Broken) -> AttemptFailure {
-        AttemptFailure::Broken(broken)
-    }
 }
 
 /// A remote connected at accept for a transparent session: its greeting and EHLO reply

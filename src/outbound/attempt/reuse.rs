@@ -2,7 +2,7 @@
 //! attempt (the decision must admit its TLS as the attempt's domain needs it).
 
 use super::{Attempt, Reached};
-use crate::outbound::delivery::Outbound;
+use crate::outbound::Outbound;
 use crate::outbound::pool::{Idle, Lineage, PoolKey};
 use crate::outbound::upstream::FirstReply;
 use crate::outcome::{NoTls, TlsOutcome};
