@@ -13,7 +13,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use criterion::{Criterion, criterion_group, criterion_main};
-use tlsrouter::cache::shared::{RedisConfig, Roots, SharedCache};
+use tlsrouter::cache::config::RedisConfig;
+use tlsrouter::cache::shared::{Roots, SharedCache};
 use tlsrouter::cache::{Backend, CacheConfig, Observation, OutcomeCache, SystemClock};
 use tlsrouter::outcome::{TlsOutcome, TlsSession, Verification};
 use tlsrouter::stats::Stats;

@@ -11,7 +11,7 @@ use crate::cache::Observation;
 use crate::net::connection::PlainConnection;
 use crate::net::dns::{AddressError, Dnssec, RouteError, ServerId, literal_address};
 use crate::outbound::Outbound;
-use crate::outbound::attempt::{Attempt, Envelope, Greeted, is_connected, site};
+use crate::outbound::attempt::{Attempt, Envelope, Greeted, is_connected};
 use crate::outbound::failure::{AttemptFailure, AuthFailure, Failed, unsupported_reply};
 use crate::outbound::hop::{Dane, NextHop, no_mx_name, published};
 use crate::outbound::pool::Lineage;
@@ -229,7 +229,7 @@ impl Outbound {
                         domain,
                         &PolicyFacts::tlsa(&tlsa_records, &server.name),
                         &SessionResult::dnssec_invalid(),
-                        &site(&server),
+                        &SessionSite::at(&server),
                     );
                 }
                 if let (
@@ -239,7 +239,7 @@ impl Outbound {
                     },
                 ) = (policy, published)
                 {
-                    let site = site(&server);
+                    let site = SessionSite::at(&server);
                     (self.tls_reports).record(
                         domain,
                         &PolicyFacts::sts(policy),

@@ -973,7 +973,7 @@ impl PolicyStore {
             version: FILE_VERSION,
             policies: policies.iter().map(|p| p.as_ref()).collect(),
         };
-        crate::cache::write_atomically(path, |w| {
+        crate::cache::persistence::write_atomically(path, |w| {
             serde_json::to_writer(w, &saved).map_err(io::Error::from)
         })?;
         Ok(policies.len())

@@ -74,7 +74,7 @@ impl RcptParams {
     }
 
     /// The parameters as they go to the remote: only to one that offers DSN.
-    pub fn to_wire(&self, remote: &crate::smtp::Capabilities) -> String {
+    pub fn to_wire(&self, remote: &crate::smtp::ehlo::Capabilities) -> String {
         let mut out = String::new();
         if !remote.dsn {
             return out;
@@ -105,7 +105,10 @@ impl MailParams {
     /// knows them; 8-bit text still goes as it is, since a cut-through relay cannot convert
     /// it (as most MTAs do). SMTPUTF8 addresses and headers cannot go to a remote without
     /// SMTPUTF8 at all (RFC 6531 3.2).
-    pub fn to_wire(&self, remote: &crate::smtp::Capabilities) -> Result<String, MissingExtension> {
+    pub fn to_wire(
+        &self,
+        remote: &crate::smtp::ehlo::Capabilities,
+    ) -> Result<String, MissingExtension> {
         if self.smtputf8 && !remote.smtputf8 {
             return Err(MissingExtension("SMTPUTF8"));
         }
@@ -182,8 +185,8 @@ pub enum CommandError {
 
 impl CommandError {
     /// The reply this error gets (RFC 5321 4.2.3, RFC 3463).
-    pub fn reply(&self) -> crate::smtp::Reply {
-        use crate::smtp::Reply;
+    pub fn reply(&self) -> crate::smtp::reply::Reply {
+        use crate::smtp::reply::Reply;
         match self {
             CommandError::Unknown => Reply::new(500, "5.5.1", "command not recognized"),
             CommandError::Syntax(why) => Reply::new(501, "5.5.4", format!("syntax error: {why}")),
@@ -598,7 +601,7 @@ mod tests {
         else {
             panic!("RCPT TO should parse");
         };
-        let mut remote = crate::smtp::Capabilities::default();
+        let mut remote = crate::smtp::ehlo::Capabilities::default();
         assert_eq!(mail.to_wire(&remote), Ok(String::new()));
         assert_eq!(rcpt.to_wire(&remote), "");
         remote.dsn = true;

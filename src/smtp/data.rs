@@ -24,8 +24,8 @@ pub enum BodyError {
 }
 
 impl BodyError {
-    pub fn reply(&self) -> crate::smtp::Reply {
-        use crate::smtp::Reply;
+    pub fn reply(&self) -> crate::smtp::reply::Reply {
+        use crate::smtp::reply::Reply;
         match self {
             BodyError::LineTooLong { limit } => Reply::new(
                 500,

@@ -1,6 +1,6 @@
 //! What a remote's EHLO reply says it can do.
 
-use crate::smtp::Reply;
+use crate::smtp::reply::Reply;
 
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Capabilities {

@@ -21,9 +21,9 @@ use tlsrouter::net::dns::MxResolver;
 use tlsrouter::net::https::HttpsClient;
 use tlsrouter::outcome::OutcomeClass;
 use tlsrouter::policy::mta_sts::{Mode, MtaStsConfig, PolicyErrorKind, PolicyLookup, PolicyStore};
+use tlsrouter::policy::tlsrpt::sending::{ReportDelivery, SendError};
 use tlsrouter::policy::tlsrpt::{
-    PolicyFacts, ReportDelivery, Rua, SendError, SessionResult, SessionSite, TlsReports,
-    TlsRptConfig, UtcDay,
+    PolicyFacts, Rua, SessionResult, SessionSite, TlsReports, TlsRptConfig, UtcDay,
 };
 use tlsrouter::stats::Stats;
 

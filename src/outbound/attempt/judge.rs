@@ -3,7 +3,6 @@
 
 use super::Attempt;
 use crate::cache::Observation;
-use crate::net::dns::ServerId;
 use crate::outbound::Outbound;
 use crate::outcome::{NoTls, TlsOutcome, TlsSession, Verification};
 use crate::policy::tlsrpt::{PolicyFacts, SessionResult, SessionSite};
@@ -106,17 +105,8 @@ impl Outbound {
             _ => class.and_then(SessionResult::from_class),
         };
         if let Some(result) = result {
-            let site = site(attempt.server);
+            let site = SessionSite::at(attempt.server);
             (self.tls_reports).record(attempt.domain, &facts, &result, &site);
         }
-    }
-}
-
-/// Where a session to `server` was, as TLS-RPT reports it.
-pub(crate) fn site(server: &ServerId) -> SessionSite {
-    SessionSite {
-        receiving_mx: Some(server.name.clone()),
-        receiving_ip: Some(server.addr),
-        sending_ip: None,
     }
 }

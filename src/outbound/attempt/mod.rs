@@ -13,8 +13,6 @@ mod reuse;
 use std::net::SocketAddr;
 use std::sync::Mutex;
 
-pub(crate) use judge::site;
-
 use crate::net::connection::{Connection, ExchangeError, PlainConnection, StartTls};
 use crate::net::dane::TlsaRecord;
 use crate::net::dns::ServerId;

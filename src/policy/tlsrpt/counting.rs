@@ -2,54 +2,14 @@
 //! aggregate report (RFC 8460 4).
 
 use std::collections::BTreeMap;
-use std::path::PathBuf;
 
 use serde::{Deserialize, Serialize};
 use serde_json::json;
 
-use super::{DAY_SECONDS, PolicyFacts, ResultType, SessionResult, SessionSite, TlsReports};
 use crate::outcome::format_date;
-
-/// A UTC day, as days since 1970-01-01.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
-pub struct UtcDay(pub u64);
-
-impl UtcDay {
-    pub fn of(unix_seconds: u64) -> UtcDay {
-        UtcDay(unix_seconds / DAY_SECONDS)
-    }
-
-    pub fn start(self) -> u64 {
-        self.0 * DAY_SECONDS
-    }
-
-    /// The day's last second.
-    pub fn end(self) -> u64 {
-        self.start() + DAY_SECONDS - 1
-    }
-
-    pub fn previous(self) -> UtcDay {
-        UtcDay(self.0.saturating_sub(1))
-    }
-
-    /// `YYYY-MM-DD`.
-    pub fn date(self) -> String {
-        format_date(self.start())
-    }
-}
-
-#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
-struct FailureKey {
-    result_type: ResultType,
-    reason_code: Option<String>,
-    site: SessionSite,
-}
-
-#[derive(Debug, Default)]
-pub(super) struct PolicyCounts {
-    successes: u64,
-    failures: BTreeMap<FailureKey, u64>,
-}
+use crate::policy::tlsrpt::TlsReports;
+use crate::policy::tlsrpt::day::{DAY_SECONDS, DomainCounts, FailureKey, UtcDay};
+use crate::policy::tlsrpt::results::{PolicyFacts, SessionResult, SessionSite};
 
 /// One row of the counts file: a domain's counts under one policy on one day.
 #[derive(Serialize, Deserialize)]
@@ -69,29 +29,6 @@ struct SavedFile {
 
 /// The counts file's format version.
 const FILE_VERSION: u32 = 1;
-
-/// The file the counts are saved in: beside the outcome cache file, `cache.json` giving
-/// `cache.tls-rpt.json`.
-pub fn counts_file(cache_file: &std::path::Path) -> PathBuf {
-    let stem = cache_file
-        .file_stem()
-        .map(|s| s.to_string_lossy().into_owned())
-        .unwrap_or_else(|| "cache".into());
-    cache_file.with_file_name(format!("{stem}.tls-rpt.json"))
-}
-
-/// The counts of one policy domain on one day, by the policy they were judged under.
-pub(super) type DomainDay = BTreeMap<PolicyFacts, PolicyCounts>;
-
-/// Today's counts for one domain, as `ctl tlsrpt` shows them.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct DomainCounts {
-    pub domain: String,
-    pub successes: u64,
-    pub failures: u64,
-    /// By result type.
-    pub failure_types: BTreeMap<String, u64>,
-}
 
 impl TlsReports {
     /// Counts one session to `policy_domain` (the recipient domain) under `policy`.
@@ -194,7 +131,7 @@ impl TlsReports {
             version: FILE_VERSION,
             counts: rows,
         };
-        crate::cache::write_atomically(path, |w| {
+        crate::cache::persistence::write_atomically(path, |w| {
             serde_json::to_writer(w, &file).map_err(std::io::Error::from)
         })?;
         Ok(file.counts.len())

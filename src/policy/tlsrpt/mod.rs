@@ -22,18 +22,16 @@ use crate::settings::SetupError;
 /// The media type of a gzip-compressed report (RFC 8460 6.4).
 pub const GZIP_MEDIA_TYPE: &str = "application/tlsrpt+gzip";
 
-const DAY_SECONDS: u64 = 86_400;
+pub mod counting;
+pub mod day;
+pub mod discovery;
+pub mod results;
+pub mod sending;
 
-mod counting;
-mod discovery;
-mod results;
-mod sending;
-
-use counting::DomainDay;
-pub use counting::{DomainCounts, UtcDay, counts_file};
+use day::DomainDay;
+pub use day::{DomainCounts, UtcDay, counts_file};
 pub use discovery::{RecordError, Rua, parse_rua, parse_tlsrpt_records};
 pub use results::{PolicyFacts, ResultType, SessionResult, SessionSite};
-pub use sending::{RelayProblem, ReportDelivery, SendError};
 
 #[derive(Clone, Debug, Deserialize)]
 #[serde(deny_unknown_fields, default)]

@@ -6,6 +6,7 @@ use std::net::IpAddr;
 use serde::{Deserialize, Serialize};
 use serde_json::json;
 
+use crate::net::dns::ServerId;
 use crate::outcome::OutcomeClass;
 use crate::policy::mta_sts::{PolicyError, StsPolicy};
 
@@ -205,7 +206,6 @@ impl PolicyFacts {
         }
     }
 }
-
 /// Where a failed session was: RFC 8460 4.4's failure details.
 #[derive(Clone, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
 pub struct SessionSite {
@@ -213,6 +213,17 @@ pub struct SessionSite {
     pub receiving_ip: Option<IpAddr>,
     /// Our own address on that connection.
     pub sending_ip: Option<IpAddr>,
+}
+
+impl SessionSite {
+    /// Where a session to `server` was.
+    pub fn at(server: &ServerId) -> SessionSite {
+        SessionSite {
+            receiving_mx: Some(server.name.clone()),
+            receiving_ip: Some(server.addr),
+            sending_ip: None,
+        }
+    }
 }
 
 #[cfg(test)]

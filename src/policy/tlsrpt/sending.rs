@@ -10,11 +10,13 @@ use std::time::Duration;
 use base64::Engine;
 use hyper::StatusCode;
 
-use super::{DAY_SECONDS, GZIP_MEDIA_TYPE, Rua, TlsReports, UtcDay, parse_tlsrpt_records};
 use crate::net::connection::ExchangeError;
 use crate::net::dialer::Dialer;
 use crate::net::https::HttpsError;
 use crate::outcome::format_date;
+use crate::policy::tlsrpt::day::{DAY_SECONDS, UtcDay};
+use crate::policy::tlsrpt::discovery::{Rua, parse_tlsrpt_records};
+use crate::policy::tlsrpt::{GZIP_MEDIA_TYPE, TlsReports};
 use crate::smtp::Reply;
 
 /// What became of one report for one address.
