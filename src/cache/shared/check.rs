@@ -59,6 +59,8 @@ pub enum Forged {
     PinNotWritten,
     #[error("its pin lasts {lasts}s, longer than cache.ttl.pin_max ({max}s)")]
     PinTooLong { lasts: u64, max: u64 },
+    /// What the policy layer found wrong with a shared MTA-STS policy, in its words (the
+    /// cache sits below the policies and cannot name their types).
     #[error("the MTA-STS policy {0}")]
     Policy(String),
 }
