@@ -578,7 +578,10 @@ async fn the_metrics_endpoint_serves_the_same_counters_in_prometheus_format() {
 // --- probe -------------------------------------------------------------------------------
 
 /// Probes example.test with `behaviour` serving its MX, as `tlsrouter probe` does.
-async fn probe_one(ca: &TestCa, behaviour: ServerBehaviour) -> tlsrouter::probe::ServerReport {
+async fn probe_one(
+    ca: &TestCa,
+    behaviour: ServerBehaviour,
+) -> tlsrouter::probe::report::ServerReport {
     let d = daemon(ca, behaviour, |lab| lab).await;
     let target = ProbeTarget {
         domain: Some("example.test".into()),
@@ -713,7 +716,7 @@ async fn probe_turns_to_the_legacy_stack_where_delivery_would_and_shows_what_it_
     let text = tlsrouter::probe::render(&tlsrouter::probe::ProbeReport {
         domain: None,
         dns_error: None,
-        mx: vec![tlsrouter::probe::MxReport {
+        mx: vec![tlsrouter::probe::report::MxReport {
             host: "mx.example.test".into(),
             preference: 10,
             addresses: Vec::new(),

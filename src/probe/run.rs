@@ -1,18 +1,14 @@
-//! `tlsrouter probe`: what an MX says and does, step by step, for an admin whose mail to
-//! one partner is stuck. It dials through delivery's dialer (source address, socket mark)
-//! and takes the same secure step (`PlainConnection::starttls`, PKIX or the legacy stack),
-//! and says what the host decision makes of what it found.
+//! Running a probe: each MX host and address reached through delivery's dialer and secure
+//! step, the legacy stack where rustls could not, and the decision on what was found.
 
 use std::fmt::Write;
-use std::net::{IpAddr, SocketAddr};
+use std::net::SocketAddr;
+use std::sync::Arc;
 use std::time::Instant;
 
 use serde::Serialize;
 
-use std::sync::Arc;
-
 use crate::cache::Observation;
-use crate::certificate::Certificate;
 use crate::net::connection::{Connection, StartTls};
 use crate::net::dane::{DaneVerdict, DaneVerifier, NoMatch, TlsaRecord};
 use crate::net::dns::{Dnssec, MxHost, ServerId, TlsaAnswer, literal_address};
@@ -20,6 +16,9 @@ use crate::net::tls::{Handshake, Session};
 use crate::outbound::Outbound;
 use crate::outcome::{NoTls, OutcomeClass, TlsOutcome, TlsSession, Verification};
 use crate::policy::mta_sts::{PolicyLookup, PolicyStore, StsPolicy};
+use crate::probe::report::{
+    LegacyReport, MxReport, ProbeReport, ServerReport, policy_report, tls_report, tlsa_report,
+};
 use crate::router::Plan;
 use crate::router::decision::{HostDecision, Known, Published, decide};
 use crate::router::explain::{Question, assumed_entry, explain};
@@ -46,121 +45,6 @@ impl ProbeTarget {
         (self.domain.is_none() && self.mx.is_none())
             .then_some("nothing to probe: give a domain or an MX host")
     }
-}
-
-#[derive(Debug, Serialize, serde::Deserialize)]
-pub struct ProbeReport {
-    pub domain: Option<String>,
-    /// Why the domain has no MX to probe, when it has none.
-    pub dns_error: Option<String>,
-    pub mx: Vec<MxReport>,
-    /// What the rules in force would do with a message to the domain before anything is
-    /// known about its servers (each server's report says what they do after the probe).
-    pub rule: Option<String>,
-    pub plan: Option<String>,
-    /// What the domain publishes through MTA-STS, as the daemon's policy store has it.
-    #[serde(default)]
-    pub mta_sts: Option<PolicyReport>,
-    /// Whether DANE is in force (`on`, or `off` and why).
-    #[serde(default)]
-    pub dane: Option<String>,
-    /// Whether the domain's MX answer was DNSSEC-`secure` or `insecure`.
-    #[serde(default)]
-    pub mx_dnssec: Option<String>,
-}
-
-/// A domain's MTA-STS policy, for people.
-#[derive(Debug, Serialize, serde::Deserialize)]
-pub struct PolicyReport {
-    /// `mta-sts:enforce`, `mta-sts:testing`, `none`, `mta-sts:sts-policy-fetch-error`...
-    pub state: String,
-    pub id: Option<String>,
-    pub mode: Option<String>,
-    pub mx: Vec<String>,
-    pub max_age: Option<u64>,
-    /// `YYYY-MM-DD`, UTC.
-    pub fetched: Option<String>,
-    pub error: Option<String>,
-}
-
-#[derive(Debug, Serialize, serde::Deserialize)]
-pub struct MxReport {
-    pub host: String,
-    pub preference: u16,
-    pub addresses: Vec<IpAddr>,
-    pub error: Option<String>,
-    /// Whether the domain's MTA-STS policy names this host (`None`: no policy).
-    #[serde(default)]
-    pub in_policy: Option<bool>,
-    pub servers: Vec<ServerReport>,
-    /// Whether the host's address answer was DNSSEC-`secure` or `insecure`.
-    #[serde(default)]
-    pub dnssec: Option<String>,
-    /// The host's TLSA records, when its MX and address answers were secure.
-    #[serde(default)]
-    pub tlsa: Option<TlsaReport>,
-}
-
-/// What an MX host's TLSA lookup found, for people.
-#[derive(Debug, Serialize, serde::Deserialize)]
-pub struct TlsaReport {
-    /// `usable`, `none usable`, `none`, `insecure`, or `failed: ...`.
-    pub state: String,
-    /// Each record as in a zone file, with `usable` or why it is not.
-    pub records: Vec<String>,
-}
-
-#[derive(Debug, Default, Serialize, serde::Deserialize)]
-pub struct ServerReport {
-    pub addr: Option<SocketAddr>,
-    /// Milliseconds per step: connect, greeting, ehlo, starttls, ehlo-after-tls.
-    pub timings_ms: Vec<(String, u64)>,
-    pub banner: Option<String>,
-    pub ehlo: Vec<String>,
-    pub starttls_offered: bool,
-    /// The outcome class of the attempt.
-    pub class: Option<OutcomeClass>,
-    /// The alert, io error or reply behind the class.
-    pub detail: Option<String>,
-    pub tls: Option<TlsReport>,
-    pub error: Option<String>,
-    /// The rule a message to the domain gets through this server, given what was found
-    /// here (its class, and its certificate's): rules may match on `mx` and `outcome`.
-    pub rule: Option<String>,
-    pub plan: Option<String>,
-    /// What a delivery through this server does now, given what was found here.
-    #[serde(default)]
-    pub decision: Option<String>,
-    /// Which TLSA record matched the certificate the server sent, or why none did.
-    #[serde(default)]
-    pub dane: Option<String>,
-    /// When rustls could not talk to the server and the decision is the legacy stack:
-    /// what that stack negotiated, or why it failed.
-    #[serde(default)]
-    pub legacy: Option<LegacyReport>,
-    /// What the fleet's shared cache holds for this server, with `cache.backend: redis`.
-    #[serde(default)]
-    pub fleet: Option<String>,
-}
-
-#[derive(Debug, Serialize, serde::Deserialize)]
-pub struct LegacyReport {
-    /// What rustls found first: the class and its detail.
-    pub rustls: String,
-    pub version: Option<String>,
-    pub cipher: Option<String>,
-    pub error: Option<String>,
-}
-
-#[derive(Debug, Serialize, serde::Deserialize)]
-pub struct TlsReport {
-    pub version: String,
-    pub cipher: String,
-    pub verified: bool,
-    /// Why the certificate did not verify for the MX name.
-    pub problem: Option<String>,
-    pub ehlo_after_tls: Vec<String>,
-    pub certificates: Vec<Certificate>,
 }
 
 /// Probes the target. With `record`, what is found goes into the cache (as a delivery's
@@ -234,34 +118,6 @@ pub async fn probe(
     }
 }
 
-fn tlsa_report(answer: &TlsaAnswer) -> TlsaReport {
-    let (state, records) = match answer {
-        TlsaAnswer::Records {
-            usable, unusable, ..
-        } => {
-            let state = if usable.is_empty() {
-                "none usable"
-            } else {
-                "usable"
-            };
-            let records = usable
-                .iter()
-                .map(|r| format!("{r} usable"))
-                .chain(
-                    unusable
-                        .iter()
-                        .map(|(r, why)| format!("{r}: unusable, {why}")),
-                )
-                .collect();
-            (state.to_string(), records)
-        }
-        TlsaAnswer::None => ("none".to_string(), Vec::new()),
-        TlsaAnswer::Insecure => ("insecure".to_string(), Vec::new()),
-        TlsaAnswer::Failed(why) => (format!("failed: {why}"), Vec::new()),
-    };
-    TlsaReport { state, records }
-}
-
 /// What the host's usable TLSA records make of the chain a server sent, by the verifier
 /// delivery uses.
 fn dane_verdict(
@@ -283,24 +139,6 @@ fn dane_verdict(
     verifier
         .verdict()
         .unwrap_or(DaneVerdict::NoMatch(NoMatch::NotChecked))
-}
-
-fn policy_report(lookup: &PolicyLookup) -> PolicyReport {
-    let policy = lookup.policy();
-    PolicyReport {
-        state: lookup.label(),
-        id: policy.map(|p| p.id.clone()),
-        mode: policy.map(|p| p.mode.to_string()),
-        mx: policy
-            .map(|p| p.mx.iter().map(|m| m.to_string()).collect())
-            .unwrap_or_default(),
-        max_age: policy.map(|p| p.max_age),
-        fetched: policy.map(|p| crate::outcome::format_date(p.fetched_at)),
-        error: match lookup {
-            PolicyLookup::Unavailable(e) => Some(e.to_string()),
-            _ => None,
-        },
-    }
 }
 
 /// The rule a message to the target's domain gets, through `mx` when known, given the
@@ -711,184 +549,5 @@ fn finish(mut report: ServerReport, outcome: TlsOutcome, conn: Option<Connection
     Probed {
         report,
         outcome: Some(outcome),
-    }
-}
-
-fn tls_report(session: &TlsSession, ehlo_after_tls: Vec<String>) -> TlsReport {
-    let problem = match &session.verification {
-        Verification::Verified => None,
-        Verification::Failed(problem) => Some(format!("{}: {problem}", problem.class())),
-    };
-    TlsReport {
-        version: session.version.clone(),
-        cipher: session.cipher.clone(),
-        verified: problem.is_none(),
-        problem,
-        ehlo_after_tls,
-        certificates: session
-            .chain
-            .iter()
-            .filter_map(|der| Certificate::parse(der))
-            .collect(),
-    }
-}
-
-/// The report for people.
-pub fn render(report: &ProbeReport) -> String {
-    let mut out = String::new();
-    if let Some(domain) = &report.domain {
-        let _ = writeln!(out, "domain {domain}");
-    }
-    if let Some(error) = &report.dns_error {
-        let _ = writeln!(out, "  DNS: {error}");
-    }
-    if let Some(policy) = &report.mta_sts {
-        render_policy(&mut out, policy);
-    }
-    if let Some(dane) = &report.dane {
-        let mx = report
-            .mx_dnssec
-            .as_deref()
-            .map_or(String::new(), |d| format!("; MX answer {d}"));
-        let _ = writeln!(out, "  DANE: {dane}{mx}");
-    }
-    for mx in &report.mx {
-        let addrs: Vec<String> = mx.addresses.iter().map(ToString::to_string).collect();
-        let _ = writeln!(
-            out,
-            "MX {} (preference {}): {}",
-            mx.host,
-            mx.preference,
-            addrs.join(", ")
-        );
-        if let Some(error) = &mx.error {
-            let _ = writeln!(out, "  address lookup: {error}");
-        }
-        match mx.in_policy {
-            Some(true) => {
-                let _ = writeln!(out, "  MTA-STS:  named by the policy");
-            }
-            Some(false) => {
-                let _ = writeln!(out, "  MTA-STS:  NOT named by the policy");
-            }
-            None => {}
-        }
-        if let Some(dnssec) = &mx.dnssec {
-            let _ = writeln!(out, "  DNSSEC:   address answer {dnssec}");
-        }
-        if let Some(tlsa) = &mx.tlsa {
-            let _ = writeln!(out, "  TLSA:     {}", tlsa.state);
-            for record in &tlsa.records {
-                let _ = writeln!(out, "            {record}");
-            }
-        }
-        for server in &mx.servers {
-            render_server(&mut out, server);
-        }
-    }
-    if let (Some(rule), Some(plan)) = (&report.rule, &report.plan) {
-        let _ = writeln!(out, "rules: a message to this domain gets rule {rule:?}");
-        for line in plan.lines() {
-            let _ = writeln!(out, "  {line}");
-        }
-    }
-    out
-}
-
-fn render_policy(out: &mut String, policy: &PolicyReport) {
-    let _ = writeln!(out, "  MTA-STS: {}", policy.state);
-    if let (Some(id), Some(mode)) = (&policy.id, &policy.mode) {
-        let max_age = policy.max_age.unwrap_or_default();
-        let fetched = policy.fetched.as_deref().unwrap_or("?");
-        let _ = writeln!(
-            out,
-            "    policy id {id}, mode {mode}, mx {}, max_age {max_age}s, fetched {fetched}",
-            policy.mx.join(" ")
-        );
-    }
-    if let Some(error) = &policy.error {
-        let _ = writeln!(out, "    error: {error}");
-    }
-}
-
-fn render_server(out: &mut String, s: &ServerReport) {
-    let addr = s.addr.map(|a| a.to_string()).unwrap_or_default();
-    let _ = writeln!(out, "  server {addr}");
-    let timings: Vec<String> = s
-        .timings_ms
-        .iter()
-        .map(|(step, ms)| format!("{step} {ms}ms"))
-        .collect();
-    if !timings.is_empty() {
-        let _ = writeln!(out, "    timings:  {}", timings.join(", "));
-    }
-    if let Some(banner) = &s.banner {
-        let _ = writeln!(out, "    banner:   {banner}");
-    }
-    if !s.ehlo.is_empty() {
-        let starttls = if s.starttls_offered {
-            "STARTTLS offered"
-        } else {
-            "no STARTTLS"
-        };
-        let _ = writeln!(out, "    ehlo:     {} ({starttls})", s.ehlo.join(" "));
-    }
-    if let Some(tls) = &s.tls {
-        let _ = writeln!(out, "    tls:      {} {}", tls.version, tls.cipher);
-        let verdict = tls
-            .problem
-            .as_deref()
-            .unwrap_or("certificate verified for the MX name");
-        let _ = writeln!(out, "    verify:   {verdict}");
-        for (i, cert) in tls.certificates.iter().enumerate() {
-            let _ = writeln!(out, "    cert {i}:   subject {}", cert.subject);
-            let _ = writeln!(out, "              SANs {}", cert.sans.join(", "));
-            let _ = writeln!(out, "              issuer {}", cert.issuer);
-            let _ = writeln!(
-                out,
-                "              valid {} to {} ({} days left)",
-                cert.not_before, cert.not_after, cert.days_left
-            );
-        }
-    }
-    if let Some(legacy) = &s.legacy {
-        let _ = writeln!(out, "    rustls:   {}", legacy.rustls);
-        match (&legacy.version, &legacy.cipher, &legacy.error) {
-            (Some(version), Some(cipher), _) => {
-                let _ = writeln!(
-                    out,
-                    "    legacy:   {version} {cipher} (the legacy stack, OpenSSL: encrypted, never authenticated)"
-                );
-            }
-            (_, _, error) => {
-                let _ = writeln!(
-                    out,
-                    "    legacy:   failed: {}",
-                    error.as_deref().unwrap_or("?")
-                );
-            }
-        }
-    }
-    if let Some(class) = s.class {
-        let detail = s.detail.as_deref().unwrap_or("");
-        let _ = writeln!(out, "    outcome:  {class} ({detail})");
-    }
-    if let Some(dane) = &s.dane {
-        let _ = writeln!(out, "    dane:     {dane}");
-    }
-    if let Some(error) = &s.error {
-        let _ = writeln!(out, "    error:    {error}");
-    }
-    if let Some(rule) = &s.rule {
-        let _ = writeln!(
-            out,
-            "    rule:     {rule:?} for a message through this server"
-        );
-    }
-    if let Some(decision) = &s.decision {
-        let _ = writeln!(out, "    delivery: {decision}");
-    }
-    if let Some(fleet) = &s.fleet {
-        let _ = writeln!(out, "    fleet:    {fleet}");
     }
 }

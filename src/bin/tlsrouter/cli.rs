@@ -1,0 +1,248 @@
+//! The command line: its commands, options and exit codes.
+
+use std::path::PathBuf;
+
+use clap::{Parser, Subcommand};
+use tlsrouter::cache::TlsMemory;
+use tlsrouter::config::LogFormat;
+use tlsrouter::outcome::OutcomeClass;
+
+/// EX_USAGE from sysexits.h: the configuration is wrong.
+pub(crate) const EXIT_CONFIG: u8 = 64;
+
+/// EX_UNAVAILABLE from sysexits.h: `probe` found no server it could probe.
+pub(crate) const EXIT_NOTHING_PROBED: u8 = 69;
+
+#[derive(Parser)]
+#[command(version, about = "Opportunistic-TLS routing proxy for outbound SMTP")]
+pub(crate) struct Cli {
+    #[command(subcommand)]
+    pub(crate) command: Commands,
+}
+
+#[derive(Subcommand)]
+pub(crate) enum Commands {
+    /// Run the proxy (on the embedded defaults when no --config is given).
+    Run {
+        /// YAML configuration file.
+        #[arg(long)]
+        config: Option<PathBuf>,
+        /// Log format; overrides log.format in the configuration.
+        #[arg(long, value_enum)]
+        log_format: Option<LogFormat>,
+    },
+    /// Check a configuration file and exit.
+    CheckConfig {
+        /// YAML configuration file.
+        file: PathBuf,
+    },
+    /// Check a rule file: syntax, values, and rules that can never match.
+    Check {
+        /// YAML rule file.
+        file: PathBuf,
+    },
+    /// Ask the running daemon: cache, rules, stats, sessions, probe.
+    Ctl {
+        /// The admin socket.
+        #[arg(long, default_value = tlsrouter::config::DEFAULT_ADMIN_SOCKET)]
+        socket: PathBuf,
+        /// Print the daemon's JSON answer instead of a table (before or after the command).
+        #[arg(long, global = true)]
+        json: bool,
+        #[command(subcommand)]
+        command: CtlCommand,
+    },
+    /// Diagnose a remote domain or server: MX, banner, EHLO, STARTTLS, certificate, timings.
+    #[command(
+        after_help = "Exit status: 0 when at least one server was probed (whatever its \
+        TLS); 69 when nothing could be probed: the domain does not exist, has no MX or no \
+        address, or no server got through the probe (connect failed, timeout, or the \
+        dialogue broke off); 64 for a bad configuration; 2 for bad arguments."
+    )]
+    Probe {
+        /// The recipient domain to probe (its MX hosts).
+        domain: Option<String>,
+        /// Probe this server instead of the domain's MX hosts.
+        #[arg(long)]
+        mx: Option<String>,
+        /// The port (default: delivery.port from the configuration, 25).
+        #[arg(long)]
+        port: Option<u16>,
+        /// Stop after EHLO.
+        #[arg(long)]
+        no_tls: bool,
+        /// JSON for scripts.
+        #[arg(long)]
+        json: bool,
+        /// Configuration file (resolver, CA file, timeouts, rules).
+        #[arg(long)]
+        config: Option<PathBuf>,
+    },
+    /// Show which rule a message would hit and what would happen, without sending anything.
+    Explain {
+        /// YAML rule file (default: the shipped default rules).
+        #[arg(long)]
+        rules: Option<PathBuf>,
+        /// The recipient, user@domain.
+        #[arg(long)]
+        rcpt: String,
+        /// The sender, user@domain.
+        #[arg(long)]
+        sender: Option<String>,
+        /// An MX host name, for rules that match on it.
+        #[arg(long)]
+        mx: Option<String>,
+        /// The MX host's cached outcome class, e.g. legacy-tls.
+        #[arg(long)]
+        outcome: Option<OutcomeClass>,
+        /// The outcome was pinned by an operator (`ctl cache pin`), not observed.
+        #[arg(long, requires = "outcome")]
+        pinned: bool,
+        /// The MX host did TLS within the success memory (cache.ttl.success) before the
+        /// outcome was seen; `verified-tls`: with a certificate that verified.
+        #[arg(long, value_enum, num_args = 0..=1, default_missing_value = "tls", requires = "outcome")]
+        did_tls: Option<DidTls>,
+        /// Assume the recipient domain publishes an MTA-STS policy in this mode.
+        #[arg(long, value_enum)]
+        mta_sts: Option<AssumedStsMode>,
+        /// An `mx:` pattern of the assumed policy (repeatable); without one, the policy
+        /// names the --mx host.
+        #[arg(long, requires = "mta_sts")]
+        mta_sts_mx: Vec<String>,
+    },
+}
+
+/// The mode of a policy `explain` is asked to assume.
+#[derive(Clone, Copy, clap::ValueEnum)]
+pub(crate) enum AssumedStsMode {
+    Enforce,
+    Testing,
+}
+
+#[derive(Subcommand)]
+pub(crate) enum CtlCommand {
+    /// The outcome cache.
+    Cache {
+        #[command(subcommand)]
+        command: CacheCommand,
+    },
+    /// The rules in force.
+    Rules {
+        #[command(subcommand)]
+        command: RulesCommand,
+    },
+    /// Counters since start.
+    Stats,
+    /// Sessions open now.
+    Sessions,
+    /// Remote connections idle in the pool, waiting for the next message.
+    Pool,
+    /// Probe from the daemon's position; the result goes into its cache.
+    Probe {
+        domain: Option<String>,
+        #[arg(long)]
+        mx: Option<String>,
+        #[arg(long)]
+        port: Option<u16>,
+        #[arg(long)]
+        no_tls: bool,
+    },
+    /// MTA-STS policies held for recipient domains.
+    Policy {
+        #[command(subcommand)]
+        command: PolicyCommand,
+    },
+    /// Today's TLS-RPT counts, by domain.
+    Tlsrpt,
+}
+
+#[derive(Subcommand)]
+pub(crate) enum PolicyCommand {
+    /// Every policy held.
+    List,
+    /// One domain's policy.
+    Show { domain: String },
+    /// Fetch the domain's policy now.
+    Refresh { domain: String },
+    /// Forget the domain's policy: the next message looks it up again.
+    Flush { domain: String },
+}
+
+#[derive(Subcommand)]
+pub(crate) enum CacheCommand {
+    /// Every cached host.
+    List {
+        #[arg(long)]
+        class: Option<OutcomeClass>,
+        #[arg(long)]
+        domain: Option<String>,
+    },
+    /// One host, or the hosts of a domain.
+    Show { target: String },
+    /// Forget a host, a domain's hosts, or everything.
+    Flush {
+        target: Option<String>,
+        #[arg(long)]
+        all: bool,
+    },
+    /// An operator's override: treat HOST as CLASS for a while.
+    ///
+    /// Pins every address of HOST, those cached and those DNS gives now, so a host the
+    /// daemon has not met yet can be pinned too. To pin one address only, or a host DNS
+    /// does not know, name it: HOST[ADDRESS] (mx.example.com[192.0.2.7]) or --addr ADDRESS.
+    Pin {
+        /// The MX host name, or HOST[ADDRESS].
+        host: String,
+        class: OutcomeClass,
+        #[arg(long, default_value = "1d")]
+        ttl: String,
+        /// An address of HOST to pin instead of all of them (may be repeated).
+        #[arg(long = "addr", value_name = "ADDRESS")]
+        addrs: Vec<std::net::IpAddr>,
+    },
+}
+
+#[derive(Subcommand)]
+pub(crate) enum RulesCommand {
+    Show,
+    /// Load the rule file again; a bad file is reported and the rules in force stay.
+    Reload,
+    Explain {
+        #[arg(long)]
+        rcpt: String,
+        #[arg(long)]
+        sender: Option<String>,
+        /// An MX host name; without --outcome, the daemon's cache entry for it is used.
+        #[arg(long)]
+        mx: Option<String>,
+        /// The MX host's cached outcome class, e.g. legacy-tls.
+        #[arg(long)]
+        outcome: Option<OutcomeClass>,
+        /// The outcome was pinned by an operator, not observed.
+        #[arg(long, requires = "outcome")]
+        pinned: bool,
+        /// The MX host did TLS within the success memory before the outcome was seen;
+        /// `verified-tls`: with a certificate that verified.
+        #[arg(long, value_enum, num_args = 0..=1, default_missing_value = "tls", requires = "outcome")]
+        did_tls: Option<DidTls>,
+    },
+}
+
+/// What `--did-tls` says the host did within the success memory.
+#[derive(Clone, Copy, clap::ValueEnum)]
+pub(crate) enum DidTls {
+    /// TLS, whatever its certificate was worth.
+    Tls,
+    /// TLS with a certificate verified for its name.
+    VerifiedTls,
+}
+
+impl DidTls {
+    pub(crate) fn memory(did: Option<DidTls>) -> TlsMemory {
+        match did {
+            None => TlsMemory::Nothing,
+            Some(DidTls::Tls) => TlsMemory::Tls,
+            Some(DidTls::VerifiedTls) => TlsMemory::VerifiedTls,
+        }
+    }
+}

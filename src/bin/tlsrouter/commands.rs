@@ -1,0 +1,309 @@
+//! The commands an admin types besides `run`: `ctl`, `probe`, `explain`, `check`,
+//! `check-config`.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+
+use tlsrouter::Proxy;
+use tlsrouter::admin::client;
+use tlsrouter::admin::protocol::Request;
+use tlsrouter::config::Config;
+use tlsrouter::outcome::OutcomeClass;
+use tlsrouter::policy::mta_sts::MxPattern;
+use tlsrouter::probe::ProbeTarget;
+use tlsrouter::router::decision::{Published, StsMode};
+use tlsrouter::router::explain::{Question, assumed_entry, explain};
+use tlsrouter::rules::RuleSet;
+
+use crate::cli::{
+    AssumedStsMode, CacheCommand, CtlCommand, DidTls, EXIT_CONFIG, EXIT_NOTHING_PROBED,
+    PolicyCommand, RulesCommand,
+};
+
+pub(crate) fn ctl(socket: &std::path::Path, json: bool, command: CtlCommand) -> ExitCode {
+    let request = match command {
+        CtlCommand::Cache { command } => match command {
+            CacheCommand::List { class, domain } => Request::CacheList { class, domain },
+            CacheCommand::Show { target } => Request::CacheShow { target },
+            CacheCommand::Flush { target, all } => Request::CacheFlush { target, all },
+            CacheCommand::Pin {
+                host,
+                class,
+                ttl,
+                addrs,
+            } => Request::CachePin {
+                host,
+                class,
+                ttl,
+                addrs,
+            },
+        },
+        CtlCommand::Rules { command } => match command {
+            RulesCommand::Show => Request::RulesShow {},
+            RulesCommand::Reload => Request::RulesReload {},
+            RulesCommand::Explain {
+                rcpt,
+                sender,
+                mx,
+                outcome,
+                pinned,
+                did_tls,
+            } => Request::RulesExplain {
+                rcpt,
+                sender,
+                mx,
+                outcome,
+                pinned,
+                did_tls: DidTls::memory(did_tls),
+            },
+        },
+        CtlCommand::Policy { command } => match command {
+            PolicyCommand::List => Request::PolicyList {},
+            PolicyCommand::Show { domain } => Request::PolicyShow { domain },
+            PolicyCommand::Refresh { domain } => Request::PolicyRefresh { domain },
+            PolicyCommand::Flush { domain } => Request::PolicyFlush { domain },
+        },
+        CtlCommand::Tlsrpt => Request::Tlsrpt {},
+        CtlCommand::Stats => Request::Stats {},
+        CtlCommand::Sessions => Request::Sessions {},
+        CtlCommand::Pool => Request::Pool {},
+        CtlCommand::Probe {
+            domain,
+            mx,
+            port,
+            no_tls,
+        } => Request::Probe(ProbeTarget {
+            domain,
+            mx,
+            port,
+            no_tls,
+        }),
+    };
+    let Ok(runtime) = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    else {
+        eprintln!("tlsrouter ctl: cannot start");
+        return ExitCode::from(2);
+    };
+    let response = match runtime.block_on(client::ask(socket, &request)) {
+        Ok(response) => response,
+        Err(e) => {
+            eprintln!("tlsrouter ctl: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    if json {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&response).unwrap_or_default()
+        );
+    }
+    match (&response.result, &response.error) {
+        (Some(result), _) if response.ok => {
+            if !json {
+                print!("{}", client::render(&request, result));
+            }
+            ExitCode::SUCCESS
+        }
+        (_, Some(error)) => {
+            if !json {
+                eprintln!("tlsrouter ctl: {}", error.message);
+            }
+            ExitCode::FAILURE
+        }
+        _ => ExitCode::FAILURE,
+    }
+}
+
+pub(crate) fn probe_standalone(path: Option<PathBuf>, target: ProbeTarget, json: bool) -> ExitCode {
+    if let Some(missing) = target.missing() {
+        eprintln!("tlsrouter probe: {missing}");
+        return ExitCode::from(2);
+    }
+    let config = match path
+        .as_deref()
+        .map(Config::load)
+        .unwrap_or_else(|| Ok(Config::default()))
+    {
+        Ok(config) => config,
+        Err(e) => {
+            eprintln!("tlsrouter: {e}");
+            return ExitCode::from(EXIT_CONFIG);
+        }
+    };
+    let Ok(runtime) = tokio::runtime::Runtime::new() else {
+        eprintln!("tlsrouter probe: cannot start");
+        return ExitCode::FAILURE;
+    };
+    runtime.block_on(async {
+        let proxy = match Proxy::new(config) {
+            Ok(proxy) => proxy,
+            Err(e) => {
+                eprintln!("tlsrouter: {e:#}");
+                return ExitCode::from(EXIT_CONFIG);
+            }
+        };
+        // The fleet's view goes beside what the probe finds; without Redis it says so.
+        if let Err(e) = proxy.start_shared_cache().await {
+            eprintln!("tlsrouter: {e:#}");
+        }
+        let report = tlsrouter::probe::probe(
+            &proxy.outbound,
+            &proxy.router.rules(),
+            &proxy.policies,
+            &target,
+            false,
+        )
+        .await;
+        if json {
+            println!(
+                "{}",
+                serde_json::to_string_pretty(&report).unwrap_or_default()
+            );
+        } else {
+            print!("{}", tlsrouter::probe::render(&report));
+        }
+        if probed_a_server(&report) {
+            ExitCode::SUCCESS
+        } else {
+            ExitCode::from(EXIT_NOTHING_PROBED)
+        }
+    })
+}
+
+/// Whether some server got through the probe: it was reached and the dialogue did not
+/// break off, whatever its TLS outcome. A DNS error leaves no server at all.
+fn probed_a_server(report: &tlsrouter::probe::ProbeReport) -> bool {
+    report.mx.iter().flat_map(|mx| &mx.servers).any(|server| {
+        server.error.is_none()
+            && !matches!(
+                server.class,
+                Some(OutcomeClass::ConnectFailed | OutcomeClass::Timeout)
+            )
+    })
+}
+
+pub(crate) fn check_rules(file: &std::path::Path) -> ExitCode {
+    let rules = match RuleSet::load(file) {
+        Ok(rules) => rules,
+        Err(e) => {
+            eprintln!("{e}");
+            return ExitCode::from(EXIT_CONFIG);
+        }
+    };
+    let shadowed = rules.shadowed();
+    for s in &shadowed {
+        eprintln!("{}", rules.describe_shadowed(s));
+    }
+    if !shadowed.is_empty() {
+        return ExitCode::FAILURE;
+    }
+    // Allowed, but an operator reviewing the file must see them.
+    for warning in rules.policy_overrides() {
+        eprintln!("{warning}");
+    }
+    println!("{}: OK, {} rules", file.display(), rules.rules().len());
+    ExitCode::SUCCESS
+}
+
+/// What `explain` is asked to assume of the MX host's cache entry.
+pub(crate) struct Assumed {
+    pub(crate) outcome: Option<OutcomeClass>,
+    pub(crate) pinned: bool,
+    pub(crate) did_tls: Option<DidTls>,
+}
+
+pub(crate) fn explain_rcpt(
+    rules: Option<PathBuf>,
+    rcpt: &str,
+    sender: Option<&str>,
+    mx: Option<&str>,
+    assumed: Assumed,
+    published: Published,
+) -> ExitCode {
+    let rules = match rules.as_deref().map(RuleSet::load) {
+        Some(Ok(rules)) => rules,
+        Some(Err(e)) => {
+            eprintln!("{e}");
+            return ExitCode::from(EXIT_CONFIG);
+        }
+        None => RuleSet::embedded_default(),
+    };
+    let domain_of = |address: &str| {
+        (address.rsplit_once('@')).and_then(|(_, d)| tlsrouter::smtp::command::a_label(d))
+    };
+    let Some(domain) = domain_of(rcpt) else {
+        eprintln!("--rcpt {rcpt:?}: expected user@domain, the domain a valid (IDNA) name");
+        return ExitCode::from(EXIT_CONFIG);
+    };
+    let sender_domain = sender.and_then(domain_of);
+    let question = Question {
+        recipient_domain: &domain,
+        sender_domain: sender_domain.as_deref(),
+        mx,
+        cached: assumed_entry(mx.unwrap_or(""), assumed.outcome.as_slice(), assumed.pinned),
+        memory: DidTls::memory(assumed.did_tls),
+        published,
+    };
+    print!("{}", explain(Arc::new(rules), &question).text);
+    ExitCode::SUCCESS
+}
+
+/// What the domain publishes, as `explain --mta-sts` asks to assume: whether the MX host
+/// is one the policy names is judged by the given patterns, as delivery judges it.
+pub(crate) fn assumed_policy(
+    mode: Option<AssumedStsMode>,
+    patterns: &[String],
+    mx: Option<&str>,
+) -> Result<Published, String> {
+    let Some(mode) = mode else {
+        return Ok(Published::Nothing);
+    };
+    let mode = match mode {
+        AssumedStsMode::Enforce => StsMode::Enforce,
+        AssumedStsMode::Testing => StsMode::Testing,
+    };
+    let mut mx_listed = patterns.is_empty();
+    for text in patterns {
+        let pattern = MxPattern::parse(text).map_err(|e| format!("--mta-sts-mx {text:?}: {e}"))?;
+        mx_listed |= mx.is_some_and(|host| pattern.matches(&tlsrouter::net::dns::bare_name(host)));
+    }
+    Ok(Published::MtaSts { mode, mx_listed })
+}
+
+/// `check-config` with a shared cache: Redis is asked, so that a wrong password shows now.
+/// A Redis that cannot be reached is only a warning: `run` starts without it.
+pub(crate) fn check_shared_cache(proxy: &Proxy, file: &std::path::Path) -> ExitCode {
+    let Some(shared) = proxy.outbound.cache.shared() else {
+        println!("{}: OK", file.display());
+        return ExitCode::SUCCESS;
+    };
+    let checked = match tokio::runtime::Runtime::new() {
+        Ok(runtime) => runtime.block_on(shared.check()),
+        Err(e) => {
+            eprintln!("tlsrouter: cannot start: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match checked {
+        Ok(()) => {
+            println!(
+                "{}: OK (Redis at {} answers)",
+                file.display(),
+                shared.target()
+            );
+            ExitCode::SUCCESS
+        }
+        Err(e) if !e.is_fatal() => {
+            eprintln!("warning: {e}; tlsrouter would start with its local cache");
+            println!("{}: OK", file.display());
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("{e}");
+            ExitCode::from(EXIT_CONFIG)
+        }
+    }
+}

@@ -1,0 +1,90 @@
+//! The `tlsrouter` command.
+
+mod cli;
+mod commands;
+mod serve;
+
+use std::process::ExitCode;
+
+use clap::Parser;
+use tlsrouter::Proxy;
+use tlsrouter::config::Config;
+use tlsrouter::probe::ProbeTarget;
+use tlsrouter::settings::SetupError;
+
+use crate::cli::{Cli, Commands, EXIT_CONFIG};
+use crate::commands::{
+    Assumed, assumed_policy, check_rules, check_shared_cache, ctl, explain_rcpt, probe_standalone,
+};
+use crate::serve::run;
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match cli.command {
+        Commands::Run { config, log_format } => run(config, log_format),
+        // Everything `run` builds before it binds a socket, so what passes here starts.
+        Commands::CheckConfig { file } => match Config::load(&file)
+            .map_err(SetupError::from)
+            .and_then(Proxy::new)
+        {
+            Ok(proxy) => check_shared_cache(&proxy, &file),
+            Err(e) => {
+                eprintln!("{e:#}");
+                ExitCode::from(EXIT_CONFIG)
+            }
+        },
+        Commands::Check { file } => check_rules(&file),
+        Commands::Ctl {
+            socket,
+            json,
+            command,
+        } => ctl(&socket, json, command),
+        Commands::Probe {
+            domain,
+            mx,
+            port,
+            no_tls,
+            json,
+            config,
+        } => {
+            let target = ProbeTarget {
+                domain,
+                mx,
+                port,
+                no_tls,
+            };
+            probe_standalone(config, target, json)
+        }
+        Commands::Explain {
+            rules,
+            rcpt,
+            sender,
+            mx,
+            outcome,
+            pinned,
+            did_tls,
+            mta_sts,
+            mta_sts_mx,
+        } => {
+            let published = match assumed_policy(mta_sts, &mta_sts_mx, mx.as_deref()) {
+                Ok(published) => published,
+                Err(e) => {
+                    eprintln!("{e}");
+                    return ExitCode::from(EXIT_CONFIG);
+                }
+            };
+            explain_rcpt(
+                rules,
+                &rcpt,
+                sender.as_deref(),
+                mx.as_deref(),
+                Assumed {
+                    outcome,
+                    pinned,
+                    did_tls,
+                },
+                published,
+            )
+        }
+    }
+}

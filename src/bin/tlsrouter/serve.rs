@@ -1,0 +1,303 @@
+//! `tlsrouter run`: the daemon, from its configuration to a clean stop.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use tlsrouter::Proxy;
+use tlsrouter::config::{Config, LogFormat};
+
+use crate::cli::EXIT_CONFIG;
+
+pub(crate) fn run(path: Option<PathBuf>, log_format: Option<LogFormat>) -> ExitCode {
+    let config = match path
+        .as_deref()
+        .map(Config::load)
+        .unwrap_or_else(|| Ok(Config::default()))
+    {
+        Ok(config) => config,
+        Err(e) => {
+            eprintln!("tlsrouter: {e}");
+            return ExitCode::from(EXIT_CONFIG);
+        }
+    };
+    if let Err(e) = init_logging(log_format.unwrap_or(config.log.format), &config.log.level) {
+        eprintln!("tlsrouter: log.level: {e}");
+        return ExitCode::from(EXIT_CONFIG);
+    }
+    warn_if_not_fully_qualified(&config.hostname);
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(runtime) => runtime,
+        Err(e) => {
+            eprintln!("tlsrouter: cannot start: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    runtime.block_on(serve(config))
+}
+
+pub(crate) async fn serve(config: Config) -> ExitCode {
+    let listen = config.listen;
+    let proxy = match Proxy::new(config) {
+        Ok(proxy) => proxy,
+        Err(e) => {
+            eprintln!("tlsrouter: {e:#}");
+            return ExitCode::from(EXIT_CONFIG);
+        }
+    };
+    if let Err(e) = proxy.start_shared_cache().await {
+        eprintln!("tlsrouter: {e:#}");
+        return ExitCode::from(EXIT_CONFIG);
+    }
+    // The admin side first: a daemon that cannot be managed does not take mail.
+    if let Err(e) = tlsrouter::admin::start(&proxy).await {
+        eprintln!("tlsrouter: {e:#}");
+        return ExitCode::from(EXIT_CONFIG);
+    }
+    let listener = match tokio::net::TcpListener::bind(listen).await {
+        Ok(listener) => listener,
+        Err(e) => {
+            eprintln!("tlsrouter: cannot listen on {listen}: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let extra = match bind_more_listeners(&proxy.config.listeners).await {
+        Ok(extra) => extra,
+        Err(e) => {
+            eprintln!("tlsrouter: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    // Reloading is ready before the daemon says it listens: a SIGHUP or an edit made
+    // after that line is not lost.
+    tokio::spawn(
+        proxy
+            .clone()
+            .watch_rule_file(std::time::Duration::from_secs(2)),
+    );
+    tokio::spawn(
+        proxy
+            .server_tls
+            .clone()
+            .watch(std::time::Duration::from_secs(2)),
+    );
+    spawn_reload_on_sighup(proxy.clone());
+    // Caught from here on: a SIGTERM or SIGINT right after the line below stops the daemon
+    // cleanly instead of killing it.
+    let signals = Termination::new();
+    // Whether DANE is in force is known, and logged, before the first message.
+    proxy.outbound.resolver.check_dnssec().await;
+    let bound = listener.local_addr().map_or(listen, |a| a);
+    let own: std::sync::Arc<[std::net::SocketAddr]> = std::iter::once(bound)
+        .chain(extra.iter().map(|(_, addr, _)| *addr))
+        .collect();
+    // The first signal stops every listener.
+    let (stop, stopped) = tokio::sync::watch::channel(false);
+    let mut more_listeners = Vec::new();
+    for (extra_listener, addr, mode) in extra {
+        use tlsrouter::config::ListenerMode;
+        use tlsrouter::inbound::listener::Accepting;
+        let accepting = match mode {
+            ListenerMode::SmartHost => Accepting::SmartHost,
+            ListenerMode::Transparent => Accepting::Transparent { own: own.clone() },
+        };
+        tracing::info!(listen = %addr, mode = ?mode, "listener ready");
+        let mut stopped = stopped.clone();
+        more_listeners.push(tokio::spawn(tlsrouter::inbound::listener::serve(
+            extra_listener,
+            proxy.clone(),
+            accepting,
+            async move {
+                let _ = stopped.wait_for(|stop| *stop).await;
+            },
+        )));
+    }
+    tracing::info!(listen = %bound, "tlsrouter listening");
+    notify_systemd_ready(bound);
+    tokio::spawn(proxy.clone().save_cache_periodically());
+    tokio::spawn(proxy.tls_reports.clone().send_daily());
+    tokio::spawn(proxy.policies.clone().refresh_periodically());
+    let shutdown = async move {
+        shutdown_signal(signals).await;
+        let _ = stop.send(true);
+    };
+    // A task on the runtime, not the main thread's own future: accepting on a worker
+    // thread spares each new session a wake-up of the main thread and a hand-over to a
+    // worker.
+    let main_listener = tokio::spawn(tlsrouter::inbound::listener::run(
+        listener,
+        proxy.clone(),
+        shutdown,
+    ));
+    let _ = main_listener.await;
+    for task in more_listeners {
+        let _ = task.await;
+    }
+    proxy.save_cache();
+    proxy.remove_admin_socket();
+    tracing::info!("tlsrouter stopped");
+    ExitCode::SUCCESS
+}
+
+/// Binds `listeners:`, each with the address it got and its mode.
+async fn bind_more_listeners(
+    listeners: &[tlsrouter::config::ListenerConfig],
+) -> Result<
+    Vec<(
+        tokio::net::TcpListener,
+        std::net::SocketAddr,
+        tlsrouter::config::ListenerMode,
+    )>,
+    String,
+> {
+    let mut bound = Vec::new();
+    for config in listeners {
+        let listener = tokio::net::TcpListener::bind(config.listen)
+            .await
+            .map_err(|e| format!("cannot listen on {}: {e}", config.listen))?;
+        let addr = listener.local_addr().map_or(config.listen, |a| a);
+        bound.push((listener, addr, config.mode));
+    }
+    Ok(bound)
+}
+
+/// Many receivers refuse an EHLO name without a domain: say so, and what to set.
+fn warn_if_not_fully_qualified(name: &tlsrouter::config::Hostname) {
+    if name.is_fully_qualified() {
+        return;
+    }
+    if *name == tlsrouter::config::Hostname::of_this_machine() {
+        tracing::warn!(
+            "no fully-qualified domain name was found for this machine: the greeting and EHLO \
+             say {:?}, which many receivers refuse; set hostname: in the configuration, e.g. \
+             hostname: relay.example.com",
+            name.0
+        );
+    } else {
+        tracing::warn!(
+            "hostname {:?} is not a fully-qualified domain name, which many receivers refuse \
+             in EHLO; set hostname: in the configuration to one, e.g. hostname: relay.example.com",
+            name.0
+        );
+    }
+}
+
+/// systemd (`Type=notify`) starts units ordered after ours once we accept connections.
+/// Without `NOTIFY_SOCKET`, as outside systemd, this does nothing.
+fn notify_systemd_ready(listen: std::net::SocketAddr) {
+    #[cfg(unix)]
+    {
+        use sd_notify::NotifyState;
+        let status = format!("listening on {listen}");
+        let states = [NotifyState::Ready, NotifyState::Status(&status)];
+        if let Err(e) = sd_notify::notify(&states) {
+            tracing::warn!("cannot tell systemd that tlsrouter is ready: {e}");
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = listen;
+}
+
+/// SIGHUP reloads the rules (on Windows the admin socket's `rules reload` does).
+fn spawn_reload_on_sighup(proxy: std::sync::Arc<Proxy>) {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{SignalKind, signal};
+        if let Ok(mut hup) = signal(SignalKind::hangup()) {
+            tokio::spawn(async move {
+                while hup.recv().await.is_some() {
+                    let _ = proxy.reload_rules("SIGHUP");
+                    proxy.server_tls.reload("SIGHUP");
+                }
+            });
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = proxy;
+}
+
+/// Resolves at the first SIGTERM or SIGINT; a second one exits at once. The same signal
+/// streams serve both, so a second signal cannot fall between two registrations.
+async fn shutdown_signal(mut signals: Termination) {
+    signals.recv().await;
+    tracing::info!("shutting down: draining sessions (signal again to exit at once)");
+    tokio::spawn(async move {
+        signals.recv().await;
+        tracing::warn!("second signal: exiting at once");
+        std::process::exit(1);
+    });
+}
+
+/// SIGTERM and SIGINT, registered when made (Ctrl-C elsewhere).
+struct Termination {
+    #[cfg(unix)]
+    streams: Option<(tokio::signal::unix::Signal, tokio::signal::unix::Signal)>,
+}
+
+impl Termination {
+    fn new() -> Termination {
+        #[cfg(unix)]
+        {
+            use tokio::signal::unix::{SignalKind, signal};
+            let streams = signal(SignalKind::terminate())
+                .and_then(|term| Ok((term, signal(SignalKind::interrupt())?)))
+                .ok();
+            Termination { streams }
+        }
+        #[cfg(not(unix))]
+        Termination {}
+    }
+
+    async fn recv(&mut self) {
+        #[cfg(unix)]
+        if let Some((term, interrupt)) = &mut self.streams {
+            tokio::select! {
+                _ = term.recv() => {}
+                _ = interrupt.recv() => {}
+            }
+            return;
+        }
+        let _ = tokio::signal::ctrl_c().await;
+    }
+}
+
+pub(crate) fn init_logging(format: LogFormat, level: &str) -> Result<(), String> {
+    use std::io::IsTerminal;
+    let filter = tracing_subscriber::EnvFilter::try_new(level).map_err(|e| e.to_string())?;
+    let colour = use_colour(
+        std::io::stderr().is_terminal(),
+        std::env::var_os("NO_COLOR").as_deref(),
+    );
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_ansi(colour)
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Text => builder.init(),
+        LogFormat::Json => builder.json().flatten_event(true).init(),
+    }
+    Ok(())
+}
+
+/// Colour escapes only for a person at a terminal: journald and files get plain text, and
+/// a non-empty `NO_COLOR` (no-color.org) turns them off everywhere.
+fn use_colour(stderr_is_terminal: bool, no_color: Option<&std::ffi::OsStr>) -> bool {
+    stderr_is_terminal && no_color.is_none_or(|value| value.is_empty())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn colour_only_on_a_terminal_and_never_with_no_color_set() {
+        use std::ffi::OsStr;
+        assert!(use_colour(true, None));
+        assert!(!use_colour(false, None), "a pipe, a file, journald");
+        assert!(!use_colour(true, Some(OsStr::new("1"))));
+        assert!(!use_colour(false, Some(OsStr::new("1"))));
+        assert!(
+            use_colour(true, Some(OsStr::new(""))),
+            "an empty NO_COLOR is unset"
+        );
+    }
+}

@@ -1,0 +1,175 @@
+//! DATA: the message text streamed from the MTA to the remote in bounded blocks, and the
+//! remote's verdict passed back.
+
+use tokio::io::AsyncBufReadExt;
+
+use crate::inbound::session::transaction::{End, Remote, Transaction};
+use crate::inbound::session::{COMMAND_BLOCK, Next, Session, Stage};
+use crate::net::connection::ExchangeError;
+use crate::outbound::upstream::{Answer, Upstream};
+use crate::sessions::SessionState;
+use crate::smtp::Reply;
+use crate::smtp::data::{BodyError, BodyFilter};
+
+/// Body bytes gathered before they are written to the remote.
+const BODY_BLOCK: usize = 64 * 1024;
+
+/// How the body transfer ended.
+enum BodyEnd {
+    /// The whole text was read; its last bytes, not yet sent, go with the final dot.
+    Complete(Vec<u8>),
+    Refused(BodyError),
+    /// The remote failed while we were still reading the body.
+    UpstreamFailed(ExchangeError),
+    ClientGone(ClientGone),
+}
+
+/// Why the MTA's message text did not come to its end.
+#[derive(Debug, thiserror::Error)]
+enum ClientGone {
+    #[error("timed out waiting for the message text")]
+    TimedOut,
+    #[error("{0}")]
+    Failed(std::io::Error),
+    #[error("connection closed")]
+    Closed,
+}
+
+impl Session {
+    pub(super) async fn data(&mut self) -> Next {
+        let stage = std::mem::replace(&mut self.stage, Stage::Ready);
+        let mut tx = match stage {
+            Stage::Mail(tx) => tx,
+            other => {
+                self.stage = other;
+                return self
+                    .reply_or_close(&Reply::new(503, "5.5.1", "MAIL and RCPT first"))
+                    .await;
+            }
+        };
+        if self.client_sent_early() {
+            return self.pipelining_violation(&mut tx).await;
+        }
+        let route = match &mut tx.remote {
+            Remote::Open(route) if !tx.accepted.is_empty() => route,
+            Remote::Lost { reply, .. } => {
+                let reply = reply.clone();
+                self.finish(&mut tx, Some(&reply), End::NoData).await;
+                return self.reply_or_close(&reply).await;
+            }
+            _ => {
+                let reply = Reply::new(554, "5.5.1", "no valid recipients");
+                self.finish(&mut tx, Some(&reply), End::NoData).await;
+                return self.reply_or_close(&reply).await;
+            }
+        };
+        let start = match route.upstream.start_data().await {
+            Answer::Reply(start) => start,
+            Answer::Lost(reply) => {
+                tx.lose(reply.clone());
+                self.finish(&mut tx, Some(&reply), End::DataRefused).await;
+                return self.reply_or_close(&reply).await;
+            }
+        };
+        let remote = route.upstream.facts().to_string();
+        self.registered.update(SessionState::Data, Some(remote));
+        if self.client_sent_early() {
+            // Text that came while the remote was asked: the same violation, found later.
+            return self.pipelining_violation(&mut tx).await;
+        }
+        if self.reply(&start).await.is_err() {
+            let reply = Reply::new(451, "4.4.2", "client gone");
+            self.finish(&mut tx, Some(&reply), End::ClientGone).await;
+            return Next::Close;
+        }
+        let ended = self.relay_body(&mut route.upstream).await;
+        self.io.resize(COMMAND_BLOCK);
+        if !matches!(ended, BodyEnd::Complete(_)) {
+            route.upstream.abandon();
+        }
+        let (reply, end) = match ended {
+            BodyEnd::Complete(tail) => (route.upstream.finish(tail).await, End::Answered),
+            BodyEnd::Refused(error) => (error.reply(), End::MessageFailed),
+            BodyEnd::UpstreamFailed(why) => (
+                Reply::new(451, "4.4.2", format!("lost the remote during DATA: {why}")),
+                End::MessageFailed,
+            ),
+            BodyEnd::ClientGone(why) => {
+                // The final dot is never sent, so the remote discards the message.
+                let reply = Reply::new(451, "4.4.2", format!("client gone during DATA: {why}"));
+                self.finish(&mut tx, Some(&reply), End::ClientGone).await;
+                return Next::Close;
+            }
+        };
+        self.finish(&mut tx, Some(&reply), end).await;
+        self.reply_or_close(&reply).await
+    }
+
+    /// RFC 2920: DATA ends a pipelined group; the client must wait for our 354.
+    async fn pipelining_violation(&mut self, tx: &mut Transaction) -> Next {
+        let reply = Reply::new(
+            554,
+            "5.5.0",
+            "synchronization error: data sent before the 354",
+        );
+        self.finish(tx, Some(&reply), End::PipeliningViolation)
+            .await;
+        let _ = self.reply(&reply).await;
+        Next::Close
+    }
+
+    /// Streams the body from the MTA to the remote in bounded blocks.
+    async fn relay_body(&mut self, upstream: &mut Upstream) -> BodyEnd {
+        let config = &self.proxy.config;
+        let client_idle = config.timeouts.client_idle;
+        let mut filter = BodyFilter::new(
+            config.delivery.bare_line_endings,
+            config.limits.text_line,
+            config.limits.max_message_size,
+        );
+        let mut out = Vec::with_capacity(BODY_BLOCK + 1024);
+        let mut upstream_error = None;
+        let mut full_reads = 0;
+        loop {
+            let capacity = self.io.capacity();
+            let input = match tokio::time::timeout(client_idle, self.io.fill_buf()).await {
+                Err(_) => return BodyEnd::ClientGone(ClientGone::TimedOut),
+                Ok(Err(e)) => return BodyEnd::ClientGone(ClientGone::Failed(e)),
+                Ok(Ok([])) => return BodyEnd::ClientGone(ClientGone::Closed),
+                Ok(Ok(input)) => input,
+            };
+            // A text that fills the small buffer twice is large: read it in whole blocks.
+            // (A text of a KiB or two ends before it needs the larger buffer.)
+            full_reads += usize::from(input.len() == capacity);
+            let grow = full_reads == 2 && capacity < BODY_BLOCK;
+            // One input byte makes at most three output bytes (a stray CR, then a stuffed
+            // dot): take no more than keeps a block within BODY_BLOCK.
+            let room = (BODY_BLOCK.saturating_sub(out.len()) / 3).max(1);
+            let fed = filter.feed(&input[..input.len().min(room)], &mut out);
+            self.io.consume(fed.consumed);
+            if grow {
+                self.io.resize(BODY_BLOCK);
+            }
+            // The end of a complete text is held back: it goes with the final dot, in one
+            // write (one packet for the remote, one wake-up less on both sides).
+            let complete = matches!(fed.end, Some(Ok(())));
+            let flush = !complete && (out.len() >= BODY_BLOCK || fed.end.is_some());
+            if flush && !out.is_empty() && upstream_error.is_none() {
+                upstream_error = upstream.body_block(&out).await.err();
+            }
+            if flush {
+                out.clear();
+            }
+            match fed.end {
+                None => continue,
+                Some(Err(error)) => return BodyEnd::Refused(error),
+                Some(Ok(())) => {
+                    return match upstream_error {
+                        Some(why) => BodyEnd::UpstreamFailed(why),
+                        None => BodyEnd::Complete(out),
+                    };
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,112 @@
+//! The one log line of a transaction, with its fields.
+
+use std::net::SocketAddr;
+
+use crate::inbound::session::transaction::{End, Transaction};
+use crate::outcome::{TlsOutcome, Verification};
+use crate::smtp::Reply;
+
+pub(super) fn log_transaction(
+    client: SocketAddr,
+    tx: &Transaction,
+    reply: Option<&Reply>,
+    end: End,
+) {
+    use tracing::field::display;
+    let sender = tx
+        .sender
+        .as_ref()
+        .map_or_else(|| "<>".to_string(), ToString::to_string);
+    let recipients: Vec<String> = tx.accepted.iter().map(ToString::to_string).collect();
+    let mut refused: Vec<String> = (tx.refused.iter())
+        .map(|(rcpt, reply)| format!("{rcpt} ({reply})"))
+        .collect();
+    if tx.refused_more > 0 {
+        refused.push(format!("and {} more", tx.refused_more));
+    }
+    // A field with nothing to say is left out of the line, not written as `key=`.
+    let listed = |items: &[String], separator: &str| {
+        (!items.is_empty()).then(|| display(items.join(separator)))
+    };
+    let reply = reply.map_or_else(|| "none".to_string(), ToString::to_string);
+    let Some(facts) = tx.remote.facts() else {
+        tracing::info!(
+            target: "tlsrouter::transaction",
+            client = %client,
+            from = %sender,
+            to = listed(&recipients, ","),
+            refused = listed(&refused, "; "),
+            route = "none",
+            end = end.label(),
+            reply = %reply,
+            "transaction"
+        );
+        return;
+    };
+    let (route, version, cipher, verify, fallback) = match &facts.tls {
+        TlsOutcome::Encrypted(session) => {
+            let verify = match &session.verification {
+                Verification::Verified => "verified".to_string(),
+                Verification::Failed(problem) => format!("{}: {problem}", problem.class()),
+            };
+            (
+                "tls",
+                Some(session.version.as_str()),
+                Some(session.cipher.as_str()),
+                Some(verify),
+                None,
+            )
+        }
+        // Whatever the chain is worth, this session authenticated nothing.
+        TlsOutcome::Legacy(session) => {
+            let chain = match &session.verification {
+                Verification::Verified => "the chain verifies".to_string(),
+                Verification::Failed(problem) => format!("{}: {problem}", problem.class()),
+            };
+            (
+                "tls",
+                Some(session.version.as_str()),
+                Some(session.cipher.as_str()),
+                Some(format!("tls-legacy: not authenticated ({chain})")),
+                None,
+            )
+        }
+        TlsOutcome::Plain(reason) => {
+            let class = reason.class().map(|c| c.name()).unwrap_or("tls-never");
+            (
+                "plain",
+                None,
+                None,
+                None,
+                Some(format!("{class}: {reason}")),
+            )
+        }
+    };
+    let earlier: Vec<String> = (facts.earlier_failures.iter())
+        .map(ToString::to_string)
+        .collect();
+    tracing::info!(
+        target: "tlsrouter::transaction",
+        client = %client,
+        from = %sender,
+        to = listed(&recipients, ","),
+        refused = listed(&refused, "; "),
+        next_hop = %facts.server,
+        mx = %facts.server.name,
+        addr = %facts.server.addr,
+        relay = facts.relay.as_ref().map(display),
+        route,
+        tls_version = version,
+        cipher,
+        verify = verify.map(display),
+        fallback = fallback.map(display),
+        rule = %facts.rule,
+        policy = facts.published.name(),
+        downgrade = facts.downgrade.then(|| facts.tls.class().map_or("", |c| c.name())),
+        reused = facts.reused.then_some(display("yes")),
+        end = end.label(),
+        reply = %reply,
+        earlier_failures = listed(&earlier, "; "),
+        "transaction"
+    );
+}
