@@ -97,7 +97,10 @@ impl Proxy {
                 Ok(count) => {
                     tracing::info!("cache: {count} entries loaded from {}", path.display())
                 }
-                Err(e) => tracing::warn!("cache not loaded, starting empty: {e}"),
+                Err(e) => tracing::warn!(
+                    event = "cache.not_loaded",
+                    "cache not loaded, starting empty: {e}"
+                ),
             }
         }
         let (policies, tls_reports) = policy_parts(&config, resolver.clone(), stats.clone())?;
@@ -165,7 +168,12 @@ impl Proxy {
         };
         self.outbound.cache.purge();
         match self.outbound.cache.save(path) {
-            Ok(count) => tracing::debug!("cache: {count} entries saved to {}", path.display()),
+            Ok(count) => tracing::debug!(
+                event = "cache.saved",
+                entries = count,
+                "cache: {count} entries saved to {}",
+                path.display()
+            ),
             Err(e) => tracing::warn!("cache not saved: {e}"),
         }
         let policy_path = policy_file(path);
@@ -203,11 +211,27 @@ impl Proxy {
     pub fn reload_rules(&self, why: &str) -> Result<usize, crate::config::ConfigError> {
         match self.router.reload() {
             Ok(count) => {
-                tracing::info!("rules reloaded ({why}): {count} rules in force");
+                tracing::info!(
+                    event = "rules.reloaded",
+                    why,
+                    rules = count,
+                    "rules reloaded ({why}): {count} rules in force"
+                );
                 Ok(count)
             }
             Err(e) => {
+                let (file, line, column) = match &e {
+                    crate::config::ConfigError::Invalid {
+                        path, line, column, ..
+                    } => (path, Some(*line), Some(*column)),
+                    crate::config::ConfigError::Read { path, .. } => (path, None, None),
+                };
                 tracing::error!(
+                    event = "rules.not_reloaded",
+                    why,
+                    file = %file.display(),
+                    line,
+                    column,
                     "rules not reloaded ({why}), the previous rules stay in force: {e}"
                 );
                 Err(e)

@@ -62,11 +62,15 @@ impl ServerTls {
                     Err(poisoned) => *poisoned.into_inner() = Some(new),
                 }
                 tracing::info!(
+                    event = "inbound_tls.reloaded",
+                    why,
                     "inbound TLS certificate reloaded ({why}): {}",
                     files.certificate.display()
                 );
             }
             Err(e) => tracing::error!(
+                event = "inbound_tls.not_reloaded",
+                why,
                 "inbound TLS certificate not reloaded ({why}), the one in force stays: {e:#}"
             ),
         }

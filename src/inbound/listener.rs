@@ -118,6 +118,7 @@ async fn drain(proxy: &Proxy, sessions: &Semaphore, max: usize) {
     let _ = proxy.drain.send(Drain::Draining);
     let grace = proxy.config.timeouts.shutdown_drain;
     tracing::info!(
+        event = "draining",
         "stopped accepting; draining sessions for up to {}s",
         grace.as_secs()
     );
@@ -189,7 +190,7 @@ async fn run_redirected(
         }
     };
     if transparent::is_own_listener(destination, own) {
-        tracing::error!(client = %client, destination = %destination, "connection refused: its original destination is one of tlsrouter's own listeners, a loop (does the redirect let tlsrouter's own connections pass, by socket mark or owner?)");
+        tracing::error!(event = "redirect_loop", client = %client, destination = %destination, "connection refused: its original destination is one of tlsrouter's own listeners, a loop (does the redirect let tlsrouter's own connections pass, by socket mark or owner?)");
         let reply = Reply::new(
             451,
             "4.4.6",

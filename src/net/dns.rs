@@ -177,10 +177,29 @@ pub enum RouteError {
          cannot be known, so nothing is sent until it can"
     )]
     DaneUnknown {
-        lookup: String,
+        lookup: Lookup,
         server: String,
         detail: String,
     },
+}
+
+/// A DNS lookup that tells whether DANE applies to a server.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum Lookup {
+    #[error("MX lookup of {0}")]
+    Mx(String),
+    #[error("address lookup of {0}")]
+    Address(String),
+}
+
+impl Lookup {
+    /// `mx` or `address`, and the name asked: the log line's `lookup` and `name`.
+    pub fn fields(&self) -> (&'static str, &str) {
+        match self {
+            Lookup::Mx(name) => ("mx", name),
+            Lookup::Address(name) => ("address", name),
+        }
+    }
 }
 
 impl RouteError {
@@ -298,13 +317,13 @@ impl MxResolver {
                     Err(_) => false,
                 };
                 if secure {
-                    tracing::info!("DANE on: the name servers serve DNSSEC and the trust anchor's keys validate");
+                    tracing::info!(event = "dane", dane = "on", "DANE on: the name servers serve DNSSEC and the trust anchor's keys validate");
                 } else {
                     let why = match lookup {
                         Ok(_) => format!("the DNSKEY set of {zone} did not validate against the trust anchor"),
                         Err(e) => format!("the DNSKEY lookup of {zone} failed: {e}"),
                     };
-                    tracing::warn!("DANE off: the name servers cannot serve DNSSEC ({why}); MX, address and TLSA answers are not validated");
+                    tracing::warn!(event = "dane", dane = "off", "DANE off: the name servers cannot serve DNSSEC ({why}); MX, address and TLSA answers are not validated");
                 }
                 secure
             })

@@ -72,6 +72,9 @@ pub fn warn_if_readable_by_others(path: &Path) {
             && meta.permissions().mode() & 0o077 != 0
         {
             tracing::warn!(
+                event = "credentials.readable",
+                file = %path.display(),
+                mode = %format!("{:o}", meta.permissions().mode() & 0o777),
                 "credentials file {} is readable by group or others (mode {:o}): chmod 600 it",
                 path.display(),
                 meta.permissions().mode() & 0o777

@@ -177,7 +177,9 @@ impl Outbound {
                 presentation: tlsa_records,
             } = if let Some(why) = dane_unknown.take() {
                 tracing::warn!(
-                    host,
+                    event = "dane.unknown",
+                    lookup = "address",
+                    name = host,
                     "DANE: the address lookup failed ({why}); nothing is sent to this host until it can be had"
                 );
                 Dane {

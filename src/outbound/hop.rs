@@ -7,7 +7,7 @@ use std::net::SocketAddr;
 
 use crate::net::dane::TlsaRecord;
 use crate::net::dns::{
-    AddressError, Dnssec, MxHost, RouteError, ServerId, TlsaAnswer, literal_address,
+    AddressError, Dnssec, Lookup, MxHost, RouteError, ServerId, TlsaAnswer, literal_address,
 };
 use crate::outbound::Outbound;
 use crate::policy::mta_sts::{Mode, StsPolicy};
@@ -92,7 +92,7 @@ impl Outbound {
             Ok(hosts) => hosts,
             Err(RouteError::DnsTemporary { detail, .. }) if dane => {
                 return Err(RouteError::DaneUnknown {
-                    lookup: format!("MX lookup of {domain}"),
+                    lookup: Lookup::Mx(domain.to_string()),
                     server: addr.ip().to_string(),
                     detail,
                 });
@@ -111,7 +111,9 @@ impl Outbound {
         });
         if mx.is_none() {
             tracing::warn!(
+                event = "original_destination.unnamed",
                 domain,
+                addr = %addr,
                 "the original destination {addr} is no MX host of {domain}: its certificate cannot be verified for an MX name (tls-unverified at best)"
             );
         }
@@ -141,7 +143,7 @@ impl Outbound {
                 Ok(_) | Err(AddressError::NotFound) => {}
                 Err(AddressError::Temporary(detail)) if dane && host.dnssec == Dnssec::Secure => {
                     return Err(RouteError::DaneUnknown {
-                        lookup: format!("address lookup of {}", host.name),
+                        lookup: Lookup::Address(host.name.clone()),
                         server: ip.to_string(),
                         detail,
                     });
@@ -218,7 +220,9 @@ impl Outbound {
             }
             TlsaAnswer::Failed(why) => {
                 tracing::warn!(
-                    host,
+                    event = "dane.unknown",
+                    lookup = "tlsa",
+                    name = host,
                     "DANE: {why}; nothing is sent to this host until it can be had"
                 );
             }

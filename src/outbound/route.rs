@@ -89,14 +89,15 @@ impl NoRoute {
     /// the transaction's own line.
     pub fn log(&self, client: SocketAddr, domain: &str, plan: &Plan) {
         match self {
-            NoRoute::Hop(error @ RouteError::DaneUnknown { .. }) => {
-                tracing::warn!(client = %client, domain, "not delivered: {error}");
+            NoRoute::Hop(error @ RouteError::DaneUnknown { lookup, .. }) => {
+                let (kind, name) = lookup.fields();
+                tracing::warn!(event = "dane.unknown", lookup = kind, name, client = %client, domain, "not delivered: {error}");
             }
             NoRoute::Open(OpenError::TlsNotAchieved { .. } | OpenError::Unreachable { .. }) => {
-                tracing::warn!(client = %client, domain, rule = %plan.base_rule().name, "not delivered: {}", self.reply());
+                tracing::warn!(event = "not_delivered", client = %client, domain, rule = %plan.base_rule().name, reply = %self.reply(), "not delivered: {}", self.reply());
             }
             NoRoute::NotJoined { route, why, .. } => {
-                tracing::info!(client = %client, domain, route = %route, "recipient not on the open route: {why}");
+                tracing::info!(event = "not_joined", client = %client, domain, route = %route, "recipient not on the open route: {why}");
             }
             NoRoute::Hop(_) | NoRoute::Open(_) | NoRoute::OtherHop { .. } => {}
         }

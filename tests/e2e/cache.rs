@@ -4,7 +4,10 @@
 //! admin's view of the cache is in `admin`; saving at intervals and at SIGTERM, in
 //! `lifecycle`.
 
+use serde_json::Value;
+
 use crate::support::dns::TestZone;
+use crate::support::events::{assert_fields, assert_no_fields};
 use crate::support::lab::Lab;
 use crate::support::logs::Logs;
 use crate::support::pki::{TestCa, Validity};
@@ -12,8 +15,8 @@ use crate::support::smtp_server::SmtpServer;
 use tlsrouter::outcome::OutcomeClass;
 
 use super::rules::{
-    BODY, LOCALHOST, Sent, assert_deferred_for_tls, assert_delivered, assert_logged, lines_with,
-    loopback, one_mx, send, server, starttls, tls10_only,
+    BODY, LOCALHOST, Sent, assert_deferred_for_tls, assert_delivered, loopback, one_mx, send,
+    server, starttls, tls10_only,
 };
 
 #[tokio::test]
@@ -47,11 +50,15 @@ async fn a_second_message_to_a_tls_1_0_only_mx_skips_the_doomed_handshake_and_sa
         3,
         "handshake + plain for the first message, plain at once for the second"
     );
-    let lines = logs.transactions();
-    assert!(!lines[0].contains("cached"), "{}", lines[0]);
-    assert_logged(
+    let lines = logs.transaction_events();
+    assert_no_fields(&lines[0], &["cached"]);
+    assert_fields(
         &lines[1],
-        &["route=\"plain\"", "fallback=legacy-tls", "cached"],
+        &[
+            ("route", "plain"),
+            ("class", "legacy-tls"),
+            ("cached", "yes"),
+        ],
     );
     let entry = lab
         .proxy
@@ -120,12 +127,9 @@ async fn downgrade(on_downgrade: &str) -> (SmtpServer, Sent) {
     (mx, second)
 }
 
-/// The WARN lines that call the second attempt a downgrade; at least one.
-fn warnings_of_downgrade(logs: &Logs) -> Vec<String> {
-    let warned: Vec<String> = lines_with(logs, "downgrade")
-        .into_iter()
-        .filter(|l| l.contains(" WARN "))
-        .collect();
+/// The warnings that call the second attempt a downgrade; at least one.
+fn warnings_of_downgrade(logs: &Logs) -> Vec<Value> {
+    let warned = logs.events_with(&[("event", "downgrade"), ("level", "WARN")]);
     assert!(
         !warned.is_empty(),
         "no downgrade warning in:\n{}",
@@ -149,7 +153,13 @@ async fn a_host_that_stops_offering_starttls_is_a_downgrade_deferred_under_on_do
     );
     assert_eq!(mx.messages().len(), 1, "the second message is not sent");
     let warned = warnings_of_downgrade(&logs);
-    assert_logged(&warned[0], &["mx.example.test[127.0.0.1]", "rule=watchful"]);
+    assert_fields(
+        &warned[0],
+        &[
+            ("server", "mx.example.test[127.0.0.1]"),
+            ("rule", "watchful"),
+        ],
+    );
 }
 
 #[tokio::test]
@@ -164,10 +174,20 @@ async fn a_host_that_stops_offering_starttls_gets_mail_in_plain_with_a_warning_u
     assert_eq!(got[1].data, BODY);
     assert!(got[1].tls.is_none(), "in plain the second time");
     let warned = warnings_of_downgrade(&logs);
-    assert_logged(&warned[0], &["mx.example.test[127.0.0.1]", "rule=watchful"]);
-    assert_logged(
-        &logs.transactions()[1],
-        &["route=\"plain\"", "fallback=no-starttls", "rule=watchful"],
+    assert_fields(
+        &warned[0],
+        &[
+            ("server", "mx.example.test[127.0.0.1]"),
+            ("rule", "watchful"),
+        ],
+    );
+    assert_fields(
+        &logs.transaction_events()[1],
+        &[
+            ("route", "plain"),
+            ("class", "no-starttls"),
+            ("rule", "watchful"),
+        ],
     );
 }
 
@@ -216,9 +236,13 @@ async fn a_legacy_tls_host_learned_before_a_restart_is_not_tried_again_after_it(
 
     assert_eq!(mx.tls_handshakes_attempted(), 1, "B skipped the handshake");
     assert_eq!(mx.messages().len(), 2);
-    assert_logged(
-        &logs.transactions()[1],
-        &["route=\"plain\"", "fallback=legacy-tls", "cached"],
+    assert_fields(
+        &logs.transaction_events()[1],
+        &[
+            ("route", "plain"),
+            ("class", "legacy-tls"),
+            ("cached", "yes"),
+        ],
     );
 }
 
@@ -250,7 +274,8 @@ async fn a_corrupt_cache_file_is_reported_and_the_proxy_starts_with_an_empty_cac
 
     assert!(proxy.outbound.cache.is_empty());
     assert_eq!(
-        lines_with(&logs, "cache not loaded").len(),
+        logs.events_with(&[("event", "cache.not_loaded"), ("level", "WARN")])
+            .len(),
         1,
         "{}",
         logs.text()

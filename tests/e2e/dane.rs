@@ -286,6 +286,7 @@ mod daemon {
     use super::{MX, association, ca_der, der};
     use crate::delivery::{BODY, send};
     use crate::support::dnssec::{SignedDns, SignedTree, Zone};
+    use crate::support::events::{assert_fields, assert_no_fields, field};
     use crate::support::lab::Lab;
     use crate::support::logs::Logs;
     use crate::support::pki::{CertKey, TestCa, Validity, self_signed};
@@ -377,9 +378,10 @@ mod daemon {
         assert_eq!(got.len(), 1);
         assert_eq!(got[0].data, BODY);
         assert!(got[0].tls.is_some(), "DANE delivers over TLS");
-        let line = &logs.transactions()[0];
-        assert!(line.contains("policy=\"dane\""), "{line}");
-        assert!(line.contains("verify=verified"), "{line}");
+        assert_fields(
+            &logs.transaction_events()[0],
+            &[("policy", "dane"), ("verify", "verified"), ("route", "tls")],
+        );
         // Routing and DANE share the one MX answer: the MX records are asked for once.
         let mx_questions = d.dns.questions("dane.test", RecordType::MX);
         assert_eq!(mx_questions, 1, "MX questions for one message");
@@ -533,9 +535,9 @@ mod daemon {
         let got = d.server.messages();
         assert_eq!(got.len(), 1);
         assert!(got[0].tls.is_none(), "the default rule's plain fallback");
-        let line = &logs.transactions()[0];
-        assert!(!line.contains("dane"), "{line}");
-        assert!(line.contains("fallback=no-starttls"), "{line}");
+        let line = &logs.transaction_events()[0];
+        assert_fields(line, &[("route", "plain"), ("class", "no-starttls")]);
+        assert_no_fields(line, &["policy"]);
     }
 
     #[tokio::test]
@@ -593,10 +595,8 @@ mod daemon {
         assert_eq!(rcpts[0].code, 250, "{rcpts:?}");
         assert_eq!(reply.code, 250, "delivered by the rules: {reply:?}");
         assert_eq!(server.messages().len(), 1);
-        let warned = logs.text().lines().any(|l| {
-            l.contains("WARN") && l.contains("DANE off: the name servers cannot serve DNSSEC")
-        });
-        assert!(warned, "{}", logs.text());
+        let warned = logs.events_with(&[("event", "dane"), ("dane", "off"), ("level", "WARN")]);
+        assert_eq!(warned.len(), 1, "{}", logs.text());
     }
 
     #[tokio::test]
@@ -625,7 +625,8 @@ mod daemon {
         assert_eq!(rcpts[0].code, 250, "{rcpts:?}");
         assert_eq!(reply.code, 250, "{reply:?}");
         assert!(d.server.messages()[0].tls.is_some());
-        assert!(logs.text().contains("DANE off"), "{}", logs.text());
+        let off = logs.events_with(&[("event", "dane"), ("dane", "off")]);
+        assert_eq!(off.len(), 1, "{}", logs.text());
     }
 
     #[tokio::test]
@@ -736,10 +737,8 @@ mod daemon {
 
         assert_deferred(&rcpts[0], "4.7.5", "dnssec-bogus");
         assert!(d.server.messages().is_empty(), "never sent in plain");
-        let warned = logs.text().lines().any(|l| {
-            l.contains("WARN") && l.contains("nothing is sent to this host until it can be had")
-        });
-        assert!(warned, "{}", logs.text());
+        let warned = logs.events_with(&[("event", "dane.unknown"), ("level", "WARN")]);
+        assert!(!warned.is_empty(), "{}", logs.text());
     }
 
     #[tokio::test]
@@ -767,21 +766,23 @@ mod daemon {
         );
         assert_eq!(d.server.connections(), 0, "not even connected to");
         assert!(d.server.messages().is_empty(), "never sent in plain");
-        let warned = logs.text().lines().any(|l| {
-            l.contains("WARN")
-                && l.contains("DANE: TLSA lookup of _")
-                && l.contains("nothing is sent to this host until it can be had")
-        });
-        assert!(warned, "{}", logs.text());
+        let warned = logs.events_with(&[
+            ("event", "dane.unknown"),
+            ("lookup", "tlsa"),
+            ("name", MX),
+            ("level", "WARN"),
+        ]);
+        assert_eq!(warned.len(), 1, "{}", logs.text());
         // A fact about DNS, not the server: nothing cached that would outlive the failure.
         assert!(d.lab.proxy.outbound.cache.get(MX, LOCALHOST).is_none());
         // The transaction's one line says why the recipient was refused.
-        let line = &logs.transactions()[0];
+        let line = &logs.transaction_events()[0];
+        assert_fields(line, &[("route", "none")]);
+        let refused = field(line, "refused").unwrap_or_default();
         assert!(
-            line.contains("refused=b@dane.test (451 4.7.5") && line.contains("DANE: dnssec-bogus"),
+            refused.starts_with("b@dane.test (451 4.7.5") && refused.contains("DANE: dnssec-bogus"),
             "{line}"
         );
-        assert!(line.contains("route=\"none\""), "{line}");
     }
 
     #[tokio::test]
@@ -822,9 +823,9 @@ mod daemon {
         assert_eq!(rcpts[0].code, 250, "{rcpts:?}");
         assert_eq!(reply.code, 250, "{reply:?}");
         assert!(server.messages()[0].tls.is_some());
-        assert!(logs.text().contains("DANE on"), "{}", logs.text());
-        let line = &logs.transactions()[0];
-        assert!(line.contains("policy=\"dane\""), "{line}");
+        let on = logs.events_with(&[("event", "dane"), ("dane", "on")]);
+        assert_eq!(on.len(), 1, "{}", logs.text());
+        assert_fields(&logs.transaction_events()[0], &[("policy", "dane")]);
     }
 
     /// The TLS-RPT record of dane.test: reports by mail to tlsrpt@dane.test.

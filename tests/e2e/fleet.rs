@@ -17,10 +17,11 @@ use crate::support::smtp_server::SmtpServer;
 
 use super::mta_sts::POLICY_HOST;
 use super::rules::{assert_delivered, loopback, send, server, starttls, tls10_only};
+use crate::support::events::{assert_fields, field};
 use crate::support::https::{Answer, HttpsServer, txt};
 
 /// Every relay says this once it hears the fleet's pins and flushes.
-const LISTENING: &str = "shared cache: listening for pins and flushes";
+const LISTENING: [(&str, &str); 1] = [("event", "fleet.listening")];
 
 const LEGACY_PLAIN: &str = r#"
     rules:
@@ -46,7 +47,7 @@ fn relay(name: &str, redis: &RedisServer, ca: &TestCa, mx: &SmtpServer) -> LabBu
 /// Starts the relay and waits until it listens to the fleet.
 async fn started(builder: LabBuilder) -> DaemonLab {
     let mut lab = builder.start_daemon().await;
-    lab.daemon.wait_for_log_once(LISTENING).await;
+    lab.daemon.wait_for_event_once(&LISTENING).await;
     lab
 }
 
@@ -82,7 +83,11 @@ async fn a_tls_failure_learned_by_one_relay_makes_the_other_skip_the_doomed_hand
     assert_delivered(&send(a.smtp(), &["b@example.test"]).await);
     assert_eq!(mx.tls_handshakes_attempted(), 1, "relay a tried TLS");
     a.daemon
-        .wait_for_log("shared cache: wrote mx.example.test[127.0.0.1] (legacy-tls)")
+        .wait_for_event(&[
+            ("event", "fleet.wrote"),
+            ("name", "mx.example.test[127.0.0.1]"),
+            ("class", "legacy-tls"),
+        ])
         .await;
 
     assert_delivered(&send(b.smtp(), &["b@example.test"]).await);
@@ -134,7 +139,9 @@ async fn a_pin_on_one_relay_applies_on_the_other() {
         ])
         .await;
     assert_eq!(pinned["result"]["pinned"], 1, "{pinned}");
-    b.daemon.wait_for_log("relay relay-a pinned").await;
+    b.daemon
+        .wait_for_event(&[("event", "fleet.pin_taken"), ("relay", "relay-a")])
+        .await;
 
     assert_delivered(&send(b.smtp(), &["b@example.test"]).await);
     assert_eq!(
@@ -155,17 +162,25 @@ async fn a_flush_on_one_relay_clears_both_and_the_shared_cache() {
     let mx = tls_mx(&ca).await;
     let mut a = started(relay("relay-a", &redis, &ca, &mx)).await;
     let mut b = started(relay("relay-b", &redis, &ca, &mx)).await;
-    let wrote = "shared cache: wrote mx.example.test[127.0.0.1] (tls-verified)";
+    let wrote = [
+        ("event", "fleet.wrote"),
+        ("name", "mx.example.test[127.0.0.1]"),
+        ("class", "tls-verified"),
+    ];
     assert_delivered(&send(a.smtp(), &["b@example.test"]).await);
-    a.daemon.wait_for_log(wrote).await;
+    a.daemon.wait_for_event(&wrote).await;
     assert_delivered(&send(b.smtp(), &["b@example.test"]).await);
-    b.daemon.wait_for_log(wrote).await;
+    b.daemon.wait_for_event(&wrote).await;
     assert_eq!(entries(&b.daemon.ctl(&["cache", "list"]).await).len(), 1);
 
     let flushed = a.daemon.ctl(&["cache", "flush", "example.test"]).await;
     assert_eq!(flushed["result"]["flushed"], 1, "{flushed}");
     b.daemon
-        .wait_for_log("relay relay-a flushed example.test")
+        .wait_for_event(&[
+            ("event", "fleet.flush_taken"),
+            ("relay", "relay-a"),
+            ("name", "example.test"),
+        ])
         .await;
 
     assert!(entries(&b.daemon.ctl(&["cache", "list"]).await).is_empty());
@@ -188,7 +203,11 @@ async fn a_domain_flush_forgets_the_memory_of_tls_of_a_host_whose_entry_has_expi
     let mut a = started(relay("relay-a", &redis, &ca, &mx)).await;
     assert_delivered(&send(a.smtp(), &["b@example.test"]).await);
     a.daemon
-        .wait_for_log("shared cache: wrote mx.example.test[127.0.0.1] (tls-verified)")
+        .wait_for_event(&[
+            ("event", "fleet.wrote"),
+            ("name", "mx.example.test[127.0.0.1]"),
+            ("class", "tls-verified"),
+        ])
         .await;
     let mark = "tlsrouter:tls:mx.example.test|127.0.0.1";
     assert_eq!(redis.keys("tlsrouter:tls:*").await, vec![mark]);
@@ -202,7 +221,7 @@ async fn a_domain_flush_forgets_the_memory_of_tls_of_a_host_whose_entry_has_expi
     let flushed = a.daemon.ctl(&["cache", "flush", "example.test"]).await;
     assert_eq!(flushed["ok"], true, "{flushed}");
     a.daemon
-        .wait_for_log("shared cache: flushed example.test")
+        .wait_for_event(&[("event", "fleet.flushed"), ("name", "example.test")])
         .await;
     assert!(
         redis.keys("tlsrouter:*").await.is_empty(),
@@ -226,7 +245,11 @@ async fn a_firewall_that_strips_starttls_for_one_source_address_is_a_split_sourc
     assert_delivered(&send(a.smtp(), &["b@example.test"]).await);
     assert!(mx.messages()[0].tls.is_some(), "relay a: TLS");
     a.daemon
-        .wait_for_log("shared cache: wrote mx.example.test[127.0.0.1] (tls-verified)")
+        .wait_for_event(&[
+            ("event", "fleet.wrote"),
+            ("name", "mx.example.test[127.0.0.1]"),
+            ("class", "tls-verified"),
+        ])
         .await;
 
     assert_delivered(&send(b.smtp(), &["b@example.test"]).await);
@@ -241,29 +264,42 @@ async fn a_firewall_that_strips_starttls_for_one_source_address_is_a_split_sourc
         "each relay from its own address"
     );
     b.daemon
-        .wait_for_log("downgrade: this host did TLS before")
+        .wait_for_event(&[("event", "downgrade"), ("downgrade", "no-starttls")])
         .await;
-    let warning = b.daemon.wait_for_log("split-source downgrade").await;
-    assert_eq!(warning["level"], "WARN", "{warning}");
-    let text = warning["message"].as_str().unwrap_or_default();
-    for side in [
-        "relay relay-a (from 127.0.0.2) did TLS",
-        "relay relay-b (from 127.0.0.3) now gets no-starttls",
-    ] {
-        assert!(text.contains(side), "{text} lacks {side:?}");
-    }
+    let warning = (b.daemon)
+        .wait_for_event(&[("event", "split_source_downgrade")])
+        .await;
+    assert_fields(
+        &warning,
+        &[
+            ("level", "WARN"),
+            ("server", "mx.example.test[127.0.0.1]"),
+            ("did_tls", "relay relay-a (from 127.0.0.2)"),
+            ("failed", "relay relay-b (from 127.0.0.3)"),
+            ("class", "no-starttls"),
+        ],
+    );
     b.daemon
-        .wait_for_log("shared cache: wrote mx.example.test[127.0.0.1] (no-starttls)")
+        .wait_for_event(&[
+            ("event", "fleet.wrote"),
+            ("name", "mx.example.test[127.0.0.1]"),
+            ("class", "no-starttls"),
+        ])
         .await;
 
     // Relay a still does TLS; its success does not erase what relay b's address gets.
     assert_delivered(&send(a.smtp(), &["b@example.test"]).await);
     assert!(mx.messages()[2].tls.is_some(), "relay a: TLS again");
-    let warning = a.daemon.wait_for_log("split-source downgrade").await;
-    let text = warning["message"].as_str().unwrap_or_default();
-    assert!(
-        text.contains("relay relay-b (from 127.0.0.3) gets no-starttls"),
-        "{text}"
+    let warning = (a.daemon)
+        .wait_for_event(&[("event", "split_source_downgrade")])
+        .await;
+    assert_fields(
+        &warning,
+        &[
+            ("did_tls", "relay relay-a (from 127.0.0.2)"),
+            ("failed", "relay relay-b (from 127.0.0.3)"),
+            ("class", "no-starttls"),
+        ],
     );
     let (_, shown, _) = ctl(
         &a.daemon.admin_socket,
@@ -290,7 +326,7 @@ async fn with_redis_stopped_mail_keeps_flowing_and_the_shared_view_comes_back_af
     let mut a = started(relay("relay-a", &redis, &ca, &mx)).await;
     let mut b = started(relay("relay-b", &redis, &ca, &mx)).await;
     assert_delivered(&send(a.smtp(), &["b@example.test"]).await);
-    a.daemon.wait_for_log("shared cache: wrote").await;
+    a.daemon.wait_for_event(&[("event", "fleet.wrote")]).await;
 
     redis.stop();
     for relay in [&a, &b, &a, &b] {
@@ -301,9 +337,9 @@ async fn with_redis_stopped_mail_keeps_flowing_and_the_shared_view_comes_back_af
         mx.messages().iter().all(|m| m.tls.is_some()),
         "TLS throughout"
     );
-    let down = "going on with the local cache until it is back";
-    a.daemon.wait_for_log(down).await;
-    b.daemon.wait_for_log(down).await;
+    let down = [("event", "fleet.down")];
+    a.daemon.wait_for_event(&down).await;
+    b.daemon.wait_for_event(&down).await;
     let stats = b.daemon.ctl(&["stats"]).await;
     assert_eq!(stats["result"]["redis_connected"], 0, "{stats}");
     assert!(
@@ -313,21 +349,27 @@ async fn with_redis_stopped_mail_keeps_flowing_and_the_shared_view_comes_back_af
 
     redis.restart().await;
     for relay in [&mut a, &mut b] {
-        relay.daemon.wait_for_log("is back; writing").await;
+        relay
+            .daemon
+            .wait_for_event(&[("event", "fleet.back")])
+            .await;
         // Listening again may come before or after; once at start, once now.
-        if relay.daemon.log_text().matches(LISTENING).count() < 2 {
-            relay.daemon.wait_for_log(LISTENING).await;
+        if relay.daemon.count_events(&LISTENING) < 2 {
+            relay.daemon.wait_for_event(&LISTENING).await;
         }
-        let log = relay.daemon.log_text();
         assert_eq!(
-            log.matches(down).count(),
+            relay.daemon.count_events(&down),
             1,
-            "one warning per outage:\n{log}"
+            "one warning per outage:\n{}",
+            relay.daemon.log_text()
         );
     }
     // What was learned meanwhile is written again, and pins travel again.
     a.daemon
-        .wait_for_log("shared cache: wrote mx.example.test")
+        .wait_for_event(&[
+            ("event", "fleet.wrote"),
+            ("name", "mx.example.test[127.0.0.1]"),
+        ])
         .await;
     let (code, shown, err) = ctl(
         &b.daemon.admin_socket,
@@ -346,7 +388,9 @@ async fn with_redis_stopped_mail_keeps_flowing_and_the_shared_view_comes_back_af
             "1h",
         ])
         .await;
-    b.daemon.wait_for_log("relay relay-a pinned").await;
+    b.daemon
+        .wait_for_event(&[("event", "fleet.pin_taken"), ("relay", "relay-a")])
+        .await;
     let stats = b.daemon.ctl(&["stats"]).await;
     assert_eq!(stats["result"]["redis_connected"], 1, "{stats}");
 }
@@ -360,7 +404,7 @@ async fn with_redis_hanging_mail_keeps_flowing_on_the_local_cache_and_redis_is_u
     let mut a = started(hanging("relay-a")).await;
     let mut b = started(hanging("relay-b")).await;
     assert_delivered(&send(a.smtp(), &["b@example.test"]).await);
-    a.daemon.wait_for_log("shared cache: wrote").await;
+    a.daemon.wait_for_event(&[("event", "fleet.wrote")]).await;
 
     // Connections are still accepted, but no call is answered: each must give up on its
     // timeout. relay-b has nothing of the host in its near cache, so its message asks
@@ -374,21 +418,21 @@ async fn with_redis_hanging_mail_keeps_flowing_on_the_local_cache_and_redis_is_u
         mx.messages().iter().all(|m| m.tls.is_some()),
         "TLS throughout"
     );
-    let down = "going on with the local cache until it is back";
-    let warned = b.daemon.wait_for_log(down).await;
-    assert!(
-        warned.to_string().contains("no answer in 300ms"),
-        "a hang is told as one: {warned}"
-    );
-    a.daemon.wait_for_log(down).await;
+    let down = [("event", "fleet.down")];
+    let warned = b.daemon.wait_for_event(&down).await;
+    assert_fields(&warned, &[("why", "no answer in 300ms")]);
+    a.daemon.wait_for_event(&down).await;
     let stats = b.daemon.ctl(&["stats"]).await;
     assert_eq!(stats["result"]["redis_connected"], 0, "{stats}");
 
     redis.resume();
-    b.daemon.wait_for_log("is back; writing").await;
+    b.daemon.wait_for_event(&[("event", "fleet.back")]).await;
     assert_delivered(&send(b.smtp(), &["b@example.test"]).await);
     b.daemon
-        .wait_for_log("shared cache: wrote mx.example.test")
+        .wait_for_event(&[
+            ("event", "fleet.wrote"),
+            ("name", "mx.example.test[127.0.0.1]"),
+        ])
         .await;
     let stats = b.daemon.ctl(&["stats"]).await;
     assert_eq!(stats["result"]["redis_connected"], 1, "{stats}");
@@ -416,7 +460,7 @@ async fn rediss_with_the_configured_ca_encrypts_the_shared_cache() {
     let b = started(relay("relay-b", &redis, &ca, &mx)).await;
 
     assert_delivered(&send(a.smtp(), &["b@example.test"]).await);
-    a.daemon.wait_for_log("shared cache: wrote").await;
+    a.daemon.wait_for_event(&[("event", "fleet.wrote")]).await;
     let (code, shown, err) = ctl(
         &b.daemon.admin_socket,
         &["cache", "show", "mx.example.test"],
@@ -546,14 +590,18 @@ async fn an_mta_sts_policy_fetched_by_one_relay_serves_the_other_without_a_fetch
     assert_delivered(&send(a.smtp(), &["b@example.test"]).await);
     assert_eq!(policy_server.requests(), 1, "relay a fetched the policy");
     a.daemon
-        .wait_for_log("shared cache: wrote sts example.test")
+        .wait_for_event(&[
+            ("event", "fleet.wrote"),
+            ("kind", "sts"),
+            ("name", "example.test"),
+        ])
         .await;
 
     assert_delivered(&send(b.smtp(), &["b@example.test"]).await);
     b.daemon
-        .wait_for_log("MTA-STS policy taken from the fleet's shared cache")
+        .wait_for_event(&[("event", "mta_sts.from_fleet"), ("domain", "example.test")])
         .await;
-    let line = b.daemon.wait_for_log("transaction").await;
+    let line = b.daemon.wait_for_transaction().await;
     assert_eq!(line["policy"], "mta-sts:enforce", "{line}");
     assert_eq!(policy_server.requests(), 1, "relay b fetched nothing");
     assert!(mx.messages().iter().all(|m| m.tls.is_some()));
@@ -600,15 +648,27 @@ async fn entries_forged_into_redis_are_not_believed_and_the_relay_still_tries_tl
     // Each would make every relay skip TLS with the host: entry, how it is written (kind,
     // pinned), and what the relay says of it.
     let forgeries = [
-        (far_future, "failure", "0", "last_seen"),
-        (pinned_by_hand, "failure", "0", "not written as a pin"),
-        (pinned_forever, "pin", "1", "longer than cache.ttl.pin_max"),
+        (far_future, "failure", "0", "future", "last_seen"),
+        (
+            pinned_by_hand,
+            "failure",
+            "0",
+            "pin-not-written",
+            "not written as a pin",
+        ),
+        (
+            pinned_forever,
+            "pin",
+            "1",
+            "pin-too-long",
+            "longer than cache.ttl.pin_max",
+        ),
     ];
-    for (n, (entry, kind, pinned, said)) in forgeries.into_iter().enumerate() {
+    for (n, (entry, kind, pinned, forged, said)) in forgeries.into_iter().enumerate() {
         // Nothing of the host's TLS remembered here, so only Redis's word could decide.
         a.daemon.ctl(&["cache", "flush", "mx.example.test"]).await;
         a.daemon
-            .wait_for_log("shared cache: flushed mx.example.test")
+            .wait_for_event(&[("event", "fleet.flushed"), ("name", "mx.example.test")])
             .await;
         redis.cli(&[
             "HSET",
@@ -632,13 +692,24 @@ async fn entries_forged_into_redis_are_not_believed_and_the_relay_still_tries_tl
             got[n].tls.is_some(),
             "{said}: delivered over TLS all the same"
         );
-        let warning = a.daemon.wait_for_log("is not believed").await;
-        assert_eq!(warning["level"], "WARN", "{warning}");
-        let text = warning["message"].as_str().unwrap_or_default();
-        assert!(text.contains(said), "{said:?} not in {text}");
+        let warning = a.daemon.wait_for_event(&[("event", "fleet.forged")]).await;
+        assert_fields(
+            &warning,
+            &[
+                ("level", "WARN"),
+                ("name", "entry mx.example.test[127.0.0.1]"),
+                ("forged", forged),
+            ],
+        );
+        let why = field(&warning, "why").unwrap_or_default();
+        assert!(why.contains(said), "{said:?} not in {why}");
         // The relay's own observation replaces the forgery in Redis.
         a.daemon
-            .wait_for_log("shared cache: wrote mx.example.test[127.0.0.1] (tls-verified)")
+            .wait_for_event(&[
+                ("event", "fleet.wrote"),
+                ("name", "mx.example.test[127.0.0.1]"),
+                ("class", "tls-verified"),
+            ])
             .await;
     }
     let stats = a.daemon.ctl(&["stats"]).await;
@@ -683,7 +754,11 @@ async fn a_forged_mta_sts_policy_in_redis_never_weakens_an_enforced_one() {
 
     deferred(&send(a.smtp(), &["b@example.test"]).await);
     a.daemon
-        .wait_for_log("shared cache: wrote sts example.test")
+        .wait_for_event(&[
+            ("event", "fleet.wrote"),
+            ("kind", "sts"),
+            ("name", "example.test"),
+        ])
         .await;
 
     let forged = |mode: &str, fetched_at: u64| {
@@ -707,14 +782,22 @@ async fn a_forged_mta_sts_policy_in_redis_never_weakens_an_enforced_one() {
     ] {
         redis.cli(&["SET", "tlsrouter:sts:example.test", &json, "EX", "3600"]);
         deferred(&send(a.smtp(), &["b@example.test"]).await);
-        let warning = a.daemon.wait_for_log("is not believed").await;
-        let text = warning["message"].as_str().unwrap_or_default();
-        assert!(
-            text.contains("MTA-STS policy of example.test") && text.contains(said),
-            "{text}"
+        let warning = a.daemon.wait_for_event(&[("event", "fleet.forged")]).await;
+        assert_fields(
+            &warning,
+            &[
+                ("name", "MTA-STS policy of example.test"),
+                ("forged", "policy"),
+            ],
         );
+        let why = field(&warning, "why").unwrap_or_default();
+        assert!(why.contains(said), "{said:?} not in {why}");
         a.daemon
-            .wait_for_log("shared cache: wrote sts example.test")
+            .wait_for_event(&[
+                ("event", "fleet.wrote"),
+                ("kind", "sts"),
+                ("name", "example.test"),
+            ])
             .await;
     }
 

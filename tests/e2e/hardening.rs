@@ -15,6 +15,7 @@ use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{TcpListener, TcpSocket, TcpStream};
 
 use crate::support::dns::TestZone;
+use crate::support::events::{assert_fields, field};
 use crate::support::lab::{Lab, LabBuilder, dedent, one_mx_zone};
 use crate::support::logs::Logs;
 use crate::support::pki::{TestCa, Validity};
@@ -520,8 +521,10 @@ async fn a_starttls_220_with_injected_reply_lines_is_a_protocol_violation_and_th
     assert!(got[0].auth.is_empty(), "AUTH sent: {:?}", got[0].auth);
     assert_eq!(server.tls_handshakes_attempted(), 1);
     assert_eq!(server.connections(), 2, "a new plain connection");
-    let line = &logs.transactions()[0];
-    assert!(line.contains("fallback=protocol-violation"), "{line}");
+    assert_fields(
+        &logs.transaction_events()[0],
+        &[("route", "plain"), ("class", "protocol-violation")],
+    );
 }
 
 #[tokio::test]
@@ -552,8 +555,10 @@ async fn lines_injected_after_the_starttls_220_are_never_acted_on_and_no_auth_is
     for log in &connections {
         assert_eq!(commands_starting(log, "AUTH"), 0, "{log:?}");
     }
-    let line = &logs.transactions()[0];
-    assert!(line.contains("fallback=protocol-violation"), "{line}");
+    assert_fields(
+        &logs.transaction_events()[0],
+        &[("route", "plain"), ("class", "protocol-violation")],
+    );
 }
 
 /// Writes a rule file that sends everything to the smarthost mx.example.test:`port` with
@@ -703,11 +708,13 @@ async fn starttls_answered_with_454_502_or_354_is_starttls_refused_and_the_messa
         let got = server.messages();
         assert_eq!(got.len(), 1, "{refusal}");
         assert!(got[0].tls.is_none());
-        let line = &logs.transactions()[0];
-        assert!(
-            line.contains("fallback=starttls-refused"),
+        let line = &logs.transaction_events()[0];
+        assert_eq!(
+            field(line, "class").as_deref(),
+            Some("starttls-refused"),
             "{refusal}: {line}"
         );
+        assert_fields(line, &[("route", "plain")]);
     }
 }
 
@@ -731,8 +738,10 @@ async fn a_server_that_says_220_to_starttls_and_never_speaks_tls_costs_one_hands
     );
     assert_eq!(server.messages().len(), 1);
     assert!(server.messages()[0].tls.is_none());
-    let line = &logs.transactions()[0];
-    assert!(line.contains("fallback=handshake-failed"), "{line}");
+    assert_fields(
+        &logs.transaction_events()[0],
+        &[("route", "plain"), ("class", "handshake-failed")],
+    );
 }
 
 #[tokio::test]
@@ -792,7 +801,8 @@ async fn a_host_that_did_tls_and_now_hides_starttls_is_a_downgrade_and_the_messa
     let (heard, server, logs) = second_message_after(Step::Ehlo, stripped).await;
     assert_reply(heard.outcome(), 451, "4.7.5");
     assert_eq!(server.messages().len(), 1, "nothing went in plain");
-    assert!(logs.text().contains("downgrade"), "{}", logs.text());
+    let warned = logs.events_with(&[("event", "downgrade"), ("level", "WARN")]);
+    assert!(!warned.is_empty(), "{}", logs.text());
 }
 
 #[tokio::test]
@@ -805,7 +815,8 @@ async fn a_host_that_did_tls_and_now_refuses_starttls_is_a_downgrade_and_the_mes
         "the second message went in plain"
     );
     assert_reply(heard.outcome(), 451, "4.7.5");
-    assert!(logs.text().contains("downgrade"), "{}", logs.text());
+    let warned = logs.events_with(&[("event", "downgrade"), ("level", "WARN")]);
+    assert!(!warned.is_empty(), "{}", logs.text());
 }
 
 #[tokio::test]
@@ -850,7 +861,9 @@ async fn a_handshake_that_fails_only_because_a_rule_asks_for_tls_13_is_no_downgr
         server.messages()[1].tls.is_none(),
         "TLS 1.3 was not to be had"
     );
-    assert!(!logs.text().contains("downgrade"), "{}", logs.text());
+    let warned = logs.events_with(&[("event", "downgrade")]);
+    assert!(warned.is_empty(), "{}", logs.text());
+    assert_eq!(lab.proxy.stats.snapshot().downgrades, 0);
 }
 
 // ---------------------------------------------------------------------------------------

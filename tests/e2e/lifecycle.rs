@@ -216,7 +216,7 @@ async fn a_second_sigterm_exits_at_once_while_a_transaction_holds_the_drain() {
     assert_eq!(client.cmd("MAIL FROM:<a@b.test>").await.code, 250);
 
     daemon.signal("TERM");
-    daemon.wait_for_log("draining").await;
+    daemon.wait_for_event(&[("event", "shutting_down")]).await;
     daemon.signal("TERM");
 
     assert_eq!(
@@ -237,7 +237,7 @@ async fn sigint_stops_the_daemon_cleanly_like_sigterm() {
     daemon.signal("INT");
 
     // Without a handler SIGINT would kill the daemon (or, ignored, leave it running).
-    daemon.wait_for_log("tlsrouter stopped").await;
+    daemon.wait_for_event(&[("event", "stopped")]).await;
     let status = daemon.exit_status();
     assert!(status.success(), "{status:?}");
     assert!(
@@ -298,11 +298,8 @@ async fn a_running_daemon_saves_its_cache_every_save_interval_and_the_next_start
 
     // Saves before the delivery had nothing to save; wait for one that has the host.
     loop {
-        let saved = daemon.wait_for_log("entries saved to").await;
-        if saved["message"]
-            .as_str()
-            .is_some_and(|m| !m.starts_with("cache: 0 "))
-        {
+        let saved = daemon.wait_for_event(&[("event", "cache.saved")]).await;
+        if saved["entries"].as_u64() > Some(0) {
             break;
         }
     }

@@ -138,13 +138,13 @@ async fn the_certificate_is_reloaded_when_its_files_change_and_on_sighup() {
     let second = ca.leaf(&["relay.test"], Validity::Current);
     write_pair(&dir, &second);
     lab.daemon
-        .wait_for_log("inbound TLS certificate reloaded (file changed)")
+        .wait_for_event(&[("event", "inbound_tls.reloaded"), ("why", "file changed")])
         .await;
     assert_eq!(offered(smtp, &ca).await, served(&second));
 
     lab.daemon.signal("HUP");
     lab.daemon
-        .wait_for_log("inbound TLS certificate reloaded (SIGHUP)")
+        .wait_for_event(&[("event", "inbound_tls.reloaded"), ("why", "SIGHUP")])
         .await;
     assert_eq!(offered(smtp, &ca).await, served(&second));
 }

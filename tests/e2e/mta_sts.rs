@@ -12,6 +12,7 @@ use std::time::Duration;
 use base64::Engine;
 
 use crate::support::dns::{DnsServer, TestZone};
+use crate::support::events::assert_fields;
 use crate::support::https::{Answer, HttpsServer, Seen, txt};
 use crate::support::pki::{CertKey, TestCa, Validity, self_signed};
 use crate::support::smtp_server::{ServerBehaviour, SmtpServer};
@@ -998,14 +999,14 @@ async fn under_an_enforced_policy_a_good_server_gets_the_message_over_verified_t
     let sent = send_one(d.lab.smtp).await;
     assert_eq!(sent.2, Some(250), "{sent:?}");
     assert!(d.servers[0].messages()[0].tls.is_some());
-    let line = &d._logs.0.transactions()[0];
-    for field in [
-        "policy=\"mta-sts:enforce\"",
-        "verify=verified",
-        "route=\"tls\"",
-    ] {
-        assert!(line.contains(field), "{field} missing in {line}");
-    }
+    assert_fields(
+        &d._logs.0.transaction_events()[0],
+        &[
+            ("policy", "mta-sts:enforce"),
+            ("verify", "verified"),
+            ("route", "tls"),
+        ],
+    );
     let counts = d
         .lab
         .proxy
@@ -1024,8 +1025,10 @@ async fn under_a_testing_policy_a_server_without_starttls_gets_the_message_and_i
     let sent = send_one(d.lab.smtp).await;
     assert_eq!(sent.2, Some(250), "{sent:?}");
     assert!(d.servers[0].messages()[0].tls.is_none());
-    let line = &d._logs.0.transactions()[0];
-    assert!(line.contains("policy=\"mta-sts:testing\""), "{line}");
+    assert_fields(
+        &d._logs.0.transaction_events()[0],
+        &[("policy", "mta-sts:testing"), ("class", "no-starttls")],
+    );
     let report = d
         .lab
         .proxy

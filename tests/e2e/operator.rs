@@ -8,6 +8,7 @@ use std::process::{Command, Stdio};
 
 use crate::support::daemon::{Daemon, lab_config};
 use crate::support::dns::{DnsServer, TestZone};
+use crate::support::events::has_fields;
 use crate::support::pki::{TestCa, Validity};
 use crate::support::smtp_client::SmtpClient;
 use crate::support::smtp_server::{ServerBehaviour, SmtpServer};
@@ -225,9 +226,8 @@ async fn greeting_name(smtp: SocketAddr) -> String {
 fn fqdn_warning(log: &str) -> Option<String> {
     log.lines()
         .filter_map(|line| serde_json::from_str::<Value>(line).ok())
-        .filter(|event| event["level"] == "WARN")
-        .filter_map(|event| event["message"].as_str().map(String::from))
-        .find(|message| message.contains("fully-qualified"))
+        .filter(|event| has_fields(event, &[("event", "hostname.not_fqdn"), ("level", "WARN")]))
+        .find_map(|event| event["message"].as_str().map(String::from))
 }
 
 #[cfg(unix)]

@@ -9,16 +9,21 @@
 //! own Postfix. Postfix must be installed (Debian: the `postfix` package, which `.ci/run`
 //! installs) and the tests must run as root, as `postfix start` requires: otherwise they
 //! fail and say why.
+//!
+//! Waiting on Postfix is waiting on its queue: every move of a queue file, every deferral
+//! reason written and every line of its log wakes the waiter (inotify), which then reads
+//! the queue again; nothing waits on a timer.
 
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use crate::support::dns::{DnsServer, TestZone};
 use crate::support::pki::{TestCa, Validity};
 use crate::support::proxy::{start_proxy, test_config};
 use crate::support::smtp_server::{Action, Received, ServerBehaviour, SmtpServer, Step};
+use futures_util::StreamExt;
 use serde_json::Value;
 
 /// The snippets an admin copies; the tests use them as they are, with tlsrouter's port.
@@ -30,8 +35,6 @@ const PLAIN_HOP: &str = "-o smtp_tls_security_level=none";
 
 /// How long Postfix may take to do what a test waits for; a guard against a hung test.
 const WAIT: Duration = Duration::from_secs(60);
-/// How often the queue or a server is looked at while waiting.
-const POLL: Duration = Duration::from_millis(100);
 
 const MX1: Ipv4Addr = Ipv4Addr::new(127, 0, 0, 1);
 const MX2: Ipv4Addr = Ipv4Addr::new(127, 0, 0, 2);
@@ -48,6 +51,8 @@ pub(crate) fn instance_main_cf(dir: &Path) -> String {
 }
 
 /// Its directories and name, listening on loopback only, IPv4: what every instance has.
+/// Only `flush` is hashed (Postfix refuses an empty list), so that the queue files lie in
+/// the directories a waiting test watches, not in subdirectories made later.
 pub(crate) fn instance_directories_cf(dir: &Path) -> String {
     let d = dir.display();
     format!(
@@ -61,7 +66,8 @@ pub(crate) fn instance_directories_cf(dir: &Path) -> String {
          alias_maps =\n\
          alias_database =\n\
          inet_interfaces = loopback-only\n\
-         inet_protocols = ipv4\n"
+         inet_protocols = ipv4\n\
+         hash_queue_names = flush\n"
     )
 }
 
@@ -302,31 +308,72 @@ impl Postfix {
             .collect()
     }
 
+    /// Waits until `found` finds what it looks for in the queue; the queue is read again
+    /// whenever Postfix changes it. `what` names it for the failure message.
+    async fn wait_for_queue<T>(&self, what: &str, found: impl Fn(&[Value]) -> Option<T>) -> T {
+        // Watching starts before the first look, so that no change falls in between.
+        let mut changes = self.spool_changes();
+        let deadline = tokio::time::Instant::now() + WAIT;
+        loop {
+            let queue = self.queue().await;
+            if let Some(value) = found(&queue) {
+                return value;
+            }
+            let changed = tokio::time::timeout_at(deadline, changes.next()).await;
+            assert!(
+                matches!(changed, Ok(Some(Ok(_)))),
+                "{what}: not within {WAIT:?} ({changed:?}); queue: {queue:?}\n{}",
+                self.maillog()
+            );
+        }
+    }
+
+    /// Every change Postfix makes to its queue: a file arriving in, moving between or
+    /// leaving maildrop, incoming, active and deferred; a deferral reason written; a line
+    /// logged.
+    fn spool_changes(&self) -> inotify::EventStream<[u8; 4096]> {
+        use inotify::{Inotify, WatchMask};
+        let inotify = Inotify::init().expect("inotify");
+        let spool = self.dir.path().join("spool");
+        let moves = WatchMask::CREATE
+            | WatchMask::MOVED_TO
+            | WatchMask::MOVED_FROM
+            | WatchMask::DELETE
+            | WatchMask::CLOSE_WRITE;
+        for queue in [
+            "maildrop", "incoming", "active", "deferred", "defer", "bounce",
+        ] {
+            (inotify.watches())
+                .add(spool.join(queue), moves)
+                .unwrap_or_else(|e| panic!("watching {queue}: {e}"));
+        }
+        (inotify.watches())
+            .add(self.dir.path(), WatchMask::MODIFY | WatchMask::CREATE)
+            .expect("watching the maillog");
+        inotify
+            .into_event_stream([0; 4096])
+            .expect("an inotify event stream")
+    }
+
     /// Waits until the queue holds a deferred message for `recipient` whose reason says
     /// `says`, and returns it with that reason.
     pub(crate) async fn deferral_of(&self, recipient: &str, says: &str) -> Deferral {
-        let deadline = Instant::now() + WAIT;
-        loop {
-            let queue = self.queue().await;
+        let what = format!("a deferral of {recipient} saying {says:?}");
+        self.wait_for_queue(&what, |queue| {
             let waiting = queue.iter().filter(|m| m["queue_name"] == "deferred");
-            let found = waiting.flat_map(|m| {
+            let mut found = waiting.flat_map(|m| {
                 let recipients = m["recipients"].as_array().cloned().unwrap_or_default();
                 recipients.into_iter().map(move |r| (m.clone(), r))
             });
-            for (message, r) in found {
+            found.find_map(|(message, r)| {
                 let reason = r["delay_reason"].as_str().unwrap_or_default();
-                if r["address"] == recipient && reason.contains(says) {
-                    let reason = reason.to_string();
-                    return Deferral { message, reason };
-                }
-            }
-            assert!(
-                Instant::now() < deadline,
-                "no deferral of {recipient} saying {says:?} within {WAIT:?}; queue: {queue:?}\n{}",
-                self.maillog()
-            );
-            tokio::time::sleep(POLL).await;
-        }
+                (r["address"] == recipient && reason.contains(says)).then(|| Deferral {
+                    reason: reason.to_string(),
+                    message,
+                })
+            })
+        })
+        .await
     }
 
     /// A recipient tlsrouter sent to a transaction of its own (`452 4.5.3`), tried again
@@ -342,24 +389,15 @@ impl Postfix {
     /// Waits until the queue holds a deferred message, and returns it with the reason
     /// Postfix gives for its first recipient.
     pub(crate) async fn deferral(&self) -> Deferral {
-        let deadline = Instant::now() + WAIT;
-        loop {
-            let queue = self.queue().await;
-            if let Some(message) = queue.iter().find(|m| m["queue_name"] == "deferred") {
-                let message = message.clone();
-                let reason = message["recipients"][0]["delay_reason"]
-                    .as_str()
-                    .unwrap_or_default()
-                    .to_string();
-                return Deferral { message, reason };
-            }
-            assert!(
-                Instant::now() < deadline,
-                "no deferred message within {WAIT:?}; queue: {queue:?}\n{}",
-                self.maillog()
-            );
-            tokio::time::sleep(POLL).await;
-        }
+        self.wait_for_queue("a deferred message", |queue| {
+            let message = queue.iter().find(|m| m["queue_name"] == "deferred")?;
+            let reason = message["recipients"][0]["delay_reason"].as_str();
+            Some(Deferral {
+                reason: reason.unwrap_or_default().to_string(),
+                message: message.clone(),
+            })
+        })
+        .await
     }
 
     /// Waits until `server` has `n` completed messages; on failure, says what Postfix
@@ -370,39 +408,21 @@ impl Postfix {
         n: usize,
         context: impl Fn() -> String,
     ) -> Vec<Received> {
-        let deadline = Instant::now() + WAIT;
-        loop {
-            let messages = server.messages();
-            if messages.len() >= n {
-                return messages;
-            }
-            assert!(
-                Instant::now() < deadline,
+        match tokio::time::timeout(WAIT, server.messages_reaching(n)).await {
+            Ok(messages) => messages,
+            Err(_) => panic!(
                 "{} message(s) arrived within {WAIT:?}, expected {n}; queue: {:?}\n{}\n{}",
-                messages.len(),
+                server.messages().len(),
                 self.queue().await,
                 self.maillog(),
                 context()
-            );
-            tokio::time::sleep(POLL).await;
+            ),
         }
     }
 
     /// Waits until the queue is empty: every message delivered or bounced.
     pub(crate) async fn wait_for_empty_queue(&self) {
-        let deadline = Instant::now() + WAIT;
-        loop {
-            let queue = self.queue().await;
-            if queue.is_empty() {
-                return;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "the queue still holds mail after {WAIT:?}: {queue:?}\n{}",
-                self.maillog()
-            );
-            tokio::time::sleep(POLL).await;
-        }
+        (self.wait_for_queue("an empty queue", |queue| queue.is_empty().then_some(()))).await;
     }
 
     /// Asks Postfix to try a deferred message again now (`postqueue -i ID`).
@@ -434,17 +454,34 @@ impl Drop for Postfix {
         let _ = self.command("postfix").arg("stop").output();
         // The directories go only once the daemons are gone, so none writes into a removed
         // queue. Bounded: a test must end even if Postfix does not.
-        if let Some(pid) = pid {
-            let deadline = Instant::now() + Duration::from_secs(20);
-            while Instant::now() < deadline && process_exists(&pid) {
-                std::thread::sleep(Duration::from_millis(50));
-            }
+        if let Some(pid) = pid.and_then(|pid| pid.parse().ok()) {
+            wait_for_exit(pid, Duration::from_secs(20));
         }
     }
 }
 
-fn process_exists(pid: &str) -> bool {
-    Path::new("/proc").join(pid).exists()
+/// Waits until process `pid` (not our child) has exited, or `limit` has passed: its pidfd
+/// becomes readable when it exits.
+fn wait_for_exit(pid: libc::pid_t, limit: Duration) {
+    // SAFETY: pidfd_open takes a pid and flags and returns a new descriptor or -1.
+    let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) };
+    let Ok(fd) = libc::c_int::try_from(fd) else {
+        return;
+    };
+    if fd < 0 {
+        return; // gone already
+    }
+    let mut exited = libc::pollfd {
+        fd,
+        events: libc::POLLIN,
+        revents: 0,
+    };
+    let millis = libc::c_int::try_from(limit.as_millis()).unwrap_or(libc::c_int::MAX);
+    // SAFETY: one valid pollfd, and the descriptor is ours to close.
+    unsafe {
+        libc::poll(&mut exited, 1, millis);
+        libc::close(fd);
+    }
 }
 
 fn set_mode(path: &Path, mode: u32) {

@@ -9,6 +9,7 @@ use std::path::{Path, PathBuf};
 
 use crate::support::daemon::replace_file;
 use crate::support::dns::TestZone;
+use crate::support::events::{assert_fields, field};
 use crate::support::lab::{DaemonLab, Lab, dedent};
 use crate::support::logs::Logs;
 use crate::support::pki::{CertKey, TestCa, Validity};
@@ -179,21 +180,6 @@ pub(super) fn assert_deferred_for_tls(sent: &Sent, says: &[&str]) {
     assert_ne!(sent.data.code, 250, "{:?}", sent.data);
 }
 
-pub(super) fn assert_logged(line: &str, fields: &[&str]) {
-    for field in fields {
-        assert!(line.contains(field), "{field} missing in {line}");
-    }
-}
-
-/// Lines of the captured log that contain `text`.
-pub(super) fn lines_with(logs: &Logs, text: &str) -> Vec<String> {
-    logs.text()
-        .lines()
-        .filter(|l| l.contains(text))
-        .map(String::from)
-        .collect()
-}
-
 /// Like [`Logs::capture`], at debug level: the SMTP dialogue both ways.
 fn capture_debug() -> (Logs, tracing::subscriber::DefaultGuard) {
     Logs::capture_at("tlsrouter=debug")
@@ -230,14 +216,15 @@ async fn a_partner_listed_with_tls_never_gets_its_mail_in_plain_although_its_ser
     assert!(got[0].tls.is_none(), "delivered in plain");
     assert_eq!(mx.tls_handshakes_attempted(), 0, "STARTTLS never sent");
     assert_eq!(mx.connections(), 1);
-    assert_logged(
-        &logs.transactions()[0],
+    assert_fields(
+        &logs.transaction_events()[0],
         &[
-            "mx=mx.example.test",
-            "route=\"plain\"",
-            "fallback=tls-never: TLS not wanted by rule",
-            "rule=partner-without-tls",
-            "end=\"delivered\"",
+            ("mx", "mx.example.test"),
+            ("route", "plain"),
+            ("class", "tls-never"),
+            ("fallback", "tls-never: TLS not wanted by rule"),
+            ("rule", "partner-without-tls"),
+            ("end", "delivered"),
         ],
     );
 }
@@ -266,10 +253,15 @@ async fn tls_require_toward_a_server_without_starttls_defers_with_451_4_7_5_and_
         ],
     );
     assert!(mx.messages().is_empty(), "nothing delivered");
-    let warned = lines_with(&logs, "not delivered");
+    let warned = logs.events_with(&[("event", "not_delivered")]);
     assert_eq!(warned.len(), 1, "{}", logs.text());
-    assert_logged(&warned[0], &["WARN", "rule=banks", "4.7.5", "no STARTTLS"]);
-    assert_logged(&logs.transactions()[0], &["route=\"none\""]);
+    assert_fields(&warned[0], &[("level", "WARN"), ("rule", "banks")]);
+    let reply = field(&warned[0], "reply").unwrap_or_default();
+    assert!(
+        reply.starts_with("451 4.7.5") && reply.contains("no STARTTLS"),
+        "{reply}"
+    );
+    assert_fields(&logs.transaction_events()[0], &[("route", "none")]);
 }
 
 const VERIFY_REQUIRE: &str = r#"
@@ -303,8 +295,10 @@ async fn verify_require_defers_a_server_with_an_expired_certificate_and_names_th
         1,
         "no plain fallback: cert-expired is not in the default fallback_on"
     );
-    let warned = lines_with(&logs, "not delivered");
-    assert_logged(&warned[0], &["WARN", "certificate expired"]);
+    let warned = logs.events_with(&[("event", "not_delivered")]);
+    assert_fields(&warned[0], &[("level", "WARN")]);
+    let reply = field(&warned[0], "reply").unwrap_or_default();
+    assert!(reply.contains("certificate expired"), "{reply}");
 }
 
 #[tokio::test]
@@ -331,13 +325,19 @@ async fn verify_require_with_fallback_on_cert_expired_delivers_in_plain_to_the_s
     assert!(got[0].tls.is_none(), "in plain, not over the rejected TLS");
     assert_eq!(mx.tls_handshakes_attempted(), 1);
     assert_eq!(mx.connections(), 2, "the TLS connection, then a plain one");
-    assert_logged(
-        &logs.transactions()[0],
+    let line = &logs.transaction_events()[0];
+    assert_fields(
+        line,
         &[
-            "route=\"plain\"",
-            "fallback=cert-expired: certificate expired",
-            "rule=verified-only",
+            ("route", "plain"),
+            ("class", "cert-expired"),
+            ("rule", "verified-only"),
         ],
+    );
+    let fallback = field(line, "fallback").unwrap_or_default();
+    assert!(
+        fallback.starts_with("cert-expired: certificate expired"),
+        "{line}"
     );
 }
 
@@ -365,13 +365,14 @@ async fn min_tls_1_3_gets_tls_1_3_from_a_modern_server() {
     let got = mx.messages();
     assert_eq!(got[0].data, BODY);
     assert_eq!(got[0].tls.as_ref().expect("over TLS").version, "TLSv1.3");
-    assert_logged(
-        &logs.transactions()[0],
+    assert_fields(
+        &logs.transaction_events()[0],
         &[
-            "route=\"tls\"",
-            "tls_version=\"TLSv1.3\"",
-            "verify=verified",
-            "rule=modern",
+            ("route", "tls"),
+            ("tls_version", "TLSv1.3"),
+            ("verify", "verified"),
+            ("class", "tls-verified"),
+            ("rule", "modern"),
         ],
     );
 }
@@ -397,10 +398,9 @@ async fn min_tls_1_3_toward_a_tls_1_2_only_server_falls_back_to_plain_when_the_r
     assert!(got[0].tls.is_none());
     assert_eq!(mx.tls_handshakes_attempted(), 1);
     assert_eq!(mx.connections(), 2, "the failed handshake, then plain");
-    assert_logged(
-        &logs.transactions()[0],
-        &["route=\"plain\"", "fallback=", "rule=modern"],
-    );
+    let line = &logs.transaction_events()[0];
+    assert_fields(line, &[("route", "plain"), ("rule", "modern")]);
+    assert!(field(line, "fallback").is_some(), "{line}");
 }
 
 #[tokio::test]
@@ -463,7 +463,7 @@ async fn a_tls_1_2_server_refused_under_min_tls_1_3_still_gets_tls_1_2_for_a_dom
         got[1].tls.as_ref().map(|t| t.version.as_str()),
         Some("TLSv1.2"),
         "the default rule accepts TLS 1.2; the host does it: {}",
-        logs.transactions()[1]
+        logs.transaction_events()[1]
     );
 }
 
@@ -562,18 +562,21 @@ async fn a_tls_1_0_only_mx_has_its_mail_redirected_to_the_fallback_relay() {
         1,
         "TLS was tried first"
     );
-    assert_logged(
-        &l.logs.transactions()[0],
+    let line = &l.logs.transaction_events()[0];
+    let relay = l.relay.addr().to_string();
+    assert_fields(
+        line,
         &[
-            "route=\"plain\"",
-            "fallback=legacy-tls",
-            "rule=redirect-without-tls",
+            ("route", "plain"),
+            ("class", "legacy-tls"),
+            ("rule", "redirect-without-tls"),
             // The MX it was meant for, and the relay it went through instead.
-            "mx=mx.legacy.test ",
-            &format!("relay={}", l.relay.addr()),
-            "next_hop=mx.legacy.test[",
+            ("mx", "mx.legacy.test"),
+            ("relay", &relay),
         ],
     );
+    let next_hop = field(line, "next_hop").unwrap_or_default();
+    assert!(next_hop.starts_with("mx.legacy.test["), "{line}");
 }
 
 #[tokio::test]
@@ -584,12 +587,12 @@ async fn an_mx_without_starttls_has_its_mail_redirected_to_the_fallback_relay() 
 
     assert_delivered(&sent);
     assert_relayed(&l.relay, &l.no_tls, "u@notls.test");
-    assert_logged(
-        &l.logs.transactions()[0],
+    assert_fields(
+        &l.logs.transaction_events()[0],
         &[
-            "route=\"plain\"",
-            "fallback=no-starttls",
-            "rule=redirect-without-tls",
+            ("route", "plain"),
+            ("class", "no-starttls"),
+            ("rule", "redirect-without-tls"),
         ],
     );
 }
@@ -603,12 +606,12 @@ async fn tls_never_with_a_relay_always_redirects_without_touching_the_mx() {
     assert_delivered(&sent);
     assert_relayed(&l.relay, &l.modern, "u@modern.test");
     assert_eq!(l.modern.connections(), 0, "the MX is never contacted");
-    assert_logged(
-        &l.logs.transactions()[0],
+    assert_fields(
+        &l.logs.transaction_events()[0],
         &[
-            "route=\"plain\"",
-            "fallback=tls-never",
-            "rule=always-redirect",
+            ("route", "plain"),
+            ("class", "tls-never"),
+            ("rule", "always-redirect"),
         ],
     );
 }
@@ -659,11 +662,23 @@ async fn an_mx_host_cached_as_legacy_tls_is_sent_through_the_relay_by_an_outcome
     assert_eq!(got[0].data, BODY);
     assert_eq!(got[0].rcpt_to, vec!["u@partner.test"]);
     assert_eq!(mx.tls_handshakes_attempted(), 1);
-    let lines = logs.transactions();
-    assert_logged(&lines[0], &["rule=default", "fallback=legacy-tls"]);
-    assert_logged(
+    let lines = logs.transaction_events();
+    assert_fields(
+        &lines[0],
+        &[
+            ("rule", "default"),
+            ("route", "plain"),
+            ("class", "legacy-tls"),
+        ],
+    );
+    assert_fields(
         &lines[1],
-        &["rule=old-exchange", "fallback=legacy-tls", "cached"],
+        &[
+            ("rule", "old-exchange"),
+            ("route", "plain"),
+            ("class", "legacy-tls"),
+            ("cached", "yes"),
+        ],
     );
 }
 
@@ -787,13 +802,13 @@ async fn a_sender_domain_routed_to_a_smarthost_authenticates_over_starttls_and_s
         "the dialogue is logged at debug level, the secret masked:\n{log}"
     );
     assert_no_secret(&log);
-    assert_logged(
-        &logs.transactions()[0],
+    assert_fields(
+        &logs.transaction_events()[0],
         &[
-            "mx=smarthost.test",
-            "route=\"tls\"",
-            "verify=verified",
-            "rule=crm-via-smarthost",
+            ("mx", "smarthost.test"),
+            ("route", "tls"),
+            ("verify", "verified"),
+            ("rule", "crm-via-smarthost"),
         ],
     );
 }
@@ -813,12 +828,13 @@ async fn a_password_file_others_can_read_is_warned_about_by_name_and_still_used(
     assert_delivered(&send_from(lab.smtp, "report@crm.test", &["b@example.test"]).await);
 
     assert_eq!(host.messages().len(), 1);
-    let warned = lines_with(&logs, "readable by group or others");
+    let warned = logs.events_with(&[("event", "credentials.readable")]);
     assert!(!warned.is_empty(), "{}", logs.text());
-    assert_logged(&warned[0], &["WARN", "crm.pass", "644"]);
+    assert_fields(&warned[0], &[("level", "WARN"), ("mode", "644")]);
+    let files: Vec<String> = warned.iter().filter_map(|w| field(w, "file")).collect();
     assert!(
-        warned.iter().all(|l| !l.contains("crm.user")),
-        "the username file is 0600: {warned:?}"
+        files.iter().all(|f| f.ends_with("crm.pass")),
+        "the username file is 0600: {files:?}"
     );
     assert_no_secret(&logs.text());
 }
@@ -863,12 +879,12 @@ async fn a_smarthost_with_implicit_tls_gets_auth_and_the_message_inside_tls() {
     );
     assert_eq!(mx.connections(), 0);
     assert_no_secret(&logs.text());
-    assert_logged(
-        &logs.transactions()[0],
+    assert_fields(
+        &logs.transaction_events()[0],
         &[
-            "mx=smarthost.test",
-            "route=\"tls\"",
-            "rule=crm-via-smarthost",
+            ("mx", "smarthost.test"),
+            ("route", "tls"),
+            ("rule", "crm-via-smarthost"),
         ],
     );
 }
@@ -1020,7 +1036,7 @@ async fn smarthost_credentials_from_the_daemons_environment_are_sent_inside_tls(
     assert!(got[0].tls.is_some(), "AUTH and message inside STARTTLS");
     let token = BASE64.encode(format!("\0{USER}\0{PASSWORD}"));
     assert_eq!(got[0].auth, vec![format!("AUTH PLAIN {token}")]);
-    let logged = lab.daemon.wait_for_log("transaction").await;
+    let logged = lab.daemon.wait_for_transaction().await;
     assert_eq!(logged["rule"], "crm-via-smarthost", "{logged}");
     assert_eq!(logged["verify"], "verified", "{logged}");
     assert_no_secret(&lab.daemon.log_text());
@@ -1077,10 +1093,11 @@ async fn a_reload_changes_new_transactions_but_not_the_one_in_flight() {
     assert_eq!(got.len(), 2);
     assert!(got[0].tls.is_none(), "in flight: the old rule, tls: never");
     assert!(got[1].tls.is_some(), "next: the new rule, tls: require");
-    let lines = logs.transactions();
-    assert_logged(&lines[0], &["rule=before", "route=\"plain\""]);
-    assert_logged(&lines[1], &["rule=after", "route=\"tls\""]);
-    assert_eq!(lines_with(&logs, "rules reloaded (test)").len(), 1);
+    let lines = logs.transaction_events();
+    assert_fields(&lines[0], &[("rule", "before"), ("route", "plain")]);
+    assert_fields(&lines[1], &[("rule", "after"), ("route", "tls")]);
+    let reloads = logs.events_with(&[("event", "rules.reloaded"), ("why", "test")]);
+    assert_eq!(reloads.len(), 1);
 }
 
 #[tokio::test]
@@ -1107,7 +1124,7 @@ async fn a_recipient_added_after_a_reload_joins_the_transaction_in_flight_under_
     let got = mx.messages();
     assert_eq!(got[0].rcpt_to, vec!["b@example.test", "c@example.test"]);
     assert!(got[0].tls.is_none());
-    assert_logged(&logs.transactions()[0], &["rule=before"]);
+    assert_fields(&logs.transaction_events()[0], &[("rule", "before")]);
 }
 
 #[tokio::test]
@@ -1145,9 +1162,13 @@ async fn an_invalid_rule_file_is_refused_on_reload_with_its_position_and_the_old
         "a column in {error}"
     );
     assert!(error.contains("sometimes"), "{error}");
-    let refused = lines_with(&logs, "rules not reloaded (test)");
+    let refused = logs.events_with(&[("event", "rules.not_reloaded"), ("why", "test")]);
     assert_eq!(refused.len(), 1, "{}", logs.text());
-    assert_logged(&refused[0], &["ERROR", &prefix]);
+    let file = lab.rules_file().display().to_string();
+    assert_fields(
+        &refused[0],
+        &[("level", "ERROR"), ("file", &file), ("line", "3")],
+    );
 
     assert_delivered(&send(lab.smtp, &["b@example.test"]).await);
     assert!(
@@ -1155,7 +1176,10 @@ async fn an_invalid_rule_file_is_refused_on_reload_with_its_position_and_the_old
         "tls: never is still in force"
     );
     assert_eq!(mx.tls_handshakes_attempted(), 0);
-    assert_logged(&logs.transactions()[0], &["rule=partner-without-tls"]);
+    assert_fields(
+        &logs.transaction_events()[0],
+        &[("rule", "partner-without-tls")],
+    );
 }
 
 #[cfg(unix)]
@@ -1172,7 +1196,9 @@ async fn sighup_makes_the_running_daemon_take_the_rewritten_rule_file() {
     );
     lab.daemon.signal("HUP");
 
-    lab.daemon.wait_for_log("rules reloaded (SIGHUP)").await;
+    (lab.daemon)
+        .wait_for_event(&[("event", "rules.reloaded"), ("why", "SIGHUP")])
+        .await;
     assert_eq!(lab.daemon.rule_names().await, ["after"]);
 }
 
@@ -1188,7 +1214,7 @@ async fn the_running_daemon_takes_a_rule_file_changed_on_disk_without_being_told
     );
 
     lab.daemon
-        .wait_for_log("rules reloaded (file changed)")
+        .wait_for_event(&[("event", "rules.reloaded"), ("why", "file changed")])
         .await;
     assert_eq!(lab.daemon.rule_names().await, ["after"]);
 }
@@ -1228,19 +1254,18 @@ async fn an_invalid_rule_file_written_mid_transaction_is_logged_with_its_positio
 
     let refused = lab
         .daemon
-        .wait_for_log("rules not reloaded (file changed)")
+        .wait_for_event(&[("event", "rules.not_reloaded"), ("why", "file changed")])
         .await;
     assert_eq!(refused["level"], "ERROR", "{refused}");
-    let message = refused["message"].as_str().unwrap_or_default();
-    let prefix = format!("{}:4:", lab.rules_file().display());
-    let (_, after_line) = message
-        .split_once(&prefix)
-        .unwrap_or_else(|| panic!("{message} should name {prefix}"));
-    let column = after_line.split(':').next().unwrap_or_default();
+    let file = lab.rules_file().display().to_string();
+    assert_fields(&refused, &[("file", &file), ("line", "4")]);
     assert!(
-        column.parse::<u32>().is_ok_and(|c| c > 0),
-        "a column in {message}"
+        refused["column"].as_u64() > Some(0),
+        "a column in {refused}"
     );
+    let message = refused["message"].as_str().unwrap_or_default();
+    let prefix = format!("{file}:4:");
+    assert!(message.contains(&prefix), "{message} should name {prefix}");
     assert!(message.contains("sometimes"), "{message}");
 
     assert_reply(&client.data(BODY).await, 250, "2.0.0", &[]);

@@ -4,6 +4,7 @@
 //! (a new connection encrypted by OpenSSL, `tls-legacy`). The rule-driven variants (verify:
 //! require, min_tls) are in `rules`; what the cache makes of an outcome, in `cache`.
 
+use crate::support::events::{assert_fields, assert_no_fields, field};
 use crate::support::lab::{Lab, one_mx_zone};
 use crate::support::logs::Logs;
 use crate::support::pki::{CertKey, TestCa, Validity, self_signed};
@@ -36,16 +37,17 @@ async fn a_message_to_a_server_with_a_valid_certificate_arrives_over_tls_13_byte
     assert_eq!(got[0].mail_from, "a@sender.test");
     assert_eq!(got[0].rcpt_to, vec!["b@example.test"]);
     assert_eq!(got[0].tls.as_ref().expect("over TLS").version, "TLSv1.3");
-    let line = &logs.transactions()[0];
-    for field in [
-        "route=\"tls\"",
-        "tls_version=\"TLSv1.3\"",
-        "verify=verified",
-        "mx=mx.example.test",
-        "rule=default",
-    ] {
-        assert!(line.contains(field), "{field} missing in {line}");
-    }
+    assert_fields(
+        &logs.transaction_events()[0],
+        &[
+            ("route", "tls"),
+            ("class", "tls-verified"),
+            ("tls_version", "TLSv1.3"),
+            ("verify", "verified"),
+            ("mx", "mx.example.test"),
+            ("rule", "default"),
+        ],
+    );
 }
 
 #[tokio::test]
@@ -60,12 +62,14 @@ async fn a_message_to_a_server_without_starttls_arrives_in_plain_and_says_why() 
     let got = server.messages();
     assert_eq!(got[0].data, BODY);
     assert!(got[0].tls.is_none());
-    let line = &logs.transactions()[0];
-    assert!(line.contains("route=\"plain\""), "{line}");
-    assert!(line.contains("fallback=no-starttls"), "{line}");
+    let line = &logs.transaction_events()[0];
+    assert_fields(line, &[("route", "plain"), ("class", "no-starttls")]);
+    let fallback = field(line, "fallback").unwrap_or_default();
+    assert!(fallback.starts_with("no-starttls: "), "{line}");
 }
 
 /// A certificate problem is recorded and logged, and the message still goes encrypted.
+/// Returns what the log line says of the certificate (`verify`).
 async fn bad_certificate_is_encrypted_anyway(ca: &TestCa, cert: CertKey, class: &str) -> String {
     let (logs, _guard) = Logs::capture();
     let (lab, server) = one_mx(ca, tls_server(cert)).await;
@@ -79,21 +83,22 @@ async fn bad_certificate_is_encrypted_anyway(ca: &TestCa, cert: CertKey, class: 
         got[0].tls.is_some(),
         "delivered encrypted despite the certificate"
     );
-    let line = logs.transactions()[0].clone();
-    assert!(line.contains("route=\"tls\""), "{line}");
+    let line = &logs.transaction_events()[0];
+    assert_fields(line, &[("route", "tls"), ("class", "tls-unverified")]);
+    let verify = field(line, "verify").unwrap_or_default();
     assert!(
-        line.contains(&format!("verify={class}")),
+        verify.starts_with(&format!("{class}: ")),
         "{class} missing in {line}"
     );
-    line
+    verify
 }
 
 #[tokio::test]
 async fn an_expired_certificate_is_logged_with_its_date_and_the_message_goes_encrypted() {
     let ca = TestCa::new();
     let cert = ca.leaf(&["mx.example.test"], Validity::Expired);
-    let line = bad_certificate_is_encrypted_anyway(&ca, cert, "cert-expired").await;
-    assert!(line.contains("certificate expired 20"), "{line}");
+    let verify = bad_certificate_is_encrypted_anyway(&ca, cert, "cert-expired").await;
+    assert!(verify.contains("certificate expired 20"), "{verify}");
 }
 
 #[tokio::test]
@@ -117,10 +122,10 @@ async fn a_self_signed_certificate_is_logged_as_untrusted_and_the_message_goes_e
 async fn a_certificate_for_another_name_is_logged_as_a_mismatch_and_the_message_goes_encrypted() {
     let ca = TestCa::new();
     let cert = ca.leaf(&["other.example.test"], Validity::Current);
-    let line = bad_certificate_is_encrypted_anyway(&ca, cert, "cert-name-mismatch").await;
+    let verify = bad_certificate_is_encrypted_anyway(&ca, cert, "cert-name-mismatch").await;
     assert!(
-        line.contains("other.example.test"),
-        "names what the certificate is for: {line}"
+        verify.contains("other.example.test"),
+        "names what the certificate is for: {verify}"
     );
 }
 
@@ -167,13 +172,11 @@ async fn tls_failure_falls_back_to_plain_under(
     assert!(got[0].tls.is_none());
     assert_eq!(server.tls_handshakes_attempted(), 1, "TLS was tried once");
     assert_eq!(server.connections(), 2, "then a new plain connection");
-    let line = &logs.transactions()[0];
-    assert!(line.contains("route=\"plain\""), "{line}");
-    assert!(
-        line.contains(&format!("fallback={class}")),
-        "{class} missing in {line}"
-    );
-    assert!(!line.contains("tls-legacy"), "{line}");
+    let line = &logs.transaction_events()[0];
+    assert_fields(line, &[("route", "plain"), ("class", class)]);
+    let fallback = field(line, "fallback").unwrap_or_default();
+    assert!(fallback.starts_with(&format!("{class}: ")), "{line}");
+    assert_no_fields(line, &["verify", "tls_version"]);
 }
 
 #[tokio::test]
@@ -183,7 +186,7 @@ async fn a_handshake_aborted_after_the_starttls_220_falls_back_to_plain() {
 
 /// A server rustls cannot talk to gets the message from the legacy stack on a new
 /// connection, `tls-legacy` in the log and the cache; the next message goes straight to the
-/// legacy stack. Returns the log line of the first message.
+/// legacy stack. Returns the cipher the first message's log line names.
 #[cfg(feature = "legacy-tls")]
 async fn legacy_server_gets_the_legacy_stack(starttls: StartTls, version: &str) -> String {
     let (logs, _guard) = Logs::capture();
@@ -204,16 +207,22 @@ async fn legacy_server_gets_the_legacy_stack(starttls: StartTls, version: &str) 
         2,
         "a new connection for the legacy stack"
     );
-    let line = logs.transactions()[0].clone();
-    for field in [
-        "route=\"tls\"".to_string(),
-        format!("tls_version=\"{version}\""),
-        format!("cipher=\"{}\"", tls.cipher),
-        "verify=tls-legacy: not authenticated".to_string(),
-    ] {
-        assert!(line.contains(&field), "{field} missing in {line}");
-    }
-    assert!(!line.contains("fallback="), "{line}");
+    let line = logs.transaction_events()[0].clone();
+    assert_fields(
+        &line,
+        &[
+            ("route", "tls"),
+            ("class", "tls-legacy"),
+            ("tls_version", version),
+            ("cipher", &tls.cipher),
+        ],
+    );
+    let verify = field(&line, "verify").unwrap_or_default();
+    assert!(
+        verify.starts_with("tls-legacy: not authenticated"),
+        "{line}"
+    );
+    assert_no_fields(&line, &["fallback"]);
 
     let shown = lab.ctl_json(&["cache", "show", "mx.example.test"]).await;
     let entry = &shown["entries"][0];
@@ -238,9 +247,11 @@ async fn legacy_server_gets_the_legacy_stack(starttls: StartTls, version: &str) 
         3,
         "one connection for the second message"
     );
-    let second = &logs.transactions()[1];
-    assert!(second.contains("verify=tls-legacy"), "{second}");
-    line
+    let second = &logs.transaction_events()[1];
+    assert_fields(second, &[("class", "tls-legacy")]);
+    let verify = field(second, "verify").unwrap_or_default();
+    assert!(verify.starts_with("tls-legacy"), "{second}");
+    field(&line, "cipher").unwrap_or_default()
 }
 
 #[cfg(feature = "legacy-tls")]
@@ -256,8 +267,8 @@ async fn a_tls_10_only_server_gets_the_message_over_tls_10_from_the_legacy_stack
 async fn a_tls_12_server_with_only_cbc_suites_is_reached_by_the_legacy_stack() {
     let ca = TestCa::new();
     let cert = ca.leaf(&["mx.example.test"], Validity::Current);
-    let line = legacy_server_gets_the_legacy_stack(StartTls::Tls12CbcOnly(cert), "TLSv1.2").await;
-    assert!(line.contains("_CBC_"), "{line}");
+    let cipher = legacy_server_gets_the_legacy_stack(StartTls::Tls12CbcOnly(cert), "TLSv1.2").await;
+    assert!(cipher.contains("_CBC_"), "{cipher}");
 }
 
 #[tokio::test]

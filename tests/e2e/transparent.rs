@@ -10,7 +10,6 @@
 //! `tlsrouter` and `postfix` users the rules name; without them the tests fail and say why.
 
 use std::net::{IpAddr, SocketAddr};
-use std::time::{Duration, Instant};
 
 use serde_json::json;
 
@@ -38,8 +37,6 @@ const TRANSPARENT_LISTEN: &str = "127.0.0.1:10026";
 const SOCKET_MARK: u32 = 0x2a;
 
 const SENDER: &str = "alice@sender.test";
-const WAIT: Duration = Duration::from_secs(60);
-const POLL: Duration = Duration::from_millis(100);
 
 /// Addresses on the far side of the pair: 1 is the DNS server, the rest MX hosts.
 const DNS: u8 = 1;
@@ -287,8 +284,8 @@ async fn mail_from_an_unmodified_postfix_goes_over_tls_where_offered_and_in_plai
     // The address Postfix chose is named by the domain's MX, and the certificate verified
     // for that name.
     let mut lines = [
-        lab.tlsrouter.wait_for_log("transaction").await,
-        lab.tlsrouter.wait_for_log("transaction").await,
+        lab.tlsrouter.wait_for_transaction().await,
+        lab.tlsrouter.wait_for_transaction().await,
     ];
     lines.sort_by_key(|l| l["mx"].as_str().unwrap_or_default().to_string());
     assert_eq!(lines[0]["mx"], "mx.plain.test", "{}", lines[0]);
@@ -442,7 +439,9 @@ async fn a_redirected_connection_to_tlsrouters_own_listener_is_refused_as_a_loop
         reason.contains("451 4.4.6") && reason.contains("loop"),
         "{deferred}"
     );
-    let refused = lab.tlsrouter.wait_for_log("own listeners").await;
+    let refused = (lab.tlsrouter)
+        .wait_for_event(&[("event", "redirect_loop")])
+        .await;
     assert_eq!(
         refused["destination"],
         format!("{}:25", lab.netns.inside()),
@@ -569,15 +568,13 @@ async fn an_address_that_is_no_mx_of_the_domain_is_encrypted_but_never_verified(
         "verification required and impossible without an MX name, and the queue says so: \
          {deferred}"
     );
-    let warned = lab
-        .tlsrouter
-        .wait_for_log("is no MX host of static.test")
+    let warned = (lab.tlsrouter)
+        .wait_for_event(&[
+            ("event", "original_destination.unnamed"),
+            ("domain", "static.test"),
+        ])
         .await;
-    assert!(
-        warned["message"]
-            .as_str()
-            .is_some_and(|m| m.contains("cannot be verified"))
-    );
+    assert_eq!(warned["level"], "WARN", "{warned}");
 
     lab.postfix
         .sendmail(SENDER, &[loose], &message(loose, "encrypted anyway"))
@@ -589,7 +586,7 @@ async fn an_address_that_is_no_mx_of_the_domain_is_encrypted_but_never_verified(
         "encrypted, as the default rule allows"
     );
     let line = loop {
-        let line = lab.tlsrouter.wait_for_log("transaction").await;
+        let line = lab.tlsrouter.wait_for_transaction().await;
         if line["to"] == loose {
             break line;
         }
@@ -631,7 +628,7 @@ async fn an_ipv6_connection_of_postfix_is_delivered_to_its_original_destination_
     lab.postfix.wait_for_empty_queue().await;
     assert_eq!(got[0].helo, "relay.test");
     assert!(got[0].tls.is_some());
-    let line = lab.tlsrouter.wait_for_log("transaction").await;
+    let line = lab.tlsrouter.wait_for_transaction().await;
     assert_eq!(line["mx"], "mx.six.test", "{line}");
     assert_eq!(line["addr"], lab.netns.host6(MX_TLS).to_string(), "{line}");
     assert_eq!(line["verify"], "verified", "{line}");
@@ -777,16 +774,16 @@ async fn ctl_sessions_shows_where_a_redirected_connection_was_going_from_accept_
         .sendmail(SENDER, &[to], &message(to, "slow greeting"))
         .await;
     let destination = format!("{}:25", lab.netns.host(MX_PLAIN));
-    let deadline = Instant::now() + WAIT;
-    let session = loop {
-        let shown = lab.tlsrouter.ctl(&["sessions"]).await;
-        let sessions = shown["result"]["sessions"].as_array().cloned();
-        if let Some(session) = sessions.into_iter().flatten().next() {
-            break session;
-        }
-        assert!(Instant::now() < deadline, "no session shown: {shown}");
-        tokio::time::sleep(POLL).await;
-    };
+    // tlsrouter connects to the original destination when it accepts the session, which
+    // it registers first: once the remote sees the connection, the session is listed.
+    slow.wait_until("tlsrouter's connection", |connections| {
+        !connections.is_empty()
+    })
+    .await;
+    let shown = lab.tlsrouter.ctl(&["sessions"]).await;
+    let sessions = shown["result"]["sessions"].as_array().cloned();
+    let session = (sessions.into_iter().flatten().next())
+        .unwrap_or_else(|| panic!("no session shown: {shown}"));
     assert_eq!(session["state"], "greeted", "{session}");
     assert_eq!(
         session["original_destination"],
@@ -842,28 +839,28 @@ async fn with_dane_in_force_a_failed_lookup_defers_and_nothing_goes_in_plain() {
         ..Extras::default()
     };
     let mut lab = TransparentLab::start_with(netns, &ca, None, extras).await;
-    lab.tlsrouter.wait_for_log_once("DANE on").await;
+    (lab.tlsrouter)
+        .wait_for_event_once(&[("event", "dane"), ("dane", "on")])
+        .await;
 
-    for (to, lookup) in [
-        (
-            "t@tlsafail.test",
-            "TLSA lookup of _25._tcp.mx.tlsafail.test",
-        ),
-        ("a@addrfail.test", "address lookup of mx.addrfail.test"),
-        ("m@mxfail.test", "MX lookup of mxfail.test"),
-        ("h@halffail.test", "address lookup of mx.halffail.test"),
+    for (to, lookup, name) in [
+        ("t@tlsafail.test", "tlsa", "mx.tlsafail.test"),
+        ("a@addrfail.test", "address", "mx.addrfail.test"),
+        ("m@mxfail.test", "mx", "mxfail.test"),
+        ("h@halffail.test", "address", "mx.halffail.test"),
     ] {
         lab.postfix
             .sendmail(SENDER, &[to], &message(to, "under DANE"))
             .await;
         let Deferral { reason, .. } = lab.postfix.deferral_of(to, "4.7.5").await;
         assert!(reason.contains("451 4.7.5"), "{to}: {reason}");
-        let warned = loop {
-            let line = lab.tlsrouter.wait_for_log("DANE").await;
-            if line["message"].as_str().is_some_and(|m| m.contains(lookup)) {
-                break line;
-            }
-        };
+        let warned = (lab.tlsrouter)
+            .wait_for_event(&[
+                ("event", "dane.unknown"),
+                ("lookup", lookup),
+                ("name", name),
+            ])
+            .await;
         assert_eq!(warned["level"], "WARN", "{warned}");
     }
     assert!(plain.messages().is_empty(), "nothing in plain");
@@ -894,7 +891,9 @@ async fn a_dane_domain_never_rides_on_an_unsigned_domains_plain_route_to_the_sam
         ..Extras::default()
     };
     let mut lab = TransparentLab::start_with(netns, &ca, None, extras).await;
-    lab.tlsrouter.wait_for_log_once("DANE on").await;
+    (lab.tlsrouter)
+        .wait_for_event_once(&[("event", "dane"), ("dane", "on")])
+        .await;
 
     let (open, dane) = ("u@open.test", "w@signed.test");
     lab.postfix

@@ -11,6 +11,7 @@ use std::time::Duration;
 use serde_json::Value;
 use tokio::sync::mpsc;
 
+use super::events::has_fields;
 use super::settings::{Settings, path};
 
 /// How long a log line may take to come: a guard against a hung test, not a sleep.
@@ -130,7 +131,7 @@ impl Daemon {
             smtp: SocketAddr::from(([127, 0, 0, 1], 0)),
             admin_socket: admin_socket.to_path_buf(),
         };
-        let ready = daemon.wait_for_log("tlsrouter listening").await;
+        let ready = daemon.wait_for_event(&[("event", "listening")]).await;
         daemon.smtp = ready["listen"]
             .as_str()
             .and_then(|a| a.parse().ok())
@@ -138,38 +139,52 @@ impl Daemon {
         daemon
     }
 
-    /// The next log event whose message contains `text` (earlier ones are kept in
-    /// [`Daemon::log_text`]).
-    pub async fn wait_for_log(&mut self, text: &str) -> Value {
+    /// The next log event with these fields (`("event", "fleet.wrote")`, `("class",
+    /// "tls-verified")`); earlier ones are kept in [`Daemon::log_text`].
+    pub async fn wait_for_event(&mut self, fields: &[(&str, &str)]) -> Value {
         loop {
             let line = match tokio::time::timeout(LOG_WAIT, self.log.recv()).await {
                 Ok(Some(line)) => line,
                 Ok(None) => panic!(
-                    "tlsrouter ended before logging {text:?}:\n{}",
+                    "tlsrouter ended before logging {fields:?}:\n{}",
                     self.log_text()
                 ),
-                Err(_) => panic!("no {text:?} logged in {LOG_WAIT:?}:\n{}", self.log_text()),
+                Err(_) => panic!("no {fields:?} logged in {LOG_WAIT:?}:\n{}", self.log_text()),
             };
             self.seen.push(line.clone());
             let event: Value = serde_json::from_str(&line).unwrap_or(Value::String(line));
-            if event["message"].as_str().is_some_and(|m| m.contains(text)) {
+            if has_fields(&event, fields) {
                 return event;
             }
         }
     }
 
-    /// Like [`Daemon::wait_for_log`], but a line already read (while waiting for another)
+    /// Like [`Daemon::wait_for_event`], but a line already read (while waiting for another)
     /// counts too: for lines that come once, maybe before the test asks.
-    pub async fn wait_for_log_once(&mut self, text: &str) -> Value {
+    pub async fn wait_for_event_once(&mut self, fields: &[(&str, &str)]) -> Value {
         let earlier = self.seen.iter().find_map(|line| {
             let event: Value = serde_json::from_str(line).ok()?;
-            let said = event["message"].as_str()?.contains(text);
-            said.then_some(event)
+            has_fields(&event, fields).then_some(event)
         });
         match earlier {
             Some(event) => event,
-            None => self.wait_for_log(text).await,
+            None => self.wait_for_event(fields).await,
         }
+    }
+
+    /// How many of the lines read so far have these fields.
+    pub fn count_events(&self, fields: &[(&str, &str)]) -> usize {
+        let events = self
+            .seen
+            .iter()
+            .filter_map(|l| serde_json::from_str::<Value>(l).ok());
+        events.filter(|e| has_fields(e, fields)).count()
+    }
+
+    /// The next transaction's log line.
+    pub async fn wait_for_transaction(&mut self) -> Value {
+        self.wait_for_event(&[("target", "tlsrouter::transaction")])
+            .await
     }
 
     /// Everything logged so far that a test has read.

@@ -42,18 +42,27 @@ impl Logs {
         String::from_utf8_lossy(&self.text.lock().expect("logs")).into_owned()
     }
 
-    /// The transaction lines.
-    pub fn transactions(&self) -> Vec<String> {
-        self.text()
-            .lines()
-            .filter(|l| l.contains("tlsrouter::transaction"))
-            .map(String::from)
-            .collect()
-    }
-
     /// Every event so far, each a JSON object: `target`, `level`, `message` and its fields.
     pub fn events(&self) -> Vec<Value> {
         self.events.lock().expect("events").clone()
+    }
+
+    /// The transaction lines as written, for a test of the line's own format; every other
+    /// test asserts on [`Logs::transaction_events`].
+    pub fn transaction_lines(&self) -> Vec<String> {
+        let text = self.text();
+        let lines = text
+            .lines()
+            .filter(|l| l.contains("tlsrouter::transaction"));
+        lines.map(String::from).collect()
+    }
+
+    /// The events with these fields (`("event", "not_delivered")`, `("level", "WARN")`).
+    pub fn events_with(&self, fields: &[(&str, &str)]) -> Vec<Value> {
+        let events = self.events().into_iter();
+        events
+            .filter(|e| super::events::has_fields(e, fields))
+            .collect()
     }
 
     /// The transactions' log lines, as events.

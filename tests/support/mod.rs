@@ -9,7 +9,8 @@
 //! - `smtp_client`: the MTA side.
 //! - `dns`, `pki`: the DNS server and the certificates; `dnssec`: a signed DNS tree for DANE.
 //! - `https`: a real HTTPS server (MTA-STS policies, TLS-RPT reports).
-//! - `daemon`: the `tlsrouter` binary as a child process; `logs`: log capture in process.
+//! - `daemon`: the `tlsrouter` binary as a child process; `logs`: log capture in process;
+//!   `events`: assertions on log events by their fields.
 //! - `netns`: a network namespace with a veth pair, for the transparent-mode tests.
 //! - `redis`: a real `redis-server` on a free port, for the fleet's shared cache.
 //! - `proxy`: older entry points (`test_config`, `start_proxy`), thin wrappers over `settings`.
@@ -20,6 +21,7 @@
 pub mod daemon;
 pub mod dns;
 pub mod dnssec;
+pub mod events;
 pub mod https;
 pub mod lab;
 pub mod logs;

@@ -566,6 +566,13 @@ impl SmtpServer {
     }
 
     /// All accepted messages once there are at least `n`, waiting up to 30 s.
+    /// The messages once there are `n`, however long that takes (the caller bounds it).
+    pub async fn messages_reaching(&self, n: usize) -> Vec<Received> {
+        let mut count = self.shared.accepted.subscribe();
+        let _ = count.wait_for(|c| *c >= n).await;
+        self.messages()
+    }
+
     pub async fn wait_for_messages(&self, n: usize) -> Vec<Received> {
         let mut count = self.shared.accepted.subscribe();
         let arrived = tokio::time::timeout(WAIT, count.wait_for(|c| *c >= n)).await;

@@ -111,7 +111,7 @@ pub(crate) async fn serve(config: Config) -> ExitCode {
             },
         )));
     }
-    tracing::info!(listen = %bound, "tlsrouter listening");
+    tracing::info!(event = "listening", listen = %bound, "tlsrouter listening");
     notify_systemd_ready(bound);
     tokio::spawn(proxy.clone().save_cache_periodically());
     tokio::spawn(proxy.tls_reports.clone().send_daily());
@@ -134,7 +134,7 @@ pub(crate) async fn serve(config: Config) -> ExitCode {
     }
     proxy.save_cache();
     proxy.remove_admin_socket();
-    tracing::info!("tlsrouter stopped");
+    tracing::info!(event = "stopped", "tlsrouter stopped");
     ExitCode::SUCCESS
 }
 
@@ -167,6 +167,9 @@ fn warn_if_not_fully_qualified(name: &tlsrouter::config::Hostname) {
     }
     if *name == tlsrouter::config::Hostname::of_this_machine() {
         tracing::warn!(
+            event = "hostname.not_fqdn",
+            hostname = name.0,
+            source = "this machine",
             "no fully-qualified domain name was found for this machine: the greeting and EHLO \
              say {:?}, which many receivers refuse; set hostname: in the configuration, e.g. \
              hostname: relay.example.com",
@@ -174,6 +177,9 @@ fn warn_if_not_fully_qualified(name: &tlsrouter::config::Hostname) {
         );
     } else {
         tracing::warn!(
+            event = "hostname.not_fqdn",
+            hostname = name.0,
+            source = "hostname:",
             "hostname {:?} is not a fully-qualified domain name, which many receivers refuse \
              in EHLO; set hostname: in the configuration to one, e.g. hostname: relay.example.com",
             name.0
@@ -219,7 +225,10 @@ fn spawn_reload_on_sighup(proxy: std::sync::Arc<Proxy>) {
 /// streams serve both, so a second signal cannot fall between two registrations.
 async fn shutdown_signal(mut signals: Termination) {
     signals.recv().await;
-    tracing::info!("shutting down: draining sessions (signal again to exit at once)");
+    tracing::info!(
+        event = "shutting_down",
+        "shutting down: draining sessions (signal again to exit at once)"
+    );
     tokio::spawn(async move {
         signals.recv().await;
         tracing::warn!("second signal: exiting at once");

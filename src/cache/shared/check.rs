@@ -65,6 +65,20 @@ pub enum Forged {
     Policy(String),
 }
 
+impl Forged {
+    /// Its name, for the log line's `forged` field.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Forged::Malformed(_) => "malformed",
+            Forged::WrongKey { .. } => "wrong-key",
+            Forged::Future { .. } => "future",
+            Forged::PinNotWritten => "pin-not-written",
+            Forged::PinTooLong { .. } => "pin-too-long",
+            Forged::Policy(_) => "policy",
+        }
+    }
+}
+
 /// A time read from the fleet, which may be only a little ahead of ours.
 pub(super) fn not_ahead(
     field: &'static str,

@@ -57,7 +57,10 @@ impl SharedCache {
             if let Ok(Ok(pubsub)) = tokio::time::timeout(self.timeout * 4, subscribed).await {
                 // What was announced while we were not listening is unknown: read afresh.
                 self.near.invalidate_all();
-                tracing::info!("shared cache: listening for pins and flushes");
+                tracing::info!(
+                    event = "fleet.listening",
+                    "shared cache: listening for pins and flushes"
+                );
                 let mut messages = pubsub.into_on_message();
                 while let Some(message) = messages.next().await {
                     let Ok(payload) = message.get_payload::<String>() else {
@@ -84,6 +87,10 @@ impl SharedCache {
                     None => cache.flush_all_local(),
                 };
                 tracing::info!(
+                    event = "fleet.flush_taken",
+                    relay = %invalidation.relay,
+                    name = name.as_deref().unwrap_or("*"),
+                    dropped = flushed,
                     "shared cache: relay {} flushed {}; {flushed} entries dropped here",
                     invalidation.relay,
                     name.as_deref().unwrap_or("everything")
@@ -96,6 +103,8 @@ impl SharedCache {
                     self.refresh(cache, &key).await;
                 }
                 tracing::info!(
+                    event = "fleet.pin_taken",
+                    relay = %invalidation.relay,
                     "shared cache: relay {} pinned an entry; taken in here",
                     invalidation.relay
                 );
@@ -135,6 +144,9 @@ impl SharedCache {
                 .map(|mut d| d.drain().collect())
                 .unwrap_or_default();
             tracing::info!(
+                event = "fleet.back",
+                entries = dirty.len(),
+                pending = pending.len(),
                 "shared cache: Redis at {} is back; writing {} entries and {} pins or flushes \
                  made meanwhile",
                 self.target,

@@ -282,6 +282,9 @@ impl SharedCache {
         if self.up.swap(false, Ordering::SeqCst) {
             self.stats.redis_connected.set(0);
             tracing::warn!(
+                event = "fleet.down",
+                call = what,
+                why,
                 "shared cache: Redis at {} failed ({what}: {why}); going on with the local \
                  cache until it is back",
                 self.target
@@ -376,6 +379,10 @@ impl SharedCache {
         if new {
             self.stats.fleet_forged.inc();
             tracing::warn!(
+                event = "fleet.forged",
+                name,
+                forged = why.kind(),
+                why = %why,
                 "shared cache: the {name} in Redis is not believed: {why}; ignored (whoever \
                  can write to Redis, or a relay with a wrong clock, wrote it)"
             );
@@ -421,7 +428,11 @@ impl SharedCache {
             if !seen_before {
                 self.stats.split_source_downgrades.inc();
                 tracing::warn!(
+                    event = "split_source_downgrade",
                     server = %format!("{}[{}]", entry.host, entry.addr),
+                    did_tls = %by,
+                    failed = %self.me,
+                    class = %class,
                     "split-source downgrade: {by} did TLS with this host {}s ago, {} now gets \
                      {class} ({}); something on the way may strip TLS for some source addresses",
                     now.saturating_sub(at),

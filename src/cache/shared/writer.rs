@@ -115,6 +115,11 @@ impl SharedCache {
             return false;
         };
         tracing::debug!(
+            event = "fleet.wrote",
+            kind = "entry",
+            name = %format!("{}[{}]", entry.host, entry.addr),
+            class = %entry.class,
+            status = %status,
             "shared cache: wrote {}[{}] ({}): {status}",
             entry.host,
             entry.addr,
@@ -128,7 +133,11 @@ impl SharedCache {
                 .map_or_else(|| "another relay".to_string(), |o| o.to_string());
             self.stats.split_source_downgrades.inc();
             tracing::warn!(
+                event = "split_source_downgrade",
                 server = %format!("{}[{}]", entry.host, entry.addr),
+                did_tls = %self.me,
+                failed = %other,
+                class = %held.class,
                 "split-source downgrade: {} did TLS with this host, {other} gets {} ({}); the \
                  shared entry keeps that failure for its source address",
                 self.me,
@@ -148,7 +157,12 @@ impl SharedCache {
         let set = async move { conn.set_ex::<_, _, ()>(key, json, seconds).await };
         let done = self.call("write", set).await.is_some();
         if done {
-            tracing::debug!("shared cache: wrote {kind} {name}");
+            tracing::debug!(
+                event = "fleet.wrote",
+                kind,
+                name,
+                "shared cache: wrote {kind} {name}"
+            );
         }
         done
     }
@@ -221,7 +235,11 @@ impl SharedCache {
             return false;
         }
         let what = announced.as_deref().unwrap_or("everything");
-        tracing::debug!("shared cache: flushed {what}");
+        tracing::debug!(
+            event = "fleet.flushed",
+            name = what,
+            "shared cache: flushed {what}"
+        );
         self.publish(What::Flush { name: announced }).await
     }
 }

@@ -3,7 +3,7 @@
 use std::net::SocketAddr;
 
 use crate::inbound::session::transaction::{End, Transaction};
-use crate::outcome::{TlsOutcome, Verification};
+use crate::outcome::{NoTls, TlsOutcome, Verification};
 use crate::smtp::Reply;
 
 pub(super) fn log_transaction(
@@ -28,6 +28,7 @@ pub(super) fn log_transaction(
     let listed = |items: &[String], separator: &str| {
         (!items.is_empty()).then(|| display(items.join(separator)))
     };
+    let reply_code = reply.map(|r| r.code);
     let reply = reply.map_or_else(|| "none".to_string(), ToString::to_string);
     let Some(facts) = tx.remote.facts() else {
         tracing::info!(
@@ -38,11 +39,14 @@ pub(super) fn log_transaction(
             refused = listed(&refused, "; "),
             route = "none",
             end = end.label(),
+            reply_code,
             reply = %reply,
             "transaction"
         );
         return;
     };
+    // The outcome class of the route: what the cache would record, and the counters count.
+    let class = facts.tls.class().map_or("tls-never", |c| c.name());
     let (route, version, cipher, verify, fallback) = match &facts.tls {
         TlsOutcome::Encrypted(session) => {
             let verify = match &session.verification {
@@ -96,6 +100,7 @@ pub(super) fn log_transaction(
         addr = %facts.server.addr,
         relay = facts.relay.as_ref().map(display),
         route,
+        class,
         tls_version = version,
         cipher,
         verify = verify.map(display),
@@ -104,7 +109,10 @@ pub(super) fn log_transaction(
         policy = facts.published.name(),
         downgrade = facts.downgrade.then(|| facts.tls.class().map_or("", |c| c.name())),
         reused = facts.reused.then_some(display("yes")),
+        // Plain because the cache said so: no handshake was tried this time.
+        cached = matches!(facts.tls, TlsOutcome::Plain(NoTls::Cached { .. })).then_some(display("yes")),
         end = end.label(),
+        reply_code,
         reply = %reply,
         earlier_failures = listed(&earlier, "; "),
         "transaction"

@@ -45,6 +45,7 @@ impl Outbound {
         }
         self.stats.downgrades.inc();
         tracing::warn!(
+            event = "downgrade",
             server = %server,
             rule = %attempt.rule.name,
             downgrade = %class,

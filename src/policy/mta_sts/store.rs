@@ -325,7 +325,7 @@ impl PolicyStore {
             return keep_cached(PolicyLookup::Unavailable(failure.error));
         }
         if !force && let Some(policy) = self.fleet_copy(domain, &id, now).await {
-            tracing::info!(domain, id = %policy.id, mode = %policy.mode, "MTA-STS policy taken from the fleet's shared cache");
+            tracing::info!(event = "mta_sts.from_fleet", domain, id = %policy.id, mode = %policy.mode, "MTA-STS policy taken from the fleet's shared cache");
             self.store(domain, Some(policy.clone()), None);
             return PolicyLookup::Found(policy);
         }
