@@ -14,10 +14,8 @@ use crate::support::pki::{TestCa, Validity};
 use crate::support::smtp_server::SmtpServer;
 use tlsrouter::outcome::OutcomeClass;
 
-use super::rules::{
-    BODY, LOCALHOST, Sent, assert_deferred_for_tls, assert_delivered, loopback, one_mx, send,
-    server, starttls, tls10_only,
-};
+use crate::support::mta::{BODY, Sent, assert_deferred_for_tls, assert_delivered, send};
+use crate::support::mx::{LOCALHOST, loopback, one_mx_ruled, server, starttls, tls10_only};
 
 #[tokio::test]
 async fn a_second_message_to_a_tls_1_0_only_mx_skips_the_doomed_handshake_and_says_cached() {
@@ -29,7 +27,7 @@ async fn a_second_message_to_a_tls_1_0_only_mx_skips_the_doomed_handshake_and_sa
             match: { domains: ["*"] }
             legacy_tls: plain
     "#;
-    let (lab, mx) = one_mx(
+    let (lab, mx) = one_mx_ruled(
         &ca,
         tls10_only(ca.leaf(&["mx.example.test"], Validity::Current)),
         rules,
@@ -79,7 +77,7 @@ async fn under_tls_require_a_cached_legacy_tls_defers_the_next_message_without_a
             tls: require
             legacy_tls: plain
     "#;
-    let (lab, mx) = one_mx(
+    let (lab, mx) = one_mx_ruled(
         &ca,
         tls10_only(ca.leaf(&["mx.example.test"], Validity::Current)),
         rules,
@@ -109,7 +107,7 @@ async fn downgrade(on_downgrade: &str) -> (SmtpServer, Sent) {
                 on_downgrade: {on_downgrade}
         "#
     );
-    let (lab, mx) = one_mx(
+    let (lab, mx) = one_mx_ruled(
         &ca,
         starttls(ca.leaf(&["mx.example.test"], Validity::Current)),
         &rules,

@@ -6,8 +6,8 @@
 
 use std::net::{IpAddr, Ipv4Addr};
 
-use super::delivery::{BODY, send};
 use crate::support::lab::Lab;
+use crate::support::mta::{BODY, send_body};
 use crate::support::pki::{TestCa, Validity, self_signed};
 use crate::support::smtp_server::{Action, ServerBehaviour, SmtpServer, StartTls, Step};
 use tlsrouter::outcome::OutcomeClass;
@@ -145,7 +145,7 @@ async fn later_connections(ca: &TestCa, case: &Case, pool: bool) -> usize {
     let class = case.class;
     let (lab, mx) = start(ca, case, pool).await;
 
-    let first = send(lab.smtp, &["b@example.test"], BODY).await;
+    let first = send_body(lab.smtp, &["b@example.test"], BODY).await;
     assert_eq!(first.2.code, 250, "{class}: {first:?}");
     assert_eq!(mx.connections(), case.first_connections, "{class}");
     assert_eq!(
@@ -159,7 +159,7 @@ async fn later_connections(ca: &TestCa, case: &Case, pool: bool) -> usize {
     assert_eq!(entry.class, class);
 
     for n in 0..LATER_MESSAGES {
-        let sent = send(lab.smtp, &["b@example.test"], BODY).await;
+        let sent = send_body(lab.smtp, &["b@example.test"], BODY).await;
         assert_eq!(sent.2.code, 250, "{class}, message {}: {sent:?}", n + 2);
     }
 
@@ -222,7 +222,7 @@ async fn a_host_cached_as_tls_legacy_costs_one_connection_and_one_legacy_handsha
         let (lab, mx) = start(&ca, &case, pool).await;
 
         for _ in 0..=LATER_MESSAGES {
-            let sent = send(lab.smtp, &["b@example.test"], BODY).await;
+            let sent = send_body(lab.smtp, &["b@example.test"], BODY).await;
             assert_eq!(sent.2.code, 250, "pool {pool}: {sent:?}");
         }
 

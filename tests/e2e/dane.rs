@@ -284,11 +284,11 @@ mod daemon {
     use std::net::{IpAddr, Ipv4Addr};
 
     use super::{MX, association, ca_der, der};
-    use crate::delivery::{BODY, send};
     use crate::support::dnssec::{SignedDns, SignedTree, Zone};
     use crate::support::events::{assert_fields, assert_no_fields, field};
     use crate::support::lab::Lab;
     use crate::support::logs::Logs;
+    use crate::support::mta::{BODY, send_body};
     use crate::support::pki::{CertKey, TestCa, Validity, self_signed};
     use crate::support::smtp_client::Reply;
     use crate::support::smtp_server::{ServerBehaviour, SmtpServer, StartTls};
@@ -370,7 +370,7 @@ mod daemon {
         )
         .await;
 
-        let (_, rcpts, reply) = send(d.lab.smtp, &[RCPT], BODY).await;
+        let (_, rcpts, reply) = send_body(d.lab.smtp, &[RCPT], BODY).await;
 
         assert_eq!(rcpts[0].code, 250, "{rcpts:?}");
         assert_eq!(reply.code, 250, "{reply:?}");
@@ -399,7 +399,7 @@ mod daemon {
         )
         .await;
 
-        let (_, rcpts, _) = send(d.lab.smtp, &[RCPT], BODY).await;
+        let (_, rcpts, _) = send_body(d.lab.smtp, &[RCPT], BODY).await;
 
         assert_deferred(&rcpts[0], "4.7.5", "DANE: dane-mismatch: ");
         assert!(d.server.messages().is_empty(), "nothing delivered");
@@ -428,7 +428,7 @@ mod daemon {
         )
         .await;
 
-        let (_, rcpts, reply) = send(d.lab.smtp, &[RCPT], BODY).await;
+        let (_, rcpts, reply) = send_body(d.lab.smtp, &[RCPT], BODY).await;
 
         assert_eq!(rcpts[0].code, 250, "{rcpts:?}");
         assert_eq!(reply.code, 250, "{reply:?}");
@@ -448,7 +448,7 @@ mod daemon {
         )
         .await;
 
-        let (_, rcpts, _) = send(d.lab.smtp, &[RCPT], BODY).await;
+        let (_, rcpts, _) = send_body(d.lab.smtp, &[RCPT], BODY).await;
 
         assert_deferred(&rcpts[0], "4.7.5", "DANE-TA");
         assert!(d.server.messages().is_empty());
@@ -465,7 +465,7 @@ mod daemon {
         )
         .await;
 
-        let (_, rcpts, _) = send(d.lab.smtp, &[RCPT], BODY).await;
+        let (_, rcpts, _) = send_body(d.lab.smtp, &[RCPT], BODY).await;
 
         assert_deferred(&rcpts[0], "4.7.5", "no usable TLSA record");
         assert!(d.server.messages().is_empty(), "never sent in plain");
@@ -504,7 +504,7 @@ mod daemon {
         )
         .await;
 
-        let (_, rcpts, _) = send(d.lab.smtp, &["b@bogus.test"], BODY).await;
+        let (_, rcpts, _) = send_body(d.lab.smtp, &["b@bogus.test"], BODY).await;
 
         assert_deferred(&rcpts[0], "4.4.3", "DNSSEC");
         assert!(d.server.messages().is_empty());
@@ -528,7 +528,7 @@ mod daemon {
         )
         .await;
 
-        let (_, rcpts, reply) = send(d.lab.smtp, &["b@plain.test"], BODY).await;
+        let (_, rcpts, reply) = send_body(d.lab.smtp, &["b@plain.test"], BODY).await;
 
         assert_eq!(rcpts[0].code, 250, "{rcpts:?}");
         assert_eq!(reply.code, 250, "{reply:?}");
@@ -551,7 +551,7 @@ mod daemon {
         )
         .await;
 
-        let (_, rcpts, reply) = send(d.lab.smtp, &[RCPT], BODY).await;
+        let (_, rcpts, reply) = send_body(d.lab.smtp, &[RCPT], BODY).await;
 
         assert_eq!(rcpts[0].code, 250, "{rcpts:?}");
         assert_eq!(reply.code, 250, "{reply:?}");
@@ -570,7 +570,7 @@ mod daemon {
         )
         .await;
 
-        let (_, rcpts, _) = send(d.lab.smtp, &[RCPT], BODY).await;
+        let (_, rcpts, _) = send_body(d.lab.smtp, &[RCPT], BODY).await;
 
         assert_deferred(&rcpts[0], "4.7.5", "DANE");
         assert!(d.server.messages().is_empty());
@@ -590,7 +590,7 @@ mod daemon {
             .start()
             .await;
 
-        let (_, rcpts, reply) = send(lab.smtp, &["b@example.test"], BODY).await;
+        let (_, rcpts, reply) = send_body(lab.smtp, &["b@example.test"], BODY).await;
 
         assert_eq!(rcpts[0].code, 250, "{rcpts:?}");
         assert_eq!(reply.code, 250, "delivered by the rules: {reply:?}");
@@ -619,7 +619,7 @@ mod daemon {
             .start()
             .await;
 
-        let (_, rcpts, reply) = send(lab.smtp, &[RCPT], BODY).await;
+        let (_, rcpts, reply) = send_body(lab.smtp, &[RCPT], BODY).await;
 
         // Without DANE the mismatching TLSA record means nothing: encrypted anyway.
         assert_eq!(rcpts[0].code, 250, "{rcpts:?}");
@@ -733,7 +733,7 @@ mod daemon {
         )
         .await;
 
-        let (_, rcpts, _) = send(d.lab.smtp, &[RCPT], BODY).await;
+        let (_, rcpts, _) = send_body(d.lab.smtp, &[RCPT], BODY).await;
 
         assert_deferred(&rcpts[0], "4.7.5", "dnssec-bogus");
         assert!(d.server.messages().is_empty(), "never sent in plain");
@@ -757,7 +757,7 @@ mod daemon {
         )
         .await;
 
-        let (_, rcpts, _) = send(d.lab.smtp, &[RCPT], BODY).await;
+        let (_, rcpts, _) = send_body(d.lab.smtp, &[RCPT], BODY).await;
 
         assert_deferred(
             &rcpts[0],
@@ -818,7 +818,7 @@ mod daemon {
             .start()
             .await;
 
-        let (_, rcpts, reply) = send(lab.smtp, &["b@anchored.test"], BODY).await;
+        let (_, rcpts, reply) = send_body(lab.smtp, &["b@anchored.test"], BODY).await;
 
         assert_eq!(rcpts[0].code, 250, "{rcpts:?}");
         assert_eq!(reply.code, 250, "{reply:?}");
@@ -954,7 +954,7 @@ mod daemon {
             "the MTA-STS policy is known: {policy:?}"
         );
 
-        let (_, rcpts, reply) = send(lab.smtp, &[RCPT], BODY).await;
+        let (_, rcpts, reply) = send_body(lab.smtp, &[RCPT], BODY).await;
 
         assert_eq!(rcpts[0].code, 250, "{rcpts:?}");
         assert_eq!(reply.code, 250, "{reply:?}");
@@ -1025,7 +1025,7 @@ mod daemon {
             .start()
             .await;
 
-        let (_, rcpts, reply) = send(lab.smtp, &[RCPT], BODY).await;
+        let (_, rcpts, reply) = send_body(lab.smtp, &[RCPT], BODY).await;
 
         assert_eq!(rcpts[0].code, 250, "{rcpts:?}");
         assert_eq!(reply.code, 250, "{reply:?}");

@@ -1,23 +1,18 @@
 //! End to end: a real SMTP client talks to the real proxy, which resolves MX records from a
 //! real DNS server on loopback and delivers to real SMTP servers with real TLS.
 
-use crate::support;
-
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::time::Duration;
 
 use crate::support::dns::{DnsServer, TestZone};
 use crate::support::events::{assert_fields, assert_no_fields, field};
-use crate::support::lab::{Lab, one_mx_zone};
+use crate::support::lab::Lab;
 use crate::support::logs::Logs;
+use crate::support::mta::{BODY, send_body};
+use crate::support::mx::{one_mx, starttls};
 use crate::support::pki::{TestCa, Validity};
 use crate::support::smtp_client::{Reply, SmtpClient};
-use crate::support::smtp_server::{ServerBehaviour, SmtpServer, StartTls};
-
-/// Dot-stuffed and CRLF-terminated, as an MTA sends it.
-pub(super) const BODY: &[u8] =
-    b"From: a@sender.test\r\nTo: b@example.test\r\nSubject: hello\r\n\r\n\
-..this line starts with a dot\r\nbye\r\n";
+use crate::support::smtp_server::{ServerBehaviour, SmtpServer};
 
 const LOCALHOST: IpAddr = IpAddr::V4(Ipv4Addr::LOCALHOST);
 
@@ -25,41 +20,6 @@ const LOCALHOST: IpAddr = IpAddr::V4(Ipv4Addr::LOCALHOST);
 /// listen on `port`.
 async fn start_lab(zone: TestZone, ca: &TestCa, port: u16) -> Lab {
     Lab::new().ca(ca).zone(zone).mx_port(port).start().await
-}
-
-/// example.test has one MX, mx.example.test, on 127.0.0.1 where `behaviour` is served.
-pub(super) async fn one_mx(ca: &TestCa, behaviour: ServerBehaviour) -> (Lab, SmtpServer) {
-    let server = SmtpServer::start(LOCALHOST, 0, behaviour)
-        .await
-        .expect("smtp server");
-    let lab = start_lab(one_mx_zone(), ca, server.addr().port()).await;
-    (lab, server)
-}
-
-pub(super) fn tls_server(cert: support::pki::CertKey) -> ServerBehaviour {
-    ServerBehaviour {
-        starttls: StartTls::Rustls(cert),
-        ..ServerBehaviour::default()
-    }
-}
-
-/// Sends one message; returns the replies to MAIL, each RCPT, and DATA's final reply.
-pub(super) async fn send(
-    proxy: SocketAddr,
-    rcpts: &[&str],
-    body: &[u8],
-) -> (Reply, Vec<Reply>, Reply) {
-    let (mut client, greeting) = SmtpClient::connect(proxy).await;
-    assert_eq!(greeting.code, 220);
-    assert_eq!(client.cmd("EHLO mta.sender.test").await.code, 250);
-    let mail = client.cmd("MAIL FROM:<a@sender.test>").await;
-    let mut rcpt_replies = Vec::new();
-    for rcpt in rcpts {
-        rcpt_replies.push(client.cmd(&format!("RCPT TO:<{rcpt}>")).await);
-    }
-    let data = client.data(body).await;
-    let _ = client.cmd("QUIT").await;
-    (mail, rcpt_replies, data)
 }
 
 fn assert_reply(reply: &Reply, code: u16, enhanced: &str, contains: &str) {
@@ -80,7 +40,7 @@ async fn recipient_rejections_reach_the_mta_verbatim_and_nothing_is_delivered() 
             ..ServerBehaviour::default()
         };
         let (lab, server) = one_mx(&ca, behaviour).await;
-        let (_, rcpts, data) = send(lab.smtp, &["b@example.test"], BODY).await;
+        let (_, rcpts, data) = send_body(lab.smtp, &["b@example.test"], BODY).await;
         assert_eq!(format!("{} {}", rcpts[0].code, rcpts[0].lines[0]), reply);
         assert_reply(&data, 554, "5.5.1", "no valid recipients");
         assert!(server.messages().is_empty());
@@ -142,7 +102,7 @@ async fn a_remote_that_drops_mid_data_gets_the_mta_a_451_and_never_a_250() {
         body.extend_from_slice(format!("line {i} of a long message\r\n").as_bytes());
     }
 
-    let (_, _, data) = send(lab.smtp, &["b@example.test"], &body).await;
+    let (_, _, data) = send_body(lab.smtp, &["b@example.test"], &body).await;
 
     assert_reply(&data, 451, "4.4.2", "");
     assert!(server.messages().is_empty());
@@ -236,7 +196,7 @@ async fn an_unreachable_primary_mx_is_skipped_for_the_next_one() {
         .a("mx2.example.test", Ipv4Addr::new(127, 0, 0, 3));
     let lab = start_lab(zone, &ca, server.addr().port()).await;
 
-    let (_, rcpts, data) = send(lab.smtp, &["b@example.test"], BODY).await;
+    let (_, rcpts, data) = send_body(lab.smtp, &["b@example.test"], BODY).await;
 
     assert_eq!(rcpts[0].code, 250);
     assert_eq!(data.code, 250);
@@ -252,7 +212,7 @@ async fn a_domain_without_mx_records_is_delivered_to_its_address() {
     let zone = TestZone::new().a("implicit.test", Ipv4Addr::LOCALHOST);
     let lab = start_lab(zone, &ca, server.addr().port()).await;
 
-    let (_, _, data) = send(lab.smtp, &["b@implicit.test"], BODY).await;
+    let (_, _, data) = send_body(lab.smtp, &["b@implicit.test"], BODY).await;
 
     assert_eq!(data.code, 250);
     assert_eq!(server.messages()[0].rcpt_to, vec!["b@implicit.test"]);
@@ -272,7 +232,7 @@ async fn a_recipient_with_another_next_hop_is_told_to_come_back_in_another_trans
         .a("mx.other.test", Ipv4Addr::LOCALHOST);
     let lab = start_lab(zone, &ca, server.addr().port()).await;
 
-    let (_, rcpts, data) = send(
+    let (_, rcpts, data) = send_body(
         lab.smtp,
         &["a@example.test", "b@alias.test", "c@other.test"],
         BODY,
@@ -429,7 +389,7 @@ async fn python_smtplib_sends_through_the_proxy_over_tls() {
     let ca = TestCa::new();
     let (lab, server) = one_mx(
         &ca,
-        tls_server(ca.leaf(&["mx.example.test"], Validity::Current)),
+        starttls(ca.leaf(&["mx.example.test"], Validity::Current)),
     )
     .await;
     let script = format!(

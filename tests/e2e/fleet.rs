@@ -15,10 +15,11 @@ use crate::support::pki::{TestCa, Validity};
 use crate::support::redis::{RedisOptions, RedisServer};
 use crate::support::smtp_server::SmtpServer;
 
-use super::mta_sts::POLICY_HOST;
-use super::rules::{assert_delivered, loopback, send, server, starttls, tls10_only};
 use crate::support::events::{assert_fields, field};
+use crate::support::https::POLICY_HOST;
 use crate::support::https::{Answer, HttpsServer, txt};
+use crate::support::mta::{assert_delivered, send};
+use crate::support::mx::{loopback, server, starttls, tls10_only};
 
 /// Every relay says this once it hears the fleet's pins and flushes.
 const LISTENING: [(&str, &str); 1] = [("event", "fleet.listening")];
@@ -743,7 +744,7 @@ async fn a_forged_mta_sts_policy_in_redis_never_weakens_an_enforced_one() {
             ),
     )
     .await;
-    let deferred = |sent: &crate::rules::Sent| {
+    let deferred = |sent: &crate::support::mta::Sent| {
         assert_eq!(sent.rcpts[0].code, 451, "{:?}", sent.rcpts[0]);
         assert!(
             sent.rcpts[0].text().contains("MTA-STS enforce"),

@@ -13,7 +13,7 @@ use base64::Engine;
 
 use crate::support::dns::{DnsServer, TestZone};
 use crate::support::events::assert_fields;
-use crate::support::https::{Answer, HttpsServer, Seen, txt};
+use crate::support::https::{Answer, HttpsServer, POLICY_HOST, Seen, txt};
 use crate::support::pki::{CertKey, TestCa, Validity, self_signed};
 use crate::support::smtp_server::{ServerBehaviour, SmtpServer};
 use tlsrouter::cache::{Clock, ManualClock};
@@ -29,7 +29,6 @@ use tlsrouter::policy::tlsrpt::{
 use tlsrouter::stats::Stats;
 
 const DOMAIN: &str = "example.test";
-pub(super) const POLICY_HOST: &str = "mta-sts.example.test";
 const POLICY_PATH: &str = "/.well-known/mta-sts.txt";
 /// 2026-11-30T12:00:00Z.
 const NOON: u64 = 1_796_040_000;

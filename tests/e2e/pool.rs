@@ -3,11 +3,11 @@
 
 use std::net::Ipv4Addr;
 
-use super::delivery::{BODY, send};
 use crate::support::dns::TestZone;
 use crate::support::events::{assert_fields, assert_no_fields};
 use crate::support::lab::{Lab, LabBuilder};
 use crate::support::logs::Logs;
+use crate::support::mta::{BODY, send_body};
 use crate::support::pki::{TestCa, Validity};
 use crate::support::smtp_client::SmtpClient;
 use crate::support::smtp_server::{Action, ServerBehaviour, SmtpServer, Step};
@@ -46,7 +46,7 @@ async fn two_messages_in_two_mta_sessions_use_one_remote_connection_and_one_hand
     let mx = server(tls_server(&ca, Validity::Current)).await;
     let lab = Lab::new().ca(&ca).one_mx(&mx).admin().start().await;
 
-    let first = send(lab.smtp, &["b@example.test"], BODY).await;
+    let first = send_body(lab.smtp, &["b@example.test"], BODY).await;
     assert_eq!(first.2.code, 250, "{first:?}");
     let pooled = lab.ctl_json(&["pool"]).await;
     let pooled = pooled["pool"].as_array().expect("pool rows").clone();
@@ -59,7 +59,7 @@ async fn two_messages_in_two_mta_sessions_use_one_remote_connection_and_one_hand
             .starts_with("tls-verified"),
         "{pooled:?}"
     );
-    let second = send(lab.smtp, &["c@example.test"], BODY).await;
+    let second = send_body(lab.smtp, &["c@example.test"], BODY).await;
     assert_eq!(second.2.code, 250, "{second:?}");
 
     let got = mx.wait_for_messages(2).await;
@@ -95,7 +95,7 @@ async fn a_transaction_the_mta_reset_leaves_the_connection_for_the_next_after_rs
     assert_eq!(client.cmd("RCPT TO:<b@example.test>").await.code, 250);
     assert_eq!(client.cmd("RSET").await.code, 250);
     assert_eq!(client.cmd("QUIT").await.code, 221);
-    let sent = send(lab.smtp, &["b@example.test"], BODY).await;
+    let sent = send_body(lab.smtp, &["b@example.test"], BODY).await;
     assert_eq!(sent.2.code, 250, "{sent:?}");
 
     assert_eq!(mx.connections(), 1);
@@ -125,12 +125,12 @@ async fn a_message_whose_rule_requires_a_verified_certificate_never_takes_an_unv
     "#;
     let lab = two_domains(&ca, &mx).rules(rules).start().await;
 
-    let first = send(lab.smtp, &["b@example.test"], BODY).await;
+    let first = send_body(lab.smtp, &["b@example.test"], BODY).await;
     assert_eq!(first.2.code, 250, "{first:?}");
     // Without the cache's word the decision asks for verified TLS instead of refusing at
     // once: the pooled session must be judged on what it is.
     lab.proxy.outbound.cache.flush_all();
-    let strict = send(lab.smtp, &["b@other.test"], BODY).await;
+    let strict = send_body(lab.smtp, &["b@other.test"], BODY).await;
     assert_eq!(strict.1[0].code, 451, "{strict:?}");
     assert!(strict.1[0].text().contains("strict"), "{strict:?}");
 
@@ -159,10 +159,19 @@ async fn a_message_whose_rule_wants_tls_never_takes_a_plain_connection() {
     "#;
     let lab = two_domains(&ca, &mx).rules(rules).start().await;
 
-    assert_eq!(send(lab.smtp, &["b@example.test"], BODY).await.2.code, 250);
-    assert_eq!(send(lab.smtp, &["b@other.test"], BODY).await.2.code, 250);
+    assert_eq!(
+        send_body(lab.smtp, &["b@example.test"], BODY).await.2.code,
+        250
+    );
+    assert_eq!(
+        send_body(lab.smtp, &["b@other.test"], BODY).await.2.code,
+        250
+    );
     // And the plain connection is still there for the next plain message.
-    assert_eq!(send(lab.smtp, &["c@example.test"], BODY).await.2.code, 250);
+    assert_eq!(
+        send_body(lab.smtp, &["c@example.test"], BODY).await.2.code,
+        250
+    );
 
     let got = mx.wait_for_messages(3).await;
     assert!(got[0].tls.is_none());
@@ -206,8 +215,8 @@ async fn no_connection_is_reused_after_a_4xx_a_421_or_a_reply_out_of_step() {
         let mx = server(behaviour).await;
         let lab = Lab::new().ca(&ca).one_mx(&mx).start().await;
 
-        let _ = send(lab.smtp, &["b@example.test"], BODY).await;
-        let second = send(lab.smtp, &["c@example.test"], BODY).await;
+        let _ = send_body(lab.smtp, &["b@example.test"], BODY).await;
+        let second = send_body(lab.smtp, &["c@example.test"], BODY).await;
 
         assert_eq!(second.2.code, 250, "{case}: {second:?}");
         assert_eq!(
@@ -238,10 +247,13 @@ async fn a_pooled_connection_the_remote_closed_while_idle_costs_the_mta_nothing(
     let mx = server(behaviour).await;
     let lab = Lab::new().ca(&ca).one_mx(&mx).start().await;
 
-    assert_eq!(send(lab.smtp, &["b@example.test"], BODY).await.2.code, 250);
+    assert_eq!(
+        send_body(lab.smtp, &["b@example.test"], BODY).await.2.code,
+        250
+    );
     mx.wait_until("the first connection closed", |c| c[0].closed)
         .await;
-    let second = send(lab.smtp, &["c@example.test"], BODY).await;
+    let second = send_body(lab.smtp, &["c@example.test"], BODY).await;
 
     assert_eq!(second.0.code, 250, "{second:?}");
     assert_eq!(second.1[0].code, 250, "{second:?}");
@@ -268,7 +280,7 @@ async fn a_connection_carries_at_most_max_messages() {
         .await;
 
     for rcpt in ["a@example.test", "b@example.test", "c@example.test"] {
-        assert_eq!(send(lab.smtp, &[rcpt], BODY).await.2.code, 250);
+        assert_eq!(send_body(lab.smtp, &[rcpt], BODY).await.2.code, 250);
     }
 
     let got = mx.wait_for_messages(3).await;
@@ -291,7 +303,7 @@ async fn a_second_connection_to_a_server_resumes_its_tls_session_and_still_verif
         .await;
 
     for rcpt in ["a@example.test", "b@example.test"] {
-        assert_eq!(send(lab.smtp, &[rcpt], BODY).await.2.code, 250);
+        assert_eq!(send_body(lab.smtp, &[rcpt], BODY).await.2.code, 250);
     }
 
     assert_eq!(mx.connections(), 2);
@@ -336,7 +348,7 @@ async fn a_session_is_resumed_only_under_the_minimum_version_it_was_made_under()
         "b@example.test",
         "b@other.test",
     ] {
-        assert_eq!(send(lab.smtp, &[rcpt], BODY).await.2.code, 250);
+        assert_eq!(send_body(lab.smtp, &[rcpt], BODY).await.2.code, 250);
     }
 
     let resumed: Vec<bool> = mx.connection_logs().iter().map(|c| c.tls_resumed).collect();
@@ -353,7 +365,7 @@ async fn mail_from_and_the_first_recipient_go_in_one_write_to_a_remote_that_offe
         let mx = server(behaviour.rcpt_reply("550 5.1.1 no such user")).await;
         let lab = Lab::new().ca(&ca).one_mx(&mx).start().await;
 
-        let sent = send(lab.smtp, &["nobody@example.test"], BODY).await;
+        let sent = send_body(lab.smtp, &["nobody@example.test"], BODY).await;
 
         assert_eq!(sent.0.code, 250, "{how}: {sent:?}");
         assert_eq!(sent.1[0].code, 550, "{how}: the RCPT's own reply: {sent:?}");
@@ -379,7 +391,10 @@ async fn without_pipelining_mail_from_waits_for_its_reply() {
     let mx = server(behaviour).await;
     let lab = Lab::new().ca(&ca).one_mx(&mx).start().await;
 
-    assert_eq!(send(lab.smtp, &["b@example.test"], BODY).await.2.code, 250);
+    assert_eq!(
+        send_body(lab.smtp, &["b@example.test"], BODY).await.2.code,
+        250
+    );
 
     let log = &mx.connection_logs()[0];
     assert!(log.pipelined_after.is_empty(), "{log:?}");
@@ -394,7 +409,7 @@ async fn a_reply_out_of_step_in_a_pipelined_group_stops_the_message() {
     let mx = server(behaviour).await;
     let lab = Lab::new().ca(&ca).one_mx(&mx).start().await;
 
-    let sent = send(lab.smtp, &["b@example.test"], BODY).await;
+    let sent = send_body(lab.smtp, &["b@example.test"], BODY).await;
 
     assert_eq!(sent.2.code, 451, "{sent:?}");
     assert_eq!(sent.2.enhanced().as_deref(), Some("4.4.2"), "{sent:?}");

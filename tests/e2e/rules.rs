@@ -4,7 +4,7 @@
 //! smart hosts. Each test is one thing an administrator writes in a rule file, and checks what
 //! the MTA was told, what arrived where, and what was logged.
 
-use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::net::{IpAddr, Ipv4Addr};
 use std::path::{Path, PathBuf};
 
 use crate::support::daemon::replace_file;
@@ -12,22 +12,15 @@ use crate::support::dns::TestZone;
 use crate::support::events::{assert_fields, field};
 use crate::support::lab::{DaemonLab, Lab, dedent};
 use crate::support::logs::Logs;
+use crate::support::mta::{
+    BODY, assert_deferred_for_tls, assert_delivered, assert_reply, send, send_from, transaction,
+};
+use crate::support::mx::{loopback, one_mx_ruled, server, starttls, tls10_only};
 use crate::support::pki::{CertKey, TestCa, Validity};
-use crate::support::smtp_client::{Reply, SmtpClient};
+use crate::support::smtp_client::SmtpClient;
 use crate::support::smtp_server::{ServerBehaviour, SmtpServer, StartTls};
 use base64::Engine;
 use base64::engine::general_purpose::STANDARD as BASE64;
-
-/// Dot-stuffed and CRLF-terminated, as an MTA sends it; the servers must see exactly this.
-pub(super) const BODY: &[u8] =
-    b"From: a@sender.test\r\nTo: b@example.test\r\nSubject: rules\r\n\r\n\
-..a line that starts with a dot\r\nbye\r\n";
-
-pub(super) const LOCALHOST: IpAddr = IpAddr::V4(Ipv4Addr::LOCALHOST);
-
-pub(super) fn loopback(last: u8) -> Ipv4Addr {
-    Ipv4Addr::new(127, 0, 0, last)
-}
 
 // ---------------------------------------------------------------------------------------
 // The lab: DNS, CA, rule file, proxy
@@ -59,13 +52,6 @@ async fn start_daemon_lab(
     lab.start_daemon().await
 }
 
-/// A server on `ip`; port 0 picks one (the first server of a lab), later ones share it.
-pub(super) async fn server(ip: Ipv4Addr, port: u16, behaviour: ServerBehaviour) -> SmtpServer {
-    SmtpServer::start(IpAddr::V4(ip), port, behaviour)
-        .await
-        .expect("smtp server")
-}
-
 /// Servers on different loopback addresses and one port (MX hosts share the proxy's
 /// `delivery.port`); a port free on the first address but taken on another is tried again.
 async fn servers_on_one_port<const N: usize>(
@@ -89,96 +75,8 @@ async fn servers_on_one_port<const N: usize>(
     panic!("no port free on every address");
 }
 
-pub(super) fn starttls(cert: CertKey) -> ServerBehaviour {
-    ServerBehaviour {
-        starttls: StartTls::Rustls(cert),
-        ..ServerBehaviour::default()
-    }
-}
-
-pub(super) fn tls10_only(cert: CertKey) -> ServerBehaviour {
-    ServerBehaviour {
-        starttls: StartTls::Tls10Only(cert),
-        ..ServerBehaviour::default()
-    }
-}
-
-/// example.test has one MX, mx.example.test on 127.0.0.1, served with `behaviour`.
-pub(super) async fn one_mx(
-    ca: &TestCa,
-    behaviour: ServerBehaviour,
-    rules: &str,
-) -> (Lab, SmtpServer) {
-    let mx = server(loopback(1), 0, behaviour).await;
-    let zone = TestZone::new()
-        .mx("example.test", 10, "mx.example.test")
-        .a("mx.example.test", loopback(1));
-    let lab = start_lab(zone, ca, mx.addr().port(), rules).await;
-    (lab, mx)
-}
-
 // ---------------------------------------------------------------------------------------
 // The MTA side
-
-/// What the MTA was told for one message.
-pub(super) struct Sent {
-    pub(super) mail: Reply,
-    pub(super) rcpts: Vec<Reply>,
-    pub(super) data: Reply,
-}
-
-pub(super) async fn send(proxy: SocketAddr, rcpts: &[&str]) -> Sent {
-    send_from(proxy, "a@sender.test", rcpts).await
-}
-
-/// One message in its own session: MAIL, each RCPT, DATA (the final reply, or DATA's own
-/// when there was nothing to send), QUIT.
-async fn send_from(proxy: SocketAddr, sender: &str, rcpts: &[&str]) -> Sent {
-    let (mut client, greeting) = SmtpClient::connect(proxy).await;
-    assert_eq!(greeting.code, 220, "{greeting:?}");
-    assert_eq!(client.cmd("EHLO mta.sender.test").await.code, 250);
-    let sent = transaction(&mut client, sender, rcpts).await;
-    let _ = client.cmd("QUIT").await;
-    sent
-}
-
-async fn transaction(client: &mut SmtpClient, sender: &str, rcpts: &[&str]) -> Sent {
-    let mail = client.cmd(&format!("MAIL FROM:<{sender}>")).await;
-    let mut replies = Vec::new();
-    for rcpt in rcpts {
-        replies.push(client.cmd(&format!("RCPT TO:<{rcpt}>")).await);
-    }
-    let data = client.data(BODY).await;
-    Sent {
-        mail,
-        rcpts: replies,
-        data,
-    }
-}
-
-fn assert_reply(reply: &Reply, code: u16, enhanced: &str, says: &[&str]) {
-    assert_eq!(reply.code, code, "{reply:?}");
-    assert_eq!(reply.enhanced().as_deref(), Some(enhanced), "{reply:?}");
-    for text in says {
-        assert!(reply.text().contains(text), "{reply:?} lacks {text:?}");
-    }
-}
-
-/// The message went through, and the MTA heard the remote's own 250.
-pub(super) fn assert_delivered(sent: &Sent) {
-    assert_eq!(sent.mail.code, 250, "{:?}", sent.mail);
-    for rcpt in &sent.rcpts {
-        assert_eq!(rcpt.code, 250, "{rcpt:?}");
-    }
-    assert_reply(&sent.data, 250, "2.0.0", &["queued as X"]);
-}
-
-/// The RCPT was deferred for TLS (451 4.7.5, naming the rule and what happened) and so
-/// nothing was sent.
-pub(super) fn assert_deferred_for_tls(sent: &Sent, says: &[&str]) {
-    assert_reply(&sent.rcpts[0], 451, "4.7.5", says);
-    assert_ne!(sent.data.code, 250, "{:?}", sent.data);
-}
 
 /// Like [`Logs::capture`], at debug level: the SMTP dialogue both ways.
 fn capture_debug() -> (Logs, tracing::subscriber::DefaultGuard) {
@@ -199,7 +97,7 @@ async fn a_partner_listed_with_tls_never_gets_its_mail_in_plain_although_its_ser
             match: { domains: [example.test] }
             tls: never
     "#;
-    let (lab, mx) = one_mx(
+    let (lab, mx) = one_mx_ruled(
         &ca,
         starttls(ca.leaf(&["mx.example.test"], Validity::Current)),
         rules,
@@ -239,7 +137,7 @@ async fn tls_require_toward_a_server_without_starttls_defers_with_451_4_7_5_and_
             match: { domains: [example.test] }
             tls: require
     "#;
-    let (lab, mx) = one_mx(&ca, ServerBehaviour::default(), rules).await;
+    let (lab, mx) = one_mx_ruled(&ca, ServerBehaviour::default(), rules).await;
 
     let sent = send(lab.smtp, &["b@example.test"]).await;
 
@@ -277,7 +175,7 @@ async fn verify_require_defers_a_server_with_an_expired_certificate_and_names_th
     let ca = TestCa::new();
     let cert = ca.leaf(&["mx.example.test"], Validity::Expired);
     let not_after = cert.not_after.to_string();
-    let (lab, mx) = one_mx(&ca, starttls(cert), VERIFY_REQUIRE).await;
+    let (lab, mx) = one_mx_ruled(&ca, starttls(cert), VERIFY_REQUIRE).await;
 
     let sent = send(lab.smtp, &["b@example.test"]).await;
 
@@ -309,7 +207,7 @@ async fn verify_require_with_fallback_on_cert_expired_delivers_in_plain_to_the_s
         "{}    fallback_on: [cert-expired]\n",
         dedent(VERIFY_REQUIRE)
     );
-    let (lab, mx) = one_mx(
+    let (lab, mx) = one_mx_ruled(
         &ca,
         starttls(ca.leaf(&["mx.example.test"], Validity::Expired)),
         &rules,
@@ -352,7 +250,7 @@ const MIN_TLS_13: &str = r#"
 async fn min_tls_1_3_gets_tls_1_3_from_a_modern_server() {
     let (logs, _guard) = Logs::capture();
     let ca = TestCa::new();
-    let (lab, mx) = one_mx(
+    let (lab, mx) = one_mx_ruled(
         &ca,
         starttls(ca.leaf(&["mx.example.test"], Validity::Current)),
         MIN_TLS_13,
@@ -388,7 +286,7 @@ fn tls12_only(ca: &TestCa) -> ServerBehaviour {
 async fn min_tls_1_3_toward_a_tls_1_2_only_server_falls_back_to_plain_when_the_rule_allows_it() {
     let (logs, _guard) = Logs::capture();
     let ca = TestCa::new();
-    let (lab, mx) = one_mx(&ca, tls12_only(&ca), MIN_TLS_13).await;
+    let (lab, mx) = one_mx_ruled(&ca, tls12_only(&ca), MIN_TLS_13).await;
 
     let sent = send(lab.smtp, &["b@example.test"]).await;
 
@@ -407,7 +305,7 @@ async fn min_tls_1_3_toward_a_tls_1_2_only_server_falls_back_to_plain_when_the_r
 async fn min_tls_1_3_with_tls_require_defers_a_tls_1_2_only_server() {
     let ca = TestCa::new();
     let rules = format!("{}    tls: require\n", dedent(MIN_TLS_13));
-    let (lab, mx) = one_mx(&ca, tls12_only(&ca), &rules).await;
+    let (lab, mx) = one_mx_ruled(&ca, tls12_only(&ca), &rules).await;
 
     let sent = send(lab.smtp, &["b@example.test"]).await;
 
@@ -421,7 +319,7 @@ async fn a_tls_1_2_only_server_deferred_under_min_tls_1_3_is_told_as_below_the_m
  {
     let ca = TestCa::new();
     let rules = format!("{}    tls: require\n", dedent(MIN_TLS_13));
-    let (lab, _mx) = one_mx(&ca, tls12_only(&ca), &rules).await;
+    let (lab, _mx) = one_mx_ruled(&ca, tls12_only(&ca), &rules).await;
 
     let sent = send(lab.smtp, &["b@example.test"]).await;
 
@@ -1070,7 +968,7 @@ fn one_rule(name: &str, domain: &str, tls: &str) -> String {
 async fn a_reload_changes_new_transactions_but_not_the_one_in_flight() {
     let (logs, _guard) = Logs::capture();
     let ca = TestCa::new();
-    let (lab, mx) = one_mx(
+    let (lab, mx) = one_mx_ruled(
         &ca,
         starttls(ca.leaf(&["mx.example.test"], Validity::Current)),
         &one_rule("before", "example.test", "never"),
@@ -1104,7 +1002,7 @@ async fn a_reload_changes_new_transactions_but_not_the_one_in_flight() {
 async fn a_recipient_added_after_a_reload_joins_the_transaction_in_flight_under_its_rules() {
     let (logs, _guard) = Logs::capture();
     let ca = TestCa::new();
-    let (lab, mx) = one_mx(
+    let (lab, mx) = one_mx_ruled(
         &ca,
         starttls(ca.leaf(&["mx.example.test"], Validity::Current)),
         &one_rule("before", "example.test", "never"),
@@ -1131,7 +1029,7 @@ async fn a_recipient_added_after_a_reload_joins_the_transaction_in_flight_under_
 async fn an_invalid_rule_file_is_refused_on_reload_with_its_position_and_the_old_rules_stay() {
     let (logs, _guard) = Logs::capture();
     let ca = TestCa::new();
-    let (lab, mx) = one_mx(
+    let (lab, mx) = one_mx_ruled(
         &ca,
         starttls(ca.leaf(&["mx.example.test"], Validity::Current)),
         &one_rule("partner-without-tls", "example.test", "never"),

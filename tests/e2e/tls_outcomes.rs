@@ -10,7 +10,8 @@ use crate::support::logs::Logs;
 use crate::support::pki::{CertKey, TestCa, Validity, self_signed};
 use crate::support::smtp_server::{ServerBehaviour, SmtpServer, StartTls};
 
-use super::delivery::{BODY, one_mx, send, tls_server};
+use crate::support::mta::{BODY, send_body};
+use crate::support::mx::{one_mx, starttls};
 
 #[tokio::test]
 async fn a_message_to_a_server_with_a_valid_certificate_arrives_over_tls_13_byte_for_byte() {
@@ -18,11 +19,11 @@ async fn a_message_to_a_server_with_a_valid_certificate_arrives_over_tls_13_byte
     let ca = TestCa::new();
     let (lab, server) = one_mx(
         &ca,
-        tls_server(ca.leaf(&["mx.example.test"], Validity::Current)),
+        starttls(ca.leaf(&["mx.example.test"], Validity::Current)),
     )
     .await;
 
-    let (mail, rcpts, data) = send(lab.smtp, &["b@example.test"], BODY).await;
+    let (mail, rcpts, data) = send_body(lab.smtp, &["b@example.test"], BODY).await;
 
     assert_eq!(mail.code, 250);
     assert_eq!(rcpts[0].code, 250);
@@ -56,7 +57,7 @@ async fn a_message_to_a_server_without_starttls_arrives_in_plain_and_says_why() 
     let ca = TestCa::new();
     let (lab, server) = one_mx(&ca, ServerBehaviour::default()).await;
 
-    let (_, _, data) = send(lab.smtp, &["b@example.test"], BODY).await;
+    let (_, _, data) = send_body(lab.smtp, &["b@example.test"], BODY).await;
 
     assert_eq!(data.code, 250, "{data:?}");
     let got = server.messages();
@@ -72,9 +73,9 @@ async fn a_message_to_a_server_without_starttls_arrives_in_plain_and_says_why() 
 /// Returns what the log line says of the certificate (`verify`).
 async fn bad_certificate_is_encrypted_anyway(ca: &TestCa, cert: CertKey, class: &str) -> String {
     let (logs, _guard) = Logs::capture();
-    let (lab, server) = one_mx(ca, tls_server(cert)).await;
+    let (lab, server) = one_mx(ca, starttls(cert)).await;
 
-    let (_, _, data) = send(lab.smtp, &["b@example.test"], BODY).await;
+    let (_, _, data) = send_body(lab.smtp, &["b@example.test"], BODY).await;
 
     assert_eq!(data.code, 250, "{data:?}");
     let got = server.messages();
@@ -163,7 +164,7 @@ async fn tls_failure_falls_back_to_plain_under(
     let ca = TestCa::new();
     let (lab, server) = lab_for(&ca, starttls, rules).await;
 
-    let (_, _, data) = send(lab.smtp, &["b@example.test"], BODY).await;
+    let (_, _, data) = send_body(lab.smtp, &["b@example.test"], BODY).await;
 
     assert_eq!(data.code, 250, "{data:?}");
     let got = server.messages();
@@ -193,7 +194,7 @@ async fn legacy_server_gets_the_legacy_stack(starttls: StartTls, version: &str) 
     let ca = TestCa::new();
     let (lab, server) = lab_for(&ca, starttls, None).await;
 
-    let (_, _, data) = send(lab.smtp, &["b@example.test"], BODY).await;
+    let (_, _, data) = send_body(lab.smtp, &["b@example.test"], BODY).await;
 
     assert_eq!(data.code, 250, "{data:?}");
     let got = server.messages();
@@ -229,7 +230,7 @@ async fn legacy_server_gets_the_legacy_stack(starttls: StartTls, version: &str) 
     assert_eq!(entry["class"], "tls-legacy", "{shown}");
     assert_eq!(entry["tls_version"], version, "{shown}");
 
-    let (_, _, data) = send(lab.smtp, &["b@example.test"], BODY).await;
+    let (_, _, data) = send_body(lab.smtp, &["b@example.test"], BODY).await;
     assert_eq!(data.code, 250, "{data:?}");
     let got = server.messages();
     assert_eq!(got.len(), 2);

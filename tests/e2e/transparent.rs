@@ -13,12 +13,12 @@ use std::net::{IpAddr, SocketAddr};
 
 use serde_json::json;
 
-use crate::postfix::{Deferral, INSTANCE_MASTER_CF, Postfix, instance_directories_cf};
 use crate::support::daemon::Daemon;
 use crate::support::dns::{DnsServer, TestZone};
 use crate::support::dnssec::{SignedDns, SignedTree, Zone};
 use crate::support::netns::NetNs;
 use crate::support::pki::{TestCa, Validity};
+use crate::support::postfix::{Deferral, INSTANCE_MASTER_CF, Postfix, instance_directories_cf};
 use crate::support::settings::{Settings, path};
 use crate::support::smtp_server::{Action, Received, ServerBehaviour, SmtpServer, Step};
 

@@ -195,3 +195,6 @@ impl HttpsState {
             .expect("a response")
     }
 }
+
+/// The MTA-STS policy host of example.test.
+pub const POLICY_HOST: &str = "mta-sts.example.test";

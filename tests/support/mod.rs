@@ -6,11 +6,13 @@
 //! - `lab`: the lab builder (`Lab::new().zone(..).rules(..).admin().start()`), and `ctl`.
 //! - `settings`: the one configuration builder, YAML for both the proxy and the daemon.
 //! - `smtp_server`: the one scriptable SMTP server, with presets and per-step actions.
-//! - `smtp_client`: the MTA side.
+//! - `smtp_client`: the MTA side; `mta`: one message through the proxy and the assertions
+//!   on what the MTA was told; `mx`: receiving servers and the one-MX lab.
 //! - `dns`, `pki`: the DNS server and the certificates; `dnssec`: a signed DNS tree for DANE.
 //! - `https`: a real HTTPS server (MTA-STS policies, TLS-RPT reports).
 //! - `daemon`: the `tlsrouter` binary as a child process; `logs`: log capture in process;
 //!   `events`: assertions on log events by their fields.
+//! - `postfix`: a real Postfix instance of the test's own, and waiting on its queue.
 //! - `netns`: a network namespace with a veth pair, for the transparent-mode tests.
 //! - `redis`: a real `redis-server` on a free port, for the fleet's shared cache.
 //! - `proxy`: older entry points (`test_config`, `start_proxy`), thin wrappers over `settings`.
@@ -25,8 +27,11 @@ pub mod events;
 pub mod https;
 pub mod lab;
 pub mod logs;
+pub mod mta;
+pub mod mx;
 pub mod netns;
 pub mod pki;
+pub mod postfix;
 pub mod proxy;
 pub mod redis;
 pub mod settings;
