@@ -442,29 +442,10 @@ impl MxResolver {
         let fqdn = format!("{}.", host.trim_end_matches('.'));
         match self.bounded(self.active().lookup_ip(fqdn.as_str())).await {
             Ok(lookup) => {
-                let records: Vec<&Record> = lookup
-                    .as_lookup()
-                    .answers()
-                    .iter()
-                    // A CNAME on the way counts: every link must be secure (RFC 7672 2.2.2).
-                    .filter(|r| {
-                        matches!(
-                            r.record_type(),
-                            RecordType::A | RecordType::AAAA | RecordType::CNAME
-                        )
-                    })
-                    .collect();
-                if Dnssec::bogus(&records) {
-                    return Err(AddressError::Temporary(
-                        "DNSSEC: the address answer is bogus".into(),
-                    ));
-                }
-                Ok((lookup.iter().collect(), Dnssec::of(&records)))
+                let (_, dnssec) = address_answer(lookup.as_lookup().answers())?;
+                Ok((lookup.iter().collect(), dnssec))
             }
-            Err(e) => match answer(&e) {
-                Answer::NoSuchName | Answer::NoData => Err(AddressError::NotFound),
-                Answer::Failed => Err(AddressError::Temporary(e.to_string())),
-            },
+            Err(e) => Err(address_error(&e)),
         }
     }
 
@@ -488,34 +469,9 @@ impl MxResolver {
             .await
         {
             Ok(lookup) => lookup,
-            Err(e) => {
-                return match answer(&e) {
-                    Answer::NoSuchName | Answer::NoData => Err(AddressError::NotFound),
-                    Answer::Failed => Err(AddressError::Temporary(e.to_string())),
-                };
-            }
+            Err(e) => return Err(address_error(&e)),
         };
-        let records: Vec<&Record> = (lookup.answers().iter())
-            .filter(|r| {
-                matches!(
-                    r.record_type(),
-                    RecordType::A | RecordType::AAAA | RecordType::CNAME
-                )
-            })
-            .collect();
-        if Dnssec::bogus(&records) {
-            return Err(AddressError::Temporary(
-                "DNSSEC: the address answer is bogus".into(),
-            ));
-        }
-        let addrs = (records.iter())
-            .filter_map(|r| match &r.data {
-                RData::A(a) => Some(IpAddr::V4(a.0)),
-                RData::AAAA(aaaa) => Some(IpAddr::V6(aaaa.0)),
-                _ => None,
-            })
-            .collect();
-        Ok((addrs, Dnssec::of(&records)))
+        address_answer(lookup.answers())
     }
 
     /// The TLSA records of `host` for SMTP on `port` (`_25._tcp.<host>`, RFC 7672 2.2),
@@ -625,6 +581,40 @@ impl MxResolver {
             Ok(result) => result,
             Err(_) => Err(NetError::Timeout),
         }
+    }
+}
+
+/// The addresses in an answer and whether it was DNSSEC-secure; a bogus answer is a
+/// temporary failure. A CNAME on the way counts: every link must be secure (RFC 7672 2.2.2).
+fn address_answer(answers: &[Record]) -> Result<(Vec<IpAddr>, Dnssec), AddressError> {
+    let records: Vec<&Record> = (answers.iter())
+        .filter(|r| {
+            matches!(
+                r.record_type(),
+                RecordType::A | RecordType::AAAA | RecordType::CNAME
+            )
+        })
+        .collect();
+    if Dnssec::bogus(&records) {
+        return Err(AddressError::Temporary(
+            "DNSSEC: the address answer is bogus".into(),
+        ));
+    }
+    let addrs = (records.iter())
+        .filter_map(|r| match &r.data {
+            RData::A(a) => Some(IpAddr::V4(a.0)),
+            RData::AAAA(aaaa) => Some(IpAddr::V6(aaaa.0)),
+            _ => None,
+        })
+        .collect();
+    Ok((addrs, Dnssec::of(&records)))
+}
+
+/// A failed address question: no such host, or a failure to try again.
+fn address_error(error: &NetError) -> AddressError {
+    match answer(error) {
+        Answer::NoSuchName | Answer::NoData => AddressError::NotFound,
+        Answer::Failed => AddressError::Temporary(error.to_string()),
     }
 }
 

@@ -340,6 +340,16 @@ struct Probed {
     outcome: Option<TlsOutcome>,
 }
 
+impl Probed {
+    /// A report with no TLS outcome to cache: the probe stopped before one was known.
+    fn without_outcome(report: ServerReport) -> Probed {
+        Probed {
+            report,
+            outcome: None,
+        }
+    }
+}
+
 impl std::ops::Deref for Probed {
     type Target = ServerReport;
     fn deref(&self) -> &ServerReport {
@@ -374,10 +384,7 @@ async fn probe_server(outbound: &Outbound, server: &ServerId, port: u16, no_tls:
                 OutcomeClass::ConnectFailed
             });
             report.detail = Some(e.to_string());
-            return Probed {
-                report,
-                outcome: None,
-            };
+            return Probed::without_outcome(report);
         }
     };
     lap(&mut report, "connect");
@@ -385,10 +392,7 @@ async fn probe_server(outbound: &Outbound, server: &ServerId, port: u16, no_tls:
         Ok(reply) => report.banner = Some(reply.one_line()),
         Err(e) => {
             report.error = Some(e.to_string());
-            return Probed {
-                report,
-                outcome: None,
-            };
+            return Probed::without_outcome(report);
         }
     }
     lap(&mut report, "greeting");
@@ -396,10 +400,7 @@ async fn probe_server(outbound: &Outbound, server: &ServerId, port: u16, no_tls:
         Ok(caps) => caps,
         Err(e) => {
             report.error = Some(e.to_string());
-            return Probed {
-                report,
-                outcome: None,
-            };
+            return Probed::without_outcome(report);
         }
     };
     lap(&mut report, "ehlo");
@@ -407,10 +408,7 @@ async fn probe_server(outbound: &Outbound, server: &ServerId, port: u16, no_tls:
     report.starttls_offered = caps.starttls;
     if no_tls {
         tokio::spawn(conn.quit());
-        return Probed {
-            report,
-            outcome: None,
-        };
+        return Probed::without_outcome(report);
     }
     if !caps.starttls {
         return finish(
@@ -445,10 +443,7 @@ async fn probe_server(outbound: &Outbound, server: &ServerId, port: u16, no_tls:
                 "STARTTLS: {} (the server closed the connection)",
                 reply.one_line()
             ));
-            Probed {
-                report,
-                outcome: None,
-            }
+            Probed::without_outcome(report)
         }
     }
 }

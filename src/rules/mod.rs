@@ -13,7 +13,7 @@ use std::path::{Path, PathBuf};
 use crate::settings::{ConfigError, yaml_error};
 use index::DomainIndex;
 use model::RuleFile;
-pub use model::{Fallback, OnDowngrade, Route, Rule};
+pub use model::{Fallback, OnDowngrade, Route, Rule, RuleError};
 use pattern::DomainPattern;
 pub use policy::{LegacyTls, MinTls, TlsMode, TlsPolicy, VerifyMode};
 
@@ -81,7 +81,8 @@ impl RuleSet {
                     "rule {name:?} is already defined at line {first}"
                 )));
             }
-            rules.push(Rule::from_spec(spanned.value, line, column).map_err(invalid)?);
+            let rule = Rule::from_spec(spanned.value, line, column);
+            rules.push(rule.map_err(|e| invalid(e.to_string()))?);
         }
         Ok(RuleSet::from_rules(path.to_path_buf(), rules))
     }
@@ -319,6 +320,52 @@ rules:
             let err = parse(text).unwrap_err().to_string();
             assert!(err.starts_with(&format!("r.yaml:{line}:")), "{err}");
             assert!(err.contains(says), "{err} should say {says}");
+        }
+    }
+
+    #[test]
+    fn each_rule_that_cannot_be_used_says_which_mistake_it_is() {
+        let refused = |rule: &str| {
+            let file: RuleFile = serde_saphyr::from_str(&format!("rules:\n  - {rule}\n")).unwrap();
+            let spec = file.rules.into_iter().next().unwrap().value;
+            Rule::from_spec(spec, 2, 5).unwrap_err()
+        };
+        let a = || "a".to_string();
+        let auth = "auth: { username_env: U, password_env: P }";
+        let cases = [
+            ("{ name: \" \" }".to_string(), RuleError::NoName),
+            (
+                "{ name: a, tls: require, fallback_on: [no-starttls] }".into(),
+                RuleError::RequireWithFallback(a()),
+            ),
+            (
+                "{ name: a, match: { domains: [\"*.x.example\"] }, override_published_policy: true }"
+                    .into(),
+                RuleError::OverrideNeedsNamedDomains(a()),
+            ),
+            (
+                "{ name: a, match: { mx: [mx.example] }, route: { smarthost: \"h:587\" } }".into(),
+                RuleError::SmarthostMatchesHost(a()),
+            ),
+            (
+                format!("{{ name: a, route: {{ smarthost: \"h:587\", tls: opportunistic, {auth} }} }}"),
+                RuleError::AuthWithoutTls(a()),
+            ),
+            (
+                format!("{{ name: a, verify: try, route: {{ smarthost: \"h:587\", {auth} }} }}"),
+                RuleError::AuthWithoutVerify(a()),
+            ),
+            (
+                "{ name: a, route: { smarthost: \"h:587\", auth: { username_env: U, username_file: /u, password_env: P } } }".into(),
+                RuleError::CredentialSource { rule: a(), what: "username" },
+            ),
+            (
+                "{ name: a, route: { smarthost: \"h:587\", auth: { username_env: U } } }".into(),
+                RuleError::CredentialSource { rule: a(), what: "password" },
+            ),
+        ];
+        for (rule, expected) in cases {
+            assert_eq!(refused(&rule), expected, "{rule}");
         }
     }
 

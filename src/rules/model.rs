@@ -274,36 +274,27 @@ impl Rule {
     }
 
     /// Validates one rule as written, found at `line` and `column`; errors say what to change.
-    pub fn from_spec(spec: RuleSpec, line: u64, column: u64) -> Result<Rule, String> {
+    pub fn from_spec(spec: RuleSpec, line: u64, column: u64) -> Result<Rule, RuleError> {
         if spec.name.trim().is_empty() {
-            return Err("a rule needs a name".into());
+            return Err(RuleError::NoName);
         }
         let defaults = TlsPolicy::opportunistic();
         let tls = spec.tls.unwrap_or(TlsMode::Opportunistic);
         if tls == TlsMode::Require && spec.fallback_on.as_ref().is_some_and(|f| !f.is_empty()) {
-            return Err(format!(
-                "rule {:?}: tls: require never falls back to plain; remove fallback_on",
-                spec.name
-            ));
+            return Err(RuleError::RequireWithFallback(spec.name));
         }
         if spec.override_published_policy
             && (spec.matches.domains.is_empty()
                 || spec.matches.domains.iter().any(|d| !d.is_exact()))
         {
-            return Err(format!(
-                "rule {:?}: override_published_policy needs the domains named one by one in match.domains (no \"*\" or \"*.suffix\")",
-                spec.name
-            ));
+            return Err(RuleError::OverrideNeedsNamedDomains(spec.name));
         }
         let has_auth = spec.route.as_ref().is_some_and(|r| r.value.auth.is_some());
         let route = match spec.route {
             None => Route::Mx,
             Some(route) => {
                 if spec.matches.depends_on_host() {
-                    return Err(format!(
-                        "rule {:?}: a smarthost route cannot also match on mx or outcome",
-                        spec.name
-                    ));
+                    return Err(RuleError::SmarthostMatchesHost(spec.name));
                 }
                 let route = route.value;
                 let tls = route.tls.unwrap_or(SmarthostTls::Require);
@@ -311,10 +302,7 @@ impl Rule {
                     validate_auth(&spec.name, auth, tls)?;
                     // Credentials go only to a server whose certificate verifies.
                     if spec.verify == Some(VerifyMode::Try) {
-                        return Err(format!(
-                            "rule {:?}: AUTH credentials go only to a verified server: remove verify: try",
-                            spec.name
-                        ));
+                        return Err(RuleError::AuthWithoutVerify(spec.name));
                     }
                 }
                 Route::Smarthost {
@@ -359,17 +347,16 @@ impl Rule {
     }
 }
 
-fn validate_auth(rule: &str, auth: &AuthSpec, tls: SmarthostTls) -> Result<(), String> {
+fn validate_auth(rule: &str, auth: &AuthSpec, tls: SmarthostTls) -> Result<(), RuleError> {
     if tls == SmarthostTls::Opportunistic {
-        return Err(format!(
-            "rule {rule:?}: AUTH is sent over TLS only: set route.tls to require or wrapper"
-        ));
+        return Err(RuleError::AuthWithoutTls(rule.to_string()));
     }
-    let one_of = |file: bool, env: bool, what: &str| {
+    let one_of = |file: bool, env: bool, what: &'static str| {
         if file == env {
-            Err(format!(
-                "rule {rule:?}: give exactly one of {what}_file and {what}_env"
-            ))
+            Err(RuleError::CredentialSource {
+                rule: rule.to_string(),
+                what,
+            })
         } else {
             Ok(())
         }
@@ -384,4 +371,25 @@ fn validate_auth(rule: &str, auth: &AuthSpec, tls: SmarthostTls) -> Result<(), S
         auth.password_env.is_some(),
         "password",
     )
+}
+
+/// Why a rule as written cannot be used; each says what to change.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum RuleError {
+    #[error("a rule needs a name")]
+    NoName,
+    #[error("rule {0:?}: tls: require never falls back to plain; remove fallback_on")]
+    RequireWithFallback(String),
+    #[error(
+        "rule {0:?}: override_published_policy needs the domains named one by one in match.domains (no \"*\" or \"*.suffix\")"
+    )]
+    OverrideNeedsNamedDomains(String),
+    #[error("rule {0:?}: a smarthost route cannot also match on mx or outcome")]
+    SmarthostMatchesHost(String),
+    #[error("rule {0:?}: AUTH is sent over TLS only: set route.tls to require or wrapper")]
+    AuthWithoutTls(String),
+    #[error("rule {0:?}: AUTH credentials go only to a verified server: remove verify: try")]
+    AuthWithoutVerify(String),
+    #[error("rule {rule:?}: give exactly one of {what}_file and {what}_env")]
+    CredentialSource { rule: String, what: &'static str },
 }

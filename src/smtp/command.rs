@@ -69,10 +69,6 @@ pub struct RcptParams {
 }
 
 impl RcptParams {
-    pub fn has_dsn(&self) -> bool {
-        self.notify.is_some() || self.orcpt.is_some()
-    }
-
     /// The parameters as they go to the remote: only to one that offers DSN.
     pub fn to_wire(&self, remote: &crate::smtp::ehlo::Capabilities) -> String {
         let mut out = String::new();

@@ -92,16 +92,8 @@ pub(crate) enum Commands {
         /// An MX host name, for rules that match on it.
         #[arg(long)]
         mx: Option<String>,
-        /// The MX host's cached outcome class, e.g. legacy-tls.
-        #[arg(long)]
-        outcome: Option<OutcomeClass>,
-        /// The outcome was pinned by an operator (`ctl cache pin`), not observed.
-        #[arg(long, requires = "outcome")]
-        pinned: bool,
-        /// The MX host did TLS within the success memory (cache.ttl.success) before the
-        /// outcome was seen; `verified-tls`: with a certificate that verified.
-        #[arg(long, value_enum, num_args = 0..=1, default_missing_value = "tls", requires = "outcome")]
-        did_tls: Option<DidTls>,
+        #[command(flatten)]
+        assumed: Assumed,
         /// Assume the recipient domain publishes an MTA-STS policy in this mode.
         #[arg(long, value_enum)]
         mta_sts: Option<AssumedStsMode>,
@@ -215,20 +207,27 @@ pub(crate) enum RulesCommand {
         /// An MX host name; without --outcome, the daemon's cache entry for it is used.
         #[arg(long)]
         mx: Option<String>,
-        /// The MX host's cached outcome class, e.g. legacy-tls.
-        #[arg(long)]
-        outcome: Option<OutcomeClass>,
-        /// The outcome was pinned by an operator, not observed.
-        #[arg(long, requires = "outcome")]
-        pinned: bool,
-        /// The MX host did TLS within the success memory before the outcome was seen;
-        /// `verified-tls`: with a certificate that verified.
-        #[arg(long, value_enum, num_args = 0..=1, default_missing_value = "tls", requires = "outcome")]
-        did_tls: Option<DidTls>,
+        #[command(flatten)]
+        assumed: Assumed,
     },
 }
 
 /// What `--did-tls` says the host did within the success memory.
+/// What `explain` is asked to assume of the MX host's cache entry.
+#[derive(clap::Args)]
+pub(crate) struct Assumed {
+    /// The MX host's cached outcome class, e.g. legacy-tls.
+    #[arg(long)]
+    pub(crate) outcome: Option<OutcomeClass>,
+    /// The outcome was pinned by an operator (`ctl cache pin`), not observed.
+    #[arg(long, requires = "outcome")]
+    pub(crate) pinned: bool,
+    /// The MX host did TLS within the success memory (cache.ttl.success) before the
+    /// outcome was seen; `verified-tls`: with a certificate that verified.
+    #[arg(long, value_enum, num_args = 0..=1, default_missing_value = "tls", requires = "outcome")]
+    pub(crate) did_tls: Option<DidTls>,
+}
+
 #[derive(Clone, Copy, clap::ValueEnum)]
 pub(crate) enum DidTls {
     /// TLS, whatever its certificate was worth.

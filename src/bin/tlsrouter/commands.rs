@@ -17,7 +17,7 @@ use tlsrouter::router::explain::{Question, assumed_entry, explain};
 use tlsrouter::rules::RuleSet;
 
 use crate::cli::{
-    AssumedStsMode, CacheCommand, CtlCommand, DidTls, EXIT_CONFIG, EXIT_NOTHING_PROBED,
+    Assumed, AssumedStsMode, CacheCommand, CtlCommand, DidTls, EXIT_CONFIG, EXIT_NOTHING_PROBED,
     PolicyCommand, RulesCommand,
 };
 
@@ -46,16 +46,14 @@ pub(crate) fn ctl(socket: &std::path::Path, json: bool, command: CtlCommand) -> 
                 rcpt,
                 sender,
                 mx,
-                outcome,
-                pinned,
-                did_tls,
+                assumed,
             } => Request::RulesExplain {
                 rcpt,
                 sender,
                 mx,
-                outcome,
-                pinned,
-                did_tls: DidTls::memory(did_tls),
+                outcome: assumed.outcome,
+                pinned: assumed.pinned,
+                did_tls: DidTls::memory(assumed.did_tls),
             },
         },
         CtlCommand::Policy { command } => match command {
@@ -138,12 +136,9 @@ pub(crate) fn probe_standalone(path: Option<PathBuf>, target: ProbeTarget, json:
         return ExitCode::FAILURE;
     };
     runtime.block_on(async {
-        let proxy = match Proxy::new(config) {
+        let proxy = match crate::serve::proxy(config) {
             Ok(proxy) => proxy,
-            Err(e) => {
-                eprintln!("tlsrouter: {e:#}");
-                return ExitCode::from(EXIT_CONFIG);
-            }
+            Err(code) => return code,
         };
         // The fleet's view goes beside what the probe finds; without Redis it says so.
         if let Err(e) = proxy.start_shared_cache().await {
@@ -206,13 +201,6 @@ pub(crate) fn check_rules(file: &std::path::Path) -> ExitCode {
     }
     println!("{}: OK, {} rules", file.display(), rules.rules().len());
     ExitCode::SUCCESS
-}
-
-/// What `explain` is asked to assume of the MX host's cache entry.
-pub(crate) struct Assumed {
-    pub(crate) outcome: Option<OutcomeClass>,
-    pub(crate) pinned: bool,
-    pub(crate) did_tls: Option<DidTls>,
 }
 
 pub(crate) fn explain_rcpt(

@@ -14,7 +14,7 @@ use tlsrouter::settings::SetupError;
 
 use crate::cli::{Cli, Commands, EXIT_CONFIG};
 use crate::commands::{
-    Assumed, assumed_policy, check_rules, check_shared_cache, ctl, explain_rcpt, probe_standalone,
+    assumed_policy, check_rules, check_shared_cache, ctl, explain_rcpt, probe_standalone,
 };
 use crate::serve::run;
 
@@ -60,9 +60,7 @@ fn main() -> ExitCode {
             rcpt,
             sender,
             mx,
-            outcome,
-            pinned,
-            did_tls,
+            assumed,
             mta_sts,
             mta_sts_mx,
         } => {
@@ -78,11 +76,7 @@ fn main() -> ExitCode {
                 &rcpt,
                 sender.as_deref(),
                 mx.as_deref(),
-                Assumed {
-                    outcome,
-                    pinned,
-                    did_tls,
-                },
+                assumed,
                 published,
             )
         }

@@ -2,6 +2,7 @@
 
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::sync::Arc;
 
 use tlsrouter::Proxy;
 use tlsrouter::config::{Config, LogFormat};
@@ -35,14 +36,19 @@ pub(crate) fn run(path: Option<PathBuf>, log_format: Option<LogFormat>) -> ExitC
     runtime.block_on(serve(config))
 }
 
+/// The proxy for `config`, or the exit code of a configuration it cannot start with.
+pub(crate) fn proxy(config: Config) -> Result<Arc<Proxy>, ExitCode> {
+    Proxy::new(config).map_err(|e| {
+        eprintln!("tlsrouter: {e:#}");
+        ExitCode::from(EXIT_CONFIG)
+    })
+}
+
 pub(crate) async fn serve(config: Config) -> ExitCode {
     let listen = config.listen;
-    let proxy = match Proxy::new(config) {
+    let proxy = match proxy(config) {
         Ok(proxy) => proxy,
-        Err(e) => {
-            eprintln!("tlsrouter: {e:#}");
-            return ExitCode::from(EXIT_CONFIG);
-        }
+        Err(code) => return code,
     };
     if let Err(e) = proxy.start_shared_cache().await {
         eprintln!("tlsrouter: {e:#}");

@@ -339,22 +339,12 @@ impl Outbound {
                 self.legacy(attempt).await
             }
             (HostDecision::Plain { reason, path }, secured) => {
-                let open = match secured {
-                    Secured::Plain(conn, caps, _) => Some((conn, caps)),
-                    // The certificate failed a rule that allows plain after that.
-                    other => {
-                        other.close();
-                        None
-                    }
-                };
-                if open.is_none() {
-                    tracing::info!(server = %attempt.server, "TLS failed ({reason}); taking the plain path");
-                }
-                let plain = self.plain_path(&path, open, attempt, reason).await;
-                plain.map(|reached| Reached {
+                let plain = Plain {
+                    reason,
+                    path,
                     downgrade,
-                    ..reached
-                })
+                };
+                self.after_tls_failed(attempt, secured, "TLS", plain).await
             }
             (decision, secured) => {
                 secured.close();
@@ -380,27 +370,51 @@ impl Outbound {
                 downgrade: false,
             }),
             (HostDecision::Plain { reason, path }, secured) => {
-                let open = match secured {
-                    Secured::Plain(conn, caps, _) => Some((conn, caps)),
-                    other => {
-                        other.close();
-                        None
-                    }
-                };
-                if open.is_none() {
-                    tracing::info!(server = %attempt.server, "legacy TLS failed ({reason}); taking the plain path");
-                }
-                let plain = self.plain_path(&path, open, attempt, reason).await;
-                plain.map(|reached| Reached {
+                let plain = Plain {
+                    reason,
+                    path,
                     downgrade,
-                    ..reached
-                })
+                };
+                self.after_tls_failed(attempt, secured, "legacy TLS", plain)
+                    .await
             }
             (decision, secured) => {
                 secured.close();
                 Err(not_achieved(decision))
             }
         }
+    }
+
+    /// The plain path the decision chose after `stack` did not give TLS: on the connection
+    /// still open in plain (STARTTLS refused or not offered), else on a new one; a session
+    /// whose certificate failed a rule that allows plain after that is closed.
+    async fn after_tls_failed(
+        &self,
+        attempt: &Attempt<'_>,
+        secured: Secured,
+        stack: &str,
+        plain: Plain,
+    ) -> Result<Reached, AttemptFailure> {
+        let Plain {
+            reason,
+            path,
+            downgrade,
+        } = plain;
+        let open = match secured {
+            Secured::Plain(conn, caps, _) => Some((conn, caps)),
+            other => {
+                other.close();
+                None
+            }
+        };
+        if open.is_none() {
+            tracing::info!(server = %attempt.server, "{stack} failed ({reason}); taking the plain path");
+        }
+        let reached = self.plain_path(&path, open, attempt, reason).await?;
+        Ok(Reached {
+            downgrade,
+            ..reached
+        })
     }
 
     /// Implicit TLS (port 465): the handshake comes before the greeting.
@@ -595,4 +609,11 @@ fn not_achieved(decision: HostDecision) -> AttemptFailure {
             ))),
         }),
     }
+}
+
+/// The decision's plain path after TLS failed, and whether this host did TLS before.
+struct Plain {
+    reason: NoTls,
+    path: Fallback,
+    downgrade: bool,
 }

@@ -21,7 +21,6 @@ pub enum ResultType {
     ValidationFailure,
     TlsaInvalid,
     DnssecInvalid,
-    DaneRequired,
     StsPolicyFetchError,
     StsPolicyInvalid,
     StsWebpkiInvalid,
@@ -37,7 +36,6 @@ impl ResultType {
             ResultType::ValidationFailure => "validation-failure",
             ResultType::TlsaInvalid => "tlsa-invalid",
             ResultType::DnssecInvalid => "dnssec-invalid",
-            ResultType::DaneRequired => "dane-required",
             ResultType::StsPolicyFetchError => "sts-policy-fetch-error",
             ResultType::StsPolicyInvalid => "sts-policy-invalid",
             ResultType::StsWebpkiInvalid => "sts-webpki-invalid",
@@ -105,14 +103,6 @@ impl SessionResult {
     pub fn dnssec_invalid() -> SessionResult {
         SessionResult::Failure {
             result_type: ResultType::DnssecInvalid,
-            reason_code: None,
-        }
-    }
-
-    /// DANE required the host's TLSA records and no secure ones could be had.
-    pub fn dane_required() -> SessionResult {
-        SessionResult::Failure {
-            result_type: ResultType::DaneRequired,
             reason_code: None,
         }
     }
