@@ -32,6 +32,10 @@ pub struct Stats {
     pub sts_fetch_failures: Counter,
     /// Messages deferred because an enforced MTA-STS policy left no server to take them.
     pub sts_enforced_deferrals: Counter,
+    /// Messages whose sender asked REQUIRETLS (RFC 8689): delivered so, and refused for
+    /// good because no server could keep it.
+    pub requiretls_delivered: Counter,
+    pub requiretls_refused: Counter,
     transaction_seconds: Histogram,
     handshake_seconds: Histogram,
     /// Transactions that went on a pooled connection.
@@ -76,6 +80,8 @@ impl Default for Stats {
             sts_fetches: Counter::default(),
             sts_fetch_failures: Counter::default(),
             sts_enforced_deferrals: Counter::default(),
+            requiretls_delivered: Counter::default(),
+            requiretls_refused: Counter::default(),
             transaction_seconds: Histogram::new(exponential_buckets(0.05, 2.0, 12)),
             handshake_seconds: Histogram::new(exponential_buckets(0.005, 2.0, 12)),
             pool_reuses: Counter::default(),
@@ -120,6 +126,10 @@ pub struct Snapshot {
     pub sts_fetch_failures: u64,
     #[serde(default)]
     pub sts_enforced_deferrals: u64,
+    #[serde(default)]
+    pub requiretls_delivered: u64,
+    #[serde(default)]
+    pub requiretls_refused: u64,
     #[serde(default)]
     pub pool_reuses: u64,
     #[serde(default)]
@@ -207,6 +217,16 @@ impl Stats {
             "mta_sts_enforced_deferrals",
             "messages deferred because an enforced MTA-STS policy left no server",
             self.sts_enforced_deferrals.clone(),
+        );
+        r.register(
+            "requiretls_delivered",
+            "messages with REQUIRETLS delivered over verified TLS to a server that offers it",
+            self.requiretls_delivered.clone(),
+        );
+        r.register(
+            "requiretls_refused",
+            "messages with REQUIRETLS refused because no server could keep it",
+            self.requiretls_refused.clone(),
         );
         r.register(
             "transaction_seconds",
@@ -342,6 +362,8 @@ impl Stats {
             sts_fetches: self.sts_fetches.get(),
             sts_fetch_failures: self.sts_fetch_failures.get(),
             sts_enforced_deferrals: self.sts_enforced_deferrals.get(),
+            requiretls_delivered: self.requiretls_delivered.get(),
+            requiretls_refused: self.requiretls_refused.get(),
             pool_reuses: self.pool_reuses.get(),
             pool_dead: self.pool_dead.get(),
             pool_idle: self.pool_idle.get(),

@@ -269,6 +269,8 @@ fn stats_lines(result: &Value) -> String {
         "sts_fetches",
         "sts_fetch_failures",
         "sts_enforced_deferrals",
+        "requiretls_delivered",
+        "requiretls_refused",
         "pool_reuses",
         "pool_dead",
         "pool_idle",

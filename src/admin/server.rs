@@ -12,6 +12,7 @@ use crate::config::duration;
 use crate::outcome::OutcomeClass;
 use crate::probe::probe;
 use crate::proxy::Proxy;
+use crate::router::decision::Demand;
 use crate::router::explain::{Question, assumed_entry, explain};
 
 /// Requests longer than this are not from `tlsrouter ctl`.
@@ -146,6 +147,7 @@ pub async fn handle(proxy: &Proxy, request: Request) -> Response {
                 cached,
                 memory,
                 published,
+                demand: Demand::Nothing,
             };
             let answer = explain(proxy.router.rules(), &question);
             Response::ok(json!({

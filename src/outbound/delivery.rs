@@ -41,6 +41,11 @@ pub enum OpenError {
         rule: String,
         failures: Vec<Failed>,
     },
+    /// The sender's REQUIRETLS could not be kept with any server, and no failure was
+    /// one that may pass: the message is refused for good (RFC 8689 5).
+    RequireTlsRefused {
+        failures: Vec<Failed>,
+    },
 }
 
 impl OpenError {
@@ -57,6 +62,11 @@ impl OpenError {
             OpenError::TlsNotAchieved { rule, failures } => {
                 Reply::new(451, "4.7.5", format!("rule {rule:?}: {}", list(failures)))
             }
+            OpenError::RequireTlsRefused { failures } => Reply::new(
+                550,
+                "5.7.30",
+                format!("REQUIRETLS cannot be kept: {}", list(failures)),
+            ),
         }
     }
 }
@@ -191,6 +201,7 @@ impl Outbound {
             } else {
                 Dane::default()
             };
+            let demand = hop.demand(envelope.params.requiretls, &host);
             for ip in addrs {
                 let server = ServerId::new(&host, ip);
                 self.cache.refresh(&server.name, ip).await;
@@ -206,7 +217,7 @@ impl Outbound {
                 if overridden(rule, published) {
                     tracing::warn!(server = %server, rule = %rule.name, "rule overrides the domain's published policy ({})", published.name().unwrap_or("none"));
                 }
-                let mut decision = decide(rule, known, published);
+                let mut decision = decide(rule, known, published, demand);
                 let stale = cached.as_ref().is_some_and(|e| !e.pinned);
                 if stale
                     && matches!(decision, HostDecision::Skip(_))
@@ -214,9 +225,9 @@ impl Outbound {
                 {
                     // Connected at accept moments ago: "unreachable" from before is stale,
                     // and the attempt's outcome will replace it.
-                    decision = decide(rule, Known::Nothing, published);
+                    decision = decide(rule, Known::Nothing, published, demand);
                 }
-                if decision != decide(rule, Known::Nothing, published) {
+                if decision != decide(rule, Known::Nothing, published, demand) {
                     self.stats.cache_hits.inc();
                 }
                 if let HostDecision::Skip(skip) = &decision {
@@ -257,6 +268,7 @@ impl Outbound {
                     domain,
                     decision,
                     published,
+                    demand,
                     policy,
                     greeted,
                     envelope,
@@ -303,7 +315,7 @@ impl Outbound {
                 match failure {
                     AttemptFailure::Refused(refusal) => {
                         tracing::warn!(server = %server, rule = %rule.name, "TLS required but not achieved: {refusal}");
-                        let first_try = decide(rule, Known::Nothing, published);
+                        let first_try = decide(rule, Known::Nothing, published, demand);
                         let unnamed_in = no_mx_name(hop, &first_try).then(|| domain.to_string());
                         tls_failures.push(Failed::Refused {
                             server,
@@ -337,7 +349,23 @@ impl Outbound {
             && unsupported_count == failures.len()
             && tls_failures.is_empty()
         {
+            if reply.enhanced() == Some("5.7.30") {
+                self.stats.requiretls_refused.inc();
+            }
             return Err(OpenError::Rejected { reply, server });
+        }
+        if envelope.params.requiretls
+            && !tls_failures.is_empty()
+            && tls_failures
+                .iter()
+                .chain(&failures)
+                .all(Failed::is_permanent)
+        {
+            self.stats.requiretls_refused.inc();
+            tls_failures.extend(failures);
+            return Err(OpenError::RequireTlsRefused {
+                failures: tls_failures,
+            });
         }
         if !tls_failures.is_empty() {
             if policy.is_some_and(|p| p.mode == Mode::Enforce) {

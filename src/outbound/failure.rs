@@ -5,8 +5,8 @@
 use crate::net::connection::ExchangeError;
 use crate::net::dns::{AddressError, ServerId};
 use crate::outbound::credentials::CredentialsError;
-use crate::outcome::OutcomeClass;
-use crate::router::decision::{Refusal, Skip};
+use crate::outcome::{Kind, OutcomeClass};
+use crate::router::decision::{Refusal, RefusalReason, Skip};
 use crate::rules::model::HostPort;
 use crate::smtp::{MissingExtension, Reply};
 
@@ -166,7 +166,33 @@ impl std::fmt::Display for Failed {
     }
 }
 
-/// The reply for a message a server cannot take for want of an extension.
+impl Failed {
+    /// Whether trying again later cannot help: TLS refused for what the server is (no
+    /// STARTTLS, a certificate that does not verify, a name nothing vouches for), or an
+    /// extension the message needs. Not a lookup, a connection or a dialogue that failed,
+    /// a handshake that broke, a downgrade, nor a TLSA answer that could not be had.
+    pub fn is_permanent(&self) -> bool {
+        match self {
+            Failed::Addresses { error, .. } => *error == AddressError::NotFound,
+            Failed::Server { failure, .. } => matches!(failure, AttemptFailure::Unsupported(_)),
+            Failed::Refused { refusal, .. } => match &refusal.reason {
+                RefusalReason::NameNotAuthentic | RefusalReason::NotInPolicy => true,
+                RefusalReason::NoTls(_) => refusal.class().is_some_and(|class| {
+                    class == OutcomeClass::NoStarttls
+                        || class == OutcomeClass::TlsUnverified
+                        || class.meaning().kind == Kind::CertFailure
+                }),
+                RefusalReason::TlsaUnknown | RefusalReason::Downgrade(_) => false,
+            },
+        }
+    }
+}
+
+/// The reply for a message a server cannot take for want of an extension: for
+/// REQUIRETLS, RFC 8689's own status.
 pub(crate) fn unsupported_reply(server: &ServerId, missing: &MissingExtension) -> Reply {
-    Reply::new(554, "5.6.9", format!("{server} {missing}"))
+    match missing.0 {
+        "REQUIRETLS" => Reply::new(550, "5.7.30", format!("{server} {missing}")),
+        _ => Reply::new(554, "5.6.9", format!("{server} {missing}")),
+    }
 }

@@ -13,7 +13,7 @@ use crate::outbound::Outbound;
 use crate::policy::mta_sts::{Mode, StsPolicy};
 use crate::router::Plan;
 use crate::router::decision::{
-    Authentication, DaneState, HostDecision, Published, StsMode, TlsTerms,
+    Authentication, DaneState, Demand, HostDecision, Published, StsMode, TlsTerms,
 };
 use crate::rules::model::HostPort;
 use crate::rules::{Route, VerifyMode};
@@ -46,6 +46,25 @@ impl NextHop {
             NextHop::Smarthost(server) => vec![server.to_string()],
             NextHop::OriginalDestination { addr, .. } => vec![addr.to_string()],
         }
+    }
+
+    /// What a message demands of the server `name` on this hop: with the sender's
+    /// REQUIRETLS, whether its name is authentic without an MTA-STS policy (a smart host
+    /// the admin named, or an MX host named by a DNSSEC-secure answer).
+    pub fn demand(&self, requiretls: bool, name: &str) -> Demand {
+        if !requiretls {
+            return Demand::Nothing;
+        }
+        let name_authentic = match self {
+            NextHop::Smarthost(_) => true,
+            NextHop::Mx(hosts) => hosts
+                .iter()
+                .any(|h| h.name == name && h.dnssec == Dnssec::Secure),
+            NextHop::OriginalDestination { mx, mx_dnssec, .. } => {
+                mx.as_deref() == Some(name) && *mx_dnssec == Dnssec::Secure
+            }
+        };
+        Demand::RequireTls { name_authentic }
     }
 
     /// Whether the recipient domain's published policy binds this hop (not a smart host's).
@@ -360,7 +379,8 @@ mod tests {
         };
         let strict = rule("rules:\n  - name: r\n    tls: require\n    verify: require\n");
         let lenient = rule("rules:\n  - name: r\n");
-        let first_try = |rule: &Rule, published| decide(rule, Known::Nothing, published);
+        let first_try =
+            |rule: &Rule, published| decide(rule, Known::Nothing, published, Demand::Nothing);
         assert!(no_mx_name(
             &unnamed,
             &first_try(&strict, Published::Nothing)

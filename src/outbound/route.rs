@@ -33,6 +33,8 @@ pub struct OpenRoute {
     plan: Plan,
     /// The next hop, as [`NextHop::key`] names it: a later recipient must share it.
     hop: Vec<String>,
+    /// The sender's REQUIRETLS: every recipient's server must satisfy it.
+    requiretls: bool,
     pub upstream: Upstream,
 }
 
@@ -93,7 +95,11 @@ impl NoRoute {
                 let (kind, name) = lookup.fields();
                 tracing::warn!(event = "dane.unknown", lookup = kind, name, client = %client, domain, "not delivered: {error}");
             }
-            NoRoute::Open(OpenError::TlsNotAchieved { .. } | OpenError::Unreachable { .. }) => {
+            NoRoute::Open(
+                OpenError::TlsNotAchieved { .. }
+                | OpenError::RequireTlsRefused { .. }
+                | OpenError::Unreachable { .. },
+            ) => {
                 tracing::warn!(event = "not_delivered", client = %client, domain, rule = %plan.base_rule().name, reply = %self.reply(), "not delivered: {}", self.reply());
             }
             NoRoute::NotJoined { route, why, .. } => {
@@ -162,6 +168,7 @@ impl Outbound {
         let opened = Box::pin(self.open(&plan, &domain, &hop, &policy, greeted, envelope)).await;
         Ok(OpenRoute {
             hop: hop.key(),
+            requiretls: envelope.params.requiretls,
             upstream: opened.map_err(NoRoute::Open)?,
             domain,
             plan,
@@ -192,7 +199,8 @@ impl Outbound {
         // may ask more than the route the first recipient opened has.
         let policy = self.policy_for(&hop, domain).await;
         let facts = route.upstream.facts();
-        match Box::pin(self.joins(facts, plan, domain, &hop, &policy)).await {
+        let joins = self.joins(facts, plan, domain, &hop, &policy, route.requiretls);
+        match Box::pin(joins).await {
             Ok(()) => Ok(()),
             Err(why) => Err(NoRoute::NotJoined {
                 domain: domain.to_string(),
@@ -238,6 +246,7 @@ impl Outbound {
         domain: &str,
         hop: &NextHop,
         policy: &PolicyLookup,
+        requiretls: bool,
     ) -> Result<(), NotJoined> {
         let (name, port) = match hop {
             // What the domain publishes does not bind a smart host (RFC 8461 3.4).
@@ -266,7 +275,7 @@ impl Outbound {
             outcome: &route.tls,
             downgrade: route.downgrade,
         };
-        let decision = decide(rule, found, published);
+        let decision = decide(rule, found, published, hop.demand(requiretls, &server.name));
         let conn = Connected {
             tls: &route.tls,
             authentication: route.authentication,

@@ -20,7 +20,7 @@ use crate::probe::report::{
     LegacyReport, MxReport, ProbeReport, ServerReport, policy_report, tls_report, tlsa_report,
 };
 use crate::router::Plan;
-use crate::router::decision::{HostDecision, Known, Published, decide};
+use crate::router::decision::{Demand, HostDecision, Known, Published, decide};
 use crate::router::explain::{Question, assumed_entry, explain};
 use crate::rules::{MinTls, RuleSet};
 
@@ -156,6 +156,7 @@ fn explain_for(
         cached: assumed_entry(mx.unwrap_or(""), classes, false),
         memory: crate::cache::TlsMemory::Nothing,
         published: Published::Nothing,
+        demand: Demand::Nothing,
     };
     let answer = explain(rules.clone(), &question);
     Some((answer.rule, answer.text))
@@ -180,7 +181,7 @@ fn decision_for(
         .class()
         .is_some_and(|class| (outbound.cache).is_downgrade(&server.name, server.addr, class));
     let found = Known::Found { outcome, downgrade };
-    Some(decide(rule, found, published))
+    Some(decide(rule, found, published, Demand::Nothing))
 }
 
 async fn probe_host(

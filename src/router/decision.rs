@@ -78,6 +78,20 @@ pub enum StsMode {
     Testing,
 }
 
+/// What the message's sender demands of every server it goes to (RFC 8689).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Demand {
+    /// Nothing beyond the rules and what the domain publishes.
+    #[default]
+    Nothing,
+    /// REQUIRETLS: only over TLS with a verified certificate (by its TLSA records where
+    /// DANE applies, else PKIX for the server's name), to a server whose name is authentic:
+    /// named by a DNSSEC-secure MX answer, by the domain's MTA-STS `enforce` policy, or by
+    /// the admin (a smart host). `name_authentic`: the first or the last holds. Never
+    /// plain, never the legacy stack, never a relay, whatever the rule.
+    RequireTls { name_authentic: bool },
+}
+
 impl Published {
     /// The policy as the log line names it: `mta-sts:enforce`, `mta-sts:testing`.
     pub fn name(self) -> Option<&'static str> {
@@ -169,6 +183,8 @@ pub struct Refusal {
 /// A published policy that binds delivery to a server.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Binding {
+    /// The sender's REQUIRETLS (RFC 8689).
+    RequireTls,
     MtaStsEnforce,
     /// DANE with usable TLSA records.
     Dane,
@@ -182,6 +198,9 @@ pub enum RefusalReason {
     NoTls(NoTls),
     /// The server is no MX host the domain's MTA-STS policy names.
     NotInPolicy,
+    /// REQUIRETLS: the server's name is not authentic (the MX answer was not
+    /// DNSSEC-secure, and no MTA-STS `enforce` policy names it).
+    NameNotAuthentic,
     /// The TLSA answer (or a lookup that says whether DANE applies) was bogus,
     /// indeterminate or could not be had: nothing may be sent now.
     TlsaUnknown,
@@ -202,7 +221,7 @@ impl Refusal {
     pub fn class(&self) -> Option<OutcomeClass> {
         match &self.reason {
             RefusalReason::NoTls(reason) => reason.class(),
-            RefusalReason::NotInPolicy => None,
+            RefusalReason::NotInPolicy | RefusalReason::NameNotAuthentic => None,
             RefusalReason::TlsaUnknown => Some(OutcomeClass::DnssecBogus),
             RefusalReason::Downgrade(class) => *class,
         }
@@ -213,6 +232,7 @@ impl fmt::Display for Refusal {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self.under {
             None => {}
+            Some(Binding::RequireTls) => f.write_str("REQUIRETLS: ")?,
             Some(Binding::MtaStsEnforce) => f.write_str("MTA-STS enforce: ")?,
             Some(Binding::Dane) => f.write_str("DANE: ")?,
             Some(Binding::DaneUnusable) => f.write_str("DANE (no usable TLSA record): ")?,
@@ -220,6 +240,9 @@ impl fmt::Display for Refusal {
         match &self.reason {
             RefusalReason::NoTls(reason) => reason.fmt(f),
             RefusalReason::NotInPolicy => f.write_str("not an MX host of the policy"),
+            RefusalReason::NameNotAuthentic => f.write_str(
+                "the MX answer was not DNSSEC-secure and no MTA-STS enforce policy names the host",
+            ),
             RefusalReason::TlsaUnknown => write!(
                 f,
                 "{}: the TLSA answer is bogus or could not be had",
@@ -308,7 +331,10 @@ impl HostDecision {
 }
 
 /// The one decision. Pure: it reads nothing but its arguments.
-pub fn decide(rule: &Rule, known: Known<'_>, published: Published) -> HostDecision {
+pub fn decide(rule: &Rule, known: Known<'_>, published: Published, demand: Demand) -> HostDecision {
+    if let Demand::RequireTls { name_authentic } = demand {
+        return require_tls(rule, known, published, name_authentic);
+    }
     if overridden(rule, published) {
         // An overridden policy still binds this far: never the unauthenticated stack.
         return under_rule(rule, known, false);
@@ -334,6 +360,31 @@ pub fn decide(rule: &Rule, known: Known<'_>, published: Published) -> HostDecisi
             ..
         }
         | Published::Nothing => under_rule(rule, known, true),
+    }
+}
+
+/// The sender's REQUIRETLS (RFC 8689 4.2.1): verified TLS to a server whose name is
+/// authentic, whatever the rule, and whatever a rule's override of the domain's policy
+/// (it is the sender's word, not the domain's). What the domain publishes binds as well.
+fn require_tls(
+    rule: &Rule,
+    known: Known<'_>,
+    published: Published,
+    name_authentic: bool,
+) -> HostDecision {
+    let mut strict = enforced(rule);
+    strict.override_published_policy = false;
+    match published {
+        Published::Dane(state) => dane(&strict, known, state),
+        Published::MtaSts {
+            mode: StsMode::Enforce,
+            ..
+        } => decide(&strict, known, published, Demand::Nothing),
+        _ if !name_authentic => HostDecision::Refuse(Refusal {
+            under: Some(Binding::RequireTls),
+            reason: RefusalReason::NameNotAuthentic,
+        }),
+        _ => bound(Binding::RequireTls, under_rule(&strict, known, false)),
     }
 }
 
@@ -632,6 +683,11 @@ impl fmt::Display for HostDecision {
                 };
                 write!(f, "plain {path} ({reason})")
             }
+            HostDecision::Refuse(why) if why.under == Some(Binding::RequireTls) => write!(
+                f,
+                "not to this server: {why}; with no other server, refused with 550 5.7.30 \
+                 (deferred where trying again may help)"
+            ),
             HostDecision::Refuse(why) => write!(
                 f,
                 "not to this server: {why}; with no other server, deferred with 451 4.7.5"

@@ -9,7 +9,7 @@ use crate::cache::{CacheEntry, TlsMemory};
 use crate::outcome::{OutcomeClass, WhenCached};
 use crate::router::Plan;
 use crate::router::decision::{
-    DaneState, HostDecision, Known, Published, StsMode, attacker_could, decide, overridden,
+    DaneState, Demand, HostDecision, Known, Published, StsMode, attacker_could, decide, overridden,
 };
 use crate::rules::model::SmarthostTls;
 use crate::rules::{Fallback, OnDowngrade, Route, Rule, RuleSet, TlsMode, VerifyMode};
@@ -26,6 +26,8 @@ pub struct Question<'a> {
     pub memory: TlsMemory,
     /// What the domain publishes, as it bears on the MX host.
     pub published: Published,
+    /// What the message demands (the sender's REQUIRETLS).
+    pub demand: Demand,
 }
 
 /// The answer: the rule that decides, what the decision is with what is known, and the
@@ -59,7 +61,7 @@ pub fn explain(rules: Arc<RuleSet>, q: &Question<'_>) -> Explanation {
         .unwrap_or_default();
     let rule = plan.rule_for_host(q.mx.unwrap_or(""), &classes);
     let known = (q.cached.as_ref()).map_or(Known::Nothing, |entry| Known::cached(entry, q.memory));
-    let decision = decide(rule, known, q.published);
+    let decision = decide(rule, known, q.published, q.demand);
     let mut out = String::new();
     let at = if rule.line > 0 {
         format!("{}:{}", rules.source.display(), rule.line)
@@ -95,7 +97,19 @@ pub fn explain(rules: Arc<RuleSet>, q: &Question<'_>) -> Explanation {
         };
         let _ = writeln!(out, "policy:      {policy}: {effect}");
     }
-    let first = decide(rule, Known::Nothing, q.published);
+    if let Demand::RequireTls { name_authentic } = q.demand {
+        let name = match name_authentic {
+            true => "the MX answer is DNSSEC-secure",
+            false => {
+                "the MX answer is not DNSSEC-secure: only a host an MTA-STS enforce policy names"
+            }
+        };
+        let _ = writeln!(
+            out,
+            "sender:      REQUIRETLS: verified TLS to a server that offers REQUIRETLS, never plain, never a relay; {name}"
+        );
+    }
+    let first = decide(rule, Known::Nothing, q.published, q.demand);
     let _ = writeln!(out, "first try:   {first}");
     if let Some(entry) = &q.cached {
         let mut names: Vec<&str> = classes.iter().map(|c| c.name()).collect();
@@ -124,6 +138,7 @@ pub fn explain(rules: Arc<RuleSet>, q: &Question<'_>) -> Explanation {
             rule,
             Known::cached(entry, TlsMemory::VerifiedTls),
             q.published,
+            q.demand,
         );
         if after_tls.is_empty() && q.memory == TlsMemory::Nothing && remembered != decision {
             let (what, then) = match entry.class.meaning().downgrade {
@@ -264,6 +279,7 @@ mod tests {
                             cached: assumed_entry(&mx, &[class], pinned),
                             memory: TlsMemory::Nothing,
                             published: Published::Nothing,
+                            demand: Demand::Nothing,
                         };
                         let answer = explain(rules.clone(), &question);
                         // What delivery does: the same plan, the same host decision.
@@ -274,6 +290,7 @@ mod tests {
                             delivery_rule,
                             Known::cached(entry, TlsMemory::Nothing),
                             Published::Nothing,
+                            Demand::Nothing,
                         );
                         let case = format!("{list}: {} with {class} (pinned: {pinned})", rule.name);
                         assert_eq!(answer.rule, delivery_rule.name, "{case}");

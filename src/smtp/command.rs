@@ -57,6 +57,8 @@ pub struct MailParams {
     /// DSN (RFC 3461): what a bounce should return, and the envelope id, as xtext as sent.
     pub ret: Option<Ret>,
     pub envid: Option<String>,
+    /// REQUIRETLS (RFC 8689): the message travels only over verified TLS, every hop.
+    pub requiretls: bool,
 }
 
 /// The RCPT TO parameters of DSN (RFC 3461 4.1, 4.2), as sent once checked.
@@ -108,6 +110,9 @@ impl MailParams {
         if self.smtputf8 && !remote.smtputf8 {
             return Err(MissingExtension("SMTPUTF8"));
         }
+        if self.requiretls && !remote.requiretls {
+            return Err(MissingExtension("REQUIRETLS"));
+        }
         let mut out = String::new();
         if let Some(size) = self.size.filter(|_| remote.size.is_some()) {
             out.push_str(&format!(" SIZE={size}"));
@@ -121,6 +126,9 @@ impl MailParams {
         }
         if self.smtputf8 {
             out.push_str(" SMTPUTF8");
+        }
+        if self.requiretls {
+            out.push_str(" REQUIRETLS");
         }
         if remote.dsn {
             match self.ret {
@@ -296,6 +304,7 @@ fn parse_mail(rest: &str) -> Result<Command, CommandError> {
                 parsed.body = Some(Body::SevenBit)
             }
             ("SMTPUTF8", None) => parsed.smtputf8 = true,
+            ("REQUIRETLS", None) => parsed.requiretls = true,
             ("RET", value) => {
                 let ret = match value.map(str::to_ascii_uppercase).as_deref() {
                     Some("FULL") => Ret::Full,
@@ -514,6 +523,32 @@ mod tests {
         assert_eq!(
             parse_command(b"mail from:<>"),
             Ok(Command::Mail(None, MailParams::default()))
+        );
+    }
+
+    #[test]
+    fn requiretls_is_parsed_and_goes_only_to_a_remote_that_offers_it() {
+        let Ok(Command::Mail(_, params)) = parse_command(b"MAIL FROM:<a@b.example> requiretls")
+        else {
+            panic!("MAIL FROM with REQUIRETLS refused");
+        };
+        assert!(params.requiretls);
+        assert_eq!(
+            parse_command(b"MAIL FROM:<a@b.example> REQUIRETLS=YES"),
+            Err(CommandError::UnknownParameter("REQUIRETLS=YES".into()))
+        );
+        let offers = |keyword: &str| {
+            let ehlo =
+                crate::smtp::Reply::multiline(250, vec!["mx.example".into(), keyword.into()]);
+            crate::smtp::Capabilities::from_ehlo(&ehlo)
+        };
+        assert_eq!(
+            params.to_wire(&offers("SIZE")),
+            Err(MissingExtension("REQUIRETLS"))
+        );
+        assert_eq!(
+            params.to_wire(&offers("REQUIRETLS")).as_deref(),
+            Ok(" REQUIRETLS")
         );
     }
 

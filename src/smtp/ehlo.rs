@@ -10,6 +10,8 @@ pub struct Capabilities {
     pub smtputf8: bool,
     /// DSN (RFC 3461): RET, ENVID, NOTIFY and ORCPT may be sent.
     pub dsn: bool,
+    /// REQUIRETLS (RFC 8689): a message that demands verified TLS may be passed on.
+    pub requiretls: bool,
     /// `Some(0)` means SIZE without a limit.
     pub size: Option<u64>,
     pub auth: Vec<String>,
@@ -33,6 +35,7 @@ impl Capabilities {
                 "8BITMIME" => caps.eight_bit_mime = true,
                 "SMTPUTF8" => caps.smtputf8 = true,
                 "DSN" => caps.dsn = true,
+                "REQUIRETLS" => caps.requiretls = true,
                 "SIZE" => caps.size = Some(words.next().and_then(|n| n.parse().ok()).unwrap_or(0)),
                 "AUTH" => caps.auth = words.map(|w| w.to_ascii_uppercase()).collect(),
                 _ => {}

@@ -28,6 +28,7 @@ mod operator;
 mod pool;
 mod postfix;
 mod recipient_domains;
+mod requiretls;
 mod rules;
 mod systemd;
 mod tls_outcomes;

@@ -101,6 +101,13 @@ pub(crate) enum Commands {
         /// names the --mx host.
         #[arg(long, requires = "mta_sts")]
         mta_sts_mx: Vec<String>,
+        /// The sender asks REQUIRETLS (RFC 8689) on MAIL FROM.
+        #[arg(long)]
+        requiretls: bool,
+        /// The MX answer that names the --mx host is DNSSEC-secure (REQUIRETLS needs that
+        /// or an MTA-STS enforce policy naming the host).
+        #[arg(long, requires = "requiretls")]
+        dnssec_mx: bool,
     },
 }
 

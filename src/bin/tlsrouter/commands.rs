@@ -12,7 +12,7 @@ use tlsrouter::config::Config;
 use tlsrouter::outcome::OutcomeClass;
 use tlsrouter::policy::mta_sts::MxPattern;
 use tlsrouter::probe::ProbeTarget;
-use tlsrouter::router::decision::{Published, StsMode};
+use tlsrouter::router::decision::{Demand, Published, StsMode};
 use tlsrouter::router::explain::{Question, assumed_entry, explain};
 use tlsrouter::rules::RuleSet;
 
@@ -210,6 +210,7 @@ pub(crate) fn explain_rcpt(
     mx: Option<&str>,
     assumed: Assumed,
     published: Published,
+    demand: Demand,
 ) -> ExitCode {
     let rules = match rules.as_deref().map(RuleSet::load) {
         Some(Ok(rules)) => rules,
@@ -234,6 +235,7 @@ pub(crate) fn explain_rcpt(
         cached: assumed_entry(mx.unwrap_or(""), assumed.outcome.as_slice(), assumed.pinned),
         memory: DidTls::memory(assumed.did_tls),
         published,
+        demand,
     };
     print!("{}", explain(Arc::new(rules), &question).text);
     ExitCode::SUCCESS

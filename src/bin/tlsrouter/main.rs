@@ -10,6 +10,7 @@ use clap::Parser;
 use tlsrouter::Proxy;
 use tlsrouter::config::Config;
 use tlsrouter::probe::ProbeTarget;
+use tlsrouter::router::decision::Demand;
 use tlsrouter::settings::SetupError;
 
 use crate::cli::{Cli, Commands, EXIT_CONFIG};
@@ -63,6 +64,8 @@ fn main() -> ExitCode {
             assumed,
             mta_sts,
             mta_sts_mx,
+            requiretls,
+            dnssec_mx,
         } => {
             let published = match assumed_policy(mta_sts, &mta_sts_mx, mx.as_deref()) {
                 Ok(published) => published,
@@ -78,6 +81,12 @@ fn main() -> ExitCode {
                 mx.as_deref(),
                 assumed,
                 published,
+                match requiretls {
+                    true => Demand::RequireTls {
+                        name_authentic: dnssec_mx,
+                    },
+                    false => Demand::Nothing,
+                },
             )
         }
     }

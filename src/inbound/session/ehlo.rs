@@ -12,7 +12,16 @@ impl Session {
         if self.offers_starttls() {
             reply.lines.push("STARTTLS".into());
         }
+        if self.offers_requiretls() {
+            reply.lines.push("REQUIRETLS".into());
+        }
         reply
+    }
+
+    /// REQUIRETLS (RFC 8689) is offered on a session in TLS only: a message that must
+    /// travel over TLS every hop cannot come to us in clear.
+    pub(super) fn offers_requiretls(&self) -> bool {
+        self.io.get_ref().is_tls()
     }
 
     /// DSN is offered only where its parameters reach a remote known to take them: a

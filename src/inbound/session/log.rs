@@ -29,6 +29,8 @@ pub(super) fn log_transaction(
         (!items.is_empty()).then(|| display(items.join(separator)))
     };
     let reply_code = reply.map(|r| r.code);
+    // The sender's REQUIRETLS (RFC 8689), when it asked for it.
+    let requiretls = tx.params.requiretls.then_some(display("yes"));
     let reply = reply.map_or_else(|| "none".to_string(), ToString::to_string);
     let Some(facts) = tx.remote.facts() else {
         tracing::info!(
@@ -38,6 +40,7 @@ pub(super) fn log_transaction(
             to = listed(&recipients, ","),
             refused = listed(&refused, "; "),
             route = "none",
+            requiretls,
             end = end.label(),
             reply_code,
             reply = %reply,
@@ -111,6 +114,7 @@ pub(super) fn log_transaction(
         reused = facts.reused.then_some(display("yes")),
         // Plain because the cache said so: no handshake was tried this time.
         cached = matches!(facts.tls, TlsOutcome::Plain(NoTls::Cached { .. })).then_some(display("yes")),
+        requiretls,
         end = end.label(),
         reply_code,
         reply = %reply,

@@ -268,6 +268,13 @@ impl Session {
         if let Some(param) = params.first_dsn_parameter().filter(|_| !self.offers_dsn()) {
             return CommandError::UnknownParameter(param).reply();
         }
+        if params.requiretls && !self.offers_requiretls() {
+            return Reply::new(
+                530,
+                "5.7.10",
+                "REQUIRETLS needs a session in TLS: say STARTTLS first",
+            );
+        }
         let max = self.proxy.config.limits.max_message_size;
         if params.size.is_some_and(|size| size > max) {
             return Reply::new(
@@ -426,6 +433,9 @@ impl Session {
         let Some(facts) = tx.remote.facts().filter(|_| delivered) else {
             return;
         };
+        if tx.params.requiretls {
+            stats.requiretls_delivered.inc();
+        }
         match &facts.tls {
             TlsOutcome::Encrypted(_) | TlsOutcome::Legacy(_) => {
                 let class = facts.tls.class().map_or("tls-verified", |c| c.name());

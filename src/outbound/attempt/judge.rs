@@ -23,7 +23,7 @@ impl Outbound {
         let fact = is_fact_about_server(attempt.rule, outcome);
         let downgrade = fact && self.is_downgrade(attempt, outcome);
         let found = Known::Found { outcome, downgrade };
-        let decision = decide(attempt.rule, found, attempt.published);
+        let decision = decide(attempt.rule, found, attempt.published, attempt.demand);
         if fact {
             self.remember(attempt, outcome, &decision);
         }

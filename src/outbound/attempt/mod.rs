@@ -24,8 +24,7 @@ use crate::outbound::upstream::FirstReply;
 use crate::outcome::{NoTls, OutcomeClass, TlsOutcome};
 use crate::policy::mta_sts::StsPolicy;
 use crate::router::decision::{
-    Authentication, DaneState, HostDecision, Known, Published, Refusal, TlsTerms, decide,
-    overridden,
+    Authentication, Demand, HostDecision, Known, Published, Refusal, TlsTerms, decide,
 };
 use crate::rules::model::HostPort;
 use crate::rules::{Fallback, Route, Rule};
@@ -63,6 +62,8 @@ pub(crate) struct Attempt<'a> {
     pub decision: HostDecision,
     /// What the domain publishes, as it bears on this server.
     pub published: Published,
+    /// What the message demands of the server (the sender's REQUIRETLS).
+    pub demand: Demand,
     /// The domain's MTA-STS policy, for TLS-RPT.
     pub policy: Option<&'a StsPolicy>,
     /// A connection greeted before the transaction (transparent mode), not yet used.
@@ -95,17 +96,15 @@ impl Attempt<'_> {
         Some((conn, caps))
     }
 
-    /// How the TLS the decision asks for is had: with the host's TLSA records where DANE
-    /// applies, else with PKIX.
+    /// How the TLS the decision asks for is had: with the host's TLSA records where the
+    /// terms say DANE judges the certificate, else with PKIX.
     fn handshake(&self, terms: TlsTerms) -> Handshake {
-        let dane = self.published == Published::Dane(DaneState::Usable)
-            && !overridden(self.rule, self.published);
-        match dane {
-            true => Handshake::Dane {
+        match terms.authentication {
+            Authentication::Tlsa => Handshake::Dane {
                 min_tls: terms.min_tls,
                 records: self.tlsa.to_vec(),
             },
-            false => Handshake::Pkix(terms.min_tls),
+            Authentication::Pkix | Authentication::UnusableTlsa => Handshake::Pkix(terms.min_tls),
         }
     }
 }
@@ -433,7 +432,10 @@ impl Outbound {
             outcome: &outcome,
             downgrade: false,
         };
-        match (decide(attempt.rule, found, attempt.published), conn) {
+        match (
+            decide(attempt.rule, found, attempt.published, attempt.demand),
+            conn,
+        ) {
             (HostDecision::Tls(_), Some(mut conn)) => {
                 self.read_greeting(&mut conn).await?;
                 let caps = self.ehlo(&mut conn).await?;

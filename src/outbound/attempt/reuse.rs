@@ -45,7 +45,7 @@ impl Outbound {
             outcome: pooled,
             downgrade,
         };
-        let found = decide(attempt.rule, found, attempt.published);
+        let found = decide(attempt.rule, found, attempt.published, attempt.demand);
         let conn = Connected {
             tls: pooled,
             authentication: Authentication::Pkix,

@@ -11,6 +11,10 @@
 //! - `verify: require`: never the legacy stack, never a certificate that did not verify.
 //!   (Its `fallback_on` may name certificate classes: plain instead, the admin's choice.)
 //!
+//! - the sender's REQUIRETLS: never plain, never the legacy stack, never a certificate
+//!   that did not verify, whatever the rule; refused where neither a DNSSEC-secure MX
+//!   answer nor the domain's policy vouches for the server's name.
+//!
 //! A rule that overrides a published policy (named domains, logged) is the rule's word,
 //! but still never the legacy stack. And a failure an attacker on the path can cause,
 //! cached for a host that did TLS recently (a certificate failure: verified TLS), is never
@@ -149,7 +153,19 @@ const PUBLISHED: [Published; 7] = [
     Published::Dane(DaneState::Bogus),
 ];
 
-/// Checks the promises for one rule against every state of knowledge and every policy.
+/// Every demand a message can make.
+const DEMANDS: [Demand; 3] = [
+    Demand::Nothing,
+    Demand::RequireTls {
+        name_authentic: true,
+    },
+    Demand::RequireTls {
+        name_authentic: false,
+    },
+];
+
+/// Checks the promises for one rule against every state of knowledge, every policy and
+/// every demand of the message.
 fn holds_for(rule: &Rule, entries: &[CacheEntry], outcomes: &[TlsOutcome]) -> Result<(), String> {
     let mut knowns = vec![(Known::Nothing, false)];
     for entry in entries {
@@ -169,22 +185,38 @@ fn holds_for(rule: &Rule, entries: &[CacheEntry], outcomes: &[TlsOutcome]) -> Re
             knowns.push((Known::Found { outcome, downgrade }, unverified));
         }
     }
-    for published in PUBLISHED {
-        let over = overridden(rule, published);
-        let strict = !over
-            && matches!(
+    for (published, demand) in PUBLISHED.into_iter().flat_map(|p| DEMANDS.map(|d| (p, d))) {
+        let requiretls = demand != Demand::Nothing;
+        // The sender's REQUIRETLS is not the domain's to give up, nor a rule's.
+        let over = !requiretls && overridden(rule, published);
+        let strict = requiretls
+            || !over
+                && matches!(
+                    published,
+                    Published::MtaSts {
+                        mode: StsMode::Enforce,
+                        ..
+                    } | Published::Dane(DaneState::Usable | DaneState::Bogus)
+                );
+        // REQUIRETLS to a name nothing vouches for: refused.
+        let unvouched = demand
+            == (Demand::RequireTls {
+                name_authentic: false,
+            })
+            && !matches!(
                 published,
                 Published::MtaSts {
                     mode: StsMode::Enforce,
                     ..
-                } | Published::Dane(DaneState::Usable | DaneState::Bogus)
+                } | Published::Dane(_)
             );
         let unusable = !over && published == Published::Dane(DaneState::Unusable);
         let require_tls = rule.policy.tls == TlsMode::Require;
         let require_verify = rule.policy.verify == VerifyMode::Require;
         for (known, unverified) in &knowns {
-            let decision = decide(rule, *known, published);
-            let says = || format!("rule {rule:?}, {known:?}, {published:?}: {decision}");
+            let decision = decide(rule, *known, published, demand);
+            let says =
+                || format!("rule {rule:?}, {known:?}, {published:?}, {demand:?}: {decision}");
             let plain = matches!(decision, HostDecision::Plain { .. });
             let legacy = decision == HostDecision::LegacyTls;
             if (strict || unusable || require_tls) && plain {
@@ -213,10 +245,16 @@ fn holds_for(rule: &Rule, entries: &[CacheEntry], outcomes: &[TlsOutcome]) -> Re
             {
                 return Err(format!("a failed TLSA answer not deferred: {}", says()));
             }
+            if unvouched && !matches!(decision, HostDecision::Refuse(_)) {
+                return Err(format!(
+                    "REQUIRETLS to a server whose name nothing vouches for: {}",
+                    says()
+                ));
+            }
             if let Known::Cached { entry, memory } = known
                 && attacker_could(entry.class, *memory)
                 && !entry.pinned
-                && decision != decide(rule, Known::Nothing, published)
+                && decision != decide(rule, Known::Nothing, published, demand)
             {
                 return Err(format!(
                     "a cached failure believed over recent TLS: {}",

@@ -6,6 +6,11 @@ use crate::cache::{ManualClock, Observation, OutcomeCache};
 use crate::outcome::{CertProblem, TlsSession};
 use crate::rules::RuleSet;
 
+/// The decision for a message that demands nothing of its own.
+fn decide(rule: &Rule, known: Known<'_>, published: Published) -> HostDecision {
+    super::decide(rule, known, published, Demand::Nothing)
+}
+
 fn rule(yaml: &str) -> Rule {
     let rules = RuleSet::parse(yaml, Path::new("r.yaml")).expect("rules");
     rules.rules()[0].clone()
@@ -670,4 +675,120 @@ fn the_legacy_stack_is_chosen_only_for_legacy_servers_and_where_nothing_forbids_
         ),
         HostDecision::Refuse(_)
     ));
+}
+
+/// REQUIRETLS to a server whose name is vouched for, and to one whose name is not.
+const REQUIRETLS: Demand = Demand::RequireTls {
+    name_authentic: true,
+};
+const REQUIRETLS_UNVOUCHED: Demand = Demand::RequireTls {
+    name_authentic: false,
+};
+
+fn refusal(decision: HostDecision) -> Refusal {
+    match decision {
+        HostDecision::Refuse(refusal) => refusal,
+        other => panic!("not a refusal: {other}"),
+    }
+}
+
+#[test]
+fn requiretls_asks_verified_tls_of_the_most_lenient_rule_and_never_falls_back() {
+    let lenient = rule(
+        "rules:\n  - name: r\n    tls: never\n    fallback: { relay: \"relay.example:25\" }\n",
+    );
+    let first = super::decide(&lenient, Known::Nothing, Published::Nothing, REQUIRETLS);
+    assert!(
+        matches!(first, HostDecision::Tls(terms) if terms.verify == VerifyMode::Require),
+        "{first}"
+    );
+    for found in [
+        TlsOutcome::Plain(NoTls::NoStarttls),
+        TlsOutcome::Plain(NoTls::HandshakeFailed("HandshakeFailure".into())),
+        expired_session(),
+    ] {
+        let found = Known::Found {
+            outcome: &found,
+            downgrade: false,
+        };
+        let refused = refusal(super::decide(
+            &lenient,
+            found,
+            Published::Nothing,
+            REQUIRETLS,
+        ));
+        assert_eq!(refused.under, Some(Binding::RequireTls), "{refused}");
+    }
+    // A server known for the legacy stack gets no legacy TLS, nor a cached plain path.
+    for class in [OutcomeClass::TlsLegacy, OutcomeClass::NoStarttls] {
+        let pinned = entry(class, true);
+        let cached = Known::cached(&pinned, TlsMemory::Nothing);
+        let decision = super::decide(&lenient, cached, Published::Nothing, REQUIRETLS);
+        assert!(
+            matches!(decision, HostDecision::Refuse(_)),
+            "{class}: {decision}"
+        );
+    }
+}
+
+#[test]
+fn requiretls_refuses_a_server_whose_name_nothing_vouches_for() {
+    let rule = rule("rules:\n  - name: r\n");
+    let testing = Published::MtaSts {
+        mode: StsMode::Testing,
+        mx_listed: true,
+    };
+    for published in [Published::Nothing, testing] {
+        let refused = refusal(super::decide(
+            &rule,
+            Known::Nothing,
+            published,
+            REQUIRETLS_UNVOUCHED,
+        ));
+        assert_eq!(
+            (refused.under, refused.reason),
+            (Some(Binding::RequireTls), RefusalReason::NameNotAuthentic)
+        );
+    }
+    // An enforced MTA-STS policy vouches for the hosts it names, and only for those.
+    let named = super::decide(&rule, Known::Nothing, ENFORCE, REQUIRETLS_UNVOUCHED);
+    assert!(
+        matches!(named, HostDecision::Tls(terms) if terms.verify == VerifyMode::Require),
+        "{named}"
+    );
+    let unnamed = Published::MtaSts {
+        mode: StsMode::Enforce,
+        mx_listed: false,
+    };
+    let refused = refusal(super::decide(
+        &rule,
+        Known::Nothing,
+        unnamed,
+        REQUIRETLS_UNVOUCHED,
+    ));
+    assert_eq!(refused.reason, RefusalReason::NotInPolicy);
+}
+
+#[test]
+fn requiretls_is_not_given_up_by_a_rule_that_overrides_the_domain() {
+    let yaml = "rules:\n  - name: r\n    match: { domains: [partner.example] }\n    tls: never\n    override_published_policy: true\n";
+    let rule = rule(yaml);
+    let usable = Published::Dane(DaneState::Usable);
+    let decision = super::decide(&rule, Known::Nothing, usable, REQUIRETLS);
+    assert!(
+        matches!(decision, HostDecision::Tls(terms) if terms.authentication == Authentication::Tlsa),
+        "{decision}"
+    );
+    // With no usable TLSA record the certificate must verify (RFC 8689 4.2.1).
+    let unusable = Published::Dane(DaneState::Unusable);
+    let decision = super::decide(&rule, Known::Nothing, unusable, REQUIRETLS);
+    assert!(
+        matches!(decision, HostDecision::Tls(terms) if terms.verify == VerifyMode::Require),
+        "{decision}"
+    );
+    let decision = super::decide(&rule, Known::Nothing, ENFORCE, REQUIRETLS);
+    assert!(
+        matches!(decision, HostDecision::Tls(terms) if terms.verify == VerifyMode::Require),
+        "{decision}"
+    );
 }
