@@ -12,7 +12,8 @@ fi
 # CI passes DEB_PROFILE=dev to package the binary the tests already built: what is checked
 # here is the package, not the optimiser. A release package is plain `cargo deb`.
 cargo deb --locked --profile "${DEB_PROFILE:-release}"
-deb="$(ls -t target/debian/tlsrouter_*.deb | head -n 1)"
+# cargo-deb writes under the target directory, which CI may keep outside the clone.
+deb="$(ls -t "${CARGO_TARGET_DIR:-target}"/debian/tlsrouter_*.deb | head -n 1)"
 dpkg -i "$deb"
 
 getent passwd tlsrouter >/dev/null || { echo "no tlsrouter user after install" >&2; exit 1; }

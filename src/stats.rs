@@ -36,6 +36,8 @@ pub struct Stats {
     /// good because no server could keep it.
     pub requiretls_delivered: Counter,
     pub requiretls_refused: Counter,
+    /// Messages delivered with their domain's policy set aside by `TLS-Required: No`.
+    pub policy_waived_by_sender: Counter,
     transaction_seconds: Histogram,
     handshake_seconds: Histogram,
     /// Transactions that went on a pooled connection.
@@ -82,6 +84,7 @@ impl Default for Stats {
             sts_enforced_deferrals: Counter::default(),
             requiretls_delivered: Counter::default(),
             requiretls_refused: Counter::default(),
+            policy_waived_by_sender: Counter::default(),
             transaction_seconds: Histogram::new(exponential_buckets(0.05, 2.0, 12)),
             handshake_seconds: Histogram::new(exponential_buckets(0.005, 2.0, 12)),
             pool_reuses: Counter::default(),
@@ -130,6 +133,8 @@ pub struct Snapshot {
     pub requiretls_delivered: u64,
     #[serde(default)]
     pub requiretls_refused: u64,
+    #[serde(default)]
+    pub policy_waived_by_sender: u64,
     #[serde(default)]
     pub pool_reuses: u64,
     #[serde(default)]
@@ -227,6 +232,11 @@ impl Stats {
             "requiretls_refused",
             "messages with REQUIRETLS refused because no server could keep it",
             self.requiretls_refused.clone(),
+        );
+        r.register(
+            "policy_waived_by_sender",
+            "messages delivered with their domain's MTA-STS or DANE policy set aside by TLS-Required: No",
+            self.policy_waived_by_sender.clone(),
         );
         r.register(
             "transaction_seconds",
@@ -364,6 +374,7 @@ impl Stats {
             sts_enforced_deferrals: self.sts_enforced_deferrals.get(),
             requiretls_delivered: self.requiretls_delivered.get(),
             requiretls_refused: self.requiretls_refused.get(),
+            policy_waived_by_sender: self.policy_waived_by_sender.get(),
             pool_reuses: self.pool_reuses.get(),
             pool_dead: self.pool_dead.get(),
             pool_idle: self.pool_idle.get(),

@@ -271,6 +271,7 @@ fn stats_lines(result: &Value) -> String {
         "sts_enforced_deferrals",
         "requiretls_delivered",
         "requiretls_refused",
+        "policy_waived_by_sender",
         "pool_reuses",
         "pool_dead",
         "pool_idle",

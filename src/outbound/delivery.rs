@@ -196,7 +196,7 @@ impl Outbound {
                     published: Some(Published::Dane(DaneState::Bogus)),
                     ..Dane::default()
                 }
-            } else if mx_secure && addr_dnssec == Dnssec::Secure {
+            } else if mx_secure && addr_dnssec == Dnssec::Secure && !envelope.policy_waived {
                 self.dane(&host, port).await
             } else {
                 Dane::default()
@@ -299,6 +299,7 @@ impl Outbound {
                             rule: rule.name.clone(),
                             cached_classes: classes,
                             published,
+                            policy_waived: envelope.policy_waived,
                             earlier_failures: Arc::new(failures),
                             reused: false,
                         };

@@ -45,6 +45,21 @@ pub struct DeliveryConfig {
     /// The local address connections to remote servers come from; none: the system's
     /// choice.
     pub source_address: Option<std::net::IpAddr>,
+    /// Whether a message's `TLS-Required: No` header sets aside what the recipient domain
+    /// publishes (RFC 8689 5).
+    pub tls_required_no: TlsRequiredNo,
+}
+
+/// What a message's `TLS-Required: No` header does.
+#[derive(Clone, Copy, Debug, Default, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum TlsRequiredNo {
+    /// As RFC 8689 says: MTA-STS and DANE refuse no server for it; the rules decide, and a
+    /// rule's `tls: require` still binds.
+    #[default]
+    Honour,
+    /// The header changes nothing.
+    Ignore,
 }
 
 impl Default for DeliveryConfig {
@@ -55,6 +70,7 @@ impl Default for DeliveryConfig {
             socket_mark: None,
             pool: PoolConfig::default(),
             source_address: None,
+            tls_required_no: TlsRequiredNo::Honour,
         }
     }
 }

@@ -10,12 +10,15 @@ use crate::net::dns::{RouteError, ServerId};
 use crate::outbound::Outbound;
 use crate::outbound::attempt::{Envelope, Greeted};
 use crate::outbound::delivery::OpenError;
+use crate::outbound::failure::Failed;
 use crate::outbound::hop::NextHop;
 use crate::outbound::upstream::{RemoteFacts, Upstream};
 use crate::outcome::{TlsOutcome, Verification};
 use crate::policy::mta_sts::PolicyLookup;
 use crate::router::Plan;
-use crate::router::decision::{Connected, HostDecision, Known, Refusal, Skip, decide, overridden};
+use crate::router::decision::{
+    Binding, Connected, HostDecision, Known, Refusal, Skip, decide, overridden,
+};
 use crate::smtp::Reply;
 
 /// Where the MTA's session was going when it was redirected to us (transparent mode): every
@@ -84,6 +87,27 @@ impl NoRoute {
                 ),
             ),
         }
+    }
+
+    /// Whether what the recipient domain publishes (MTA-STS, DANE) is all that refused
+    /// every server: what a message's `TLS-Required: No` sets aside (RFC 8689 5).
+    pub fn refused_by_domain_policy(&self) -> bool {
+        let NoRoute::Open(OpenError::TlsNotAchieved { failures, .. }) = self else {
+            return false;
+        };
+        let mut refusals = failures.iter().filter_map(|failed| match failed {
+            Failed::Refused { refusal, .. } => Some(refusal),
+            _ => None,
+        });
+        let mut any = false;
+        let all = refusals.all(|refusal| {
+            any = true;
+            matches!(
+                refusal.under,
+                Some(Binding::MtaStsEnforce | Binding::Dane | Binding::DaneUnusable)
+            )
+        });
+        any && all
     }
 
     /// The line in the log when a recipient is not delivered for want of TLS, DNS or a
@@ -157,7 +181,10 @@ impl Outbound {
         let domain = envelope.first.0.routing_domain().to_string();
         let destination = redirect.as_ref().map(|r| r.destination);
         let hop = self.hop(&plan, &domain, destination).await?;
-        let policy = self.policy_for(&hop, &domain).await;
+        let policy = match envelope.policy_waived {
+            true => PolicyLookup::NotPublished,
+            false => self.policy_for(&hop, &domain).await,
+        };
         // The remote connected at accept serves the first transaction to it.
         let greeted = match (&hop, redirect) {
             (NextHop::OriginalDestination { .. }, Some(redirect)) => redirect.greeted.take(),

@@ -42,6 +42,8 @@ pub struct RemoteFacts {
     /// What the domain of the recipient that opened the route publishes, as it bore on
     /// this server.
     pub published: Published,
+    /// The sender's `TLS-Required: No` set aside what the domain publishes.
+    pub policy_waived: bool,
     /// Attempts that failed before this one.
     pub earlier_failures: std::sync::Arc<Vec<crate::outbound::failure::Failed>>,
     /// The transaction went on a connection an earlier one had used.

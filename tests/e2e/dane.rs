@@ -288,7 +288,7 @@ mod daemon {
     use crate::support::events::{assert_fields, assert_no_fields, field};
     use crate::support::lab::Lab;
     use crate::support::logs::Logs;
-    use crate::support::mta::{BODY, send_body};
+    use crate::support::mta::{BODY, send_body, verdict};
     use crate::support::pki::{CertKey, TestCa, Validity, self_signed};
     use crate::support::smtp_client::Reply;
     use crate::support::smtp_server::{ServerBehaviour, SmtpServer, StartTls};
@@ -399,9 +399,9 @@ mod daemon {
         )
         .await;
 
-        let (_, rcpts, _) = send_body(d.lab.smtp, &[RCPT], BODY).await;
+        let (_, rcpts, reply) = send_body(d.lab.smtp, &[RCPT], BODY).await;
 
-        assert_deferred(&rcpts[0], "4.7.5", "DANE: dane-mismatch: ");
+        assert_deferred(verdict(&rcpts[0], &reply), "4.7.5", "DANE: dane-mismatch: ");
         assert!(d.server.messages().is_empty(), "nothing delivered");
         let cached = (d.lab.proxy.outbound.cache)
             .get(MX, LOCALHOST)
@@ -448,9 +448,9 @@ mod daemon {
         )
         .await;
 
-        let (_, rcpts, _) = send_body(d.lab.smtp, &[RCPT], BODY).await;
+        let (_, rcpts, reply) = send_body(d.lab.smtp, &[RCPT], BODY).await;
 
-        assert_deferred(&rcpts[0], "4.7.5", "DANE-TA");
+        assert_deferred(verdict(&rcpts[0], &reply), "4.7.5", "DANE-TA");
         assert!(d.server.messages().is_empty());
     }
 
@@ -465,9 +465,9 @@ mod daemon {
         )
         .await;
 
-        let (_, rcpts, _) = send_body(d.lab.smtp, &[RCPT], BODY).await;
+        let (_, rcpts, reply) = send_body(d.lab.smtp, &[RCPT], BODY).await;
 
-        assert_deferred(&rcpts[0], "4.7.5", "no usable TLSA record");
+        assert_deferred(verdict(&rcpts[0], &reply), "4.7.5", "no usable TLSA record");
         assert!(d.server.messages().is_empty(), "never sent in plain");
 
         let answer = d
@@ -504,9 +504,9 @@ mod daemon {
         )
         .await;
 
-        let (_, rcpts, _) = send_body(d.lab.smtp, &["b@bogus.test"], BODY).await;
+        let (_, rcpts, reply) = send_body(d.lab.smtp, &["b@bogus.test"], BODY).await;
 
-        assert_deferred(&rcpts[0], "4.4.3", "DNSSEC");
+        assert_deferred(verdict(&rcpts[0], &reply), "4.4.3", "DNSSEC");
         assert!(d.server.messages().is_empty());
     }
 
@@ -570,9 +570,9 @@ mod daemon {
         )
         .await;
 
-        let (_, rcpts, _) = send_body(d.lab.smtp, &[RCPT], BODY).await;
+        let (_, rcpts, reply) = send_body(d.lab.smtp, &[RCPT], BODY).await;
 
-        assert_deferred(&rcpts[0], "4.7.5", "DANE");
+        assert_deferred(verdict(&rcpts[0], &reply), "4.7.5", "DANE");
         assert!(d.server.messages().is_empty());
     }
 
@@ -733,9 +733,9 @@ mod daemon {
         )
         .await;
 
-        let (_, rcpts, _) = send_body(d.lab.smtp, &[RCPT], BODY).await;
+        let (_, rcpts, reply) = send_body(d.lab.smtp, &[RCPT], BODY).await;
 
-        assert_deferred(&rcpts[0], "4.7.5", "dnssec-bogus");
+        assert_deferred(verdict(&rcpts[0], &reply), "4.7.5", "dnssec-bogus");
         assert!(d.server.messages().is_empty(), "never sent in plain");
         let warned = logs.events_with(&[("event", "dane.unknown"), ("level", "WARN")]);
         assert!(!warned.is_empty(), "{}", logs.text());
@@ -757,10 +757,10 @@ mod daemon {
         )
         .await;
 
-        let (_, rcpts, _) = send_body(d.lab.smtp, &[RCPT], BODY).await;
+        let (_, rcpts, reply) = send_body(d.lab.smtp, &[RCPT], BODY).await;
 
         assert_deferred(
-            &rcpts[0],
+            verdict(&rcpts[0], &reply),
             "4.7.5",
             "DANE: dnssec-bogus: the TLSA answer is bogus or could not be had",
         );

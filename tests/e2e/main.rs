@@ -32,4 +32,5 @@ mod requiretls;
 mod rules;
 mod systemd;
 mod tls_outcomes;
+mod tls_required_no;
 mod transparent;

@@ -14,6 +14,7 @@ use base64::Engine;
 use crate::support::dns::{DnsServer, TestZone};
 use crate::support::events::assert_fields;
 use crate::support::https::{Answer, HttpsServer, POLICY_HOST, Seen, txt};
+use crate::support::mta::verdict;
 use crate::support::pki::{CertKey, TestCa, Validity, self_signed};
 use crate::support::smtp_server::{ServerBehaviour, SmtpServer};
 use tlsrouter::cache::{Clock, ManualClock};
@@ -746,6 +747,8 @@ async fn the_report_is_mailed_as_multipart_report_to_a_mailto_rua() {
     for header in [
         "TLS-Report-Domain: example.test\r\n",
         "TLS-Report-Submitter: relay.test\r\n",
+        // A report about a broken TLS set-up must still get there (RFC 8689).
+        "TLS-Required: No\r\n",
         "Subject: Report Domain: example.test Submitter: relay.test Report-ID: <",
         "Content-Type: multipart/report; report-type=\"tlsrpt\";",
         "Content-Type: application/tlsrpt+gzip\r\n",
@@ -910,19 +913,21 @@ fn only_mx1(behaviour: ServerBehaviour) -> Vec<(&'static str, Ipv4Addr, ServerBe
     vec![("mx1.example.test", Ipv4Addr::LOCALHOST, behaviour)]
 }
 
-/// One message to b@example.test: the replies to RCPT and to the message.
+/// One message to b@example.test: what the MTA was told in the end for the recipient (at
+/// RCPT, or after the text when RCPT took it or held it), and the reply to the message.
 async fn send_one(smtp: SocketAddr) -> (u16, String, Option<u16>) {
     let (mut client, _) = crate::support::smtp_client::SmtpClient::connect(smtp).await;
     client.cmd("EHLO mta.test").await;
     client.cmd("MAIL FROM:<a@sender.test>").await;
     let rcpt = client.cmd("RCPT TO:<b@example.test>").await;
     let data = if rcpt.code == 250 {
-        Some(client.data(b"Subject: sts\r\n\r\nhello\r\n").await.code)
+        Some(client.data(b"Subject: sts\r\n\r\nhello\r\n").await)
     } else {
         None
     };
     client.cmd("QUIT").await;
-    (rcpt.code, rcpt.text().to_string(), data)
+    let told = data.as_ref().map_or(&rcpt, |data| verdict(&rcpt, data));
+    (told.code, told.text().to_string(), data.map(|d| d.code))
 }
 
 fn assert_deferred_by_the_policy(sent: &(u16, String, Option<u16>), says: &str) {

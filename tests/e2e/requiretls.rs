@@ -10,20 +10,18 @@
 //! MTA-STS policy), a real SMTP server with STARTTLS and certificates made here.
 
 use std::net::{IpAddr, Ipv4Addr};
-use std::sync::Arc;
 
-use rustls::ClientConfig;
 use serde_json::json;
 use tokio::net::TcpStream;
 use tokio_rustls::client::TlsStream;
 
-use crate::support::daemon::replace_file;
 use crate::support::dns::TestZone;
 use crate::support::dnssec::{SignedDns, SignedTree, Zone};
 use crate::support::events::{assert_fields, field};
 use crate::support::https::{Answer, HttpsServer, txt};
-use crate::support::lab::{Lab, LabBuilder};
+use crate::support::lab::Lab;
 use crate::support::logs::Logs;
+use crate::support::mta::{self, with_inbound_tls};
 use crate::support::pki::{CertKey, TestCa, Validity, self_signed};
 use crate::support::smtp_client::{Reply, SmtpClient};
 use crate::support::smtp_server::{ServerBehaviour, SmtpServer, StartTls};
@@ -50,42 +48,15 @@ fn remote(cert: CertKey, offers_requiretls: bool) -> ServerBehaviour {
     }
 }
 
-/// The proxy offers STARTTLS to the MTA with a certificate for relay.test from `ca`.
-fn with_inbound_tls(lab: LabBuilder, ca: &TestCa) -> LabBuilder {
-    let cert = ca.leaf(&["relay.test"], Validity::Current);
-    let dir = lab.dir().to_path_buf();
-    replace_file(&dir.join("relay.crt"), &cert.cert_pem);
-    replace_file(&dir.join("relay.key"), &cert.key_pem);
-    lab.set_path("inbound.tls.certificate", &dir.join("relay.crt"))
-        .set_path("inbound.tls.key", &dir.join("relay.key"))
-}
-
-fn tls_client(ca: &TestCa) -> Arc<ClientConfig> {
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let config = ClientConfig::builder_with_provider(provider)
-        .with_safe_default_protocol_versions()
-        .expect("protocol versions")
-        .with_root_certificates(ca.roots())
-        .with_no_client_auth();
-    Arc::new(config)
-}
-
 fn offers_requiretls(ehlo: &Reply) -> bool {
     ehlo.lines
         .iter()
         .any(|l| l.eq_ignore_ascii_case("REQUIRETLS"))
 }
 
-/// An MTA session with the proxy, in TLS, after its second EHLO.
+/// An MTA session with the proxy in TLS, REQUIRETLS offered.
 async fn mta_in_tls(lab: &Lab, ca: &TestCa) -> SmtpClient<TlsStream<TcpStream>> {
-    let (mut client, greeting) = SmtpClient::connect(lab.smtp).await;
-    assert_eq!(greeting.code, 220);
-    assert_eq!(client.cmd("EHLO mta.sender.test").await.code, 250);
-    let mut client = client
-        .starttls(tls_client(ca), "relay.test")
-        .await
-        .expect("TLS with the proxy");
-    let ehlo = client.cmd("EHLO mta.sender.test").await;
+    let (client, ehlo) = mta::mta_in_tls(lab, ca).await;
     assert!(
         offers_requiretls(&ehlo),
         "REQUIRETLS offered in TLS: {ehlo:?}"

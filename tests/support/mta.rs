@@ -2,7 +2,14 @@
 //! the MTA was told, and the assertions on it that many topics share.
 
 use std::net::SocketAddr;
+use std::sync::Arc;
 
+use tokio::net::TcpStream;
+use tokio_rustls::client::TlsStream;
+
+use super::daemon::replace_file;
+use super::lab::{Lab, LabBuilder};
+use super::pki::{TestCa, Validity};
 use super::smtp_client::{Reply, SmtpClient};
 
 /// Dot-stuffed and CRLF-terminated, as an MTA sends it; the servers must see exactly this.
@@ -14,6 +21,16 @@ pub struct Sent {
     pub mail: Reply,
     pub rcpts: Vec<Reply>,
     pub data: Reply,
+}
+
+/// What the MTA was told in the end for a recipient: its RCPT reply when that was not a
+/// 250, else the reply to the message (a recipient taken at RCPT, or one held for the
+/// message's `TLS-Required` header, gets its verdict there).
+pub fn verdict<'a>(rcpt: &'a Reply, message: &'a Reply) -> &'a Reply {
+    match rcpt.code {
+        250 => message,
+        _ => rcpt,
+    }
 }
 
 /// One message of [`BODY`] from `a@sender.test`.
@@ -100,4 +117,36 @@ pub fn assert_delivered(sent: &Sent) {
 pub fn assert_deferred_for_tls(sent: &Sent, says: &[&str]) {
     assert_reply(&sent.rcpts[0], 451, "4.7.5", says);
     assert_ne!(sent.data.code, 250, "{:?}", sent.data);
+}
+
+/// The proxy offers STARTTLS to the MTA (`inbound.tls`) with a certificate for relay.test
+/// from `ca`.
+pub fn with_inbound_tls(lab: LabBuilder, ca: &TestCa) -> LabBuilder {
+    let cert = ca.leaf(&["relay.test"], Validity::Current);
+    let dir = lab.dir().to_path_buf();
+    replace_file(&dir.join("relay.crt"), &cert.cert_pem);
+    replace_file(&dir.join("relay.key"), &cert.key_pem);
+    lab.set_path("inbound.tls.certificate", &dir.join("relay.crt"))
+        .set_path("inbound.tls.key", &dir.join("relay.key"))
+}
+
+/// An MTA session with the proxy in TLS (a rustls client trusting `ca`), and the reply to
+/// its EHLO after the handshake.
+pub async fn mta_in_tls(lab: &Lab, ca: &TestCa) -> (SmtpClient<TlsStream<TcpStream>>, Reply) {
+    let (mut client, greeting) = SmtpClient::connect(lab.smtp).await;
+    assert_eq!(greeting.code, 220);
+    assert_eq!(client.cmd("EHLO mta.sender.test").await.code, 250);
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let config = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .expect("protocol versions")
+        .with_root_certificates(ca.roots())
+        .with_no_client_auth();
+    let mut client = client
+        .starttls(Arc::new(config), "relay.test")
+        .await
+        .expect("TLS with the proxy");
+    let ehlo = client.cmd("EHLO mta.sender.test").await;
+    assert_eq!(ehlo.code, 250, "{ehlo:?}");
+    (client, ehlo)
 }

@@ -12,10 +12,10 @@ use crate::smtp::Reply;
 use crate::smtp::data::{BodyError, BodyFilter};
 
 /// Body bytes gathered before they are written to the remote.
-const BODY_BLOCK: usize = 64 * 1024;
+pub(super) const BODY_BLOCK: usize = 64 * 1024;
 
 /// How the body transfer ended.
-enum BodyEnd {
+pub(super) enum BodyEnd {
     /// The whole text was read; its last bytes, not yet sent, go with the final dot.
     Complete(Vec<u8>),
     Refused(BodyError),
@@ -26,7 +26,7 @@ enum BodyEnd {
 
 /// Why the MTA's message text did not come to its end.
 #[derive(Debug, thiserror::Error)]
-enum ClientGone {
+pub(super) enum ClientGone {
     #[error("timed out waiting for the message text")]
     TimedOut,
     #[error("{0}")]
@@ -49,6 +49,11 @@ impl Session {
         };
         if self.client_sent_early() {
             return self.pipelining_violation(&mut tx).await;
+        }
+        if let Remote::Held(_) = tx.remote
+            && let Remote::Held(held) = std::mem::replace(&mut tx.remote, Remote::None)
+        {
+            return self.data_held(tx, held).await;
         }
         let route = match &mut tx.remote {
             Remote::Open(route) if !tx.accepted.is_empty() => route,
@@ -78,12 +83,23 @@ impl Session {
             return self.pipelining_violation(&mut tx).await;
         }
         if self.reply(&start).await.is_err() {
-            let reply = Reply::new(451, "4.4.2", "client gone");
-            self.finish(&mut tx, Some(&reply), End::ClientGone).await;
-            return Next::Close;
+            return self.client_gone(&mut tx, None).await;
         }
-        let ended = self.relay_body(&mut route.upstream).await;
+        let filter = self.body_filter();
+        let ended = self
+            .relay_body(Some(&mut route.upstream), filter, Vec::new())
+            .await;
+        self.deliver(tx, ended).await
+    }
+
+    /// The text was relayed to the transaction's remote as far as it went: the remote's
+    /// verdict on a complete text, or why there is none.
+    pub(super) async fn deliver(&mut self, mut tx: Box<Transaction>, ended: BodyEnd) -> Next {
         self.io.resize(COMMAND_BLOCK);
+        let Remote::Open(route) = &mut tx.remote else {
+            let reply = Reply::new(451, "4.4.2", "lost the remote during DATA");
+            return self.ended(&mut tx, &reply, End::MessageFailed).await;
+        };
         if !matches!(ended, BodyEnd::Complete(_)) {
             route.upstream.abandon();
         }
@@ -94,15 +110,32 @@ impl Session {
                 Reply::new(451, "4.4.2", format!("lost the remote during DATA: {why}")),
                 End::MessageFailed,
             ),
-            BodyEnd::ClientGone(why) => {
-                // The final dot is never sent, so the remote discards the message.
-                let reply = Reply::new(451, "4.4.2", format!("client gone during DATA: {why}"));
-                self.finish(&mut tx, Some(&reply), End::ClientGone).await;
-                return Next::Close;
-            }
+            // The final dot is never sent, so the remote discards the message.
+            BodyEnd::ClientGone(why) => return self.client_gone(&mut tx, Some(why)).await,
         };
-        self.finish(&mut tx, Some(&reply), end).await;
-        self.reply_or_close(&reply).await
+        self.ended(&mut tx, &reply, end).await
+    }
+
+    /// The transaction ends with `reply` to the MTA.
+    pub(super) async fn ended(&mut self, tx: &mut Transaction, reply: &Reply, end: End) -> Next {
+        self.finish(tx, Some(reply), end).await;
+        self.reply_or_close(reply).await
+    }
+
+    /// The MTA left during the message text (`why`), or could not be answered: the
+    /// transaction ends, and so does the session.
+    pub(super) async fn client_gone(
+        &mut self,
+        tx: &mut Transaction,
+        why: Option<ClientGone>,
+    ) -> Next {
+        let text = match why {
+            Some(why) => format!("client gone during DATA: {why}"),
+            None => "client gone".to_string(),
+        };
+        let reply = Reply::new(451, "4.4.2", text);
+        self.finish(tx, Some(&reply), End::ClientGone).await;
+        Next::Close
     }
 
     /// RFC 2920: DATA ends a pipelined group; the client must wait for our 354.
@@ -118,16 +151,26 @@ impl Session {
         Next::Close
     }
 
-    /// Streams the body from the MTA to the remote in bounded blocks.
-    async fn relay_body(&mut self, upstream: &mut Upstream) -> BodyEnd {
+    /// What reads the MTA's message text: its limits and line endings.
+    pub(super) fn body_filter(&self) -> BodyFilter {
         let config = &self.proxy.config;
-        let client_idle = config.timeouts.client_idle;
-        let mut filter = BodyFilter::new(
+        BodyFilter::new(
             config.delivery.bare_line_endings,
             config.limits.text_line,
             config.limits.max_message_size,
-        );
-        let mut out = Vec::with_capacity(BODY_BLOCK + 1024);
+        )
+    }
+
+    /// Streams the rest of the body from the MTA to the remote in bounded blocks, after
+    /// `out` (text already read through `filter`); with no remote, reads it to its end.
+    pub(super) async fn relay_body(
+        &mut self,
+        mut upstream: Option<&mut Upstream>,
+        mut filter: BodyFilter,
+        mut out: Vec<u8>,
+    ) -> BodyEnd {
+        let client_idle = self.proxy.config.timeouts.client_idle;
+        out.reserve(BODY_BLOCK + 1024);
         let mut upstream_error = None;
         let mut full_reads = 0;
         loop {
@@ -154,7 +197,11 @@ impl Session {
             // write (one packet for the remote, one wake-up less on both sides).
             let complete = matches!(fed.end, Some(Ok(())));
             let flush = !complete && (out.len() >= BODY_BLOCK || fed.end.is_some());
-            if flush && !out.is_empty() && upstream_error.is_none() {
+            if flush
+                && !out.is_empty()
+                && upstream_error.is_none()
+                && let Some(upstream) = upstream.as_deref_mut()
+            {
                 upstream_error = upstream.body_block(&out).await.err();
             }
             if flush {

@@ -110,6 +110,8 @@ pub(super) fn log_transaction(
         fallback = fallback.map(display),
         rule = %facts.rule,
         policy = facts.published.name(),
+        // The sender's TLS-Required: No set the domain's policy aside (RFC 8689 5).
+        policy_overridden_by = facts.policy_waived.then_some("sender"),
         downgrade = facts.downgrade.then(|| facts.tls.class().map_or("", |c| c.name())),
         reused = facts.reused.then_some(display("yes")),
         // Plain because the cache said so: no handshake was tried this time.

@@ -8,6 +8,7 @@
 
 mod data;
 mod ehlo;
+mod held;
 mod log;
 mod transaction;
 
@@ -19,10 +20,12 @@ use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 
 use crate::inbound::reader::SessionReader;
+use crate::inbound::session::held::Held;
 use crate::inbound::session::log::log_transaction;
 use crate::inbound::session::transaction::{End, REFUSED_SHOWN, Remote, Transaction};
+use crate::outbound::TlsRequiredNo;
 use crate::outbound::attempt::{Envelope, Greeting};
-use crate::outbound::route::Redirect;
+use crate::outbound::route::{NoRoute, Redirect};
 use crate::outbound::upstream::Answer;
 use crate::outcome::TlsOutcome;
 use crate::proxy::Proxy;
@@ -334,9 +337,24 @@ impl Session {
         if let Some(reply) = tx.failed_domains.get(&domain) {
             return reply.clone();
         }
+        if let Remote::Held(held) = &tx.remote {
+            return Reply::new(
+                452,
+                "4.5.3",
+                format!(
+                    "{} waits for this message's TLS-Required header: send this recipient in another transaction",
+                    held.recipient
+                ),
+            );
+        }
         let sender_domain = (tx.sender.as_ref()).map(|s| s.routing_domain().to_string());
         let plan = Plan::new(tx.rules.clone(), &domain, sender_domain.as_deref());
-        if let Err(reply) = self.ensure_route(plan, (&recipient, params)).await {
+        if let Err(no_route) = self.ensure_route(plan.clone(), (&recipient, params)).await {
+            if let Some(reply) = self.hold(&no_route, &recipient, params, &plan) {
+                return reply;
+            }
+            no_route.log(self.client, &domain, &plan);
+            let reply = no_route.reply();
             if let Stage::Mail(tx) = &mut self.stage {
                 tx.failed_domains.insert(domain, reply.clone());
             }
@@ -365,39 +383,66 @@ impl Session {
         &mut self,
         plan: Plan,
         (recipient, params): (&Mailbox, &RcptParams),
-    ) -> Result<(), Reply> {
+    ) -> Result<(), NoRoute> {
         let proxy = self.proxy.clone();
         let Stage::Mail(tx) = &mut self.stage else {
-            return Err(Reply::new(503, "5.5.1", "MAIL first"));
+            return Ok(());
         };
         let domain = recipient.routing_domain();
-        let routed = match &tx.remote {
+        match &tx.remote {
             Remote::Open(route) => {
                 let destination = self.redirect.as_ref().map(|r| r.destination);
                 Box::pin(proxy.outbound.join_route(route, &plan, domain, destination)).await
             }
-            _ => {
+            Remote::Held(_) | Remote::Lost { .. } | Remote::None => {
                 let envelope = Envelope {
                     sender: tx.sender.as_ref(),
                     params: &tx.params,
                     first: (recipient, params),
+                    policy_waived: false,
                 };
                 let redirect = self.redirect.as_mut();
-                match Box::pin(proxy.outbound.open_route(plan.clone(), &envelope, redirect)).await {
-                    Ok(route) => {
-                        let remote = route.upstream.facts().to_string();
-                        self.registered.update(SessionState::Mail, Some(remote));
-                        tx.remote = Remote::Open(Box::new(route));
-                        Ok(())
-                    }
-                    Err(no_route) => Err(no_route),
-                }
+                let route = Box::pin(proxy.outbound.open_route(plan, &envelope, redirect)).await?;
+                let remote = route.upstream.facts().to_string();
+                self.registered.update(SessionState::Mail, Some(remote));
+                tx.remote = Remote::Open(Box::new(route));
+                Ok(())
             }
+        }
+    }
+
+    /// Holds the transaction's first recipient for the message's `TLS-Required: No` when
+    /// only its domain's published policy stands in the way (see `held`): its 250.
+    fn hold(
+        &mut self,
+        no_route: &NoRoute,
+        recipient: &Mailbox,
+        params: &RcptParams,
+        plan: &Plan,
+    ) -> Option<Reply> {
+        let honoured = self.proxy.config.delivery.tls_required_no == TlsRequiredNo::Honour;
+        let Stage::Mail(tx) = &mut self.stage else {
+            return None;
         };
-        routed.map_err(|no_route| {
-            no_route.log(self.client, domain, &plan);
-            no_route.reply()
-        })
+        let first = matches!(tx.remote, Remote::None) && tx.accepted.is_empty();
+        // The sender's REQUIRETLS sets the header aside (RFC 8689 5).
+        if !honoured || !first || tx.params.requiretls || !no_route.refused_by_domain_policy() {
+            return None;
+        }
+        let refusal = no_route.reply();
+        tracing::info!(event = "held", client = %self.client, domain = recipient.routing_domain(), refusal = %refusal, "recipient held for the message's TLS-Required header: {refusal}");
+        tx.accepted.push(recipient.clone());
+        tx.remote = Remote::Held(Box::new(Held {
+            recipient: recipient.clone(),
+            params: params.clone(),
+            plan: plan.clone(),
+            refusal,
+        }));
+        Some(Reply::new(
+            250,
+            "2.1.5",
+            "recipient held: its domain's policy refuses every server unless the message says TLS-Required: No",
+        ))
     }
 
     /// Ends whatever transaction is open, with a log line, and closes its remote connection.
@@ -435,6 +480,9 @@ impl Session {
         };
         if tx.params.requiretls {
             stats.requiretls_delivered.inc();
+        }
+        if facts.policy_waived {
+            stats.policy_waived_by_sender.inc();
         }
         match &facts.tls {
             TlsOutcome::Encrypted(_) | TlsOutcome::Legacy(_) => {

@@ -4,6 +4,7 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 
+use crate::inbound::session::held::Held;
 use crate::outbound::route::OpenRoute;
 use crate::outbound::upstream::RemoteFacts;
 use crate::rules::RuleSet;
@@ -35,6 +36,8 @@ pub(super) enum Remote {
     None,
     /// Set by the first recipient that reached a remote.
     Open(Box<OpenRoute>),
+    /// The first recipient waits for the message's `TLS-Required: No`.
+    Held(Box<Held>),
     /// The remote was lost, or ended the transaction: every later recipient and the DATA
     /// get `reply`. `facts` says where it had gone, for the log line.
     Lost {
@@ -46,7 +49,7 @@ pub(super) enum Remote {
 impl Remote {
     pub(super) fn facts(&self) -> Option<&RemoteFacts> {
         match self {
-            Remote::None => None,
+            Remote::None | Remote::Held(_) => None,
             Remote::Open(route) => Some(route.upstream.facts()),
             Remote::Lost { facts, .. } => Some(facts),
         }
@@ -66,6 +69,9 @@ pub(super) enum End {
     NoData,
     PipeliningViolation,
     ClientGone,
+    /// A held recipient's message did not waive its domain's policy (or no route could be
+    /// had when it did): the MTA got the refusal after the text.
+    NotWaived,
     /// The MTA ended it without a message: RSET, a new EHLO or HELO, or the session's end.
     Rset,
     Ehlo,
@@ -80,6 +86,7 @@ impl End {
             End::MessageFailed => "message failed",
             End::DataRefused => "remote refused DATA",
             End::NoData => "no data",
+            End::NotWaived => "held recipient not delivered",
             End::PipeliningViolation => "pipelining violation",
             End::ClientGone => "client gone",
             End::Rset => "RSET",

@@ -37,6 +37,10 @@ pub struct Envelope<'a> {
     pub sender: Option<&'a Mailbox>,
     pub params: &'a MailParams,
     pub first: (&'a Mailbox, &'a RcptParams),
+    /// The message says `TLS-Required: No` (RFC 8689 5) and the setting honours it: what
+    /// the recipient domain publishes (MTA-STS, DANE) refuses no server, and the rules
+    /// alone decide.
+    pub policy_waived: bool,
 }
 
 impl Envelope<'_> {

@@ -200,6 +200,7 @@ impl TlsReports {
              Message-ID: <{report_id}>\r\n\
              TLS-Report-Domain: {domain}\r\n\
              TLS-Report-Submitter: {submitter}\r\n\
+             TLS-Required: No\r\n\
              MIME-Version: 1.0\r\n\
              Content-Type: multipart/report; report-type=\"tlsrpt\";\r\n \
              boundary=\"{boundary}\"\r\n\
