@@ -121,7 +121,25 @@ pub fn render(request: &Request, result: &Value) -> String {
         }
         Request::PolicyFlush { .. } => format!("flushed {} policies\n", result["flushed"]),
         Request::Tlsrpt {} => tlsrpt_table(result),
+        Request::TlsrptSend { .. } => tlsrpt_sent_table(result),
     }
+}
+
+fn tlsrpt_sent_table(result: &Value) -> String {
+    let reports = result["reports"].as_array().into_iter().flatten();
+    let mut rows = vec![row(&["DOMAIN", "RUA", "RESULT"])];
+    for r in reports {
+        let outcome = match r["sent"].as_bool() {
+            Some(true) => "sent".to_string(),
+            _ => format!("not sent: {}", text(&r["error"])),
+        };
+        rows.push(vec![text(&r["domain"]), text(&r["rua"]), outcome]);
+    }
+    if rows.len() == 1 {
+        return "no report sent: nothing counted today for a domain that publishes a TLS-RPT record\n"
+            .to_string();
+    }
+    table(&rows)
 }
 
 fn policy_table(result: &Value, now: u64) -> String {

@@ -72,12 +72,17 @@ pub enum Request {
     },
     /// Today's TLS-RPT counts.
     Tlsrpt {},
+    /// Today's TLS-RPT reports so far, sent now: of one domain, or of all.
+    TlsrptSend {
+        #[serde(default)]
+        domain: Option<String>,
+    },
     /// The remote connections idle in the pool.
     Pool {},
 }
 
 /// The commands, for telling an unknown command from bad arguments.
-pub const COMMANDS: [&str; 17] = [
+pub const COMMANDS: [&str; 18] = [
     "cache-list",
     "cache-show",
     "cache-flush",
@@ -93,6 +98,7 @@ pub const COMMANDS: [&str; 17] = [
     "policy-refresh",
     "policy-flush",
     "tlsrpt",
+    "tlsrpt-send",
     "pool",
     // Listed last: every other name is an unknown command.
     "",

@@ -183,7 +183,8 @@ pub async fn handle(proxy: &Proxy, request: Request) -> Response {
         | Request::PolicyShow { .. }
         | Request::PolicyRefresh { .. }
         | Request::PolicyFlush { .. }
-        | Request::Tlsrpt {} => handle_policy(proxy, request).await,
+        | Request::Tlsrpt {}
+        | Request::TlsrptSend { .. } => handle_policy(proxy, request).await,
     }
 }
 
@@ -230,6 +231,21 @@ async fn handle_policy(proxy: &Proxy, request: Request) -> Response {
                 "day": today.date(),
                 "domains": proxy.tls_reports.counts(today),
             }))
+        }
+        Request::TlsrptSend { domain } => {
+            let deliveries = proxy.tls_reports.send_now(domain.as_deref()).await;
+            let reports: Vec<serde_json::Value> = (deliveries.iter())
+                .map(|d| {
+                    json!({
+                        "domain": d.domain,
+                        "rua": d.rua.to_string(),
+                        "file": d.file,
+                        "sent": d.result.is_ok(),
+                        "error": d.result.as_ref().err().map(ToString::to_string),
+                    })
+                })
+                .collect();
+            Response::ok(json!({ "reports": reports }))
         }
         _ => Response::error(ErrorKind::UnknownCommand, "not a policy command"),
     }

@@ -704,14 +704,14 @@ async fn the_report_is_posted_gzipped_to_an_https_rua_and_written_to_the_directo
     assert_eq!(posts[0].host, RUA_HOST);
     assert_eq!(posts[0].content_type, "application/tlsrpt+gzip");
     assert_eq!(gunzip(&posts[0].body), expected);
-    let file = std::fs::read(&delivery.file).expect("the report file");
+    let file = std::fs::read(delivery.file.as_ref().expect("written")).expect("the report file");
     assert_eq!(gunzip(&file), expected);
     let name = format!(
         "relay.test!{DOMAIN}!{}!{}.json.gz",
         day.start(),
         day.start() + 86_400
     );
-    assert_eq!(delivery.file, lab.dir.path().join(name));
+    assert_eq!(delivery.file, Some(lab.dir.path().join(name)));
     // other.test's mailto report could not go: no relay is configured, and it says so.
     let other = delivered_to(&deliveries, &Rua::Mailto("nobody@other.test".into()));
     assert!(
@@ -722,6 +722,119 @@ async fn the_report_is_posted_gzipped_to_an_https_rua_and_written_to_the_directo
     );
     // The day is done: its counts are gone.
     assert!(lab.reports.report(day, DOMAIN).is_none());
+}
+
+#[tokio::test]
+async fn a_report_sent_on_demand_covers_the_day_so_far_and_the_nights_report_the_rest() {
+    let url = format!("https://{RUA_HOST}/v1/tlsrpt");
+    let relay = SmtpServer::start(IpAddr::V4(Ipv4Addr::LOCALHOST), 0, ServerBehaviour::plain())
+        .await
+        .expect("a test SMTP server on 127.0.0.1");
+    let lab = report_lab(&url, true, Some(relay.addr())).await;
+    let day = today(&lab);
+    assert_eq!(lab.clock.now(), NOON, "2026-11-30T12:00:00Z");
+
+    let deliveries = lab.reports.send_now(Some(DOMAIN)).await;
+
+    let delivery = delivered_to(&deliveries, &Rua::Https(url.clone()));
+    assert!(delivery.result.is_ok(), "{delivery:?}");
+    assert_eq!(
+        deliveries.len(),
+        1,
+        "only the domain asked for: {deliveries:?}"
+    );
+    let server = lab.report_server.as_ref().expect("the report server");
+    let posted = |n: usize| {
+        let posts: Vec<Seen> = (server.seen().into_iter())
+            .filter(|s| s.method == "POST")
+            .collect();
+        gunzip(&posts[n].body)
+    };
+    let report = posted(0);
+    // Its true date-range: from midnight to the moment it was sent.
+    assert_eq!(
+        report["date-range"]["start-datetime"],
+        "2026-11-30T00:00:00Z"
+    );
+    assert_eq!(report["date-range"]["end-datetime"], "2026-11-30T12:00:00Z");
+    let policy = &report["policies"][0];
+    assert_eq!(policy["summary"]["total-successful-session-count"], 3);
+    // What was sent is not counted again; the other domain is untouched.
+    assert!(lab.reports.report(day, DOMAIN).is_none());
+    assert!(lab.reports.report(day, "other.test").is_some());
+
+    // Later that day one more session, then the night's report: from where this one ended.
+    lab.clock.advance(Duration::from_secs(60));
+    let verified = SessionResult::from_class(OutcomeClass::TlsVerified).expect("a session");
+    let facts = PolicyFacts::NoPolicyFound;
+    lab.reports
+        .record(DOMAIN, &facts, &verified, &SessionSite::default());
+    let nightly = lab.reports.send_reports(day).await;
+    assert!(delivered_to(&nightly, &Rua::Https(url)).result.is_ok());
+    let rest = posted(1);
+    assert_eq!(rest["date-range"]["start-datetime"], "2026-11-30T12:00:01Z");
+    assert_eq!(rest["date-range"]["end-datetime"], "2026-11-30T23:59:59Z");
+    assert_ne!(rest["report-id"], report["report-id"]);
+    assert_eq!(
+        rest["policies"][0]["summary"]["total-successful-session-count"],
+        1
+    );
+}
+
+#[tokio::test]
+async fn ctl_tlsrpt_send_mails_the_day_so_far_through_the_relay() {
+    let ca = TestCa::new();
+    let mx = SmtpServer::start(
+        IpAddr::V4(Ipv4Addr::LOCALHOST),
+        0,
+        ServerBehaviour::good_tls(&ca, "mx1.example.test"),
+    )
+    .await
+    .expect("the MX");
+    let relay = SmtpServer::start(IpAddr::V4(Ipv4Addr::LOCALHOST), 0, ServerBehaviour::plain())
+        .await
+        .expect("the mail relay reports go to");
+    let policy = HttpsServer::start(
+        ca.leaf(&[POLICY_HOST], Validity::Current),
+        Answer::policy(ENFORCE),
+    )
+    .await;
+    let zone = zone_with_id("20261207t").record(
+        &format!("_smtp._tls.{DOMAIN}"),
+        txt("v=TLSRPTv1; rua=mailto:tlsrpt@example.test"),
+    );
+    let lab = crate::support::lab::Lab::new()
+        .ca(&ca)
+        .admin()
+        .zone(zone)
+        .mx_port(mx.addr().port())
+        .set(
+            "mta_sts.connect_to",
+            serde_json::json!({ POLICY_HOST: policy.addr.to_string() }),
+        )
+        .set("tls_rpt.mail_relay", relay.addr().to_string())
+        .start()
+        .await;
+    let sent = crate::support::mta::send(lab.smtp, &["b@example.test"]).await;
+    assert_eq!(sent.data.code, 250, "{:?}", sent.data);
+
+    let result = lab.ctl_json(&["tlsrpt", "send"]).await;
+
+    let reports = result["reports"].as_array().expect("reports");
+    assert_eq!(reports.len(), 1, "{result}");
+    assert_eq!(reports[0]["domain"], DOMAIN);
+    assert_eq!(reports[0]["rua"], "mailto:tlsrpt@example.test");
+    assert_eq!(reports[0]["sent"], true, "{result}");
+    let mailed = relay.wait_for_messages(1).await;
+    assert_eq!(mailed[0].rcpt_to, ["tlsrpt@example.test"]);
+    let text = String::from_utf8_lossy(&mailed[0].data).to_string();
+    let report = gunzip(&attachment_of(&text));
+    let policy = &report["policies"][0];
+    assert_eq!(policy["policy"]["policy-type"], "sts");
+    assert_eq!(policy["summary"]["total-successful-session-count"], 1);
+    // Sent, so no longer counted for today.
+    let counts = lab.ctl_json(&["tlsrpt"]).await;
+    assert_eq!(counts["domains"], serde_json::json!([]), "{counts}");
 }
 
 #[tokio::test]

@@ -151,8 +151,21 @@ pub(crate) enum CtlCommand {
         #[command(subcommand)]
         command: PolicyCommand,
     },
-    /// Today's TLS-RPT counts, by domain.
-    Tlsrpt,
+    /// Today's TLS-RPT counts, by domain; `send`: today's reports so far, now.
+    Tlsrpt {
+        #[command(subcommand)]
+        command: Option<TlsrptCommand>,
+    },
+}
+
+#[derive(Subcommand)]
+pub(crate) enum TlsrptCommand {
+    /// Send today's reports so far now (from midnight UTC, or the last report sent this
+    /// way, until now), to see that reporting works before the first night.
+    Send {
+        /// Only this recipient domain's report.
+        domain: Option<String>,
+    },
 }
 
 #[derive(Subcommand)]

@@ -18,7 +18,7 @@ use tlsrouter::rules::RuleSet;
 
 use crate::cli::{
     Assumed, AssumedStsMode, CacheCommand, CtlCommand, DidTls, EXIT_CONFIG, EXIT_NOTHING_PROBED,
-    PolicyCommand, RulesCommand,
+    PolicyCommand, RulesCommand, TlsrptCommand,
 };
 
 pub(crate) fn ctl(socket: &std::path::Path, json: bool, command: CtlCommand) -> ExitCode {
@@ -62,7 +62,10 @@ pub(crate) fn ctl(socket: &std::path::Path, json: bool, command: CtlCommand) -> 
             PolicyCommand::Refresh { domain } => Request::PolicyRefresh { domain },
             PolicyCommand::Flush { domain } => Request::PolicyFlush { domain },
         },
-        CtlCommand::Tlsrpt => Request::Tlsrpt {},
+        CtlCommand::Tlsrpt { command: None } => Request::Tlsrpt {},
+        CtlCommand::Tlsrpt {
+            command: Some(TlsrptCommand::Send { domain }),
+        } => Request::TlsrptSend { domain },
         CtlCommand::Stats => Request::Stats {},
         CtlCommand::Sessions => Request::Sessions {},
         CtlCommand::Pool => Request::Pool {},

@@ -8,7 +8,9 @@ use serde_json::json;
 
 use crate::outcome::format_date;
 use crate::policy::tlsrpt::TlsReports;
-use crate::policy::tlsrpt::day::{DAY_SECONDS, DomainCounts, FailureKey, UtcDay};
+use crate::policy::tlsrpt::day::{
+    DAY_SECONDS, DomainCounts, DomainDay, FailureKey, Period, UtcDay,
+};
 use crate::policy::tlsrpt::results::{PolicyFacts, SessionResult, SessionSite};
 
 /// One row of the counts file: a domain's counts under one policy on one day.
@@ -19,6 +21,9 @@ struct SavedCounts {
     policy: PolicyFacts,
     successes: u64,
     failures: Vec<(FailureKey, u64)>,
+    /// Where the day's next report starts, after one was sent on demand.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    since: Option<u64>,
 }
 
 #[derive(Serialize, Deserialize)]
@@ -110,9 +115,11 @@ impl TlsReports {
                 .counts
                 .lock()
                 .map_err(|_| std::io::Error::other("TLS-RPT counts lock poisoned"))?;
+            let sent_until = self.sent_until_of();
             counts
                 .iter()
                 .flat_map(|((day, domain), policies)| {
+                    let since = sent_until.get(&(*day, domain.clone())).copied();
                     policies.iter().map(move |(policy, counts)| SavedCounts {
                         day: day.0,
                         domain: domain.clone(),
@@ -123,6 +130,7 @@ impl TlsReports {
                             .iter()
                             .map(|(k, n)| (k.clone(), *n))
                             .collect(),
+                        since,
                     })
                 })
                 .collect()
@@ -160,6 +168,9 @@ impl TlsReports {
             .map_err(|_| std::io::Error::other("TLS-RPT counts lock poisoned"))?;
         let mut loaded = 0;
         for row in file.counts.into_iter().filter(|r| r.day >= yesterday.0) {
+            if let (Some(since), Ok(mut sent_until)) = (row.since, self.sent_until.lock()) {
+                sent_until.insert((UtcDay(row.day), row.domain.clone()), since);
+            }
             let held = counts
                 .entry((UtcDay(row.day), row.domain))
                 .or_default()
@@ -178,10 +189,42 @@ impl TlsReports {
         UtcDay::of(self.clock.now())
     }
 
-    /// The RFC 8460 JSON report of `domain` for `day`, or `None` when nothing was counted.
+    /// The RFC 8460 JSON report of `domain` for the rest of `day` (all of it, unless a
+    /// report was sent on demand that day), or `None` when nothing was counted.
     pub fn report(&self, day: UtcDay, domain: &str) -> Option<serde_json::Value> {
+        let period = self.period(day, domain, day.end());
         let counts = self.counts.lock().ok()?;
         let policies = counts.get(&(day, domain.to_string()))?;
+        Some(self.report_json(period, domain, policies))
+    }
+
+    /// The time the next report of `domain` for `day` covers, up to `end`.
+    pub(super) fn period(&self, day: UtcDay, domain: &str, end: u64) -> Period {
+        let start = self
+            .sent_until_of()
+            .get(&(day, domain.to_string()))
+            .copied();
+        Period {
+            day,
+            start: start.unwrap_or(day.start()),
+            end,
+        }
+    }
+
+    fn sent_until_of(&self) -> BTreeMap<(UtcDay, String), u64> {
+        self.sent_until
+            .lock()
+            .map(|m| m.clone())
+            .unwrap_or_default()
+    }
+
+    /// The report of these counts.
+    pub(super) fn report_json(
+        &self,
+        period: Period,
+        domain: &str,
+        policies: &DomainDay,
+    ) -> serde_json::Value {
         let policies: Vec<serde_json::Value> = policies
             .iter()
             .map(|(facts, counts)| {
@@ -221,33 +264,42 @@ impl TlsReports {
                 policy
             })
             .collect();
-        Some(json!({
+        json!({
             "organization-name": self
                 .config
                 .organization_name
                 .clone()
                 .unwrap_or_else(|| self.submitter.clone()),
             "date-range": {
-                "start-datetime": rfc3339(day.start()),
-                "end-datetime": rfc3339(day.end()),
+                "start-datetime": rfc3339(period.start),
+                "end-datetime": rfc3339(period.end),
             },
             "contact-info": self.config.contact_info.clone().unwrap_or_else(|| self.from.clone()),
-            "report-id": self.report_id(day, domain),
+            "report-id": self.report_id(period, domain),
             "policies": policies,
-        }))
+        })
     }
 
-    pub(super) fn report_id(&self, day: UtcDay, domain: &str) -> String {
-        format!("{}_{domain}@{}", day.date(), self.submitter)
+    /// The day and domain; a report of part of a day names its start and end too, so that
+    /// each report has its own.
+    pub(super) fn report_id(&self, period: Period, domain: &str) -> String {
+        let date = period.day.date();
+        match period.is_whole_day() {
+            true => format!("{date}_{domain}@{}", self.submitter),
+            false => {
+                let (start, end) = (period.start, period.end);
+                format!("{date}.{start}-{end}_{domain}@{}", self.submitter)
+            }
+        }
     }
 
     /// RFC 8460 5.3: `submitter!policy-domain!begin!end.json.gz`.
-    pub(super) fn file_name(&self, day: UtcDay, domain: &str) -> String {
+    pub(super) fn file_name(&self, period: Period, domain: &str) -> String {
         format!(
             "{}!{domain}!{}!{}.json.gz",
             self.submitter,
-            day.start(),
-            day.end() + 1
+            period.start,
+            period.end + 1
         )
     }
 }

@@ -39,6 +39,23 @@ impl UtcDay {
     }
 }
 
+/// The time a report covers: a UTC day from its start (or from the end of the last report
+/// sent on demand that day) to `end`, the day's last second or the moment of a report sent
+/// on demand.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Period {
+    pub day: UtcDay,
+    pub start: u64,
+    pub end: u64,
+}
+
+impl Period {
+    /// Whether it is the whole day, as the nightly report covers it.
+    pub fn is_whole_day(self) -> bool {
+        self.start == self.day.start() && self.end == self.day.end()
+    }
+}
+
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
 pub(super) struct FailureKey {
     pub(super) result_type: ResultType,

@@ -79,6 +79,8 @@ pub struct TlsReports {
     dialer: Dialer,
     timeouts: crate::settings::Timeouts,
     counts: Mutex<BTreeMap<(UtcDay, String), DomainDay>>,
+    /// Where the next report of a domain's day starts, after one was sent on demand.
+    sent_until: Mutex<BTreeMap<(UtcDay, String), u64>>,
 }
 
 impl TlsReports {
@@ -122,6 +124,7 @@ impl TlsReports {
             dialer,
             timeouts,
             counts: Mutex::new(BTreeMap::new()),
+            sent_until: Mutex::new(BTreeMap::new()),
         })
     }
 }

@@ -14,7 +14,7 @@ use crate::net::connection::ExchangeError;
 use crate::net::dialer::Dialer;
 use crate::net::https::HttpsError;
 use crate::outcome::format_date;
-use crate::policy::tlsrpt::day::{DAY_SECONDS, UtcDay};
+use crate::policy::tlsrpt::day::{DAY_SECONDS, DomainDay, Period, UtcDay};
 use crate::policy::tlsrpt::discovery::{Rua, parse_tlsrpt_records};
 use crate::policy::tlsrpt::{GZIP_MEDIA_TYPE, TlsReports};
 use crate::smtp::Reply;
@@ -24,7 +24,8 @@ use crate::smtp::Reply;
 pub struct ReportDelivery {
     pub domain: String,
     pub rua: Rua,
-    pub file: PathBuf,
+    /// Where the report was written (`tls_rpt.directory`), if anywhere.
+    pub file: Option<PathBuf>,
     pub result: Result<(), SendError>,
 }
 
@@ -74,64 +75,124 @@ impl TlsReports {
         };
         let mut deliveries = Vec::new();
         for domain in domains {
-            let records = match self
-                .resolver
-                .txt_records(&format!("_smtp._tls.{domain}"))
-                .await
-            {
-                Ok(records) => records,
-                Err(why) => {
-                    tracing::debug!(domain, "no TLS-RPT report: {why}");
-                    continue;
-                }
-            };
-            let rua = match parse_tlsrpt_records(&records) {
-                Ok(rua) => rua,
-                Err(why) => {
-                    tracing::debug!(domain, "no TLS-RPT report: {why}");
-                    continue;
-                }
-            };
+            let period = self.period(day, &domain, day.end());
             let Some(report) = self.report(day, &domain) else {
                 continue;
             };
-            let gzip = match gzip_json(&report) {
-                Ok(bytes) => bytes,
-                Err(e) => {
-                    tracing::warn!(domain, "TLS-RPT report not compressed: {e}");
-                    continue;
-                }
-            };
-            let name = self.file_name(day, &domain);
-            let file = directory.join(&name);
-            if let Err(e) = std::fs::write(&file, &gzip) {
-                tracing::warn!(
-                    domain,
-                    "TLS-RPT report not written to {}: {e}",
-                    file.display()
-                );
-            }
-            for address in rua {
-                let result = match &address {
-                    Rua::Https(url) => self.post(url, &gzip).await,
-                    Rua::Mailto(to) => self.mail(day, &domain, to, &name, &gzip).await,
-                };
-                match &result {
-                    Ok(()) => tracing::info!(domain, rua = %address, "TLS-RPT report sent"),
-                    Err(e) => {
-                        tracing::warn!(domain, rua = %address, "TLS-RPT report not sent: {e}")
-                    }
-                }
-                deliveries.push(ReportDelivery {
-                    domain: domain.clone(),
-                    rua: address,
-                    file: file.clone(),
-                    result,
-                });
-            }
+            let sent = self.send_report(period, &domain, &report, Some(&directory));
+            deliveries.extend(sent.await);
         }
         if let Ok(mut counts) = self.counts.lock() {
             counts.retain(|(d, _), _| *d > day);
+        }
+        if let Ok(mut sent_until) = self.sent_until.lock() {
+            sent_until.retain(|(d, _), _| *d > day);
+        }
+        deliveries
+    }
+
+    /// Sends the reports of today so far now (of `domain`, or of every domain counted),
+    /// covering the day from its start, or from the last report sent on demand, to now:
+    /// what `ctl tlsrpt send` does, so that an admin sees reporting work before the first
+    /// night. The counts sent are forgotten and the night's report starts where this one
+    /// ended. Written to `tls_rpt.directory` too when it is set.
+    pub async fn send_now(&self, domain: Option<&str>) -> Vec<ReportDelivery> {
+        let now = self.clock.now();
+        let day = UtcDay::of(now);
+        let taken: Vec<(Period, String, DomainDay)> = {
+            let (Ok(mut counts), Ok(mut sent_until)) = (self.counts.lock(), self.sent_until.lock())
+            else {
+                return Vec::new();
+            };
+            let keys: Vec<(UtcDay, String)> = (counts.keys())
+                .filter(|(d, name)| *d == day && domain.is_none_or(|wanted| wanted == name))
+                .cloned()
+                .collect();
+            keys.into_iter()
+                .filter_map(|key| {
+                    let policies = counts.remove(&key)?;
+                    let start = sent_until.insert(key.clone(), now + 1);
+                    let period = Period {
+                        day,
+                        start: start.unwrap_or(day.start()),
+                        end: now,
+                    };
+                    Some((period, key.1, policies))
+                })
+                .collect()
+        };
+        let directory = self.config.directory.clone();
+        let mut deliveries = Vec::new();
+        for (period, domain, policies) in taken {
+            let report = self.report_json(period, &domain, &policies);
+            let sent = self.send_report(period, &domain, &report, directory.as_deref());
+            deliveries.extend(sent.await);
+        }
+        deliveries
+    }
+
+    /// One domain's report to each of its `rua` addresses (none when it publishes no
+    /// TLS-RPT record), written to `directory` first when there is one.
+    async fn send_report(
+        &self,
+        period: Period,
+        domain: &str,
+        report: &serde_json::Value,
+        directory: Option<&std::path::Path>,
+    ) -> Vec<ReportDelivery> {
+        let records = match (self.resolver)
+            .txt_records(&format!("_smtp._tls.{domain}"))
+            .await
+        {
+            Ok(records) => records,
+            Err(why) => {
+                tracing::debug!(domain, "no TLS-RPT report: {why}");
+                return Vec::new();
+            }
+        };
+        let rua = match parse_tlsrpt_records(&records) {
+            Ok(rua) => rua,
+            Err(why) => {
+                tracing::debug!(domain, "no TLS-RPT report: {why}");
+                return Vec::new();
+            }
+        };
+        let gzip = match gzip_json(report) {
+            Ok(bytes) => bytes,
+            Err(e) => {
+                tracing::warn!(domain, "TLS-RPT report not compressed: {e}");
+                return Vec::new();
+            }
+        };
+        let name = self.file_name(period, domain);
+        let file = directory.map(|directory| directory.join(&name));
+        if let Some(file) = &file
+            && let Err(e) = std::fs::write(file, &gzip)
+        {
+            tracing::warn!(
+                domain,
+                "TLS-RPT report not written to {}: {e}",
+                file.display()
+            );
+        }
+        let mut deliveries = Vec::new();
+        for address in rua {
+            let result = match &address {
+                Rua::Https(url) => self.post(url, &gzip).await,
+                Rua::Mailto(to) => self.mail(period, domain, to, &name, &gzip).await,
+            };
+            match &result {
+                Ok(()) => tracing::info!(domain, rua = %address, "TLS-RPT report sent"),
+                Err(e) => {
+                    tracing::warn!(domain, rua = %address, "TLS-RPT report not sent: {e}")
+                }
+            }
+            deliveries.push(ReportDelivery {
+                domain: domain.to_string(),
+                rua: address,
+                file: file.clone(),
+                result,
+            });
         }
         deliveries
     }
@@ -151,14 +212,14 @@ impl TlsReports {
     /// `tls_rpt.mail_relay`.
     async fn mail(
         &self,
-        day: UtcDay,
+        period: Period,
         domain: &str,
         to: &str,
         file_name: &str,
         gzip: &[u8],
     ) -> Result<(), SendError> {
         let relay = self.config.mail_relay.ok_or(SendError::NoMailRelay)?;
-        let message = self.report_message(day, domain, to, file_name, gzip);
+        let message = self.report_message(period, domain, to, file_name, gzip);
         submit(
             &self.dialer,
             relay,
@@ -174,13 +235,14 @@ impl TlsReports {
 
     fn report_message(
         &self,
-        day: UtcDay,
+        period: Period,
         domain: &str,
         to: &str,
         file_name: &str,
         gzip: &[u8],
     ) -> String {
-        let report_id = self.report_id(day, domain);
+        let report_id = self.report_id(period, domain);
+        let day = period.day;
         let submitter = &self.submitter;
         let boundary = format!("tlsrpt-{}-{}", day.start(), rand::random::<u64>());
         let encoded = base64::engine::general_purpose::STANDARD.encode(gzip);
