@@ -111,6 +111,11 @@ fn render_server(out: &mut String, s: &ServerReport) {
             .as_deref()
             .unwrap_or("certificate verified for the MX name");
         let _ = writeln!(out, "    verify:   {verdict}");
+        let requiretls = match tls.ehlo_after_tls.iter().any(|k| k == "REQUIRETLS") {
+            true => "REQUIRETLS offered after STARTTLS",
+            false => "no REQUIRETLS: a message whose sender asks it cannot go to this server",
+        };
+        let _ = writeln!(out, "    sender:   {requiretls}");
         for (i, cert) in tls.certificates.iter().enumerate() {
             let _ = writeln!(out, "    cert {i}:   subject {}", cert.subject);
             let _ = writeln!(out, "              SANs {}", cert.sans.join(", "));

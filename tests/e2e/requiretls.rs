@@ -370,3 +370,33 @@ async fn explain_says_what_requiretls_asks_of_the_mx() {
     let (_, out, _) = explain(&["--mta-sts", "enforce"]).await;
     assert!(first_try(&out).starts_with("TLS ("), "{out}");
 }
+
+#[tokio::test]
+async fn probe_shows_the_requiretls_a_server_offers_after_starttls() {
+    let ca = TestCa::new();
+    let with = SmtpServer::start(
+        LOCALHOST,
+        0,
+        remote(ca.leaf(&[MX], Validity::Current), true),
+    )
+    .await
+    .expect("the MX");
+    let zone = TestZone::new()
+        .mx("secure.test", 10, MX)
+        .a(MX, Ipv4Addr::LOCALHOST);
+    let lab = Lab::new()
+        .ca(&ca)
+        .admin()
+        .zone(zone)
+        .mx_port(with.addr().port())
+        .start()
+        .await;
+
+    let report = lab.ctl_json(&["probe", "secure.test"]).await;
+
+    let server = &report["mx"][0]["servers"][0];
+    let after = server["tls"]["ehlo_after_tls"]
+        .as_array()
+        .expect("EHLO after TLS");
+    assert!(after.iter().any(|k| k == "REQUIRETLS"), "{server}");
+}
