@@ -277,8 +277,12 @@ impl Upstream {
         self.conn.give_up();
     }
 
-    /// Says goodbye politely, without waiting long for the answer.
-    pub async fn quit(self) {
+    /// Says goodbye politely, without waiting long for the answer; inside the message text
+    /// only closes the connection: a QUIT there would be part of the message.
+    pub async fn quit(mut self) {
+        if self.stage == Stage::Data {
+            self.abandon();
+        }
         self.conn.quit().await;
     }
 

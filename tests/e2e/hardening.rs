@@ -487,7 +487,10 @@ async fn text_sent_after_data_but_before_the_354_in_a_later_write_gets_554_5_5_0
     );
     server.wait_all_closed().await;
     assert!(server.messages().is_empty());
-    assert!(!server.connection_logs()[0].final_dot);
+    let remote = &server.connection_logs()[0];
+    assert!(!remote.final_dot);
+    // The remote was inside the message text: nothing more was written to it, no QUIT.
+    assert_eq!(String::from_utf8_lossy(&remote.body), "", "{remote:?}");
 }
 
 // ---------------------------------------------------------------------------------------
@@ -1396,7 +1399,10 @@ async fn a_remote_that_stops_reading_mid_body_gets_the_mta_a_4xx_after_the_block
     server.release();
     server.wait_all_closed().await;
     assert!(server.messages().is_empty());
-    assert!(!server.connection_logs()[0].final_dot);
+    let remote = &server.connection_logs()[0];
+    assert!(!remote.final_dot);
+    // The remote was inside the message text: nothing more was written to it, no QUIT.
+    assert_eq!(String::from_utf8_lossy(&remote.body), "", "{remote:?}");
 }
 
 #[tokio::test]
