@@ -35,6 +35,9 @@ pub enum SessionState {
     Mail,
     /// Relaying the message text.
     Data,
+    /// The text is complete: waiting for the remote's verdict on it. Ending the session
+    /// now could make the MTA send a message the remote took again.
+    Verdict,
 }
 
 impl SessionState {
@@ -44,6 +47,7 @@ impl SessionState {
             SessionState::Ready => "ready",
             SessionState::Mail => "mail",
             SessionState::Data => "data",
+            SessionState::Verdict => "verdict",
         }
     }
 }
@@ -91,6 +95,11 @@ impl Registry {
             id,
             registry: self.clone(),
         }
+    }
+
+    /// How many sessions stand at `state`.
+    pub fn count(&self, state: SessionState) -> usize {
+        (self.open.lock()).map_or(0, |open| open.values().filter(|s| s.state == state).count())
     }
 
     pub fn list(&self) -> Vec<SessionInfo> {

@@ -13,7 +13,7 @@ use tokio::sync::Semaphore;
 use crate::inbound::session::Session;
 use crate::inbound::transparent;
 use crate::proxy::Proxy;
-use crate::sessions::Drain;
+use crate::sessions::{Drain, SessionState};
 use crate::smtp::Reply;
 
 /// Where a listener's sessions send their mail.
@@ -130,8 +130,44 @@ async fn drain(proxy: &Proxy, sessions: &Semaphore, max: usize) {
     }
     tracing::warn!("drain time over: closing the remaining sessions with 421");
     let _ = proxy.drain.send(Drain::Forced);
-    // A session deep in a body relay notices at its next read; don't wait for ever.
-    let _ = tokio::time::timeout(Duration::from_secs(10), sessions.acquire_many(all)).await;
+    // A session deep in a body relay notices at its next read; don't wait for ever. But a
+    // transaction past its final dot waits for the remote's verdict: stopping it would
+    // leave the MTA without an answer for a message the remote may have taken, and the MTA
+    // would send it again. Those are waited for, up to timeouts.data_end.
+    let data_end = proxy.config.timeouts.data_end;
+    let verdicts = || proxy.sessions.count(SessionState::Verdict);
+    let mut waited = false;
+    for _ in 0..2 {
+        let waiting = verdicts();
+        let window = match waiting {
+            0 => Duration::from_secs(10),
+            _ => {
+                tracing::warn!(
+                    event = "draining_verdicts",
+                    waiting,
+                    "{waiting} transactions wait for their remote's verdict on the message: waiting up to {}s",
+                    data_end.as_secs()
+                );
+                waited = true;
+                data_end.max(Duration::from_secs(10))
+            }
+        };
+        if tokio::time::timeout(window, sessions.acquire_many(all))
+            .await
+            .is_ok()
+            || waited
+        {
+            break;
+        }
+    }
+    let still = verdicts();
+    if still > 0 {
+        tracing::warn!(
+            event = "stopped_waiting",
+            still,
+            "stopping with {still} transactions still waiting for their remote's verdict: their MTA may send them again"
+        );
+    }
 }
 
 /// One session counted against its client address; the count drops with it.

@@ -228,6 +228,55 @@ async fn a_second_sigterm_exits_at_once_while_a_transaction_holds_the_drain() {
 
 #[cfg(unix)]
 #[tokio::test(flavor = "multi_thread")]
+async fn a_shutdown_waits_for_the_remotes_verdict_on_a_message_past_its_final_dot() {
+    use crate::support::smtp_server::{Action, Step};
+    let server = SmtpServer::start(
+        IpAddr::V4(Ipv4Addr::LOCALHOST),
+        0,
+        ServerBehaviour::plain().on(Step::EndOfData, Action::Hold),
+    )
+    .await
+    .expect("smtp");
+    let mut lab = Lab::new()
+        .one_mx(&server)
+        .set("timeouts.shutdown_drain", "200ms")
+        .start_daemon()
+        .await;
+    let daemon = &mut lab.daemon;
+    let mut client = in_transaction(daemon.smtp).await;
+    assert_eq!(client.cmd("DATA").await.code, 354);
+    client
+        .send_raw(b"Subject: drain\r\n\r\nhello\r\n.\r\n")
+        .await;
+    // The remote has the whole message and keeps its verdict...
+    server
+        .wait_until("the final dot", |c| c.iter().any(|c| c.final_dot))
+        .await;
+
+    daemon.signal("TERM");
+
+    // ...past the drain time: the daemon waits for it instead of ending the session.
+    let waiting = daemon
+        .wait_for_event(&[("event", "draining_verdicts")])
+        .await;
+    assert_eq!(
+        crate::support::events::field(&waiting, "waiting").as_deref(),
+        Some("1")
+    );
+    server.release();
+    let verdict = client.read_reply().await;
+    assert_eq!(
+        verdict.code, 250,
+        "the MTA hears the remote's 250: {verdict:?}"
+    );
+    daemon.wait_for_event(&[("event", "stopped")]).await;
+    assert!(daemon.exit_status().success());
+    assert_eq!(server.messages().len(), 1);
+    assert_eq!(daemon.count_events(&[("event", "stopped_waiting")]), 0);
+}
+
+#[cfg(unix)]
+#[tokio::test(flavor = "multi_thread")]
 async fn sigint_stops_the_daemon_cleanly_like_sigterm() {
     let builder = Lab::new();
     let cache = builder.dir().join("cache.json");

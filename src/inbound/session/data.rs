@@ -104,7 +104,11 @@ impl Session {
             route.upstream.abandon();
         }
         let (reply, end) = match ended {
-            BodyEnd::Complete(tail) => (route.upstream.finish(tail).await, End::Answered),
+            BodyEnd::Complete(tail) => {
+                let remote = route.upstream.facts().to_string();
+                self.registered.update(SessionState::Verdict, Some(remote));
+                (route.upstream.finish(tail).await, End::Answered)
+            }
             BodyEnd::Refused(error) => (error.reply(), End::MessageFailed),
             BodyEnd::UpstreamFailed(why) => (
                 Reply::new(451, "4.4.2", format!("lost the remote during DATA: {why}")),
