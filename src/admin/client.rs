@@ -298,6 +298,7 @@ fn stats_lines(result: &Value) -> String {
     ] {
         out.push_str(&format!("{:<26}{}\n", key.replace('_', " "), result[key]));
     }
+    out.push_str(&format!("{:<26}{}\n", "dane", text(&result["dane"])));
     out.push_str(&shared_cache_lines(result));
     for pair in result["fallbacks"].as_array().into_iter().flatten() {
         out.push_str(&format!(

@@ -161,7 +161,11 @@ pub async fn handle(proxy: &Proxy, request: Request) -> Response {
         }
         Request::Stats {} => {
             proxy.stats.cache_entries.set(cache.len() as i64);
-            Response::ok(json!(proxy.stats.snapshot()))
+            let mut snapshot = json!(proxy.stats.snapshot());
+            // What the DNSSEC start-up check found: on, off or unknown (asked again).
+            let dnssec = proxy.outbound.resolver.dnssec_check();
+            snapshot["dane"] = json!(dnssec.map_or("unchecked", |d| d.name()));
+            Response::ok(snapshot)
         }
         Request::Sessions {} => Response::ok(json!({ "sessions": proxy.sessions.list() })),
         Request::Pool {} => Response::ok(json!({ "pool": proxy.outbound.pool.list() })),

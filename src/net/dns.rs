@@ -17,6 +17,7 @@ use rand::seq::SliceRandom;
 use serde::Deserialize;
 
 use crate::net::dane::{TlsaRecord, Unusable};
+use crate::net::dnssec_check::{CheckState, DnssecCheck};
 use crate::settings::{Problem, SetupError};
 use crate::smtp::Reply;
 
@@ -218,8 +219,10 @@ pub struct MxResolver {
     /// Validates with DNSSEC; used instead of `resolver` once the start-up check found the
     /// name servers can serve it. `None` with `dane: off`.
     validating: Option<TokioResolver>,
-    /// Set once by [`MxResolver::check_dnssec`]: whether DANE is in force.
-    dane: tokio::sync::OnceCell<bool>,
+    /// What [`MxResolver::check_dnssec`] found, and when an unknown state is asked again.
+    dane: std::sync::Mutex<CheckState>,
+    /// One check at a time.
+    checking: tokio::sync::Mutex<()>,
     timeout: Duration,
     /// The zone whose DNSKEY set the start-up check asks: the trust anchor's (the root
     /// unless `resolver.trust_anchor_file` names another zone).
@@ -232,7 +235,8 @@ impl MxResolver {
         Ok(MxResolver {
             resolver: Self::build(nameservers, timeout, None)?,
             validating: None,
-            dane: tokio::sync::OnceCell::new_with(Some(false)),
+            dane: std::sync::Mutex::new(CheckState::off()),
+            checking: tokio::sync::Mutex::new(()),
             timeout,
             anchor_zone: ".".into(),
         })
@@ -261,7 +265,7 @@ impl MxResolver {
                 timeout,
                 Some(Arc::new(anchors)),
             )?);
-            resolver.dane = tokio::sync::OnceCell::new();
+            resolver.dane = std::sync::Mutex::new(CheckState::unchecked());
         }
         Ok(resolver)
     }
@@ -293,47 +297,121 @@ impl MxResolver {
         builder.build().map_err(resolver_error)
     }
 
-    /// Whether DANE is in force: `dane: on`, and the name servers served a validated
-    /// DNSKEY set of the trust anchor. Checked once (at start); when the check fails,
-    /// DANE is off until a restart, and the log says why at warn.
+    /// Whether lookups validate: `dane: on`, and the name servers served a validated
+    /// DNSKEY set of the trust anchor, or could not be asked yet (see
+    /// [`crate::net::dnssec_check`]): what cannot be known is then deferred, not taken as
+    /// insecure. An unknown state is asked again when due; a known one never.
     pub async fn check_dnssec(&self) -> bool {
-        *self
-            .dane
-            .get_or_init(|| async {
-                let Some(validating) = &self.validating else {
-                    return false;
-                };
-                let zone = self.anchor_zone.as_str();
-                let lookup = self.bounded(validating.lookup(zone, RecordType::DNSKEY)).await;
-                let secure = match &lookup {
-                    Ok(found) => {
-                        let keys: Vec<&Record> = found
-                            .answers()
-                            .iter()
-                            .filter(|r| r.record_type() == RecordType::DNSKEY)
-                            .collect();
-                        Dnssec::of(&keys) == Dnssec::Secure
-                    }
-                    Err(_) => false,
-                };
-                if secure {
-                    tracing::info!(event = "dane", dane = "on", "DANE on: the name servers serve DNSSEC and the trust anchor's keys validate");
-                } else {
-                    let why = match lookup {
-                        Ok(_) => format!("the DNSKEY set of {zone} did not validate against the trust anchor"),
-                        Err(e) => format!("the DNSKEY lookup of {zone} failed: {e}"),
-                    };
-                    tracing::warn!(event = "dane", dane = "off", "DANE off: the name servers cannot serve DNSSEC ({why}); MX, address and TLSA answers are not validated");
-                }
-                secure
-            })
-            .await
+        let due = self.dnssec_state().due(Instant::now());
+        if due {
+            let _one = self.checking.lock().await;
+            let still_due = self.dnssec_state().due(Instant::now());
+            if still_due {
+                let (found, why) = self.ask_dnssec().await;
+                self.record_dnssec(found, &why);
+            }
+        }
+        self.dane_active()
     }
 
-    /// Whether DANE is in force (false before [`MxResolver::check_dnssec`] ran; every
+    /// Asks the validating resolver for the trust anchor's DNSKEY set.
+    async fn ask_dnssec(&self) -> (DnssecCheck, String) {
+        let Some(validating) = &self.validating else {
+            return (DnssecCheck::Off, "dane: off".into());
+        };
+        let zone = self.anchor_zone.as_str();
+        match self
+            .bounded(validating.lookup(zone, RecordType::DNSKEY))
+            .await
+        {
+            Ok(found) => {
+                let keys: Vec<&Record> = (found.answers().iter())
+                    .filter(|r| r.record_type() == RecordType::DNSKEY)
+                    .collect();
+                match Dnssec::of(&keys) {
+                    Dnssec::Secure => (DnssecCheck::On, String::new()),
+                    _ => {
+                        let why = format!(
+                            "the DNSKEY set of {zone} did not validate against the trust anchor"
+                        );
+                        (DnssecCheck::Off, why)
+                    }
+                }
+            }
+            Err(e) if no_answer_yet(&e) => (
+                DnssecCheck::Unknown,
+                format!("the DNSKEY lookup of {zone} got no answer: {e}"),
+            ),
+            Err(e) => (
+                DnssecCheck::Off,
+                format!("the DNSKEY lookup of {zone} failed: {e}"),
+            ),
+        }
+    }
+
+    fn record_dnssec(&self, found: DnssecCheck, why: &str) {
+        let retry = match self.dane.lock() {
+            Ok(mut state) => state.record(found, Instant::now()),
+            Err(_) => None,
+        };
+        match (found, retry) {
+            (DnssecCheck::On, _) => {
+                tracing::info!(
+                    event = "dane",
+                    dane = "on",
+                    "DANE on: the name servers serve DNSSEC and the trust anchor's keys validate"
+                )
+            }
+            (DnssecCheck::Off, _) => {
+                tracing::warn!(
+                    event = "dane",
+                    dane = "off",
+                    "DANE off: the name servers cannot serve DNSSEC ({why}); MX, address and TLSA answers are not validated"
+                )
+            }
+            (DnssecCheck::Unknown, retry) => {
+                let retry = retry.unwrap_or_default().as_secs();
+                tracing::warn!(
+                    event = "dane",
+                    dane = "unknown",
+                    retry_in = retry,
+                    "DANE unknown: {why}; answers are validated meanwhile, and what cannot be validated is deferred; asking again in {retry}s"
+                )
+            }
+        }
+    }
+
+    /// What the start-up check found; `None` before it ran.
+    pub fn dnssec_check(&self) -> Option<DnssecCheck> {
+        self.dnssec_state().found()
+    }
+
+    fn dnssec_state(&self) -> std::sync::MutexGuard<'_, CheckState> {
+        self.dane
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// Asks again, with back-off, while the start-up check's answer is unknown; returns
+    /// once it is known.
+    pub async fn keep_checking_dnssec(self: Arc<Self>) {
+        loop {
+            let wait = self.dnssec_state().wait(Instant::now());
+            let Some(wait) = wait else {
+                return;
+            };
+            tokio::time::sleep(wait).await;
+            self.check_dnssec().await;
+        }
+    }
+
+    /// Whether lookups validate (false before [`MxResolver::check_dnssec`] ran; every
     /// lookup runs it first).
     pub fn dane_active(&self) -> bool {
-        self.dane.get().copied().unwrap_or(false)
+        matches!(
+            self.dnssec_state().found(),
+            Some(DnssecCheck::On | DnssecCheck::Unknown)
+        )
     }
 
     /// The resolver that answers: the validating one when DANE is in force.
@@ -706,6 +784,19 @@ fn answer(error: &NetError) -> Answer {
             _ => Answer::Failed,
         },
         _ => Answer::Failed,
+    }
+}
+
+/// A lookup that got no answer at all (a timeout, SERVFAIL, no connection): the name
+/// servers may answer later, as a resolver that is still starting does.
+fn no_answer_yet(error: &NetError) -> bool {
+    match error {
+        NetError::Busy | NetError::NoConnections | NetError::Io(_) | NetError::Timeout => true,
+        NetError::Dns(DnsError::ResponseCode(ResponseCode::ServFail | ResponseCode::Refused)) => {
+            true
+        }
+        NetError::Dns(DnsError::NoRecordsFound(no)) => no.response_code == ResponseCode::ServFail,
+        _ => false,
     }
 }
 

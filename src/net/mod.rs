@@ -8,6 +8,7 @@ pub mod connection;
 pub mod dane;
 pub mod dialer;
 pub mod dns;
+pub mod dnssec_check;
 pub mod https;
 #[cfg(feature = "legacy-tls")]
 pub mod legacy;

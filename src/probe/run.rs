@@ -12,6 +12,7 @@ use crate::cache::Observation;
 use crate::net::connection::{Connection, StartTls};
 use crate::net::dane::{DaneVerdict, DaneVerifier, NoMatch, TlsaRecord};
 use crate::net::dns::{Dnssec, MxHost, ServerId, TlsaAnswer, literal_address};
+use crate::net::dnssec_check::DnssecCheck;
 use crate::net::tls::{Handshake, Session};
 use crate::outbound::Outbound;
 use crate::outcome::{NoTls, OutcomeClass, TlsOutcome, TlsSession, Verification};
@@ -109,10 +110,14 @@ pub async fn probe(
         rule,
         plan,
         mta_sts: target.domain.as_ref().map(|_| policy_report(&lookup)),
-        dane: Some(if dane_on {
-            "on".to_string()
-        } else {
-            "off (resolver.dane: off, or the name servers cannot serve DNSSEC)".to_string()
+        dane: Some(match (dane_on, outbound.resolver.dnssec_check()) {
+            (true, Some(DnssecCheck::Unknown)) => {
+                "unknown (the name servers did not answer the DNSSEC check yet; asked again with back-off, and what cannot be validated is deferred)".to_string()
+            }
+            (true, _) => "on".to_string(),
+            (false, _) => {
+                "off (resolver.dane: off, or the name servers cannot serve DNSSEC)".to_string()
+            }
         }),
         mx_dnssec: mx_dnssec.map(|d| d.name().to_string()),
     }

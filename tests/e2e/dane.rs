@@ -1039,3 +1039,68 @@ mod daemon {
         assert_eq!(result_types(policy), ["tlsa-invalid"]);
     }
 }
+
+/// The DNSSEC start-up check against a resolver that is not up yet: the real binary.
+#[cfg(unix)]
+mod start_up {
+    use std::net::{IpAddr, Ipv4Addr};
+
+    use super::{MX, association, der};
+    use crate::support::dnssec::{SignedDns, SignedTree, Zone};
+    use crate::support::events::field;
+    use crate::support::lab::{Lab, ctl_json};
+    use crate::support::mta::{BODY, send_body};
+    use crate::support::pki::self_signed;
+    use crate::support::smtp_server::{ServerBehaviour, SmtpServer, StartTls};
+    use hickory_server::proto::rr::RecordType;
+
+    #[tokio::test(flavor = "multi_thread")]
+    async fn a_dnssec_check_that_got_no_answer_is_asked_again_and_dane_comes_on() {
+        let cert = self_signed(&[MX]);
+        let data = association(&der(&cert), 1, 1);
+        let behaviour = ServerBehaviour {
+            starttls: StartTls::Rustls(cert),
+            ..ServerBehaviour::default()
+        };
+        let server = SmtpServer::start(IpAddr::V4(Ipv4Addr::LOCALHOST), 0, behaviour)
+            .await
+            .expect("smtp server");
+        let port = server.addr().port();
+        let zone = Zone::new()
+            .mx("dane.test", 10, MX)
+            .a(MX, Ipv4Addr::LOCALHOST)
+            .tlsa(MX, port, (3, 1, 1), &data);
+        // The root's DNSKEY set gets SERVFAIL at first, as from a resolver still starting.
+        let tree = SignedTree::new(zone).servfail_first(".", RecordType::DNSKEY, 6);
+        let dns = SignedDns::start(tree).await;
+        let mut lab = Lab::new()
+            .admin()
+            .mx_port(port)
+            .set("resolver.nameservers", vec![dns.addr.to_string()])
+            .set_path("resolver.trust_anchor_file", &dns.trust_anchor_file)
+            .start_daemon()
+            .await;
+        let daemon = &mut lab.daemon;
+
+        let unknown = daemon.wait_for_event_once(&[("event", "dane")]).await;
+        assert_eq!(
+            field(&unknown, "dane").as_deref(),
+            Some("unknown"),
+            "{unknown}"
+        );
+        daemon
+            .wait_for_event(&[("event", "dane"), ("dane", "on")])
+            .await;
+        let stats = ctl_json(&daemon.admin_socket, &["stats"]).await;
+        assert_eq!(stats["dane"], "on", "{stats}");
+
+        let (_, rcpts, reply) = send_body(daemon.smtp, &["b@dane.test"], BODY).await;
+        assert_eq!(
+            (rcpts[0].code, reply.code),
+            (250, 250),
+            "{rcpts:?} {reply:?}"
+        );
+        let line = daemon.wait_for_event(&[("message", "transaction")]).await;
+        assert_eq!(field(&line, "policy").as_deref(), Some("dane"), "{line}");
+    }
+}

