@@ -38,6 +38,8 @@ pub struct Stats {
     pub requiretls_refused: Counter,
     /// Messages delivered with their domain's policy set aside by `TLS-Required: No`.
     pub policy_waived_by_sender: Counter,
+    /// Connections this host could not make for a reason of its own.
+    pub local_errors: Counter,
     transaction_seconds: Histogram,
     handshake_seconds: Histogram,
     /// Transactions that went on a pooled connection.
@@ -85,6 +87,7 @@ impl Default for Stats {
             requiretls_delivered: Counter::default(),
             requiretls_refused: Counter::default(),
             policy_waived_by_sender: Counter::default(),
+            local_errors: Counter::default(),
             transaction_seconds: Histogram::new(exponential_buckets(0.05, 2.0, 12)),
             handshake_seconds: Histogram::new(exponential_buckets(0.005, 2.0, 12)),
             pool_reuses: Counter::default(),
@@ -135,6 +138,8 @@ pub struct Snapshot {
     pub requiretls_refused: u64,
     #[serde(default)]
     pub policy_waived_by_sender: u64,
+    #[serde(default)]
+    pub local_errors: u64,
     #[serde(default)]
     pub pool_reuses: u64,
     #[serde(default)]
@@ -237,6 +242,11 @@ impl Stats {
             "policy_waived_by_sender",
             "messages delivered with their domain's MTA-STS or DANE policy set aside by TLS-Required: No",
             self.policy_waived_by_sender.clone(),
+        );
+        r.register(
+            "local_errors",
+            "connections not made for a reason of this host's own (descriptors, buffers, source address); nothing cached",
+            self.local_errors.clone(),
         );
         r.register(
             "transaction_seconds",
@@ -375,6 +385,7 @@ impl Stats {
             requiretls_delivered: self.requiretls_delivered.get(),
             requiretls_refused: self.requiretls_refused.get(),
             policy_waived_by_sender: self.policy_waived_by_sender.get(),
+            local_errors: self.local_errors.get(),
             pool_reuses: self.pool_reuses.get(),
             pool_dead: self.pool_dead.get(),
             pool_idle: self.pool_idle.get(),

@@ -290,6 +290,7 @@ fn stats_lines(result: &Value) -> String {
         "requiretls_delivered",
         "requiretls_refused",
         "policy_waived_by_sender",
+        "local_errors",
         "pool_reuses",
         "pool_dead",
         "pool_idle",

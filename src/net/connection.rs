@@ -45,6 +45,35 @@ pub enum ExchangeError {
 }
 
 impl ExchangeError {
+    /// Whether the error is this host's, not the remote's: out of descriptors, buffers or
+    /// memory, a source address or port that cannot be had, a local firewall or missing
+    /// capability. Such a failure says nothing of the server.
+    pub fn is_local(&self) -> bool {
+        let ExchangeError::Io(error) = self else {
+            return false;
+        };
+        use std::io::ErrorKind;
+        if matches!(
+            error.kind(),
+            ErrorKind::AddrNotAvailable
+                | ErrorKind::AddrInUse
+                | ErrorKind::OutOfMemory
+                | ErrorKind::PermissionDenied
+        ) {
+            return true;
+        }
+        // Too many open files (process, system), no buffer space.
+        #[cfg(unix)]
+        let local = [libc::EMFILE, libc::ENFILE, libc::ENOBUFS];
+        #[cfg(windows)]
+        let local = [10024, 10055];
+        #[cfg(not(any(unix, windows)))]
+        let local: [i32; 0] = [];
+        error
+            .raw_os_error()
+            .is_some_and(|code| local.contains(&code))
+    }
+
     pub fn is_timeout(&self) -> bool {
         matches!(self, ExchangeError::Timeout(..))
     }

@@ -41,6 +41,10 @@ pub enum OpenError {
         rule: String,
         failures: Vec<Failed>,
     },
+    /// Every server failed for a reason of this host's own: nothing was tried there.
+    Local {
+        failures: Vec<Failed>,
+    },
     /// The sender's REQUIRETLS could not be kept with any server, and no failure was
     /// one that may pass: the message is refused for good (RFC 8689 5).
     RequireTlsRefused {
@@ -62,6 +66,11 @@ impl OpenError {
             OpenError::TlsNotAchieved { rule, failures } => {
                 Reply::new(451, "4.7.5", format!("rule {rule:?}: {}", list(failures)))
             }
+            OpenError::Local { failures } => Reply::new(
+                451,
+                "4.3.0",
+                format!("local error, nothing was sent: {}", list(failures)),
+            ),
             OpenError::RequireTlsRefused { failures } => Reply::new(
                 550,
                 "5.7.30",
@@ -329,6 +338,12 @@ impl Outbound {
                         return Err(OpenError::Rejected { reply, server });
                     }
                     AttemptFailure::Auth(failure) => return Err(OpenError::Auth(failure)),
+                    AttemptFailure::Local(error) => {
+                        self.stats.local_errors.inc();
+                        tracing::warn!(event = "local_error", server = %server, error = %error, "not connected for a reason of this host's own (nothing cached): {error}");
+                        let failure = AttemptFailure::Local(error);
+                        failures.push(Failed::Server { server, failure });
+                    }
                     failure => {
                         tracing::info!(server = %server, "delivery attempt failed: {failure}");
                         if let AttemptFailure::Unreachable { class, .. } = &failure {
@@ -377,6 +392,18 @@ impl Outbound {
                 rule: tls_rule,
                 failures: tls_failures,
             });
+        }
+        let local = |f: &Failed| {
+            matches!(
+                f,
+                Failed::Server {
+                    failure: AttemptFailure::Local(_),
+                    ..
+                }
+            )
+        };
+        if !failures.is_empty() && failures.iter().all(local) {
+            return Err(OpenError::Local { failures });
         }
         Err(OpenError::Unreachable {
             domain: domain.to_string(),

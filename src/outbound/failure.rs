@@ -22,6 +22,9 @@ pub enum AttemptFailure {
     },
     /// The dialogue broke before MAIL FROM was accepted: not a TLS fact about the server.
     Broken(Broken),
+    /// This host could not connect for a reason of its own (descriptors, buffers, the
+    /// source address): nothing is learnt of the server, so nothing is cached or shared.
+    Local(ExchangeError),
     /// TLS is required here (by the rule or what the domain publishes) and was not had.
     Refused(Refusal),
     /// The message needs an extension the server lacks; another server may have it.
@@ -47,6 +50,7 @@ impl std::fmt::Display for AttemptFailure {
                 other => other.fmt(f),
             },
             AttemptFailure::Broken(broken) => broken.fmt(f),
+            AttemptFailure::Local(error) => write!(f, "local error on this relay: {error}"),
             AttemptFailure::Refused(refusal) => refusal.fmt(f),
             AttemptFailure::Unsupported(missing) => missing.fmt(f),
             AttemptFailure::Rejected(reply) => reply.fmt(f),

@@ -122,6 +122,7 @@ impl NoRoute {
             NoRoute::Open(
                 OpenError::TlsNotAchieved { .. }
                 | OpenError::RequireTlsRefused { .. }
+                | OpenError::Local { .. }
                 | OpenError::Unreachable { .. },
             ) => {
                 tracing::warn!(event = "not_delivered", client = %client, domain, rule = %plan.base_rule().name, reply = %self.reply(), "not delivered: {}", self.reply());

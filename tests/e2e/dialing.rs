@@ -95,3 +95,43 @@ async fn a_probe_and_a_mailed_report_leave_from_the_source_address_mail_leaves_f
         "the report left from where mail leaves"
     );
 }
+
+/// A source address this host does not have: the failure is the relay's own, so the MTA is
+/// told so, and nothing is cached against the server (nor shared with a fleet).
+#[tokio::test]
+async fn a_source_address_this_host_lacks_is_a_local_error_and_leaves_the_cache_alone() {
+    let (logs, _guard) = crate::support::logs::Logs::capture();
+    let server = SmtpServer::start(IpAddr::V4(Ipv4Addr::LOCALHOST), 0, ServerBehaviour::plain())
+        .await
+        .expect("smtp server");
+    let lab = Lab::new()
+        .one_mx(&server)
+        // TEST-NET-1: on no interface of this machine.
+        .set("delivery.source_address", "192.0.2.1")
+        .start()
+        .await;
+
+    let (rcpt, _) = send_one(
+        lab.smtp,
+        "MAIL FROM:<a@sender.test>",
+        "b@example.test",
+        b"Subject: local\r\n\r\nhello\r\n",
+    )
+    .await;
+
+    assert_eq!(
+        (rcpt.code, rcpt.enhanced().as_deref()),
+        (451, Some("4.3.0")),
+        "{rcpt:?}"
+    );
+    assert_eq!(server.connections(), 0);
+    let cache = &lab.proxy.outbound.cache;
+    assert!(
+        cache
+            .get("mx.example.test", IpAddr::V4(Ipv4Addr::LOCALHOST))
+            .is_none(),
+        "nothing learnt of the server"
+    );
+    assert_eq!(lab.proxy.stats.snapshot().local_errors, 1);
+    assert_eq!(logs.events_with(&[("event", "local_error")]).len(), 1);
+}

@@ -522,3 +522,37 @@ fn on_a_terminal_the_log_is_coloured_unless_no_color_is_set() {
     let log = log_on_a_terminal(Some("1"));
     assert!(!log.contains("\x1b["), "{log:?}");
 }
+
+/// The soft limit of open files `prlimit` gave the daemon, as the kernel has it now.
+#[cfg(target_os = "linux")]
+fn soft_open_files(pid: u32) -> u64 {
+    let limits = std::fs::read_to_string(format!("/proc/{pid}/limits")).expect("limits");
+    let line = (limits.lines())
+        .find(|l| l.starts_with("Max open files"))
+        .expect("the open files line");
+    let soft = line.split_whitespace().nth(3).expect("the soft limit");
+    soft.parse().expect("a number")
+}
+
+#[cfg(target_os = "linux")]
+#[tokio::test(flavor = "multi_thread")]
+async fn the_soft_open_files_limit_is_raised_to_the_hard_one_and_a_low_one_is_warned_about() {
+    // No DNSSEC check to wait for: this is about descriptors.
+    let config = "tls: { system_roots: false }\nresolver: { nameservers: [\"127.0.0.1:9\"], dane: off }\nhostname: relay.example.com\n";
+    let dir = tempfile::tempdir().expect("dir");
+    let mut raised = Daemon::start_with_open_files(dir.path(), config, 256, 4096).await;
+    assert_eq!(soft_open_files(raised.pid()), 4096);
+    assert_eq!(raised.count_events(&[("event", "open_files_limit")]), 0);
+    raised.signal("TERM");
+    raised.wait_for_event(&[("event", "stopped")]).await;
+
+    // 256 in all: two sockets for each of 200 sessions and a pool of 1000 do not fit.
+    let dir = tempfile::tempdir().expect("dir");
+    let low = Daemon::start_with_open_files(dir.path(), config, 256, 256).await;
+    let warned = (low.log_text().lines())
+        .filter_map(|line| serde_json::from_str::<Value>(line).ok())
+        .find(|e| has_fields(e, &[("event", "open_files_limit")]))
+        .expect("a warning about the open files limit");
+    assert_eq!(warned["limit"], 256);
+    assert_eq!(warned["needed"], 2 * 200 + 1000 + 64);
+}

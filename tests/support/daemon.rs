@@ -88,6 +88,23 @@ impl Daemon {
         Daemon::spawn_command(command, &path, &admin_socket, &[]).await
     }
 
+    /// As [`Daemon::start`], with this soft and hard limit of open files (`prlimit`,
+    /// which runs the binary in place of itself).
+    pub async fn start_with_open_files(dir: &Path, config: &str, soft: u64, hard: u64) -> Daemon {
+        let (path, admin_socket) = write_config(dir, config);
+        let mut command = Command::new("prlimit");
+        command
+            .arg(format!("--nofile={soft}:{hard}"))
+            .arg("--")
+            .arg(env!("CARGO_BIN_EXE_tlsrouter"));
+        Daemon::spawn_command(command, &path, &admin_socket, &[]).await
+    }
+
+    /// The daemon's process id.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
     /// Runs `tlsrouter run --config CONFIG_FILE --log-format json` (the file names
     /// `admin_socket` and a listening address with port 0) with `env` added to its
     /// environment. Returns once the daemon says it listens.

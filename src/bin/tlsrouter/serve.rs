@@ -26,6 +26,7 @@ pub(crate) fn run(path: Option<PathBuf>, log_format: Option<LogFormat>) -> ExitC
         return ExitCode::from(EXIT_CONFIG);
     }
     warn_if_not_fully_qualified(&config.hostname);
+    raise_open_files_limit(&config);
     let runtime = match tokio::runtime::Runtime::new() {
         Ok(runtime) => runtime,
         Err(e) => {
@@ -35,6 +36,44 @@ pub(crate) fn run(path: Option<PathBuf>, log_format: Option<LogFormat>) -> ExitC
     };
     runtime.block_on(serve(config))
 }
+
+/// Raises the soft limit of open descriptors to the hard one (the default soft 1024 is too
+/// few for the default limits), and warns when the limits could still use more: each
+/// session holds two sockets, each pooled connection one.
+#[cfg(unix)]
+fn raise_open_files_limit(config: &Config) {
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit and setrlimit only read and write the struct given.
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) } != 0 {
+        return;
+    }
+    if limit.rlim_cur < limit.rlim_max {
+        let raised = libc::rlimit {
+            rlim_cur: limit.rlim_max,
+            ..limit
+        };
+        // SAFETY: as above.
+        if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &raised) } == 0 {
+            limit = raised;
+        }
+    }
+    let needed = 2 * config.limits.max_sessions + config.delivery.pool.total + 64;
+    if (limit.rlim_cur as u128) < needed as u128 {
+        tracing::warn!(
+            event = "open_files_limit",
+            limit = limit.rlim_cur,
+            needed,
+            "the open-files limit ({}) is below what limits.max_sessions and delivery.pool.total can use ({needed}): raise it (LimitNOFILE= in the unit, ulimit -n) or lower them",
+            limit.rlim_cur
+        );
+    }
+}
+
+#[cfg(not(unix))]
+fn raise_open_files_limit(_config: &Config) {}
 
 /// The proxy for `config`, or the exit code of a configuration it cannot start with.
 pub(crate) fn proxy(config: Config) -> Result<Arc<Proxy>, ExitCode> {

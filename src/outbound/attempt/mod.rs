@@ -557,6 +557,9 @@ impl Outbound {
         addr: SocketAddr,
     ) -> Result<PlainConnection, AttemptFailure> {
         (self.dialer.connect(&server.name, addr).await).map_err(|error| {
+            if error.is_local() {
+                return AttemptFailure::Local(error);
+            }
             let class = match error.is_timeout() {
                 true => OutcomeClass::Timeout,
                 false => OutcomeClass::ConnectFailed,
