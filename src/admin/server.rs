@@ -320,8 +320,14 @@ fn summary(rule: &crate::rules::Rule) -> String {
 #[cfg(unix)]
 pub async fn serve(proxy: Arc<Proxy>, listener: tokio::net::UnixListener) {
     loop {
-        let Ok((stream, _)) = listener.accept().await else {
-            continue;
+        let stream = match listener.accept().await {
+            Ok((stream, _)) => stream,
+            Err(e) => {
+                // Out of descriptors, say: wait for some to come back instead of spinning.
+                tracing::warn!("admin socket: accept failed: {e}");
+                tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                continue;
+            }
         };
         let proxy = proxy.clone();
         tokio::spawn(async move {

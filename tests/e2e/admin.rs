@@ -15,7 +15,7 @@ use tlsrouter::Proxy;
 use tlsrouter::config::Config;
 use tlsrouter::outcome::OutcomeClass;
 use tlsrouter::probe::{ProbeTarget, probe};
-use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 
 const LOCALHOST: IpAddr = IpAddr::V4(Ipv4Addr::LOCALHOST);
 const BODY: &[u8] = b"Subject: admin test\r\n\r\nhello\r\n";
@@ -983,4 +983,49 @@ async fn ctl_probe_runs_from_the_daemon_and_fills_its_cache() {
     let (code, _, err) = ctl(&d.socket, &["probe"]).await;
     assert_eq!(code, 1);
     assert!(err.contains("nothing to probe"), "{err}");
+}
+
+#[tokio::test]
+async fn clients_holding_metrics_connections_open_are_cut_off_and_a_scrape_still_works() {
+    let ca = TestCa::new();
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .expect("port")
+        .local_addr()
+        .expect("addr")
+        .port();
+    let cert = ca.leaf(&["mx.example.test"], Validity::Current);
+    let _d = daemon(&ca, tls(cert), |lab| {
+        lab.set("metrics.listen", format!("127.0.0.1:{port}"))
+    })
+    .await;
+    // Many more than are served at once, each saying nothing.
+    let mut held = Vec::new();
+    for _ in 0..(4 * tlsrouter::admin::metrics::MAX_CONNECTIONS) {
+        let stream = tokio::net::TcpStream::connect(("127.0.0.1", port))
+            .await
+            .expect("connect");
+        held.push(stream);
+    }
+    // Each is closed by the endpoint: at once beyond the limit, after the deadline within.
+    let bound = tlsrouter::admin::metrics::DEADLINE * 4;
+    for mut stream in held {
+        let mut buf = [0u8; 64];
+        let read = tokio::time::timeout(bound, stream.read(&mut buf)).await;
+        assert!(
+            matches!(read, Ok(Ok(0)) | Ok(Err(_))),
+            "a held connection was not closed: {read:?}"
+        );
+    }
+    let mut stream = tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .expect("metrics");
+    stream
+        .write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
+        .await
+        .expect("write");
+    let mut text = String::new();
+    tokio::io::AsyncReadExt::read_to_string(&mut stream, &mut text)
+        .await
+        .expect("read");
+    assert!(text.starts_with("HTTP/1.1 200 OK"), "{text}");
 }
