@@ -838,6 +838,37 @@ async fn ctl_tlsrpt_send_mails_the_day_so_far_through_the_relay() {
 }
 
 #[tokio::test]
+async fn counts_are_bounded_whether_or_not_reports_are_sent() {
+    let lab = report_lab("mailto:tlsrpt@example.test", false, None).await;
+    let day = today(&lab);
+    let verified = SessionResult::from_class(OutcomeClass::TlsVerified).expect("a session");
+    // A domain whose policy changes at every lookup: only so many policies are kept.
+    for n in 0..(3 * tlsrouter::policy::tlsrpt::counting::MAX_POLICIES_PER_DOMAIN) {
+        let records = [format!("3 1 1 {n:064x}")];
+        let facts = PolicyFacts::tlsa(&records, "mx.changing.test");
+        lab.reports
+            .record("changing.test", &facts, &verified, &SessionSite::default());
+    }
+    let report = lab.reports.report(day, "changing.test").expect("a report");
+    assert_eq!(
+        report["policies"].as_array().map(Vec::len),
+        Some(tlsrouter::policy::tlsrpt::counting::MAX_POLICIES_PER_DOMAIN)
+    );
+    // Two days later, with no report sent (no directory would do the same), the first
+    // session of the day drops what is older than yesterday.
+    lab.clock.advance(Duration::from_secs(2 * 86_400));
+    lab.reports.record(
+        DOMAIN,
+        &PolicyFacts::NoPolicyFound,
+        &verified,
+        &SessionSite::default(),
+    );
+    assert!(lab.reports.report(day, DOMAIN).is_none());
+    assert!(lab.reports.report(day, "changing.test").is_none());
+    assert!(lab.reports.report(today(&lab), DOMAIN).is_some());
+}
+
+#[tokio::test]
 async fn the_report_is_mailed_as_multipart_report_to_a_mailto_rua() {
     let relay = SmtpServer::start(IpAddr::V4(Ipv4Addr::LOCALHOST), 0, ServerBehaviour::plain())
         .await

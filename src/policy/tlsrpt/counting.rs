@@ -35,6 +35,10 @@ struct SavedFile {
 /// The counts file's format version.
 const FILE_VERSION: u32 = 1;
 
+/// Policies counted per domain and day; a domain whose published policy changes more often
+/// than this in a day has the rest of its sessions left out of the report.
+pub const MAX_POLICIES_PER_DOMAIN: usize = 8;
+
 impl TlsReports {
     /// Counts one session to `policy_domain` (the recipient domain) under `policy`.
     pub fn record(
@@ -51,16 +55,20 @@ impl TlsReports {
         };
         let key = (day, domain);
         if !counts.contains_key(&key) {
-            let that_day = counts.keys().filter(|(d, _)| *d == day).count();
+            // Days before yesterday are reported or never will be: they go, sent or not.
+            let kept = counts.split_off(&(day.previous(), String::new()));
+            *counts = kept;
+            let that_day = (counts.range((day, String::new())..)).count();
             if that_day >= self.config.max_domains {
                 return;
             }
         }
-        let counts = counts
-            .entry(key)
-            .or_default()
-            .entry(policy.clone())
-            .or_default();
+        let policies = counts.entry(key).or_default();
+        // A domain whose policy changes at every lookup would add its text each time.
+        if !policies.contains_key(policy) && policies.len() >= MAX_POLICIES_PER_DOMAIN {
+            return;
+        }
+        let counts = policies.entry(policy.clone()).or_default();
         match result {
             SessionResult::Success => counts.successes += 1,
             SessionResult::Failure {
