@@ -320,33 +320,16 @@ impl MxResolver {
             return (DnssecCheck::Off, "dane: off".into());
         };
         let zone = self.anchor_zone.as_str();
-        match self
+        let lookup = self
             .bounded(validating.lookup(zone, RecordType::DNSKEY))
-            .await
-        {
-            Ok(found) => {
-                let keys: Vec<&Record> = (found.answers().iter())
-                    .filter(|r| r.record_type() == RecordType::DNSKEY)
-                    .collect();
-                match Dnssec::of(&keys) {
-                    Dnssec::Secure => (DnssecCheck::On, String::new()),
-                    _ => {
-                        let why = format!(
-                            "the DNSKEY set of {zone} did not validate against the trust anchor"
-                        );
-                        (DnssecCheck::Off, why)
-                    }
-                }
-            }
-            Err(e) if no_answer_yet(&e) => (
-                DnssecCheck::Unknown,
-                format!("the DNSKEY lookup of {zone} got no answer: {e}"),
-            ),
-            Err(e) => (
-                DnssecCheck::Off,
-                format!("the DNSKEY lookup of {zone} failed: {e}"),
-            ),
-        }
+            .await;
+        let validated = lookup.map(|found| {
+            let keys: Vec<&Record> = (found.answers().iter())
+                .filter(|r| r.record_type() == RecordType::DNSKEY)
+                .collect();
+            Dnssec::of(&keys) == Dnssec::Secure
+        });
+        crate::net::dnssec_check::judge(zone, validated)
     }
 
     fn record_dnssec(&self, found: DnssecCheck, why: &str) {
@@ -784,19 +767,6 @@ fn answer(error: &NetError) -> Answer {
             _ => Answer::Failed,
         },
         _ => Answer::Failed,
-    }
-}
-
-/// A lookup that got no answer at all (a timeout, SERVFAIL, no connection): the name
-/// servers may answer later, as a resolver that is still starting does.
-fn no_answer_yet(error: &NetError) -> bool {
-    match error {
-        NetError::Busy | NetError::NoConnections | NetError::Io(_) | NetError::Timeout => true,
-        NetError::Dns(DnsError::ResponseCode(ResponseCode::ServFail | ResponseCode::Refused)) => {
-            true
-        }
-        NetError::Dns(DnsError::NoRecordsFound(no)) => no.response_code == ResponseCode::ServFail,
-        _ => false,
     }
 }
 

@@ -6,6 +6,9 @@
 
 use std::time::{Duration, Instant};
 
+use hickory_resolver::net::{DnsError, NetError};
+use hickory_resolver::proto::op::ResponseCode;
+
 /// What the start-up check found.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum DnssecCheck {
@@ -21,6 +24,39 @@ impl DnssecCheck {
             DnssecCheck::Off => "off",
             DnssecCheck::Unknown => "unknown",
         }
+    }
+}
+
+/// What the answer to the trust anchor's DNSKEY question says (`Ok`: whether its keys
+/// validated), and why in words.
+pub fn judge(zone: &str, validated: Result<bool, NetError>) -> (DnssecCheck, String) {
+    match validated {
+        Ok(true) => (DnssecCheck::On, String::new()),
+        Ok(false) => (
+            DnssecCheck::Off,
+            format!("the DNSKEY set of {zone} did not validate against the trust anchor"),
+        ),
+        Err(e) if no_answer_yet(&e) => (
+            DnssecCheck::Unknown,
+            format!("the DNSKEY lookup of {zone} got no answer: {e}"),
+        ),
+        Err(e) => (
+            DnssecCheck::Off,
+            format!("the DNSKEY lookup of {zone} failed: {e}"),
+        ),
+    }
+}
+
+/// A lookup that got no answer at all (a timeout, SERVFAIL, REFUSED, no connection): the
+/// name servers may answer later, as a resolver that is still starting does.
+fn no_answer_yet(error: &NetError) -> bool {
+    match error {
+        NetError::Busy | NetError::NoConnections | NetError::Io(_) | NetError::Timeout => true,
+        NetError::Dns(DnsError::ResponseCode(ResponseCode::ServFail | ResponseCode::Refused)) => {
+            true
+        }
+        NetError::Dns(DnsError::NoRecordsFound(no)) => no.response_code == ResponseCode::ServFail,
+        _ => false,
     }
 }
 

@@ -12,28 +12,18 @@
 use tokio::io::AsyncBufReadExt;
 
 use crate::inbound::session::data::{BODY_BLOCK, BodyEnd, ClientGone};
-use crate::inbound::session::transaction::{End, Remote, Transaction};
+use crate::inbound::session::transaction::{End, Held, Remote, Transaction};
 use crate::inbound::session::{Next, Session};
 use crate::outbound::TlsRequiredNo;
 use crate::outbound::attempt::Envelope;
 use crate::outbound::upstream::Answer;
-use crate::router::Plan;
 use crate::sessions::SessionState;
+use crate::smtp::Reply;
 use crate::smtp::data::{BodyError, BodyFilter};
-use crate::smtp::{Mailbox, RcptParams, Reply};
 
 /// How much of the message text is read for its header block; a longer one is taken as
 /// without `TLS-Required: No`.
 const HEADER_LIMIT: usize = 256 * 1024;
-
-/// A recipient waiting for the message's header.
-pub(super) struct Held {
-    pub(super) recipient: Mailbox,
-    pub(super) params: RcptParams,
-    pub(super) plan: Plan,
-    /// What the MTA is told when the message does not waive the policy.
-    pub(super) refusal: Reply,
-}
 
 /// The start of the message text, as read for its header block.
 struct Head {

@@ -20,9 +20,8 @@ use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 
 use crate::inbound::reader::SessionReader;
-use crate::inbound::session::held::Held;
 use crate::inbound::session::log::log_transaction;
-use crate::inbound::session::transaction::{End, REFUSED_SHOWN, Remote, Transaction};
+use crate::inbound::session::transaction::{End, Held, REFUSED_SHOWN, Remote, Transaction};
 use crate::outbound::TlsRequiredNo;
 use crate::outbound::attempt::{Envelope, Greeting};
 use crate::outbound::route::{NoRoute, Redirect};

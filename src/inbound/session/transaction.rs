@@ -4,11 +4,11 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 
-use crate::inbound::session::held::Held;
 use crate::outbound::route::OpenRoute;
 use crate::outbound::upstream::RemoteFacts;
+use crate::router::Plan;
 use crate::rules::RuleSet;
-use crate::smtp::{MailParams, Mailbox, Reply};
+use crate::smtp::{MailParams, Mailbox, RcptParams, Reply};
 
 /// One MAIL FROM and what followed it.
 pub(super) struct Transaction {
@@ -54,6 +54,16 @@ impl Remote {
             Remote::Lost { facts, .. } => Some(facts),
         }
     }
+}
+
+/// The transaction's first recipient, waiting for the message's `TLS-Required: No`
+/// (see `held`).
+pub(super) struct Held {
+    pub(super) recipient: Mailbox,
+    pub(super) params: RcptParams,
+    pub(super) plan: Plan,
+    /// What the MTA is told when the message does not waive the policy.
+    pub(super) refusal: Reply,
 }
 
 /// How a transaction ended, for its log line and the counters.
