@@ -852,7 +852,7 @@ mod daemon {
             .find(|m| m.rcpt_to == [format!("tlsrpt@{domain}")])
             .expect("the report for the domain");
         let text = String::from_utf8_lossy(&message.data).to_string();
-        crate::mta_sts::gunzip(&crate::mta_sts::attachment_of(&text))
+        crate::support::reports::gunzip(&crate::support::reports::attachment_of(&text))
     }
 
     /// The report's policy for `mx`, which must be of type tlsa.

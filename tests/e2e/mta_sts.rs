@@ -4,18 +4,16 @@
 //! taking mailed reports.
 
 use std::collections::HashMap;
-use std::io::Read;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::sync::Arc;
 use std::time::Duration;
-
-use base64::Engine;
 
 use crate::support::dns::{DnsServer, TestZone};
 use crate::support::events::assert_fields;
 use crate::support::https::{Answer, HttpsServer, POLICY_HOST, Seen, txt};
 use crate::support::mta::verdict;
 use crate::support::pki::{CertKey, TestCa, Validity, self_signed};
+use crate::support::reports::{attachment_of, gunzip};
 use crate::support::smtp_server::{ServerBehaviour, SmtpServer};
 use tlsrouter::cache::{Clock, ManualClock};
 use tlsrouter::net::dialer::Dialer;
@@ -571,14 +569,6 @@ fn today(lab: &ReportLab) -> UtcDay {
     UtcDay::of(lab.clock.now())
 }
 
-pub(super) fn gunzip(bytes: &[u8]) -> serde_json::Value {
-    let mut text = String::new();
-    flate2::read::GzDecoder::new(bytes)
-        .read_to_string(&mut text)
-        .expect("a gzip stream");
-    serde_json::from_str(&text).expect("JSON")
-}
-
 #[tokio::test]
 async fn the_day_report_is_rfc_8460_json_with_the_right_result_types() {
     let lab = report_lab("mailto:tlsrpt@example.test", false, None).await;
@@ -904,21 +894,6 @@ async fn the_report_is_mailed_as_multipart_report_to_a_mailto_rua() {
     assert_eq!(gunzip(&attachment), expected);
     // other.test asked for mail too.
     assert!(messages.iter().any(|m| m.rcpt_to == ["nobody@other.test"]));
-}
-
-/// The base64 part after the gzip part's headers, up to the closing boundary.
-pub(super) fn attachment_of(message: &str) -> Vec<u8> {
-    let start = message
-        .find("Content-Type: application/tlsrpt+gzip")
-        .expect("a gzip part");
-    let part = &message[start..];
-    let body_start = part.find("\r\n\r\n").expect("the part's headers end") + 4;
-    let body = &part[body_start..];
-    let body_end = body.find("\r\n--").expect("the closing boundary");
-    let base64: String = body[..body_end].split("\r\n").collect();
-    base64::engine::general_purpose::STANDARD
-        .decode(base64)
-        .expect("base64")
 }
 
 #[tokio::test]

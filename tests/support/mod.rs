@@ -15,6 +15,7 @@
 //! - `postfix`: a real Postfix instance of the test's own, and waiting on its queue.
 //! - `netns`: a network namespace with a veth pair, for the transparent-mode tests.
 //! - `redis`: a real `redis-server` on a free port, for the fleet's shared cache.
+//! - `reports`: reading the TLS-RPT reports sent (gzip JSON, a mailed attachment).
 //! - `proxy`: older entry points (`test_config`, `start_proxy`), thin wrappers over `settings`.
 //!
 //! The end-to-end tests (`tests/e2e/`) are one test binary that includes this module.
@@ -34,6 +35,7 @@ pub mod pki;
 pub mod postfix;
 pub mod proxy;
 pub mod redis;
+pub mod reports;
 pub mod settings;
 pub mod smtp_client;
 pub mod smtp_server;
