@@ -55,7 +55,14 @@ fn the_daemon_tells_systemd_it_is_ready_once_it_accepts_connections() {
     });
 
     let mut datagram = [0u8; 4096];
-    let received = systemd.recv(&mut datagram);
+    // A signal to this process (another test's child ending) interrupts a receive with a
+    // timeout; that is no answer from the daemon, so it is asked again.
+    let received = loop {
+        match systemd.recv(&mut datagram) {
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            other => break other,
+        }
+    };
     let Ok(len) = received else {
         let _ = daemon.0.kill();
         let log = log.join().unwrap_or_default().join("\n");
