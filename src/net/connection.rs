@@ -453,3 +453,27 @@ pub enum StartTls {
     /// The server closed (421/221): a temporary failure of this server, not a TLS fact.
     Closed(Reply),
 }
+
+#[cfg(all(test, unix))]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn this_hosts_own_errors_are_told_from_the_remotes() {
+        let io = |code| ExchangeError::Io(std::io::Error::from_raw_os_error(code));
+        for local in [
+            libc::EMFILE,
+            libc::ENFILE,
+            libc::ENOBUFS,
+            libc::EADDRNOTAVAIL,
+            libc::EADDRINUSE,
+            libc::EPERM,
+        ] {
+            assert!(io(local).is_local(), "{local}");
+        }
+        for remote in [libc::ECONNREFUSED, libc::EHOSTUNREACH, libc::ECONNRESET] {
+            assert!(!io(remote).is_local(), "{remote}");
+        }
+        assert!(!ExchangeError::Timeout(5, "the TCP connection").is_local());
+    }
+}
