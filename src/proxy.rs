@@ -137,6 +137,10 @@ impl Proxy {
             tls_reports: tls_reports.clone(),
             pool: crate::outbound::pool::Pool::new(config.delivery.pool.clone()),
             policies: policies.clone(),
+            budget: crate::outbound::Budget {
+                mx_hosts: config.delivery.max_mx_hosts,
+                addresses: config.delivery.max_addresses,
+            },
         };
         // The semaphore's own bound, and one drain can take back at once.
         let session_slots_max = (config.limits.max_sessions)

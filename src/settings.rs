@@ -39,6 +39,10 @@ pub struct Timeouts {
     /// DNS lookups.
     #[serde(with = "duration")]
     pub dns: Duration,
+    /// How long one recipient's route may take to find a server (every MX host and address
+    /// tried); after it, no further server is tried and the MTA hears what was.
+    #[serde(with = "duration")]
+    pub route: Duration,
     /// At shutdown, how long transactions in flight may take to finish.
     #[serde(with = "duration")]
     pub shutdown_drain: Duration,
@@ -57,6 +61,7 @@ impl Default for Timeouts {
             data_end: min(10),
             client_idle: min(5),
             dns: Duration::from_secs(10),
+            route: min(3),
             shutdown_drain: Duration::from_secs(30),
         }
     }

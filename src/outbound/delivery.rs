@@ -12,7 +12,7 @@ use crate::net::connection::PlainConnection;
 use crate::net::dns::{AddressError, Dnssec, RouteError, ServerId, literal_address};
 use crate::outbound::Outbound;
 use crate::outbound::attempt::{Attempt, Envelope, Greeted, is_connected};
-use crate::outbound::failure::{AttemptFailure, AuthFailure, Failed, unsupported_reply};
+use crate::outbound::failure::{AttemptFailure, AuthFailure, Failed, Spent, unsupported_reply};
 use crate::outbound::hop::{Dane, NextHop, no_mx_name, published};
 use crate::outbound::pool::Lineage;
 use crate::outbound::upstream::{RemoteFacts, Upstream, relayable};
@@ -152,10 +152,27 @@ impl Outbound {
         };
         let mut failures = Vec::new();
         let mut tls_failures = Vec::new();
+        // A domain with many dead MX hosts costs its own messages, not everyone's sessions.
+        let budget = self.budget;
+        let deadline = std::time::Instant::now() + self.timeouts.route;
+        let mut servers = servers;
+        let mut spent = None;
+        if servers.len() > budget.mx_hosts {
+            let left = servers.len() - budget.mx_hosts;
+            servers.truncate(budget.mx_hosts);
+            let limit = budget.mx_hosts;
+            spent = Some(Spent::MxHosts { left, limit });
+        }
+        let mut addresses_tried = 0;
         // The last refusal for a missing extension, and how many servers gave one.
         let (mut unsupported, mut unsupported_count) = (None, 0);
         let mut tls_rule = plan.base_rule().name.clone();
-        for (host, port, mx_secure) in servers {
+        'servers: for (host, port, mx_secure) in servers {
+            if std::time::Instant::now() >= deadline {
+                let secs = self.timeouts.route.as_secs();
+                spent = Some(Spent::Time { secs });
+                break;
+            }
             let mut dane_unknown = None;
             let addrs = match hop {
                 // Only the address the MTA chose; DANE applies when it is a secure answer
@@ -212,6 +229,17 @@ impl Outbound {
             };
             let demand = hop.demand(envelope.params.requiretls, &host);
             for ip in addrs {
+                if addresses_tried >= budget.addresses {
+                    let limit = budget.addresses;
+                    spent = Some(Spent::Addresses { limit });
+                    break 'servers;
+                }
+                if std::time::Instant::now() >= deadline {
+                    let secs = self.timeouts.route.as_secs();
+                    spent = Some(Spent::Time { secs });
+                    break 'servers;
+                }
+                addresses_tried += 1;
                 let server = ServerId::new(&host, ip);
                 self.cache.refresh(&server.name, ip).await;
                 let cached = self.cache.get(&server.name, ip);
@@ -364,12 +392,15 @@ impl Outbound {
         if let Some((reply, server)) = unsupported
             && unsupported_count == failures.len()
             && tls_failures.is_empty()
+            && spent.is_none()
         {
             if reply.enhanced() == Some("5.7.30") {
                 self.stats.requiretls_refused.inc();
             }
             return Err(OpenError::Rejected { reply, server });
         }
+        // Why the rest was not tried, last: the MTA sees it after what was.
+        failures.extend(spent.map(Failed::Budget));
         if envelope.params.requiretls
             && !tls_failures.is_empty()
             && tls_failures
@@ -402,7 +433,8 @@ impl Outbound {
                 }
             )
         };
-        if !failures.is_empty() && failures.iter().all(local) {
+        let budget_note = |f: &Failed| matches!(f, Failed::Budget(_));
+        if failures.iter().any(local) && failures.iter().all(|f| local(f) || budget_note(f)) {
             return Err(OpenError::Local { failures });
         }
         Err(OpenError::Unreachable {

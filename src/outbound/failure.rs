@@ -124,9 +124,22 @@ impl AuthFailure {
     }
 }
 
+/// Why no more servers were tried: the transaction's budget was spent.
+#[derive(Debug, thiserror::Error)]
+pub enum Spent {
+    #[error("{left} more MX hosts not tried (at most {limit} per transaction)")]
+    MxHosts { left: usize, limit: usize },
+    #[error("no more addresses tried (at most {limit} per transaction)")]
+    Addresses { limit: usize },
+    #[error("no more servers tried after {secs}s (timeouts.route)")]
+    Time { secs: u64 },
+}
+
 /// One line of why no server took a transaction.
 #[derive(Debug)]
 pub enum Failed {
+    /// The transaction's budget was spent before every server was tried.
+    Budget(Spent),
     /// A host whose addresses could not be had.
     Addresses { host: String, error: AddressError },
     /// A server, and why it did not take the transaction.
@@ -146,6 +159,7 @@ pub enum Failed {
 impl std::fmt::Display for Failed {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
+            Failed::Budget(spent) => spent.fmt(f),
             Failed::Addresses { host, error } => write!(f, "{host}: {error}"),
             Failed::Server {
                 server,
@@ -177,6 +191,7 @@ impl Failed {
     /// a handshake that broke, a downgrade, nor a TLSA answer that could not be had.
     pub fn is_permanent(&self) -> bool {
         match self {
+            Failed::Budget(_) => false,
             Failed::Addresses { error, .. } => *error == AddressError::NotFound,
             Failed::Server { failure, .. } => matches!(failure, AttemptFailure::Unsupported(_)),
             Failed::Refused { refusal, .. } => match &refusal.reason {

@@ -48,6 +48,11 @@ pub struct DeliveryConfig {
     /// Whether a message's `TLS-Required: No` header sets aside what the recipient domain
     /// publishes (RFC 8689 5).
     pub tls_required_no: TlsRequiredNo,
+    /// MX hosts tried per transaction, best first (as Postfix's smtp_mx_session_limit):
+    /// a domain with many dead MX hosts costs its own messages, not everyone's sessions.
+    pub max_mx_hosts: usize,
+    /// Addresses tried per transaction, over all its MX hosts (smtp_mx_address_limit).
+    pub max_addresses: usize,
 }
 
 /// What a message's `TLS-Required: No` header does.
@@ -71,6 +76,8 @@ impl Default for DeliveryConfig {
             pool: PoolConfig::default(),
             source_address: None,
             tls_required_no: TlsRequiredNo::Honour,
+            max_mx_hosts: 5,
+            max_addresses: 10,
         }
     }
 }
@@ -94,4 +101,14 @@ pub struct Outbound {
     pub pool: Arc<Pool>,
     /// The MTA-STS policies of recipient domains.
     pub policies: Arc<PolicyStore>,
+    /// What one transaction may try before the MTA is told.
+    pub budget: Budget,
+}
+
+/// What one transaction may try before the MTA is told: so many MX hosts and addresses,
+/// within `timeouts.route`.
+#[derive(Clone, Copy, Debug)]
+pub struct Budget {
+    pub mx_hosts: usize,
+    pub addresses: usize,
 }

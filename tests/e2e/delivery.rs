@@ -495,3 +495,65 @@ async fn a_large_message_and_the_commands_pipelined_behind_its_dot_arrive_intact
     assert_eq!(got[1].rcpt_to, ["d@example.test"]);
     assert_eq!(got[1].data, BODY);
 }
+
+/// A domain with many MX hosts that all fail costs its own messages only: so many hosts and
+/// addresses are tried per transaction, within `timeouts.route`, and the MTA hears what
+/// was and why the rest was not.
+#[tokio::test]
+async fn a_domain_with_many_failing_mx_hosts_is_tried_within_the_transactions_budget() {
+    const HOSTS: u8 = 20;
+    let busy = || ServerBehaviour::plain().greeting("421 4.3.2 busy");
+    let mut servers =
+        vec![crate::support::mx::server(crate::support::mx::loopback(10), 0, busy()).await];
+    let port = servers[0].addr().port();
+    let mut zone = TestZone::new();
+    for n in 0..HOSTS {
+        let host = format!("mx{n}.hostile.test");
+        zone = zone
+            .mx("hostile.test", 10 + u16::from(n), &host)
+            .a(&host, crate::support::mx::loopback(10 + n));
+        if n > 0 {
+            let ip = crate::support::mx::loopback(10 + n);
+            servers.push(crate::support::mx::server(ip, port, busy()).await);
+        }
+    }
+    let tried = |servers: &[SmtpServer]| servers.iter().map(SmtpServer::connections).sum::<usize>();
+    let send = |lab: &Lab| send_body(lab.smtp, &["b@hostile.test"], BODY);
+
+    // The defaults: five MX hosts.
+    let lab = Lab::new().zone(zone.clone()).mx_port(port).start().await;
+    let (_, rcpts, _) = send(&lab).await;
+    assert_eq!(
+        (rcpts[0].code, rcpts[0].enhanced().as_deref()),
+        (451, Some("4.4.1")),
+        "{rcpts:?}"
+    );
+    assert!(
+        rcpts[0].text().contains("15 more MX hosts not tried"),
+        "{rcpts:?}"
+    );
+    assert_eq!(tried(&servers), 5);
+
+    // Three addresses in all.
+    let lab = Lab::new()
+        .zone(zone.clone())
+        .mx_port(port)
+        .set("delivery.max_mx_hosts", 20)
+        .set("delivery.max_addresses", 3)
+        .start()
+        .await;
+    let (_, rcpts, _) = send(&lab).await;
+    assert_eq!(rcpts[0].code, 451, "{rcpts:?}");
+    assert_eq!(tried(&servers), 5 + 3);
+
+    // No time left: no server at all.
+    let lab = Lab::new()
+        .zone(zone)
+        .mx_port(port)
+        .set("timeouts.route", "0s")
+        .start()
+        .await;
+    let (_, rcpts, _) = send(&lab).await;
+    assert_eq!(rcpts[0].code, 451, "{rcpts:?}");
+    assert_eq!(tried(&servers), 5 + 3, "nothing more tried");
+}
