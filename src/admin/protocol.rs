@@ -54,6 +54,9 @@ pub enum Request {
         /// `verified-tls`).
         #[serde(default)]
         did_tls: crate::cache::TlsMemory,
+        /// The sender asks REQUIRETLS; whether the MX answer vouches for `mx` is looked up.
+        #[serde(default)]
+        requiretls: bool,
     },
     Stats {},
     Sessions {},

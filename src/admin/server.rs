@@ -9,6 +9,7 @@ use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 
 use crate::admin::protocol::{ErrorKind, Request, Response, parse_request};
 use crate::config::duration;
+use crate::net::dns::Dnssec;
 use crate::outcome::OutcomeClass;
 use crate::probe::probe;
 use crate::proxy::Proxy;
@@ -107,6 +108,7 @@ pub async fn handle(proxy: &Proxy, request: Request) -> Response {
             outcome,
             pinned,
             did_tls,
+            requiretls,
         } => {
             let domain_of =
                 |a: &str| (a.rsplit_once('@')).and_then(|(_, d)| crate::smtp::command::a_label(d));
@@ -147,7 +149,19 @@ pub async fn handle(proxy: &Proxy, request: Request) -> Response {
                 cached,
                 memory,
                 published,
-                demand: Demand::Nothing,
+                demand: match requiretls {
+                    false => Demand::Nothing,
+                    true => {
+                        // As delivery would find it now: an MX answer that is secure and
+                        // names the host.
+                        let mx_answer = proxy.outbound.resolver.mail_exchangers_checked(&domain);
+                        let name_authentic = match mx_answer.await {
+                            Ok((hosts, Dnssec::Secure)) => hosts.iter().any(|h| h.name == host),
+                            _ => false,
+                        };
+                        Demand::RequireTls { name_authentic }
+                    }
+                },
             };
             let answer = explain(proxy.router.rules(), &question);
             Response::ok(json!({

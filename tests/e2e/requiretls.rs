@@ -400,3 +400,44 @@ async fn probe_shows_the_requiretls_a_server_offers_after_starttls() {
         .expect("EHLO after TLS");
     assert!(after.iter().any(|k| k == "REQUIRETLS"), "{server}");
 }
+
+#[tokio::test]
+async fn ctl_rules_explain_with_requiretls_asks_the_mx_answer_as_delivery_does() {
+    let ca = TestCa::new();
+    let explain = [
+        "rules",
+        "explain",
+        "--rcpt",
+        RCPT,
+        "--mx",
+        MX,
+        "--requiretls",
+    ];
+    // A DNSSEC-secure MX answer vouches for the host: verified TLS is asked of it.
+    let zone = Zone::new()
+        .mx("secure.test", 10, MX)
+        .a(MX, Ipv4Addr::LOCALHOST);
+    let dns = SignedDns::start(SignedTree::new(zone)).await;
+    let lab = Lab::new()
+        .ca(&ca)
+        .admin()
+        .set("resolver.nameservers", vec![dns.addr.to_string()])
+        .set_path("resolver.trust_anchor_file", &dns.trust_anchor_file)
+        .start()
+        .await;
+    let answer = lab.ctl_json(&explain).await;
+    assert_eq!(answer["decision"]["action"], "tls", "{answer}");
+    // An unsigned one does not: the host is refused.
+    let lab = Lab::new()
+        .ca(&ca)
+        .admin()
+        .zone(
+            TestZone::new()
+                .mx("secure.test", 10, MX)
+                .a(MX, Ipv4Addr::LOCALHOST),
+        )
+        .start()
+        .await;
+    let answer = lab.ctl_json(&explain).await;
+    assert_eq!(answer["decision"]["action"], "refuse", "{answer}");
+}

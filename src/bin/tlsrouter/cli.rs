@@ -229,6 +229,10 @@ pub(crate) enum RulesCommand {
         mx: Option<String>,
         #[command(flatten)]
         assumed: Assumed,
+        /// The sender asks REQUIRETLS (RFC 8689); whether the MX answer is DNSSEC-secure is
+        /// looked up as delivery would.
+        #[arg(long)]
+        requiretls: bool,
     },
 }
 

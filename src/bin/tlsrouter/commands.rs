@@ -47,6 +47,7 @@ pub(crate) fn ctl(socket: &std::path::Path, json: bool, command: CtlCommand) -> 
                 sender,
                 mx,
                 assumed,
+                requiretls,
             } => Request::RulesExplain {
                 rcpt,
                 sender,
@@ -54,6 +55,7 @@ pub(crate) fn ctl(socket: &std::path::Path, json: bool, command: CtlCommand) -> 
                 outcome: assumed.outcome,
                 pinned: assumed.pinned,
                 did_tls: DidTls::memory(assumed.did_tls),
+                requiretls,
             },
         },
         CtlCommand::Policy { command } => match command {
