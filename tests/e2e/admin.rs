@@ -513,11 +513,7 @@ async fn ctl_says_clearly_when_the_daemon_is_not_running() {
 #[tokio::test]
 async fn the_metrics_endpoint_serves_the_same_counters_in_prometheus_format() {
     let ca = TestCa::new();
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .expect("port")
-        .local_addr()
-        .expect("addr")
-        .port();
+    let port = free_port();
     let cert = ca.leaf(&["mx.example.test"], Validity::Current);
     let d = daemon(&ca, tls(cert), |lab| {
         lab.set("metrics.listen", format!("127.0.0.1:{port}"))
@@ -536,17 +532,7 @@ async fn the_metrics_endpoint_serves_the_same_counters_in_prometheus_format() {
     assert_eq!(pinned.ok(), Some(1));
     let _plain = deliver_in_open_session(d.smtp).await;
 
-    let mut stream = tokio::net::TcpStream::connect(("127.0.0.1", port))
-        .await
-        .expect("metrics");
-    stream
-        .write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
-        .await
-        .expect("write");
-    let mut text = String::new();
-    tokio::io::AsyncReadExt::read_to_string(&mut stream, &mut text)
-        .await
-        .expect("read");
+    let text = scrape(port).await;
     assert!(text.starts_with("HTTP/1.1 200 OK"), "{text}");
     let value = |name: &str| -> f64 {
         text.lines()
@@ -988,11 +974,7 @@ async fn ctl_probe_runs_from_the_daemon_and_fills_its_cache() {
 #[tokio::test]
 async fn clients_holding_metrics_connections_open_are_cut_off_and_a_scrape_still_works() {
     let ca = TestCa::new();
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .expect("port")
-        .local_addr()
-        .expect("addr")
-        .port();
+    let port = free_port();
     let cert = ca.leaf(&["mx.example.test"], Validity::Current);
     let _d = daemon(&ca, tls(cert), |lab| {
         lab.set("metrics.listen", format!("127.0.0.1:{port}"))
@@ -1016,6 +998,12 @@ async fn clients_holding_metrics_connections_open_are_cut_off_and_a_scrape_still
             "a held connection was not closed: {read:?}"
         );
     }
+    let text = scrape(port).await;
+    assert!(text.starts_with("HTTP/1.1 200 OK"), "{text}");
+}
+
+/// One `GET /metrics` to the endpoint on `port`: the whole response.
+async fn scrape(port: u16) -> String {
     let mut stream = tokio::net::TcpStream::connect(("127.0.0.1", port))
         .await
         .expect("metrics");
@@ -1024,8 +1012,14 @@ async fn clients_holding_metrics_connections_open_are_cut_off_and_a_scrape_still
         .await
         .expect("write");
     let mut text = String::new();
-    tokio::io::AsyncReadExt::read_to_string(&mut stream, &mut text)
-        .await
-        .expect("read");
-    assert!(text.starts_with("HTTP/1.1 200 OK"), "{text}");
+    stream.read_to_string(&mut text).await.expect("read");
+    text
+}
+
+/// A port nothing listens on now, for the metrics endpoint to bind.
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("a free port")
+        .port()
 }

@@ -10,25 +10,20 @@
 
 use std::net::{IpAddr, Ipv4Addr};
 
-use serde_json::json;
-
-use crate::support::dns::TestZone;
 use crate::support::dnssec::{SignedDns, SignedTree, Zone};
-use crate::support::https::{Answer, HttpsServer, txt};
 use crate::support::lab::{Lab, LabBuilder};
 use crate::support::logs::Logs;
 use crate::support::mta::verdict;
 use crate::support::pki::{CertKey, TestCa, Validity, self_signed};
 use crate::support::smtp_client::{Reply, SmtpClient};
 use crate::support::smtp_server::{ServerBehaviour, SmtpServer, StartTls};
+use crate::support::sts::{EnforcingDomain, enforcing_domain};
 
 const LOCALHOST: IpAddr = IpAddr::V4(Ipv4Addr::LOCALHOST);
 /// The MX host every domain here shares.
 const MX: &str = "mx.shared.test";
 const OPEN: &str = "u@open-shared.test";
 const STRICT: &str = "v@strict.test";
-const POLICY_HOST: &str = "mta-sts.strict.test";
-const ENFORCE: &str = "version: STSv1\r\nmode: enforce\r\nmx: mx.shared.test\r\nmax_age: 86400\r\n";
 const BODY: &[u8] = b"Subject: shared\r\n\r\nhello\r\n";
 
 /// What the MTA heard in one transaction: each RCPT's reply, then the reply to the message
@@ -86,7 +81,7 @@ fn with_pool(lab: LabBuilder, pool: bool) -> LabBuilder {
 struct StsLab {
     lab: Lab,
     server: SmtpServer,
-    _policy: HttpsServer,
+    _domain: EnforcingDomain,
 }
 
 /// open-shared.test publishes nothing; strict.test an enforce policy naming the MX host
@@ -95,28 +90,14 @@ async fn sts_lab(ca: &TestCa, behaviour: ServerBehaviour, pool: bool) -> StsLab 
     let server = SmtpServer::start(LOCALHOST, 0, behaviour)
         .await
         .expect("the shared MX");
-    let policy = HttpsServer::start(
-        ca.leaf(&[POLICY_HOST], Validity::Current),
-        Answer::policy(ENFORCE),
-    )
-    .await;
-    let zone = TestZone::new()
-        .mx("open-shared.test", 10, MX)
-        .mx("strict.test", 10, MX)
-        .a(MX, Ipv4Addr::LOCALHOST)
-        .record("_mta-sts.strict.test", txt("v=STSv1; id=20261207a;"));
-    let lab = Lab::new()
-        .ca(ca)
-        .zone(zone)
-        .mx_port(server.addr().port())
-        .set(
-            "mta_sts.connect_to",
-            json!({ POLICY_HOST: policy.addr.to_string() }),
-        );
+    // open-shared.test names the same MX and publishes nothing.
+    let strict = enforcing_domain(ca, "strict.test", MX).await;
+    let zone = strict.zone.clone().mx("open-shared.test", 10, MX);
+    let lab = Lab::new().ca(ca).zone(zone).mx_port(server.addr().port());
     StsLab {
-        lab: with_pool(lab, pool).start().await,
+        lab: with_pool(strict.policy_only(lab), pool).start().await,
         server,
-        _policy: policy,
+        _domain: strict,
     }
 }
 

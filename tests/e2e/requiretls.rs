@@ -11,26 +11,23 @@
 
 use std::net::{IpAddr, Ipv4Addr};
 
-use serde_json::json;
 use tokio::net::TcpStream;
 use tokio_rustls::client::TlsStream;
 
 use crate::support::dns::TestZone;
 use crate::support::dnssec::{SignedDns, SignedTree, Zone};
 use crate::support::events::{assert_fields, field};
-use crate::support::https::{Answer, HttpsServer, txt};
 use crate::support::lab::Lab;
 use crate::support::logs::Logs;
 use crate::support::mta::{self, with_inbound_tls};
 use crate::support::pki::{CertKey, TestCa, Validity, self_signed};
 use crate::support::smtp_client::{Reply, SmtpClient};
 use crate::support::smtp_server::{ServerBehaviour, SmtpServer, StartTls};
+use crate::support::sts::enforcing_domain;
 
 const LOCALHOST: IpAddr = IpAddr::V4(Ipv4Addr::LOCALHOST);
 const MX: &str = "mx.secure.test";
 const RCPT: &str = "b@secure.test";
-const POLICY_HOST: &str = "mta-sts.secure.test";
-const ENFORCE: &str = "version: STSv1\r\nmode: enforce\r\nmx: mx.secure.test\r\nmax_age: 86400\r\n";
 const BODY: &[u8] = b"From: a@sender.test\r\nTo: b@secure.test\r\nSubject: sealed\r\n\r\nhello\r\n";
 /// The most lenient rule there is: plain, no TLS tried.
 const LENIENT: &str =
@@ -52,6 +49,21 @@ fn offers_requiretls(ehlo: &Reply) -> bool {
     ehlo.lines
         .iter()
         .any(|l| l.eq_ignore_ascii_case("REQUIRETLS"))
+}
+
+/// The MX with STARTTLS, a certificate for its name from `ca`, and REQUIRETLS.
+async fn good_mx(ca: &TestCa) -> SmtpServer {
+    let behaviour = remote(ca.leaf(&[MX], Validity::Current), true);
+    SmtpServer::start(LOCALHOST, 0, behaviour)
+        .await
+        .expect("the MX")
+}
+
+/// secure.test's one MX, in a zone without DNSSEC.
+fn unsigned_zone() -> TestZone {
+    TestZone::new()
+        .mx("secure.test", 10, MX)
+        .a(MX, Ipv4Addr::LOCALHOST)
 }
 
 /// An MTA session with the proxy in TLS, REQUIRETLS offered.
@@ -206,32 +218,13 @@ async fn requiretls_goes_to_a_dane_host_that_offers_it_with_requiretls_on_its_ma
 #[tokio::test]
 async fn requiretls_goes_to_a_host_an_enforced_mta_sts_policy_names_under_insecure_dns() {
     let ca = TestCa::new();
-    let server = SmtpServer::start(
-        LOCALHOST,
-        0,
-        remote(ca.leaf(&[MX], Validity::Current), true),
-    )
-    .await
-    .expect("the MX");
-    let policy = HttpsServer::start(
-        ca.leaf(&[POLICY_HOST], Validity::Current),
-        Answer::policy(ENFORCE),
-    )
-    .await;
-    let zone = TestZone::new()
-        .mx("secure.test", 10, MX)
-        .a(MX, Ipv4Addr::LOCALHOST)
-        .record("_mta-sts.secure.test", txt("v=STSv1; id=20261207r;"));
+    let server = good_mx(&ca).await;
+    let domain = enforcing_domain(&ca, "secure.test", MX).await;
     let lab = Lab::new()
         .ca(&ca)
         .rules(LENIENT)
-        .zone(zone)
-        .mx_port(server.addr().port())
-        .set(
-            "mta_sts.connect_to",
-            json!({ POLICY_HOST: policy.addr.to_string() }),
-        );
-    let lab = with_inbound_tls(lab, &ca).start().await;
+        .mx_port(server.addr().port());
+    let lab = with_inbound_tls(domain.in_lab(lab), &ca).start().await;
 
     let sent = send_requiretls(&lab, &ca).await;
 
@@ -292,16 +285,8 @@ async fn requiretls_is_refused_for_good_by_a_server_whose_certificate_does_not_v
 async fn requiretls_is_refused_for_good_to_an_insecure_mx_without_mta_sts_and_nothing_connects() {
     let (logs, _guard) = Logs::capture();
     let ca = TestCa::new();
-    let server = SmtpServer::start(
-        LOCALHOST,
-        0,
-        remote(ca.leaf(&[MX], Validity::Current), true),
-    )
-    .await
-    .expect("the MX");
-    let zone = TestZone::new()
-        .mx("secure.test", 10, MX)
-        .a(MX, Ipv4Addr::LOCALHOST);
+    let server = good_mx(&ca).await;
+    let zone = unsigned_zone();
     let lab = Lab::new()
         .ca(&ca)
         .rules(LENIENT)
@@ -374,16 +359,8 @@ async fn explain_says_what_requiretls_asks_of_the_mx() {
 #[tokio::test]
 async fn probe_shows_the_requiretls_a_server_offers_after_starttls() {
     let ca = TestCa::new();
-    let with = SmtpServer::start(
-        LOCALHOST,
-        0,
-        remote(ca.leaf(&[MX], Validity::Current), true),
-    )
-    .await
-    .expect("the MX");
-    let zone = TestZone::new()
-        .mx("secure.test", 10, MX)
-        .a(MX, Ipv4Addr::LOCALHOST);
+    let with = good_mx(&ca).await;
+    let zone = unsigned_zone();
     let lab = Lab::new()
         .ca(&ca)
         .admin()

@@ -11,24 +11,19 @@
 
 use std::net::{IpAddr, Ipv4Addr};
 
-use serde_json::json;
-
-use crate::support::dns::TestZone;
 use crate::support::dnssec::{SignedDns, SignedTree, Zone};
 use crate::support::events::{assert_fields, field};
-use crate::support::https::{Answer, HttpsServer, txt};
 use crate::support::lab::{Lab, LabBuilder};
 use crate::support::logs::Logs;
 use crate::support::mta::{mta_in_tls, with_inbound_tls};
 use crate::support::pki::{CertKey, TestCa, Validity, self_signed};
 use crate::support::smtp_client::{Reply, SmtpClient};
 use crate::support::smtp_server::{ServerBehaviour, SmtpServer, StartTls};
+use crate::support::sts::{EnforcingDomain, enforcing_domain};
 
 const LOCALHOST: IpAddr = IpAddr::V4(Ipv4Addr::LOCALHOST);
 const MX: &str = "mx.strict.test";
 const RCPT: &str = "b@strict.test";
-const POLICY_HOST: &str = "mta-sts.strict.test";
-const ENFORCE: &str = "version: STSv1\r\nmode: enforce\r\nmx: mx.strict.test\r\nmax_age: 86400\r\n";
 const WAIVED: &[u8] =
     b"From: a@sender.test\r\nTo: b@strict.test\r\nTLS-Required: No\r\nSubject: reset\r\n\r\nyour new password\r\n";
 const PLAIN_BODY: &[u8] =
@@ -68,7 +63,7 @@ fn code(reply: Option<&Reply>) -> Option<(u16, Option<String>)> {
 struct StsLab {
     lab: Lab,
     server: SmtpServer,
-    _policy: HttpsServer,
+    _domain: EnforcingDomain,
 }
 
 /// strict.test publishes an enforce policy naming its MX, whose certificate has expired.
@@ -76,27 +71,12 @@ async fn sts_lab(ca: &TestCa, lab: impl FnOnce(LabBuilder) -> LabBuilder) -> Sts
     let server = SmtpServer::start(LOCALHOST, 0, starttls(ca.leaf(&[MX], Validity::Expired)))
         .await
         .expect("the MX");
-    let policy = HttpsServer::start(
-        ca.leaf(&[POLICY_HOST], Validity::Current),
-        Answer::policy(ENFORCE),
-    )
-    .await;
-    let zone = TestZone::new()
-        .mx("strict.test", 10, MX)
-        .a(MX, Ipv4Addr::LOCALHOST)
-        .record("_mta-sts.strict.test", txt("v=STSv1; id=20261207w;"));
-    let builder = Lab::new()
-        .ca(ca)
-        .zone(zone)
-        .mx_port(server.addr().port())
-        .set(
-            "mta_sts.connect_to",
-            json!({ POLICY_HOST: policy.addr.to_string() }),
-        );
+    let domain = enforcing_domain(ca, "strict.test", MX).await;
+    let builder = domain.in_lab(Lab::new().ca(ca).mx_port(server.addr().port()));
     StsLab {
         lab: lab(builder).start().await,
         server,
-        _policy: policy,
+        _domain: domain,
     }
 }
 
