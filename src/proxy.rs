@@ -141,6 +141,7 @@ impl Proxy {
                 mx_hosts: config.delivery.max_mx_hosts,
                 addresses: config.delivery.max_addresses,
             },
+            failed_lookups: Default::default(),
         };
         // The semaphore's own bound, and one drain can take back at once.
         let session_slots_max = (config.limits.max_sessions)

@@ -279,10 +279,18 @@ impl Outbound {
         &self,
         host: &str,
     ) -> Result<(Vec<std::net::IpAddr>, Dnssec), AddressError> {
-        match literal_address(host) {
-            Some(ip) => Ok((vec![ip], Dnssec::Insecure)),
-            None => self.resolver.addresses_checked(host).await,
+        if let Some(ip) = literal_address(host) {
+            return Ok((vec![ip], Dnssec::Insecure));
         }
+        let now = std::time::Instant::now();
+        if let Some(failed) = self.failed_lookups.get(host, now) {
+            return Err(failed);
+        }
+        let found = self.resolver.addresses_checked(host).await;
+        if let Err(error) = &found {
+            self.failed_lookups.remember(host, error, now);
+        }
+        found
     }
 
     pub(crate) async fn addresses(

@@ -10,6 +10,7 @@ pub mod credentials;
 pub mod delivery;
 pub mod failure;
 pub mod hop;
+pub mod lookups;
 pub mod pool;
 pub mod route;
 pub mod upstream;
@@ -22,6 +23,7 @@ use crate::cache::OutcomeCache;
 use crate::net::dialer::Dialer;
 use crate::net::dns::MxResolver;
 use crate::net::tls::TlsClient;
+use crate::outbound::lookups::FailedLookups;
 use crate::outbound::pool::{Pool, PoolConfig};
 use crate::policy::mta_sts::PolicyStore;
 use crate::policy::tlsrpt::TlsReports;
@@ -103,6 +105,8 @@ pub struct Outbound {
     pub policies: Arc<PolicyStore>,
     /// What one transaction may try before the MTA is told.
     pub budget: Budget,
+    /// Address lookups that failed moments ago.
+    pub failed_lookups: FailedLookups,
 }
 
 /// What one transaction may try before the MTA is told: so many MX hosts and addresses,
