@@ -119,6 +119,15 @@ impl Entry {
         }
     }
 
+    /// A new state, at the same next hop.
+    pub fn set_state(&self, state: SessionState) {
+        if let Ok(mut open) = self.registry.open.lock()
+            && let Some(info) = open.get_mut(&self.id)
+        {
+            info.state = state;
+        }
+    }
+
     pub fn update(&self, state: SessionState, next_hop: Option<String>) {
         if let Ok(mut open) = self.registry.open.lock()
             && let Some(info) = open.get_mut(&self.id)

@@ -60,17 +60,8 @@ pub(crate) enum Commands {
         dialogue broke off); 64 for a bad configuration; 2 for bad arguments."
     )]
     Probe {
-        /// The recipient domain to probe (its MX hosts).
-        domain: Option<String>,
-        /// Probe this server instead of the domain's MX hosts.
-        #[arg(long)]
-        mx: Option<String>,
-        /// The port (default: delivery.port from the configuration, 25).
-        #[arg(long)]
-        port: Option<u16>,
-        /// Stop after EHLO.
-        #[arg(long)]
-        no_tls: bool,
+        #[command(flatten)]
+        target: ProbeArgs,
         /// JSON for scripts.
         #[arg(long)]
         json: bool,
@@ -138,13 +129,8 @@ pub(crate) enum CtlCommand {
     Pool,
     /// Probe from the daemon's position; the result goes into its cache.
     Probe {
-        domain: Option<String>,
-        #[arg(long)]
-        mx: Option<String>,
-        #[arg(long)]
-        port: Option<u16>,
-        #[arg(long)]
-        no_tls: bool,
+        #[command(flatten)]
+        target: ProbeArgs,
     },
     /// MTA-STS policies held for recipient domains.
     Policy {
@@ -237,6 +223,33 @@ pub(crate) enum RulesCommand {
 }
 
 /// What `--did-tls` says the host did within the success memory.
+/// What `probe` and `ctl probe` are asked to look at.
+#[derive(clap::Args)]
+pub(crate) struct ProbeArgs {
+    /// The recipient domain to probe (its MX hosts).
+    domain: Option<String>,
+    /// Probe this server instead of the domain's MX hosts.
+    #[arg(long)]
+    mx: Option<String>,
+    /// The port (default: delivery.port from the configuration, 25).
+    #[arg(long)]
+    port: Option<u16>,
+    /// Stop after EHLO.
+    #[arg(long)]
+    no_tls: bool,
+}
+
+impl From<ProbeArgs> for tlsrouter::probe::ProbeTarget {
+    fn from(args: ProbeArgs) -> Self {
+        tlsrouter::probe::ProbeTarget {
+            domain: args.domain,
+            mx: args.mx,
+            port: args.port,
+            no_tls: args.no_tls,
+        }
+    }
+}
+
 /// What `explain` is asked to assume of the MX host's cache entry.
 #[derive(clap::Args)]
 pub(crate) struct Assumed {

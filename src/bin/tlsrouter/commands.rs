@@ -8,7 +8,6 @@ use std::sync::Arc;
 use tlsrouter::Proxy;
 use tlsrouter::admin::client;
 use tlsrouter::admin::protocol::Request;
-use tlsrouter::config::Config;
 use tlsrouter::outcome::OutcomeClass;
 use tlsrouter::policy::mta_sts::MxPattern;
 use tlsrouter::probe::ProbeTarget;
@@ -71,17 +70,7 @@ pub(crate) fn ctl(socket: &std::path::Path, json: bool, command: CtlCommand) -> 
         CtlCommand::Stats => Request::Stats {},
         CtlCommand::Sessions => Request::Sessions {},
         CtlCommand::Pool => Request::Pool {},
-        CtlCommand::Probe {
-            domain,
-            mx,
-            port,
-            no_tls,
-        } => Request::Probe(ProbeTarget {
-            domain,
-            mx,
-            port,
-            no_tls,
-        }),
+        CtlCommand::Probe { target } => Request::Probe(target.into()),
     };
     let Ok(runtime) = tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -125,16 +114,9 @@ pub(crate) fn probe_standalone(path: Option<PathBuf>, target: ProbeTarget, json:
         eprintln!("tlsrouter probe: {missing}");
         return ExitCode::from(2);
     }
-    let config = match path
-        .as_deref()
-        .map(Config::load)
-        .unwrap_or_else(|| Ok(Config::default()))
-    {
+    let config = match crate::serve::load_config(path.as_deref()) {
         Ok(config) => config,
-        Err(e) => {
-            eprintln!("tlsrouter: {e}");
-            return ExitCode::from(EXIT_CONFIG);
-        }
+        Err(code) => return code,
     };
     let Ok(runtime) = tokio::runtime::Runtime::new() else {
         eprintln!("tlsrouter probe: cannot start");

@@ -9,7 +9,6 @@ use std::process::ExitCode;
 use clap::Parser;
 use tlsrouter::Proxy;
 use tlsrouter::config::Config;
-use tlsrouter::probe::ProbeTarget;
 use tlsrouter::router::decision::Demand;
 use tlsrouter::settings::SetupError;
 
@@ -41,21 +40,10 @@ fn main() -> ExitCode {
             command,
         } => ctl(&socket, json, command),
         Commands::Probe {
-            domain,
-            mx,
-            port,
-            no_tls,
+            target,
             json,
             config,
-        } => {
-            let target = ProbeTarget {
-                domain,
-                mx,
-                port,
-                no_tls,
-            };
-            probe_standalone(config, target, json)
-        }
+        } => probe_standalone(config, target.into(), json),
         Commands::Explain {
             rules,
             rcpt,

@@ -9,17 +9,21 @@ use tlsrouter::config::{Config, LogFormat};
 
 use crate::cli::EXIT_CONFIG;
 
-pub(crate) fn run(path: Option<PathBuf>, log_format: Option<LogFormat>) -> ExitCode {
-    let config = match path
-        .as_deref()
-        .map(Config::load)
+/// The configuration in `path`, or the embedded defaults without one; a bad one is told
+/// on stderr and is exit code 64.
+pub(crate) fn load_config(path: Option<&std::path::Path>) -> Result<Config, ExitCode> {
+    path.map(Config::load)
         .unwrap_or_else(|| Ok(Config::default()))
-    {
-        Ok(config) => config,
-        Err(e) => {
+        .map_err(|e| {
             eprintln!("tlsrouter: {e}");
-            return ExitCode::from(EXIT_CONFIG);
-        }
+            ExitCode::from(EXIT_CONFIG)
+        })
+}
+
+pub(crate) fn run(path: Option<PathBuf>, log_format: Option<LogFormat>) -> ExitCode {
+    let config = match load_config(path.as_deref()) {
+        Ok(config) => config,
+        Err(code) => return code,
     };
     if let Err(e) = init_logging(log_format.unwrap_or(config.log.format), &config.log.level) {
         eprintln!("tlsrouter: log.level: {e}");

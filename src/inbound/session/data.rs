@@ -105,8 +105,7 @@ impl Session {
         }
         let (reply, end) = match ended {
             BodyEnd::Complete(tail) => {
-                let remote = route.upstream.facts().to_string();
-                self.registered.update(SessionState::Verdict, Some(remote));
+                self.registered.set_state(SessionState::Verdict);
                 (route.upstream.finish(tail).await, End::Answered)
             }
             BodyEnd::Refused(error) => (error.reply(), End::MessageFailed),

@@ -90,14 +90,11 @@ impl Session {
             Ok(()) => route.upstream.start_data().await,
             Err(reply) => Answer::Lost(reply),
         };
-        tx.remote = Remote::Open(Box::new(route));
         if let Answer::Lost(reply) = accepted {
+            tx.remote = Remote::Open(Box::new(route));
             tx.lose(reply.clone());
             return self.refuse_held(tx, head, filter, reply).await;
         }
-        let Remote::Open(route) = &mut tx.remote else {
-            return self.client_gone(&mut tx, None).await;
-        };
         let upstream = &mut route.upstream;
         let ended = match head.end {
             Some(_) => BodyEnd::Complete(head.text),
@@ -112,6 +109,7 @@ impl Session {
                 }
             },
         };
+        tx.remote = Remote::Open(Box::new(route));
         self.deliver(tx, ended).await
     }
 

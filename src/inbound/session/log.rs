@@ -52,10 +52,7 @@ pub(super) fn log_transaction(
     let class = facts.tls.class().map_or("tls-never", |c| c.name());
     let (route, version, cipher, verify, fallback) = match &facts.tls {
         TlsOutcome::Encrypted(session) => {
-            let verify = match &session.verification {
-                Verification::Verified => "verified".to_string(),
-                Verification::Failed(problem) => format!("{}: {problem}", problem.class()),
-            };
+            let verify = verdict(&session.verification, "verified");
             (
                 "tls",
                 Some(session.version.as_str()),
@@ -66,10 +63,7 @@ pub(super) fn log_transaction(
         }
         // Whatever the chain is worth, this session authenticated nothing.
         TlsOutcome::Legacy(session) => {
-            let chain = match &session.verification {
-                Verification::Verified => "the chain verifies".to_string(),
-                Verification::Failed(problem) => format!("{}: {problem}", problem.class()),
-            };
+            let chain = verdict(&session.verification, "the chain verifies");
             (
                 "tls",
                 Some(session.version.as_str()),
@@ -123,4 +117,12 @@ pub(super) fn log_transaction(
         earlier_failures = listed(&earlier, "; "),
         "transaction"
     );
+}
+
+/// What the certificate check found: `verified` as given, or the problem's class and words.
+fn verdict(verification: &Verification, verified: &str) -> String {
+    match verification {
+        Verification::Verified => verified.to_string(),
+        Verification::Failed(problem) => format!("{}: {problem}", problem.class()),
+    }
 }
