@@ -33,7 +33,19 @@ impl fmt::Display for Rua {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             Rua::Https(url) => f.write_str(url),
-            Rua::Mailto(address) => write!(f, "mailto:{address}"),
+            Rua::Mailto(address) => {
+                // A mailbox may hold what a URI or the record's list would read as a
+                // delimiter (`a?b@example.com` is a valid address): written encoded, it
+                // reads back as the same address.
+                f.write_str("mailto:")?;
+                for c in address.chars() {
+                    match c {
+                        '%' | '?' | ',' | ';' => write!(f, "%{:02X}", c as u32)?,
+                        _ => write!(f, "{c}")?,
+                    }
+                }
+                Ok(())
+            }
         }
     }
 }
@@ -151,6 +163,18 @@ mod tests {
             parse_tlsrpt_records(&["v=TLSRPTv1; rua=abcdefg\u{e9},mailto:r@example.com".into()]),
             Ok(vec![Rua::Mailto("r@example.com".into())])
         );
+    }
+
+    #[test]
+    fn a_mailto_address_written_out_reads_back_as_itself() {
+        for uri in [
+            "mailto:a%3fC@exa",
+            "mailto:a%25b@c",
+            "mailto:x%2Cy%3Bz@example.com",
+        ] {
+            let rua = parse_rua(uri).expect(uri);
+            assert_eq!(parse_rua(&rua.to_string()), Some(rua), "{uri}");
+        }
     }
 
     #[test]
