@@ -6,6 +6,7 @@ use std::path::Path;
 use serde_json::Value;
 
 use crate::admin::protocol::{Request, Response};
+use crate::cache::shared::Unfinished;
 
 /// Why the daemon could not be asked.
 #[derive(Debug, thiserror::Error)]
@@ -76,6 +77,12 @@ pub async fn ask(socket: &Path, _request: &Request) -> Result<Response, CtlError
     )))
 }
 
+/// Why a walk over the fleet's shared cache stopped early, in words; `None` when it did not.
+fn unfinished(swept: &Value) -> Option<&'static str> {
+    let why: Unfinished = serde_json::from_value(swept.get("unfinished")?.clone()).ok()?;
+    Some(why.why())
+}
+
 /// The human form of a successful answer.
 pub fn render(request: &Request, result: &Value) -> String {
     let now = result.get("now").and_then(Value::as_u64).unwrap_or(0);
@@ -86,10 +93,32 @@ pub fn render(request: &Request, result: &Value) -> String {
             if let Some(fleet) = result["fleet"].as_array() {
                 out.push_str("\nin the fleet's shared cache:\n");
                 out.push_str(&cache_table(&serde_json::json!({ "entries": fleet }), now));
+                if let Some(why) = unfinished(&result["fleet_sweep"]) {
+                    out.push_str(&format!(
+                        "(not all of it: {why}; {} keys looked at)\n",
+                        result["fleet_sweep"]["scanned"]
+                    ));
+                }
             }
             out
         }
-        Request::CacheFlush { .. } => format!("flushed {} entries\n", result["flushed"]),
+        Request::CacheFlush { .. } => {
+            let mut out = format!("flushed {} entries here\n", result["flushed"]);
+            let fleet = &result["fleet"];
+            match unfinished(fleet) {
+                _ if fleet.is_null() => {}
+                None => out.push_str(&format!(
+                    "the fleet's shared cache: {} keys deleted of {} looked at\n",
+                    fleet["matched"], fleet["scanned"]
+                )),
+                Some(why) => out.push_str(&format!(
+                    "the fleet's shared cache: not finished, {why}; {} keys deleted of {} \
+                     looked at. Run the flush again\n",
+                    fleet["matched"], fleet["scanned"]
+                )),
+            }
+            out
+        }
         Request::CachePin { class, .. } => {
             let addrs: Vec<String> = result["addrs"]
                 .as_array()

@@ -8,6 +8,7 @@ use serde_json::json;
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 
 use crate::admin::protocol::{ErrorKind, Request, Response, parse_request};
+use crate::cache::shared::{Swept, Unfinished};
 use crate::config::duration;
 use crate::net::dns::Dnssec;
 use crate::outcome::OutcomeClass;
@@ -39,21 +40,45 @@ pub async fn handle(proxy: &Proxy, request: Request) -> Response {
         Request::CacheShow { target } => {
             let name = crate::net::dns::bare_name(&target);
             // With a fleet: what the shared cache holds too, beside this relay's view.
-            let fleet = match cache.shared() {
-                Some(shared) => shared.find(&name.to_ascii_lowercase()).await,
-                None => None,
+            let (fleet, swept) = match cache.shared() {
+                Some(shared) => {
+                    let (found, swept) = shared.find(&name.to_ascii_lowercase()).await;
+                    (Some(found), Some(swept))
+                }
+                None => (None, None),
             };
             let entries = cache.find(&target);
-            if entries.is_empty() && fleet.as_ref().is_none_or(Vec::is_empty) {
+            let complete = swept.is_none_or(|s| s.unfinished.is_none());
+            if entries.is_empty() && fleet.as_ref().is_none_or(Vec::is_empty) && complete {
                 return Response::error(ErrorKind::Failed, format!("nothing cached for {target}"));
             }
-            Response::ok(json!({ "now": cache.now(), "entries": entries, "fleet": fleet }))
+            Response::ok(json!({
+                "now": cache.now(),
+                "entries": entries,
+                "fleet": fleet,
+                "fleet_sweep": swept,
+            }))
         }
-        Request::CacheFlush { target, all } => match (target, all) {
-            (None, true) => Response::ok(json!({ "flushed": cache.flush_all() })),
-            (Some(target), false) => Response::ok(json!({ "flushed": cache.flush(&target) })),
-            _ => Response::error(ErrorKind::BadArguments, "give either a target or all"),
-        },
+        Request::CacheFlush { target, all } => {
+            let flushed = match (target, all) {
+                (None, true) => cache.flush_all(),
+                (Some(target), false) => cache.flush(&target),
+                _ => {
+                    return Response::error(ErrorKind::BadArguments, "give either a target or all");
+                }
+            };
+            let fleet = match (flushed.fleet, cache.shared()) {
+                (Some(answer), Some(shared)) => Some(
+                    match tokio::time::timeout(shared.flush_wait(), answer).await {
+                        Ok(Ok(swept)) => swept,
+                        Ok(Err(_)) => Swept::not_begun(Unfinished::QueueFull),
+                        Err(_) => Swept::not_begun(Unfinished::StillQueued),
+                    },
+                ),
+                _ => None,
+            };
+            Response::ok(json!({ "flushed": flushed.here, "fleet": fleet }))
+        }
         Request::CachePin {
             host,
             class,

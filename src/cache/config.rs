@@ -115,6 +115,10 @@ pub struct RedisConfig {
     /// clock may run a little fast); an entry further ahead is not believed.
     #[serde(with = "crate::settings::duration")]
     pub clock_skew: Duration,
+    /// The longest a walk over the whole shared cache (a flush, `ctl cache show`) may take;
+    /// one that could not finish says how far it got.
+    #[serde(with = "crate::settings::duration")]
+    pub sweep_deadline: Duration,
 }
 
 impl Default for RedisConfig {
@@ -129,6 +133,7 @@ impl Default for RedisConfig {
             timeout: Duration::from_millis(500),
             near_ttl: Duration::from_secs(10),
             clock_skew: Duration::from_secs(60),
+            sweep_deadline: Duration::from_secs(30),
         }
     }
 }

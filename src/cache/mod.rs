@@ -29,7 +29,7 @@ pub use config::{Backend, CacheConfig, TtlConfig};
 pub use entry::{
     CacheEntry, CacheKey, MAX_DOMAINS, Observation, Observer, TlsMemory, is_downgrade,
 };
-pub use store::{CacheError, OutcomeCache};
+pub use store::{CacheError, Flushed, OutcomeCache};
 
 #[cfg(test)]
 mod tests;

@@ -34,6 +34,14 @@ pub enum CacheError {
     PinTooLong { max: Duration },
 }
 
+/// What a flush did: how many unexpired entries went here, and, with a fleet, how far the
+/// flush of the shared cache got once the writer came to it.
+#[derive(Debug)]
+pub struct Flushed {
+    pub here: usize,
+    pub fleet: Option<tokio::sync::oneshot::Receiver<shared::Swept>>,
+}
+
 pub struct OutcomeCache {
     entries: Cache<CacheKey, CacheEntry>,
     ttl: TtlConfig,
@@ -228,23 +236,24 @@ impl OutcomeCache {
         found
     }
 
-    /// Forgets everything about a host or a recipient domain (history included); returns
-    /// how many unexpired entries went.
-    pub fn flush(&self, host_or_domain: &str) -> usize {
-        let flushed = self.flush_local(host_or_domain);
-        if let Some(shared) = self.shared.get() {
-            shared.flushed(Some(normalize_name(host_or_domain).into_owned()));
+    /// Forgets everything about a host or a recipient domain (history included), here and
+    /// in the fleet's shared cache.
+    pub fn flush(&self, host_or_domain: &str) -> Flushed {
+        Flushed {
+            here: self.flush_local(host_or_domain),
+            fleet: self
+                .shared
+                .get()
+                .map(|shared| shared.flushed(Some(normalize_name(host_or_domain).into_owned()))),
         }
-        flushed
     }
 
-    /// Forgets everything; returns how many unexpired entries went.
-    pub fn flush_all(&self) -> usize {
-        let flushed = self.flush_all_local();
-        if let Some(shared) = self.shared.get() {
-            shared.flushed(None);
+    /// Forgets everything, here and in the fleet's shared cache.
+    pub fn flush_all(&self) -> Flushed {
+        Flushed {
+            here: self.flush_all_local(),
+            fleet: self.shared.get().map(|shared| shared.flushed(None)),
         }
-        flushed
     }
 
     fn remove_where(&self, matches: impl Fn(&CacheEntry) -> bool) -> usize {

@@ -270,14 +270,14 @@ fn flush_by_host_and_by_domain() {
 
     assert_eq!(cache.find("example.net").len(), 3);
     assert_eq!(cache.find("MX1.example.net").len(), 2);
-    assert_eq!(cache.flush("mx1.example.net."), 2);
+    assert_eq!(cache.flush("mx1.example.net.").here, 2);
     assert!(cache.get("mx1.example.net", ip(1)).is_none());
-    assert_eq!(cache.flush("example.net"), 1);
-    assert_eq!(cache.flush("example.net"), 0);
+    assert_eq!(cache.flush("example.net").here, 1);
+    assert_eq!(cache.flush("example.net").here, 0);
     let left = cache.entries();
     assert_eq!(left.len(), 1);
     assert_eq!(left[0].host, "mx.other.example");
-    assert_eq!(cache.flush_all(), 1);
+    assert_eq!(cache.flush_all().here, 1);
     assert!(cache.entries().is_empty());
 }
 

@@ -196,6 +196,134 @@ async fn a_flush_on_one_relay_clears_both_and_the_shared_cache() {
     }
 }
 
+/// Grows the fleet's cache by `n` entries of other.test's hosts, as relays would have
+/// written them.
+async fn grow(redis: &RedisServer, n: usize) {
+    let t = now();
+    let commands = (0..n)
+        .map(|i| {
+            let mut entry = entry_json("no-starttls", t, t + 3600);
+            entry["host"] = format!("mx{i}.other.test").into();
+            entry["domains"] = serde_json::json!(["other.test"]);
+            let mut hset = redis::cmd("HSET");
+            hset.arg(format!("tlsrouter:entry:mx{i}.other.test|127.0.0.1"))
+                .arg(&["entry", &entry.to_string(), "kind", "failure"])
+                .arg(&["source", "relay:relay-x", "pinned", "0"])
+                .arg(&["expires_at", &(t + 3600).to_string()]);
+            hset
+        })
+        .collect();
+    redis.run_all(commands).await;
+}
+
+/// What a walk over the shared cache answered: how far it got.
+fn swept(answer: &Value) -> (u64, u64, Value) {
+    (
+        answer["scanned"].as_u64().expect("scanned"),
+        answer["matched"].as_u64().expect("matched"),
+        answer["unfinished"].clone(),
+    )
+}
+
+#[tokio::test]
+async fn a_show_and_a_flush_walk_a_large_shared_cache_in_batches_and_redis_stays_up() {
+    let redis = RedisServer::start().await;
+    let ca = TestCa::new();
+    let mx = tls_mx(&ca).await;
+    // The default call timeout: once a walk was one call, 100,000 reads outlasted it.
+    let builder = relay("relay-a", &redis, &ca, &mx).set("cache.redis.timeout", "500ms");
+    let mut a = started(builder).await;
+    assert_delivered(&send(a.smtp(), &["b@example.test"]).await);
+    a.daemon
+        .wait_for_event(&[("event", "fleet.wrote"), ("class", "tls-verified")])
+        .await;
+    grow(&redis, 100_000).await;
+
+    let shown = a.daemon.ctl(&["cache", "show", "mx.example.test"]).await;
+    let (scanned, matched, unfinished) = swept(&shown["result"]["fleet_sweep"]);
+    assert_eq!(unfinished, Value::Null, "{shown}");
+    assert_eq!(
+        (scanned, matched),
+        (100_001, 1),
+        "every entry looked at, one found"
+    );
+    assert_eq!(shown["result"]["fleet"][0]["host"], "mx.example.test");
+
+    let flushed = a.daemon.ctl(&["cache", "flush", "example.test"]).await;
+    let (scanned, matched, unfinished) = swept(&flushed["result"]["fleet"]);
+    assert_eq!(unfinished, Value::Null, "{flushed}");
+    assert_eq!(scanned, 100_002, "every key, the memory of TLS too");
+    assert_eq!(matched, 2, "the entry and the memory of TLS");
+    assert!(
+        redis
+            .keys("tlsrouter:*example.test*")
+            .await
+            .iter()
+            .all(|k| k.contains("other.test"))
+    );
+    assert_eq!(redis.size().await, 100_000, "other.test's entries stay");
+    let stats = a.daemon.ctl(&["stats"]).await;
+    assert_eq!(stats["result"]["redis_connected"], 1, "{stats}");
+    assert_eq!(stats["result"]["redis_errors"], 0, "{stats}");
+}
+
+#[tokio::test]
+async fn a_flush_that_runs_out_of_time_says_how_far_it_got_and_is_not_made_again() {
+    let redis = RedisServer::start().await;
+    let ca = TestCa::new();
+    let mx = tls_mx(&ca).await;
+    let builder = relay("relay-a", &redis, &ca, &mx).set("cache.redis.sweep_deadline", "1ms");
+    let mut a = started(builder).await;
+    grow(&redis, 100_000).await;
+
+    let flushed = a.daemon.ctl(&["cache", "flush", "other.test"]).await;
+    let (scanned, matched, unfinished) = swept(&flushed["result"]["fleet"]);
+    assert_eq!(unfinished, "out-of-time", "{flushed}");
+    assert!(scanned < 100_000, "{flushed}");
+    assert_eq!(
+        redis.size().await,
+        100_000 - matched,
+        "what was deleted is said"
+    );
+    let said = a
+        .daemon
+        .wait_for_event(&[("event", "fleet.flush_unfinished"), ("name", "other.test")])
+        .await;
+    assert_fields(&said, &[("level", "WARN"), ("why", "OutOfTime")]);
+    // Redis was never taken for down, so nothing is kept to be made again when it is back.
+    let stats = a.daemon.ctl(&["stats"]).await;
+    assert_eq!(stats["result"]["redis_connected"], 1, "{stats}");
+    assert_eq!(stats["result"]["redis_errors"], 0, "{stats}");
+}
+
+#[tokio::test]
+async fn a_flush_while_redis_is_down_is_said_and_made_once_redis_is_back() {
+    let mut redis = RedisServer::start().await;
+    let ca = TestCa::new();
+    let mx = tls_mx(&ca).await;
+    let mut a = started(relay("relay-a", &redis, &ca, &mx)).await;
+    assert_delivered(&send(a.smtp(), &["b@example.test"]).await);
+    a.daemon
+        .wait_for_event(&[("event", "fleet.wrote"), ("class", "tls-verified")])
+        .await;
+    redis.stop();
+    // A send finds Redis gone; the relay says so.
+    assert_delivered(&send(a.smtp(), &["b@example.test"]).await);
+    a.daemon.wait_for_event(&[("event", "fleet.down")]).await;
+
+    let flushed = a.daemon.ctl(&["cache", "flush", "example.test"]).await;
+    assert_eq!(
+        flushed["result"]["fleet"]["unfinished"], "redis-down",
+        "{flushed}"
+    );
+    redis.restart().await;
+    let back = a.daemon.wait_for_event(&[("event", "fleet.back")]).await;
+    assert_fields(&back, &[("pending", "1")]);
+    a.daemon
+        .wait_for_event(&[("event", "fleet.flushed"), ("name", "example.test")])
+        .await;
+}
+
 #[tokio::test]
 async fn a_domain_flush_forgets_the_memory_of_tls_of_a_host_whose_entry_has_expired() {
     let redis = RedisServer::start().await;

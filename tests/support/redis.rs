@@ -134,6 +134,27 @@ impl RedisServer {
             .expect("KEYS")
     }
 
+    /// Runs `commands` in pipelines of a few thousand: how a test grows a large cache.
+    pub async fn run_all(&self, commands: Vec<redis::Cmd>) {
+        let mut conn = self.connection().await;
+        for chunk in commands.chunks(5_000) {
+            let mut pipe = redis::pipe();
+            for command in chunk {
+                pipe.add_command(command.clone()).ignore();
+            }
+            let _: () = pipe.query_async(&mut conn).await.expect("pipeline");
+        }
+    }
+
+    /// How many keys the database holds.
+    pub async fn size(&self) -> u64 {
+        let mut conn = self.connection().await;
+        redis::cmd("DBSIZE")
+            .query_async(&mut conn)
+            .await
+            .expect("DBSIZE")
+    }
+
     /// Deletes `key`, as its expiry would.
     pub async fn delete(&self, key: &str) {
         let mut conn = self.connection().await;

@@ -4,7 +4,6 @@
 use std::fmt::Write as _;
 
 use base64::Engine;
-use redis::aio::ConnectionManager;
 use redis::{Client, ConnectionAddr, IntoConnectionInfo};
 
 use crate::cache::config::RedisConfig;
@@ -51,29 +50,6 @@ pub(super) fn is_refusal(error: &redis::RedisError) -> bool {
     ]
     .iter()
     .any(|word| text.contains(word))
-}
-
-pub(super) async fn scan(
-    conn: &mut ConnectionManager,
-    pattern: &str,
-) -> redis::RedisResult<Vec<String>> {
-    let mut keys = Vec::new();
-    let mut cursor: u64 = 0;
-    loop {
-        let (next, batch): (u64, Vec<String>) = redis::cmd("SCAN")
-            .arg(cursor)
-            .arg("MATCH")
-            .arg(pattern)
-            .arg("COUNT")
-            .arg(1000)
-            .query_async(conn)
-            .await?;
-        keys.extend(batch);
-        if next == 0 {
-            return Ok(keys);
-        }
-        cursor = next;
-    }
 }
 
 pub(super) fn glob_escape(text: &str) -> String {

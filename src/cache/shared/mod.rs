@@ -41,6 +41,7 @@ mod check;
 mod client;
 mod health;
 mod queue;
+mod sweep;
 mod writer;
 
 use std::collections::HashSet;
@@ -53,12 +54,13 @@ pub use check::{Forged, Limits, Stored, TlsMark, checked, checked_mark, merge, s
 pub use client::{Roots, SharedCacheError};
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use redis::{AsyncCommands, Client, Script};
-use tokio::sync::mpsc;
+pub use sweep::{Swept, Unfinished};
+use tokio::sync::{mpsc, oneshot};
 
 use crate::cache::clock::{Clock, SystemClock};
 use crate::cache::config::{RedisConfig, TtlConfig};
 use crate::cache::entry::{CacheEntry, CacheKey, Observer};
-use crate::cache::shared::client::{client, glob_escape, is_refusal, scan};
+use crate::cache::shared::client::{client, is_refusal};
 use crate::cache::shared::queue::{WRITE_SCRIPT, Write};
 use crate::outcome::OutcomeClass;
 use crate::stats::Stats;
@@ -92,6 +94,8 @@ pub struct SharedCache {
     prefix: String,
     me: Observer,
     timeout: Duration,
+    /// How long a walk over the whole cache (a flush, `show`) may take.
+    sweep_deadline: Duration,
     /// The TTLs an entry read from Redis is checked against.
     ttl: TtlConfig,
     clock_skew: Duration,
@@ -149,6 +153,7 @@ impl SharedCache {
                 source,
             },
             timeout: config.timeout,
+            sweep_deadline: config.sweep_deadline,
             ttl: ttl.clone(),
             clock_skew: config.clock_skew,
             forged: moka::sync::Cache::builder()
@@ -175,6 +180,12 @@ impl SharedCache {
     /// Where Redis is (no credentials).
     pub fn target(&self) -> &str {
         &self.target
+    }
+
+    /// How long an operator waits to hear how far a flush got: the walk's own deadline,
+    /// and the writes queued before it.
+    pub fn flush_wait(&self) -> Duration {
+        self.sweep_deadline + self.timeout * 10
     }
 
     pub fn is_up(&self) -> bool {
@@ -389,27 +400,6 @@ impl SharedCache {
         }
     }
 
-    /// Every entry Redis holds for a host or recipient domain (for `ctl cache show`).
-    pub async fn find(&self, name: &str) -> Option<Vec<CacheEntry>> {
-        let mut conn = self.connection()?;
-        let pattern = format!("{}entry:*", glob_escape(&self.prefix));
-        let name = name.to_string();
-        let find = async move {
-            let keys = scan(&mut conn, &pattern).await?;
-            let mut found = Vec::new();
-            for key in keys {
-                let json: Option<String> = conn.hget(&key, "entry").await?;
-                if let Some(entry) = json.and_then(|j| serde_json::from_str::<CacheEntry>(&j).ok())
-                    && (entry.host == name || entry.domains.contains(&name))
-                {
-                    found.push(entry);
-                }
-            }
-            Ok(found)
-        };
-        self.call("find", find).await
-    }
-
     /// After a local observation: the split-source check, and the write queued.
     pub fn recorded(
         &self,
@@ -449,10 +439,16 @@ impl SharedCache {
         self.queue(Write::Pin(vec![entry]));
     }
 
-    /// After a local flush (`None`: everything).
-    pub fn flushed(&self, name: Option<String>) {
+    /// After a local flush (`None`: everything): the fleet's flush is queued behind the
+    /// writes before it; the answer says how far it got.
+    pub fn flushed(&self, name: Option<String>) -> oneshot::Receiver<Swept> {
         self.near.invalidate_all();
-        self.queue(Write::Flush(name));
+        let (reply, answer) = oneshot::channel();
+        self.queue(Write::Flush {
+            name,
+            reply: Some(reply),
+        });
+        answer
     }
 
     fn queue(&self, write: Write) {

@@ -3,14 +3,22 @@
 
 use std::time::Duration;
 
+use tokio::sync::oneshot;
+
 use crate::cache::entry::CacheEntry;
+use crate::cache::shared::Swept;
 
 /// What the writer task does, in order.
 #[derive(Debug)]
 pub(super) enum Write {
     Record(Box<CacheEntry>),
     Pin(Vec<CacheEntry>),
-    Flush(Option<String>),
+    /// A host or recipient domain (`None`: everything), and who waits to hear how far the
+    /// flush got.
+    Flush {
+        name: Option<String>,
+        reply: Option<oneshot::Sender<Swept>>,
+    },
     /// Other shared state (MTA-STS policies): JSON under `KIND:NAME`.
     Value {
         kind: &'static str,

@@ -6,28 +6,31 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use redis::AsyncCommands;
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, oneshot};
 
 use crate::cache::clock::{Clock, SystemClock};
 use crate::cache::entry::CacheEntry;
 use crate::cache::shared::check::kind_of;
-use crate::cache::shared::client::{glob_escape, scan};
 use crate::cache::shared::health::What;
 use crate::cache::shared::queue::Write;
-use crate::cache::shared::{PENDING, QUEUE, SharedCache, TlsMark, source_identity};
+use crate::cache::shared::{
+    PENDING, QUEUE, SharedCache, Swept, TlsMark, Unfinished, source_identity,
+};
 
 impl SharedCache {
     /// Drains the write queue, one write at a time, each bounded by the timeout.
     pub(super) async fn write_queued(self: Arc<Self>, mut queued: mpsc::Receiver<Write>) {
-        while let Some(write) = queued.recv().await {
+        while let Some(mut write) = queued.recv().await {
             if !self.is_up() {
                 self.keep_for_later(write);
                 continue;
             }
-            let done = match &write {
+            let done = match &mut write {
                 Write::Record(entry) => self.write_entry(entry, false).await,
                 Write::Pin(entries) => self.write_pins(entries).await,
-                Write::Flush(name) => self.write_flush(name.as_deref()).await,
+                Write::Flush { name, reply } => {
+                    self.write_flush(name.as_deref(), reply.take()).await
+                }
                 Write::Value {
                     kind,
                     name,
@@ -42,7 +45,12 @@ impl SharedCache {
         }
     }
 
-    fn keep_for_later(&self, write: Write) {
+    fn keep_for_later(&self, mut write: Write) {
+        if let Write::Flush { reply, .. } = &mut write
+            && let Some(reply) = reply.take()
+        {
+            let _ = reply.send(Swept::not_begun(Unfinished::RedisDown));
+        }
         match write {
             Write::Record(entry) => {
                 if let Ok(mut dirty) = self.dirty.lock()
@@ -186,60 +194,42 @@ impl SharedCache {
         self.publish(What::Pin { keys }).await
     }
 
-    async fn write_flush(&self, name: Option<&str>) -> bool {
-        let Some(mut conn) = self.connection() else {
-            return false;
-        };
-        let prefix = glob_escape(&self.prefix);
-        let (entry_prefix, tls_prefix) = (
-            format!("{}entry:", self.prefix),
-            format!("{}tls:", self.prefix),
-        );
-        let name = name.map(str::to_string);
-        let announced = name.clone();
-        let flush = async move {
-            let Some(name) = name else {
-                let keys = scan(&mut conn, &format!("{prefix}*")).await?;
-                for key in keys {
-                    let _: () = conn.del(&key).await?;
-                }
-                return Ok(());
-            };
-            for key in scan(&mut conn, &format!("{prefix}entry:*")).await? {
-                let json: Option<String> = conn.hget(&key, "entry").await?;
-                let Some(entry) = json.and_then(|j| serde_json::from_str::<CacheEntry>(&j).ok())
-                else {
-                    continue;
-                };
-                if entry.host == name || entry.domains.contains(&name) {
-                    let tls = key.replacen(&entry_prefix, &tls_prefix, 1);
-                    let _: () = conn.del(&[key, tls]).await?;
-                }
-            }
-            let host_marks = format!("{prefix}tls:{}|*", glob_escape(&name));
-            for key in scan(&mut conn, &host_marks).await? {
-                let _: () = conn.del(&key).await?;
-            }
-            // The marks of the domain's hosts whose entries have expired: only the mark
-            // itself still names the domain.
-            for key in scan(&mut conn, &format!("{prefix}tls:*")).await? {
-                let json: Option<String> = conn.get(&key).await?;
-                let mark = json.and_then(|j| serde_json::from_str::<TlsMark>(&j).ok());
-                if mark.is_some_and(|m| m.domains.contains(&name)) {
-                    let _: () = conn.del(&key).await?;
-                }
-            }
-            Ok(())
-        };
-        if self.call("flush", flush).await.is_none() {
-            return false;
+    /// Flushes a name (or everything) from the shared cache and tells the fleet; false
+    /// when Redis was down, so that it is made when Redis is back. A flush that began and
+    /// could not finish is said, and not made again on its own: the operator runs it again.
+    async fn write_flush(&self, name: Option<&str>, reply: Option<oneshot::Sender<Swept>>) -> bool {
+        let swept = self.walk_flush(name).await;
+        if let Some(reply) = reply {
+            let _ = reply.send(swept);
         }
-        let what = announced.as_deref().unwrap_or("everything");
-        tracing::debug!(
-            event = "fleet.flushed",
-            name = what,
-            "shared cache: flushed {what}"
-        );
-        self.publish(What::Flush { name: announced }).await
+        let what = name.unwrap_or("everything");
+        match swept.unfinished {
+            Some(Unfinished::RedisDown) => return false,
+            None => tracing::debug!(
+                event = "fleet.flushed",
+                name = what,
+                deleted = swept.matched,
+                scanned = swept.scanned,
+                "shared cache: flushed {what}: {} keys deleted of {} looked at",
+                swept.matched,
+                swept.scanned
+            ),
+            Some(why) => tracing::warn!(
+                event = "fleet.flush_unfinished",
+                name = what,
+                deleted = swept.matched,
+                scanned = swept.scanned,
+                why = ?why,
+                "shared cache: the flush of {what} did not finish: {}; {} keys deleted of \
+                 {} looked at. Run `tlsrouter ctl cache flush` again",
+                why.why(),
+                swept.matched,
+                swept.scanned
+            ),
+        }
+        // Even a partial flush is announced: every relay forgets its near copies.
+        let name = name.map(str::to_string);
+        self.publish(What::Flush { name }).await;
+        true
     }
 }
