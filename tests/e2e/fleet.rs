@@ -252,7 +252,8 @@ async fn a_show_and_a_flush_walk_a_large_shared_cache_in_batches_and_redis_stays
     let flushed = a.daemon.ctl(&["cache", "flush", "example.test"]).await;
     let (scanned, matched, unfinished) = swept(&flushed["result"]["fleet"]);
     assert_eq!(unfinished, Value::Null, "{flushed}");
-    assert_eq!(scanned, 100_002, "every key, the memory of TLS too");
+    // The memory of TLS goes with its entry, so the walk may not come to it again.
+    assert!((100_001..=100_002).contains(&scanned), "{flushed}");
     assert_eq!(matched, 2, "the entry and the memory of TLS");
     assert!(
         redis
