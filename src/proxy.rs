@@ -142,6 +142,7 @@ impl Proxy {
                 addresses: config.delivery.max_addresses,
             },
             failed_lookups: Default::default(),
+            failed_mx_lookups: Default::default(),
         };
         // The semaphore's own bound, and one drain can take back at once.
         let session_slots_max = (config.limits.max_sessions)

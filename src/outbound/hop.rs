@@ -86,7 +86,13 @@ impl Outbound {
                 dnssec: Dnssec::Insecure,
             }]));
         }
-        self.resolver.mail_exchangers(domain).await.map(NextHop::Mx)
+        self.mail_exchangers(domain).await.map(NextHop::Mx)
+    }
+
+    /// The domain's MX hosts; a failure that may pass is believed for a while.
+    async fn mail_exchangers(&self, domain: &str) -> Result<Vec<MxHost>, RouteError> {
+        let lookup = self.resolver.mail_exchangers(domain);
+        self.failed_mx_lookups.ask(domain, lookup).await
     }
 
     /// Where a transaction for `domain` goes when the MTA was connecting to `addr` and was
@@ -107,7 +113,7 @@ impl Outbound {
             return Ok(NextHop::Smarthost(server.clone()));
         }
         let dane = self.resolver.check_dnssec().await;
-        let hosts = match self.resolver.mail_exchangers(domain).await {
+        let hosts = match self.mail_exchangers(domain).await {
             Ok(hosts) => hosts,
             Err(RouteError::DnsTemporary { detail, .. }) if dane => {
                 return Err(RouteError::DaneUnknown {
@@ -282,15 +288,8 @@ impl Outbound {
         if let Some(ip) = literal_address(host) {
             return Ok((vec![ip], Dnssec::Insecure));
         }
-        let now = std::time::Instant::now();
-        if let Some(failed) = self.failed_lookups.get(host, now) {
-            return Err(failed);
-        }
-        let found = self.resolver.addresses_checked(host).await;
-        if let Err(error) = &found {
-            self.failed_lookups.remember(host, error, now);
-        }
-        found
+        let lookup = self.resolver.addresses_checked(host);
+        self.failed_lookups.ask(host, lookup).await
     }
 
     pub(crate) async fn addresses(

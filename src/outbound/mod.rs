@@ -21,7 +21,7 @@ use serde::Deserialize;
 
 use crate::cache::OutcomeCache;
 use crate::net::dialer::Dialer;
-use crate::net::dns::MxResolver;
+use crate::net::dns::{AddressError, MxResolver, RouteError};
 use crate::net::tls::TlsClient;
 use crate::outbound::lookups::FailedLookups;
 use crate::outbound::pool::{Pool, PoolConfig};
@@ -106,7 +106,9 @@ pub struct Outbound {
     /// What one transaction may try before the MTA is told.
     pub budget: Budget,
     /// Address lookups that failed moments ago.
-    pub failed_lookups: FailedLookups,
+    pub failed_lookups: FailedLookups<AddressError>,
+    /// MX lookups that failed moments ago.
+    pub failed_mx_lookups: FailedLookups<RouteError>,
 }
 
 /// What one transaction may try before the MTA is told: so many MX hosts and addresses,

@@ -435,6 +435,33 @@ mod daemon {
         assert_eq!(d.server.connections(), 0);
     }
 
+    #[tokio::test]
+    async fn a_failed_mx_lookup_is_believed_for_a_minute_not_asked_again_per_message() {
+        let d = start(
+            ServerBehaviour::default(),
+            |port| {
+                SignedTree::new(secure_zone(port, &[])).servfail_for("dane.test", RecordType::MX)
+            },
+            None,
+        )
+        .await;
+        let asked = || d.dns.questions("dane.test", RecordType::MX);
+
+        let (_, rcpts, reply) = send_body(d.lab.smtp, &[RCPT], BODY).await;
+        assert_deferred(verdict(&rcpts[0], &reply), "4.4.3", "DNS lookup");
+        let after_first = asked();
+        assert!(after_first > 0, "the first message asks");
+        let (_, rcpts, reply) = send_body(d.lab.smtp, &[RCPT], BODY).await;
+        assert_deferred(verdict(&rcpts[0], &reply), "4.4.3", "DNS lookup");
+
+        assert_eq!(
+            asked(),
+            after_first,
+            "the second message does not ask again"
+        );
+        assert_eq!(d.server.connections(), 0);
+    }
+
     /// A certificate signed by `ca` for the MX, sent with the CA as DANE-TA asks.
     fn leaf_with_anchor(ca: &TestCa, validity: Validity) -> CertKey {
         let mut cert = ca.leaf(&[MX], validity);
