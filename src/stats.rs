@@ -27,6 +27,8 @@ pub struct Stats {
     pub downgrades: Counter,
     pub cache_hits: Counter,
     pub cache_entries: Gauge,
+    /// 1 for the DNSSEC start-up check's state, by `state`; 0 for the others.
+    dane: Family<Labels, Gauge>,
     /// MTA-STS policy fetches started, and those that failed.
     pub sts_fetches: Counter,
     pub sts_fetch_failures: Counter,
@@ -81,6 +83,7 @@ impl Default for Stats {
             downgrades: Counter::default(),
             cache_hits: Counter::default(),
             cache_entries: Gauge::default(),
+            dane: Family::default(),
             sts_fetches: Counter::default(),
             sts_fetch_failures: Counter::default(),
             sts_enforced_deferrals: Counter::default(),
@@ -214,6 +217,12 @@ impl Stats {
             self.cache_entries.clone(),
         );
         r.register(
+            "dane",
+            "1 for what the DNSSEC start-up check found (on, off, unknown: asked again, \
+             unchecked: not yet asked), 0 for the others",
+            self.dane.clone(),
+        );
+        r.register(
             "mta_sts_fetches",
             "MTA-STS policy fetches started",
             self.sts_fetches.clone(),
@@ -323,6 +332,14 @@ impl Stats {
             "entries and policies read from the shared cache that were not believed",
             self.fleet_forged.clone(),
         );
+    }
+
+    /// What the DNSSEC start-up check found now: `on`, `off`, `unknown` or `unchecked`.
+    pub fn dane_state(&self, now: &'static str) {
+        for state in ["on", "off", "unknown", "unchecked"] {
+            let gauge = self.dane.get_or_create(&vec![("state", state)]);
+            gauge.set(i64::from(state == now));
+        }
     }
 
     /// One Redis call's round trip.

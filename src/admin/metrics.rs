@@ -57,6 +57,7 @@ async fn answer(proxy: &Proxy, stream: &mut tokio::net::TcpStream) {
             .stats
             .cache_entries
             .set(proxy.outbound.cache.len() as i64);
+        proxy.stats.dane_state(proxy.outbound.resolver.dane_state());
         ("200 OK", proxy.stats.prometheus_text())
     } else {
         (

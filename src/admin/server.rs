@@ -201,9 +201,7 @@ pub async fn handle(proxy: &Proxy, request: Request) -> Response {
         Request::Stats {} => {
             proxy.stats.cache_entries.set(cache.len() as i64);
             let mut snapshot = json!(proxy.stats.snapshot());
-            // What the DNSSEC start-up check found: on, off or unknown (asked again).
-            let dnssec = proxy.outbound.resolver.dnssec_check();
-            snapshot["dane"] = json!(dnssec.map_or("unchecked", |d| d.name()));
+            snapshot["dane"] = json!(proxy.outbound.resolver.dane_state());
             Response::ok(snapshot)
         }
         Request::Sessions {} => Response::ok(json!({ "sessions": proxy.sessions.list() })),

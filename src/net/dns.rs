@@ -369,6 +369,12 @@ impl MxResolver {
         self.dnssec_state().found()
     }
 
+    /// The check's state in a word: `on`, `off`, `unknown`, or `unchecked` before it is
+    /// first made.
+    pub fn dane_state(&self) -> &'static str {
+        self.dnssec_check().map_or("unchecked", DnssecCheck::name)
+    }
+
     fn dnssec_state(&self) -> std::sync::MutexGuard<'_, CheckState> {
         self.dane
             .lock()

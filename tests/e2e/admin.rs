@@ -7,6 +7,7 @@ use std::sync::Arc;
 
 use crate::support::dns::{DnsServer, TestZone};
 use crate::support::lab::{Lab, LabBuilder, ctl, ctl_json, dedent, tlsrouter};
+use crate::support::metrics::{free_port, scrape, value};
 use crate::support::pki::{CertKey, TestCa, Validity, self_signed};
 use crate::support::smtp_client::SmtpClient;
 use crate::support::smtp_server::{ServerBehaviour, SmtpServer, StartTls};
@@ -534,13 +535,7 @@ async fn the_metrics_endpoint_serves_the_same_counters_in_prometheus_format() {
 
     let text = scrape(port).await;
     assert!(text.starts_with("HTTP/1.1 200 OK"), "{text}");
-    let value = |name: &str| -> f64 {
-        text.lines()
-            .find_map(|line| line.strip_prefix(name)?.strip_prefix(' '))
-            .unwrap_or_else(|| panic!("no {name} in\n{text}"))
-            .parse()
-            .expect("a number")
-    };
+    let value = |name: &str| value(&text, name);
     for (name, expected) in [
         ("tlsrouter_sessions_total", 2.0),
         ("tlsrouter_active_sessions", 2.0),
@@ -1000,26 +995,4 @@ async fn clients_holding_metrics_connections_open_are_cut_off_and_a_scrape_still
     }
     let text = scrape(port).await;
     assert!(text.starts_with("HTTP/1.1 200 OK"), "{text}");
-}
-
-/// One `GET /metrics` to the endpoint on `port`: the whole response.
-async fn scrape(port: u16) -> String {
-    let mut stream = tokio::net::TcpStream::connect(("127.0.0.1", port))
-        .await
-        .expect("metrics");
-    stream
-        .write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
-        .await
-        .expect("write");
-    let mut text = String::new();
-    stream.read_to_string(&mut text).await.expect("read");
-    text
-}
-
-/// A port nothing listens on now, for the metrics endpoint to bind.
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .expect("a free port")
-        .port()
 }

@@ -1101,6 +1101,7 @@ mod start_up {
     use crate::support::dnssec::{SignedDns, SignedTree, Zone};
     use crate::support::events::field;
     use crate::support::lab::{Lab, ctl_json};
+    use crate::support::metrics::{free_port, scrape, value};
     use crate::support::mta::{BODY, send_body};
     use crate::support::pki::self_signed;
     use crate::support::smtp_server::{ServerBehaviour, SmtpServer, StartTls};
@@ -1125,11 +1126,13 @@ mod start_up {
         // The root's DNSKEY set gets SERVFAIL at first, as from a resolver still starting.
         let tree = SignedTree::new(zone).servfail_first(".", RecordType::DNSKEY, 6);
         let dns = SignedDns::start(tree).await;
+        let metrics_port = free_port();
         let mut lab = Lab::new()
             .admin()
             .mx_port(port)
             .set("resolver.nameservers", vec![dns.addr.to_string()])
             .set_path("resolver.trust_anchor_file", &dns.trust_anchor_file)
+            .set("metrics.listen", format!("127.0.0.1:{metrics_port}"))
             .start_daemon()
             .await;
         let daemon = &mut lab.daemon;
@@ -1145,6 +1148,9 @@ mod start_up {
             .await;
         let stats = ctl_json(&daemon.admin_socket, &["stats"]).await;
         assert_eq!(stats["dane"], "on", "{stats}");
+        let metrics = scrape(metrics_port).await;
+        assert_eq!(value(&metrics, "tlsrouter_dane{state=\"on\"}"), 1.0);
+        assert_eq!(value(&metrics, "tlsrouter_dane{state=\"unknown\"}"), 0.0);
 
         let (_, rcpts, reply) = send_body(daemon.smtp, &["b@dane.test"], BODY).await;
         assert_eq!(

@@ -14,6 +14,7 @@
 //!   `events`: assertions on log events by their fields.
 //! - `postfix`: a real Postfix instance of the test's own, and waiting on its queue.
 //! - `netns`: a network namespace with a veth pair, for the transparent-mode tests.
+//! - `metrics`: scraping the Prometheus endpoint.
 //! - `redis`: a real `redis-server` on a free port, for the fleet's shared cache.
 //! - `reports`: reading the TLS-RPT reports sent (gzip JSON, a mailed attachment).
 //! - `sts`: a recipient domain that publishes an MTA-STS enforce policy, for a lab.
@@ -29,6 +30,7 @@ pub mod events;
 pub mod https;
 pub mod lab;
 pub mod logs;
+pub mod metrics;
 pub mod mta;
 pub mod mx;
 pub mod netns;

@@ -5,12 +5,13 @@
 //! the test with the reason.
 
 use std::io::{BufRead, BufReader};
-use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 use tokio::sync::mpsc;
+
+use crate::support::metrics::free_port;
 
 /// How long Redis may take to say it is ready: a guard against a hung test.
 const READY_WAIT: Duration = Duration::from_secs(30);
@@ -188,11 +189,6 @@ impl Drop for RedisServer {
 enum Clash {
     PortTaken,
     Failed(String),
-}
-
-fn free_port() -> u16 {
-    let listener = TcpListener::bind("127.0.0.1:0").expect("bind a free port");
-    listener.local_addr().expect("address").port()
 }
 
 async fn spawn(dir: &Path, port: u16, options: &RedisOptions) -> Result<Child, Clash> {
