@@ -44,34 +44,48 @@ pub enum ExchangeError {
     OutOfStep(&'static str, String),
 }
 
+/// Whether an I/O error is this host's, not the remote's: out of descriptors, buffers or
+/// memory, a source address or port that cannot be had, a local firewall or a missing
+/// capability.
+pub fn is_local_cause(error: &std::io::Error) -> bool {
+    use std::io::ErrorKind;
+    if matches!(
+        error.kind(),
+        ErrorKind::AddrNotAvailable
+            | ErrorKind::AddrInUse
+            | ErrorKind::OutOfMemory
+            | ErrorKind::PermissionDenied
+    ) {
+        return true;
+    }
+    // Too many open files (process, system), no buffer space.
+    #[cfg(unix)]
+    let local = [libc::EMFILE, libc::ENFILE, libc::ENOBUFS];
+    #[cfg(windows)]
+    let local = [10024, 10055];
+    #[cfg(not(any(unix, windows)))]
+    let local: [i32; 0] = [];
+    error
+        .raw_os_error()
+        .is_some_and(|code| local.contains(&code))
+}
+
+/// Why this host cannot open a socket now (out of descriptors or buffers), if it cannot:
+/// asked when a library hides the cause of a failure (the resolver says only "no
+/// connections available").
+pub fn local_shortage() -> Option<std::io::Error> {
+    match std::net::UdpSocket::bind((std::net::Ipv4Addr::LOCALHOST, 0)) {
+        Err(error) if is_local_cause(&error) => Some(error),
+        _ => None,
+    }
+}
+
 impl ExchangeError {
     /// Whether the error is this host's, not the remote's: out of descriptors, buffers or
     /// memory, a source address or port that cannot be had, a local firewall or missing
     /// capability. Such a failure says nothing of the server.
     pub fn is_local(&self) -> bool {
-        let ExchangeError::Io(error) = self else {
-            return false;
-        };
-        use std::io::ErrorKind;
-        if matches!(
-            error.kind(),
-            ErrorKind::AddrNotAvailable
-                | ErrorKind::AddrInUse
-                | ErrorKind::OutOfMemory
-                | ErrorKind::PermissionDenied
-        ) {
-            return true;
-        }
-        // Too many open files (process, system), no buffer space.
-        #[cfg(unix)]
-        let local = [libc::EMFILE, libc::ENFILE, libc::ENOBUFS];
-        #[cfg(windows)]
-        let local = [10024, 10055];
-        #[cfg(not(any(unix, windows)))]
-        let local: [i32; 0] = [];
-        error
-            .raw_os_error()
-            .is_some_and(|code| local.contains(&code))
+        matches!(self, ExchangeError::Io(error) if is_local_cause(error))
     }
 
     pub fn is_timeout(&self) -> bool {

@@ -182,6 +182,10 @@ pub enum RouteError {
         server: String,
         detail: String,
     },
+    /// This host could not ask its name servers (out of descriptors, say): nothing is
+    /// known of the domain.
+    #[error("MX lookup for {domain} not made, local error on this relay: {cause}")]
+    Local { domain: String, cause: String },
 }
 
 /// A DNS lookup that tells whether DANE applies to a server.
@@ -210,6 +214,7 @@ impl RouteError {
             RouteError::NullMx(_) => Reply::new(556, "5.1.10", self),
             RouteError::DnsTemporary { .. } => Reply::new(451, "4.4.3", self),
             RouteError::DaneUnknown { .. } => Reply::new(451, "4.7.5", self),
+            RouteError::Local { .. } => Reply::new(451, "4.3.0", self),
         }
     }
 }
@@ -434,7 +439,13 @@ impl MxResolver {
                     Answer::NoSuchName => Err(RouteError::DomainNotFound(domain.into())),
                     // No MX records: the domain itself is the implicit MX (RFC 5321 5.1).
                     Answer::NoData => self.implicit_mx(domain).await,
-                    Answer::Failed => Err(temporary(domain, &e)),
+                    Answer::Failed => match local_cause(&e) {
+                        Some(cause) => Err(RouteError::Local {
+                            domain: domain.into(),
+                            cause,
+                        }),
+                        None => Err(temporary(domain, &e)),
+                    },
                 };
             }
         };
@@ -488,10 +499,12 @@ impl MxResolver {
             )),
             Ok(_) => Err(RouteError::DomainNotFound(domain.into())),
             Err(AddressError::NotFound) => Err(RouteError::DomainNotFound(domain.into())),
-            Err(AddressError::Temporary(detail)) => Err(RouteError::DnsTemporary {
-                domain: domain.into(),
-                detail,
-            }),
+            Err(AddressError::Temporary(detail) | AddressError::Local(detail)) => {
+                Err(RouteError::DnsTemporary {
+                    domain: domain.into(),
+                    detail,
+                })
+            }
         }
     }
 
@@ -500,20 +513,34 @@ impl MxResolver {
         self.addresses_checked(host).await.map(|(addrs, _)| addrs)
     }
 
-    /// As [`MxResolver::addresses`], with whether the answer was DNSSEC-secure.
+    /// As [`MxResolver::addresses`], with whether the answer was DNSSEC-secure. A and AAAA
+    /// are asked apart: what one of them found is the answer when the other fails, and when
+    /// neither found an address, a failure is said as one, not as "no address".
     pub async fn addresses_checked(
         &self,
         host: &str,
     ) -> Result<(Vec<IpAddr>, Dnssec), AddressError> {
-        self.check_dnssec().await;
-        let fqdn = format!("{}.", host.trim_end_matches('.'));
-        match self.bounded(self.active().lookup_ip(fqdn.as_str())).await {
-            Ok(lookup) => {
-                let (_, dnssec) = address_answer(lookup.as_lookup().answers())?;
-                Ok((lookup.iter().collect(), dnssec))
-            }
-            Err(e) => Err(address_error(&e)),
+        let (v4, v6) = tokio::join!(
+            self.addresses_of(host, RecordType::A),
+            self.addresses_of(host, RecordType::AAAA)
+        );
+        let found: Vec<(Vec<IpAddr>, Dnssec)> = [&v4, &v6]
+            .into_iter()
+            .filter_map(|answer| answer.as_ref().ok().cloned().flatten())
+            .collect();
+        if found.is_empty() {
+            // Neither found an address: a failure, if either failed, else there is none.
+            return Err(v4.and(v6).err().unwrap_or(AddressError::NotFound));
         }
+        // Secure only when every answer that gave addresses is.
+        let dnssec = match found.iter().all(|(_, dnssec)| *dnssec == Dnssec::Secure) {
+            true => Dnssec::Secure,
+            false => Dnssec::Insecure,
+        };
+        Ok((
+            found.into_iter().flat_map(|(addrs, _)| addrs).collect(),
+            dnssec,
+        ))
     }
 
     /// The host's addresses of the family of `like` (A for IPv4, AAAA for IPv6), with
@@ -525,20 +552,35 @@ impl MxResolver {
         host: &str,
         like: IpAddr,
     ) -> Result<(Vec<IpAddr>, Dnssec), AddressError> {
-        self.check_dnssec().await;
-        let fqdn = format!("{}.", host.trim_end_matches('.'));
         let rtype = match like {
             IpAddr::V4(_) => RecordType::A,
             IpAddr::V6(_) => RecordType::AAAA,
         };
-        let lookup = match self
+        self.addresses_of(host, rtype)
+            .await?
+            .ok_or(AddressError::NotFound)
+    }
+
+    /// One question, A or AAAA: the addresses and whether the answer was DNSSEC-secure;
+    /// `None` for a NODATA or NXDOMAIN answer.
+    async fn addresses_of(
+        &self,
+        host: &str,
+        rtype: RecordType,
+    ) -> Result<Option<(Vec<IpAddr>, Dnssec)>, AddressError> {
+        self.check_dnssec().await;
+        let fqdn = format!("{}.", host.trim_end_matches('.'));
+        match self
             .bounded(self.active().lookup(fqdn.as_str(), rtype))
             .await
         {
-            Ok(lookup) => lookup,
-            Err(e) => return Err(address_error(&e)),
-        };
-        address_answer(lookup.answers())
+            Ok(lookup) => address_answer(lookup.answers())
+                .map(|(found, dnssec)| (!found.is_empty()).then_some((found, dnssec))),
+            Err(e) => match address_error(&e) {
+                AddressError::NotFound => Ok(None),
+                failed => Err(failed),
+            },
+        }
     }
 
     /// The TLSA records of `host` for SMTP on `port` (`_25._tcp.<host>`, RFC 7672 2.2),
@@ -678,7 +720,20 @@ fn address_answer(answers: &[Record]) -> Result<(Vec<IpAddr>, Dnssec), AddressEr
 }
 
 /// A failed address question: no such host, or a failure to try again.
+/// Why a lookup could not be made, when the cause is this host's: the resolver hides why it
+/// could not reach a name server, and this host may be out of descriptors, which says
+/// nothing of the name.
+fn local_cause(error: &NetError) -> Option<String> {
+    if !matches!(error, NetError::NoConnections | NetError::Io(_)) {
+        return None;
+    }
+    crate::net::connection::local_shortage().map(|cause| cause.to_string())
+}
+
 fn address_error(error: &NetError) -> AddressError {
+    if let Some(cause) = local_cause(error) {
+        return AddressError::Local(cause);
+    }
     match answer(error) {
         Answer::NoSuchName | Answer::NoData => AddressError::NotFound,
         Answer::Failed => AddressError::Temporary(error.to_string()),
@@ -706,6 +761,8 @@ fn anchor_zone(text: &str) -> Result<String, String> {
 pub enum AddressError {
     NotFound,
     Temporary(String),
+    /// Not asked: this host could not open a socket to its name servers.
+    Local(String),
 }
 
 impl std::fmt::Display for AddressError {
@@ -713,6 +770,12 @@ impl std::fmt::Display for AddressError {
         match self {
             AddressError::NotFound => f.write_str("host has no address"),
             AddressError::Temporary(detail) => write!(f, "address lookup failed: {detail}"),
+            AddressError::Local(cause) => {
+                write!(
+                    f,
+                    "address lookup not made, local error on this relay: {cause}"
+                )
+            }
         }
     }
 }

@@ -186,7 +186,7 @@ impl Outbound {
                         Ok((found, dnssec)) if found.contains(&addr.ip()) => dnssec,
                         // Under a secure MX answer whether DANE applies cannot be known:
                         // the lookup that named the host moments ago had the address.
-                        Err(AddressError::Temporary(e)) if mx_secure => {
+                        Err(AddressError::Temporary(e) | AddressError::Local(e)) if mx_secure => {
                             dane_unknown = Some(e);
                             Dnssec::Insecure
                         }
@@ -203,6 +203,10 @@ impl Outbound {
             let (addrs, addr_dnssec) = match addrs {
                 Ok(found) => found,
                 Err(error) => {
+                    if let AddressError::Local(cause) = &error {
+                        self.stats.local_errors.inc();
+                        tracing::warn!(event = "local_error", host, error = %cause, "address of {host} not looked up for a reason of this host's own (nothing cached): {cause}");
+                    }
                     failures.push(Failed::Addresses { host, error });
                     continue;
                 }
@@ -424,17 +428,10 @@ impl Outbound {
                 failures: tls_failures,
             });
         }
-        let local = |f: &Failed| {
-            matches!(
-                f,
-                Failed::Server {
-                    failure: AttemptFailure::Local(_),
-                    ..
-                }
-            )
-        };
         let budget_note = |f: &Failed| matches!(f, Failed::Budget(_));
-        if failures.iter().any(local) && failures.iter().all(|f| local(f) || budget_note(f)) {
+        if failures.iter().any(Failed::is_local)
+            && failures.iter().all(|f| f.is_local() || budget_note(f))
+        {
             return Err(OpenError::Local { failures });
         }
         Err(OpenError::Unreachable {

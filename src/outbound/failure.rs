@@ -185,6 +185,21 @@ impl std::fmt::Display for Failed {
 }
 
 impl Failed {
+    /// Whether the failure is this host's own (out of descriptors, a source address it
+    /// lacks): it says nothing of the server, and is neither cached nor shared.
+    pub fn is_local(&self) -> bool {
+        matches!(
+            self,
+            Failed::Server {
+                failure: AttemptFailure::Local(_),
+                ..
+            } | Failed::Addresses {
+                error: AddressError::Local(_),
+                ..
+            }
+        )
+    }
+
     /// Whether trying again later cannot help: TLS refused for what the server is (no
     /// STARTTLS, a certificate that does not verify, a name nothing vouches for), or an
     /// extension the message needs. Not a lookup, a connection or a dialogue that failed,

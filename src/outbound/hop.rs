@@ -92,7 +92,12 @@ impl Outbound {
     /// The domain's MX hosts; a failure that may pass is believed for a while.
     async fn mail_exchangers(&self, domain: &str) -> Result<Vec<MxHost>, RouteError> {
         let lookup = self.resolver.mail_exchangers(domain);
-        self.failed_mx_lookups.ask(domain, lookup).await
+        let found = self.failed_mx_lookups.ask(domain, lookup).await;
+        if let Err(RouteError::Local { cause, .. }) = &found {
+            self.stats.local_errors.inc();
+            tracing::warn!(event = "local_error", domain, error = %cause, "MX of {domain} not looked up for a reason of this host's own (nothing cached): {cause}");
+        }
+        found
     }
 
     /// Where a transaction for `domain` goes when the MTA was connecting to `addr` and was
@@ -122,6 +127,8 @@ impl Outbound {
                     detail,
                 });
             }
+            // Nothing can be asked now: not even whether DANE applies.
+            Err(local @ RouteError::Local { .. }) => return Err(local),
             Err(e) => {
                 tracing::info!(
                     domain,
@@ -166,14 +173,16 @@ impl Outbound {
             match found {
                 Ok(addrs) if addrs.contains(&ip) => return Ok(Some(host.clone())),
                 Ok(_) | Err(AddressError::NotFound) => {}
-                Err(AddressError::Temporary(detail)) if dane && host.dnssec == Dnssec::Secure => {
+                Err(AddressError::Temporary(detail) | AddressError::Local(detail))
+                    if dane && host.dnssec == Dnssec::Secure =>
+                {
                     return Err(RouteError::DaneUnknown {
                         lookup: Lookup::Address(host.name.clone()),
                         server: ip.to_string(),
                         detail,
                     });
                 }
-                Err(AddressError::Temporary(_)) => {}
+                Err(AddressError::Temporary(_) | AddressError::Local(_)) => {}
             }
         }
         Ok(None)

@@ -6,10 +6,11 @@
 
 use std::net::{IpAddr, Ipv4Addr};
 
+use crate::support::events::field;
 use crate::support::https::txt;
-use crate::support::lab::{Lab, one_mx_zone};
+use crate::support::lab::{Lab, ctl_json, one_mx_zone};
 use crate::support::pki::{TestCa, Validity};
-use crate::support::smtp_client::send_one;
+use crate::support::smtp_client::{SmtpClient, send_one};
 use crate::support::smtp_server::{ServerBehaviour, SmtpServer};
 use tlsrouter::policy::tlsrpt::{PolicyFacts, SessionResult, SessionSite, UtcDay};
 
@@ -134,4 +135,82 @@ async fn a_source_address_this_host_lacks_is_a_local_error_and_leaves_the_cache_
     );
     assert_eq!(lab.proxy.stats.snapshot().local_errors, 1);
     assert_eq!(logs.events_with(&[("event", "local_error")]).len(), 1);
+}
+
+/// The descriptors the process `pid` has open now.
+#[cfg(target_os = "linux")]
+fn open_files(pid: u32) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .expect("the daemon's descriptors")
+        .count()
+}
+
+/// Sets the soft open-files limit of the running process `pid` (the hard one stays, so it
+/// can be raised again).
+#[cfg(target_os = "linux")]
+fn limit_open_files(pid: u32, limit: usize) {
+    let status = std::process::Command::new("prlimit")
+        .args(["--pid", &pid.to_string(), &format!("--nofile={limit}:")])
+        .status()
+        .expect("run prlimit (util-linux)");
+    assert!(status.success(), "prlimit --pid {pid} --nofile={limit}:");
+}
+
+/// The daemon out of descriptors (EMFILE, forced with its open-files limit): the MTA hears
+/// `451 4.3.0` naming the local cause, and the server's entry is left as it was, so no
+/// healthy MX is skipped afterwards for a failure of this host's own.
+#[cfg(target_os = "linux")]
+#[tokio::test]
+async fn out_of_descriptors_the_mta_is_told_and_the_cache_keeps_what_it_knew() {
+    let server = SmtpServer::start(IpAddr::V4(Ipv4Addr::LOCALHOST), 0, ServerBehaviour::plain())
+        .await
+        .expect("smtp server");
+    let mut lab = Lab::new()
+        .one_mx(&server)
+        // Nothing but the connection to the MX needs a descriptor of its own.
+        .set("delivery.pool.enabled", false)
+        .set("mta_sts.enabled", false)
+        .set("resolver.dane", "off")
+        .start_daemon()
+        .await;
+    // One session for both messages: no connection of the MTA comes or goes meanwhile.
+    let (mut mta, _) = SmtpClient::connect(lab.daemon.smtp).await;
+    mta.cmd("EHLO mta.sender.test").await;
+    let message = b"Subject: descriptors\r\n\r\nhello\r\n";
+    mta.cmd("MAIL FROM:<a@sender.test>").await;
+    assert_eq!(mta.cmd("RCPT TO:<b@example.test>").await.code, 250);
+    assert_eq!(mta.data(message).await.code, 250);
+    server.wait_all_closed().await;
+
+    // Not one descriptor more: neither a DNS question nor a connection to the MX. Below
+    // what is open now, so that a descriptor the daemon is closing (its end of the MX
+    // connection, say) gives no room.
+    let pid = lab.daemon.pid();
+    limit_open_files(pid, open_files(pid) - 2);
+    mta.cmd("MAIL FROM:<a@sender.test>").await;
+    let rcpt = mta.cmd("RCPT TO:<b@example.test>").await;
+    limit_open_files(pid, 1024);
+
+    assert_eq!(
+        (rcpt.code, rcpt.enhanced().as_deref()),
+        (451, Some("4.3.0")),
+        "{rcpt:?}"
+    );
+    let said = lab.daemon.wait_for_event(&[("event", "local_error")]).await;
+    assert_eq!(field(&said, "level").as_deref(), Some("WARN"), "{said}");
+    assert_eq!(
+        server.connections(),
+        1,
+        "only the first message reached the MX"
+    );
+    let after = ctl_json(&lab.daemon.admin_socket, &["cache", "list"]).await;
+    let entries = after["entries"].as_array().expect("entries");
+    assert_eq!(entries.len(), 1, "{after}");
+    assert_eq!(
+        entries[0]["class"], "no-starttls",
+        "what the first message found"
+    );
+    assert_eq!(entries[0]["count"], 1, "nothing recorded since");
+    let stats = ctl_json(&lab.daemon.admin_socket, &["stats"]).await;
+    assert_eq!(stats["local_errors"], 1, "{stats}");
 }
