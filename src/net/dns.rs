@@ -11,15 +11,15 @@ use hickory_resolver::config::{ConnectionConfig, NameServerConfig};
 use hickory_resolver::net::runtime::TokioRuntimeProvider;
 use hickory_resolver::net::{DnsError, NetError};
 use hickory_resolver::proto::dnssec::{Proof, TrustAnchors};
-use hickory_resolver::proto::op::ResponseCode;
 use hickory_resolver::proto::rr::{RData, Record, RecordType};
 use rand::seq::SliceRandom;
 use serde::Deserialize;
 
 use crate::net::dane::{TlsaRecord, Unusable};
 use crate::net::dnssec_check::{CheckState, DnssecCheck};
+pub use crate::net::lookup_error::{AddressError, Lookup, RouteError};
+use crate::net::lookup_error::{Answer, address_error, answer, local_cause, temporary};
 use crate::settings::{Problem, SetupError};
-use crate::smtp::Reply;
 
 /// `resolver:` in the configuration.
 #[derive(Clone, Debug, Default, Deserialize)]
@@ -160,63 +160,6 @@ pub fn bare_name(host: &str) -> String {
 /// The address of an address literal or a bare address, if `host` is one.
 pub fn literal_address(host: &str) -> Option<IpAddr> {
     bare_name(host).parse().ok()
-}
-
-/// Why a domain has no next hop; each maps to a reply of the README's reply table.
-#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
-pub enum RouteError {
-    #[error("domain {0} does not exist")]
-    DomainNotFound(String),
-    #[error("domain {0} accepts no mail (null MX)")]
-    NullMx(String),
-    #[error("DNS lookup for {domain} failed temporarily: {detail}")]
-    DnsTemporary { domain: String, detail: String },
-    /// DANE is in force and a lookup that tells whether it applies to the server failed:
-    /// nothing may be sent until it can be had (RFC 7672 2.2).
-    #[error(
-        "DANE: the {lookup} failed ({detail}): whether {server} must be reached under DANE \
-         cannot be known, so nothing is sent until it can"
-    )]
-    DaneUnknown {
-        lookup: Lookup,
-        server: String,
-        detail: String,
-    },
-    /// This host could not ask its name servers (out of descriptors, say): nothing is
-    /// known of the domain.
-    #[error("MX lookup for {domain} not made, local error on this relay: {cause}")]
-    Local { domain: String, cause: String },
-}
-
-/// A DNS lookup that tells whether DANE applies to a server.
-#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
-pub enum Lookup {
-    #[error("MX lookup of {0}")]
-    Mx(String),
-    #[error("address lookup of {0}")]
-    Address(String),
-}
-
-impl Lookup {
-    /// `mx` or `address`, and the name asked: the log line's `lookup` and `name`.
-    pub fn fields(&self) -> (&'static str, &str) {
-        match self {
-            Lookup::Mx(name) => ("mx", name),
-            Lookup::Address(name) => ("address", name),
-        }
-    }
-}
-
-impl RouteError {
-    pub fn reply(&self) -> Reply {
-        match self {
-            RouteError::DomainNotFound(_) => Reply::new(550, "5.1.2", self),
-            RouteError::NullMx(_) => Reply::new(556, "5.1.10", self),
-            RouteError::DnsTemporary { .. } => Reply::new(451, "4.4.3", self),
-            RouteError::DaneUnknown { .. } => Reply::new(451, "4.7.5", self),
-            RouteError::Local { .. } => Reply::new(451, "4.3.0", self),
-        }
-    }
 }
 
 pub struct MxResolver {
@@ -719,27 +662,6 @@ fn address_answer(answers: &[Record]) -> Result<(Vec<IpAddr>, Dnssec), AddressEr
     Ok((addrs, Dnssec::of(&records)))
 }
 
-/// A failed address question: no such host, or a failure to try again.
-/// Why a lookup could not be made, when the cause is this host's: the resolver hides why it
-/// could not reach a name server, and this host may be out of descriptors, which says
-/// nothing of the name.
-fn local_cause(error: &NetError) -> Option<String> {
-    if !matches!(error, NetError::NoConnections | NetError::Io(_)) {
-        return None;
-    }
-    crate::net::connection::local_shortage().map(|cause| cause.to_string())
-}
-
-fn address_error(error: &NetError) -> AddressError {
-    if let Some(cause) = local_cause(error) {
-        return AddressError::Local(cause);
-    }
-    match answer(error) {
-        Answer::NoSuchName | Answer::NoData => AddressError::NotFound,
-        Answer::Failed => AddressError::Temporary(error.to_string()),
-    }
-}
-
 /// The zone a trust anchor file's DNSKEY records are for: hickory trusts a key at the name
 /// it is given for, so a lab may anchor below the root. With keys for several zones, the
 /// closest to the root (the first of them given, among equals).
@@ -757,29 +679,6 @@ fn anchor_zone(text: &str) -> Result<String, String> {
         .ok_or_else(|| "no DNSKEY record".to_string())
 }
 
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub enum AddressError {
-    NotFound,
-    Temporary(String),
-    /// Not asked: this host could not open a socket to its name servers.
-    Local(String),
-}
-
-impl std::fmt::Display for AddressError {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            AddressError::NotFound => f.write_str("host has no address"),
-            AddressError::Temporary(detail) => write!(f, "address lookup failed: {detail}"),
-            AddressError::Local(cause) => {
-                write!(
-                    f,
-                    "address lookup not made, local error on this relay: {cause}"
-                )
-            }
-        }
-    }
-}
-
 fn name_server(addr: SocketAddr) -> NameServerConfig {
     let with_port = |mut c: ConnectionConfig| {
         c.port = addr.port();
@@ -795,16 +694,6 @@ fn name_server(addr: SocketAddr) -> NameServerConfig {
     )
 }
 
-/// What a failed lookup says about the name.
-enum Answer {
-    /// NXDOMAIN: the name does not exist.
-    NoSuchName,
-    /// NOERROR without records of the type asked.
-    NoData,
-    /// SERVFAIL, REFUSED, a timeout: nothing is known; try again later.
-    Failed,
-}
-
 /// A TXT answer and the end of its DNS lifetime.
 #[derive(Clone, Debug)]
 pub struct TxtAnswer {
@@ -817,32 +706,6 @@ fn negative_ttl(error: &NetError) -> u32 {
     match error {
         NetError::Dns(DnsError::NoRecordsFound(no)) => no.negative_ttl.unwrap_or(0),
         _ => 0,
-    }
-}
-
-fn answer(error: &NetError) -> Answer {
-    match error {
-        NetError::Dns(DnsError::NoRecordsFound(no)) => match no.response_code {
-            ResponseCode::NXDomain => Answer::NoSuchName,
-            ResponseCode::NoError => Answer::NoData,
-            _ => Answer::Failed,
-        },
-        // A denial in a zone proven unsigned is as good as an unsigned one.
-        NetError::Dns(DnsError::Nsec {
-            response, proof, ..
-        }) if proof.is_insecure() => match response.response_code {
-            ResponseCode::NXDomain => Answer::NoSuchName,
-            ResponseCode::NoError => Answer::NoData,
-            _ => Answer::Failed,
-        },
-        _ => Answer::Failed,
-    }
-}
-
-fn temporary(domain: &str, error: &NetError) -> RouteError {
-    RouteError::DnsTemporary {
-        domain: domain.into(),
-        detail: error.to_string(),
     }
 }
 

@@ -12,6 +12,7 @@ pub mod dnssec_check;
 pub mod https;
 #[cfg(feature = "legacy-tls")]
 pub mod legacy;
+pub mod lookup_error;
 pub mod socket_mark;
 pub mod tls;
 pub mod transport;
