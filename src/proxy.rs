@@ -9,6 +9,7 @@ use crate::net::dns::MxResolver;
 use crate::net::https::HttpsClient;
 use crate::net::tls::{TlsClient, trusted_roots};
 use crate::outbound::Outbound;
+use crate::outbound::greetings::Greetings;
 use crate::policy::mta_sts::{PolicyStore, policy_file};
 use crate::policy::tlsrpt::{TlsReports, counts_file};
 use crate::router::Router;
@@ -138,11 +139,12 @@ impl Proxy {
             pool: crate::outbound::pool::Pool::new(config.delivery.pool.clone()),
             policies: policies.clone(),
             budget: crate::outbound::Budget {
-                mx_hosts: config.delivery.max_mx_hosts,
-                addresses: config.delivery.max_addresses,
+                mx_hosts: config.delivery.max_mx_hosts.get(),
+                addresses: config.delivery.max_addresses.get(),
             },
             failed_lookups: Default::default(),
             failed_mx_lookups: Default::default(),
+            greetings: Greetings::new(config.delivery.max_waiting_per_server.get()),
         };
         // The semaphore's own bound, and one drain can take back at once.
         let session_slots_max = (config.limits.max_sessions)

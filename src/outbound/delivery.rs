@@ -154,7 +154,7 @@ impl Outbound {
         let mut tls_failures = Vec::new();
         // A domain with many dead MX hosts costs its own messages, not everyone's sessions.
         let budget = self.budget;
-        let deadline = std::time::Instant::now() + self.timeouts.route;
+        let deadline = tokio::time::Instant::now() + self.timeouts.route;
         let mut servers = servers;
         let mut spent = None;
         if servers.len() > budget.mx_hosts {
@@ -168,7 +168,7 @@ impl Outbound {
         let (mut unsupported, mut unsupported_count) = (None, 0);
         let mut tls_rule = plan.base_rule().name.clone();
         'servers: for (host, port, mx_secure) in servers {
-            if std::time::Instant::now() >= deadline {
+            if tokio::time::Instant::now() >= deadline {
                 let secs = self.timeouts.route.as_secs();
                 spent = Some(Spent::Time { secs });
                 break;
@@ -238,7 +238,7 @@ impl Outbound {
                     spent = Some(Spent::Addresses { limit });
                     break 'servers;
                 }
-                if std::time::Instant::now() >= deadline {
+                if tokio::time::Instant::now() >= deadline {
                     let secs = self.timeouts.route.as_secs();
                     spent = Some(Spent::Time { secs });
                     break 'servers;
@@ -324,8 +324,19 @@ impl Outbound {
                 };
                 let attempted = match reused {
                     Some(reused) => Ok(reused),
-                    None => (self.attempt(&attempt).await)
-                        .map(|(session, first)| (session, Lineage::fresh(), first)),
+                    // No wait for one server outlasts the whole search's time.
+                    None => match tokio::time::timeout_at(deadline, self.attempt(&attempt)).await {
+                        Ok(attempted) => {
+                            attempted.map(|(session, first)| (session, Lineage::fresh(), first))
+                        }
+                        Err(_) => {
+                            let secs = self.timeouts.route.as_secs();
+                            spent = Some(Spent::Time { secs });
+                            let failure = AttemptFailure::OutOfTime { secs };
+                            failures.push(Failed::Server { server, failure });
+                            break 'servers;
+                        }
+                    },
                 };
                 let failure = match attempted {
                     Ok((reached, lineage, first_reply)) => {

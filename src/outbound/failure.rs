@@ -5,6 +5,7 @@
 use crate::net::connection::ExchangeError;
 use crate::net::dns::{AddressError, ServerId};
 use crate::outbound::credentials::CredentialsError;
+use crate::outbound::greetings::Busy;
 use crate::outcome::{Kind, OutcomeClass};
 use crate::router::decision::{Refusal, RefusalReason, Skip};
 use crate::rules::model::HostPort;
@@ -33,6 +34,10 @@ pub enum AttemptFailure {
     Rejected(Reply),
     /// The smart host's AUTH did not go through: delivery waits, whatever server.
     Auth(AuthFailure),
+    /// Not tried: so many connections already wait for the server's greeting.
+    Busy(Busy),
+    /// Abandoned when the transaction's time for finding a server ran out.
+    OutOfTime { secs: u64 },
 }
 
 impl From<AuthFailure> for AttemptFailure {
@@ -55,6 +60,13 @@ impl std::fmt::Display for AttemptFailure {
             AttemptFailure::Unsupported(missing) => missing.fmt(f),
             AttemptFailure::Rejected(reply) => reply.fmt(f),
             AttemptFailure::Auth(failure) => failure.fmt(f),
+            AttemptFailure::Busy(busy) => busy.fmt(f),
+            AttemptFailure::OutOfTime { secs } => {
+                write!(
+                    f,
+                    "abandoned when the {secs}s to find a server ran out (timeouts.route)"
+                )
+            }
         }
     }
 }

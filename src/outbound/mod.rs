@@ -2,19 +2,22 @@
 //! session asks for ([`route`]), where a transaction goes ([`hop`]), the servers tried in
 //! turn ([`delivery`]), one conversation with one server ([`attempt`]), why one did not
 //! take it ([`failure`]), the remote dialogue of an open transaction ([`upstream`]), the
-//! connections kept between transactions ([`pool`]) and a smart host's credentials.
+//! connections kept between transactions ([`pool`]), those waiting for a greeting
+//! ([`greetings`]) and a smart host's credentials.
 //! [`Outbound`] is what they share.
 
 pub mod attempt;
 pub mod credentials;
 pub mod delivery;
 pub mod failure;
+pub mod greetings;
 pub mod hop;
 pub mod lookups;
 pub mod pool;
 pub mod route;
 pub mod upstream;
 
+use std::num::NonZeroUsize;
 use std::sync::Arc;
 
 use serde::Deserialize;
@@ -23,6 +26,7 @@ use crate::cache::OutcomeCache;
 use crate::net::dialer::Dialer;
 use crate::net::dns::{AddressError, MxResolver, RouteError};
 use crate::net::tls::TlsClient;
+use crate::outbound::greetings::Greetings;
 use crate::outbound::lookups::FailedLookups;
 use crate::outbound::pool::{Pool, PoolConfig};
 use crate::policy::mta_sts::PolicyStore;
@@ -52,9 +56,11 @@ pub struct DeliveryConfig {
     pub tls_required_no: TlsRequiredNo,
     /// MX hosts tried per transaction, best first (as Postfix's smtp_mx_session_limit):
     /// a domain with many dead MX hosts costs its own messages, not everyone's sessions.
-    pub max_mx_hosts: usize,
+    pub max_mx_hosts: NonZeroUsize,
     /// Addresses tried per transaction, over all its MX hosts (smtp_mx_address_limit).
-    pub max_addresses: usize,
+    pub max_addresses: NonZeroUsize,
+    /// Connections to one server address that may wait for its greeting at once.
+    pub max_waiting_per_server: NonZeroUsize,
 }
 
 /// What a message's `TLS-Required: No` header does.
@@ -78,8 +84,9 @@ impl Default for DeliveryConfig {
             pool: PoolConfig::default(),
             source_address: None,
             tls_required_no: TlsRequiredNo::Honour,
-            max_mx_hosts: 5,
-            max_addresses: 10,
+            max_mx_hosts: NonZeroUsize::new(5).expect("not zero"),
+            max_addresses: NonZeroUsize::new(10).expect("not zero"),
+            max_waiting_per_server: NonZeroUsize::new(10).expect("not zero"),
         }
     }
 }
@@ -109,6 +116,8 @@ pub struct Outbound {
     pub failed_lookups: FailedLookups<AddressError>,
     /// MX lookups that failed moments ago.
     pub failed_mx_lookups: FailedLookups<RouteError>,
+    /// Connections waiting for a server's greeting, per server.
+    pub greetings: Greetings,
 }
 
 /// What one transaction may try before the MTA is told: so many MX hosts and addresses,

@@ -12,6 +12,7 @@ mod admin;
 mod cache;
 mod cached_cost;
 mod dane;
+mod dead_hosts;
 mod delivery;
 mod dialing;
 mod downgrade;

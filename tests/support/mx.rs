@@ -1,7 +1,11 @@
 //! Receiving servers as topics use them: on a loopback address, with STARTTLS or without,
-//! and the lab where example.test has one of them as its only MX.
+//! the lab where example.test has one of them as its only MX, and a tarpit.
 
-use std::net::{IpAddr, Ipv4Addr};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
 
 use super::dns::TestZone;
 use super::lab::Lab;
@@ -66,4 +70,57 @@ async fn one_mx_under(
         lab = lab.rules(rules);
     }
     (lab.start().await, mx)
+}
+
+/// A host that accepts connections and never says a word, as a dead MX host behind
+/// something that answers for it does; it counts what it accepted and holds it all.
+pub struct Tarpit {
+    addr: SocketAddr,
+    accepted: watch::Receiver<usize>,
+    task: JoinHandle<()>,
+}
+
+impl Tarpit {
+    /// On `ip`; port 0 picks one, later tarpits share it.
+    pub async fn start(ip: Ipv4Addr, port: u16) -> Tarpit {
+        let listener = TcpListener::bind((ip, port)).await.expect("bind a tarpit");
+        let addr = listener.local_addr().expect("tarpit address");
+        let (count, accepted) = watch::channel(0);
+        let task = tokio::spawn(async move {
+            let mut held = Vec::new();
+            while let Ok((stream, _)) = listener.accept().await {
+                held.push(stream);
+                count.send_replace(held.len());
+            }
+        });
+        Tarpit {
+            addr,
+            accepted,
+            task,
+        }
+    }
+
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// Connections accepted so far.
+    pub fn accepted(&self) -> usize {
+        *self.accepted.borrow()
+    }
+
+    /// Returns once at least `n` connections have been accepted.
+    pub async fn wait_accepted(&self, n: usize) {
+        let mut accepted = self.accepted.clone();
+        accepted
+            .wait_for(|&count| count >= n)
+            .await
+            .expect("the tarpit runs");
+    }
+}
+
+impl Drop for Tarpit {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
 }

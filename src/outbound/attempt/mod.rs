@@ -198,6 +198,10 @@ impl Outbound {
     /// this at accept, so that the MTA sees the remote's own greeting and capabilities.
     pub async fn greet_at_accept(&self, addr: SocketAddr) -> Greeting {
         let server = ServerId::new(&addr.ip().to_string(), addr.ip());
+        let _waiting = match self.greetings.wait(addr) {
+            Ok(waiting) => waiting,
+            Err(busy) => return Greeting::Failed(AttemptFailure::Busy(busy)),
+        };
         let mut conn = match self.connect(&server, addr).await {
             Ok(conn) => conn,
             Err(failure) => return Greeting::Failed(failure),
@@ -426,6 +430,10 @@ impl Outbound {
         attempt: &Attempt<'_>,
         handshake: &Handshake,
     ) -> Result<Reached, AttemptFailure> {
+        let waiting = self
+            .greetings
+            .wait(attempt.addr())
+            .map_err(AttemptFailure::Busy)?;
         let conn = self.connect(attempt.server, attempt.addr()).await?;
         let secured = conn.secure(&self.tls, handshake, self.timeouts.tls_handshake);
         let (outcome, conn) = match secured.await {
@@ -442,6 +450,7 @@ impl Outbound {
         ) {
             (HostDecision::Tls(_), Some(mut conn)) => {
                 self.read_greeting(&mut conn).await?;
+                drop(waiting);
                 let caps = self.ehlo(&mut conn).await?;
                 Ok(Reached {
                     conn,
@@ -544,8 +553,10 @@ impl Outbound {
         server: &ServerId,
         addr: SocketAddr,
     ) -> Result<(PlainConnection, Capabilities), AttemptFailure> {
+        let waiting = self.greetings.wait(addr).map_err(AttemptFailure::Busy)?;
         let mut conn = self.connect(server, addr).await?;
         self.read_greeting(&mut conn).await?;
+        drop(waiting);
         let caps = self.ehlo(&mut conn).await?;
         Ok((conn, caps))
     }
