@@ -50,6 +50,29 @@ impl Certificate {
     }
 }
 
+/// Who issued a certificate, as an admin asks it when no trusted CA vouches for it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Issuer {
+    /// Itself: its issuer is its subject (self-signed).
+    Itself,
+    /// A CA, by its common name (or its whole name when it has none).
+    Ca(String),
+}
+
+impl Issuer {
+    /// `None` when `der` is not a certificate x509-parser can read.
+    pub fn of(der: &[u8]) -> Option<Issuer> {
+        let (_, cert) = x509_parser::parse_x509_certificate(der).ok()?;
+        if cert.issuer().as_raw() == cert.subject().as_raw() {
+            return Some(Issuer::Itself);
+        }
+        let common_name = (cert.issuer().iter_common_name().next()).and_then(|cn| cn.as_str().ok());
+        Some(Issuer::Ca(
+            common_name.map_or_else(|| cert.issuer().to_string(), str::to_string),
+        ))
+    }
+}
+
 /// A subject alternative name as people write it; other kinds (email, URI) are left out.
 fn san(name: &GeneralName<'_>) -> Option<String> {
     match name {

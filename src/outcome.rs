@@ -235,15 +235,44 @@ pub enum CertProblem {
     NotYetValid {
         not_before: String,
     },
-    /// Unknown issuer or self-signed; `name_ok` says whether the name would have matched.
+    /// No trusted CA vouches for it; `name_ok` says whether the name would have matched.
     Untrusted {
-        detail: String,
+        why: Distrust,
         name_ok: bool,
     },
     NameMismatch {
         presented: Vec<String>,
     },
     Other(String),
+}
+
+/// Why no trusted CA vouches for a certificate, in an admin's words.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Distrust {
+    /// Its issuer is itself.
+    SelfSigned,
+    /// Issued by a CA this relay does not trust, by name.
+    UnknownIssuer(String),
+    /// A CA certificate, not issued to itself, shown as the server's own.
+    CaAsServer,
+    /// This relay trusts no root certificate at all.
+    NoRoots,
+    /// What the verifier said otherwise, in words.
+    Other(String),
+}
+
+impl fmt::Display for Distrust {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Distrust::SelfSigned => write!(f, "self-signed"),
+            Distrust::UnknownIssuer(issuer) => {
+                write!(f, "issued by {issuer}, a CA this relay does not trust")
+            }
+            Distrust::CaAsServer => write!(f, "a CA certificate shown as the server's own"),
+            Distrust::NoRoots => write!(f, "no trusted root certificates are configured"),
+            Distrust::Other(words) => f.write_str(words),
+        }
+    }
 }
 
 impl CertProblem {
@@ -260,17 +289,17 @@ impl CertProblem {
 impl fmt::Display for CertProblem {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
-            CertProblem::Expired { not_after } => write!(f, "certificate expired {not_after}"),
+            CertProblem::Expired { not_after } => write!(f, "certificate expired on {not_after}"),
             CertProblem::NotYetValid { not_before } => {
                 write!(f, "certificate not valid before {not_before}")
             }
-            CertProblem::Untrusted { detail, name_ok } => {
+            CertProblem::Untrusted { why, name_ok } => {
                 let name = if *name_ok {
                     ""
                 } else {
                     ", and not valid for the name"
                 };
-                write!(f, "certificate untrusted ({detail}){name}")
+                write!(f, "certificate untrusted ({why}){name}")
             }
             CertProblem::NameMismatch { presented } if presented.is_empty() => {
                 write!(f, "certificate not valid for the MX name")

@@ -404,7 +404,7 @@ fn observations_carry_the_why() {
     }))
     .expect("observed");
     assert_eq!(unverified.class, OutcomeClass::TlsUnverified);
-    assert_eq!(unverified.detail, "certificate expired 2026-03-01");
+    assert_eq!(unverified.detail, "certificate expired on 2026-03-01");
     assert_eq!(unverified.cert_not_after.as_deref(), Some("2026-03-01"));
     assert_eq!(unverified.tls_version.as_deref(), Some("TLSv1.2"));
 

@@ -21,10 +21,11 @@ use tokio_rustls::client::TlsStream;
 
 use crate::net::dane::{DaneVerdict, DaneVerifier, TlsaRecord};
 
+use crate::certificate::Issuer;
 #[cfg(feature = "legacy-tls")]
 use crate::net::legacy::LegacyConnector;
 use crate::net::transport::Transport;
-use crate::outcome::{CertProblem, NoTls, TlsSession, Verification, format_date};
+use crate::outcome::{CertProblem, Distrust, NoTls, TlsSession, Verification, format_date};
 use crate::rules::MinTls;
 use crate::settings::SetupError;
 
@@ -320,7 +321,7 @@ fn verify(
 ) -> Verification {
     match webpki {
         None => Verification::Failed(CertProblem::Untrusted {
-            detail: "no trusted root certificates are configured".into(),
+            why: Distrust::NoRoots,
             name_ok: name_matches(end_entity, server_name),
         }),
         Some(webpki) => {
@@ -461,14 +462,36 @@ fn cert_problem(
             presented: presented.clone(),
         },
         // webpki checks the chain before the name: check the name on its own as well.
-        CertificateError::UnknownIssuer => CertProblem::Untrusted {
-            detail: "unknown issuer or self-signed".into(),
-            name_ok: name_matches(end_entity, name),
-        },
         other => CertProblem::Untrusted {
-            detail: format!("{other:?}"),
+            why: distrust(other, end_entity),
             name_ok: name_matches(end_entity, name),
         },
+    }
+}
+
+/// Why the chain did not verify, in words; the verifier's own words stay in the debug log.
+fn distrust(error: &CertificateError, end_entity: &CertificateDer<'_>) -> Distrust {
+    tracing::debug!("certificate verification: {error:?}");
+    let issuer = Issuer::of(end_entity);
+    // OpenSSL's `req -x509` makes a self-signed certificate a CA: webpki then says
+    // CaUsedAsEndEntity, which an admin knows as "self-signed".
+    let ca_as_server = matches!(error, CertificateError::Other(other)
+        if other.to_string() == "CaUsedAsEndEntity");
+    match (error, issuer) {
+        (CertificateError::UnknownIssuer, Some(Issuer::Itself)) => Distrust::SelfSigned,
+        (_, Some(Issuer::Itself)) if ca_as_server => Distrust::SelfSigned,
+        (CertificateError::UnknownIssuer, Some(Issuer::Ca(name))) => Distrust::UnknownIssuer(name),
+        (CertificateError::UnknownIssuer, None) => Distrust::Other("issuer unknown".into()),
+        _ if ca_as_server => Distrust::CaAsServer,
+        (CertificateError::BadSignature, _) => {
+            Distrust::Other("its signature does not verify".into())
+        }
+        (CertificateError::Revoked, _) => Distrust::Other("revoked by its issuer".into()),
+        (CertificateError::InvalidPurpose | CertificateError::InvalidPurposeContext { .. }, _) => {
+            Distrust::Other("not issued for TLS servers".into())
+        }
+        (CertificateError::BadEncoding, _) => Distrust::Other("it cannot be read".into()),
+        (other, _) => Distrust::Other(format!("rejected by the verifier: {other}")),
     }
 }
 

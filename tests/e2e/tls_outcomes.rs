@@ -7,11 +7,11 @@
 use crate::support::events::{assert_fields, assert_no_fields, field};
 use crate::support::lab::{Lab, one_mx_zone};
 use crate::support::logs::Logs;
-use crate::support::pki::{CertKey, TestCa, Validity, self_signed};
+use crate::support::pki::{CertKey, TestCa, Validity, self_signed, self_signed_ca};
 use crate::support::smtp_server::{ServerBehaviour, SmtpServer, StartTls};
 
 use crate::support::mta::{BODY, send_body};
-use crate::support::mx::{one_mx, starttls};
+use crate::support::mx::{one_mx, one_mx_ruled, starttls};
 
 #[tokio::test]
 async fn a_message_to_a_server_with_a_valid_certificate_arrives_over_tls_13_byte_for_byte() {
@@ -99,7 +99,7 @@ async fn an_expired_certificate_is_logged_with_its_date_and_the_message_goes_enc
     let ca = TestCa::new();
     let cert = ca.leaf(&["mx.example.test"], Validity::Expired);
     let verify = bad_certificate_is_encrypted_anyway(&ca, cert, "cert-expired").await;
-    assert!(verify.contains("certificate expired 20"), "{verify}");
+    assert!(verify.contains("certificate expired on 20"), "{verify}");
 }
 
 #[tokio::test]
@@ -111,12 +111,55 @@ async fn a_certificate_not_yet_valid_is_logged_and_the_message_goes_encrypted() 
 
 #[tokio::test]
 async fn a_self_signed_certificate_is_logged_as_untrusted_and_the_message_goes_encrypted() {
-    bad_certificate_is_encrypted_anyway(
-        &TestCa::new(),
+    // As rcgen makes it, and as `openssl req -x509` does (marked as a CA): both are what
+    // an admin calls self-signed.
+    for cert in [
         self_signed(&["mx.example.test"]),
-        "cert-untrusted",
-    )
-    .await;
+        self_signed_ca(&["mx.example.test"]),
+    ] {
+        let ca = TestCa::new();
+        let verify = bad_certificate_is_encrypted_anyway(&ca, cert, "cert-untrusted").await;
+        assert_eq!(
+            verify,
+            "cert-untrusted: certificate untrusted (self-signed)"
+        );
+    }
+}
+
+#[tokio::test]
+async fn a_certificate_from_an_unknown_ca_is_logged_with_the_ca_it_names() {
+    let unknown = TestCa::new();
+    let cert = unknown.leaf(&["mx.example.test"], Validity::Current);
+    let verify = bad_certificate_is_encrypted_anyway(&TestCa::new(), cert, "cert-untrusted").await;
+    assert!(
+        verify.contains("(issued by tlsrouter test CA ")
+            && verify.ends_with(", a CA this relay does not trust)"),
+        "{verify}"
+    );
+}
+
+/// Where a rule requires a verified certificate, the MTA's reply says in words why the
+/// certificate was not.
+#[tokio::test]
+async fn the_mta_hears_that_a_required_certificate_is_self_signed() {
+    let rules =
+        "rules:\n  - name: verified\n    match: { domains: [\"*\"] }\n    verify: require\n";
+    let ca = TestCa::new();
+    let (lab, server) =
+        one_mx_ruled(&ca, starttls(self_signed_ca(&["mx.example.test"])), rules).await;
+    let (_, rcpts, _) = send_body(lab.smtp, &["b@example.test"], BODY).await;
+    assert_eq!(
+        (rcpts[0].code, rcpts[0].enhanced().as_deref()),
+        (451, Some("4.7.5")),
+        "{rcpts:?}"
+    );
+    assert!(
+        rcpts[0]
+            .text()
+            .contains("certificate untrusted (self-signed)"),
+        "{rcpts:?}"
+    );
+    assert!(server.messages().is_empty());
 }
 
 #[tokio::test]

@@ -134,6 +134,15 @@ pub fn self_signed(names: &[&str]) -> CertKey {
     cert_key(&cert, &key, not_after)
 }
 
+/// A self-signed certificate as `openssl req -x509` makes it: marked as a CA.
+pub fn self_signed_ca(names: &[&str]) -> CertKey {
+    let (mut params, not_after) = leaf_params(names, Validity::Current);
+    params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    let key = KeyPair::generate().expect("key");
+    let cert = params.self_signed(&key).expect("self-sign");
+    cert_key(&cert, &key, not_after)
+}
+
 fn leaf_params(names: &[&str], validity: Validity) -> (CertificateParams, Date) {
     let owned: Vec<String> = names.iter().map(|n| n.to_string()).collect();
     let mut params = CertificateParams::new(owned).expect("leaf params (names)");

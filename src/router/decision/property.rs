@@ -27,7 +27,7 @@ use proptest::prelude::*;
 
 use super::*;
 use crate::cache::{ManualClock, Observation, OutcomeCache, TlsMemory};
-use crate::outcome::{CertProblem, LegacySession, TlsSession};
+use crate::outcome::{CertProblem, Distrust, LegacySession, TlsSession};
 use crate::rules::RuleSet;
 
 const ADDR: IpAddr = IpAddr::V4(Ipv4Addr::new(192, 0, 2, 7));
@@ -84,7 +84,7 @@ fn outcomes() -> Vec<TlsOutcome> {
             not_before: "2027-03-01".into(),
         },
         CertProblem::Untrusted {
-            detail: "UnknownIssuer".into(),
+            why: Distrust::SelfSigned,
             name_ok: false,
         },
         CertProblem::NameMismatch {
