@@ -21,7 +21,7 @@ use tokio_rustls::client::TlsStream;
 
 use crate::net::dane::{DaneVerdict, DaneVerifier, TlsaRecord};
 
-use crate::certificate::Issuer;
+use crate::certificate::{Certificate, Issuer};
 #[cfg(feature = "legacy-tls")]
 use crate::net::legacy::LegacyConnector;
 use crate::net::transport::Transport;
@@ -457,10 +457,12 @@ fn cert_problem(
         CertificateError::NotValidYetContext { not_before, .. } => CertProblem::NotYetValid {
             not_before: format_date(not_before.as_secs()),
         },
-        CertificateError::NotValidForName => CertProblem::NameMismatch { presented: vec![] },
-        CertificateError::NotValidForNameContext { presented, .. } => CertProblem::NameMismatch {
-            presented: presented.clone(),
-        },
+        // The names as the certificate has them (rustls gives them in Rust's debug form).
+        CertificateError::NotValidForName | CertificateError::NotValidForNameContext { .. } => {
+            CertProblem::NameMismatch {
+                presented: Certificate::parse(end_entity).map_or_else(Vec::new, |c| c.sans),
+            }
+        }
         // webpki checks the chain before the name: check the name on its own as well.
         other => CertProblem::Untrusted {
             why: distrust(other, end_entity),

@@ -5,6 +5,8 @@
 //! bare CR or LF on as it came: those are the raw material of SMTP smuggling, where a remote
 //! that reads line endings differently would see a second message inside the first.
 
+use crate::smtp::header::MessageIdScan;
+
 /// What to do with a bare CR or LF (or a NUL) inside the body.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Deserialize, serde::Serialize)]
 #[serde(rename_all = "kebab-case")]
@@ -79,6 +81,8 @@ pub struct BodyFilter {
     out_line: usize,
     out_size: u64,
     error: Option<BodyError>,
+    /// The Message-ID, from the text as it goes out.
+    message_id: MessageIdScan,
 }
 
 impl BodyFilter {
@@ -92,6 +96,7 @@ impl BodyFilter {
             out_line: 0,
             out_size: 0,
             error: None,
+            message_id: MessageIdScan::default(),
         }
     }
 
@@ -100,9 +105,21 @@ impl BodyFilter {
         self.out_size
     }
 
+    /// The message's Message-ID as the MTA sent it, from the text read so far.
+    pub fn message_id(&self) -> Option<String> {
+        self.message_id.message_id()
+    }
+
     /// Filters `input` into `out`. After an error nothing more is written, but the input is
     /// still read up to the end of the body, so that the session stays in step.
     pub fn feed(&mut self, input: &[u8], out: &mut Vec<u8>) -> Fed {
+        let start = out.len();
+        let fed = self.filter(input, out);
+        self.message_id.see(&out[start..]);
+        fed
+    }
+
+    fn filter(&mut self, input: &[u8], out: &mut Vec<u8>) -> Fed {
         let mut i = 0;
         while i < input.len() {
             let plain = self.plain_run(&input[i..]);

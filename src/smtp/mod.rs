@@ -1,9 +1,10 @@
 //! The SMTP wire protocol, shared by both sides of the proxy: command and reply syntax,
-//! line reading with limits, EHLO capabilities and the DATA body filter.
+//! line reading with limits, EHLO capabilities, the DATA body filter and the header block.
 
 pub mod command;
 pub mod data;
 pub mod ehlo;
+pub mod header;
 pub mod line;
 pub mod peek;
 pub mod reply;

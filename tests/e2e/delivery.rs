@@ -495,3 +495,39 @@ async fn a_large_message_and_the_commands_pipelined_behind_its_dot_arrive_intact
     assert_eq!(got[1].rcpt_to, ["d@example.test"]);
     assert_eq!(got[1].data, BODY);
 }
+
+/// The transaction line carries what matches it with the MTA's own log: the Message-ID
+/// as sent (unfolded), the size of the text as it went and how long the transaction took.
+#[tokio::test]
+async fn the_log_line_names_the_message_id_size_and_duration() {
+    let (logs, _guard) = Logs::capture();
+    let ca = TestCa::new();
+    let (lab, server) = one_mx(&ca, ServerBehaviour::default()).await;
+    let with_id: &[u8] =
+        b"From: a@sender.test\r\nMessage-ID:\r\n <42.abc@sender.test>\r\nSubject: s\r\n\r\nbody\r\n";
+    let without_id: &[u8] = b"From: a@sender.test\r\nSubject: s\r\n\r\nMessage-ID: <body>\r\n";
+    for body in [with_id, without_id] {
+        let (_, _, data) = send_body(lab.smtp, &["b@example.test"], body).await;
+        assert_eq!(data.code, 250, "{data:?}");
+    }
+    let got = server.messages();
+    let lines = logs.transaction_events();
+    assert_eq!(
+        field(&lines[0], "message_id").as_deref(),
+        Some("<42.abc@sender.test>")
+    );
+    assert_no_fields(&lines[1], &["message_id"]);
+    for (line, message) in lines.iter().zip(&got) {
+        let size = field(line, "size").expect("size");
+        assert_eq!(size, message.data.len().to_string(), "{line}");
+        let duration = field(line, "duration_ms").expect("duration_ms");
+        assert!(duration.parse::<u64>().is_ok(), "{line}");
+    }
+
+    // No text, no size.
+    let (_, rcpts, _) = send_body(lab.smtp, &["b@nowhere.test"], BODY).await;
+    assert_ne!(rcpts[0].code, 250);
+    let lines = logs.transaction_events();
+    assert_no_fields(&lines[2], &["message_id", "size"]);
+    assert!(field(&lines[2], "duration_ms").is_some(), "{}", lines[2]);
+}

@@ -85,10 +85,11 @@ impl Session {
         if self.reply(&start).await.is_err() {
             return self.client_gone(&mut tx, None).await;
         }
-        let filter = self.body_filter();
+        let mut filter = self.body_filter();
         let ended = self
-            .relay_body(Some(&mut route.upstream), filter, Vec::new())
+            .relay_body(Some(&mut route.upstream), &mut filter, Vec::new())
             .await;
+        tx.read_text(&filter);
         self.deliver(tx, ended).await
     }
 
@@ -169,7 +170,7 @@ impl Session {
     pub(super) async fn relay_body(
         &mut self,
         mut upstream: Option<&mut Upstream>,
-        mut filter: BodyFilter,
+        filter: &mut BodyFilter,
         mut out: Vec<u8>,
     ) -> BodyEnd {
         let client_idle = self.proxy.config.timeouts.client_idle;

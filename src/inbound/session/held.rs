@@ -20,6 +20,7 @@ use crate::outbound::upstream::Answer;
 use crate::sessions::SessionState;
 use crate::smtp::Reply;
 use crate::smtp::data::{BodyError, BodyFilter};
+use crate::smtp::header::{field, header_end};
 
 /// How much of the message text is read for its header block; a longer one is taken as
 /// without `TLS-Required: No`.
@@ -44,7 +45,9 @@ impl Session {
             return self.client_gone(&mut tx, None).await;
         }
         let mut filter = self.body_filter();
-        let head = match self.read_head(&mut filter).await {
+        let head = self.read_head(&mut filter).await;
+        tx.read_text(&filter);
+        let head = match head {
             Ok(head) => head,
             Err(why) => return self.client_gone(&mut tx, Some(why)).await,
         };
@@ -99,9 +102,9 @@ impl Session {
         let ended = match head.end {
             Some(_) => BodyEnd::Complete(head.text),
             None => match upstream.body_block(&head.text).await {
-                Ok(()) => self.relay_body(Some(upstream), filter, Vec::new()).await,
+                Ok(()) => (self.relay_body(Some(upstream), &mut filter, Vec::new())).await,
                 Err(why) => {
-                    let rest = self.relay_body(None, filter, Vec::new()).await;
+                    let rest = self.relay_body(None, &mut filter, Vec::new()).await;
                     match rest {
                         BodyEnd::Complete(_) => BodyEnd::UpstreamFailed(why),
                         other => other,
@@ -110,6 +113,7 @@ impl Session {
             },
         };
         tx.remote = Remote::Open(Box::new(route));
+        tx.read_text(&filter);
         self.deliver(tx, ended).await
     }
 
@@ -140,13 +144,15 @@ impl Session {
         &mut self,
         mut tx: Box<Transaction>,
         head: Head,
-        filter: BodyFilter,
+        mut filter: BodyFilter,
         reply: Reply,
     ) -> Next {
-        if head.end.is_none()
-            && let BodyEnd::ClientGone(why) = self.relay_body(None, filter, Vec::new()).await
-        {
-            return self.client_gone(&mut tx, Some(why)).await;
+        if head.end.is_none() {
+            let rest = self.relay_body(None, &mut filter, Vec::new()).await;
+            tx.read_text(&filter);
+            if let BodyEnd::ClientGone(why) = rest {
+                return self.client_gone(&mut tx, Some(why)).await;
+            }
         }
         for recipient in std::mem::take(&mut tx.accepted) {
             tx.refused.push((recipient, reply.clone()));
@@ -156,29 +162,10 @@ impl Session {
     }
 }
 
-/// Where the header block ends in `text` (after its empty line), if it does.
-fn header_end(text: &[u8]) -> Option<usize> {
-    if text.starts_with(b"\r\n") {
-        return Some(2);
-    }
-    text.windows(4)
-        .position(|w| w == b"\r\n\r\n")
-        .map(|at| at + 4)
-}
-
 /// Whether the header block at the start of `text` has `TLS-Required: No` (RFC 8689 5),
 /// field name and value in any case, folded or not.
 fn says_tls_required_no(text: &[u8]) -> bool {
-    let block = &text[..header_end(text).unwrap_or(text.len())];
-    let block = String::from_utf8_lossy(block);
-    // Unfolded: a line that starts with white space continues the field before it.
-    let unfolded = block.replace("\r\n ", " ").replace("\r\n\t", " ");
-    unfolded.split("\r\n").any(|line| {
-        line.split_once(':').is_some_and(|(name, value)| {
-            name.trim_end().eq_ignore_ascii_case("TLS-Required")
-                && value.trim().eq_ignore_ascii_case("No")
-        })
-    })
+    field(text, "TLS-Required").is_some_and(|value| value.eq_ignore_ascii_case("No"))
 }
 
 #[cfg(test)]

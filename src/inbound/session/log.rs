@@ -32,6 +32,10 @@ pub(super) fn log_transaction(
     // The sender's REQUIRETLS (RFC 8689), when it asked for it.
     let requiretls = tx.params.requiretls.then_some(display("yes"));
     let reply = reply.map_or_else(|| "none".to_string(), ToString::to_string);
+    // To match the line with the MTA's own: the Message-ID, the size and how long it took.
+    let message_id = tx.text.as_ref().and_then(|t| t.message_id.as_deref());
+    let size = tx.text.as_ref().map(|t| t.size);
+    let duration_ms = tx.started.elapsed().as_millis() as u64;
     let Some(facts) = tx.remote.facts() else {
         tracing::info!(
             target: "tlsrouter::transaction",
@@ -41,6 +45,9 @@ pub(super) fn log_transaction(
             refused = listed(&refused, "; "),
             route = "none",
             requiretls,
+            message_id,
+            size,
+            duration_ms,
             end = end.label(),
             reply_code,
             reply = %reply,
@@ -111,6 +118,9 @@ pub(super) fn log_transaction(
         // Plain because the cache said so: no handshake was tried this time.
         cached = matches!(facts.tls, TlsOutcome::Plain(NoTls::Cached { .. })).then_some(display("yes")),
         requiretls,
+        message_id,
+        size,
+        duration_ms,
         end = end.label(),
         reply_code,
         reply = %reply,

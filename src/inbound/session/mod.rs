@@ -297,6 +297,7 @@ impl Session {
             failed_domains: HashMap::new(),
             started: std::time::Instant::now(),
             rules: self.proxy.router.rules(),
+            text: None,
         }));
         self.registered.update(SessionState::Mail, None);
         Reply::new(250, "2.1.0", "sender OK")

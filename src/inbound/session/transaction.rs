@@ -8,6 +8,7 @@ use crate::outbound::route::OpenRoute;
 use crate::outbound::upstream::RemoteFacts;
 use crate::router::Plan;
 use crate::rules::RuleSet;
+use crate::smtp::data::BodyFilter;
 use crate::smtp::{MailParams, Mailbox, RcptParams, Reply};
 
 /// One MAIL FROM and what followed it.
@@ -28,6 +29,17 @@ pub(super) struct Transaction {
     pub(super) started: std::time::Instant,
     /// The rules in force at MAIL FROM; a reload does not change this transaction.
     pub(super) rules: Arc<RuleSet>,
+    /// What the message text was, as far as it was read.
+    pub(super) text: Option<TextFacts>,
+}
+
+/// What the log line says of a message text: its size and Message-ID, to match the line
+/// with the MTA's own log.
+#[derive(Debug)]
+pub(super) struct TextFacts {
+    /// Octets read (and sent, where it was), as they go on the wire.
+    pub(super) size: u64,
+    pub(super) message_id: Option<String>,
 }
 
 /// Where the transaction stands with its remote.
@@ -108,6 +120,14 @@ impl End {
 }
 
 impl Transaction {
+    /// Takes what `filter` has read of the message text so far.
+    pub(super) fn read_text(&mut self, filter: &BodyFilter) {
+        self.text = Some(TextFacts {
+            size: filter.size(),
+            message_id: filter.message_id(),
+        });
+    }
+
     /// The remote is gone: every later recipient and the DATA get this reply.
     pub(super) fn lose(&mut self, reply: Reply) -> Reply {
         let remote = std::mem::replace(&mut self.remote, Remote::None);
