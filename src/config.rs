@@ -348,7 +348,7 @@ impl Config {
         if text.trim().is_empty() {
             return Ok(Config::default());
         }
-        serde_saphyr::from_str::<Config>(text).map_err(|e| yaml_error(path, &e))
+        serde_saphyr::from_str::<Config>(text).map_err(|e| yaml_error(path, text, &e))
     }
 }
 
@@ -397,6 +397,69 @@ mod tests {
         let err = parse("timeouts:\n  connect: 5 parsecs\n").unwrap_err();
         assert!(err.to_string().starts_with("t.yaml:2:12: "), "{err}");
         assert!(err.to_string().contains("unknown unit"), "{err}");
+    }
+
+    /// The error's position, and what it says to type instead.
+    fn invalid(text: &str) -> (u64, u64, String) {
+        match parse(text).unwrap_err() {
+            ConfigError::Invalid {
+                line,
+                column,
+                message,
+                ..
+            } => (line, column, message),
+            other => panic!("not a config error: {other}"),
+        }
+    }
+
+    #[test]
+    fn an_address_without_a_port_is_shown_with_one_for_what_it_is_for() {
+        let (line, column, message) = invalid("listen: 127.0.0.1\n");
+        assert_eq!((line, column), (1, 9));
+        assert!(
+            message.contains("\"127.0.0.1:10025\" for a listener"),
+            "{message}"
+        );
+        let (_, _, message) = invalid("resolver:\n  nameservers: [\"192.0.2.53\"]\n");
+        assert!(
+            message.contains("\"192.0.2.53:53\" for a name server"),
+            "{message}"
+        );
+        let (line, _, message) = invalid("resolver:\n  nameservers:\n    - \"::1\"\n");
+        assert_eq!(line, 3);
+        assert!(
+            message.contains("\"[::1]:53\" for a name server"),
+            "{message}"
+        );
+        let (_, _, message) = invalid("listeners:\n  - { listen: 127.0.0.1, mode: transparent }\n");
+        assert!(
+            message.contains("\"127.0.0.1:10025\" for a listener"),
+            "{message}"
+        );
+    }
+
+    #[test]
+    fn a_misspelt_key_or_value_gets_the_one_meant() {
+        let (_, _, message) = invalid("delivery:\n  max_mx_hostz: 3\n");
+        assert!(
+            message.ends_with("did you mean `max_mx_hosts`?"),
+            "{message}"
+        );
+        let (_, _, message) = invalid("log:\n  format: jsno\n");
+        assert!(message.ends_with("did you mean `json`?"), "{message}");
+        // Nothing close: no guess.
+        let (_, _, message) = invalid("delivery:\n  colour: blue\n");
+        assert!(!message.contains("did you mean"), "{message}");
+    }
+
+    #[test]
+    fn a_zero_where_one_or_more_is_needed_says_so() {
+        let (line, _, message) = invalid("delivery:\n  max_waiting_per_server: 0\n");
+        assert_eq!(line, 2);
+        assert_eq!(
+            message,
+            "\"0\" is not allowed here: write a whole number, 1 or more"
+        );
     }
 
     #[test]

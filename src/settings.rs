@@ -134,8 +134,9 @@ pub enum ConfigError {
     },
 }
 
-/// Turns a YAML error into `file:line:column: message`, without the snippet rendering.
-pub fn yaml_error(path: &Path, error: &serde_saphyr::Error) -> ConfigError {
+/// Turns a YAML error in `text` into `file:line:column: message`, without the snippet
+/// rendering, and with what to type instead where a first configuration often goes wrong.
+pub fn yaml_error(path: &Path, text: &str, error: &serde_saphyr::Error) -> ConfigError {
     let (line, column) = error
         .location()
         .map(|l| (l.line(), l.column()))
@@ -150,8 +151,126 @@ pub fn yaml_error(path: &Path, error: &serde_saphyr::Error) -> ConfigError {
         path: path.to_path_buf(),
         line,
         column,
-        message,
+        message: with_fix(message, text, line as usize, column as usize),
     }
+}
+
+/// `message` with what to type instead, where it can be told, from the `text` at the
+/// error's `line` and `column` (both from 1).
+fn with_fix(message: String, text: &str, line: usize, column: usize) -> String {
+    let lines: Vec<&str> = text.lines().collect();
+    let this = lines.get(line.wrapping_sub(1)).copied().unwrap_or("");
+    let at = this.get(column.saturating_sub(1)..).unwrap_or("");
+    // A key's error points at the key: its value follows it.
+    let is_key = |k: &str| !k.is_empty() && k.chars().all(|c| c.is_alphanumeric() || c == '_');
+    let at = match at.split_once(": ") {
+        Some((key, value)) if is_key(key) => value,
+        _ => at,
+    };
+    // The value as written there: up to the end of a flow item or of the line.
+    let token = at
+        .split([',', ']', '}', '#'])
+        .next()
+        .unwrap_or("")
+        .trim()
+        .trim_matches(|c| c == '"' || c == '\'');
+    if message.contains("alias references unknown anchor") && token.starts_with('*') {
+        return format!(
+            "a value that starts with `*` must be quoted in YAML: write \"{token}\" instead of {token}"
+        );
+    }
+    if message.contains("invalid socket address syntax") {
+        let (port, what) = match key_of(&lines, line, column) {
+            Some("nameservers") => ("53", "a name server"),
+            Some("listen") => ("10025", "a listener"),
+            _ => ("PORT", "it"),
+        };
+        let example = match token.parse::<std::net::IpAddr>() {
+            Ok(std::net::IpAddr::V6(ip)) => format!("\"[{ip}]:{port}\""),
+            Ok(ip) => format!("\"{ip}:{port}\""),
+            Err(_) => format!("\"127.0.0.1:{port}\""),
+        };
+        return format!(
+            "{token:?} is not an address with a port: write IP:PORT, e.g. {example} for {what} (an IPv6 address in brackets)"
+        );
+    }
+    if message.contains("expected a nonzero usize") {
+        return format!("{token:?} is not allowed here: write a whole number, 1 or more");
+    }
+    if let Some(suggestion) = did_you_mean(&message) {
+        return format!("{message}; did you mean `{suggestion}`?");
+    }
+    message
+}
+
+/// The key whose value is at `line` and `column`: on the line itself (`key: value`), or
+/// for an item of a block list, on the nearest line above that is less indented.
+fn key_of<'a>(lines: &[&'a str], line: usize, column: usize) -> Option<&'a str> {
+    let this = lines.get(line.checked_sub(1)?)?;
+    let before = this.get(..column.saturating_sub(1)).unwrap_or(this);
+    if let Some((key, _)) = before.rsplit_once(':') {
+        return key.rsplit(['{', ',', ' ']).next().map(str::trim);
+    }
+    let indent = this.len() - this.trim_start().len();
+    let above = lines[..line - 1].iter().rev();
+    let parent = above.into_iter().find(|l| {
+        let trimmed = l.trim_start();
+        !trimmed.is_empty() && l.len() - trimmed.len() < indent
+    })?;
+    parent.trim().strip_suffix(':')
+}
+
+/// For "unknown field `x`, expected one of a, b" (and variants): the one meant, when one
+/// is close enough to be a slip of the keyboard.
+fn did_you_mean(message: &str) -> Option<String> {
+    let rest = message
+        .strip_prefix("unknown field `")
+        .or_else(|| message.strip_prefix("unknown variant `"))?;
+    let (given, rest) = rest.split_once('`')?;
+    let expected = rest.split_once("expected one of ")?.1;
+    expected
+        .split(", ")
+        .map(|name| name.trim_matches('`'))
+        .map(|name| (edit_distance(given, name), name))
+        .filter(|(distance, name)| *distance <= (name.len() / 3).max(1))
+        .min_by_key(|(distance, _)| *distance)
+        .map(|(_, name)| name.to_string())
+}
+
+/// Edits from `a` to `b`, a swap of two neighbours counting as one (`jsno` is one from
+/// `json`), ignoring case, `-` and `_` (`fallback-on` is `fallback_on`).
+fn edit_distance(a: &str, b: &str) -> usize {
+    let norm = |s: &str| -> Vec<char> {
+        s.chars()
+            .map(|c| {
+                if c == '-' {
+                    '_'
+                } else {
+                    c.to_ascii_lowercase()
+                }
+            })
+            .collect()
+    };
+    let (a, b) = (norm(a), norm(b));
+    // d[i][j]: edits from a[..i] to b[..j].
+    let mut d = vec![vec![0usize; b.len() + 1]; a.len() + 1];
+    for (i, row) in d.iter_mut().enumerate() {
+        row[0] = i;
+    }
+    d[0] = (0..=b.len()).collect();
+    for i in 1..=a.len() {
+        for j in 1..=b.len() {
+            let cost = usize::from(a[i - 1] != b[j - 1]);
+            let mut best = (d[i - 1][j] + 1)
+                .min(d[i][j - 1] + 1)
+                .min(d[i - 1][j - 1] + cost);
+            if i > 1 && j > 1 && a[i - 1] == b[j - 2] && a[i - 2] == b[j - 1] {
+                best = best.min(d[i - 2][j - 2] + 1);
+            }
+            d[i][j] = best;
+        }
+    }
+    d[a.len()][b.len()]
 }
 
 /// Why the daemon cannot start with these settings: the configuration's text, or a setting

@@ -64,7 +64,8 @@ impl RuleSet {
     }
 
     pub fn parse(text: &str, path: &Path) -> Result<RuleSet, ConfigError> {
-        let file: RuleFile = serde_saphyr::from_str(text).map_err(|e| yaml_error(path, &e))?;
+        let file: RuleFile =
+            serde_saphyr::from_str(text).map_err(|e| yaml_error(path, text, &e))?;
         let mut rules = Vec::with_capacity(file.rules.len());
         let mut names: HashMap<String, u64> = HashMap::new();
         for spanned in file.rules {
@@ -303,6 +304,22 @@ rules:
                 "no-such-class",
             ),
             ("rules:\n  - name: a\n    colour: blue\n", 3, "colour"),
+            // What to type instead.
+            (
+                "rules:\n  - name: a\n    match: { domains: [*.bank.example] }\n",
+                3,
+                "must be quoted in YAML: write \"*.bank.example\" instead",
+            ),
+            (
+                "rules:\n  - name: a\n    fallback_onn: [no-starttls]\n",
+                3,
+                "did you mean `fallback_on`?",
+            ),
+            (
+                "rules:\n  - name: a\n    tls: requir\n",
+                3,
+                "did you mean `require`?",
+            ),
             ("rules:\n  - name: a\n    legacy_tls: maybe\n", 3, "maybe"),
             ("rules:\n  - name: a\n  - name: a\n", 3, "already defined"),
             (

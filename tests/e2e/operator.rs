@@ -82,6 +82,44 @@ fn a_missing_file_is_reported_once_with_its_cause_once() {
     }
 }
 
+/// The first mistakes of a new configuration get, with file:line:column, what to type.
+#[test]
+fn the_first_mistakes_of_a_configuration_say_what_to_type_instead() {
+    let dir = tempfile::tempdir().expect("dir");
+    let cases = [
+        (
+            "check",
+            "rules.yaml",
+            "rules:\n  - name: banks\n    match: { domains: [*.bank.example] }\n    tls: require\n",
+            ":3:24: ",
+            "write \"*.bank.example\" instead",
+        ),
+        (
+            "check-config",
+            "tlsrouter.yaml",
+            "listen: 127.0.0.1\n",
+            ":1:9: ",
+            "e.g. \"127.0.0.1:10025\" for a listener",
+        ),
+        (
+            "check-config",
+            "tlsrouter.yaml",
+            "delivery:\n  max_mx_hostz: 3\n",
+            ":2:3: ",
+            "did you mean `max_mx_hosts`?",
+        ),
+    ];
+    for (command, name, text, position, fix) in cases {
+        let path = dir.path().join(name);
+        std::fs::write(&path, text).expect("write");
+        let path = path.to_str().expect("path");
+        let (code, _, err) = tlsrouter(&[command, path]);
+        assert_eq!(code, 64, "{err}");
+        assert!(err.contains(&format!("{path}{position}")), "{err}");
+        assert!(err.contains(fix), "{err}");
+    }
+}
+
 // --- ctl with a wrong --socket -----------------------------------------------------------
 
 #[cfg(unix)]
