@@ -246,6 +246,13 @@ pub enum CertProblem {
     Other(String),
 }
 
+/// A handshake the server ended without a word (no alert), as old servers (Schannel) and
+/// middleboxes do when a ClientHello offers what they cannot parse: the legacy stack may
+/// get past it.
+pub const CLOSED_IN_HANDSHAKE: &str = "connection closed during the handshake, without an alert";
+/// The same, with a reset.
+pub const RESET_IN_HANDSHAKE: &str = "connection reset during the handshake, without an alert";
+
 /// Why no trusted CA vouches for a certificate, in an admin's words.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Distrust {

@@ -25,7 +25,10 @@ use crate::certificate::{Certificate, Issuer};
 #[cfg(feature = "legacy-tls")]
 use crate::net::legacy::LegacyConnector;
 use crate::net::transport::Transport;
-use crate::outcome::{CertProblem, Distrust, NoTls, TlsSession, Verification, format_date};
+use crate::outcome::{
+    CLOSED_IN_HANDSHAKE, CertProblem, Distrust, NoTls, RESET_IN_HANDSHAKE, TlsSession,
+    Verification, format_date,
+};
 use crate::rules::MinTls;
 use crate::settings::SetupError;
 
@@ -525,8 +528,9 @@ fn classify_handshake_error(error: &std::io::Error, min_tls: MinTls) -> NoTls {
         )) => NoTls::LegacyTls(rustls_error.map(|e| e.to_string()).unwrap_or_default()),
         Some(other) => NoTls::HandshakeFailed(other.to_string()),
         None => match error.kind() {
-            std::io::ErrorKind::UnexpectedEof => {
-                NoTls::HandshakeFailed("connection closed during the handshake".into())
+            std::io::ErrorKind::UnexpectedEof => NoTls::HandshakeFailed(CLOSED_IN_HANDSHAKE.into()),
+            std::io::ErrorKind::ConnectionReset => {
+                NoTls::HandshakeFailed(RESET_IN_HANDSHAKE.into())
             }
             _ => NoTls::HandshakeFailed(error.to_string()),
         },

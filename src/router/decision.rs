@@ -9,7 +9,10 @@
 use std::fmt;
 
 use crate::cache::{CacheEntry, TlsMemory};
-use crate::outcome::{Kind, NoTls, OutcomeClass, TlsOutcome, Verification, WhenCached};
+use crate::outcome::{
+    CLOSED_IN_HANDSHAKE, Kind, NoTls, OutcomeClass, RESET_IN_HANDSHAKE, TlsOutcome, Verification,
+    WhenCached,
+};
 use crate::rules::model::{HostPort, SmarthostTls};
 use crate::rules::{Fallback, LegacyTls, MinTls, OnDowngrade, Route, Rule, TlsMode, VerifyMode};
 
@@ -456,7 +459,8 @@ fn legacy_allowed(rule: &Rule, terms: TlsTerms) -> bool {
 
 /// A rustls failure the legacy stack may get past: the server's protocol versions or cipher
 /// suites are older than rustls has (a protocol_version, handshake_failure or
-/// insufficient_security alert). A failure of the legacy stack itself never is.
+/// insufficient_security alert, or a close or reset without any alert, as old servers
+/// answer a ClientHello they cannot parse). A failure of the legacy stack itself never is.
 pub fn legacy_may_help(reason: &NoTls) -> bool {
     match reason {
         NoTls::LegacyTls(_) => true,
@@ -470,6 +474,8 @@ fn legacy_cause(detail: &str) -> bool {
         "ProtocolVersion",
         "HandshakeFailure",
         "InsufficientSecurity",
+        CLOSED_IN_HANDSHAKE,
+        RESET_IN_HANDSHAKE,
     ]
     .iter()
     .any(|alert| detail.contains(alert))

@@ -8,7 +8,7 @@ use crate::support::events::{assert_fields, assert_no_fields, field};
 use crate::support::lab::{Lab, one_mx_zone};
 use crate::support::logs::Logs;
 use crate::support::pki::{CertKey, TestCa, Validity, self_signed, self_signed_ca};
-use crate::support::smtp_server::{ServerBehaviour, SmtpServer, StartTls};
+use crate::support::smtp_server::{Action, ServerBehaviour, SmtpServer, StartTls, Step};
 
 use crate::support::mta::{BODY, send_body};
 use crate::support::mx::{one_mx, one_mx_ruled, starttls};
@@ -195,14 +195,20 @@ async fn lab_for(ca: &TestCa, starttls: StartTls, rules: Option<&str>) -> (Lab, 
 }
 
 /// A TLS failure makes the proxy reconnect in plain and deliver; the log says why.
-async fn tls_failure_falls_back_to_plain(starttls: StartTls, class: &str) {
-    tls_failure_falls_back_to_plain_under(starttls, class, None).await;
-}
-
 async fn tls_failure_falls_back_to_plain_under(
     starttls: StartTls,
     class: &str,
     rules: Option<&str>,
+) {
+    tls_failures_fall_back_to_plain(starttls, class, rules, 1).await;
+}
+
+/// The same after `handshakes` tries, each on its own connection.
+async fn tls_failures_fall_back_to_plain(
+    starttls: StartTls,
+    class: &str,
+    rules: Option<&str>,
+    handshakes: usize,
 ) {
     let (logs, _guard) = Logs::capture();
     let ca = TestCa::new();
@@ -215,8 +221,12 @@ async fn tls_failure_falls_back_to_plain_under(
     assert_eq!(got.len(), 1);
     assert_eq!(got[0].data, BODY);
     assert!(got[0].tls.is_none());
-    assert_eq!(server.tls_handshakes_attempted(), 1, "TLS was tried once");
-    assert_eq!(server.connections(), 2, "then a new plain connection");
+    assert_eq!(server.tls_handshakes_attempted(), handshakes, "TLS tries");
+    assert_eq!(
+        server.connections(),
+        handshakes + 1,
+        "then a new plain connection"
+    );
     let line = &logs.transaction_events()[0];
     assert_fields(line, &[("route", "plain"), ("class", class)]);
     let fallback = field(line, "fallback").unwrap_or_default();
@@ -224,9 +234,55 @@ async fn tls_failure_falls_back_to_plain_under(
     assert_no_fields(line, &["verify", "tls_version"]);
 }
 
+/// A server that closes the connection in the handshake without an alert, as old
+/// servers do with a ClientHello they cannot parse, gets the legacy stack before plain; a
+/// rule that allows no legacy stack goes to plain at once.
 #[tokio::test]
-async fn a_handshake_aborted_after_the_starttls_220_falls_back_to_plain() {
-    tls_failure_falls_back_to_plain(StartTls::AbortAfter220, "handshake-failed").await;
+async fn a_handshake_aborted_after_the_starttls_220_gets_the_legacy_stack_then_plain() {
+    // rustls, then OpenSSL: both cut off; the legacy stack's failure is the last word
+    // (the fallback field says "legacy TLS handshake failed").
+    tls_failures_fall_back_to_plain(StartTls::AbortAfter220, "handshake-failed", None, 2).await;
+    let rules = "rules:\n  - name: modern\n    legacy_tls: plain\n";
+    tls_failure_falls_back_to_plain_under(StartTls::AbortAfter220, "handshake-failed", Some(rules))
+        .await;
+}
+
+/// An old server that drops rustls's ClientHello without an alert and speaks TLS 1.0 to
+/// OpenSSL: the message goes over TLS 1.0, and the log says why the legacy stack was tried.
+#[cfg(feature = "legacy-tls")]
+#[tokio::test]
+async fn a_server_that_drops_a_modern_hello_gets_the_message_from_the_legacy_stack() {
+    let (logs, _guard) = Logs::capture();
+    let ca = TestCa::new();
+    let behaviour = ServerBehaviour {
+        starttls: StartTls::Tls10Only(ca.leaf(&["mx.example.test"], Validity::Current)),
+        ..ServerBehaviour::default()
+    }
+    .on(Step::Handshake, Action::Drop)
+    .on_connections_from(1, Step::Handshake, Action::Normal);
+    let (lab, server) = one_mx(&ca, behaviour).await;
+
+    let (_, _, data) = send_body(lab.smtp, &["b@example.test"], BODY).await;
+
+    assert_eq!(data.code, 250, "{data:?}");
+    let got = server.messages();
+    assert_eq!(got[0].tls.as_ref().expect("over TLS").version, "TLSv1.0");
+    let tried = logs.events_with(&[("event", "legacy_tried")]);
+    assert_eq!(tried.len(), 1, "{tried:?}");
+    assert_fields(
+        &tried[0],
+        &[
+            ("class", "handshake-failed"),
+            (
+                "reason",
+                "TLS handshake failed: connection closed during the handshake, without an alert",
+            ),
+        ],
+    );
+    assert_fields(
+        &logs.transaction_events()[0],
+        &[("route", "tls"), ("class", "tls-legacy")],
+    );
 }
 
 /// A server rustls cannot talk to gets the message from the legacy stack on a new

@@ -340,9 +340,14 @@ impl Outbound {
             }),
             (HostDecision::LegacyTls, secured) => {
                 // rustls could not talk to this server: a new connection for the legacy stack.
-                let class = secured.outcome().class();
+                let outcome = secured.outcome();
                 secured.close();
-                tracing::info!(server = %attempt.server, "rustls failed ({}); trying the legacy TLS stack", class.map_or("", OutcomeClass::name));
+                let class = outcome.class().map_or("", OutcomeClass::name);
+                let reason = match &outcome {
+                    TlsOutcome::Plain(reason) => reason.to_string(),
+                    _ => class.to_string(),
+                };
+                tracing::info!(event = "legacy_tried", server = %attempt.server, class, reason, "rustls failed ({class}: {reason}); trying the legacy TLS stack");
                 self.legacy(attempt).await
             }
             (HostDecision::Plain { reason, path }, secured) => {

@@ -3,7 +3,7 @@ use std::path::Path;
 
 use super::*;
 use crate::cache::{ManualClock, Observation, OutcomeCache};
-use crate::outcome::{CertProblem, TlsSession};
+use crate::outcome::{CLOSED_IN_HANDSHAKE, CertProblem, RESET_IN_HANDSHAKE, TlsSession};
 use crate::rules::RuleSet;
 
 /// The decision for a message that demands nothing of its own.
@@ -613,14 +613,16 @@ fn the_legacy_stack_is_chosen_only_for_legacy_servers_and_where_nothing_forbids_
     let cbc = legacy(NoTls::HandshakeFailed(
         "received fatal alert: HandshakeFailure".into(),
     ));
-    for outcome in [&tls10, &cbc] {
+    let closed = legacy(NoTls::HandshakeFailed(CLOSED_IN_HANDSHAKE.into()));
+    let reset = legacy(NoTls::HandshakeFailed(RESET_IN_HANDSHAKE.into()));
+    for outcome in [&tls10, &cbc, &closed, &reset] {
         assert_eq!(
             found(&default, outcome, Published::Nothing),
             HostDecision::LegacyTls
         );
     }
     for other in [
-        NoTls::HandshakeFailed("connection closed during the handshake".into()),
+        NoTls::HandshakeFailed("received fatal alert: BadCertificate".into()),
         NoTls::LegacyFailed("no shared cipher".into()),
         NoTls::NoStarttls,
     ] {
