@@ -1,6 +1,7 @@
 """What the benchmarks share: building, ports, /proc figures, and the relays under test
 (tlsrouter and a private Postfix instance)."""
 
+import json
 import os
 import resource
 import shutil
@@ -197,10 +198,14 @@ virtual_mailbox_limit = 0
                 pass
         return pids
 
-    def queued(self):
+    def queue(self):
+        """The messages in the queue, as `postqueue -j` describes each."""
         out = subprocess.run(["postqueue", "-c", self.dir, "-j"], capture_output=True,
                              text=True).stdout
-        return len(out.splitlines())
+        return [json.loads(line) for line in out.splitlines()]
+
+    def queued(self):
+        return len(self.queue())
 
     def maillog_tail(self, lines=20):
         try:
@@ -210,9 +215,7 @@ virtual_mailbox_limit = 0
             return f"(no maillog: {e})"
 
     def queue_empty(self):
-        out = subprocess.run(["postqueue", "-c", self.dir, "-j"], capture_output=True,
-                             text=True).stdout
-        return not out.strip()
+        return not self.queue()
 
     def peak_kib(self):
         # Proportional set size of every Postfix process of the instance, now.

@@ -133,11 +133,9 @@ def metrics(port):
 
 def queued_by_domain(postfix):
     """Postfix's queue: recipients per domain, and one reason given per domain."""
-    out = subprocess.run(["postqueue", "-c", postfix.dir, "-j"], capture_output=True,
-                         text=True).stdout
     counts, reasons = {}, {}
-    for line in out.splitlines():
-        for r in json.loads(line).get("recipients", []):
+    for message in postfix.queue():
+        for r in message.get("recipients", []):
             domain = r["address"].rsplit("@", 1)[-1]
             counts[domain] = counts.get(domain, 0) + 1
             if r.get("delay_reason"):

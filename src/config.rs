@@ -13,7 +13,7 @@ pub use crate::settings::{ConfigError, Timeouts, duration, yaml_error};
 use crate::net::dns::ResolverConfig;
 use crate::net::tls::TlsConfig;
 use crate::outbound::DeliveryConfig;
-use crate::settings::SetupError;
+use crate::settings::{DEFAULT_LISTEN_PORT, SetupError};
 
 #[derive(Clone, Debug, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -52,7 +52,7 @@ impl Default for Config {
     fn default() -> Self {
         Config {
             hostname: Hostname::of_this_machine(),
-            listen: SocketAddr::from(([127, 0, 0, 1], 10025)),
+            listen: SocketAddr::from(([127, 0, 0, 1], DEFAULT_LISTEN_PORT)),
             allow_clients: vec![
                 ClientNet("127.0.0.0/8".parse().expect("literal")),
                 ClientNet("::1/128".parse().expect("literal")),
@@ -368,7 +368,7 @@ mod tests {
             "listeners:\n  - { listen: 127.0.0.1:10026, mode: transparent }\n  - listen: 127.0.0.1:2525\n",
         )
         .unwrap();
-        assert_eq!(config.listen, "127.0.0.1:10025".parse().unwrap());
+        assert_eq!(config.listen, "127.0.0.1:11025".parse().unwrap());
         assert_eq!(config.listeners[0].mode, ListenerMode::Transparent);
         assert_eq!(config.listeners[1].mode, ListenerMode::SmartHost);
         let err = parse("listeners:\n  - { listen: 127.0.0.1:1, mode: tproxy }\n").unwrap_err();
@@ -378,7 +378,7 @@ mod tests {
     #[test]
     fn empty_file_gives_the_embedded_defaults() {
         let config = parse("").unwrap();
-        assert_eq!(config.listen, "127.0.0.1:10025".parse().unwrap());
+        assert_eq!(config.listen, "127.0.0.1:11025".parse().unwrap());
         assert!(config.allow_clients[0].contains("127.0.0.1".parse().unwrap()));
         assert_eq!(config.delivery.port, 25);
         assert_eq!(config.timeouts.data_end, Duration::from_secs(600));
@@ -417,7 +417,7 @@ mod tests {
         let (line, column, message) = invalid("listen: 127.0.0.1\n");
         assert_eq!((line, column), (1, 9));
         assert!(
-            message.contains("\"127.0.0.1:10025\" for a listener"),
+            message.contains("\"127.0.0.1:11025\" for a listener"),
             "{message}"
         );
         let (_, _, message) = invalid("resolver:\n  nameservers: [\"192.0.2.53\"]\n");
@@ -433,7 +433,7 @@ mod tests {
         );
         let (_, _, message) = invalid("listeners:\n  - { listen: 127.0.0.1, mode: transparent }\n");
         assert!(
-            message.contains("\"127.0.0.1:10025\" for a listener"),
+            message.contains("\"127.0.0.1:11025\" for a listener"),
             "{message}"
         );
     }

@@ -134,6 +134,11 @@ pub enum ConfigError {
     },
 }
 
+/// The port the MTA connects to by default: none a common Postfix recipe uses (10023 is
+/// postgrey's, 10024 to 10028 are content filters' and their re-injection: amavis,
+/// clamsmtp, spampd, dkimproxy), so that tlsrouter starts beside them as it comes.
+pub const DEFAULT_LISTEN_PORT: u16 = 11025;
+
 /// Turns a YAML error in `text` into `file:line:column: message`, without the snippet
 /// rendering, and with what to type instead where a first configuration often goes wrong.
 pub fn yaml_error(path: &Path, text: &str, error: &serde_saphyr::Error) -> ConfigError {
@@ -181,9 +186,9 @@ fn with_fix(message: String, text: &str, line: usize, column: usize) -> String {
     }
     if message.contains("invalid socket address syntax") {
         let (port, what) = match key_of(&lines, line, column) {
-            Some("nameservers") => ("53", "a name server"),
-            Some("listen") => ("10025", "a listener"),
-            _ => ("PORT", "it"),
+            Some("nameservers") => ("53".to_string(), "a name server"),
+            Some("listen") => (DEFAULT_LISTEN_PORT.to_string(), "a listener"),
+            _ => ("PORT".to_string(), "it"),
         };
         let example = match token.parse::<std::net::IpAddr>() {
             Ok(std::net::IpAddr::V6(ip)) => format!("\"[{ip}]:{port}\""),

@@ -99,7 +99,7 @@ fn the_first_mistakes_of_a_configuration_say_what_to_type_instead() {
             "tlsrouter.yaml",
             "listen: 127.0.0.1\n",
             ":1:9: ",
-            "e.g. \"127.0.0.1:10025\" for a listener",
+            "e.g. \"127.0.0.1:11025\" for a listener",
         ),
         (
             "check-config",

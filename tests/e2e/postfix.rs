@@ -18,7 +18,7 @@ use crate::support::smtp_server::{Action, Received, ServerBehaviour, SmtpServer,
 /// The snippets an admin copies; the tests use them as they are, with tlsrouter's port.
 const MAIN_CF: &str = include_str!("../../examples/postfix/main.cf");
 const MASTER_CF: &str = include_str!("../../examples/postfix/master.cf");
-const DOCUMENTED_RELAYHOST: &str = "[127.0.0.1]:10025";
+const DOCUMENTED_RELAYHOST: &str = "[127.0.0.1]:11025";
 /// The documented transport's TLS setting, for a hop in clear.
 const PLAIN_HOP: &str = "-o smtp_tls_security_level=none";
 
