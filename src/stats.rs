@@ -42,6 +42,9 @@ pub struct Stats {
     pub policy_waived_by_sender: Counter,
     /// Connections this host could not make for a reason of its own.
     pub local_errors: Counter,
+    /// Recipients answered 452 4.5.3, to come again in a transaction of their own: not a
+    /// deferral of the message.
+    pub recipients_split: Counter,
     transaction_seconds: Histogram,
     handshake_seconds: Histogram,
     /// Transactions that went on a pooled connection.
@@ -91,6 +94,7 @@ impl Default for Stats {
             requiretls_refused: Counter::default(),
             policy_waived_by_sender: Counter::default(),
             local_errors: Counter::default(),
+            recipients_split: Counter::default(),
             transaction_seconds: Histogram::new(exponential_buckets(0.05, 2.0, 12)),
             handshake_seconds: Histogram::new(exponential_buckets(0.005, 2.0, 12)),
             pool_reuses: Counter::default(),
@@ -143,6 +147,8 @@ pub struct Snapshot {
     pub policy_waived_by_sender: u64,
     #[serde(default)]
     pub local_errors: u64,
+    #[serde(default)]
+    pub recipients_split: u64,
     #[serde(default)]
     pub pool_reuses: u64,
     #[serde(default)]
@@ -256,6 +262,11 @@ impl Stats {
             "local_errors",
             "connections not made for a reason of this host's own (descriptors, buffers, source address); nothing cached",
             self.local_errors.clone(),
+        );
+        r.register(
+            "recipients_split",
+            "recipients answered 452 4.5.3 to come again in a transaction of their own (another next hop, other TLS terms, too many recipients); not deferrals",
+            self.recipients_split.clone(),
         );
         r.register(
             "transaction_seconds",
@@ -403,6 +414,7 @@ impl Stats {
             requiretls_refused: self.requiretls_refused.get(),
             policy_waived_by_sender: self.policy_waived_by_sender.get(),
             local_errors: self.local_errors.get(),
+            recipients_split: self.recipients_split.get(),
             pool_reuses: self.pool_reuses.get(),
             pool_dead: self.pool_dead.get(),
             pool_idle: self.pool_idle.get(),

@@ -124,6 +124,12 @@ async fn an_enforcing_domain_never_rides_on_another_domains_plain_route_to_the_s
             sent.rcpts[1]
         );
         assert_eq!(sent.message.as_ref().map(|r| r.code), Some(250));
+        let stats = d.lab.proxy.stats.snapshot();
+        assert_eq!(
+            (stats.recipients_split, stats.deferrals),
+            (1, 0),
+            "a recipient sent to another transaction is no deferral"
+        );
 
         // The strict domain first: its own decision refuses every server, so it is held
         // for the message's TLS-Required header, which this message lacks: deferred after

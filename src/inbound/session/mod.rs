@@ -311,7 +311,13 @@ impl Session {
         if !reply.is_positive()
             && let Stage::Mail(tx) = &mut self.stage
         {
-            tx.deferred_any |= reply.is_transient();
+            // 452 4.5.3: "send it in another transaction" (RFC 5321 4.5.3.1.10), which the
+            // MTA does; the message is not deferred.
+            if reply.code == 452 && reply.enhanced() == Some("4.5.3") {
+                self.proxy.stats.recipients_split.inc();
+            } else {
+                tx.deferred_any |= reply.is_transient();
+            }
             if tx.refused.len() < REFUSED_SHOWN {
                 tx.refused.push((recipient, reply.clone()));
             } else {
