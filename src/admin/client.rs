@@ -103,7 +103,7 @@ pub fn render(request: &Request, result: &Value) -> String {
             out
         }
         Request::CacheFlush { .. } => {
-            let mut out = format!("flushed {} entries here\n", result["flushed"]);
+            let mut out = format!("flushed {} here\n", entries(&result["flushed"]));
             let fleet = &result["fleet"];
             match unfinished(fleet) {
                 _ if fleet.is_null() => {}
@@ -127,8 +127,8 @@ pub fn render(request: &Request, result: &Value) -> String {
                 .map(text)
                 .collect();
             format!(
-                "pinned {} entries as {class}: {} at {}\n",
-                result["pinned"],
+                "pinned {} as {class}: {} at {}\n",
+                entries(&result["pinned"]),
                 text(&result["host"]),
                 addrs.join(", ")
             )
@@ -496,6 +496,14 @@ fn with(future: bool, amount: String) -> String {
     }
 }
 
+/// "1 entry", "3 entries".
+fn entries(count: &serde_json::Value) -> String {
+    match count.as_u64() {
+        Some(1) => "1 entry".to_string(),
+        _ => format!("{count} entries"),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -513,6 +521,13 @@ mod tests {
         assert_eq!(relative(100_000, 100_000 - 3 * 3600), "3h ago");
         assert_eq!(relative(10, 12), "now");
         assert_eq!(relative(0, 7 * 86_400), "in 7d");
+    }
+
+    #[test]
+    fn counts_of_entries_read_naturally() {
+        assert_eq!(entries(&serde_json::json!(1)), "1 entry");
+        assert_eq!(entries(&serde_json::json!(0)), "0 entries");
+        assert_eq!(entries(&serde_json::json!(3)), "3 entries");
     }
 
     #[test]

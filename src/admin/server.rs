@@ -64,7 +64,10 @@ pub async fn handle(proxy: &Proxy, request: Request) -> Response {
                 (None, true) => cache.flush_all(),
                 (Some(target), false) => cache.flush(&target),
                 _ => {
-                    return Response::error(ErrorKind::BadArguments, "give either a target or all");
+                    return Response::error(
+                        ErrorKind::BadArguments,
+                        "name what to flush (a host, an address or a domain), or give --all to flush everything",
+                    );
                 }
             };
             let fleet = match (flushed.fleet, cache.shared()) {

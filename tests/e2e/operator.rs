@@ -120,6 +120,36 @@ fn the_first_mistakes_of_a_configuration_say_what_to_type_instead() {
     }
 }
 
+/// `ctl cache flush` with nothing named says what to name, --all among it, before it asks
+/// any daemon; every argument of `ctl cache` and `ctl rules explain` is described in -h.
+#[test]
+fn ctl_cache_flush_without_a_target_names_all_and_help_describes_every_argument() {
+    let (code, _, err) = tlsrouter(&["ctl", "--socket", "/nonexistent", "cache", "flush"]);
+    assert_eq!(code, 2, "{err}");
+    assert!(err.contains("<TARGET|--all>"), "{err}");
+    assert!(!err.contains("not running"), "no daemon was asked: {err}");
+    for command in [
+        &["ctl", "cache", "list", "-h"][..],
+        &["ctl", "cache", "flush", "-h"],
+        &["ctl", "cache", "pin", "-h"],
+        &["ctl", "rules", "explain", "-h"],
+    ] {
+        let (code, out, _) = tlsrouter(command);
+        assert_eq!(code, 0);
+        // clap lists an argument alone on its line when it has no description.
+        let bare: Vec<&str> = out
+            .lines()
+            .map(str::trim)
+            .filter(|l| l.starts_with('-') || l.starts_with('<'))
+            .filter(|l| !l.contains("  "))
+            .collect();
+        assert!(
+            bare.is_empty(),
+            "{command:?}: undescribed {bare:?} in\n{out}"
+        );
+    }
+}
+
 // --- ctl with a wrong --socket -----------------------------------------------------------
 
 #[cfg(unix)]

@@ -170,16 +170,24 @@ pub(crate) enum PolicyCommand {
 pub(crate) enum CacheCommand {
     /// Every cached host.
     List {
+        /// Only the hosts cached with this outcome class, e.g. no-starttls.
         #[arg(long)]
         class: Option<OutcomeClass>,
+        /// Only the hosts met delivering to this recipient domain.
         #[arg(long)]
         domain: Option<String>,
     },
     /// One host, or the hosts of a domain.
-    Show { target: String },
+    Show {
+        /// A host name, an address, or a recipient domain.
+        target: String,
+    },
     /// Forget a host, a domain's hosts, or everything.
+    #[command(group(clap::ArgGroup::new("what").required(true).args(["target", "all"])))]
     Flush {
+        /// A host name, an address, or a recipient domain.
         target: Option<String>,
+        /// Everything cached (and, with a fleet, the shared cache).
         #[arg(long)]
         all: bool,
     },
@@ -191,7 +199,9 @@ pub(crate) enum CacheCommand {
     Pin {
         /// The MX host name, or HOST[ADDRESS].
         host: String,
+        /// The outcome class to treat it as, e.g. no-starttls or tls-legacy.
         class: OutcomeClass,
+        /// How long the pin holds, e.g. 1h, 7d.
         #[arg(long, default_value = "1d")]
         ttl: String,
         /// An address of HOST to pin instead of all of them (may be repeated).
@@ -202,12 +212,16 @@ pub(crate) enum CacheCommand {
 
 #[derive(Subcommand)]
 pub(crate) enum RulesCommand {
+    /// The rules in force, in order, with what each one does.
     Show,
     /// Load the rule file again; a bad file is reported and the rules in force stay.
     Reload,
+    /// Which rule the daemon's rules give a message, and what would happen to it.
     Explain {
+        /// The recipient address.
         #[arg(long)]
         rcpt: String,
+        /// The sender address.
         #[arg(long)]
         sender: Option<String>,
         /// An MX host name; without --outcome, the daemon's cache entry for it is used.
