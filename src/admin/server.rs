@@ -352,8 +352,28 @@ fn summary(rule: &crate::rules::Rule) -> String {
         let classes: Vec<&str> = c.outcome.iter().map(|o| o.name()).collect();
         parts.push(format!("outcome={}", classes.join(",")));
     }
-    parts.push(format!("tls={:?} verify={:?}", rule.policy.tls, rule.policy.verify).to_lowercase());
+    // As the rule file spells each value.
+    let p = &rule.policy;
+    parts.push(format!(
+        "tls={} verify={} min_tls={} legacy_tls={}",
+        spelt(p.tls),
+        spelt(p.verify),
+        spelt(p.min_tls),
+        spelt(p.legacy_tls)
+    ));
+    if p.tls != crate::rules::TlsMode::Require && !p.fallback_on.is_empty() {
+        let classes: Vec<&str> = p.fallback_on.iter().map(|o| o.name()).collect();
+        parts.push(format!("fallback_on={}", classes.join(",")));
+    }
     parts.join(" ")
+}
+
+/// A rule setting's value as the rule file spells it.
+fn spelt(value: impl serde::Serialize) -> String {
+    match serde_json::to_value(value) {
+        Ok(serde_json::Value::String(word)) => word,
+        _ => "?".to_string(),
+    }
 }
 
 /// Serves the admin socket at `path` until the task is dropped.

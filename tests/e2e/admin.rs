@@ -243,6 +243,8 @@ async fn an_admin_reads_reloads_and_explains_the_rules_with_ctl() {
             rules:
               - name: everyone
                 match: { domains: ["*"] }
+                min_tls: "1.3"
+                fallback_on: [no-starttls]
             "#,
         )
     })
@@ -255,6 +257,16 @@ async fn an_admin_reads_reloads_and_explains_the_rules_with_ctl() {
         table.contains("everyone") && table.contains("domains=*"),
         "{table}"
     );
+    // Every setting as the rule file spells it.
+    for setting in [
+        "tls=opportunistic",
+        "verify=try",
+        "min_tls=1.3",
+        "legacy_tls=encrypt",
+        "fallback_on=no-starttls",
+    ] {
+        assert!(table.contains(setting), "{setting} in {table}");
+    }
 
     std::fs::write(
         rules_file,
