@@ -198,8 +198,11 @@ fn describe_policy(out: &mut String, rule: &Rule) {
         VerifyMode::Try => "checked and logged; encrypted anyway",
     };
     let _ = writeln!(out, "tls:         {tls}");
-    let _ = writeln!(out, "certificate: {verify}");
-    let _ = writeln!(out, "min tls:     {}", policy.min_tls.name());
+    // Without TLS there is no certificate, version or downgrade to speak of.
+    if policy.tls != TlsMode::Never {
+        let _ = writeln!(out, "certificate: {verify}");
+        let _ = writeln!(out, "min tls:     {}", policy.min_tls.name());
+    }
     if policy.tls == TlsMode::Opportunistic {
         let classes: Vec<&str> = policy.fallback_on.iter().map(|c| c.name()).collect();
         let _ = writeln!(
@@ -219,9 +222,13 @@ fn describe_policy(out: &mut String, rule: &Rule) {
         };
         let _ = writeln!(out, "plain path:  {path}");
     }
-    let downgrade = match rule.on_downgrade {
-        OnDowngrade::Fallback => "logged as a warning, then as the plain rules say",
-        OnDowngrade::Defer => "deferred with 451 4.7.5",
+    let downgrade = match (policy.tls, rule.on_downgrade) {
+        (TlsMode::Never, _) => return,
+        // TLS required never goes plain, downgrade or not.
+        (TlsMode::Require, _) | (_, OnDowngrade::Defer) => "deferred with 451 4.7.5",
+        (TlsMode::Opportunistic, OnDowngrade::Fallback) => {
+            "logged as a warning, then as the plain rules say"
+        }
     };
     let _ = writeln!(out, "downgrade:   {downgrade}");
 }
@@ -307,6 +314,19 @@ mod tests {
                         }
                         if class.is_unreachable() {
                             assert!(stated.contains("address skipped"), "{case}: {stated}");
+                        }
+                        // No words about TLS where there is none, no plain where there
+                        // can be none.
+                        let policy = &delivery_rule.policy;
+                        let says = |start: &str| answer.text.lines().find(|l| l.starts_with(start));
+                        if policy.tls == TlsMode::Never {
+                            for line in ["certificate:", "min tls:", "downgrade:"] {
+                                assert_eq!(says(line), None, "{case}: {}", answer.text);
+                            }
+                        }
+                        if policy.tls == TlsMode::Require {
+                            let downgrade = says("downgrade:").unwrap_or_default();
+                            assert!(!downgrade.contains("plain"), "{case}: {downgrade}");
                         }
                         checked += 1;
                     }
