@@ -95,9 +95,19 @@ impl Proxy {
         if let Some(path) = &config.cache.file {
             // A cache that cannot be read costs a few handshakes, never the start.
             match cache.load(path) {
-                Ok(count) => {
-                    tracing::info!("cache: {count} entries loaded from {}", path.display())
+                Ok(Some(count)) => {
+                    tracing::info!(
+                        event = "cache.loaded",
+                        count,
+                        "cache: {count} entries loaded from {}",
+                        path.display()
+                    )
                 }
+                Ok(None) => tracing::info!(
+                    event = "cache.no_file",
+                    "cache: no file at {} yet, starting empty; it is written there while running and at shutdown",
+                    path.display()
+                ),
                 Err(e) => tracing::warn!(
                     event = "cache.not_loaded",
                     "cache not loaded, starting empty: {e}"

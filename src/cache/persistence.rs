@@ -65,10 +65,10 @@ pub fn save(path: &Path, entries: &[CacheEntry]) -> Result<(), FileError> {
 }
 
 /// The entries in `path`; none when there is no such file.
-pub fn read(path: &Path) -> Result<Vec<CacheEntry>, FileError> {
+pub fn read(path: &Path) -> Result<Option<Vec<CacheEntry>>, FileError> {
     let bytes = match fs::read(path) {
         Ok(bytes) => bytes,
-        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
         Err(error) => {
             return Err(FileError::Io {
                 path: path.to_path_buf(),
@@ -76,10 +76,12 @@ pub fn read(path: &Path) -> Result<Vec<CacheEntry>, FileError> {
             });
         }
     };
-    parse(&bytes).map_err(|problem| FileError::Corrupt {
-        path: path.to_path_buf(),
-        problem,
-    })
+    parse(&bytes)
+        .map(Some)
+        .map_err(|problem| FileError::Corrupt {
+            path: path.to_path_buf(),
+            problem,
+        })
 }
 
 fn parse(bytes: &[u8]) -> Result<Vec<CacheEntry>, Corrupt> {

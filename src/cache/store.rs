@@ -363,8 +363,11 @@ impl OutcomeCache {
     /// Reads a file written by [`save`](Self::save), dropping what has expired meanwhile.
     /// A missing file is no error; a corrupt one changes nothing. An entry already held
     /// wins over the file's unless the file's was seen later. Returns how many were loaded.
-    pub fn load(&self, path: &Path) -> Result<usize, CacheError> {
-        let entries = persistence::read(path)?;
+    /// How many entries were loaded; `None` when there is no file yet (a first start).
+    pub fn load(&self, path: &Path) -> Result<Option<usize>, CacheError> {
+        let Some(entries) = persistence::read(path)? else {
+            return Ok(None);
+        };
         let now = self.clock.now();
         let mut loaded = 0;
         for entry in entries {
@@ -372,7 +375,7 @@ impl OutcomeCache {
                 loaded += 1;
             }
         }
-        Ok(loaded)
+        Ok(Some(loaded))
     }
 
     fn insert_if_newer(&self, entry: CacheEntry) -> bool {

@@ -306,7 +306,7 @@ fn save_then_load_into_a_fresh_cache_restores_entries_and_drops_expired_ones() {
     let saved = cache.entries();
 
     let (fresh, _) = new_cache();
-    assert_eq!(fresh.load(&path).expect("loaded"), 2);
+    assert_eq!(fresh.load(&path).expect("loaded"), Some(2));
     assert_eq!(fresh.entries(), saved);
     let cert = fresh.get("mx2.example.net", ip(2)).expect("restored");
     assert_eq!(cert.class, OutcomeClass::CertExpired);
@@ -316,14 +316,18 @@ fn save_then_load_into_a_fresh_cache_restores_entries_and_drops_expired_ones() {
     later_clock.set(T0 + 2 * 3600);
     assert_eq!(
         later.load(&path).expect("loaded"),
-        1,
+        Some(1),
         "the 1h failure is gone"
     );
     assert_eq!(later.entries().len(), 1);
 
     let files = dir.path().read_dir().expect("dir").count();
     assert_eq!(files, 1, "no temporary file left behind");
-    assert_eq!(fresh.load(&dir.path().join("missing.json")).ok(), Some(0));
+    assert_eq!(
+        fresh.load(&dir.path().join("missing.json")).ok(),
+        Some(None),
+        "no file yet is told apart from an empty one"
+    );
 }
 
 #[test]
@@ -467,7 +471,7 @@ fn a_file_from_before_the_certificate_subject_was_kept_still_loads() {
     );
     fs::write(&path, old).expect("written");
     let (cache, _) = new_cache();
-    assert_eq!(cache.load(&path).expect("loaded"), 1);
+    assert_eq!(cache.load(&path).expect("loaded"), Some(1));
     let entry = cache.get("mx.example.net", ip(1)).expect("restored");
     assert_eq!(
         (entry.class, entry.cert_subject),

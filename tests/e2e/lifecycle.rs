@@ -6,6 +6,7 @@ use std::path::PathBuf;
 
 use crate::support::daemon::Daemon;
 use crate::support::lab::{DaemonLab, Lab, LabBuilder};
+use crate::support::logs::Logs;
 use crate::support::pki::{TestCa, Validity};
 use crate::support::smtp_client::SmtpClient;
 use crate::support::smtp_server::{ServerBehaviour, SmtpServer};
@@ -175,6 +176,28 @@ fn check_config_refuses_what_run_refuses_and_run_refuses_it_before_binding_anyth
         }
         assert!(!socket.exists(), "no admin socket was made");
     }
+}
+
+/// A first start, with no cache file yet, is told apart from a file that cannot be read:
+/// information, not a warning.
+#[tokio::test]
+async fn a_first_start_without_a_cache_file_says_so_and_a_damaged_file_is_a_warning() {
+    let (logs, _guard) = Logs::capture();
+    let builder = Lab::new();
+    let cache = builder.dir().join("cache.json");
+    let _first = builder.set_path("cache.file", &cache).start().await;
+    let events = |event: &str| logs.events_with(&[("event", event)]);
+    assert_eq!(events("cache.no_file").len(), 1);
+    assert_eq!(events("cache.not_loaded").len(), 0);
+
+    let builder = Lab::new();
+    let damaged = builder.dir().join("cache.json");
+    std::fs::write(&damaged, "not json").expect("write");
+    let _second = builder.set_path("cache.file", &damaged).start().await;
+    let warned = events("cache.not_loaded");
+    assert_eq!(warned.len(), 1);
+    assert_eq!(warned[0]["level"], "WARN");
+    assert_eq!(events("cache.no_file").len(), 1, "only the first");
 }
 
 #[cfg(unix)]
