@@ -328,6 +328,11 @@ rules:
                 "never falls back",
             ),
             (
+                "rules:\n  - name: a\n    tls: never\n    verify: require\n",
+                2,
+                "remove verify, or write tls: require",
+            ),
+            (
                 "rules:\n  - name: a\n    route: { smarthost: \"h:587\", tls: opportunistic, auth: { username_env: U, password_env: P } }\n",
                 2,
                 "TLS only",

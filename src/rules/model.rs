@@ -283,6 +283,9 @@ impl Rule {
         if tls == TlsMode::Require && spec.fallback_on.as_ref().is_some_and(|f| !f.is_empty()) {
             return Err(RuleError::RequireWithFallback(spec.name));
         }
+        if tls == TlsMode::Never && spec.verify == Some(VerifyMode::Require) {
+            return Err(RuleError::NeverWithVerify(spec.name));
+        }
         if spec.override_published_policy
             && (spec.matches.domains.is_empty()
                 || spec.matches.domains.iter().any(|d| !d.is_exact()))
@@ -380,6 +383,10 @@ pub enum RuleError {
     NoName,
     #[error("rule {0:?}: tls: require never falls back to plain; remove fallback_on")]
     RequireWithFallback(String),
+    #[error(
+        "rule {0:?}: tls: never checks no certificate, so verify: require would never hold; remove verify, or write tls: require to insist on a verified certificate"
+    )]
+    NeverWithVerify(String),
     #[error(
         "rule {0:?}: override_published_policy needs the domains named one by one in match.domains (no \"*\" or \"*.suffix\")"
     )]
