@@ -167,6 +167,38 @@ impl RuleSet {
         )
     }
 
+    /// Credential files a smart-host rule names that are not there: its mail would wait
+    /// (451 4.3.5) until they are. `file:line:column: ...`, with what to do.
+    pub fn missing_credential_files(&self) -> Vec<String> {
+        let mut missing = Vec::new();
+        for rule in &self.rules {
+            let Route::Smarthost {
+                auth: Some(auth), ..
+            } = &rule.route
+            else {
+                continue;
+            };
+            let files = [
+                ("username", &auth.username_file),
+                ("password", &auth.password_file),
+            ];
+            for (what, file) in files {
+                let Some(file) = file.as_ref().filter(|f| !f.exists()) else {
+                    continue;
+                };
+                missing.push(format!(
+                    "{}:{}:{}: rule {:?}: {what}_file {} does not exist; create it (readable by tlsrouter only), or name an environment variable with {what}_env",
+                    self.source.display(),
+                    rule.line,
+                    rule.column,
+                    rule.name,
+                    file.display()
+                ));
+            }
+        }
+        missing
+    }
+
     /// Rules that no message can reach.
     /// A warning for each rule that overrides what its domains publish (MTA-STS enforce).
     pub fn policy_overrides(&self) -> Vec<String> {

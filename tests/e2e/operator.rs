@@ -120,6 +120,37 @@ fn the_first_mistakes_of_a_configuration_say_what_to_type_instead() {
     }
 }
 
+/// A smart-host rule whose credential file is not there fails `check`, at the rule's line.
+#[test]
+fn check_names_a_missing_credential_file_of_a_smarthost_rule() {
+    let dir = tempfile::tempdir().expect("dir");
+    let password = dir.path().join("password");
+    let rules = dir.path().join("rules.yaml");
+    std::fs::write(
+        &rules,
+        format!(
+            "rules:\n  - name: relay\n    route: {{ smarthost: \"smtp.example.test:587\", tls: require, auth: {{ username_env: U, password_file: {} }} }}\n",
+            password.display()
+        ),
+    )
+    .expect("write");
+    let rules = rules.to_str().expect("path");
+    let (code, _, err) = tlsrouter(&["check", rules]);
+    assert_eq!(code, 1, "{err}");
+    assert!(err.contains(&format!("{rules}:2:5: ")), "{err}");
+    assert!(
+        err.contains(&format!(
+            "password_file {} does not exist",
+            password.display()
+        )),
+        "{err}"
+    );
+    std::fs::write(&password, "secret\n").expect("write");
+    let (code, out, err) = tlsrouter(&["check", rules]);
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("OK, 1 rules"), "{out}");
+}
+
 /// `ctl cache flush` with nothing named says what to name, --all among it, before it asks
 /// any daemon; every argument of `ctl cache` and `ctl rules explain` is described in -h.
 #[test]

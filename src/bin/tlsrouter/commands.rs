@@ -179,7 +179,11 @@ pub(crate) fn check_rules(file: &std::path::Path) -> ExitCode {
     for s in &shadowed {
         eprintln!("{}", rules.describe_shadowed(s));
     }
-    if !shadowed.is_empty() {
+    let missing = rules.missing_credential_files();
+    for m in &missing {
+        eprintln!("{m}");
+    }
+    if !shadowed.is_empty() || !missing.is_empty() {
         return ExitCode::FAILURE;
     }
     // Allowed, but an operator reviewing the file must see them.
