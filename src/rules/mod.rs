@@ -199,6 +199,45 @@ impl RuleSet {
         missing
     }
 
+    /// A warning for each strict rule (TLS or a verified certificate required) that names
+    /// `*.X` but not `X`, where `X`'s own mail goes by a rule that asks less: `*.bank.example`
+    /// does not match `bank.example`, which is easy to forget.
+    pub fn parents_left_out(&self) -> Vec<String> {
+        let strict = |rule: &Rule| {
+            (
+                rule.policy.tls == TlsMode::Require,
+                rule.policy.verify == VerifyMode::Require,
+            )
+        };
+        let mut warnings = Vec::new();
+        for (i, rule) in self.rules.iter().enumerate() {
+            let (tls, verify) = strict(rule);
+            if !tls && !verify {
+                continue;
+            }
+            for pattern in &rule.conditions.domains {
+                let DomainPattern::Below(parent) = pattern else {
+                    continue;
+                };
+                let base = self.select(parent, None).base;
+                let other = self.rule(base);
+                let (other_tls, other_verify) = strict(other);
+                if base == Some(i) || (other_tls || !tls) && (other_verify || !verify) {
+                    continue;
+                }
+                warnings.push(format!(
+                    "{}:{}:{}: warning: rule {:?} names *.{parent} but not {parent} itself, whose mail goes by rule {:?}, which asks less; add \"{parent}\" to its domains if the domain's own mail must be as strict",
+                    self.source.display(),
+                    rule.line,
+                    rule.column,
+                    rule.name,
+                    other.name
+                ));
+            }
+        }
+        warnings
+    }
+
     /// Rules that no message can reach.
     /// A warning for each rule that overrides what its domains publish (MTA-STS enforce).
     pub fn policy_overrides(&self) -> Vec<String> {
@@ -264,6 +303,26 @@ rules:
     fallback_on: [no-starttls, handshake-failed]
     on_downgrade: defer
 "#;
+
+    #[test]
+    fn a_strict_rule_for_the_domains_below_a_name_is_told_it_leaves_the_name_out() {
+        let rules = parse(EXAMPLE).unwrap();
+        let warnings = rules.parents_left_out();
+        assert_eq!(warnings.len(), 1, "{warnings:?}");
+        assert!(
+            warnings[0].starts_with("r.yaml:6:5: warning: rule \"banks\""),
+            "{warnings:?}"
+        );
+        assert!(warnings[0].contains("add \"bank.example\""), "{warnings:?}");
+        // With the name itself in the rule, or a rule as strict for it, nothing to say.
+        let named = EXAMPLE.replace(
+            r#"domains: ["*.bank.example"]"#,
+            r#"domains: [bank.example, "*.bank.example"]"#,
+        );
+        assert!(parse(&named).unwrap().parents_left_out().is_empty());
+        let opportunistic = EXAMPLE.replace("    tls: require\n    verify: require\n", "");
+        assert!(parse(&opportunistic).unwrap().parents_left_out().is_empty());
+    }
 
     #[test]
     fn the_first_matching_rule_decides() {

@@ -187,7 +187,11 @@ pub(crate) fn check_rules(file: &std::path::Path) -> ExitCode {
         return ExitCode::FAILURE;
     }
     // Allowed, but an operator reviewing the file must see them.
-    for warning in rules.policy_overrides() {
+    for warning in rules
+        .policy_overrides()
+        .into_iter()
+        .chain(rules.parents_left_out())
+    {
         eprintln!("{warning}");
     }
     println!("{}: OK, {} rules", file.display(), rules.rules().len());
