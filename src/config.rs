@@ -170,7 +170,14 @@ impl AdminConfig {
                 Some((name, gid))
             })
             .find_map(|(name, gid)| (name == group).then_some(Some(gid)))
-            .ok_or_else(|| SetupError::setting("admin.group", format!("no group {group:?}")))
+            .ok_or_else(|| {
+                SetupError::setting(
+                    "admin.group",
+                    format!(
+                        "no group {group:?} on this host: create it (groupadd {group}) and add the admins to it, or remove admin.group"
+                    ),
+                )
+            })
     }
 }
 

@@ -62,7 +62,14 @@ impl Proxy {
             config.inbound.tls.as_ref(),
         )?);
         let rules = match &config.rules_file {
-            Some(path) => RuleSet::load(path)?,
+            // A file that cannot be read is the setting's problem; one with an error in it
+            // names its own line.
+            Some(path) => RuleSet::load(path).map_err(|e| match e {
+                crate::settings::ConfigError::Read { error, .. } => {
+                    SetupError::file("rules_file", path, error)
+                }
+                other => SetupError::from(other),
+            })?,
             None => RuleSet::embedded_default(),
         };
         let router = Router::new(rules, config.rules_file.clone());

@@ -301,6 +301,24 @@ pub enum SetupError {
 pub type Problem = Box<dyn std::error::Error + Send + Sync>;
 
 impl SetupError {
+    /// The error, after `file:line:column` of the setting it names when that can be found
+    /// in `file` (the configuration it came from).
+    pub fn at_setting(&self, file: Option<&Path>) -> String {
+        let text = format!("{self:#}");
+        let SetupError::Setting { setting, .. } = self else {
+            return text;
+        };
+        let key = setting.split_whitespace().next().unwrap_or(setting);
+        let found = file.and_then(|file| {
+            let source = std::fs::read_to_string(file).ok()?;
+            Some((file, locate(&source, key)?))
+        });
+        match found {
+            Some((file, (line, column))) => format!("{}:{line}:{column}: {text}", file.display()),
+            None => text,
+        }
+    }
+
     pub fn setting(setting: impl Into<String>, problem: impl Into<Problem>) -> SetupError {
         SetupError::Setting {
             setting: setting.into(),
@@ -311,5 +329,63 @@ impl SetupError {
     /// A problem with the file `path` that `setting` names.
     pub fn file(setting: &str, path: &Path, problem: impl Into<Problem>) -> SetupError {
         SetupError::setting(format!("{setting} {}", path.display()), problem)
+    }
+}
+
+/// Where the dotted `key` (`admin.group`) is set in the YAML `text`, block or flow style:
+/// its line and column, from 1.
+fn locate(text: &str, key: &str) -> Option<(usize, usize)> {
+    let lines: Vec<&str> = text.lines().collect();
+    // The line and column of the part found last, and its indentation.
+    let mut found: Option<(usize, usize, usize)> = None;
+    for part in key.split('.') {
+        let needle = format!("{part}:");
+        // In a flow mapping on the same line: `admin: { group: x }`.
+        let flow = found.and_then(|(line, column, _)| {
+            let rest = lines[line - 1].get(column..)?;
+            let at = rest
+                .match_indices(&needle)
+                .find(|(at, _)| rest[..*at].ends_with(['{', ' ', ',']))?;
+            Some((line, column + at.0 + 1))
+        });
+        if let Some((line, column)) = flow {
+            found = Some((line, column, found.map_or(0, |f| f.2)));
+            continue;
+        }
+        let (from, parent) = found.map_or((0, None), |(line, _, indent)| (line, Some(indent)));
+        let mut hit = None;
+        for (i, line) in lines.iter().enumerate().skip(from) {
+            let trimmed = line.trim_start();
+            if trimmed.is_empty() || trimmed.starts_with('#') {
+                continue;
+            }
+            let indent = line.len() - trimmed.len();
+            match parent {
+                Some(parent) if indent <= parent => break,
+                None if indent != 0 => continue,
+                _ => {}
+            }
+            if trimmed.starts_with(&needle) {
+                hit = Some((i + 1, indent + 1, indent));
+                break;
+            }
+        }
+        found = Some(hit?);
+    }
+    found.map(|(line, column, _)| (line, column))
+}
+
+#[cfg(test)]
+mod locate_tests {
+    use super::locate;
+
+    #[test]
+    fn a_setting_is_found_in_block_and_flow_style_and_nowhere_else() {
+        let text = "# tlsrouter\nrules_file: /x.yaml\nadmin:\n  socket: /run/a\n  group: admins\ncache: { file: /c }\n";
+        assert_eq!(locate(text, "rules_file"), Some((2, 1)));
+        assert_eq!(locate(text, "admin.group"), Some((5, 3)));
+        assert_eq!(locate(text, "cache.file"), Some((6, 10)));
+        assert_eq!(locate(text, "admin.file"), None);
+        assert_eq!(locate(text, "group"), None, "only at the top level");
     }
 }

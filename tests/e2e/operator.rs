@@ -108,6 +108,21 @@ fn the_first_mistakes_of_a_configuration_say_what_to_type_instead() {
             ":2:3: ",
             "did you mean `max_mx_hosts`?",
         ),
+        // A setting whose value cannot be used: at its own line, with what to do.
+        (
+            "check-config",
+            "tlsrouter.yaml",
+            &format!("{NO_REMOTES}admin:\n  group: no-such-group-here\n"),
+            ":4:3: ",
+            "create it (groupadd no-such-group-here)",
+        ),
+        (
+            "check-config",
+            "tlsrouter.yaml",
+            &format!("{NO_REMOTES}rules_file: /nonexistent/rulez.yaml\n"),
+            ":3:1: ",
+            "rules_file /nonexistent/rulez.yaml: No such file",
+        ),
     ];
     for (command, name, text, position, fix) in cases {
         let path = dir.path().join(name);

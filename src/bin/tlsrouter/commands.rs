@@ -123,7 +123,7 @@ pub(crate) fn probe_standalone(path: Option<PathBuf>, target: ProbeTarget, json:
         return ExitCode::FAILURE;
     };
     runtime.block_on(async {
-        let proxy = match crate::serve::proxy(config) {
+        let proxy = match crate::serve::proxy(config, path.as_deref()) {
             Ok(proxy) => proxy,
             Err(code) => return code,
         };

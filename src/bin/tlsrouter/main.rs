@@ -29,7 +29,7 @@ fn main() -> ExitCode {
         {
             Ok(proxy) => check_shared_cache(&proxy, &file),
             Err(e) => {
-                eprintln!("{e:#}");
+                eprintln!("{}", e.at_setting(Some(&file)));
                 ExitCode::from(EXIT_CONFIG)
             }
         },

@@ -1,6 +1,6 @@
 //! `tlsrouter run`: the daemon, from its configuration to a clean stop.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::Arc;
 
@@ -38,7 +38,7 @@ pub(crate) fn run(path: Option<PathBuf>, log_format: Option<LogFormat>) -> ExitC
             return ExitCode::FAILURE;
         }
     };
-    runtime.block_on(serve(config))
+    runtime.block_on(serve(config, path.as_deref()))
 }
 
 /// Raises the soft limit of open descriptors to the hard one (the default soft 1024 is too
@@ -79,17 +79,18 @@ fn raise_open_files_limit(config: &Config) {
 #[cfg(not(unix))]
 fn raise_open_files_limit(_config: &Config) {}
 
-/// The proxy for `config`, or the exit code of a configuration it cannot start with.
-pub(crate) fn proxy(config: Config) -> Result<Arc<Proxy>, ExitCode> {
+/// The proxy for `config` (read from `file`, if any), or the exit code of a configuration
+/// it cannot start with.
+pub(crate) fn proxy(config: Config, file: Option<&Path>) -> Result<Arc<Proxy>, ExitCode> {
     Proxy::new(config).map_err(|e| {
-        eprintln!("tlsrouter: {e:#}");
+        eprintln!("tlsrouter: {}", e.at_setting(file));
         ExitCode::from(EXIT_CONFIG)
     })
 }
 
-pub(crate) async fn serve(config: Config) -> ExitCode {
+pub(crate) async fn serve(config: Config, file: Option<&Path>) -> ExitCode {
     let listen = config.listen;
-    let proxy = match proxy(config) {
+    let proxy = match proxy(config, file) {
         Ok(proxy) => proxy,
         Err(code) => return code,
     };
