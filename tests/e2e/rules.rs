@@ -183,7 +183,7 @@ async fn verify_require_defers_a_server_with_an_expired_certificate_and_names_th
         &sent,
         &[
             "rule \"verified-only\"",
-            &format!("certificate expired {not_after}"),
+            &format!("certificate expired on {not_after}"),
         ],
     );
     assert!(mx.messages().is_empty());
