@@ -580,6 +580,52 @@ async fn an_mx_host_cached_as_legacy_tls_is_sent_through_the_relay_by_an_outcome
     );
 }
 
+/// The README's old-exchange rule, under the default rule as shipped (the legacy stack
+/// on): the first message reaches the old server over TLS 1.0, the next ones, matched by
+/// their cached outcome, go plain through the relay, as the rule's comment says.
+#[cfg(feature = "legacy-tls")]
+#[tokio::test]
+async fn the_readmes_old_exchange_rule_sends_an_old_server_s_mail_through_its_relay() {
+    let ca = TestCa::new();
+    let mx = server(
+        loopback(2),
+        0,
+        tls10_only(ca.leaf(&["mx1.oldhost.test"], Validity::Current)),
+    )
+    .await;
+    let relay = server(loopback(1), 0, ServerBehaviour::default()).await;
+    let zone = TestZone::new()
+        .mx("partner.test", 10, "mx1.oldhost.test")
+        .a("mx1.oldhost.test", loopback(2));
+    let rules = format!(
+        r#"
+            rules:
+              - name: old-exchange
+                match: {{ mx: ["*.oldhost.test"], outcome: [legacy-tls] }}
+                legacy_tls: plain
+                fallback: {{ relay: "{}" }}
+              - name: default
+                match: {{ domains: ["*"] }}
+        "#,
+        relay.addr()
+    );
+    let lab = start_lab(zone, &ca, mx.addr().port(), &rules).await;
+
+    assert_delivered(&send(lab.smtp, &["u@partner.test"]).await);
+    let first = mx.messages();
+    assert_eq!(first.len(), 1);
+    assert_eq!(first[0].tls.as_ref().expect("TLS 1.0").version, "TLSv1.0");
+    for _ in 0..2 {
+        assert_delivered(&send(lab.smtp, &["u@partner.test"]).await);
+    }
+    assert_eq!(mx.messages().len(), 1, "no later message at the old server");
+    assert_eq!(
+        relay.messages().len(),
+        2,
+        "the later ones through the relay"
+    );
+}
+
 // ---------------------------------------------------------------------------------------
 // Smart hosts
 
