@@ -206,11 +206,17 @@ fn ctl_says_when_its_socket_path_is_not_a_socket() {
     std::fs::write(&file, "").expect("write");
     for path in [&file, &dir.path().to_path_buf()] {
         let path = path.to_str().expect("path");
-        let (code, _, err) = tlsrouter(&["ctl", "--socket", path, "stats"]);
-        assert_eq!(code, 2, "{err}");
-        assert!(err.contains(path), "{err}");
-        assert!(err.contains("not a socket"), "{err}");
-        assert!(!err.contains("not running"), "{err}");
+        // --socket before the command or after it.
+        for args in [
+            ["ctl", "--socket", path, "stats"],
+            ["ctl", "stats", "--socket", path],
+        ] {
+            let (code, _, err) = tlsrouter(&args);
+            assert_eq!(code, 2, "{args:?}: {err}");
+            assert!(err.contains(path), "{err}");
+            assert!(err.contains("not a socket"), "{err}");
+            assert!(!err.contains("not running"), "{err}");
+        }
     }
     // A path with nothing there is still "not running".
     let nothing = dir.path().join("nothing.sock");

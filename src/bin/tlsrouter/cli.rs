@@ -43,8 +43,8 @@ pub(crate) enum Commands {
     },
     /// Ask the running daemon: cache, rules, stats, sessions, probe.
     Ctl {
-        /// The admin socket.
-        #[arg(long, default_value = tlsrouter::config::DEFAULT_ADMIN_SOCKET)]
+        /// The admin socket (before or after the command).
+        #[arg(long, global = true, default_value = tlsrouter::config::DEFAULT_ADMIN_SOCKET)]
         socket: PathBuf,
         /// Print the daemon's JSON answer instead of a table (before or after the command).
         #[arg(long, global = true)]
