@@ -196,6 +196,62 @@ fn ctl_cache_flush_without_a_target_names_all_and_help_describes_every_argument(
     }
 }
 
+/// `explain` and `ctl` read the daemon's configuration: its rules_file and admin.socket;
+/// `--rules` and `--socket` still win, and explain says which rules answered.
+#[test]
+fn explain_and_ctl_take_the_rules_and_the_socket_from_the_configuration() {
+    let dir = tempfile::tempdir().expect("dir");
+    let rules = dir.path().join("rules.yaml");
+    std::fs::write(
+        &rules,
+        "rules:\n  - name: only-in-this-file\n    match: { domains: [\"*\"] }\n    tls: require\n",
+    )
+    .expect("write");
+    let not_a_socket = dir.path().join("admin.sock");
+    std::fs::write(&not_a_socket, "").expect("write");
+    let config = dir.path().join("tlsrouter.yaml");
+    std::fs::write(
+        &config,
+        format!(
+            "{NO_REMOTES}rules_file: {}\nadmin:\n  socket: {}\n",
+            rules.display(),
+            not_a_socket.display()
+        ),
+    )
+    .expect("write");
+    let config = config.to_str().expect("path");
+
+    let (code, out, err) = tlsrouter(&["explain", "--config", config, "--rcpt", "a@b.test"]);
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("rule:        \"only-in-this-file\""), "{out}");
+    assert!(
+        out.contains(&format!("rules:       {}", rules.display())),
+        "{out}"
+    );
+    let shipped = shipped_rules();
+    let shipped = shipped.to_str().expect("path");
+    let (_, out, _) = tlsrouter(&[
+        "explain", "--config", config, "--rules", shipped, "--rcpt", "a@b.test",
+    ]);
+    assert!(!out.contains("only-in-this-file"), "--rules wins: {out}");
+
+    let (code, _, err) = tlsrouter(&["ctl", "--config", config, "stats"]);
+    assert_eq!(code, 2, "{err}");
+    assert!(
+        err.contains(&format!("{} is not a socket", not_a_socket.display())),
+        "{err}"
+    );
+    let (_, _, err) = tlsrouter(&[
+        "ctl",
+        "stats",
+        "--config",
+        config,
+        "--socket",
+        "/nonexistent.sock",
+    ]);
+    assert!(err.contains("/nonexistent.sock"), "--socket wins: {err}");
+}
+
 // --- ctl with a wrong --socket -----------------------------------------------------------
 
 #[cfg(unix)]

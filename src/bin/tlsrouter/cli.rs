@@ -43,9 +43,14 @@ pub(crate) enum Commands {
     },
     /// Ask the running daemon: cache, rules, stats, sessions, probe.
     Ctl {
-        /// The admin socket (before or after the command).
-        #[arg(long, global = true, default_value = tlsrouter::config::DEFAULT_ADMIN_SOCKET)]
-        socket: PathBuf,
+        /// The admin socket (default: admin.socket of the configuration, else
+        /// /run/tlsrouter/admin.sock).
+        #[arg(long, global = true)]
+        socket: Option<PathBuf>,
+        /// The daemon's configuration, for its admin.socket (default: the packaged
+        /// /etc/tlsrouter/tlsrouter.yaml when it is there and readable).
+        #[arg(long, global = true)]
+        config: Option<PathBuf>,
         /// Print the daemon's JSON answer instead of a table (before or after the command).
         #[arg(long, global = true)]
         json: bool,
@@ -71,9 +76,14 @@ pub(crate) enum Commands {
     },
     /// Show which rule a message would hit and what would happen, without sending anything.
     Explain {
-        /// YAML rule file (default: the shipped default rules).
+        /// YAML rule file (default: the rules_file of the configuration, else the shipped
+        /// default rules).
         #[arg(long)]
         rules: Option<PathBuf>,
+        /// The daemon's configuration, for its rules_file (default: the packaged
+        /// /etc/tlsrouter/tlsrouter.yaml when it is there and readable).
+        #[arg(long)]
+        config: Option<PathBuf>,
         /// The recipient, user@domain.
         #[arg(long)]
         rcpt: String,

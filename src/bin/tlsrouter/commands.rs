@@ -1,13 +1,14 @@
 //! The commands an admin types besides `run`: `ctl`, `probe`, `explain`, `check`,
 //! `check-config`.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::Arc;
 
 use tlsrouter::Proxy;
 use tlsrouter::admin::client;
 use tlsrouter::admin::protocol::Request;
+use tlsrouter::config::Config;
 use tlsrouter::outcome::OutcomeClass;
 use tlsrouter::policy::mta_sts::MxPattern;
 use tlsrouter::probe::ProbeTarget;
@@ -198,6 +199,47 @@ pub(crate) fn check_rules(file: &std::path::Path) -> ExitCode {
     ExitCode::SUCCESS
 }
 
+/// Where the packaged daemon's configuration is: what `ctl` and `explain` read when given
+/// none, so that on a production host they speak of the daemon's socket and rules.
+const PACKAGED_CONFIG: &str = "/etc/tlsrouter/tlsrouter.yaml";
+
+/// The configuration `ctl` and `explain` answer for: the one given (an error when it
+/// cannot be read), else the packaged one when it is there and readable, else none.
+fn tool_config(given: Option<&Path>) -> Result<Option<Config>, ExitCode> {
+    match given {
+        Some(path) => Config::load(path).map(Some).map_err(|e| {
+            eprintln!("tlsrouter: {e}");
+            ExitCode::from(EXIT_CONFIG)
+        }),
+        None => Ok(Config::load(Path::new(PACKAGED_CONFIG)).ok()),
+    }
+}
+
+/// The admin socket `ctl` asks: `--socket`, else the configuration's `admin.socket`, else
+/// the default path.
+pub(crate) fn admin_socket(
+    socket: Option<PathBuf>,
+    config: Option<&Path>,
+) -> Result<PathBuf, ExitCode> {
+    if let Some(socket) = socket {
+        return Ok(socket);
+    }
+    let configured = tool_config(config)?.and_then(|c| c.admin.socket);
+    Ok(configured.unwrap_or_else(|| PathBuf::from(tlsrouter::config::DEFAULT_ADMIN_SOCKET)))
+}
+
+/// The rule file `explain` answers for: `--rules`, else the configuration's `rules_file`;
+/// `None` for the embedded default rules.
+pub(crate) fn rules_file(
+    rules: Option<PathBuf>,
+    config: Option<&Path>,
+) -> Result<Option<PathBuf>, ExitCode> {
+    if rules.is_some() {
+        return Ok(rules);
+    }
+    Ok(tool_config(config)?.and_then(|c| c.rules_file))
+}
+
 pub(crate) fn explain_rcpt(
     rules: Option<PathBuf>,
     rcpt: &str,
@@ -232,6 +274,8 @@ pub(crate) fn explain_rcpt(
         published,
         demand,
     };
+    // Which rules answer: an admin must not mistake the embedded ones for those in force.
+    println!("rules:       {}", rules.source.display());
     print!("{}", explain(Arc::new(rules), &question).text);
     ExitCode::SUCCESS
 }

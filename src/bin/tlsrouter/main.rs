@@ -14,7 +14,8 @@ use tlsrouter::settings::SetupError;
 
 use crate::cli::{Cli, Commands, EXIT_CONFIG};
 use crate::commands::{
-    assumed_policy, check_rules, check_shared_cache, ctl, explain_rcpt, probe_standalone,
+    admin_socket, assumed_policy, check_rules, check_shared_cache, ctl, explain_rcpt,
+    probe_standalone, rules_file,
 };
 use crate::serve::run;
 
@@ -36,9 +37,13 @@ fn main() -> ExitCode {
         Commands::Check { file } => check_rules(&file),
         Commands::Ctl {
             socket,
+            config,
             json,
             command,
-        } => ctl(&socket, json, command),
+        } => match admin_socket(socket, config.as_deref()) {
+            Ok(socket) => ctl(&socket, json, command),
+            Err(code) => code,
+        },
         Commands::Probe {
             target,
             json,
@@ -46,6 +51,7 @@ fn main() -> ExitCode {
         } => probe_standalone(config, target.into(), json),
         Commands::Explain {
             rules,
+            config,
             rcpt,
             sender,
             mx,
@@ -61,6 +67,10 @@ fn main() -> ExitCode {
                     eprintln!("{e}");
                     return ExitCode::from(EXIT_CONFIG);
                 }
+            };
+            let rules = match rules_file(rules, config.as_deref()) {
+                Ok(rules) => rules,
+                Err(code) => return code,
             };
             explain_rcpt(
                 rules,
