@@ -119,6 +119,30 @@ pub fn render(request: &Request, result: &Value) -> String {
             }
             out
         }
+        Request::CachePin { class, .. } if result["domain"].is_string() => {
+            let hosts: Vec<String> = (result["hosts"].as_array().into_iter().flatten())
+                .map(|h| {
+                    let addrs: Vec<String> = (h["addrs"].as_array().into_iter().flatten())
+                        .map(text)
+                        .collect();
+                    format!("{} at {}", text(&h["host"]), addrs.join(", "))
+                })
+                .collect();
+            let mut out = format!(
+                "pinned {} as {class}: the MX hosts of {}: {}\n",
+                entries(&result["pinned"]),
+                text(&result["domain"]),
+                hosts.join("; ")
+            );
+            for h in result["without_address"].as_array().into_iter().flatten() {
+                out.push_str(&format!(
+                    "not pinned: {} ({})\n",
+                    text(&h["host"]),
+                    text(&h["why"])
+                ));
+            }
+            out
+        }
         Request::CachePin { class, .. } => {
             let addrs: Vec<String> = result["addrs"]
                 .as_array()

@@ -97,6 +97,12 @@ pub async fn handle(proxy: &Proxy, request: Request) -> Response {
                 Err(e) => return Response::error(ErrorKind::BadArguments, e),
             };
             let mut addrs: Vec<IpAddr> = addrs.into_iter().chain(named).collect();
+            // A recipient domain, as show and flush take: its MX hosts, each in full.
+            if addrs.is_empty()
+                && let Some(exchangers) = mx_hosts_of(proxy, &host).await
+            {
+                return pin_mx_hosts(proxy, &host, &exchangers, class, ttl).await;
+            }
             if addrs.is_empty() {
                 addrs = match addresses_to_pin(proxy, &host).await {
                     Ok(addrs) => addrs,
@@ -312,6 +318,60 @@ fn split_pin_target(target: &str) -> Result<(String, Option<IpAddr>), String> {
 
 /// Every address of `host` a message could go to: the cached ones and those DNS gives now
 /// (an admin pins a broken host before the next message meets it).
+/// The MX hosts of `name` when it is a domain whose mail goes to other hosts; `None` for a
+/// host (no MX records: its implicit MX is itself) or a name DNS does not know.
+async fn mx_hosts_of(proxy: &Proxy, name: &str) -> Option<Vec<String>> {
+    let hosts = proxy.outbound.resolver.mail_exchangers(name).await.ok()?;
+    let names: Vec<String> = hosts.into_iter().map(|h| h.name).collect();
+    let itself = names.len() == 1 && names[0].eq_ignore_ascii_case(name.trim_end_matches('.'));
+    (!names.is_empty() && !itself).then_some(names)
+}
+
+/// Pins every address of each MX host of `domain`; a host without one is left out and
+/// said so.
+async fn pin_mx_hosts(
+    proxy: &Proxy,
+    domain: &str,
+    exchangers: &[String],
+    class: OutcomeClass,
+    ttl: std::time::Duration,
+) -> Response {
+    let cache = &proxy.outbound.cache;
+    let (mut pinned, mut hosts, mut without) = (0, Vec::new(), Vec::new());
+    for host in exchangers {
+        let mut addrs = match addresses_to_pin(proxy, host).await {
+            Ok(addrs) => addrs,
+            Err(why) => {
+                without.push(json!({ "host": host, "why": why }));
+                continue;
+            }
+        };
+        addrs.sort();
+        addrs.dedup();
+        for &addr in &addrs {
+            match cache.pin(host, Some(addr), class, ttl) {
+                Ok(n) => pinned += n,
+                Err(e) => return Response::error(ErrorKind::Failed, e.to_string()),
+            }
+        }
+        hosts.push(json!({ "host": host, "addrs": addrs }));
+    }
+    if hosts.is_empty() {
+        return Response::error(
+            ErrorKind::Failed,
+            format!(
+                "no MX host of {domain} has an address to pin; name one: tlsrouter ctl cache pin HOST[ADDRESS] {class}"
+            ),
+        );
+    }
+    Response::ok(json!({
+        "pinned": pinned,
+        "domain": domain,
+        "hosts": hosts,
+        "without_address": without,
+    }))
+}
+
 async fn addresses_to_pin(proxy: &Proxy, host: &str) -> Result<Vec<IpAddr>, String> {
     let mut addrs = proxy.outbound.cache.cached_addrs(host);
     match proxy.outbound.resolver.addresses(host).await {

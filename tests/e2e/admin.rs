@@ -150,6 +150,48 @@ async fn an_admin_lists_shows_pins_and_flushes_the_cache_with_ctl() {
     );
 }
 
+/// `cache pin` takes a recipient domain, as show and flush do: every address of each of
+/// its MX hosts is pinned; a host DNS gives no address is named and left out.
+#[tokio::test]
+async fn pinning_a_domain_pins_each_of_its_mx_hosts() {
+    let ca = TestCa::new();
+    let zone = TestZone::new()
+        .mx("partner.test", 10, "mx1.partner.test")
+        .mx("partner.test", 20, "mx2.partner.test")
+        .mx("partner.test", 30, "mx3.partner.test")
+        .a("mx1.partner.test", Ipv4Addr::new(127, 0, 0, 1))
+        .a("mx2.partner.test", Ipv4Addr::new(127, 0, 0, 2))
+        .a("mx2.partner.test", Ipv4Addr::new(127, 0, 0, 3));
+    let d = daemon(&ca, ServerBehaviour::default(), |lab| lab.zone(zone)).await;
+
+    let pinned = ctl_json(
+        &d.socket,
+        &["cache", "pin", "partner.test", "no-starttls", "--ttl", "1h"],
+    )
+    .await;
+    assert_eq!(pinned["pinned"], 3, "{pinned}");
+    assert_eq!(pinned["domain"], "partner.test");
+    let hosts: Vec<&str> = (pinned["hosts"].as_array().expect("hosts").iter())
+        .filter_map(|h| h["host"].as_str())
+        .collect();
+    assert_eq!(hosts, ["mx1.partner.test", "mx2.partner.test"], "{pinned}");
+    assert_eq!(pinned["without_address"][0]["host"], "mx3.partner.test");
+    for host in ["mx1.partner.test", "mx2.partner.test"] {
+        let shown = ctl_json(&d.socket, &["cache", "show", host]).await;
+        for entry in shown["entries"].as_array().expect("entries") {
+            assert_eq!(entry["class"], "no-starttls", "{shown}");
+            assert_eq!(entry["pinned"], true, "{shown}");
+        }
+    }
+    let (code, text, _) = ctl(&d.socket, &["cache", "pin", "partner.test", "no-starttls"]).await;
+    assert_eq!(code, 0);
+    assert!(
+        text.starts_with("pinned 3 entries as no-starttls: the MX hosts of partner.test"),
+        "{text}"
+    );
+    assert!(text.contains("not pinned: mx3.partner.test"), "{text}");
+}
+
 #[tokio::test]
 async fn cache_list_for_a_domain_shows_only_the_hosts_that_served_it() {
     let ca = TestCa::new();

@@ -207,7 +207,7 @@ pub(crate) enum CacheCommand {
     /// daemon has not met yet can be pinned too. To pin one address only, or a host DNS
     /// does not know, name it: HOST[ADDRESS] (mx.example.com[192.0.2.7]) or --addr ADDRESS.
     Pin {
-        /// The MX host name, or HOST[ADDRESS].
+        /// The MX host name, HOST[ADDRESS], or a recipient domain (each of its MX hosts).
         host: String,
         /// The outcome class to treat it as, e.g. no-starttls or tls-legacy.
         class: OutcomeClass,
