@@ -161,7 +161,10 @@ impl Proxy {
             },
             failed_lookups: Default::default(),
             failed_mx_lookups: Default::default(),
-            greetings: Greetings::new(config.delivery.max_waiting_per_server.get()),
+            greetings: Greetings::new(
+                config.delivery.max_waiting_per_server.get(),
+                config.delivery.slow_greeting,
+            ),
         };
         // The semaphore's own bound, and one drain can take back at once.
         let session_slots_max = (config.limits.max_sessions)

@@ -59,8 +59,12 @@ pub struct DeliveryConfig {
     pub max_mx_hosts: NonZeroUsize,
     /// Addresses tried per transaction, over all its MX hosts (smtp_mx_address_limit).
     pub max_addresses: NonZeroUsize,
-    /// Connections to one server address that may wait for its greeting at once.
+    /// Connections to one server address that may wait longer than `slow_greeting` for
+    /// its greeting; then no more are opened to it for a while.
     pub max_waiting_per_server: NonZeroUsize,
+    /// Longer than a server that greets in time takes: only such waits count.
+    #[serde(with = "crate::settings::duration")]
+    pub slow_greeting: std::time::Duration,
 }
 
 /// What a message's `TLS-Required: No` header does.
@@ -87,6 +91,7 @@ impl Default for DeliveryConfig {
             max_mx_hosts: NonZeroUsize::new(5).expect("not zero"),
             max_addresses: NonZeroUsize::new(10).expect("not zero"),
             max_waiting_per_server: NonZeroUsize::new(10).expect("not zero"),
+            slow_greeting: std::time::Duration::from_secs(10),
         }
     }
 }

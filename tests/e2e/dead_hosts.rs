@@ -11,7 +11,7 @@ use crate::support::dns::TestZone;
 use crate::support::lab::Lab;
 use crate::support::mta::{BODY, send_body};
 use crate::support::mx::{Tarpit, loopback, server};
-use crate::support::smtp_server::{ServerBehaviour, SmtpServer};
+use crate::support::smtp_server::{Action, ServerBehaviour, SmtpServer, Step};
 
 /// How long a test waits for what must come at once before it says it did not.
 const GUARD: Duration = Duration::from_secs(60);
@@ -113,8 +113,8 @@ async fn a_server_that_never_greets_keeps_the_search_no_longer_than_its_time() {
 }
 
 /// A hostile domain of 50 MX hosts that accept and never greet, under `max_sessions: 20`:
-/// at most two connections wait for each of the five hosts tried, so ten sessions wait and
-/// the other hostile messages are answered at once; mail to a good domain goes through.
+/// at most two connections wait late for each of the five hosts tried, so ten sessions wait
+/// and the other hostile messages are answered at once; mail to a good domain goes through.
 #[tokio::test]
 async fn a_domain_of_silent_hosts_holds_no_more_sessions_than_its_hosts_let_wait() {
     const HOSTS: u8 = 50;
@@ -136,6 +136,8 @@ async fn a_domain_of_silent_hosts_holds_no_more_sessions_than_its_hosts_let_wait
         .mx_port(port)
         .set("limits.max_sessions", 20)
         .set("delivery.max_waiting_per_server", 2)
+        // Every wait counts as late at once: no test waits for a greeting to be slow.
+        .set("delivery.slow_greeting", "0s")
         .start()
         .await;
 
@@ -187,4 +189,42 @@ async fn a_domain_of_silent_hosts_holds_no_more_sessions_than_its_hosts_let_wait
         answered.try_recv().is_err(),
         "the ten waiting have no answer yet"
     );
+}
+
+/// A burst of new connections to a server that greets in time is never refused: twenty
+/// sessions wait for one server's greeting at once, above `max_waiting_per_server` (10),
+/// and every message is delivered once it greets. Only waits longer than
+/// `delivery.slow_greeting` count.
+#[tokio::test]
+async fn a_burst_to_a_server_that_greets_in_time_is_never_refused() {
+    const SESSIONS: usize = 20;
+    let mx = server(
+        loopback(1),
+        0,
+        ServerBehaviour::plain().on(Step::Greeting, Action::Hold),
+    )
+    .await;
+    let zone = TestZone::new()
+        .mx("example.test", 10, "mx.example.test")
+        .a("mx.example.test", loopback(1));
+    let lab = Lab::new()
+        .zone(zone)
+        .mx_port(mx.addr().port())
+        .start()
+        .await;
+    let mut senders = JoinSet::new();
+    for _ in 0..SESSIONS {
+        let smtp = lab.smtp;
+        senders.spawn(async move { send_body(smtp, &["b@example.test"], BODY).await });
+    }
+    mx.wait_until("every session waits for the greeting", |c| {
+        c.len() == SESSIONS
+    })
+    .await;
+    mx.release();
+    while let Some(sent) = senders.join_next().await {
+        let (_, rcpts, data) = sent.expect("a sender");
+        assert_eq!((rcpts[0].code, data.code), (250, 250), "{rcpts:?} {data:?}");
+    }
+    assert_eq!(mx.messages().len(), SESSIONS);
 }
