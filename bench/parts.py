@@ -238,3 +238,50 @@ virtual_mailbox_limit = 0
 
 def postfix_available():
     return shutil.which("postfix") is not None and os.geteuid() == 0
+
+
+def haproxy_available():
+    return shutil.which("haproxy") is not None
+
+
+class Haproxy:
+    """HAProxy in `mode tcp`: the blind TCP proxy that could stand where tlsrouter stands,
+    one upstream connection per downstream one, a thread per core."""
+
+    def __init__(self, sink_port):
+        self.dir = tempfile.mkdtemp(prefix="haproxy-bench-")
+        self.port = free_port()
+        config = os.path.join(self.dir, "haproxy.cfg")
+        with open(config, "w") as f:
+            f.write(f"""global
+  nbthread {os.cpu_count()}
+  maxconn 4000
+defaults
+  mode tcp
+  timeout connect 5s
+  timeout client 60s
+  timeout server 60s
+frontend smtp
+  bind 127.0.0.1:{self.port}
+  default_backend sink
+backend sink
+  server sink 127.0.0.1:{sink_port}
+""")
+        self.proc = subprocess.Popen(["haproxy", "-db", "-f", config],
+                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                     preexec_fn=raise_fd_limit)
+        wait_listening(self.port, "haproxy")
+
+    def pids(self):
+        return [self.proc.pid]
+
+    def peak_kib(self):
+        return status_kib(self.proc.pid, "VmHWM")
+
+    def stop(self):
+        self.proc.terminate()
+        try:
+            self.proc.wait(10)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+        shutil.rmtree(self.dir, ignore_errors=True)
