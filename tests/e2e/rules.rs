@@ -514,10 +514,9 @@ async fn tls_never_with_a_relay_always_redirects_without_touching_the_mx() {
     );
 }
 
-#[tokio::test]
-async fn an_mx_host_cached_as_legacy_tls_is_sent_through_the_relay_by_an_outcome_rule() {
-    let (logs, _guard) = Logs::capture();
-    let ca = TestCa::new();
+/// partner.test's only MX, mx1.oldhost.test, speaks TLS 1.0 only; a plain relay of ours
+/// beside it; the zone that says so.
+async fn old_server_and_relay(ca: &TestCa) -> (SmtpServer, SmtpServer, TestZone) {
     let mx = server(
         loopback(2),
         0,
@@ -528,6 +527,14 @@ async fn an_mx_host_cached_as_legacy_tls_is_sent_through_the_relay_by_an_outcome
     let zone = TestZone::new()
         .mx("partner.test", 10, "mx1.oldhost.test")
         .a("mx1.oldhost.test", loopback(2));
+    (mx, relay, zone)
+}
+
+#[tokio::test]
+async fn an_mx_host_cached_as_legacy_tls_is_sent_through_the_relay_by_an_outcome_rule() {
+    let (logs, _guard) = Logs::capture();
+    let ca = TestCa::new();
+    let (mx, relay, zone) = old_server_and_relay(&ca).await;
     let rules = format!(
         r#"
             rules:
@@ -587,16 +594,7 @@ async fn an_mx_host_cached_as_legacy_tls_is_sent_through_the_relay_by_an_outcome
 #[tokio::test]
 async fn the_readmes_old_exchange_rule_sends_an_old_server_s_mail_through_its_relay() {
     let ca = TestCa::new();
-    let mx = server(
-        loopback(2),
-        0,
-        tls10_only(ca.leaf(&["mx1.oldhost.test"], Validity::Current)),
-    )
-    .await;
-    let relay = server(loopback(1), 0, ServerBehaviour::default()).await;
-    let zone = TestZone::new()
-        .mx("partner.test", 10, "mx1.oldhost.test")
-        .a("mx1.oldhost.test", loopback(2));
+    let (mx, relay, zone) = old_server_and_relay(&ca).await;
     let rules = format!(
         r#"
             rules:
