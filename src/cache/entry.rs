@@ -404,7 +404,9 @@ pub(super) fn expiry(problem: &CertProblem) -> Option<String> {
     }
 }
 
-/// The entry an operator's pin leaves: history kept, class and expiry from the pin.
+/// The entry an operator's pin leaves: history kept, class and expiry from the pin. A
+/// certificate problem found before stays only under a pin of the same class: under another
+/// it would still match rules' `outcome` conditions and read as the pin's reason.
 pub(super) fn pinned(
     current: Option<CacheEntry>,
     key: &CacheKey,
@@ -413,6 +415,9 @@ pub(super) fn pinned(
     now: u64,
 ) -> CacheEntry {
     let mut entry = current.unwrap_or_else(|| CacheEntry::new(key, class, now));
+    if entry.class != class {
+        entry.cert_problem = None;
+    }
     entry.class = class;
     entry.detail = PINNED_DETAIL.to_string();
     entry.pinned = true;

@@ -241,6 +241,48 @@ fn a_pin_overrides_observations_until_its_ttl() {
     assert!(!entry.pinned);
 }
 
+fn untrusted() -> Observation {
+    Observation::from_outcome(&TlsOutcome::Encrypted(TlsSession {
+        chain: Vec::new(),
+        version: "TLSv1.3".into(),
+        cipher: "TLS13_AES_128_GCM_SHA256".into(),
+        verification: Verification::Failed(CertProblem::Untrusted {
+            why: crate::outcome::Distrust::SelfSigned,
+            name_ok: true,
+        }),
+    }))
+    .expect("an observation")
+}
+
+#[test]
+fn a_pin_of_another_class_drops_the_certificate_problem_found_before() {
+    let (cache, _) = new_cache();
+    cache.record("mx.example.net", ip(1), "example.net", untrusted());
+    let before = cache.get("mx.example.net", ip(1)).expect("cached");
+    assert_eq!(
+        before.classes(),
+        [OutcomeClass::TlsUnverified, OutcomeClass::CertUntrusted]
+    );
+
+    cache
+        .pin("mx.example.net", None, OutcomeClass::NoStarttls, HOUR)
+        .expect("cached");
+    let entry = cache.get("mx.example.net", ip(1)).expect("pinned");
+    assert_eq!(entry.cert_problem, None);
+    assert_eq!(entry.classes(), [OutcomeClass::NoStarttls]);
+    assert_eq!(entry.detail, "pinned by operator");
+
+    cache
+        .pin("mx.example.net", None, OutcomeClass::TlsUnverified, HOUR)
+        .expect("cached");
+    cache.record("mx.example.net", ip(2), "example.net", untrusted());
+    cache
+        .pin("mx.example.net", Some(ip(2)), OutcomeClass::TlsUnverified, HOUR)
+        .expect("cached");
+    let same = cache.get("mx.example.net", ip(2)).expect("pinned");
+    assert_eq!(same.cert_problem, Some(OutcomeClass::CertUntrusted));
+}
+
 #[test]
 fn pinning_an_uncached_host_needs_an_address() {
     let (cache, _) = new_cache();
