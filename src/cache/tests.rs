@@ -277,7 +277,12 @@ fn a_pin_of_another_class_drops_the_certificate_problem_found_before() {
         .expect("cached");
     cache.record("mx.example.net", ip(2), "example.net", untrusted());
     cache
-        .pin("mx.example.net", Some(ip(2)), OutcomeClass::TlsUnverified, HOUR)
+        .pin(
+            "mx.example.net",
+            Some(ip(2)),
+            OutcomeClass::TlsUnverified,
+            HOUR,
+        )
         .expect("cached");
     let same = cache.get("mx.example.net", ip(2)).expect("pinned");
     assert_eq!(same.cert_problem, Some(OutcomeClass::CertUntrusted));

@@ -1,6 +1,6 @@
 //! The recipient-domain index: which rules can match a domain, found without scanning them
-//! all. Exact names are a hash map; `*.suffix` patterns live in a trie of labels read from
-//! the right; `*` (and rules without a domain condition) in a list.
+//! all. Exact names are a hash map; `*.suffix` and `**.name` patterns live in a trie of
+//! labels read from the right; `*` (and rules without a domain condition) in a list.
 
 use std::collections::HashMap;
 
@@ -17,7 +17,9 @@ pub struct DomainIndex {
 struct TrieNode {
     children: HashMap<String, TrieNode>,
     /// Rules with a `*.suffix` pattern whose suffix ends at this node.
-    rules: Vec<usize>,
+    below: Vec<usize>,
+    /// Rules with a `**.name` pattern whose name ends at this node.
+    and_below: Vec<usize>,
 }
 
 impl DomainIndex {
@@ -25,14 +27,17 @@ impl DomainIndex {
         match pattern {
             DomainPattern::Any => self.any.push(rule),
             DomainPattern::Exact(name) => self.exact.entry(name.clone()).or_default().push(rule),
-            DomainPattern::Below(suffix) => {
-                let mut node = &mut self.below;
-                for label in suffix.rsplit('.') {
-                    node = node.children.entry(label.to_string()).or_default();
-                }
-                node.rules.push(rule);
-            }
+            DomainPattern::Below(suffix) => self.node(suffix).below.push(rule),
+            DomainPattern::AndBelow(name) => self.node(name).and_below.push(rule),
         }
+    }
+
+    fn node(&mut self, name: &str) -> &mut TrieNode {
+        let mut node = &mut self.below;
+        for label in name.rsplit('.') {
+            node = node.children.entry(label.to_string()).or_default();
+        }
+        node
     }
 
     /// The rules whose domain condition matches `domain`, in rule order.
@@ -44,14 +49,15 @@ impl DomainIndex {
         }
         let labels: Vec<&str> = domain.rsplit('.').collect();
         let mut node = &self.below;
-        // A suffix matches only names strictly below it, so the last label is never a suffix end.
-        for label in &labels[..labels.len().saturating_sub(1)] {
-            match node.children.get(*label) {
-                Some(next) => {
-                    node = next;
-                    found.extend_from_slice(&node.rules);
-                }
-                None => break,
+        for (i, label) in labels.iter().enumerate() {
+            let Some(next) = node.children.get(*label) else {
+                break;
+            };
+            node = next;
+            found.extend_from_slice(&node.and_below);
+            // `*.suffix` takes only names strictly below it: not where the name ends.
+            if i + 1 < labels.len() {
+                found.extend_from_slice(&node.below);
             }
         }
         found.sort_unstable();
@@ -90,6 +96,7 @@ mod tests {
             Just(DomainPattern::Any),
             name().prop_map(DomainPattern::Exact),
             name().prop_map(DomainPattern::Below),
+            name().prop_map(DomainPattern::AndBelow),
         ]
     }
 

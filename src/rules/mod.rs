@@ -226,7 +226,7 @@ impl RuleSet {
                     continue;
                 }
                 warnings.push(format!(
-                    "{}:{}:{}: warning: rule {:?} names *.{parent} but not {parent} itself, whose mail goes by rule {:?}, which asks less; add \"{parent}\" to its domains if the domain's own mail must be as strict",
+                    "{}:{}:{}: warning: rule {:?} names *.{parent} but not {parent} itself, whose mail goes by rule {:?}, which asks less; if the domain's own mail must be as strict, write \"**.{parent}\" (it and every domain below it) instead, or add \"{parent}\"",
                     self.source.display(),
                     rule.line,
                     rule.column,
@@ -320,6 +320,17 @@ rules:
             r#"domains: [bank.example, "*.bank.example"]"#,
         );
         assert!(parse(&named).unwrap().parents_left_out().is_empty());
+        assert!(
+            warnings[0].contains("write \"**.bank.example\""),
+            "{warnings:?}"
+        );
+        let and_below = EXAMPLE.replace(r#""*.bank.example""#, r#""**.bank.example""#);
+        let rules = parse(&and_below).unwrap();
+        assert!(rules.parents_left_out().is_empty());
+        for (domain, rule) in [("bank.example", "banks"), ("a.bank.example", "banks")] {
+            let chosen = rules.select(domain, None).base;
+            assert_eq!(rules.rule(chosen).name, rule, "{domain}");
+        }
         let opportunistic = EXAMPLE.replace("    tls: require\n    verify: require\n", "");
         assert!(parse(&opportunistic).unwrap().parents_left_out().is_empty());
     }

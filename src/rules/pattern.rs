@@ -1,5 +1,6 @@
 //! Domain and host patterns: `example.com` (exactly), `*.example.com` (any name below it,
-//! not the name itself) and `*` (anything).
+//! not the name itself), `**.example.com` (the name and any name below it) and `*`
+//! (anything).
 
 use std::fmt;
 
@@ -9,6 +10,8 @@ pub enum DomainPattern {
     Exact(String),
     /// The suffix without `*.`.
     Below(String),
+    /// The name without `**.`: it and every name below it.
+    AndBelow(String),
     Any,
 }
 
@@ -24,10 +27,9 @@ impl DomainPattern {
         match self {
             DomainPattern::Any => true,
             DomainPattern::Exact(exact) => exact.eq_ignore_ascii_case(name),
-            DomainPattern::Below(suffix) => {
-                name.len() > suffix.len() + 1
-                    && name.as_bytes()[name.len() - suffix.len() - 1] == b'.'
-                    && name[name.len() - suffix.len()..].eq_ignore_ascii_case(suffix)
+            DomainPattern::Below(suffix) => is_below(name, suffix),
+            DomainPattern::AndBelow(base) => {
+                base.eq_ignore_ascii_case(name) || is_below(name, base)
             }
         }
     }
@@ -37,12 +39,13 @@ impl DomainPattern {
         match (self, other) {
             (DomainPattern::Any, _) => true,
             (_, DomainPattern::Any) => false,
-            (DomainPattern::Exact(a), DomainPattern::Exact(b)) => a == b,
-            (DomainPattern::Exact(_), DomainPattern::Below(_)) => false,
-            (DomainPattern::Below(_), DomainPattern::Exact(name)) => self.matches(name),
-            (DomainPattern::Below(a), DomainPattern::Below(b)) => {
-                a == b || DomainPattern::Below(a.clone()).matches(b)
+            (_, DomainPattern::Exact(name)) => self.matches(name),
+            (DomainPattern::Exact(_), _) => false,
+            // Every name strictly below `b`, with `b` itself for `**.b`.
+            (_, DomainPattern::Below(b)) => {
+                self.matches(b) || self == &DomainPattern::Below(b.clone())
             }
+            (_, DomainPattern::AndBelow(b)) => self.matches(b),
         }
     }
 }
@@ -54,15 +57,19 @@ impl TryFrom<String> for DomainPattern {
         if lower == "*" {
             return Ok(DomainPattern::Any);
         }
-        let (pattern, name): (fn(String) -> DomainPattern, &str) = match lower.strip_prefix("*.") {
-            Some(suffix) => (DomainPattern::Below, suffix),
-            None => (DomainPattern::Exact, lower.as_str()),
-        };
+        let (pattern, name): (fn(String) -> DomainPattern, &str) =
+            if let Some(base) = lower.strip_prefix("**.") {
+                (DomainPattern::AndBelow, base)
+            } else if let Some(suffix) = lower.strip_prefix("*.") {
+                (DomainPattern::Below, suffix)
+            } else {
+                (DomainPattern::Exact, lower.as_str())
+            };
         // A trailing dot (an absolute name) means the same name.
         let name = name.strip_suffix('.').unwrap_or(name);
         if !is_domain(name) {
             return Err(format!(
-                "{text:?} is not a domain pattern (use example.com, *.example.com or *)"
+                "{text:?} is not a domain pattern (use example.com, *.example.com, **.example.com or *)"
             ));
         }
         // Names are matched in their A-label form, as mail is routed.
@@ -78,9 +85,17 @@ impl fmt::Display for DomainPattern {
         match self {
             DomainPattern::Exact(name) => f.write_str(name),
             DomainPattern::Below(suffix) => write!(f, "*.{suffix}"),
+            DomainPattern::AndBelow(base) => write!(f, "**.{base}"),
             DomainPattern::Any => f.write_str("*"),
         }
     }
+}
+
+/// Whether `name` is strictly below `suffix`, without regard to ASCII case.
+fn is_below(name: &str, suffix: &str) -> bool {
+    name.len() > suffix.len() + 1
+        && name.as_bytes()[name.len() - suffix.len() - 1] == b'.'
+        && name[name.len() - suffix.len()..].eq_ignore_ascii_case(suffix)
 }
 
 fn is_domain(name: &str) -> bool {
@@ -118,11 +133,25 @@ mod tests {
         assert!(!p("*.example.com").matches("example.com"));
         assert!(!p("*.example.com").matches("badexample.com"));
         assert!(p("*").matches("anything.test"));
+        assert!(p("**.example.com").matches("Example.com"));
+        assert!(p("**.example.com").matches("a.b.example.com"));
+        assert!(!p("**.example.com").matches("badexample.com"));
+        assert_eq!(p("**.example.com").to_string(), "**.example.com");
     }
 
     #[test]
     fn bad_patterns_are_refused_with_the_reason() {
-        for bad in ["", "a..b", "*.", "ex ample.com", "**.x", "a.*.com"] {
+        for bad in [
+            "",
+            "a..b",
+            "*.",
+            "**.",
+            "***.x",
+            "**x.com",
+            "ex ample.com",
+            "a.*.com",
+            "a.**.com",
+        ] {
             assert!(DomainPattern::try_from(bad.to_string()).is_err(), "{bad:?}");
         }
     }
@@ -135,6 +164,12 @@ mod tests {
         assert!(!p("*.a.com").covers(&p("a.com")));
         assert!(!p("x.a.com").covers(&p("*.a.com")));
         assert!(!p("*.b.a.com").covers(&p("*.a.com")));
+        assert!(p("**.a.com").covers(&p("a.com")));
+        assert!(p("**.a.com").covers(&p("*.a.com")));
+        assert!(p("**.a.com").covers(&p("**.b.a.com")));
+        assert!(!p("*.a.com").covers(&p("**.a.com")));
+        assert!(p("*.a.com").covers(&p("**.b.a.com")));
+        assert!(!p("a.com").covers(&p("**.a.com")));
     }
 
     mod reference {
@@ -143,7 +178,8 @@ mod tests {
 
         /// What the patterns are documented to mean, label by label: a name and a pattern
         /// are the same without regard to ASCII case or one trailing dot; `*.suffix` takes
-        /// names with at least one label before the suffix's labels; `*` takes anything.
+        /// names with at least one label before the suffix's labels; `**.name` takes the
+        /// name and those below it; `*` takes anything.
         fn documented_match(pattern: &str, name: &str) -> bool {
             fn labels(name: &str) -> Vec<String> {
                 let name = name.strip_suffix('.').unwrap_or(name);
@@ -152,6 +188,10 @@ mod tests {
             let name = labels(name);
             if pattern == "*" {
                 return true;
+            }
+            if let Some(base) = pattern.strip_prefix("**.") {
+                let base = labels(base);
+                return name.len() >= base.len() && name[name.len() - base.len()..] == base[..];
             }
             match pattern.strip_prefix("*.") {
                 Some(suffix) => {
@@ -181,6 +221,7 @@ mod tests {
                 1 => Just("*".to_string()),
                 3 => name(),
                 3 => name().prop_map(|n| format!("*.{n}")),
+                3 => name().prop_map(|n| format!("**.{n}")),
             ]
         }
 
