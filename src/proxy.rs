@@ -243,7 +243,8 @@ impl Proxy {
                     event = "rules.reloaded",
                     why,
                     rules = count,
-                    "rules reloaded ({why}): {count} rules in force"
+                    "rules reloaded ({why}): {}",
+                    crate::rules::in_force(count)
                 );
                 Ok(count)
             }

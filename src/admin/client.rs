@@ -158,7 +158,13 @@ pub fn render(request: &Request, result: &Value) -> String {
             )
         }
         Request::RulesShow {} => rules_table(result),
-        Request::RulesReload {} => format!("rules reloaded: {} rules in force\n", result["rules"]),
+        Request::RulesReload {} => {
+            let count = result["rules"].as_u64().unwrap_or(0);
+            format!(
+                "rules reloaded: {}\n",
+                crate::rules::in_force(count as usize)
+            )
+        }
         Request::RulesExplain { .. } => result["explanation"].as_str().unwrap_or("").to_string(),
         Request::Stats {} => stats_lines(result),
         Request::Sessions {} => sessions_table(result),
@@ -497,17 +503,19 @@ pub fn relative(now: u64, then: u64) -> String {
     } else {
         (now - then, false)
     };
-    let amount = match delta {
-        0..=59 => {
-            return if delta < 5 {
-                "now".into()
-            } else {
-                with(future, format!("{delta}s"))
-            };
-        }
-        60..=3599 => format!("{}m", delta / 60),
-        3600..=86_399 => format!("{}h", delta / 3600),
-        _ => format!("{}d", delta / 86_400),
+    if delta < 5 {
+        return "now".into();
+    }
+    // To the nearest unit: an entry cached for 7 days a second ago expires "in 7d".
+    let round = |unit: u64| (delta + unit / 2) / unit;
+    let amount = if delta < 60 {
+        format!("{delta}s")
+    } else if round(60) < 60 {
+        format!("{}m", round(60))
+    } else if round(3600) < 24 {
+        format!("{}h", round(3600))
+    } else {
+        format!("{}d", round(86_400))
     };
     with(future, amount)
 }
@@ -545,6 +553,9 @@ mod tests {
         assert_eq!(relative(100_000, 100_000 - 3 * 3600), "3h ago");
         assert_eq!(relative(10, 12), "now");
         assert_eq!(relative(0, 7 * 86_400), "in 7d");
+        assert_eq!(relative(1, 7 * 86_400), "in 7d");
+        assert_eq!(relative(0, 3599), "in 1h");
+        assert_eq!(relative(100, 40), "1m ago");
     }
 
     #[test]

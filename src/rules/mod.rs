@@ -17,6 +17,12 @@ pub use model::{Fallback, OnDowngrade, Route, Rule, RuleError};
 use pattern::DomainPattern;
 pub use policy::{LegacyTls, MinTls, TlsMode, TlsPolicy, VerifyMode};
 
+/// `1 rule in force`, `3 rules in force`: what a reload reports.
+pub fn in_force(count: usize) -> String {
+    let rules = if count == 1 { "rule" } else { "rules" };
+    format!("{count} {rules} in force")
+}
+
 /// The rules shipped as the default, used when the configuration names no rule file.
 pub const DEFAULT_RULES: &str = include_str!("../../rules/default.yaml");
 

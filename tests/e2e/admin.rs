@@ -346,7 +346,7 @@ async fn an_admin_reads_reloads_and_explains_the_rules_with_ctl() {
     )
     .expect("write");
     let (code, out, _) = ctl(&d.socket, &["rules", "reload"]).await;
-    assert_eq!((code, out.trim()), (0, "rules reloaded: 1 rules in force"));
+    assert_eq!((code, out.trim()), (0, "rules reloaded: 1 rule in force"));
     let (code, out, _) = ctl(&d.socket, &["rules", "explain", "--rcpt", "u@mx.bank.test"]).await;
     assert_eq!(code, 0);
     assert!(

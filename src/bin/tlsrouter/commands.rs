@@ -195,7 +195,9 @@ pub(crate) fn check_rules(file: &std::path::Path) -> ExitCode {
     {
         eprintln!("{warning}");
     }
-    println!("{}: OK, {} rules", file.display(), rules.rules().len());
+    let count = rules.rules().len();
+    let noun = if count == 1 { "rule" } else { "rules" };
+    println!("{}: OK, {count} {noun}", file.display());
     ExitCode::SUCCESS
 }
 

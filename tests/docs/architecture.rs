@@ -1,11 +1,11 @@
-//! The documentation is true: docs/ARCHITECTURE.md's module table names every module under
-//! `src/` (a folder's row names each of its files), and no row names a module that is
-//! gone; every test the documents name exists; the example transaction lines have only
-//! fields the binary writes, none empty. A module added, moved or removed without its row,
-//! a test renamed, or a field renamed or dropped without its examples fails here.
+//! docs/ARCHITECTURE.md's module table names every module under `src/` (a folder's row
+//! names each of its files), and no row names a module that is gone; every test the
+//! documents name exists.
 
 use std::collections::BTreeSet;
-use std::path::{Path, PathBuf};
+use std::path::Path;
+
+use crate::root;
 
 /// The module table's rows: the module the first cell names (`smtp/`, `outcome`), and the
 /// whole row.
@@ -24,10 +24,6 @@ fn table_rows() -> Vec<(String, String)> {
             (name, row.to_string())
         })
         .collect()
-}
-
-fn root() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
 }
 
 /// The modules a row must stand for: `name` for `src/name.rs`, `name/` for a folder (and
@@ -162,79 +158,4 @@ fn collect_sources(folder: &Path, into: &mut String) {
             into.push_str(&std::fs::read_to_string(&path).expect("a source file"));
         }
     }
-}
-
-/// The fields the transaction line can have: the names the one function that writes it
-/// gives them (src/inbound/session/log.rs), read from its `tracing::info!` calls.
-fn transaction_fields() -> BTreeSet<String> {
-    let source =
-        std::fs::read_to_string(root().join("src/inbound/session/log.rs")).expect("log.rs");
-    let mut fields = BTreeSet::new();
-    for call in source.split("tracing::info!(").skip(1) {
-        let call = call.split("\"transaction\"").next().unwrap_or_default();
-        for line in call.lines().map(str::trim) {
-            if line.starts_with("//") || line.starts_with("target:") {
-                continue;
-            }
-            let name: String = line
-                .chars()
-                .take_while(|c| c.is_ascii_lowercase() || *c == '_')
-                .collect();
-            if !name.is_empty() && line[name.len()..].starts_with([' ', ',']) {
-                fields.insert(name);
-            }
-        }
-    }
-    fields
-}
-
-/// Every example transaction line in the README and docs/ has only fields the binary
-/// writes, and none of them empty: the line leaves out a field with nothing to say.
-#[test]
-fn the_example_transaction_lines_have_only_fields_the_binary_writes() {
-    let fields = transaction_fields();
-    assert!(
-        fields.contains("message_id") && fields.contains("reply_code"),
-        "the fields were read from log.rs: {fields:?}"
-    );
-    let mut checked = 0;
-    for doc in [
-        "README.md",
-        "docs/OPERATIONS.md",
-        "docs/SECURITY.md",
-        "docs/ADMIN.md",
-    ] {
-        let text = std::fs::read_to_string(root().join(doc)).expect("a document");
-        let mut lines = text.lines().peekable();
-        while let Some(line) = lines.next() {
-            if !line.contains("tlsrouter::transaction: transaction") {
-                continue;
-            }
-            // A line the README wraps goes on, indented.
-            let mut example = line.to_string();
-            while let Some(more) = lines.next_if(|l| l.starts_with("  ")) {
-                example.push(' ');
-                example.push_str(more.trim());
-            }
-            let words: Vec<&str> = example.split(' ').collect();
-            for word in words {
-                let Some((key, value)) = word.split_once('=') else {
-                    continue;
-                };
-                if key.is_empty() || !key.chars().all(|c| c.is_ascii_lowercase() || c == '_') {
-                    continue;
-                }
-                assert!(
-                    fields.contains(key),
-                    "{doc}: `{key}` is no field of the transaction line: {example}"
-                );
-                assert!(
-                    !value.is_empty() && value != "\"\"",
-                    "{doc}: `{key}` is empty, and the line leaves an empty field out: {example}"
-                );
-                checked += 1;
-            }
-        }
-    }
-    assert!(checked > 50, "only {checked} fields found in the examples");
 }
