@@ -18,7 +18,10 @@ fn every_yaml_example_passes_check() {
     let mut checked = 0;
     for document in documents() {
         let text = std::fs::read_to_string(&document).expect("a document");
-        for block in fenced_blocks(&text).into_iter().filter(|b| b.language == "yaml") {
+        for block in fenced_blocks(&text)
+            .into_iter()
+            .filter(|b| b.language == "yaml")
+        {
             let place = format!("{}:{}", shown(&document), block.line);
             let folder = tempfile::tempdir().expect("a temporary folder");
             let etc = format!("{}/", folder.path().display());
@@ -42,7 +45,8 @@ fn every_yaml_example_passes_check() {
                 out.status.success(),
                 "{place}: `tlsrouter {command}` refuses the example: {said}"
             );
-            let unreachable = format!("warning: cache.redis: Redis at {NO_REDIS} cannot be reached");
+            let unreachable =
+                format!("warning: cache.redis: Redis at {NO_REDIS} cannot be reached");
             let warnings = said.lines().filter(|l| l.contains("warning"));
             assert!(
                 warnings.clone().all(|w| w.starts_with(&unreachable)),
@@ -54,15 +58,48 @@ fn every_yaml_example_passes_check() {
     assert!(checked >= 7, "only {checked} YAML examples found");
 }
 
+/// The shipped rule lists and configurations are accepted as they are, without a warning.
+#[test]
+fn every_shipped_rule_list_and_configuration_passes_check() {
+    let mut shipped = vec![
+        ("check-config", "examples/tlsrouter.yaml".to_string()),
+        ("check-config", "packaging/tlsrouter.yaml".to_string()),
+    ];
+    for entry in std::fs::read_dir(crate::root().join("rules")).expect("rules/") {
+        let name = entry.expect("an entry").file_name();
+        shipped.push(("check", format!("rules/{}", name.to_string_lossy())));
+    }
+    assert!(shipped.len() >= 5, "{shipped:?}");
+    let folder = tempfile::tempdir().expect("a temporary folder");
+    for (command, file) in shipped {
+        // The package makes the admin group; this machine need not have it.
+        let text = std::fs::read_to_string(crate::root().join(&file)).expect("a shipped file");
+        let copy = folder.path().join(file.replace('/', "-"));
+        std::fs::write(&copy, text.replace("group: tlsrouter-admin", "group: root"))
+            .expect("a copy");
+        let out = Command::new(env!("CARGO_BIN_EXE_tlsrouter"))
+            .arg(command)
+            .arg(&copy)
+            .output()
+            .expect("tlsrouter runs");
+        let said = String::from_utf8_lossy(&out.stderr).into_owned()
+            + &String::from_utf8_lossy(&out.stdout);
+        assert!(out.status.success(), "{file}: {said}");
+        assert!(!said.contains("warning"), "{file}: {said}");
+    }
+}
+
 /// The example with the Redis server it names (`url: redis://...`) replaced by [`NO_REDIS`].
 fn without_redis(yaml: &str) -> String {
-    let lines = yaml.lines().map(|line| match line.split_once("url: redis") {
-        Some((key, rest)) => {
-            let comment = rest.find(" #").map_or("", |at| &rest[at..]);
-            format!("{key}url: {NO_REDIS}{comment}")
-        }
-        None => line.to_string(),
-    });
+    let lines = yaml
+        .lines()
+        .map(|line| match line.split_once("url: redis") {
+            Some((key, rest)) => {
+                let comment = rest.find(" #").map_or("", |at| &rest[at..]);
+                format!("{key}url: {NO_REDIS}{comment}")
+            }
+            None => line.to_string(),
+        });
     lines.collect::<Vec<_>>().join("\n") + "\n"
 }
 

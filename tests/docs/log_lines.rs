@@ -101,7 +101,10 @@ fn check_line(calls: &[Call], line: &str, place: &str) -> Result<(), String> {
             shapes.join("\n  ")
         ));
     }
-    if ["=\"\" ", "= "].iter().any(|empty| format!("{text} ").contains(empty)) {
+    if ["=\"\" ", "= "]
+        .iter()
+        .any(|empty| format!("{text} ").contains(empty))
+    {
         return Err(format!(
             "{place}: a field is empty, and the line leaves an empty field out: {line}"
         ));
@@ -147,10 +150,13 @@ fn matches(parts: &[Part], text: &str) -> bool {
         Part::Text(fixed) => text
             .strip_prefix(fixed.as_str())
             .is_some_and(|after| matches(rest, after)),
+        // A value never holds ` name=`: that is where the next field starts, so a field the
+        // call does not write cannot hide in the value before it.
         Part::Value | Part::Field => {
             let least = usize::from(matches!(first, Part::Field));
             (least..=text.len())
                 .filter(|&at| text.is_char_boundary(at))
+                .take_while(|&at| !ends_with_field_name(&text[..at]))
                 .any(|at| matches(rest, &text[at..]))
         }
         Part::Optional(group) => {
@@ -159,6 +165,17 @@ fn matches(parts: &[Part], text: &str) -> bool {
             matches(&with, text) || matches(rest, text)
         }
     }
+}
+
+/// Whether `text` ends with ` name=`, the start of a field.
+fn ends_with_field_name(text: &str) -> bool {
+    let Some(before) = text.strip_suffix('=') else {
+        return false;
+    };
+    let name_start = before
+        .rfind(|c: char| !(c.is_ascii_lowercase() || c == '_'))
+        .map_or(0, |at| at + 1);
+    name_start < before.len() && before[..name_start].ends_with(' ')
 }
 
 // --- reading the calls from the source -------------------------------------------------
@@ -345,14 +362,22 @@ fn a_line_matches_its_call_and_no_other() {
         String::new(),
     );
     let parts = call.parts();
-    assert!(matches(&parts, "downgrade: a (b c) event=\"downgrade\" rule=x"));
+    assert!(matches(
+        &parts,
+        "downgrade: a (b c) event=\"downgrade\" rule=x"
+    ));
     assert!(matches(&parts, "downgrade: a (b) server=mx[1] rule=x y"));
     assert!(!matches(&parts, "downgraded: a (b) rule=x"));
     assert!(!matches(&parts, "downgrade: a (b) rule="));
     assert!(!matches(&parts, "downgrade: a (b) route=x"));
+    assert!(!matches(&parts, "downgrade: a (b) rule=x route=y"));
+    assert!(!matches(&parts, "downgrade: a (b) rule=x server=mx"));
     assert_eq!(
         module_path(&root().join("src/bin/tlsrouter/serve.rs")),
         "tlsrouter::serve"
     );
-    assert_eq!(module_path(&root().join("src/net/mod.rs")), "tlsrouter::net");
+    assert_eq!(
+        module_path(&root().join("src/net/mod.rs")),
+        "tlsrouter::net"
+    );
 }

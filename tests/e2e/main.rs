@@ -15,6 +15,7 @@ mod dane;
 mod dead_hosts;
 mod delivery;
 mod dialing;
+mod doc_sessions;
 mod downgrade;
 mod explain;
 mod fleet;

@@ -367,6 +367,11 @@ impl DaemonLab {
         self.rules_file.as_deref().expect("the lab was given rules")
     }
 
+    /// The configuration file the daemon runs with.
+    pub fn config_file(&self) -> &Path {
+        &self.config_file
+    }
+
     /// Kills the daemon if it still runs and starts it again on the same files.
     pub async fn restart(&mut self) {
         self.daemon.kill();

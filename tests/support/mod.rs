@@ -15,6 +15,7 @@
 //! - `postfix`: a real Postfix instance of the test's own, and waiting on its queue.
 //! - `netns`: a network namespace with a veth pair, for the transparent-mode tests.
 //! - `metrics`: scraping the Prometheus endpoint.
+//! - `documents`: the README, docs/ and the examples' READMEs, and their fenced blocks.
 //! - `redis`: a real `redis-server` on a free port, for the fleet's shared cache.
 //! - `reports`: reading the TLS-RPT reports sent (gzip JSON, a mailed attachment).
 //! - `sts`: a recipient domain that publishes an MTA-STS enforce policy, for a lab.
@@ -26,6 +27,7 @@
 pub mod daemon;
 pub mod dns;
 pub mod dnssec;
+pub mod documents;
 pub mod events;
 pub mod https;
 pub mod lab;
