@@ -219,7 +219,8 @@ pub enum LogFormat {
 #[serde(deny_unknown_fields, default)]
 pub struct LogConfig {
     pub format: LogFormat,
-    /// A tracing filter: `info`, `debug` (shows the SMTP dialogue), `tlsrouter=debug,warn`.
+    /// `info`, `debug` (shows the SMTP dialogue): tlsrouter's level, libraries' errors only;
+    /// or a tracing filter, taken as written: `tlsrouter=debug,warn`.
     pub level: String,
 }
 

@@ -385,6 +385,28 @@ fn the_text_log_on_a_pipe_has_no_colour_escapes() {
     assert!(log.contains("tlsrouter listening"), "{log}");
     assert!(!log.contains("\x1b["), "{log:?}");
 }
+/// At the default level the log has tlsrouter's own lines only. A library's warnings stay
+/// out: hickory's about an answer without DNSSEC records came as Rust debug text
+/// (`DnsResponse { message: ... }`), where tlsrouter's own line says it in words.
+#[tokio::test]
+async fn at_the_default_level_the_log_has_only_tlsrouters_own_lines() {
+    let lab = crate::support::lab::Lab::new()
+        .zone(crate::support::lab::one_mx_zone())
+        .start_daemon()
+        .await;
+    let log = lab.daemon.log_text();
+    let events: Vec<Value> = log
+        .lines()
+        .filter_map(|l| serde_json::from_str(l).ok())
+        .collect();
+    let dane_off = [("event", "dane"), ("dane", "off")];
+    assert!(events.iter().any(|e| has_fields(e, &dane_off)), "{log}");
+    for event in &events {
+        let target = event["target"].as_str().unwrap_or_default();
+        assert!(target.starts_with("tlsrouter"), "not tlsrouter's: {event}");
+    }
+}
+
 // --- the name in the greeting and EHLO ---------------------------------------------------
 
 /// The name in a `220 NAME ESMTP tlsrouter` greeting.

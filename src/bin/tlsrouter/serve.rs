@@ -323,7 +323,8 @@ impl Termination {
 
 pub(crate) fn init_logging(format: LogFormat, level: &str) -> Result<(), String> {
     use std::io::IsTerminal;
-    let filter = tracing_subscriber::EnvFilter::try_new(level).map_err(|e| e.to_string())?;
+    let filter =
+        tracing_subscriber::EnvFilter::try_new(filter(level)).map_err(|e| e.to_string())?;
     let colour = use_colour(
         std::io::stderr().is_terminal(),
         std::env::var_os("NO_COLOR").as_deref(),
@@ -337,6 +338,18 @@ pub(crate) fn init_logging(format: LogFormat, level: &str) -> Result<(), String>
         LogFormat::Json => builder.json().flatten_event(true).init(),
     }
     Ok(())
+}
+
+/// The tracing filter for `log.level`. A bare level (`info`, `debug`) is tlsrouter's; the
+/// libraries below it say only errors, since what they warn about comes as Rust debug text
+/// and tlsrouter says what matters in its own words. A filter with directives is taken
+/// as written (`info,hickory_net=debug`).
+fn filter(level: &str) -> String {
+    if level.contains(['=', ',']) {
+        level.to_string()
+    } else {
+        format!("error,tlsrouter={level}")
+    }
 }
 
 /// Colour escapes only for a person at a terminal: journald and files get plain text, and
@@ -360,5 +373,12 @@ mod tests {
             use_colour(true, Some(OsStr::new(""))),
             "an empty NO_COLOR is unset"
         );
+    }
+
+    #[test]
+    fn a_bare_level_is_tlsrouters_and_a_filter_is_taken_as_written() {
+        assert_eq!(filter("debug"), "error,tlsrouter=debug");
+        assert_eq!(filter("info,hickory_net=debug"), "info,hickory_net=debug");
+        assert_eq!(filter("tlsrouter=trace"), "tlsrouter=trace");
     }
 }
