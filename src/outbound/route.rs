@@ -6,7 +6,7 @@
 
 use std::net::SocketAddr;
 
-use crate::net::dns::{RouteError, ServerId};
+use crate::net::dns::{MxHost, RouteError, ServerId};
 use crate::outbound::Outbound;
 use crate::outbound::attempt::{Envelope, Greeted};
 use crate::outbound::delivery::OpenError;
@@ -204,8 +204,10 @@ impl Outbound {
     }
 
     /// Whether a later recipient at `domain`, planned as `plan`, may ride on the open
-    /// `route`: it must have the same next hop, and its own domain must find there what it
-    /// needs. `Err` tells the MTA to send it in another transaction, or why it cannot go.
+    /// `route`: the route's server must be its next hop too (the same MX hosts, or the
+    /// route's address is one of its domain's best MX hosts), under the same rules, and
+    /// its own domain must find there what it needs. `Err` tells the MTA to send it in
+    /// another transaction, or why it cannot go.
     pub async fn join_route(
         &self,
         route: &OpenRoute,
@@ -217,17 +219,22 @@ impl Outbound {
             return Ok(());
         }
         let hop = self.hop(plan, domain, destination).await?;
-        if hop.key() != route.hop || plan.rule_names() != route.plan.rule_names() {
+        let facts = route.upstream.facts();
+        let name = match plan.rule_names() == route.plan.rule_names() {
+            false => None,
+            true if hop.key() == route.hop => Some(facts.server.name.clone()),
+            true => self.best_mx_at(&hop, facts.server.addr).await,
+        };
+        let Some(name) = name else {
             return Err(NoRoute::OtherHop {
                 domain: domain.to_string(),
                 route_domain: route.domain.clone(),
             });
-        }
+        };
         // The same server, and still its domain is judged on its own: what it publishes
         // may ask more than the route the first recipient opened has.
         let policy = self.policy_for(&hop, domain).await;
-        let facts = route.upstream.facts();
-        let joins = self.joins(facts, plan, domain, &hop, &policy, route.requiretls);
+        let joins = self.joins(route, &name, plan, domain, &hop, &policy);
         match Box::pin(joins).await {
             Ok(()) => Ok(()),
             Err(why) => Err(NoRoute::NotJoined {
@@ -236,6 +243,24 @@ impl Outbound {
                 why,
             }),
         }
+    }
+
+    /// The name of the one of `hop`'s best MX hosts (the lowest preference) that has the
+    /// address `addr`: the server a transaction of its own would go to first. `None` for
+    /// another kind of hop, no such host, or a lookup that failed where DANE may apply
+    /// (the recipient then goes in a transaction of its own, which says why).
+    async fn best_mx_at(&self, hop: &NextHop, addr: std::net::IpAddr) -> Option<String> {
+        let NextHop::Mx(hosts) = hop else {
+            return None;
+        };
+        let best = hosts.iter().map(|h| h.preference).min();
+        let best: Vec<MxHost> = (hosts.iter())
+            .filter(|h| Some(h.preference) == best)
+            .cloned()
+            .collect();
+        let dane = self.resolver.check_dnssec().await;
+        let host = self.mx_with_address(&best, addr, dane).await.ok()??;
+        Some(host.name)
     }
 
     /// The next hop for `domain`: the original `destination` of a redirected session, else
@@ -262,24 +287,25 @@ impl Outbound {
         }
     }
 
-    /// Whether a recipient at `domain` (planned as `plan`, through `hop`) may ride on the
-    /// route that went to `route`. Its domain is judged on its own: what it publishes for
-    /// the route's server (DANE, MTA-STS), with the route's own TLS as what was found, must
-    /// lead the one decision to that very connection. `Err` says what its domain needs
-    /// instead.
+    /// Whether a recipient at `domain` (planned as `plan`, through `hop`, which names the
+    /// route's server `mx_name`) may ride on the route that went to `route`. Its domain is
+    /// judged on its own: what it publishes for the route's server (DANE, MTA-STS), with
+    /// the route's own TLS as what was found, must lead the one decision to that very
+    /// connection. `Err` says what its domain needs instead.
     async fn joins(
         &self,
-        route: &RemoteFacts,
+        open: &OpenRoute,
+        mx_name: &str,
         plan: &Plan,
         domain: &str,
         hop: &NextHop,
         policy: &PolicyLookup,
-        requiretls: bool,
     ) -> Result<(), NotJoined> {
+        let route = open.upstream.facts();
         let (name, port) = match hop {
             // What the domain publishes does not bind a smart host (RFC 8461 3.4).
             NextHop::Smarthost(_) => return Ok(()),
-            NextHop::Mx(_) => (route.server.name.clone(), self.port),
+            NextHop::Mx(_) => (mx_name.to_string(), self.port),
             NextHop::OriginalDestination { addr, mx, .. } => {
                 let name = mx.clone().unwrap_or_else(|| addr.ip().to_string());
                 (name, addr.port())
@@ -303,7 +329,12 @@ impl Outbound {
             outcome: &route.tls,
             downgrade: route.downgrade,
         };
-        let decision = decide(rule, found, published, hop.demand(requiretls, &server.name));
+        let decision = decide(
+            rule,
+            found,
+            published,
+            hop.demand(open.requiretls, &server.name),
+        );
         let conn = Connected {
             tls: &route.tls,
             authentication: route.authentication,

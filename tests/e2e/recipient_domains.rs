@@ -2,7 +2,8 @@
 //! or a pooled connection: a recipient whose domain publishes more than the transaction's
 //! open route gives (MTA-STS `enforce`, DANE) never rides on it; the MTA is told `452
 //! 4.5.3` and sends it in a transaction of its own, where its domain decides. A recipient
-//! whose domain the open route already satisfies joins it.
+//! whose domain the open route already satisfies joins it, also when its domain's best MX
+//! host is the route's server under another name.
 //!
 //! Real parts: the proxy in process, a real DNS server (a DNSSEC-signed tree for DANE), a
 //! real HTTPS server serving the MTA-STS policy, a real SMTP server as the shared MX, each
@@ -297,4 +298,89 @@ async fn a_dane_domain_joins_only_a_route_its_tlsa_record_authenticated() {
         [vec![DANE, UNSIGNED], vec![UNSIGNED], vec![DANE]]
     );
     assert!(got.iter().all(|m| m.tls.is_some()));
+}
+
+// ---------------------------------------------------------------------------------------
+// Other MX names, the same server
+
+const HOSTED: &str = "w@hosted.test";
+const BACKUP: &str = "x@backup.test";
+/// hosted.test's MX name: another name for the shared MX's address, as a mail host
+/// serving many domains gives each its own.
+const HOSTED_MX: &str = "hosted-test.mail.shared.test";
+
+/// open-shared.test and strict.test as in [`sts_lab`]; hosted.test's best MX is another
+/// name for the shared MX's address; backup.test has the shared MX only as its backup,
+/// behind a best MX that is another server.
+async fn same_server_lab(ca: &TestCa, behaviour: ServerBehaviour) -> (StsLab, SmtpServer) {
+    let server = SmtpServer::start(LOCALHOST, 0, behaviour)
+        .await
+        .expect("the shared MX");
+    let other = SmtpServer::start(
+        IpAddr::V4(Ipv4Addr::new(127, 0, 0, 2)),
+        server.addr().port(),
+        ServerBehaviour::default(),
+    )
+    .await
+    .expect("backup.test's best MX");
+    let strict = enforcing_domain(ca, "strict.test", MX).await;
+    let zone = (strict.zone.clone())
+        .mx("open-shared.test", 10, MX)
+        .mx("hosted.test", 10, HOSTED_MX)
+        .a(HOSTED_MX, Ipv4Addr::LOCALHOST)
+        .mx("backup.test", 10, "best.backup.test")
+        .a("best.backup.test", Ipv4Addr::new(127, 0, 0, 2))
+        .mx("backup.test", 20, MX);
+    let lab = Lab::new().ca(ca).zone(zone).mx_port(server.addr().port());
+    let lab = StsLab {
+        lab: strict.policy_only(lab).start().await,
+        server,
+        _domain: strict,
+    };
+    (lab, other)
+}
+
+/// Recipients whose domains' best MX hosts are the same server, by other names, share one
+/// transaction when their terms allow it (IIS waits its retry interval for each 452); a
+/// domain that has that server only as a backup, or whose policy needs the certificate
+/// verified for its own MX name, goes in a transaction of its own.
+#[tokio::test]
+async fn recipients_whose_best_mx_is_the_same_server_share_a_transaction_when_their_terms_allow() {
+    let ca = TestCa::new();
+    let cert = ca.leaf(&[MX], Validity::Current);
+    let (d, other) = same_server_lab(&ca, ServerBehaviour::tls(cert)).await;
+
+    let sent = transaction(&d.lab, &[OPEN, HOSTED]).await;
+    let codes: Vec<u16> = sent.rcpts.iter().map(|r| r.code).collect();
+    assert_eq!(codes, [250, 250], "{:?}", sent.rcpts);
+    assert_eq!(sent.message.as_ref().map(|r| r.code), Some(250));
+
+    // Only its backup: a transaction of its own, to its best MX.
+    let sent = transaction(&d.lab, &[OPEN, BACKUP]).await;
+    assert_eq!(sent.rcpts[0].code, 250);
+    assert_reply(&sent.rcpts[1], 452, "4.5.3");
+    assert_eq!(
+        transaction(&d.lab, &[BACKUP]).await.message.map(|r| r.code),
+        Some(250)
+    );
+
+    // strict.test's policy needs the certificate verified for its MX name: a route that
+    // hosted.test opened under its own name did not verify that name.
+    let sent = transaction(&d.lab, &[HOSTED, STRICT]).await;
+    assert_eq!(sent.rcpts[0].code, 250);
+    assert_reply(&sent.rcpts[1], 452, "4.5.3");
+    assert_eq!(
+        transaction(&d.lab, &[STRICT]).await.message.map(|r| r.code),
+        Some(250)
+    );
+
+    let recipients: Vec<Vec<String>> = (d.server.messages().iter())
+        .map(|m| m.rcpt_to.clone())
+        .collect();
+    assert_eq!(
+        recipients,
+        [vec![OPEN, HOSTED], vec![OPEN], vec![HOSTED], vec![STRICT]]
+    );
+    let at_best: Vec<Vec<String>> = other.messages().iter().map(|m| m.rcpt_to.clone()).collect();
+    assert_eq!(at_best, [vec![BACKUP]]);
 }
