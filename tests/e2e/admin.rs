@@ -565,6 +565,40 @@ async fn ctl_says_clearly_when_the_daemon_is_not_running() {
     );
 }
 
+/// An admin outside the socket's group is told that, not that tlsrouter is not running.
+/// Run as `nobody` (through `setpriv`, so the test runs as root, as CI does).
+#[tokio::test]
+async fn ctl_run_by_a_user_outside_the_sockets_group_is_told_permission_denied() {
+    use std::os::unix::fs::PermissionsExt;
+    let ca = TestCa::new();
+    let d = daemon(&ca, ServerBehaviour::default(), |lab| lab).await;
+    // The lab's folder open to everyone; the socket itself stays 0660, root's.
+    let open = std::fs::Permissions::from_mode(0o755);
+    std::fs::set_permissions(d.lab.dir(), open).expect("chmod the lab's folder");
+    let socket = d.socket.display().to_string();
+    let out = tokio::task::spawn_blocking(move || {
+        std::process::Command::new("setpriv")
+            .args(["--reuid=nobody", "--regid=nogroup", "--clear-groups"])
+            .args([
+                env!("CARGO_BIN_EXE_tlsrouter"),
+                "ctl",
+                "--socket",
+                &socket,
+                "stats",
+            ])
+            .output()
+    })
+    .await
+    .expect("join")
+    .expect("setpriv (util-linux) runs; this test needs root to become nobody");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("permission denied on the admin socket") && !err.contains("not running"),
+        "{err}"
+    );
+    assert_ne!(out.status.code(), Some(0));
+}
+
 #[tokio::test]
 async fn the_metrics_endpoint_serves_the_same_counters_in_prometheus_format() {
     let ca = TestCa::new();
