@@ -229,7 +229,8 @@ async fn a_recipient_with_another_next_hop_is_told_to_come_back_in_another_trans
         .mx("alias.test", 10, "mx.example.test")
         .mx("other.test", 10, "mx.other.test")
         .a("mx.example.test", Ipv4Addr::LOCALHOST)
-        .a("mx.other.test", Ipv4Addr::LOCALHOST);
+        // Another server: at the same address it would be the same next hop.
+        .a("mx.other.test", Ipv4Addr::new(127, 0, 0, 2));
     let lab = start_lab(zone, &ca, server.addr().port()).await;
 
     let (_, rcpts, data) = send_body(
