@@ -13,7 +13,7 @@ pub use crate::settings::{ConfigError, Timeouts, duration, yaml_error};
 use crate::net::dns::ResolverConfig;
 use crate::net::tls::TlsConfig;
 use crate::outbound::DeliveryConfig;
-use crate::settings::{DEFAULT_LISTEN_PORT, SetupError};
+use crate::settings::DEFAULT_LISTEN_PORT;
 
 #[derive(Clone, Debug, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -126,7 +126,11 @@ pub enum ListenerMode {
 }
 
 /// Where `tlsrouter ctl` finds the daemon unless told otherwise.
+#[cfg(not(windows))]
 pub const DEFAULT_ADMIN_SOCKET: &str = "/run/tlsrouter/admin.sock";
+/// On Windows the admin endpoint is a named pipe.
+#[cfg(windows)]
+pub const DEFAULT_ADMIN_SOCKET: &str = r"\\.\pipe\tlsrouter-admin";
 
 #[derive(Clone, Debug, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -152,7 +156,7 @@ impl Default for AdminConfig {
 impl AdminConfig {
     /// The socket's group as a number, from a number or a name in /etc/group.
     #[cfg(unix)]
-    pub fn group_id(&self) -> Result<Option<u32>, SetupError> {
+    pub fn group_id(&self) -> Result<Option<u32>, crate::settings::SetupError> {
         let Some(group) = &self.group else {
             return Ok(None);
         };
@@ -160,7 +164,7 @@ impl AdminConfig {
             return Ok(Some(gid));
         }
         let groups = std::fs::read_to_string("/etc/group")
-            .map_err(|e| SetupError::setting("admin.group: /etc/group", e))?;
+            .map_err(|e| crate::settings::SetupError::setting("admin.group: /etc/group", e))?;
         groups
             .lines()
             .filter_map(|line| {
@@ -171,7 +175,7 @@ impl AdminConfig {
             })
             .find_map(|(name, gid)| (name == group).then_some(Some(gid)))
             .ok_or_else(|| {
-                SetupError::setting(
+                crate::settings::SetupError::setting(
                     "admin.group",
                     format!(
                         "no group {group:?} on this host: create it (groupadd {group}) and add the admins to it, or remove admin.group"

@@ -5,6 +5,7 @@ use std::path::Path;
 
 use serde_json::Value;
 
+use crate::admin::endpoint;
 use crate::admin::protocol::{Request, Response};
 use crate::cache::shared::Unfinished;
 
@@ -24,29 +25,12 @@ pub enum CtlError {
     BadAnswer(String),
 }
 
-#[cfg(unix)]
+/// Sends `request` to the daemon's admin endpoint at `socket` and reads its answer.
 pub async fn ask(socket: &Path, request: &Request) -> Result<Response, CtlError> {
     use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
     let path = socket.display().to_string();
-    let stream = tokio::net::UnixStream::connect(socket)
-        .await
-        .map_err(|e| match e.kind() {
-            // Connecting to a file or a directory is refused as if nobody listened.
-            std::io::ErrorKind::NotFound | std::io::ErrorKind::ConnectionRefused
-                if is_other_than_a_socket(socket) =>
-            {
-                CtlError::NotASocket(path.clone())
-            }
-            std::io::ErrorKind::NotFound | std::io::ErrorKind::ConnectionRefused => {
-                CtlError::NotRunning(path.clone())
-            }
-            std::io::ErrorKind::PermissionDenied => CtlError::Permission(path.clone()),
-            _ => CtlError::Io {
-                path: path.clone(),
-                error: e,
-            },
-        })?;
-    let (read, mut write) = stream.into_split();
+    let stream = endpoint::connect(socket).await?;
+    let (read, mut write) = tokio::io::split(stream);
     let mut line = serde_json::to_string(request).map_err(|_| CtlError::BadAnswer(path.clone()))?;
     line.push('\n');
     let io = |error| CtlError::Io {
@@ -60,21 +44,6 @@ pub async fn ask(socket: &Path, request: &Request) -> Result<Response, CtlError>
         .await
         .map_err(io)?;
     serde_json::from_str(&answer).map_err(|_| CtlError::BadAnswer(path))
-}
-
-/// Whether something that is not a socket is at `path` (followed, as connect follows it).
-#[cfg(unix)]
-fn is_other_than_a_socket(path: &Path) -> bool {
-    use std::os::unix::fs::FileTypeExt;
-    std::fs::metadata(path).is_ok_and(|meta| !meta.file_type().is_socket())
-}
-
-#[cfg(not(unix))]
-pub async fn ask(socket: &Path, _request: &Request) -> Result<Response, CtlError> {
-    Err(CtlError::NotRunning(format!(
-        "{} (admin sockets need Unix; see docs/ADMIN.md)",
-        socket.display()
-    )))
 }
 
 /// Why a walk over the fleet's shared cache stopped early, in words; `None` when it did not.

@@ -1,10 +1,21 @@
-//! Administration: the admin socket served by the daemon, its JSON-lines protocol, and the
-//! `tlsrouter ctl` client.
+//! Administration: the admin endpoint served by the daemon (a Unix socket, or a named
+//! pipe on Windows), its JSON-lines protocol, and the `tlsrouter ctl` client.
 
 pub mod client;
 pub mod metrics;
+#[cfg(windows)]
+#[allow(unsafe_code)]
+pub mod named_pipe;
 pub mod protocol;
 pub mod server;
+#[cfg(unix)]
+pub mod unix_socket;
+
+/// Where the admin protocol is spoken on this host.
+#[cfg(windows)]
+pub use named_pipe as endpoint;
+#[cfg(unix)]
+pub use unix_socket as endpoint;
 
 use std::sync::Arc;
 
@@ -15,10 +26,15 @@ use crate::settings::SetupError;
 /// serves them in the background. A file in the way of the socket is an error; a socket
 /// directory that cannot be created only turns the admin socket off, with a warning.
 pub async fn start(proxy: &Arc<Proxy>) -> Result<(), SetupError> {
-    #[cfg(unix)]
     if let Some(path) = &proxy.config.admin.socket {
-        let group = proxy.config.admin.group_id()?;
-        match server::bind(path, proxy.config.admin.mode.0, group) {
+        #[cfg(unix)]
+        let bound = {
+            let group = proxy.config.admin.group_id()?;
+            endpoint::bind(path, proxy.config.admin.mode.0, group)
+        };
+        #[cfg(windows)]
+        let bound = endpoint::bind(path);
+        match bound {
             Ok(listener) => {
                 tracing::info!("admin socket {}", path.display());
                 let _ = proxy.admin_socket.set(path.clone());

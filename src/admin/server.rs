@@ -1,12 +1,13 @@
-//! The admin socket: a Unix socket speaking the JSON-lines protocol, served by the daemon.
+//! The admin endpoint served by the daemon: the JSON-lines protocol over the local
+//! [`endpoint`] (a Unix socket, or a named pipe on Windows).
 
 use std::net::IpAddr;
-use std::path::Path;
 use std::sync::Arc;
 
 use serde_json::json;
-use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::io::{AsyncBufReadExt, AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader};
 
+use crate::admin::endpoint;
 use crate::admin::protocol::{ErrorKind, Request, Response, parse_request};
 use crate::cache::shared::{Swept, Unfinished};
 use crate::config::duration;
@@ -436,12 +437,12 @@ fn spelt(value: impl serde::Serialize) -> String {
     }
 }
 
-/// Serves the admin socket at `path` until the task is dropped.
-#[cfg(unix)]
-pub async fn serve(proxy: Arc<Proxy>, listener: tokio::net::UnixListener) {
+/// Serves the admin endpoint until the task is dropped: each connection on a task of its
+/// own, one request per line, one answer per line.
+pub async fn serve(proxy: Arc<Proxy>, mut listener: endpoint::Listener) {
     loop {
         let stream = match listener.accept().await {
-            Ok((stream, _)) => stream,
+            Ok(stream) => stream,
             Err(e) => {
                 // Out of descriptors, say: wait for some to come back instead of spinning.
                 tracing::warn!("admin socket: accept failed: {e}");
@@ -449,88 +450,38 @@ pub async fn serve(proxy: Arc<Proxy>, listener: tokio::net::UnixListener) {
                 continue;
             }
         };
-        let proxy = proxy.clone();
-        tokio::spawn(async move {
-            let (read, mut write) = stream.into_split();
-            let mut lines = BufReader::new(read);
-            let mut line = String::new();
-            loop {
-                line.clear();
-                let limited = (&mut lines).take(MAX_REQUEST).read_line(&mut line).await;
-                let response = match limited {
-                    Ok(0) | Err(_) => return,
-                    Ok(_) if !line.ends_with('\n') => {
-                        let r = Response::error(ErrorKind::BadArguments, "request line too long");
-                        let _ = send(&mut write, &r).await;
-                        return;
-                    }
-                    Ok(_) => match parse_request(line.trim()) {
-                        Ok(request) => handle(&proxy, request).await,
-                        Err(response) => response,
-                    },
-                };
-                if send(&mut write, &response).await.is_err() {
-                    return;
-                }
-            }
-        });
+        tokio::spawn(converse(proxy.clone(), stream));
     }
 }
 
-#[cfg(unix)]
-async fn send(
-    write: &mut tokio::net::unix::OwnedWriteHalf,
-    response: &Response,
-) -> std::io::Result<()> {
+/// Answers the requests of one connection until it ends or sends a line too long.
+async fn converse(proxy: Arc<Proxy>, stream: impl AsyncRead + AsyncWrite) {
+    let (read, mut write) = tokio::io::split(stream);
+    let mut lines = BufReader::new(read);
+    let mut line = String::new();
+    loop {
+        line.clear();
+        let limited = (&mut lines).take(MAX_REQUEST).read_line(&mut line).await;
+        let response = match limited {
+            Ok(0) | Err(_) => return,
+            Ok(_) if !line.ends_with('\n') => {
+                let r = Response::error(ErrorKind::BadArguments, "request line too long");
+                let _ = send(&mut write, &r).await;
+                return;
+            }
+            Ok(_) => match parse_request(line.trim()) {
+                Ok(request) => handle(&proxy, request).await,
+                Err(response) => response,
+            },
+        };
+        if send(&mut write, &response).await.is_err() {
+            return;
+        }
+    }
+}
+
+async fn send(write: &mut (impl AsyncWrite + Unpin), response: &Response) -> std::io::Result<()> {
     let mut text = serde_json::to_string(response).unwrap_or_else(|_| "{\"ok\":false}".into());
     text.push('\n');
     write.write_all(text.as_bytes()).await
-}
-
-/// Creates the socket: a stale socket from a crashed run is replaced, a socket a running
-/// daemon answers on and any other file at the path are refused; the mode is set (0660 by
-/// default) and the group, if one is configured.
-#[cfg(unix)]
-pub fn bind(
-    path: &Path,
-    mode: u32,
-    group: Option<u32>,
-) -> std::io::Result<tokio::net::UnixListener> {
-    use std::os::unix::fs::{FileTypeExt, PermissionsExt};
-    let in_the_way = |why: &str| {
-        std::io::Error::new(
-            std::io::ErrorKind::AlreadyExists,
-            format!("{} {why}; not replacing it", path.display()),
-        )
-    };
-    match std::fs::symlink_metadata(path) {
-        Ok(meta) if meta.file_type().is_socket() => {
-            // Only a socket nobody listens on is stale; anything else (a live daemon, a
-            // socket we may not even connect to) is left to whoever owns it.
-            match std::os::unix::net::UnixStream::connect(path) {
-                Ok(_) => {
-                    return Err(in_the_way("is answered by another running tlsrouter"));
-                }
-                Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused => {
-                    std::fs::remove_file(path)?;
-                }
-                Err(e) => {
-                    return Err(in_the_way(&format!(
-                        "is a socket that cannot be checked ({e})"
-                    )));
-                }
-            }
-        }
-        Ok(_) => return Err(in_the_way("exists and is not a socket")),
-        Err(_) => {}
-    }
-    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-        std::fs::create_dir_all(dir)?;
-    }
-    let listener = tokio::net::UnixListener::bind(path)?;
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))?;
-    if let Some(gid) = group {
-        std::os::unix::fs::chown(path, None, Some(gid))?;
-    }
-    Ok(listener)
 }
