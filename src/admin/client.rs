@@ -309,6 +309,7 @@ fn stats_lines(result: &Value) -> String {
         "delivered_tls_legacy",
         "delivered_plain",
         "deferrals",
+        "recipients_split",
         "downgrades",
         "cache_hits",
         "cache_entries",
@@ -514,6 +515,27 @@ mod tests {
         let subject = Value::String("CN=mx\u{1b}[2J\nevil".into());
         assert_eq!(text(&subject), "CN=mx\\u{1b}[2J\\nevil");
         assert_eq!(text(&Value::Null), "-");
+    }
+
+    /// Every counter `ctl stats --json` gives, `ctl stats` shows too (the fleet's only
+    /// with a shared cache, the fallbacks by class).
+    #[test]
+    fn stats_show_every_counter_of_the_snapshot() {
+        let snapshot = serde_json::to_value(crate::stats::Stats::default().snapshot());
+        let snapshot = snapshot.expect("a snapshot");
+        let mut shown = snapshot.clone();
+        shown["redis_calls"] = 1.into();
+        let text = stats_lines(&shown);
+        let fleet = ["redis_", "near_cache", "split_source", "fleet_"];
+        for key in snapshot.as_object().expect("fields").keys() {
+            if key == "fallbacks" || fleet.iter().any(|f| key.starts_with(f)) {
+                continue;
+            }
+            assert!(
+                text.contains(&key.replace('_', " ")),
+                "{key} not shown:\n{text}"
+            );
+        }
     }
 
     #[test]
