@@ -125,6 +125,26 @@ pub enum ListenerMode {
     Transparent,
 }
 
+/// Where the installed daemon's configuration is (the Debian package's, or on Windows the
+/// MSI's under `%ProgramData%`): what the service runs with, and what `ctl` and `explain`
+/// read when given none.
+pub fn packaged_config() -> PathBuf {
+    program_data().join("tlsrouter.yaml")
+}
+
+/// The folder of the installed daemon's own files: its configuration, and on Windows its
+/// log (`log\`) and cache.
+#[cfg(not(windows))]
+pub fn program_data() -> PathBuf {
+    PathBuf::from("/etc/tlsrouter")
+}
+
+#[cfg(windows)]
+pub fn program_data() -> PathBuf {
+    let base = std::env::var_os("ProgramData").unwrap_or_else(|| r"C:\ProgramData".into());
+    PathBuf::from(base).join("tlsrouter")
+}
+
 /// Where `tlsrouter ctl` finds the daemon unless told otherwise.
 #[cfg(not(windows))]
 pub const DEFAULT_ADMIN_SOCKET: &str = "/run/tlsrouter/admin.sock";

@@ -110,6 +110,35 @@ pub(crate) enum Commands {
         #[arg(long, requires = "requiretls")]
         dnssec_mx: bool,
     },
+    /// The Windows service: install, uninstall, start, stop (as an administrator).
+    #[cfg(windows)]
+    Service {
+        #[command(subcommand)]
+        action: ServiceAction,
+    },
+}
+
+#[cfg(windows)]
+#[derive(Subcommand)]
+pub(crate) enum ServiceAction {
+    /// Register the service: started at boot, as NT SERVICE\tlsrouter, with --config.
+    Install {
+        /// The configuration it runs with (default: %ProgramData%\tlsrouter\tlsrouter.yaml).
+        #[arg(long)]
+        config: Option<PathBuf>,
+    },
+    /// Stop the service if it runs, and remove it.
+    Uninstall,
+    /// Start the service.
+    Start,
+    /// Stop the service: the sessions drain first, as with Ctrl-C.
+    Stop,
+    /// What the Service Control Manager starts; not for a console (use run there).
+    Run {
+        /// The configuration (default: %ProgramData%\tlsrouter\tlsrouter.yaml).
+        #[arg(long)]
+        config: Option<PathBuf>,
+    },
 }
 
 /// The mode of a policy `explain` is asked to assume.

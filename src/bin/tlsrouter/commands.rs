@@ -201,19 +201,16 @@ pub(crate) fn check_rules(file: &std::path::Path) -> ExitCode {
     ExitCode::SUCCESS
 }
 
-/// Where the packaged daemon's configuration is: what `ctl` and `explain` read when given
-/// none, so that on a production host they speak of the daemon's socket and rules.
-const PACKAGED_CONFIG: &str = "/etc/tlsrouter/tlsrouter.yaml";
-
 /// The configuration `ctl` and `explain` answer for: the one given (an error when it
-/// cannot be read), else the packaged one when it is there and readable, else none.
+/// cannot be read), else the packaged one when it is there and readable, else none; so
+/// that on a production host they speak of the daemon's socket and rules.
 fn tool_config(given: Option<&Path>) -> Result<Option<Config>, ExitCode> {
     match given {
         Some(path) => Config::load(path).map(Some).map_err(|e| {
             eprintln!("tlsrouter: {e}");
             ExitCode::from(EXIT_CONFIG)
         }),
-        None => Ok(Config::load(Path::new(PACKAGED_CONFIG)).ok()),
+        None => Ok(Config::load(&tlsrouter::config::packaged_config()).ok()),
     }
 }
 

@@ -3,6 +3,8 @@
 mod cli;
 mod commands;
 mod serve;
+#[cfg(windows)]
+mod service;
 
 use std::process::ExitCode;
 
@@ -87,5 +89,7 @@ fn main() -> ExitCode {
                 },
             )
         }
+        #[cfg(windows)]
+        Commands::Service { action } => service::service(action),
     }
 }

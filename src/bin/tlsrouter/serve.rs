@@ -25,10 +25,21 @@ pub(crate) fn run(path: Option<PathBuf>, log_format: Option<LogFormat>) -> ExitC
         Ok(config) => config,
         Err(code) => return code,
     };
-    if let Err(e) = init_logging(log_format.unwrap_or(config.log.format), &config.log.level) {
+    let format = log_format.unwrap_or(config.log.format);
+    if let Err(e) = init_logging(format, &config.log.level, LogTo::Stderr) {
         eprintln!("tlsrouter: log.level: {e}");
         return ExitCode::from(EXIT_CONFIG);
     }
+    run_logged(config, path, None)
+}
+
+/// The daemon on `config`, once logging is set up: stopped by a signal, or by a request
+/// from `requests` (the service's).
+pub(crate) fn run_logged(
+    config: Config,
+    path: Option<PathBuf>,
+    requests: Option<StopRequests>,
+) -> ExitCode {
     warn_if_not_fully_qualified(&config.hostname);
     raise_open_files_limit(&config);
     let runtime = match tokio::runtime::Runtime::new() {
@@ -38,7 +49,7 @@ pub(crate) fn run(path: Option<PathBuf>, log_format: Option<LogFormat>) -> ExitC
             return ExitCode::FAILURE;
         }
     };
-    runtime.block_on(serve(config, path.as_deref()))
+    runtime.block_on(serve(config, path.as_deref(), requests))
 }
 
 /// Raises the soft limit of open descriptors to the hard one (the default soft 1024 is too
@@ -88,7 +99,11 @@ pub(crate) fn proxy(config: Config, file: Option<&Path>) -> Result<Arc<Proxy>, E
     })
 }
 
-pub(crate) async fn serve(config: Config, file: Option<&Path>) -> ExitCode {
+pub(crate) async fn serve(
+    config: Config,
+    file: Option<&Path>,
+    requests: Option<StopRequests>,
+) -> ExitCode {
     let listen = config.listen;
     let proxy = match proxy(config, file) {
         Ok(proxy) => proxy,
@@ -133,7 +148,7 @@ pub(crate) async fn serve(config: Config, file: Option<&Path>) -> ExitCode {
     spawn_reload_on_sighup(proxy.clone());
     // Caught from here on: a SIGTERM or SIGINT right after the line below stops the daemon
     // cleanly instead of killing it.
-    let signals = Termination::new();
+    let signals = Termination::new(requests);
     // Whether DANE is in force is known, and logged, before the first message; while the
     // name servers do not answer the check, it is asked again with back-off.
     proxy.outbound.resolver.check_dnssec().await;
@@ -281,6 +296,9 @@ async fn shutdown_signal(mut signals: Termination) {
         event = "shutting_down",
         "shutting down: draining sessions (signal again to exit at once)"
     );
+    // A second stop request of the service (a Shutdown after a Stop) is no reason to cut
+    // the drain short: only a signal is.
+    signals.requests = None;
     tokio::spawn(async move {
         signals.recv().await;
         tracing::warn!("second signal: exiting at once");
@@ -288,56 +306,114 @@ async fn shutdown_signal(mut signals: Termination) {
     });
 }
 
-/// SIGTERM and SIGINT, registered when made (Ctrl-C elsewhere).
+/// Requests to stop that come from outside the process's signals: the Windows Service
+/// Control Manager's, for the service.
+pub(crate) type StopRequests = tokio::sync::mpsc::UnboundedReceiver<()>;
+
+/// SIGTERM and SIGINT, registered when made (Ctrl-C elsewhere), and the service's stop
+/// requests: each stops the daemon the same way.
 struct Termination {
     #[cfg(unix)]
     streams: Option<(tokio::signal::unix::Signal, tokio::signal::unix::Signal)>,
+    requests: Option<StopRequests>,
 }
 
 impl Termination {
-    fn new() -> Termination {
+    fn new(requests: Option<StopRequests>) -> Termination {
         #[cfg(unix)]
         {
             use tokio::signal::unix::{SignalKind, signal};
             let streams = signal(SignalKind::terminate())
                 .and_then(|term| Ok((term, signal(SignalKind::interrupt())?)))
                 .ok();
-            Termination { streams }
+            Termination { streams, requests }
         }
         #[cfg(not(unix))]
-        Termination {}
+        Termination { requests }
     }
 
     async fn recv(&mut self) {
-        #[cfg(unix)]
-        if let Some((term, interrupt)) = &mut self.streams {
-            tokio::select! {
-                _ = term.recv() => {}
-                _ = interrupt.recv() => {}
+        let requested = async {
+            match &mut self.requests {
+                Some(requests) => {
+                    requests.recv().await;
+                }
+                None => std::future::pending().await,
             }
-            return;
+        };
+        #[cfg(unix)]
+        let signalled = async {
+            match &mut self.streams {
+                Some((term, interrupt)) => {
+                    tokio::select! {
+                        _ = term.recv() => {}
+                        _ = interrupt.recv() => {}
+                    }
+                }
+                None => {
+                    let _ = tokio::signal::ctrl_c().await;
+                }
+            }
+        };
+        #[cfg(not(unix))]
+        let signalled = async {
+            let _ = tokio::signal::ctrl_c().await;
+        };
+        tokio::select! {
+            _ = requested => {}
+            _ = signalled => {}
         }
-        let _ = tokio::signal::ctrl_c().await;
     }
 }
 
-pub(crate) fn init_logging(format: LogFormat, level: &str) -> Result<(), String> {
+/// Where the log goes: standard error (a console, journald), or, for the Windows service,
+/// a file a day in a folder, the last 14 kept.
+pub(crate) enum LogTo {
+    Stderr,
+    #[cfg(windows)]
+    Files(PathBuf),
+}
+
+pub(crate) fn init_logging(format: LogFormat, level: &str, to: LogTo) -> Result<(), String> {
     use std::io::IsTerminal;
     let filter =
         tracing_subscriber::EnvFilter::try_new(filter(level)).map_err(|e| e.to_string())?;
-    let colour = use_colour(
-        std::io::stderr().is_terminal(),
-        std::env::var_os("NO_COLOR").as_deref(),
-    );
+    match to {
+        LogTo::Stderr => {
+            let colour = use_colour(
+                std::io::stderr().is_terminal(),
+                std::env::var_os("NO_COLOR").as_deref(),
+            );
+            install(format, filter, colour, std::io::stderr);
+        }
+        #[cfg(windows)]
+        LogTo::Files(folder) => {
+            std::fs::create_dir_all(&folder).map_err(|e| format!("{}: {e}", folder.display()))?;
+            let files = tracing_appender::rolling::Builder::new()
+                .rotation(tracing_appender::rolling::Rotation::DAILY)
+                .filename_prefix("tlsrouter")
+                .filename_suffix("log")
+                .max_log_files(14)
+                .build(&folder)
+                .map_err(|e| format!("{}: {e}", folder.display()))?;
+            install(format, filter, false, files);
+        }
+    }
+    Ok(())
+}
+
+fn install<W>(format: LogFormat, filter: tracing_subscriber::EnvFilter, colour: bool, writer: W)
+where
+    W: for<'w> tracing_subscriber::fmt::MakeWriter<'w> + Send + Sync + 'static,
+{
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_ansi(colour)
-        .with_writer(std::io::stderr);
+        .with_writer(writer);
     match format {
         LogFormat::Text => builder.init(),
         LogFormat::Json => builder.json().flatten_event(true).init(),
     }
-    Ok(())
 }
 
 /// The tracing filter for `log.level`. A bare level (`info`, `debug`) is tlsrouter's; the
