@@ -126,6 +126,9 @@ pub(crate) enum ServiceAction {
         /// The configuration it runs with (default: %ProgramData%\tlsrouter\tlsrouter.yaml).
         #[arg(long)]
         config: Option<PathBuf>,
+        /// Start it once registered (the installer does).
+        #[arg(long)]
+        start: bool,
     },
     /// Stop the service if it runs, and remove it.
     Uninstall,

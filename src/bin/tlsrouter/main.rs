@@ -2,6 +2,8 @@
 
 mod cli;
 mod commands;
+#[cfg(windows)]
+mod event_log;
 mod serve;
 #[cfg(windows)]
 mod service;

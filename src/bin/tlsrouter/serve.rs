@@ -367,7 +367,7 @@ impl Termination {
 }
 
 /// Where the log goes: standard error (a console, journald), or, for the Windows service,
-/// a file a day in a folder, the last 14 kept.
+/// a file a day in a folder, the last 14 kept, and its errors to the Windows Event Log.
 pub(crate) enum LogTo {
     Stderr,
     #[cfg(windows)]
@@ -384,7 +384,7 @@ pub(crate) fn init_logging(format: LogFormat, level: &str, to: LogTo) -> Result<
                 std::io::stderr().is_terminal(),
                 std::env::var_os("NO_COLOR").as_deref(),
             );
-            install(format, filter, colour, std::io::stderr);
+            install(format, filter, colour, std::io::stderr, None);
         }
         #[cfg(windows)]
         LogTo::Files(folder) => {
@@ -396,24 +396,48 @@ pub(crate) fn init_logging(format: LogFormat, level: &str, to: LogTo) -> Result<
                 .max_log_files(14)
                 .build(&folder)
                 .map_err(|e| format!("{}: {e}", folder.display()))?;
-            install(format, filter, false, files);
+            install(
+                format,
+                filter,
+                false,
+                files,
+                crate::event_log::EventLog::open(),
+            );
         }
     }
     Ok(())
 }
 
-fn install<W>(format: LogFormat, filter: tracing_subscriber::EnvFilter, colour: bool, writer: W)
-where
+/// Errors also go to the Windows Event Log, for the service.
+#[cfg(windows)]
+type EventLog = crate::event_log::EventLog;
+#[cfg(not(windows))]
+type EventLog = tracing_subscriber::layer::Identity;
+
+fn install<W>(
+    format: LogFormat,
+    filter: tracing_subscriber::EnvFilter,
+    colour: bool,
+    writer: W,
+    event_log: Option<EventLog>,
+) where
     W: for<'w> tracing_subscriber::fmt::MakeWriter<'w> + Send + Sync + 'static,
 {
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
+    use tracing_subscriber::Layer;
+    use tracing_subscriber::layer::SubscriberExt;
+    use tracing_subscriber::util::SubscriberInitExt;
+    let lines = tracing_subscriber::fmt::layer()
         .with_ansi(colour)
         .with_writer(writer);
-    match format {
-        LogFormat::Text => builder.init(),
-        LogFormat::Json => builder.json().flatten_event(true).init(),
-    }
+    let lines = match format {
+        LogFormat::Text => lines.boxed(),
+        LogFormat::Json => lines.json().flatten_event(true).boxed(),
+    };
+    tracing_subscriber::registry()
+        .with(filter)
+        .with(lines)
+        .with(event_log)
+        .init();
 }
 
 /// The tracing filter for `log.level`. A bare level (`info`, `debug`) is tlsrouter's; the
