@@ -36,3 +36,4 @@ mod systemd;
 mod tls_outcomes;
 mod tls_required_no;
 mod transparent;
+mod windows;

@@ -117,7 +117,8 @@ impl Daemon {
         Daemon::spawn_command(command, config_file, admin_socket, env).await
     }
 
-    async fn spawn_command(
+    /// Like [`Daemon::spawn`], with `command` as the program (`tlsrouter.exe` under Wine).
+    pub async fn spawn_command(
         mut command: Command,
         config_file: &Path,
         admin_socket: &Path,

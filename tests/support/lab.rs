@@ -37,6 +37,7 @@ use super::dns::{DnsServer, TestZone};
 use super::pki::TestCa;
 use super::settings::{Settings, path};
 use super::smtp_server::SmtpServer;
+use super::wine::Wine;
 
 /// example.test has one MX, mx.example.test, on 127.0.0.1.
 pub fn one_mx_zone() -> TestZone {
@@ -267,7 +268,26 @@ impl LabBuilder {
 
     /// `tlsrouter run` with these settings, listening on a fresh port, its admin socket in
     /// the lab's directory, logging JSON; returns once it says it listens.
-    pub async fn start_daemon(mut self) -> DaemonLab {
+    pub async fn start_daemon(self) -> DaemonLab {
+        let socket = self.dir.path().join("admin.sock");
+        let command = std::process::Command::new(env!("CARGO_BIN_EXE_tlsrouter"));
+        self.start_daemon_as(command, socket).await
+    }
+
+    /// The Windows build under Wine as the daemon, its admin endpoint a pipe of its own.
+    pub async fn start_daemon_under_wine(self, wine: &Wine) -> DaemonLab {
+        let pipe = wine.pipe();
+        let lab = self.set("admin.socket", pipe.as_str());
+        lab.start_daemon_as(wine.tlsrouter(), PathBuf::from(pipe))
+            .await
+    }
+
+    /// `command run` with the lab's configuration, whose admin endpoint is `admin`.
+    async fn start_daemon_as(
+        mut self,
+        command: std::process::Command,
+        admin: PathBuf,
+    ) -> DaemonLab {
         self.admin = true;
         let (dns, settings, rules_file) = self.prepare().await;
         let mut settings = settings.set("listen", "127.0.0.1:0");
@@ -277,8 +297,7 @@ impl LabBuilder {
         }
         let config_file = self.dir.path().join("tlsrouter.yaml");
         std::fs::write(&config_file, settings.to_yaml()).expect("write the configuration");
-        let daemon =
-            Daemon::spawn(&config_file, &self.dir.path().join("admin.sock"), &self.env).await;
+        let daemon = Daemon::spawn_command(command, &config_file, &admin, &self.env).await;
         DaemonLab {
             daemon,
             dns,

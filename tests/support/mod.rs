@@ -19,6 +19,7 @@
 //! - `redis`: a real `redis-server` on a free port, for the fleet's shared cache.
 //! - `reports`: reading the TLS-RPT reports sent (gzip JSON, a mailed attachment).
 //! - `sts`: a recipient domain that publishes an MTA-STS enforce policy, for a lab.
+//! - `wine`: the Windows build under Wine (`.ci/windows` builds it and prepares the prefix).
 //! - `proxy`: older entry points (`test_config`, `start_proxy`), thin wrappers over `settings`.
 //!
 //! The end-to-end tests (`tests/e2e/`) are one test binary that includes this module.
@@ -45,6 +46,7 @@ pub mod settings;
 pub mod smtp_client;
 pub mod smtp_server;
 pub mod sts;
+pub mod wine;
 
 /// Sends `tracing` output to the test harness (shown for failing tests). `RUST_LOG` picks
 /// the level, default info. Later calls, from other tests in the same binary, do nothing.
