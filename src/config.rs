@@ -32,6 +32,8 @@ pub struct Config {
     pub cache: crate::cache::CacheConfig,
     pub mta_sts: crate::policy::mta_sts::MtaStsConfig,
     pub tls_rpt: crate::policy::tlsrpt::TlsRptConfig,
+    /// The per-domain ledger (`ctl domains`).
+    pub ledger: crate::ledger::LedgerConfig,
     pub admin: AdminConfig,
     pub metrics: MetricsConfig,
     pub log: LogConfig,
@@ -66,6 +68,7 @@ impl Default for Config {
             cache: crate::cache::CacheConfig::default(),
             mta_sts: crate::policy::mta_sts::MtaStsConfig::default(),
             tls_rpt: crate::policy::tlsrpt::TlsRptConfig::default(),
+            ledger: crate::ledger::LedgerConfig::default(),
             admin: AdminConfig::default(),
             metrics: MetricsConfig::default(),
             log: LogConfig::default(),

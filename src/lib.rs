@@ -17,6 +17,7 @@
 //! - [`certificate`]: what a server's certificate says (subject, names, validity).
 //! - [`policy`]: what recipient domains publish (MTA-STS) and what we report (TLS-RPT).
 //! - [`cache`]: what the last attempts to each MX found, with expiry and persistence.
+//! - [`ledger`]: per recipient domain, what became of its messages over the last week.
 //! - [`config`]: the daemon's configuration, with defaults embedded, assembled from the
 //!   sections of the modules it configures; [`settings`]: what those sections share.
 //! - [`probe`]: step-by-step diagnosis of a remote MX.
@@ -36,6 +37,7 @@ pub mod cache;
 pub mod certificate;
 pub mod config;
 pub mod inbound;
+pub mod ledger;
 pub mod net;
 pub mod outbound;
 pub mod outcome;

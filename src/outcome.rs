@@ -469,9 +469,36 @@ pub fn format_date(unix_seconds: u64) -> String {
     format!("{year:04}-{month:02}-{day:02}")
 }
 
+/// Days since the epoch of a date `YYYY-MM-DD` (UTC), as [`format_date`] writes it.
+pub fn days_of_date(date: &str) -> Option<i64> {
+    // Days-from-civil, the inverse of the above.
+    let mut parts = date.splitn(3, '-').map(|p| p.parse::<i64>().ok());
+    let (year, month, day) = (parts.next()??, parts.next()??, parts.next()??);
+    if !(1..=12).contains(&month) || !(1..=31).contains(&day) {
+        return None;
+    }
+    let year = if month <= 2 { year - 1 } else { year };
+    let era = year.div_euclid(400);
+    let yoe = year.rem_euclid(400);
+    let mp = (month + 9) % 12;
+    let doy = (153 * mp + 2) / 5 + day - 1;
+    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+    Some(era * 146_097 + doe - 719_468)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn dates_read_back_as_they_are_written() {
+        for secs in [0u64, 951_782_400, 1_800_000_000, 4_102_444_800] {
+            let date = format_date(secs);
+            assert_eq!(days_of_date(&date), Some((secs / 86_400) as i64), "{date}");
+        }
+        assert_eq!(days_of_date("2026-13-01"), None);
+        assert_eq!(days_of_date("soon"), None);
+    }
 
     #[test]
     fn class_names_round_trip() {

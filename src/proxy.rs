@@ -5,6 +5,7 @@ use std::sync::Arc;
 use crate::cache::shared::{SharedCache, SharedCacheError};
 use crate::cache::{OutcomeCache, SystemClock};
 use crate::config::Config;
+use crate::ledger::{Ledger, ledger_file};
 use crate::net::dns::MxResolver;
 use crate::net::https::HttpsClient;
 use crate::net::tls::{TlsClient, trusted_roots};
@@ -28,6 +29,8 @@ pub struct Proxy {
     pub policies: Arc<PolicyStore>,
     /// TLS-RPT counts and reports.
     pub tls_reports: Arc<TlsReports>,
+    /// Per recipient domain, what became of its messages this week.
+    pub ledger: Arc<Ledger>,
     /// Tells sessions that a shutdown is draining them.
     pub drain: tokio::sync::watch::Sender<Drain>,
     /// The admin socket this daemon bound, the only one it may remove.
@@ -143,6 +146,18 @@ impl Proxy {
                 tracing::warn!("TLS-RPT counts not loaded from {}: {e}", path.display());
             }
         }
+        let ledger = Arc::new(Ledger::new(&config.ledger));
+        if let Some(path) = &config.cache.file {
+            let path = ledger_file(path);
+            match ledger.load(&path) {
+                Ok(count) => tracing::debug!(
+                    "ledger: {} domains loaded from {}",
+                    count.unwrap_or(0),
+                    path.display()
+                ),
+                Err(e) => tracing::warn!("ledger not loaded, starting empty: {e}"),
+            }
+        }
         let outbound = Outbound {
             resolver,
             tls,
@@ -181,6 +196,7 @@ impl Proxy {
             sessions: Arc::new(Registry::default()),
             policies,
             tls_reports,
+            ledger,
             drain: tokio::sync::watch::Sender::new(Drain::Running),
             admin_socket: std::sync::OnceLock::new(),
             server_tls,
@@ -218,6 +234,10 @@ impl Proxy {
         let counts_path = counts_file(path);
         if let Err(e) = self.tls_reports.save(&counts_path) {
             tracing::warn!("TLS-RPT counts not saved to {}: {e}", counts_path.display());
+        }
+        self.ledger.purge(self.outbound.cache.now());
+        if let Err(e) = self.ledger.save(&ledger_file(path)) {
+            tracing::warn!("ledger not saved: {e}");
         }
     }
 

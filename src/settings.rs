@@ -139,6 +139,16 @@ pub enum ConfigError {
 /// clamsmtp, spampd, dkimproxy), so that tlsrouter starts beside them as it comes.
 pub const DEFAULT_LISTEN_PORT: u16 = 11025;
 
+/// A file kept beside the cache file, named after it: `cache.json` and `ledger` make
+/// `cache.ledger.json`.
+pub fn file_beside(cache_file: &Path, what: &str) -> PathBuf {
+    let stem = cache_file
+        .file_stem()
+        .map(|s| s.to_string_lossy().into_owned())
+        .unwrap_or_else(|| "cache".into());
+    cache_file.with_file_name(format!("{stem}.{what}.json"))
+}
+
 /// Turns a YAML error in `text` into `file:line:column: message`, without the snippet
 /// rendering, and with what to type instead where a first configuration often goes wrong.
 pub fn yaml_error(path: &Path, text: &str, error: &serde_saphyr::Error) -> ConfigError {

@@ -24,6 +24,14 @@ pub struct Stats {
     fallbacks: Family<Labels, Counter>,
     /// Messages answered with a 4xx.
     pub deferrals: Counter,
+    /// Messages not delivered to a recipient domain, by `verdict` (deferred, refused) and
+    /// the `class` of why (an outcome class, or `other`): bounded labels, no domain.
+    not_delivered: Family<Labels, Counter>,
+    /// Recipient domains whose last delivery went in plain (set when read).
+    pub plain_domains: Gauge,
+    /// Cached servers whose certificate expires within 14 days or has expired (set when
+    /// read).
+    pub expiring_certificates: Gauge,
     pub downgrades: Counter,
     pub cache_hits: Counter,
     pub cache_entries: Gauge,
@@ -83,6 +91,9 @@ impl Default for Stats {
             delivered: Family::default(),
             fallbacks: Family::default(),
             deferrals: Counter::default(),
+            not_delivered: Family::default(),
+            plain_domains: Gauge::default(),
+            expiring_certificates: Gauge::default(),
             downgrades: Counter::default(),
             cache_hits: Counter::default(),
             cache_entries: Gauge::default(),
@@ -150,6 +161,10 @@ pub struct Snapshot {
     #[serde(default)]
     pub recipients_split: u64,
     #[serde(default)]
+    pub plain_domains: i64,
+    #[serde(default)]
+    pub expiring_certificates: i64,
+    #[serde(default)]
     pub pool_reuses: u64,
     #[serde(default)]
     pub pool_dead: u64,
@@ -206,6 +221,21 @@ impl Stats {
             "deferrals",
             "messages answered with a 4xx",
             self.deferrals.clone(),
+        );
+        r.register(
+            "not_delivered",
+            "messages not delivered to a recipient domain, by verdict (deferred, refused) and the outcome class of why (other: no TLS fact)",
+            self.not_delivered.clone(),
+        );
+        r.register(
+            "plain_domains",
+            "recipient domains whose last delivery went in plain",
+            self.plain_domains.clone(),
+        );
+        r.register(
+            "expiring_certificates",
+            "cached servers whose certificate expires within 14 days or has expired",
+            self.expiring_certificates.clone(),
         );
         r.register(
             "downgrades",
@@ -367,6 +397,13 @@ impl Stats {
         self.delivered.get_or_create(&vec![("route", route)]).inc();
     }
 
+    /// A message not delivered to a recipient domain: `verdict` is `deferred` or `refused`.
+    pub fn not_delivered(&self, verdict: &'static str, class: Option<OutcomeClass>) {
+        let class = class.map_or("other", OutcomeClass::name);
+        let labels = vec![("verdict", verdict), ("class", class)];
+        self.not_delivered.get_or_create(&labels).inc();
+    }
+
     pub fn fallback(&self, class: OutcomeClass) {
         self.fallbacks
             .get_or_create(&vec![("class", class.name())])
@@ -415,6 +452,8 @@ impl Stats {
             policy_waived_by_sender: self.policy_waived_by_sender.get(),
             local_errors: self.local_errors.get(),
             recipients_split: self.recipients_split.get(),
+            plain_domains: self.plain_domains.get(),
+            expiring_certificates: self.expiring_certificates.get(),
             pool_reuses: self.pool_reuses.get(),
             pool_dead: self.pool_dead.get(),
             pool_idle: self.pool_idle.get(),

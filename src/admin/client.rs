@@ -7,6 +7,7 @@ use serde_json::Value;
 
 use crate::admin::endpoint;
 use crate::admin::protocol::{Request, Response};
+use crate::admin::table::{relative, row, table, text};
 use crate::cache::shared::Unfinished;
 
 /// Why the daemon could not be asked.
@@ -54,6 +55,9 @@ fn unfinished(swept: &Value) -> Option<&'static str> {
 
 /// The human form of a successful answer.
 pub fn render(request: &Request, result: &Value) -> String {
+    if let Some(rendered) = crate::admin::domains::render(request, result) {
+        return rendered;
+    }
     let now = result.get("now").and_then(Value::as_u64).unwrap_or(0);
     match request {
         Request::CacheList { .. } => cache_table(result, now),
@@ -150,6 +154,9 @@ pub fn render(request: &Request, result: &Value) -> String {
         Request::PolicyFlush { .. } => format!("flushed {} policies\n", result["flushed"]),
         Request::Tlsrpt {} => tlsrpt_table(result),
         Request::TlsrptSend { .. } => tlsrpt_sent_table(result),
+        Request::Domains { .. } | Request::Domain { .. } | Request::Certs { .. } => {
+            format!("{result:#}\n")
+        }
     }
 }
 
@@ -310,6 +317,8 @@ fn stats_lines(result: &Value) -> String {
         "delivered_plain",
         "deferrals",
         "recipients_split",
+        "plain_domains",
+        "expiring_certificates",
         "downgrades",
         "cache_hits",
         "cache_entries",
@@ -415,87 +424,6 @@ fn pool_table(result: &Value) -> String {
         ]);
     }
     table(&rows)
-}
-
-fn row(cells: &[&str]) -> Vec<String> {
-    cells.iter().map(|c| c.to_string()).collect()
-}
-
-/// A cell; control characters (a remote's certificate or banner can hold any) are shown
-/// escaped, never sent to the terminal.
-fn text(value: &Value) -> String {
-    match value {
-        Value::Null => "-".into(),
-        Value::String(s) => {
-            let mut shown = String::with_capacity(s.len());
-            for c in s.chars() {
-                if c.is_control() {
-                    shown.extend(c.escape_default());
-                } else {
-                    shown.push(c);
-                }
-            }
-            shown
-        }
-        other => other.to_string(),
-    }
-}
-
-/// Aligned columns, two spaces apart.
-pub fn table(rows: &[Vec<String>]) -> String {
-    let columns = rows.iter().map(Vec::len).max().unwrap_or(0);
-    let widths: Vec<usize> = (0..columns)
-        .map(|c| {
-            rows.iter()
-                .filter_map(|r| r.get(c))
-                .map(|s| s.chars().count())
-                .max()
-                .unwrap_or(0)
-        })
-        .collect();
-    let mut out = String::new();
-    for r in rows {
-        let cells: Vec<String> = r
-            .iter()
-            .enumerate()
-            .map(|(c, cell)| format!("{cell:<width$}", width = widths[c]))
-            .collect();
-        out.push_str(cells.join("  ").trim_end());
-        out.push('\n');
-    }
-    out
-}
-
-/// "in 42m", "3h ago", "now".
-pub fn relative(now: u64, then: u64) -> String {
-    let (delta, future) = if then >= now {
-        (then - now, true)
-    } else {
-        (now - then, false)
-    };
-    if delta < 5 {
-        return "now".into();
-    }
-    // To the nearest unit: an entry cached for 7 days a second ago expires "in 7d".
-    let round = |unit: u64| (delta + unit / 2) / unit;
-    let amount = if delta < 60 {
-        format!("{delta}s")
-    } else if round(60) < 60 {
-        format!("{}m", round(60))
-    } else if round(3600) < 24 {
-        format!("{}h", round(3600))
-    } else {
-        format!("{}d", round(86_400))
-    };
-    with(future, amount)
-}
-
-fn with(future: bool, amount: String) -> String {
-    if future {
-        format!("in {amount}")
-    } else {
-        format!("{amount} ago")
-    }
 }
 
 /// "1 entry", "3 entries".

@@ -53,11 +53,7 @@ async fn answer(proxy: &Proxy, stream: &mut tokio::net::TcpStream) {
     }
     let wanted = head.starts_with(b"GET /metrics ") || head.starts_with(b"GET /metrics?");
     let (status, body) = if wanted {
-        proxy
-            .stats
-            .cache_entries
-            .set(proxy.outbound.cache.len() as i64);
-        proxy.stats.dane_state(proxy.outbound.resolver.dane_state());
+        crate::admin::refresh_gauges(proxy);
         ("200 OK", proxy.stats.prometheus_text())
     } else {
         (

@@ -2,12 +2,14 @@
 //! pipe on Windows), its JSON-lines protocol, and the `tlsrouter ctl` client.
 
 pub mod client;
+pub mod domains;
 pub mod metrics;
 #[cfg(windows)]
 #[allow(unsafe_code)]
 pub mod named_pipe;
 pub mod protocol;
 pub mod server;
+pub mod table;
 #[cfg(unix)]
 pub mod unix_socket;
 
@@ -21,6 +23,18 @@ use std::sync::Arc;
 
 use crate::proxy::Proxy;
 use crate::settings::SetupError;
+
+/// Sets the gauges that are read, not counted, before `ctl stats` or a scrape shows them.
+pub fn refresh_gauges(proxy: &Proxy) {
+    let stats = &proxy.stats;
+    stats.cache_entries.set(proxy.outbound.cache.len() as i64);
+    stats.dane_state(proxy.outbound.resolver.dane_state());
+    stats
+        .plain_domains
+        .set(proxy.ledger.delivered_in_plain() as i64);
+    let expiring = domains::expiring_within(proxy, 14);
+    stats.expiring_certificates.set(expiring as i64);
+}
 
 /// Opens the admin socket and the metrics endpoint the configuration asks for, and
 /// serves them in the background. A file in the way of the socket is an error; a socket

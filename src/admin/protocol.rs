@@ -82,10 +82,27 @@ pub enum Request {
     },
     /// The remote connections idle in the pool.
     Pool {},
+    /// The ledger's recipient domains, the most in plain first.
+    Domains {
+        /// A duration back from now, up to the ledger's week: `24h`, `7d`.
+        #[serde(default)]
+        since: Option<String>,
+        /// Only the domains with messages by this route in the window.
+        #[serde(default)]
+        route: Option<crate::ledger::Route>,
+    },
+    /// One domain's ledger over the last hour, day and week, and its hosts' certificates.
+    Domain {
+        domain: String,
+    },
+    /// The certificates of the cached servers that expire within `expiring` (a duration).
+    Certs {
+        expiring: String,
+    },
 }
 
 /// The commands, for telling an unknown command from bad arguments.
-pub const COMMANDS: [&str; 18] = [
+pub const COMMANDS: [&str; 21] = [
     "cache-list",
     "cache-show",
     "cache-flush",
@@ -103,6 +120,9 @@ pub const COMMANDS: [&str; 18] = [
     "tlsrpt",
     "tlsrpt-send",
     "pool",
+    "domains",
+    "domain",
+    "certs",
     // Listed last: every other name is an unknown command.
     "",
 ];

@@ -209,13 +209,16 @@ pub async fn handle(proxy: &Proxy, request: Request) -> Response {
             }))
         }
         Request::Stats {} => {
-            proxy.stats.cache_entries.set(cache.len() as i64);
+            crate::admin::refresh_gauges(proxy);
             let mut snapshot = json!(proxy.stats.snapshot());
             snapshot["dane"] = json!(proxy.outbound.resolver.dane_state());
             Response::ok(snapshot)
         }
         Request::Sessions {} => Response::ok(json!({ "sessions": proxy.sessions.list() })),
         Request::Pool {} => Response::ok(json!({ "pool": proxy.outbound.pool.list() })),
+        Request::Domains { .. } | Request::Domain { .. } | Request::Certs { .. } => {
+            crate::admin::domains::answer(proxy, request)
+        }
         Request::Probe(target) => {
             if let Some(missing) = target.missing() {
                 return Response::error(ErrorKind::BadArguments, missing);

@@ -197,6 +197,31 @@ impl std::fmt::Display for Failed {
 }
 
 impl Failed {
+    /// The failure as the ledger keeps it: the host it was about, its class, its words.
+    pub fn to_ledger(&self, at: u64) -> crate::ledger::Failure {
+        let (host, class) = match self {
+            Failed::Budget(_) => (None, None),
+            Failed::Addresses { host, .. } => (Some(host.clone()), None),
+            Failed::Server { server, failure } => {
+                let class = match failure {
+                    AttemptFailure::Unreachable { class, .. } => Some(*class),
+                    AttemptFailure::Refused(refusal) => refusal.class(),
+                    _ => None,
+                };
+                (Some(server.name.clone()), class)
+            }
+            Failed::Refused {
+                server, refusal, ..
+            } => (Some(server.name.clone()), refusal.class()),
+        };
+        crate::ledger::Failure {
+            at,
+            host,
+            class,
+            reason: self.to_string(),
+        }
+    }
+
     /// Whether the failure is this host's own (out of descriptors, a source address it
     /// lacks): it says nothing of the server, and is neither cached nor shared.
     pub fn is_local(&self) -> bool {

@@ -89,6 +89,32 @@ impl NoRoute {
         }
     }
 
+    /// Why the recipient's domain got nothing, as the ledger keeps it; `None` when the
+    /// recipient only goes to another transaction.
+    pub fn failure(&self, at: u64) -> Option<crate::ledger::Failure> {
+        let said = |host: Option<&ServerId>, reason: String| crate::ledger::Failure {
+            at,
+            host: host.map(|s| s.name.clone()),
+            class: None,
+            reason,
+        };
+        match self {
+            NoRoute::Hop(error) => Some(said(None, error.to_string())),
+            NoRoute::Open(OpenError::Route(error)) => Some(said(None, error.to_string())),
+            NoRoute::Open(OpenError::Rejected { reply, server }) => {
+                Some(said(Some(server), reply.to_string()))
+            }
+            NoRoute::Open(OpenError::Auth(failure)) => Some(said(None, failure.to_string())),
+            NoRoute::Open(
+                OpenError::Unreachable { failures, .. }
+                | OpenError::TlsNotAchieved { failures, .. }
+                | OpenError::Local { failures }
+                | OpenError::RequireTlsRefused { failures },
+            ) => failures.last().map(|failed| failed.to_ledger(at)),
+            NoRoute::OtherHop { .. } | NoRoute::NotJoined { .. } => None,
+        }
+    }
+
     /// Whether what the recipient domain publishes (MTA-STS, DANE) is all that refused
     /// every server: what a message's `TLS-Required: No` sets aside (RFC 8689 5).
     pub fn refused_by_domain_policy(&self) -> bool {

@@ -49,6 +49,10 @@ impl Reply {
         (400..500).contains(&self.code)
     }
 
+    pub fn is_permanent(&self) -> bool {
+        (500..600).contains(&self.code)
+    }
+
     /// 421 and 221 mean the server is closing the connection, whatever the command was.
     pub fn closes_connection(&self) -> bool {
         self.code == 421 || self.code == 221

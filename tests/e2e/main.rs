@@ -22,6 +22,7 @@ mod fleet;
 mod hardening;
 mod idna;
 mod kit;
+mod ledger;
 mod legacy_tls;
 mod lifecycle;
 mod mta_starttls;

@@ -391,6 +391,16 @@ impl DaemonLab {
         &self.config_file
     }
 
+    /// `tlsrouter ctl ARGS` against the daemon's admin socket: exit code, stdout, stderr.
+    pub async fn ctl(&self, args: &[&str]) -> (i32, String, String) {
+        ctl(&self.daemon.admin_socket, args).await
+    }
+
+    /// `tlsrouter ctl --json ARGS`: the answer's `result`; panics unless it succeeded.
+    pub async fn ctl_json(&self, args: &[&str]) -> Value {
+        ctl_json(&self.daemon.admin_socket, args).await
+    }
+
     /// Kills the daemon if it still runs and starts it again on the same files.
     pub async fn restart(&mut self) {
         self.daemon.kill();

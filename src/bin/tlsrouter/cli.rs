@@ -5,6 +5,7 @@ use std::path::PathBuf;
 use clap::{Parser, Subcommand};
 use tlsrouter::cache::TlsMemory;
 use tlsrouter::config::LogFormat;
+use tlsrouter::ledger::Route;
 use tlsrouter::outcome::OutcomeClass;
 
 /// EX_USAGE from sysexits.h: the configuration is wrong.
@@ -183,6 +184,26 @@ pub(crate) enum CtlCommand {
     Tlsrpt {
         #[command(subcommand)]
         command: Option<TlsrptCommand>,
+    },
+    /// Recipient domains and what became of their messages, the most in plain first.
+    Domains {
+        /// How far back, up to a week: 1h, 24h, 7d (default 7d; counted by whole hours).
+        #[arg(long)]
+        since: Option<String>,
+        /// Only the domains with messages by this route: tls-verified, tls-unverified,
+        /// tls-legacy, plain, deferred, refused.
+        #[arg(long)]
+        route: Option<Route>,
+    },
+    /// One recipient domain: its last hour, day and week, its last failure, its policy,
+    /// its MX hosts and their certificates.
+    Domain { domain: String },
+    /// Cached servers whose certificate expires within a while (or has expired), with
+    /// the days left and the domains they serve.
+    Certs {
+        /// The window: 14d, 30d.
+        #[arg(long, default_value = "14d")]
+        expiring: String,
     },
 }
 

@@ -71,6 +71,9 @@ pub(crate) fn ctl(socket: &std::path::Path, json: bool, command: CtlCommand) -> 
         CtlCommand::Stats => Request::Stats {},
         CtlCommand::Sessions => Request::Sessions {},
         CtlCommand::Pool => Request::Pool {},
+        CtlCommand::Domains { since, route } => Request::Domains { since, route },
+        CtlCommand::Domain { domain } => Request::Domain { domain },
+        CtlCommand::Certs { expiring } => Request::Certs { expiring },
         CtlCommand::Probe { target } => Request::Probe(target.into()),
     };
     let Ok(runtime) = tokio::runtime::Builder::new_current_thread()

@@ -9,6 +9,7 @@
 mod data;
 mod ehlo;
 mod held;
+mod ledger;
 mod log;
 mod transaction;
 
@@ -298,6 +299,7 @@ impl Session {
             started: std::time::Instant::now(),
             rules: self.proxy.router.rules(),
             text: None,
+            verdicts: Vec::new(),
         }));
         self.registered.update(SessionState::Mail, None);
         Reply::new(250, "2.1.0", "sender OK")
@@ -308,16 +310,23 @@ impl Session {
             return CommandError::UnknownParameter(param).reply();
         }
         let reply = self.rcpt_reply(recipient.clone(), &params).await;
+        if reply.is_positive()
+            && let Stage::Mail(tx) = &mut self.stage
+        {
+            tx.note_recipient(&recipient, &reply, false);
+        }
         if !reply.is_positive()
             && let Stage::Mail(tx) = &mut self.stage
         {
             // 452 4.5.3: "send it in another transaction" (RFC 5321 4.5.3.1.10), which the
             // MTA does; the message is not deferred.
-            if reply.code == 452 && reply.enhanced() == Some("4.5.3") {
+            let split = reply.code == 452 && reply.enhanced() == Some("4.5.3");
+            if split {
                 self.proxy.stats.recipients_split.inc();
             } else {
                 tx.deferred_any |= reply.is_transient();
             }
+            tx.note_recipient(&recipient, &reply, split);
             if tx.refused.len() < REFUSED_SHOWN {
                 tx.refused.push((recipient, reply.clone()));
             } else {
@@ -361,7 +370,9 @@ impl Session {
             }
             no_route.log(self.client, &domain, &plan);
             let reply = no_route.reply();
+            let failure = no_route.failure(proxy.outbound.cache.now());
             if let Stage::Mail(tx) = &mut self.stage {
+                tx.note_failure(&domain, failure);
                 tx.failed_domains.insert(domain, reply.clone());
             }
             return reply;
@@ -466,6 +477,8 @@ impl Session {
     async fn finish(&self, tx: &mut Transaction, reply: Option<&Reply>, end: End) {
         log_transaction(self.client, tx, reply, end);
         self.count(tx, reply, end);
+        let now = self.proxy.outbound.cache.now();
+        ledger::record((&self.proxy.ledger, &self.proxy.stats), now, tx, reply, end);
         self.registered.update(SessionState::Ready, None);
         if let Remote::Open(route) = std::mem::replace(&mut tx.remote, Remote::None) {
             // Kept for the next message when it ended well, closed otherwise.

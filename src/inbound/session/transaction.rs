@@ -31,6 +31,8 @@ pub(super) struct Transaction {
     pub(super) rules: Arc<RuleSet>,
     /// What the message text was, as far as it was read.
     pub(super) text: Option<TextFacts>,
+    /// Each recipient domain's replies so far, for the ledger.
+    pub(super) verdicts: Vec<DomainVerdict>,
 }
 
 /// What the log line says of a message text: its size and Message-ID, to match the line
@@ -40,6 +42,20 @@ pub(super) struct TextFacts {
     /// Octets read (and sent, where it was), as they go on the wire.
     pub(super) size: u64,
     pub(super) message_id: Option<String>,
+}
+
+/// What the transaction did for one recipient domain so far, for the ledger (see `ledger`).
+#[derive(Debug)]
+pub(super) struct DomainVerdict {
+    pub(super) domain: String,
+    /// Some recipient of the domain got a 2xx.
+    pub(super) taken: bool,
+    /// Some recipient got a 4xx that was not "send it in another transaction".
+    pub(super) deferred: bool,
+    /// Some recipient got a 5xx.
+    pub(super) refused: bool,
+    /// Why the domain got no route, when it got none.
+    pub(super) failure: Option<crate::ledger::Failure>,
 }
 
 /// Where the transaction stands with its remote.

@@ -27,11 +27,7 @@ struct Saved {
 /// The file the policies are saved in: beside the outcome cache file, `cache.json` giving
 /// `cache.mta-sts.json`.
 pub fn policy_file(cache_file: &Path) -> PathBuf {
-    let stem = cache_file
-        .file_stem()
-        .map(|s| s.to_string_lossy().into_owned())
-        .unwrap_or_else(|| "cache".into());
-    cache_file.with_file_name(format!("{stem}.mta-sts.json"))
+    crate::settings::file_beside(cache_file, "mta-sts")
 }
 
 impl PolicyStore {

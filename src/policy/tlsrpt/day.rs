@@ -72,11 +72,7 @@ pub(super) struct PolicyCounts {
 /// The file the counts are saved in: beside the outcome cache file, `cache.json` giving
 /// `cache.tls-rpt.json`.
 pub fn counts_file(cache_file: &std::path::Path) -> PathBuf {
-    let stem = cache_file
-        .file_stem()
-        .map(|s| s.to_string_lossy().into_owned())
-        .unwrap_or_else(|| "cache".into());
-    cache_file.with_file_name(format!("{stem}.tls-rpt.json"))
+    crate::settings::file_beside(cache_file, "tls-rpt")
 }
 
 /// The counts of one policy domain on one day, by the policy they were judged under.
