@@ -3,6 +3,7 @@
 
 pub mod client;
 pub mod domains;
+pub mod http;
 pub mod metrics;
 #[cfg(windows)]
 #[allow(unsafe_code)]
