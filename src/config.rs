@@ -36,6 +36,7 @@ pub struct Config {
     pub ledger: crate::ledger::LedgerConfig,
     pub admin: AdminConfig,
     pub metrics: MetricsConfig,
+    pub console: ConsoleConfig,
     pub log: LogConfig,
     /// More listeners beside `listen` (which is always a smart-host listener).
     pub listeners: Vec<ListenerConfig>,
@@ -71,6 +72,7 @@ impl Default for Config {
             ledger: crate::ledger::LedgerConfig::default(),
             admin: AdminConfig::default(),
             metrics: MetricsConfig::default(),
+            console: ConsoleConfig::default(),
             log: LogConfig::default(),
             listeners: Vec::new(),
             inbound: InboundConfig::default(),
@@ -232,6 +234,48 @@ impl TryFrom<String> for FileMode {
 pub struct MetricsConfig {
     /// `ip:port` of the Prometheus endpoint (`GET /metrics`); `null` (the default) is off.
     pub listen: Option<SocketAddr>,
+}
+
+/// `console:`: the web console (docs/ADMIN.md), off by default.
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ConsoleConfig {
+    /// `ip:port` of the console; `null` (the default) is off. Keep it on loopback.
+    pub listen: Option<SocketAddr>,
+    /// A file whose first line is the admin token the login form asks for; required with
+    /// `listen`, readable by the daemon and by no one else.
+    pub token_file: Option<PathBuf>,
+}
+
+impl ConsoleConfig {
+    /// The admin token, from `token_file`, when the console is on: required then, and long
+    /// enough not to be guessed.
+    pub fn token(&self) -> Result<Option<String>, crate::settings::SetupError> {
+        use crate::settings::SetupError;
+        if self.listen.is_none() {
+            return Ok(None);
+        }
+        let Some(path) = &self.token_file else {
+            return Err(SetupError::setting(
+                "console.listen",
+                "the console needs console.token_file, a file whose first line is the admin token (make one with: openssl rand -hex 32 > /etc/tlsrouter/console.token; chmod 600 it)",
+            ));
+        };
+        let text = crate::outbound::credentials::from_file(path)
+            .map_err(|e| SetupError::setting("console.token_file", e))?;
+        let token = text.lines().next().unwrap_or_default().trim().to_string();
+        if token.len() < 16 {
+            return Err(SetupError::setting(
+                "console.token_file",
+                format!(
+                    "{}: the admin token has {} characters; give it 16 or more (openssl rand -hex 32)",
+                    path.display(),
+                    token.len()
+                ),
+            ));
+        }
+        Ok(Some(token))
+    }
 }
 
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize, clap::ValueEnum)]

@@ -31,6 +31,10 @@ pub struct Proxy {
     pub tls_reports: Arc<TlsReports>,
     /// Per recipient domain, what became of its messages this week.
     pub ledger: Arc<Ledger>,
+    /// The web console's admin token, when the console is on.
+    pub(crate) console_token: Option<String>,
+    /// The last reload of the rule file since start, and how it went.
+    pub last_reload: std::sync::Mutex<Option<Reload>>,
     /// Tells sessions that a shutdown is draining them.
     pub drain: tokio::sync::watch::Sender<Drain>,
     /// The admin socket this daemon bound, the only one it may remove.
@@ -146,6 +150,7 @@ impl Proxy {
                 tracing::warn!("TLS-RPT counts not loaded from {}: {e}", path.display());
             }
         }
+        let console_token = config.console.token()?;
         let ledger = Arc::new(Ledger::new(&config.ledger));
         if let Some(path) = &config.cache.file {
             let path = ledger_file(path);
@@ -197,11 +202,26 @@ impl Proxy {
             policies,
             tls_reports,
             ledger,
+            last_reload: std::sync::Mutex::new(None),
+            console_token,
             drain: tokio::sync::watch::Sender::new(Drain::Running),
             admin_socket: std::sync::OnceLock::new(),
             server_tls,
         }))
     }
+}
+
+/// A reload of the rule file: when, why, and the rules then in force or why the file was
+/// refused (the rules before it stayed).
+#[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
+pub struct Reload {
+    /// Unix seconds.
+    pub at: u64,
+    pub why: String,
+    /// How many rules are in force after it; `None` when it was refused.
+    pub rules: Option<usize>,
+    /// Why it was refused (`file:line:column: ...`).
+    pub error: Option<String>,
 }
 
 impl Proxy {
@@ -255,9 +275,38 @@ impl Proxy {
         }
     }
 
+    /// With a fleet: writes this relay's ledger to Redis every `ledger.share_interval`
+    /// when it has counted something since, under its relay name, for the others to add
+    /// up (a week and a day, then it expires).
+    pub async fn share_ledger_periodically(self: Arc<Self>) {
+        let Some(shared) = self.outbound.cache.shared().cloned() else {
+            return;
+        };
+        let relay = shared.observer().relay.clone();
+        let keep = std::time::Duration::from_secs(crate::ledger::WEEK + 86_400);
+        let mut ticker = tokio::time::interval(self.config.ledger.share_interval);
+        let mut shared_at = None;
+        loop {
+            ticker.tick().await;
+            let recorded = self.ledger.recorded();
+            if shared_at != Some(recorded) && !self.ledger.is_empty() {
+                shared.share("ledger", &relay, self.ledger.snapshot(), keep);
+                shared_at = Some(recorded);
+            }
+        }
+    }
+
     /// Reloads the rule file, logging the outcome; the rules in force stay when it is bad.
     pub fn reload_rules(&self, why: &str) -> Result<usize, crate::config::ConfigError> {
-        match self.router.reload() {
+        let reloaded = self.router.reload();
+        let reload = Reload {
+            at: self.outbound.cache.now(),
+            why: why.to_string(),
+            rules: reloaded.as_ref().ok().copied(),
+            error: reloaded.as_ref().err().map(ToString::to_string),
+        };
+        *self.last_reload.lock().unwrap_or_else(|p| p.into_inner()) = Some(reload);
+        match reloaded {
             Ok(count) => {
                 tracing::info!(
                     event = "rules.reloaded",

@@ -10,6 +10,7 @@ use serde_json::Value;
 
 use crate::admin::protocol::{ErrorKind, Request, Response};
 use crate::admin::table::{relative, row, table, text};
+use crate::cache::shared::Swept;
 use crate::config::duration;
 use crate::ledger::{DomainView, Route, RouteCounts, WEEK, window_start};
 use crate::outcome::{OutcomeClass, days_of_date, format_date};
@@ -35,6 +36,17 @@ pub struct DomainsAnswer {
     pub domains: Vec<DomainRow>,
     /// Domains dropped since start to keep within `ledger.max_domains`.
     pub dropped: u64,
+    /// With a fleet: whose ledgers were added to this relay's.
+    #[serde(default)]
+    pub fleet: Option<Fleet>,
+}
+
+/// The other relays whose ledgers a fleet's answer adds up, and how far the walk over
+/// Redis got.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct Fleet {
+    pub relays: Vec<String>,
+    pub sweep: Swept,
 }
 
 /// One window of `ctl domain`.
@@ -51,6 +63,9 @@ pub struct DomainAnswer {
     pub now: u64,
     /// The week's view: the facts (policy, rule, hosts, last failure) and its counts.
     pub domain: DomainView,
+    /// With a fleet: whose ledgers were added to this relay's.
+    #[serde(default)]
+    pub fleet: Option<Fleet>,
     /// The last hour, day and week.
     pub windows: Vec<Window>,
     /// The mode of the MTA-STS policy held for it now, if any.
@@ -82,17 +97,16 @@ pub struct CertsAnswer {
 }
 
 /// Answers `domains`, `domain` and `certs`.
-pub(super) fn answer(proxy: &Proxy, request: Request) -> Response {
+pub(super) async fn answer(proxy: &Proxy, request: Request) -> Response {
     let now = proxy.outbound.cache.now();
     let answer = match request {
         Request::Domains { since, route } => domains(proxy, now, since.as_deref(), route)
+            .await
             .map(|a| serde_json::to_value(a).unwrap_or_default()),
-        Request::Domain { domain } => {
-            one_domain(proxy, now, &domain).map(|a| serde_json::to_value(a).unwrap_or_default())
-        }
-        Request::Certs { expiring } => {
-            certs(proxy, now, &expiring).map(|a| serde_json::to_value(a).unwrap_or_default())
-        }
+        Request::Domain { domain } => (one_domain(proxy, now, &domain).await)
+            .map(|a| serde_json::to_value(a).unwrap_or_default()),
+        Request::Certs { expiring } => (certs(proxy, now, &expiring).await)
+            .map(|a| serde_json::to_value(a).unwrap_or_default()),
         _ => return Response::error(ErrorKind::UnknownCommand, "not a ledger command"),
     };
     match answer {
@@ -113,15 +127,16 @@ fn window(text: &str) -> Result<u64, Response> {
     }
 }
 
-fn domains(
+pub(super) async fn domains(
     proxy: &Proxy,
     now: u64,
     since: Option<&str>,
     route: Option<Route>,
 ) -> Result<DomainsAnswer, Response> {
     let since = now.saturating_sub(window(since.unwrap_or("7d"))?);
-    let certs = certificates(proxy, now);
-    let mut rows: Vec<DomainRow> = (proxy.ledger.views(since).into_iter())
+    let certs = certificates(proxy, now).await;
+    let (views, fleet) = views(proxy, since).await;
+    let mut rows: Vec<DomainRow> = (views.into_iter())
         .filter(|v| route.is_none_or(|r| v.counts.get(r) > 0))
         .map(|view| DomainRow {
             plain_share: view.counts.plain_share(),
@@ -141,31 +156,43 @@ fn domains(
         since: window_start(since),
         domains: rows,
         dropped: proxy.ledger.dropped(),
+        fleet,
     })
 }
 
-fn one_domain(proxy: &Proxy, now: u64, domain: &str) -> Result<DomainAnswer, Response> {
+pub(super) async fn one_domain(
+    proxy: &Proxy,
+    now: u64,
+    domain: &str,
+) -> Result<DomainAnswer, Response> {
     let domain = crate::net::dns::bare_name(domain).to_ascii_lowercase();
-    let Some(week) = proxy.ledger.view(&domain, now.saturating_sub(WEEK)) else {
+    let of_domain = |(views, fleet): (Vec<DomainView>, Option<Fleet>)| {
+        (views.into_iter().find(|v| v.domain == domain), fleet)
+    };
+    let (Some(week), fleet) = of_domain(views(proxy, now.saturating_sub(WEEK)).await) else {
         return Err(Response::error(
             ErrorKind::Failed,
             format!("the ledger has no message to {domain} this week"),
         ));
     };
-    let windows = [("1h", 3600), ("24h", 86_400), ("7d", WEEK)]
-        .into_iter()
-        .filter_map(|(name, secs)| {
-            let since = now.saturating_sub(secs);
-            let view = proxy.ledger.view(&domain, since)?;
-            Some(Window {
-                name: name.to_string(),
-                since: window_start(since),
-                counts: view.counts,
-                tls_versions: view.tls_versions,
-            })
-        })
-        .collect();
-    let certificates = (certificates(proxy, now).into_iter())
+    let mut windows = Vec::new();
+    for (name, secs) in [("1h", 3600), ("24h", 86_400)] {
+        let since = now.saturating_sub(secs);
+        let (view, _) = of_domain(views(proxy, since).await);
+        windows.push(Window {
+            name: name.to_string(),
+            since: window_start(since),
+            counts: view.as_ref().map(|v| v.counts).unwrap_or_default(),
+            tls_versions: view.map(|v| v.tls_versions).unwrap_or_default(),
+        });
+    }
+    windows.push(Window {
+        name: "7d".to_string(),
+        since: window_start(now.saturating_sub(WEEK)),
+        counts: week.counts,
+        tls_versions: week.tls_versions.clone(),
+    });
+    let certificates = (certificates(proxy, now).await.into_iter())
         .filter(|c| week.hosts.contains(&c.host) || c.domains.contains(&domain))
         .collect();
     let mta_sts = proxy.policies.cached(&domain).map(|p| {
@@ -179,17 +206,62 @@ fn one_domain(proxy: &Proxy, now: u64, domain: &str) -> Result<DomainAnswer, Res
     Ok(DomainAnswer {
         now,
         domain: week,
+        fleet,
         windows,
         mta_sts,
         certificates,
     })
 }
 
-fn certs(proxy: &Proxy, now: u64, expiring: &str) -> Result<CertsAnswer, Response> {
+/// The ledger's domains since `since`: this relay's, and with a fleet every other
+/// relay's from Redis, added up domain by domain. A relay's ledger that does not read is
+/// counted as not believed (`fleet_forged`) and left out.
+async fn views(proxy: &Proxy, since: u64) -> (Vec<DomainView>, Option<Fleet>) {
+    let mut views: BTreeMap<String, DomainView> = (proxy.ledger.views(since).into_iter())
+        .map(|v| (v.domain.clone(), v))
+        .collect();
+    let Some(shared) = proxy.outbound.cache.shared() else {
+        return (views.into_values().collect(), None);
+    };
+    let me = &shared.observer().relay;
+    let (ledgers, sweep) = shared.ledgers().await;
+    let mut relays = Vec::new();
+    for (relay, json) in ledgers.into_iter().filter(|(relay, _)| relay != me) {
+        match proxy.ledger.views_of_snapshot(&json, since) {
+            Ok(theirs) => {
+                for view in theirs {
+                    match views.get_mut(&view.domain) {
+                        Some(ours) => ours.merge(view),
+                        None => {
+                            views.insert(view.domain.clone(), view);
+                        }
+                    }
+                }
+                relays.push(relay);
+            }
+            Err(why) => {
+                proxy.stats.fleet_forged.inc();
+                tracing::warn!(
+                    event = "fleet.forged",
+                    relay,
+                    "the ledger of relay {relay} in the shared cache is not read: {why}"
+                );
+            }
+        }
+    }
+    relays.sort();
+    (views.into_values().collect(), Some(Fleet { relays, sweep }))
+}
+
+pub(super) async fn certs(
+    proxy: &Proxy,
+    now: u64,
+    expiring: &str,
+) -> Result<CertsAnswer, Response> {
     let within =
         duration::parse(expiring).map_err(|e| Response::error(ErrorKind::BadArguments, e))?;
     let within_days = (within.as_secs() / 86_400) as i64;
-    let mut certificates: Vec<CertRow> = (certificates(proxy, now).into_iter())
+    let mut certificates: Vec<CertRow> = (certificates(proxy, now).await.into_iter())
         .filter(|c| c.days_left <= within_days)
         .collect();
     certificates.sort_by(|a, b| a.days_left.cmp(&b.days_left).then(a.host.cmp(&b.host)));
@@ -204,17 +276,28 @@ fn certs(proxy: &Proxy, now: u64, expiring: &str) -> Result<CertsAnswer, Respons
 /// metrics' gauge.
 pub fn expiring_within(proxy: &Proxy, days: i64) -> usize {
     let now = proxy.outbound.cache.now();
-    (certificates(proxy, now).iter())
+    (certificates_known_here(proxy, now).iter())
         .filter(|c| c.days_left <= days)
         .count()
 }
 
-/// Every cached server's certificate, one row per host, with the domains it serves.
-fn certificates(proxy: &Proxy, now: u64) -> Vec<CertRow> {
+/// Every cached server's certificate, one row per host, with the domains it serves as
+/// the cache and the fleet's ledgers know them.
+async fn certificates(proxy: &Proxy, now: u64) -> Vec<CertRow> {
+    let (views, _) = views(proxy, now.saturating_sub(WEEK)).await;
+    certificate_rows(proxy, now, views)
+}
+
+/// The same from this relay's ledger alone, without asking Redis: for the gauge.
+fn certificates_known_here(proxy: &Proxy, now: u64) -> Vec<CertRow> {
+    certificate_rows(proxy, now, proxy.ledger.views(now.saturating_sub(WEEK)))
+}
+
+fn certificate_rows(proxy: &Proxy, now: u64, views: Vec<DomainView>) -> Vec<CertRow> {
     let today = (now / 86_400) as i64;
     // The domains the ledger saw going to each host this week.
     let mut served: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
-    for view in proxy.ledger.views(now.saturating_sub(WEEK)) {
+    for view in views {
         for host in &view.hosts {
             served
                 .entry(host.clone())
@@ -347,6 +430,9 @@ fn render_domains(answer: &DomainsAnswer) -> String {
         hour(answer.since),
         table(&rows)
     );
+    if let Some(fleet) = &answer.fleet {
+        out.push_str(&fleet_line(fleet));
+    }
     if answer.dropped > 0 {
         out.push_str(&format!(
             "({} domains dropped since start to keep within ledger.max_domains)\n",
@@ -356,9 +442,27 @@ fn render_domains(answer: &DomainsAnswer) -> String {
     out
 }
 
+/// Whose ledgers an answer adds up.
+fn fleet_line(fleet: &Fleet) -> String {
+    let mut line = match fleet.relays.len() {
+        0 => "this relay's messages only: no other relay's ledger in the shared cache".to_string(),
+        _ => format!(
+            "this relay's messages and those of {}",
+            fleet.relays.join(", ")
+        ),
+    };
+    if let Some(why) = fleet.sweep.unfinished {
+        line.push_str(&format!(" (not every relay's: {})", why.why()));
+    }
+    line + "\n"
+}
+
 fn render_domain(answer: &DomainAnswer) -> String {
     let d = &answer.domain;
     let mut out = format!("{}\n", shown(&d.domain));
+    if let Some(fleet) = &answer.fleet {
+        out.push_str(&format!("  {}", fleet_line(fleet)));
+    }
     let line = |out: &mut String, what: &str, value: String| {
         out.push_str(&format!("  {what:<14}{value}\n"));
     };

@@ -2,6 +2,7 @@
 //! pipe on Windows), its JSON-lines protocol, and the `tlsrouter ctl` client.
 
 pub mod client;
+pub mod console;
 pub mod domains;
 pub mod http;
 pub mod metrics;
@@ -70,6 +71,21 @@ pub async fn start(proxy: &Arc<Proxy>) -> Result<(), SetupError> {
             .map_err(|e| SetupError::setting(format!("metrics.listen {listen}"), e))?;
         tracing::info!("metrics on http://{listen}/metrics");
         tokio::spawn(metrics::serve(proxy.clone(), listener));
+    }
+    if let (Some(listen), Some(token)) = (proxy.config.console.listen, &proxy.console_token) {
+        let token = token.clone();
+        if !listen.ip().is_loopback() {
+            tracing::warn!(
+                event = "console.exposed",
+                listen = %listen,
+                "the web console on {listen} is reachable from other hosts: keep it on loopback, or behind an HTTPS reverse proxy that only admins reach"
+            );
+        }
+        let listener = tokio::net::TcpListener::bind(listen)
+            .await
+            .map_err(|e| SetupError::setting(format!("console.listen {listen}"), e))?;
+        tracing::info!("web console on http://{listen}/");
+        tokio::spawn(console::serve(proxy.clone(), listener, token));
     }
     Ok(())
 }

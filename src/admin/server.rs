@@ -130,7 +130,12 @@ pub async fn handle(proxy: &Proxy, request: Request) -> Response {
                 .iter()
                 .map(|r| json!({ "name": r.name, "line": r.line, "summary": summary(r) }))
                 .collect();
-            Response::ok(json!({ "source": rules.source.display().to_string(), "rules": list }))
+            let last_reload = proxy.last_reload.lock().map(|r| r.clone()).unwrap_or(None);
+            Response::ok(json!({
+                "source": rules.source.display().to_string(),
+                "rules": list,
+                "last_reload": last_reload,
+            }))
         }
         Request::RulesReload {} => match proxy.reload_rules("admin request") {
             Ok(count) => Response::ok(json!({ "rules": count })),
@@ -217,7 +222,7 @@ pub async fn handle(proxy: &Proxy, request: Request) -> Response {
         Request::Sessions {} => Response::ok(json!({ "sessions": proxy.sessions.list() })),
         Request::Pool {} => Response::ok(json!({ "pool": proxy.outbound.pool.list() })),
         Request::Domains { .. } | Request::Domain { .. } | Request::Certs { .. } => {
-            crate::admin::domains::answer(proxy, request)
+            crate::admin::domains::answer(proxy, request).await
         }
         Request::Probe(target) => {
             if let Some(missing) = target.missing() {

@@ -24,12 +24,17 @@ use domain::{DomainLedger, HOURS};
 pub struct LedgerConfig {
     /// The most recipient domains kept; a new one beyond it drops the least recently used.
     pub max_domains: NonZeroUsize,
+    /// With a fleet (`cache.backend: redis`): how often this relay's ledger is written to
+    /// Redis for the others to add up.
+    #[serde(with = "crate::settings::duration")]
+    pub share_interval: std::time::Duration,
 }
 
 impl Default for LedgerConfig {
     fn default() -> Self {
         LedgerConfig {
             max_domains: NonZeroUsize::new(10_000).expect("not zero"),
+            share_interval: std::time::Duration::from_secs(60),
         }
     }
 }
@@ -43,6 +48,8 @@ pub struct Ledger {
     max_domains: usize,
     /// Domains dropped to stay within `max_domains`.
     dropped: AtomicU64,
+    /// Messages recorded since start: whether there is anything new to share.
+    recorded: AtomicU64,
 }
 
 /// The saved form, versioned so that a later format is refused, not misread.
@@ -72,6 +79,7 @@ impl Ledger {
             domains: Mutex::default(),
             max_domains: config.max_domains.get(),
             dropped: AtomicU64::new(0),
+            recorded: AtomicU64::new(0),
         }
     }
 
@@ -90,6 +98,38 @@ impl Ledger {
             }
         }
         domains.entry(domain).or_default().record(now, message);
+        self.recorded.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Messages recorded since start.
+    pub fn recorded(&self) -> u64 {
+        self.recorded.load(Ordering::Relaxed)
+    }
+
+    /// The whole ledger as its file holds it: what a relay shares with its fleet.
+    pub fn snapshot(&self) -> String {
+        let saved = Saved {
+            version: FILE_VERSION,
+            domains: self.domains.lock().expect("ledger").clone(),
+        };
+        serde_json::to_string(&saved).unwrap_or_default()
+    }
+
+    /// Another relay's snapshot, as [`views`](Self::views) would see it: at most
+    /// `max_domains` of its domains (the most recently used), since `since`.
+    pub fn views_of_snapshot(&self, json: &str, since: u64) -> Result<Vec<DomainView>, String> {
+        let saved: Saved = serde_json::from_str(json).map_err(|e| e.to_string())?;
+        if saved.version != FILE_VERSION {
+            return Err(format!("version {} of the ledger", saved.version));
+        }
+        let mut domains: Vec<(String, DomainLedger)> = saved.domains.into_iter().collect();
+        domains.sort_by_key(|(_, d)| std::cmp::Reverse(d.last_at));
+        domains.truncate(self.max_domains);
+        let hour = since_hour(since);
+        Ok((domains.iter())
+            .map(|(name, d)| d.view(&name.to_ascii_lowercase(), hour))
+            .filter(|v| v.counts.total() > 0)
+            .collect())
     }
 
     /// Every domain with messages since `since` (unix seconds; counted by whole hours, from
@@ -229,6 +269,7 @@ mod tests {
     fn ledger(max: usize) -> Ledger {
         Ledger::new(&LedgerConfig {
             max_domains: NonZeroUsize::new(max).unwrap(),
+            ..LedgerConfig::default()
         })
     }
 
@@ -328,6 +369,24 @@ mod tests {
             ledger(10).load(&path),
             Err(LedgerFileError::Corrupt { .. })
         ));
+    }
+
+    #[test]
+    fn another_relays_snapshot_is_read_within_the_bound() {
+        let other = ledger(10);
+        other.record(NOW - 10, "a.test", &message(Route::Plain));
+        other.record(NOW, "b.test", &message(Route::TlsVerified));
+        let here = ledger(1);
+        let views = here
+            .views_of_snapshot(&other.snapshot(), NOW - 3600)
+            .unwrap();
+        let names: Vec<_> = views.iter().map(|v| v.domain.as_str()).collect();
+        assert_eq!(names, ["b.test"], "the most recent within max_domains");
+        assert!(
+            here.views_of_snapshot("{\"version\": 7, \"domains\": {}}", 0)
+                .is_err()
+        );
+        assert!(here.views_of_snapshot("not json", 0).is_err());
     }
 
     #[test]

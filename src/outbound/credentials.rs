@@ -50,7 +50,7 @@ fn one(
     }
 }
 
-fn from_file(path: &Path) -> Result<String, CredentialsError> {
+pub fn from_file(path: &Path) -> Result<String, CredentialsError> {
     warn_if_readable_by_others(path);
     let text = std::fs::read_to_string(path).map_err(|error| CredentialsError::Unreadable {
         path: path.to_path_buf(),

@@ -122,7 +122,8 @@ fn make_named_files(yaml: &str, etc: &str) {
         let content = match path.extension().and_then(|e| e.to_str()) {
             Some("crt") => certificate.pem(),
             Some("key") => key.serialize_pem(),
-            _ => "secret\n".to_string(),
+            // As long as an admin token must be.
+            _ => "secret-0123456789abcdef0123456789\n".to_string(),
         };
         std::fs::write(&path, content).expect("a named file");
     }

@@ -950,3 +950,106 @@ async fn a_forged_mta_sts_policy_in_redis_never_weakens_an_enforced_one() {
     let stats = a.daemon.ctl(&["stats"]).await;
     assert_eq!(stats["result"]["fleet_forged"], 2, "{stats}");
 }
+
+/// The count of `route` for `domain` in a `ctl domains --json` answer (0 when absent).
+fn ledger_count(answer: &Value, domain: &str, route: &str) -> u64 {
+    (answer["result"]["domains"].as_array().into_iter().flatten())
+        .find(|d| d["domain"] == domain)
+        .and_then(|d| d["counts"][route].as_u64())
+        .unwrap_or(0)
+}
+
+/// Each relay's ledger goes to Redis apart, and `ctl domains` on any relay adds them up:
+/// who got mail in plain this week is the fleet's answer, not one relay's. A ledger in
+/// Redis that does not read is not believed, and counted.
+#[tokio::test]
+async fn the_ledger_of_every_relay_is_summed_on_read() {
+    let redis = RedisServer::start().await;
+    let ca = TestCa::new();
+    let mx = server(
+        loopback(1),
+        0,
+        crate::support::smtp_server::ServerBehaviour::plain(),
+    )
+    .await;
+    let relay_with_ledger = |name| relay(name, &redis, &ca, &mx).set("ledger.share_interval", "1s");
+    let mut a = started(relay_with_ledger("a")).await;
+    let mut b = started(relay_with_ledger("b")).await;
+    assert_delivered(&send(a.smtp(), &["x@example.test"]).await);
+    assert_delivered(&send(b.smtp(), &["y@example.test"]).await);
+    assert_delivered(&send(b.smtp(), &["z@example.test"]).await);
+    a.daemon.wait_for_transaction().await;
+    for _ in 0..2 {
+        b.daemon.wait_for_transaction().await;
+    }
+    redis.cli(&[
+        "SET",
+        "tlsrouter:ledger:forger",
+        "{\"version\":1,\"domains\":7}",
+        "EX",
+        "3600",
+    ]);
+
+    // What b has counted reaches Redis at its next share; a reads it when asked.
+    let wrote = [("event", "fleet.wrote"), ("kind", "ledger"), ("name", "b")];
+    let mut summed = Value::Null;
+    for _ in 0..5 {
+        b.daemon.wait_for_event(&wrote).await;
+        summed = a.daemon.ctl(&["domains"]).await;
+        if ledger_count(&summed, "example.test", "plain") == 3 {
+            break;
+        }
+    }
+    assert_eq!(
+        ledger_count(&summed, "example.test", "plain"),
+        3,
+        "{summed:#}"
+    );
+    assert_eq!(
+        summed["result"]["fleet"]["relays"],
+        serde_json::json!(["b"])
+    );
+    let detail = a.daemon.ctl(&["domain", "example.test"]).await;
+    assert_eq!(
+        detail["result"]["windows"][0]["counts"]["plain"], 3,
+        "{detail:#}"
+    );
+    let local = a.daemon.ctl(&["stats"]).await;
+    assert_eq!(
+        local["result"]["delivered_plain"], 1,
+        "each relay counts its own"
+    );
+    assert!(
+        local["result"]["fleet_forged"].as_u64() >= Some(1),
+        "{local}"
+    );
+
+    // And the other way round.
+    let wrote = [("event", "fleet.wrote"), ("kind", "ledger"), ("name", "a")];
+    for _ in 0..5 {
+        a.daemon.wait_for_event(&wrote).await;
+        summed = b.daemon.ctl(&["domains"]).await;
+        if ledger_count(&summed, "example.test", "plain") == 3 {
+            break;
+        }
+    }
+    assert_eq!(
+        ledger_count(&summed, "example.test", "plain"),
+        3,
+        "{summed:#}"
+    );
+
+    // The ledgers are no cache: flushing the fleet's cache leaves them.
+    let flushed = a.daemon.ctl(&["cache", "flush", "--all"]).await;
+    assert_eq!(flushed["ok"], true, "{flushed}");
+    let mut ledgers = redis.keys("tlsrouter:ledger:*").await;
+    ledgers.sort();
+    assert_eq!(
+        ledgers,
+        [
+            "tlsrouter:ledger:a",
+            "tlsrouter:ledger:b",
+            "tlsrouter:ledger:forger"
+        ]
+    );
+}

@@ -4,87 +4,27 @@
 //! messages, and a restart keeps the week.
 
 use std::collections::BTreeMap;
-use std::net::{IpAddr, Ipv4Addr};
 
 use serde_json::Value;
 
-use crate::support::dns::TestZone;
 use crate::support::events::field;
-use crate::support::lab::{DaemonLab, Lab, dedent};
+use crate::support::lab::DaemonLab;
 use crate::support::metrics::{free_port, scrape, value};
-use crate::support::mta::{Sent, send};
-use crate::support::pki::{TestCa, Validity};
-use crate::support::smtp_server::{ServerBehaviour, SmtpServer};
+use crate::support::partners::{Partners, partners, traffic};
+use crate::support::pki::TestCa;
 
-const RULES: &str = r#"
-    rules:
-      - name: strict
-        match: { domains: ["strict.test"] }
-        tls: require
-      - name: default
-        match: { domains: ["*"] }
-"#;
-
-/// The lab's recipient domains and their MX servers, each on its own loopback address.
+/// The partners' lab as the daemon, with a cache file and metrics.
 struct Domains {
     lab: DaemonLab,
     metrics: u16,
-    _servers: Vec<SmtpServer>,
+    _partners: Partners,
 }
 
-/// tls.test (a trusted certificate) and alias.test (the same MX), plain.test (no STARTTLS), expired.test (an expired
-/// certificate), strict.test (no STARTTLS, where a rule requires TLS: deferred) and
-/// refusing.test (every recipient refused with 550).
 async fn domains(ca: &TestCa) -> Domains {
-    let tls = SmtpServer::start(
-        IpAddr::V4(Ipv4Addr::LOCALHOST),
-        0,
-        ServerBehaviour::tls(ca.leaf(&["mx.tls.test"], Validity::Current)),
-    )
-    .await
-    .expect("tls.test's MX");
-    let port = tls.addr().port();
-    let at = |last: u8| IpAddr::V4(Ipv4Addr::new(127, 0, 0, last));
-    let plain = SmtpServer::start(at(2), port, ServerBehaviour::default())
-        .await
-        .expect("plain.test's MX");
-    let expired = SmtpServer::start(
-        at(3),
-        port,
-        ServerBehaviour::tls(ca.leaf(&["mx.expired.test"], Validity::Expired)),
-    )
-    .await
-    .expect("expired.test's MX");
-    let refusing = SmtpServer::start(
-        at(4),
-        port,
-        ServerBehaviour {
-            rcpt_reply: Some("550 5.1.1 no such user here".into()),
-            ..ServerBehaviour::default()
-        },
-    )
-    .await
-    .expect("refusing.test's MX");
-    let mut zone = TestZone::new();
-    for (domain, last) in [
-        ("tls.test", 1),
-        ("plain.test", 2),
-        ("expired.test", 3),
-        ("strict.test", 2),
-        ("refusing.test", 4),
-    ] {
-        let mx = format!("mx.{domain}");
-        zone = zone
-            .mx(domain, 10, &mx)
-            .a(&mx, Ipv4Addr::new(127, 0, 0, last));
-    }
-    // A second domain of tls.test's MX: its recipients ride in the same transactions.
-    let zone = zone.mx("alias.test", 10, "mx.tls.test");
+    let (builder, partners) = partners(ca).await;
     let metrics = free_port();
-    let builder = Lab::new().ca(ca).zone(zone).mx_port(port);
     let cache_file = builder.dir().join("cache.json");
     let lab = builder
-        .rules(&dedent(RULES))
         .set_path("cache.file", &cache_file)
         .set("metrics.listen", format!("127.0.0.1:{metrics}"))
         .admin()
@@ -93,7 +33,7 @@ async fn domains(ca: &TestCa) -> Domains {
     Domains {
         lab,
         metrics,
-        _servers: vec![tls, plain, expired, refusing],
+        _partners: partners,
     }
 }
 
@@ -182,18 +122,7 @@ async fn the_ledger_answers_who_got_mail_in_plain_and_why_as_the_log_lines_count
     let ca = TestCa::new();
     let mut d = domains(&ca).await;
     let smtp = d.lab.smtp();
-    let sent: Vec<Sent> = vec![
-        send(smtp, &["a@tls.test"]).await,
-        send(smtp, &["b@tls.test", "c@tls.test"]).await,
-        send(smtp, &["d@tls.test", "x@alias.test"]).await,
-        send(smtp, &["e@plain.test"]).await,
-        send(smtp, &["f@plain.test"]).await,
-        send(smtp, &["g@expired.test"]).await,
-        send(smtp, &["h@strict.test"]).await,
-        send(smtp, &["i@refusing.test"]).await,
-    ];
-    assert_eq!(sent[6].rcpts[0].code, 451, "strict.test is deferred");
-    assert_eq!(sent[7].rcpts[0].code, 550, "refusing.test is refused");
+    let sent = traffic(smtp).await;
     let mut lines = Vec::new();
     for _ in &sent {
         lines.push(d.lab.daemon.wait_for_transaction().await);
@@ -255,6 +184,16 @@ async fn the_ledger_answers_who_got_mail_in_plain_and_why_as_the_log_lines_count
         .collect();
     assert_eq!(windows, ["1h", "24h", "7d"]);
     assert_eq!(strict["windows"][0]["counts"]["deferred"], 1);
+    let refusing = d.lab.ctl_json(&["domain", "refusing.test"]).await;
+    let why = &refusing["domain"]["last_failure"];
+    assert_eq!(
+        why["host"], "mx.refusing.test",
+        "the remote's refusal: {why}"
+    );
+    assert!(
+        why["reason"].as_str().is_some_and(|r| r.contains("5.1.1")),
+        "{why}"
+    );
     let tls = d.lab.ctl_json(&["domain", "TLS.test"]).await;
     assert!(
         tls["windows"][2]["tls_versions"]["TLSv1.3"].as_u64() == Some(3),

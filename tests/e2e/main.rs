@@ -11,6 +11,7 @@ mod support;
 mod admin;
 mod cache;
 mod cached_cost;
+mod console;
 mod dane;
 mod dead_hosts;
 mod delivery;

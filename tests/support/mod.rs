@@ -15,9 +15,13 @@
 //! - `postfix`: a real Postfix instance of the test's own, and waiting on its queue.
 //! - `netns`: a network namespace with a veth pair, for the transparent-mode tests.
 //! - `metrics`: scraping the Prometheus endpoint.
+//! - `browser`: headless Chromium through chromedriver (WebDriver), for the web console;
+//!   and one raw HTTP request, for what a browser would not send.
 //! - `documents`: the README, docs/ and the examples' READMEs, and their fenced blocks.
 //! - `redis`: a real `redis-server` on a free port, for the fleet's shared cache.
 //! - `reports`: reading the TLS-RPT reports sent (gzip JSON, a mailed attachment).
+//! - `partners`: recipient domains of every kind (TLS, plain, an expired certificate,
+//!   deferred, refused), for the ledger and the console.
 //! - `sts`: a recipient domain that publishes an MTA-STS enforce policy, for a lab.
 //! - `wine`: the Windows build under Wine (`.ci/windows` builds it and prepares the prefix).
 //! - `proxy`: older entry points (`test_config`, `start_proxy`), thin wrappers over `settings`.
@@ -25,6 +29,7 @@
 //! The end-to-end tests (`tests/e2e/`) are one test binary that includes this module.
 #![allow(dead_code)]
 
+pub mod browser;
 pub mod daemon;
 pub mod dns;
 pub mod dnssec;
@@ -37,6 +42,7 @@ pub mod metrics;
 pub mod mta;
 pub mod mx;
 pub mod netns;
+pub mod partners;
 pub mod pki;
 pub mod postfix;
 pub mod proxy;

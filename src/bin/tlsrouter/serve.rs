@@ -181,6 +181,7 @@ pub(crate) async fn serve(
     tracing::info!(event = "listening", listen = %bound, "tlsrouter listening");
     notify_systemd_ready(bound);
     tokio::spawn(proxy.clone().save_cache_periodically());
+    tokio::spawn(proxy.clone().share_ledger_periodically());
     tokio::spawn(proxy.tls_reports.clone().send_daily());
     tokio::spawn(proxy.policies.clone().refresh_periodically());
     let shutdown = async move {

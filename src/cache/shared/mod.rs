@@ -11,6 +11,8 @@
 //!   host's recipient domains, so a domain flush finds it after the entry expired); it
 //!   expires after `cache.ttl.success`, so downgrades are seen across the fleet as long as
 //!   locally.
+//! - `ledger:RELAY`: a relay's per-domain ledger (its own counts only, written every
+//!   `ledger.share_interval`); `ctl domains` on any relay adds up every relay's.
 //! - the channel `invalidate`: flushes and pins, so every relay drops its near copy at once.
 //!
 //! Merge rules, in Redis (one script, atomic) when a relay writes an observation:

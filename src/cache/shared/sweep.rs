@@ -45,7 +45,7 @@ impl Unfinished {
 }
 
 /// How far a walk got.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Swept {
     /// Keys looked at.
     pub scanned: usize,
@@ -119,11 +119,12 @@ impl<'a> Walk<'a> {
     }
 
     /// What each key holds, in one round trip: an entry's JSON for `entry:` keys, a mark's
-    /// for `tls:` keys, nothing for others.
+    /// for `tls:` keys, a relay's ledger for `ledger:` keys, nothing for others.
     async fn read(&mut self, keys: &[String]) -> Result<Vec<Option<String>>, Unfinished> {
-        let (entry, tls) = (
+        let (entry, tls, ledger) = (
             self.cache.kind_prefix("entry"),
             self.cache.kind_prefix("tls"),
+            self.cache.kind_prefix("ledger"),
         );
         let mut pipe = redis::pipe();
         let asked: Vec<bool> = keys
@@ -131,7 +132,7 @@ impl<'a> Walk<'a> {
             .map(|key| {
                 if key.starts_with(&entry) {
                     pipe.hget(key, "entry");
-                } else if key.starts_with(&tls) {
+                } else if key.starts_with(&tls) || key.starts_with(&ledger) {
                     pipe.get(key);
                 } else {
                     return false;
@@ -217,6 +218,31 @@ impl SharedCache {
         (found, swept)
     }
 
+    /// Every relay's ledger in Redis, by relay name, as far as the walk got.
+    pub async fn ledgers(&self) -> (Vec<(String, String)>, Swept) {
+        let mut walk = match Walk::begin(self, self.pattern("ledger")) {
+            Ok(walk) => walk,
+            Err(why) => return (Vec::new(), Swept::not_begun(why)),
+        };
+        let prefix = self.kind_prefix("ledger");
+        let mut found = Vec::new();
+        let walked = async {
+            while let Some(keys) = walk.next().await? {
+                let values = walk.read(&keys).await?;
+                for (key, json) in keys.into_iter().zip(values) {
+                    if let (Some(relay), Some(json)) = (key.strip_prefix(&prefix), json) {
+                        found.push((relay.to_string(), json));
+                    }
+                }
+            }
+            Ok(())
+        }
+        .await;
+        let mut swept = walk.end(walked);
+        swept.matched = found.len();
+        (found, swept)
+    }
+
     /// Deletes what the shared cache holds for a host or recipient domain (`None`:
     /// everything of this fleet): entries, and the memory of TLS of the name's hosts, also
     /// where the entry itself has expired and only the mark still names the domain.
@@ -227,10 +253,13 @@ impl SharedCache {
             Err(why) => return Swept::not_begun(why),
         };
         let (entry, tls) = (self.kind_prefix("entry"), self.kind_prefix("tls"));
+        // The relays' ledgers are no cache: a flush leaves them.
+        let ledger = self.kind_prefix("ledger");
         let walked = async {
             while let Some(keys) = walk.next().await? {
                 let Some(name) = name else {
-                    walk.delete(keys).await?;
+                    let keys = keys.into_iter().filter(|k| !k.starts_with(&ledger));
+                    walk.delete(keys.collect()).await?;
                     continue;
                 };
                 let values = walk.read(&keys).await?;

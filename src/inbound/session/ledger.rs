@@ -11,14 +11,30 @@ use crate::stats::Stats;
 impl Transaction {
     /// A recipient's reply; `split`: a 452 4.5.3, which only sends it to another
     /// transaction and says nothing of its domain.
-    pub(super) fn note_recipient(&mut self, recipient: &Mailbox, reply: &Reply, split: bool) {
+    /// A recipient refused without a failure of its own (the remote's RCPT reply) has the
+    /// reply as its domain's failure, at the server the transaction had reached.
+    pub(super) fn note_recipient(
+        &mut self,
+        recipient: &Mailbox,
+        reply: &Reply,
+        (split, now): (bool, u64),
+    ) {
         if split {
             return;
         }
+        let server = self.remote.facts().map(|f| f.server.name.clone());
         let verdict = self.verdict(recipient.routing_domain());
         verdict.taken |= reply.is_positive();
         verdict.deferred |= reply.is_transient();
         verdict.refused |= reply.is_permanent();
+        if !reply.is_positive() && verdict.failure.is_none() {
+            verdict.failure = Some(Failure {
+                at: now,
+                host: server,
+                class: None,
+                reason: format!("the recipient was answered {reply}"),
+            });
+        }
     }
 
     /// Why a recipient's domain got no route.

@@ -310,10 +310,11 @@ impl Session {
             return CommandError::UnknownParameter(param).reply();
         }
         let reply = self.rcpt_reply(recipient.clone(), &params).await;
+        let now = self.proxy.outbound.cache.now();
         if reply.is_positive()
             && let Stage::Mail(tx) = &mut self.stage
         {
-            tx.note_recipient(&recipient, &reply, false);
+            tx.note_recipient(&recipient, &reply, (false, now));
         }
         if !reply.is_positive()
             && let Stage::Mail(tx) = &mut self.stage
@@ -326,7 +327,7 @@ impl Session {
             } else {
                 tx.deferred_any |= reply.is_transient();
             }
-            tx.note_recipient(&recipient, &reply, split);
+            tx.note_recipient(&recipient, &reply, (split, now));
             if tx.refused.len() < REFUSED_SHOWN {
                 tx.refused.push((recipient, reply.clone()));
             } else {
