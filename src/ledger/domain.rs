@@ -142,12 +142,18 @@ impl RouteCounts {
     }
 }
 
-/// One hour's messages.
+/// One hour's messages. Short names in the file and in Redis: a busy relay's week holds
+/// many of them.
 #[derive(Clone, Debug, Serialize, Deserialize)]
 struct Bucket {
     /// Hours since the epoch.
+    #[serde(rename = "h")]
     hour: u32,
+    /// By route, in the order of `Route::ALL`.
+    #[serde(rename = "r")]
     routes: [u32; 6],
+    /// By version, in the order of `VERSIONS`.
+    #[serde(rename = "v")]
     versions: [u32; 4],
 }
 
@@ -178,7 +184,7 @@ pub struct Message<'a> {
     /// reached; `None` keeps what was known.
     pub policy: Option<Option<&'static str>>,
     pub rule: Option<&'a str>,
-    pub failure: Option<Failure>,
+    pub failure: Option<&'a Failure>,
 }
 
 /// One domain's ledger.
@@ -243,16 +249,23 @@ impl DomainLedger {
         if message.route.is_delivery() {
             self.last_delivery = Some((message.route, now));
         }
-        if let Some(failure) = &message.failure {
+        if let Some(failure) = message.failure {
             self.last_failure = Some(failure.clone());
         }
-        if let Some(policy) = message.policy {
+        // Written only when they change: most messages to a domain say the same.
+        if let Some(policy) = message.policy
+            && self.policy.as_deref() != policy
+        {
             self.policy = policy.map(str::to_string);
         }
-        if let Some(rule) = message.rule {
+        if let Some(rule) = message.rule
+            && self.rule.as_deref() != Some(rule)
+        {
             self.rule = Some(rule.to_string());
         }
-        if let Some(host) = message.host {
+        if let Some(host) = message.host
+            && self.hosts.last().is_none_or(|last| last != host)
+        {
             self.hosts.retain(|h| h != host);
             if self.hosts.len() >= HOSTS {
                 self.hosts.remove(0);

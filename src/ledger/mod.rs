@@ -85,9 +85,22 @@ impl Ledger {
 
     /// Counts one message for `domain` at `now` (unix seconds).
     pub fn record(&self, now: u64, domain: &str, message: &Message<'_>) {
-        let domain = domain.to_ascii_lowercase();
+        let lower;
+        let domain = match domain.bytes().any(|b| b.is_ascii_uppercase()) {
+            true => {
+                lower = domain.to_ascii_lowercase();
+                lower.as_str()
+            }
+            false => domain,
+        };
         let mut domains = self.domains.lock().expect("ledger");
-        if !domains.contains_key(&domain) && domains.len() >= self.max_domains {
+        // A domain met before, the usual case: no allocation.
+        if let Some(ledger) = domains.get_mut(domain) {
+            ledger.record(now, message);
+            self.recorded.fetch_add(1, Ordering::Relaxed);
+            return;
+        }
+        if domains.len() >= self.max_domains {
             // The least recently used: one walk, only when a new domain finds it full.
             let oldest = (domains.iter())
                 .min_by_key(|(_, d)| d.last_at)
@@ -97,7 +110,9 @@ impl Ledger {
                 self.dropped.fetch_add(1, Ordering::Relaxed);
             }
         }
-        domains.entry(domain).or_default().record(now, message);
+        let mut ledger = DomainLedger::default();
+        ledger.record(now, message);
+        domains.insert(domain.to_string(), ledger);
         self.recorded.fetch_add(1, Ordering::Relaxed);
     }
 
@@ -332,7 +347,7 @@ mod tests {
             "example.test",
             &Message {
                 policy: Some(Some("mta-sts:testing")),
-                failure: Some(failure.clone()),
+                failure: Some(&failure),
                 ..message(Route::Plain)
             },
         );

@@ -127,8 +127,8 @@ pub(super) fn record(
                 .and_then(|f| f.earlier_failures.last())
                 .map(|failed| failed.to_ledger(now)),
         });
-        let host = (reached.map(|f| f.server.name.clone()))
-            .or_else(|| failure.as_ref().and_then(|f| f.host.clone()));
+        let host = (reached.map(|f| f.server.name.as_str()))
+            .or_else(|| failure.as_ref().and_then(|f| f.host.as_deref()));
         match route {
             Route::Deferred => {
                 stats.not_delivered("deferred", failure.as_ref().and_then(|f| f.class))
@@ -145,10 +145,10 @@ pub(super) fn record(
             &Message {
                 route,
                 tls_version: tls_version.filter(|_| route.is_delivery()),
-                host: host.as_deref(),
+                host,
                 policy: reached.map(|f| f.published.name()),
                 rule: reached.map(|f| f.rule.as_str()),
-                failure,
+                failure: failure.as_ref(),
             },
         );
     }
