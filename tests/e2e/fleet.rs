@@ -959,6 +959,21 @@ fn ledger_count(answer: &Value, domain: &str, route: &str) -> u64 {
         .unwrap_or(0)
 }
 
+/// `ctl domains` on `reader` once `writer` (the relay `name`) has shared what it counted:
+/// after each of its writes to Redis, until the sum is 3 messages (at most five writes).
+async fn summed_after_share(writer: &mut DaemonLab, reader: &DaemonLab, name: &str) -> Value {
+    let wrote = [("event", "fleet.wrote"), ("kind", "ledger"), ("name", name)];
+    let mut summed = Value::Null;
+    for _ in 0..5 {
+        writer.daemon.wait_for_event(&wrote).await;
+        summed = reader.daemon.ctl(&["domains"]).await;
+        if ledger_count(&summed, "example.test", "plain") == 3 {
+            break;
+        }
+    }
+    summed
+}
+
 /// Each relay's ledger goes to Redis apart, and `ctl domains` on any relay adds them up:
 /// who got mail in plain this week is the fleet's answer, not one relay's. A ledger in
 /// Redis that does not read is not believed, and counted.
@@ -991,15 +1006,7 @@ async fn the_ledger_of_every_relay_is_summed_on_read() {
     ]);
 
     // What b has counted reaches Redis at its next share; a reads it when asked.
-    let wrote = [("event", "fleet.wrote"), ("kind", "ledger"), ("name", "b")];
-    let mut summed = Value::Null;
-    for _ in 0..5 {
-        b.daemon.wait_for_event(&wrote).await;
-        summed = a.daemon.ctl(&["domains"]).await;
-        if ledger_count(&summed, "example.test", "plain") == 3 {
-            break;
-        }
-    }
+    let summed = summed_after_share(&mut b, &a, "b").await;
     assert_eq!(
         ledger_count(&summed, "example.test", "plain"),
         3,
@@ -1025,14 +1032,7 @@ async fn the_ledger_of_every_relay_is_summed_on_read() {
     );
 
     // And the other way round.
-    let wrote = [("event", "fleet.wrote"), ("kind", "ledger"), ("name", "a")];
-    for _ in 0..5 {
-        a.daemon.wait_for_event(&wrote).await;
-        summed = b.daemon.ctl(&["domains"]).await;
-        if ledger_count(&summed, "example.test", "plain") == 3 {
-            break;
-        }
-    }
+    let summed = summed_after_share(&mut a, &b, "a").await;
     assert_eq!(
         ledger_count(&summed, "example.test", "plain"),
         3,
