@@ -12,9 +12,8 @@ use crate::admin::protocol::{ErrorKind, Request, Response};
 use crate::admin::table::{relative, row, table, text};
 use crate::cache::shared::Swept;
 use crate::config::duration;
-use crate::ledger::{DomainView, Route, RouteCounts, WEEK, window_start};
+use crate::ledger::{DomainView, Route, RouteCounts, Snapshot, WEEK, window_start};
 use crate::outcome::{OutcomeClass, days_of_date, format_date};
-use crate::policy::mta_sts::Mode;
 use crate::proxy::Proxy;
 
 /// A domain in `ctl domains`.
@@ -134,9 +133,9 @@ pub(super) async fn domains(
     route: Option<Route>,
 ) -> Result<DomainsAnswer, Response> {
     let since = now.saturating_sub(window(since.unwrap_or("7d"))?);
-    let certs = certificates(proxy, now).await;
-    let (views, fleet) = views(proxy, since).await;
-    let mut rows: Vec<DomainRow> = (views.into_iter())
+    let ledgers = Ledgers::read(proxy).await;
+    let certs = certificate_rows(proxy, now, ledgers.views(now.saturating_sub(WEEK)));
+    let mut rows: Vec<DomainRow> = (ledgers.views(since).into_iter())
         .filter(|v| route.is_none_or(|r| v.counts.get(r) > 0))
         .map(|view| DomainRow {
             plain_share: view.counts.plain_share(),
@@ -156,7 +155,7 @@ pub(super) async fn domains(
         since: window_start(since),
         domains: rows,
         dropped: proxy.ledger.dropped(),
-        fleet,
+        fleet: ledgers.fleet,
     })
 }
 
@@ -166,91 +165,113 @@ pub(super) async fn one_domain(
     domain: &str,
 ) -> Result<DomainAnswer, Response> {
     let domain = crate::net::dns::bare_name(domain).to_ascii_lowercase();
-    let of_domain = |(views, fleet): (Vec<DomainView>, Option<Fleet>)| {
-        (views.into_iter().find(|v| v.domain == domain), fleet)
-    };
-    let (Some(week), fleet) = of_domain(views(proxy, now.saturating_sub(WEEK)).await) else {
+    let ledgers = Ledgers::read(proxy).await;
+    let Some(week) = ledgers.view(&domain, now.saturating_sub(WEEK)) else {
         return Err(Response::error(
             ErrorKind::Failed,
             format!("the ledger has no message to {domain} this week"),
         ));
     };
-    let mut windows = Vec::new();
-    for (name, secs) in [("1h", 3600), ("24h", 86_400)] {
-        let since = now.saturating_sub(secs);
-        let (view, _) = of_domain(views(proxy, since).await);
-        windows.push(Window {
-            name: name.to_string(),
-            since: window_start(since),
-            counts: view.as_ref().map(|v| v.counts).unwrap_or_default(),
-            tls_versions: view.map(|v| v.tls_versions).unwrap_or_default(),
-        });
-    }
-    windows.push(Window {
-        name: "7d".to_string(),
-        since: window_start(now.saturating_sub(WEEK)),
-        counts: week.counts,
-        tls_versions: week.tls_versions.clone(),
-    });
-    let certificates = (certificates(proxy, now).await.into_iter())
+    let windows = [("1h", 3600), ("24h", 86_400), ("7d", WEEK)]
+        .into_iter()
+        .map(|(name, secs)| {
+            let since = now.saturating_sub(secs);
+            let view = ledgers.view(&domain, since);
+            Window {
+                name: name.to_string(),
+                since: window_start(since),
+                counts: view.as_ref().map(|v| v.counts).unwrap_or_default(),
+                tls_versions: view.map(|v| v.tls_versions).unwrap_or_default(),
+            }
+        })
+        .collect();
+    let certificates = certificate_rows(proxy, now, ledgers.views(now.saturating_sub(WEEK)))
+        .into_iter()
         .filter(|c| week.hosts.contains(&c.host) || c.domains.contains(&domain))
         .collect();
-    let mta_sts = proxy.policies.cached(&domain).map(|p| {
-        match p.mode {
-            Mode::Enforce => "enforce",
-            Mode::Testing => "testing",
-            Mode::None => "none",
-        }
-        .to_string()
-    });
+    let mta_sts = (proxy.policies.cached(&domain)).map(|p| p.mode.name().to_string());
     Ok(DomainAnswer {
         now,
         domain: week,
-        fleet,
+        fleet: ledgers.fleet,
         windows,
         mta_sts,
         certificates,
     })
 }
 
-/// The ledger's domains since `since`: this relay's, and with a fleet every other
-/// relay's from Redis, added up domain by domain. A relay's ledger that does not read is
-/// counted as not believed (`fleet_forged`) and left out.
-async fn views(proxy: &Proxy, since: u64) -> (Vec<DomainView>, Option<Fleet>) {
-    let mut views: BTreeMap<String, DomainView> = (proxy.ledger.views(since).into_iter())
-        .map(|v| (v.domain.clone(), v))
-        .collect();
-    let Some(shared) = proxy.outbound.cache.shared() else {
-        return (views.into_values().collect(), None);
-    };
-    let me = &shared.observer().relay;
-    let (ledgers, sweep) = shared.ledgers().await;
-    let mut relays = Vec::new();
-    for (relay, json) in ledgers.into_iter().filter(|(relay, _)| relay != me) {
-        match proxy.ledger.views_of_snapshot(&json, since) {
-            Ok(theirs) => {
-                for view in theirs {
-                    match views.get_mut(&view.domain) {
-                        Some(ours) => ours.merge(view),
-                        None => {
-                            views.insert(view.domain.clone(), view);
-                        }
-                    }
+/// The ledgers an answer adds up: this relay's, and with a fleet every other relay's,
+/// read from Redis once per request. A relay's ledger that does not read is counted as not
+/// believed (`fleet_forged`) and left out.
+struct Ledgers<'a> {
+    proxy: &'a Proxy,
+    others: Vec<Snapshot>,
+    fleet: Option<Fleet>,
+}
+
+impl<'a> Ledgers<'a> {
+    async fn read(proxy: &'a Proxy) -> Ledgers<'a> {
+        let mut ledgers = Ledgers {
+            proxy,
+            others: Vec::new(),
+            fleet: None,
+        };
+        let Some(shared) = proxy.outbound.cache.shared() else {
+            return ledgers;
+        };
+        let me = &shared.observer().relay;
+        let (found, sweep) = shared.ledgers().await;
+        let mut relays = Vec::new();
+        for (relay, json) in found.into_iter().filter(|(relay, _)| relay != me) {
+            match proxy.ledger.read_snapshot(&json) {
+                Ok(snapshot) => {
+                    ledgers.others.push(snapshot);
+                    relays.push(relay);
                 }
-                relays.push(relay);
-            }
-            Err(why) => {
-                proxy.stats.fleet_forged.inc();
-                tracing::warn!(
-                    event = "fleet.forged",
-                    relay,
-                    "the ledger of relay {relay} in the shared cache is not read: {why}"
-                );
+                Err(why) => {
+                    proxy.stats.fleet_forged.inc();
+                    tracing::warn!(
+                        event = "fleet.forged",
+                        relay,
+                        "the ledger of relay {relay} in the shared cache is not read: {why}"
+                    );
+                }
             }
         }
+        relays.sort();
+        ledgers.fleet = Some(Fleet { relays, sweep });
+        ledgers
     }
-    relays.sort();
-    (views.into_values().collect(), Some(Fleet { relays, sweep }))
+
+    /// Every domain with messages since `since`, added up domain by domain.
+    fn views(&self, since: u64) -> Vec<DomainView> {
+        let mut views: BTreeMap<String, DomainView> = (self.proxy.ledger.views(since).into_iter())
+            .map(|v| (v.domain.clone(), v))
+            .collect();
+        for view in self.others.iter().flat_map(|s| s.views(since)) {
+            match views.get_mut(&view.domain) {
+                Some(ours) => ours.merge(view),
+                None => {
+                    views.insert(view.domain.clone(), view);
+                }
+            }
+        }
+        views.into_values().collect()
+    }
+
+    /// One domain since `since`, added up; `None` when no ledger has messages of it.
+    fn view(&self, domain: &str, since: u64) -> Option<DomainView> {
+        let here = self.proxy.ledger.view(domain, since);
+        let here = here.filter(|v| v.counts.total() > 0);
+        let theirs = self.others.iter().filter_map(|s| s.view(domain, since));
+        theirs.fold(here, |sum, view| match sum {
+            Some(mut sum) => {
+                sum.merge(view);
+                Some(sum)
+            }
+            None => Some(view),
+        })
+    }
 }
 
 pub(super) async fn certs(
@@ -261,7 +282,9 @@ pub(super) async fn certs(
     let within =
         duration::parse(expiring).map_err(|e| Response::error(ErrorKind::BadArguments, e))?;
     let within_days = (within.as_secs() / 86_400) as i64;
-    let mut certificates: Vec<CertRow> = (certificates(proxy, now).await.into_iter())
+    let ledgers = Ledgers::read(proxy).await;
+    let week = ledgers.views(now.saturating_sub(WEEK));
+    let mut certificates: Vec<CertRow> = (certificate_rows(proxy, now, week).into_iter())
         .filter(|c| c.days_left <= within_days)
         .collect();
     certificates.sort_by(|a, b| a.days_left.cmp(&b.days_left).then(a.host.cmp(&b.host)));
@@ -276,23 +299,15 @@ pub(super) async fn certs(
 /// metrics' gauge.
 pub fn expiring_within(proxy: &Proxy, days: i64) -> usize {
     let now = proxy.outbound.cache.now();
-    (certificates_known_here(proxy, now).iter())
+    // This relay's ledger alone: a scrape does not ask Redis.
+    let week = proxy.ledger.views(now.saturating_sub(WEEK));
+    (certificate_rows(proxy, now, week).iter())
         .filter(|c| c.days_left <= days)
         .count()
 }
 
 /// Every cached server's certificate, one row per host, with the domains it serves as
-/// the cache and the fleet's ledgers know them.
-async fn certificates(proxy: &Proxy, now: u64) -> Vec<CertRow> {
-    let (views, _) = views(proxy, now.saturating_sub(WEEK)).await;
-    certificate_rows(proxy, now, views)
-}
-
-/// The same from this relay's ledger alone, without asking Redis: for the gauge.
-fn certificates_known_here(proxy: &Proxy, now: u64) -> Vec<CertRow> {
-    certificate_rows(proxy, now, proxy.ledger.views(now.saturating_sub(WEEK)))
-}
-
+/// the cache and `views` (the ledgers' week) know them.
 fn certificate_rows(proxy: &Proxy, now: u64, views: Vec<DomainView>) -> Vec<CertRow> {
     let today = (now / 86_400) as i64;
     // The domains the ledger saw going to each host this week.

@@ -130,21 +130,22 @@ impl Ledger {
         serde_json::to_string(&saved).unwrap_or_default()
     }
 
-    /// Another relay's snapshot, as [`views`](Self::views) would see it: at most
-    /// `max_domains` of its domains (the most recently used), since `since`.
-    pub fn views_of_snapshot(&self, json: &str, since: u64) -> Result<Vec<DomainView>, String> {
+    /// A snapshot (another relay's, or the file's), read once: at most `max_domains` of its
+    /// domains (the most recently used).
+    pub fn read_snapshot(&self, json: &str) -> Result<Snapshot, String> {
         let saved: Saved = serde_json::from_str(json).map_err(|e| e.to_string())?;
         if saved.version != FILE_VERSION {
-            return Err(format!("version {} of the ledger", saved.version));
+            return Err(format!(
+                "version {} (this build reads version {FILE_VERSION})",
+                saved.version
+            ));
         }
-        let mut domains: Vec<(String, DomainLedger)> = saved.domains.into_iter().collect();
+        let mut domains: Vec<(String, DomainLedger)> = (saved.domains.into_iter())
+            .map(|(name, d)| (name.to_ascii_lowercase(), d))
+            .collect();
         domains.sort_by_key(|(_, d)| std::cmp::Reverse(d.last_at));
         domains.truncate(self.max_domains);
-        let hour = since_hour(since);
-        Ok((domains.iter())
-            .map(|(name, d)| d.view(&name.to_ascii_lowercase(), hour))
-            .filter(|v| v.counts.total() > 0)
-            .collect())
+        Ok(Snapshot(domains))
     }
 
     /// Every domain with messages since `since` (unix seconds; counted by whole hours, from
@@ -212,8 +213,8 @@ impl Ledger {
     /// Reads a file written by [`save`](Self::save); `None` when there is none yet. The
     /// domains in it beyond `max_domains` are dropped, the least recently used first.
     pub fn load(&self, path: &Path) -> Result<Option<usize>, LedgerFileError> {
-        let bytes = match std::fs::read(path) {
-            Ok(bytes) => bytes,
+        let text = match std::fs::read_to_string(path) {
+            Ok(text) => text,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
             Err(error) => {
                 return Err(LedgerFileError::Io {
@@ -222,20 +223,12 @@ impl Ledger {
                 });
             }
         };
-        let corrupt = |problem: String| LedgerFileError::Corrupt {
-            path: path.to_path_buf(),
-            problem,
-        };
-        let saved: Saved = serde_json::from_slice(&bytes).map_err(|e| corrupt(e.to_string()))?;
-        if saved.version != FILE_VERSION {
-            return Err(corrupt(format!(
-                "version {} (this build reads version {FILE_VERSION})",
-                saved.version
-            )));
-        }
-        let mut loaded: Vec<(String, DomainLedger)> = saved.domains.into_iter().collect();
-        loaded.sort_by_key(|(_, d)| std::cmp::Reverse(d.last_at));
-        loaded.truncate(self.max_domains);
+        let Snapshot(loaded) =
+            self.read_snapshot(&text)
+                .map_err(|problem| LedgerFileError::Corrupt {
+                    path: path.to_path_buf(),
+                    problem,
+                })?;
         let count = loaded.len();
         let mut domains = self.domains.lock().expect("ledger");
         for (name, ledger) in loaded {
@@ -243,6 +236,26 @@ impl Ledger {
             domains.entry(name).or_insert(ledger);
         }
         Ok(Some(count))
+    }
+}
+
+/// Another relay's ledger, as read from its snapshot.
+pub struct Snapshot(Vec<(String, DomainLedger)>);
+
+impl Snapshot {
+    /// Its domains with messages since `since`, as [`Ledger::views`] gives this relay's.
+    pub fn views(&self, since: u64) -> Vec<DomainView> {
+        let hour = since_hour(since);
+        (self.0.iter())
+            .map(|(name, d)| d.view(name, hour))
+            .filter(|v| v.counts.total() > 0)
+            .collect()
+    }
+
+    /// One domain since `since`; `None` when the snapshot has nothing of it.
+    pub fn view(&self, domain: &str, since: u64) -> Option<DomainView> {
+        let (name, d) = self.0.iter().find(|(name, _)| name == domain)?;
+        Some(d.view(name, since_hour(since))).filter(|v| v.counts.total() > 0)
     }
 }
 
@@ -393,15 +406,16 @@ mod tests {
         other.record(NOW, "b.test", &message(Route::TlsVerified));
         let here = ledger(1);
         let views = here
-            .views_of_snapshot(&other.snapshot(), NOW - 3600)
-            .unwrap();
+            .read_snapshot(&other.snapshot())
+            .unwrap()
+            .views(NOW - 3600);
         let names: Vec<_> = views.iter().map(|v| v.domain.as_str()).collect();
         assert_eq!(names, ["b.test"], "the most recent within max_domains");
         assert!(
-            here.views_of_snapshot("{\"version\": 7, \"domains\": {}}", 0)
+            here.read_snapshot("{\"version\": 7, \"domains\": {}}")
                 .is_err()
         );
-        assert!(here.views_of_snapshot("not json", 0).is_err());
+        assert!(here.read_snapshot("not json").is_err());
     }
 
     #[test]

@@ -277,9 +277,12 @@ fn as_ctl_says(request: &Request, answer: Answer) -> Result<String, String> {
     }
 }
 
-/// A name a probe may be asked for: a DNS name of letters, digits and hyphens, with a dot,
-/// not an address.
+/// A name a probe may be asked for: a DNS name (an internationalised one by its A-labels)
+/// of letters, digits and hyphens, with a dot, not an address.
 fn is_domain_name(name: &str) -> bool {
+    let Some(name) = crate::smtp::command::a_label(name) else {
+        return false;
+    };
     let labels: Vec<&str> = name.trim_end_matches('.').split('.').collect();
     name.len() <= 253
         && labels.len() >= 2
@@ -347,6 +350,7 @@ mod tests {
     fn only_domain_names_are_probed() {
         assert!(is_domain_name("partner.example"));
         assert!(is_domain_name("mx-1.partner.example."));
+        assert!(is_domain_name("bücher.example"), "by its A-labels");
         for not in [
             "",
             "localhost",

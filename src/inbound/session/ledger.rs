@@ -22,7 +22,10 @@ impl Transaction {
         if split {
             return;
         }
-        let server = self.remote.facts().map(|f| f.server.name.clone());
+        // Only a refusal names the server: a taken recipient costs no copy of its name.
+        let server = (!reply.is_positive())
+            .then(|| self.remote.facts().map(|f| f.server.name.clone()))
+            .flatten();
         let verdict = self.verdict(recipient.routing_domain());
         verdict.taken |= reply.is_positive();
         verdict.deferred |= reply.is_transient();
