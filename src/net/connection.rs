@@ -14,6 +14,7 @@ use crate::net::transport::{Stream, Transport};
 use crate::outcome::NoTls;
 use crate::smtp::Reply;
 use crate::smtp::line::{LineRead, read_line};
+use crate::smtp::peek::Look;
 use crate::smtp::reply::{ReplyBuilder, ReplyError};
 
 /// Reply lines longer than this are not SMTP (RFC 5321 allows 512).
@@ -193,7 +194,7 @@ impl PlainConnection {
         }
         // Anything after the 220 came before the handshake: an injection attempt or a broken
         // server. It must never be read as if it came over TLS.
-        if let Some(extra) = conn.unsolicited().await {
+        if let Some(extra) = conn.unsolicited(Look::Kernel).await {
             return Err(StartTls::Lost(NoTls::ProtocolViolation(format!(
                 "data after the STARTTLS 220 and before the handshake: {extra:?}"
             ))));
@@ -338,9 +339,20 @@ impl<T: Stream> Connection<T> {
     /// Every reply we read was asked for (a pipelined group is read to its end), so outside
     /// a reply nothing may arrive: if
     /// something does, every later reply would be matched to the wrong command. Checked
-    /// after each reply and before each command and the final dot.
+    /// after each reply and before each command, as far as the runtime has seen (a byte it
+    /// has not seen yet is caught by the next check, or answers the next command in the
+    /// wrong place and fails its due reply); before the final dot, in the kernel too.
     pub async fn expect_nothing_more(&mut self, what: &'static str) -> Result<(), ExchangeError> {
-        match self.unsolicited().await {
+        self.expect_nothing_more_in(Look::Seen, what).await
+    }
+
+    /// Nothing arrived that was not asked for, looking `look` hard.
+    pub async fn expect_nothing_more_in(
+        &mut self,
+        look: Look,
+        what: &'static str,
+    ) -> Result<(), ExchangeError> {
+        match self.unsolicited(look).await {
             None => Ok(()),
             Some(extra) => Err(ExchangeError::ExtraReply(what, extra)),
         }
@@ -349,15 +361,15 @@ impl<T: Stream> Connection<T> {
     /// Bytes that have arrived but were not asked for: in our buffer, or waiting on the
     /// socket. What waits is read (under TLS, decrypted) until the socket holds nothing
     /// more: a record that is no reply (a session ticket) is taken up and does not count.
-    async fn unsolicited(&mut self) -> Option<String> {
-        if self.io.buffer().is_empty() && self.bytes_waiting() {
+    async fn unsolicited(&mut self, look: Look) -> Option<String> {
+        if self.io.buffer().is_empty() && self.bytes_waiting(look) {
             let read = std::future::poll_fn(|cx| {
                 if Pin::new(&mut self.io).poll_fill_buf(cx).is_ready() {
                     return Poll::Ready(());
                 }
                 // Pending with bytes still on the socket: the runtime has not seen them yet
                 // and will wake us. Pending with none: what came held no data.
-                if self.bytes_waiting() {
+                if self.bytes_waiting(Look::Kernel) {
                     Poll::Pending
                 } else {
                     Poll::Ready(())
@@ -371,8 +383,8 @@ impl<T: Stream> Connection<T> {
     }
 
     /// Whether bytes wait on the socket, not yet read into any buffer of ours.
-    fn bytes_waiting(&self) -> bool {
-        crate::smtp::peek::bytes_waiting(self.io.get_ref().tcp())
+    fn bytes_waiting(&self, look: Look) -> bool {
+        crate::smtp::peek::bytes_waiting(self.io.get_ref().tcp(), look)
     }
 
     /// Sends a line that holds a secret; the debug log shows `shown` instead.
@@ -435,9 +447,11 @@ impl<T: Stream> Connection<T> {
     }
 
     /// Whether anything came that nobody asked for, without waiting: in our buffer, or on
-    /// the socket. A connection with such bytes is out of step and is not kept.
+    /// the socket as far as the runtime has seen. A connection with such bytes is out of
+    /// step and is not kept (what the runtime has not seen yet, the check before the
+    /// connection's next command finds).
     pub fn has_unsolicited(&self) -> bool {
-        !self.io.buffer().is_empty() || self.bytes_waiting()
+        !self.io.buffer().is_empty() || self.bytes_waiting(Look::Seen)
     }
 
     /// No further command goes on this connection: `quit` only closes it.

@@ -15,6 +15,7 @@ use crate::outcome::TlsOutcome;
 use crate::router::decision::{Authentication, Published};
 use crate::rules::model::HostPort;
 use crate::settings::Timeouts;
+use crate::smtp::peek::Look;
 use crate::smtp::{Capabilities, Mailbox, RcptParams, Reply};
 
 /// The first recipient sent with MAIL FROM, and what came back for it.
@@ -238,13 +239,15 @@ impl Upstream {
 
     /// The last bytes of the message text (`tail`, maybe none) with the final dot, in one
     /// write, and the remote's verdict on the message. A reply that came during the body
-    /// is out of sequence: it must not be taken for the answer to the dot.
+    /// is out of sequence: it must not be taken for the answer to the dot, so the kernel
+    /// is asked, not only what the runtime has seen (nothing after the verdict could tell).
     pub async fn finish(&mut self, mut tail: Vec<u8>) -> Reply {
         let t = &self.timeouts;
         let what = "the reply to the message";
         let conn = &mut self.conn;
         let verdict = async {
-            conn.expect_nothing_more("the message text").await?;
+            conn.expect_nothing_more_in(Look::Kernel, "the message text")
+                .await?;
             tail.extend_from_slice(b".\r\n");
             conn.write(&tail, t.data_block, "sending the end of the message")
                 .await?;

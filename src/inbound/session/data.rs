@@ -10,6 +10,7 @@ use crate::outbound::upstream::{Answer, Upstream};
 use crate::sessions::SessionState;
 use crate::smtp::Reply;
 use crate::smtp::data::{BodyError, BodyFilter};
+use crate::smtp::peek::Look;
 
 /// Body bytes gathered before they are written to the remote.
 pub(super) const BODY_BLOCK: usize = 64 * 1024;
@@ -47,7 +48,7 @@ impl Session {
                     .await;
             }
         };
-        if self.client_sent_early() {
+        if self.client_sent_early(Look::Seen) {
             return self.pipelining_violation(&mut tx).await;
         }
         if let Remote::Held(_) = tx.remote
@@ -59,26 +60,23 @@ impl Session {
             Remote::Open(route) if !tx.accepted.is_empty() => route,
             Remote::Lost { reply, .. } => {
                 let reply = reply.clone();
-                self.finish(&mut tx, Some(&reply), End::NoData).await;
-                return self.reply_or_close(&reply).await;
+                return self.refuse_data(&mut tx, &reply, End::NoData).await;
             }
             _ => {
                 let reply = Reply::new(554, "5.5.1", "no valid recipients");
-                self.finish(&mut tx, Some(&reply), End::NoData).await;
-                return self.reply_or_close(&reply).await;
+                return self.refuse_data(&mut tx, &reply, End::NoData).await;
             }
         };
         let start = match route.upstream.start_data().await {
             Answer::Reply(start) => start,
             Answer::Lost(reply) => {
                 tx.lose(reply.clone());
-                self.finish(&mut tx, Some(&reply), End::DataRefused).await;
-                return self.reply_or_close(&reply).await;
+                return self.refuse_data(&mut tx, &reply, End::DataRefused).await;
             }
         };
         let remote = route.upstream.facts().to_string();
         self.registered.update(SessionState::Data, Some(remote));
-        if self.client_sent_early() {
+        if self.client_sent_early(Look::Seen) {
             // Text that came while the remote was asked: the same violation, found later.
             return self.pipelining_violation(&mut tx).await;
         }
@@ -143,6 +141,16 @@ impl Session {
     }
 
     /// RFC 2920: DATA ends a pipelined group; the client must wait for our 354.
+    /// DATA refused: text the MTA sent without waiting for a 354 would be read as commands
+    /// next, so the kernel is asked whether any came.
+    async fn refuse_data(&mut self, tx: &mut Transaction, reply: &Reply, end: End) -> Next {
+        if self.client_sent_early(Look::Kernel) {
+            return self.pipelining_violation(tx).await;
+        }
+        self.finish(tx, Some(reply), end).await;
+        self.reply_or_close(reply).await
+    }
+
     async fn pipelining_violation(&mut self, tx: &mut Transaction) -> Next {
         let reply = Reply::new(
             554,

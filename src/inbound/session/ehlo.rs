@@ -5,6 +5,7 @@ use crate::inbound::reader::SessionReader;
 use crate::inbound::session::{COMMAND_BLOCK, Next, Session, Stage};
 use crate::server_tls::MtaStream;
 use crate::smtp::Reply;
+use crate::smtp::peek::Look;
 
 impl Session {
     pub(super) fn ehlo_reply(&self) -> Reply {
@@ -58,7 +59,8 @@ impl Session {
             let reply = Reply::new(503, "5.5.1", "STARTTLS inside a transaction");
             return self.reply_or_close(&reply).await;
         }
-        if self.client_sent_early() {
+        // What follows is a handshake, which nothing could check afterwards.
+        if self.client_sent_early(Look::Kernel) {
             tracing::warn!(client = %self.client, "commands pipelined after STARTTLS: session refused");
             let reply = Reply::new(554, "5.5.0", "commands sent after STARTTLS before TLS");
             let _ = self.reply(&reply).await;

@@ -33,6 +33,7 @@ use crate::router::Plan;
 use crate::server_tls::MtaStream;
 use crate::sessions::{Drain, Entry, SessionState};
 use crate::smtp::line::{LineRead, read_line};
+use crate::smtp::peek::{Look, bytes_waiting};
 use crate::smtp::{Command, CommandError, MailParams, Mailbox, RcptParams, Reply, parse_command};
 
 /// The read buffer between messages: a pipelined command group fits, and an idle session
@@ -206,10 +207,10 @@ impl Session {
     }
 
     /// Whether the MTA has sent anything it should have waited for: in our buffer, or
-    /// waiting on the socket.
-    fn client_sent_early(&mut self) -> bool {
+    /// waiting on the socket, looking `look` hard.
+    fn client_sent_early(&mut self, look: Look) -> bool {
         !self.io.buffer().is_empty()
-            || (self.io.get_ref().tcp()).is_some_and(crate::smtp::peek::bytes_waiting)
+            || (self.io.get_ref().tcp()).is_some_and(|tcp| bytes_waiting(tcp, look))
     }
 
     /// While draining, a session leaves between transactions; when forced, at once.
