@@ -121,7 +121,20 @@ impl BodyFilter {
 
     fn filter(&mut self, input: &[u8], out: &mut Vec<u8>) -> Fed {
         let mut i = 0;
+        // Set once clean_lines found a bare CR or a NUL ahead: byte by byte from there on.
+        let mut careful = false;
         while i < input.len() {
+            if !careful {
+                match self.clean_lines(&input[i..]) {
+                    Some(0) => {}
+                    Some(lines) => {
+                        self.write(&input[i..i + lines], out);
+                        i += lines;
+                        continue;
+                    }
+                    None => careful = true,
+                }
+            }
             let plain = self.plain_run(&input[i..]);
             if plain > 0 {
                 self.pass(&input[i..i + plain], out);
@@ -145,6 +158,40 @@ impl BodyFilter {
             consumed: input.len(),
             end: None,
         }
+    }
+
+    /// How many bytes at the start of `input` are whole lines that pass as they are, all
+    /// at once: from the start of a line, each ending in CRLF, none starting with a dot,
+    /// none holding another CR or a NUL, within the limits. What this takes, `step` would
+    /// have written unchanged; it is only faster, finding line ends a block at a time.
+    /// `None` when one of those lines holds a bare CR or a NUL.
+    fn clean_lines(&self, input: &[u8]) -> Option<usize> {
+        if self.state != State::LineStart || self.error.is_some() {
+            return Some(0);
+        }
+        let room =
+            usize::try_from(self.size_limit.saturating_sub(self.out_size)).unwrap_or(usize::MAX);
+        let (mut end, mut lines) = (0, 0);
+        for lf in memchr::memchr_iter(b'\n', input) {
+            let line = &input[end..=lf];
+            let clean = line.len() >= 2
+                && line[line.len() - 2] == b'\r'
+                && line[0] != b'.'
+                && line.len() <= self.line_limit
+                && lf < room;
+            if !clean {
+                break;
+            }
+            end = lf + 1;
+            lines += 1;
+        }
+        // Each of those lines has the CR of its CRLF: any other CR is a bare one.
+        let span = &input[..end];
+        let bare = memchr::memchr_iter(b'\r', span).count() != lines;
+        if bare || memchr::memchr(0, span).is_some() {
+            return None;
+        }
+        Some(end)
     }
 
     /// How many bytes at the start of `input` can pass as they are, all at once: inside a
@@ -401,6 +448,31 @@ mod tests {
     }
 
     #[test]
+    fn whole_clean_lines_pass_in_one_piece_as_byte_by_byte() {
+        let body = b"Subject: x\r\n\r\nline one\r\n..dot\r\nbare\rcr\r\nnul\0\r\nlast\r\n.\r\n";
+        for bare in [BareLineEndings::Normalize, BareLineEndings::Reject] {
+            for (line_limit, size_limit) in [(1000, 1 << 20), (12, 1 << 20), (1000, 30)] {
+                let run = |chunk| {
+                    let mut f = BodyFilter::new(bare, line_limit, size_limit);
+                    let mut out = Vec::new();
+                    let mut used = 0;
+                    for piece in body.chunks(chunk) {
+                        let fed = f.feed(piece, &mut out);
+                        used += fed.consumed;
+                        if fed.end.is_some() {
+                            return (out, fed.end, used, f.size());
+                        }
+                    }
+                    (out, None, used, f.size())
+                };
+                let case = format!("{bare:?}, lines {line_limit}, size {size_limit}");
+                assert_eq!(run(body.len()), run(1), "{case}");
+                assert_eq!(run(body.len()), run(9), "{case}");
+            }
+        }
+    }
+
+    #[test]
     fn any_input_gives_crlf_only_stuffed_output_in_any_chunking() {
         // A small exhaustive check over an alphabet that holds every special byte.
         let alphabet = [b'.', b'\r', b'\n', b'a', 0];
@@ -413,9 +485,10 @@ mod tests {
                 k /= 5;
             }
             input.extend_from_slice(b"\r\n.\r\n");
-            let whole = normalize(&input);
+            let whole = filter(&input, input.len(), BareLineEndings::Normalize);
             assert_crlf_only_and_stuffed(&whole.0);
             assert_eq!(whole, filter(&input, 1, BareLineEndings::Normalize));
+            assert_eq!(whole, normalize(&input));
         }
     }
 }
