@@ -3,54 +3,54 @@
 //! buffer per session would cost every idle session 64 KiB once the allocator hands it
 //! memory that was used before.
 
+use std::future::Future;
 use std::io;
 use std::pin::Pin;
 use std::task::{Context, Poll, ready};
 
-use tokio::io::{AsyncBufRead, AsyncRead, AsyncWrite, ReadBuf};
+use tokio::io::{AsyncBufRead, AsyncRead, AsyncReadExt, AsyncWrite, ReadBuf};
 
 /// A buffered reader (and pass-through writer) whose buffer can be grown for a message
 /// and shrunk after it, keeping what it holds.
 pub struct SessionReader<S> {
     inner: S,
+    /// Its length is what was read, its capacity the block size: reads go to the spare
+    /// capacity, so a new buffer is never zeroed first.
     buf: Vec<u8>,
-    /// `buf[pos..filled]` is read and not yet consumed.
+    /// `buf[pos..]` is read and not yet consumed.
     pos: usize,
-    filled: usize,
 }
 
 impl<S> SessionReader<S> {
     pub fn with_capacity(capacity: usize, inner: S) -> Self {
         SessionReader {
             inner,
-            buf: vec![0; capacity.max(1)],
+            buf: Vec::with_capacity(capacity.max(1)),
             pos: 0,
-            filled: 0,
         }
     }
 
     /// What is read and not yet consumed.
     pub fn buffer(&self) -> &[u8] {
-        &self.buf[self.pos..self.filled]
+        &self.buf[self.pos..]
     }
 
     pub fn capacity(&self) -> usize {
-        self.buf.len()
+        self.buf.capacity()
     }
 
     /// Makes the buffer `capacity` bytes, keeping what it holds; it never becomes smaller
     /// than that.
     pub fn resize(&mut self, capacity: usize) {
-        let held = self.filled - self.pos;
-        let capacity = capacity.max(held).max(1);
-        if capacity == self.buf.len() {
+        let held = self.buffer();
+        let capacity = capacity.max(held.len()).max(1);
+        if capacity == self.buf.capacity() {
             return;
         }
-        let mut buf = vec![0; capacity];
-        buf[..held].copy_from_slice(&self.buf[self.pos..self.filled]);
+        let mut buf = Vec::with_capacity(capacity);
+        buf.extend_from_slice(held);
         self.buf = buf;
         self.pos = 0;
-        self.filled = held;
     }
 
     pub fn get_ref(&self) -> &S {
@@ -69,18 +69,19 @@ impl<S> SessionReader<S> {
 impl<S: AsyncRead + Unpin> AsyncBufRead for SessionReader<S> {
     fn poll_fill_buf(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<&[u8]>> {
         let this = self.get_mut();
-        if this.pos >= this.filled {
-            let mut read = ReadBuf::new(&mut this.buf);
-            ready!(Pin::new(&mut this.inner).poll_read(cx, &mut read))?;
-            this.filled = read.filled().len();
+        if this.pos >= this.buf.len() {
+            this.buf.clear();
             this.pos = 0;
+            // One read into the spare capacity; the future holds no state between polls.
+            let read = std::pin::pin!(this.inner.read_buf(&mut this.buf));
+            ready!(read.poll(cx))?;
         }
-        Poll::Ready(Ok(&this.buf[this.pos..this.filled]))
+        Poll::Ready(Ok(&this.buf[this.pos..]))
     }
 
     fn consume(self: Pin<&mut Self>, amt: usize) {
         let this = self.get_mut();
-        this.pos = (this.pos + amt).min(this.filled);
+        this.pos = (this.pos + amt).min(this.buf.len());
     }
 }
 
