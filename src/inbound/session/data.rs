@@ -15,6 +15,10 @@ use crate::smtp::peek::Look;
 /// Body bytes gathered before they are written to the remote.
 pub(super) const BODY_BLOCK: usize = 64 * 1024;
 
+/// The read buffer when a text begins: most messages fit. A text that fills it twice gets
+/// BODY_BLOCK.
+const TEXT_BLOCK: usize = 4 * 1024;
+
 /// How the body transfer ended.
 pub(super) enum BodyEnd {
     /// The whole text was read; its last bytes, not yet sent, go with the final dot.
@@ -182,6 +186,10 @@ impl Session {
         mut out: Vec<u8>,
     ) -> BodyEnd {
         let client_idle = self.proxy.config.timeouts.client_idle;
+        // A short text in one read, not in as many as the command buffer takes.
+        if self.io.capacity() < TEXT_BLOCK {
+            self.io.resize(TEXT_BLOCK);
+        }
         out.reserve(BODY_BLOCK + 1024);
         let mut upstream_error = None;
         let mut full_reads = 0;
@@ -194,7 +202,7 @@ impl Session {
                 Ok(Ok(input)) => input,
             };
             // A text that fills the small buffer twice is large: read it in whole blocks.
-            // (A text of a KiB or two ends before it needs the larger buffer.)
+            // (A text of a few KiB ends before it needs the larger buffer.)
             full_reads += usize::from(input.len() == capacity);
             let grow = full_reads == 2 && capacity < BODY_BLOCK;
             // One input byte makes at most three output bytes (a stray CR, then a stuffed

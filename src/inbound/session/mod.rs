@@ -37,7 +37,7 @@ use crate::smtp::peek::{Look, bytes_waiting};
 use crate::smtp::{Command, CommandError, MailParams, Mailbox, RcptParams, Reply, parse_command};
 
 /// The read buffer between messages: a pipelined command group fits, and an idle session
-/// holds no more. It grows to BODY_BLOCK while a large message is read.
+/// holds no more. It grows while a message is read (see `data::TEXT_BLOCK`).
 const COMMAND_BLOCK: usize = 1024;
 
 pub struct Session {
