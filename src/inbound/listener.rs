@@ -42,6 +42,12 @@ pub async fn serve(
     // Shared by every listener: the limit is on sessions, not on each listener's.
     let (sessions, max) = (proxy.session_slots.clone(), proxy.session_slots_max);
     let per_client = proxy.sessions_per_client.clone();
+    // Replies go out at once (no Nagle): set once on the listener where the connections it
+    // accepts inherit it (Linux), one system call less per session.
+    let nodelay_inherited = cfg!(target_os = "linux")
+        && socket2::SockRef::from(&listener)
+            .set_tcp_nodelay(true)
+            .is_ok();
     tokio::pin!(shutdown);
     loop {
         let accepted = tokio::select! {
@@ -49,7 +55,12 @@ pub async fn serve(
             () = &mut shutdown => break,
         };
         let (stream, client) = match accepted {
-            Ok(pair) => pair,
+            Ok((stream, client)) => {
+                if !nodelay_inherited {
+                    let _ = stream.set_nodelay(true);
+                }
+                (stream, client)
+            }
             Err(e) => {
                 // Usually out of file descriptors: wait a little instead of spinning.
                 tracing::error!("accept failed: {e}");

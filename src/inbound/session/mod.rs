@@ -70,7 +70,6 @@ enum Next {
 
 impl Session {
     pub fn new(proxy: Arc<Proxy>, stream: TcpStream, client: SocketAddr) -> Session {
-        let _ = stream.set_nodelay(true);
         Session {
             registered: proxy.sessions.open(client),
             proxy,
