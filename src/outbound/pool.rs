@@ -177,7 +177,7 @@ impl Pool {
 
     /// The most recently used connection under `key` that `fits`; the ones past their
     /// limits are closed on the way.
-    pub fn take(&self, key: &PoolKey, fits: impl Fn(&Idle) -> bool) -> Option<Idle> {
+    pub fn take(&self, key: &PoolKey, mut fits: impl FnMut(&Idle) -> bool) -> Option<Idle> {
         let mut expired = Vec::new();
         let taken = {
             let mut held = self.held.lock().ok()?;
@@ -185,12 +185,13 @@ impl Pool {
             let list = held.by_key.get_mut(key)?;
             let before = list.len();
             self.drop_expired(list, &mut expired);
-            let taken = list.iter().rposition(&fits).and_then(|i| list.remove(i));
-            let after = list.len();
-            if list.is_empty() {
-                held.by_key.remove(key);
-            }
-            held.count -= before - after;
+            let taken = list
+                .iter()
+                .rposition(&mut fits)
+                .and_then(|i| list.remove(i));
+            // An emptied list stays for the connection's return (the sweep removes the
+            // ones left empty): the next `put` neither hashes a new key in nor allocates.
+            held.count -= before - list.len();
             taken
         };
         for idle in expired {
@@ -218,9 +219,14 @@ impl Pool {
     /// Moves the connections past the idle or age limit from `list` to `expired`.
     fn drop_expired(&self, list: &mut VecDeque<Idle>, expired: &mut Vec<Idle>) {
         let config = &self.config;
-        let (kept, old): (VecDeque<Idle>, VecDeque<Idle>) = list.drain(..).partition(|idle| {
+        let fresh = |idle: &Idle| {
             idle.since.elapsed() < config.idle && idle.lineage.opened.elapsed() < config.max_age
-        });
+        };
+        // The usual case, nothing to close: no list is built.
+        if list.iter().all(fresh) {
+            return;
+        }
+        let (kept, old): (VecDeque<Idle>, VecDeque<Idle>) = list.drain(..).partition(fresh);
         *list = kept;
         expired.extend(old);
     }

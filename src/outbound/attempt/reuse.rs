@@ -94,15 +94,22 @@ impl Outbound {
             ehlo: self.hostname.clone(),
         };
         loop {
+            // What made the taken connection fit, kept rather than worked out again.
+            let mut fitted = None;
             let fits = |idle: &Idle| {
-                self.fitting(attempt, &idle.tls).is_some()
-                    && attempt.envelope.mail_from(&idle.caps).is_ok()
+                let Some(fit) = self.fitting(attempt, &idle.tls) else {
+                    return false;
+                };
+                let Ok(command) = attempt.envelope.mail_from(&idle.caps) else {
+                    return false;
+                };
+                fitted = Some((fit, command));
+                true
             };
             let taken = self.pool.take(&key, fits);
             self.stats.pool_idle.set(self.pool.len() as i64);
             let mut idle = taken?;
-            let (tls, downgrade) = self.fitting(attempt, &idle.tls)?;
-            let command = attempt.envelope.mail_from(&idle.caps).ok()?;
+            let ((tls, downgrade), command) = fitted?;
             let timeout = self.timeouts.command;
             let conn = &mut idle.conn;
             let mut ready = true;
