@@ -319,13 +319,10 @@ impl BodyFilter {
 mod tests {
     use super::*;
 
-    /// Runs the filter over `input` cut into pieces of `chunk` bytes.
-    fn filter(
-        input: &[u8],
-        chunk: usize,
-        bare: BareLineEndings,
-    ) -> (Vec<u8>, Option<Result<(), BodyError>>, usize) {
-        let mut f = BodyFilter::new(bare, 1000, 1 << 20);
+    type Run = (Vec<u8>, Option<Result<(), BodyError>>, usize);
+
+    /// Runs `f` over `input` cut into pieces of `chunk` bytes.
+    fn run(f: &mut BodyFilter, input: &[u8], chunk: usize) -> Run {
         let mut out = Vec::new();
         let mut used = 0;
         for piece in input.chunks(chunk) {
@@ -338,7 +335,12 @@ mod tests {
         (out, None, used)
     }
 
-    fn normalize(input: &[u8]) -> (Vec<u8>, Option<Result<(), BodyError>>, usize) {
+    /// The filter with the usual limits over `input` cut into pieces of `chunk` bytes.
+    fn filter(input: &[u8], chunk: usize, bare: BareLineEndings) -> Run {
+        run(&mut BodyFilter::new(bare, 1000, 1 << 20), input, chunk)
+    }
+
+    fn normalize(input: &[u8]) -> Run {
         filter(input, 7, BareLineEndings::Normalize)
     }
 
@@ -452,22 +454,13 @@ mod tests {
         let body = b"Subject: x\r\n\r\nline one\r\n..dot\r\nbare\rcr\r\nnul\0\r\nlast\r\n.\r\n";
         for bare in [BareLineEndings::Normalize, BareLineEndings::Reject] {
             for (line_limit, size_limit) in [(1000, 1 << 20), (12, 1 << 20), (1000, 30)] {
-                let run = |chunk| {
+                let pieces = |chunk| {
                     let mut f = BodyFilter::new(bare, line_limit, size_limit);
-                    let mut out = Vec::new();
-                    let mut used = 0;
-                    for piece in body.chunks(chunk) {
-                        let fed = f.feed(piece, &mut out);
-                        used += fed.consumed;
-                        if fed.end.is_some() {
-                            return (out, fed.end, used, f.size());
-                        }
-                    }
-                    (out, None, used, f.size())
+                    (run(&mut f, body, chunk), f.size())
                 };
                 let case = format!("{bare:?}, lines {line_limit}, size {size_limit}");
-                assert_eq!(run(body.len()), run(1), "{case}");
-                assert_eq!(run(body.len()), run(9), "{case}");
+                assert_eq!(pieces(body.len()), pieces(1), "{case}");
+                assert_eq!(pieces(body.len()), pieces(9), "{case}");
             }
         }
     }
