@@ -39,8 +39,9 @@ fn peek(stream: &TcpStream) -> bool {
 }
 
 /// Whether the runtime holds the socket readable: set by the event loop when data (or the
-/// end) arrives, cleared when a read finds nothing or leaves the socket empty. Asked once,
-/// without waiting: the future is dropped unready and takes its waiter with it.
+/// end) arrives, cleared when a read finds nothing or (with epoll, on Linux) leaves the
+/// socket empty. Asked once, without waiting: the future is dropped unready and takes its
+/// waiter with it.
 fn seen_readable(stream: &TcpStream) -> bool {
     let ready = std::pin::pin!(stream.ready(Interest::READABLE));
     match ready.poll(&mut Context::from_waker(Waker::noop())) {
@@ -88,8 +89,12 @@ mod tests {
         assert!(!bytes_waiting(&server, Look::Seen));
         client.write_all(b"two").await.unwrap();
         // Arrived, but the event loop has not run since: only the kernel knows. This is
-        // why the checks that nothing later could make up for ask the kernel.
-        assert!(!bytes_waiting(&server, Look::Seen));
+        // why the checks that nothing later could make up for ask the kernel. (Where a
+        // read that leaves the socket empty does not clear the readiness, as on Windows,
+        // `Seen` peeks and sees them.)
+        if cfg!(target_os = "linux") {
+            assert!(!bytes_waiting(&server, Look::Seen));
+        }
         assert!(bytes_waiting(&server, Look::Kernel));
         server.readable().await.unwrap();
         assert!(bytes_waiting(&server, Look::Seen));
