@@ -53,6 +53,19 @@ impl<S> SessionReader<S> {
         self.pos = 0;
     }
 
+    /// Moves what is held to the front and reads more behind it, into the rest of the
+    /// buffer (one read, which may wait): how many bytes came, 0 at the end of the stream.
+    /// The buffer must have room.
+    pub async fn fill_more(&mut self) -> io::Result<usize>
+    where
+        S: AsyncRead + Unpin,
+    {
+        self.buf.drain(..self.pos);
+        self.pos = 0;
+        debug_assert!(self.buf.len() < self.buf.capacity(), "no room to read more");
+        self.inner.read_buf(&mut self.buf).await
+    }
+
     pub fn get_ref(&self) -> &S {
         &self.inner
     }
@@ -161,6 +174,28 @@ mod tests {
         let mut line = String::new();
         reader.read_line(&mut line).await.unwrap();
         assert_eq!(line, "QUIT\r\n");
+    }
+
+    #[tokio::test]
+    async fn reading_more_keeps_what_is_held_in_front_of_it() {
+        let (mut client, server) = tokio::io::duplex(1024);
+        let mut reader = SessionReader::with_capacity(16, server);
+        client.write_all(b"line one\r\nhalf").await.unwrap();
+        assert_eq!(reader.fill_buf().await.unwrap(), b"line one\r\nhalf");
+        reader.consume(10);
+        client.write_all(b" a line\r\n").await.unwrap();
+
+        assert_eq!(reader.fill_more().await.unwrap(), 9);
+
+        assert_eq!(reader.buffer(), b"half a line\r\n");
+        assert_eq!(reader.capacity(), 16);
+        drop(client);
+        reader.consume(13);
+        assert_eq!(
+            reader.fill_more().await.unwrap(),
+            0,
+            "the end of the stream"
+        );
     }
 
     #[tokio::test]

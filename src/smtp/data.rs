@@ -160,6 +160,28 @@ impl BodyFilter {
         }
     }
 
+    /// Whether the next byte starts a line (and nothing has failed the text): where whole
+    /// clean lines can pass.
+    pub fn at_line_start(&self) -> bool {
+        self.state == State::LineStart && self.error.is_none()
+    }
+
+    /// The whole clean lines at the start of `input` (see `clean_lines`), when they are at
+    /// least `at_least` bytes: counted as written, not copied, for the caller to send as
+    /// they are. 0, and nothing counted, when there are fewer.
+    pub fn pass_clean(&mut self, input: &[u8], at_least: usize) -> usize {
+        if input.len() < at_least {
+            return 0;
+        }
+        let clean = self.clean_lines(input).unwrap_or(0);
+        if clean == 0 || clean < at_least {
+            return 0;
+        }
+        self.out_size += clean as u64;
+        self.message_id.see(&input[..clean]);
+        clean
+    }
+
     /// How many bytes at the start of `input` are whole lines that pass as they are, all
     /// at once: from the start of a line, each ending in CRLF, none starting with a dot,
     /// none holding another CR or a NUL, within the limits. What this takes, `step` would

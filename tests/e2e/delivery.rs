@@ -497,6 +497,49 @@ async fn a_large_message_and_the_commands_pipelined_behind_its_dot_arrive_intact
     assert_eq!(got[1].data, BODY);
 }
 
+/// A large text whose clean lines go to the remote as they were read, with lines among
+/// them that the filter must change (a bare LF, a bare CR, a NUL) or pass stuffed: what
+/// arrives is the filtered text, byte for byte, wherever the blocks fall.
+#[tokio::test]
+async fn a_large_message_with_lines_to_mend_among_clean_ones_arrives_mended_byte_for_byte() {
+    let ca = TestCa::new();
+    let (lab, server) = one_mx(&ca, ServerBehaviour::plain()).await;
+    let (mut sent, mut expected) = (Vec::new(), Vec::new());
+    let mut i = 0;
+    while sent.len() < 3 << 20 {
+        let (line, mended): (&[u8], &[u8]) = match i % 4999 {
+            100 => (b"..a stuffed dot\r\n", b"..a stuffed dot\r\n"),
+            300 => (b"a bare\nline feed\r\n", b"a bare\r\nline feed\r\n"),
+            500 => (
+                b"a bare\rcarriage return\r\n",
+                b"a bare carriage return\r\n",
+            ),
+            700 => (b"a \0NUL\r\n", b"a NUL\r\n"),
+            _ => (b"", b""),
+        };
+        sent.extend_from_slice(line);
+        expected.extend_from_slice(mended);
+        let clean = format!("line {i} of a large message\r\n");
+        sent.extend_from_slice(clean.as_bytes());
+        expected.extend_from_slice(clean.as_bytes());
+        i += 1;
+    }
+
+    let (mut client, _) = SmtpClient::connect(lab.smtp).await;
+    assert_eq!(client.cmd("EHLO mta.sender.test").await.code, 250);
+    assert_eq!(client.cmd("MAIL FROM:<a@sender.test>").await.code, 250);
+    assert_eq!(client.cmd("RCPT TO:<b@example.test>").await.code, 250);
+    assert_eq!(client.cmd("DATA").await.code, 354);
+    client.send_raw(&sent).await;
+    client.send_raw(b".\r\n").await;
+    assert_eq!(client.read_reply().await.code, 250);
+    let _ = client.cmd("QUIT").await;
+
+    let got = server.wait_for_messages(1).await;
+    assert_eq!(got[0].data.len(), expected.len());
+    assert!(got[0].data == expected, "the mended text byte for byte");
+}
+
 /// The transaction line carries what matches it with the MTA's own log: the Message-ID
 /// as sent (unfolded), the size of the text as it went and how long the transaction took.
 #[tokio::test]

@@ -19,6 +19,9 @@ pub(super) const BODY_BLOCK: usize = 64 * 1024;
 /// BODY_BLOCK.
 const TEXT_BLOCK: usize = 4 * 1024;
 
+/// Clean text at least this long is written from the read buffer as it is.
+const DIRECT_BLOCK: usize = 16 * 1024;
+
 /// How the body transfer ended.
 pub(super) enum BodyEnd {
     /// The whole text was read; its last bytes, not yet sent, go with the final dot.
@@ -195,16 +198,54 @@ impl Session {
         let mut full_reads = 0;
         loop {
             let capacity = self.io.capacity();
-            let input = match tokio::time::timeout(client_idle, self.io.fill_buf()).await {
+            let held = self.io.buffer();
+            // A line begun at the end of the last block: read more behind it, so that the
+            // block starts at a line's start and its clean lines can pass whole.
+            let line_begun = filter.at_line_start()
+                && !held.is_empty()
+                && held.len() < capacity
+                && memchr::memchr(b'\n', held).is_none();
+            let read = if line_begun {
+                let more = self.io.fill_more();
+                tokio::time::timeout(client_idle, more)
+                    .await
+                    .map(|r| r.map(|n| n > 0))
+            } else {
+                let fill = self.io.fill_buf();
+                tokio::time::timeout(client_idle, fill)
+                    .await
+                    .map(|r| r.map(|b| !b.is_empty()))
+            };
+            match read {
                 Err(_) => return BodyEnd::ClientGone(ClientGone::TimedOut),
                 Ok(Err(e)) => return BodyEnd::ClientGone(ClientGone::Failed(e)),
-                Ok(Ok([])) => return BodyEnd::ClientGone(ClientGone::Closed),
-                Ok(Ok(input)) => input,
-            };
+                Ok(Ok(false)) => return BodyEnd::ClientGone(ClientGone::Closed),
+                Ok(Ok(true)) => {}
+            }
+            let input = self.io.buffer();
             // A text that fills the small buffer twice is large: read it in whole blocks.
             // (A text of a few KiB ends before it needs the larger buffer.)
             full_reads += usize::from(input.len() == capacity);
             let grow = full_reads == 2 && capacity < BODY_BLOCK;
+            // Whole clean lines of a large text go to the remote as they were read, not
+            // copied into a block first, after what the block holds. (They never hold the
+            // end of the text; a short text keeps its one write with the final dot.)
+            let clean = filter.pass_clean(input, DIRECT_BLOCK);
+            if clean > 0 {
+                if let Some(upstream) = upstream.as_deref_mut() {
+                    for block in [&out[..], &input[..clean]] {
+                        if upstream_error.is_none() && !block.is_empty() {
+                            upstream_error = upstream.body_block(block).await.err();
+                        }
+                    }
+                }
+                out.clear();
+                self.io.consume(clean);
+                if grow {
+                    self.io.resize(BODY_BLOCK);
+                }
+                continue;
+            }
             // One input byte makes at most three output bytes (a stray CR, then a stuffed
             // dot): take no more than keeps a block within BODY_BLOCK.
             let room = (BODY_BLOCK.saturating_sub(out.len()) / 3).max(1);
