@@ -457,6 +457,16 @@ async fn a_session_that_does_not_know_its_remote_at_ehlo_offers_no_dsn_and_refus
     );
 }
 
+/// A session to the proxy with one recipient taken, after DATA's 354.
+async fn at_text(smtp: SocketAddr) -> SmtpClient {
+    let (mut client, _) = SmtpClient::connect(smtp).await;
+    assert_eq!(client.cmd("EHLO mta.sender.test").await.code, 250);
+    assert_eq!(client.cmd("MAIL FROM:<a@sender.test>").await.code, 250);
+    assert_eq!(client.cmd("RCPT TO:<b@example.test>").await.code, 250);
+    assert_eq!(client.cmd("DATA").await.code, 354);
+    client
+}
+
 /// A text of many 64 KiB blocks, the commands an MTA pipelines right behind the final dot,
 /// and a small text after it: the session reads commands with a small buffer and a large
 /// text in whole blocks, and changing between them loses no byte.
@@ -471,11 +481,7 @@ async fn a_large_message_and_the_commands_pipelined_behind_its_dot_arrive_intact
         i += 1;
     }
 
-    let (mut client, _) = SmtpClient::connect(lab.smtp).await;
-    assert_eq!(client.cmd("EHLO mta.sender.test").await.code, 250);
-    assert_eq!(client.cmd("MAIL FROM:<a@sender.test>").await.code, 250);
-    assert_eq!(client.cmd("RCPT TO:<b@example.test>").await.code, 250);
-    assert_eq!(client.cmd("DATA").await.code, 354);
+    let mut client = at_text(lab.smtp).await;
     client.send_raw(&large).await;
     client
         .send_raw(b".\r\nMAIL FROM:<c@sender.test>\r\nRCPT TO:<d@example.test>\r\n")
@@ -525,11 +531,7 @@ async fn a_large_message_with_lines_to_mend_among_clean_ones_arrives_mended_byte
         i += 1;
     }
 
-    let (mut client, _) = SmtpClient::connect(lab.smtp).await;
-    assert_eq!(client.cmd("EHLO mta.sender.test").await.code, 250);
-    assert_eq!(client.cmd("MAIL FROM:<a@sender.test>").await.code, 250);
-    assert_eq!(client.cmd("RCPT TO:<b@example.test>").await.code, 250);
-    assert_eq!(client.cmd("DATA").await.code, 354);
+    let mut client = at_text(lab.smtp).await;
     client.send_raw(&sent).await;
     client.send_raw(b".\r\n").await;
     assert_eq!(client.read_reply().await.code, 250);
